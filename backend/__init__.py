@@ -1,0 +1,1 @@
+"""Python-based Triton backends: ``hps`` (embedding lookup) and ``dlrm`` (dense network)."""

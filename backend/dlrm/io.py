@@ -1,0 +1,93 @@
+"""Request plumbing of the ``dlrm`` backend, free of Triton so it can be unit-tested.
+
+Wire layout (one Triton request, ``max_batch_size > 0``, dims ``[-1]``)::
+
+    DENSE       FP32 [R, B * n_dense]            sample-major: sample 0's features, sample 1's ...
+    EMBEDDINGS  FP32 [R, n_tables * B * dim]     table-major, as HPS's OUTPUT0: table 0's B
+                                                 vectors, then table 1's B vectors, ...
+    SCORE       FP32 [R, B]
+
+``R`` is the leading (Triton batch) dimension; every row is an independent set of ``B``
+samples. A model with ``max_batch_size: 0`` sends 1-D tensors and gets 1-D scores back, which
+is the same thing with no leading dimension. All rows are scored in one forward pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from backend.tensors import numpy_from_tensor
+from hps_core.errors import RequestError
+
+__all__ = ["Batch", "split_batch", "to_torch"]
+
+class _DLPackTensor(Protocol):
+    """The part of ``pb_utils.Tensor`` these helpers use."""
+
+    def is_cpu(self) -> bool: ...
+    def as_numpy(self) -> np.ndarray: ...
+    def to_dlpack(self) -> Any: ...
+
+
+def to_torch(tensor: _DLPackTensor) -> torch.Tensor:
+    """Any Triton tensor as a torch tensor, without a copy where possible.
+
+    GPU-resident tensors (an ensemble step on the GPU) stay on their GPU through DLPack. CPU
+    tensors go through numpy; a read-only buffer is copied, since torch must not alias
+    memory it may not write.
+    """
+    if not tensor.is_cpu():
+        return torch.from_dlpack(tensor.to_dlpack())
+    array = numpy_from_tensor(tensor)
+    if not array.flags.writeable:
+        array = array.copy()
+    return torch.from_numpy(array)
+
+
+class Batch:
+    """One request's samples in network layout.
+
+    dense [N, n_dense], emb [N, n_tables, dim] with N = R * B, and ``out_shape`` = the
+    leading shape plus ``(B,)`` to give the flat scores back in request shape.
+    """
+
+    __slots__ = ("dense", "emb", "out_shape")
+
+    def __init__(self, dense: torch.Tensor, emb: torch.Tensor, out_shape: tuple[int, ...]):
+        self.dense, self.emb, self.out_shape = dense, emb, out_shape
+
+
+def split_batch(
+    dense: torch.Tensor, emb: torch.Tensor, *, n_dense: int, n_tables: int, dim: int
+) -> Batch:
+    """Check DENSE / EMBEDDINGS sizes and reshape them for :class:`DenseDLRM`.
+
+    Raises :class:`RequestError` naming the input and the expected size.
+    """
+    if dense.ndim == 0 or emb.ndim == 0:
+        raise RequestError("DENSE and EMBEDDINGS must have at least one dimension")
+    lead = tuple(dense.shape[:-1])
+    if tuple(emb.shape[:-1]) != lead:
+        raise RequestError(
+            f"DENSE has shape {tuple(dense.shape)} and EMBEDDINGS {tuple(emb.shape)}: "
+            "their leading (batch) dimensions must match"
+        )
+    width = int(dense.shape[-1])
+    if width % n_dense:
+        raise RequestError(
+            f"DENSE has {width} values per row, not a multiple of n_dense={n_dense}"
+        )
+    b = width // n_dense
+    expected = n_tables * b * dim
+    if int(emb.shape[-1]) != expected:
+        raise RequestError(
+            f"EMBEDDINGS has {int(emb.shape[-1])} values per row; {b} samples need "
+            f"n_tables * B * dim = {n_tables} * {b} * {dim} = {expected}"
+        )
+    r = int(np.prod(lead, dtype=np.int64)) if lead else 1
+    # Table-major [R, T, B, d] -> sample-major [R, B, T, d] -> [R*B, T, d].
+    emb_rb = emb.reshape(r, n_tables, b, dim).permute(0, 2, 1, 3).reshape(r * b, n_tables, dim)
+    return Batch(dense.reshape(r * b, n_dense), emb_rb, (*lead, b))

@@ -1,0 +1,102 @@
+"""Triton Python-based backend ``dlrm``: scores samples with the DLRM dense network.
+
+It is the second step of the ``dlrm`` ensemble: HPS (step 1) turns keys into embedding
+vectors, this model turns dense features + vectors into a click probability.
+
+Model configuration (config.pbtxt)::
+
+    backend: "dlrm"
+    max_batch_size: 1                   (or more; every row of the batch is scored)
+    input  [ { name: "DENSE",      data_type: TYPE_FP32, dims: [ -1 ] },   # B * n_dense
+             { name: "EMBEDDINGS", data_type: TYPE_FP32, dims: [ -1 ] } ]  # n_tables * B * dim
+    output [ { name: "SCORE",      data_type: TYPE_FP32, dims: [ -1 ] } ]  # B
+    parameters { key: "dense_weights" value: { string_value: "1/dense.pt" } }
+    parameters { key: "torch_threads" value: { string_value: "1" } }       # optional
+
+``dense_weights`` is the ``dense.pt`` written by ``save_dense`` (its ``dense.json`` must lie
+beside it); a relative path is taken relative to the model's folder in the repository.
+
+Only this file imports ``triton_python_backend_utils``; the request plumbing is in
+``backend/dlrm/io.py`` and the network in ``backend/dlrm/network.py`` (both unit-tested).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton_python_backend_utils as pb_utils
+
+from backend.dlrm.io import split_batch, to_torch
+from backend.dlrm.network import DenseDLRM, load_dense, predict
+from backend.tensors import model_config, numpy_to_tensor, resolve_model_path, string_parameter, triton_error
+from hps_core.errors import RequestError
+
+
+def _parameter(config: dict, name: str, default: str | None = None) -> str:
+    value = string_parameter(config, name) or default
+    if value is None:
+        raise pb_utils.TritonModelException(
+            f"model {config.get('name')!r}: parameter {name!r} (string_value) is required"
+        )
+    return value
+
+
+class TritonPythonModel:
+    """One instance per Triton model instance (each is its own stub process)."""
+
+    def initialize(self, args: dict) -> None:
+        self.log = pb_utils.Logger
+        config = model_config(args)
+        weights = resolve_model_path(args, _parameter(config, "dense_weights"))
+        # Each instance is a separate process; Triton scales by running several of them, so one
+        # intra-op thread each avoids N instances x all-cores threads fighting for the CPUs (small
+        # batches gain nothing from more threads). Raise it with "torch_threads" for 1 instance.
+        torch.set_num_threads(int(_parameter(config, "torch_threads", "1")))
+
+        use_gpu = args.get("model_instance_kind") == "GPU" and torch.cuda.is_available()
+        self.device = (
+            torch.device(f"cuda:{int(args.get('model_instance_device_id', 0))}")
+            if use_gpu
+            else torch.device("cpu")
+        )
+        self.net: DenseDLRM = load_dense(weights, map_location=self.device)
+        self.log.log_info(
+            f"dlrm: loaded {weights} (n_dense={self.net.n_dense}, n_tables="
+            f"{self.net.n_tables}, dim={self.net.dim}) on {self.device}"
+        )
+
+    def _score(self, request) -> "pb_utils.InferenceResponse":
+        dense = pb_utils.get_input_tensor_by_name(request, "DENSE")
+        emb = pb_utils.get_input_tensor_by_name(request, "EMBEDDINGS")
+        if dense is None or emb is None:
+            raise RequestError("request needs both inputs DENSE and EMBEDDINGS")
+        batch = split_batch(
+            to_torch(dense),
+            to_torch(emb),
+            n_dense=self.net.n_dense,
+            n_tables=self.net.n_tables,
+            dim=self.net.dim,
+        )
+        scores = predict(self.net, batch.dense, batch.emb).reshape(batch.out_shape)
+        scores = scores.to("cpu", dtype=torch.float32).contiguous().numpy()
+        return pb_utils.InferenceResponse(output_tensors=[numpy_to_tensor(pb_utils, "SCORE", scores)])
+
+    def execute(self, requests: list) -> list:
+        """One response per request; a bad request gets an error, the others are served."""
+        responses = []
+        for request in requests:
+            try:
+                responses.append(self._score(request))
+            except RequestError as exc:
+                responses.append(pb_utils.InferenceResponse(error=triton_error(pb_utils, str(exc), "INVALID_ARG")))
+            except Exception as exc:  # noqa: BLE001 - keep serving; report and log
+                self.log.log_error(f"dlrm: request failed: {exc!r}")
+                responses.append(
+                    pb_utils.InferenceResponse(
+                        error=triton_error(pb_utils, f"dlrm: {type(exc).__name__}: {exc}", "INTERNAL")
+                    )
+                )
+        return responses
+
+    def finalize(self) -> None:
+        self.log.log_info("dlrm: finalize")
+        self.net = None  # type: ignore[assignment]

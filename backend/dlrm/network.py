@@ -1,0 +1,199 @@
+"""The DLRM network (PyTorch): the dense part that the ``dlrm`` backend serves, and the full
+trainable model used only by the demo's training.
+
+DenseDLRM (Naumov et al., 2019, "Deep Learning Recommendation Model")::
+
+    dense [B, n_dense] ── bottom MLP ──> x [B, d]
+    emb   [B, n_tables, d]
+    T = [x, emb_0 .. emb_{n-1}]            [B, n_tables + 1, d]
+    Z = T @ T^T, strict upper triangle      [B, (n+1) n / 2]   (dot-product interaction)
+    top MLP([x, Z]) -> logit [B]  -> sigmoid -> probability
+
+The embeddings come from the parameter server at serving time, so the served network holds no
+table. Weights are saved as a plain ``state_dict`` (``dense.pt``, loaded with
+``weights_only=True``: no pickled code runs) plus ``dense.json`` with the hyper-parameters, so
+the backend can rebuild the network from the two files alone.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "DLRM",
+    "DenseDLRM",
+    "hparams_path",
+    "load_dense",
+    "predict",
+    "save_dense",
+]
+
+_FORMAT = "hps-demo-dlrm-dense/1"
+
+
+def _mlp(sizes: Sequence[int]) -> nn.Sequential:
+    """Linear+ReLU layers through ``sizes`` (ReLU after every layer, as DLRM's bottom MLP)."""
+    layers: list[nn.Module] = []
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(n_in, n_out), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+class DenseDLRM(nn.Module):
+    """Bottom MLP, dot-product interaction and top MLP of DLRM (no embedding tables)."""
+
+    def __init__(
+        self,
+        *,
+        n_dense: int = 13,
+        n_tables: int = 26,
+        dim: int = 16,
+        bottom: Sequence[int] = (64, 32),
+        top: Sequence[int] = (128, 64),
+    ) -> None:
+        super().__init__()
+        self.n_dense, self.n_tables, self.dim = int(n_dense), int(n_tables), int(dim)
+        self.bottom_sizes, self.top_sizes = tuple(int(s) for s in bottom), tuple(int(s) for s in top)
+        self.bottom = _mlp((self.n_dense, *self.bottom_sizes, self.dim))
+        n_vec = self.n_tables + 1
+        n_inter = n_vec * (n_vec - 1) // 2
+        # The last top layer has no ReLU: it produces the logit.
+        self.top = nn.Sequential(
+            _mlp((self.dim + n_inter, *self.top_sizes)),
+            nn.Linear(self.top_sizes[-1] if self.top_sizes else self.dim + n_inter, 1),
+        )
+        iu = torch.triu_indices(n_vec, n_vec, offset=1)
+        # Flat indices of the strict upper triangle; not saved (rebuilt from the sizes).
+        self.register_buffer("_triu", iu[0] * n_vec + iu[1], persistent=False)
+
+    def hparams(self) -> dict[str, object]:
+        """What :func:`load_dense` needs to rebuild this network."""
+        return {
+            "format": _FORMAT,
+            "n_dense": self.n_dense,
+            "n_tables": self.n_tables,
+            "dim": self.dim,
+            "bottom": list(self.bottom_sizes),
+            "top": list(self.top_sizes),
+        }
+
+    def logits(self, dense: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """``dense`` [B, n_dense], ``emb`` [B, n_tables, dim] -> logits [B]."""
+        x = self.bottom(dense)
+        t = torch.cat([x.unsqueeze(1), emb], dim=1)
+        z = torch.bmm(t, t.transpose(1, 2)).flatten(1)[:, self._triu]
+        return self.top(torch.cat([x, z], dim=1)).squeeze(1)
+
+    def forward(self, dense: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """``dense`` [B, n_dense], ``emb`` [B, n_tables, dim] -> click probability [B]."""
+        return torch.sigmoid(self.logits(dense, emb))
+
+
+class DLRM(nn.Module):
+    """Trainable DLRM: embedding tables (indexed by row) plus a :class:`DenseDLRM`.
+
+    All tables live in one ``nn.Embedding`` with per-table row offsets: one gather per batch
+    instead of one per table, and sparse gradients so an optimiser step touches only the rows
+    of the batch. ``seen`` marks the rows that training looked up; export writes only those.
+    """
+
+    def __init__(
+        self,
+        rows_per_table: Sequence[int],
+        *,
+        n_dense: int = 13,
+        dim: int = 16,
+        bottom: Sequence[int] = (64, 32),
+        top: Sequence[int] = (128, 64),
+    ) -> None:
+        super().__init__()
+        sizes = torch.tensor([int(r) for r in rows_per_table], dtype=torch.int64)
+        self.rows_per_table = tuple(int(r) for r in sizes)
+        self.register_buffer("offsets", torch.cumsum(sizes, 0) - sizes)
+        self.register_buffer("seen", torch.zeros(int(sizes.sum()), dtype=torch.bool))
+        self.embedding = nn.Embedding(int(sizes.sum()), dim, sparse=True)
+        # Small uniform init (DLRM uses ±sqrt(1/rows), far too small for 100k-row tables).
+        nn.init.uniform_(self.embedding.weight, -0.05, 0.05)
+        self.dense = DenseDLRM(
+            n_dense=n_dense, n_tables=len(self.rows_per_table), dim=dim, bottom=bottom, top=top
+        )
+
+    def lookup(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` int64[B, n_tables] (row ids per table) -> embeddings [B, n_tables, dim]."""
+        flat = rows + self.offsets
+        if self.training:
+            self.seen[flat.reshape(-1)] = True
+        return self.embedding(flat)
+
+    def logits(self, dense: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return self.dense.logits(dense, self.lookup(rows))
+
+    def forward(self, dense: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(dense, rows))
+
+    def table(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+        """Table ``j`` as (weights float32[rows_j, dim], seen bool[rows_j]) numpy copies."""
+        start = int(self.offsets[j])
+        stop = start + self.rows_per_table[j]
+        with torch.no_grad():
+            weights = self.embedding.weight[start:stop].detach().cpu().numpy().copy()
+        return weights, self.seen[start:stop].cpu().numpy().copy()
+
+
+def hparams_path(weights_path: str | Path) -> Path:
+    """``dense.pt`` -> ``dense.json`` (the hyper-parameters live beside the weights)."""
+    return Path(weights_path).with_suffix(".json")
+
+
+def save_dense(model: DenseDLRM | DLRM, path: str | Path) -> Path:
+    """Write ``path`` (state_dict) and its ``.json`` hyper-parameters; returns ``path``."""
+    net = model.dense if isinstance(model, DLRM) else model
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    torch.save(state, path)
+    hparams_path(path).write_text(json.dumps(net.hparams(), indent=2) + "\n")
+    return path
+
+
+def load_dense(path: str | Path, *, map_location: str | torch.device = "cpu") -> DenseDLRM:
+    """Rebuild a :class:`DenseDLRM` from ``path`` and its ``.json``; returned in eval mode."""
+    path = Path(path)
+    meta_path = hparams_path(path)
+    try:
+        meta = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{meta_path}: hyper-parameters of {path} missing; write both with save_dense()"
+        ) from None
+    if meta.get("format") != _FORMAT:
+        raise ValueError(f"{meta_path}: format is {meta.get('format')!r}, expected {_FORMAT!r}")
+    net = DenseDLRM(
+        n_dense=meta["n_dense"],
+        n_tables=meta["n_tables"],
+        dim=meta["dim"],
+        bottom=meta["bottom"],
+        top=meta["top"],
+    )
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    net.load_state_dict(state)  # strict: a mismatch with the JSON is an error
+    return net.to(map_location).eval()
+
+
+def predict(net: DenseDLRM, dense: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    """Probabilities [B] for ``dense`` [B, n_dense] and ``emb`` [B, n_tables, dim].
+
+    Inputs are moved to the network's device and cast to float32; no gradients are tracked.
+    """
+    device = next(net.parameters()).device
+    with torch.inference_mode():
+        return net(
+            dense.to(device=device, dtype=torch.float32),
+            emb.to(device=device, dtype=torch.float32),
+        )

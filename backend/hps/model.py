@@ -1,0 +1,85 @@
+"""Triton Python-based backend "hps": HugeCTR's HPS model interface over hps_core.
+
+Inputs ``KEYS`` (INT64, all keys of all tables, table-major) and ``NUMKEYS`` (INT32, keys per
+table), output ``OUTPUT0`` (FP32, the vectors in the same order, flattened) — with or without
+a leading batch dimension. This file only adapts Triton tensors to a
+:class:`hps_core.lookup.LookupSession`; the work happens there.
+
+Where the HPS JSON comes from, first match wins:
+1. the model parameter ``hps_config`` (relative paths are relative to the model's folder);
+2. ``--backend-config=hps,ps=PATH`` given to ``hps serve`` (HugeCTR's way; ``hps serve``
+   hands it over in the environment variable ``HPS_BACKEND_CONFIG_PS``).
+The model's entry in that JSON is the one whose ``model`` equals the Triton model name, or
+the model parameter ``hps_model``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import triton_python_backend_utils as pb_utils
+
+from backend.tensors import (
+    model_config,
+    numpy_from_tensor,
+    numpy_to_tensor,
+    resolve_model_path,
+    string_parameter,
+    triton_error,
+)
+from hps_core.config import gpu_cache_requested, load_config
+from hps_core.errors import HPSError, RequestError, TierError
+from hps_core.server import HierarchicalParameterServer
+
+_PS_ENV = "HPS_BACKEND_CONFIG_PS"
+
+
+class TritonPythonModel:
+    """One model instance: one parameter server over the model's tables."""
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        self._logger = pb_utils.Logger
+        config = model_config(args)
+        hps_config = string_parameter(config, "hps_config") or os.environ.get(_PS_ENV)
+        if hps_config is None:
+            raise pb_utils.TritonModelException(
+                f"model '{args['model_name']}': no HPS config; set the parameter hps_config in config.pbtxt "
+                "or start the server with `hps serve --backend-config hps,ps=PATH`"
+            )
+        name = string_parameter(config, "hps_model") or args["model_name"]
+        try:
+            ps_config = load_config(resolve_model_path(args, hps_config))
+            model = ps_config.model(name)
+            self._warn_gpu_cache(model, args)
+            self._server = HierarchicalParameterServer(ps_config, models=[name])
+        except HPSError as exc:
+            raise pb_utils.TritonModelException(str(exc)) from exc
+        self._session = self._server.session(name)
+        self._logger.log_info(f"hps: model '{name}' ready with {len(model.tables)} tables from {ps_config.source}")
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        return [self._answer(request) for request in requests]
+
+    def finalize(self) -> None:
+        self._server.close()
+
+    def _answer(self, request: Any) -> Any:
+        try:
+            keys = numpy_from_tensor(pb_utils.get_input_tensor_by_name(request, "KEYS"))
+            numkeys = numpy_from_tensor(pb_utils.get_input_tensor_by_name(request, "NUMKEYS"))
+            vectors = self._session.lookup_batch(keys, numkeys)
+        except RequestError as exc:
+            return pb_utils.InferenceResponse(error=triton_error(pb_utils, str(exc), "INVALID_ARG"))
+        except TierError as exc:
+            return pb_utils.InferenceResponse(error=triton_error(pb_utils, str(exc), "UNAVAILABLE"))
+        return pb_utils.InferenceResponse(output_tensors=[numpy_to_tensor(pb_utils, "OUTPUT0", vectors)])
+
+    def _warn_gpu_cache(self, model: Any, args: dict[str, Any]) -> None:
+        if not gpu_cache_requested(model):
+            return
+        where = "this CPU instance" if args.get("model_instance_kind") != "GPU" else "this release"
+        self._logger.log_warn(
+            f"hps: model '{model.model}' asks for the GPU embedding cache (gpucache: true), which {where} "
+            "does not provide; serving from the volatile and persistent databases instead"
+        )

@@ -1,0 +1,201 @@
+"""The ``hps`` command line.
+
+Each subcommand is one registration function ``add_<name>(subparsers) -> None`` that adds
+its parser and sets ``func`` (a callable ``(args) -> int`` returning the exit code) with
+``parser.set_defaults(func=...)``. :data:`SUBCOMMANDS` lists them as ``"module:function"``
+strings, imported only when the parser is built, so a heavy subcommand (torch, CuPy) costs
+nothing to the others. To add one (``load``, ``inspect``, ``publish``, ``bench``, ``demo``),
+write its registration function in its own module and add a line to :data:`SUBCOMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from hps_core import __version__
+from hps_core.errors import ConfigError, HPSError
+
+__all__ = ["SUBCOMMANDS", "build_parser", "main"]
+
+SubParsers = Any  # argparse._SubParsersAction, which is private
+Register = Callable[[SubParsers], None]
+
+#: name -> "module:registration_function" (see the module docstring).
+SUBCOMMANDS: dict[str, str] = {
+    "serve": "hps_core.cli:add_serve",
+}
+
+
+# --------------------------------------------------------------------------- serve
+def add_serve(subparsers: SubParsers) -> None:
+    """Register ``hps serve``."""
+    parser = subparsers.add_parser(
+        "serve",
+        help="run Triton Inference Server on a model repository (HPS and DLRM backends staged)",
+        description=(
+            "Start the Triton Inference Server bundled by scripts/setup.sh (or $HPS_TRITON_HOME) "
+            "on MODEL_REPOSITORY, with the Python-based backends 'hps' and 'dlrm' available. "
+            "Without a GPU, models asking for KIND_GPU instances are served on CPU (a warning "
+            "says which). Prints the endpoints once every model is ready, then runs until "
+            "SIGINT (Ctrl-C) or SIGTERM, which stop the server cleanly (exit code 0)."
+        ),
+    )
+    parser.add_argument("--model-repository", required=True, metavar="DIR",
+                        help="Triton model repository (one folder per model with a config.pbtxt)")
+    parser.add_argument("--host", default="0.0.0.0",
+                        help="address the endpoints listen on; 127.0.0.1 keeps them local (default: %(default)s)")
+    parser.add_argument("--http-port", type=int, default=8000, metavar="N", help="HTTP port; 0 picks a free one (default: %(default)s)")
+    parser.add_argument("--grpc-port", type=int, default=8001, metavar="N", help="gRPC port; 0 picks a free one (default: %(default)s)")
+    parser.add_argument("--metrics-port", type=int, default=8002, metavar="N",
+                        help="Prometheus metrics port; 0 picks a free one (default: %(default)s)")
+    parser.add_argument("--backend-config", action="append", default=[], metavar="BACKEND,KEY=VALUE",
+                        help="passed to Triton as --backend-config, e.g. hps,ps=/path/hps.json (repeatable)")
+    parser.add_argument("--log-file", metavar="FILE",
+                        help="file for Triton's log (default: a file in the staging folder, removed at exit)")
+    parser.add_argument("--log-verbose", type=int, default=0, metavar="N", help="Triton's verbose log level (default: %(default)s)")
+    parser.add_argument("--exit-timeout", type=int, default=10, metavar="SECONDS",
+                        help="how long a stop waits for in-flight requests and open connections (default: %(default)s)")
+    parser.add_argument("--startup-timeout", type=float, default=120.0, metavar="SECONDS",
+                        help="how long to wait for every model to be ready (default: %(default)s)")
+    parser.add_argument("--python-backend", action="append", default=[], metavar="NAME=MODEL_PY",
+                        help="stage another Python-based backend: models with backend: \"NAME\" run MODEL_PY "
+                             "(repeatable; hps and dlrm come from the installed backend package)")
+    parser.add_argument("--triton-arg", action="append", default=[], metavar="ARG",
+                        help="extra argument for tritonserver, e.g. --triton-arg=--model-control-mode=explicit "
+                             "(repeatable)")
+    parser.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Start the server, print its endpoints, block until a signal or its death."""
+    from hps_core.serving import TritonServer, find_python_backends  # lazy: keep `hps --help` fast
+
+    backends = {**find_python_backends(), **_parse_python_backends(args.python_backend)}
+    server = TritonServer(
+        args.model_repository,
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        backend_config=args.backend_config,
+        extra_args=args.triton_arg,
+        log_file=args.log_file,
+        log_verbose=args.log_verbose,
+        exit_timeout=args.exit_timeout,
+        startup_timeout=args.startup_timeout,
+        python_backends=backends,
+    )
+    stop_requested = threading.Event()
+    with _stop_on_signals(stop_requested):
+        server.start()
+        _print_ready(server)
+        # Poll so that a server dying by itself is noticed too.
+        while not stop_requested.wait(0.5):
+            if not server.is_running():
+                tail = server.log_tail()
+                code = server.stop()
+                print(f"hps serve: tritonserver exited unexpectedly (code {code}):\n{tail}", file=sys.stderr)
+                return 1
+        print("hps serve: stopping Triton ...", flush=True)
+        code = server.stop()
+    if code not in (0, None):
+        # Still a clean stop on request: Triton returns 1 when its exit timeout expired
+        # (for instance, a client kept an idle connection open).
+        print(f"hps serve: tritonserver exited with code {code} (exit timeout expired?)", file=sys.stderr)
+    print("hps serve: stopped", flush=True)
+    return 0
+
+
+def _parse_python_backends(entries: Sequence[str]) -> dict[str, Path]:
+    backends: dict[str, Path] = {}
+    for entry in entries:
+        name, sep, path = entry.partition("=")
+        model_py = Path(path).absolute()
+        if not sep or not name or not model_py.is_file():
+            raise ConfigError(f"--python-backend {entry!r}: expected NAME=PATH with PATH an existing model.py")
+        backends[name] = model_py
+    return backends
+
+
+def _print_ready(server: Any) -> None:
+    urls = server.urls
+    lines = [
+        f"hps serve: Triton ready (pid {server.process.pid})",
+        f"  HTTP     {urls['http']}",
+        f"  gRPC     {urls['grpc']}",
+        f"  metrics  {server.metrics_url}",
+        f"  log      {server.log_path}",
+    ]
+    if server.cpu_rewritten_models:
+        lines.append(f"  on CPU instead of GPU: {', '.join(server.cpu_rewritten_models)}")
+    print("\n".join(lines), flush=True)
+
+
+class _stop_on_signals:
+    """Within the block, SIGINT and SIGTERM set ``event`` instead of killing the process."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+        self.previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.event.set()
+
+    def __enter__(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+# --------------------------------------------------------------------------- entry point
+def _load_register(target: str) -> Register:
+    module_name, _, function_name = target.partition(":")
+    register: Register = getattr(importlib.import_module(module_name), function_name)
+    return register
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``hps`` parser with every subcommand of :data:`SUBCOMMANDS` registered."""
+    parser = argparse.ArgumentParser(
+        prog="hps",
+        description=(
+            "Hierarchical Parameter Server for Triton Inference Server: embedding tables in a "
+            "GPU cache, CPU memory or Redis Cluster and RocksDB, served next to a DLRM model."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for target in SUBCOMMANDS.values():
+        _load_register(target)(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``hps`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        code: int = args.func(args)
+    except HPSError as exc:
+        print(f"hps {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,740 @@
+"""HugeCTR HPS JSON → frozen, validated configuration objects.
+
+The JSON is HugeCTR's parameter-server configuration, the file handed to the Triton HPS
+backend (``--backend-config=hps,ps=/path/hps.json``) and to ``hugectr.inference``. Field
+names and defaults follow HugeCTR, researched in (read, not copied):
+
+- ``HugeCTR/src/hps/inference_utils.cpp`` (``parameter_server_config::init`` and the
+  ``get_hps_*_type`` helpers, 2023 revision): which keys are read, their defaults, aliases;
+- ``HugeCTR/include/pybind/hps_wrapper.hpp``: pybind defaults for ``VolatileDatabaseParams``,
+  ``PersistentDatabaseParams``, ``UpdateSourceParams`` and ``InferenceParams``;
+- ``HugeCTR/include/hps/inference_utils.hpp`` (older revisions: ``max_get_batch_size``,
+  ``max_set_batch_size``, ``algorithm``, ``refresh_time_after_fetch``);
+- ``docs/source/hierarchical_parameter_server/hps_database_backend.md`` and
+  ``triton-inference-server/hugectr_backend: hps_backend/README.md`` (sample configs).
+
+Unlike HugeCTR, which reads with "soft" getters and silently falls back on unknown enum
+values and unknown keys, every value here is type- and range-checked, and a key we do not
+know is an error. Errors are :class:`~hps_core.errors.ConfigError` and read
+``<file>: <field path>: <problem>. Fix: <what to do>``. Fields HugeCTR reads that only tune
+its C++/CUDA internals are parsed (so existing configs load) but have no effect; they are
+listed in ``INACTIVE_FIELDS`` and in ``docs/configuration.md``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+from hps_core.errors import ConfigError, UnknownTableError
+
+__all__ = [
+    "INACTIVE_FIELDS",
+    "ModelConfig",
+    "ParameterServerConfig",
+    "PersistentDBConfig",
+    "TableConfig",
+    "UpdateSourceConfig",
+    "VolatileDBConfig",
+    "gpu_cache_requested",
+    "load_config",
+    "parse_config",
+]
+
+_T = TypeVar("_T")
+
+DEFAULT_UPDATE_FILTERS: tuple[str, ...] = ("^hps_.+$",)
+_NO_OVERFLOW_LIMIT = 2**64 - 1  # HugeCTR: std::numeric_limits<size_t>::max()
+_REMOTE_PATH = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _default_num_partitions() -> int:
+    return min(16, os.cpu_count() or 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Enumerations: canonical name -> HugeCTR aliases (get_hps_database_type & friends).
+# --------------------------------------------------------------------------------------------
+_VOLATILE_TYPES = {
+    "disabled": ("disabled", "disable", "none"),
+    "hash_map": ("hash_map", "hashmap", "hash", "map"),
+    "parallel_hash_map": ("parallel_hash_map", "parallel_hashmap", "parallel_hash", "parallel_map"),
+    "redis_cluster": ("redis_cluster", "redis"),
+}
+_PERSISTENT_TYPES = {
+    "disabled": ("disabled", "disable", "none"),
+    "rocks_db": ("rocks_db", "rocksdb", "rocks"),
+}
+_UPDATE_SOURCE_TYPES = {
+    "null": ("null", "none"),
+    "kafka_message_queue": ("kafka_message_queue", "kafka_mq", "kafka"),
+}
+_OVERFLOW_POLICIES = {
+    "evict_random": ("evict_random", "random"),
+    "evict_least_used": ("evict_least_used", "least_used"),
+    "evict_oldest": ("evict_oldest", "oldest"),
+}
+_EMBEDDING_CACHE_TYPES = {
+    "dynamic": ("dynamic",),
+    "static": ("static",),
+    "uvm": ("uvm",),
+    "stochastic": ("stochastic",),
+}
+_HASH_MAP_ALGORITHMS = {"phm": ("phm",), "stl": ("stl",)}
+
+# Values HugeCTR knows but this server does not implement: value -> fix.
+_UNSUPPORTED_VOLATILE = {
+    name: "use 'parallel_hash_map' (per process) or 'redis_cluster' (shared between processes)"
+    for name in ("multi_process_hash_map", "multi_process_hashmap", "multi_process_hash",
+                 "multi_process_map")
+}
+_UNSUPPORTED_VOLATILE.update(
+    {name: "RocksDB is a persistent database: move it to 'persistent_db'"
+     for name in _PERSISTENT_TYPES["rocks_db"]}
+)
+_UNSUPPORTED_PERSISTENT = {
+    name: "hash maps and Redis are volatile databases: move them to 'volatile_db'"
+    for names in ("hash_map", "parallel_hash_map", "redis_cluster")
+    for name in _VOLATILE_TYPES[names]
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration objects.
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class _DatabaseConfig:
+    """Fields shared by the volatile and the persistent database."""
+
+    max_batch_size: int = 64 * 1024  # keys per batched call to the tier (chunking)
+    max_get_batch_size: int = 0  # keys per fetch chunk (HugeCTR ≤ 23.04); 0 = max_batch_size
+    max_set_batch_size: int = 0  # keys per insert chunk (HugeCTR ≤ 23.04); 0 = max_batch_size
+    initialize_after_startup: bool = True  # fill the tier from the sparse files at start-up
+    update_filters: tuple[str, ...] = DEFAULT_UPDATE_FILTERS  # regexes of Kafka topics to apply
+
+    def __post_init__(self) -> None:
+        for name in ("max_get_batch_size", "max_set_batch_size"):
+            if not getattr(self, name):
+                object.__setattr__(self, name, self.max_batch_size)
+
+
+@dataclass(frozen=True, kw_only=True)
+class VolatileDBConfig(_DatabaseConfig):
+    """``volatile_db``: the CPU-memory tier (hash map) or a Redis Cluster."""
+
+    type: str = "parallel_hash_map"  # disabled | hash_map | parallel_hash_map | redis_cluster
+    address: str = "127.0.0.1:7000"  # Redis: "host[:port],host[:port],..."
+    user_name: str = "default"  # Redis ACL user
+    password: str = field(default="", repr=False)  # Redis password ("" = none)
+    num_partitions: int = field(default_factory=_default_num_partitions)  # partitions per table
+    allocation_rate: int = 256 * 1024 * 1024  # hash map: bytes per allocation (inactive)
+    shared_memory_size: int = 16 * 1024**3  # multi_process_hash_map only (inactive)
+    shared_memory_name: str = "hctr_mp_hash_map_database"  # multi_process_hash_map (inactive)
+    shared_memory_auto_remove: bool = True  # multi_process_hash_map only (inactive)
+    num_node_connections: int = 5  # Redis: connections per cluster node
+    enable_tls: bool = False  # Redis: TLS/SSL connections
+    tls_ca_certificate: str = "cacertbundle.crt"  # Redis TLS: CA certificate file or folder
+    tls_client_certificate: str = "client_cert.pem"  # Redis TLS: client certificate
+    tls_client_key: str = "client_key.pem"  # Redis TLS: client private key
+    tls_server_name_identification: str = "redis.localhost"  # Redis TLS: SNI host name
+    overflow_margin: int = _NO_OVERFLOW_LIMIT  # max rows per partition before eviction
+    overflow_policy: str = "evict_random"  # evict_random | evict_least_used | evict_oldest
+    overflow_resolution_target: float = 0.8  # evict down to this fraction of overflow_margin
+    initial_cache_rate: float = 1.0  # fraction of each table loaded at start-up
+    cache_missed_embeddings: bool = False  # copy rows found in the persistent tier up here
+    refresh_time_after_fetch: bool = False  # legacy (HugeCTR ≤ 23.04), inactive
+    algorithm: str = "phm"  # legacy hash map algorithm (HugeCTR ≤ 22.x), inactive
+
+    @property
+    def enabled(self) -> bool:
+        """Whether a volatile tier is configured."""
+        return self.type != "disabled"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PersistentDBConfig(_DatabaseConfig):
+    """``persistent_db``: the RocksDB tier on local SSD."""
+
+    type: str = "disabled"  # disabled | rocks_db
+    path: str = field(default_factory=lambda: os.path.join(tempfile.gettempdir(), "rocksdb"))
+    num_threads: int = 16  # RocksDB background threads
+    read_only: bool = False  # open the database read-only (shared, e.g. over NFS)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether a persistent tier is configured."""
+        return self.type != "disabled"
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpdateSourceConfig:
+    """``update_source``: where online embedding updates come from (Kafka)."""
+
+    type: str = "null"  # null | kafka_message_queue
+    brokers: str = "127.0.0.1:9092"  # Kafka bootstrap servers "host[:port][;host[:port]...]"
+    metadata_refresh_interval_ms: int = 30_000  # topic metadata refresh period
+    receive_buffer_size: int = 256 * 1024  # bytes per received message buffer
+    poll_timeout_ms: int = 500  # max wait for more messages before applying a batch
+    max_batch_size: int = 8 * 1024  # max keys applied to the tiers per call
+    failure_backoff_ms: int = 50  # delay before retrying a failed apply
+    max_commit_interval: int = 32  # max messages between Kafka offset commits
+    max_receive_buffer_size: int | None = None  # legacy name (HugeCTR ≤ 22.x), inactive
+
+    @property
+    def enabled(self) -> bool:
+        """Whether an update source is configured."""
+        return self.type != "null"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TableConfig:
+    """One embedding table of a model, as the tiers and the lookup see it."""
+
+    name: str  # embedding_table_names[i]
+    dim: int  # embedding_vecsize_per_table[i]: floats per row
+    default_value: float  # default_value_for_each_table[i]: fill for keys found nowhere
+    max_keys_per_sample: int  # maxnum_catfeature_query_per_table_per_sample[i]
+    sparse_file: str  # sparse_files[i]: absolute path of the HugeCTR sparse model folder
+    qualified_name: str  # "hps_et.<model>.<table>", the table's name in every tier
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """One entry of ``models[]``: a model and its embedding tables."""
+
+    model: str  # model name; Triton model name of the HPS step
+    sparse_files: tuple[str, ...]  # one HugeCTR sparse model folder per table (absolute)
+    embedding_vecsize_per_table: tuple[int, ...]  # vector width per table
+    maxnum_catfeature_query_per_table_per_sample: tuple[int, ...]  # max keys/sample per table
+    embedding_table_names: tuple[str, ...]  # default "sparse_embedding<i>"
+    default_value_for_each_table: tuple[float, ...]  # default 0.0 per table
+    deployed_device_list: tuple[int, ...] = (0,)  # CUDA devices serving this model
+    max_batch_size: int = 64  # max samples per request
+    gpucache: bool = True  # use the GPU embedding cache
+    gpucacheper: float = 0.2  # GPU cache capacity as a fraction of each table's rows
+    hit_rate_threshold: float = 0.9  # below: insert misses synchronously; above: in background
+    embedding_cache_type: str = "dynamic"  # dynamic | static | uvm | stochastic
+    use_static_table: bool = False  # HugeCTR alias: true forces embedding_cache_type "static"
+    cache_refresh_percentage_per_iteration: float = 0.0  # cache share refreshed per refresh step
+    refresh_delay: float = 0.0  # seconds after start-up before the first cache refresh
+    refresh_interval: float = 0.0  # seconds between cache refreshes (0 = never)
+    fp8_quant: bool = False  # FP8-quantized cache; only false is supported
+    # Accepted but inactive (HugeCTR C++/CUDA or dense-network tuning); see INACTIVE_FIELDS.
+    dense_file: str = ""  # HugeCTR dense model file
+    network_file: str = ""  # HugeCTR network JSON
+    non_trainable_params_file: str = ""  # HugeCTR dense non-trainable parameters
+    num_of_worker_buffer_in_pool: int = 1  # HugeCTR embedding-cache worker buffers
+    num_of_refresher_buffer_in_pool: int = 1  # HugeCTR embedding-cache refresh buffers
+    thread_pool_size: int = 16  # HugeCTR insertion thread pool
+    maxnum_des_feature_per_sample: int = 26  # dense features per sample (dense model)
+    label_dim: int = 1  # outputs per sample (dense model)
+    slot_num: int = 10  # feature fields (dense model)
+    use_context_stream: bool = True  # TF/TRT plugin stream choice
+    use_mixed_precision: bool = False  # dense model precision
+    scaler: float = 1.0  # dense model mixed-precision scaler
+    use_algorithm_search: bool = True  # dense model cuBLAS algorithm search
+    use_cuda_graph: bool = True  # dense model CUDA graphs
+    use_hctr_cache_implementation: bool = True  # HugeCTR cache implementation choice
+    init_ec: bool = True  # HugeCTR: warm the embedding cache at start-up
+    enable_pagelock: bool = False  # HugeCTR: page-lock host tables
+
+    @property
+    def num_tables(self) -> int:
+        """Number of embedding tables (``len(sparse_files)``)."""
+        return len(self.sparse_files)
+
+    @property
+    def tables(self) -> tuple[TableConfig, ...]:
+        """The model's tables, in ``sparse_files`` order (the order of ``NUMKEYS``)."""
+        return tuple(
+            TableConfig(
+                name=name,
+                dim=dim,
+                default_value=default,
+                max_keys_per_sample=max_keys,
+                sparse_file=sparse_file,
+                qualified_name=f"hps_et.{self.model}.{name}",
+            )
+            for name, dim, default, max_keys, sparse_file in zip(
+                self.embedding_table_names,
+                self.embedding_vecsize_per_table,
+                self.default_value_for_each_table,
+                self.maxnum_catfeature_query_per_table_per_sample,
+                self.sparse_files,
+            )
+        )
+
+    def table(self, name: str) -> TableConfig:
+        """The table called ``name`` (plain or qualified); UnknownTableError if absent."""
+        for table in self.tables:
+            if name in (table.name, table.qualified_name):
+                return table
+        raise UnknownTableError(
+            f"model {self.model!r} has no table {name!r}; its tables are "
+            f"{list(self.embedding_table_names)}"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParameterServerConfig:
+    """The whole HPS JSON: databases, update source and models."""
+
+    supportlonglong: bool = True  # keys are int64 (true) or uint32 (false)
+    fuse_embedding_table: bool = False  # HugeCTR table fusion (inactive: results identical)
+    volatile_db: VolatileDBConfig = field(default_factory=VolatileDBConfig)
+    persistent_db: PersistentDBConfig = field(default_factory=PersistentDBConfig)
+    update_source: UpdateSourceConfig = field(default_factory=UpdateSourceConfig)
+    models: tuple[ModelConfig, ...] = ()
+    source: str = "<memory>"  # file the config was read from (for messages)
+
+    def model(self, name: str) -> ModelConfig:
+        """The model called ``name``; UnknownTableError if it is not configured."""
+        for model in self.models:
+            if model.model == name:
+                return model
+        raise UnknownTableError(
+            f"model {name!r} is not configured in {self.source}; configured models: "
+            f"{[m.model for m in self.models]}"
+        )
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """Names of all configured models, in file order."""
+        return tuple(m.model for m in self.models)
+
+
+def gpu_cache_requested(model: ModelConfig) -> bool:
+    """Whether the config asks for a GPU embedding cache for ``model``.
+
+    True when ``gpucache`` is true and the cache has room (``gpucacheper > 0``), or the cache
+    type is ``static`` (the whole table lives on the GPU). Whether a GPU is present is the
+    caller's question.
+    """
+    if not model.gpucache:
+        return False
+    return model.gpucacheper > 0.0 or model.embedding_cache_type == "static"
+
+
+# Fields parsed for compatibility that change nothing in this server, per section.
+INACTIVE_FIELDS: Mapping[str, tuple[str, ...]] = {
+    "": ("fuse_embedding_table",),
+    "volatile_db": (
+        "allocation_rate", "shared_memory_size", "shared_memory_name",
+        "shared_memory_auto_remove", "refresh_time_after_fetch", "algorithm",
+    ),
+    "persistent_db": (),
+    "update_source": ("max_receive_buffer_size",),
+    "models[]": (
+        "dense_file", "network_file", "non_trainable_params_file",
+        "num_of_worker_buffer_in_pool", "num_of_refresher_buffer_in_pool", "thread_pool_size",
+        "maxnum_des_feature_per_sample", "label_dim", "slot_num", "use_context_stream",
+        "use_mixed_precision", "scaler", "use_algorithm_search", "use_cuda_graph",
+        "use_hctr_cache_implementation", "init_ec", "enable_pagelock",
+    ),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Typed readers.
+# --------------------------------------------------------------------------------------------
+class _Reader:
+    """Reads typed fields of one JSON object, remembering which keys it consumed."""
+
+    def __init__(self, obj: Any, where: str, source: str) -> None:
+        self.source = source
+        self.where = where
+        if not isinstance(obj, dict):
+            self.fail("", f"expected a JSON object, got {_json_type(obj)}",
+                      "write this section as {...}")
+        self.obj: dict[str, Any] = obj
+        self.seen: set[str] = set()
+
+    # -- errors -------------------------------------------------------------------------
+    def path(self, key: str) -> str:
+        if not key:
+            return self.where or "<top level>"
+        return f"{self.where}.{key}" if self.where else key
+
+    def fail(self, key: str, problem: str, fix: str) -> NoReturn:
+        raise ConfigError(f"{self.source}: {self.path(key)}: {problem}. Fix: {fix}.")
+
+    # -- raw access ---------------------------------------------------------------------
+    def has(self, key: str) -> bool:
+        return key in self.obj
+
+    def _get(self, key: str, default: _T, required: bool, kind: str) -> Any:
+        self.seen.add(key)
+        if key not in self.obj:
+            if required:
+                self.fail(key, "is required but missing", f"add \"{key}\": <{kind}>")
+            return default
+        return self.obj[key]
+
+    # -- scalars ------------------------------------------------------------------------
+    def read_bool(self, key: str, default: bool = False, *, required: bool = False) -> bool:
+        value = self._get(key, default, required, "true|false")
+        if not isinstance(value, bool):
+            self.fail(key, f"expected true or false, got {_show(value)}",
+                      "write a JSON boolean without quotes")
+        return value
+
+    def read_int(self, key: str, default: Any = 0, *, minimum: int | None = 0,
+                 required: bool = False) -> Any:
+        value = self._get(key, default, required, "integer")
+        if value is None and default is None and key not in self.obj:
+            return None
+        self._check_int(key, value, minimum)
+        return value
+
+    def read_float(self, key: str, default: float = 0.0, *, lo: float | None = None,
+                   hi: float | None = None, lo_open: bool = False, hi_open: bool = False,
+                   required: bool = False) -> float:
+        value = self.float_item(key, self._get(key, default, required, "number"))
+        self._check_range(key, value, lo, hi, lo_open, hi_open)
+        return value
+
+    def read_str(self, key: str, default: str = "", *, required: bool = False,
+                 non_empty: bool = False) -> str:
+        value = self._get(key, default, required, "string")
+        if not isinstance(value, str):
+            self.fail(key, f"expected a string, got {_show(value)}", "write a JSON string")
+        if non_empty and not value:
+            self.fail(key, "must not be empty", "give a non-empty string")
+        return value
+
+    def read_enum(self, key: str, default: str, choices: Mapping[str, tuple[str, ...]],
+                  unsupported: Mapping[str, str] | None = None) -> str:
+        value = self.read_str(key, default)
+        for canonical, aliases in choices.items():
+            if value in aliases:
+                return canonical
+        if unsupported and value in unsupported:
+            self.fail(key, f"{value!r} is not supported by this server", unsupported[value])
+        self.fail(key, f"unknown value {value!r}",
+                  f"use one of {', '.join(repr(c) for c in choices)}")
+
+    # -- lists --------------------------------------------------------------------------
+    def read_list(self, key: str, item: Callable[[str, Any], _T], default: Iterable[_T] = (),
+                  *, required: bool = False, length: int | None = None,
+                  length_of: str = "", non_empty: bool = False) -> tuple[_T, ...]:
+        value = self._get(key, None, required, "list")
+        if value is None and key not in self.obj:
+            return tuple(default)
+        if not isinstance(value, list):
+            self.fail(key, f"expected a JSON list, got {_show(value)}", "write [..., ...]")
+        if non_empty and not value:
+            self.fail(key, "must not be empty", "give at least one entry")
+        if length is not None and len(value) != length:
+            self.fail(key, f"has {len(value)} entries but {length_of} has {length}",
+                      f"give exactly one entry per entry of {length_of}")
+        return tuple(item(f"{key}[{i}]", v) for i, v in enumerate(value))
+
+    def int_item(self, minimum: int) -> Callable[[str, Any], int]:
+        def read(key: str, value: Any) -> int:
+            self._check_int(key, value, minimum)
+            return int(value)
+        return read
+
+    def float_item(self, key: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.fail(key, f"expected a number, got {_show(value)}", "write a JSON number")
+        if not math.isfinite(value):
+            self.fail(key, f"must be a finite number, got {value}", "write a finite number")
+        return float(value)
+
+    def str_item(self, key: str, value: Any) -> str:
+        if not isinstance(value, str) or not value:
+            self.fail(key, f"expected a non-empty string, got {_show(value)}",
+                      "write a non-empty JSON string")
+        return value
+
+    # -- checks -------------------------------------------------------------------------
+    def _check_int(self, key: str, value: Any, minimum: int | None) -> None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(key, f"expected an integer, got {_show(value)}",
+                      "write a whole number without quotes or decimal point")
+        if minimum is not None and value < minimum:
+            self.fail(key, f"must be >= {minimum}, got {value}", f"use a value >= {minimum}")
+
+    def _check_range(self, key: str, value: float, lo: float | None, hi: float | None,
+                     lo_open: bool, hi_open: bool) -> None:
+        too_low = lo is not None and (value <= lo if lo_open else value < lo)
+        too_high = hi is not None and (value >= hi if hi_open else value > hi)
+        if too_low or too_high:
+            left = "(" if lo_open else "["
+            right = ")" if hi_open else "]"
+            lo_s = "-inf" if lo is None else f"{lo:g}"
+            hi_s = "inf" if hi is None else f"{hi:g}"
+            self.fail(key, f"must be in {left}{lo_s}, {hi_s}{right}, got {value:g}",
+                      "use a value in that range")
+
+    def finish(self) -> None:
+        """Fail on any key that no reader consumed."""
+        for key in self.obj:
+            if key not in self.seen:
+                close = difflib.get_close_matches(key, sorted(self.seen), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                self.fail(key, f"field {key!r} is not supported by this server{hint}",
+                          "remove it (see docs/configuration.md for the supported fields)")
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+             int: "an integer", float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, (dict, list)) else _json_type(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# --------------------------------------------------------------------------------------------
+# Section parsers.
+# --------------------------------------------------------------------------------------------
+def _resolve_path(path: str, base_dir: Path) -> str:
+    """Absolute, normalised path; relative paths are relative to the JSON's folder."""
+    return os.path.normpath(os.path.join(base_dir, path)) if path else path
+
+
+def _parse_filters(r: _Reader) -> tuple[str, ...]:
+    filters = r.read_list("update_filters", r.str_item, DEFAULT_UPDATE_FILTERS)
+    for i, pattern in enumerate(filters):
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            r.fail(f"update_filters[{i}]", f"invalid regular expression {pattern!r} ({exc})",
+                   "fix the pattern")
+    return filters
+
+
+def _parse_batch_sizes(r: _Reader) -> dict[str, Any]:
+    """``max_batch_size`` and the older get/set pair; each fills in for the other if absent."""
+    get = r.read_int("max_get_batch_size", None, minimum=1)
+    put = r.read_int("max_set_batch_size", None, minimum=1)
+    legacy = [v for v in (get, put) if v is not None]
+    batch = r.read_int("max_batch_size", min(legacy) if legacy else 64 * 1024, minimum=1)
+    return {
+        "max_batch_size": batch,
+        "max_get_batch_size": get or batch,
+        "max_set_batch_size": put or batch,
+    }
+
+
+def _parse_volatile(obj: Any, source: str) -> VolatileDBConfig:
+    r = _Reader(obj, "volatile_db", source)
+    # HugeCTR quirk kept: the section present without "type" means disabled.
+    cfg = VolatileDBConfig(
+        type=r.read_enum("type", "disabled", _VOLATILE_TYPES, _UNSUPPORTED_VOLATILE),
+        address=r.read_str("address", "127.0.0.1:7000", non_empty=True),
+        user_name=r.read_str("user_name", "default"),
+        password=r.read_str("password", ""),
+        num_partitions=r.read_int("num_partitions", _default_num_partitions(), minimum=1),
+        allocation_rate=r.read_int("allocation_rate", 256 * 1024 * 1024, minimum=1),
+        shared_memory_size=r.read_int("shared_memory_size", 16 * 1024**3, minimum=1),
+        shared_memory_name=r.read_str("shared_memory_name", "hctr_mp_hash_map_database"),
+        shared_memory_auto_remove=r.read_bool("shared_memory_auto_remove", True),
+        num_node_connections=r.read_int("num_node_connections", 5, minimum=1),
+        enable_tls=r.read_bool("enable_tls", False),
+        tls_ca_certificate=r.read_str("tls_ca_certificate", "cacertbundle.crt"),
+        tls_client_certificate=r.read_str("tls_client_certificate", "client_cert.pem"),
+        tls_client_key=r.read_str("tls_client_key", "client_key.pem"),
+        tls_server_name_identification=r.read_str("tls_server_name_identification",
+                                             "redis.localhost"),
+        overflow_margin=r.read_int("overflow_margin", _NO_OVERFLOW_LIMIT, minimum=1),
+        overflow_policy=r.read_enum("overflow_policy", "evict_random", _OVERFLOW_POLICIES),
+        overflow_resolution_target=r.read_float("overflow_resolution_target", 0.8, lo=0.0, hi=1.0,
+                                           lo_open=True, hi_open=True),
+        initialize_after_startup=r.read_bool("initialize_after_startup", True),
+        initial_cache_rate=r.read_float("initial_cache_rate", 1.0, lo=0.0, hi=1.0),
+        cache_missed_embeddings=r.read_bool("cache_missed_embeddings", False),
+        update_filters=_parse_filters(r),
+        refresh_time_after_fetch=r.read_bool("refresh_time_after_fetch", False),
+        algorithm=r.read_enum("algorithm", "phm", _HASH_MAP_ALGORITHMS),
+        **_parse_batch_sizes(r),
+    )
+    r.finish()
+    return cfg
+
+
+def _parse_persistent(obj: Any, source: str, base_dir: Path) -> PersistentDBConfig:
+    r = _Reader(obj, "persistent_db", source)
+    default_path = os.path.join(tempfile.gettempdir(), "rocksdb")
+    cfg = PersistentDBConfig(
+        type=r.read_enum("type", "disabled", _PERSISTENT_TYPES, _UNSUPPORTED_PERSISTENT),
+        path=_resolve_path(r.read_str("path", default_path, non_empty=True), base_dir),
+        num_threads=r.read_int("num_threads", 16, minimum=1),
+        read_only=r.read_bool("read_only", False),
+        initialize_after_startup=r.read_bool("initialize_after_startup", True),
+        update_filters=_parse_filters(r),
+        **_parse_batch_sizes(r),
+    )
+    r.finish()
+    return cfg
+
+
+def _parse_update_source(obj: Any, source: str) -> UpdateSourceConfig:
+    r = _Reader(obj, "update_source", source)
+    cfg = UpdateSourceConfig(
+        type=r.read_enum("type", "null", _UPDATE_SOURCE_TYPES),
+        brokers=r.read_str("brokers", "127.0.0.1:9092", non_empty=True),
+        metadata_refresh_interval_ms=r.read_int("metadata_refresh_interval_ms", 30_000, minimum=1),
+        receive_buffer_size=r.read_int("receive_buffer_size", 256 * 1024, minimum=1),
+        poll_timeout_ms=r.read_int("poll_timeout_ms", 500, minimum=0),
+        max_batch_size=r.read_int("max_batch_size", 8 * 1024, minimum=1),
+        failure_backoff_ms=r.read_int("failure_backoff_ms", 50, minimum=0),
+        max_commit_interval=r.read_int("max_commit_interval", 32, minimum=1),
+        max_receive_buffer_size=r.read_int("max_receive_buffer_size", None, minimum=1),
+    )
+    r.finish()
+    return cfg
+
+
+def _parse_sparse_files(r: _Reader, base_dir: Path) -> tuple[str, ...]:
+    files = r.read_list("sparse_files", r.str_item, required=True, non_empty=True)
+    for i, path in enumerate(files):
+        if _REMOTE_PATH.match(path):
+            r.fail(f"sparse_files[{i}]",
+                   f"remote file systems (HDFS, S3, GCS) are not supported: {path!r}",
+                   "copy the sparse model folder to local disk and give its path")
+    return tuple(_resolve_path(path, base_dir) for path in files)
+
+
+def _parse_model(obj: Any, index: int, source: str, base_dir: Path) -> ModelConfig:
+    r = _Reader(obj, f"models[{index}]", source)
+    sparse_files = _parse_sparse_files(r, base_dir)
+    n = len(sparse_files)
+    per_table = {"length": n, "length_of": "sparse_files"}
+    names = r.read_list("embedding_table_names", r.str_item,
+                   tuple(f"sparse_embedding{i}" for i in range(n)), **per_table)
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            r.fail(f"embedding_table_names[{i}]", f"duplicate table name {name!r}",
+                   "give every table of a model its own name")
+    defaults = r.read_list("default_value_for_each_table", r.float_item, (0.0,) * n)
+    if len(defaults) == 1 and n > 1:
+        defaults = defaults * n  # HugeCTR broadcasts a one-entry list (InferenceParams)
+    elif len(defaults) != n:
+        r.fail("default_value_for_each_table",
+               f"has {len(defaults)} entries but sparse_files has {n}",
+               "give one default value per table (or a single value for all tables)")
+    fp8_quant = r.read_bool("fp8_quant", False)
+    if fp8_quant:
+        r.fail("fp8_quant", "FP8-quantized embedding caches are not supported",
+               "set it to false or remove it")
+    use_static_table = r.read_bool("use_static_table", False)
+    cache_type = r.read_enum("embedding_cache_type", "dynamic", _EMBEDDING_CACHE_TYPES)
+    devices = r.read_list("deployed_device_list", r.int_item(0), (0,), non_empty=True)
+    if len(set(devices)) != len(devices):
+        r.fail("deployed_device_list", f"lists a device twice: {list(devices)}",
+               "list each device once")
+    cfg = ModelConfig(
+        model=r.read_str("model", required=True, non_empty=True),
+        sparse_files=sparse_files,
+        embedding_vecsize_per_table=r.read_list("embedding_vecsize_per_table", r.int_item(1),
+                                           required=True, **per_table),
+        maxnum_catfeature_query_per_table_per_sample=r.read_list(
+            "maxnum_catfeature_query_per_table_per_sample", r.int_item(1), required=True,
+            **per_table),
+        embedding_table_names=names,
+        default_value_for_each_table=defaults,
+        deployed_device_list=devices,
+        max_batch_size=r.read_int("max_batch_size", 64, minimum=1),
+        gpucache=r.read_bool("gpucache", True),
+        gpucacheper=r.read_float("gpucacheper", 0.2, lo=0.0, hi=1.0),
+        hit_rate_threshold=r.read_float("hit_rate_threshold", 0.9, lo=0.0),
+        embedding_cache_type="static" if use_static_table else cache_type,
+        use_static_table=use_static_table,
+        cache_refresh_percentage_per_iteration=r.read_float(
+            "cache_refresh_percentage_per_iteration", 0.0, lo=0.0, hi=1.0),
+        refresh_delay=r.read_float("refresh_delay", 0.0, lo=0.0),
+        refresh_interval=r.read_float("refresh_interval", 0.0, lo=0.0),
+        fp8_quant=fp8_quant,
+        dense_file=_resolve_path(r.read_str("dense_file", ""), base_dir),
+        network_file=_resolve_path(r.read_str("network_file", ""), base_dir),
+        non_trainable_params_file=_resolve_path(r.read_str("non_trainable_params_file", ""),
+                                                base_dir),
+        num_of_worker_buffer_in_pool=r.read_int("num_of_worker_buffer_in_pool", 1, minimum=1),
+        num_of_refresher_buffer_in_pool=r.read_int("num_of_refresher_buffer_in_pool", 1,
+                                              minimum=1),
+        thread_pool_size=r.read_int("thread_pool_size", 16, minimum=1),
+        maxnum_des_feature_per_sample=r.read_int("maxnum_des_feature_per_sample", 26),
+        label_dim=r.read_int("label_dim", 1, minimum=1),
+        slot_num=r.read_int("slot_num", 10, minimum=0),
+        use_context_stream=r.read_bool("use_context_stream", True),
+        use_mixed_precision=r.read_bool("use_mixed_precision", False),
+        scaler=r.read_float("scaler", 1.0, lo=0.0, lo_open=True),
+        use_algorithm_search=r.read_bool("use_algorithm_search", True),
+        use_cuda_graph=r.read_bool("use_cuda_graph", True),
+        use_hctr_cache_implementation=r.read_bool("use_hctr_cache_implementation", True),
+        init_ec=r.read_bool("init_ec", True),
+        enable_pagelock=r.read_bool("enable_pagelock", False),
+    )
+    r.finish()
+    return cfg
+
+
+def parse_config(data: Any, source: str, *, base_dir: str | Path | None = None
+                 ) -> ParameterServerConfig:
+    """Validate a decoded HPS JSON document.
+
+    ``source`` names the document in error messages (normally its path). Relative paths
+    (``sparse_files``, ``persistent_db.path``, ...) resolve against ``base_dir``, by default
+    the folder of ``source``.
+    """
+    base = Path(base_dir) if base_dir is not None else Path(source).parent
+    base = base.absolute()
+    r = _Reader(data, "", source)
+    supportlonglong = r.read_bool("supportlonglong", True)
+    fuse = r.read_bool("fuse_embedding_table", False)
+    volatile = (_parse_volatile(r.obj["volatile_db"], source) if r.has("volatile_db")
+                else VolatileDBConfig())
+    persistent = (_parse_persistent(r.obj["persistent_db"], source, base)
+                  if r.has("persistent_db") else PersistentDBConfig())
+    update = (_parse_update_source(r.obj["update_source"], source)
+              if r.has("update_source") else UpdateSourceConfig())
+    r.seen.update({"volatile_db", "persistent_db", "update_source"})
+    raw_models = r.read_list("models", lambda key, value: value, required=True, non_empty=True)
+    models = tuple(_parse_model(m, i, source, base) for i, m in enumerate(raw_models))
+    for i, model in enumerate(models):
+        if model.model in (m.model for m in models[:i]):
+            r.fail(f"models[{i}].model", f"duplicate model name {model.model!r}",
+                   "give every model its own name")
+    r.finish()
+    return ParameterServerConfig(
+        supportlonglong=supportlonglong,
+        fuse_embedding_table=fuse,
+        volatile_db=volatile,
+        persistent_db=persistent,
+        update_source=update,
+        models=models,
+        source=source,
+    )
+
+
+def load_config(path: str | os.PathLike[str]) -> ParameterServerConfig:
+    """Read and validate the HPS JSON at ``path``."""
+    source = os.fspath(path)
+    try:
+        text = Path(source).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: file not found. Fix: pass the path of the HPS JSON "
+                          "(the file given as ps=... to the HugeCTR HPS backend).") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read the file ({exc}). Fix: check the path "
+                          "and its permissions.") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{source}: line {exc.lineno}, column {exc.colno}: not valid JSON "
+                          f"({exc.msg}). Fix: correct the JSON syntax (comments and trailing "
+                          "commas are not allowed).") from exc
+    return parse_config(data, source, base_dir=Path(source).absolute().parent)

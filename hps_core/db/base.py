@@ -1,0 +1,180 @@
+"""The storage-tier contract shared by every volatile and persistent database.
+
+HugeCTR puts every database behind one batched interface; so do we. A tier stores, per
+table, a map ``int64 key -> float32[dim] vector``. Table names are qualified
+(``hps_et.<model>.<table>``) so tiers can be shared between models and processes.
+
+Every call is batched and fills caller-provided arrays: ``fetch`` writes the rows it finds
+into ``out`` and returns a boolean mask; misses leave ``out`` untouched so the caller can
+hand just the compacted misses to the next tier.
+
+Input checks live here, in one place, so every implementation rejects the same inputs
+with the same :class:`~hps_core.errors.RequestError` before it writes anything: a batch is
+either stored whole or refused whole, never half-written because of a malformed argument.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+from hps_core.errors import ConfigError, RequestError, UnknownTableError
+
+__all__ = [
+    "EmbeddingTier",
+    "PersistentDB",
+    "VolatileDB",
+    "check_dim",
+    "check_keys",
+    "check_out",
+    "check_table_name",
+    "check_values",
+    "unknown_table",
+]
+
+Keys = npt.NDArray[np.int64]
+Vectors = npt.NDArray[np.float32]
+Mask = npt.NDArray[np.bool_]
+
+
+@runtime_checkable
+class EmbeddingTier(Protocol):
+    """Batched key -> vector store; the contract every database tier implements.
+
+    Arrays are host (NumPy) arrays. ``keys`` is ``(n,) int64`` (``uint32`` is accepted and
+    widened); ``values`` and ``out`` are ``(n, dim) float32``, C-contiguous, where ``dim``
+    is the table's vector size.
+    """
+
+    def create_table(self, table: str, dim: int) -> None:
+        """Create ``table`` holding ``dim``-wide vectors.
+
+        Idempotent for the same ``dim``; a different ``dim`` for an existing table raises
+        ConfigError.
+        """
+        ...
+
+    def insert(self, table: str, keys: Keys, values: Vectors) -> None:
+        """Upsert ``values[i]`` under ``keys[i]``.
+
+        keys: (n,) int64 (or uint32). values: (n, dim) float32, C-contiguous.
+        Duplicate keys inside one batch: the last occurrence wins.
+        """
+        ...
+
+    def fetch(self, table: str, keys: Keys, out: Vectors) -> Mask:
+        """Look ``keys`` up; write each found row into ``out`` and return the found mask.
+
+        keys: (n,) int64 (or uint32). out: (n, dim) float32, C-contiguous, writeable;
+        rows of keys not found are left untouched. Returns (n,) bool, True where found.
+        """
+        ...
+
+    def count(self, table: str) -> int:
+        """Number of distinct keys stored in ``table``."""
+        ...
+
+    def table_names(self) -> list[str]:
+        """Names of the tables this tier holds, sorted."""
+        ...
+
+    def dim(self, table: str) -> int:
+        """Vector width of ``table``."""
+        ...
+
+    def close(self) -> None:
+        """Release memory and handles; further calls raise TierError. Idempotent."""
+        ...
+
+
+@runtime_checkable
+class VolatileDB(EmbeddingTier, Protocol):
+    """Role: the in-memory tier (CPU hash map, Redis Cluster) between cache and disk."""
+
+
+@runtime_checkable
+class PersistentDB(EmbeddingTier, Protocol):
+    """Role: the durable tier holding full tables (RocksDB on local SSD)."""
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_table_name(table: object) -> str:
+    """A table name must be a non-empty string (RocksDB and Redis use it verbatim)."""
+    if not isinstance(table, str) or not table:
+        raise RequestError(f"table name must be a non-empty str, got {table!r}")
+    return table
+
+
+def check_dim(table: str, dim: object) -> int:
+    """``dim`` from a config: a positive int (bools are rejected, they are ints too)."""
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+        raise ConfigError(f"table {table!r}: vector size must be a positive integer, got {dim!r}")
+    return int(dim)
+
+
+def unknown_table(table: str, known: Iterable[str]) -> UnknownTableError:
+    """The error for a table this tier does not hold, listing the ones it does."""
+    names = sorted(known)
+    shown = ", ".join(repr(n) for n in names[:10]) + (", ..." if len(names) > 10 else "")
+    return UnknownTableError(
+        f"table {table!r} does not exist in this tier (tables: {shown or 'none'}); "
+        "create it with create_table(table, dim) first"
+    )
+
+
+def check_keys(table: str, keys: object) -> Keys:
+    """Keys as a contiguous (n,) int64 array; uint32 keys are widened (HugeCTR's
+    ``supportlonglong: false``), any other dtype is refused rather than guessed at."""
+    if not isinstance(keys, np.ndarray):
+        kind = type(keys).__name__
+        raise RequestError(f"table {table!r}: keys must be a numpy array, got {kind}")
+    if keys.ndim != 1:
+        raise RequestError(f"table {table!r}: keys must be 1-D, got shape {keys.shape}")
+    if keys.dtype == np.uint32:
+        return keys.astype(np.int64)
+    if keys.dtype != np.int64:
+        raise RequestError(
+            f"table {table!r}: keys must be int64 (or uint32), got {keys.dtype}; "
+            "convert with keys.astype(np.int64)"
+        )
+    return np.ascontiguousarray(keys)
+
+
+def _check_rows(table: str, name: str, arr: object, n: int, dim: int) -> Vectors:
+    if not isinstance(arr, np.ndarray):
+        kind = type(arr).__name__
+        raise RequestError(f"table {table!r}: {name} must be a numpy array, got {kind}")
+    if arr.dtype != np.float32:
+        raise RequestError(
+            f"table {table!r}: {name} must be float32, got {arr.dtype}; "
+            "convert with .astype(np.float32)"
+        )
+    if arr.ndim != 2 or arr.shape[1] != dim:
+        raise RequestError(
+            f"table {table!r} holds {dim}-wide vectors: {name} must have shape ({n}, {dim}), "
+            f"got {arr.shape}"
+        )
+    if arr.shape[0] != n:
+        raise RequestError(
+            f"table {table!r}: {name} has {arr.shape[0]} rows for {n} keys; they must match"
+        )
+    return arr
+
+
+def check_values(table: str, values: object, n: int, dim: int) -> Vectors:
+    """Values to insert: (n, dim) float32, made C-contiguous (a copy only if it was not)."""
+    return np.ascontiguousarray(_check_rows(table, "values", values, n, dim))
+
+
+def check_out(table: str, out: object, n: int, dim: int) -> Vectors:
+    """The output buffer of a fetch: (n, dim) float32, C-contiguous and writeable, because
+    rows are written into it in place (a silent copy would lose them)."""
+    arr = _check_rows(table, "out", out, n, dim)
+    if not arr.flags.c_contiguous or not arr.flags.writeable:
+        raise RequestError(f"table {table!r}: out must be a writeable C-contiguous array")
+    return arr

@@ -1,0 +1,346 @@
+"""Persistent tier: RocksDB on local disk, through the ``rocksdict`` binding.
+
+On-disk layout, HugeCTR's, so a database written by either can be read by the other:
+
+- one column family per table, named as the table (``hps_et.<model>.<table>``);
+- key: the int64 key, 8 bytes little-endian; value: the float32 vector, ``4 * dim`` bytes.
+
+Our only addition is one metadata key per table in the ``default`` column family,
+``hps.dim.<table>`` → the vector size as ASCII, so a reopened database knows each table's
+``dim`` without being told. A column family without it (a HugeCTR-written database) gets
+its ``dim`` from the size of its first value.
+
+The binding takes Python ``bytes``: keys and rows are turned into lists of ``bytes`` with
+one vectorised ``view(...).tolist()``, and fetch results come back as a list that is
+joined and decoded with one ``np.frombuffer``. The per-key calls that remain are the
+binding's (``WriteBatch.put`` has no batch form).
+
+``read_only=True`` opens the database without its write lock, beside a writer in another
+process; it sees the data as of the moment it opened. Writes and new tables are refused.
+
+rocksdict raises bare ``Exception``; every call into it is wrapped and re-raised as
+:class:`~hps_core.errors.TierError` naming the operation, the table and the path.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rocksdict import AccessType, BlockBasedOptions, Options, Rdict, WriteBatch, WriteOptions
+
+from hps_core.db.base import (
+    Keys,
+    Mask,
+    Vectors,
+    check_dim,
+    check_keys,
+    check_out,
+    check_table_name,
+    check_values,
+    unknown_table,
+)
+from hps_core.errors import ConfigError, HPSError, TierBusyError, TierError
+
+__all__ = ["RocksDBPersistentDB"]
+
+# HugeCTR's defaults (PersistentDatabaseParams).
+DEFAULT_PATH = "/tmp/rocksdb"
+DEFAULT_NUM_THREADS = 16
+DEFAULT_MAX_BATCH_SIZE = 10_000
+
+_DIM_PREFIX = b"hps.dim."
+_DEFAULT_CF = "default"
+_BLOOM_BITS_PER_KEY = 10  # ~1% false positives: misses (frequent in a cascade) skip the disk
+
+
+def _options(num_threads: int, *, create: bool) -> Options:
+    """raw_mode: bytes in, bytes out (rocksdict pickles otherwise). Bloom filters because a
+    lookup cascade asks the persistent tier for many keys it does not have."""
+    opts = Options(raw_mode=True)
+    opts.create_if_missing(create)
+    opts.increase_parallelism(num_threads)
+    table = BlockBasedOptions()
+    table.set_bloom_filter(_BLOOM_BITS_PER_KEY, False)
+    opts.set_block_based_table_factory(table)
+    return opts
+
+
+def _key_bytes(keys: Keys) -> list[bytes]:
+    """(n,) int64 → n 8-byte little-endian ``bytes``. A void view, not ``S8``: ``S8``
+    would strip trailing zero bytes (key 1 → b'\\x01')."""
+    as_bytes: list[bytes] = np.ascontiguousarray(keys, dtype="<i8").view("V8").tolist()
+    return as_bytes
+
+
+def _row_bytes(values: Vectors) -> list[bytes]:
+    """(n, dim) float32 → n ``bytes`` of ``4 * dim`` each, little-endian."""
+    rows = np.ascontiguousarray(values, dtype="<f4")
+    as_bytes: list[bytes] = rows.view(np.dtype((np.void, 4 * rows.shape[1]))).reshape(-1).tolist()
+    return as_bytes
+
+
+class RocksDBPersistentDB:
+    """Persistent tier in a RocksDB directory (HugeCTR ``rocks_db``).
+
+    Args:
+        path: database directory; created unless ``read_only``.
+        read_only: open without the write lock (beside a writer in another process);
+            inserts and new tables raise TierError.
+        num_threads: RocksDB background threads (flush, compaction).
+        max_get_batch_size: most keys per multi-get call.
+        max_set_batch_size: most keys per WriteBatch (one atomic write each).
+        disable_wal: skip the write-ahead log. Faster bulk loads; a crash loses the
+            writes since the last flush (re-loadable from the sparse files).
+    """
+
+    def __init__(
+        self,
+        *,
+        path: str | Path = DEFAULT_PATH,
+        read_only: bool = False,
+        num_threads: int = DEFAULT_NUM_THREADS,
+        max_get_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        max_set_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        disable_wal: bool = False,
+    ) -> None:
+        for name, value in (
+            ("num_threads", num_threads),
+            ("max_get_batch_size", max_get_batch_size),
+            ("max_set_batch_size", max_set_batch_size),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"persistent_db.{name} must be a positive integer, got {value!r}")
+        self._path = str(path)
+        self._read_only = bool(read_only)
+        self._max_get = max_get_batch_size
+        self._max_set = max_set_batch_size
+        self._write_opts = WriteOptions()
+        self._write_opts.disable_wal = bool(disable_wal)  # an attribute, not a method
+        self._lock = threading.Lock()  # guards the handle maps, not RocksDB (thread-safe)
+        self._closed = False
+        self._db = self._open(num_threads)
+        self._cfs: dict[str, Rdict] = {}
+        self._handles: dict[str, Any] = {}
+        self._dims: dict[str, int] = {}
+        self._load_tables()
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> RocksDBPersistentDB:
+        """Build from a PersistentDBConfig (read by HugeCTR field names; absent → default)."""
+        return cls(
+            path=getattr(cfg, "path", DEFAULT_PATH),
+            read_only=getattr(cfg, "read_only", False),
+            num_threads=getattr(cfg, "num_threads", DEFAULT_NUM_THREADS),
+            max_get_batch_size=getattr(cfg, "max_get_batch_size", DEFAULT_MAX_BATCH_SIZE),
+            max_set_batch_size=getattr(cfg, "max_set_batch_size", DEFAULT_MAX_BATCH_SIZE),
+        )
+
+    def __repr__(self) -> str:
+        mode = "read-only" if self._read_only else "read-write"
+        return f"RocksDBPersistentDB(path={self._path!r}, {mode}, tables={len(self._dims)})"
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    # ---------------------------------------------------------------- opening
+
+    def _open(self, num_threads: int) -> Rdict:
+        if self._read_only and not Path(self._path, "CURRENT").exists():
+            raise TierError(
+                f"persistent_db.path {self._path!r} holds no RocksDB database; a read_only "
+                "open needs an existing one (load it with a writer first)"
+            )
+        opts = _options(num_threads, create=not self._read_only)
+        access = (
+            AccessType.read_only(error_if_log_file_exist=False)
+            if self._read_only
+            else AccessType.read_write()
+        )
+        try:
+            # rocksdict opens every existing column family with these options
+            return Rdict(self._path, opts, access_type=access)
+        except Exception as exc:
+            if "lock" in str(exc).lower():
+                raise TierBusyError(
+                    f"cannot open RocksDB at {self._path!r}: {exc}; another process holds its write "
+                    "lock: open with read_only: true to share it"
+                ) from exc
+            raise TierError(f"cannot open RocksDB at {self._path!r}: {exc}") from exc
+
+    def _load_tables(self) -> None:
+        """Learn existing tables and dims: metadata first, else the first value's size."""
+        with self._translate("list tables", None):
+            families = [n for n in Rdict.list_cf(self._path) if n != _DEFAULT_CF]
+            for name in families:
+                raw = self._db.get(_DIM_PREFIX + name.encode())
+                dim = int(raw) if raw is not None else self._dim_from_first_value(name)
+                if dim is not None:
+                    self._dims[name] = dim
+
+    def _dim_from_first_value(self, name: str) -> int | None:
+        cf = self._db.get_column_family(name)
+        try:
+            for value in cf.values():
+                if len(value) % 4 == 0 and value:
+                    return len(value) // 4
+                return None
+            return None  # empty: unknown until create_table names its dim
+        finally:
+            cf.close()
+
+    # ---------------------------------------------------------------- contract
+
+    def create_table(self, table: str, dim: int) -> None:
+        check_table_name(table)
+        dim = check_dim(table, dim)
+        with self._lock:
+            self._check_open()
+            known = self._dims.get(table)
+            if known is not None:
+                if known != dim:
+                    raise ConfigError(f"table {table!r} already exists with dim {known}, not {dim}")
+                return
+            if self._read_only:
+                # checked before rocksdict is asked: its read-only create_column_family
+                # does not refuse, it half-succeeds
+                if self._has_family(table):  # an empty existing table: learn its dim
+                    self._dims[table] = dim
+                    return
+                raise TierError(
+                    f"cannot create table {table!r}: RocksDB at {self._path!r} is open "
+                    "read-only (persistent_db.read_only: true); load it with a writer first"
+                )
+            with self._translate("create table", table):
+                if not self._has_family(table):
+                    self._db.create_column_family(table, _options(1, create=True))
+                self._db.put(_DIM_PREFIX + table.encode(), str(dim).encode(), self._write_opts)
+            self._dims[table] = dim
+
+    def insert(self, table: str, keys: Keys, values: Vectors) -> None:
+        dim = self.dim(table)
+        keys = check_keys(table, keys)
+        values = check_values(table, values, keys.shape[0], dim)
+        if self._read_only:
+            raise TierError(
+                f"cannot insert into {table!r}: RocksDB at {self._path!r} is open read-only"
+            )
+        if keys.shape[0] == 0:
+            return
+        handle = self._handle(table)
+        key_list = _key_bytes(keys)
+        row_list = _row_bytes(values)
+        with self._translate("insert", table):
+            for start in range(0, len(key_list), self._max_set):
+                batch = WriteBatch(raw_mode=True)
+                batch.set_default_column_family(handle)
+                stop = start + self._max_set
+                # the binding has no batched put; this loop is its floor
+                for k, v in zip(key_list[start:stop], row_list[start:stop]):
+                    batch.put(k, v)
+                self._db.write(batch, self._write_opts)
+
+    def fetch(self, table: str, keys: Keys, out: Vectors) -> Mask:
+        dim = self.dim(table)
+        keys = check_keys(table, keys)
+        out = check_out(table, out, keys.shape[0], dim)
+        n = keys.shape[0]
+        if n == 0:
+            return np.zeros(0, np.bool_)
+        cf = self._family(table)
+        key_list = _key_bytes(keys)
+        results = np.empty(n, dtype=object)
+        with self._translate("fetch", table):
+            for start in range(0, n, self._max_get):
+                stop = start + self._max_get
+                results[start:stop] = cf.get(key_list[start:stop])
+        found: Mask = results != None  # noqa: E711 — elementwise on an object array
+        hits = results[found].tolist()
+        if hits:
+            blob = b"".join(hits)
+            if len(blob) != len(hits) * 4 * dim:
+                raise TierError(
+                    f"RocksDB table {table!r} at {self._path!r} holds values that are not "
+                    f"{dim} float32 wide ({4 * dim} bytes); the stored table and its dim disagree"
+                )
+            out[found] = np.frombuffer(blob, dtype="<f4").reshape(-1, dim)
+        return found
+
+    def count(self, table: str) -> int:
+        """Exact number of keys: a full key scan (RocksDB keeps only estimates), so this is
+        O(table size) and meant for tooling and tests, not for the request path."""
+        self.dim(table)
+        cf = self._family(table)
+        with self._translate("count", table):
+            return sum(1 for _ in cf.keys())
+
+    def table_names(self) -> list[str]:
+        self._check_open()
+        return sorted(self._dims)
+
+    def dim(self, table: str) -> int:
+        self._check_open()
+        dim = self._dims.get(table)
+        if dim is None:
+            raise unknown_table(table, self._dims)
+        return dim
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            # column-family views keep the DB alive: close them first or the lock stays held
+            cfs, self._cfs, self._handles = list(self._cfs.values()), {}, {}
+            with self._translate("close", None):
+                for cf in cfs:
+                    cf.close()
+                self._db.close()
+
+    # ---------------------------------------------------------------- helpers
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TierError(f"RocksDB at {self._path!r} is closed")
+
+    def _has_family(self, table: str) -> bool:
+        with self._translate("list tables", table):
+            return table in Rdict.list_cf(self._path)
+
+    def _family(self, table: str) -> Rdict:
+        cf = self._cfs.get(table)
+        if cf is None:
+            with self._lock, self._translate("open column family", table):
+                self._check_open()
+                cf = self._cfs.get(table)
+                if cf is None:
+                    cf = self._cfs[table] = self._db.get_column_family(table)
+        return cf
+
+    def _handle(self, table: str) -> Any:
+        handle = self._handles.get(table)
+        if handle is None:
+            with self._lock, self._translate("open column family", table):
+                self._check_open()
+                handle = self._handles[table] = self._db.get_column_family_handle(table)
+        return handle
+
+    @contextmanager
+    def _translate(self, action: str, table: str | None) -> Iterator[None]:
+        """rocksdict's bare exceptions → TierError naming what failed where."""
+        try:
+            yield
+        except HPSError:
+            raise
+        except Exception as exc:
+            where = f" on table {table!r}" if table else ""
+            raise TierError(f"RocksDB {action}{where} at {self._path!r} failed: {exc}") from exc

@@ -1,0 +1,250 @@
+"""HugeCTR sparse model folders: ``key`` + ``emb_vector``.
+
+A HugeCTR sparse model (``sparse_files[i]`` in the HPS JSON) is a folder holding two raw
+little-endian files with no header (HugeCTR ``src/hps/modelloader.cpp``, ``RawModelLoader``):
+
+- ``key``:        n × int64, the row keys (HugeCTR writes int64 even for 32-bit key models
+  and narrows to uint32 when it loads them);
+- ``emb_vector``: n × dim × float32, the rows in key order, row-major.
+
+The width ``dim`` is not stored; it comes from ``embedding_vecsize_per_table`` (or is
+inferred as ``size(emb_vector) / 4 / n``). Other files HugeCTR may leave there (``meta``,
+``slot_id``) are ignored.
+
+Reads memory-map the files, so opening a terabyte table costs nothing until rows are touched;
+:func:`iter_sparse_model_chunks` streams a table in bounded pieces. Writes go to temporary
+names in the same folder and are renamed into place (``emb_vector`` first, then ``key``), so a
+reader sees either the old or the new file, never a partial one.
+
+Duplicate keys: HugeCTR does not check; when it inserts a table into its tiers the last
+occurrence wins. Reading follows HugeCTR (no check, which would cost a sort of the whole
+table; pass ``check_unique=True`` to ask for it). Writing refuses duplicates, so every folder
+this project produces has unique keys.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from hps_core.errors import FormatError
+
+__all__ = [
+    "EMB_VECTOR_FILE",
+    "KEY_FILE",
+    "SparseTable",
+    "iter_sparse_model_chunks",
+    "read_sparse_model",
+    "sparse_model_rows",
+    "write_sparse_model",
+]
+
+KEY_FILE = "key"
+EMB_VECTOR_FILE = "emb_vector"
+KEY_DTYPE = np.dtype("<i8")
+VECTOR_DTYPE = np.dtype("<f4")
+
+
+@dataclass(frozen=True, eq=False)
+class SparseTable:
+    """An embedding table in host memory (possibly memory-mapped, then read-only).
+
+    keys:    (n,) int64, host
+    vectors: (n, dim) float32, host, C-contiguous; row i belongs to keys[i]
+    """
+
+    keys: npt.NDArray[np.int64]
+    vectors: npt.NDArray[np.float32]
+
+    def __post_init__(self) -> None:
+        if self.keys.ndim != 1 or self.keys.dtype != np.int64:
+            raise FormatError(f"SparseTable.keys must be 1-D int64, got {self.keys.dtype} "
+                              f"with shape {self.keys.shape}")
+        if self.vectors.ndim != 2 or self.vectors.dtype != np.float32:
+            raise FormatError(f"SparseTable.vectors must be 2-D float32, got "
+                              f"{self.vectors.dtype} with shape {self.vectors.shape}")
+        if self.vectors.shape[0] != self.keys.shape[0]:
+            raise FormatError(f"SparseTable has {self.keys.shape[0]} keys but "
+                              f"{self.vectors.shape[0]} vectors")
+
+    @property
+    def dim(self) -> int:
+        """Floats per row."""
+        return int(self.vectors.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.keys.shape[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Validation shared with hps_core.formats.tables.
+# --------------------------------------------------------------------------------------------
+def as_keys(keys: Any, what: str) -> npt.NDArray[np.int64]:
+    """``keys`` as a 1-D int64 array (memory maps kept); FormatError naming ``what`` otherwise."""
+    arr = np.asanyarray(keys)
+    if arr.ndim != 1:
+        raise FormatError(f"{what}: keys must be 1-D, got shape {arr.shape}")
+    if arr.dtype == np.int64:
+        return arr
+    if arr.dtype.kind not in "iu":
+        if arr.size == 0:
+            return np.empty(0, dtype=np.int64)
+        raise FormatError(f"{what}: keys must be integers, got dtype {arr.dtype}")
+    if arr.dtype == np.uint64 and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+        raise FormatError(f"{what}: key {int(arr.max())} does not fit int64 (HugeCTR keys "
+                          "are signed 64-bit)")
+    return arr.astype(np.int64)
+
+
+def as_vectors(vectors: Any, n: int, what: str) -> npt.NDArray[np.float32]:
+    """``vectors`` as a C-contiguous (n, dim) float32 array (memory maps kept when no
+    conversion is needed); FormatError otherwise."""
+    arr = np.asanyarray(vectors)
+    if arr.ndim != 2:
+        raise FormatError(f"{what}: vectors must be 2-D (rows, dim), got shape {arr.shape}")
+    if arr.dtype.kind != "f":
+        raise FormatError(f"{what}: vectors must be floating point, got dtype {arr.dtype}")
+    if arr.shape[0] != n:
+        raise FormatError(f"{what}: {n} keys but {arr.shape[0]} vector rows; give one row "
+                          "per key")
+    if arr.shape[1] < 1:
+        raise FormatError(f"{what}: vectors have width 0; the embedding dim must be >= 1")
+    return np.require(arr, dtype=np.float32, requirements="C")
+
+
+def check_dim(dim: int | None, what: str) -> None:
+    """FormatError unless ``dim`` is None or a positive int."""
+    if dim is not None and (isinstance(dim, bool) or not isinstance(dim, (int, np.integer))
+                            or dim < 1):
+        raise FormatError(f"{what}: dim must be a positive integer, got {dim!r}")
+
+
+def check_unique_keys(keys: npt.NDArray[np.int64], what: str) -> None:
+    """FormatError naming a repeated key, if any (sorts a copy: O(n log n))."""
+    if keys.size < 2:
+        return
+    ordered = np.sort(keys)
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+    if repeated.size:
+        raise FormatError(f"{what}: {repeated.size} duplicate key(s), e.g. {int(repeated[0])}; "
+                          "each key may appear once")
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(tmp_path)`` then rename the temporary file onto ``path``."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------
+# HugeCTR folders.
+# --------------------------------------------------------------------------------------------
+def _files(folder: str | os.PathLike[str]) -> tuple[Path, Path]:
+    root = Path(folder)
+    if not root.is_dir():
+        problem = "is not a folder" if root.exists() else "does not exist"
+        raise FormatError(f"sparse model {root} {problem}; a HugeCTR sparse model is a folder "
+                          f"with files '{KEY_FILE}' and '{EMB_VECTOR_FILE}' (check sparse_files "
+                          "in the HPS JSON)")
+    key_file, vec_file = root / KEY_FILE, root / EMB_VECTOR_FILE
+    for path in (key_file, vec_file):
+        if not path.is_file():
+            raise FormatError(f"sparse model {root}: file '{path.name}' is missing; a HugeCTR "
+                              f"sparse model folder holds '{KEY_FILE}' (int64) and "
+                              f"'{EMB_VECTOR_FILE}' (float32)")
+    return key_file, vec_file
+
+
+def sparse_model_rows(folder: str | os.PathLike[str], dim: int | None = None
+                      ) -> tuple[int, int]:
+    """``(rows, dim)`` of a sparse model folder, from file sizes alone; checks consistency."""
+    check_dim(dim, f"sparse model {folder}")
+    key_file, vec_file = _files(folder)
+    key_bytes, vec_bytes = key_file.stat().st_size, vec_file.stat().st_size
+    if key_bytes % KEY_DTYPE.itemsize:
+        raise FormatError(f"{key_file}: size {key_bytes} bytes is not a multiple of 8; the key "
+                          "file holds int64 keys (truncated or not a HugeCTR key file)")
+    n = key_bytes // KEY_DTYPE.itemsize
+    if vec_bytes % VECTOR_DTYPE.itemsize:
+        raise FormatError(f"{vec_file}: size {vec_bytes} bytes is not a multiple of 4; the file "
+                          "holds float32 values (truncated?)")
+    floats = vec_bytes // VECTOR_DTYPE.itemsize
+    if dim is None:
+        if n == 0:
+            if floats:
+                raise FormatError(f"{vec_file}: {floats} floats but '{KEY_FILE}' is empty")
+            raise FormatError(f"sparse model {folder} is empty, so its dim cannot be inferred; "
+                              "pass dim (embedding_vecsize_per_table)")
+        if floats % n or floats == 0:
+            raise FormatError(f"{vec_file}: {floats} floats is not a whole number of rows for "
+                              f"{n} keys (size {vec_bytes} bytes); the file is truncated or "
+                              "does not belong to this key file")
+        return n, floats // n
+    if floats != n * dim:
+        inferred = f" (it holds {floats / n:g} floats per key)" if n else ""
+        raise FormatError(f"{vec_file}: size {vec_bytes} bytes, expected {n * dim * 4} bytes = "
+                          f"{n} keys x dim {dim} x 4{inferred}; check "
+                          "embedding_vecsize_per_table for this table, or the file is truncated")
+    return n, int(dim)
+
+
+def read_sparse_model(folder: str | os.PathLike[str], dim: int | None = None, *,
+                      check_unique: bool = False) -> SparseTable:
+    """Memory-map a HugeCTR sparse model folder (read-only arrays).
+
+    ``dim`` None infers the width from the file sizes; given, the sizes must match exactly.
+    ``check_unique`` additionally rejects repeated keys (costs a sort of the keys).
+    """
+    n, width = sparse_model_rows(folder, dim)
+    key_file, vec_file = _files(folder)
+    if n == 0:
+        keys = np.empty(0, dtype=np.int64)
+        vectors = np.empty((0, width), dtype=np.float32)
+    else:
+        keys = np.memmap(key_file, dtype=KEY_DTYPE, mode="r", shape=(n,))
+        vectors = np.memmap(vec_file, dtype=VECTOR_DTYPE, mode="r", shape=(n, width))
+    if check_unique:
+        check_unique_keys(keys, f"sparse model {folder}")
+    return SparseTable(keys=keys, vectors=vectors)
+
+
+def iter_sparse_model_chunks(folder: str | os.PathLike[str], dim: int | None,
+                             chunk_rows: int) -> Iterator[SparseTable]:
+    """Yield consecutive row ranges of at most ``chunk_rows`` rows (memory-mapped views)."""
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, (int, np.integer)) \
+            or chunk_rows < 1:
+        raise FormatError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+    table = read_sparse_model(folder, dim)
+    for start in range(0, len(table), int(chunk_rows)):
+        stop = start + int(chunk_rows)
+        yield SparseTable(keys=table.keys[start:stop], vectors=table.vectors[start:stop])
+
+
+def write_sparse_model(folder: str | os.PathLike[str], keys: Any, vectors: Any) -> None:
+    """Write ``keys`` (n,) and ``vectors`` (n, dim) as a HugeCTR sparse model folder.
+
+    Creates the folder if needed. Keys must be unique integers that fit int64; vectors are
+    stored as float32. Each file is replaced atomically.
+    """
+    root = Path(folder)
+    what = f"sparse model {root}"
+    key_arr = as_keys(keys, what)
+    vec_arr = as_vectors(vectors, key_arr.shape[0], what)
+    check_unique_keys(key_arr, what)
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write(root / EMB_VECTOR_FILE, lambda tmp: vec_arr.astype(VECTOR_DTYPE,
+                                                                     copy=False).tofile(tmp))
+    atomic_write(root / KEY_FILE, lambda tmp: key_arr.astype(KEY_DTYPE, copy=False).tofile(tmp))

@@ -1,0 +1,585 @@
+"""Launch and supervise a real Triton Inference Server binary serving HPS models.
+
+No Triton Python package is imported here: the server is the ``tritonserver`` binary from the
+bundle that ``scripts/setup.sh`` extracts into ``.venv/triton`` (from the nvidia-pytriton
+0.7.0 wheel, Triton 2.51), or any Triton install named by ``HPS_TRITON_HOME`` (for example
+``/opt/tritonserver`` in NVIDIA's container).
+
+What this module arranges so that Python-based backends work:
+
+* a staging backend directory: ``python/`` (``libtriton_python.so``,
+  ``triton_python_backend_utils.py`` and the stub built for *this* Python version) and one
+  folder per Python-based backend (``hps/model.py``, ``dlrm/model.py``, found in the installed
+  ``backend`` package); a model selects one with ``backend: "hps"`` in its config.pbtxt;
+* ``LD_LIBRARY_PATH`` with the bundle's libraries (the stub's RPATH is relative and breaks
+  once copied: the model load then hangs instead of failing) and the interpreter's LIBDIR
+  (so the stub embeds the same libpython as the venv);
+* ``PATH`` with this interpreter's ``bin/`` first: the stub runs ``python3`` from PATH, which
+  is how the models see the venv's packages;
+* on a machine without GPU, a staged copy of the model repository whose ``KIND_GPU`` instance
+  groups are rewritten to ``KIND_CPU`` (Triton otherwise fails those models).
+
+Use :class:`TritonServer` as a context manager; ``hps serve`` wraps it for the command line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from hps_core.errors import HPSError
+
+__all__ = [
+    "ServingError",
+    "TritonBundle",
+    "TritonServer",
+    "find_bundle",
+    "find_python_backends",
+    "backend_config_environment",
+    "free_port",
+    "gpu_count",
+    "rewrite_instance_groups_to_cpu",
+    "server_environment",
+    "stage_backend_directory",
+    "stage_model_repository",
+]
+
+log = logging.getLogger(__name__)
+
+#: Environment variable naming a Triton install to use instead of ``.venv/triton``.
+TRITON_HOME_ENV = "HPS_TRITON_HOME"
+#: Triton's CUDA memory pool per GPU. Its 64 MB default is too small for large lookups
+#: (PLATFORM.md: the stub died on a 32 MB output with 2 concurrent requests).
+DEFAULT_CUDA_POOL_BYTES = 512 * 1024 * 1024
+_SHM_DIR = Path("/dev/shm")
+
+
+class ServingError(HPSError, RuntimeError):
+    """The Triton server could not be found, staged, started or stopped."""
+
+
+# --------------------------------------------------------------------------- discovery
+@dataclass(frozen=True)
+class TritonBundle:
+    """Paths of one Triton install: the server, the Python backend and its libraries."""
+
+    home: Path
+    server: Path
+    python_backend: Path  # folder holding libtriton_python.so and triton_python_backend_utils.py
+    stub: Path  # triton_python_backend_stub built for the running Python version
+    lib_dirs: tuple[Path, ...]
+
+
+def _default_homes() -> list[Path]:
+    """Candidate Triton homes, most specific first."""
+    if env := os.environ.get(TRITON_HOME_ENV):
+        return [Path(env)]
+    return [
+        Path(sys.prefix) / "triton",  # .venv/triton, built by scripts/setup.sh
+        Path(__file__).resolve().parent.parent / ".venv" / "triton",  # another venv, same checkout
+        Path("/opt/tritonserver"),  # NVIDIA's container
+    ]
+
+
+def _find_stub(home: Path, python_backend: Path) -> Path | None:
+    """The stub for this Python: pytriton ships one per version, the container one beside the backend."""
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    for candidate in (
+        home / "python_backend_stubs" / version / "triton_python_backend_stub",
+        python_backend / "triton_python_backend_stub",
+    ):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _bundle_at(home: Path) -> TritonBundle | None:
+    """Describe the Triton install at ``home``, or None when it is incomplete."""
+    server = home / "bin" / "tritonserver"
+    python_backend = home / "backends" / "python"
+    if not (server.is_file() and (python_backend / "libtriton_python.so").is_file()):
+        return None
+    stub = _find_stub(home, python_backend)
+    if stub is None:
+        return None
+    # .venv/triton/lib (setup.sh), or an installed wheel's site-packages/nvidia_pytriton.libs.
+    libs = [d for d in (home / "lib", home.parent.parent / "nvidia_pytriton.libs") if d.is_dir()]
+    return TritonBundle(home, server, python_backend, stub, tuple(libs))
+
+
+def find_bundle(home: str | Path | None = None) -> TritonBundle:
+    """Locate the Triton install: ``home``, else ``$HPS_TRITON_HOME``, else ``.venv/triton``."""
+    homes = [Path(home)] if home is not None else _default_homes()
+    for candidate in homes:
+        if bundle := _bundle_at(candidate):
+            return bundle
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    raise ServingError(
+        f"no Triton server found in {', '.join(str(h) for h in homes)} (need bin/tritonserver, "
+        f"backends/python/libtriton_python.so and a Python {version} backend stub); "
+        f"run scripts/setup.sh or set {TRITON_HOME_ENV}"
+    )
+
+
+def find_python_backends() -> dict[str, Path]:
+    """Python-based backends of the installed ``backend`` package: ``{name: .../<name>/model.py}``."""
+    spec = importlib.util.find_spec("backend")
+    if spec is None or not spec.submodule_search_locations:
+        log.debug("no 'backend' package installed: only the plain python backend is staged")
+        return {}
+    found: dict[str, Path] = {}
+    for location in spec.submodule_search_locations:
+        for model_py in sorted(Path(location).glob("*/model.py")):
+            found.setdefault(model_py.parent.name, model_py.resolve())
+    return found
+
+
+def gpu_count() -> int:
+    """Number of NVIDIA GPUs usable here (0 when nvidia-smi is missing or fails)."""
+    if os.environ.get("HPS_FORCE_CPU") == "1":
+        return 0
+    nvidia_smi = shutil.which("nvidia-smi")
+    if nvidia_smi is None:
+        # Containers sometimes expose the device without the tool.
+        return len(list(Path("/dev").glob("nvidia[0-9]*")))
+    try:
+        out = subprocess.run([nvidia_smi, "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    if out.returncode != 0:
+        return 0
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free right now (the OS picks it; another process may race for it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+# --------------------------------------------------------------------------- staging
+def _link(target: Path, link: Path) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target.resolve())
+
+
+def stage_backend_directory(
+    bundle: TritonBundle, dest: Path, python_backends: Mapping[str, Path]
+) -> Path:
+    """Build ``dest`` as Triton's ``--backend-directory``; returns ``dest``.
+
+    ``python_backends`` maps a backend name to its ``model.py``. The stub is placed beside
+    ``libtriton_python.so`` because that is where the Python backend looks for it.
+    """
+    python_dir = dest / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    # A copy, not a symlink: for a Python-based backend, Triton resolves the library's real
+    # path and refuses one outside the backend folder ("... escapes backend directory").
+    shutil.copy2(bundle.python_backend / "libtriton_python.so", python_dir / "libtriton_python.so")
+    _link(bundle.python_backend / "triton_python_backend_utils.py", python_dir / "triton_python_backend_utils.py")
+    _link(bundle.stub, python_dir / "triton_python_backend_stub")
+    for name, model_py in python_backends.items():
+        if name == "python":
+            raise ServingError(f"a Python-based backend may not be named 'python' ({model_py})")
+        _link(Path(model_py), dest / name / "model.py")
+    return dest
+
+
+SOURCE_MARKER = ".hps_source"  # in a staged model folder: the original folder's path
+_KIND_GPU = re.compile(r"\bkind\s*:\s*KIND_GPU\b")
+# `gpus: [0, 1]` with an optional trailing comma (both separators are legal in pbtxt).
+_GPUS = re.compile(r"\bgpus\s*:\s*\[[^\]]*\]\s*,?")
+
+
+def rewrite_instance_groups_to_cpu(config_text: str) -> tuple[str, bool]:
+    """Turn ``kind: KIND_GPU`` instance groups into ``KIND_CPU`` and drop their ``gpus`` lists.
+
+    Returns the new text and whether anything changed.
+    """
+    if not _KIND_GPU.search(config_text):
+        return config_text, False
+    text = _KIND_GPU.sub("kind: KIND_CPU", config_text)
+    return _GPUS.sub("", text), True
+
+
+def stage_model_repository(repository: Path, dest: Path) -> tuple[Path, list[str]]:
+    """Return a repository Triton can serve without GPU, and the models that were rewritten.
+
+    When no config asks for KIND_GPU the original repository is returned untouched. Otherwise
+    ``dest`` mirrors it: model folders are real folders holding a rewritten copy of
+    config.pbtxt, everything else is a symlink, so relative paths (``../hps.json``, version
+    folders, weights) resolve as they do in the original.
+    """
+    rewrites: dict[Path, str] = {}
+    for config in sorted(repository.glob("*/config.pbtxt")):
+        text, changed = rewrite_instance_groups_to_cpu(config.read_text())
+        if changed:
+            rewrites[config] = text
+    if not rewrites:
+        return repository, []
+    dest.mkdir(parents=True, exist_ok=True)
+    for entry in sorted(repository.iterdir()):
+        if entry.is_dir() and (entry / "config.pbtxt").is_file():
+            _mirror_model_dir(entry, dest / entry.name, rewrites.get(entry / "config.pbtxt"))
+        else:
+            _link(entry, dest / entry.name)
+    return dest, sorted(config.parent.name for config in rewrites)
+
+
+def _mirror_model_dir(model_dir: Path, dest: Path, config_text: str | None) -> None:
+    dest.mkdir(parents=True)
+    # Paths that leave the repository (``../../data``) would resolve from the staged copy;
+    # the backends read this marker and resolve them from the original folder instead.
+    (dest / SOURCE_MARKER).write_text(f"{model_dir.resolve()}\n")
+    for entry in model_dir.iterdir():
+        if entry.name == "config.pbtxt":
+            (dest / entry.name).write_text(config_text if config_text is not None else entry.read_text())
+        else:
+            _link(entry, dest / entry.name)
+
+
+def server_environment(bundle: TritonBundle, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for ``tritonserver`` so the Python stub finds its libraries and the venv."""
+    env = dict(os.environ if base is None else base)
+    libdir = sysconfig.get_config_var("LIBDIR")
+    lib_dirs = [str(d) for d in bundle.lib_dirs] + ([libdir] if libdir else [])
+    env["LD_LIBRARY_PATH"] = _prepend_paths(lib_dirs, env.get("LD_LIBRARY_PATH"))
+    # Not resolved: in a venv, bin/python is a symlink and only its folder has pyvenv.cfg.
+    env["PATH"] = _prepend_paths([str(Path(sys.executable).parent)], env.get("PATH"))
+    return env
+
+
+def backend_config_environment(entries: Iterable[str]) -> dict[str, str]:
+    """``<backend>,<key>=<value>`` entries as ``<BACKEND>_BACKEND_CONFIG_<KEY>`` variables.
+
+    Triton hands ``--backend-config`` only to C++ backends; a Python-based backend's model
+    never sees it. The server's environment is inherited by the Python stubs, so this is how
+    ``backend/hps/model.py`` reads HugeCTR's ``--backend-config=hps,ps=PATH`` (as
+    ``HPS_BACKEND_CONFIG_PS``). A value naming an existing relative path is made absolute.
+    """
+    env: dict[str, str] = {}
+    for entry in entries:
+        backend, sep, setting = entry.partition(",")
+        key, eq, value = setting.partition("=")
+        if not (sep and eq and backend and key):
+            raise ServingError(f"backend config {entry!r}: expected BACKEND,KEY=VALUE (e.g. hps,ps=/path/hps.json)")
+        if value and not os.path.isabs(value) and os.path.exists(value):
+            value = os.path.abspath(value)
+        env[_env_name(f"{backend}_BACKEND_CONFIG_{key}")] = value
+    return env
+
+
+def _env_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]", "_", text).upper()
+
+
+def _prepend_paths(first: Iterable[str], rest: str | None) -> str:
+    parts = list(dict.fromkeys([*first, *(rest.split(os.pathsep) if rest else [])]))
+    return os.pathsep.join(p for p in parts if p)
+
+
+# --------------------------------------------------------------------------- the server
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Ask Linux to SIGTERM the server when its parent dies, so a crashed test leaves none."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class TritonServer:
+    """A ``tritonserver`` process serving one model repository.
+
+    Ports given as 0 are picked free at :meth:`start`. ``backend_config`` entries are
+    Triton's ``<backend>,<key>=<value>`` strings (``"hps,ps=/path/hps.json"``).
+    ``python_backends`` overrides the Python-based backends to stage (default: every
+    ``backend/<name>/model.py`` of the installed ``backend`` package). ``gpu=None`` detects.
+    ``exit_timeout`` is Triton's ``--exit-timeout-secs``; ``stop_timeout`` how long
+    :meth:`stop` waits after SIGTERM before SIGKILL (default ``exit_timeout + 15``).
+    """
+
+    def __init__(
+        self,
+        model_repository: str | Path,
+        *,
+        http_port: int = 8000,
+        grpc_port: int = 8001,
+        metrics_port: int = 8002,
+        host: str = "127.0.0.1",
+        backend_config: Sequence[str] = (),
+        extra_args: Sequence[str] = (),
+        log_file: str | Path | None = None,
+        log_verbose: int = 0,
+        python_backends: Mapping[str, Path] | None = None,
+        gpu: bool | None = None,
+        cuda_memory_pool_byte_size: int = DEFAULT_CUDA_POOL_BYTES,
+        triton_home: str | Path | None = None,
+        startup_timeout: float = 120.0,
+        exit_timeout: int = 10,
+        stop_timeout: float | None = None,
+        die_with_parent: bool = True,
+    ) -> None:
+        self.model_repository = Path(model_repository).absolute()
+        self.ports = {"http": http_port, "grpc": grpc_port, "metrics": metrics_port}
+        self.host = host
+        self.backend_config = list(backend_config)
+        self.extra_args = list(extra_args)
+        self.log_file = Path(log_file).absolute() if log_file is not None else None
+        self.log_verbose = log_verbose
+        self.python_backends = python_backends
+        self.gpu = gpu
+        self.cuda_memory_pool_byte_size = cuda_memory_pool_byte_size
+        self.triton_home = triton_home
+        self.startup_timeout = startup_timeout
+        # Triton's graceful exit waits this long for in-flight requests *and* for open HTTP
+        # connections: an idle keep-alive client holds it for the whole period, after which
+        # it exits with code 1. Triton's own default is 30 s.
+        self.exit_timeout = exit_timeout
+        self.stop_timeout = stop_timeout if stop_timeout is not None else exit_timeout + 15.0
+        # PR_SET_PDEATHSIG fires when the *thread* that started the server exits: turn it off
+        # when starting from a short-lived thread.
+        self.die_with_parent = die_with_parent
+        self.process: subprocess.Popen[bytes] | None = None
+        self.staging: Path | None = None
+        self.served_repository: Path | None = None
+        self.cpu_rewritten_models: list[str] = []
+        self._shm_prefix = f"hps_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
+
+    # ---- addresses
+    @property
+    def _client_host(self) -> str:
+        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+
+    @property
+    def urls(self) -> dict[str, str]:
+        """``host:port`` of the HTTP, gRPC and metrics endpoints (what tritonclient takes)."""
+        return {kind: f"{self._client_host}:{port}" for kind, port in self.ports.items()}
+
+    @property
+    def http_url(self) -> str:
+        return self.urls["http"]
+
+    @property
+    def grpc_url(self) -> str:
+        return self.urls["grpc"]
+
+    @property
+    def metrics_url(self) -> str:
+        """Full URL of the Prometheus endpoint."""
+        return f"http://{self.urls['metrics']}/metrics"
+
+    @property
+    def log_path(self) -> Path | None:
+        """Where the server's output goes (the staging folder unless ``log_file`` was given)."""
+        if self.log_file is not None:
+            return self.log_file
+        return self.staging / "tritonserver.log" if self.staging else None
+
+    # ---- lifecycle
+    def __enter__(self) -> TritonServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def start(self) -> TritonServer:
+        """Stage, launch, and wait until ``/v2/health/ready`` answers 200."""
+        if self.process is not None:
+            raise ServingError("server already started")
+        if not self.model_repository.is_dir():
+            raise ServingError(f"model repository {self.model_repository} does not exist or is not a folder")
+        bundle = find_bundle(self.triton_home)
+        self.staging = Path(tempfile.mkdtemp(prefix="hps-triton-"))
+        try:
+            command = self._prepare(bundle)
+            env = server_environment(bundle)
+            env.update(backend_config_environment(self.backend_config))
+            self._launch(command, env)
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _prepare(self, bundle: TritonBundle) -> list[str]:
+        """Stage the backend folder and (without GPU) the repository; build the command line."""
+        assert self.staging is not None
+        gpus = gpu_count() if self.gpu is None else (1 if self.gpu else 0)
+        self.gpu = gpus > 0
+        backends = find_python_backends() if self.python_backends is None else dict(self.python_backends)
+        backend_dir = stage_backend_directory(bundle, self.staging / "backends", backends)
+        repository = self.model_repository
+        if not self.gpu:
+            repository, self.cpu_rewritten_models = stage_model_repository(
+                self.model_repository, self.staging / "model_repository"
+            )
+            if self.cpu_rewritten_models:
+                log.warning(
+                    "no GPU here: serving %s with instance_group KIND_CPU instead of KIND_GPU",
+                    ", ".join(self.cpu_rewritten_models),
+                )
+        self.served_repository = repository
+        for kind, port in self.ports.items():
+            self.ports[kind] = port or free_port(self._client_host)
+        return self._command(bundle, backend_dir, repository, gpus)
+
+    def _command(self, bundle: TritonBundle, backend_dir: Path, repository: Path, gpus: int) -> list[str]:
+        cmd = [
+            str(bundle.server),
+            f"--model-repository={repository}",
+            f"--backend-directory={backend_dir}",
+            f"--http-address={self.host}",
+            f"--http-port={self.ports['http']}",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.ports['grpc']}",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={self.ports['metrics']}",
+            f"--log-verbose={self.log_verbose}",
+            f"--exit-timeout-secs={self.exit_timeout}",
+            # A known prefix lets stop() remove exactly this server's /dev/shm regions.
+            f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
+        ]
+        if gpus:
+            cmd += [f"--cuda-memory-pool-byte-size={i}:{self.cuda_memory_pool_byte_size}" for i in range(gpus)]
+        else:
+            # Without GPU, skip DCGM probing and the pinned host pool (needs a CUDA driver).
+            cmd += ["--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0"]
+        cmd += [f"--backend-config={entry}" for entry in self.backend_config]
+        return cmd + self.extra_args
+
+    def _launch(self, command: list[str], env: dict[str, str]) -> None:
+        log_path = self.log_path
+        assert log_path is not None
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log.info("starting %s", " ".join(command))
+        with open(log_path, "ab") as log_handle:  # the child keeps its own descriptor
+            self.process = subprocess.Popen(
+                command,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_handle,
+                stderr=subprocess.STDOUT,
+                # Own process group: a Ctrl-C at the terminal reaches us, and we stop it in order.
+                start_new_session=True,
+                preexec_fn=_die_with_parent if self.die_with_parent else None,
+            )
+
+    def _wait_ready(self) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + self.startup_timeout
+        url = f"http://{self.urls['http']}/v2/health/ready"
+        while time.monotonic() < deadline:
+            if (code := self.process.poll()) is not None:
+                raise ServingError(
+                    f"tritonserver exited with code {code} before it was ready{self._log_errors()}\n"
+                    f"--- last lines of {self.log_path}:\n{self.log_tail()}"
+                )
+            if _http_ok(url):
+                log.info("Triton ready: %s", self.urls)
+                return
+            time.sleep(0.1)
+        raise ServingError(f"tritonserver not ready after {self.startup_timeout:.0f} s:\n{self.log_tail()}")
+
+    def is_running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def is_ready(self) -> bool:
+        return self.is_running() and _http_ok(f"http://{self.urls['http']}/v2/health/ready")
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last ``lines`` lines of the server's output (for error messages)."""
+        path = self.log_path
+        if path is None or not path.is_file():
+            return "(no log)"
+        text = path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    def _log_errors(self, limit: int = 20) -> str:
+        """Triton's error lines and unavailable models, which the tail may have scrolled past."""
+        path = self.log_path
+        if path is None or not path.is_file():
+            return ""
+        found = [
+            line.strip(" |")
+            for line in path.read_text(errors="replace").splitlines()
+            if "UNAVAILABLE:" in line or re.match(r"E\d{4} ", line)
+        ]
+        return (":\n" + "\n".join(found[:limit])) if found else ""
+
+    def stop(self) -> int | None:
+        """SIGTERM, wait up to ``stop_timeout``, then SIGKILL; clean staging and /dev/shm.
+
+        Returns the server's exit code (None if it was never started).
+        """
+        code = None
+        if self.process is not None:
+            code = _terminate(self.process, self.stop_timeout)
+            log.info("tritonserver exited with code %s", code)
+        self._remove_shm_regions()
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+        self.process = None
+        self.staging = None
+        return code
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Block until the server exits by itself; returns its exit code."""
+        if self.process is None:
+            raise ServingError("server not started")
+        return self.process.wait(timeout)
+
+    def _remove_shm_regions(self) -> None:
+        # A killed server (or stub) leaves its 1 MiB-per-instance regions behind.
+        for region in _SHM_DIR.glob(f"{self._shm_prefix}*"):
+            with contextlib.suppress(OSError):
+                region.unlink()
+
+
+def _terminate(process: subprocess.Popen[bytes], timeout: float) -> int:
+    if process.poll() is not None:
+        return process.returncode
+    process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        log.warning("tritonserver ignored SIGTERM for %.0f s: killing it", timeout)
+        # Kill the whole group: the Python stubs are its children.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        return process.wait()
+
+
+# No proxies: an http_proxy in the environment must not intercept a loopback health check.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with _OPENER.open(url, timeout=1.0) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return False

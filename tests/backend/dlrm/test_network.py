@@ -1,0 +1,289 @@
+"""DenseDLRM shapes and save/load; the dlrm backend's request plumbing (no Triton needed)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from backend.dlrm.io import split_batch, to_torch
+from backend.tensors import numpy_from_tensor
+from backend.dlrm.network import DLRM, DenseDLRM, load_dense, predict, save_dense
+from hps_core.errors import RequestError
+
+
+def _inputs(b: int, n_tables: int = 26, dim: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, 13, generator=g), torch.randn(b, n_tables, dim, generator=g)
+
+
+def test_forward_shapes_and_range():
+    net = DenseDLRM(dim=16).eval()
+    dense, emb = _inputs(7)
+    prob = net(dense, emb)
+    assert prob.shape == (7,) and prob.dtype == torch.float32
+    assert ((prob > 0) & (prob < 1)).all()
+    assert net.logits(dense, emb).shape == (7,)
+
+
+def test_interaction_size():
+    net = DenseDLRM(n_tables=3, dim=4, bottom=(8,), top=(5,))
+    # bottom output (4) + 4*3/2 pairwise dots among 4 vectors = 10 inputs to the top MLP
+    assert net.top[0][0].in_features == 4 + 6
+
+
+def test_interaction_is_the_dot_products():
+    net = DenseDLRM(n_tables=2, dim=3, bottom=(4,), top=()).eval()
+    dense, emb = _inputs(5, n_tables=2, dim=3)
+    x = net.bottom(dense)
+    vectors = [x, emb[:, 0], emb[:, 1]]
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    z = torch.stack([(vectors[a] * vectors[b]).sum(1) for a, b in pairs], dim=1)
+    expected = net.top(torch.cat([x, z], dim=1)).squeeze(1)
+    torch.testing.assert_close(net.logits(dense, emb), expected)
+
+
+def test_save_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    net = DenseDLRM(n_tables=5, dim=8, bottom=(32, 16), top=(24,)).eval()
+    path = save_dense(net, tmp_path / "sub" / "dense.pt")
+    meta = json.loads((tmp_path / "sub" / "dense.json").read_text())
+    assert meta == {
+        "format": "hps-demo-dlrm-dense/1", "n_dense": 13, "n_tables": 5, "dim": 8,
+        "bottom": [32, 16], "top": [24],
+    }
+    loaded = load_dense(path)
+    assert not loaded.training
+    dense, emb = _inputs(33, n_tables=5, dim=8)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(dense, emb), net(dense, emb), rtol=0, atol=1e-6)
+
+
+def test_save_full_model_saves_dense_part(tmp_path):
+    model = DLRM((10, 20), dim=4)
+    save_dense(model, tmp_path / "dense.pt")
+    assert load_dense(tmp_path / "dense.pt").n_tables == 2
+
+
+def test_load_needs_json(tmp_path):
+    path = save_dense(DenseDLRM(n_tables=2, dim=4), tmp_path / "dense.pt")
+    path.with_suffix(".json").unlink()
+    with pytest.raises(FileNotFoundError, match="dense.json"):
+        load_dense(path)
+
+
+def test_dlrm_lookup_offsets_and_seen():
+    model = DLRM((3, 5), dim=4)
+    rows = torch.tensor([[2, 4], [0, 0]])
+    emb = model.lookup(rows)
+    w = model.embedding.weight
+    torch.testing.assert_close(emb[0, 1], w[3 + 4])
+    torch.testing.assert_close(emb[1, 0], w[0])
+    assert model.seen.nonzero().ravel().tolist() == [0, 2, 3, 7]
+    weights, seen = model.table(1)
+    assert weights.shape == (5, 4) and seen.tolist() == [True, False, False, False, True]
+
+
+def test_predict_casts_and_does_not_track_grad():
+    net = DenseDLRM(n_tables=2, dim=4).eval()
+    dense, emb = _inputs(3, n_tables=2, dim=4)
+    out = predict(net, dense.double(), emb)
+    assert out.dtype == torch.float32 and not out.requires_grad
+
+
+# --- request plumbing -------------------------------------------------------------------
+
+
+def _wire(dense: torch.Tensor, emb: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """What a client / HPS sends: DENSE [1, B*13] and EMBEDDINGS table-major [1, T*B*d]."""
+    return (
+        dense.numpy().reshape(1, -1),
+        emb.permute(1, 0, 2).contiguous().numpy().reshape(1, -1),
+    )
+
+
+def test_split_batch_inverts_hps_table_major_order():
+    dense, emb = _inputs(4, n_tables=3, dim=2)
+    wire_dense, wire_emb = _wire(dense, emb)
+    batch = split_batch(
+        torch.from_numpy(wire_dense), torch.from_numpy(wire_emb), n_dense=13, n_tables=3, dim=2
+    )
+    assert batch.out_shape == (1, 4)
+    torch.testing.assert_close(batch.dense, dense)
+    torch.testing.assert_close(batch.emb, emb)
+    # As the brief states it: emb.reshape(T, B, d).transpose(1, 0, 2).
+    np.testing.assert_array_equal(
+        batch.emb.numpy(), wire_emb.reshape(3, 4, 2).transpose(1, 0, 2)
+    )
+
+
+def test_split_batch_several_rows_and_1d():
+    d0, e0 = _inputs(2, n_tables=3, dim=2, seed=0)
+    d1, e1 = _inputs(2, n_tables=3, dim=2, seed=1)
+    w0, w1 = _wire(d0, e0), _wire(d1, e1)
+    dense = torch.from_numpy(np.concatenate([w0[0], w1[0]]))
+    emb = torch.from_numpy(np.concatenate([w0[1], w1[1]]))
+    batch = split_batch(dense, emb, n_dense=13, n_tables=3, dim=2)
+    assert batch.out_shape == (2, 2)
+    torch.testing.assert_close(batch.emb, torch.cat([e0, e1]))
+    torch.testing.assert_close(batch.dense, torch.cat([d0, d1]))
+    flat = split_batch(dense[0], emb[0], n_dense=13, n_tables=3, dim=2)
+    assert flat.out_shape == (2,)
+    torch.testing.assert_close(flat.emb, e0)
+
+
+def test_split_batch_scores_match_direct_forward():
+    net = DenseDLRM(n_tables=3, dim=2).eval()
+    dense, emb = _inputs(6, n_tables=3, dim=2)
+    wire_dense, wire_emb = _wire(dense, emb)
+    batch = split_batch(
+        torch.from_numpy(wire_dense), torch.from_numpy(wire_emb), n_dense=13, n_tables=3, dim=2
+    )
+    scores = predict(net, batch.dense, batch.emb).reshape(batch.out_shape)
+    with torch.inference_mode():
+        torch.testing.assert_close(scores[0], net(dense, emb))
+
+
+def test_split_batch_empty_batch():
+    batch = split_batch(torch.zeros(1, 0), torch.zeros(1, 0), n_dense=13, n_tables=3, dim=2)
+    assert batch.out_shape == (1, 0) and batch.emb.shape == (0, 3, 2)
+
+
+@pytest.mark.parametrize(
+    ("dense_len", "emb_len", "match"),
+    [
+        (14, 26 * 16, "DENSE has 14 values per row, not a multiple of n_dense=13"),
+        (26, 26 * 16, r"EMBEDDINGS has 416 values per row; 2 samples need .* = 832"),
+        (13, 0, "EMBEDDINGS has 0 values"),
+    ],
+)
+def test_split_batch_size_errors(dense_len, emb_len, match):
+    with pytest.raises(RequestError, match=match):
+        split_batch(
+            torch.zeros(1, dense_len), torch.zeros(1, emb_len), n_dense=13, n_tables=26, dim=16
+        )
+
+
+def test_split_batch_leading_dims_must_agree():
+    with pytest.raises(RequestError, match="leading"):
+        split_batch(torch.zeros(2, 13), torch.zeros(1, 26), n_dense=13, n_tables=2, dim=1)
+    with pytest.raises(RequestError, match="at least one dimension"):
+        split_batch(torch.zeros(()), torch.zeros(1), n_dense=13, n_tables=1, dim=1)
+
+
+class _FakeTensor:
+    """Stands in for pb_utils.Tensor: CPU memory, numpy and DLPack views."""
+
+    def __init__(self, array: np.ndarray, writeable: bool = True):
+        self._array = array
+        if not writeable:
+            self._array.flags.writeable = False
+
+    def is_cpu(self) -> bool:
+        return True
+
+    def as_numpy(self) -> np.ndarray:
+        return self._array
+
+    def to_dlpack(self):
+        return torch.from_numpy(self._array.copy()).__dlpack__()
+
+    def __dlpack__(self, stream=None):
+        return self._array.__dlpack__()
+
+    def __dlpack_device__(self):
+        return self._array.__dlpack_device__()
+
+
+def test_numpy_from_tensor_and_to_torch_cpu():
+    a = np.arange(6, dtype=np.float32).reshape(1, 6)
+    np.testing.assert_array_equal(numpy_from_tensor(_FakeTensor(a.copy())), a)
+    t = to_torch(_FakeTensor(a.copy()))
+    assert t.dtype == torch.float32 and t.tolist() == a.tolist()
+    # A read-only buffer is copied rather than aliased (no torch warning, no shared writes).
+    ro = to_torch(_FakeTensor(a.copy(), writeable=False))
+    ro[0, 0] = 42.0
+    assert ro.tolist()[0][1:] == a.tolist()[0][1:]
+
+
+# --- the Triton adapter, driven through a stand-in for triton_python_backend_utils ----------
+
+
+def _fake_pb_utils() -> types.ModuleType:
+    pb = types.ModuleType("triton_python_backend_utils")
+
+    class Tensor(_FakeTensor):
+        def __init__(self, name: str, array: np.ndarray):
+            super().__init__(np.ascontiguousarray(array))
+            self.name = name
+
+    class TritonError(Exception):
+        INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
+
+        def __init__(self, message: str, code: str | None = None):
+            super().__init__(message)
+            self.code = code
+
+    class InferenceResponse:
+        def __init__(self, output_tensors=(), error=None):
+            self.output_tensors, self.error = list(output_tensors), error
+
+    class Logger:
+        lines: list[str] = []
+        log_info = log_warn = log_error = staticmethod(lambda msg: Logger.lines.append(msg))
+
+    pb.Tensor, pb.TritonError, pb.InferenceResponse, pb.Logger = (
+        Tensor, TritonError, InferenceResponse, Logger
+    )
+    pb.TritonModelException = type("TritonModelException", (Exception,), {})
+    pb.get_input_tensor_by_name = lambda request, name: request.get(name)
+    return pb
+
+
+@pytest.fixture()
+def triton_model(tmp_path, monkeypatch):
+    """An initialised TritonPythonModel over a random DenseDLRM (26 tables, dim 4)."""
+    pb = _fake_pb_utils()
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    monkeypatch.delitem(sys.modules, "backend.dlrm.model", raising=False)
+    model_py = importlib.import_module("backend.dlrm.model")
+    threads = torch.get_num_threads()  # initialize() sets 1; give the process its own back
+    torch.manual_seed(1)
+    net = DenseDLRM(dim=4).eval()
+    save_dense(net, tmp_path / "dlrm_dense" / "1" / "dense.pt")
+    config = {"name": "dlrm_dense", "parameters": {"dense_weights": {"string_value": "1/dense.pt"}}}
+    instance = model_py.TritonPythonModel()
+    instance.initialize({
+        "model_config": json.dumps(config),
+        "model_repository": str(tmp_path / "dlrm_dense"),
+        "model_version": "1",
+        "model_instance_kind": "CPU",
+    })
+    yield instance, net, pb
+    instance.finalize()
+    torch.set_num_threads(threads)
+    sys.modules.pop("backend.dlrm.model", None)
+
+
+def test_triton_model_scores_and_rejects_bad_requests(triton_model):
+    instance, net, pb = triton_model
+    assert torch.get_num_threads() == 1
+    dense, emb = _inputs(3, dim=4)
+    wire_dense, wire_emb = _wire(dense, emb)
+    good = {"DENSE": pb.Tensor("DENSE", wire_dense), "EMBEDDINGS": pb.Tensor("EMBEDDINGS", wire_emb)}
+    bad = {"DENSE": pb.Tensor("DENSE", wire_dense[:, :-1]), "EMBEDDINGS": good["EMBEDDINGS"]}
+    responses = instance.execute([good, bad, {"DENSE": good["DENSE"]}, good])
+    assert len(responses) == 4
+    for response in (responses[0], responses[3]):
+        assert response.error is None
+        (out,) = response.output_tensors
+        assert out.name == "SCORE" and out.as_numpy().shape == (1, 3)
+        with torch.inference_mode():
+            np.testing.assert_allclose(out.as_numpy()[0], net(dense, emb).numpy(), atol=1e-6)
+    assert responses[1].error.code == "INVALID_ARG" and "n_dense=13" in str(responses[1].error)
+    assert responses[2].error.code == "INVALID_ARG" and "EMBEDDINGS" in str(responses[2].error)

@@ -1,0 +1,150 @@
+"""LookupSession: request checks and the volatile → persistent → default cascade.
+
+The tiers are the real in-process hash map and a real RocksDB on disk; a tier that fails is a
+small class here, since only its failure matters to the cascade.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hps_core.config import parse_config
+from hps_core.db import HashMapVolatileDB, RocksDBPersistentDB
+from hps_core.errors import RequestError, TierError
+from hps_core.lookup import LookupSession, split_request
+
+DIMS = (4, 3)
+DEFAULTS = (-1.0, 2.5)
+
+
+def _model(tmp_path: Path, max_batch_size: int = 8):
+    config = parse_config(
+        {
+            "models": [
+                {
+                    "model": "m",
+                    "sparse_files": [str(tmp_path / "a"), str(tmp_path / "b")],
+                    "embedding_table_names": ["a", "b"],
+                    "embedding_vecsize_per_table": list(DIMS),
+                    "default_value_for_each_table": list(DEFAULTS),
+                    "maxnum_catfeature_query_per_table_per_sample": [2, 1],
+                    "max_batch_size": max_batch_size,
+                }
+            ]
+        },
+        "test.json",
+    )
+    return config.model("m")
+
+
+def _rows(keys: np.ndarray, dim: int) -> np.ndarray:
+    """Vectors that encode their key, so a wrong row is visible."""
+    return (keys[:, None] * 10 + np.arange(dim)).astype(np.float32)
+
+
+class FailingTier:
+    """A tier whose every fetch fails, as a Redis node that is down."""
+
+    def fetch(self, table: str, keys: np.ndarray, out: np.ndarray) -> np.ndarray:
+        raise TierError("node down")
+
+
+@pytest.fixture()
+def tiers(tmp_path: Path):
+    model = _model(tmp_path)
+    volatile = HashMapVolatileDB(num_partitions=2)
+    persistent = RocksDBPersistentDB(path=tmp_path / "rocksdb")
+    for table in model.tables:
+        volatile.create_table(table.qualified_name, table.dim)
+        persistent.create_table(table.qualified_name, table.dim)
+    # keys 0..9 in RocksDB, 0..4 also in the hash map; 10+ nowhere
+    for table in model.tables:
+        all_keys = np.arange(10, dtype=np.int64)
+        persistent.insert(table.qualified_name, all_keys, _rows(all_keys, table.dim))
+        volatile.insert(table.qualified_name, all_keys[:5], _rows(all_keys[:5], table.dim))
+    yield model, volatile, persistent
+    persistent.close()
+
+
+def _expected(keys_a: np.ndarray, keys_b: np.ndarray, found_below: int = 10) -> np.ndarray:
+    parts = []
+    for keys, dim, default in zip((keys_a, keys_b), DIMS, DEFAULTS):
+        rows = _rows(keys, dim)
+        rows[keys >= found_below] = default
+        parts.append(rows.ravel())
+    return np.concatenate(parts)
+
+
+def test_cascade_returns_rows_from_each_tier_and_defaults(tiers) -> None:
+    model, volatile, persistent = tiers
+    session = LookupSession(model, volatile=volatile, persistent=persistent)
+    a = np.array([1, 7, 12, 1, 9], dtype=np.int64)
+    b = np.array([3, 11, 6], dtype=np.int64)
+    out = session.lookup(np.concatenate([a, b]), np.array([5, 3], dtype=np.int32))
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, _expected(a, b))
+    counters = session.counters()
+    assert counters["a"]["keys"] == 5 and counters["a"]["unique_keys"] == 4
+    assert counters["a"]["volatile_hits"] == 1 and counters["a"]["persistent_hits"] == 2
+    assert counters["a"]["defaults"] == 1
+    assert counters["b"]["volatile_hits"] == 1 and counters["b"]["persistent_hits"] == 1
+
+
+def test_failing_tier_falls_through_to_the_next(tiers) -> None:
+    model, _, persistent = tiers
+    session = LookupSession(model, volatile=FailingTier(), persistent=persistent)  # type: ignore[arg-type]
+    a = np.array([1, 2, 15], dtype=np.int64)
+    b = np.array([4], dtype=np.int64)
+    out = session.lookup(np.concatenate([a, b]), np.array([3, 1], dtype=np.int32))
+    np.testing.assert_array_equal(out, _expected(a, b))
+    assert session.counters()["a"]["tier_errors"] == 1
+
+
+def test_no_tiers_gives_defaults(tmp_path: Path) -> None:
+    session = LookupSession(_model(tmp_path), volatile=None, persistent=None)
+    out = session.lookup(np.array([1, 2, 3], dtype=np.int64), np.array([2, 1], dtype=np.int32))
+    np.testing.assert_array_equal(out, np.array([-1.0] * 8 + [2.5] * 3, dtype=np.float32))
+
+
+def test_uint32_keys_are_accepted(tiers) -> None:
+    model, volatile, persistent = tiers
+    session = LookupSession(model, volatile=volatile, persistent=persistent)
+    keys = np.array([1, 8, 3], dtype=np.uint32)
+    out = session.lookup(keys, np.array([2, 1], dtype=np.int32))
+    np.testing.assert_array_equal(out, _expected(keys[:2].astype(np.int64), keys[2:].astype(np.int64)))
+
+
+def test_batched_request_answers_each_row(tiers) -> None:
+    model, volatile, persistent = tiers
+    session = LookupSession(model, volatile=volatile, persistent=persistent)
+    keys = np.array([[1, 2, 3], [4, 12, 8]], dtype=np.int64)
+    numkeys = np.array([[2, 1], [2, 1]], dtype=np.int32)
+    out = session.lookup_batch(keys, numkeys)
+    assert out.shape == (2, 2 * 4 + 3)
+    np.testing.assert_array_equal(out[1], _expected(keys[1, :2], keys[1, 2:]))
+
+
+@pytest.mark.parametrize(
+    ("keys", "numkeys", "words"),
+    [
+        (np.zeros(3, np.float32), np.array([2, 1], np.int32), "integers"),
+        (np.zeros((1, 3), np.int64), np.array([2, 1], np.int32), "1-D"),
+        (np.zeros(3, np.int64), np.array([2, 2], np.int32), "sums to 4"),
+        (np.zeros(3, np.int64), np.array([3, -0, 0, 0], np.int32), "2 tables"),
+        (np.zeros(3, np.int64), np.array([4, -1], np.int32), "negative"),
+        (np.zeros(0, np.int64), np.array([0, 0], np.int32), "no keys"),
+        (np.zeros(17, np.int64), np.array([17, 0], np.int32), "16 allows"),
+        (np.zeros(3, np.int64), np.array([[2, 1]], np.int32), "NUMKEYS must be a 1-D"),
+    ],
+)
+def test_malformed_requests_are_named(tmp_path: Path, keys, numkeys, words: str) -> None:
+    with pytest.raises(RequestError, match=words):
+        split_request(keys, numkeys, _model(tmp_path))
+
+
+def test_split_request_cuts_per_table(tmp_path: Path) -> None:
+    parts = split_request(np.arange(5, dtype=np.int64), np.array([3, 2], np.int32), _model(tmp_path))
+    assert [p.tolist() for p in parts] == [[0, 1, 2], [3, 4]]
