@@ -70,8 +70,15 @@ def _tensors(ds: Dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return torch.from_numpy(ds.dense), torch.from_numpy(ds.rows), torch.from_numpy(ds.label)
 
 
-def score(model: DLRM, dataset: Dataset, *, batch_size: int = 8192) -> np.ndarray:
-    """Click probabilities for every sample of ``dataset`` (eval mode, no gradients)."""
+def score(
+    model: DLRM, dataset: Dataset, *, batch_size: int = 8192, unseen_default: float | None = None
+) -> np.ndarray:
+    """Click probabilities for every sample of ``dataset`` (eval mode, no gradients).
+
+    With ``unseen_default``, rows that training never looked up get that value in every
+    component instead of their (untrained) weights: what the server answers for them, since
+    :func:`export_model` leaves them out.
+    """
     dense, rows, _ = _tensors(dataset)
     was_training = model.training
     model.eval()  # eval: lookups do not mark rows as seen
@@ -79,7 +86,11 @@ def score(model: DLRM, dataset: Dataset, *, batch_size: int = 8192) -> np.ndarra
     with torch.inference_mode():
         for start in range(0, len(dataset), batch_size):
             stop = start + batch_size
-            out[start:stop] = model(dense[start:stop], rows[start:stop]).numpy()
+            emb = model.lookup(rows[start:stop])
+            if unseen_default is not None:
+                unseen = ~model.seen[rows[start:stop] + model.offsets]
+                emb = emb.masked_fill(unseen.unsqueeze(-1), unseen_default)
+            out[start:stop] = model.dense(dense[start:stop], emb).numpy()
     model.train(was_training)
     return out
 

@@ -109,3 +109,15 @@ def test_export_reads_back_with_hps_reader(trained, tmp_path):
         table = hugectr.read_sparse_model(folder, DIM)
         assert table.keys.shape == (exported.rows_per_table[j],)
         assert table.vectors.shape == (exported.rows_per_table[j], DIM)
+
+
+def test_score_with_unseen_default_matches_the_exported_tables(trained):
+    _, _, test, model, _ = trained
+    rows = torch.from_numpy(test.rows[:64])
+    with torch.inference_mode():
+        emb = model.lookup(rows).clone()
+        emb[~model.seen[rows + model.offsets]] = 0.0
+        expected = model.dense(torch.from_numpy(test.dense[:64]), emb).numpy()
+    got = score(model, test.subset(np.arange(64)), unseen_default=0.0)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    assert not model.seen[rows + model.offsets].all()  # some rows really were unseen
