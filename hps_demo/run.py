@@ -120,10 +120,13 @@ def _perf_analyzer(server: TritonServer, test, batch: int, seconds: float, work:
     ]
     print("$ perf_analyzer " + " ".join(command[1:]))
     result = subprocess.run(command, capture_output=True, text=True, env=perf_analyzer.environment())
-    keep = ("Concurrency:", "Client:", "Server:", "Throughput", "Avg latency", "p50 latency", "p99 latency",
-            "Inference count", "Request count", "Inferences/Second", "error")
     for line in result.stdout.splitlines():
-        if any(word in line for word in keep):
+        match = re.match(r"Concurrency: (\d+), throughput: ([\d.]+) infer/sec, latency (\d+) usec", line)
+        if match:
+            requests_per_s = float(match.group(2))
+            print(f"concurrency {match.group(1)}: {requests_per_s:,.1f} requests/s = "
+                  f"{requests_per_s * batch:,.0f} samples/s, mean latency {int(match.group(3)) / 1e3:.2f} ms")
+        elif "p50 latency" in line or "p99 latency" in line or "Avg request latency" in line:
             print(line.rstrip())
     if result.returncode != 0:
         print(result.stderr[-2000:], file=sys.stderr)

@@ -33,4 +33,4 @@ def test_demo_serves_what_it_trained(tmp_path: Path) -> None:
         assert float(match.group(1)) > 0.6
         assert float(match.group(2)) <= 1e-5
         assert re.search(rf"{protocol}: p50 [\d.]+ ms, p99 [\d.]+ ms", out)
-    assert re.search(r"Concurrency: 2, throughput: [\d.]+ infer/sec", out)
+    assert re.search(r"concurrency 2: [\d,.]+ requests/s = [\d,]+ samples/s", out)
