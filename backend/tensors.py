@@ -32,14 +32,25 @@ _NUMPY_2 = int(np.__version__.split(".")[0]) >= 2
 
 
 def numpy_from_tensor(tensor: Any) -> np.ndarray:
-    """A host ndarray with the contents of a ``pb_utils.Tensor`` held in CPU memory."""
+    """A host ndarray with the contents of a ``pb_utils.Tensor``.
+
+    A tensor in GPU memory (an ensemble step on the GPU sent it) is copied to the host
+    through CuPy; request inputs from HTTP/gRPC clients arrive in CPU memory.
+    """
+    if not tensor.is_cpu():
+        import cupy  # only on a GPU instance
+
+        return cupy.asnumpy(cupy.from_dlpack(tensor.to_dlpack()))
     if _NUMPY_2:
         return np.from_dlpack(tensor)
     return tensor.as_numpy()
 
 
-def numpy_to_tensor(pb_utils: Any, name: str, array: np.ndarray) -> Any:
-    """A ``pb_utils.Tensor`` named ``name`` holding ``array`` (host)."""
+def numpy_to_tensor(pb_utils: Any, name: str, array: Any) -> Any:
+    """A ``pb_utils.Tensor`` named ``name`` holding ``array``: a host ndarray, or a device
+    array (CuPy), which is handed over through DLPack and stays on its GPU."""
+    if hasattr(array, "__cuda_array_interface__"):
+        return pb_utils.Tensor.from_dlpack(name, array)
     array = np.ascontiguousarray(array)
     if _NUMPY_2:
         return pb_utils.Tensor.from_dlpack(name, array)

@@ -2,26 +2,33 @@
 
 A :class:`LookupSession` answers HugeCTR's HPS request — ``KEYS`` (all keys of all tables,
 table-major) and ``NUMKEYS`` (keys per table) — with the vectors in the same order, flattened.
-For each table it de-duplicates the keys, then asks each tier only for what the tiers above
+For each table it de-duplicates the keys, then asks each level only for what the levels above
 did not have::
 
-    volatile DB (hash map | Redis)  →  persistent DB (RocksDB)  →  the table's default value
+    embedding cache (GPU, or its CPU twin)  →  volatile DB (hash map | Redis)
+        →  persistent DB (RocksDB)  →  the table's default value
 
 Every step is a batched call on arrays; nothing here loops over keys in Python.
-The GPU embedding cache slots in above the volatile DB (see docs/architecture.md).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hps_core.arrays import array_module, to_host
+from hps_core.background import BackgroundQueue
 from hps_core.config import ModelConfig, TableConfig
 from hps_core.db.base import EmbeddingTier
 from hps_core.errors import RequestError, TierError
+
+if TYPE_CHECKING:
+    from hps_core.cache.base import EmbeddingCache
 
 __all__ = ["LookupSession", "TableCounters", "split_request"]
 
@@ -34,10 +41,14 @@ class TableCounters:
 
     keys: int = 0
     unique_keys: int = 0
+    cache_hits: int = 0
     volatile_hits: int = 0
     persistent_hits: int = 0
     defaults: int = 0
     tier_errors: int = 0
+    async_inserts: int = 0  # cache insertions handed to the background (batch got defaults)
+    dropped_inserts: int = 0  # background insertions skipped because the queue was full
+    seconds_cache: float = 0.0
     seconds_volatile: float = 0.0
     seconds_persistent: float = 0.0
 
@@ -49,6 +60,14 @@ class TableCounters:
 class _Tier:
     name: str  # "volatile" | "persistent": selects the counters to bump
     db: EmbeddingTier
+
+
+@dataclass
+class _Fetched:
+    """What the tiers below the cache answered for some keys (host arrays)."""
+
+    vectors: np.ndarray  # (m, dim) float32; defaults where nothing was found
+    found: np.ndarray  # (m,) bool
 
 
 def split_request(keys: np.ndarray, numkeys: np.ndarray, model: ModelConfig) -> list[np.ndarray]:
@@ -99,10 +118,21 @@ def _as_key_array(keys: np.ndarray) -> np.ndarray:
 
 
 class LookupSession:
-    """Answers lookups for one model over the tiers it was given.
+    """Answers lookups for one model over the caches and tiers it was given.
 
-    Thread-safe: the tiers guard themselves and the counters have their own lock.
-    ``volatile`` and ``persistent`` may be None (a tier of type "disabled").
+    ``caches`` maps table names to an :class:`~hps_core.cache.EmbeddingCache` (GPU caches, or
+    their CPU twins in-process); a table without one reads the tiers directly. The array
+    module of the caches (numpy or cupy) is the module of the result. ``volatile`` and
+    ``persistent`` may be None (a tier of type "disabled").
+
+    Cache misses are fetched from the tiers and inserted synchronously when the batch's hit
+    rate is below ``hit_rate_threshold``; above it the batch gets the default value for its
+    misses and the insertion runs in the background (HugeCTR's behaviour: a warm cache does not
+    make requests wait for the tiers). With ``write_back`` (the volatile DB's
+    ``cache_missed_embeddings``), rows found only in the persistent DB are copied up to the
+    volatile DB in the background.
+
+    Thread-safe: caches and tiers guard themselves; the counters have their own lock.
     """
 
     def __init__(
@@ -111,25 +141,44 @@ class LookupSession:
         *,
         volatile: EmbeddingTier | None,
         persistent: EmbeddingTier | None,
+        caches: Mapping[str, EmbeddingCache] | None = None,
+        write_back: bool = False,
+        max_pending_background: int = 64,
     ) -> None:
         self.model = model
         self._tiers = tuple(
             _Tier(name, db) for name, db in (("volatile", volatile), ("persistent", persistent)) if db is not None
         )
+        self._volatile = volatile
+        self._caches = dict(caches or {})
+        self._xp = array_module(next(iter(self._caches.values()), None))
+        self._write_back = write_back and volatile is not None and persistent is not None
         self._counters = {t.name: TableCounters() for t in model.tables}
         self._counters_lock = threading.Lock()
+        self._background = BackgroundQueue(max_pending_background)
 
-    def lookup(self, keys: np.ndarray, numkeys: np.ndarray) -> np.ndarray:
+    @property
+    def caches(self) -> Mapping[str, EmbeddingCache]:
+        return self._caches
+
+    def lookup(self, keys: np.ndarray, numkeys: np.ndarray) -> Any:
         """Vectors for one request: ``keys`` (n,) int64 table-major, ``numkeys`` (tables,) int32.
 
-        Returns (sum over tables of count_i * dim_i,) float32, host: each table's vectors in
+        Both arrive in host memory. Returns (sum over tables of count_i * dim_i,) float32 in the
+        caches' memory (host without caches, the GPU with GPU caches): each table's vectors in
         key order, tables one after another.
         """
         per_table = split_request(keys, numkeys, self.model)
-        parts = [self._lookup_table(table, table_keys).ravel() for table, table_keys in zip(self.model.tables, per_table)]
-        return np.concatenate(parts)
+        xp = self._xp
+        device_keys = xp.asarray(np.concatenate(per_table)) if per_table else xp.empty(0, np.int64)
+        bounds = np.cumsum([0] + [k.size for k in per_table])
+        parts = [
+            self._lookup_table(table, device_keys[bounds[i] : bounds[i + 1]]).ravel()
+            for i, table in enumerate(self.model.tables)
+        ]
+        return xp.concatenate(parts)
 
-    def lookup_batch(self, keys: np.ndarray, numkeys: np.ndarray) -> np.ndarray:
+    def lookup_batch(self, keys: np.ndarray, numkeys: np.ndarray) -> Any:
         """Like :meth:`lookup`, with or without Triton's leading batch dimension.
 
         ``keys`` (n,) or (rows, n); ``numkeys`` (tables,) or (rows, tables). Each row is one
@@ -145,17 +194,15 @@ class LookupSession:
         rows = [self.lookup(k, n) for k, n in zip(keys, numkeys)]
         if len({r.size for r in rows}) > 1:
             raise RequestError("the rows of a batched request give vectors of different total sizes")
-        return np.stack(rows)
+        return self._xp.stack(rows)
 
-    def counters(self) -> dict[str, dict[str, float]]:
-        """Snapshot of the per-table counters, keyed by table name."""
-        with self._counters_lock:
-            return {name: c.snapshot() for name, c in self._counters.items()}
+    def fetch_from_tiers(self, table: TableConfig, keys: np.ndarray) -> _Fetched:
+        """The tiers' answer for host ``keys`` (n,) int64 of ``table``: vectors and found mask.
 
-    def _lookup_table(self, table: TableConfig, keys: np.ndarray) -> np.ndarray:
-        unique, inverse = np.unique(keys, return_inverse=True)
-        vectors = np.empty((unique.size, table.dim), dtype=np.float32)
-        missing = np.arange(unique.size)
+        Used by the lookup for cache misses, and by cache refresh and warm-up.
+        """
+        vectors = np.empty((keys.size, table.dim), dtype=np.float32)
+        missing = np.arange(keys.size)
         found_by_tier: dict[str, int] = {}
         seconds_by_tier: dict[str, float] = {}
         errors = 0
@@ -164,17 +211,73 @@ class LookupSession:
                 break
             start = time.perf_counter()
             try:
-                found = self._fetch(tier, table, unique[missing], vectors, missing)
+                found = self._fetch(tier, table, keys[missing], vectors, missing)
             except TierError:
                 # A failing tier is a tier that has nothing: the next one answers.
                 errors += 1
                 found = np.zeros(missing.size, dtype=bool)
             seconds_by_tier[tier.name] = time.perf_counter() - start
             found_by_tier[tier.name] = int(found.sum())
+            if tier.name == "persistent" and self._write_back and found.any():
+                rows = missing[found]
+                self._copy_up(table, keys[rows], vectors[rows])
             missing = missing[~found]
         vectors[missing] = table.default_value
-        self._count(table, keys.size, unique.size, found_by_tier, seconds_by_tier, missing.size, errors)
-        return vectors[inverse]
+        found_mask = np.ones(keys.size, dtype=bool)
+        found_mask[missing] = False
+        with self._counters_lock:
+            c = self._counters[table.name]
+            c.volatile_hits += found_by_tier.get("volatile", 0)
+            c.persistent_hits += found_by_tier.get("persistent", 0)
+            c.seconds_volatile += seconds_by_tier.get("volatile", 0.0)
+            c.seconds_persistent += seconds_by_tier.get("persistent", 0.0)
+            c.defaults += missing.size
+            c.tier_errors += errors
+        return _Fetched(vectors, found_mask)
+
+    def counters(self) -> dict[str, dict[str, float]]:
+        """Snapshot of the per-table counters, keyed by table name."""
+        with self._counters_lock:
+            return {name: c.snapshot() for name, c in self._counters.items()}
+
+    def drain(self, timeout: float | None = None) -> None:
+        """Wait until the background insertions queued so far are done (tests, shutdown)."""
+        self._background.drain(timeout)
+
+    def close(self) -> None:
+        """Finish background work; the session answers no lookups afterwards."""
+        self._background.close()
+
+    def _lookup_table(self, table: TableConfig, keys: Any) -> Any:
+        xp = self._xp
+        unique, inverse = xp.unique(keys, return_inverse=True)
+        vectors = xp.empty((unique.size, table.dim), dtype=np.float32)
+        cache = self._caches.get(table.name)
+        start = time.perf_counter()
+        if cache is None:
+            missing_keys, missing_pos = unique, xp.arange(unique.size)
+        else:
+            missing_keys, missing_pos = cache.query(unique, vectors)
+        n_missing = int(missing_pos.size)
+        seconds_cache = time.perf_counter() - start if cache is not None else 0.0
+        if n_missing:
+            hit_rate = 1.0 - n_missing / unique.size
+            host_keys = to_host(missing_keys)
+            if cache is None or hit_rate < self.model.hit_rate_threshold:
+                fetched = self.fetch_from_tiers(table, host_keys)
+                vectors[missing_pos] = xp.asarray(fetched.vectors)
+                if cache is not None:
+                    self._insert(cache, host_keys, fetched)
+            else:
+                vectors[missing_pos] = table.default_value
+                self._insert_later(table, cache, host_keys)
+        with self._counters_lock:
+            c = self._counters[table.name]
+            c.keys += int(keys.size)
+            c.unique_keys += int(unique.size)
+            c.cache_hits += int(unique.size) - n_missing if cache is not None else 0
+            c.seconds_cache += seconds_cache
+        return vectors[inverse.ravel()]
 
     @staticmethod
     def _fetch(tier: _Tier, table: TableConfig, keys: np.ndarray, vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -183,23 +286,22 @@ class LookupSession:
         vectors[rows[found]] = out[found]
         return found
 
-    def _count(
-        self,
-        table: TableConfig,
-        n_keys: int,
-        n_unique: int,
-        found: dict[str, int],
-        seconds: dict[str, float],
-        n_default: int,
-        errors: int,
-    ) -> None:
+    @staticmethod
+    def _insert(cache: EmbeddingCache, keys: np.ndarray, fetched: _Fetched) -> None:
+        # Keys found nowhere stay out of the cache: a row published for them later must not
+        # be shadowed by a cached default.
+        if fetched.found.any():
+            xp = array_module(cache)
+            cache.replace(xp.asarray(keys[fetched.found]), xp.asarray(fetched.vectors[fetched.found]))
+
+    def _insert_later(self, table: TableConfig, cache: EmbeddingCache, keys: np.ndarray) -> None:
+        queued = self._background.submit(lambda: self._insert(cache, keys, self.fetch_from_tiers(table, keys)))
         with self._counters_lock:
             c = self._counters[table.name]
-            c.keys += n_keys
-            c.unique_keys += n_unique
-            c.volatile_hits += found.get("volatile", 0)
-            c.persistent_hits += found.get("persistent", 0)
-            c.seconds_volatile += seconds.get("volatile", 0.0)
-            c.seconds_persistent += seconds.get("persistent", 0.0)
-            c.defaults += n_default
-            c.tier_errors += errors
+            c.async_inserts += int(queued)
+            c.dropped_inserts += int(not queued)
+
+    def _copy_up(self, table: TableConfig, keys: np.ndarray, vectors: np.ndarray) -> None:
+        assert self._volatile is not None
+        volatile = self._volatile
+        self._background.submit(lambda: volatile.insert(table.qualified_name, keys, vectors))

@@ -4,9 +4,10 @@
 config names, makes sure each table's rows are there (loading the model's sparse files the
 first time, as HugeCTR does), and hands out one :class:`LookupSession` per model.
 
-Loading rules (HugeCTR's):
-- the persistent DB keeps the full table; rows are loaded only when the table holds fewer
-  rows than the sparse file, so a restart over an existing RocksDB loads nothing;
+Loading rules (HugeCTR's, through :func:`hps_core.loader.load_table`):
+- the persistent DB keeps the full table; a progress marker in RocksDB records what was
+  loaded from which file, so a restart over an existing RocksDB loads nothing (and a load
+  that was interrupted resumes), while a changed sparse file is loaded again;
 - the volatile DB takes the first ``initial_cache_rate`` share of each sparse file.
 
 Several processes share one RocksDB: Triton runs each model instance of a Python-based
@@ -20,17 +21,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Iterable
 
 import numpy as np
 
-from hps_core.config import ModelConfig, ParameterServerConfig, TableConfig
+from hps_core.arrays import array_module
+from hps_core.config import ModelConfig, ParameterServerConfig, TableConfig, gpu_cache_requested
 from hps_core.db import open_persistent_db, open_volatile_db
 from hps_core.db.base import EmbeddingTier
 from hps_core.errors import TierBusyError, UnknownTableError
-from hps_core.formats import iter_sparse_model_chunks, read_sparse_model
+from hps_core.formats import read_sparse_model, sparse_model_rows
+from hps_core.loader import load_table
 from hps_core.lookup import LookupSession
+from hps_core.refresh import CacheRefresher
 
 __all__ = ["HierarchicalParameterServer"]
 
@@ -44,26 +49,34 @@ class HierarchicalParameterServer:
     """Owns the tiers and the sessions for the models of one HPS config.
 
     ``models`` restricts which models of the config are deployed (a Triton model instance
-    deploys only its own); by default all are.
+    deploys only its own); by default all are. ``cache_device`` is where embedding caches
+    live — a CUDA device number, "cpu" for the CPU twin, or None for no cache — for the models
+    whose config asks for one (``gpucache``).
     """
 
-    def __init__(self, config: ParameterServerConfig, *, models: Iterable[str] | None = None) -> None:
+    def __init__(
+        self,
+        config: ParameterServerConfig,
+        *,
+        models: Iterable[str] | None = None,
+        cache_device: int | str | None = None,
+    ) -> None:
         self.config = config
+        self._cache_device = cache_device
+        self._sessions: dict[str, LookupSession] = {}
+        self._refreshers: list[CacheRefresher] = []
         names = [m.model for m in config.models] if models is None else list(models)
         self._models = {name: config.model(name) for name in names}
         self.volatile: EmbeddingTier | None = open_volatile_db(config.volatile_db)
         self.persistent: EmbeddingTier | None = None
         try:
             self.persistent = self._open_persistent()
-            for model in self._models.values():
+            for name, model in self._models.items():
                 self._fill_volatile(model)
+                self._sessions[name] = self._open_session(model)
         except BaseException:
             self.close()
             raise
-        self._sessions = {
-            name: LookupSession(model, volatile=self.volatile, persistent=self.persistent)
-            for name, model in self._models.items()
-        }
 
     def session(self, model: str) -> LookupSession:
         """The lookup session of a deployed model."""
@@ -75,6 +88,10 @@ class HierarchicalParameterServer:
             ) from None
 
     def close(self) -> None:
+        for refresher in self._refreshers:
+            refresher.stop()
+        for session in self._sessions.values():
+            session.close()
         for db in (self.volatile, self.persistent):
             if db is not None:
                 db.close()
@@ -85,6 +102,47 @@ class HierarchicalParameterServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _open_session(self, model: ModelConfig) -> LookupSession:
+        caches = self._make_caches(model)
+        session = LookupSession(
+            model,
+            volatile=self.volatile,
+            persistent=self.persistent,
+            caches=caches,
+            write_back=self.config.volatile_db.cache_missed_embeddings,
+        )
+        if caches and model.init_ec:
+            _warm_up(session)
+        if caches and model.cache_refresh_percentage_per_iteration > 0:
+            refresher = CacheRefresher(
+                session,
+                percentage=model.cache_refresh_percentage_per_iteration,
+                interval=model.refresh_interval,
+                delay=model.refresh_delay,
+            )
+            refresher.start()
+            self._refreshers.append(refresher)
+        return session
+
+    def _make_caches(self, model: ModelConfig) -> dict[str, object]:
+        if self._cache_device is None or not gpu_cache_requested(model):
+            return {}
+        from hps_core.cache import make_cache  # the GPU module imports cupy lazily
+
+        caches = {}
+        for table in model.tables:
+            rows, _ = sparse_model_rows(table.sparse_file, table.dim)
+            static = model.embedding_cache_type == "static"
+            capacity = rows if static else max(1, math.ceil(rows * model.gpucacheper))
+            caches[table.name] = make_cache(
+                "static" if static else "dynamic",
+                device=self._cache_device,
+                capacity=capacity,
+                dim=table.dim,
+                key_dtype=np.int64 if self.config.supportlonglong else np.uint32,
+            )
+        return caches
 
     def _tables(self) -> list[TableConfig]:
         return [table for model in self._models.values() for table in model.tables]
@@ -98,8 +156,7 @@ class HierarchicalParameterServer:
             writer = self._open_writer(settings)
             try:
                 for table in self._tables():
-                    writer.create_table(table.qualified_name, table.dim)
-                    _fill_persistent(writer, table)
+                    load_table(writer, table)
             finally:
                 writer.close()
         reader = open_persistent_db(dataclasses.replace(settings, read_only=True))
@@ -123,31 +180,20 @@ class HierarchicalParameterServer:
 
     def _fill_volatile(self, model: ModelConfig) -> None:
         if self.volatile is not None:
+            rate = self.config.volatile_db.initial_cache_rate
             for table in model.tables:
-                self.volatile.create_table(table.qualified_name, table.dim)
-                self._fill_volatile_table(table)
+                load_table(self.volatile, table, fraction=rate)
 
-    def _fill_volatile_table(self, table: TableConfig) -> None:
-        assert self.volatile is not None
-        rate = self.config.volatile_db.initial_cache_rate
+
+def _warm_up(session: LookupSession) -> None:
+    """HugeCTR's ``init_ec``: fill each cache with the first rows of its sparse file."""
+    for table in session.model.tables:
+        cache = session.caches.get(table.name)
+        if cache is None:
+            continue
         sparse = read_sparse_model(table.sparse_file, table.dim)
-        n_rows = int(np.floor(sparse.keys.size * rate))
-        if n_rows == 0:
-            return
-        log.info("caching %d rows of %s in the volatile DB", n_rows, table.qualified_name)
-        for start in range(0, n_rows, _LOAD_CHUNK_ROWS):
-            stop = min(start + _LOAD_CHUNK_ROWS, n_rows)
-            self.volatile.insert(
-                table.qualified_name,
-                np.ascontiguousarray(sparse.keys[start:stop]),
-                np.ascontiguousarray(sparse.vectors[start:stop]),
-            )
-
-
-def _fill_persistent(db: EmbeddingTier, table: TableConfig) -> None:
-    n_rows = read_sparse_model(table.sparse_file, table.dim).keys.size
-    if db.count(table.qualified_name) >= n_rows:
-        return
-    log.info("loading %d rows of %s into the persistent DB", n_rows, table.qualified_name)
-    for chunk in iter_sparse_model_chunks(table.sparse_file, table.dim, _LOAD_CHUNK_ROWS):
-        db.insert(table.qualified_name, chunk.keys, chunk.vectors)
+        n = min(cache.capacity, sparse.keys.size)
+        for start in range(0, n, _LOAD_CHUNK_ROWS):
+            stop = min(start + _LOAD_CHUNK_ROWS, n)
+            xp = array_module(cache)
+            cache.replace(xp.asarray(sparse.keys[start:stop]), xp.asarray(sparse.vectors[start:stop]))

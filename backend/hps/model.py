@@ -5,6 +5,11 @@ table), output ``OUTPUT0`` (FP32, the vectors in the same order, flattened) — 
 a leading batch dimension. This file only adapts Triton tensors to a
 :class:`hps_core.lookup.LookupSession`; the work happens there.
 
+On a KIND_GPU instance of a model with ``gpucache: true`` the session gets one embedding
+cache per table on the instance's GPU: request keys (CPU memory) cross to the device once,
+and ``OUTPUT0`` stays on the GPU, handed to the next ensemble step through DLPack. On a
+KIND_CPU instance the same model serves from the volatile and persistent databases.
+
 Where the HPS JSON comes from, first match wins:
 1. the model parameter ``hps_config`` (relative paths are relative to the model's folder);
 2. ``--backend-config=hps,ps=PATH`` given to ``hps serve`` (HugeCTR's way; ``hps serve``
@@ -51,8 +56,12 @@ class TritonPythonModel:
         try:
             ps_config = load_config(resolve_model_path(args, hps_config))
             model = ps_config.model(name)
-            self._warn_gpu_cache(model, args)
-            self._server = HierarchicalParameterServer(ps_config, models=[name])
+            device = self._cache_device(model, args)
+            if device is not None:
+                import cupy  # a GPU instance: the lookup's device arrays live on this GPU
+
+                cupy.cuda.Device(device).use()
+            self._server = HierarchicalParameterServer(ps_config, models=[name], cache_device=device)
         except HPSError as exc:
             raise pb_utils.TritonModelException(str(exc)) from exc
         self._session = self._server.session(name)
@@ -62,7 +71,7 @@ class TritonPythonModel:
         return [self._answer(request) for request in requests]
 
     def finalize(self) -> None:
-        self._server.close()
+        self._server.close()  # drains background cache insertions, stops refreshers
 
     def _answer(self, request: Any) -> Any:
         try:
@@ -75,11 +84,22 @@ class TritonPythonModel:
             return pb_utils.InferenceResponse(error=triton_error(pb_utils, str(exc), "UNAVAILABLE"))
         return pb_utils.InferenceResponse(output_tensors=[numpy_to_tensor(pb_utils, "OUTPUT0", vectors)])
 
-    def _warn_gpu_cache(self, model: Any, args: dict[str, Any]) -> None:
+    def _cache_device(self, model: Any, args: dict[str, Any]) -> int | None:
+        """The CUDA device for this instance's embedding caches, or None to serve without."""
         if not gpu_cache_requested(model):
-            return
-        where = "this CPU instance" if args.get("model_instance_kind") != "GPU" else "this release"
-        self._logger.log_warn(
-            f"hps: model '{model.model}' asks for the GPU embedding cache (gpucache: true), which {where} "
-            "does not provide; serving from the volatile and persistent databases instead"
-        )
+            return None
+        if args.get("model_instance_kind") != "GPU":
+            self._logger.log_warn(
+                f"hps: model '{model.model}' asks for the GPU embedding cache (gpucache: true) but this "
+                "instance runs on the CPU (KIND_CPU, or no GPU); serving from the volatile and "
+                "persistent databases without it"
+            )
+            return None
+        device = int(args.get("model_instance_device_id", 0))
+        if device not in model.deployed_device_list:
+            raise HPSError(
+                f"model '{model.model}': this instance runs on GPU {device}, which is not in its "
+                f"deployed_device_list {list(model.deployed_device_list)}; add it there or change "
+                "the instance_group's gpus in config.pbtxt"
+            )
+        return device

@@ -1,6 +1,7 @@
 """Storage tiers behind one batched contract (:class:`EmbeddingTier`).
 
-Roles: :class:`VolatileDB` (in memory: :class:`HashMapVolatileDB`, Redis Cluster later)
+Roles: :class:`VolatileDB` (in memory: :class:`HashMapVolatileDB`, :class:`RedisClusterVolatileDB`,
+:class:`RedisVolatileDB`)
 and :class:`PersistentDB` (on disk: :class:`RocksDBPersistentDB`). The factories pick the
 implementation from the HPS JSON's ``volatile_db.type`` / ``persistent_db.type``.
 """
@@ -11,6 +12,7 @@ from typing import Any
 
 from hps_core.db.base import EmbeddingTier, PersistentDB, VolatileDB
 from hps_core.db.hash_map import HashMapVolatileDB
+from hps_core.db.redis_cluster import RedisClusterVolatileDB, RedisVolatileDB, open_redis_db
 from hps_core.db.rocksdb import RocksDBPersistentDB
 from hps_core.errors import ConfigError
 
@@ -18,6 +20,8 @@ __all__ = [
     "EmbeddingTier",
     "HashMapVolatileDB",
     "PersistentDB",
+    "RedisClusterVolatileDB",
+    "RedisVolatileDB",
     "RocksDBPersistentDB",
     "VolatileDB",
     "open_persistent_db",
@@ -40,10 +44,9 @@ def open_volatile_db(cfg: Any) -> VolatileDB | None:
     if kind == "disabled":
         return None
     if kind == "redis_cluster":
-        raise ConfigError(
-            "volatile_db.type 'redis_cluster' is not available yet; "
-            "use 'hash_map' or 'parallel_hash_map'"
-        )
+        # several addresses or a cluster node → RedisClusterVolatileDB; one server not in
+        # cluster mode → RedisVolatileDB (see hps_core/db/redis_cluster.py, open_redis_db)
+        return open_redis_db(cfg)
     raise ConfigError(f"volatile_db.type must be one of {', '.join(_VOLATILE_TYPES)}; got {kind!r}")
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from hps_core.config import load_config
+from hps_core.db import RocksDBPersistentDB
 from hps_core.errors import UnknownTableError
 from hps_core.formats import write_sparse_model
 from hps_core.server import HierarchicalParameterServer
@@ -63,9 +64,21 @@ def test_restart_reuses_the_persistent_copy(tmp_path: Path) -> None:
     path, tables = _write_config(tmp_path, initial_cache_rate=0.0)
     HierarchicalParameterServer(load_config(path)).close()
     keys, vectors = tables["a"]
-    write_sparse_model(tmp_path / "a.model", keys, vectors + 1)  # same rows, new values
+    writer = RocksDBPersistentDB(path=tmp_path / "rocksdb")
+    writer.insert("hps_et.m.a", keys[:1], vectors[:1] + 100)  # a row only RocksDB knows
+    writer.close()
     with HierarchicalParameterServer(load_config(path)) as server:
-        # nothing was reloaded: RocksDB already held every row, so the old values are served
+        served = _lookup_all(server, tables)
+    assert served[0] == np.float32(vectors[0, 0] + 100)  # not reloaded: the sparse file did not change
+
+
+def test_changed_sparse_file_is_reloaded(tmp_path: Path) -> None:
+    path, tables = _write_config(tmp_path, initial_cache_rate=0.0)
+    HierarchicalParameterServer(load_config(path)).close()
+    keys, vectors = tables["a"]
+    write_sparse_model(tmp_path / "a.model", keys, vectors + 1)
+    tables["a"] = (keys, vectors + 1)
+    with HierarchicalParameterServer(load_config(path)) as server:
         np.testing.assert_array_equal(_lookup_all(server, tables), _expected(tables))
 
 

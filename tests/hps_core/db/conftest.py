@@ -3,6 +3,11 @@
 ``tier`` yields each implementation of the EmbeddingTier contract in turn; RocksDB runs on
 a real database in ``tmp_path`` (never a stand-in). ``make_tier`` builds one by name with
 keyword overrides, for tests that need specific settings.
+
+The Redis tiers (``redis_cluster``: a 3-node cluster, ``redis_single``: one server) run
+against real ``redis-server`` processes started once per session (``redis_servers``, see
+tests/redis_servers.py) and emptied with FLUSHALL before each tier is built; their
+parameters are marked ``redis`` and skipped when redis-server is not installed.
 """
 
 from __future__ import annotations
@@ -14,9 +19,22 @@ from typing import Any
 import numpy as np
 import pytest
 
-from hps_core.db import EmbeddingTier, HashMapVolatileDB, RocksDBPersistentDB
+from hps_core.db import (
+    EmbeddingTier,
+    HashMapVolatileDB,
+    RedisClusterVolatileDB,
+    RedisVolatileDB,
+    RocksDBPersistentDB,
+)
+from tests.redis_servers import RedisProcesses
 
-IMPLEMENTATIONS = ("hash_map", "rocks_db")
+IMPLEMENTATIONS = (
+    "hash_map",
+    "rocks_db",
+    pytest.param("redis_cluster", marks=pytest.mark.redis),
+    pytest.param("redis_single", marks=pytest.mark.redis),
+)
+REDIS_KINDS = ("redis_cluster", "redis_single")
 
 TierFactory = Callable[..., Any]
 
@@ -41,8 +59,41 @@ def encode() -> Callable[[np.ndarray, int], np.ndarray]:
     return _encode
 
 
+@pytest.fixture(scope="session")
+def redis_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, RedisProcesses]]:
+    """Started on first use, stopped at the end of the session: "redis_cluster" → a 3-node
+    cluster, "redis_single" → one server (each call of ``get`` starts what is missing)."""
+    started: dict[str, RedisProcesses] = {}
+    yield started
+    for processes in started.values():
+        processes.stop()
+
+
 @pytest.fixture
-def make_tier(tmp_path: Path) -> Iterator[TierFactory]:
+def redis_for(
+    redis_servers: dict[str, RedisProcesses], tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[str], RedisProcesses]:
+    """``redis_for("redis_cluster" | "redis_single")`` → the session's running servers, emptied."""
+
+    def get(kind: str) -> RedisProcesses:
+        processes = redis_servers.get(kind)
+        if processes is None or not all(s.is_running() for s in processes.servers):
+            if processes is not None:
+                processes.stop()
+            folder = tmp_path_factory.mktemp(kind)
+            if kind == "redis_cluster":
+                processes = RedisProcesses.cluster(folder, nodes=3)
+            else:
+                processes = RedisProcesses.single(folder)
+            redis_servers[kind] = processes
+        processes.flushall()
+        return processes
+
+    return get
+
+
+@pytest.fixture
+def make_tier(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[TierFactory]:
     made: list[Any] = []
 
     def factory(kind: str, **kwargs: Any) -> Any:
@@ -50,6 +101,10 @@ def make_tier(tmp_path: Path) -> Iterator[TierFactory]:
             db: Any = HashMapVolatileDB(**{"num_partitions": 4, **kwargs})
         elif kind == "rocks_db":
             db = RocksDBPersistentDB(**{"path": tmp_path / "rocksdb", **kwargs})
+        elif kind in REDIS_KINDS:
+            servers = request.getfixturevalue("redis_for")(kind)
+            cls = RedisClusterVolatileDB if kind == "redis_cluster" else RedisVolatileDB
+            db = cls(**{"address": servers.address, "num_partitions": 4, **kwargs})
         else:
             raise ValueError(kind)
         made.append(db)

@@ -31,6 +31,8 @@ def test_exported_names() -> None:
         "EmbeddingTier",
         "HashMapVolatileDB",
         "PersistentDB",
+        "RedisClusterVolatileDB",
+        "RedisVolatileDB",
         "RocksDBPersistentDB",
         "VolatileDB",
         "open_persistent_db",

@@ -1,4 +1,5 @@
-"""HashMapVolatileDB beyond the shared contract: growth, chunking, threads, config."""
+"""HashMapVolatileDB beyond the shared contract: growth, chunking, threads, config,
+overflow policies, removal."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from hps_core.db import HashMapVolatileDB, VolatileDB, open_volatile_db
-from hps_core.errors import ConfigError
+from hps_core.errors import ConfigError, UnknownTableError
 
 Encode = Callable[[np.ndarray, int], np.ndarray]
 T = "hps_et.model.table"
@@ -36,7 +37,8 @@ def test_growth_across_many_inserts(encode: Encode) -> None:
         assert 2 * part.n_rows <= part.capacity  # load factor <= 1/2
         assert part.capacity & (part.capacity - 1) == 0  # power of two
         assert part.n_rows > 0  # the hash spreads keys over every partition
-    assert 4 * 4 < db.bytes_per_row(T) < 4 * 4 + 4 * 16 + 32
+    # vector 16 B + header 24 B per row, rows grown x2 at most, slots at load 1/4..1/2
+    assert 4 * 4 + 24 < db.bytes_per_row(T) < 2 * (4 * 4 + 24) + 4 * 16
 
 
 def test_initial_capacity_avoids_rehash(encode: Encode) -> None:
@@ -124,7 +126,15 @@ def test_is_a_volatile_db() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"num_partitions": 0}, {"max_get_batch_size": -1}, {"max_set_batch_size": 1.5}, {"initial_capacity": -3}],
+    [
+        {"num_partitions": 0},
+        {"max_get_batch_size": -1},
+        {"max_set_batch_size": 1.5},
+        {"initial_capacity": -3},
+        {"overflow_margin": 0},
+        {"overflow_policy": "evict_newest"},
+        {"overflow_resolution_target": 1.0},
+    ],
 )
 def test_bad_settings_are_config_errors(kwargs: dict[str, object]) -> None:
     with pytest.raises(ConfigError, match=next(iter(kwargs))):
@@ -132,9 +142,23 @@ def test_bad_settings_are_config_errors(kwargs: dict[str, object]) -> None:
 
 
 def test_from_config_reads_hugectr_field_names() -> None:
-    cfg = SimpleNamespace(type="hash_map", num_partitions=3, max_get_batch_size=11, max_set_batch_size=13)
+    cfg = SimpleNamespace(
+        type="hash_map", num_partitions=3, max_get_batch_size=11, max_set_batch_size=13,
+        overflow_margin=100, overflow_policy="evict_least_used", overflow_resolution_target=0.5,
+    )
     db = HashMapVolatileDB.from_config(cfg)
     assert (db._num_partitions, db._max_get, db._max_set) == (3, 11, 13)
+    assert (db.overflow_margin, db.overflow_policy, db.overflow_resolution_target) == (
+        100, "evict_least_used", 0.5
+    )
+
+
+def test_from_config_defaults_never_evict() -> None:
+    from hps_core.config import VolatileDBConfig
+
+    db = HashMapVolatileDB.from_config(VolatileDBConfig())
+    assert db.overflow_margin == 2**64 - 1 and db.overflow_policy == "evict_random"
+    assert not db._track  # no margin: fetch skips the access bookkeeping
 
 
 @pytest.mark.parametrize("kind", ["hash_map", "parallel_hash_map"])
@@ -145,7 +169,197 @@ def test_open_volatile_db(kind: str) -> None:
 
 def test_open_volatile_db_disabled_and_unsupported() -> None:
     assert open_volatile_db(SimpleNamespace(type="disabled")) is None
-    with pytest.raises(ConfigError, match="not available yet"):
-        open_volatile_db(SimpleNamespace(type="redis_cluster"))
     with pytest.raises(ConfigError, match="volatile_db.type"):
         open_volatile_db(SimpleNamespace(type="memcached"))
+
+
+# --------------------------------------------------------------------------- removal
+
+
+def test_remove_returns_count_and_leaves_others_intact(encode: Encode) -> None:
+    db = HashMapVolatileDB(num_partitions=3, max_set_batch_size=17)
+    db.create_table(T, 5)
+    keys = np.random.default_rng(2).permutation(20_000).astype(np.int64) - 10_000
+    db.insert(T, keys, encode(keys, 5))
+    gone = keys[::3].copy()
+    absent = np.array([10**12, 10**12 + 1], np.int64)
+    assert db.remove(T, np.concatenate([gone, absent, gone[:5]])) == len(gone)
+    assert db.count(T) == len(keys) - len(gone)
+    out = np.full((len(gone), 5), -1, np.float32)
+    assert not db.fetch(T, gone, out).any()
+    assert (out == -1).all()  # a removed key is a clean miss
+    kept = np.setdiff1d(keys, gone)
+    check_all(db, kept, encode, 5)
+    # re-inserting reuses the freed rows: no growth of the value arrays
+    sizes = [p.values.shape[0] for p in db._table(T).partitions]
+    db.insert(T, gone, encode(gone, 5) + 1)
+    assert [p.values.shape[0] for p in db._table(T).partitions] == sizes
+    out = np.zeros((len(gone), 5), np.float32)
+    assert db.fetch(T, gone, out).all()
+    np.testing.assert_array_equal(out, encode(gone, 5) + 1)
+
+
+def test_remove_keeps_probe_chains_intact() -> None:
+    """Keys that collide in a tiny table form long probe runs that wrap around the slot
+    array; backward-shift deletion must keep every remaining key reachable."""
+    rng = np.random.default_rng(3)
+    db = HashMapVolatileDB(num_partitions=1)
+    db.create_table(T, 1)
+    alive: set[int] = set()
+    for _ in range(300):
+        batch = rng.integers(0, 64, 8).astype(np.int64)
+        if rng.random() < 0.5:
+            db.insert(T, batch, batch[:, None].astype(np.float32))
+            alive.update(batch.tolist())
+        else:
+            db.remove(T, batch)
+            alive.difference_update(batch.tolist())
+        probe = np.arange(64, dtype=np.int64)
+        out = np.full((64, 1), -1, np.float32)
+        found = db.fetch(T, probe, out)
+        assert set(probe[found].tolist()) == alive
+        np.testing.assert_array_equal(out[found, 0], probe[found])
+        assert db.count(T) == len(alive)
+
+
+def test_evict_and_drop_table(encode: Encode) -> None:
+    db = HashMapVolatileDB(num_partitions=2)
+    db.create_table(T, 3)
+    keys = np.arange(100, dtype=np.int64)
+    db.insert(T, keys, encode(keys, 3))
+    assert db.memory_bytes() == db.memory_bytes(T) > 100 * 12
+    assert db.evict_table(T) == 100
+    assert db.count(T) == 0 and db.dim(T) == 3
+    assert not db.fetch(T, keys, np.zeros((100, 3), np.float32)).any()
+    db.insert(T, keys, encode(keys, 3))
+    assert db.drop_table(T) == 100
+    assert db.table_names() == []
+    assert db.memory_bytes() == 0
+    with pytest.raises(UnknownTableError):
+        db.count(T)
+
+
+# --------------------------------------------------------------------------- overflow
+
+
+def sizes(db: HashMapVolatileDB) -> list[int]:
+    return [p.n_rows for p in db._table(T).partitions]
+
+
+@pytest.mark.parametrize("policy", ["evict_random", "evict_least_used", "evict_oldest"])
+def test_overflow_keeps_each_partition_within_margin(policy: str, encode: Encode) -> None:
+    db = HashMapVolatileDB(
+        num_partitions=4, overflow_margin=1_000, overflow_policy=policy,
+        overflow_resolution_target=0.6, max_set_batch_size=300,
+    )
+    db.create_table(T, 8)
+    rng = np.random.default_rng(4)
+    inserted = np.empty(0, np.int64)
+    for step in range(40):
+        keys = rng.integers(0, 1 << 40, 700).astype(np.int64)
+        db.insert(T, keys, encode(keys, 8))
+        inserted = np.concatenate([inserted, keys])
+        assert all(n <= 1_000 for n in sizes(db)), sizes(db)
+        probe = rng.choice(inserted, 2_000)
+        out = np.full((len(probe), 8), np.nan, np.float32)
+        found = db.fetch(T, probe, out)
+        np.testing.assert_array_equal(out[found], encode(probe[found], 8))  # no wrong vector
+        assert np.isnan(out[~found]).all()  # an evicted key is a clean miss
+    assert db.count(T) == sum(sizes(db)) and db.count(T) < len(np.unique(inserted))
+    # every row left is reachable, and each partition's slots agree with its rows
+    for part in db._table(T).partitions:
+        assert (part.slots[:, 1] >= 0).sum() == part.n_rows
+        assert part.values.shape[0] <= 2 * 1_000  # value slots recycled, not grown
+
+
+@pytest.mark.parametrize("policy", ["evict_random", "evict_least_used", "evict_oldest"])
+def test_overflow_shrinks_to_resolution_target(policy: str, encode: Encode) -> None:
+    db = HashMapVolatileDB(num_partitions=1, overflow_margin=100, overflow_policy=policy,
+                           overflow_resolution_target=0.7)
+    db.create_table(T, 2)
+    keys = np.arange(100, dtype=np.int64)
+    db.insert(T, keys, encode(keys, 2))
+    assert db.count(T) == 100  # at the margin, not over it: nothing evicted
+    db.insert(T, np.array([100], np.int64), encode(np.array([100]), 2))
+    assert db.count(T) == 70  # floor(100 * 0.7)
+    one_big = np.arange(1_000, 1_250, dtype=np.int64)  # a batch larger than the margin
+    db.insert(T, one_big, encode(one_big, 2))
+    assert db.count(T) <= 100
+
+
+def test_evict_oldest_evicts_least_recently_touched(encode: Encode) -> None:
+    db = HashMapVolatileDB(num_partitions=1, overflow_margin=100, overflow_policy="evict_oldest",
+                           overflow_resolution_target=0.5)
+    db.create_table(T, 2)
+    keys = np.arange(100, dtype=np.int64)
+    db.insert(T, keys, encode(keys, 2))  # 0..99 in order: 0 is the oldest
+    recent = np.arange(0, 30, dtype=np.int64)  # touch 0..29 again: now the newest
+    db.fetch(T, recent, np.zeros((30, 2), np.float32))
+    db.insert(T, np.array([500], np.int64), encode(np.array([500]), 2))  # 101 rows → keep 50
+    # the 51 oldest are 30..80; left: 81..99 (19), 0..29 (30) and 500
+    expected = np.concatenate([np.arange(81, 100), recent, [500]])
+    stored = np.arange(0, 501, dtype=np.int64)
+    found = db.fetch(T, stored, np.zeros((len(stored), 2), np.float32))
+    np.testing.assert_array_equal(np.sort(stored[found]), np.sort(expected))
+
+
+def test_evict_least_used_evicts_fewest_accesses(encode: Encode) -> None:
+    db = HashMapVolatileDB(num_partitions=1, overflow_margin=100,
+                           overflow_policy="evict_least_used", overflow_resolution_target=0.5)
+    db.create_table(T, 2)
+    keys = np.arange(100, dtype=np.int64)
+    db.insert(T, keys, encode(keys, 2))
+    hot = np.arange(50, 99, dtype=np.int64)  # 49 hot keys, fetched 3 times each
+    for _ in range(3):
+        db.fetch(T, hot, np.zeros((len(hot), 2), np.float32))
+    db.fetch(T, keys[:10], np.zeros((10, 2), np.float32))  # recent but used only twice
+    db.insert(T, np.array([777], np.int64), encode(np.array([777]), 2))
+    # 101 rows → keep 50: the 49 hot keys survive, plus one row of the least-used ties
+    found = db.fetch(T, hot, np.zeros((len(hot), 2), np.float32))
+    assert found.all()
+    assert db.count(T) == 50
+    cold = db.fetch(T, keys[:50], np.zeros((50, 2), np.float32))
+    assert cold.sum() <= 1
+
+
+def test_concurrent_inserts_and_fetches_during_evictions(encode: Encode) -> None:
+    dim = 16
+    db = HashMapVolatileDB(num_partitions=4, overflow_margin=2_000,
+                           overflow_policy="evict_oldest", overflow_resolution_target=0.5,
+                           max_set_batch_size=500)
+    db.create_table(T, dim)
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def writer(offset: int) -> None:
+        rng = np.random.default_rng(offset)
+        for _ in range(200):
+            keys = rng.integers(0, 50_000, 1_000).astype(np.int64)
+            db.insert(T, keys, encode(keys, dim))
+
+    def reader(seed: int) -> None:
+        rng = np.random.default_rng(50 + seed)
+        while not stop.is_set():
+            keys = rng.integers(0, 50_000, 4_096).astype(np.int64)
+            out = np.full((len(keys), dim), np.nan, np.float32)
+            found = db.fetch(T, keys, out)
+            if not np.array_equal(out[found], encode(keys[found], dim)):
+                errors.append("a fetched vector does not belong to its key")
+            if not np.isnan(out[~found]).all():
+                errors.append("a miss wrote into out")
+            for part in db._table(T).partitions:
+                with part.lock:  # between two lock holds, a partition is within its margin
+                    if part.n_rows > 2_000:
+                        errors.append("a partition grew beyond the margin")
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(2)]
+    threads += [threading.Thread(target=reader, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads[:2]:
+        t.join()
+    stop.set()
+    for t in threads[2:]:
+        t.join()
+    assert not errors, errors[:3]
+    assert 0 < db.count(T) <= 4 * 2_000

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from rocksdict import Options, Rdict
+from rocksdict import AccessType, Options, Rdict
 
 from hps_core.db import PersistentDB, RocksDBPersistentDB, open_persistent_db
 from hps_core.errors import ConfigError, TierBusyError, TierError
@@ -184,3 +184,127 @@ def test_open_persistent_db_from_config(tmp_path: Path) -> None:
     assert open_persistent_db(SimpleNamespace(type="disabled")) is None
     with pytest.raises(ConfigError, match="persistent_db.type"):
         open_persistent_db(SimpleNamespace(type="leveldb"))
+
+
+# --------------------------------------------------------------------------- bulk load
+
+
+def all_rows(path: Path, table: str) -> dict[bytes, bytes]:
+    raw = Rdict(str(path), Options(raw_mode=True), access_type=AccessType.read_only())
+    cf = raw.get_column_family(table)
+    try:
+        return dict(cf.items())
+    finally:
+        cf.close()
+        raw.close()
+
+
+def test_bulk_load_round_trip_equals_write_batch_content(tmp_path: Path, encode: Encode) -> None:
+    rng = np.random.default_rng(5)
+    keys = rng.integers(-(1 << 62), 1 << 62, 20_000).astype(np.int64)
+    keys[:50] = keys[100:150]  # duplicates inside the batch: the last occurrence wins
+    keys[:6] = [0, -1, 1, 255, 256, np.iinfo(np.int64).min]
+    values = encode(keys, 6) + rng.random((len(keys), 6), dtype=np.float32)
+    by_sst = RocksDBPersistentDB(path=tmp_path / "sst")
+    by_sst.create_table(T, 6)
+    assert by_sst.bulk_load(T, keys, values) == len(np.unique(keys))
+    by_batch = RocksDBPersistentDB(path=tmp_path / "batch")
+    by_batch.create_table(T, 6)
+    by_batch.insert(T, keys, values)
+    for db in (by_sst, by_batch):
+        probe = np.unique(keys)
+        out = np.zeros((len(probe), 6), np.float32)
+        assert db.fetch(T, probe, out).all()
+        last = {int(k): i for i, k in enumerate(keys)}
+        np.testing.assert_array_equal(out, values[[last[int(k)] for k in probe]])
+        assert db.count(T) == len(probe)
+    assert by_sst.estimate_rows(T) == len(np.unique(keys))
+    by_sst.close()
+    by_batch.close()
+    assert all_rows(tmp_path / "sst", T) == all_rows(tmp_path / "batch", T)
+    assert not any((tmp_path / "sst" / ".hps_ingest").iterdir())  # SST moved in, none left
+
+
+def test_bulk_load_overwrites_and_empty_and_read_only(tmp_path: Path, encode: Encode) -> None:
+    db = loaded(tmp_path / "db", encode, dim=4, n=100)
+    keys = np.arange(50, 150, dtype=np.int64)
+    db.bulk_load(T, keys, encode(keys, 4) + 1)
+    assert db.bulk_load(T, np.empty(0, np.int64), np.empty((0, 4), np.float32)) == 0
+    out = np.zeros((150, 4), np.float32)
+    assert db.fetch(T, np.arange(150, dtype=np.int64), out).all()
+    np.testing.assert_array_equal(out[:50], encode(np.arange(50), 4))
+    np.testing.assert_array_equal(out[50:], encode(keys, 4) + 1)
+    assert db.disk_bytes(T) > 0
+    db.close()
+    ro = RocksDBPersistentDB(path=tmp_path / "db", read_only=True)
+    with pytest.raises(TierError, match="read-only"):
+        ro.bulk_load(T, keys, encode(keys, 4))
+    with pytest.raises(TierError, match="read-only"):
+        ro.put_meta("load.x", b"1")
+    ro.close()
+
+
+def test_meta_round_trip_survives_reopen(tmp_path: Path) -> None:
+    db = RocksDBPersistentDB(path=tmp_path / "db")
+    assert db.get_meta("load.t") is None
+    db.put_meta("load.t", b"42")
+    db.close()
+    db = RocksDBPersistentDB(path=tmp_path / "db")
+    assert db.get_meta("load.t") == b"42"
+    db.delete_meta("load.t")
+    assert db.get_meta("load.t") is None
+    db.close()
+
+
+# --------------------------------------------------------------------------- threads
+
+
+@pytest.mark.parametrize("num_threads", [1, 2, 4])
+def test_num_threads_gives_the_same_results(tmp_path: Path, encode: Encode, num_threads: int) -> None:
+    writer = loaded(tmp_path / "db", encode, dim=8, n=30_000)
+    writer.close()
+    db = RocksDBPersistentDB(path=tmp_path / "db", read_only=True, num_threads=num_threads,
+                             max_get_batch_size=3_000)
+    keys = np.random.default_rng(num_threads).integers(0, 40_000, 50_000).astype(np.int64)
+    out = np.full((len(keys), 8), -1, np.float32)
+    found = db.fetch(T, keys, out)
+    np.testing.assert_array_equal(found, keys < 30_000)
+    np.testing.assert_array_equal(out[found], encode(keys[found], 8))
+    assert (out[~found] == -1).all()
+    db.close()
+
+
+# --------------------------------------------------------------------------- secondary
+
+
+def test_secondary_refresh_sees_rows_the_writer_added(tmp_path: Path, encode: Encode) -> None:
+    writer = loaded(tmp_path / "db", encode, dim=4, n=100)
+    writer._family(T).flush(True)
+    reader = RocksDBPersistentDB(path=tmp_path / "db", secondary_path=tmp_path / "secondary")
+    assert reader.read_only and reader.secondary_path == str(tmp_path / "secondary")
+    frozen = RocksDBPersistentDB(path=tmp_path / "db", read_only=True)
+    more = np.arange(100, 200, dtype=np.int64)
+    writer.insert(T, more, encode(more, 4))  # stays in the WAL / memtable
+    bulk = np.arange(200, 300, dtype=np.int64)
+    writer.bulk_load(T, bulk, encode(bulk, 4))  # a new SST file
+    writer.create_table("hps_et.model.new", 2)
+    writer.insert("hps_et.model.new", np.array([7], np.int64), np.ones((1, 2), np.float32))
+    probe = np.arange(300, dtype=np.int64)
+    for db in (reader, frozen):
+        assert db.fetch(T, probe, np.zeros((300, 4), np.float32)).sum() == 100
+    reader.refresh()
+    check_all(reader, probe, encode, 4)
+    assert "hps_et.model.new" in reader.table_names()
+    assert frozen.fetch(T, probe, np.zeros((300, 4), np.float32)).sum() == 100  # as opened
+    frozen.refresh()  # a read-only handle reopens
+    check_all(frozen, probe, encode, 4)
+    update = np.arange(0, 10, dtype=np.int64)
+    writer.insert(T, update, encode(update, 4) + 5)
+    reader.refresh()  # incremental catch-up, no new table
+    out = np.zeros((10, 4), np.float32)
+    assert reader.fetch(T, update, out).all()
+    np.testing.assert_array_equal(out, encode(update, 4) + 5)
+    with pytest.raises(TierError, match="read-only"):
+        reader.insert(T, update, encode(update, 4))
+    for db in (reader, frozen, writer):
+        db.close()

@@ -1,0 +1,202 @@
+// Device helpers shared by the cache kernels: key hashing, memory ordering, vector I/O.
+//
+// Compiled by NVRTC through cupy.RawModule (hps_core/cache/_kernels.py passes -I to this
+// folder) and by nvcc -ptx in tests/hps_core/cache/test_kernels_compile.py. No CUDA headers
+// are included, so the sources build the same under NVRTC (which has no system include
+// path) and nvcc.
+#pragma once
+
+// float16 storage as raw bits; converted with cvt instructions, so no cuda_fp16.h is needed.
+typedef unsigned short hps_half;
+
+#define HPS_FULL_MASK 0xffffffffu
+#define HPS_WARP 32
+// A reader retries a vector copied while a writer held the slot this many times, then
+// reports the key missing (the lookup then fetches it from the next tier): a miss is always
+// a safe answer, a torn vector never is.
+#define HPS_MAX_READ_TRIES 64
+
+// splitmix64 finaliser; the CPU twin (hps_core/cache/cpu.py) uses the same constants so a
+// key lands in the same set on both.
+__device__ __forceinline__ unsigned long long hps_mix64(unsigned long long x) {
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+// Keys widen to 64 bits like NumPy's uint64 cast: int64 by two's complement, uint32 by zero.
+__device__ __forceinline__ unsigned long long hps_key_bits(long long k) {
+  return static_cast<unsigned long long>(k);
+}
+__device__ __forceinline__ unsigned long long hps_key_bits(unsigned int k) {
+  return static_cast<unsigned long long>(k);
+}
+
+// ---------------------------------------------------------------- memory ordering (sm_70+)
+// Seqlock words are read and written with explicit PTX scopes: a plain load may be served
+// from a non-coherent L1 line and a plain store may be reordered with the payload.
+
+__device__ __forceinline__ unsigned hps_ld_acquire(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ unsigned hps_ld_relaxed(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.relaxed.gpu.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ int hps_ld_acquire(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void hps_st_relaxed(unsigned* p, unsigned v) {
+  asm volatile("st.relaxed.gpu.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ void hps_st_release(unsigned* p, unsigned v) {
+  asm volatile("st.release.gpu.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ void hps_st_release(int* p, int v) {
+  asm volatile("st.release.gpu.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+// Orders every earlier load/store of this thread before every later one, at GPU scope.
+__device__ __forceinline__ void hps_fence() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
+
+// ---------------------------------------------------------------- float16 conversion
+
+__device__ __forceinline__ float hps_h2f(hps_half h) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+}
+
+__device__ __forceinline__ hps_half hps_f2h(float f) {
+  hps_half h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));  // round to nearest even, like NumPy
+  return h;
+}
+
+// ---------------------------------------------------------------- vector I/O
+// VecIO<T, VEC>::load reads VEC consecutive elements of storage type T at p (aligned to the
+// whole group) into floats; store writes VEC floats back as T. One 16-byte (float4), 8-byte
+// (float2 / 4 halves) or 4-byte (2 halves) transaction per group where the width allows.
+
+template <typename T, int VEC>
+struct VecIO;
+
+template <>
+struct VecIO<float, 4> {
+  static __device__ __forceinline__ void load(const float* p, float* d) {
+    const float4 t = *reinterpret_cast<const float4*>(p);
+    d[0] = t.x; d[1] = t.y; d[2] = t.z; d[3] = t.w;
+  }
+  static __device__ __forceinline__ void store(float* p, const float* s) {
+    *reinterpret_cast<float4*>(p) = make_float4(s[0], s[1], s[2], s[3]);
+  }
+};
+
+template <>
+struct VecIO<float, 2> {
+  static __device__ __forceinline__ void load(const float* p, float* d) {
+    const float2 t = *reinterpret_cast<const float2*>(p);
+    d[0] = t.x; d[1] = t.y;
+  }
+  static __device__ __forceinline__ void store(float* p, const float* s) {
+    *reinterpret_cast<float2*>(p) = make_float2(s[0], s[1]);
+  }
+};
+
+template <>
+struct VecIO<float, 1> {
+  static __device__ __forceinline__ void load(const float* p, float* d) { d[0] = *p; }
+  static __device__ __forceinline__ void store(float* p, const float* s) { *p = s[0]; }
+};
+
+template <>
+struct VecIO<hps_half, 4> {  // four halves in one 8-byte load
+  static __device__ __forceinline__ void load(const hps_half* p, float* d) {
+    const uint2 t = *reinterpret_cast<const uint2*>(p);
+    d[0] = hps_h2f(static_cast<hps_half>(t.x & 0xffffu));
+    d[1] = hps_h2f(static_cast<hps_half>(t.x >> 16));
+    d[2] = hps_h2f(static_cast<hps_half>(t.y & 0xffffu));
+    d[3] = hps_h2f(static_cast<hps_half>(t.y >> 16));
+  }
+  static __device__ __forceinline__ void store(hps_half* p, const float* s) {
+    uint2 t;
+    t.x = static_cast<unsigned>(hps_f2h(s[0])) | (static_cast<unsigned>(hps_f2h(s[1])) << 16);
+    t.y = static_cast<unsigned>(hps_f2h(s[2])) | (static_cast<unsigned>(hps_f2h(s[3])) << 16);
+    *reinterpret_cast<uint2*>(p) = t;
+  }
+};
+
+template <>
+struct VecIO<hps_half, 2> {  // a half2 as one 4-byte word
+  static __device__ __forceinline__ void load(const hps_half* p, float* d) {
+    const unsigned t = *reinterpret_cast<const unsigned*>(p);
+    d[0] = hps_h2f(static_cast<hps_half>(t & 0xffffu));
+    d[1] = hps_h2f(static_cast<hps_half>(t >> 16));
+  }
+  static __device__ __forceinline__ void store(hps_half* p, const float* s) {
+    *reinterpret_cast<unsigned*>(p) =
+        static_cast<unsigned>(hps_f2h(s[0])) | (static_cast<unsigned>(hps_f2h(s[1])) << 16);
+  }
+};
+
+template <>
+struct VecIO<hps_half, 1> {
+  static __device__ __forceinline__ void load(const hps_half* p, float* d) { d[0] = hps_h2f(*p); }
+  static __device__ __forceinline__ void store(hps_half* p, const float* s) { *p = hps_f2h(s[0]); }
+};
+
+// ---------------------------------------------------------------- warp-cooperative rows
+// A row of `dim` elements is cut into groups of VEC; lane l owns groups l, l+32, l+64, ...
+// (NV of them at most), so a warp's loads of one group index are contiguous (coalesced).
+
+template <typename V, int VEC, int NV>
+__device__ __forceinline__ void hps_row_load(const V* row, int dim, int lane, float (&buf)[NV * VEC]) {
+#pragma unroll
+  for (int j = 0; j < NV; ++j) {
+    const int e = (j * HPS_WARP + lane) * VEC;
+    if (e < dim) VecIO<V, VEC>::load(row + e, buf + j * VEC);
+  }
+}
+
+template <typename V, int VEC, int NV>
+__device__ __forceinline__ void hps_row_store(V* row, int dim, int lane, const float (&buf)[NV * VEC]) {
+#pragma unroll
+  for (int j = 0; j < NV; ++j) {
+    const int e = (j * HPS_WARP + lane) * VEC;
+    if (e < dim) VecIO<V, VEC>::store(row + e, buf + j * VEC);
+  }
+}
+
+// Copy a float32 source row into storage row `dst` (writers hold the slot; no staging).
+template <typename V, int VEC, int NV>
+__device__ __forceinline__ void hps_row_copy_in(V* dst, const float* src, int dim, int lane) {
+#pragma unroll
+  for (int j = 0; j < NV; ++j) {
+    const int e = (j * HPS_WARP + lane) * VEC;
+    if (e < dim) {
+      float t[VEC];
+      VecIO<float, VEC>::load(src + e, t);
+      VecIO<V, VEC>::store(dst + e, t);
+    }
+  }
+}
+
+__device__ __forceinline__ int hps_lane() { return static_cast<int>(threadIdx.x) & (HPS_WARP - 1); }
+
+__device__ __forceinline__ long long hps_warp_id() {
+  return (static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x) / HPS_WARP;
+}
+
+__device__ __forceinline__ long long hps_num_warps() {
+  return (static_cast<long long>(gridDim.x) * blockDim.x) / HPS_WARP;
+}

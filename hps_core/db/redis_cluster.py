@@ -1,0 +1,782 @@
+"""Volatile tier in Redis: a Redis Cluster (``RedisClusterVolatileDB``) or one server (``RedisVolatileDB``).
+
+Layout (``_redis_layout``, HugeCTR's): one Redis hash per (table, partition), named
+``hps_et{<table>/p<N>}v``; the braces are a hash tag, so a partition lives in one slot of
+one node. Field = 8-byte key, value = the float32 row. Table widths live in the hash
+``hps_et{meta}tables``.
+
+A batch is grouped by partition with NumPy (``argsort``), each partition cut into
+HMGET/HSET commands of at most ``max_get_batch_size`` / ``max_set_batch_size`` keys, the
+commands grouped by the node owning their slot, and each node's commands sent as ONE
+pipeline. Pipelines go out to every node before any reply is read, so the nodes work in
+parallel while this process waits (no threads). The cluster client (redis-py
+``RedisCluster``, hiredis parser) supplies the slot map, authentication, TLS and one
+connection pool per node; this module drives those pools directly so that a failure stays
+confined to the node that failed.
+
+Failure semantics (HugeCTR's cascade: a volatile tier that cannot answer is a miss)::
+
+    fetch   a node that refuses, drops or times out (``socket_timeout``) makes ITS keys
+            misses; keys on healthy nodes are still returned. No exception. Counted in
+            ``errors`` (failed node requests), ``error_keys`` (keys turned into misses)
+            and ``last_error``.
+    insert  any node failure raises TierError (a write must not be lost silently). Rows
+            bound for healthy nodes may already be written: an upsert is idempotent, so
+            the caller retries the whole batch.
+    count   raises TierError (it is not a lookup).
+
+A failed node is marked down for ``retry_after`` seconds: fetches skip it (its keys are
+misses at once, without paying a timeout on every request), inserts fail at once. After
+that the next call tries it again; a cluster client also re-reads the slot map
+(``CLUSTER SLOTS``) once per ``retry_after`` after a failure, which picks up a failover to a
+replica. A ``MOVED`` reply (resharding, failover) refreshes the slot map and re-sends the
+commands once. Redis errors never leave this module: they become
+:class:`~hps_core.errors.TierError`, or counted misses in ``fetch``::
+
+    HPSError
+     ├── ConfigError     bad settings (address, TLS files), a table re-created with another dim
+     ├── RequestError    bad arrays (base.py's checks), UnknownTableError
+     └── TierError       connection or authentication failure, a failed insert/count,
+                         a stored value of the wrong size, a closed tier
+
+Single server vs cluster (:func:`open_redis_db`, used by ``open_volatile_db`` for
+``type: redis_cluster``): several addresses → a cluster; one address → ``INFO cluster`` is
+asked and a server with ``cluster_enabled:0`` gets :class:`RedisVolatileDB` (same layout,
+one connection pool), a cluster node gets :class:`RedisClusterVolatileDB` (which
+discovers the other nodes from it).
+
+Per-key Python that remains: redis-py takes and returns one ``bytes`` per field/value; we
+build those lists with one ``view().tolist()`` and decode replies with one join.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any
+
+import numpy as np
+import redis
+from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.connection import ConnectionPool
+from redis.crc import key_slot
+from redis.exceptions import AskError, AuthenticationError, RedisClusterException, RedisError, ResponseError
+from redis.retry import Retry
+
+from hps_core.db import _redis_layout as layout
+from hps_core.db.base import (
+    Keys,
+    Mask,
+    Vectors,
+    check_dim,
+    check_keys,
+    check_out,
+    check_table_name,
+    check_values,
+    unknown_table,
+)
+from hps_core.errors import ConfigError, TierError
+
+__all__ = ["RedisClusterVolatileDB", "RedisVolatileDB", "open_redis_db", "parse_addresses"]
+
+DEFAULT_ADDRESS = "127.0.0.1:7000"  # HugeCTR's default
+DEFAULT_PORT = 6379  # for an address without ":port"
+DEFAULT_NUM_PARTITIONS = 8
+DEFAULT_MAX_BATCH_SIZE = 64 * 1024
+DEFAULT_NODE_CONNECTIONS = 5
+DEFAULT_SOCKET_TIMEOUT = 1.0  # s: a node slower than this counts as down for this request
+DEFAULT_CONNECT_TIMEOUT = 0.5  # s
+DEFAULT_RETRY_AFTER = 1.0  # s a failed node is skipped before it is tried again
+
+#: errors that mean "this node cannot answer now" (retryable after ``retry_after``)
+NODE_FAILURES: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def parse_addresses(address: str) -> list[tuple[str, int]]:
+    """``"host[:port],host[:port],..."`` → [(host, port)], port 6379 when absent."""
+    out = []
+    for item in (a.strip() for a in str(address).split(",")):
+        if not item:
+            continue
+        host, sep, port = item.rpartition(":")
+        if not sep:
+            host, port = item, str(DEFAULT_PORT)
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"volatile_db.address: {item!r} is not host[:port]. Fix: e.g. '127.0.0.1:7000'")
+        out.append((host, int(port)))
+    if not out:
+        raise ConfigError(f"volatile_db.address: {address!r} names no server. Fix: 'host:port,host:port'")
+    return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class TLSSettings:
+    """HugeCTR's ``enable_tls`` fields, as redis-py connection arguments."""
+
+    ca_certificate: str  # file, or folder of certificates
+    client_certificate: str
+    client_key: str
+    server_name_identification: str
+
+    def connection_kwargs(self) -> dict[str, Any]:
+        for name, path in (("tls_client_certificate", self.client_certificate), ("tls_client_key", self.client_key)):
+            if not os.path.isfile(path):
+                raise ConfigError(f"volatile_db.{name}: {path!r} is not a file. Fix: give the PEM file's path")
+        if not os.path.exists(self.ca_certificate):
+            raise ConfigError(
+                f"volatile_db.tls_ca_certificate: {self.ca_certificate!r} does not exist. "
+                "Fix: give a CA bundle file or a folder of CA certificates"
+            )
+        ca = {"ssl_ca_path" if os.path.isdir(self.ca_certificate) else "ssl_ca_certs": self.ca_certificate}
+        return {
+            "ssl": True,
+            "ssl_certfile": self.client_certificate,
+            "ssl_keyfile": self.client_key,
+            **ca,
+            # redis-py sends the node's host as SNI and cannot send another name; the
+            # certificate chain is verified, the host name is checked only when the
+            # configured SNI name is the host itself (see docs/tiers.md).
+            "ssl_check_hostname": False,
+        }
+
+
+def _tls_from_config(cfg: Any) -> TLSSettings | None:
+    if not getattr(cfg, "enable_tls", False):
+        return None
+    return TLSSettings(
+        ca_certificate=cfg.tls_ca_certificate,
+        client_certificate=cfg.tls_client_certificate,
+        client_key=cfg.tls_client_key,
+        server_name_identification=cfg.tls_server_name_identification,
+    )
+
+
+def _check_positive(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+# --------------------------------------------------------------------------- nodes
+
+
+@dataclass(eq=False)
+class _Link:
+    """Where commands for one node go: its pool, and a semaphore of num_node_connections."""
+
+    name: str
+    pool: ConnectionPool
+    slots: threading.BoundedSemaphore
+
+
+@dataclass(eq=False)
+class _Group:
+    """The commands of one call bound for one node, and what came back."""
+
+    link: _Link
+    commands: list[tuple[Any, ...]]
+    tags: list[Any]  # one per command: what the caller needs to place the reply
+    replies: list[Any] | None = None  # one per command (a ResponseError in place of an error reply)
+    failure: BaseException | None = None  # the whole node failed
+
+
+@dataclass(eq=False)
+class _Table:
+    dim: int
+    hkeys: list[bytes]  # per partition
+    slots: list[int]  # per partition (cluster slot of the hash key)
+
+
+class _NodeDown(RedisError):
+    """A request not sent because its node failed less than ``retry_after`` seconds ago."""
+
+
+def _short(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+# --------------------------------------------------------------------------- the tiers
+
+
+class _RedisTier:
+    """The layout, batching and failure handling shared by both Redis tiers."""
+
+    _kind = "Redis"
+
+    def __init__(
+        self,
+        *,
+        num_partitions: int,
+        max_get_batch_size: int,
+        max_set_batch_size: int,
+        num_node_connections: int,
+        retry_after: float,
+    ) -> None:
+        self._num_partitions = _check_positive("num_partitions", num_partitions)
+        self._max_get = _check_positive("max_get_batch_size", max_get_batch_size)
+        self._max_set = _check_positive("max_set_batch_size", max_set_batch_size)
+        self._node_connections = _check_positive("num_node_connections", num_node_connections)
+        self._retry_after = float(retry_after)
+        self._tables: dict[str, _Table] = {}
+        self._links: dict[str, _Link] = {}
+        self._down_until: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self.errors = 0  # failed node requests (fetch turns them into misses)
+        self.error_keys = 0  # keys that became misses because their node failed or was down
+        self.last_error: str | None = None
+
+    # ---------------------------------------------------------------- subclass hooks
+
+    def _meta(self) -> Any:
+        """A client for single-key commands on the metadata hash (cluster-routed)."""
+        raise NotImplementedError
+
+    def _link_for_slot(self, slot: int) -> _Link:
+        """The node currently owning ``slot``."""
+        raise NotImplementedError
+
+    def _note_node_failure(self) -> None:
+        """A node failed: a cluster re-reads its slot map (rate-limited)."""
+
+    def _refresh_topology(self) -> None:
+        """Re-read the slot map now (after a MOVED reply)."""
+
+    def _close_clients(self) -> None:
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- contract
+
+    def create_table(self, table: str, dim: int) -> None:
+        self._check_open()
+        table = check_table_name(table)
+        dim = check_dim(table, dim)
+        meta = self._meta()
+        stored = self._call(f"create table {table!r}", lambda: (meta.hsetnx(layout.META_KEY, table, dim), meta.hget(layout.META_KEY, table)))[1]
+        if int(stored) != dim:
+            raise ConfigError(f"table {table!r} already exists with dim {int(stored)}; cannot create it with dim {dim}")
+        self._tables[table] = self._describe(table, dim)
+
+    def insert(self, table: str, keys: Keys, values: Vectors) -> None:
+        self._check_open()
+        table = check_table_name(table)
+        keys = check_keys(table, keys)
+        info = self._table(table)
+        values = check_values(table, values, len(keys), info.dim)
+        if len(keys) == 0:
+            return
+        batch = layout.plan(keys, self._num_partitions, self._max_set)
+        args = layout.interleave(layout.key_fields(keys[batch.order]), layout.row_values(values[batch.order]))
+        commands = [("HSET", info.hkeys[c.partition], *args[2 * c.start : 2 * c.stop]) for c in batch.chunks]
+        sizes = [c.stop - c.start for c in batch.chunks]
+        self._run(f"insert into {table!r}", info, [c.partition for c in batch.chunks], commands, sizes, strict=True)
+
+    def fetch(self, table: str, keys: Keys, out: Vectors) -> Mask:
+        self._check_open()
+        table = check_table_name(table)
+        keys = check_keys(table, keys)
+        info = self._table(table)
+        out = check_out(table, out, len(keys), info.dim)
+        found = np.zeros(len(keys), dtype=np.bool_)
+        if len(keys) == 0:
+            return found
+        batch = layout.plan(keys, self._num_partitions, self._max_get)
+        fields = layout.key_fields(keys[batch.order])
+        commands = [("HMGET", info.hkeys[c.partition], *fields[c.start : c.stop]) for c in batch.chunks]
+        sizes = [c.stop - c.start for c in batch.chunks]
+        replies = self._run(f"fetch from {table!r}", info, [c.partition for c in batch.chunks], commands, sizes, strict=False)
+        flat: list[Any] = list(chain.from_iterable(replies)) if len(replies) > 1 else replies[0]
+        try:
+            mask, rows = layout.decode_replies(flat, info.dim)
+        except ValueError as exc:
+            raise TierError(f"{self._kind}: table {table!r}: {exc}") from exc
+        positions = batch.order[mask]
+        out[positions] = rows
+        found[positions] = True
+        return found
+
+    def count(self, table: str) -> int:
+        self._check_open()
+        info = self._table(check_table_name(table))
+        partitions = list(range(self._num_partitions))
+        commands = [("HLEN", info.hkeys[p]) for p in partitions]
+        replies = self._run(f"count {table!r}", info, partitions, commands, [0] * len(partitions), strict=True)
+        return int(sum(int(r) for r in replies))
+
+    def memory_bytes(self, table: str) -> int:
+        """Redis's estimate of the memory the table's hashes use (``MEMORY USAGE``, sampled)."""
+        self._check_open()
+        info = self._table(check_table_name(table))
+        partitions = list(range(self._num_partitions))
+        commands = [("MEMORY", "USAGE", info.hkeys[p]) for p in partitions]
+        replies = self._run(f"memory of {table!r}", info, partitions, commands, [0] * len(partitions), strict=True)
+        return int(sum(int(r or 0) for r in replies))
+
+    def table_names(self) -> list[str]:
+        self._check_open()
+        meta = self._meta()
+        names = self._call("list tables", lambda: meta.hkeys(layout.META_KEY))
+        return sorted(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+
+    def dim(self, table: str) -> int:
+        self._check_open()
+        return self._table(check_table_name(table)).dim
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._close_clients()
+        except (RedisError, RedisClusterException, OSError):
+            pass  # closing a client of a dead node is not worth an error
+
+    def counters(self) -> dict[str, Any]:
+        """Failure counters: errors, error_keys, last_error, and the nodes now marked down."""
+        now = time.monotonic()
+        with self._lock:
+            down = sorted(n for n, t in self._down_until.items() if t > now)
+        return {"errors": self.errors, "error_keys": self.error_keys, "last_error": self.last_error, "down_nodes": down}
+
+    def __enter__(self) -> _RedisTier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- tables
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TierError(f"{self._kind} tier is closed")
+
+    def _describe(self, table: str, dim: int) -> _Table:
+        hkeys = [layout.value_hkey(table, p) for p in range(self._num_partitions)]
+        return _Table(dim, hkeys, [key_slot(h) for h in hkeys])
+
+    def _table(self, table: str) -> _Table:
+        """The cached description, or the width another process stored in the metadata hash."""
+        info = self._tables.get(table)
+        if info is not None:
+            return info
+        meta = self._meta()
+        stored = self._call(f"look up table {table!r}", lambda: meta.hget(layout.META_KEY, table))
+        if stored is None:
+            raise unknown_table(table, self.table_names())
+        info = self._tables.setdefault(table, self._describe(table, int(stored)))
+        return info
+
+    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        """Run a single-key command; redis errors become TierError."""
+        try:
+            return fn()
+        except (RedisError, RedisClusterException, OSError) as exc:
+            self._record(None, exc, 0)
+            raise TierError(f"{self._kind}: {what} failed: {_short(exc)}") from exc
+
+    # ---------------------------------------------------------------- pipelines
+
+    def _record(self, node: str | None, exc: BaseException, keys: int) -> None:
+        """Count a failure; a node that failed (not one merely skipped) is marked down."""
+        with self._lock:
+            if isinstance(exc, _NodeDown):  # skipped: its keys are misses, no new failure
+                self.error_keys += keys
+                return
+            self.errors += 1
+            self.error_keys += keys
+            self.last_error = f"{node or self._kind}: {_short(exc)}"
+            if node is not None and isinstance(exc, NODE_FAILURES):
+                self._down_until[node] = time.monotonic() + self._retry_after
+        if isinstance(exc, NODE_FAILURES):
+            self._note_node_failure()
+
+    def _is_down(self, node: str) -> bool:
+        until = self._down_until.get(node)
+        return until is not None and until > time.monotonic()
+
+    def _group(self, info: _Table, partitions: Sequence[int], commands: list[tuple[Any, ...]], tags: Iterable[Any]) -> list[_Group]:
+        """Commands grouped by the node owning their partition's slot (per partition, not per key)."""
+        groups: dict[str, _Group] = {}
+        for partition, command, tag in zip(partitions, commands, tags):
+            link = self._link_for_slot(info.slots[partition])
+            group = groups.get(link.name)
+            if group is None:
+                group = groups[link.name] = _Group(link, [], [])
+            group.commands.append(command)
+            group.tags.append(tag)
+        return list(groups.values())
+
+    def _exchange(self, groups: list[_Group]) -> None:
+        """Send every node its pipeline, then read every reply: the nodes work side by side.
+
+        Fills ``group.replies`` or ``group.failure``; never raises for a node's failure.
+        """
+        held: list[tuple[_Group, Any]] = []
+        try:
+            for group in groups:
+                if self._is_down(group.link.name):
+                    group.failure = _NodeDown(f"node {group.link.name} is marked down after a failure")
+                    continue
+                group.link.slots.acquire()
+                conn = None
+                try:
+                    conn = group.link.pool.get_connection()
+                    conn.send_packed_command(conn.pack_commands(group.commands), check_health=False)
+                    held.append((group, conn))
+                except NODE_FAILURES as exc:
+                    group.failure = exc
+                    self._release(group.link, conn, broken=True)
+            while held:
+                group, conn = held.pop(0)
+                broken = False
+                try:
+                    group.replies = [self._read(conn) for _ in group.commands]
+                except NODE_FAILURES as exc:
+                    group.failure, broken = exc, True
+                finally:
+                    self._release(group.link, conn, broken)
+        finally:
+            for group, conn in held:  # only on an unexpected exception mid-way
+                self._release(group.link, conn, broken=True)
+
+    @staticmethod
+    def _read(conn: Any) -> Any:
+        try:
+            return conn.read_response()
+        except ResponseError as exc:  # an error reply; the connection stays in step
+            return exc
+
+    @staticmethod
+    def _release(link: _Link, conn: Any, broken: bool) -> None:
+        try:
+            if conn is not None:
+                if broken:
+                    conn.disconnect()
+                link.pool.release(conn)
+        finally:
+            link.slots.release()
+
+    def _run(
+        self, what: str, info: _Table, partitions: list[int], commands: list[tuple[Any, ...]], sizes: list[int], *, strict: bool
+    ) -> list[Any]:
+        """Run ``commands`` (command i on partition ``partitions[i]``, touching ``sizes[i]`` keys).
+
+        Returns one reply per command. A MOVED reply refreshes the slot map and re-sends
+        once. Other failures: ``strict`` raises TierError; otherwise the command's reply
+        is ``[None] * size`` (all misses) and the failure is counted, once per node.
+        """
+        results: list[Any] = [None] * len(commands)
+        pending = list(range(len(commands)))
+        for attempt in range(2):
+            groups = self._group(info, [partitions[i] for i in pending], [commands[i] for i in pending], pending)
+            self._exchange(groups)
+            moved: list[int] = []
+            for group in groups:
+                if group.failure is not None:
+                    self._fail(what, group.link.name, group.failure, sum(sizes[i] for i in group.tags), strict)
+                    for i in group.tags:
+                        results[i] = [None] * sizes[i]
+                    continue
+                assert group.replies is not None
+                for i, reply in zip(group.tags, group.replies):
+                    if isinstance(reply, AskError) and attempt == 0:  # MOVED (or ASK): re-route once
+                        moved.append(i)
+                    elif isinstance(reply, BaseException):
+                        self._fail(what, group.link.name, reply, sizes[i], strict)
+                        results[i] = [None] * sizes[i]
+                    else:
+                        results[i] = reply
+            if not moved:
+                break
+            self._refresh_topology()
+            pending = moved
+        return results
+
+    def _fail(self, what: str, node: str, exc: BaseException, keys: int, strict: bool) -> None:
+        self._record(node, exc, 0 if strict else keys)
+        if strict:
+            raise TierError(f"{self._kind}: {what} failed on node {node}: {_short(exc)}") from exc
+
+    def _new_link(self, name: str, pool: ConnectionPool) -> _Link:
+        with self._lock:
+            link = self._links.get(name)
+            if link is None or link.pool is not pool:
+                link = self._links[name] = _Link(name, pool, threading.BoundedSemaphore(self._node_connections))
+            return link
+
+
+def _client_kwargs(
+    *,
+    user_name: str | None,
+    password: str | None,
+    tls: TLSSettings | None,
+    socket_timeout: float,
+    socket_connect_timeout: float,
+) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": socket_connect_timeout,
+        "socket_keepalive": True,
+    }
+    if password:
+        kwargs["password"] = password
+        if user_name and user_name != "default":
+            kwargs["username"] = user_name
+    if tls is not None:
+        kwargs.update(tls.connection_kwargs())
+    return kwargs
+
+
+def _connect_error(kind: str, addresses: str, exc: BaseException) -> TierError:
+    text = str(exc)
+    auth_markers = ("WRONGPASS", "NOAUTH", "invalid username-password", "Authentication required")
+    if isinstance(exc, AuthenticationError) or any(m in text for m in auth_markers):
+        return TierError(
+            f"{kind} at {addresses}: authentication failed ({_short(exc)}). "
+            "Fix: set volatile_db.user_name / volatile_db.password to the server's"
+        )
+    return TierError(f"{kind} at {addresses}: cannot connect ({_short(exc)})")
+
+
+class RedisClusterVolatileDB(_RedisTier):
+    """Volatile tier in a Redis Cluster (HugeCTR ``redis_cluster``), through redis-py ``RedisCluster``.
+
+    Args:
+        address: ``"host[:port],host[:port],..."``; any reachable node is enough to
+            discover the cluster.
+        user_name, password: Redis ACL user and password (``""``: no AUTH).
+        num_partitions: hashes per table, spread over the nodes by their hash tag. Every
+            process sharing the cluster must use the same value.
+        max_get_batch_size, max_set_batch_size: most keys per HMGET / HSET command.
+        num_node_connections: most connections this object opens to one node.
+        tls: TLS settings, or None for plain TCP.
+        socket_timeout: seconds before a silent node counts as failed for this request.
+        socket_connect_timeout: seconds to wait for a TCP connection.
+        retry_after: seconds a failed node is skipped before it is tried again.
+    """
+
+    _kind = "Redis Cluster"
+
+    def __init__(
+        self,
+        *,
+        address: str = DEFAULT_ADDRESS,
+        user_name: str = "default",
+        password: str = "",
+        num_partitions: int = DEFAULT_NUM_PARTITIONS,
+        max_get_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        max_set_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        num_node_connections: int = DEFAULT_NODE_CONNECTIONS,
+        tls: TLSSettings | None = None,
+        socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
+        socket_connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        retry_after: float = DEFAULT_RETRY_AFTER,
+    ) -> None:
+        super().__init__(
+            num_partitions=num_partitions,
+            max_get_batch_size=max_get_batch_size,
+            max_set_batch_size=max_set_batch_size,
+            num_node_connections=num_node_connections,
+            retry_after=retry_after,
+        )
+        self._address = address
+        nodes = [ClusterNode(host, port) for host, port in parse_addresses(address)]
+        kwargs = _client_kwargs(
+            user_name=user_name, password=password, tls=tls,
+            socket_timeout=socket_timeout, socket_connect_timeout=socket_connect_timeout,
+        )
+        self._refresh_lock = threading.Lock()
+        self._refresh_due = False
+        self._next_refresh = 0.0
+        try:
+            self._client = RedisCluster(
+                startup_nodes=nodes,
+                require_full_coverage=False,  # a node down must not stop the others from answering
+                retry=Retry(NoBackoff(), 1),
+                **kwargs,
+            )
+        except (RedisError, RedisClusterException, OSError) as exc:
+            raise _connect_error(self._kind, address, exc) from exc
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> RedisClusterVolatileDB:
+        """Build from a VolatileDBConfig (HugeCTR field names; absent → default)."""
+        return cls(**_config_kwargs(cfg))
+
+    def __repr__(self) -> str:
+        return f"RedisClusterVolatileDB(address={self._address!r}, partitions={self._num_partitions})"
+
+    def _meta(self) -> Any:
+        return self._client
+
+    def _link_for_slot(self, slot: int) -> _Link:
+        self._maybe_refresh()
+        try:
+            node = self._client.nodes_manager.get_node_from_slot(slot)
+        except (RedisError, RedisClusterException) as exc:
+            # slot not covered: a link that always fails, so the keys become misses
+            return self._new_link(f"slot-{slot}-uncovered", _DeadPool(exc))
+        if node.redis_connection is None:
+            self._client.nodes_manager.create_redis_connections([node])
+        return self._new_link(node.name, node.redis_connection.connection_pool)
+
+    def _note_node_failure(self) -> None:
+        self._refresh_due = True
+
+    def _maybe_refresh(self) -> None:
+        """After a node failure, re-read the slot map at most once per ``retry_after``, in
+        the background: asking a dead or frozen startup node must not stall a lookup."""
+        if not self._refresh_due or time.monotonic() < self._next_refresh:
+            return
+        self._next_refresh = time.monotonic() + self._retry_after
+        self._refresh_due = False
+        threading.Thread(target=self._refresh_now, name="hps-redis-slot-refresh", daemon=True).start()
+
+    def _refresh_now(self) -> None:
+        if not self._refresh_lock.acquire(blocking=False):
+            return  # a refresh is already running
+        try:
+            if not self._closed:
+                self._client.nodes_manager.initialize()
+        except (RedisError, RedisClusterException, OSError) as exc:
+            self._refresh_due = True
+            with self._lock:
+                self.last_error = f"slot map refresh: {_short(exc)}"
+        finally:
+            self._refresh_lock.release()
+
+    def _refresh_topology(self) -> None:
+        """After a MOVED reply: re-read the slot map now (the commands are re-sent next)."""
+        self._next_refresh = time.monotonic() + self._retry_after
+        self._refresh_now()
+
+    def _close_clients(self) -> None:
+        self._client.close()
+
+
+class RedisVolatileDB(_RedisTier):
+    """Volatile tier in one Redis server (not a cluster): the same layout, one connection pool.
+
+    For small deployments. Arguments as :class:`RedisClusterVolatileDB`, but ``address``
+    names exactly one server.
+    """
+
+    _kind = "Redis"
+
+    def __init__(
+        self,
+        *,
+        address: str = DEFAULT_ADDRESS,
+        user_name: str = "default",
+        password: str = "",
+        num_partitions: int = DEFAULT_NUM_PARTITIONS,
+        max_get_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        max_set_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        num_node_connections: int = DEFAULT_NODE_CONNECTIONS,
+        tls: TLSSettings | None = None,
+        socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
+        socket_connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        retry_after: float = DEFAULT_RETRY_AFTER,
+    ) -> None:
+        super().__init__(
+            num_partitions=num_partitions,
+            max_get_batch_size=max_get_batch_size,
+            max_set_batch_size=max_set_batch_size,
+            num_node_connections=num_node_connections,
+            retry_after=retry_after,
+        )
+        servers = parse_addresses(address)
+        if len(servers) != 1:
+            raise ConfigError(
+                f"volatile_db.address: a single Redis server takes one address, got {len(servers)}. "
+                "Fix: use RedisClusterVolatileDB for a cluster"
+            )
+        (host, port), self._address = servers[0], address
+        kwargs = _client_kwargs(
+            user_name=user_name, password=password, tls=tls,
+            socket_timeout=socket_timeout, socket_connect_timeout=socket_connect_timeout,
+        )
+        self._client = redis.Redis(host=host, port=port, retry=Retry(NoBackoff(), 0), **kwargs)
+        try:
+            self._client.ping()
+        except (RedisError, OSError) as exc:
+            self._client.close()
+            raise _connect_error(self._kind, address, exc) from exc
+        self._link = _Link(f"{host}:{port}", self._client.connection_pool, threading.BoundedSemaphore(self._node_connections))
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> RedisVolatileDB:
+        """Build from a VolatileDBConfig (HugeCTR field names; absent → default)."""
+        return cls(**_config_kwargs(cfg))
+
+    def __repr__(self) -> str:
+        return f"RedisVolatileDB(address={self._address!r}, partitions={self._num_partitions})"
+
+    def _meta(self) -> Any:
+        return self._client
+
+    def _link_for_slot(self, slot: int) -> _Link:
+        return self._link
+
+    def _close_clients(self) -> None:
+        self._client.close()
+
+
+class _DeadPool:
+    """Stands in for the pool of a node that owns nothing: every connection attempt fails."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self._exc = exc
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        raise redis.ConnectionError(f"slot not served by any node: {self._exc}")
+
+    def release(self, conn: Any) -> None:  # pragma: no cover - never handed a connection
+        pass
+
+
+def _config_kwargs(cfg: Any) -> dict[str, Any]:
+    return {
+        "address": getattr(cfg, "address", DEFAULT_ADDRESS),
+        "user_name": getattr(cfg, "user_name", "default"),
+        "password": getattr(cfg, "password", ""),
+        "num_partitions": getattr(cfg, "num_partitions", DEFAULT_NUM_PARTITIONS),
+        "max_get_batch_size": getattr(cfg, "max_get_batch_size", DEFAULT_MAX_BATCH_SIZE),
+        "max_set_batch_size": getattr(cfg, "max_set_batch_size", DEFAULT_MAX_BATCH_SIZE),
+        "num_node_connections": getattr(cfg, "num_node_connections", DEFAULT_NODE_CONNECTIONS),
+        "tls": _tls_from_config(cfg),
+    }
+
+
+def _cluster_enabled(address: str, kwargs: dict[str, Any]) -> bool:
+    """Ask one server whether it runs in cluster mode (``INFO cluster``)."""
+    (host, port), = parse_addresses(address)
+    client = redis.Redis(host=host, port=port, retry=Retry(NoBackoff(), 0), **kwargs)
+    try:
+        return bool(client.info("cluster").get("cluster_enabled", 0))
+    except (RedisError, OSError) as exc:
+        raise _connect_error("Redis", address, exc) from exc
+    finally:
+        client.close()
+
+
+def open_redis_db(cfg: Any) -> RedisClusterVolatileDB | RedisVolatileDB:
+    """The Redis tier ``volatile_db`` describes: a cluster for several addresses or a
+    cluster node, one server (:class:`RedisVolatileDB`) for a server not in cluster mode."""
+    kwargs = _config_kwargs(cfg)
+    if len(parse_addresses(kwargs["address"])) == 1:
+        probe = _client_kwargs(
+            user_name=kwargs["user_name"], password=kwargs["password"], tls=kwargs["tls"],
+            socket_timeout=DEFAULT_SOCKET_TIMEOUT, socket_connect_timeout=DEFAULT_CONNECT_TIMEOUT,
+        )
+        if not _cluster_enabled(kwargs["address"], probe):
+            return RedisVolatileDB(**kwargs)
+    return RedisClusterVolatileDB(**kwargs)

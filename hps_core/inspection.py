@@ -1,0 +1,191 @@
+"""``hps inspect``: what the tiers hold, per table — rows, width, memory and disk.
+
+Per table (from ``--config``'s models, or every table of ``--rocksdb``'s database):
+
+- ``file_rows``: rows of the table's sparse file (file sizes only);
+- RocksDB: ``rocksdb.estimate-num-keys`` (O(1), approximate), SST + memtable bytes, and the
+  loader's progress marker (``complete``, ``partial``, ``stale`` when the file changed since,
+  ``none``). The database is opened read-only, so inspect runs beside a writer or a server;
+- the hash map lives in each serving process, so inspect reports what a start-up load of
+  ``initial_cache_rate`` would take there: ``rows × bytes_per_row`` at the map's
+  steady-state load (:func:`hps_core.db.hash_map.estimate_bytes_per_row`).
+
+Output: a plain aligned table, or ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from hps_core.config import ParameterServerConfig, TableConfig
+from hps_core.errors import ConfigError, FormatError
+from hps_core.formats import detect_format, sparse_model_rows
+
+__all__ = ["add_inspect", "format_report", "inspect_tiers", "run_inspect"]
+
+_COLUMNS = (
+    ("table", "table"),
+    ("dim", "dim"),
+    ("file_rows", "file rows"),
+    ("rocksdb_rows", "rocksdb rows~"),
+    ("rocksdb_bytes", "rocksdb disk"),
+    ("load", "load"),
+    ("volatile_rows", "volatile rows"),
+    ("volatile_bytes", "volatile mem~"),
+)
+
+
+def _file_rows(table: TableConfig) -> int | None:
+    try:
+        if detect_format(table.sparse_file) == "hugectr":
+            return sparse_model_rows(table.sparse_file, table.dim)[0]
+    except (FormatError, OSError):
+        return None
+    return None
+
+
+def _open_rocksdb(config: ParameterServerConfig) -> Any:
+    from hps_core.db.rocksdb import RocksDBPersistentDB
+
+    settings = config.persistent_db
+    if not settings.enabled or not Path(settings.path, "CURRENT").exists():
+        return None
+    return RocksDBPersistentDB(path=settings.path, read_only=True, num_threads=1)
+
+
+def _load_state(db: Any, table: TableConfig, name: str) -> str:
+    from hps_core.loader import fingerprint, read_marker
+
+    marker = read_marker(db, name)
+    if marker is None:
+        return "none"
+    if not marker.complete:
+        return f"partial {marker.rows}/{marker.total}"
+    try:
+        if table.sparse_file and fingerprint(table.sparse_file) != marker.fingerprint:
+            return "stale"
+    except (FormatError, OSError):
+        pass
+    return "complete"
+
+
+def _volatile(config: ParameterServerConfig, table: TableConfig, file_rows: int | None
+              ) -> tuple[int | None, int | None]:
+    from hps_core.db.hash_map import estimate_bytes_per_row
+
+    settings = config.volatile_db
+    if settings.type not in ("hash_map", "parallel_hash_map") or file_rows is None:
+        return None, None
+    rows = int(file_rows * settings.initial_cache_rate)
+    if settings.overflow_margin < 2**64 - 1:
+        rows = min(rows, settings.overflow_margin * settings.num_partitions)
+    return rows, int(rows * estimate_bytes_per_row(table.dim))
+
+
+def _tables(config: ParameterServerConfig, db: Any) -> list[TableConfig]:
+    tables = [t for m in config.models for t in m.tables]
+    if tables or db is None:
+        return tables
+    return [  # --rocksdb alone: every table the database holds
+        TableConfig(name=n.split(".", 2)[-1], dim=db.dim(n), default_value=0.0,
+                    max_keys_per_sample=1, sparse_file="", qualified_name=n)
+        for n in db.table_names()
+    ]
+
+
+def inspect_tiers(config: ParameterServerConfig) -> dict[str, Any]:
+    """The report as data: ``{"rocksdb": {...}, "volatile": {...}, "tables": [row, ...]}``."""
+    db = _open_rocksdb(config)
+    try:
+        rows = []
+        for table in _tables(config, db):
+            name = table.qualified_name
+            file_rows = _file_rows(table)
+            row: dict[str, Any] = {"table": name, "dim": table.dim, "file_rows": file_rows,
+                                   "rocksdb_rows": None, "rocksdb_bytes": None, "load": None}
+            if db is not None and name in db.table_names():
+                row.update(rocksdb_rows=db.estimate_rows(name), rocksdb_bytes=db.disk_bytes(name),
+                           load=_load_state(db, table, name))
+            row["volatile_rows"], row["volatile_bytes"] = _volatile(config, table, file_rows)
+            rows.append(row)
+        settings = config.persistent_db
+        return {
+            "rocksdb": {"path": settings.path if settings.enabled else None,
+                        "exists": db is not None,
+                        "dir_bytes": _dir_bytes(settings.path) if db is not None else None},
+            "volatile": {"type": config.volatile_db.type,
+                         "initial_cache_rate": config.volatile_db.initial_cache_rate},
+            "tables": rows,
+        }
+    finally:
+        if db is not None:
+            db.close()
+
+
+def _dir_bytes(path: str) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def _human(n: Any) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(n)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as a plain aligned table with a header and a footer line per tier."""
+    cells = [[label for _, label in _COLUMNS]]
+    for row in report["tables"]:
+        line = []
+        for key, _ in _COLUMNS:
+            value = row[key]
+            line.append(_human(value) if key.endswith("bytes") else "-" if value is None else str(value))
+        cells.append(line)
+    widths = [max(len(r[i]) for r in cells) for i in range(len(_COLUMNS))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in cells]
+    rdb, vol = report["rocksdb"], report["volatile"]
+    where = rdb["path"] or "disabled"
+    if rdb["path"] and not rdb["exists"]:
+        where += " (no database yet)"
+    lines.append(f"rocksdb: {where}" + (f", {_human(rdb['dir_bytes'])} on disk" if rdb["dir_bytes"] else ""))
+    lines.append(f"volatile: {vol['type']}, initial_cache_rate {vol['initial_cache_rate']:g} "
+                 "(hash map: per serving process; ~ = estimate)")
+    return "\n".join(lines)
+
+
+def add_inspect(subparsers: Any) -> None:
+    """Register ``hps inspect``."""
+    parser = subparsers.add_parser(
+        "inspect",
+        help="show the tables of the tiers: rows, width, memory and disk",
+        description=("Report, per table, the rows of its sparse file, RocksDB's row estimate, "
+                     "disk size and load state, and the memory the hash map would take."),
+    )
+    parser.add_argument("--config", metavar="HPS_JSON", help="HugeCTR HPS JSON")
+    parser.add_argument("--rocksdb", metavar="DIR", help="RocksDB folder (instead of, or overriding, the config's)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(func=run_inspect)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    """``hps inspect``: print the report."""
+    from hps_core.loader import cli_config
+
+    if not args.config and not args.rocksdb:
+        raise ConfigError("give --config HPS_JSON or --rocksdb DIR")
+    config = cli_config(argparse.Namespace(config=args.config, rocksdb=args.rocksdb, redis=None))
+    if not args.config:
+        config = dataclasses.replace(config, source=args.rocksdb)
+    report = inspect_tiers(config)
+    print(json.dumps(report, indent=2) if args.json else format_report(report), flush=True)
+    return 0

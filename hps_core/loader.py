@@ -1,0 +1,383 @@
+"""Loading embedding tables into the tiers: resumable, idempotent, cheap when already done.
+
+:func:`load_table` copies one table file (a HugeCTR sparse model folder, ``.npz`` or a
+``keys.npy``/``vectors.npy`` folder) into one tier, in chunks of ``chunk_rows`` rows:
+
+- into a tier with ``bulk_load`` (RocksDB) each chunk is one SST file ingested atomically;
+  elsewhere (hash map, Redis) through ``insert``;
+- into a tier with load bookkeeping (``get_meta``/``put_meta``: RocksDB) a **progress
+  marker** ``hps.load.<table>`` in the database itself records the rows committed and the
+  source file's fingerprint (sizes, mtimes and a hash of the first and last 64 KiB of each
+  file). The marker is written after each chunk's ingest, so a load that is killed resumes
+  at the first chunk not yet recorded; a chunk ingested but not recorded is ingested again,
+  which is harmless (upserts of the same rows). A marker saying "complete" for the same
+  fingerprint makes a rerun return at once, without counting rows;
+- a changed source file (other fingerprint) is loaded again from the start. Rows of the old
+  file whose keys the new file lacks stay: drop the table first to replace it outright.
+
+``rows`` (or ``fraction``) loads only the leading rows of the file, which is what the volatile
+tier's ``initial_cache_rate`` asks for.
+
+:func:`load_config_tables` does this for the models and tiers of an HPS JSON; ``hps load``
+(:func:`add_load`) is its command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from hps_core.config import ParameterServerConfig, TableConfig, load_config
+from hps_core.errors import ConfigError
+from hps_core.formats import SparseTable, detect_format, read_table, sparse_model_rows
+
+__all__ = [
+    "DEFAULT_CHUNK_ROWS",
+    "TIERS",
+    "LoadMarker",
+    "add_load",
+    "cli_config",
+    "fingerprint",
+    "load_config_tables",
+    "load_table",
+    "marker_name",
+    "read_marker",
+    "run_load",
+    "select_tables",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_ROWS = 1 << 18  # bounds memory per step; one SST file each
+_PROBE_BYTES = 1 << 16  # bytes hashed at each end of a source file for its fingerprint
+TIERS = ("persistent", "volatile", "both")
+
+
+# --------------------------------------------------------------------------- source files
+
+
+def _source_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The files a table's content lives in, in a fixed order."""
+    root = Path(path)
+    kind = detect_format(root)
+    if kind == "npz":
+        return [root]
+    if kind == "hugectr":
+        return [root / "key", root / "emb_vector"]
+    return [root / "keys.npy", root / "vectors.npy"]
+
+
+def fingerprint(path: str | os.PathLike[str]) -> str:
+    """A cheap identity of a table file: size, mtime and the first/last 64 KiB of each file.
+
+    Costs two small reads per file, never a pass over the table.
+    """
+    digest = hashlib.sha256()
+    for file in _source_files(path):
+        stat = file.stat()
+        digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+        with open(file, "rb") as fh:
+            digest.update(fh.read(_PROBE_BYTES))
+            if stat.st_size > _PROBE_BYTES:
+                fh.seek(max(stat.st_size - _PROBE_BYTES, _PROBE_BYTES))
+                digest.update(fh.read(_PROBE_BYTES))
+    return digest.hexdigest()[:32]
+
+
+# --------------------------------------------------------------------------- markers
+
+
+@dataclass(frozen=True)
+class LoadMarker:
+    """What the database records about a table's load: rows committed of how many, from
+    which source (its fingerprint)."""
+
+    rows: int
+    total: int
+    fingerprint: str
+
+    @property
+    def complete(self) -> bool:
+        return self.rows >= self.total
+
+    def encode(self) -> bytes:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> LoadMarker | None:
+        try:
+            data = json.loads(raw)
+            return cls(rows=int(data["rows"]), total=int(data["total"]), fingerprint=str(data["fingerprint"]))
+        except (ValueError, KeyError, TypeError):
+            return None  # unreadable: treated as absent, the load starts over
+
+
+def marker_name(table: str) -> str:
+    """Metadata name of ``table``'s progress marker (stored as ``hps.load.<table>``)."""
+    return f"load.{table}"
+
+
+def read_marker(db: Any, table: str) -> LoadMarker | None:
+    """The progress marker of ``table`` in ``db``, or None (none, or a tier without markers)."""
+    if not hasattr(db, "get_meta"):
+        return None
+    raw = db.get_meta(marker_name(table))
+    return None if raw is None else LoadMarker.decode(raw)
+
+
+def _has_markers(db: Any) -> bool:
+    return hasattr(db, "get_meta") and hasattr(db, "put_meta") and not getattr(db, "read_only", False)
+
+
+# --------------------------------------------------------------------------- one table
+
+
+def load_table(
+    db: Any,
+    table: TableConfig,
+    *,
+    progress: bool = False,
+    rows: int | None = None,
+    fraction: float = 1.0,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> int:
+    """Load ``table.sparse_file`` into ``db`` as ``table.qualified_name``; returns rows written.
+
+    Creates the table if needed. Idempotent: a rerun after a complete load reads only the
+    marker and the source's fingerprint and writes nothing (returns 0); after a killed
+    load it continues where the marker says. ``rows`` (else ``floor(fraction * n)``) limits
+    the load to the file's leading rows. ``progress`` shows a tqdm bar when stderr is a TTY.
+    """
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ConfigError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+    name = table.qualified_name
+    total = _rows_to_load(_row_count(table), rows, fraction, name)
+    db.create_table(name, table.dim)
+    start, fp = 0, ""
+    markers = _has_markers(db)
+    if markers:
+        fp = fingerprint(table.sparse_file)
+        marker = read_marker(db, name)
+        if marker is not None and marker.fingerprint == fp and marker.total == total:
+            if marker.complete:
+                log.info("%s: already loaded (%d rows)", name, total)
+                return 0
+            start = marker.rows
+            log.info("%s: resuming at row %d of %d", name, start, total)
+    source = read_table(table.sparse_file, table.dim)
+    return _copy_rows(db, name, source, start, total, chunk_rows, fp if markers else None, progress)
+
+
+def _row_count(table: TableConfig) -> int:
+    """Rows of the table file, from file sizes where the format allows (no data read)."""
+    if detect_format(table.sparse_file) == "hugectr":
+        return sparse_model_rows(table.sparse_file, table.dim)[0]
+    return len(read_table(table.sparse_file, table.dim))  # .npy: memory-mapped
+
+
+def _rows_to_load(n: int, rows: int | None, fraction: float, name: str) -> int:
+    if rows is None:
+        if not 0.0 <= fraction <= 1.0:
+            raise ConfigError(f"table {name!r}: fraction must be in [0, 1], got {fraction!r}")
+        return int(np.floor(n * fraction))
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+        raise ConfigError(f"table {name!r}: rows must be a non-negative integer, got {rows!r}")
+    return min(rows, n)
+
+
+def _copy_rows(
+    db: Any,
+    name: str,
+    source: SparseTable,
+    start: int,
+    total: int,
+    chunk_rows: int,
+    fp: str | None,
+    progress: bool,
+) -> int:
+    """Write rows ``[start, total)`` chunk by chunk, recording progress after each chunk."""
+    write = db.bulk_load if hasattr(db, "bulk_load") else db.insert
+    show = progress and sys.stderr.isatty()
+    written = 0
+    with tqdm(total=total, initial=start, unit="rows", unit_scale=True, desc=name,
+              disable=not show, leave=True) as bar:
+        for lo in range(start, total, chunk_rows):
+            hi = min(lo + chunk_rows, total)
+            write(name, np.ascontiguousarray(source.keys[lo:hi], dtype=np.int64),
+                  np.ascontiguousarray(source.vectors[lo:hi], dtype=np.float32))
+            if fp is not None:
+                db.put_meta(marker_name(name), LoadMarker(hi, total, fp).encode())
+            written += hi - lo
+            bar.update(hi - lo)
+    if fp is not None and total == start == 0:
+        db.put_meta(marker_name(name), LoadMarker(0, 0, fp).encode())
+    return written
+
+
+# --------------------------------------------------------------------------- a whole config
+
+
+def select_tables(
+    config: ParameterServerConfig,
+    models: Iterable[str] | None = None,
+    tables: Iterable[str] | None = None,
+) -> list[TableConfig]:
+    """The tables of ``models`` (default: all), restricted to ``tables`` (plain or qualified
+    names) when given; an unknown name is an error naming the ones that exist."""
+    chosen = [config.model(m) for m in models] if models else list(config.models)
+    result = [t for model in chosen for t in model.tables]
+    if not tables:
+        return result
+    wanted = list(tables)
+    known = {t.name for t in result} | {t.qualified_name for t in result}
+    missing = [w for w in wanted if w not in known]
+    if missing:
+        raise ConfigError(
+            f"{config.source}: --tables {', '.join(missing)}: no such table in the selected "
+            f"models; tables: {', '.join(sorted(t.qualified_name for t in result))}"
+        )
+    return [t for t in result if t.name in wanted or t.qualified_name in wanted]
+
+
+def load_config_tables(
+    config: ParameterServerConfig,
+    tables: Sequence[TableConfig],
+    *,
+    tier: str = "persistent",
+    progress: bool = False,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> dict[str, dict[str, int]]:
+    """Load ``tables`` into the config's tiers; returns ``{tier: {table: rows written}}``.
+
+    The persistent tier takes whole tables; the volatile tier the first
+    ``initial_cache_rate`` share of each (HugeCTR's start-up rule). The in-process hash map
+    is refused: it lives in each serving process, so there is nothing to load ahead.
+    """
+    from hps_core.db import open_persistent_db, open_volatile_db
+
+    if tier not in TIERS:
+        raise ConfigError(f"--tier must be one of {', '.join(TIERS)}, got {tier!r}")
+    report: dict[str, dict[str, int]] = {}
+    if tier in ("persistent", "both"):
+        settings = config.persistent_db
+        if not settings.enabled:
+            raise ConfigError(f"{config.source}: persistent_db is disabled; set persistent_db.type "
+                              "to 'rocks_db' (or load with --tier volatile)")
+        if settings.read_only:
+            settings = dataclasses.replace(settings, read_only=False)  # the loader is the writer
+        db = open_persistent_db(settings)
+        try:
+            report["persistent"] = {
+                t.qualified_name: load_table(db, t, progress=progress, chunk_rows=chunk_rows)
+                for t in tables
+            }
+        finally:
+            db.close()  # type: ignore[union-attr]
+    if tier in ("volatile", "both"):
+        settings_v = config.volatile_db
+        if settings_v.type in ("hash_map", "parallel_hash_map", "disabled"):
+            raise ConfigError(
+                f"{config.source}: volatile_db.type is {settings_v.type!r}: the hash map lives "
+                "inside each serving process and is filled at start-up, so there is nothing to "
+                "load ahead; use --tier persistent, or a shared tier (--redis HOST:PORT)"
+            )
+        vdb = open_volatile_db(settings_v)
+        try:
+            report["volatile"] = {
+                t.qualified_name: load_table(vdb, t, progress=progress, chunk_rows=chunk_rows,
+                                             fraction=settings_v.initial_cache_rate)
+                for t in tables
+            }
+        finally:
+            vdb.close()  # type: ignore[union-attr]
+    return report
+
+
+# --------------------------------------------------------------------------- hps load
+
+
+def add_load(subparsers: Any) -> None:
+    """Register ``hps load``."""
+    parser = subparsers.add_parser(
+        "load",
+        help="load sparse model folders or .npy/.npz tables into RocksDB and/or Redis",
+        description=(
+            "Load the embedding tables of an HPS JSON (HugeCTR sparse model folders) or one "
+            ".npy/.npz table into the chosen tiers. Resumable: a load that is killed and run "
+            "again ends with the same content; a rerun of a finished load writes nothing. "
+            "Servers may keep serving from read-only or secondary handles meanwhile."
+        ),
+    )
+    parser.add_argument("--config", metavar="HPS_JSON", help="HugeCTR HPS JSON naming the tiers and models")
+    parser.add_argument("--model", action="append", metavar="NAME", help="load only this model (repeatable)")
+    parser.add_argument("--tables", metavar="T1,T2", help="load only these tables (plain or hps_et.<model>.<table>)")
+    parser.add_argument("--tier", choices=TIERS, default="persistent", help="tiers to fill (default: %(default)s)")
+    parser.add_argument("--redis", metavar="HOST:PORT[,...]", help="volatile tier: this Redis (cluster) instead of the config's")
+    parser.add_argument("--rocksdb", metavar="DIR", help="persistent tier: this RocksDB folder instead of the config's")
+    parser.add_argument("--npy", metavar="PATH", help="load this .npz file or keys.npy/vectors.npy folder instead of the config's tables")
+    parser.add_argument("--table", metavar="NAME", help="with --npy: table name, e.g. hps_et.dlrm.cat0")
+    parser.add_argument("--dim", type=int, metavar="D", help="with --npy: vector width")
+    parser.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, metavar="N",
+                        help="rows per step (one SST file each; default: %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run_load)
+
+
+def cli_config(args: argparse.Namespace) -> ParameterServerConfig:
+    """The HPS config of ``--config`` with ``--rocksdb``/``--redis`` applied (or one built
+    from those alone)."""
+    from hps_core.config import VolatileDBConfig
+
+    config = load_config(args.config) if args.config else ParameterServerConfig(
+        volatile_db=VolatileDBConfig(type="disabled"), source="<command line>")
+    if getattr(args, "rocksdb", None):
+        config = dataclasses.replace(config, persistent_db=dataclasses.replace(
+            config.persistent_db, type="rocks_db", path=str(Path(args.rocksdb).absolute())))
+    if getattr(args, "redis", None):
+        vdb = config.volatile_db if config.volatile_db.type == "redis_cluster" else VolatileDBConfig(
+            type="redis_cluster", initial_cache_rate=config.volatile_db.initial_cache_rate)
+        config = dataclasses.replace(config, volatile_db=dataclasses.replace(vdb, address=args.redis))
+    if not args.config and not getattr(args, "rocksdb", None) and not getattr(args, "redis", None):
+        raise ConfigError("give --config HPS_JSON, or --rocksdb DIR / --redis HOST:PORT")
+    return config
+
+
+def _npy_table(args: argparse.Namespace) -> TableConfig:
+    if not args.table or args.dim is None:
+        raise ConfigError("--npy needs --table NAME (e.g. hps_et.dlrm.cat0) and --dim D")
+    if not args.table.startswith("hps_et.") or args.table.count(".") < 2:
+        raise ConfigError(f"--table {args.table!r}: tables are named hps_et.<model>.<table>")
+    path = str(Path(args.npy).absolute())
+    return TableConfig(name=args.table.split(".", 2)[2], dim=args.dim, default_value=0.0,
+                       max_keys_per_sample=1, sparse_file=path, qualified_name=args.table)
+
+
+def run_load(args: argparse.Namespace) -> int:
+    """``hps load``: print one line per table and tier, rows written."""
+    config = cli_config(args)
+    if args.npy:
+        tables = [_npy_table(args)]
+    else:
+        if not args.config:
+            raise ConfigError("give --config HPS_JSON (or --npy PATH --table NAME --dim D)")
+        names = [t for t in (args.tables or "").split(",") if t]
+        tables = select_tables(config, args.model, names)
+    report = load_config_tables(config, tables, tier=args.tier, progress=not args.no_progress,
+                                chunk_rows=args.chunk_rows)
+    for tier_name, rows in report.items():
+        for table, written in rows.items():
+            state = "already loaded" if written == 0 else f"{written} rows written"
+            print(f"hps load: {tier_name:<10} {table}: {state}", flush=True)
+    return 0

@@ -1,0 +1,1 @@
+"""Tests of hps_core.cache: contract suite, CPU twin specifics, kernel compilation, GPU."""

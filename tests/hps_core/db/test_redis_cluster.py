@@ -1,0 +1,263 @@
+"""Redis tiers against real redis-server processes: layout, faults, recovery, auth, config.
+
+The contract itself is covered by test_conformance.py (``redis_cluster``, ``redis_single``).
+Tests that kill or stop a node get a cluster of their own (``own_cluster``); the rest use
+the session's servers (``redis_for`` in conftest.py).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import redis
+
+from hps_core.config import VolatileDBConfig
+from hps_core.db import RedisClusterVolatileDB, RedisVolatileDB, open_volatile_db
+from hps_core.db import _redis_layout as layout
+from hps_core.errors import ConfigError, TierError
+from tests.redis_servers import RedisProcesses
+
+pytestmark = pytest.mark.redis
+
+T = "hps_et.model.table"
+Encode = Callable[[np.ndarray, int], np.ndarray]
+
+
+@pytest.fixture
+def own_cluster(tmp_path: Path) -> Iterator[RedisProcesses]:
+    with RedisProcesses.cluster(tmp_path, nodes=3) as cluster:
+        yield cluster
+
+
+def node_port_of_keys(address: str, keys: np.ndarray, num_partitions: int) -> np.ndarray:
+    """The port of the node holding each key, asked of the cluster itself (CLUSTER SLOTS)."""
+    host, port = address.split(",")[0].split(":")
+    client = redis.RedisCluster(host=host, port=int(port))
+    try:
+        ports = [
+            client.get_node_from_key(layout.value_hkey(T, p)).port for p in range(num_partitions)
+        ]
+    finally:
+        client.close()
+    return np.asarray(ports)[layout.partition_of(keys, num_partitions)]
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def test_hugectr_layout_one_hash_per_partition(redis_for: Callable[[str], RedisProcesses], encode: Encode) -> None:
+    cluster = redis_for("redis_cluster")
+    db = RedisClusterVolatileDB(address=cluster.address, num_partitions=6)
+    db.create_table(T, 4)
+    keys = np.arange(-50, 50, dtype=np.int64)
+    db.insert(T, keys, encode(keys, 4))
+    raw = redis.RedisCluster(host="127.0.0.1", port=cluster.servers[0].port)
+    try:
+        parts = layout.partition_of(keys, 6)
+        for i in (0, 17, 99):
+            hkey = f"hps_et{{{T}/p{parts[i]}}}v".encode()
+            stored = raw.hget(hkey, int(keys[i]).to_bytes(8, "little", signed=True))
+            assert stored == encode(keys[i : i + 1], 4).tobytes()
+        assert sum(raw.hlen(layout.value_hkey(T, p)) for p in range(6)) == len(keys)
+        assert raw.hget(layout.META_KEY, T) == b"4"
+        owners = {raw.get_node_from_key(layout.value_hkey(T, p)).port for p in range(6)}
+        assert len(owners) > 1, "partitions should spread over the nodes"
+        assert db.memory_bytes(T) > len(keys) * (8 + 16)
+    finally:
+        raw.close()
+        db.close()
+
+
+def test_small_command_chunks_and_a_second_client(redis_for: Callable[[str], RedisProcesses], encode: Encode) -> None:
+    cluster = redis_for("redis_cluster")
+    writer = RedisClusterVolatileDB(address=cluster.address, num_partitions=4, max_set_batch_size=7)
+    reader = RedisClusterVolatileDB(address=cluster.servers[2].address, num_partitions=4, max_get_batch_size=5)
+    try:
+        writer.create_table(T, 3)
+        keys = np.arange(1000, dtype=np.int64) * 7919
+        writer.insert(T, keys, encode(keys, 3))
+        assert reader.dim(T) == 3 and reader.table_names() == [T]  # learnt from the metadata hash
+        out = np.zeros((len(keys), 3), np.float32)
+        assert reader.fetch(T, keys[::-1].copy(), out).all()
+        np.testing.assert_array_equal(out, encode(keys[::-1], 3))
+    finally:
+        writer.close()
+        reader.close()
+
+
+# --------------------------------------------------------------------------- faults
+
+
+def test_killed_node_turns_into_misses_then_recovers(own_cluster: RedisProcesses, encode: Encode) -> None:
+    db = RedisClusterVolatileDB(address=own_cluster.address, num_partitions=8, retry_after=0.2)
+    db.create_table(T, 8)
+    keys = np.arange(20_000, dtype=np.int64)
+    values = encode(keys, 8)
+    db.insert(T, keys, values)
+    victim = own_cluster.servers[1]
+    on_victim = node_port_of_keys(own_cluster.address, keys, 8) == victim.port
+    assert 0 < on_victim.sum() < len(keys)
+
+    results: list[np.ndarray] = []
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def lookups() -> None:  # a steady run of lookups while the node dies
+        out = np.zeros((len(keys), 8), np.float32)
+        while not stop.is_set():
+            try:
+                results.append(db.fetch(T, keys, out).copy())
+            except BaseException as exc:  # noqa: BLE001 - the test asserts there are none
+                failures.append(exc)
+                return
+
+    runner = threading.Thread(target=lookups)
+    runner.start()
+    time.sleep(0.2)
+    victim.kill()
+    time.sleep(1.0)
+    stop.set()
+    runner.join(timeout=10)
+    assert not failures, failures
+    assert results[0].all()
+    last = results[-1]
+    np.testing.assert_array_equal(last, ~on_victim)  # dead node's keys miss, the others are found
+    assert db.errors >= 1 and db.error_keys >= on_victim.sum() and "Connection" in (db.last_error or "")
+
+    # a write must not be lost silently
+    with pytest.raises(TierError, match="insert"):
+        db.insert(T, keys[on_victim][:10], values[on_victim][:10])
+    # a skipped node answers at once, not after a timeout
+    started = time.perf_counter()
+    out = np.zeros((len(keys), 8), np.float32)
+    found = db.fetch(T, keys, out)
+    assert time.perf_counter() - started < 0.5
+    np.testing.assert_array_equal(out[found], values[found])
+
+    victim.restart()  # same port, same nodes.conf; its data is gone (no persistence)
+    own_cluster.wait_ok()
+    deadline = time.monotonic() + 10
+    while True:  # the node comes back into service once retry_after has passed
+        try:
+            db.insert(T, keys, values)
+            break
+        except TierError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    errors = db.errors
+    found = db.fetch(T, keys, out)
+    assert found.all() and db.errors == errors
+    np.testing.assert_array_equal(out, values)
+    db.close()
+
+
+def test_slow_node_times_out_into_misses(own_cluster: RedisProcesses, encode: Encode) -> None:
+    db = RedisClusterVolatileDB(
+        address=own_cluster.address, num_partitions=8, socket_timeout=0.2, retry_after=0.3
+    )
+    db.create_table(T, 2)
+    keys = np.arange(5_000, dtype=np.int64)
+    db.insert(T, keys, encode(keys, 2))
+    frozen = own_cluster.servers[0]
+    on_frozen = node_port_of_keys(own_cluster.address, keys, 8) == frozen.port
+    out = np.zeros((len(keys), 2), np.float32)
+    assert frozen.process is not None
+    os.kill(frozen.process.pid, signal.SIGSTOP)
+    try:
+        started = time.perf_counter()
+        found = db.fetch(T, keys, out)
+        first = time.perf_counter() - started
+        np.testing.assert_array_equal(found, ~on_frozen)
+        assert 0.15 < first < 2.0 and "Timeout" in (db.last_error or "")
+        started = time.perf_counter()
+        np.testing.assert_array_equal(db.fetch(T, keys, out), ~on_frozen)
+        assert time.perf_counter() - started < 0.15  # marked down: no second timeout
+    finally:
+        os.kill(frozen.process.pid, signal.SIGCONT)
+    time.sleep(0.35)
+    deadline = time.monotonic() + 10
+    while not db.fetch(T, keys, out).all():
+        assert time.monotonic() < deadline, db.counters()
+        time.sleep(0.1)
+    np.testing.assert_array_equal(out, encode(keys, 2))
+    db.close()
+
+
+def test_unreachable_server_is_a_tier_error(free_port: Callable[[], int]) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    with pytest.raises(TierError, match="cannot connect"):
+        RedisClusterVolatileDB(address=address)
+    with pytest.raises(TierError, match="cannot connect"):
+        RedisVolatileDB(address=address)
+
+
+# --------------------------------------------------------------------------- auth
+
+
+def test_password(tmp_path: Path, encode: Encode) -> None:
+    with RedisProcesses.single(tmp_path, password="s3cret") as server:
+        db = RedisVolatileDB(address=server.address, password="s3cret", num_partitions=2)
+        db.create_table(T, 2)
+        db.insert(T, np.arange(3, dtype=np.int64), encode(np.arange(3), 2))
+        assert db.count(T) == 3
+        db.close()
+        with pytest.raises(TierError, match="authentication failed.*password"):
+            RedisVolatileDB(address=server.address, password="wrong")
+        with pytest.raises(TierError, match="authentication failed"):
+            RedisVolatileDB(address=server.address)
+
+
+def test_cluster_password(tmp_path: Path) -> None:
+    with RedisProcesses.cluster(tmp_path, nodes=3, password="s3cret") as cluster:
+        db = RedisClusterVolatileDB(address=cluster.address, password="s3cret")
+        db.create_table(T, 2)
+        assert db.table_names() == [T]
+        db.close()
+        with pytest.raises(TierError, match="authentication failed"):
+            RedisClusterVolatileDB(address=cluster.address, password="wrong")
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_factory_picks_cluster_or_single(redis_for: Callable[[str], RedisProcesses]) -> None:
+    cluster, single = redis_for("redis_cluster"), redis_for("redis_single")
+    cases = [
+        (cluster.address, RedisClusterVolatileDB),
+        (cluster.servers[0].address, RedisClusterVolatileDB),  # one node of a cluster
+        (single.address, RedisVolatileDB),
+    ]
+    for address, cls in cases:
+        cfg = VolatileDBConfig(type="redis_cluster", address=address, num_partitions=3, max_batch_size=100)
+        db = open_volatile_db(cfg)
+        try:
+            assert type(db) is cls
+            assert (db._num_partitions, db._max_get, db._max_set) == (3, 100, 100)  # type: ignore[union-attr]
+        finally:
+            assert db is not None
+            db.close()
+
+
+@pytest.mark.parametrize("address", ["", " , ", "host:port", "h:70000", ":7000"])
+def test_bad_address_is_a_config_error(address: str) -> None:
+    with pytest.raises(ConfigError, match="address"):
+        RedisClusterVolatileDB(address=address)
+
+
+def test_tls_files_are_checked(tmp_path: Path) -> None:
+    cfg = SimpleNamespace(
+        type="redis_cluster", address="127.0.0.1:7000", enable_tls=True,
+        tls_ca_certificate=str(tmp_path), tls_client_certificate=str(tmp_path / "missing.pem"),
+        tls_client_key=str(tmp_path / "key.pem"), tls_server_name_identification="redis.localhost",
+    )
+    with pytest.raises(ConfigError, match="tls_client_certificate"):
+        RedisClusterVolatileDB.from_config(cfg)

@@ -1,0 +1,102 @@
+"""``hps load`` then ``hps inspect``, through the installed console script."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hps_core.db import RocksDBPersistentDB
+from hps_core.formats import write_npy_pair, write_sparse_model
+
+REPO = Path(__file__).resolve().parents[2]
+HPS = REPO / ".venv" / "bin" / "hps"
+DIM = 4
+
+pytestmark = pytest.mark.skipif(not HPS.exists(), reason="console script .venv/bin/hps not installed")
+
+
+def hps(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(HPS), *args], capture_output=True, text=True, timeout=120, cwd=REPO)
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for name, n in (("cat0", 3_000), ("cat1", 1_200)):
+        write_sparse_model(tmp_path / "dlrm" / name, np.arange(n, dtype=np.int64) * 7,
+                           rng.random((n, DIM), dtype=np.float32))
+    doc = {
+        "supportlonglong": True,
+        "volatile_db": {"type": "parallel_hash_map", "initial_cache_rate": 0.5},
+        "persistent_db": {"type": "rocks_db", "path": "rocksdb"},
+        "models": [{
+            "model": "dlrm", "sparse_files": ["dlrm/cat0", "dlrm/cat1"],
+            "embedding_table_names": ["cat0", "cat1"],
+            "embedding_vecsize_per_table": [DIM, DIM],
+            "maxnum_catfeature_query_per_table_per_sample": [1, 1],
+        }],
+    }
+    path = tmp_path / "hps.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_load_then_inspect(config: Path) -> None:
+    first = hps("load", "--config", str(config), "--tables", "cat0", "--chunk-rows", "1000")
+    assert first.returncode == 0, first.stderr
+    assert "hps_et.dlrm.cat0: 3000 rows written" in first.stdout
+    everything = hps("load", "--config", str(config))
+    assert everything.returncode == 0, everything.stderr
+    assert "hps_et.dlrm.cat0: already loaded" in everything.stdout
+    assert "hps_et.dlrm.cat1: 1200 rows written" in everything.stdout
+
+    report = hps("inspect", "--config", str(config), "--json")
+    assert report.returncode == 0, report.stderr
+    data = json.loads(report.stdout)
+    rows = {r["table"]: r for r in data["tables"]}
+    assert rows["hps_et.dlrm.cat0"]["file_rows"] == 3_000
+    assert rows["hps_et.dlrm.cat0"]["rocksdb_rows"] == 3_000
+    assert rows["hps_et.dlrm.cat1"]["load"] == "complete"
+    assert rows["hps_et.dlrm.cat1"]["rocksdb_bytes"] > 1_200 * DIM * 4 * 0.5
+    assert rows["hps_et.dlrm.cat0"]["volatile_rows"] == 1_500
+    assert rows["hps_et.dlrm.cat0"]["volatile_bytes"] > 1_500 * DIM * 4
+    assert data["rocksdb"]["exists"] and data["rocksdb"]["dir_bytes"] > 0
+
+    text = hps("inspect", "--config", str(config))
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    assert lines[0].split()[:3] == ["table", "dim", "file"]
+    assert any(line.startswith("hps_et.dlrm.cat1") and "complete" in line for line in lines)
+    assert len({len(line) for line in lines[:3]}) == 1  # aligned columns
+
+
+def test_load_npy_and_inspect_rocksdb_alone(tmp_path: Path) -> None:
+    keys = np.arange(500, dtype=np.int64)
+    vectors = np.random.default_rng(1).random((500, DIM), dtype=np.float32)
+    write_npy_pair(tmp_path / "table", keys, vectors)
+    db_path = tmp_path / "db"
+    result = hps("load", "--npy", str(tmp_path / "table"), "--table", "hps_et.m.t", "--dim", str(DIM),
+                 "--rocksdb", str(db_path))
+    assert result.returncode == 0, result.stderr
+    assert "hps_et.m.t: 500 rows written" in result.stdout
+    db = RocksDBPersistentDB(path=db_path, read_only=True)
+    out = np.zeros((500, DIM), np.float32)
+    assert db.fetch("hps_et.m.t", keys, out).all()
+    np.testing.assert_array_equal(out, vectors)
+    db.close()
+    report = hps("inspect", "--rocksdb", str(db_path), "--json")
+    assert report.returncode == 0, report.stderr
+    (row,) = json.loads(report.stdout)["tables"]
+    assert (row["table"], row["dim"], row["rocksdb_rows"]) == ("hps_et.m.t", DIM, 500)
+
+
+def test_errors_are_one_line_with_a_fix(config: Path) -> None:
+    result = hps("load", "--config", str(config), "--tier", "volatile")
+    assert result.returncode == 1
+    assert "inside each serving process" in result.stderr and "Traceback" not in result.stderr
+    result = hps("load", "--npy", "x", "--rocksdb", "y")
+    assert result.returncode == 1 and "--table" in result.stderr

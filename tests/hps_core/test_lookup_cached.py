@@ -1,0 +1,179 @@
+"""LookupSession with embedding caches: the same tests on the CPU twin and on the GPU cache.
+
+The tiers are the real hash map and RocksDB; the cache is each implementation in turn (GPU
+ones need a GPU and CuPy, else skipped). Vectors encode their key, so a wrong row shows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from hps_core.arrays import to_host
+from hps_core.cache import make_cache
+from hps_core.config import load_config, parse_config
+from hps_core.db import HashMapVolatileDB, RocksDBPersistentDB
+from hps_core.formats import write_sparse_model
+from hps_core.lookup import LookupSession
+from hps_core.refresh import CacheRefresher
+from hps_core.server import HierarchicalParameterServer
+
+DIM = 6
+ROWS = 4_000
+DEFAULT = -3.0
+
+DEVICES = [pytest.param("cpu", id="cpu-twin"), pytest.param(0, id="gpu", marks=pytest.mark.gpu)]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> Any:
+    if request.param != "cpu":
+        pytest.importorskip("cupy", reason="GPU caches need CuPy")
+    return request.param
+
+
+def _rows(keys: np.ndarray, version: float = 0.0) -> np.ndarray:
+    return (keys[:, None] * 8 + np.arange(DIM) + version).astype(np.float32)
+
+
+def _model(threshold: float):
+    config = parse_config(
+        {
+            "models": [
+                {
+                    "model": "m",
+                    "sparse_files": ["/unused"],
+                    "embedding_table_names": ["t"],
+                    "embedding_vecsize_per_table": [DIM],
+                    "default_value_for_each_table": [DEFAULT],
+                    "maxnum_catfeature_query_per_table_per_sample": [ROWS],
+                    "max_batch_size": 1,
+                    "hit_rate_threshold": threshold,
+                }
+            ]
+        },
+        "test.json",
+    )
+    return config.model("m")
+
+
+@pytest.fixture()
+def tiers(tmp_path: Path):
+    volatile = HashMapVolatileDB(num_partitions=2)
+    persistent = RocksDBPersistentDB(path=tmp_path / "rocksdb")
+    keys = np.arange(ROWS, dtype=np.int64)
+    for db in (volatile, persistent):
+        db.create_table("hps_et.m.t", DIM)
+    persistent.insert("hps_et.m.t", keys, _rows(keys))
+    volatile.insert("hps_et.m.t", keys[: ROWS // 2], _rows(keys[: ROWS // 2]))
+    yield volatile, persistent
+    persistent.close()
+
+
+def _session(tiers, device: Any, *, threshold: float, write_back: bool = False, capacity: int = 2048) -> LookupSession:
+    volatile, persistent = tiers
+    cache = make_cache("dynamic", device=device, capacity=capacity, dim=DIM)
+    return LookupSession(_model(threshold), volatile=volatile, persistent=persistent, caches={"t": cache}, write_back=write_back)
+
+
+def _lookup(session: LookupSession, keys: np.ndarray) -> np.ndarray:
+    return to_host(session.lookup(keys, np.array([keys.size], np.int32))).reshape(keys.size, DIM)
+
+
+def _expected(keys: np.ndarray) -> np.ndarray:
+    out = _rows(keys)
+    out[keys >= ROWS] = DEFAULT
+    return out
+
+
+def test_misses_are_fetched_and_inserted_synchronously_below_threshold(tiers, device) -> None:
+    session = _session(tiers, device, threshold=1.0)  # every batch is "cold": always synchronous
+    keys = np.array([5, 3000, 9999, 5, 17], dtype=np.int64)
+    np.testing.assert_array_equal(_lookup(session, keys), _expected(keys))
+    np.testing.assert_array_equal(_lookup(session, keys), _expected(keys))
+    c = session.counters()["t"]
+    assert c["cache_hits"] == 3  # the second lookup: 5, 3000, 17 were cached; 9999 exists nowhere
+    assert c["volatile_hits"] == 2 and c["persistent_hits"] == 1 and c["defaults"] == 2
+    session.close()
+
+
+def test_warm_cache_returns_defaults_for_misses_and_inserts_in_background(tiers, device) -> None:
+    session = _session(tiers, device, threshold=0.5)
+    warm = np.arange(10, dtype=np.int64)
+    _lookup(session, warm)  # cold batch (hit rate 0 < 0.5): inserted synchronously
+    keys = np.concatenate([warm, [100, 3100]]).astype(np.int64)  # hit rate 10/12 >= 0.5
+    first = _lookup(session, keys)
+    np.testing.assert_array_equal(first[:10], _expected(warm))
+    np.testing.assert_array_equal(first[10:], np.full((2, DIM), DEFAULT, np.float32))  # HugeCTR: defaults this once
+    session.drain()
+    np.testing.assert_array_equal(_lookup(session, keys), _expected(keys))
+    assert session.counters()["t"]["async_inserts"] == 1
+    session.close()
+
+
+def test_large_random_trace_never_returns_a_wrong_vector(tiers, device) -> None:
+    session = _session(tiers, device, threshold=0.8, capacity=512)  # evicts constantly
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        keys = (rng.zipf(1.3, size=700) % (ROWS + 300)).astype(np.int64)
+        got = _lookup(session, keys)
+        expected = _expected(keys)
+        is_default = (got == DEFAULT).all(axis=1)
+        # a background-insert batch may answer defaults for its misses, never another row
+        np.testing.assert_array_equal(got[~is_default], expected[~is_default])
+    session.drain()
+    keys = np.arange(0, ROWS + 300, 7, dtype=np.int64)
+    session_sync = _session(tiers, device, threshold=1.1)
+    np.testing.assert_array_equal(_lookup(session_sync, keys), _expected(keys))
+    session.close()
+    session_sync.close()
+
+
+def test_cache_missed_embeddings_copies_persistent_rows_up(tiers, device) -> None:
+    volatile, _ = tiers
+    session = _session(tiers, device, threshold=1.0, write_back=True)
+    keys = np.array([3500, 3600], dtype=np.int64)  # only in RocksDB
+    _lookup(session, keys)
+    session.drain()
+    out = np.empty((2, DIM), np.float32)
+    assert volatile.fetch("hps_et.m.t", keys, out).all()
+    np.testing.assert_array_equal(out, _rows(keys))
+    session.close()
+
+
+def test_refresh_pulls_changed_rows_into_the_cache(tiers, device) -> None:
+    volatile, _ = tiers
+    session = _session(tiers, device, threshold=1.0)
+    keys = np.array([1, 2, 3], dtype=np.int64)
+    _lookup(session, keys)
+    volatile.insert("hps_et.m.t", keys, _rows(keys, version=0.5))  # changed below the cache
+    np.testing.assert_array_equal(_lookup(session, keys), _rows(keys))  # cache still has the old rows
+    refresher = CacheRefresher(session, percentage=1.0, interval=0.0)
+    assert refresher.step() == 3
+    np.testing.assert_array_equal(_lookup(session, keys), _rows(keys, version=0.5))
+    session.close()
+
+
+def test_server_warms_caches_from_the_sparse_files(tmp_path: Path, device) -> None:
+    keys = np.arange(100, dtype=np.int64) * 3
+    write_sparse_model(tmp_path / "t.model", keys, _rows(keys))
+    (tmp_path / "hps.json").write_text(json.dumps({
+        "volatile_db": {"type": "hash_map"},
+        "persistent_db": {"type": "disabled"},
+        "models": [{
+            "model": "m", "sparse_files": ["t.model"], "embedding_table_names": ["t"],
+            "embedding_vecsize_per_table": [DIM], "maxnum_catfeature_query_per_table_per_sample": [100],
+            "gpucacheper": 0.5, "init_ec": True,
+        }],
+    }))
+    with HierarchicalParameterServer(load_config(tmp_path / "hps.json"), cache_device=device) as server:
+        session = server.session("m")
+        cache = session.caches["t"]
+        warmed = cache.size()
+        assert 50 <= warmed <= cache.capacity  # 50% of 100 rows, rounded up to whole sets
+        np.testing.assert_array_equal(_lookup(session, keys), _rows(keys))
+        assert session.counters()["t"]["cache_hits"] == warmed
