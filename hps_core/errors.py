@@ -55,3 +55,15 @@ class TierError(HPSError):
 
 class TierBusyError(TierError):
     """Another process holds the tier exclusively for now (RocksDB's write lock); retry later."""
+
+
+# Online updates (hps_core.updates), appended to the tree above:
+#     HPSError
+#      └── UpdateError           the Kafka update path failed (broker unreachable, delivery failed)
+#           └── MalformedMessage  (hps_core.updates.wire) a message breaks HugeCTR's wire format
+class UpdateError(HPSError):
+    """The online-update path (Kafka sink or source) failed: broker unreachable, delivery
+    failed, a message that cannot be applied."""
+
+
+__all__ += ["UpdateError"]

@@ -22,19 +22,22 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
 from hps_core.arrays import array_module
-from hps_core.config import ModelConfig, ParameterServerConfig, TableConfig, gpu_cache_requested
-from hps_core.db import open_persistent_db, open_volatile_db
+from hps_core.config import ModelConfig, ParameterServerConfig, PersistentDBConfig, TableConfig, gpu_cache_requested
+from hps_core.db import RocksDBPersistentDB, open_persistent_db, open_volatile_db
 from hps_core.db.base import EmbeddingTier
 from hps_core.errors import TierBusyError, UnknownTableError
 from hps_core.formats import read_sparse_model, sparse_model_rows
 from hps_core.loader import load_table
 from hps_core.lookup import LookupSession
+from hps_core.online import OnlineUpdates
 from hps_core.refresh import CacheRefresher
 
 __all__ = ["HierarchicalParameterServer"]
@@ -51,7 +54,8 @@ class HierarchicalParameterServer:
     ``models`` restricts which models of the config are deployed (a Triton model instance
     deploys only its own); by default all are. ``cache_device`` is where embedding caches
     live — a CUDA device number, "cpu" for the CPU twin, or None for no cache — for the models
-    whose config asks for one (``gpucache``).
+    whose config asks for one (``gpucache``). ``update_consumer_config`` overrides Kafka
+    consumer settings of the update sources (see hps_core/online.py).
     """
 
     def __init__(
@@ -60,11 +64,15 @@ class HierarchicalParameterServer:
         *,
         models: Iterable[str] | None = None,
         cache_device: int | str | None = None,
+        update_consumer_config: Mapping[str, Any] | None = None,
     ) -> None:
         self.config = config
         self._cache_device = cache_device
+        self._update_consumer_config = update_consumer_config
         self._sessions: dict[str, LookupSession] = {}
         self._refreshers: list[CacheRefresher] = []
+        self.updates: OnlineUpdates | None = None
+        self._secondary_dir: tempfile.TemporaryDirectory[str] | None = None
         names = [m.model for m in config.models] if models is None else list(models)
         self._models = {name: config.model(name) for name in names}
         self.volatile: EmbeddingTier | None = open_volatile_db(config.volatile_db)
@@ -74,6 +82,7 @@ class HierarchicalParameterServer:
             for name, model in self._models.items():
                 self._fill_volatile(model)
                 self._sessions[name] = self._open_session(model)
+            self._start_updates()
         except BaseException:
             self.close()
             raise
@@ -88,6 +97,8 @@ class HierarchicalParameterServer:
             ) from None
 
     def close(self) -> None:
+        if self.updates is not None:
+            self.updates.stop()
         for refresher in self._refreshers:
             refresher.stop()
         for session in self._sessions.values():
@@ -96,6 +107,8 @@ class HierarchicalParameterServer:
             if db is not None:
                 db.close()
         self.volatile = self.persistent = None
+        if self._secondary_dir is not None:
+            self._secondary_dir.cleanup()
 
     def __enter__(self) -> HierarchicalParameterServer:
         return self
@@ -159,11 +172,44 @@ class HierarchicalParameterServer:
                     load_table(writer, table)
             finally:
                 writer.close()
-        reader = open_persistent_db(dataclasses.replace(settings, read_only=True))
-        assert reader is not None
+        reader = self._open_reader(settings)
         for table in self._tables():
             reader.create_table(table.qualified_name, table.dim)  # checks the stored width
         return reader
+
+    def _open_reader(self, settings: PersistentDBConfig) -> EmbeddingTier:
+        """A handle that never takes the write lock: read-only, or a secondary instance that
+        can catch up with the writer when online updates change RocksDB while serving."""
+        if settings.type == "rocks_db" and self.config.update_source.enabled:
+            self._secondary_dir = tempfile.TemporaryDirectory(prefix="hps-rocksdb-secondary-")
+            return RocksDBPersistentDB(
+                path=settings.path,
+                read_only=True,
+                secondary_path=self._secondary_dir.name,
+                num_threads=settings.num_threads,
+                max_get_batch_size=settings.max_get_batch_size,
+                max_set_batch_size=settings.max_set_batch_size,
+            )
+        reader = open_persistent_db(dataclasses.replace(settings, read_only=True))
+        assert reader is not None
+        return reader
+
+    def _start_updates(self) -> None:
+        if not self.config.update_source.enabled:
+            return
+        settings = self.config.persistent_db
+        writer = None
+        if self.persistent is not None and not settings.read_only:
+            writer = lambda: self._open_writer(settings)  # noqa: E731 - opened per applied batch
+        self.updates = OnlineUpdates(
+            self.config,
+            self._sessions,
+            volatile=self.volatile,
+            persistent_writer=writer,
+            persistent_reader=self.persistent,
+            consumer_config=self._update_consumer_config,
+        )
+        self.updates.start()
 
     @staticmethod
     def _open_writer(settings: object) -> EmbeddingTier:

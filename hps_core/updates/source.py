@@ -1,0 +1,459 @@
+"""The serving side: consume HugeCTR update messages from Kafka and apply them to one tier.
+
+One :class:`UpdateSource` per database layer (volatile, persistent), as in HugeCTR's
+``HierParameterServer``: each layer is its own Kafka consumer group, so every layer (and
+every non-shared database instance) sees every update once.
+
+Consumer group (HugeCTR ``hier_parameter_server.cpp``): ``hps.volatile`` or
+``hps.persistent``, plus ``.<hostname>`` when the database is not shared between hosts
+(hash map, RocksDB; a Redis Cluster is shared). :func:`consumer_group_id` adds an optional
+``instance`` suffix for databases that are private to one process (a hash map per Triton model
+instance), which HugeCTR's one-server-per-host layout did not need.
+
+Subscription: the regex ``^hps_et\\..*``; each topic name is then matched (``re.search``)
+against the layer's ``update_filters`` (default ``^hps_.+$``), as HugeCTR's
+``KafkaMessageSource`` applies its tag filters to topic names. Topics that no filter matches
+are skipped (their offsets still advance).
+
+Delivery: a background thread polls (``poll_timeout_ms``), decodes every message whole,
+collects updates per table and applies them through an
+:class:`~hps_core.updates.applier.UpdateApplier` in slices of at most ``max_batch_size``
+keys, in arrival order (so the newest update of a key wins). It applies and then commits
+(synchronously, ``enable.auto.commit = false``) when ``max_batch_size`` updates or
+``max_commit_interval`` messages are pending, or when the consumer has caught up. Offsets are
+committed only after the updates before them were applied: a consumer killed at any point
+loses nothing; its successor re-applies at most the uncommitted tail (at-least-once; updates
+are idempotent upserts). A failed apply is retried every ``failure_backoff_ms`` until it
+succeeds or the source is stopped (then nothing is committed).
+
+Malformed messages (bad magic, wrong vector size, truncated, unknown table) are counted,
+logged and skipped; decoding happens before anything is applied, so a message is applied
+whole or not at all, and its offset is committed like any other.
+
+Broker outages: librdkafka reconnects by itself; the thread logs (rate-limited), backs off
+``failure_backoff_ms`` and keeps polling, and recreates the consumer after a fatal error.
+Serving never waits on this thread.
+
+Staleness: for every applied message, (time the apply finished) − (the Kafka message
+timestamp, set by the producer when it published); ``stats()`` reports p50/p99/max over
+the last ``staleness_window`` messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException, TopicPartition
+
+from hps_core.config import DEFAULT_UPDATE_FILTERS, ParameterServerConfig, UpdateSourceConfig
+from hps_core.errors import ConfigError
+from hps_core.updates.applier import UpdateApplier
+from hps_core.updates.sink import kafka_brokers
+from hps_core.updates.wire import TOPIC_PREFIX, MalformedMessage, decode
+
+__all__ = ["SUBSCRIPTION", "UpdateSource", "consumer_group_id"]
+
+log = logging.getLogger(__name__)
+
+SUBSCRIPTION = rf"^{TOPIC_PREFIX}\..*"  # librdkafka treats a leading '^' as a regex
+_LAYERS = ("volatile", "persistent")
+_GROUP_PREFIX = "hps."
+_LOG_EVERY_S = 10.0  # rate limit for repeated broker warnings
+
+Keys = npt.NDArray[np.int64]
+Vectors = npt.NDArray[np.float32]
+
+
+def consumer_group_id(layer: str, *, shared: bool, hostname: str | None = None,
+                      instance: str | None = None) -> str:
+    """HugeCTR's group: ``hps.<layer>`` + ``.<hostname>`` unless the database is shared, +
+    ``.<instance>`` if given (a database private to one process on the host)."""
+    if layer not in _LAYERS:
+        raise ConfigError(f"update source layer must be one of {_LAYERS}, got {layer!r}")
+    group = _GROUP_PREFIX + layer
+    if not shared:
+        group += "." + (hostname or socket.gethostname())
+    if instance:
+        group += "." + instance
+    return group
+
+
+@dataclass
+class _Counters:
+    messages: int = 0  # messages applied (beacons and filtered topics excluded)
+    updates_applied: int = 0  # (key, vector) pairs applied
+    malformed: int = 0  # messages skipped as malformed (unknown_table included)
+    unknown_table: int = 0
+    filtered: int = 0  # messages of topics no update_filter matches
+    apply_errors: int = 0  # failed apply attempts (each retried)
+    commits: int = 0
+    commit_errors: int = 0
+    broker_errors: int = 0  # consumer errors and error callbacks (outages, rebalances)
+    consumer_restarts: int = 0
+    lag_messages: int = 0  # high watermark − position over assigned partitions (cached)
+    assigned_partitions: int = 0
+    last_applied_time: float = 0.0  # epoch seconds of the last successful apply
+
+
+@dataclass
+class _Pending:
+    """Decoded updates not yet applied, and the offsets they free for commit."""
+
+    chunks: dict[str, list[tuple[Keys, Vectors]]] = field(default_factory=dict)
+    updates: int = 0
+    data_messages: int = 0  # messages holding updates
+    messages: int = 0  # messages taken since the last commit (all kinds)
+    timestamps_ms: list[int] = field(default_factory=list)
+
+    def add(self, table: str, keys: Keys, values: Vectors, timestamp_ms: int | None) -> None:
+        self.chunks.setdefault(table, []).append((keys, values))
+        self.updates += int(keys.shape[0])
+        self.data_messages += 1
+        if timestamp_ms is not None:
+            self.timestamps_ms.append(timestamp_ms)
+
+    def clear(self) -> None:
+        self.chunks.clear()
+        self.updates = 0
+        self.data_messages = 0
+        self.messages = 0
+        self.timestamps_ms.clear()
+
+
+class UpdateSource:
+    """Consumes ``hps_et.*`` update topics for one database layer and applies them.
+
+    Args:
+        config: the HPS JSON ``update_source`` section (brokers, poll_timeout_ms,
+            max_batch_size, failure_backoff_ms, max_commit_interval, receive_buffer_size,
+            metadata_refresh_interval_ms).
+        applier: receives decoded batches (``dim`` / ``apply``).
+        layer: ``"volatile"`` or ``"persistent"`` (names the consumer group).
+        update_filters: regexes on topic names; a message is applied if any matches.
+        shared: whether the database is shared between hosts (Redis Cluster): drops the
+            host name from the group id.
+        key_dtype: ``np.int64`` (``supportlonglong: true``) or ``np.uint32``.
+        group_id: overrides :func:`consumer_group_id` entirely.
+        instance: suffix for a database private to one process (see :func:`consumer_group_id`).
+        consumer_config: extra librdkafka settings, applied last.
+        staleness_window: how many recent messages the staleness percentiles cover.
+    """
+
+    def __init__(self, config: UpdateSourceConfig, applier: UpdateApplier, *, layer: str,
+                 update_filters: Sequence[str] = DEFAULT_UPDATE_FILTERS, shared: bool = False,
+                 key_dtype: npt.DTypeLike = np.int64, group_id: str | None = None,
+                 instance: str | None = None, consumer_config: Mapping[str, Any] | None = None,
+                 staleness_window: int = 10_000) -> None:
+        if not update_filters:
+            raise ConfigError("update_filters is empty: this layer would apply no update; "
+                              "leave update_source out instead")
+        try:
+            self._filters = [re.compile(f) for f in update_filters]
+        except re.error as exc:
+            raise ConfigError(f"update_filters: invalid regular expression ({exc})") from exc
+        self.config = config
+        self.applier = applier
+        self.layer = layer
+        self.key_dtype = np.dtype(key_dtype)
+        self.group_id = group_id or consumer_group_id(layer, shared=shared, instance=instance)
+        self._consumer_conf = self._build_conf(config, consumer_config)
+        self._backoff_s = config.failure_backoff_ms / 1000.0
+        self._poll_s = max(config.poll_timeout_ms, 1) / 1000.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # guards counters and the staleness window
+        self._counters = _Counters()
+        self._staleness_s: deque[float] = deque(maxlen=staleness_window)
+        self._pending = _Pending()
+        self._offsets: dict[tuple[str, int], int] = {}  # (topic, partition) → next offset
+        self._last_warning: dict[str, float] = {}
+
+    @classmethod
+    def for_layer(cls, cfg: ParameterServerConfig, layer: str, applier: UpdateApplier,
+                  **kwargs: Any) -> UpdateSource:
+        """The source of ``layer`` as an HPS JSON configures it: ``update_source``, the
+        layer's ``update_filters``, shared when the volatile tier is a Redis Cluster, keys
+        int64 or uint32 from ``supportlonglong``. ``kwargs`` go to the constructor."""
+        db = {"volatile": cfg.volatile_db, "persistent": cfg.persistent_db}.get(layer)
+        if db is None:
+            raise ConfigError(f"update source layer must be one of {_LAYERS}, got {layer!r}")
+        kwargs.setdefault("update_filters", db.update_filters)
+        kwargs.setdefault("shared", getattr(db, "type", "") == "redis_cluster")
+        kwargs.setdefault("key_dtype", np.int64 if cfg.supportlonglong else np.uint32)
+        return cls(cfg.update_source, applier, layer=layer, **kwargs)
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self) -> UpdateSource:
+        """Start the background consumer thread (idempotent); returns self."""
+        if self._thread is not None and self._thread.is_alive():
+            return self
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name=f"hps-updates-{self.layer}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Stop polling, apply and commit what is pending when possible, leave the group."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def __enter__(self) -> UpdateSource:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and staleness (seconds, publish timestamp → applied) over the window."""
+        with self._lock:
+            out: dict[str, Any] = dict(vars(self._counters))
+            window = np.fromiter(self._staleness_s, dtype=np.float64)
+        out["group_id"] = self.group_id
+        out["running"] = self.running
+        out["staleness_samples"] = int(window.size)
+        if window.size:
+            p50, p99 = np.percentile(window, [50, 99])
+            out.update(staleness_p50_s=float(p50), staleness_p99_s=float(p99),
+                       staleness_max_s=float(window.max()))
+        else:
+            out.update(staleness_p50_s=None, staleness_p99_s=None, staleness_max_s=None)
+        return out
+
+    # ---------------------------------------------------------------- the thread
+
+    @staticmethod
+    def _build_conf(config: UpdateSourceConfig, extra: Mapping[str, Any] | None) -> dict[str, Any]:
+        conf: dict[str, Any] = {
+            "bootstrap.servers": kafka_brokers(config.brokers),
+            "enable.auto.commit": False,  # commit only after apply
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "enable.partition.eof": True,
+            "message.max.bytes": config.receive_buffer_size + 1024,
+            "receive.message.max.bytes": 128 * 1024 * 1024,
+            "topic.metadata.refresh.interval.ms": config.metadata_refresh_interval_ms,
+            "queued.max.messages.kbytes": 64 * 1024,
+            # A broker may hold an idle fetch this long before answering (tansu always does):
+            # it bounds publish-to-visible latency. librdkafka's default is 500 ms.
+            "fetch.wait.max.ms": 50,
+            # fast group join (HugeCTR: 30 s / 3 s; a join takes about session/2 on tansu)
+            "session.timeout.ms": 6000,
+            "heartbeat.interval.ms": 1000,
+        }
+        conf.update(extra or {})
+        return conf
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            consumer = None
+            try:
+                consumer = self._connect()
+                self._consume(consumer)
+            except Exception as exc:  # fatal consumer error, or a bug: never kill serving
+                self._count(broker_errors=1, consumer_restarts=1)
+                log.error("update source %s: consumer failed (%s); restarting", self.group_id, exc,
+                          exc_info=not isinstance(exc, KafkaException))
+                self._stop.wait(max(self._backoff_s, 0.5))
+            finally:
+                if consumer is not None:
+                    self._close(consumer)
+
+    def _connect(self) -> Consumer:
+        conf = dict(self._consumer_conf, **{"group.id": self.group_id, "error_cb": self._on_error})
+        consumer = Consumer(conf)
+        consumer.subscribe([SUBSCRIPTION], on_assign=self._on_assign, on_revoke=self._on_revoke,
+                           on_lost=self._on_lost)
+        return consumer
+
+    def _consume(self, consumer: Consumer) -> None:
+        budget = self.config.max_commit_interval
+        while not self._stop.is_set():
+            messages = self._next_messages(consumer, budget)
+            caught_up = len(messages) < budget
+            for msg in messages:
+                caught_up |= self._take(consumer, msg)
+            due = (self._pending.updates >= self.config.max_batch_size
+                   or self._pending.messages >= self.config.max_commit_interval)
+            if due or (caught_up and (self._pending.messages or self._offsets)):
+                if not self._flush(consumer):
+                    return  # stopped while an apply was failing: commit nothing
+            if caught_up:
+                self._update_lag(consumer)
+        self._flush(consumer)  # graceful stop: apply and commit what was taken
+
+    def _next_messages(self, consumer: Consumer, budget: int) -> list[Any]:
+        """Up to ``budget`` messages: what is queued already, else wait up to poll_timeout_ms
+        for the first one and take it with whatever came along. (``consume(n, timeout)``
+        alone would hold the first message back until n arrived or the timeout passed.)"""
+        messages: list[Any] = consumer.consume(num_messages=budget, timeout=0)
+        if messages:
+            return messages
+        first = consumer.poll(self._poll_s)
+        if first is None:
+            return []
+        return [first, *consumer.consume(num_messages=budget - 1, timeout=0)] if budget > 1 else [first]
+
+    def _take(self, consumer: Consumer, msg: Any) -> bool:
+        """Decode one message into the pending batch; True when a partition reached its end."""
+        err = msg.error()
+        if err is not None:
+            if err.code() == KafkaError._PARTITION_EOF:
+                return True
+            if err.fatal():
+                raise KafkaException(err)
+            self._count(broker_errors=1)
+            self._warn(f"consume:{err.code()}", "update source %s: %s", self.group_id, err.str())
+            self._stop.wait(self._backoff_s)
+            return False
+        topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+        self._offsets[(topic, partition)] = offset + 1
+        self._pending.messages += 1
+        if not any(f.search(topic) for f in self._filters):
+            self._count(filtered=1)
+            return False
+        payload = msg.value()
+        if payload is None:  # a tombstone: HugeCTR ignores it
+            return False
+        dim = self.applier.dim(topic)
+        try:
+            if dim is None:
+                self._count(unknown_table=1)
+                raise MalformedMessage(f"unknown table {topic!r}: not deployed on this server")
+            if msg.key():
+                raise MalformedMessage("message has a Kafka key; HugeCTR update messages have none")
+            keys, values = decode(payload, dim, self.key_dtype)
+        except MalformedMessage as exc:
+            self._count(malformed=1)
+            self._warn(f"malformed:{topic}", "update source %s: skipped message %s[%d]@%d: %s",
+                       self.group_id, topic, partition, offset, exc)
+            return False
+        if keys.shape[0]:
+            ts_type, ts = msg.timestamp()
+            self._pending.add(topic, keys, values, None if ts_type == TIMESTAMP_NOT_AVAILABLE else ts)
+        return False
+
+    def _flush(self, consumer: Consumer) -> bool:
+        """Apply everything pending, then commit the offsets; False if stopped mid-apply."""
+        pending = self._pending
+        if pending.chunks:
+            for table, chunks in pending.chunks.items():
+                keys = np.concatenate([k for k, _ in chunks])
+                values = np.concatenate([v for _, v in chunks])
+                step = self.config.max_batch_size
+                for start in range(0, keys.shape[0], step):
+                    if not self._apply(table, keys[start:start + step], values[start:start + step]):
+                        return False
+            self._record_applied(pending)
+        pending.clear()
+        self._commit(consumer)
+        return True
+
+    def _apply(self, table: str, keys: Keys, values: Vectors) -> bool:
+        """Apply one slice, retrying every failure_backoff_ms; False if stopped first."""
+        while True:
+            try:
+                self.applier.apply(table, keys, values)
+                return True
+            except Exception as exc:  # tier down or busy: the same slice again, later
+                self._count(apply_errors=1)
+                self._warn(f"apply:{table}", "update source %s: applying %d updates to %s failed: %s",
+                           self.group_id, keys.shape[0], table, exc)
+                if self._stop.wait(self._backoff_s):
+                    return False
+
+    def _record_applied(self, pending: _Pending) -> None:
+        now = time.time()
+        ages = (now - np.asarray(pending.timestamps_ms, dtype=np.float64) / 1000.0).tolist()
+        with self._lock:
+            self._counters.messages += pending.data_messages
+            self._counters.updates_applied += pending.updates
+            self._counters.last_applied_time = now
+            self._staleness_s.extend(ages)
+
+    def _commit(self, consumer: Consumer) -> None:
+        if not self._offsets:
+            return
+        snapshot = dict(self._offsets)
+        offsets = [TopicPartition(t, p, o) for (t, p), o in snapshot.items()]
+        try:
+            consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:  # broker away or rebalancing: keep them for the next commit
+            self._count(commit_errors=1)
+            self._warn("commit", "update source %s: offset commit failed: %s", self.group_id, exc)
+            return
+        for key, offset in snapshot.items():
+            if self._offsets.get(key) == offset:
+                del self._offsets[key]
+        self._count(commits=1)
+
+    def _update_lag(self, consumer: Consumer) -> None:
+        try:
+            assignment = consumer.assignment()
+            positions = consumer.position(assignment) if assignment else []
+            lag = 0
+            for tp in positions:
+                _, high = consumer.get_watermark_offsets(tp, cached=True)
+                if high >= 0 and tp.offset >= 0:
+                    lag += max(0, high - tp.offset)
+        except KafkaException:
+            return
+        with self._lock:
+            self._counters.lag_messages = lag
+            self._counters.assigned_partitions = len(assignment)
+
+    def _close(self, consumer: Consumer) -> None:
+        try:
+            consumer.close()
+        except (KafkaException, RuntimeError) as exc:
+            log.debug("update source %s: close: %s", self.group_id, exc)
+
+    # ---------------------------------------------------------------- callbacks (this thread)
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info("update source %s: assigned %d partitions", self.group_id, len(partitions))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Hand the partitions over cleanly: apply and commit what was taken from them.
+        self._flush(consumer)
+        self._forget(partitions)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._forget(partitions)  # cannot commit for them any more; the new owner re-reads
+
+    def _forget(self, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self._offsets.pop((tp.topic, tp.partition), None)
+
+    def _on_error(self, err: KafkaError) -> None:
+        self._count(broker_errors=1)
+        self._warn(f"error:{err.code()}", "update source %s: Kafka: %s", self.group_id, err.str())
+
+    # ---------------------------------------------------------------- helpers
+
+    def _count(self, **increments: int) -> None:
+        with self._lock:
+            for name, value in increments.items():
+                setattr(self._counters, name, getattr(self._counters, name) + value)
+
+    def _warn(self, kind: str, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._last_warning.get(kind, -_LOG_EVERY_S) >= _LOG_EVERY_S:
+            self._last_warning[kind] = now
+            log.warning(message, *args)

@@ -1,0 +1,115 @@
+"""Online updates through a real Kafka-protocol broker into a running server's tiers and caches.
+
+A HierarchicalParameterServer with a hash map, RocksDB and CPU-twin caches consumes the
+stream while lookups run; once applied, every served vector is the newest published one,
+the caches were refreshed in place (not flushed), and RocksDB holds the updates.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hps_core.config import load_config
+from hps_core.db import RocksDBPersistentDB
+from hps_core.formats import write_sparse_model
+from hps_core.server import HierarchicalParameterServer
+from hps_core.tools import ToolNotFoundError
+from hps_core.updates import UpdateSink
+from tests.kafka_broker import KafkaBroker
+
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(180)]
+
+DIM = 4
+ROWS = 2_000
+FAST_GROUP = {"session.timeout.ms": 2000, "heartbeat.interval.ms": 300}
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[KafkaBroker]:
+    try:
+        server = KafkaBroker()
+    except ToolNotFoundError as exc:
+        pytest.skip(f"needs the tansu Kafka broker: {exc}")
+    with server:
+        yield server
+
+
+def _rows(keys: np.ndarray, version: int) -> np.ndarray:
+    return (keys[:, None] * 10 + np.arange(DIM) + 1000 * version).astype(np.float32)
+
+
+def _config(tmp_path: Path, brokers: str) -> Path:
+    keys = np.arange(ROWS, dtype=np.int64)
+    write_sparse_model(tmp_path / "t.model", keys, _rows(keys, 0))
+    path = tmp_path / "hps.json"
+    path.write_text(json.dumps({
+        "volatile_db": {"type": "hash_map", "initial_cache_rate": 1.0},
+        "persistent_db": {"type": "rocks_db", "path": "rocksdb"},
+        "update_source": {"type": "kafka_message_queue", "brokers": brokers, "poll_timeout_ms": 50},
+        "models": [{
+            "model": "online", "sparse_files": ["t.model"], "embedding_table_names": ["t"],
+            "embedding_vecsize_per_table": [DIM], "maxnum_catfeature_query_per_table_per_sample": [ROWS],
+            "max_batch_size": 1, "gpucacheper": 0.5, "hit_rate_threshold": 1.1,
+        }],
+    }))
+    return path
+
+
+def _lookup(server: HierarchicalParameterServer, keys: np.ndarray) -> np.ndarray:
+    return server.session("online").lookup(keys, np.array([keys.size], np.int32)).reshape(keys.size, DIM)
+
+
+def test_updates_reach_tiers_and_caches_while_serving(tmp_path: Path, broker: KafkaBroker) -> None:
+    keys = np.arange(ROWS, dtype=np.int64)
+    updated = keys[::3]
+    config = load_config(_config(tmp_path, broker.bootstrap))
+    with HierarchicalParameterServer(config, cache_device="cpu", update_consumer_config=FAST_GROUP) as server:
+        np.testing.assert_array_equal(_lookup(server, keys), _rows(keys, 0))  # fills the cache
+        cache = server.session("online").caches["t"]
+        cached_before = cache.size()
+        time.sleep(3)  # let the consumer groups join before publishing
+
+        stop = threading.Event()
+        errors: list[str] = []
+
+        def serve() -> None:
+            while not stop.is_set():
+                got = _lookup(server, keys)
+                version = np.round((got[:, 0] - keys * 10) / 1000)
+                if not np.isin(version, (0, 1, 2)).all() or (got - _rows(keys, 0) - 1000 * version[:, None]).any():
+                    errors.append("a served vector is no published version of its row")
+
+        reader = threading.Thread(target=serve)
+        reader.start()
+        with UpdateSink(broker.bootstrap) as sink:
+            for version in (1, 2):
+                sink.publish("online", "t", updated, _rows(updated, version))
+                sink.flush(30)
+        expected = _rows(keys, 0)
+        expected[updated] = _rows(updated, 2)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not np.array_equal(_lookup(server, keys), expected):
+            time.sleep(0.2)
+        stop.set()
+        reader.join()
+        np.testing.assert_array_equal(_lookup(server, keys), expected)
+        assert errors == []
+        assert cache.size() == cached_before  # refreshed in place, not flushed
+        stats = server.updates.stats()
+        assert stats["volatile"]["updates_applied"] >= 2 * updated.size
+        assert stats["volatile"]["staleness_p99_s"] >= 0
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and server.updates.stats()["persistent"]["updates_applied"] < 2 * updated.size:
+            time.sleep(0.2)
+    rocks = RocksDBPersistentDB(path=tmp_path / "rocksdb", read_only=True)
+    out = np.empty((updated.size, DIM), np.float32)
+    assert rocks.fetch("hps_et.online.t", updated, out).all()
+    np.testing.assert_array_equal(out, _rows(updated, 2))
+    rocks.close()
