@@ -258,6 +258,46 @@ def _mirror_model_dir(model_dir: Path, dest: Path, config_text: str | None) -> N
             _link(entry, dest / entry.name)
 
 
+_HPS_BACKEND = re.compile(r'\bbackend\s*:\s*"hps"')
+_HPS_CONFIG_PARAM = re.compile(r'key\s*:\s*"hps_config"\s*value\s*:\s*\{\s*string_value\s*:\s*"([^"]+)"')
+_POOL_REQUESTS_IN_FLIGHT = 4  # a request's KEYS and OUTPUT0, for a few requests at once
+
+
+def cuda_pool_bytes(repository: Path, backend_config: Sequence[str] = ()) -> int:
+    """Triton's CUDA memory pool per GPU, sized for the HPS models of ``repository``.
+
+    The largest request an HPS model accepts is ``max_batch_size`` samples of
+    ``maxnum_catfeature_query_per_table_per_sample`` keys per table: its KEYS (8 bytes a key)
+    and OUTPUT0 (4 bytes a float) must fit in the pool, for a few requests in flight, or
+    Triton moves GPU tensors through host memory (and the stub fails, see PLATFORM.md).
+    """
+    from hps_core.config import load_config  # local: the launcher itself needs no config
+
+    largest = 0
+    for path in _hps_config_paths(repository, backend_config):
+        try:
+            config = load_config(path)
+        except HPSError as exc:  # the model's load reports it; size for what can be read
+            log.warning("sizing the CUDA memory pool: %s", exc)
+            continue
+        for model in config.models:
+            keys = sum(model.maxnum_catfeature_query_per_table_per_sample) * model.max_batch_size
+            floats = sum(t.max_keys_per_sample * t.dim for t in model.tables) * model.max_batch_size
+            largest = max(largest, 8 * keys + 4 * floats)
+    return max(DEFAULT_CUDA_POOL_BYTES, _POOL_REQUESTS_IN_FLIGHT * largest)
+
+
+def _hps_config_paths(repository: Path, backend_config: Sequence[str]) -> list[Path]:
+    paths = [Path(entry.split("=", 1)[1]) for entry in backend_config if entry.startswith("hps,ps=")]
+    for config in sorted(repository.glob("*/config.pbtxt")):
+        text = config.read_text()
+        match = _HPS_CONFIG_PARAM.search(text)
+        if _HPS_BACKEND.search(text) and match:
+            path = Path(match.group(1))
+            paths.append(path if path.is_absolute() else config.parent / path)
+    return [p for p in paths if p.is_file()]
+
+
 def server_environment(bundle: TritonBundle, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment for ``tritonserver`` so the Python stub finds its libraries and the venv."""
     env = dict(os.environ if base is None else base)
@@ -330,7 +370,7 @@ class TritonServer:
         log_verbose: int = 0,
         python_backends: Mapping[str, Path] | None = None,
         gpu: bool | None = None,
-        cuda_memory_pool_byte_size: int = DEFAULT_CUDA_POOL_BYTES,
+        cuda_memory_pool_byte_size: int | None = None,
         triton_home: str | Path | None = None,
         startup_timeout: float = 120.0,
         exit_timeout: int = 10,
@@ -464,7 +504,8 @@ class TritonServer:
             f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
         ]
         if gpus:
-            cmd += [f"--cuda-memory-pool-byte-size={i}:{self.cuda_memory_pool_byte_size}" for i in range(gpus)]
+            pool = self.cuda_memory_pool_byte_size or cuda_pool_bytes(repository, self.backend_config)
+            cmd += [f"--cuda-memory-pool-byte-size={i}:{pool}" for i in range(gpus)]
         else:
             # Without GPU, skip DCGM probing and the pinned host pool (needs a CUDA driver).
             cmd += ["--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0"]

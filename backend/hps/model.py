@@ -25,6 +25,7 @@ from typing import Any
 
 import triton_python_backend_utils as pb_utils
 
+from backend.hps.metrics import TritonMetrics
 from backend.tensors import (
     model_config,
     numpy_from_tensor,
@@ -35,6 +36,7 @@ from backend.tensors import (
 )
 from hps_core.config import gpu_cache_requested, load_config
 from hps_core.errors import HPSError, RequestError, TierError
+from hps_core.metrics import MetricsCollector
 from hps_core.server import HierarchicalParameterServer
 
 _PS_ENV = "HPS_BACKEND_CONFIG_PS"
@@ -65,13 +67,24 @@ class TritonPythonModel:
         except HPSError as exc:
             raise pb_utils.TritonModelException(str(exc)) from exc
         self._session = self._server.session(name)
+        self._metrics = TritonMetrics(pb_utils, self._collector(name, args), self._session, self._server.updates)
+        self._metrics.update(force_slow=True)  # the series exist (at zero) before the first request
         self._logger.log_info(f"hps: model '{name}' ready with {len(model.tables)} tables from {ps_config.source}")
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        return [self._answer(request) for request in requests]
+        responses = [self._answer(request) for request in requests]
+        self._metrics.update()  # deltas of the session's counters: a few calls, nothing per key
+        return responses
 
     def finalize(self) -> None:
+        self._metrics.close()
         self._server.close()  # drains background cache insertions, stops refreshers
+
+    def _collector(self, name: str, args: dict[str, Any]) -> MetricsCollector:
+        tiers = ["cache", "volatile", "persistent"]
+        tiers = [t for t, db in zip(tiers, (True, self._server.volatile, self._server.persistent)) if db is not None]
+        instance = {"instance": str(args.get("model_instance_name", name))}
+        return MetricsCollector(name, tiers, caches=self._session.caches, extra_labels=instance)
 
     def _answer(self, request: Any) -> Any:
         try:

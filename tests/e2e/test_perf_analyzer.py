@@ -28,7 +28,7 @@ def test_perf_analyzer_on_the_ensemble(triton: object, e2e_models: E2EModels, tm
     url = triton.http_url if protocol == "http" else triton.grpc_url
     result = subprocess.run(
         [str(tool.path), "-m", "dlrm", "-u", url, "-i", protocol, "--input-data", str(data),
-         "--concurrency-range", "1:2", "--measurement-interval", "1000", "-s", "50", "--max-trials", "4"],
+         "--concurrency-range", "1:2", "--measurement-interval", "1000", "-s", "50", "--max-trials", "10"],
         capture_output=True, text=True, env=tool.environment(), timeout=240,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -7,6 +7,8 @@ KIND_GPU), queries both over HTTP and gRPC, then stops the server with SIGTERM.
 
 from __future__ import annotations
 
+import json
+
 import os
 import queue
 import signal
@@ -300,3 +302,24 @@ def test_environment_puts_venv_first() -> None:
     env = server_environment(find_bundle(), base={"PATH": "/usr/bin", "LD_LIBRARY_PATH": ""})
     assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
     assert any(Path(p).is_dir() for p in env["LD_LIBRARY_PATH"].split(os.pathsep))
+
+
+def test_cuda_pool_is_sized_for_the_largest_hps_request(tmp_path: Path) -> None:
+    from hps_core.serving import DEFAULT_CUDA_POOL_BYTES, cuda_pool_bytes
+
+    model = tmp_path / "repo" / "emb"
+    model.mkdir(parents=True)
+    (model / "config.pbtxt").write_text(
+        'name: "emb"\nbackend: "hps"\nparameters: { key: "hps_config" value: { string_value: "hps.json" } }\n'
+    )
+    (model / "hps.json").write_text(json.dumps({"models": [{
+        "model": "emb", "sparse_files": ["a", "b"], "embedding_vecsize_per_table": [128, 16],
+        "maxnum_catfeature_query_per_table_per_sample": [1, 3], "max_batch_size": 524288,
+    }]}))
+    keys, floats = 524288 * 4, 524288 * (128 + 3 * 16)
+    assert cuda_pool_bytes(tmp_path / "repo") == 4 * (8 * keys + 4 * floats)
+    (model / "hps.json").write_text(json.dumps({"models": [{
+        "model": "emb", "sparse_files": ["a"], "embedding_vecsize_per_table": [8],
+        "maxnum_catfeature_query_per_table_per_sample": [1], "max_batch_size": 16,
+    }]}))
+    assert cuda_pool_bytes(tmp_path / "repo") == DEFAULT_CUDA_POOL_BYTES
