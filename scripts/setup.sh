@@ -173,16 +173,19 @@ fi
 "$VENV/bin/perf_analyzer" --version >/dev/null 2>&1 \
     || say "WARNING: perf_analyzer does not run here (glibc or library mismatch)"
 
-# --- redis-server ----------------------------------------------------------------------
-if command -v redis-server >/dev/null 2>&1; then
-    say "redis-server present: $(redis-server --version | cut -d' ' -f3)"
+# --- redis-server, and RocksDB's db_bench (the baseline of scripts/bench_tiers.py) ----------
+MISSING_DEB=()
+command -v redis-server >/dev/null 2>&1 || MISSING_DEB+=(redis-server redis-tools)
+command -v db_bench >/dev/null 2>&1 || MISSING_DEB+=(rocksdb-tools)
+if [[ ${#MISSING_DEB[@]} -eq 0 ]]; then
+    say "redis-server present: $(redis-server --version | cut -d' ' -f3); db_bench present"
 elif [[ "${HPS_SKIP_APT:-0}" != 1 && "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
-    say "installing redis-server and redis-tools with apt-get"
+    say "installing ${MISSING_DEB[*]} with apt-get"
     DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${MISSING_DEB[@]}" >/dev/null
 else
-    say "WARNING: redis-server not found and cannot install it (needs root and apt-get)."
-    say "         Install it (Debian: apt-get install redis-server redis-tools); tests marked 'redis' will skip."
+    say "WARNING: ${MISSING_DEB[*]} not found and cannot be installed (needs root and apt-get)."
+    say "         Tests marked 'redis' will skip; bench_tiers.py reports db_bench as not installed."
 fi
 
 echo "$KEY" > "$STAMP"
