@@ -55,6 +55,7 @@ PENDING = "pending (no GPU)"
 N_DENSE = 13
 _DENSE_WEIGHTS_PARAM = "../../work/demo/dense.pt"  # the committed path the builder replaces
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+_LOOSE_STABILITY = 100  # percent: the retry's bound when the first measurement was unstable
 _B64_ABOVE = 4096  # elements: larger tensors go to perf_analyzer as base64, not JSON lists
 
 
@@ -86,7 +87,7 @@ class BenchConfig:
         """Tiny and quick (< 60 s on 2 cores): what CI runs."""
         return cls(rows=2000, dim=8, tables=4, batches=(32, 256), concurrency=(1, 2), concurrency_batch=32,
                    models=("dlrm", "hps_embedding"), shared_memory=("none",), requests_per_batch=2,
-                   measurement_requests=20, stability_percentage=60, max_trials=3, smoke=True)
+                   measurement_requests=12, stability_percentage=100, max_trials=3, smoke=True)
 
 
 @dataclass(frozen=True)
@@ -288,7 +289,11 @@ def perf_analyzer_command(config: BenchConfig, run: Run, url: str, data: Path, c
 
 
 def _concurrency_steps(levels: Sequence[int]) -> list[tuple[int, ...]]:
-    """perf_analyzer takes start:end[:step]; non-arithmetic levels (1,2,4,8) run one at a time."""
+    """perf_analyzer takes start:end[:step]: consecutive levels (1,2,3) in one call, others
+    (1,2,4,8) one call each."""
+    levels = tuple(levels)
+    if len(levels) > 1 and levels == tuple(range(levels[0], levels[-1] + 1)):
+        return [levels]
     return [(c,) for c in levels]
 
 
@@ -331,11 +336,18 @@ def run_perf_analyzer(config: BenchConfig, model: BenchModel, server: TritonServ
     start = time.monotonic()
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, env=tool.environment(), timeout=600)
+        stability = config.stability_percentage
+        if done.returncode != 0 and "stable measurement" in done.stdout + done.stderr:
+            # A noisy (shared, 2-core) machine: measure again with a looser stability bound
+            # and record it, rather than lose the point.
+            stability = _LOOSE_STABILITY
+            cmd[cmd.index("-s") + 1] = str(stability)
+            done = subprocess.run(cmd, capture_output=True, text=True, env=tool.environment(), timeout=600)
     except subprocess.TimeoutExpired:
         return [{**base, "concurrency": c, "error": "perf_analyzer timed out after 600 s"} for c in run.concurrency]
     after = scrape(server.metrics_url)
     extra = {"hit_rates": hit_rates(before, after), "errors": failures(before, after, run.model),
-             "seconds": round(time.monotonic() - start, 1)}
+             "stability_percentage": stability, "seconds": round(time.monotonic() - start, 1)}
     if done.returncode != 0 or not csv_path.is_file():
         message = (done.stdout[-800:] + done.stderr[-800:]).strip()
         return [{**base, **extra, "concurrency": c, "error": message} for c in run.concurrency]

@@ -57,7 +57,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import redis
@@ -214,11 +214,17 @@ class _RedisTier:
     def __init__(
         self,
         *,
-        num_partitions: int,
-        max_get_batch_size: int,
-        max_set_batch_size: int,
-        num_node_connections: int,
-        retry_after: float,
+        address: str = DEFAULT_ADDRESS,
+        user_name: str = "default",
+        password: str = "",
+        num_partitions: int = DEFAULT_NUM_PARTITIONS,
+        max_get_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        max_set_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        num_node_connections: int = DEFAULT_NODE_CONNECTIONS,
+        tls: TLSSettings | None = None,
+        socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
+        socket_connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        retry_after: float = DEFAULT_RETRY_AFTER,
     ) -> None:
         self._num_partitions = _check_positive("num_partitions", num_partitions)
         self._max_get = _check_positive("max_get_batch_size", max_get_batch_size)
@@ -233,8 +239,28 @@ class _RedisTier:
         self.errors = 0  # failed node requests (fetch turns them into misses)
         self.error_keys = 0  # keys that became misses because their node failed or was down
         self.last_error: str | None = None
+        self._address = address
+        self._connect(
+            address,
+            _client_kwargs(
+                user_name=user_name, password=password, tls=tls,
+                socket_timeout=socket_timeout, socket_connect_timeout=socket_connect_timeout,
+            ),
+        )
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> Self:
+        """Build from a VolatileDBConfig (HugeCTR field names; absent → default)."""
+        return cls(**_config_kwargs(cfg))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(address={self._address!r}, partitions={self._num_partitions})"
 
     # ---------------------------------------------------------------- subclass hooks
+
+    def _connect(self, address: str, client_kwargs: dict[str, Any]) -> None:
+        """Open the client(s) for ``address``; raise TierError/ConfigError naming it."""
+        raise NotImplementedError
 
     def _meta(self) -> Any:
         """A client for single-key commands on the metadata hash (cluster-routed)."""
@@ -565,34 +591,8 @@ class RedisClusterVolatileDB(_RedisTier):
 
     _kind = "Redis Cluster"
 
-    def __init__(
-        self,
-        *,
-        address: str = DEFAULT_ADDRESS,
-        user_name: str = "default",
-        password: str = "",
-        num_partitions: int = DEFAULT_NUM_PARTITIONS,
-        max_get_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-        max_set_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-        num_node_connections: int = DEFAULT_NODE_CONNECTIONS,
-        tls: TLSSettings | None = None,
-        socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
-        socket_connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-        retry_after: float = DEFAULT_RETRY_AFTER,
-    ) -> None:
-        super().__init__(
-            num_partitions=num_partitions,
-            max_get_batch_size=max_get_batch_size,
-            max_set_batch_size=max_set_batch_size,
-            num_node_connections=num_node_connections,
-            retry_after=retry_after,
-        )
-        self._address = address
+    def _connect(self, address: str, client_kwargs: dict[str, Any]) -> None:
         nodes = [ClusterNode(host, port) for host, port in parse_addresses(address)]
-        kwargs = _client_kwargs(
-            user_name=user_name, password=password, tls=tls,
-            socket_timeout=socket_timeout, socket_connect_timeout=socket_connect_timeout,
-        )
         self._refresh_lock = threading.Lock()
         self._refresh_due = False
         self._next_refresh = 0.0
@@ -601,18 +601,10 @@ class RedisClusterVolatileDB(_RedisTier):
                 startup_nodes=nodes,
                 require_full_coverage=False,  # a node down must not stop the others from answering
                 retry=Retry(NoBackoff(), 1),
-                **kwargs,
+                **client_kwargs,
             )
         except (RedisError, RedisClusterException, OSError) as exc:
             raise _connect_error(self._kind, address, exc) from exc
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> RedisClusterVolatileDB:
-        """Build from a VolatileDBConfig (HugeCTR field names; absent → default)."""
-        return cls(**_config_kwargs(cfg))
-
-    def __repr__(self) -> str:
-        return f"RedisClusterVolatileDB(address={self._address!r}, partitions={self._num_partitions})"
 
     def _meta(self) -> Any:
         return self._client
@@ -671,54 +663,21 @@ class RedisVolatileDB(_RedisTier):
 
     _kind = "Redis"
 
-    def __init__(
-        self,
-        *,
-        address: str = DEFAULT_ADDRESS,
-        user_name: str = "default",
-        password: str = "",
-        num_partitions: int = DEFAULT_NUM_PARTITIONS,
-        max_get_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-        max_set_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-        num_node_connections: int = DEFAULT_NODE_CONNECTIONS,
-        tls: TLSSettings | None = None,
-        socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
-        socket_connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-        retry_after: float = DEFAULT_RETRY_AFTER,
-    ) -> None:
-        super().__init__(
-            num_partitions=num_partitions,
-            max_get_batch_size=max_get_batch_size,
-            max_set_batch_size=max_set_batch_size,
-            num_node_connections=num_node_connections,
-            retry_after=retry_after,
-        )
+    def _connect(self, address: str, client_kwargs: dict[str, Any]) -> None:
         servers = parse_addresses(address)
         if len(servers) != 1:
             raise ConfigError(
                 f"volatile_db.address: a single Redis server takes one address, got {len(servers)}. "
                 "Fix: use RedisClusterVolatileDB for a cluster"
             )
-        (host, port), self._address = servers[0], address
-        kwargs = _client_kwargs(
-            user_name=user_name, password=password, tls=tls,
-            socket_timeout=socket_timeout, socket_connect_timeout=socket_connect_timeout,
-        )
-        self._client = redis.Redis(host=host, port=port, retry=Retry(NoBackoff(), 0), **kwargs)
+        host, port = servers[0]
+        self._client = redis.Redis(host=host, port=port, retry=Retry(NoBackoff(), 0), **client_kwargs)
         try:
             self._client.ping()
         except (RedisError, OSError) as exc:
             self._client.close()
             raise _connect_error(self._kind, address, exc) from exc
         self._link = _Link(f"{host}:{port}", self._client.connection_pool, threading.BoundedSemaphore(self._node_connections))
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> RedisVolatileDB:
-        """Build from a VolatileDBConfig (HugeCTR field names; absent → default)."""
-        return cls(**_config_kwargs(cfg))
-
-    def __repr__(self) -> str:
-        return f"RedisVolatileDB(address={self._address!r}, partitions={self._num_partitions})"
 
     def _meta(self) -> Any:
         return self._client
