@@ -92,6 +92,9 @@ def _model_entry(name: str, folder: Path, tables: tuple[Table, ...], max_keys: l
         "max_batch_size": MAX_BATCH_SIZE,
         "gpucache": True,
         "gpucacheper": 0.5,
+        # 1.0: every batch with a miss inserts synchronously, so answers are exact on a GPU
+        # too (below 1.0 a warm batch gets defaults for its misses, HugeCTR's trade-off)
+        "hit_rate_threshold": 1.0,
     }
 
 
