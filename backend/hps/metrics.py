@@ -3,8 +3,16 @@
 The samples come from :class:`hps_core.metrics.MetricsCollector` (pure logic); this module
 only owns the Triton objects: one ``MetricFamily`` per family name, one ``Metric`` per label
 set, created on first use. Counters get ``increment(delta)``, gauges ``set(value)``, and only
-for series that changed: every call is a message from the stub to the Triton process, so an
-update after each ``execute`` costs one round trip per *moving* series, nothing per key.
+for series that changed.
+
+Why a background thread and not an update at the end of each ``execute``: every
+``increment``/``set`` is a round trip from the stub process to Triton (about 30 µs here), and
+a 26-table model moves about 200 series per request. Measured on the 2-core machine
+(``hps_embedding``, 26 tables, 32 samples per request, HTTP): 1.55 ms per request without
+metrics, 7.8 ms with an update after each ``execute``. A thread publishing every
+``interval_s`` (default 1 s, model parameter ``hps_metrics_interval_s``) costs the same
+calls once per second whatever the request rate, and nothing on the request path; the
+counters it reads are the session's own, so nothing is lost between publications.
 
 Counters carry no instance label, so the instances of one model (each its own stub process)
 add up into one series; gauges describe one process and carry ``instance``.
@@ -15,6 +23,7 @@ backend's ``model.py`` as a top-level module, so this file is found by path, not
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from hps_core.metrics import FAMILIES, CounterDeltas, GaugeChanges, Labels, MetricsCollector, Sample
@@ -39,6 +48,22 @@ class TritonMetrics:
         self._gauges = GaugeChanges()
         self._families: dict[str, Any] = {}
         self._metrics: dict[tuple[str, Labels], Any] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, interval_s: float) -> None:
+        """Publish now, then every ``interval_s`` seconds from a daemon thread (0: only now)."""
+        self.update(force_slow=True)  # the series exist (at zero) before the first request
+        if interval_s > 0:
+            self._thread = threading.Thread(target=self._run, args=(interval_s,), name="hps-metrics", daemon=True)
+            self._thread.start()
+
+    def _run(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            try:
+                self.update()
+            except Exception as exc:  # noqa: BLE001 - metrics must never take the model down
+                self._pb.Logger.log_warn(f"hps: publishing metrics failed: {exc}")
 
     def update(self, *, force_slow: bool = False) -> None:
         """Collect and publish what changed since the last call (after each ``execute``)."""
@@ -52,7 +77,12 @@ class TritonMetrics:
             self._metric(sample).set(sample.value)
 
     def close(self) -> None:
-        """Drop the Triton objects; metrics must go before their families (pb_utils' rule)."""
+        """Stop the thread, then drop the Triton objects (metrics
+        before their families: pb_utils' rule)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
         self._metrics.clear()
         self._families.clear()
 

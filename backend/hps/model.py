@@ -68,16 +68,14 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(str(exc)) from exc
         self._session = self._server.session(name)
         self._metrics = TritonMetrics(pb_utils, self._collector(name, args), self._session, self._server.updates)
-        self._metrics.update(force_slow=True)  # the series exist (at zero) before the first request
+        self._metrics.start(float(string_parameter(config, "hps_metrics_interval_s") or 1.0))
         self._logger.log_info(f"hps: model '{name}' ready with {len(model.tables)} tables from {ps_config.source}")
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        responses = [self._answer(request) for request in requests]
-        self._metrics.update()  # deltas of the session's counters: a few calls, nothing per key
-        return responses
+        return [self._answer(request) for request in requests]
 
     def finalize(self) -> None:
-        self._metrics.close()
+        self._metrics.close()  # stops the publishing thread (backend/hps/metrics.py)
         self._server.close()  # drains background cache insertions, stops refreshers
 
     def _collector(self, name: str, args: dict[str, Any]) -> MetricsCollector:

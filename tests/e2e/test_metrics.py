@@ -15,6 +15,7 @@ from tests.e2e.models import DLRM_TABLES, E2EModels
 pytestmark = pytest.mark.triton
 
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+_PUBLISH_INTERVAL_S = 1.0  # backend/hps/metrics.py default (hps_metrics_interval_s)
 _LINE = re.compile(r"^(\w+)\{([^}]*)\} (\S+)$")
 
 
@@ -43,10 +44,33 @@ def total(series: dict, name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in series.items() if n == name and wanted <= ls)
 
 
+def wait_for(url: str, name: str, expected: float, timeout: float = 10.0, **labels: str) -> dict:
+    """Scrape until ``name`` totals ``expected`` (the backend publishes once a second)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        series = scrape(url)
+        if total(series, name, **labels) >= expected or time.monotonic() > deadline:
+            return series
+        time.sleep(0.1)
+
+
+def settled(url: str, timeout: float = 15.0) -> dict:
+    """A scrape after the backend has published everything sent so far: requests of earlier
+    tests may still be on their way (published once a second)."""
+    deadline = time.monotonic() + timeout
+    series = scrape(url)
+    while True:
+        time.sleep(_PUBLISH_INTERVAL_S * 1.5)
+        again = scrape(url)
+        if again == series or time.monotonic() > deadline:
+            return again
+        series = again
+
+
 def test_hps_metrics_count_exactly_the_keys_sent(triton: object, e2e_models: E2EModels, client: object) -> None:
     rng = np.random.default_rng(3)
     tables = e2e_models.dlrm_tables
-    before = scrape(triton.metrics_url)
+    before = settled(triton.metrics_url)
     sent = np.zeros(DLRM_TABLES, dtype=np.int64)
     unique = np.zeros(DLRM_TABLES, dtype=np.int64)
     found = np.zeros(DLRM_TABLES, dtype=np.int64)
@@ -59,7 +83,8 @@ def test_hps_metrics_count_exactly_the_keys_sent(triton: object, e2e_models: E2E
         per_table_unique = [np.unique(keys[:, i]) for i in range(DLRM_TABLES)]
         unique += [u.size for u in per_table_unique]
         found += [np.isin(u, t.keys).sum() for u, t in zip(per_table_unique, tables)]
-    after = scrape(triton.metrics_url)
+    expected_keys = total(before, "hps_lookup_keys_total", model="hps_embedding") + sent.sum()
+    after = wait_for(triton.metrics_url, "hps_lookup_keys_total", expected_keys, model="hps_embedding")
     for i in (0, 7, DLRM_TABLES - 1):
         table = f"t{i}"
 
@@ -102,12 +127,9 @@ def test_metrics_follow_the_ensemble_too(triton: object, e2e_models: E2EModels) 
     from hps_demo.client import dlrm_request, make_client
 
     rng = np.random.default_rng(5)
-    before = total(scrape(triton.metrics_url), "hps_lookup_keys_total", model="hps_embedding")
+    before = total(settled(triton.metrics_url), "hps_lookup_keys_total", model="hps_embedding")
     keys = np.stack([rng.choice(t.keys, size=8) for t in e2e_models.dlrm_tables], axis=1)
     request = dlrm_request(keys, rng.normal(size=(8, 13)).astype(np.float32))
     infer(make_client("http", triton.http_url), "dlrm", request.as_dict(), "SCORE")
-    deadline = time.monotonic() + 5  # the counters are updated before the response returns
-    while total(scrape(triton.metrics_url), "hps_lookup_keys_total", model="hps_embedding") - before < 8 * DLRM_TABLES:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    assert total(scrape(triton.metrics_url), "hps_lookup_keys_total", model="hps_embedding") - before == 8 * DLRM_TABLES
+    after = wait_for(triton.metrics_url, "hps_lookup_keys_total", before + 8 * DLRM_TABLES, model="hps_embedding")
+    assert total(after, "hps_lookup_keys_total", model="hps_embedding") - before == 8 * DLRM_TABLES
