@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from backend.hps.metrics import TritonMetrics
@@ -69,7 +70,10 @@ class TritonPythonModel:
         self._session = self._server.session(name)
         self._metrics = TritonMetrics(pb_utils, self._collector(name, args), self._session, self._server.updates)
         self._metrics.start(float(string_parameter(config, "hps_metrics_interval_s") or 1.0))
-        self._logger.log_info(f"hps: model '{name}' ready with {len(model.tables)} tables from {ps_config.source}")
+        self._logger.log_info(
+            f"hps: model '{name}' ready with {len(model.tables)} tables from {ps_config.source} "
+            f"(numpy {np.__version__})"  # the stub's numpy decides its tensor I/O path
+        )
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return [self._answer(request) for request in requests]
