@@ -10,10 +10,12 @@ HugeCTR runs one Kafka consumer per database layer. Here:
 - **persistent layer** → RocksDB, one group per host (only one process may write): the
   writer is opened per batch, under RocksDB's write lock, and closed after. Serving handles
   are RocksDB *secondary* instances that catch up every ``catch_up_s`` seconds.
-- **caches follow**: every applied batch overwrites the rows that the caches hold
+- **caches follow**: every update batch overwrites the rows that the caches hold
   (``EmbeddingCache.update``: cached keys only, nothing inserted or flushed), so a cached
-  row is never staler than the tier below it. The volatile layer's batches feed the caches
-  when there is a volatile DB, the persistent layer's otherwise.
+  row is never staler than the tier below it. With an in-process hash map the volatile
+  layer's own consumer (per process) feeds the caches after each apply; otherwise (a shared
+  Redis Cluster, or no volatile DB) the caches get a consumer group per process that only
+  refreshes them, since a shared group hands each update to one process only.
 
 Staleness (publish → applied) is measured by each source; :meth:`OnlineUpdates.stats`
 reports it per layer.
@@ -21,8 +23,10 @@ reports it per layer.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import socket
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -63,17 +67,29 @@ class OnlineUpdates:
             t.qualified_name: s.caches[t.name] for s in sessions.values() for t in s.model.tables if t.name in s.caches
         }
         self.sources: dict[str, UpdateSource] = {}
+        in_process = volatile is not None and config.volatile_db.type != "redis_cluster"
         if volatile is not None:
-            in_process = config.volatile_db.type != "redis_cluster"
             self.sources["volatile"] = UpdateSource.for_layer(
                 config,
                 "volatile",
-                TierUpdateApplier(volatile, dims, on_applied=self._refresh_caches),
-                instance=str(os.getpid()) if in_process else None,
+                TierUpdateApplier(volatile, dims, on_applied=self._refresh_caches if in_process else None),
+                instance=_instance_id() if in_process else None,
+                consumer_config=consumer_config,
+            )
+        if self._cache_of and not in_process:
+            # A shared tier's group applies each update in one process only; every process's
+            # caches must still see it, so the caches get a consumer group of their own.
+            self.sources["cache"] = UpdateSource(
+                config.update_source,
+                _CacheApplier(dims, self._refresh_caches),
+                layer="volatile",
+                update_filters=config.volatile_db.update_filters,
+                key_dtype=np.int64 if config.supportlonglong else np.uint32,
+                group_id=f"hps.cache.{socket.gethostname()}.{_instance_id()}",
                 consumer_config=consumer_config,
             )
         if persistent_writer is not None:
-            hook = None if volatile is not None else self._refresh_caches
+            hook = None
             self.sources["persistent"] = UpdateSource.for_layer(
                 config,
                 "persistent",
@@ -114,3 +130,25 @@ class OnlineUpdates:
                 self._reader.refresh()  # type: ignore[attr-defined]
             except Exception:  # noqa: BLE001 - serving goes on with the last state it saw
                 log.exception("persistent DB catch-up failed")
+
+
+_servers_in_process = itertools.count()
+
+
+def _instance_id() -> str:
+    """Unique among live servers: the process id, and a counter for several in one process."""
+    return f"{os.getpid()}-{next(_servers_in_process)}"
+
+
+class _CacheApplier:
+    """An UpdateApplier that only refreshes this process's caches (tiers are written elsewhere)."""
+
+    def __init__(self, dims: Mapping[str, int], refresh: Callable[[str, np.ndarray, np.ndarray], None]) -> None:
+        self._dims = dict(dims)
+        self._refresh = refresh
+
+    def dim(self, table: str) -> int | None:
+        return self._dims.get(table)
+
+    def apply(self, table: str, keys: np.ndarray, values: np.ndarray) -> None:
+        self._refresh(table, keys, values)

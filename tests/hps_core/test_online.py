@@ -28,7 +28,8 @@ pytestmark = [pytest.mark.kafka, pytest.mark.timeout(180)]
 
 DIM = 4
 ROWS = 2_000
-FAST_GROUP = {"session.timeout.ms": 2000, "heartbeat.interval.ms": 300}
+# fast group joins, and new topics found within a second (the default looks every 30 s)
+FAST_GROUP = {"session.timeout.ms": 2000, "heartbeat.interval.ms": 300, "topic.metadata.refresh.interval.ms": 1000}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,8 @@ def _rows(keys: np.ndarray, version: int) -> np.ndarray:
     return (keys[:, None] * 10 + np.arange(DIM) + 1000 * version).astype(np.float32)
 
 
-def _config(tmp_path: Path, brokers: str) -> Path:
+def _config(tmp_path: Path, brokers: str, model: str = "online") -> Path:
+    """Each test its own model name, hence its own topic: the broker outlives a test."""
     keys = np.arange(ROWS, dtype=np.int64)
     write_sparse_model(tmp_path / "t.model", keys, _rows(keys, 0))
     path = tmp_path / "hps.json"
@@ -54,7 +56,7 @@ def _config(tmp_path: Path, brokers: str) -> Path:
         "persistent_db": {"type": "rocks_db", "path": "rocksdb"},
         "update_source": {"type": "kafka_message_queue", "brokers": brokers, "poll_timeout_ms": 50},
         "models": [{
-            "model": "online", "sparse_files": ["t.model"], "embedding_table_names": ["t"],
+            "model": model, "sparse_files": ["t.model"], "embedding_table_names": ["t"],
             "embedding_vecsize_per_table": [DIM], "maxnum_catfeature_query_per_table_per_sample": [ROWS],
             "max_batch_size": 1, "gpucacheper": 0.5, "hit_rate_threshold": 1.1,
         }],
@@ -62,8 +64,8 @@ def _config(tmp_path: Path, brokers: str) -> Path:
     return path
 
 
-def _lookup(server: HierarchicalParameterServer, keys: np.ndarray) -> np.ndarray:
-    return server.session("online").lookup(keys, np.array([keys.size], np.int32)).reshape(keys.size, DIM)
+def _lookup(server: HierarchicalParameterServer, keys: np.ndarray, model: str = "online") -> np.ndarray:
+    return server.session(model).lookup(keys, np.array([keys.size], np.int32)).reshape(keys.size, DIM)
 
 
 def test_updates_reach_tiers_and_caches_while_serving(tmp_path: Path, broker: KafkaBroker) -> None:
@@ -113,3 +115,35 @@ def test_updates_reach_tiers_and_caches_while_serving(tmp_path: Path, broker: Ka
     assert rocks.fetch("hps_et.online.t", updated, out).all()
     np.testing.assert_array_equal(out, _rows(updated, 2))
     rocks.close()
+
+
+@pytest.mark.redis
+def test_every_servers_cache_follows_updates_to_a_shared_redis(tmp_path: Path, broker: KafkaBroker) -> None:
+    from tests.redis_servers import RedisProcesses
+
+    keys = np.arange(ROWS, dtype=np.int64)
+    updated = keys[::5]
+    with RedisProcesses.cluster(tmp_path / "redis", nodes=3) as cluster:
+        path = _config(tmp_path, broker.bootstrap, model="shared")
+        data = json.loads(path.read_text())
+        data["volatile_db"] = {"type": "redis_cluster", "address": cluster.address, "initial_cache_rate": 1.0}
+        data["persistent_db"] = {"type": "disabled"}
+        path.write_text(json.dumps(data))
+        config = load_config(path)
+        with HierarchicalParameterServer(config, cache_device="cpu", update_consumer_config=FAST_GROUP) as first, \
+                HierarchicalParameterServer(config, cache_device="cpu", update_consumer_config=FAST_GROUP) as second:
+            for server in (first, second):
+                np.testing.assert_array_equal(_lookup(server, keys, "shared"), _rows(keys, 0))  # fills each cache
+            time.sleep(3)  # let the consumer groups join before publishing
+            with UpdateSink(broker.bootstrap) as sink:
+                sink.publish("shared", "t", updated, _rows(updated, 1))
+                sink.flush(30)
+            expected = _rows(keys, 0)
+            expected[updated] = _rows(updated, 1)
+            for server in (first, second):
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline and not np.array_equal(_lookup(server, keys, "shared"), expected):
+                    time.sleep(0.2)
+                np.testing.assert_array_equal(_lookup(server, keys, "shared"), expected)
+            applied = sum(s.updates.stats()["volatile"]["updates_applied"] for s in (first, second))
+            assert applied == updated.size  # Redis is shared: the update was written once
