@@ -46,8 +46,11 @@ class TableCounters:
     persistent_hits: int = 0
     defaults: int = 0
     tier_errors: int = 0
-    async_inserts: int = 0  # cache insertions handed to the background (batch got defaults)
-    dropped_inserts: int = 0  # background insertions skipped because the queue was full
+    # Unique keys a warm batch answered with the default while their cache insertion went to
+    # the background (queued), or was skipped because the queue was full (dropped). With these,
+    # cache + volatile + persistent hits + defaults + async + dropped == unique_keys.
+    async_inserts: int = 0
+    dropped_inserts: int = 0
     seconds_cache: float = 0.0
     seconds_volatile: float = 0.0
     seconds_persistent: float = 0.0
@@ -64,10 +67,17 @@ class _Tier:
 
 @dataclass
 class _Fetched:
-    """What the tiers below the cache answered for some keys (host arrays)."""
+    """What the tiers below the cache answered for some keys (host arrays), and at what cost."""
 
     vectors: np.ndarray  # (m, dim) float32; defaults where nothing was found
     found: np.ndarray  # (m,) bool
+    hits: dict[str, int]  # keys answered, by tier name
+    seconds: dict[str, float]  # time spent, by tier name
+    errors: int  # tier calls that failed (the next tier answered)
+
+    @property
+    def defaults(self) -> int:
+        return int(self.found.size - self.found.sum())
 
 
 def split_request(keys: np.ndarray, numkeys: np.ndarray, model: ModelConfig) -> list[np.ndarray]:
@@ -199,12 +209,14 @@ class LookupSession:
     def fetch_from_tiers(self, table: TableConfig, keys: np.ndarray) -> _Fetched:
         """The tiers' answer for host ``keys`` (n,) int64 of ``table``: vectors and found mask.
 
-        Used by the lookup for cache misses, and by cache refresh and warm-up.
+        Used by the lookup for cache misses, and by cache refresh and warm-up. Counts nothing:
+        the lookup records a request's counters in one step, so that a snapshot taken at any
+        moment has each unique key in exactly one of hits, defaults or deferred.
         """
         vectors = np.empty((keys.size, table.dim), dtype=np.float32)
         missing = np.arange(keys.size)
-        found_by_tier: dict[str, int] = {}
-        seconds_by_tier: dict[str, float] = {}
+        hits: dict[str, int] = {}
+        seconds: dict[str, float] = {}
         errors = 0
         for tier in self._tiers:
             if missing.size == 0:
@@ -216,8 +228,8 @@ class LookupSession:
                 # A failing tier is a tier that has nothing: the next one answers.
                 errors += 1
                 found = np.zeros(missing.size, dtype=bool)
-            seconds_by_tier[tier.name] = time.perf_counter() - start
-            found_by_tier[tier.name] = int(found.sum())
+            seconds[tier.name] = time.perf_counter() - start
+            hits[tier.name] = int(found.sum())
             if tier.name == "persistent" and self._write_back and found.any():
                 rows = missing[found]
                 self._copy_up(table, keys[rows], vectors[rows])
@@ -225,15 +237,7 @@ class LookupSession:
         vectors[missing] = table.default_value
         found_mask = np.ones(keys.size, dtype=bool)
         found_mask[missing] = False
-        with self._counters_lock:
-            c = self._counters[table.name]
-            c.volatile_hits += found_by_tier.get("volatile", 0)
-            c.persistent_hits += found_by_tier.get("persistent", 0)
-            c.seconds_volatile += seconds_by_tier.get("volatile", 0.0)
-            c.seconds_persistent += seconds_by_tier.get("persistent", 0.0)
-            c.defaults += missing.size
-            c.tier_errors += errors
-        return _Fetched(vectors, found_mask)
+        return _Fetched(vectors, found_mask, hits, seconds, errors)
 
     def counters(self) -> dict[str, dict[str, float]]:
         """Snapshot of the per-table counters, keyed by table name."""
@@ -259,7 +263,10 @@ class LookupSession:
         else:
             missing_keys, missing_pos = cache.query(unique, vectors)
         n_missing = int(missing_pos.size)
-        seconds_cache = time.perf_counter() - start if cache is not None else 0.0
+        c = TableCounters(keys=int(keys.size), unique_keys=int(unique.size))
+        if cache is not None:
+            c.cache_hits = int(unique.size) - n_missing
+            c.seconds_cache = time.perf_counter() - start
         if n_missing:
             hit_rate = 1.0 - n_missing / unique.size
             host_keys = to_host(missing_keys)
@@ -268,16 +275,19 @@ class LookupSession:
                 vectors[missing_pos] = xp.asarray(fetched.vectors)
                 if cache is not None:
                     self._insert(cache, host_keys, fetched)
+                _add_fetched(c, fetched)
             else:
                 vectors[missing_pos] = table.default_value
-                self._insert_later(table, cache, host_keys)
-        with self._counters_lock:
-            c = self._counters[table.name]
-            c.keys += int(keys.size)
-            c.unique_keys += int(unique.size)
-            c.cache_hits += int(unique.size) - n_missing if cache is not None else 0
-            c.seconds_cache += seconds_cache
+                queued = self._insert_later(table, cache, host_keys)
+                c.async_inserts, c.dropped_inserts = (n_missing, 0) if queued else (0, n_missing)
+        self._record(table, c)
         return vectors[inverse.ravel()]
+
+    def _record(self, table: TableConfig, delta: TableCounters) -> None:
+        with self._counters_lock:
+            totals = self._counters[table.name]
+            for name, value in delta.__dict__.items():
+                setattr(totals, name, getattr(totals, name) + value)
 
     @staticmethod
     def _fetch(tier: _Tier, table: TableConfig, keys: np.ndarray, vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -294,14 +304,27 @@ class LookupSession:
             xp = array_module(cache)
             cache.replace(xp.asarray(keys[fetched.found]), xp.asarray(fetched.vectors[fetched.found]))
 
-    def _insert_later(self, table: TableConfig, cache: EmbeddingCache, keys: np.ndarray) -> None:
-        queued = self._background.submit(lambda: self._insert(cache, keys, self.fetch_from_tiers(table, keys)))
-        with self._counters_lock:
-            c = self._counters[table.name]
-            c.async_inserts += int(queued)
-            c.dropped_inserts += int(not queued)
+    def _insert_later(self, table: TableConfig, cache: EmbeddingCache, keys: np.ndarray) -> bool:
+        """Queue the fetch and cache insertion of ``keys``; False when the queue was full."""
+
+        def fetch_and_insert() -> None:
+            fetched = self.fetch_from_tiers(table, keys)
+            self._insert(cache, keys, fetched)
+            self._record(table, TableCounters(tier_errors=fetched.errors))
+
+        return self._background.submit(fetch_and_insert)
 
     def _copy_up(self, table: TableConfig, keys: np.ndarray, vectors: np.ndarray) -> None:
         assert self._volatile is not None
         volatile = self._volatile
         self._background.submit(lambda: volatile.insert(table.qualified_name, keys, vectors))
+
+
+def _add_fetched(counters: TableCounters, fetched: _Fetched) -> None:
+    """Add what the tiers answered for a request's cache misses to its counters."""
+    counters.volatile_hits += fetched.hits.get("volatile", 0)
+    counters.persistent_hits += fetched.hits.get("persistent", 0)
+    counters.seconds_volatile += fetched.seconds.get("volatile", 0.0)
+    counters.seconds_persistent += fetched.seconds.get("persistent", 0.0)
+    counters.defaults += fetched.defaults
+    counters.tier_errors += fetched.errors

@@ -16,7 +16,8 @@ Families (every name starts with ``hps_``; labels ``model``, ``table``, ``tier``
     hps_defaults_total{model,table}                 counter  keys found in no tier (got the default value)
     hps_tier_errors_total{model,table}              counter  tier calls that failed (the next tier answered)
     hps_tier_seconds_total{model,table,tier}        counter  time spent in each tier
-    hps_cache_async_inserts_total{model,table}      counter  cache insertions deferred to the background
+    hps_cache_async_inserts_total{model,table}      counter  unique keys answered with the default while their
+                                                         cache insertion ran in the background
     hps_hit_rate{model,table,tier}                  gauge    hits / unique keys since the previous collection
     hps_cache_rows{model,table}                     gauge    rows held by the embedding cache
     hps_cache_capacity_rows{model,table}            gauge    rows the embedding cache can hold
@@ -77,7 +78,8 @@ _FAMILY_LIST = (
     Family("hps_defaults_total", "counter", "Keys found in no tier; answered with the table's default value"),
     Family("hps_tier_errors_total", "counter", "Tier calls that failed; the next tier answered"),
     Family("hps_tier_seconds_total", "counter", "Seconds spent in a tier"),
-    Family("hps_cache_async_inserts_total", "counter", "Cache insertions deferred to the background"),
+    Family("hps_cache_async_inserts_total", "counter",
+           "Unique keys answered with the default while their cache insertion ran in the background"),
     Family("hps_hit_rate", "gauge", "Share of unique keys answered by a tier since the previous collection"),
     Family("hps_cache_rows", "gauge", "Rows held by the embedding cache"),
     Family("hps_cache_capacity_rows", "gauge", "Rows the embedding cache can hold"),

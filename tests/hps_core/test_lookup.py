@@ -6,6 +6,7 @@ small class here, since only its failure matters to the cascade.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,33 @@ def test_cascade_returns_rows_from_each_tier_and_defaults(tiers) -> None:
     assert counters["a"]["volatile_hits"] == 1 and counters["a"]["persistent_hits"] == 2
     assert counters["a"]["defaults"] == 1
     assert counters["b"]["volatile_hits"] == 1 and counters["b"]["persistent_hits"] == 1
+
+
+def test_counters_seen_mid_lookup_never_hold_more_answers_than_keys(tiers) -> None:
+    """Metrics are scraped while requests run: a snapshot must never show a tier's hits
+    ahead of the unique keys they answered (a hit rate above 1 in the end-to-end benchmark)."""
+    model, volatile, persistent = tiers
+    session = LookupSession(model, volatile=volatile, persistent=persistent)
+    stop = threading.Event()
+
+    def serve() -> None:
+        request = np.array([1, 7, 12, 9, 3], dtype=np.int64)
+        while not stop.is_set():
+            session.lookup(request, np.array([3, 2], dtype=np.int32))
+
+    workers = [threading.Thread(target=serve) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    try:
+        for _ in range(20_000):
+            for c in session.counters().values():
+                answered = c["volatile_hits"] + c["persistent_hits"] + c["defaults"]
+                assert answered == c["unique_keys"], c
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
+    assert session.counters()["a"]["unique_keys"] > 0
 
 
 def test_failing_tier_falls_through_to_the_next(tiers) -> None:
