@@ -69,6 +69,7 @@ SUBSCRIPTION = rf"^{TOPIC_PREFIX}\..*"  # librdkafka treats a leading '^' as a r
 _LAYERS = ("volatile", "persistent")
 _GROUP_PREFIX = "hps."
 _LOG_EVERY_S = 10.0  # rate limit for repeated broker warnings
+_FINAL_COMMIT_WAIT_S = 5.0  # a graceful stop waits this long for its last commit to settle
 
 Keys = npt.NDArray[np.int64]
 Vectors = npt.NDArray[np.float32]
@@ -176,6 +177,7 @@ class UpdateSource:
         self._staleness_s: deque[float] = deque(maxlen=staleness_window)
         self._pending = _Pending()
         self._offsets: dict[tuple[str, int], int] = {}  # (topic, partition) → next offset
+        self._in_flight: dict[tuple[str, int], int] | None = None  # offsets sent, not yet settled
         self._last_warning: dict[str, float] = {}
 
     @classmethod
@@ -276,7 +278,8 @@ class UpdateSource:
                     self._close(consumer)
 
     def _connect(self) -> Consumer:
-        conf = dict(self._consumer_conf, **{"group.id": self.group_id, "error_cb": self._on_error})
+        conf = dict(self._consumer_conf, **{"group.id": self.group_id, "error_cb": self._on_error,
+                                            "on_commit": self._on_commit})
         consumer = Consumer(conf)
         consumer.subscribe([SUBSCRIPTION], on_assign=self._on_assign, on_revoke=self._on_revoke,
                            on_lost=self._on_lost)
@@ -297,6 +300,7 @@ class UpdateSource:
             if caught_up:
                 self._update_lag(consumer)
         self._flush(consumer)  # graceful stop: apply and commit what was taken
+        self._settle_commits(consumer)
 
     def _next_messages(self, consumer: Consumer, budget: int) -> list[Any]:
         """Up to ``budget`` messages: what is queued already, else wait up to poll_timeout_ms
@@ -388,20 +392,43 @@ class UpdateSource:
             self._staleness_s.extend(ages)
 
     def _commit(self, consumer: Consumer) -> None:
-        if not self._offsets:
+        """Send the applied offsets without waiting for the answer (``_on_commit`` settles them).
+
+        A synchronous commit waits for the group coordinator: with the broker away it stalls
+        this thread, and with it the error callbacks that only ``poll`` serves, until the
+        broker returns. Offsets stay in ``_offsets`` until a commit of them succeeds.
+        """
+        if not self._offsets or self._offsets == self._in_flight:
             return
         snapshot = dict(self._offsets)
-        offsets = [TopicPartition(t, p, o) for (t, p), o in snapshot.items()]
         try:
-            consumer.commit(offsets=offsets, asynchronous=False)
-        except KafkaException as exc:  # broker away or rebalancing: keep them for the next commit
-            self._count(commit_errors=1)
-            self._warn("commit", "update source %s: offset commit failed: %s", self.group_id, exc)
+            consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in snapshot.items()],
+                            asynchronous=True)
+        except KafkaException as exc:  # no coordinator known yet: try again at the next flush
+            self._commit_failed(exc.args[0] if exc.args else exc)
             return
-        for key, offset in snapshot.items():
-            if self._offsets.get(key) == offset:
-                del self._offsets[key]
+        self._in_flight = snapshot
+
+    def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        self._in_flight = None
+        failed = err or next((tp.error for tp in partitions if tp.error is not None), None)
+        if failed is not None:  # broker away or rebalancing: the offsets go with the next commit
+            self._commit_failed(failed)
+            return
+        for tp in partitions:
+            if self._offsets.get((tp.topic, tp.partition)) == tp.offset:
+                del self._offsets[(tp.topic, tp.partition)]
         self._count(commits=1)
+
+    def _commit_failed(self, err: object) -> None:
+        self._count(commit_errors=1)
+        self._warn("commit", "update source %s: offset commit failed: %s", self.group_id, err)
+
+    def _settle_commits(self, consumer: Consumer) -> None:
+        """Serve callbacks until the last commit is answered, for at most a few seconds."""
+        deadline = time.monotonic() + _FINAL_COMMIT_WAIT_S
+        while self._in_flight is not None and time.monotonic() < deadline:
+            consumer.poll(0.1)  # a message taken here is neither applied nor committed: re-read later
 
     def _update_lag(self, consumer: Consumer) -> None:
         try:
