@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,13 @@ if TYPE_CHECKING:
 __all__ = ["LookupSession", "TableCounters", "split_request"]
 
 _INTEGER_KINDS = ("i", "u")
+# How long before a tier fetch began an update may have reached this process's caches while
+# the tier still held the old row: a shared Redis is written by whichever server's consumer
+# owns the partition, and this server's cache consumer may see the message first.
+UPDATE_GRACE_S = 2.0
+# How long updated keys are remembered; a fetch that started longer ago than this (less the
+# grace) cannot be checked, and its rows are not written into the cache.
+_RECENT_UPDATES_S = 10.0
 
 
 @dataclass
@@ -78,6 +86,33 @@ class _Fetched:
     @property
     def defaults(self) -> int:
         return int(self.found.size - self.found.sum())
+
+
+class _RecentUpdates:
+    """The keys the update stream changed in one table's cache over the last few seconds.
+
+    A row fetched from the tiers just before an update of its key may hold the old vector;
+    written into the cache after the update reached it, it would stay stale until evicted.
+    The cache's writers consult this list to leave such rows out. Not thread-safe: the
+    session's per-table write lock guards it.
+    """
+
+    def __init__(self, keep_s: float = _RECENT_UPDATES_S) -> None:
+        self._keep_s = keep_s
+        self._entries: deque[tuple[float, np.ndarray]] = deque()
+        self._forgotten_until = -np.inf  # updates at or before this time may be gone
+
+    def add(self, now: float, keys: np.ndarray) -> None:
+        self._entries.append((now, keys))
+        while self._entries and self._entries[0][0] < now - self._keep_s:
+            self._forgotten_until = self._entries.popleft()[0]
+
+    def since(self, start: float) -> np.ndarray | None:
+        """Keys updated at or after ``start``; None when some of them may have been forgotten."""
+        if start <= self._forgotten_until:
+            return None
+        recent = [keys for at, keys in self._entries if at >= start]
+        return np.concatenate(recent) if recent else np.empty(0, np.int64)
 
 
 def split_request(keys: np.ndarray, numkeys: np.ndarray, model: ModelConfig) -> list[np.ndarray]:
@@ -165,6 +200,10 @@ class LookupSession:
         self._write_back = write_back and volatile is not None and persistent is not None
         self._counters = {t.name: TableCounters() for t in model.tables}
         self._counters_lock = threading.Lock()
+        # One lock per cached table orders the cache's writers: rows fetched from the tiers
+        # against the update stream's overwrites (see _RecentUpdates).
+        self._cache_writes = {name: threading.Lock() for name in self._caches}
+        self._recent_updates = {name: _RecentUpdates() for name in self._caches}
         self._background = BackgroundQueue(max_pending_background)
 
     @property
@@ -239,6 +278,46 @@ class LookupSession:
         found_mask[missing] = False
         return _Fetched(vectors, found_mask, hits, seconds, errors)
 
+    def cache_rows(self, table: TableConfig, keys: np.ndarray, fetched: _Fetched, fetch_started: float,
+                   *, insert: bool) -> int:
+        """Write rows fetched from the tiers into ``table``'s cache; returns the rows written.
+
+        ``keys`` (n,) int64 host, as given to :meth:`fetch_from_tiers`, whose answer is
+        ``fetched``; ``fetch_started``: ``time.monotonic()`` before that call. ``insert``:
+        ``replace`` (insert, evicting) or ``update`` (overwrite cached keys only). Keys found
+        nowhere are left out, so that a row published for them later is not shadowed by a
+        cached default; so are keys the update stream changed since ``UPDATE_GRACE_S``
+        before the fetch, whose fetched row may predate the update.
+        """
+        cache = self._caches[table.name]
+        keep = fetched.found
+        with self._cache_writes[table.name]:
+            updated = self._recent_updates[table.name].since(fetch_started - UPDATE_GRACE_S)
+            if updated is None:
+                return 0  # the fetch is too old to check: leave the cache as it is
+            if updated.size:
+                keep = keep & ~np.isin(keys, updated)
+            if not keep.any():
+                return 0
+            xp = array_module(cache)
+            rows, vectors = xp.asarray(keys[keep]), xp.asarray(fetched.vectors[keep])
+            if insert:
+                cache.replace(rows, vectors)
+                return int(keep.sum())
+            return cache.update(rows, vectors)
+
+    def apply_update(self, table_name: str, keys: np.ndarray, values: np.ndarray) -> int:
+        """Overwrite the cached rows of ``keys`` (n,) int64 with ``values`` (n, dim) float32,
+        host arrays from the update stream; keys not cached are left out. Returns the rows
+        overwritten (0 for a table without cache)."""
+        cache = self._caches.get(table_name)
+        if cache is None:
+            return 0
+        xp = array_module(cache)
+        with self._cache_writes[table_name]:
+            self._recent_updates[table_name].add(time.monotonic(), keys)
+            return cache.update(xp.asarray(keys), xp.asarray(values))
+
     def counters(self) -> dict[str, dict[str, float]]:
         """Snapshot of the per-table counters, keyed by table name."""
         with self._counters_lock:
@@ -271,14 +350,15 @@ class LookupSession:
             hit_rate = 1.0 - n_missing / unique.size
             host_keys = to_host(missing_keys)
             if cache is None or hit_rate < self.model.hit_rate_threshold:
+                fetch_started = time.monotonic()
                 fetched = self.fetch_from_tiers(table, host_keys)
                 vectors[missing_pos] = xp.asarray(fetched.vectors)
                 if cache is not None:
-                    self._insert(cache, host_keys, fetched)
+                    self.cache_rows(table, host_keys, fetched, fetch_started, insert=True)
                 _add_fetched(c, fetched)
             else:
                 vectors[missing_pos] = table.default_value
-                queued = self._insert_later(table, cache, host_keys)
+                queued = self._insert_later(table, host_keys)
                 c.async_inserts, c.dropped_inserts = (n_missing, 0) if queued else (0, n_missing)
         self._record(table, c)
         return vectors[inverse.ravel()]
@@ -296,20 +376,13 @@ class LookupSession:
         vectors[rows[found]] = out[found]
         return found
 
-    @staticmethod
-    def _insert(cache: EmbeddingCache, keys: np.ndarray, fetched: _Fetched) -> None:
-        # Keys found nowhere stay out of the cache: a row published for them later must not
-        # be shadowed by a cached default.
-        if fetched.found.any():
-            xp = array_module(cache)
-            cache.replace(xp.asarray(keys[fetched.found]), xp.asarray(fetched.vectors[fetched.found]))
-
-    def _insert_later(self, table: TableConfig, cache: EmbeddingCache, keys: np.ndarray) -> bool:
+    def _insert_later(self, table: TableConfig, keys: np.ndarray) -> bool:
         """Queue the fetch and cache insertion of ``keys``; False when the queue was full."""
 
         def fetch_and_insert() -> None:
+            fetch_started = time.monotonic()
             fetched = self.fetch_from_tiers(table, keys)
-            self._insert(cache, keys, fetched)
+            self.cache_rows(table, keys, fetched, fetch_started, insert=True)
             self._record(table, TableCounters(tier_errors=fetched.errors))
 
         return self._background.submit(fetch_and_insert)

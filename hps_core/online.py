@@ -33,7 +33,6 @@ from typing import Any
 
 import numpy as np
 
-from hps_core.arrays import array_module
 from hps_core.config import ParameterServerConfig
 from hps_core.db.base import EmbeddingTier
 from hps_core.lookup import LookupSession
@@ -63,8 +62,8 @@ class OnlineUpdates:
         self._reader = persistent_reader
         self._catch_up_s = catch_up_s
         dims = {t.qualified_name: t.dim for s in sessions.values() for t in s.model.tables}
-        self._cache_of = {
-            t.qualified_name: s.caches[t.name] for s in sessions.values() for t in s.model.tables if t.name in s.caches
+        self._cache_of = {  # qualified table name → (session, table name) of the cached tables
+            t.qualified_name: (s, t.name) for s in sessions.values() for t in s.model.tables if t.name in s.caches
         }
         self.sources: dict[str, UpdateSource] = {}
         in_process = volatile is not None and config.volatile_db.type != "redis_cluster"
@@ -118,10 +117,10 @@ class OnlineUpdates:
         return {layer: source.stats() for layer, source in self.sources.items()}
 
     def _refresh_caches(self, table: str, keys: np.ndarray, values: np.ndarray) -> None:
-        cache = self._cache_of.get(table)
-        if cache is not None:
-            xp = array_module(cache)
-            cache.update(xp.asarray(keys), xp.asarray(values))
+        cached = self._cache_of.get(table)
+        if cached is not None:
+            session, name = cached
+            session.apply_update(name, keys, values)
 
     def _run_catch_up(self) -> None:
         assert self._reader is not None

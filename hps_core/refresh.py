@@ -14,9 +14,10 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from typing import TYPE_CHECKING
 
-from hps_core.arrays import array_module, to_host
+from hps_core.arrays import to_host
 
 if TYPE_CHECKING:
     from hps_core.lookup import LookupSession
@@ -55,10 +56,9 @@ class CacheRefresher:
             keys = to_host(cache.dump(start, stop))
             if keys.size == 0:
                 continue
+            fetch_started = time.monotonic()
             fetched = self._session.fetch_from_tiers(table, keys)
-            if fetched.found.any():
-                xp = array_module(cache)
-                updated += cache.update(xp.asarray(keys[fetched.found]), xp.asarray(fetched.vectors[fetched.found]))
+            updated += self._session.cache_rows(table, keys, fetched, fetch_started, insert=False)
         return updated
 
     def start(self) -> None:

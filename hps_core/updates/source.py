@@ -353,8 +353,9 @@ class UpdateSource:
             self._pending.add(topic, keys, values, None if ts_type == TIMESTAMP_NOT_AVAILABLE else ts)
         return False
 
-    def _flush(self, consumer: Consumer) -> bool:
-        """Apply everything pending, then commit the offsets; False if stopped mid-apply."""
+    def _flush(self, consumer: Consumer, *, wait: bool = False) -> bool:
+        """Apply everything pending, then commit the offsets (``wait``: synchronously);
+        False if stopped mid-apply."""
         pending = self._pending
         if pending.chunks:
             for table, chunks in pending.chunks.items():
@@ -366,7 +367,7 @@ class UpdateSource:
                         return False
             self._record_applied(pending)
         pending.clear()
-        self._commit(consumer)
+        self._commit(consumer, wait=wait)
         return True
 
     def _apply(self, table: str, keys: Keys, values: Vectors) -> bool:
@@ -391,23 +392,28 @@ class UpdateSource:
             self._counters.last_applied_time = now
             self._staleness_s.extend(ages)
 
-    def _commit(self, consumer: Consumer) -> None:
-        """Send the applied offsets without waiting for the answer (``_on_commit`` settles them).
+    def _commit(self, consumer: Consumer, *, wait: bool = False) -> None:
+        """Commit the applied offsets; offsets stay in ``_offsets`` until a commit of them succeeds.
 
-        A synchronous commit waits for the group coordinator: with the broker away it stalls
-        this thread, and with it the error callbacks that only ``poll`` serves, until the
-        broker returns. Offsets stay in ``_offsets`` until a commit of them succeeds.
+        Asynchronous by default (``_on_commit`` settles them): a synchronous commit waits for
+        the group coordinator, so with the broker away it would stall this thread, and with it
+        the error callbacks that only ``poll`` serves, until the broker returns. ``wait`` is for
+        handing partitions over in a rebalance, which the coordinator drives while it is up:
+        there the commit must land before the next owner reads, or it re-applies the tail.
         """
-        if not self._offsets or self._offsets == self._in_flight:
+        if not self._offsets or (not wait and self._offsets == self._in_flight):
             return
         snapshot = dict(self._offsets)
+        offsets = [TopicPartition(t, p, o) for (t, p), o in snapshot.items()]
         try:
-            consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in snapshot.items()],
-                            asynchronous=True)
-        except KafkaException as exc:  # no coordinator known yet: try again at the next flush
+            committed = consumer.commit(offsets=offsets, asynchronous=not wait)
+        except KafkaException as exc:  # no coordinator, or a rebalance: try again at the next flush
             self._commit_failed(exc.args[0] if exc.args else exc)
             return
-        self._in_flight = snapshot
+        if wait:
+            self._on_commit(None, committed)
+        else:
+            self._in_flight = snapshot
 
     def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
         self._in_flight = None
@@ -458,7 +464,7 @@ class UpdateSource:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Hand the partitions over cleanly: apply and commit what was taken from them.
-        self._flush(consumer)
+        self._flush(consumer, wait=True)
         self._forget(partitions)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:

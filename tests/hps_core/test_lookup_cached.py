@@ -7,6 +7,7 @@ ones need a GPU and CuPy, else skipped). Vectors encode their key, so a wrong ro
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,49 @@ def test_warm_cache_returns_defaults_for_misses_and_inserts_in_background(tiers,
     assert c["async_inserts"] == 2  # 100 and 3100: answered with defaults, inserted later
     answered = c["cache_hits"] + c["volatile_hits"] + c["persistent_hits"] + c["defaults"] + c["async_inserts"]
     assert answered == c["unique_keys"]  # each unique key counted once, the background fetch adds no hits
+    session.close()
+
+
+@pytest.mark.parametrize("update_first", [False, True], ids=["update-during-fetch", "tier-lags-the-update"])
+def test_a_row_fetched_before_an_update_is_not_cached_after_it(tiers, device, update_first: bool) -> None:
+    """The cache must not keep an old row that a concurrent update already replaced.
+
+    update-during-fetch: the tier answers the old row, then the update reaches tier and cache
+    (the key is not cached yet, so the cache has nothing to overwrite), then the fetched row
+    would be inserted. tier-lags-the-update: a shared Redis written by another server's
+    consumer still holds the old row when this server's cache consumer has seen the update.
+    """
+    volatile, _ = tiers
+    session = _session(tiers, device, threshold=1.0)
+    table = session.model.tables[0]
+    key = np.array([7], dtype=np.int64)
+    fresh = _rows(key, version=0.5)
+    if update_first:
+        session.apply_update("t", key, fresh)
+    fetch_started = time.monotonic()
+    fetched = session.fetch_from_tiers(table, key)
+    np.testing.assert_array_equal(fetched.vectors, _rows(key))  # the old row
+    if not update_first:
+        session.apply_update("t", key, fresh)
+    volatile.insert(table.qualified_name, key, fresh)
+    assert session.cache_rows(table, key, fetched, fetch_started, insert=True) == 0
+    for _ in range(2):
+        np.testing.assert_array_equal(_lookup(session, key), fresh)
+    # fetched from the tier each time: within UPDATE_GRACE_S of its update a key is not cached
+    assert session.counters()["t"]["cache_hits"] == 0
+    session.close()
+
+
+def test_rows_fetched_without_updates_are_cached(tiers, device) -> None:
+    session = _session(tiers, device, threshold=1.0)
+    table = session.model.tables[0]
+    keys = np.array([3, 9, ROWS + 5], dtype=np.int64)  # the last exists nowhere
+    fetch_started = time.monotonic()
+    fetched = session.fetch_from_tiers(table, keys)
+    session.apply_update("t", np.array([11], np.int64), _rows(np.array([11]), 0.5))  # another key
+    assert session.cache_rows(table, keys, fetched, fetch_started, insert=True) == 2
+    np.testing.assert_array_equal(_lookup(session, keys), _expected(keys))
+    assert session.counters()["t"]["cache_hits"] == 2  # 3 and 9; a default is never cached
     session.close()
 
 
