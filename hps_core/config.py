@@ -612,9 +612,8 @@ def _parse_model(obj: Any, index: int, source: str, base_dir: Path) -> ModelConf
     r = _Reader(obj, f"models[{index}]", source)
     sparse_files = _parse_sparse_files(r, base_dir)
     n = len(sparse_files)
-    per_table = {"length": n, "length_of": "sparse_files"}
     names = r.read_list("embedding_table_names", r.str_item,
-                   tuple(f"sparse_embedding{i}" for i in range(n)), **per_table)
+                        tuple(f"sparse_embedding{i}" for i in range(n)), length=n, length_of="sparse_files")
     for i, name in enumerate(names):
         if name in names[:i]:
             r.fail(f"embedding_table_names[{i}]", f"duplicate table name {name!r}",
@@ -640,10 +639,10 @@ def _parse_model(obj: Any, index: int, source: str, base_dir: Path) -> ModelConf
         model=r.read_str("model", required=True, non_empty=True),
         sparse_files=sparse_files,
         embedding_vecsize_per_table=r.read_list("embedding_vecsize_per_table", r.int_item(1),
-                                           required=True, **per_table),
+                                                required=True, length=n, length_of="sparse_files"),
         maxnum_catfeature_query_per_table_per_sample=r.read_list(
             "maxnum_catfeature_query_per_table_per_sample", r.int_item(1), required=True,
-            **per_table),
+            length=n, length_of="sparse_files"),
         embedding_table_names=names,
         default_value_for_each_table=defaults,
         deployed_device_list=devices,

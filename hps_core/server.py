@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from hps_core.arrays import array_module
+from hps_core.cache.base import EmbeddingCache
 from hps_core.config import ModelConfig, ParameterServerConfig, PersistentDBConfig, TableConfig, gpu_cache_requested
 from hps_core.db import RocksDBPersistentDB, open_persistent_db, open_volatile_db
 from hps_core.db.base import EmbeddingTier
@@ -138,12 +139,12 @@ class HierarchicalParameterServer:
             self._refreshers.append(refresher)
         return session
 
-    def _make_caches(self, model: ModelConfig) -> dict[str, object]:
+    def _make_caches(self, model: ModelConfig) -> dict[str, EmbeddingCache]:
         if self._cache_device is None or not gpu_cache_requested(model):
             return {}
         from hps_core.cache import make_cache  # the GPU module imports cupy lazily
 
-        caches = {}
+        caches: dict[str, EmbeddingCache] = {}
         for table in model.tables:
             rows, _ = sparse_model_rows(table.sparse_file, table.dim)
             static = model.embedding_cache_type == "static"

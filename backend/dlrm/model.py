@@ -77,8 +77,8 @@ class TritonPythonModel:
             dim=self.net.dim,
         )
         scores = predict(self.net, batch.dense, batch.emb).reshape(batch.out_shape)
-        scores = scores.to("cpu", dtype=torch.float32).contiguous().numpy()
-        return pb_utils.InferenceResponse(output_tensors=[numpy_to_tensor(pb_utils, "SCORE", scores)])
+        host_scores = scores.to("cpu", dtype=torch.float32).contiguous().numpy()
+        return pb_utils.InferenceResponse(output_tensors=[numpy_to_tensor(pb_utils, "SCORE", host_scores)])
 
     def execute(self, requests: list) -> list:
         """One response per request; a bad request gets an error, the others are served."""

@@ -48,6 +48,8 @@ def _mlp(sizes: Sequence[int]) -> nn.Sequential:
 class DenseDLRM(nn.Module):
     """Bottom MLP, dot-product interaction and top MLP of DLRM (no embedding tables)."""
 
+    _triu: torch.Tensor  # a registered buffer: flat indices of the pairs above the diagonal
+
     def __init__(
         self,
         *,
@@ -102,6 +104,9 @@ class DLRM(nn.Module):
     instead of one per table, and sparse gradients so an optimiser step touches only the rows
     of the batch. ``seen`` marks the rows that training looked up; export writes only those.
     """
+
+    offsets: torch.Tensor  # registered buffers
+    seen: torch.Tensor
 
     def __init__(
         self,

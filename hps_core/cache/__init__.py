@@ -68,13 +68,13 @@ def make_cache(
     """
     if kind not in ("dynamic", "static"):
         raise ConfigError(f"embedding cache type must be 'dynamic' or 'static', got {kind!r}")
-    kwargs = dict(policy=policy, value_dtype=value_dtype, key_dtype=key_dtype)
+    kwargs: dict[str, Any] = dict(policy=policy, value_dtype=value_dtype, key_dtype=key_dtype)
     if device == "cpu":
         cpu_cls = CpuEmbeddingCache if kind == "dynamic" else CpuStaticEmbeddingTable
-        return cpu_cls(capacity, dim, **kwargs)  # type: ignore[arg-type]
+        return cpu_cls(capacity, dim, **kwargs)
     if isinstance(device, bool) or not isinstance(device, (int, np.integer)):
         raise ConfigError(f"cache device must be 'cpu' or a CUDA ordinal, got {device!r}")
     from hps_core.cache.gpu import GpuEmbeddingCache, StaticEmbeddingTable
 
     gpu_cls = GpuEmbeddingCache if kind == "dynamic" else StaticEmbeddingTable
-    return gpu_cls(capacity, dim, device=int(device), **kwargs)  # type: ignore[arg-type]
+    return gpu_cls(capacity, dim, device=int(device), **kwargs)

@@ -48,8 +48,8 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...], tuple[str, ...]
     "dynamic": ("dynamic_cache.cu", ("dc_query", "dc_write"), ("dc_dump",), ("dc_clear",)),
     "static": ("static_table.cu", ("st_query", "st_write"), ("st_find",), ()),
 }
-_KEY_CTYPES = {np.dtype(np.int64): "long long", np.dtype(np.uint32): "unsigned int"}
-_VALUE_CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float16): "hps_half"}
+_KEY_CTYPES: dict[np.dtype[Any], str] = {np.dtype(np.int64): "long long", np.dtype(np.uint32): "unsigned int"}
+_VALUE_CTYPES: dict[np.dtype[Any], str] = {np.dtype(np.float32): "float", np.dtype(np.float16): "hps_half"}
 
 
 def kernel_dir() -> Path:
@@ -81,7 +81,7 @@ def name_expressions(family: str, key_dtype: Any, value_dtype: Any, vec: int, nv
     return names + list(plain)
 
 
-def all_variants() -> Iterator[tuple[str, np.dtype, np.dtype, int, int]]:
+def all_variants() -> Iterator[tuple[str, np.dtype[Any], np.dtype[Any], int, int]]:
     """Every (family, key dtype, value dtype, VEC, NV) the loader can request."""
     for family in FAMILIES:
         for kdt in _KEY_CTYPES:

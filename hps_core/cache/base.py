@@ -89,7 +89,10 @@ class EmbeddingCache(Protocol):
     key_dtype: np.dtype
     num_sets: int
     kind: str
-    device: str | int
+
+    @property
+    def device(self) -> str | int:  # read-only here, so a twin may narrow it to "cpu"
+        ...
 
     def query(self, keys: Array, out: Array, stream: Any = None) -> tuple[Array, Array]:
         """Write the vector of every cached key into its row of ``out``.
@@ -146,14 +149,11 @@ def capacity_for_bytes(nbytes: int, dim: int, value_dtype: Any = np.float32) -> 
 
 def check_cache_args(
     kind: str, capacity: object, dim: object, policy: str, value_dtype: Any, key_dtype: Any
-) -> tuple[int, int, np.dtype, np.dtype]:
+) -> tuple[int, int, np.dtype[Any], np.dtype[Any]]:
     """Validate constructor arguments common to every cache; returns normalised
     ``(capacity, dim, value_dtype, key_dtype)`` or raises ConfigError naming the argument."""
     if kind not in ("dynamic", "static"):
         raise ConfigError(f"cache kind must be 'dynamic' or 'static', got {kind!r}")
-    for name, val in (("capacity", capacity), ("dim", dim)):
-        if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:
-            raise ConfigError(f"cache {name} must be a positive integer, got {val!r}")
     if policy not in POLICIES:
         raise ConfigError(f"cache policy must be one of {POLICIES}, got {policy!r}")
     try:
@@ -164,7 +164,13 @@ def check_cache_args(
         raise ConfigError(f"cache value_dtype must be float32 or float16, got {vdt}")
     if kdt not in KEY_DTYPES:
         raise ConfigError(f"cache key_dtype must be int64 or uint32, got {kdt}")
-    return int(capacity), int(dim), vdt, kdt
+    return _positive_int("capacity", capacity), _positive_int("dim", dim), vdt, kdt
+
+
+def _positive_int(name: str, val: object) -> int:
+    if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:
+        raise ConfigError(f"cache {name} must be a positive integer, got {val!r}")
+    return int(val)
 
 
 def check_batch(xp: Any, keys: Any, values: Any, dim: int, name: str = "values") -> None:

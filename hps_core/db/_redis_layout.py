@@ -93,7 +93,7 @@ def plan(keys: npt.NDArray[np.int64], num_partitions: int, max_chunk: int) -> Pl
     order = np.argsort(parts, kind="stable")
     bounds = np.zeros(num_partitions + 1, np.int64)
     np.cumsum(np.bincount(parts, minlength=num_partitions), out=bounds[1:])
-    chunks = []
+    chunks: list[Chunk] = []
     for p in np.flatnonzero(bounds[1:] > bounds[:-1]).tolist():  # per partition, not per key
         lo, hi = int(bounds[p]), int(bounds[p + 1])
         chunks.extend(Chunk(p, s, min(s + max_chunk, hi)) for s in range(lo, hi, max_chunk))

@@ -122,8 +122,8 @@ def _group_by_partition(keys: Keys, num_partitions: int) -> tuple[Any, Any]:
     offsets = np.zeros(num_partitions + 1, np.int64)
     nparts = np.uint64(num_partitions)
     for i in range(n):
-        p = np.int64((_mix(keys[i]) >> _S32) % nparts)
-        parts[i] = p
+        parts[i] = np.int64((_mix(keys[i]) >> _S32) % nparts)
+        p = parts[i]
         offsets[p + 1] += 1
     for p in range(num_partitions):
         offsets[p + 1] += offsets[p]

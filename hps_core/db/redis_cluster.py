@@ -173,7 +173,7 @@ class _Link:
     """Where commands for one node go: its pool, and a semaphore of num_node_connections."""
 
     name: str
-    pool: ConnectionPool
+    pool: ConnectionPool | _DeadPool
     slots: threading.BoundedSemaphore
 
 
@@ -531,7 +531,7 @@ class _RedisTier:
         if strict:
             raise TierError(f"{self._kind}: {what} failed on node {node}: {_short(exc)}") from exc
 
-    def _new_link(self, name: str, pool: ConnectionPool) -> _Link:
+    def _new_link(self, name: str, pool: ConnectionPool | _DeadPool) -> _Link:
         with self._lock:
             link = self._links.get(name)
             if link is None or link.pool is not pool:

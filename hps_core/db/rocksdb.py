@@ -173,7 +173,8 @@ class RocksDBPersistentDB:
         self._max_get = max_get_batch_size
         self._max_set = max_set_batch_size
         self._write_opts = WriteOptions()
-        self._write_opts.disable_wal = bool(disable_wal)  # an attribute, not a method
+        # An attribute at run time, though rocksdict's stubs declare a method.
+        self._write_opts.disable_wal = bool(disable_wal)  # type: ignore[method-assign,assignment]
         self._lock = threading.Lock()  # guards the handle maps, not RocksDB (thread-safe)
         self._closed = False
         self._db = self._open(num_threads)
@@ -325,7 +326,7 @@ class RocksDBPersistentDB:
         sorted_results = np.empty(n, dtype=object)
 
         def read(start: int, stop: int) -> None:
-            sorted_results[start:stop] = cf.get(key_list[start:stop])
+            sorted_results[start:stop] = cf.get(key_list[start:stop])  # type: ignore[arg-type]  # stubs: list[bytes] is a batch get
 
         with self._translate("fetch", table):
             self._run_ranges(read, n)
