@@ -406,14 +406,13 @@ class UpdateSource:
         snapshot = dict(self._offsets)
         offsets = [TopicPartition(t, p, o) for (t, p), o in snapshot.items()]
         try:
-            committed = consumer.commit(offsets=offsets, asynchronous=not wait)
+            if wait:
+                self._on_commit(None, consumer.commit(offsets=offsets, asynchronous=False))
+            else:
+                consumer.commit(offsets=offsets, asynchronous=True)
+                self._in_flight = snapshot
         except KafkaException as exc:  # no coordinator, or a rebalance: try again at the next flush
             self._commit_failed(exc.args[0] if exc.args else exc)
-            return
-        if wait:
-            self._on_commit(None, committed)
-        else:
-            self._in_flight = snapshot
 
     def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
         self._in_flight = None
