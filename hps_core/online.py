@@ -11,8 +11,9 @@ HugeCTR runs one Kafka consumer per database layer. Here:
   writer is opened per batch, under RocksDB's write lock, and closed after. Serving handles
   are RocksDB *secondary* instances that catch up every ``catch_up_s`` seconds.
 - **caches follow**: every update batch overwrites the rows that the caches hold
-  (``EmbeddingCache.update``: cached keys only, nothing inserted or flushed), so a cached
-  row is never staler than the tier below it. With an in-process hash map the volatile
+  (``LookupSession.apply_update``: cached keys only, nothing inserted or flushed; the session
+  also keeps rows fetched before an update out of the cache), so a cached row is never
+  staler than the stream. With an in-process hash map the volatile
   layer's own consumer (per process) feeds the caches after each apply; otherwise (a shared
   Redis Cluster, or no volatile DB) the caches get a consumer group per process that only
   refreshes them, since a shared group hands each update to one process only.
