@@ -6,7 +6,10 @@ table, a map ``int64 key -> float32[dim] vector``. Table names are qualified
 
 Every call is batched and fills caller-provided arrays: ``fetch`` writes the rows it finds
 into ``out`` and returns a boolean mask; misses leave ``out`` untouched so the caller can
-hand just the compacted misses to the next tier.
+hand just the compacted misses to the next tier. ``fetch_tables`` does the same for keys of
+several tables in ONE call — a lookup asks each tier once per batch, whatever its table
+count — writing rows of different widths into one flat buffer (the layout of
+:mod:`hps_core.rows`).
 
 Input checks live here, in one place, so every implementation rejects the same inputs
 with the same :class:`~hps_core.errors.RequestError` before it writes anything: a batch is
@@ -15,13 +18,14 @@ either stored whole or refused whole, never half-written because of a malformed 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 
 from hps_core.errors import ConfigError, RequestError, UnknownTableError
+from hps_core.rows import check_rows_fit
 
 __all__ = [
     "EmbeddingTier",
@@ -30,6 +34,7 @@ __all__ = [
     "check_dim",
     "check_keys",
     "check_out",
+    "check_table_batch",
     "check_table_name",
     "check_values",
     "unknown_table",
@@ -37,6 +42,7 @@ __all__ = [
 
 Keys = npt.NDArray[np.int64]
 Vectors = npt.NDArray[np.float32]
+Flat = npt.NDArray[np.float32]  # (m,) rows of several widths, see hps_core.rows
 Mask = npt.NDArray[np.bool_]
 
 
@@ -70,6 +76,20 @@ class EmbeddingTier(Protocol):
 
         keys: (n,) int64 (or uint32). out: (n, dim) float32, C-contiguous, writeable;
         rows of keys not found are left untouched. Returns (n,) bool, True where found.
+        """
+        ...
+
+    def fetch_tables(
+        self, tables: Sequence[str], table_ids: Keys, keys: Keys, out: Flat, offsets: Keys
+    ) -> Mask:
+        """Look up keys of several tables at once; write each found row into ``out``.
+
+        tables: the tables the batch may name, ``T`` of them (a tuple; a tier may keep what it
+        resolved per tuple). table_ids: (n,) int64, key i belongs to ``tables[table_ids[i]]``.
+        keys: (n,) int64 (or uint32). out: (m,) float32, C-contiguous, writeable. offsets:
+        (n,) int64; the row of key i goes to ``out[offsets[i] : offsets[i] + dim]``, ``dim``
+        its table's width. Rows of keys not found are left untouched; rows must not overlap.
+        Returns (n,) bool, True where found. An unknown table raises UnknownTableError.
         """
         ...
 
@@ -178,3 +198,32 @@ def check_out(table: str, out: object, n: int, dim: int) -> Vectors:
     if not arr.flags.c_contiguous or not arr.flags.writeable:
         raise RequestError(f"table {table!r}: out must be a writeable C-contiguous array")
     return arr
+
+
+def check_table_batch(
+    what: str, dims: Keys, table_ids: object, keys: object, out: object, offsets: object
+) -> tuple[Keys, Keys, Flat, Keys]:
+    """The arrays of a ``fetch_tables`` call, checked: ``dims`` (T,) int64 are the widths of
+    its tables; returns ``(table_ids, keys, out, offsets)`` as contiguous int64 / float32.
+
+    Refuses wrong types and dtypes, lengths that differ, a non-writeable or non-contiguous
+    ``out``, table ids out of range and rows that do not fit ``out`` (RequestError naming
+    ``what`` and the position)."""
+    keys = check_keys(what, keys)
+    n = keys.shape[0]
+    ids, offs = (_check_index(what, name, arr, n) for name, arr in (("table_ids", table_ids), ("offsets", offsets)))
+    if not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.ndim != 1:
+        raise RequestError(f"{what}: out must be a 1-D float32 numpy array (rows of every table, flat)")
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise RequestError(f"{what}: out must be a writeable C-contiguous array")
+    check_rows_fit(ids, offs, dims, out.shape[0], what)
+    return ids, keys, out, offs
+
+
+def _check_index(what: str, name: str, arr: object, n: int) -> Keys:
+    if not isinstance(arr, np.ndarray) or arr.ndim != 1 or arr.dtype != np.int64:
+        kind = f"{arr.dtype} {arr.shape}" if isinstance(arr, np.ndarray) else type(arr).__name__
+        raise RequestError(f"{what}: {name} must be a 1-D int64 numpy array, got {kind}")
+    if arr.shape[0] != n:
+        raise RequestError(f"{what}: {name} has {arr.shape[0]} entries for {n} keys; they must match")
+    return np.ascontiguousarray(arr)

@@ -19,18 +19,21 @@ cache line, not three arrays; a row's header shares the vector's cache line, so 
 bookkeeping of a fetch costs no extra cache miss (a separate stats array cost 15-40% of
 fetch throughput, measured).
 
-Every per-key loop is a ``@njit(nogil=True, cache=True)`` kernel; Python only splits a batch
-by partition (itself a numba counting sort) and walks the partitions.
+Every per-key loop is a ``@njit(nogil=True, cache=True)`` kernel. A lookup of keys of any
+number of tables (``fetch_tables``) is ONE kernel call: it sorts the batch by (partition,
+table) and reads each group from that table's partition. The kernel finds the arrays of every
+(table, partition) in numba typed lists (the *directory*, entry ``table_index * P +
+partition``), which the writers keep current when they grow or replace a partition's arrays.
 
-Thread safety: one ``threading.Lock`` per partition, taken by readers and writers alike.
-A rehash or a value-array growth replaces the arrays a reader would be probing, so a
-reader must not run beside a writer of the same partition; a plain lock is the simplest
-scheme that is obviously correct (without the read lock, the stress test in
-tests/hps_core/db/test_hash_map.py crashes: a reader pairs new slots with old values).
-The kernels release the GIL, so threads working on different partitions run in
-parallel, and batches are cut into chunks of at most
-``max_get_batch_size`` / ``max_set_batch_size`` keys per lock hold so a large insert
-cannot stall readers for long.
+Thread safety: one reader-writer spinlock per partition number, shared by the tables
+(:mod:`hps_core.intrinsics`), taken inside the lookup kernel, so a lookup costs no Python per
+partition or table. Readers share it; writers (insert, remove, evictions) hold it
+exclusively, per chunk of at most ``max_set_batch_size`` keys, so a large insert cannot stall
+readers for long. A rehash or a value-array growth replaces the arrays a reader would be
+probing, so a reader must not run beside a writer of the same partition (without the read
+lock, the stress test in tests/hps_core/db/test_hash_map.py crashes: a reader pairs new slots
+with old values). Creating, emptying or dropping a table changes the directory itself and
+holds every partition's lock. The kernels release the GIL, so readers run in parallel.
 
 Deletion (``remove``, evictions) is backward-shift deletion: the slots after the freed one
 that would be unreachable are shifted back, so no tombstones accumulate and a probe still
@@ -43,34 +46,42 @@ Overflow (HugeCTR's ``overflow_margin``, ``overflow_policy``,
 rows, still under the partition lock. Victims are chosen over the dense ``meta`` rows with one
 vectorised ``np.argpartition`` (``evict_oldest``: smallest last-access stamp;
 ``evict_least_used``: smallest access count) or a random sample (``evict_random``), and
-removed by the numba deletion kernel. The stamp is a per-partition logical clock (one tick
-per key touched), not wall time: cheap and deterministic. A fetch refreshes the stamp and
-bumps the count of every row it hits, inside the lookup kernel; with no margin set
-(the default) nothing is ever evicted and the fetch skips that bookkeeping.
+removed by the numba deletion kernel. The stamp is the tier's logical clock (one tick per key
+touched, taken atomically), not wall time: cheap and deterministic. A fetch refreshes the
+stamp and bumps the count of every row it hits, inside the lookup kernel; concurrent readers
+may race on these (advisory: a lost bump only misjudges a victim, never a value). With no
+margin set (the default) nothing is ever evicted and the fetch skips that bookkeeping.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.typed import List as TypedList
 
 from hps_core.db.base import (
+    Flat,
     Keys,
     Mask,
     Vectors,
     check_dim,
     check_keys,
     check_out,
+    check_table_batch,
     check_table_name,
     check_values,
     unknown_table,
 )
 from hps_core.errors import ConfigError, TierError
+from hps_core.grouping import group_by
+from hps_core.hashing import mix64
+from hps_core.intrinsics import LockArray, atomic_add, atomic_tick, prefetch, read_acquire, read_release
 
 __all__ = ["NO_OVERFLOW_LIMIT", "OVERFLOW_POLICIES", "HashMapVolatileDB", "estimate_bytes_per_row"]
 
@@ -88,99 +99,113 @@ OVERFLOW_POLICIES = ("evict_random", "evict_least_used", "evict_oldest")
 _POLICY_ALIASES = {"random": "evict_random", "least_used": "evict_least_used", "oldest": "evict_oldest"}
 NO_OVERFLOW_LIMIT = 2**64 - 1  # HugeCTR's default margin: size_t max, i.e. never evict
 
-# splitmix64 finaliser constants, typed uint64 so numba never promotes to float64
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_S30 = np.uint64(30)
-_S27 = np.uint64(27)
-_S31 = np.uint64(31)
 _S32 = np.uint64(32)
+_AHEAD = 16  # keys between a slot's prefetch and its probe: enough loads in flight to hide DRAM
 
 
 # --------------------------------------------------------------------------- kernels
 
 
-@njit(nogil=True, cache=True, inline="always")
-def _mix(key: int) -> Any:
-    """splitmix64 finaliser: sequential keys (the common case) spread over all slots."""
-    x = np.uint64(key)
-    x = (x ^ (x >> _S30)) * _M1
-    x = (x ^ (x >> _S27)) * _M2
-    return x ^ (x >> _S31)
+@njit(nogil=True, cache=True)
+def _partitions(keys: Keys, num_partitions: int) -> Any:
+    """(n,) int64 partition of each key: the high half of its hash, modulo the partitions."""
+    parts = np.empty(keys.shape[0], np.int64)
+    nparts = np.uint64(num_partitions)
+    for i in range(keys.shape[0]):
+        parts[i] = np.int64((mix64(keys[i]) >> _S32) % nparts)
+    return parts
 
 
 @njit(nogil=True, cache=True)
-def _group_by_partition(keys: Keys, num_partitions: int) -> tuple[Any, Any]:
-    """Stable counting sort of batch positions by partition.
+def _find_tables(
+    keys: Keys,
+    table_ids: Keys,
+    offsets: Keys,
+    out: Flat,
+    found: Mask,
+    directory: Keys,
+    dims: Keys,
+    num_partitions: int,
+    slots_list: Any,
+    values_list: Any,
+    meta_list: Any,
+    locks: Any,
+    waiting: Any,
+    clock: Any,
+    track: bool,
+    max_per_hold: int,
+) -> None:
+    """For each i: if ``keys[i]`` is stored in table ``directory[table_ids[i]]``, copy its row
+    to ``out[offsets[i]:]`` and set ``found[i]``.
 
-    Returns ``order`` (positions, grouped) and ``offsets`` (P+1): partition p owns
-    ``order[offsets[p]:offsets[p+1]]``. Stability keeps batch order inside a partition,
-    which is what makes "last duplicate wins" hold for inserts.
+    The batch is counting-sorted by (partition, table); each (partition, table) group is read
+    from its own arrays of the directory, ``max_per_hold`` keys per hold of the partition's
+    read lock (so a waiting writer gets in between). With
+    ``track``, hit rows get consecutive stamps of the tier's clock and one more access.
+    Two passes per group on purpose: the first resolves every key to its row, the second
+    copies the rows. Each pass's iterations are independent loads, so the CPU keeps many
+    cache misses in flight at once; one loop that probes and then copies serialises them
+    (1.5-2x slower on tables much larger than the CPU caches). The probe pass also prefetches
+    the slot of the key ``_AHEAD`` places on and the row of each key it resolves, so that
+    the copy pass finds them in cache.
     """
     n = keys.shape[0]
-    parts = np.empty(n, np.int64)
-    offsets = np.zeros(num_partitions + 1, np.int64)
+    tables = directory.shape[0]
+    buckets = num_partitions * tables
     nparts = np.uint64(num_partitions)
+    hashes = np.empty(n, np.uint64)
+    bucket = np.empty(n, np.int64)
     for i in range(n):
-        parts[i] = np.int64((_mix(keys[i]) >> _S32) % nparts)
-        p = parts[i]
-        offsets[p + 1] += 1
-    for p in range(num_partitions):
-        offsets[p + 1] += offsets[p]
-    cursor = offsets[:-1].copy()
-    order = np.empty(n, np.int64)
-    for i in range(n):
-        p = parts[i]
-        order[cursor[p]] = i
-        cursor[p] += 1
-    return order, offsets
-
-
-@njit(nogil=True, cache=True)
-def _find(
-    keys: Keys,
-    positions: Any,
-    slots: Any,
-    values: Vectors,
-    meta: Any,
-    out: Vectors,
-    found: Mask,
-    stamp0: int,
-    track: bool,
-) -> None:
-    """For each ``i`` in ``positions``: if ``keys[i]`` is stored, copy its row to ``out[i]``.
-
-    With ``track``, each hit row gets stamp ``stamp0 + j`` and one more access.
-    Two passes on purpose: the first resolves every key to its row, the second copies the
-    rows. Each pass's iterations are independent loads, so the CPU keeps many cache misses
-    in flight at once; one loop that probes and then copies serialises them (1.5-2x slower
-    on tables much larger than the CPU caches).
-    """
-    mask = np.uint64(slots.shape[0] - 1)
-    n = positions.shape[0]
+        h = mix64(keys[i])
+        hashes[i] = h
+        bucket[i] = np.int64((h >> _S32) % nparts) * tables + table_ids[i]
+    order, starts = group_by(bucket, buckets)
     rows = np.empty(n, np.int64)
-    for j in range(n):
-        key = keys[positions[j]]
-        s = _mix(key) & mask
-        row = _EMPTY
-        while slots[s, 1] != _EMPTY:
-            if slots[s, 0] == key:
-                row = slots[s, 1]
-                break
-            s = (s + np.uint64(1)) & mask
-        rows[j] = row
-    dim = out.shape[1]
-    for j in range(n):
-        row = rows[j]
-        if row == _EMPTY:
-            continue
-        i = positions[j]
-        for d in range(dim):
-            out[i, d] = values[row, _VEC + d]
-        found[i] = True
-        if track:
-            meta[row, _STAMP] = stamp0 + j
-            meta[row, _COUNT] += 1
+    for g in range(buckets):
+        p, t = g // tables, g % tables
+        entry = directory[t] * num_partitions + p
+        dim = dims[t]
+        for lo in range(starts[g], starts[g + 1], max_per_hold):
+            hi = min(lo + max_per_hold, starts[g + 1])
+            read_acquire(locks, waiting, p)
+            # the arrays are read under the lock: a writer may have replaced them since
+            slots = slots_list[entry]
+            values = values_list[entry]
+            mask = np.uint64(slots.shape[0] - 1)
+            width = values.shape[1]
+            for j in range(lo, min(lo + _AHEAD, hi)):
+                prefetch(slots, 2 * np.int64(hashes[order[j]] & mask))
+            for j in range(lo, hi):
+                if j + _AHEAD < hi:
+                    prefetch(slots, 2 * np.int64(hashes[order[j + _AHEAD]] & mask))
+                i = order[j]
+                key = keys[i]
+                s = hashes[i] & mask
+                row = _EMPTY
+                while slots[s, 1] != _EMPTY:
+                    if slots[s, 0] == key:
+                        row = slots[s, 1]
+                        # the copy pass reads the row: its first and last cache lines
+                        prefetch(values, row * width + _VEC)
+                        prefetch(values, row * width + width - 1)
+                        break
+                    s = (s + np.uint64(1)) & mask
+                rows[j] = row
+            meta = meta_list[entry]
+            stamp0 = atomic_add(clock, 0, hi - lo) if track else 0
+            for j in range(lo, hi):
+                row = rows[j]
+                if row == _EMPTY:
+                    continue
+                i = order[j]
+                o = offsets[i]
+                for d in range(dim):
+                    out[o + d] = values[row, _VEC + d]
+                found[i] = True
+                if track:
+                    meta[row, _STAMP] = stamp0 + j - lo
+                    meta[row, _COUNT] += 1
+            read_release(locks, p)
 
 
 @njit(nogil=True, cache=True)
@@ -205,7 +230,7 @@ def _upsert(
     for j in range(positions.shape[0]):
         i = positions[j]
         key = keys[i]
-        s = _mix(key) & mask
+        s = mix64(key) & mask
         while slots[s, 1] != _EMPTY and slots[s, 0] != key:
             s = (s + np.uint64(1)) & mask
         row = slots[s, 1]
@@ -225,7 +250,7 @@ def _upsert(
 @njit(nogil=True, cache=True, inline="always")
 def _slot_of(slots: Any, key: int, mask: Any) -> Any:
     """The slot holding ``key``, or -1."""
-    s = _mix(key) & mask
+    s = mix64(key) & mask
     while slots[s, 1] != _EMPTY:
         if slots[s, 0] == key:
             return np.int64(s)
@@ -244,7 +269,7 @@ def _delete_slot(slots: Any, hole: int, mask: Any) -> None:
         j = (j + np.uint64(1)) & mask
         if slots[j, 1] == _EMPTY:
             break
-        home = _mix(slots[j, 0]) & mask
+        home = mix64(slots[j, 0]) & mask
         if i <= j:
             stays = i < home and home <= j
         else:
@@ -287,7 +312,7 @@ def _rehash(old: Any, new: Any) -> None:
     for s_old in range(old.shape[0]):
         if old[s_old, 1] != _EMPTY:
             key = old[s_old, 0]
-            s = _mix(key) & mask
+            s = mix64(key) & mask
             while new[s, 1] != _EMPTY:
                 s = (s + np.uint64(1)) & mask
             new[s, 0] = key
@@ -330,7 +355,10 @@ class _Overflow:
 
 @dataclass(eq=False)
 class _Partition:
-    """One independently locked open-addressing table plus its value rows."""
+    """One open-addressing table plus its value rows: one table's share of one partition.
+
+    Changed only under its partition's write lock; every change of ``slots`` or ``values``
+    is published to the directory before the lock is released."""
 
     dim: int
     slots: Any  # int64[cap, 2]: (key, row), row == _EMPTY for a free slot
@@ -338,11 +366,9 @@ class _Partition:
     meta: Any  # int64 view of values: columns (key, last-access stamp, access count)
     rng: np.random.Generator  # victims of evict_random (used under the lock only)
     n_rows: int = 0
-    clock: int = 0  # logical time: advanced by the number of keys each call touches
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def empty(cls, dim: int, expected_rows: int, seed: int) -> _Partition:
+    def empty(cls, dim: int, expected_rows: int, seed: Any) -> _Partition:
         values = _empty_rows(max(expected_rows, 1), dim)
         return cls(
             dim=dim,
@@ -356,25 +382,22 @@ class _Partition:
     def capacity(self) -> int:
         return int(self.slots.shape[0])
 
-    def tick(self, n: int) -> int:
-        """Reserve ``n`` stamps; returns the first. Caller holds the lock."""
-        stamp0 = self.clock
-        self.clock += n
-        return stamp0
-
-    def reserve(self, extra: int) -> None:
-        """Make room for ``extra`` more keys (all assumed new). Caller holds the lock."""
+    def reserve(self, extra: int) -> bool:
+        """Make room for ``extra`` more keys (all assumed new); True when arrays were replaced
+        (the caller publishes them). Caller holds the write lock."""
         needed = self.n_rows + extra
+        grown = False
         if 2 * needed > self.capacity:
             grown_slots = _empty_slots(_pow2_at_least(2 * needed))
             _rehash(self.slots, grown_slots)
-            self.slots = grown_slots
+            self.slots, grown = grown_slots, True
         if needed > self.values.shape[0]:
             # geometric growth keeps appends amortised O(1)
             rows = max(needed, 2 * self.values.shape[0])
-            grown = _empty_rows(rows, self.dim)
-            grown[: self.n_rows] = self.values[: self.n_rows]
-            self.values, self.meta = grown, grown.view(np.int64)
+            bigger = _empty_rows(rows, self.dim)
+            bigger[: self.n_rows] = self.values[: self.n_rows]
+            self.values, self.meta, grown = bigger, bigger.view(np.int64), True
+        return grown
 
     def remove(self, keys: Keys, positions: Any) -> int:
         """Delete the keys at ``positions``; returns how many were stored. Caller holds the lock."""
@@ -409,7 +432,35 @@ class _Partition:
 @dataclass(eq=False)
 class _Table:
     dim: int
+    index: int  # position in the directory: entries index * P .. index * P + P - 1
     partitions: list[_Partition]
+
+
+class _Directory:
+    """The arrays of every (table, partition), in the typed lists the lookup kernel indexes.
+
+    Entry ``table.index * P + p`` holds partition p of that table. Appending (a new table)
+    may move a list's storage, so it happens with every partition lock held; replacing one
+    entry needs only that partition's lock.
+    """
+
+    def __init__(self) -> None:
+        self.slots = TypedList.empty_list(types.int64[:, ::1])
+        self.values = TypedList.empty_list(types.float32[:, ::1])
+        self.meta = TypedList.empty_list(types.int64[:, ::1])
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def append(self, part: _Partition) -> None:
+        self.slots.append(part.slots)
+        self.values.append(part.values)
+        self.meta.append(part.meta)
+
+    def publish(self, entry: int, part: _Partition) -> None:
+        self.slots[entry] = part.slots
+        self.values[entry] = part.values
+        self.meta[entry] = part.meta
 
 
 def estimate_bytes_per_row(dim: int) -> float:
@@ -492,8 +543,13 @@ class HashMapVolatileDB:
         self._track = self._overflow.limited and self._overflow.policy != "evict_random"
         self._initial_capacity = initial_capacity
         self._seeds = np.random.SeedSequence(seed)
+        self._locks = LockArray(num_partitions)
+        self._clock = np.zeros(1, np.int64)  # logical time of access stamps, ticked atomically
+        self._directory = _Directory()
         self._tables: dict[str, _Table] = {}
-        self._tables_lock = threading.Lock()  # guards the dict, not the data
+        # what fetch_tables resolved per tuple of table names: directory indices and dims
+        self._groups: dict[tuple[str, ...], tuple[Keys, Keys]] = {}
+        self._tables_lock = threading.Lock()  # guards the dicts, not the data
         self._closed = False
 
     @classmethod
@@ -539,7 +595,12 @@ class HashMapVolatileDB:
                         f"table {table!r} already exists with dim {existing.dim}, not {dim}"
                     )
                 return
-            self._tables[table] = self._new_table(dim)
+            index = len(self._directory) // self._num_partitions
+            fresh = self._new_table(dim, index)
+            with self._locks.all_write_locked():  # appending may move the lists' storage
+                for part in fresh.partitions:
+                    self._directory.append(part)
+            self._tables[table] = fresh
 
     def insert(self, table: str, keys: Keys, values: Vectors) -> None:
         t = self._table(table)
@@ -553,9 +614,10 @@ class HashMapVolatileDB:
             group = order[offsets[p] : offsets[p + 1]]
             for start in range(0, group.shape[0], self._max_set):
                 chunk = group[start : start + self._max_set]
-                with part.lock:
-                    part.reserve(chunk.shape[0])
-                    stamp0 = part.tick(chunk.shape[0])
+                with self._locks.write_locked(p):
+                    if part.reserve(chunk.shape[0]):
+                        self._directory.publish(t.index * self._num_partitions + p, part)
+                    stamp0 = atomic_tick(self._clock, chunk.shape[0])
                     part.n_rows = _upsert(
                         keys, chunk, values, part.slots, part.values, part.meta, part.n_rows, stamp0
                     )
@@ -563,21 +625,27 @@ class HashMapVolatileDB:
                         part.resolve_overflow(overflow)
 
     def fetch(self, table: str, keys: Keys, out: Vectors) -> Mask:
-        t = self._table(table)
+        dim = self._table(table).dim
         keys = check_keys(table, keys)
-        out = check_out(table, out, keys.shape[0], t.dim)
+        out = check_out(table, out, keys.shape[0], dim)
+        n = keys.shape[0]
+        return self.fetch_tables(
+            (table,), np.zeros(n, np.int64), keys, out.reshape(-1), np.arange(0, n * dim, dim, dtype=np.int64)
+        )
+
+    def fetch_tables(
+        self, tables: Sequence[str], table_ids: Keys, keys: Keys, out: Flat, offsets: Keys
+    ) -> Mask:
+        directory, dims = self._resolve(tables)
+        table_ids, keys, out, offsets = check_table_batch("hash map fetch_tables", dims, table_ids, keys, out, offsets)
         found = np.zeros(keys.shape[0], np.bool_)
-        if keys.shape[0] == 0:
-            return found
-        order, offsets = self._group(keys)
-        track = self._track
-        for p, part in enumerate(t.partitions):
-            group = order[offsets[p] : offsets[p + 1]]
-            for start in range(0, group.shape[0], self._max_get):
-                chunk = group[start : start + self._max_get]
-                with part.lock:
-                    stamp0 = part.tick(chunk.shape[0]) if track else 0
-                    _find(keys, chunk, part.slots, part.values, part.meta, out, found, stamp0, track)
+        if keys.shape[0]:
+            d = self._directory
+            _find_tables(
+                keys, table_ids, offsets, out, found, directory, dims, self._num_partitions,
+                d.slots, d.values, d.meta, self._locks.locks, self._locks.waiting, self._clock,
+                self._track, self._max_get,
+            )
         return found
 
     def count(self, table: str) -> int:
@@ -594,6 +662,9 @@ class HashMapVolatileDB:
         with self._tables_lock:
             self._closed = True
             self._tables.clear()  # drop the arrays now, not when the object dies
+            self._groups.clear()
+            with self._locks.all_write_locked():
+                self._directory = _Directory()
 
     # ---------------------------------------------------------------- extras
 
@@ -611,24 +682,26 @@ class HashMapVolatileDB:
         for p, part in enumerate(t.partitions):
             group = order[offsets[p] : offsets[p + 1]]
             for start in range(0, group.shape[0], self._max_set):
-                with part.lock:
+                with self._locks.write_locked(p):
                     removed += part.remove(keys, group[start : start + self._max_set])
         return removed
 
     def evict_table(self, table: str) -> int:
         """Empty ``table`` (it stays defined with its dim); returns the rows dropped."""
-        t = self._table(table)
         with self._tables_lock:
-            fresh = self._new_table(t.dim)
-            rows = sum(part.n_rows for part in t.partitions)
-            self._tables[table] = fresh
-        return rows
+            t = self._table(table)
+            fresh = self._new_table(t.dim, t.index)
+            self._replace(table, fresh)
+        return sum(part.n_rows for part in t.partitions)
 
     def drop_table(self, table: str) -> int:
         """Delete ``table`` and its rows; returns the rows dropped."""
-        t = self._table(table)
         with self._tables_lock:
-            self._tables.pop(table, None)
+            t = self._table(table)
+            # its directory entries stay (indices are positions) but hold empty arrays
+            self._replace(None, self._new_table(1, t.index))
+            del self._tables[table]
+            self._groups.clear()
         return sum(part.n_rows for part in t.partitions)
 
     def memory_bytes(self, table: str | None = None) -> int:
@@ -659,18 +732,41 @@ class HashMapVolatileDB:
         if self._closed:
             raise TierError("the hash-map volatile tier is closed")
 
-    def _new_table(self, dim: int) -> _Table:
+    def _new_table(self, dim: int, index: int) -> _Table:
         per_part = -(-self._initial_capacity // self._num_partitions)
         if self._overflow.limited:
             per_part = min(per_part, self._overflow.margin)
         seeds = self._seeds.spawn(self._num_partitions)
-        return _Table(dim, [_Partition.empty(dim, per_part, s) for s in seeds])  # type: ignore[arg-type]
+        return _Table(dim, index, [_Partition.empty(dim, per_part, s) for s in seeds])
+
+    def _replace(self, table: str | None, fresh: _Table) -> None:
+        """Put ``fresh``'s arrays in the directory (and under ``table``). Caller holds _tables_lock."""
+        with self._locks.all_write_locked():
+            for p, part in enumerate(fresh.partitions):
+                self._directory.publish(fresh.index * self._num_partitions + p, part)
+            if table is not None:
+                self._tables[table] = fresh
+
+    def _resolve(self, tables: Sequence[str]) -> tuple[Keys, Keys]:
+        """Directory indices and dims of ``tables``, memoized per tuple of names."""
+        names = tables if isinstance(tables, tuple) else tuple(tables)
+        group = self._groups.get(names)
+        if group is None:
+            with self._tables_lock:
+                resolved = [self._table(name) for name in names]
+                group = (
+                    np.array([t.index for t in resolved], np.int64),
+                    np.array([t.dim for t in resolved], np.int64),
+                )
+                self._groups[names] = group
+        return group
 
     def _group(self, keys: Keys) -> tuple[Any, Any]:
-        """Batch positions grouped by partition (see _group_by_partition)."""
+        """Batch positions grouped by partition, in batch order inside a partition (which is
+        what makes "last duplicate wins" hold for inserts)."""
         if self._num_partitions == 1:  # nothing to group: skip a pass over the batch
             return np.arange(keys.shape[0], dtype=np.int64), np.array([0, keys.shape[0]], np.int64)
-        return _group_by_partition(keys, self._num_partitions)  # type: ignore[no-any-return]
+        return group_by(_partitions(keys, self._num_partitions), self._num_partitions)  # type: ignore[no-any-return]
 
     def _table(self, table: str) -> _Table:
         self._check_open()

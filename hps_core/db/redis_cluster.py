@@ -5,11 +5,15 @@ Layout (``_redis_layout``, HugeCTR's): one Redis hash per (table, partition), na
 one node. Field = 8-byte key, value = the float32 row. Table widths live in the hash
 ``hps_et{meta}tables``.
 
-A batch is grouped by partition with NumPy (``argsort``), each partition cut into
-HMGET/HSET commands of at most ``max_get_batch_size`` / ``max_set_batch_size`` keys, the
-commands grouped by the node owning their slot, and each node's commands sent as ONE
-pipeline. Pipelines go out to every node before any reply is read, so the nodes work in
-parallel while this process waits (no threads). The cluster client (redis-py
+A batch is grouped by (table, partition) with NumPy (one stable ``argsort`` of a combined
+code), each group cut into HMGET/HSET commands of at most ``max_get_batch_size`` /
+``max_set_batch_size`` keys, the commands grouped by the node owning their slot (each
+command carries its own), and each node's commands sent as ONE pipeline. Pipelines go out
+to every node before any reply is read, so the nodes work in parallel while this process
+waits (no threads). ``fetch_tables`` sends the keys of all a lookup's tables in that one
+round — a request costs one pipeline per node whatever its table count — and ``fetch`` is
+its one-table case. Replies of rows of different widths are joined once and scattered
+into the caller's flat buffer by one ``hps_core.rows.copy_rows``. The cluster client (redis-py
 ``RedisCluster``, hiredis parser) supplies the slot map, authentication, TLS and one
 connection pool per node; this module drives those pools directly so that a failure stays
 confined to the node that failed.
@@ -57,7 +61,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 
 import numpy as np
 import redis
@@ -70,17 +74,20 @@ from redis.retry import Retry
 
 from hps_core.db import _redis_layout as layout
 from hps_core.db.base import (
+    Flat,
     Keys,
     Mask,
     Vectors,
     check_dim,
     check_keys,
     check_out,
+    check_table_batch,
     check_table_name,
     check_values,
     unknown_table,
 )
-from hps_core.errors import ConfigError, TierError
+from hps_core.errors import ConfigError, RequestError, TierError
+from hps_core.rows import copy_rows
 
 __all__ = ["RedisClusterVolatileDB", "RedisVolatileDB", "open_redis_db", "parse_addresses"]
 
@@ -92,6 +99,7 @@ DEFAULT_NODE_CONNECTIONS = 5
 DEFAULT_SOCKET_TIMEOUT = 1.0  # s: a node slower than this counts as down for this request
 DEFAULT_CONNECT_TIMEOUT = 0.5  # s
 DEFAULT_RETRY_AFTER = 1.0  # s a failed node is skipped before it is tried again
+_MAX_RESOLVED = 256  # table tuples remembered by fetch_tables (a session passes one, always the same)
 
 #: errors that mean "this node cannot answer now" (retryable after ``retry_after``)
 NODE_FAILURES: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, OSError)
@@ -183,7 +191,7 @@ class _Group:
 
     link: _Link
     commands: list[tuple[Any, ...]]
-    tags: list[Any]  # one per command: what the caller needs to place the reply
+    tags: list[int]  # one per command: its index in the call's command list
     replies: list[Any] | None = None  # one per command (a ResponseError in place of an error reply)
     failure: BaseException | None = None  # the whole node failed
 
@@ -193,6 +201,25 @@ class _Table:
     dim: int
     hkeys: list[bytes]  # per partition
     slots: list[int]  # per partition (cluster slot of the hash key)
+
+
+@dataclass(eq=False)
+class _Tables:
+    """The tables of a ``fetch_tables`` call, resolved once per tuple of names."""
+
+    names: tuple[str, ...]
+    dims: Keys  # (T,) int64
+    hkeys: list[bytes]  # (T * P,) table-major: hash of (table t, partition p) at t * P + p
+    slots: list[int]  # (T * P,) their cluster slots
+
+
+class _Command(NamedTuple):
+    """One command of a call: the slot it goes to (that of its hash), its arguments, and
+    how many keys it touches (misses to count if its node fails)."""
+
+    slot: int
+    args: tuple[Any, ...]
+    size: int
 
 
 class _NodeDown(RedisError):
@@ -232,6 +259,7 @@ class _RedisTier:
         self._node_connections = _check_positive("num_node_connections", num_node_connections)
         self._retry_after = float(retry_after)
         self._tables: dict[str, _Table] = {}
+        self._resolved: dict[tuple[str, ...], _Tables] = {}
         self._links: dict[str, _Link] = {}
         self._down_until: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -301,49 +329,76 @@ class _RedisTier:
             return
         batch = layout.plan(keys, self._num_partitions, self._max_set)
         args = layout.interleave(layout.key_fields(keys[batch.order]), layout.row_values(values[batch.order]))
-        commands = [("HSET", info.hkeys[c.partition], *args[2 * c.start : 2 * c.stop]) for c in batch.chunks]
-        sizes = [c.stop - c.start for c in batch.chunks]
-        self._run(f"insert into {table!r}", info, [c.partition for c in batch.chunks], commands, sizes, strict=True)
+        commands = [
+            _Command(info.slots[p], ("HSET", info.hkeys[p], *args[2 * a : 2 * b]), b - a)
+            for p, a, b in zip(batch.groups.tolist(), batch.starts.tolist(), batch.stops.tolist())
+        ]
+        self._run(f"insert into {table!r}", commands, strict=True)
 
     def fetch(self, table: str, keys: Keys, out: Vectors) -> Mask:
+        """The one-table case of :meth:`fetch_tables` (one read path for both)."""
         self._check_open()
         table = check_table_name(table)
         keys = check_keys(table, keys)
-        info = self._table(table)
-        out = check_out(table, out, len(keys), info.dim)
+        tables = self._resolve((table,))
+        dim = int(tables.dims[0])
+        out = check_out(table, out, len(keys), dim)
+        n = len(keys)
+        offsets = np.arange(0, n * dim, dim, dtype=np.int64)
+        return self._fetch_rows(f"fetch from {table!r}", tables, np.zeros(n, np.int64), keys, out.reshape(-1), offsets)
+
+    def fetch_tables(
+        self, tables: Sequence[str], table_ids: Keys, keys: Keys, out: Flat, offsets: Keys
+    ) -> Mask:
+        """Keys of several tables in ONE round of pipelines: one pipeline per node for the
+        whole batch, whatever the table count. Arrays as in the contract (base.py)."""
+        self._check_open()
+        resolved = self._resolve(tables)
+        ids, keys, out, offsets = check_table_batch(
+            f"{self._kind} fetch_tables", resolved.dims, table_ids, keys, out, offsets
+        )
+        return self._fetch_rows(f"fetch from {len(resolved.names)} tables", resolved, ids, keys, out, offsets)
+
+    def _fetch_rows(self, what: str, tables: _Tables, ids: Keys, keys: Keys, out: Flat, offsets: Keys) -> Mask:
+        """Checked arrays in, rows written into ``out``: group by (table, partition), one
+        HMGET per chunk, one pipeline per node, one join to decode, one copy to scatter."""
         found = np.zeros(len(keys), dtype=np.bool_)
         if len(keys) == 0:
             return found
-        batch = layout.plan(keys, self._num_partitions, self._max_get)
+        batch = layout.plan(keys, self._num_partitions, self._max_get, ids, len(tables.names))
         fields = layout.key_fields(keys[batch.order])
-        commands = [("HMGET", info.hkeys[c.partition], *fields[c.start : c.stop]) for c in batch.chunks]
-        sizes = [c.stop - c.start for c in batch.chunks]
-        replies = self._run(f"fetch from {table!r}", info, [c.partition for c in batch.chunks], commands, sizes, strict=False)
+        commands = [
+            _Command(tables.slots[g], ("HMGET", tables.hkeys[g], *fields[a:b]), b - a)
+            for g, a, b in zip(batch.groups.tolist(), batch.starts.tolist(), batch.stops.tolist())
+        ]
+        replies = self._run(what, commands, strict=False)
         flat: list[Any] = list(chain.from_iterable(replies)) if len(replies) > 1 else replies[0]
+        sorted_ids = ids[batch.order]
         try:
-            mask, rows = layout.decode_replies(flat, info.dim)
-        except ValueError as exc:
-            raise TierError(f"{self._kind}: table {table!r}: {exc}") from exc
+            mask, rows, starts = layout.decode_rows(flat, tables.dims[sorted_ids])
+        except layout.StoredWidthError as exc:
+            table = tables.names[int(sorted_ids[exc.position])]
+            raise TierError(f"{self._kind}: table {table!r}: {exc}; the stored table and its dim disagree") from exc
         positions = batch.order[mask]
-        out[positions] = rows
+        copy_rows(rows, starts, out, offsets[positions], ids[positions], tables.dims)
         found[positions] = True
         return found
 
     def count(self, table: str) -> int:
         self._check_open()
         info = self._table(check_table_name(table))
-        partitions = list(range(self._num_partitions))
-        commands = [("HLEN", info.hkeys[p]) for p in partitions]
-        replies = self._run(f"count {table!r}", info, partitions, commands, [0] * len(partitions), strict=True)
+        commands = [_Command(info.slots[p], ("HLEN", info.hkeys[p]), 0) for p in range(self._num_partitions)]
+        replies = self._run(f"count {table!r}", commands, strict=True)
         return int(sum(int(r) for r in replies))
 
     def memory_bytes(self, table: str) -> int:
         """Redis's estimate of the memory the table's hashes use (``MEMORY USAGE``, sampled)."""
         self._check_open()
         info = self._table(check_table_name(table))
-        partitions = list(range(self._num_partitions))
-        commands = [("MEMORY", "USAGE", info.hkeys[p]) for p in partitions]
-        replies = self._run(f"memory of {table!r}", info, partitions, commands, [0] * len(partitions), strict=True)
+        commands = [
+            _Command(info.slots[p], ("MEMORY", "USAGE", info.hkeys[p]), 0) for p in range(self._num_partitions)
+        ]
+        replies = self._run(f"memory of {table!r}", commands, strict=True)
         return int(sum(int(r or 0) for r in replies))
 
     def table_names(self) -> list[str]:
@@ -400,6 +455,26 @@ class _RedisTier:
         info = self._tables.setdefault(table, self._describe(table, int(stored)))
         return info
 
+    def _resolve(self, tables: Sequence[str]) -> _Tables:
+        """The hashes, slots and widths of a tuple of tables, worked out once per tuple (a
+        session passes the same one on every call); an unknown name raises UnknownTableError."""
+        if isinstance(tables, str):
+            raise RequestError(f"tables must be a sequence of table names, got the str {tables!r}")
+        names = tables if isinstance(tables, tuple) else tuple(tables)
+        resolved = self._resolved.get(names)
+        if resolved is None:
+            infos = [self._table(check_table_name(t)) for t in names]  # per table, once per tuple
+            resolved = _Tables(
+                names,
+                np.array([i.dim for i in infos], dtype=np.int64),
+                [h for i in infos for h in i.hkeys],
+                [s for i in infos for s in i.slots],
+            )
+            if len(self._resolved) >= _MAX_RESOLVED:  # callers that build a new tuple per call
+                self._resolved.clear()
+            self._resolved[names] = resolved
+        return resolved
+
     def _call(self, what: str, fn: Callable[[], Any]) -> Any:
         """Run a single-key command; redis errors become TierError."""
         try:
@@ -428,16 +503,21 @@ class _RedisTier:
         until = self._down_until.get(node)
         return until is not None and until > time.monotonic()
 
-    def _group(self, info: _Table, partitions: Sequence[int], commands: list[tuple[Any, ...]], tags: Iterable[Any]) -> list[_Group]:
-        """Commands grouped by the node owning their partition's slot (per partition, not per key)."""
+    def _group(self, commands: list[_Command], indices: Iterable[int]) -> list[_Group]:
+        """Commands ``indices`` grouped by the node owning their slot (per command, not per
+        key); a group's tags are the command indices. A slot is looked up once per call."""
         groups: dict[str, _Group] = {}
-        for partition, command, tag in zip(partitions, commands, tags):
-            link = self._link_for_slot(info.slots[partition])
+        links: dict[int, _Link] = {}
+        for i in indices:
+            command = commands[i]
+            link = links.get(command.slot)
+            if link is None:
+                link = links[command.slot] = self._link_for_slot(command.slot)
             group = groups.get(link.name)
             if group is None:
                 group = groups[link.name] = _Group(link, [], [])
-            group.commands.append(command)
-            group.tags.append(tag)
+            group.commands.append(command.args)
+            group.tags.append(i)
         return list(groups.values())
 
     def _exchange(self, groups: list[_Group]) -> None:
@@ -490,34 +570,33 @@ class _RedisTier:
         finally:
             link.slots.release()
 
-    def _run(
-        self, what: str, info: _Table, partitions: list[int], commands: list[tuple[Any, ...]], sizes: list[int], *, strict: bool
-    ) -> list[Any]:
-        """Run ``commands`` (command i on partition ``partitions[i]``, touching ``sizes[i]`` keys).
+    def _run(self, what: str, commands: list[_Command], *, strict: bool) -> list[Any]:
+        """Run ``commands``, of any tables and partitions, in one round: one pipeline per node.
 
         Returns one reply per command. A MOVED reply refreshes the slot map and re-sends
         once. Other failures: ``strict`` raises TierError; otherwise the command's reply
         is ``[None] * size`` (all misses) and the failure is counted, once per node.
         """
         results: list[Any] = [None] * len(commands)
-        pending = list(range(len(commands)))
+        pending: list[int] = list(range(len(commands)))
         for attempt in range(2):
-            groups = self._group(info, [partitions[i] for i in pending], [commands[i] for i in pending], pending)
+            groups = self._group(commands, pending)
             self._exchange(groups)
             moved: list[int] = []
             for group in groups:
                 if group.failure is not None:
-                    self._fail(what, group.link.name, group.failure, sum(sizes[i] for i in group.tags), strict)
+                    keys = sum(commands[i].size for i in group.tags)
+                    self._fail(what, group.link.name, group.failure, keys, strict)
                     for i in group.tags:
-                        results[i] = [None] * sizes[i]
+                        results[i] = [None] * commands[i].size
                     continue
                 assert group.replies is not None
                 for i, reply in zip(group.tags, group.replies):
                     if isinstance(reply, AskError) and attempt == 0:  # MOVED (or ASK): re-route once
                         moved.append(i)
                     elif isinstance(reply, BaseException):
-                        self._fail(what, group.link.name, reply, sizes[i], strict)
-                        results[i] = [None] * sizes[i]
+                        self._fail(what, group.link.name, reply, commands[i].size, strict)
+                        results[i] = [None] * commands[i].size
                     else:
                         results[i] = reply
             if not moved:

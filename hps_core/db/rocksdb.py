@@ -15,6 +15,16 @@ one vectorised ``view(...).tolist()``, and fetch results come back as a list tha
 joined and decoded with one ``np.frombuffer``. The per-key calls that remain are the
 binding's (``WriteBatch.put`` has no batch form).
 
+``fetch_tables`` (keys of all a lookup's tables in one call; ``fetch`` is its one-table
+case) groups the batch by table with NumPy, asks each table's column family with ONE list
+``get`` (chunked by ``max_get_batch_size``) in bytewise key order, and decodes all the
+values, of every width, with one join. The loop over column families remains because it is
+the binding's floor, like ``WriteBatch.put``: rocksdict 0.3's ``get(list)`` reads the one
+column family of the view it is called on, and it exposes no cross-family multi-get
+(RocksDB's ``MultiGet`` with a handle per key). The per-family gets are spread over the
+read pool together, packed into one task per thread, so a small table costs no hand-off
+of its own.
+
 Modes (one process at a time may hold the write lock; any number may read beside it):
 
 - read-write (default): the loader's mode.
@@ -26,7 +36,7 @@ Modes (one process at a time may hold the write lock; any number may read beside
   what a serving process uses to follow online updates. Read-only too.
 
 Reads: rocksdict releases the GIL inside a multi-get (measured: a Python thread kept 75%
-of its speed during one), so ``fetch`` splits a large batch over a pool of
+of its speed during one), so a fetch splits a large batch over a pool of
 ``min(num_threads, CPU count)`` threads: 187k → 323k keys/s with 2 threads on 2 cores.
 
 Bulk loads: :meth:`~RocksDBPersistentDB.bulk_load` sorts the rows by their byte encoding,
@@ -44,7 +54,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,17 +73,20 @@ from rocksdict import (
 )
 
 from hps_core.db.base import (
+    Flat,
     Keys,
     Mask,
     Vectors,
     check_dim,
     check_keys,
     check_out,
+    check_table_batch,
     check_table_name,
     check_values,
     unknown_table,
 )
-from hps_core.errors import ConfigError, HPSError, TierBusyError, TierError
+from hps_core.errors import ConfigError, HPSError, RequestError, TierBusyError, TierError
+from hps_core.rows import copy_rows, join_rows
 
 __all__ = ["RocksDBPersistentDB"]
 
@@ -89,6 +102,9 @@ _INGEST_DIR = ".hps_ingest"  # SST files being written, inside the DB folder (sa
 _sst_ids = itertools.count()
 _DEFAULT_CF = "default"
 _BLOOM_BITS_PER_KEY = 10  # ~1% false positives: misses (frequent in a cascade) skip the disk
+_MAX_RESOLVED = 256  # table tuples remembered by fetch_tables (a session passes one, always the same)
+
+_Piece = tuple[int, int, int]  # (table index, start, stop) of a multi-get, in the sorted batch
 
 
 def _options(num_threads: int, *, create: bool) -> Options:
@@ -115,6 +131,19 @@ def _row_bytes(values: Vectors) -> list[bytes]:
     rows = np.ascontiguousarray(values, dtype="<f4")
     as_bytes: list[bytes] = rows.view(np.dtype((np.void, 4 * rows.shape[1]))).reshape(-1).tolist()
     return as_bytes
+
+
+def _byte_order(table_ids: Keys, keys: Keys, num_tables: int) -> Keys:
+    """Positions of the batch grouped by table and, inside a table, in RocksDB's bytewise key
+    order (consecutive lookups then share index and data blocks: about 1.3x faster than
+    random order). Little-endian bytes compare like the same bytes read as a big-endian
+    number."""
+    order = np.argsort(np.ascontiguousarray(keys, dtype="<i8").view(">u8"), kind="stable")
+    if num_tables > 1:  # stable, so the byte order holds inside each table
+        ids = table_ids[order]
+        by_table = np.argsort(ids.astype(np.uint16) if num_tables <= 1 << 16 else ids, kind="stable")
+        order = order[by_table]
+    return order
 
 
 def _byte_order_last_wins(keys: Keys) -> Any:
@@ -181,6 +210,7 @@ class RocksDBPersistentDB:
         self._cfs: dict[str, Rdict] = {}
         self._handles: dict[str, Any] = {}
         self._dims: dict[str, int] = {}
+        self._resolved: dict[tuple[str, ...], Keys] = {}
         self._load_tables()
 
     @classmethod
@@ -311,38 +341,68 @@ class RocksDBPersistentDB:
                 self._db.write(batch, self._write_opts)
 
     def fetch(self, table: str, keys: Keys, out: Vectors) -> Mask:
+        """The one-table case of :meth:`fetch_tables` (one read path for both)."""
         dim = self.dim(table)
         keys = check_keys(table, keys)
-        out = check_out(table, out, keys.shape[0], dim)
         n = keys.shape[0]
+        out = check_out(table, out, n, dim)
+        offsets = np.arange(0, n * dim, dim, dtype=np.int64)
+        dims = np.array([dim], dtype=np.int64)
+        return self._fetch_rows((table,), dims, np.zeros(n, np.int64), keys, out.reshape(-1), offsets)
+
+    def fetch_tables(
+        self, tables: Sequence[str], table_ids: Keys, keys: Keys, out: Flat, offsets: Keys
+    ) -> Mask:
+        """Keys of several tables in one call: one multi-get per column family (chunked by
+        ``max_get_batch_size``), all of them spread over the read pool together. Arrays as
+        in the contract (base.py)."""
+        names, dims = self._resolve(tables)
+        ids, keys, out, offsets = check_table_batch("RocksDB fetch_tables", dims, table_ids, keys, out, offsets)
+        return self._fetch_rows(names, dims, ids, keys, out, offsets)
+
+    def _fetch_rows(
+        self, names: tuple[str, ...], dims: Keys, ids: Keys, keys: Keys, out: Flat, offsets: Keys
+    ) -> Mask:
+        """Checked arrays in, found rows written into ``out`` at ``offsets``."""
+        n = keys.shape[0]
+        found = np.zeros(n, np.bool_)
         if n == 0:
-            return np.zeros(0, np.bool_)
-        cf = self._family(table)
-        # Ask in RocksDB's own (bytewise) key order: consecutive lookups then share index and
-        # data blocks, about 1.3x faster than random order. Little-endian bytes compare like
-        # the same bytes read as a big-endian number.
-        order = np.argsort(np.ascontiguousarray(keys, dtype="<i8").view(">u8"), kind="stable")
+            return found
+        order = _byte_order(ids, keys, len(names))
+        bounds = np.zeros(len(names) + 1, np.int64)
+        np.cumsum(np.bincount(ids, minlength=len(names)), out=bounds[1:])
+        # one view per table present: the binding's multi-get reads one column family
+        families = {t: self._family(names[t]) for t in np.flatnonzero(bounds[1:] > bounds[:-1]).tolist()}
         key_list = _key_bytes(keys[order])
-        sorted_results = np.empty(n, dtype=object)
-
-        def read(start: int, stop: int) -> None:
-            sorted_results[start:stop] = cf.get(key_list[start:stop])  # type: ignore[arg-type]  # stubs: list[bytes] is a batch get
-
-        with self._translate("fetch", table):
-            self._run_ranges(read, n)
         results = np.empty(n, dtype=object)
-        results[order] = sorted_results
-        found: Mask = results != None  # noqa: E711 — elementwise on an object array
-        hits = results[found].tolist()
-        if hits:
-            blob = b"".join(hits)
-            if len(blob) != len(hits) * 4 * dim:
-                raise TierError(
-                    f"RocksDB table {table!r} at {self._path!r} holds values that are not "
-                    f"{dim} float32 wide ({4 * dim} bytes); the stored table and its dim disagree"
-                )
-            out[found] = np.frombuffer(blob, dtype="<f4").reshape(-1, dim)
+
+        def read(pieces: list[_Piece]) -> None:
+            for t, start, stop in pieces:
+                with self._translate("fetch", names[t]):
+                    # stubs: a list of keys is a batch get
+                    results[start:stop] = families[t].get(key_list[start:stop])  # type: ignore[arg-type]
+
+        with self._translate("fetch", names[0] if len(names) == 1 else None):  # e.g. a pool shut down by close()
+            self._run_ranges(read, bounds)
+        hit: Mask = results != None  # noqa: E711 — elementwise on an object array
+        positions = order[hit]
+        hit_ids = ids[positions]
+        rows, starts = self._decode(results[hit].tolist(), hit_ids, names, dims)
+        copy_rows(rows, starts, out, offsets[positions], hit_ids, dims)
+        found[positions] = True
         return found
+
+    def _decode(self, hits: list[bytes], hit_ids: Keys, names: tuple[str, ...], dims: Keys) -> tuple[Flat, Keys]:
+        """Found values (rows of any widths) → one (m,) float32 array (one join) and the start
+        of each row in it; a value of the wrong size is a TierError naming its table."""
+        data, starts, bad = join_rows(hits, dims[hit_ids])
+        if bad >= 0:
+            t = int(hit_ids[bad])
+            raise TierError(
+                f"RocksDB table {names[t]!r} at {self._path!r} holds values that are not "
+                f"{int(dims[t])} float32 wide ({4 * int(dims[t])} bytes); the stored table and its dim disagree"
+            )
+        return data, starts
 
     def count(self, table: str) -> int:
         """Exact number of keys: a full key scan (RocksDB keeps only estimates), so this is
@@ -468,19 +528,45 @@ class RocksDBPersistentDB:
 
     # ---------------------------------------------------------------- helpers
 
-    def _run_ranges(self, read: Any, n: int) -> None:
-        """Call ``read(start, stop)`` over ``[0, n)`` in ranges of at most max_get keys,
-        spread over the read pool when the batch is large enough to gain from it."""
+    def _run_ranges(self, read: Callable[[list[_Piece]], None], bounds: Keys) -> None:
+        """Call ``read(pieces)`` over the sorted batch ``[0, bounds[-1])``, table t being
+        ``[bounds[t], bounds[t+1])``, spread over the read pool when the batch is large
+        enough to gain from it.
+
+        The batch is cut into tasks of ``step`` keys (at most max_get, about one per
+        thread); a task is a list of pieces, one per table it spans, so a task costs one
+        hand-off however many small tables it holds.
+        """
+        n = int(bounds[-1])
         threads = min(self._read_threads, n // _MIN_KEYS_PER_THREAD)
         step = min(self._max_get, -(-n // max(threads, 1)))
-        ranges = [(start, min(start + step, n)) for start in range(0, n, step)]
-        if threads < 2 or len(ranges) < 2:
-            for start, stop in ranges:
-                read(start, stop)
+        cuts = np.union1d(bounds, np.arange(0, n, step))  # sorted, distinct: empty tables vanish
+        starts, stops = cuts[:-1], cuts[1:]
+        tables = np.searchsorted(bounds, starts, side="right") - 1
+        pieces: list[_Piece] = list(zip(tables.tolist(), starts.tolist(), stops.tolist()))
+        task_starts = np.flatnonzero(np.diff(starts // step, prepend=-1)).tolist() + [len(pieces)]
+        tasks = [pieces[a:b] for a, b in zip(task_starts[:-1], task_starts[1:])]
+        if threads < 2 or len(tasks) < 2:
+            read(pieces)
             return
         pool = self._read_pool()
-        for future in [pool.submit(read, start, stop) for start, stop in ranges]:
+        for future in [pool.submit(read, task) for task in tasks]:
             future.result()
+
+    def _resolve(self, tables: Sequence[str]) -> tuple[tuple[str, ...], Keys]:
+        """The names and (T,) int64 widths of a tuple of tables, worked out once per tuple (a
+        session passes the same one on every call); an unknown name raises UnknownTableError."""
+        self._check_open()
+        if isinstance(tables, str):
+            raise RequestError(f"tables must be a sequence of table names, got the str {tables!r}")
+        names = tables if isinstance(tables, tuple) else tuple(tables)
+        dims = self._resolved.get(names)
+        if dims is None:
+            dims = np.array([self.dim(check_table_name(t)) for t in names], dtype=np.int64)  # once per tuple
+            if len(self._resolved) >= _MAX_RESOLVED:  # callers that build a new tuple per call
+                self._resolved.clear()
+            self._resolved[names] = dims
+        return names, dims
 
     def _read_pool(self) -> ThreadPoolExecutor:
         if self._pool is None:
