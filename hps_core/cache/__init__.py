@@ -1,18 +1,23 @@
 """Embedding caches: the fast tier in front of the volatile and persistent databases.
 
-One contract (:class:`EmbeddingCache`, in ``base.py``) and four implementations::
+The caches of a model's tables live in one multi-table structure (:class:`MultiTableCache`,
+``base.py``), answered by one call — one kernel launch on the GPU — whatever the table count::
 
-    kind      device   class                      module
-    dynamic   GPU      GpuEmbeddingCache          gpu.py + kernels/dynamic_cache.cu
-    static    GPU      StaticEmbeddingTable       gpu.py + kernels/static_table.cu
-    dynamic   CPU      CpuEmbeddingCache          cpu.py (numba), the GPU cache's twin
-    static    CPU      CpuStaticEmbeddingTable    cpu.py (numba)
+    kind      device   multi-table class     one-table view              module
+    dynamic   GPU      GpuDynamicCache       GpuEmbeddingCache           gpu.py + kernels/dynamic_cache.cu
+    static    GPU      GpuStaticCache        StaticEmbeddingTable        gpu.py + kernels/static_table.cu
+    dynamic   CPU      CpuDynamicCache       CpuEmbeddingCache           cpu.py (numba), the GPU cache's twin
+    static    CPU      CpuStaticCache        CpuStaticEmbeddingTable     cpu.py (numba)
 
-Build one with :func:`make_cache`. The GPU classes import CuPy only when constructed.
+A one-table view (:class:`TableView`) presents one table behind the single-table
+:class:`EmbeddingCache` contract. Build the multi-table structure with
+:func:`make_multi_table_cache`, a one-table cache with :func:`make_cache`. The GPU classes
+import CuPy only when constructed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -21,32 +26,75 @@ from hps_core.cache.base import (
     WAYS,
     CacheFullError,
     EmbeddingCache,
+    MultiTableCache,
+    TableView,
     capacity_for_bytes,
 )
-from hps_core.cache.cpu import CpuEmbeddingCache, CpuStaticEmbeddingTable
+from hps_core.cache.cpu import CpuDynamicCache, CpuEmbeddingCache, CpuStaticCache, CpuStaticEmbeddingTable
 from hps_core.errors import ConfigError
 
 __all__ = [
     "WAYS",
     "CacheFullError",
+    "CpuDynamicCache",
     "CpuEmbeddingCache",
+    "CpuStaticCache",
     "CpuStaticEmbeddingTable",
     "EmbeddingCache",
+    "GpuDynamicCache",
     "GpuEmbeddingCache",
+    "GpuStaticCache",
+    "MultiTableCache",
     "StaticEmbeddingTable",
+    "TableView",
     "capacity_for_bytes",
     "make_cache",
+    "make_multi_table_cache",
 ]
+
+_GPU_CLASSES = ("GpuDynamicCache", "GpuStaticCache", "GpuEmbeddingCache", "StaticEmbeddingTable")
 
 
 def __getattr__(name: str) -> Any:
     # The GPU classes live in gpu.py; importing it is cheap (CuPy loads on construction),
     # but keeping it lazy keeps `import hps_core.cache` free of the kernel loader.
-    if name in ("GpuEmbeddingCache", "StaticEmbeddingTable"):
+    if name in _GPU_CLASSES:
         from hps_core.cache import gpu
 
         return getattr(gpu, name)
     raise AttributeError(f"module 'hps_core.cache' has no attribute {name!r}")
+
+
+def make_multi_table_cache(
+    kind: str,
+    *,
+    device: str | int,
+    capacities: Sequence[int],
+    dims: Sequence[int],
+    policy: str = "lru",
+    value_dtype: Any = np.float32,
+    key_dtype: Any = np.int64,
+) -> MultiTableCache:
+    """The caches of several tables in one structure: ``kind`` (``"dynamic"`` | ``"static"``,
+    HugeCTR's ``embedding_cache_type``) on ``device`` (``"cpu"`` or a CUDA ordinal), table t
+    holding ``capacities[t]`` rows of ``dims[t]`` floats.
+
+    ``policy`` (``"lru"`` | ``"lfu"``) applies to dynamic caches; ``value_dtype`` float32 or
+    float16 (half the bytes per row); ``key_dtype`` int64 or uint32 (HugeCTR
+    ``supportlonglong: false``). Raises ConfigError for anything else.
+    """
+    if kind not in ("dynamic", "static"):
+        raise ConfigError(f"embedding cache type must be 'dynamic' or 'static', got {kind!r}")
+    kwargs: dict[str, Any] = dict(policy=policy, value_dtype=value_dtype, key_dtype=key_dtype)
+    if device == "cpu":
+        cpu_cls = CpuDynamicCache if kind == "dynamic" else CpuStaticCache
+        return cpu_cls(capacities, dims, **kwargs)
+    if isinstance(device, bool) or not isinstance(device, (int, np.integer)):
+        raise ConfigError(f"cache device must be 'cpu' or a CUDA ordinal, got {device!r}")
+    from hps_core.cache.gpu import GpuDynamicCache, GpuStaticCache
+
+    gpu_cls = GpuDynamicCache if kind == "dynamic" else GpuStaticCache
+    return gpu_cls(capacities, dims, device=int(device), **kwargs)
 
 
 def make_cache(
@@ -59,22 +107,7 @@ def make_cache(
     value_dtype: Any = np.float32,
     key_dtype: Any = np.int64,
 ) -> EmbeddingCache:
-    """A cache of ``kind`` (``"dynamic"`` | ``"static"``, HugeCTR's ``embedding_cache_type``)
-    on ``device`` (``"cpu"`` or a CUDA ordinal) holding ``capacity`` rows of ``dim`` floats.
-
-    ``policy`` (``"lru"`` | ``"lfu"``) applies to dynamic caches; ``value_dtype`` float32 or
-    float16 (half the bytes per row); ``key_dtype`` int64 or uint32 (HugeCTR
-    ``supportlonglong: false``). Raises ConfigError for anything else.
-    """
-    if kind not in ("dynamic", "static"):
-        raise ConfigError(f"embedding cache type must be 'dynamic' or 'static', got {kind!r}")
-    kwargs: dict[str, Any] = dict(policy=policy, value_dtype=value_dtype, key_dtype=key_dtype)
-    if device == "cpu":
-        cpu_cls = CpuEmbeddingCache if kind == "dynamic" else CpuStaticEmbeddingTable
-        return cpu_cls(capacity, dim, **kwargs)
-    if isinstance(device, bool) or not isinstance(device, (int, np.integer)):
-        raise ConfigError(f"cache device must be 'cpu' or a CUDA ordinal, got {device!r}")
-    from hps_core.cache.gpu import GpuEmbeddingCache, StaticEmbeddingTable
-
-    gpu_cls = GpuEmbeddingCache if kind == "dynamic" else StaticEmbeddingTable
-    return gpu_cls(capacity, dim, device=int(device), **kwargs)
+    """A one-table cache (arguments as :func:`make_multi_table_cache`, for one table)."""
+    multi = make_multi_table_cache(kind, device=device, capacities=[capacity], dims=[dim], policy=policy,
+                                   value_dtype=value_dtype, key_dtype=key_dtype)
+    return TableView(multi, 0)

@@ -1,13 +1,22 @@
-"""The embedding-cache contract shared by the GPU caches and their CPU twins.
+"""The embedding-cache contracts shared by the GPU caches and their CPU twins.
 
-An embedding cache maps ``key -> vector`` for one table, with a fixed capacity in rows.
-Two kinds exist, as in HugeCTR (``embedding_cache_type``):
+The caches of a model's tables live in ONE structure, a :class:`MultiTableCache`: ``T``
+tables, each with its own capacity and vector width, answered together by one call (one
+kernel launch on the GPU) whatever the table count. Its calls take keys of several tables
+in the flat-row layout of :mod:`hps_core.rows` (``table_ids``, ``keys``, a flat float32
+buffer, per-key float ``offsets``). :class:`TableView` presents one of its tables behind the
+single-table :class:`EmbeddingCache` contract, which the update stream, the tools and the
+tests use; a one-table cache (``make_cache``) is such a view.
 
-* **dynamic** — set-associative (``num_sets`` sets of :data:`WAYS` slots; a key lives in
-  the set ``mix64(key) % num_sets``); inserting into a full set evicts one slot per the
-  policy (``lru``: oldest access; ``lfu``: fewest accesses, ties by age).
+Each table maps ``key -> vector`` with a fixed capacity in rows. Two kinds exist, as in
+HugeCTR (``embedding_cache_type``):
+
+* **dynamic** — set-associative (table t owns ``num_sets[t]`` sets of :data:`WAYS` slots,
+  global sets ``set_base[t] ..``; a key lives in set ``set_base[t] + mix64(key) %
+  num_sets[t]``); inserting into a full set evicts one slot per the policy (``lru``: oldest
+  access; ``lfu``: fewest accesses, ties by age).
 * **static** — the whole table resident: open addressing key -> row, no eviction; an
-  insert that would exceed the capacity raises :class:`CacheFullError` before writing.
+  insert that would exceed a table's capacity raises :class:`CacheFullError` before writing.
 
 Array conventions (every implementation, every call)::
 
@@ -40,15 +49,19 @@ Errors (all from :mod:`hps_core.errors`, plus the one defined here)::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from hps_core.arrays import array_module
 from hps_core.errors import ConfigError, HPSError, RequestError
 
 __all__ = [
     "CacheFullError",
     "EmbeddingCache",
+    "MultiTableCache",
+    "TableView",
     "KEY_DTYPES",
     "POLICIES",
     "VALUE_DTYPES",
@@ -56,6 +69,8 @@ __all__ = [
     "capacity_for_bytes",
     "check_batch",
     "check_cache_args",
+    "check_multi_cache_args",
+    "check_table_rows",
     "normalize_keys",
 ]
 
@@ -137,6 +152,155 @@ class EmbeddingCache(Protocol):
         ...
 
 
+@runtime_checkable
+class MultiTableCache(Protocol):
+    """The embedding caches of several tables in one structure (a model's tables, in order).
+
+    Attributes: ``kind``, ``device``, ``value_dtype``, ``key_dtype``, ``policy`` as for
+    :class:`EmbeddingCache`; per table, host int64 arrays of length ``T``: ``dims``,
+    ``capacities`` (rows; dynamic tables round up to whole sets), ``num_sets`` (1 for static
+    tables) and ``set_base`` (first global set of each table); ``total_sets``.
+
+    Arrays of the calls (the layout of :mod:`hps_core.rows`), in the cache's memory (host
+    arrays are accepted and copied over)::
+
+        table_ids (n,) int64      index of each key's table, in [0, T)
+        keys      (n,) int64 or the key dtype
+        out/values (m,) float32   flat rows; row i at [offsets[i], offsets[i] + dims[table_ids[i]])
+        offsets   (n,) int64
+
+    Same semantics per table as :class:`EmbeddingCache` (misses leave ``out`` untouched, a
+    hit counts as an access, duplicates in a write keep one of their vectors, concurrency
+    guarantees). GPU calls take ``stream`` last.
+    """
+
+    kind: str
+    value_dtype: np.dtype
+    key_dtype: np.dtype
+    policy: str
+    dims: Any
+    capacities: Any
+    num_sets: Any
+    set_base: Any
+    total_sets: int
+
+    @property
+    def device(self) -> str | int:
+        ...
+
+    def query_tables(self, table_ids: Array, keys: Array, out: Array, offsets: Array, stream: Any = None) -> Array:
+        """Write the row of every cached key into ``out``; returns the batch positions of the
+        keys not cached, ``(m,) int64`` in the cache's memory (ascending on CPU)."""
+        ...
+
+    def replace_tables(self, table_ids: Array, keys: Array, values: Array, offsets: Array,
+                       stream: Any = None) -> None:
+        """Insert or overwrite each key's row (read from ``values`` at ``offsets``); dynamic
+        tables evict, a static table without room raises CacheFullError (nothing written)."""
+        ...
+
+    def update_tables(self, table_ids: Array, keys: Array, values: Array, offsets: Array,
+                      stream: Any = None) -> int:
+        """Overwrite the keys already cached; never inserts. Returns the batch positions whose
+        key was cached."""
+        ...
+
+    def dump_sets(self, start_set: int, end_set: int, stream: Any = None) -> tuple[Array, Array]:
+        """``(table_ids, keys)`` of the keys held in global sets ``[start_set, end_set)`` (a
+        static table is one set); order unspecified."""
+        ...
+
+    def sets_of(self, table_ids: Array, keys: Array) -> Array:
+        """(n,) int64 global set of each key."""
+        ...
+
+    def copy_rows(self, src: Array, src_offsets: Array, dst: Array, dst_offsets: Array, table_ids: Array,
+                  stream: Any = None) -> None:
+        """Copy flat rows between two buffers in the cache's memory (widths from ``dims``)."""
+        ...
+
+    def clear(self, table: int | None = None, stream: Any = None) -> None:
+        """Remove every key (of one table, or of all)."""
+        ...
+
+    def sizes(self, stream: Any = None) -> Any:
+        """(T,) int64 host: keys cached per table."""
+        ...
+
+
+class TableView:
+    """Table ``table`` of a :class:`MultiTableCache`, behind the :class:`EmbeddingCache` contract."""
+
+    def __init__(self, cache: MultiTableCache, table: int) -> None:
+        if not 0 <= table < len(cache.dims):
+            raise ConfigError(f"table index {table} is outside the cache's {len(cache.dims)} tables")
+        self.multi = cache
+        self.table = int(table)
+        self.dim = int(cache.dims[table])
+        self.capacity = int(cache.capacities[table])
+        self.num_sets = int(cache.num_sets[table])
+        self.kind = cache.kind
+        self.policy = cache.policy
+        self.value_dtype = cache.value_dtype
+        self.key_dtype = cache.key_dtype
+        self._set_base = int(cache.set_base[table])
+        self._xp = array_module(cache)
+
+    @property
+    def device(self) -> str | int:
+        return self.multi.device
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(table {self.table} of {self.multi!r})"
+
+    def query(self, keys: Array, out: Array, stream: Any = None) -> tuple[Array, Array]:
+        keys, ids, offsets = self._batch(keys, out, "out")
+        missing = self.multi.query_tables(ids, keys, out.reshape(-1), offsets, stream)
+        return keys[missing], missing
+
+    def replace(self, keys: Array, values: Array, stream: Any = None) -> None:
+        keys, ids, offsets = self._batch(keys, values, "values")
+        self.multi.replace_tables(ids, keys, self._xp.ascontiguousarray(values).reshape(-1), offsets, stream)
+
+    def update(self, keys: Array, values: Array, stream: Any = None) -> int:
+        keys, ids, offsets = self._batch(keys, values, "values")
+        return self.multi.update_tables(ids, keys, self._xp.ascontiguousarray(values).reshape(-1), offsets, stream)
+
+    def dump(self, start_set: int, end_set: int, stream: Any = None) -> Array:
+        lo, hi = max(0, int(start_set)), min(self.num_sets, int(end_set))
+        if lo >= hi:
+            return self._xp.empty(0, self.key_dtype)
+        return self.multi.dump_sets(self._set_base + lo, self._set_base + hi, stream)[1]
+
+    def set_of(self, keys: Array) -> Array:
+        keys = self._keys(keys)
+        ids = self._xp.full(keys.shape[0], self.table, np.int64)
+        return self.multi.sets_of(ids, keys) - self._set_base
+
+    def clear(self, stream: Any = None) -> None:
+        self.multi.clear(self.table, stream)
+
+    def size(self, stream: Any = None) -> int:
+        return int(self.multi.sizes(stream)[self.table])
+
+    def _keys(self, keys: Array) -> Array:
+        xp = self._xp
+        if not isinstance(keys, (np.ndarray, xp.ndarray)):
+            raise RequestError(f"keys must be a numpy or {xp.__name__} array, got {type(keys).__name__}")
+        return normalize_keys(xp, xp.asarray(keys), self.key_dtype)
+
+    def _batch(self, keys: Array, rows: Array, name: str) -> tuple[Array, Array, Array]:
+        xp = self._xp
+        keys = self._keys(keys)
+        if not isinstance(rows, xp.ndarray):
+            if name == "out":
+                raise RequestError(f"out must be a {xp.__name__} array in the cache's memory (hits are written in place)")
+            rows = xp.asarray(rows)
+        check_batch(xp, keys, rows, self.dim, name)
+        n = keys.shape[0]
+        return keys, xp.full(n, self.table, np.int64), xp.arange(0, n * self.dim, self.dim, dtype=np.int64)
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -183,6 +347,38 @@ def check_batch(xp: Any, keys: Any, values: Any, dim: int, name: str = "values")
         raise RequestError(f"{name} must have shape ({keys.shape[0]}, {dim}), got {values.shape}")
     if name == "out" and not values.flags.c_contiguous:
         raise RequestError("out must be C-contiguous: hits are written into it in place")
+
+
+def check_multi_cache_args(
+    kind: str, capacities: Sequence[object], dims: Sequence[object], policy: str, value_dtype: Any, key_dtype: Any
+) -> tuple[Any, Any, np.dtype[Any], np.dtype[Any]]:
+    """:func:`check_cache_args` for every table: returns ``(capacities (T,) int64, dims (T,)
+    int64, value_dtype, key_dtype)``; ConfigError names the table of a bad value."""
+    if len(capacities) != len(dims) or not dims:
+        raise ConfigError(f"a multi-table cache needs one capacity per table, got {len(capacities)} for {len(dims)}")
+    checked = []
+    for t, (capacity, dim) in enumerate(zip(capacities, dims)):
+        try:
+            checked.append(check_cache_args(kind, capacity, dim, policy, value_dtype, key_dtype))
+        except ConfigError as exc:
+            raise ConfigError(f"table {t}: {exc}") from exc
+    caps = np.array([c[0] for c in checked], np.int64)
+    widths = np.array([c[1] for c in checked], np.int64)
+    return caps, widths, checked[0][2], checked[0][3]
+
+
+def check_table_rows(xp: Any, table_ids: Any, keys: Any, buffer: Any, offsets: Any, name: str) -> None:
+    """Shapes and dtypes of a multi-table call's arrays (bounds are the caller's: see
+    :func:`hps_core.rows.check_rows_fit`)."""
+    n = keys.shape[0]
+    if keys.ndim != 1 or table_ids.ndim != 1 or offsets.ndim != 1:
+        raise RequestError("keys, table_ids and offsets must be 1-D")
+    if table_ids.shape[0] != n or offsets.shape[0] != n:
+        raise RequestError(f"{n} keys need {n} table ids and offsets, got {table_ids.shape[0]} and {offsets.shape[0]}")
+    if table_ids.dtype != np.int64 or offsets.dtype != np.int64:
+        raise RequestError(f"table_ids and offsets must be int64, got {table_ids.dtype} and {offsets.dtype}")
+    if buffer.dtype != np.float32 or buffer.ndim != 1 or not buffer.flags.c_contiguous:
+        raise RequestError(f"{name} must be a 1-D C-contiguous float32 array (flat rows), got {buffer.dtype} {buffer.shape}")
 
 
 def normalize_keys(xp: Any, keys: Any, key_dtype: np.dtype) -> Any:

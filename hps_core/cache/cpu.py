@@ -1,110 +1,113 @@
 """CPU twins of the GPU caches, compiled with numba: same contract, same layout, same policy.
 
+Both kinds hold the caches of several tables in one structure (:class:`MultiTableCache`),
+and answer a batch of keys of any number of tables with ONE numba call.
+
 Dynamic cache layout (mirrors kernels/dynamic_cache.cu)::
 
-    set s = mix64(key) % num_sets, s in [0, num_sets)
-    slot_keys  key_dtype[num_sets, WAYS]
-    slot_used  uint8[num_sets, WAYS]      1 = occupied
-    slot_ts    int64[num_sets, WAYS]      last access (a global clock ticked once per call)
-    slot_freq  int64[num_sets, WAYS]      accesses since insertion (LFU)
-    values     float32[num_sets*WAYS, dim], or uint16 bits of float16
+    table t owns global sets set_base[t] .. set_base[t] + num_sets[t] - 1
+    set of key k of table t = set_base[t] + mix64(k) % num_sets[t]
+    slot_keys  key_dtype[total_sets, WAYS]
+    slot_used  uint8[total_sets, WAYS]     1 = occupied
+    slot_ts    int64[total_sets, WAYS]     last access (a global clock ticked once per call)
+    slot_freq  int64[total_sets, WAYS]     accesses since insertion (LFU)
+    values     float32 (or uint16 bits of float16), flat: the row of slot (s, w) of table t
+               starts at value_base[t] + ((s - set_base[t]) * WAYS + w) * dims[t]
 
 Victim of a full set: ``lru`` the smallest ``ts``; ``lfu`` the smallest ``freq``, ties by
 the smallest ``ts``; an empty slot always first. A hit updates ``ts`` (and ``freq``), so a
 query writes slot metadata too.
 
-Concurrency (copy-under-lock, lock striping): set s belongs to stripe ``s % num_stripes``;
-each stripe has a ``threading.Lock``, taken by *every* call that touches its sets,
-readers included, because a query writes the LRU/LFU metadata of the slots it hits. A
-batch is counting-sorted by stripe and each stripe's share runs under its lock in one
-``nogil`` numba call, so the key probe, the value copy and the metadata update of one key
-happen inside one critical section: a reader can never see a half-written vector or a slot
-that changed owner between its probe and its copy. Threads on different stripes run in
-parallel (the kernels release the GIL). A seqlock would let readers skip the lock, but
-numba exposes no memory fences; the GPU kernels, which have them, use one instead.
+Concurrency (lock striping, locks taken inside the kernels): set s belongs to stripe
+``s % num_stripes``; each stripe has a reader-writer spinlock (:mod:`hps_core.intrinsics`). A
+batch is counting-sorted by stripe inside the kernel and each stripe's share runs under its
+lock: queries share it, writers (replace, update, clear) hold it exclusively, so a reader
+never sees a half-written vector or a slot that changed owner between its probe and its
+copy. The LRU/LFU stamps that concurrent readers write are advisory (a lost bump only
+misjudges a victim), as on the GPU. Threads on different stripes, and readers of one stripe,
+run in parallel (the kernels release the GIL). The GPU kernels use per-slot seqlocks
+instead; both give the contract's guarantee.
 
 float16 storage: numba has no float16 type, so vectors are stored as their uint16 bits:
-NumPy rounds a batch to float16 before the kernel (round-to-nearest-even, like the GPU's
+NumPy rounds rows to float16 before the kernel (round-to-nearest-even, like the GPU's
 ``cvt.rn.f16.f32``), and queries widen through a 65,536-entry float32 table.
 
-Static table: open addressing (linear probing, power-of-two slots ≥ 2 × capacity) key ->
-row, rows appended, no eviction; a readers-writer lock lets queries (which write nothing)
-run side by side while replace/update/clear take it exclusively.
+Static tables: per table a power-of-two region of open-addressing slots (linear probing,
+≥ 2 × capacity) key -> row, rows appended, no eviction; one reader-writer spinlock: queries
+share it, replace/update/clear hold it.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
 from hps_core.cache.base import (
     WAYS,
     CacheFullError,
-    check_batch,
-    check_cache_args,
+    TableView,
+    check_multi_cache_args,
+    check_table_rows,
     normalize_keys,
 )
 from hps_core.errors import RequestError
+from hps_core.grouping import first_of_pairs, group_by
+from hps_core.hashing import mix64
+from hps_core.rows import check_rows_fit, copy_rows, row_offsets
+from hps_core.intrinsics import LockArray, read_acquire, read_release, write_acquire, write_release
 
-__all__ = ["CpuEmbeddingCache", "CpuStaticEmbeddingTable", "sets_of"]
+__all__ = [
+    "CpuDynamicCache",
+    "CpuEmbeddingCache",
+    "CpuStaticCache",
+    "CpuStaticEmbeddingTable",
+    "sets_of",
+]
 
 DEFAULT_STRIPES = 16
 _EMPTY = -1
 
-# splitmix64 finaliser (the same constants as kernels/*.cu), typed so numba stays in uint64
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_S30 = np.uint64(30)
-_S27 = np.uint64(27)
-_S31 = np.uint64(31)
-
 #: float16 bits -> float32, the widening table of fp16 queries (256 KiB).
 _F16_TO_F32 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+_NO_LUT = np.zeros(1, np.float32)
 
 
 # --------------------------------------------------------------------------- kernels
 
 
-@njit(nogil=True, cache=True, inline="always")
-def _mix(key: Any) -> Any:
-    """splitmix64 finaliser: neighbouring keys land in unrelated sets."""
-    x = np.uint64(key)
-    x = (x ^ (x >> _S30)) * _M1
-    x = (x ^ (x >> _S27)) * _M2
-    return x ^ (x >> _S31)
+# No annotations on these two: numba matches the overload's parameters to _load's exactly.
+def _load(values, i, lut):  # type: ignore[no-untyped-def]
+    """Element ``i`` of a value store as float32 (compiled per storage dtype below)."""
+    raise NotImplementedError  # only ever called from numba
+
+
+@overload(_load, inline="always")
+def _load_impl(values, i, lut):  # type: ignore[no-untyped-def]
+    if values.dtype == types.uint16:
+        return lambda values, i, lut: lut[values[i]]
+    return lambda values, i, lut: values[i]
 
 
 @njit(nogil=True, cache=True)
-def _sets_of(keys: Any, num_sets: int, out: Any) -> None:
-    ns = np.uint64(num_sets)
+def _dynamic_sets(keys: Any, table_ids: Any, set_base: Any, num_sets: Any) -> Any:
+    sets = np.empty(keys.shape[0], np.int64)
     for i in range(keys.shape[0]):
-        out[i] = np.int64(_mix(keys[i]) % ns)
+        t = table_ids[i]
+        sets[i] = set_base[t] + np.int64(mix64(keys[i]) % np.uint64(num_sets[t]))
+    return sets
 
 
-@njit(nogil=True, cache=True)
-def _group_by_stripe(sets: Any, num_stripes: int) -> tuple[Any, Any]:
-    """Stable counting sort of batch positions by ``set % num_stripes``: stripe p owns
-    ``order[offsets[p]:offsets[p+1]]``, in batch order (which makes "last duplicate wins")."""
-    n = sets.shape[0]
-    offsets = np.zeros(num_stripes + 1, np.int64)
-    for i in range(n):
-        offsets[sets[i] % num_stripes + 1] += 1
-    for p in range(num_stripes):
-        offsets[p + 1] += offsets[p]
-    cursor = offsets[:-1].copy()
-    order = np.empty(n, np.int64)
-    for i in range(n):
-        p = sets[i] % num_stripes
-        order[cursor[p]] = i
-        cursor[p] += 1
-    return order, offsets
+@njit(nogil=True, cache=True, inline="always")
+def _by_stripe(sets: Any, num_stripes: int) -> Any:
+    """Batch positions grouped by ``set % num_stripes``, in batch order inside a stripe (which
+    makes "last duplicate wins")."""
+    return group_by(sets % num_stripes, num_stripes)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -132,138 +135,192 @@ def _victim_way(slot_used: Any, slot_ts: Any, slot_freq: Any, s: int, lfu: bool)
     return best
 
 
-@njit(nogil=True, cache=True)
-def _query_f32(keys, sets, positions, slot_keys, slot_used, slot_ts, slot_freq, values, out, hit, clock):  # type: ignore[no-untyped-def]
-    ways = slot_keys.shape[1]
-    dim = values.shape[1]
-    for j in range(positions.shape[0]):
-        i = positions[j]
-        s = sets[i]
-        w = _find_way(slot_keys, slot_used, s, keys[i])
-        if w >= 0:
-            row = s * ways + w
-            for d in range(dim):
-                out[i, d] = values[row, d]
-            slot_ts[s, w] = clock
-            slot_freq[s, w] += 1
-            hit[i] = True
+@njit(nogil=True, cache=True, inline="always")
+def _missing(hit: Any) -> Any:
+    """Ascending positions where ``hit`` is False."""
+    m = 0
+    for i in range(hit.shape[0]):
+        m += not hit[i]
+    out = np.empty(m, np.int64)
+    j = 0
+    for i in range(hit.shape[0]):
+        if not hit[i]:
+            out[j] = i
+            j += 1
+    return out
 
 
 @njit(nogil=True, cache=True)
-def _query_f16(keys, sets, positions, slot_keys, slot_used, slot_ts, slot_freq, values, out, hit, clock, lut):  # type: ignore[no-untyped-def]
-    ways = slot_keys.shape[1]
-    dim = values.shape[1]
-    for j in range(positions.shape[0]):
-        i = positions[j]
-        s = sets[i]
-        w = _find_way(slot_keys, slot_used, s, keys[i])
-        if w >= 0:
-            row = s * ways + w
-            for d in range(dim):
-                out[i, d] = lut[values[row, d]]
-            slot_ts[s, w] = clock
-            slot_freq[s, w] += 1
-            hit[i] = True
-
-
-@njit(nogil=True, cache=True)
-def _write(keys, sets, positions, src, slot_keys, slot_used, slot_ts, slot_freq, values, clock, lfu, insert):  # type: ignore[no-untyped-def]
-    """Replace (``insert``) or update (not ``insert``) in batch order; ``src`` already has
-    the storage dtype. Returns how many positions found their key cached."""
-    ways = slot_keys.shape[1]
-    dim = values.shape[1]
-    found = 0
-    for j in range(positions.shape[0]):
-        i = positions[j]
-        s = sets[i]
-        key = keys[i]
-        w = _find_way(slot_keys, slot_used, s, key)
-        if w >= 0:
-            found += 1
-            slot_freq[s, w] += 1
-        elif insert:
-            w = _victim_way(slot_used, slot_ts, slot_freq, s, lfu)
-            slot_keys[s, w] = key
-            slot_used[s, w] = 1
-            slot_freq[s, w] = 1
-        else:
+def _dynamic_query(keys, table_ids, offsets, out, set_base, num_sets, dims, value_base,  # type: ignore[no-untyped-def]
+                   slot_keys, slot_used, slot_ts, slot_freq, values, lut, clock, locks, waiting):
+    sets = _dynamic_sets(keys, table_ids, set_base, num_sets)
+    stripes = locks.shape[0]
+    order, starts = _by_stripe(sets, stripes)
+    hit = np.zeros(keys.shape[0], np.bool_)
+    for p in range(stripes):
+        if starts[p] == starts[p + 1]:
             continue
-        slot_ts[s, w] = clock
-        row = s * ways + w
-        for d in range(dim):
-            values[row, d] = src[i, d]
+        read_acquire(locks, waiting, p)
+        for j in range(starts[p], starts[p + 1]):
+            i = order[j]
+            s = sets[i]
+            w = _find_way(slot_keys, slot_used, s, keys[i])
+            if w < 0:
+                continue
+            t = table_ids[i]
+            dim = dims[t]
+            src = value_base[t] + ((s - set_base[t]) * WAYS + w) * dim
+            o = offsets[i]
+            for d in range(dim):
+                out[o + d] = _load(values, src + d, lut)
+            slot_ts[s, w] = clock
+            slot_freq[s, w] += 1
+            hit[i] = True
+        read_release(locks, p)
+    return _missing(hit)
+
+
+@njit(nogil=True, cache=True)
+def _dynamic_write(keys, table_ids, src, src_offsets, set_base, num_sets, dims, value_base,  # type: ignore[no-untyped-def]
+                   slot_keys, slot_used, slot_ts, slot_freq, values, clock, lfu, insert, locks, waiting):
+    """Replace (``insert``) or update in batch order; ``src`` has the storage dtype. Returns
+    how many positions found their key cached."""
+    sets = _dynamic_sets(keys, table_ids, set_base, num_sets)
+    stripes = locks.shape[0]
+    order, starts = _by_stripe(sets, stripes)
+    found = 0
+    for p in range(stripes):
+        if starts[p] == starts[p + 1]:
+            continue
+        write_acquire(locks, waiting, p)
+        for j in range(starts[p], starts[p + 1]):
+            i = order[j]
+            s = sets[i]
+            key = keys[i]
+            w = _find_way(slot_keys, slot_used, s, key)
+            if w >= 0:
+                found += 1
+                slot_freq[s, w] += 1
+            elif insert:
+                w = _victim_way(slot_used, slot_ts, slot_freq, s, lfu)
+                slot_keys[s, w] = key
+                slot_used[s, w] = 1
+                slot_freq[s, w] = 1
+            else:
+                continue
+            slot_ts[s, w] = clock
+            t = table_ids[i]
+            dim = dims[t]
+            dst = value_base[t] + ((s - set_base[t]) * WAYS + w) * dim
+            o = src_offsets[i]
+            for d in range(dim):
+                values[dst + d] = src[o + d]
+        write_release(locks, p)
     return found
 
 
 @njit(nogil=True, cache=True)
-def _static_find(keys, slot_keys, slot_rows, rows):  # type: ignore[no-untyped-def]
-    mask = np.uint64(slot_keys.shape[0] - 1)
+def _dynamic_dump(start, end, slot_keys, slot_used, locks, waiting):  # type: ignore[no-untyped-def]
+    """(sets, keys) held in sets [start, end), each stripe read under its lock."""
+    stripes = locks.shape[0]
+    sets = np.empty((end - start) * WAYS, np.int64)
+    keys = np.empty((end - start) * WAYS, slot_keys.dtype)
+    m = 0
+    for p in range(stripes):
+        first = start + (p - start % stripes) % stripes  # the first set of stripe p in range
+        if first >= end:
+            continue
+        read_acquire(locks, waiting, p)
+        for s in range(first, end, stripes):
+            for w in range(WAYS):
+                if slot_used[s, w]:
+                    sets[m] = s
+                    keys[m] = slot_keys[s, w]
+                    m += 1
+        read_release(locks, p)
+    return sets[:m], keys[:m]
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _static_row(key, t, slot_base, slot_mask, slot_keys, slot_rows):  # type: ignore[no-untyped-def]
+    """(slot, row) of ``key`` in table t's region; row -1 and the free slot where absent."""
+    mask = np.uint64(slot_mask[t])
+    base = slot_base[t]
+    s = mix64(key) & mask
+    while slot_rows[base + s] != _EMPTY:
+        if slot_keys[base + s] == key:
+            return base + np.int64(s), slot_rows[base + s]
+        s = (s + np.uint64(1)) & mask
+    return base + np.int64(s), np.int64(_EMPTY)
+
+
+@njit(nogil=True, cache=True)
+def _static_query(keys, table_ids, offsets, out, slot_base, slot_mask, slot_keys, slot_rows,  # type: ignore[no-untyped-def]
+                  dims, value_base, values, lut, locks, waiting):
+    hit = np.zeros(keys.shape[0], np.bool_)
+    read_acquire(locks, waiting, 0)
     for i in range(keys.shape[0]):
-        key = keys[i]
-        s = _mix(key) & mask
-        rows[i] = _EMPTY
-        while slot_rows[s] != _EMPTY:
-            if slot_keys[s] == key:
-                rows[i] = slot_rows[s]
-                break
-            s = (s + np.uint64(1)) & mask
+        t = table_ids[i]
+        _, row = _static_row(keys[i], t, slot_base, slot_mask, slot_keys, slot_rows)
+        if row < 0:
+            continue
+        dim = dims[t]
+        src = value_base[t] + row * dim
+        o = offsets[i]
+        for d in range(dim):
+            out[o + d] = _load(values, src + d, lut)
+        hit[i] = True
+    read_release(locks, 0)
+    return _missing(hit)
 
 
 @njit(nogil=True, cache=True)
-def _static_gather_f32(rows, values, out):  # type: ignore[no-untyped-def]
-    for i in range(rows.shape[0]):
-        r = rows[i]
-        if r >= 0:
-            for d in range(values.shape[1]):
-                out[i, d] = values[r, d]
+def _static_stored(keys, table_ids, slot_base, slot_mask, slot_keys, slot_rows):  # type: ignore[no-untyped-def]
+    """(n,) bool: whether each key is stored in its table. Caller holds the lock."""
+    stored = np.empty(keys.shape[0], np.bool_)
+    for i in range(keys.shape[0]):
+        stored[i] = _static_row(keys[i], table_ids[i], slot_base, slot_mask, slot_keys, slot_rows)[1] >= 0
+    return stored
 
 
 @njit(nogil=True, cache=True)
-def _static_gather_f16(rows, values, out, lut):  # type: ignore[no-untyped-def]
-    for i in range(rows.shape[0]):
-        r = rows[i]
-        if r >= 0:
-            for d in range(values.shape[1]):
-                out[i, d] = lut[values[r, d]]
-
-
-@njit(nogil=True, cache=True)
-def _static_write(keys, src, slot_keys, slot_rows, values, n_rows, insert):  # type: ignore[no-untyped-def]
-    """Upsert (``insert``) or update in batch order; the caller checked there is room.
-    Returns (new n_rows, positions whose key was already stored)."""
-    mask = np.uint64(slot_keys.shape[0] - 1)
+def _static_write(keys, table_ids, src, src_offsets, slot_base, slot_mask, slot_keys, slot_rows,  # type: ignore[no-untyped-def]
+                  dims, value_base, values, n_rows, insert):
+    """Upsert (``insert``) or update in batch order; the caller checked there is room and
+    holds the lock. Returns the positions whose key was already stored."""
     found = 0
     for i in range(keys.shape[0]):
+        t = table_ids[i]
         key = keys[i]
-        s = _mix(key) & mask
-        while slot_rows[s] != _EMPTY and slot_keys[s] != key:
-            s = (s + np.uint64(1)) & mask
-        row = slot_rows[s]
-        if row != _EMPTY:
+        slot, row = _static_row(key, t, slot_base, slot_mask, slot_keys, slot_rows)
+        if row >= 0:
             found += 1
         elif insert:
-            row = n_rows
-            n_rows += 1
-            slot_keys[s] = key
-            slot_rows[s] = row
+            row = n_rows[t]
+            n_rows[t] += 1
+            slot_keys[slot] = key
+            slot_rows[slot] = row
         else:
             continue
-        for d in range(values.shape[1]):
-            values[row, d] = src[i, d]
-    return n_rows, found
+        dim = dims[t]
+        dst = value_base[t] + row * dim
+        o = src_offsets[i]
+        for d in range(dim):
+            values[dst + d] = src[o + d]
+    return found
 
 
 # --------------------------------------------------------------------------- helpers
 
 
 def sets_of(keys: np.ndarray, num_sets: int) -> np.ndarray:
-    """(n,) int64 set of each key: ``mix64(key) % num_sets`` (the GPU kernels' formula)."""
-    out = np.empty(keys.shape[0], np.int64)
-    _sets_of(keys, num_sets, out)
-    return out
+    """(n,) int64 set of each key of a one-table cache: ``mix64(key) % num_sets`` (the GPU
+    kernels' formula)."""
+    return _dynamic_sets(keys, np.zeros(keys.shape[0], np.int64), np.zeros(1, np.int64),
+                         np.array([num_sets], np.int64))  # type: ignore[no-any-return]
 
 
-def _as_host(arr: Any, what: str) -> np.ndarray:
+def _host(arr: Any, what: str) -> np.ndarray:
     if isinstance(arr, np.ndarray):
         return arr
     if hasattr(arr, "get") and hasattr(arr, "device"):  # a CuPy array: bring it over
@@ -271,269 +328,234 @@ def _as_host(arr: Any, what: str) -> np.ndarray:
     raise RequestError(f"{what} must be a numpy array, got {type(arr).__name__}")
 
 
-def _to_storage(values: np.ndarray, value_dtype: np.dtype) -> np.ndarray:
-    """Values in the storage dtype: float32 as is, float16 as uint16 bits."""
-    if value_dtype == np.float16:
-        return values.astype(np.float16).view(np.uint16)
-    return np.ascontiguousarray(values)
+class _CpuCacheBase:
+    """Argument checks and the float16 store shared by both CPU multi-table caches."""
 
+    device = "cpu"
+    kind = ""
+    capacities: np.ndarray  # (T,) rows per table, set by each kind
 
-class _RWLock:
-    """Readers-writer lock: many readers, or one writer (writers are not starved: a
-    waiting writer blocks new readers)."""
+    def __init__(self, kind: str, capacities: Sequence[int], dims: Sequence[int], policy: str,
+                 value_dtype: Any, key_dtype: Any) -> None:
+        caps, self.dims, self.value_dtype, self.key_dtype = check_multi_cache_args(
+            kind, capacities, dims, policy, value_dtype, key_dtype
+        )
+        self.policy = policy
+        self.tables = int(self.dims.shape[0])
+        self._requested = caps
+        self._storage = np.uint16 if self.value_dtype == np.float16 else np.float32
+        self._lut = _F16_TO_F32 if self.value_dtype == np.float16 else _NO_LUT
 
-    def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._readers = 0
-        self._writer = False
-        self._writers_waiting = 0
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(tables={self.tables}, capacities={self.capacities.tolist()}, "
+            f"dims={self.dims.tolist()}, value_dtype={self.value_dtype}, key_dtype={self.key_dtype})"
+        )
 
-    @contextmanager
-    def read(self) -> Iterator[None]:
-        with self._cond:
-            while self._writer or self._writers_waiting:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
+    def copy_rows(self, src: Any, src_offsets: Any, dst: Any, dst_offsets: Any, table_ids: Any,
+                  stream: Any = None) -> None:
+        copy_rows(src, src_offsets, dst, dst_offsets, table_ids, self.dims)
 
-    @contextmanager
-    def write(self) -> Iterator[None]:
-        with self._cond:
-            self._writers_waiting += 1
-            while self._writer or self._readers:
-                self._cond.wait()
-            self._writers_waiting -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
+    def _args(self, table_ids: Any, keys: Any, buffer: Any, offsets: Any, name: str) -> tuple[Any, Any, Any, Any]:
+        """Host arrays of a multi-table call, checked (bounds included)."""
+        ids, buf, offs = _host(table_ids, "table_ids"), _host(buffer, name), _host(offsets, "offsets")
+        keys = normalize_keys(np, _host(keys, "keys"), self.key_dtype)
+        check_table_rows(np, ids, keys, buf, offs, name)
+        check_rows_fit(ids, offs, self.dims, buf.shape[0], f"cache {name}")
+        return ids, keys, buf, offs
+
+    def _source(self, table_ids: Any, values: Any, offsets: Any) -> tuple[Any, Any]:
+        """Rows to write in the storage dtype: float32 as given; float16 rows packed and
+        rounded first (only the rows being written, not the whole buffer)."""
+        if self._storage is np.float32:
+            return values, offsets
+        packed_offsets, total = row_offsets(table_ids, self.dims)
+        packed = np.empty(total, np.float32)
+        copy_rows(values, offsets, packed, packed_offsets, table_ids, self.dims)
+        return packed.astype(np.float16).view(np.uint16), packed_offsets
 
 
 # --------------------------------------------------------------------------- dynamic
 
 
-class CpuEmbeddingCache:
-    """Set-associative cache with LRU or LFU eviction; the CPU twin of GpuEmbeddingCache.
+class CpuDynamicCache(_CpuCacheBase):
+    """Set-associative caches of several tables, LRU or LFU; the twin of GpuDynamicCache.
 
-    ``capacity`` rows are rounded up to whole sets of :data:`WAYS` slots.
+    ``capacities[t]`` rows of ``dims[t]`` floats for table t, rounded up to whole sets of
+    :data:`WAYS` slots.
     """
 
     kind = "dynamic"
-    device = "cpu"
 
-    def __init__(
-        self,
-        capacity: int,
-        dim: int,
-        *,
-        policy: str = "lru",
-        value_dtype: Any = np.float32,
-        key_dtype: Any = np.int64,
-        num_stripes: int | None = None,
-    ) -> None:
-        capacity, dim, vdt, kdt = check_cache_args("dynamic", capacity, dim, policy, value_dtype, key_dtype)
-        self.dim, self.policy, self.value_dtype, self.key_dtype = dim, policy, vdt, kdt
-        self.num_sets = -(-capacity // WAYS)
-        self.capacity = self.num_sets * WAYS
+    def __init__(self, capacities: Sequence[int], dims: Sequence[int], *, policy: str = "lru",
+                 value_dtype: Any = np.float32, key_dtype: Any = np.int64, num_stripes: int | None = None) -> None:
+        super().__init__("dynamic", capacities, dims, policy, value_dtype, key_dtype)
+        self.num_sets = -(-self._requested // WAYS)
+        self.capacities = self.num_sets * WAYS
+        self.set_base = np.concatenate([[0], np.cumsum(self.num_sets)[:-1]]).astype(np.int64)
+        self.total_sets = int(self.num_sets.sum())
+        self.value_base = np.concatenate([[0], np.cumsum(self.capacities * self.dims)[:-1]]).astype(np.int64)
         stripes = num_stripes or min(DEFAULT_STRIPES, max(2, 4 * (os.cpu_count() or 1)))
-        self.num_stripes = max(1, min(int(stripes), self.num_sets))
-        self._locks = [threading.Lock() for _ in range(self.num_stripes)]
+        self.num_stripes = max(1, min(int(stripes), self.total_sets))
+        self._locks = LockArray(self.num_stripes)
         self._clock = itertools.count(1)  # next() is atomic under the GIL
-        shape = (self.num_sets, WAYS)
-        self._keys = np.zeros(shape, kdt)
+        shape = (self.total_sets, WAYS)
+        self._keys = np.zeros(shape, self.key_dtype)
         self._used = np.zeros(shape, np.uint8)
         self._ts = np.zeros(shape, np.int64)
         self._freq = np.zeros(shape, np.int64)
-        storage = np.uint16 if vdt == np.float16 else np.float32
-        self._values = np.zeros((self.capacity, dim), storage)
+        self._values = np.zeros(int((self.capacities * self.dims).sum()), self._storage)
 
-    def __repr__(self) -> str:
-        return (
-            f"CpuEmbeddingCache(capacity={self.capacity}, dim={self.dim}, policy={self.policy!r}, "
-            f"value_dtype={self.value_dtype}, key_dtype={self.key_dtype})"
+    def query_tables(self, table_ids: Any, keys: Any, out: Any, offsets: Any, stream: Any = None) -> np.ndarray:
+        ids, keys, out, offs = self._args(table_ids, keys, out, offsets, "out")
+        return _dynamic_query(  # type: ignore[no-any-return]
+            keys, ids, offs, out, self.set_base, self.num_sets, self.dims, self.value_base, self._keys,
+            self._used, self._ts, self._freq, self._values, self._lut, next(self._clock),
+            self._locks.locks, self._locks.waiting,
         )
 
-    # -- contract
+    def replace_tables(self, table_ids: Any, keys: Any, values: Any, offsets: Any, stream: Any = None) -> None:
+        self._write(table_ids, keys, values, offsets, insert=True)
 
-    def set_of(self, keys: Any) -> np.ndarray:
-        return sets_of(normalize_keys(np, _as_host(keys, "keys"), self.key_dtype), self.num_sets)
+    def update_tables(self, table_ids: Any, keys: Any, values: Any, offsets: Any, stream: Any = None) -> int:
+        return self._write(table_ids, keys, values, offsets, insert=False)
 
-    def query(self, keys: Any, out: Any, stream: Any = None) -> tuple[np.ndarray, np.ndarray]:
-        keys = normalize_keys(np, _as_host(keys, "keys"), self.key_dtype)
-        check_batch(np, keys, _as_host(out, "out"), self.dim, "out")
-        hit = np.zeros(keys.shape[0], np.bool_)
-        clock = next(self._clock)
-        for sets, positions, lock in self._by_stripe(keys):
-            with lock:
-                if self.value_dtype == np.float16:
-                    _query_f16(keys, sets, positions, self._keys, self._used, self._ts, self._freq,
-                               self._values, out, hit, clock, _F16_TO_F32)
-                else:
-                    _query_f32(keys, sets, positions, self._keys, self._used, self._ts, self._freq,
-                               self._values, out, hit, clock)
-        missing = np.flatnonzero(~hit).astype(np.int64)
-        return keys[missing], missing
-
-    def replace(self, keys: Any, values: Any, stream: Any = None) -> None:
-        self._write(keys, values, insert=True)
-
-    def update(self, keys: Any, values: Any, stream: Any = None) -> int:
-        return self._write(keys, values, insert=False)
-
-    def dump(self, start_set: int, end_set: int, stream: Any = None) -> np.ndarray:
-        lo, hi = max(0, int(start_set)), min(self.num_sets, int(end_set))
+    def dump_sets(self, start_set: int, end_set: int, stream: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = max(0, int(start_set)), min(self.total_sets, int(end_set))
         if lo >= hi:
-            return np.empty(0, self.key_dtype)
-        with self._all_locks():
-            return self._keys[lo:hi][self._used[lo:hi] != 0].copy()
+            return np.empty(0, np.int64), np.empty(0, self.key_dtype)
+        sets, keys = _dynamic_dump(lo, hi, self._keys, self._used, self._locks.locks, self._locks.waiting)
+        return np.searchsorted(self.set_base, sets, side="right").astype(np.int64) - 1, keys
 
-    def clear(self, stream: Any = None) -> None:
-        with self._all_locks():
-            self._used[:] = 0
-            self._freq[:] = 0
-            self._ts[:] = 0
+    def sets_of(self, table_ids: Any, keys: Any) -> np.ndarray:
+        keys = normalize_keys(np, _host(keys, "keys"), self.key_dtype)
+        return _dynamic_sets(keys, _host(table_ids, "table_ids"), self.set_base, self.num_sets)  # type: ignore[no-any-return]
 
-    def size(self, stream: Any = None) -> int:
-        return int(np.count_nonzero(self._used))
+    def clear(self, table: int | None = None, stream: Any = None) -> None:
+        lo, hi = (0, self.total_sets) if table is None else (
+            int(self.set_base[table]), int(self.set_base[table] + self.num_sets[table]))
+        with self._locks.all_write_locked():
+            self._used[lo:hi] = 0
+            self._freq[lo:hi] = 0
+            self._ts[lo:hi] = 0
 
-    # -- internals
+    def sizes(self, stream: Any = None) -> np.ndarray:
+        per_set = np.count_nonzero(self._used, axis=1)
+        return np.add.reduceat(per_set, self.set_base).astype(np.int64)
 
-    def _write(self, keys: Any, values: Any, *, insert: bool) -> int:
-        keys = normalize_keys(np, _as_host(keys, "keys"), self.key_dtype)
-        values = _as_host(values, "values")
-        check_batch(np, keys, values, self.dim)
-        src = _to_storage(values, self.value_dtype)
-        clock = next(self._clock)
-        lfu = self.policy == "lfu"
-        found = 0
-        for sets, positions, lock in self._by_stripe(keys):
-            with lock:
-                found += _write(keys, sets, positions, src, self._keys, self._used, self._ts,
-                                self._freq, self._values, clock, lfu, insert)
-        return found
-
-    def _by_stripe(self, keys: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, threading.Lock]]:
-        """(sets, positions of this stripe, its lock) for each stripe the batch touches."""
-        if not keys.shape[0]:
-            return
-        sets = sets_of(keys, self.num_sets)
-        order, offsets = _group_by_stripe(sets, self.num_stripes)
-        for p in range(self.num_stripes):
-            lo, hi = offsets[p], offsets[p + 1]
-            if lo < hi:
-                yield sets, order[lo:hi], self._locks[p]
-
-    @contextmanager
-    def _all_locks(self) -> Iterator[None]:
-        for lock in self._locks:  # always in index order: no lock-order deadlock
-            lock.acquire()
-        try:
-            yield
-        finally:
-            for lock in reversed(self._locks):
-                lock.release()
+    def _write(self, table_ids: Any, keys: Any, values: Any, offsets: Any, *, insert: bool) -> int:
+        ids, keys, values, offs = self._args(table_ids, keys, values, offsets, "values")
+        src, src_offsets = self._source(ids, values, offs)
+        return int(_dynamic_write(
+            keys, ids, src, src_offsets, self.set_base, self.num_sets, self.dims, self.value_base,
+            self._keys, self._used, self._ts, self._freq, self._values, next(self._clock),
+            self.policy == "lfu", insert, self._locks.locks, self._locks.waiting,
+        ))
 
 
 # --------------------------------------------------------------------------- static
 
 
-class CpuStaticEmbeddingTable:
-    """Whole-table-resident open-addressing map key -> row; the CPU twin of
-    StaticEmbeddingTable. ``replace`` raises CacheFullError once ``capacity`` keys are held."""
+class CpuStaticCache(_CpuCacheBase):
+    """Whole tables resident: per table an open-addressing region key -> row; the twin of
+    GpuStaticCache. A replace whose new keys do not fit a table raises CacheFullError."""
 
     kind = "static"
-    device = "cpu"
-    num_sets = 1
 
-    def __init__(
-        self,
-        capacity: int,
-        dim: int,
-        *,
-        policy: str = "lru",  # accepted for a uniform factory; nothing is ever evicted
-        value_dtype: Any = np.float32,
-        key_dtype: Any = np.int64,
-    ) -> None:
-        capacity, dim, vdt, kdt = check_cache_args("static", capacity, dim, policy, value_dtype, key_dtype)
-        self.capacity, self.dim, self.value_dtype, self.key_dtype = capacity, dim, vdt, kdt
-        self.policy = policy
-        nslots = 1 << max(4, (2 * capacity - 1).bit_length())  # load factor <= 1/2
-        self._slot_keys = np.zeros(nslots, kdt)
-        self._slot_rows = np.full(nslots, _EMPTY, np.int64)
-        storage = np.uint16 if vdt == np.float16 else np.float32
-        self._values = np.zeros((capacity, dim), storage)
-        self._n_rows = 0
-        self._lock = _RWLock()
+    def __init__(self, capacities: Sequence[int], dims: Sequence[int], *, policy: str = "lru",
+                 value_dtype: Any = np.float32, key_dtype: Any = np.int64) -> None:
+        super().__init__("static", capacities, dims, policy, value_dtype, key_dtype)
+        self.capacities = self._requested
+        self.num_sets = np.ones(self.tables, np.int64)
+        self.set_base = np.arange(self.tables, dtype=np.int64)
+        self.total_sets = self.tables
+        # load factor <= 1/2 in each table's region
+        slots = np.array([1 << max(4, (2 * int(c) - 1).bit_length()) for c in self.capacities], np.int64)
+        self._slot_mask = slots - 1
+        self._slot_base = np.concatenate([[0], np.cumsum(slots)]).astype(np.int64)
+        self.value_base = np.concatenate([[0], np.cumsum(self.capacities * self.dims)[:-1]]).astype(np.int64)
+        self._slot_keys = np.zeros(int(slots.sum()), self.key_dtype)
+        self._slot_rows = np.full(int(slots.sum()), _EMPTY, np.int64)
+        self._values = np.zeros(int((self.capacities * self.dims).sum()), self._storage)
+        self._n_rows = np.zeros(self.tables, np.int64)
+        self._lock = LockArray(1)
 
-    def __repr__(self) -> str:
-        return (
-            f"CpuStaticEmbeddingTable(capacity={self.capacity}, dim={self.dim}, "
-            f"value_dtype={self.value_dtype}, key_dtype={self.key_dtype})"
+    def query_tables(self, table_ids: Any, keys: Any, out: Any, offsets: Any, stream: Any = None) -> np.ndarray:
+        ids, keys, out, offs = self._args(table_ids, keys, out, offsets, "out")
+        return _static_query(  # type: ignore[no-any-return]
+            keys, ids, offs, out, self._slot_base, self._slot_mask, self._slot_keys, self._slot_rows,
+            self.dims, self.value_base, self._values, self._lut, self._lock.locks, self._lock.waiting,
         )
 
-    def set_of(self, keys: Any) -> np.ndarray:
-        return np.zeros(_as_host(keys, "keys").shape[0], np.int64)
+    def replace_tables(self, table_ids: Any, keys: Any, values: Any, offsets: Any, stream: Any = None) -> None:
+        self._write(table_ids, keys, values, offsets, insert=True)
 
-    def query(self, keys: Any, out: Any, stream: Any = None) -> tuple[np.ndarray, np.ndarray]:
-        keys = normalize_keys(np, _as_host(keys, "keys"), self.key_dtype)
-        check_batch(np, keys, _as_host(out, "out"), self.dim, "out")
-        rows = np.empty(keys.shape[0], np.int64)
-        with self._lock.read():
-            _static_find(keys, self._slot_keys, self._slot_rows, rows)
-            if self.value_dtype == np.float16:
-                _static_gather_f16(rows, self._values, out, _F16_TO_F32)
-            else:
-                _static_gather_f32(rows, self._values, out)
-        missing = np.flatnonzero(rows < 0).astype(np.int64)
-        return keys[missing], missing
+    def update_tables(self, table_ids: Any, keys: Any, values: Any, offsets: Any, stream: Any = None) -> int:
+        return self._write(table_ids, keys, values, offsets, insert=False)
 
-    def replace(self, keys: Any, values: Any, stream: Any = None) -> None:
-        self._write(keys, values, insert=True)
+    def dump_sets(self, start_set: int, end_set: int, stream: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = max(0, int(start_set)), min(self.tables, int(end_set))
+        if lo >= hi:
+            return np.empty(0, np.int64), np.empty(0, self.key_dtype)
+        a, b = int(self._slot_base[lo]), int(self._slot_base[hi])
+        with self._lock.write_locked(0):
+            held = np.flatnonzero(self._slot_rows[a:b] != _EMPTY) + a
+            keys = self._slot_keys[held]
+        return np.searchsorted(self._slot_base, held, side="right").astype(np.int64) - 1, keys
 
-    def update(self, keys: Any, values: Any, stream: Any = None) -> int:
-        return self._write(keys, values, insert=False)
+    def sets_of(self, table_ids: Any, keys: Any) -> np.ndarray:
+        return np.asarray(_host(table_ids, "table_ids"), np.int64).copy()
 
-    def dump(self, start_set: int = 0, end_set: int = 1, stream: Any = None) -> np.ndarray:
-        with self._lock.read():
-            return self._slot_keys[self._slot_rows != _EMPTY].copy()
+    def clear(self, table: int | None = None, stream: Any = None) -> None:
+        lo, hi = (0, self.tables) if table is None else (table, table + 1)
+        with self._lock.write_locked(0):
+            self._slot_rows[self._slot_base[lo] : self._slot_base[hi]] = _EMPTY
+            self._n_rows[lo:hi] = 0
 
-    def clear(self, stream: Any = None) -> None:
-        with self._lock.write():
-            self._slot_rows[:] = _EMPTY
-            self._n_rows = 0
+    def sizes(self, stream: Any = None) -> np.ndarray:
+        return self._n_rows.copy()
 
-    def size(self, stream: Any = None) -> int:
-        return self._n_rows
-
-    def _write(self, keys: Any, values: Any, *, insert: bool) -> int:
-        keys = normalize_keys(np, _as_host(keys, "keys"), self.key_dtype)
-        values = _as_host(values, "values")
-        check_batch(np, keys, values, self.dim)
-        src = _to_storage(values, self.value_dtype)
-        with self._lock.write():
+    def _write(self, table_ids: Any, keys: Any, values: Any, offsets: Any, *, insert: bool) -> int:
+        ids, keys, values, offs = self._args(table_ids, keys, values, offsets, "values")
+        src, src_offsets = self._source(ids, values, offs)
+        with self._lock.write_locked(0):
             if insert:
-                self._check_room(keys)
-            self._n_rows, found = _static_write(keys, src, self._slot_keys, self._slot_rows,
-                                                self._values, self._n_rows, insert)
-        return int(found)
+                self._check_room(ids, keys)
+            return int(_static_write(
+                keys, ids, src, src_offsets, self._slot_base, self._slot_mask, self._slot_keys,
+                self._slot_rows, self.dims, self.value_base, self._values, self._n_rows, insert,
+            ))
 
-    def _check_room(self, keys: np.ndarray) -> None:
-        """Refuse the whole batch, before writing anything, if its new keys do not fit."""
-        rows = np.empty(keys.shape[0], np.int64)
-        _static_find(keys, self._slot_keys, self._slot_rows, rows)
-        new = np.unique(keys[rows < 0]).shape[0]
-        if self._n_rows + new > self.capacity:
+    def _check_room(self, table_ids: np.ndarray, keys: np.ndarray) -> None:
+        """Refuse the whole batch, before writing anything, if a table's new keys do not fit."""
+        stored = _static_stored(keys, table_ids, self._slot_base, self._slot_mask, self._slot_keys, self._slot_rows)
+        new = np.bincount(table_ids[first_of_pairs(table_ids, keys) & ~stored], minlength=self.tables)
+        over = np.flatnonzero(self._n_rows + new > self.capacities)
+        if over.size:
+            t = int(over[0])
             raise CacheFullError(
-                f"static embedding table is full: it holds {self._n_rows} of {self.capacity} rows "
-                f"and the batch brings {new} new keys; size the table for the whole model "
-                "(static tables never evict) or use a dynamic cache"
+                f"static embedding table {t} is full: it holds {int(self._n_rows[t])} of "
+                f"{int(self.capacities[t])} rows and the batch brings {int(new[t])} new keys; size the "
+                "table for the whole model (static tables never evict) or use a dynamic cache"
             )
+
+
+# --------------------------------------------------------------------------- one table
+
+
+class CpuEmbeddingCache(TableView):
+    """A one-table dynamic CPU cache: :class:`CpuDynamicCache` behind the single-table contract."""
+
+    def __init__(self, capacity: int, dim: int, *, policy: str = "lru", value_dtype: Any = np.float32,
+                 key_dtype: Any = np.int64, num_stripes: int | None = None) -> None:
+        super().__init__(CpuDynamicCache([capacity], [dim], policy=policy, value_dtype=value_dtype,
+                                         key_dtype=key_dtype, num_stripes=num_stripes), 0)
+
+
+class CpuStaticEmbeddingTable(TableView):
+    """A one-table static CPU table: :class:`CpuStaticCache` behind the single-table contract."""
+
+    def __init__(self, capacity: int, dim: int, *, policy: str = "lru", value_dtype: Any = np.float32,
+                 key_dtype: Any = np.int64) -> None:
+        super().__init__(CpuStaticCache([capacity], [dim], policy=policy, value_dtype=value_dtype,
+                                        key_dtype=key_dtype), 0)

@@ -1,0 +1,258 @@
+"""The MultiTableCache contract, run against every implementation (GPU ones need a GPU and CuPy).
+
+Several tables of different widths and capacities in one structure, answered by one call: the
+same key in two tables is two rows; a call touches only the tables its ids name; rows land at
+the flat offsets given. A seeded random sequence over all tables is checked against a dict
+model of the contract, as test_conformance.py does for one table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+
+from hps_core.cache import CacheFullError, MultiTableCache, TableView, make_multi_table_cache
+from hps_core.errors import ConfigError, RequestError
+from hps_core.rows import row_offsets
+
+IMPLS = [
+    pytest.param(("cpu", "dynamic"), id="cpu-dynamic"),
+    pytest.param(("cpu", "static"), id="cpu-static"),
+    pytest.param((0, "dynamic"), id="gpu-dynamic", marks=pytest.mark.gpu),
+    pytest.param((0, "static"), id="gpu-static", marks=pytest.mark.gpu),
+]
+DIMS = (8, 3, 16)
+CAPACITIES = (300, 200, 500)
+
+
+@dataclass
+class Impl:
+    device: str | int
+    kind: str
+    xp: Any
+
+    def make(self, capacities: tuple[int, ...] = CAPACITIES, dims: tuple[int, ...] = DIMS, **kwargs: Any) -> MultiTableCache:
+        return make_multi_table_cache(self.kind, device=self.device, capacities=capacities, dims=dims, **kwargs)
+
+    def get(self, arr: Any) -> np.ndarray:
+        return arr if isinstance(arr, np.ndarray) else arr.get()
+
+    def put(self, arr: np.ndarray) -> Any:
+        return self.xp.asarray(arr)
+
+    def query(self, cache: MultiTableCache, ids: np.ndarray, keys: np.ndarray, fill: float = -7.0) -> tuple[list[np.ndarray], np.ndarray]:
+        """(rows as a list of host arrays, hit mask) for host ``ids``/``keys``."""
+        offsets, size = row_offsets(ids, np.asarray(cache.dims))
+        out = self.xp.full(size, fill, np.float32)
+        missing = np.sort(self.get(cache.query_tables(self.put(ids), self.put(keys), out, self.put(offsets))))
+        hit = np.ones(len(keys), bool)
+        hit[missing] = False
+        host = self.get(out)
+        return [host[o : o + cache.dims[t]] for o, t in zip(offsets, ids)], hit
+
+    def replace(self, cache: MultiTableCache, ids: np.ndarray, keys: np.ndarray, rows: list[np.ndarray]) -> None:
+        offsets, _ = row_offsets(ids, np.asarray(cache.dims))
+        flat = np.concatenate(rows).astype(np.float32) if rows else np.empty(0, np.float32)
+        cache.replace_tables(self.put(ids), self.put(keys), self.put(flat), self.put(offsets))
+
+    def update(self, cache: MultiTableCache, ids: np.ndarray, keys: np.ndarray, rows: list[np.ndarray]) -> int:
+        offsets, _ = row_offsets(ids, np.asarray(cache.dims))
+        flat = np.concatenate(rows).astype(np.float32)
+        return cache.update_tables(self.put(ids), self.put(keys), self.put(flat), self.put(offsets))
+
+    def held(self, cache: MultiTableCache) -> set[tuple[int, int]]:
+        ids, keys = cache.dump_sets(0, cache.total_sets)
+        return set(zip(self.get(ids).tolist(), self.get(keys).astype(np.int64).tolist()))
+
+
+@pytest.fixture(params=IMPLS)
+def impl(request: pytest.FixtureRequest) -> Impl:
+    device, kind = request.param
+    if device == "cpu":
+        return Impl(device, kind, np)
+    return Impl(device, kind, pytest.importorskip("cupy", reason="GPU caches need CuPy"))
+
+
+def rows_for(ids: np.ndarray, keys: np.ndarray, version: float = 0.0) -> list[np.ndarray]:
+    """A row per (table, key) that names both, so a row of another table or key shows."""
+    return [np.arange(DIMS[t], dtype=np.float32) + 1000.0 * t + 10.0 * (k % 97) + version
+            for t, k in zip(ids.tolist(), keys.tolist())]
+
+
+def test_layout_attributes(impl: Impl) -> None:
+    cache = impl.make()
+    assert isinstance(cache, MultiTableCache)
+    assert np.asarray(cache.dims).tolist() == list(DIMS)
+    assert (np.asarray(cache.capacities) >= CAPACITIES).all()
+    assert np.asarray(cache.set_base).tolist() == np.concatenate([[0], np.cumsum(cache.num_sets)[:-1]]).tolist()
+    assert cache.total_sets == int(np.sum(cache.num_sets))
+    assert np.asarray(cache.sizes()).tolist() == [0, 0, 0]
+
+
+def test_same_key_in_three_tables_is_three_rows(impl: Impl) -> None:
+    cache = impl.make()
+    ids = np.array([0, 1, 2, 1], np.int64)
+    keys = np.array([5, 5, 5, 6], np.int64)
+    impl.replace(cache, ids, keys, rows_for(ids, keys))
+    got, hit = impl.query(cache, ids[::-1].copy(), keys[::-1].copy())
+    assert hit.all()
+    for row, expected in zip(got, rows_for(ids[::-1], keys[::-1])):
+        np.testing.assert_array_equal(row, expected)
+    assert np.asarray(cache.sizes()).tolist() == [1, 2, 1]
+    assert impl.held(cache) == {(0, 5), (1, 5), (2, 5), (1, 6)}
+
+
+def test_misses_leave_rows_untouched_and_are_positions(impl: Impl) -> None:
+    cache = impl.make()
+    ids = np.array([0, 2], np.int64)
+    keys = np.array([1, 2], np.int64)
+    impl.replace(cache, ids, keys, rows_for(ids, keys))
+    probe_ids = np.array([2, 0, 0, 1, 2], np.int64)
+    probe_keys = np.array([2, 2, 1, 1, 9], np.int64)  # (0,2) and (1,1) exist in other tables only
+    got, hit = impl.query(cache, probe_ids, probe_keys)
+    np.testing.assert_array_equal(hit, [True, False, True, False, False])
+    for row, h in zip(got, hit):
+        if not h:
+            assert (row == -7.0).all()
+
+
+def test_update_never_inserts_and_counts(impl: Impl) -> None:
+    cache = impl.make()
+    ids = np.array([0, 1, 2], np.int64)
+    keys = np.array([10, 11, 12], np.int64)
+    impl.replace(cache, ids, keys, rows_for(ids, keys))
+    upd_ids = np.array([0, 1, 1, 2], np.int64)
+    upd_keys = np.array([10, 10, 11, 99], np.int64)
+    assert impl.update(cache, upd_ids, upd_keys, rows_for(upd_ids, upd_keys, version=0.5)) == 2
+    assert impl.held(cache) == {(0, 10), (1, 11), (2, 12)}
+    got, hit = impl.query(cache, upd_ids, upd_keys)
+    np.testing.assert_array_equal(hit, [True, False, True, False])
+    np.testing.assert_array_equal(got[0], rows_for(upd_ids[:1], upd_keys[:1], 0.5)[0])
+
+
+def test_clear_one_table_or_all(impl: Impl) -> None:
+    cache = impl.make()
+    ids = np.repeat(np.arange(3, dtype=np.int64), 20)
+    keys = np.tile(np.arange(20, dtype=np.int64), 3)
+    impl.replace(cache, ids, keys, rows_for(ids, keys))
+    cache.clear(1)
+    assert np.asarray(cache.sizes()).tolist() == [20, 0, 20]
+    _, hit = impl.query(cache, ids, keys)
+    np.testing.assert_array_equal(hit, ids != 1)
+    cache.clear()
+    assert np.asarray(cache.sizes()).tolist() == [0, 0, 0]
+
+
+def test_dump_sets_and_sets_of_agree(impl: Impl) -> None:
+    cache = impl.make()
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 3, 150).astype(np.int64)
+    keys = rng.choice(10_000, 150, replace=False).astype(np.int64)
+    impl.replace(cache, ids, keys, rows_for(ids, keys))
+    sets = impl.get(cache.sets_of(impl.put(ids), impl.put(keys)))
+    base, count = np.asarray(cache.set_base), np.asarray(cache.num_sets)
+    assert ((sets >= base[ids]) & (sets < base[ids] + count[ids])).all()  # a table's keys stay in its sets
+    for s in np.unique(sets)[:20].tolist():
+        dumped_ids, dumped = (impl.get(a) for a in cache.dump_sets(s, s + 1))
+        expected = {(int(t), int(k)) for t, k, ks in zip(ids, keys, sets) if ks == s}
+        assert set(zip(dumped_ids.tolist(), dumped.astype(np.int64).tolist())) == expected
+
+
+def test_views_share_the_structure(impl: Impl) -> None:
+    cache = impl.make()
+    view = TableView(cache, 2)
+    assert (view.dim, view.kind) == (16, cache.kind)
+    keys = np.array([1, 2, 3], np.int64)
+    view.replace(impl.put(keys), impl.put(np.ones((3, 16), np.float32)))
+    assert np.asarray(cache.sizes()).tolist() == [0, 0, 3] and view.size() == 3
+    _, hit = impl.query(cache, np.full(3, 2, np.int64), keys)
+    assert hit.all()
+    _, hit = impl.query(cache, np.zeros(3, np.int64), keys)
+    assert not hit.any()
+
+
+def test_copy_rows_moves_rows_of_every_width(impl: Impl) -> None:
+    cache = impl.make()
+    ids = np.array([2, 0, 1], np.int64)
+    src = impl.put(np.arange(40, dtype=np.float32))
+    dst = impl.xp.zeros(40, np.float32)
+    cache.copy_rows(src, impl.put(np.array([0, 16, 24], np.int64)), dst, impl.put(np.array([20, 0, 36], np.int64)),
+                    impl.put(ids))
+    host = impl.get(dst)
+    np.testing.assert_array_equal(host[20:36], np.arange(16))
+    np.testing.assert_array_equal(host[0:8], np.arange(16, 24))
+    np.testing.assert_array_equal(host[36:39], np.arange(24, 27))
+    assert (host[8:20] == 0).all()
+
+
+def test_rows_that_do_not_fit_are_refused(impl: Impl) -> None:
+    cache = impl.make()
+    keys = impl.put(np.array([1, 2], np.int64))
+    out = impl.xp.zeros(20, np.float32)
+    with pytest.raises(RequestError):
+        cache.query_tables(impl.put(np.array([0, 2], np.int64)), keys, out, impl.put(np.array([0, 8], np.int64)))
+    with pytest.raises(RequestError):
+        cache.query_tables(impl.put(np.array([0, 3], np.int64)), keys, out, impl.put(np.array([0, 8], np.int64)))
+    with pytest.raises(RequestError):
+        cache.replace_tables(impl.put(np.array([0, 1], np.int64)), keys, out, impl.put(np.array([0, -1], np.int64)))
+    assert np.asarray(cache.sizes()).tolist() == [0, 0, 0]
+
+
+def test_static_table_full_writes_nothing_in_any_table(impl: Impl) -> None:
+    if impl.kind != "static":
+        pytest.skip("only static tables refuse inserts")
+    cache = impl.make(capacities=(4, 50, 50))
+    ids = np.array([1, 0, 0, 0, 0, 0], np.int64)  # table 0 gets 5 new keys for 4 rows
+    keys = np.array([9, 1, 2, 3, 4, 5], np.int64)
+    with pytest.raises(CacheFullError, match="table 0"):
+        impl.replace(cache, ids, keys, rows_for(ids, keys))
+    assert np.asarray(cache.sizes()).tolist() == [0, 0, 0]
+    impl.replace(cache, ids[:5], keys[:5], rows_for(ids[:5], keys[:5]))
+    assert np.asarray(cache.sizes()).tolist() == [4, 1, 0]
+
+
+@pytest.mark.parametrize("bad", [dict(capacities=(10, 0, 10)), dict(dims=(8, 3)), dict(policy="fifo"),
+                                 dict(value_dtype=np.float64)])
+def test_bad_construction_names_the_problem(impl: Impl, bad: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError):
+        impl.make(**bad)
+
+
+@pytest.mark.parametrize("value_dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("key_dtype", [np.int64, np.uint32])
+def test_random_operations_across_tables(impl: Impl, value_dtype: Any, key_dtype: Any) -> None:
+    rng = np.random.default_rng(int(value_dtype == np.float16) * 2 + int(key_dtype == np.uint32))
+    capacities = (96, 64, 128) if impl.kind == "dynamic" else (400, 400, 400)
+    cache = impl.make(capacities=capacities, value_dtype=value_dtype, key_dtype=key_dtype)
+    model: dict[tuple[int, int], np.ndarray] = {}
+    universe = 300
+    for step in range(40):
+        n = int(rng.integers(1, 90))
+        ids = rng.integers(0, 3, n).astype(np.int64)
+        keys = rng.integers(0, universe, n).astype(np.int64) + (2**32 - 400 if key_dtype == np.uint32 else 2**40)
+        pairs = list(zip(ids.tolist(), keys.tolist()))
+        first = np.array(sorted({p: i for i, p in reversed(list(enumerate(pairs)))}.values()))  # one per pair
+        ids, keys = ids[first], keys[first]
+        rows = [r.astype(value_dtype).astype(np.float32) for r in rows_for(ids, keys, version=float(step))]
+        op = rng.choice(["replace", "update", "query"])
+        if op == "replace":
+            impl.replace(cache, ids, keys, rows)
+            model.update({(int(t), int(k)): r for t, k, r in zip(ids, keys, rows)})
+        elif op == "update":
+            held = impl.held(cache)
+            present = np.array([(int(t), int(k)) in held for t, k in zip(ids, keys)])
+            assert impl.update(cache, ids, keys, rows) == present.sum()
+            model.update({(int(t), int(k)): r for t, k, r, p in zip(ids, keys, rows, present) if p})
+            assert impl.held(cache) == held
+        got, hit = impl.query(cache, ids, keys)
+        for t, k, row, h in zip(ids.tolist(), keys.tolist(), got, hit):
+            if h:
+                np.testing.assert_array_equal(row, model[(t, k)], err_msg=f"step {step} table {t} key {k}")
+            if impl.kind == "static":
+                assert h == ((t, k) in model)
+        sizes = np.asarray(cache.sizes())
+        assert (sizes <= np.asarray(cache.capacities)).all()
+        assert sizes.sum() == len(impl.held(cache))
