@@ -1,4 +1,4 @@
-"""Host/device array helpers shared by the lookup path.
+"""Host/device array helpers shared by the lookup path, and the process's allocator setting.
 
 The lookup runs on numpy arrays (CPU path, CPU twin caches) or cupy arrays (GPU caches); it
 asks a cache for its array module and moves only what must cross (the missing keys down,
@@ -7,12 +7,13 @@ their rows up) between host and device.
 
 from __future__ import annotations
 
+import ctypes
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-__all__ = ["array_module", "to_host"]
+__all__ = ["array_module", "retain_freed_memory", "to_host"]
 
 
 def array_module(cache: Any) -> ModuleType:
@@ -30,3 +31,32 @@ def to_host(array: Any) -> np.ndarray:
         return array
     get = getattr(array, "get", None)  # cupy.ndarray.get() copies device → host
     return get() if callable(get) else np.asarray(array)
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_BYTES = 64 << 20
+_TRIM_THRESHOLD_BYTES = 256 << 20
+
+
+def retain_freed_memory() -> bool:
+    """Let this process reuse the memory it frees instead of returning it to the OS at once.
+
+    A lookup allocates and frees arrays of a few MB per request. With glibc's defaults those
+    are fresh ``mmap`` pages (or a trimmed heap top) every time, and on the virtual machines
+    measured here each page fault costs ~1.5 us: allocating and filling three 850 KB arrays
+    took 0.92 ms, against 0.03 ms once freed memory stays in the heap. This raises glibc's
+    mmap threshold to 64 MiB and its trim threshold to 256 MiB (RSS then stays near its peak,
+    as with jemalloc or tcmalloc). Process-wide, so it is the serving process's choice: the
+    Triton backend calls it when a model loads, the benchmarks when they start. Returns
+    False where the C library is not glibc (nothing changes).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES)
+    )

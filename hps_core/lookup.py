@@ -1,14 +1,20 @@
-"""The lookup path of one deployed model: request keys in, embedding vectors out.
+"""The lookup path of one deployed model: requests' keys in, embedding vectors out, in one pass.
 
-A :class:`LookupSession` answers HugeCTR's HPS request — ``KEYS`` (all keys of all tables,
-table-major) and ``NUMKEYS`` (keys per table) — with the vectors in the same order, flattened.
-For each table it de-duplicates the keys, then asks each level only for what the levels above
-did not have::
+A :class:`LookupSession` answers every request Triton hands the backend in one ``execute`` —
+each HugeCTR's HPS request (``KEYS``, all keys of all tables, table-major; ``NUMKEYS``, keys
+per table), with or without a batch dimension — together::
 
-    embedding cache (GPU, or its CPU twin)  →  volatile DB (hash map | Redis)
-        →  persistent DB (RocksDB)  →  the table's default value
+    check each request (a bad one fails alone)           hps_core.request.check_request
+    one de-duplication over every (table, key) pair      hps_core.request.plan_batch
+    embedding cache, all tables, one call                (GPU, or its CPU twin)
+      → volatile DB, one call for what the cache lacked  (hash map | Redis)
+      → persistent DB, one call for what that lacked     (RocksDB)
+      → each table's default value, one step
+    every request's vectors copied from the unique rows, one step
+    counters of all tables recorded in one step
 
-Every step is a batched call on arrays; nothing here loops over keys in Python.
+The number of Python steps and of tier calls is the same for 1 table or 26, for one request
+or a batch of them; nothing here loops over keys or tables in Python.
 """
 
 from __future__ import annotations
@@ -16,24 +22,28 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
+from numba import njit
 
 from hps_core.arrays import array_module, to_host
 from hps_core.background import BackgroundQueue
-from hps_core.config import ModelConfig, TableConfig
+from hps_core.cache.base import CacheFullError, EmbeddingCache, MultiTableCache, TableView
+from hps_core.config import ModelConfig
 from hps_core.db.base import EmbeddingTier
 from hps_core.errors import RequestError, TierError
+from hps_core.grouping import pairs_in
+from hps_core.request import BatchPlan, CheckedRequest, TableLayout, check_request, plan_batch
+from hps_core.rows import copy_rows, fill_rows, row_offsets
 
-if TYPE_CHECKING:
-    from hps_core.cache.base import EmbeddingCache
+__all__ = ["COUNTER_FIELDS", "LookupSession", "UPDATE_GRACE_S"]
 
-__all__ = ["LookupSession", "TableCounters", "split_request"]
+Int64s = npt.NDArray[np.int64]
 
-_INTEGER_KINDS = ("i", "u")
 # How long before a tier fetch began an update may have reached this process's caches while
 # the tier still held the old row: a shared Redis is written by whichever server's consumer
 # owns the partition, and this server's cache consumer may see the message first.
@@ -42,29 +52,32 @@ UPDATE_GRACE_S = 2.0
 # grace) cannot be checked, and its rows are not written into the cache.
 _RECENT_UPDATES_S = 10.0
 
-
-@dataclass
-class TableCounters:
-    """Running totals for one table; read by metrics and tests."""
-
-    keys: int = 0
-    unique_keys: int = 0
-    cache_hits: int = 0
-    volatile_hits: int = 0
-    persistent_hits: int = 0
-    defaults: int = 0
-    tier_errors: int = 0
-    # Unique keys a warm batch answered with the default while their cache insertion went to
-    # the background (queued), or was skipped because the queue was full (dropped). With these,
-    # cache + volatile + persistent hits + defaults + async + dropped == unique_keys.
-    async_inserts: int = 0
-    dropped_inserts: int = 0
-    seconds_cache: float = 0.0
-    seconds_volatile: float = 0.0
-    seconds_persistent: float = 0.0
-
-    def snapshot(self) -> dict[str, float]:
-        return dict(self.__dict__)
+#: The running totals kept per table (``counters()``). Unique keys split exactly into
+#: cache + volatile + persistent hits + defaults + async_inserts + dropped_inserts: a warm
+#: batch answers its misses with the default while their insertion is queued (async) or
+#: skipped because the queue was full (dropped). Seconds of a call that served several
+#: tables are shared among them in proportion to the keys each asked for.
+COUNTER_FIELDS = (
+    "keys",
+    "unique_keys",
+    "cache_hits",
+    "volatile_hits",
+    "persistent_hits",
+    "defaults",
+    "tier_errors",
+    "async_inserts",
+    "dropped_inserts",
+    "cache_full",
+    "seconds_cache",
+    "seconds_volatile",
+    "seconds_persistent",
+)
+_COLUMN = {name: i for i, name in enumerate(COUNTER_FIELDS)}
+_TIER_NAMES = ("volatile", "persistent")
+#: per tier: the counter columns of its hits, its seconds and the errors of its calls
+_TIER_COLUMNS = {
+    name: (_COLUMN[f"{name}_hits"], _COLUMN[f"seconds_{name}"], _COLUMN["tier_errors"]) for name in _TIER_NAMES
+}
 
 
 @dataclass(frozen=True)
@@ -75,109 +88,62 @@ class _Tier:
 
 @dataclass
 class _Fetched:
-    """What the tiers below the cache answered for some keys (host arrays), and at what cost."""
+    """What the tiers below the cache answered for some keys (host arrays).
 
-    vectors: np.ndarray  # (m, dim) float32; defaults where nothing was found
-    found: np.ndarray  # (m,) bool
-    hits: dict[str, int]  # keys answered, by tier name
-    seconds: dict[str, float]  # time spent, by tier name
-    errors: int  # tier calls that failed (the next tier answered)
+    ``values``/``offsets``: the rows, in the flat layout, defaults where nothing was found;
+    ``found`` (m,) bool; ``counts`` (T, fields) the counters this fetch adds."""
 
-    @property
-    def defaults(self) -> int:
-        return int(self.found.size - self.found.sum())
+    values: npt.NDArray[np.float32]
+    offsets: Int64s
+    found: npt.NDArray[np.bool_]
+    counts: npt.NDArray[np.float64]
 
 
 class _RecentUpdates:
-    """The keys the update stream changed in one table's cache over the last few seconds.
+    """The (table, key) pairs the update stream changed in the cache over the last seconds.
 
     A row fetched from the tiers just before an update of its key may hold the old vector;
     written into the cache after the update reached it, it would stay stale until evicted.
     The cache's writers consult this list to leave such rows out. Not thread-safe: the
-    session's per-table write lock guards it.
+    session's cache write lock guards it.
     """
 
     def __init__(self, keep_s: float = _RECENT_UPDATES_S) -> None:
         self._keep_s = keep_s
-        self._entries: deque[tuple[float, np.ndarray]] = deque()
+        self._entries: deque[tuple[float, Int64s, Int64s]] = deque()
         self._forgotten_until = -np.inf  # updates at or before this time may be gone
 
-    def add(self, now: float, keys: np.ndarray) -> None:
-        self._entries.append((now, keys))
+    def add(self, now: float, table_ids: Int64s, keys: Int64s) -> None:
+        self._entries.append((now, table_ids, keys))
         while self._entries and self._entries[0][0] < now - self._keep_s:
             self._forgotten_until = self._entries.popleft()[0]
 
-    def since(self, start: float) -> np.ndarray | None:
-        """Keys updated at or after ``start``; None when some of them may have been forgotten."""
+    def since(self, start: float) -> tuple[Int64s, Int64s] | None:
+        """(table ids, keys) updated at or after ``start``; None when some may be forgotten."""
         if start <= self._forgotten_until:
             return None
-        recent = [keys for at, keys in self._entries if at >= start]
-        return np.concatenate(recent) if recent else np.empty(0, np.int64)
-
-
-def split_request(keys: np.ndarray, numkeys: np.ndarray, model: ModelConfig) -> list[np.ndarray]:
-    """Check one request against ``model`` and cut KEYS into one int64 array per table.
-
-    ``keys``: (n,) integer, host; ``numkeys``: (tables,) integer, host.
-    Raises RequestError naming the input and the problem.
-    """
-    tables = model.tables
-    keys = _as_key_array(keys)
-    if numkeys.ndim != 1 or numkeys.dtype.kind not in _INTEGER_KINDS:
-        raise RequestError(f"NUMKEYS must be a 1-D integer tensor, got shape {numkeys.shape} dtype {numkeys.dtype}")
-    if numkeys.size != len(tables):
-        raise RequestError(
-            f"NUMKEYS has {numkeys.size} entries but model '{model.model}' has {len(tables)} tables "
-            f"({', '.join(t.name for t in tables)}): send one count per table"
-        )
-    counts = numkeys.astype(np.int64)
-    if (counts < 0).any():
-        raise RequestError(f"NUMKEYS holds a negative count: {counts.tolist()}")
-    if int(counts.sum()) != keys.size:
-        raise RequestError(
-            f"NUMKEYS sums to {int(counts.sum())} but KEYS holds {keys.size} keys: "
-            "the counts per table must add up to the number of keys"
-        )
-    if keys.size == 0:
-        raise RequestError("the request holds no keys: KEYS is empty")
-    limits = np.array([model.max_batch_size * t.max_keys_per_sample for t in tables], dtype=np.int64)
-    over = np.flatnonzero(counts > limits)
-    if over.size:
-        i = int(over[0])
-        raise RequestError(
-            f"table '{tables[i].name}' got {int(counts[i])} keys, more than max_batch_size "
-            f"({model.max_batch_size}) x maxnum_catfeature_query_per_table_per_sample "
-            f"({tables[i].max_keys_per_sample}) = {int(limits[i])} allows; split the request"
-        )
-    return np.split(keys, np.cumsum(counts)[:-1])
-
-
-def _as_key_array(keys: np.ndarray) -> np.ndarray:
-    if keys.ndim != 1:
-        raise RequestError(f"KEYS must be 1-D after the batch dimension, got shape {keys.shape}")
-    if keys.dtype.kind not in _INTEGER_KINDS:
-        raise RequestError(f"KEYS must hold integers (INT64 or UINT32), got dtype {keys.dtype}")
-    if keys.dtype == np.uint64 and keys.size and int(keys.max()) > np.iinfo(np.int64).max:
-        raise RequestError("KEYS holds an unsigned key above the int64 range")
-    return keys.astype(np.int64, copy=False)
+        recent = [(ids, keys) for at, ids, keys in self._entries if at >= start]
+        if not recent:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        return np.concatenate([r[0] for r in recent]), np.concatenate([r[1] for r in recent])
 
 
 class LookupSession:
-    """Answers lookups for one model over the caches and tiers it was given.
+    """Answers lookups for one model over the cache and tiers it was given.
 
-    ``caches`` maps table names to an :class:`~hps_core.cache.EmbeddingCache` (GPU caches, or
-    their CPU twins in-process); a table without one reads the tiers directly. The array
-    module of the caches (numpy or cupy) is the module of the result. ``volatile`` and
+    ``cache`` holds the caches of all the model's tables in one structure (a GPU cache or
+    its CPU twin, table t = the model's table t), or None to read the tiers directly. Its
+    array module (numpy or cupy) is the module of the results. ``volatile`` and
     ``persistent`` may be None (a tier of type "disabled").
 
-    Cache misses are fetched from the tiers and inserted synchronously when the batch's hit
-    rate is below ``hit_rate_threshold``; above it the batch gets the default value for its
-    misses and the insertion runs in the background (HugeCTR's behaviour: a warm cache does not
-    make requests wait for the tiers). With ``write_back`` (the volatile DB's
-    ``cache_missed_embeddings``), rows found only in the persistent DB are copied up to the
-    volatile DB in the background.
+    Cache misses are fetched from the tiers and inserted synchronously when their table's hit
+    rate in the batch is below ``hit_rate_threshold``; at or above it the batch gets the
+    default value for that table's misses and the insertion runs in the background
+    (HugeCTR's behaviour: a warm cache does not make requests wait for the tiers). With
+    ``write_back`` (the volatile DB's ``cache_missed_embeddings``), rows found only in the
+    persistent DB are copied up to the volatile DB in the background.
 
-    Thread-safe: caches and tiers guard themselves; the counters have their own lock.
+    Thread-safe: the cache and tiers guard themselves; the counters have their own lock.
     """
 
     def __init__(
@@ -186,142 +152,321 @@ class LookupSession:
         *,
         volatile: EmbeddingTier | None,
         persistent: EmbeddingTier | None,
-        caches: Mapping[str, EmbeddingCache] | None = None,
+        cache: MultiTableCache | None = None,
         write_back: bool = False,
         max_pending_background: int = 64,
     ) -> None:
         self.model = model
+        self.layout = TableLayout.of(model)
+        if cache is not None and not np.array_equal(cache.dims, self.layout.dims):
+            raise RequestError(
+                f"model '{model.model}': the cache's table widths {list(cache.dims)} differ from the "
+                f"model's {self.layout.dims.tolist()}"
+            )
         self._tiers = tuple(
-            _Tier(name, db) for name, db in (("volatile", volatile), ("persistent", persistent)) if db is not None
+            _Tier(name, db) for name, db in zip(_TIER_NAMES, (volatile, persistent)) if db is not None
         )
         self._volatile = volatile
-        self._caches = dict(caches or {})
-        self._xp = array_module(next(iter(self._caches.values()), None))
+        self._cache = cache
+        self._views = {name: TableView(cache, t) for t, name in enumerate(self.layout.names)} if cache else {}
+        self._table_index = {name: t for t, name in enumerate(self.layout.names)}
+        self._xp = array_module(cache)
         self._write_back = write_back and volatile is not None and persistent is not None
-        self._counters = {t.name: TableCounters() for t in model.tables}
+        self._totals = np.zeros((self.layout.count, len(COUNTER_FIELDS)), np.float64)
         self._counters_lock = threading.Lock()
-        # One lock per cached table orders the cache's writers: rows fetched from the tiers
-        # against the update stream's overwrites (see _RecentUpdates).
-        self._cache_writes = {name: threading.Lock() for name in self._caches}
-        self._recent_updates = {name: _RecentUpdates() for name in self._caches}
+        # Orders the cache's writers: rows fetched from the tiers against the update stream's
+        # overwrites (see _RecentUpdates).
+        self._cache_writes = threading.Lock()
+        self._recent_updates = _RecentUpdates()
         self._background = BackgroundQueue(max_pending_background)
 
     @property
+    def cache(self) -> MultiTableCache | None:
+        return self._cache
+
+    @property
     def caches(self) -> Mapping[str, EmbeddingCache]:
-        return self._caches
+        """One-table views of the cache, by table name (empty without a cache)."""
+        return self._views
+
+    # ------------------------------------------------------------------ lookups
 
     def lookup(self, keys: np.ndarray, numkeys: np.ndarray) -> Any:
         """Vectors for one request: ``keys`` (n,) int64 table-major, ``numkeys`` (tables,) int32.
 
-        Both arrive in host memory. Returns (sum over tables of count_i * dim_i,) float32 in the
-        caches' memory (host without caches, the GPU with GPU caches): each table's vectors in
-        key order, tables one after another.
+        Both in host memory. Returns (sum over tables of count_i * dim_i,) float32 in the
+        cache's memory (host without a cache, the GPU with a GPU cache).
         """
-        per_table = split_request(keys, numkeys, self.model)
-        xp = self._xp
-        device_keys = xp.asarray(np.concatenate(per_table)) if per_table else xp.empty(0, np.int64)
-        bounds = np.cumsum([0] + [k.size for k in per_table])
-        parts = [
-            self._lookup_table(table, device_keys[bounds[i] : bounds[i + 1]]).ravel()
-            for i, table in enumerate(self.model.tables)
-        ]
-        return xp.concatenate(parts)
+        return self.lookup_batch(keys, numkeys)
 
     def lookup_batch(self, keys: np.ndarray, numkeys: np.ndarray) -> Any:
         """Like :meth:`lookup`, with or without Triton's leading batch dimension.
 
         ``keys`` (n,) or (rows, n); ``numkeys`` (tables,) or (rows, tables). Each row is one
-        HugeCTR request; the result has the same leading shape.
+        HugeCTR request; the result has the same leading shape. Raises RequestError.
         """
-        if keys.ndim == 1 and numkeys.ndim == 1:
-            return self.lookup(keys, numkeys)
-        if keys.ndim != 2 or numkeys.ndim != 2 or keys.shape[0] != numkeys.shape[0]:
-            raise RequestError(
-                f"KEYS {keys.shape} and NUMKEYS {numkeys.shape} must both be 1-D, "
-                "or both 2-D with the same number of rows"
-            )
-        rows = [self.lookup(k, n) for k, n in zip(keys, numkeys)]
-        if len({r.size for r in rows}) > 1:
-            raise RequestError("the rows of a batched request give vectors of different total sizes")
-        return self._xp.stack(rows)
+        (result,) = self.lookup_requests([(keys, numkeys)])
+        if isinstance(result, Exception):
+            raise result
+        return result
 
-    def fetch_from_tiers(self, table: TableConfig, keys: np.ndarray) -> _Fetched:
-        """The tiers' answer for host ``keys`` (n,) int64 of ``table``: vectors and found mask.
+    def lookup_requests(self, requests: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[Any]:
+        """Answer several requests (``(KEYS, NUMKEYS)`` pairs, host arrays) in one pass.
 
-        Used by the lookup for cache misses, and by cache refresh and warm-up. Counts nothing:
-        the lookup records a request's counters in one step, so that a snapshot taken at any
-        moment has each unique key in exactly one of hits, defaults or deferred.
+        Returns one entry per request, in order: its vectors (shaped as :meth:`lookup_batch`
+        would return them), or the exception that refused it (RequestError for a malformed
+        request); one request never fails the others. Should the shared pass itself fail, each
+        request is answered alone, so only the one that causes the failure gets it. A tier
+        that fails is absorbed by the cascade (the next tier answers).
         """
-        vectors = np.empty((keys.size, table.dim), dtype=np.float32)
-        missing = np.arange(keys.size)
-        hits: dict[str, int] = {}
-        seconds: dict[str, float] = {}
-        errors = 0
+        results: list[Any] = [None] * len(requests)
+        checked: list[CheckedRequest] = []
+        slots: list[int] = []
+        for i, (keys, numkeys) in enumerate(requests):
+            try:
+                checked.append(check_request(keys, numkeys, self.layout))
+                slots.append(i)
+            except RequestError as exc:
+                results[i] = exc
+        if not checked:
+            return results
+        try:
+            answers = self._answer(checked)
+        except Exception as exc:  # noqa: BLE001 - find the request that causes it
+            answers = [exc] if len(checked) == 1 else [self._answer_alone(r) for r in checked]
+        for i, answer in zip(slots, answers):
+            results[i] = answer
+        return results
+
+    def _answer_alone(self, request: CheckedRequest) -> Any:
+        try:
+            return self._answer([request])[0]
+        except Exception as exc:  # noqa: BLE001 - this request's own answer
+            return exc
+
+    # ------------------------------------------------------------------ the cascade
+
+    def _answer(self, requests: Sequence[CheckedRequest]) -> list[Any]:
+        plan = plan_batch(requests, self.layout)
+        counts = np.zeros_like(self._totals)
+        counts[:, _COLUMN["keys"]] = plan.key_counts
+        counts[:, _COLUMN["unique_keys"]] = plan.unique_counts
+        if self._cache is None:
+            out = self._answer_from_tiers(plan, counts)
+        else:
+            out = self._answer_from_cache(self._cache, plan, counts)
+        self._record(counts)
+        return [
+            _shape(out[plan.bounds[i] : plan.bounds[i + 1]], request)
+            for i, request in enumerate(requests)
+        ]
+
+    def _answer_from_tiers(self, plan: BatchPlan, counts: Any) -> npt.NDArray[np.float32]:
+        """No cache: the tiers write the unique rows into the outputs, then repeats are copied."""
+        out = np.empty(plan.output_size, np.float32)
+        counts += self.fetch_from_tiers(plan.table_ids, plan.keys, out, plan.offsets).counts
+        plan.expand(out, self.layout.dims)
+        return out
+
+    def _answer_from_cache(self, cache: MultiTableCache, plan: BatchPlan, counts: Any) -> Any:
+        """The cache answers what it holds, the tiers (or defaults) the rest; in its memory."""
+        xp = self._xp
+        device = self._to_device(plan)
+        out = xp.empty(plan.output_size, np.float32)  # the unique rows live in it (BatchPlan)
+        start = time.perf_counter()
+        missing = to_host(cache.query_tables(device["table_ids"], device["keys"], out, device["offsets"]))
+        missed = np.bincount(plan.table_ids[missing], minlength=self.layout.count)
+        counts[:, _COLUMN["cache_hits"]] = plan.unique_counts - missed
+        counts[:, _COLUMN["seconds_cache"]] = _shares(time.perf_counter() - start, plan.unique_counts)
+        if missing.size:
+            self._fill_misses(cache, plan, missing, missed, out, counts)
+        if xp is np:
+            plan.expand(out, self.layout.dims)
+        else:
+            cache.copy_rows(out, device["repeat_sources"], out, device["repeat_targets"], device["repeat_tables"])
+        return out
+
+    def _to_device(self, plan: BatchPlan) -> dict[str, Any]:
+        """The plan's index arrays in the cache's memory: one host→device copy on the GPU."""
+        names: tuple[str, ...] = ("table_ids", "keys", "offsets")
+        arrays = [getattr(plan, name) for name in names]
+        if self._xp is np:
+            return dict(zip(names, arrays))
+        names += ("repeat_sources", "repeat_targets", "repeat_tables")
+        arrays += plan.repeats(self.layout.dims)
+        packed = self._xp.asarray(np.concatenate(arrays))
+        bounds = np.cumsum([0] + [a.shape[0] for a in arrays])
+        return {name: packed[bounds[i] : bounds[i + 1]] for i, name in enumerate(names)}
+
+    def _fill_misses(self, cache: MultiTableCache, plan: BatchPlan, missing: Int64s, missed: Int64s,
+                     unique: Any, counts: Any) -> None:
+        """Answer the cache's misses into ``unique``: from the tiers for tables whose hit rate in
+        this batch is below hit_rate_threshold (inserting the rows), else with defaults while
+        the insertion goes to the background (HugeCTR's rule: a warm cache does not wait)."""
+        ids, keys = plan.table_ids[missing], plan.keys[missing]
+        hit_rate = 1.0 - missed / np.maximum(plan.unique_counts, 1)
+        sync = (hit_rate < self.model.hit_rate_threshold)[ids]
+        on_host = self._xp is np
+        # On the host the tiers write straight into the unique rows; for the GPU they fill a
+        # packed host buffer that crosses to the device in one copy.
+        if on_host:
+            buffer, offsets = unique, plan.offsets[missing]
+        else:
+            offsets, size = row_offsets(ids, self.layout.dims)
+            buffer = np.empty(size, np.float32)
+        if sync.any():
+            fetch_started = time.monotonic()
+            fetched = self.fetch_from_tiers(ids[sync], keys[sync], buffer, offsets[sync])
+            counts += fetched.counts
+            self._insert_fetched(ids[sync], keys[sync], fetched, fetch_started, counts)
+        if not sync.all():
+            warm = ~sync
+            fill_rows(buffer, offsets[warm], ids[warm], self.layout.dims, self.layout.defaults)
+            queued = self._insert_later(ids[warm], keys[warm])
+            column = _COLUMN["async_inserts" if queued else "dropped_inserts"]
+            counts[:, column] += np.bincount(ids[warm], minlength=self.layout.count)
+        if not on_host:
+            packed = self._xp.asarray(np.concatenate([offsets, plan.offsets[missing], ids]))
+            m = missing.shape[0]
+            cache.copy_rows(self._xp.asarray(buffer), packed[:m], unique, packed[m : 2 * m], packed[2 * m :])
+
+    # ------------------------------------------------------------------ tiers and cache writes
+
+    def fetch_from_tiers(self, table_ids: Int64s, keys: Int64s, out: npt.NDArray[np.float32] | None = None,
+                         offsets: Int64s | None = None) -> _Fetched:
+        """The tiers' answer for host ``keys`` (m,) int64 of tables ``table_ids`` (m,) int64.
+
+        Rows go to ``out`` (flat host float32) at ``offsets``, packed into a new buffer when
+        ``out`` is None; keys found nowhere get their table's default. One call per tier for
+        all tables. Used by the lookup for cache misses, and by cache refresh. Counts nothing
+        itself: the returned counts are added by the caller in one step, so that a snapshot
+        taken at any moment has each unique key in exactly one of hits, defaults or deferred.
+        """
+        if out is None or offsets is None:
+            offsets, size = row_offsets(table_ids, self.layout.dims)
+            out = np.empty(size, np.float32)
+        counts = np.zeros(self._totals.shape)
+        missing: Int64s | None = None  # None: every key (saves copies while nothing was found)
         for tier in self._tiers:
-            if missing.size == 0:
+            ids, ks, offs = (table_ids, keys, offsets) if missing is None else (
+                table_ids[missing], keys[missing], offsets[missing])
+            if ks.shape[0] == 0:
                 break
             start = time.perf_counter()
             try:
-                found = self._fetch(tier, table, keys[missing], vectors, missing)
+                found = tier.db.fetch_tables(self.layout.qualified_names, ids, ks, out, offs)
+                failed = False
             except TierError:
                 # A failing tier is a tier that has nothing: the next one answers.
-                errors += 1
-                found = np.zeros(missing.size, dtype=bool)
-            seconds[tier.name] = time.perf_counter() - start
-            hits[tier.name] = int(found.sum())
-            if tier.name == "persistent" and self._write_back and found.any():
-                rows = missing[found]
-                self._copy_up(table, keys[rows], vectors[rows])
-            missing = missing[~found]
-        vectors[missing] = table.default_value
-        found_mask = np.ones(keys.size, dtype=bool)
-        found_mask[missing] = False
-        return _Fetched(vectors, found_mask, hits, seconds, errors)
+                found, failed = np.zeros(ks.shape[0], np.bool_), True
+            still = _count_tier(ids, found, time.perf_counter() - start, failed, counts, *_TIER_COLUMNS[tier.name])
+            if tier.name == "persistent" and self._write_back and still.shape[0] < ks.shape[0]:
+                self._copy_up(ids[found], ks[found], out, offs[found])
+            missing = still if missing is None else missing[still]
+        found_mask = _fill_defaults(table_ids, missing, out, offsets, self.layout.dims, self.layout.defaults,
+                                    counts, _COLUMN["defaults"])
+        return _Fetched(out, offsets, found_mask, counts)
 
-    def cache_rows(self, table: TableConfig, keys: np.ndarray, fetched: _Fetched, fetch_started: float,
+    def cache_rows(self, table_ids: Int64s, keys: Int64s, fetched: _Fetched, fetch_started: float,
                    *, insert: bool) -> int:
-        """Write rows fetched from the tiers into ``table``'s cache; returns the rows written.
+        """Write rows fetched from the tiers into the cache; returns the rows written.
 
-        ``keys`` (n,) int64 host, as given to :meth:`fetch_from_tiers`, whose answer is
-        ``fetched``; ``fetch_started``: ``time.monotonic()`` before that call. ``insert``:
-        ``replace`` (insert, evicting) or ``update`` (overwrite cached keys only). Keys found
-        nowhere are left out, so that a row published for them later is not shadowed by a
-        cached default; so are keys the update stream changed since ``UPDATE_GRACE_S``
-        before the fetch, whose fetched row may predate the update.
+        ``table_ids``, ``keys`` (m,) host, as given to :meth:`fetch_from_tiers`, whose answer
+        is ``fetched``; ``fetch_started``: ``time.monotonic()`` before that call. ``insert``:
+        replace (insert, evicting) or update (overwrite cached keys only). Keys found nowhere
+        are left out, so that a row published for them later is not shadowed by a cached
+        default; so are keys the update stream changed since ``UPDATE_GRACE_S`` before the
+        fetch, whose fetched row may predate the update. A static table without room for the
+        new keys raises CacheFullError (nothing written).
         """
-        cache = self._caches[table.name]
+        cache = self._cache
+        if cache is None:
+            return 0
         keep = fetched.found
-        with self._cache_writes[table.name]:
-            updated = self._recent_updates[table.name].since(fetch_started - UPDATE_GRACE_S)
+        with self._cache_writes:
+            updated = self._recent_updates.since(fetch_started - UPDATE_GRACE_S)
             if updated is None:
                 return 0  # the fetch is too old to check: leave the cache as it is
-            if updated.size:
-                keep = keep & ~np.isin(keys, updated)
-            if not keep.any():
+            if updated[0].size:
+                keep = keep & ~pairs_in(table_ids, keys, *updated)
+            rows = np.flatnonzero(keep)
+            if rows.size == 0:
                 return 0
-            xp = array_module(cache)
-            rows, vectors = xp.asarray(keys[keep]), xp.asarray(fetched.vectors[keep])
+            xp = self._xp
+            args = (xp.asarray(table_ids[rows]), xp.asarray(keys[rows]), xp.asarray(fetched.values),
+                    xp.asarray(fetched.offsets[rows]))
             if insert:
-                cache.replace(rows, vectors)
-                return int(keep.sum())
-            return cache.update(rows, vectors)
+                cache.replace_tables(*args)
+                return int(rows.size)
+            return cache.update_tables(*args)
 
     def apply_update(self, table_name: str, keys: np.ndarray, values: np.ndarray) -> int:
         """Overwrite the cached rows of ``keys`` (n,) int64 with ``values`` (n, dim) float32,
         host arrays from the update stream; keys not cached are left out. Returns the rows
-        overwritten (0 for a table without cache)."""
-        cache = self._caches.get(table_name)
-        if cache is None:
+        overwritten (0 without a cache)."""
+        view = self._views.get(table_name)
+        if view is None:
             return 0
-        xp = array_module(cache)
-        with self._cache_writes[table_name]:
-            self._recent_updates[table_name].add(time.monotonic(), keys)
-            return cache.update(xp.asarray(keys), xp.asarray(values))
+        keys = np.asarray(keys, np.int64)
+        with self._cache_writes:
+            ids = np.full(keys.shape[0], self._table_index[table_name], np.int64)
+            self._recent_updates.add(time.monotonic(), ids, keys)
+            return view.update(self._xp.asarray(keys), self._xp.asarray(values))
+
+    def _insert_fetched(self, table_ids: Int64s, keys: Int64s, fetched: _Fetched, fetch_started: float,
+                        counts: Any) -> None:
+        try:
+            self.cache_rows(table_ids, keys, fetched, fetch_started, insert=True)
+        except CacheFullError:
+            # A static table holds the sparse file's keys; a key known only to a tier (a new
+            # id from the update stream) is served uncached.
+            counts[:, _COLUMN["cache_full"]] += np.bincount(table_ids[fetched.found], minlength=self.layout.count)
+
+    def _insert_later(self, table_ids: Int64s, keys: Int64s) -> bool:
+        """Queue the fetch and cache insertion of these pairs; False when the queue was full."""
+
+        def fetch_and_insert() -> None:
+            fetch_started = time.monotonic()
+            fetched = self.fetch_from_tiers(table_ids, keys)
+            counts = np.zeros_like(self._totals)
+            counts[:, _COLUMN["tier_errors"]] = fetched.counts[:, _COLUMN["tier_errors"]]
+            self._insert_fetched(table_ids, keys, fetched, fetch_started, counts)
+            self._record(counts)
+
+        return self._background.submit(fetch_and_insert)
+
+    def _copy_up(self, table_ids: Int64s, keys: Int64s, values: npt.NDArray[np.float32], offsets: Int64s) -> None:
+        """Copy rows found only in the persistent DB up to the volatile DB, in the background."""
+        assert self._volatile is not None
+        volatile = self._volatile
+        packed_offsets, size = row_offsets(table_ids, self.layout.dims)
+        rows = np.empty(size, np.float32)
+        copy_rows(values, offsets, rows, packed_offsets, table_ids, self.layout.dims)
+        names, dims = self.layout.qualified_names, self.layout.dims
+
+        def insert() -> None:
+            # The volatile tier's insert is per table (the update stream's unit); the groups
+            # come from one stable sort, and this runs off the request path.
+            order = np.argsort(table_ids, kind="stable")
+            bounds = np.searchsorted(table_ids[order], np.arange(len(names) + 1))
+            for t in np.flatnonzero(np.diff(bounds)).tolist():
+                part = order[bounds[t] : bounds[t + 1]]
+                vectors = rows.reshape(-1)[packed_offsets[part, None] + np.arange(dims[t])]
+                volatile.insert(names[t], keys[part], vectors)
+
+        self._background.submit(insert)
+
+    # ------------------------------------------------------------------ counters and lifetime
 
     def counters(self) -> dict[str, dict[str, float]]:
         """Snapshot of the per-table counters, keyed by table name."""
         with self._counters_lock:
-            return {name: c.snapshot() for name, c in self._counters.items()}
+            totals = self._totals.copy()
+        return {name: dict(zip(COUNTER_FIELDS, totals[t].tolist())) for t, name in enumerate(self.layout.names)}
+
+    def _record(self, counts: npt.NDArray[np.float64]) -> None:
+        with self._counters_lock:
+            self._totals += counts
 
     def drain(self, timeout: float | None = None) -> None:
         """Wait until the background insertions queued so far are done (tests, shutdown)."""
@@ -331,73 +476,57 @@ class LookupSession:
         """Finish background work; the session answers no lookups afterwards."""
         self._background.close()
 
-    def _lookup_table(self, table: TableConfig, keys: Any) -> Any:
-        xp = self._xp
-        unique, inverse = xp.unique(keys, return_inverse=True)
-        vectors = xp.empty((unique.size, table.dim), dtype=np.float32)
-        cache = self._caches.get(table.name)
-        start = time.perf_counter()
-        if cache is None:
-            missing_keys, missing_pos = unique, xp.arange(unique.size)
+
+@njit(nogil=True, cache=True)
+def _count_tier(table_ids: Any, found: Any, seconds: float, failed: bool, counts: Any, hits_column: int,
+                seconds_column: int, errors_column: int) -> Any:
+    """Add a tier's answer to ``counts`` (T, fields): its hits per table, its ``seconds``
+    shared among the tables by the keys each asked for, and an error per table asked if the
+    call ``failed``. Returns the positions it did not find."""
+    tables = counts.shape[0]
+    asked = np.zeros(tables, np.int64)
+    still = np.empty(found.shape[0], np.int64)
+    m = 0
+    for i in range(found.shape[0]):
+        t = table_ids[i]
+        asked[t] += 1
+        if found[i]:
+            counts[t, hits_column] += 1
         else:
-            missing_keys, missing_pos = cache.query(unique, vectors)
-        n_missing = int(missing_pos.size)
-        c = TableCounters(keys=int(keys.size), unique_keys=int(unique.size))
-        if cache is not None:
-            c.cache_hits = int(unique.size) - n_missing
-            c.seconds_cache = time.perf_counter() - start
-        if n_missing:
-            hit_rate = 1.0 - n_missing / unique.size
-            host_keys = to_host(missing_keys)
-            if cache is None or hit_rate < self.model.hit_rate_threshold:
-                fetch_started = time.monotonic()
-                fetched = self.fetch_from_tiers(table, host_keys)
-                vectors[missing_pos] = xp.asarray(fetched.vectors)
-                if cache is not None:
-                    self.cache_rows(table, host_keys, fetched, fetch_started, insert=True)
-                _add_fetched(c, fetched)
-            else:
-                vectors[missing_pos] = table.default_value
-                queued = self._insert_later(table, host_keys)
-                c.async_inserts, c.dropped_inserts = (n_missing, 0) if queued else (0, n_missing)
-        self._record(table, c)
-        return vectors[inverse.ravel()]
-
-    def _record(self, table: TableConfig, delta: TableCounters) -> None:
-        with self._counters_lock:
-            totals = self._counters[table.name]
-            for name, value in delta.__dict__.items():
-                setattr(totals, name, getattr(totals, name) + value)
-
-    @staticmethod
-    def _fetch(tier: _Tier, table: TableConfig, keys: np.ndarray, vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        out = np.empty((keys.size, table.dim), dtype=np.float32)
-        found = tier.db.fetch(table.qualified_name, keys, out)
-        vectors[rows[found]] = out[found]
-        return found
-
-    def _insert_later(self, table: TableConfig, keys: np.ndarray) -> bool:
-        """Queue the fetch and cache insertion of ``keys``; False when the queue was full."""
-
-        def fetch_and_insert() -> None:
-            fetch_started = time.monotonic()
-            fetched = self.fetch_from_tiers(table, keys)
-            self.cache_rows(table, keys, fetched, fetch_started, insert=True)
-            self._record(table, TableCounters(tier_errors=fetched.errors))
-
-        return self._background.submit(fetch_and_insert)
-
-    def _copy_up(self, table: TableConfig, keys: np.ndarray, vectors: np.ndarray) -> None:
-        assert self._volatile is not None
-        volatile = self._volatile
-        self._background.submit(lambda: volatile.insert(table.qualified_name, keys, vectors))
+            still[m] = i
+            m += 1
+    for t in range(tables):
+        if asked[t]:
+            counts[t, seconds_column] += seconds * asked[t] / found.shape[0]
+            counts[t, errors_column] += failed
+    return still[:m]
 
 
-def _add_fetched(counters: TableCounters, fetched: _Fetched) -> None:
-    """Add what the tiers answered for a request's cache misses to its counters."""
-    counters.volatile_hits += fetched.hits.get("volatile", 0)
-    counters.persistent_hits += fetched.hits.get("persistent", 0)
-    counters.seconds_volatile += fetched.seconds.get("volatile", 0.0)
-    counters.seconds_persistent += fetched.seconds.get("persistent", 0.0)
-    counters.defaults += fetched.defaults
-    counters.tier_errors += fetched.errors
+@njit(nogil=True, cache=True)
+def _fill_defaults(table_ids: Any, missing: Any, out: Any, offsets: Any, dims: Any, defaults: Any, counts: Any,
+                   column: int) -> Any:
+    """Write each table's default into the rows of the ``missing`` positions (None: all) and
+    count them; returns the found mask (False at those positions)."""
+    found = np.ones(table_ids.shape[0], np.bool_)
+    if missing is None:
+        missing = np.arange(table_ids.shape[0])
+    for j in range(missing.shape[0]):
+        i = missing[j]
+        t = table_ids[i]
+        found[i] = False
+        counts[t, column] += 1
+        o = offsets[i]
+        for d in range(dims[t]):
+            out[o + d] = defaults[t]
+    return found
+
+
+def _shares(seconds: float, weights: Any) -> Any:
+    """``seconds`` shared among tables in proportion to ``weights`` (keys each one asked for)."""
+    total = weights.sum()
+    return seconds * weights / total if total else np.zeros(weights.shape[0])
+
+
+def _shape(vectors: Any, request: CheckedRequest) -> Any:
+    """A request's slice of the outputs, with its batch dimension when it came with one."""
+    return vectors.reshape(request.rows, -1) if request.batched else vectors

@@ -1,10 +1,12 @@
 """Cache refresh: re-read cached rows from the tiers so the caches follow changes below them.
 
 HugeCTR's ``refresh_interval``, ``refresh_delay`` and ``cache_refresh_percentage_per_iteration``:
-after ``refresh_delay`` seconds, every ``refresh_interval`` seconds, each table's cache has the
-next ``percentage`` of its sets dumped, their keys fetched again from the volatile and
-persistent tiers, and the cached copies overwritten with ``update`` (existing keys only, so a
-refresh never evicts or inserts). A full pass over a cache takes ``1 / percentage`` steps.
+after ``refresh_delay`` seconds, every ``refresh_interval`` seconds, the next ``percentage`` of
+the model's cache sets (all tables' sets in one range, so each table's share is refreshed in
+proportion to its size) is dumped, their keys fetched again from the volatile and persistent
+tiers in one call per tier, and the cached copies overwritten with ``update`` (existing keys
+only, so a refresh never evicts or inserts). A full pass over the cache takes
+``1 / percentage`` steps.
 Online updates (Kafka) refresh the rows they change directly; this catches everything else,
 such as a RocksDB reloaded by ``hps load``.
 """
@@ -16,6 +18,8 @@ import math
 import threading
 import time
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from hps_core.arrays import to_host
 
@@ -37,33 +41,30 @@ class CacheRefresher:
         self._percentage = percentage
         self._interval = interval
         self._delay = delay
-        self._cursor = {name: 0 for name in session.caches}  # next set to refresh, per table
+        self._cursor = 0  # next global set of the cache to refresh
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def step(self) -> int:
-        """Refresh the next slice of every table's cache; returns the rows updated."""
-        updated = 0
-        for table in self._session.model.tables:
-            cache = self._session.caches.get(table.name)
-            if cache is None:
-                continue
-            num_sets = getattr(cache, "num_sets", 1)
-            width = max(1, math.ceil(num_sets * self._percentage))
-            start = self._cursor[table.name]
-            stop = min(start + width, num_sets)
-            self._cursor[table.name] = 0 if stop >= num_sets else stop
-            keys = to_host(cache.dump(start, stop))
-            if keys.size == 0:
-                continue
-            fetch_started = time.monotonic()
-            fetched = self._session.fetch_from_tiers(table, keys)
-            updated += self._session.cache_rows(table, keys, fetched, fetch_started, insert=False)
-        return updated
+        """Refresh the next slice of the cache's sets; returns the rows updated."""
+        cache = self._session.cache
+        if cache is None:
+            return 0
+        width = max(1, math.ceil(cache.total_sets * self._percentage))
+        start = self._cursor
+        stop = min(start + width, cache.total_sets)
+        self._cursor = 0 if stop >= cache.total_sets else stop
+        table_ids, keys = (to_host(a) for a in cache.dump_sets(start, stop))
+        if keys.size == 0:
+            return 0
+        keys = keys.astype(np.int64, copy=False)
+        fetch_started = time.monotonic()
+        fetched = self._session.fetch_from_tiers(table_ids, keys)
+        return self._session.cache_rows(table_ids, keys, fetched, fetch_started, insert=False)
 
     def start(self) -> None:
         """Run :meth:`step` every ``interval`` seconds after ``delay``, until :meth:`stop`."""
-        if self._interval <= 0 or not self._cursor:
+        if self._interval <= 0 or self._session.cache is None:
             return  # HugeCTR: refresh_interval 0 means never
         self._thread = threading.Thread(target=self._run, name="hps-cache-refresh", daemon=True)
         self._thread.start()

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from hps_core.arrays import array_module
-from hps_core.cache.base import EmbeddingCache
+from hps_core.cache.base import MultiTableCache
 from hps_core.config import ModelConfig, ParameterServerConfig, PersistentDBConfig, TableConfig, gpu_cache_requested
 from hps_core.db import RocksDBPersistentDB, open_persistent_db, open_volatile_db
 from hps_core.db.base import EmbeddingTier
@@ -118,17 +118,17 @@ class HierarchicalParameterServer:
         self.close()
 
     def _open_session(self, model: ModelConfig) -> LookupSession:
-        caches = self._make_caches(model)
+        cache = self._make_cache(model)
         session = LookupSession(
             model,
             volatile=self.volatile,
             persistent=self.persistent,
-            caches=caches,
+            cache=cache,
             write_back=self.config.volatile_db.cache_missed_embeddings,
         )
-        if caches and model.init_ec:
+        if cache is not None and model.init_ec:
             _warm_up(session)
-        if caches and model.cache_refresh_percentage_per_iteration > 0:
+        if cache is not None and model.cache_refresh_percentage_per_iteration > 0:
             refresher = CacheRefresher(
                 session,
                 percentage=model.cache_refresh_percentage_per_iteration,
@@ -139,24 +139,21 @@ class HierarchicalParameterServer:
             self._refreshers.append(refresher)
         return session
 
-    def _make_caches(self, model: ModelConfig) -> dict[str, EmbeddingCache]:
+    def _make_cache(self, model: ModelConfig) -> MultiTableCache | None:
+        """One cache structure for all the model's tables, sized from their sparse files."""
         if self._cache_device is None or not gpu_cache_requested(model):
-            return {}
-        from hps_core.cache import make_cache  # the GPU module imports cupy lazily
+            return None
+        from hps_core.cache import make_multi_table_cache  # the GPU module imports cupy lazily
 
-        caches: dict[str, EmbeddingCache] = {}
-        for table in model.tables:
-            rows, _ = sparse_model_rows(table.sparse_file, table.dim)
-            static = model.embedding_cache_type == "static"
-            capacity = rows if static else max(1, math.ceil(rows * model.gpucacheper))
-            caches[table.name] = make_cache(
-                "static" if static else "dynamic",
-                device=self._cache_device,
-                capacity=capacity,
-                dim=table.dim,
-                key_dtype=np.int64 if self.config.supportlonglong else np.uint32,
-            )
-        return caches
+        static = model.embedding_cache_type == "static"
+        rows = [sparse_model_rows(table.sparse_file, table.dim)[0] for table in model.tables]
+        return make_multi_table_cache(
+            "static" if static else "dynamic",
+            device=self._cache_device,
+            capacities=[r if static else max(1, math.ceil(r * model.gpucacheper)) for r in rows],
+            dims=[table.dim for table in model.tables],
+            key_dtype=np.int64 if self.config.supportlonglong else np.uint32,
+        )
 
     def _tables(self) -> list[TableConfig]:
         return [table for model in self._models.values() for table in model.tables]

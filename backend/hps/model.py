@@ -35,6 +35,7 @@ from backend.tensors import (
     string_parameter,
     triton_error,
 )
+from hps_core.arrays import retain_freed_memory
 from hps_core.config import gpu_cache_requested, load_config
 from hps_core.errors import HPSError, RequestError, TierError
 from hps_core.metrics import MetricsCollector
@@ -48,6 +49,7 @@ class TritonPythonModel:
 
     def initialize(self, args: dict[str, Any]) -> None:
         self._logger = pb_utils.Logger
+        retain_freed_memory()  # this stub process is ours: keep per-request buffers' pages mapped
         config = model_config(args)
         hps_config = string_parameter(config, "hps_config") or os.environ.get(_PS_ENV)
         if hps_config is None:
@@ -76,7 +78,24 @@ class TritonPythonModel:
         )
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        return [self._answer(request) for request in requests]
+        """Every request of this call answered in one lookup pass; one response each, in order."""
+        responses: list[Any] = [None] * len(requests)
+        inputs, slots = [], []
+        for i, request in enumerate(requests):
+            try:
+                keys = numpy_from_tensor(pb_utils.get_input_tensor_by_name(request, "KEYS"))
+                numkeys = numpy_from_tensor(pb_utils.get_input_tensor_by_name(request, "NUMKEYS"))
+            except Exception as exc:  # noqa: BLE001 - this request's inputs, not the batch's
+                responses[i] = self._error(exc)
+                continue
+            inputs.append((keys, numkeys))
+            slots.append(i)
+        for i, result in zip(slots, self._session.lookup_requests(inputs)):
+            if isinstance(result, Exception):
+                responses[i] = self._error(result)
+            else:
+                responses[i] = pb_utils.InferenceResponse(output_tensors=[numpy_to_tensor(pb_utils, "OUTPUT0", result)])
+        return responses
 
     def finalize(self) -> None:
         self._metrics.close()  # stops the publishing thread (backend/hps/metrics.py)
@@ -88,16 +107,17 @@ class TritonPythonModel:
         instance = {"instance": str(args.get("model_instance_name", name))}
         return MetricsCollector(name, tiers, caches=self._session.caches, extra_labels=instance)
 
-    def _answer(self, request: Any) -> Any:
-        try:
-            keys = numpy_from_tensor(pb_utils.get_input_tensor_by_name(request, "KEYS"))
-            numkeys = numpy_from_tensor(pb_utils.get_input_tensor_by_name(request, "NUMKEYS"))
-            vectors = self._session.lookup_batch(keys, numkeys)
-        except RequestError as exc:
-            return pb_utils.InferenceResponse(error=triton_error(pb_utils, str(exc), "INVALID_ARG"))
-        except TierError as exc:
-            return pb_utils.InferenceResponse(error=triton_error(pb_utils, str(exc), "UNAVAILABLE"))
-        return pb_utils.InferenceResponse(output_tensors=[numpy_to_tensor(pb_utils, "OUTPUT0", vectors)])
+    def _error(self, exc: Exception) -> Any:
+        """The response for a request that failed: INVALID_ARG for a malformed request,
+        UNAVAILABLE when a tier failed, INTERNAL (logged) for anything unexpected."""
+        if isinstance(exc, RequestError):
+            code = "INVALID_ARG"
+        elif isinstance(exc, TierError):
+            code = "UNAVAILABLE"
+        else:
+            code = "INTERNAL"
+            self._logger.log_error(f"hps: request failed: {type(exc).__name__}: {exc}")
+        return pb_utils.InferenceResponse(error=triton_error(pb_utils, str(exc), code))
 
     def _cache_device(self, model: Any, args: dict[str, Any]) -> int | None:
         """The CUDA device for this instance's embedding caches, or None to serve without."""

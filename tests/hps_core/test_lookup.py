@@ -15,7 +15,7 @@ import pytest
 from hps_core.config import parse_config
 from hps_core.db import HashMapVolatileDB, RocksDBPersistentDB
 from hps_core.errors import RequestError, TierError
-from hps_core.lookup import LookupSession, split_request
+from hps_core.lookup import LookupSession
 
 DIMS = (4, 3)
 DEFAULTS = (-1.0, 2.5)
@@ -49,7 +49,7 @@ def _rows(keys: np.ndarray, dim: int) -> np.ndarray:
 class FailingTier:
     """A tier whose every fetch fails, as a Redis node that is down."""
 
-    def fetch(self, table: str, keys: np.ndarray, out: np.ndarray) -> np.ndarray:
+    def fetch_tables(self, tables, table_ids, keys, out, offsets) -> np.ndarray:
         raise TierError("node down")
 
 
@@ -155,24 +155,78 @@ def test_batched_request_answers_each_row(tiers) -> None:
     np.testing.assert_array_equal(out[1], _expected(keys[1, :2], keys[1, 2:]))
 
 
-@pytest.mark.parametrize(
-    ("keys", "numkeys", "words"),
-    [
-        (np.zeros(3, np.float32), np.array([2, 1], np.int32), "integers"),
-        (np.zeros((1, 3), np.int64), np.array([2, 1], np.int32), "1-D"),
-        (np.zeros(3, np.int64), np.array([2, 2], np.int32), "sums to 4"),
-        (np.zeros(3, np.int64), np.array([3, -0, 0, 0], np.int32), "2 tables"),
-        (np.zeros(3, np.int64), np.array([4, -1], np.int32), "negative"),
-        (np.zeros(0, np.int64), np.array([0, 0], np.int32), "no keys"),
-        (np.zeros(17, np.int64), np.array([17, 0], np.int32), "16 allows"),
-        (np.zeros(3, np.int64), np.array([[2, 1]], np.int32), "NUMKEYS must be a 1-D"),
-    ],
-)
-def test_malformed_requests_are_named(tmp_path: Path, keys, numkeys, words: str) -> None:
-    with pytest.raises(RequestError, match=words):
-        split_request(keys, numkeys, _model(tmp_path))
+class CountingTier:
+    """A real tier, with its calls counted (the tier itself answers)."""
+
+    def __init__(self, tier) -> None:
+        self.tier = tier
+        self.calls: list[str] = []
+
+    def fetch_tables(self, tables, table_ids, keys, out, offsets) -> np.ndarray:
+        self.calls.append("fetch_tables")
+        return self.tier.fetch_tables(tables, table_ids, keys, out, offsets)
+
+    def fetch(self, table, keys, out) -> np.ndarray:  # pragma: no cover - must not be called
+        self.calls.append("fetch")
+        return self.tier.fetch(table, keys, out)
 
 
-def test_split_request_cuts_per_table(tmp_path: Path) -> None:
-    parts = split_request(np.arange(5, dtype=np.int64), np.array([3, 2], np.int32), _model(tmp_path))
-    assert [p.tolist() for p in parts] == [[0, 1, 2], [3, 4]]
+def _wide_model(tmp_path: Path, tables: int):
+    config = parse_config(
+        {
+            "models": [
+                {
+                    "model": "wide",
+                    "sparse_files": [str(tmp_path / f"t{i}") for i in range(tables)],
+                    "embedding_table_names": [f"t{i}" for i in range(tables)],
+                    "embedding_vecsize_per_table": [(3, 8, 1)[i % 3] for i in range(tables)],
+                    "maxnum_catfeature_query_per_table_per_sample": [2] * tables,
+                    "max_batch_size": 64,
+                }
+            ]
+        },
+        "test.json",
+    )
+    return config.model("wide")
+
+
+@pytest.mark.parametrize("tables", [1, 26])
+def test_one_call_per_tier_per_batch_whatever_the_table_count(tmp_path: Path, tables: int) -> None:
+    model = _wide_model(tmp_path, tables)
+    volatile = HashMapVolatileDB(num_partitions=4)
+    persistent = RocksDBPersistentDB(path=tmp_path / "rocksdb")
+    rng = np.random.default_rng(tables)
+    for table in model.tables:
+        keys = np.arange(100, dtype=np.int64)
+        for db, held in ((persistent, keys), (volatile, keys[:50])):
+            db.create_table(table.qualified_name, table.dim)
+            db.insert(table.qualified_name, held, _rows(held, table.dim))
+    counted_v, counted_p = CountingTier(volatile), CountingTier(persistent)
+    session = LookupSession(model, volatile=counted_v, persistent=counted_p)  # type: ignore[arg-type]
+    requests = []
+    for _ in range(3):  # three requests answered in one pass, as one execute() with dynamic batching
+        samples = int(rng.integers(1, 20))
+        numkeys = np.full(tables, samples, np.int32)
+        requests.append((rng.integers(0, 120, size=tables * samples).astype(np.int64), numkeys))
+    answers = session.lookup_requests(requests)
+    assert counted_v.calls == ["fetch_tables"] and counted_p.calls == ["fetch_tables"]
+    for (keys, numkeys), answer in zip(requests, answers):
+        parts = np.split(keys, np.cumsum(numkeys)[:-1])
+        expected = []
+        for table, part in zip(model.tables, parts):
+            rows = _rows(part, table.dim)
+            rows[part >= 100] = table.default_value
+            expected.append(rows.ravel())
+        np.testing.assert_array_equal(answer, np.concatenate(expected))
+    persistent.close()
+
+
+def test_a_bad_request_fails_alone_in_a_batch(tiers) -> None:
+    model, volatile, persistent = tiers
+    session = LookupSession(model, volatile=volatile, persistent=persistent)
+    good = (np.array([1, 7, 3], np.int64), np.array([2, 1], np.int32))
+    bad = (np.array([1, 7, 3], np.int64), np.array([2, 2], np.int32))
+    answers = session.lookup_requests([good, bad, good])
+    assert isinstance(answers[1], RequestError) and "sums to 4" in str(answers[1])
+    np.testing.assert_array_equal(answers[0], _expected(good[0][:2], good[0][2:]))
+    np.testing.assert_array_equal(answers[2], answers[0])

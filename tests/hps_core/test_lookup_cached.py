@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from hps_core.arrays import to_host
-from hps_core.cache import make_cache
+from hps_core.cache import make_multi_table_cache
 from hps_core.config import load_config, parse_config
 from hps_core.db import HashMapVolatileDB, RocksDBPersistentDB
 from hps_core.formats import write_sparse_model
@@ -77,8 +77,8 @@ def tiers(tmp_path: Path):
 
 def _session(tiers, device: Any, *, threshold: float, write_back: bool = False, capacity: int = 2048) -> LookupSession:
     volatile, persistent = tiers
-    cache = make_cache("dynamic", device=device, capacity=capacity, dim=DIM)
-    return LookupSession(_model(threshold), volatile=volatile, persistent=persistent, caches={"t": cache}, write_back=write_back)
+    cache = make_multi_table_cache("dynamic", device=device, capacities=[capacity], dims=[DIM])
+    return LookupSession(_model(threshold), volatile=volatile, persistent=persistent, cache=cache, write_back=write_back)
 
 
 def _lookup(session: LookupSession, keys: np.ndarray) -> np.ndarray:
@@ -132,16 +132,17 @@ def test_a_row_fetched_before_an_update_is_not_cached_after_it(tiers, device, up
     session = _session(tiers, device, threshold=1.0)
     table = session.model.tables[0]
     key = np.array([7], dtype=np.int64)
+    ids = np.zeros(1, np.int64)
     fresh = _rows(key, version=0.5)
     if update_first:
         session.apply_update("t", key, fresh)
     fetch_started = time.monotonic()
-    fetched = session.fetch_from_tiers(table, key)
-    np.testing.assert_array_equal(fetched.vectors, _rows(key))  # the old row
+    fetched = session.fetch_from_tiers(ids, key)
+    np.testing.assert_array_equal(fetched.values.reshape(1, DIM), _rows(key))  # the old row
     if not update_first:
         session.apply_update("t", key, fresh)
     volatile.insert(table.qualified_name, key, fresh)
-    assert session.cache_rows(table, key, fetched, fetch_started, insert=True) == 0
+    assert session.cache_rows(ids, key, fetched, fetch_started, insert=True) == 0
     for _ in range(2):
         np.testing.assert_array_equal(_lookup(session, key), fresh)
     # fetched from the tier each time: within UPDATE_GRACE_S of its update a key is not cached
@@ -151,12 +152,12 @@ def test_a_row_fetched_before_an_update_is_not_cached_after_it(tiers, device, up
 
 def test_rows_fetched_without_updates_are_cached(tiers, device) -> None:
     session = _session(tiers, device, threshold=1.0)
-    table = session.model.tables[0]
     keys = np.array([3, 9, ROWS + 5], dtype=np.int64)  # the last exists nowhere
+    ids = np.zeros(3, np.int64)
     fetch_started = time.monotonic()
-    fetched = session.fetch_from_tiers(table, keys)
+    fetched = session.fetch_from_tiers(ids, keys)
     session.apply_update("t", np.array([11], np.int64), _rows(np.array([11]), 0.5))  # another key
-    assert session.cache_rows(table, keys, fetched, fetch_started, insert=True) == 2
+    assert session.cache_rows(ids, keys, fetched, fetch_started, insert=True) == 2
     np.testing.assert_array_equal(_lookup(session, keys), _expected(keys))
     assert session.counters()["t"]["cache_hits"] == 2  # 3 and 9; a default is never cached
     session.close()
