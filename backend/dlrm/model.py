@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import triton_python_backend_utils as pb_utils
 
-from backend.dlrm.io import split_batch, to_torch
+from backend.dlrm.io import Batch, split_batch, to_torch
 from backend.dlrm.network import DenseDLRM, load_dense, predict
 from backend.tensors import model_config, numpy_to_tensor, resolve_model_path, string_parameter, triton_error
 from hps_core.errors import RequestError
@@ -64,38 +64,54 @@ class TritonPythonModel:
             f"{self.net.n_tables}, dim={self.net.dim}) on {self.device}"
         )
 
-    def _score(self, request) -> "pb_utils.InferenceResponse":
+    def _batch(self, request) -> Batch:
         dense = pb_utils.get_input_tensor_by_name(request, "DENSE")
         emb = pb_utils.get_input_tensor_by_name(request, "EMBEDDINGS")
         if dense is None or emb is None:
             raise RequestError("request needs both inputs DENSE and EMBEDDINGS")
-        batch = split_batch(
+        return split_batch(
             to_torch(dense),
             to_torch(emb),
             n_dense=self.net.n_dense,
             n_tables=self.net.n_tables,
             dim=self.net.dim,
         )
-        scores = predict(self.net, batch.dense, batch.emb).reshape(batch.out_shape)
-        host_scores = scores.to("cpu", dtype=torch.float32).contiguous().numpy()
-        return pb_utils.InferenceResponse(output_tensors=[numpy_to_tensor(pb_utils, "SCORE", host_scores)])
 
     def execute(self, requests: list) -> list:
-        """One response per request; a bad request gets an error, the others are served."""
-        responses = []
-        for request in requests:
+        """Every good request's samples scored in ONE forward pass (Triton's dynamic batching
+        hands several requests per call); one response per request, a bad one gets its error."""
+        responses: list = [None] * len(requests)
+        batches: list[tuple[int, Batch]] = []
+        for i, request in enumerate(requests):
             try:
-                responses.append(self._score(request))
-            except RequestError as exc:
-                responses.append(pb_utils.InferenceResponse(error=triton_error(pb_utils, str(exc), "INVALID_ARG")))
-            except Exception as exc:  # noqa: BLE001 - keep serving; report and log
-                self.log.log_error(f"dlrm: request failed: {exc!r}")
-                responses.append(
-                    pb_utils.InferenceResponse(
-                        error=triton_error(pb_utils, f"dlrm: {type(exc).__name__}: {exc}", "INTERNAL")
-                    )
-                )
+                batches.append((i, self._batch(request)))
+            except Exception as exc:  # noqa: BLE001 - this request's error, the others are served
+                responses[i] = self._error(exc)
+        if not batches:
+            return responses
+        try:
+            scores = self._predict([b for _, b in batches])
+        except Exception as exc:  # noqa: BLE001 - keep serving; report and log
+            return [r if r is not None else self._error(exc) for r in responses]
+        for (i, batch), part in zip(batches, scores):
+            host = part.reshape(batch.out_shape).to("cpu", dtype=torch.float32).contiguous().numpy()
+            responses[i] = pb_utils.InferenceResponse(output_tensors=[numpy_to_tensor(pb_utils, "SCORE", host)])
         return responses
+
+    def _predict(self, batches: list[Batch]) -> list[torch.Tensor]:
+        if len(batches) == 1:
+            return [predict(self.net, batches[0].dense, batches[0].emb)]
+        dense = torch.cat([b.dense.to(self.device) for b in batches])
+        emb = torch.cat([b.emb.to(self.device) for b in batches])
+        return list(torch.split(predict(self.net, dense, emb), [b.dense.shape[0] for b in batches]))
+
+    def _error(self, exc: Exception) -> "pb_utils.InferenceResponse":
+        if isinstance(exc, RequestError):
+            return pb_utils.InferenceResponse(error=triton_error(pb_utils, str(exc), "INVALID_ARG"))
+        self.log.log_error(f"dlrm: request failed: {exc!r}")
+        return pb_utils.InferenceResponse(
+            error=triton_error(pb_utils, f"dlrm: {type(exc).__name__}: {exc}", "INTERNAL")
+        )
 
     def finalize(self) -> None:
         self.log.log_info("dlrm: finalize")
