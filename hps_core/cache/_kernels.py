@@ -1,17 +1,27 @@
 """Loads the cache kernels: ``.cu`` sources shipped in ``kernels/``, compiled by CuPy.
 
-One helper, :func:`get_module`, resolves the C++ template arguments from NumPy dtypes and
-the vector shape, compiles ``cupy.RawModule(code=..., options=..., name_expressions=[...])``
-once per (device, file, key type, value type, VEC, NV) and memoizes it. The same
-:func:`name_expressions` feed the CI test that compiles every source with nvcc to PTX, so
-what CI compiles is exactly what the loader asks NVRTC for.
+:func:`load` compiles one family (one ``.cu`` file) for one cache when the cache is made:
+``cupy.RawModule(code=source(family), options=..., name_expressions=[...])`` with every
+template instantiation the cache can ask for, memoized per (device, family, key type,
+value type, vector shapes). It returns the kernels by name, per vector width::
+
+    kernels = load("dynamic", np.int64, np.float32, dims=[8, 3, 16], device=0)
+    kernels[vec]["dc_query"]        # vec from vector_shape(dims, *buffer pointers)
+
+:func:`source` is the text handed to NVRTC: the ``.cu`` file with ``kernels/common.cuh``
+pasted over its ``#include`` line. CuPy caches compiled code (in memory and on disk) by
+source text, so a change to the header must change that text; with an ``-I`` include it
+would not, and a stale kernel would load. The CI test (tests/hps_core/cache/
+test_kernels_compile.py) compiles the same text with nvcc, with the same name expressions.
 
 Template arguments:
   K    ``long long`` (int64 keys) or ``unsigned int`` (uint32)
   V    ``float`` or ``hps_half`` (float16 bits, see kernels/common.cuh)
-  VEC  elements per load/store: 4 (float4, or 4 halves in 8 bytes), 2, or 1
-  NV   VEC-groups per lane: ceil(dim / (32 * VEC)) rounded up to a power of two, with
-       NV * VEC <= 32 floats of registers per lane, hence dim <= 1024 on the GPU.
+  VEC  elements per load/store: 4 (float4, or 4 halves in 8 bytes), 2, or 1. It divides
+       every table's dim; a call narrows it further when a caller's buffer is not aligned
+       for it (:func:`vector_shape`).
+  NV   VEC-groups per lane: ceil(largest dim / (32 * VEC)) rounded up to a power of two,
+       with NV * VEC <= 32 floats of registers per lane, hence dim <= 1024 on the GPU.
 
 CuPy is imported lazily: importing this module costs nothing on a machine without it.
 """
@@ -20,7 +30,9 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,22 +43,42 @@ from hps_core.errors import ConfigError
 __all__ = [
     "COMPILE_OPTIONS",
     "FAMILIES",
+    "HEADER",
     "MAX_GPU_DIM",
+    "Family",
     "all_variants",
-    "get_module",
     "kernel_dir",
-    "name_expressions",
+    "kernel_names",
+    "load",
+    "source",
     "vector_shape",
+    "vector_shapes",
 ]
 
 #: Largest vector width the GPU kernels stage in registers (32 lanes x 32 floats).
 MAX_GPU_DIM = 1024
 COMPILE_OPTIONS = ("-std=c++17",)
-#: family -> (source file, kernels templated on <K, V, VEC, NV>, kernels templated on <K>,
-#: plain extern "C" kernels)
-FAMILIES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
-    "dynamic": ("dynamic_cache.cu", ("dc_query", "dc_write"), ("dc_dump",), ("dc_clear",)),
-    "static": ("static_table.cu", ("st_query", "st_write"), ("st_find",), ()),
+HEADER = "common.cuh"
+_VECS = (4, 2, 1)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One ``.cu`` file and its kernels, grouped by how they are templated."""
+
+    source: str
+    row_kernels: tuple[str, ...] = ()  # <K, V, VEC, NV>: stage rows in registers
+    vec_kernels: tuple[str, ...] = ()  # <VEC>
+    key_kernels: tuple[str, ...] = ()  # <K>
+    plain_kernels: tuple[str, ...] = ()  # extern "C"
+
+
+FAMILIES: dict[str, Family] = {
+    "dynamic": Family("dynamic_cache.cu", row_kernels=("dc_query", "dc_write"),
+                      key_kernels=("dc_dump", "dc_sets"), plain_kernels=("dc_clear", "dc_sizes")),
+    "static": Family("static_table.cu", row_kernels=("st_query", "st_write"),
+                     key_kernels=("st_count_new", "st_dump"), plain_kernels=("st_clear",)),
+    "rows": Family("rows.cu", vec_kernels=("copy_rows",)),
 }
 _KEY_CTYPES: dict[np.dtype[Any], str] = {np.dtype(np.int64): "long long", np.dtype(np.uint32): "unsigned int"}
 _VALUE_CTYPES: dict[np.dtype[Any], str] = {np.dtype(np.float32): "float", np.dtype(np.float16): "hps_half"}
@@ -57,28 +89,64 @@ def kernel_dir() -> Path:
     return Path(str(importlib.resources.files("hps_core.cache") / "kernels"))
 
 
-def vector_shape(dim: int, value_dtype: Any, *pointers: int) -> tuple[int, int]:
-    """(VEC, NV) for rows of ``dim`` elements: the widest load that divides ``dim`` and
-    keeps every pointer (bytes) aligned for both float32 rows and storage rows."""
-    if dim > MAX_GPU_DIM:
-        raise ConfigError(f"GPU caches hold vectors of at most {MAX_GPU_DIM} floats, got dim {dim}")
-    # Storage rows start at slot * dim elements of a 256-byte aligned allocation, so
-    # dim % VEC == 0 aligns them for any storage dtype; float32 rows passed in must be too.
-    vec = 4
-    while vec > 1 and (dim % vec or any(p % (4 * vec) for p in pointers)):
+def source(family: str) -> str:
+    """The self-contained source of ``family`` that NVRTC compiles: the ``.cu`` text with
+    ``common.cuh`` inlined at its ``#include`` (``#line`` directives keep compiler messages
+    pointing at the right file and line)."""
+    name = FAMILIES[family].source
+    header = (kernel_dir() / HEADER).read_text()
+    lines = (kernel_dir() / name).read_text().splitlines(keepends=True)
+    include = f'#include "{HEADER}"'
+    out = []
+    for number, line in enumerate(lines, start=1):
+        if line.strip() == include:
+            out.append(f'#line 1 "{HEADER}"\n{header}#line {number + 1} "{name}"\n')
+        else:
+            out.append(line)
+    return "".join(out)
+
+
+def vector_shapes(dims: Sequence[int]) -> dict[int, int]:
+    """VEC -> NV for every vector width a cache of tables ``dims`` may use: the widest VEC
+    dividing every dim, and each narrower one (a call narrows VEC for a misaligned buffer).
+    Raises ConfigError for a dim the kernels cannot stage."""
+    widths = [int(d) for d in dims]
+    if max(widths) > MAX_GPU_DIM:
+        raise ConfigError(f"GPU caches hold vectors of at most {MAX_GPU_DIM} floats, got dim {max(widths)}")
+    common = math.gcd(*widths)
+    shapes = {}
+    for vec in _VECS:
+        if common % vec == 0:
+            groups = -(-max(widths) // (32 * vec))
+            shapes[vec] = 1 << (groups - 1).bit_length()
+    return shapes
+
+
+def vector_shape(dims: Sequence[int], *pointers: int) -> tuple[int, int]:
+    """(VEC, NV) of a call on rows of tables ``dims``: the widest VEC that divides every dim
+    and keeps every float32 buffer pointer (bytes) aligned for VEC-wide loads. Storage rows
+    need no check: they start at multiples of VEC elements of a 256-byte aligned allocation.
+    Rows whose offsets are not multiples of VEC are handled inside the kernels."""
+    shapes = vector_shapes(dims)
+    vec = max(shapes)
+    while vec > 1 and any(p % (4 * vec) for p in pointers):
         vec //= 2
-    groups = -(-dim // (32 * vec))
-    nv = 1 << (groups - 1).bit_length()
-    return vec, nv
+    return vec, shapes[vec]
 
 
-def name_expressions(family: str, key_dtype: Any, value_dtype: Any, vec: int, nv: int) -> list[str]:
-    """The kernel names (template instantiations) of ``family`` for one dtype/shape combo."""
-    _, row_kernels, key_kernels, plain = FAMILIES[family]
+def kernel_names(family: str, key_dtype: Any, value_dtype: Any, shapes: dict[int, int]) -> dict[int, dict[str, str]]:
+    """VEC -> {kernel: C++ name expression} of ``family`` for one dtype pair and the vector
+    shapes ``shapes`` (VEC -> NV)."""
+    fam = FAMILIES[family]
     k, v = _KEY_CTYPES[np.dtype(key_dtype)], _VALUE_CTYPES[np.dtype(value_dtype)]
-    names = [f"{name}<{k}, {v}, {vec}, {nv}>" for name in row_kernels]
-    names += [f"{name}<{k}>" for name in key_kernels]
-    return names + list(plain)
+    names: dict[int, dict[str, str]] = {}
+    for vec, nv in shapes.items():
+        per_vec = {name: f"{name}<{k}, {v}, {vec}, {nv}>" for name in fam.row_kernels}
+        per_vec |= {name: f"{name}<{vec}>" for name in fam.vec_kernels}
+        per_vec |= {name: f"{name}<{k}>" for name in fam.key_kernels}
+        per_vec |= {name: name for name in fam.plain_kernels}
+        names[vec] = per_vec
+    return names
 
 
 def all_variants() -> Iterator[tuple[str, np.dtype[Any], np.dtype[Any], int, int]]:
@@ -86,7 +154,7 @@ def all_variants() -> Iterator[tuple[str, np.dtype[Any], np.dtype[Any], int, int
     for family in FAMILIES:
         for kdt in _KEY_CTYPES:
             for vdt in _VALUE_CTYPES:
-                for vec in (4, 2, 1):
+                for vec in _VECS:
                     nv = 1
                     while nv * vec <= 32:
                         yield family, kdt, vdt, vec, nv
@@ -94,22 +162,23 @@ def all_variants() -> Iterator[tuple[str, np.dtype[Any], np.dtype[Any], int, int
 
 
 @functools.lru_cache(maxsize=None)
-def _compile(device: int, family: str, key_dtype: np.dtype, value_dtype: np.dtype, vec: int, nv: int) -> Any:
+def _compile(device: int, family: str, key_dtype: np.dtype, value_dtype: np.dtype,
+             shapes: tuple[tuple[int, int], ...]) -> dict[int, dict[str, Any]]:
     import cupy  # lazy: only GPU caches get here
 
-    source = (kernel_dir() / FAMILIES[family][0]).read_text()
+    names = kernel_names(family, key_dtype, value_dtype, dict(shapes))
+    expressions = sorted({expr for per_vec in names.values() for expr in per_vec.values()})
     with cupy.cuda.Device(device):
-        module = cupy.RawModule(
-            code=source,
-            options=(*COMPILE_OPTIONS, f"-I{kernel_dir()}"),
-            name_expressions=name_expressions(family, key_dtype, value_dtype, vec, nv),
-        )
+        module = cupy.RawModule(code=source(family), options=COMPILE_OPTIONS, name_expressions=expressions)
         module.compile()  # compile now, on this device, not at the first launch
-    return module
+        return {vec: {name: module.get_function(expr) for name, expr in per_vec.items()}
+                for vec, per_vec in names.items()}
 
 
-def get_module(family: str, key_dtype: Any, value_dtype: Any, vec: int, nv: int, device: int) -> Any:
-    """The compiled ``cupy.RawModule`` of ``family`` for these template arguments on
-    ``device``; fetch kernels with ``module.get_function(name)`` using a name from
-    :func:`name_expressions`."""
-    return _compile(int(device), family, np.dtype(key_dtype), np.dtype(value_dtype), int(vec), int(nv))
+def load(family: str, key_dtype: Any, value_dtype: Any, dims: Sequence[int], device: int) -> dict[int, dict[str, Any]]:
+    """The compiled kernels of ``family`` for a cache of tables ``dims`` on ``device``:
+    VEC -> {kernel name -> ``cupy.RawKernel``} for every VEC of :func:`vector_shapes`. The
+    dicts are the caller's own (the compiled kernels are shared)."""
+    shapes = tuple(sorted(vector_shapes(dims).items(), reverse=True))
+    compiled = _compile(int(device), family, np.dtype(key_dtype), np.dtype(value_dtype), shapes)
+    return {vec: dict(kernels) for vec, kernels in compiled.items()}

@@ -49,6 +49,7 @@ Errors (all from :mod:`hps_core.errors`, plus the one defined here)::
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -287,18 +288,25 @@ class TableView:
         xp = self._xp
         if not isinstance(keys, (np.ndarray, xp.ndarray)):
             raise RequestError(f"keys must be a numpy or {xp.__name__} array, got {type(keys).__name__}")
-        return normalize_keys(xp, xp.asarray(keys), self.key_dtype)
+        with self._on_device():
+            return normalize_keys(xp, xp.asarray(keys), self.key_dtype)
 
     def _batch(self, keys: Array, rows: Array, name: str) -> tuple[Array, Array, Array]:
         xp = self._xp
-        keys = self._keys(keys)
-        if not isinstance(rows, xp.ndarray):
-            if name == "out":
-                raise RequestError(f"out must be a {xp.__name__} array in the cache's memory (hits are written in place)")
-            rows = xp.asarray(rows)
-        check_batch(xp, keys, rows, self.dim, name)
-        n = keys.shape[0]
-        return keys, xp.full(n, self.table, np.int64), xp.arange(0, n * self.dim, self.dim, dtype=np.int64)
+        with self._on_device():  # the ids and offsets are made where the cache works
+            keys = self._keys(keys)
+            if not isinstance(rows, xp.ndarray):
+                if name == "out":
+                    raise RequestError(f"out must be a {xp.__name__} array in the cache's memory (hits are written in place)")
+                rows = xp.asarray(rows)
+            check_batch(xp, keys, rows, self.dim, name)
+            n = keys.shape[0]
+            return keys, xp.full(n, self.table, np.int64), xp.arange(0, n * self.dim, self.dim, dtype=np.int64)
+
+    def _on_device(self) -> Any:
+        if self.device == "cpu":
+            return contextlib.nullcontext()
+        return self._xp.cuda.Device(self.device)
 
 
 # --------------------------------------------------------------------------- helpers

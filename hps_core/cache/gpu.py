@@ -1,25 +1,55 @@
-"""GPU embedding caches: CuPy RawKernels from ``kernels/*.cu`` behind the EmbeddingCache contract.
+"""GPU embedding caches: the caches of a model's tables in one structure, answered by one
+kernel launch per call whatever the table count (FBGEMM's table-batched embeddings are the
+model: per-table metadata lives in small device arrays built once, when the cache is made).
 
-* :class:`GpuEmbeddingCache` — dynamic, set-associative (32 ways = one warp), LRU or LFU,
-  kernels in ``kernels/dynamic_cache.cu``.
-* :class:`StaticEmbeddingTable` — whole table resident, open addressing, no eviction,
-  kernels in ``kernels/static_table.cu``.
+* :class:`GpuDynamicCache` — set-associative (32 ways = one warp), LRU or LFU; kernels in
+  ``kernels/dynamic_cache.cu``.
+* :class:`GpuStaticCache` — whole tables resident, open addressing, no eviction; kernels in
+  ``kernels/static_table.cu``.
+* :class:`GpuEmbeddingCache`, :class:`StaticEmbeddingTable` — a one-table cache of either
+  kind behind the single-table :class:`~hps_core.cache.base.EmbeddingCache` contract
+  (:class:`~hps_core.cache.base.TableView`).
+* ``copy_rows`` (both kinds): ``kernels/rows.cu``.
 
-Arrays are CuPy arrays on the cache's device (host NumPy keys/values are copied over;
-``out`` must be a device array because hits are written into it in place). Every call
-takes ``stream`` (a ``cupy.cuda.Stream``) last and runs on it, or on the current stream.
+Contract, layout, set formula and attributes are the CPU twins' (``cpu.py``), so the same
+keys land in the same sets on both and the conformance suites run both.
 
-Synchronisation with the host: ``query`` reads the number of misses (4 bytes) to size its
-results, ``update``/``dump`` read a count; ``replace`` on the dynamic cache is fully
-asynchronous. The static table's ``replace`` counts new keys first (it must refuse a batch
-that does not fit before writing) and waits for its kernel, so a ``clear`` on another
-stream cannot overlap it.
+Arrays are CuPy arrays on the cache's device, or host NumPy arrays, which are copied over
+(and whose table ids and offsets are checked on the host first, as the CPU twins check
+them). ``out`` and ``dst`` are written in place, so they must be CuPy arrays on the cache's
+device; an array on another device is refused with RequestError. Every call takes
+``stream`` (a ``cupy.cuda.Stream``) last and runs on the cache's device, on ``stream`` or
+the current stream.
 
-The concurrency scheme (set locks for writers, a seqlock per slot/row for lock-free
-readers) is described in the .cu files and docs/cache.md. GPU verification of this module
-is pending: it is compiled to PTX in CI but has not run on a GPU yet.
+Kernel launches and host synchronisation per call (device arrays; each count read back is
+preceded by a memset of the call's status words)::
 
-CuPy is imported when a GPU cache is constructed, never at import time.
+    query_tables     1 launch, 1 sync: an 8-byte read-back (miss count, row error word)
+    replace_tables   dynamic: 1 launch, no sync; static: 2 launches (count the new keys
+                     per table, write), 2 syncs, under a host lock
+    update_tables    1 launch, 1 sync (the found count)
+    copy_rows        1 launch, no sync
+    dump_sets        1 launch, 1 sync (the key count)
+    sizes            dynamic: 1 launch, 1 sync; static: none (a host counter)
+    clear            1 launch; dynamic: no sync; static: 1 sync, under the host lock
+
+Kernels never touch memory outside the caller's buffers: a row whose table id or offset
+does not fit is skipped and its position flagged in the call's error word, which the calls
+that read a count back turn into RequestError (rows that fit were still served). A dynamic
+``replace_tables`` and ``copy_rows`` do not wait for their kernel, so they cannot report:
+they skip such rows silently (host arrays were checked before the launch).
+
+Nothing is allocated per call on the request path but the results (and the device copies
+of host arguments), and nothing scales with the capacity: kernels are compiled when the
+cache is made and their handles kept on it; a call borrows a workspace (device status words
+and the pinned host buffer they are read back into) from a pool on the cache, one per
+concurrent call; the static table's de-duplication scratch grows geometrically.
+``query_tables`` writes the miss positions straight into the array it returns (allocated
+from CuPy's memory pool), so no later call can overwrite a caller's result.
+
+The concurrency scheme (set locks for writers, a seqlock per slot or row for lock-free
+readers; 64-bit LRU stamps that cannot wrap) is described in the .cu files and
+docs/cache.md. CuPy is imported when a GPU cache is constructed, never at import time.
 """
 
 from __future__ import annotations
@@ -27,27 +57,37 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
+from hps_core.arrays import to_host
 from hps_core.cache import _kernels
 from hps_core.cache.base import (
     WAYS,
     CacheFullError,
-    check_batch,
-    check_cache_args,
+    TableView,
+    check_multi_cache_args,
+    check_table_rows,
     normalize_keys,
 )
 from hps_core.errors import ConfigError, RequestError
+from hps_core.rows import check_rows_fit
 
-__all__ = ["GpuEmbeddingCache", "StaticEmbeddingTable"]
+__all__ = ["GpuDynamicCache", "GpuEmbeddingCache", "GpuStaticCache", "StaticEmbeddingTable"]
 
 _BLOCK = 256  # 8 warps per block
 _WARPS_PER_BLOCK = _BLOCK // 32
 _BLOCKS_PER_SM = 16  # enough resident warps to hide DRAM latency; the loops are grid-stride
-_M1 = 0xBF58476D1CE4E5B9
-_M2 = 0x94D049BB133111EB
+#: Status words of a call: [0] its count (misses, found keys, dumped keys), [1] 1 + the
+#: position of a row that did not fit (0: none); then one word per table (sizes, new keys).
+_STATUS = 2
+#: Counts and flagged positions are 32-bit on the device.
+_MAX_BATCH = 2**31 - 1
+#: A null device pointer as a kernel argument (8 zero bytes; every CuPy version passes a
+#: NumPy scalar by value): the status of a call that does not read one back.
+_NO_STATUS = np.uint64(0)
 
 
 def _cupy() -> Any:
@@ -58,67 +98,211 @@ def _cupy() -> Any:
     return cupy
 
 
-def _read_count(arr: Any, stream: Any) -> int:
-    """arr[0] on the host, after every earlier work on ``stream`` (a 4-byte copy)."""
-    host = arr.get(stream=stream)
-    stream.synchronize()
-    return int(host[0])
+def _bases(sizes: Any) -> Any:
+    """(T,) int64 start of each table's range when ranges of ``sizes`` follow one another."""
+    return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
 
 
-class _GpuCacheBase:
-    """Device placement, argument conversion and launch helpers shared by both GPU caches."""
+class _Workspace:
+    """A call's device status words and the pinned host buffer they are read back into.
+
+    One call uses a workspace at a time (the pool on the cache hands them out), so
+    concurrent calls never share status words."""
+
+    def __init__(self, cp: Any, words: int) -> None:
+        self._runtime = cp.cuda.runtime
+        self.status = cp.zeros(words, cp.uint32)
+        self._pinned = cp.cuda.alloc_pinned_memory(4 * words)
+        self._host = np.frombuffer(self._pinned, np.uint32, words)
+
+    def reset(self, words: int, stream: Any) -> None:
+        """Zero the first ``words`` status words, in stream order."""
+        self._runtime.memsetAsync(self.status.data.ptr, 0, 4 * words, stream.ptr)
+
+    def read(self, words: int, stream: Any) -> np.ndarray:
+        """The first ``words`` status words once ``stream``'s earlier work is done (the one
+        host synchronisation of a call)."""
+        self._runtime.memcpyAsync(self._host.ctypes.data, self.status.data.ptr, 4 * words,
+                                  self._runtime.memcpyDeviceToHost, stream.ptr)
+        stream.synchronize()
+        return self._host[:words].astype(np.int64)
+
+
+class _GpuMultiCache:
+    """Device placement, argument conversion, workspaces and launches shared by both kinds."""
 
     kind = ""
-    _family = ""
+    _family = ""  # kernels/<family>.cu, see _kernels.FAMILIES
+    _query_kernel = ""
+    # per table, set by each kind as its CPU twin sets them
+    capacities: Any
+    num_sets: Any
+    set_base: Any
+    value_base: Any
+    total_sets: int
 
-    def __init__(self, device: int, value_dtype: np.dtype, key_dtype: np.dtype, dim: int) -> None:
-        cp = _cupy()
+    def __init__(self, kind: str, capacities: Sequence[int], dims: Sequence[int], device: int, policy: str,
+                 value_dtype: Any, key_dtype: Any) -> None:
+        caps, self.dims, self.value_dtype, self.key_dtype = check_multi_cache_args(
+            kind, capacities, dims, policy, value_dtype, key_dtype
+        )
+        _kernels.vector_shapes(self.dims)  # refuses dims the kernels cannot stage, before CuPy loads
         if isinstance(device, bool) or not isinstance(device, (int, np.integer)) or device < 0:
             raise ConfigError(f"GPU cache device must be a CUDA ordinal (int >= 0), got {device!r}")
+        cp = _cupy()
+        if device >= cp.cuda.runtime.getDeviceCount():
+            raise ConfigError(f"GPU cache device {device} does not exist ({cp.cuda.runtime.getDeviceCount()} GPUs)")
         self._cp = cp
         self.device = int(device)
-        self.dim, self.value_dtype, self.key_dtype = dim, value_dtype, key_dtype
-        _kernels.vector_shape(dim, value_dtype)  # refuses dims the kernels cannot stage
+        self.policy = policy
+        self.tables = int(self.dims.shape[0])
+        self._requested = caps
+        self._storage = np.uint16 if self.value_dtype == np.float16 else np.float32
+        self._pool: list[_Workspace] = []
+        self._pool_lock = threading.Lock()
         with cp.cuda.Device(self.device):
-            sms = cp.cuda.Device(self.device).attributes["MultiProcessorCount"]
-        self._max_blocks = int(sms) * _BLOCKS_PER_SM
-        self._storage = np.uint16 if value_dtype == np.float16 else np.float32
-        self._clock = itertools.count(1)
+            self._max_blocks = int(cp.cuda.Device(self.device).attributes["MultiProcessorCount"]) * _BLOCKS_PER_SM
+            self._kernels = _kernels.load(self._family, self.key_dtype, self.value_dtype, self.dims, self.device)
+            self._row_kernels = _kernels.load("rows", self.key_dtype, self.value_dtype, self.dims, self.device)
+            self._dims_d = cp.asarray(self.dims)
+            self._pool.append(_Workspace(cp, _STATUS + self.tables))
+        self._plain = self._kernels[max(self._kernels)]  # kernels without a vector width
 
-    # -- conversion
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(tables={self.tables}, capacities={self.capacities.tolist()}, "
+            f"dims={self.dims.tolist()}, value_dtype={self.value_dtype}, key_dtype={self.key_dtype}, "
+            f"device={self.device})"
+        )
+
+    # -- the two calls both kinds implement alike
+
+    def query_tables(self, table_ids: Any, keys: Any, out: Any, offsets: Any, stream: Any = None) -> Any:
+        """Write the row of every cached key into ``out``; returns the batch positions of the
+        keys not cached, ``(m,) int64`` CuPy, in no particular order."""
+        cp = self._cp
+        with self._on(stream) as s:
+            ids, keys, out, offs = self._rows_args(table_ids, keys, out, offsets, "out")
+            n = keys.shape[0]
+            missing = cp.empty(n, np.int64)
+            if n == 0:
+                return missing
+            vec, _ = _kernels.vector_shape(self.dims, out.data.ptr)
+            with self._workspace() as ws:
+                ws.reset(_STATUS, s)
+                args = (ids, keys, np.int64(n), out, offs, np.int64(out.shape[0]), missing, ws.status,
+                        *self._query_state())
+                self._launch(self._kernels[vec][self._query_kernel], n, args, s)
+                m, flagged = ws.read(_STATUS, s)
+            self._check_flag(int(flagged), ids, offs, out.shape[0], "cache out")
+            return missing[: int(m)]
+
+    def copy_rows(self, src: Any, src_offsets: Any, dst: Any, dst_offsets: Any, table_ids: Any,
+                  stream: Any = None) -> None:
+        """``dst[dst_offsets[i] : +w] = src[src_offsets[i] : +w]``, ``w = dims[table_ids[i]]``:
+        one launch, no sync. src, dst: flat float32 rows (dst on the cache's device; it may
+        be src itself when the rows read and written do not overlap); ids and offsets (n,)
+        int64. A row that does not fit either buffer is skipped."""
+        cp = self._cp
+        with self._on(stream) as s:
+            ids = self._array(table_ids, "table_ids")
+            src_offs, dst_offs = self._array(src_offsets, "src_offsets"), self._array(dst_offsets, "dst_offsets")
+            src, dst = self._array(src, "src"), self._in_place(dst, "dst")
+            if ids.ndim != 1 or any(a.dtype != np.int64 or a.shape != ids.shape for a in (ids, src_offs, dst_offs)):
+                raise RequestError("copy_rows: table_ids, src_offsets and dst_offsets must be (n,) int64 arrays")
+            for buf, name in ((src, "src"), (dst, "dst")):
+                if buf.dtype != np.float32 or buf.ndim != 1 or not buf.flags.c_contiguous:
+                    raise RequestError(f"copy_rows: {name} must be a 1-D C-contiguous float32 array (flat rows)")
+            for offs, buf, name in ((src_offs, src, "src"), (dst_offs, dst, "dst")):
+                if self._on_host(ids, offs):
+                    check_rows_fit(ids, offs, self.dims, buf.shape[0], f"copy_rows {name}")
+            n = ids.shape[0]
+            if n == 0:
+                return
+            ids, src_offs, dst_offs, src = (cp.asarray(a) for a in (ids, src_offs, dst_offs, src))
+            vec, _ = _kernels.vector_shape(self.dims, src.data.ptr, dst.data.ptr)
+            args = (src, src_offs, np.int64(src.shape[0]), dst, dst_offs, np.int64(dst.shape[0]), ids,
+                    np.int64(n), self._dims_d, np.int32(self.tables))
+            self._launch(self._row_kernels[vec]["copy_rows"], n, args, s)
+
+    # -- helpers
+
+    def _query_state(self) -> tuple[Any, ...]:
+        """The query kernel's arguments after the status words: metadata and storage."""
+        raise NotImplementedError
 
     @contextlib.contextmanager
-    def _on(self, stream: Any) -> Any:
-        """Run on this cache's device and on ``stream`` (or the current stream)."""
-        with self._cp.cuda.Device(self.device):
-            with stream if stream is not None else contextlib.nullcontext():
-                yield self._cp.cuda.get_current_stream()
-
-    def _keys(self, keys: Any) -> Any:
+    def _on(self, stream: Any) -> Iterator[Any]:
+        """Run on this cache's device and on ``stream`` (or the current stream); yields it."""
         cp = self._cp
-        if not isinstance(keys, (np.ndarray, cp.ndarray)):
-            raise RequestError(f"keys must be a numpy or cupy array, got {type(keys).__name__}")
-        return normalize_keys(cp, cp.asarray(keys), self.key_dtype)
+        with cp.cuda.Device(self.device):
+            if stream is None:
+                yield cp.cuda.get_current_stream()
+            else:
+                with stream:
+                    yield stream
 
-    def _rows(self, keys: Any, values: Any) -> Any:
+    @contextlib.contextmanager
+    def _workspace(self) -> Iterator[_Workspace]:
+        """A workspace for this call alone. A new one is made only when more calls than ever
+        before run at once; it goes back to the pool when the call is done with it (every
+        user reads its status back, so the GPU is done with it too)."""
+        with self._pool_lock:
+            ws = self._pool.pop() if self._pool else None
+        if ws is None:
+            ws = _Workspace(self._cp, _STATUS + self.tables)
+        try:
+            yield ws
+        finally:
+            with self._pool_lock:
+                self._pool.append(ws)
+
+    def _array(self, arr: Any, what: str) -> Any:
+        """``arr`` as given when it is a host array or a CuPy array on this cache's device."""
+        if isinstance(arr, self._cp.ndarray):
+            if arr.device.id != self.device:
+                raise RequestError(
+                    f"{what} is on GPU {arr.device.id} but this cache lives on GPU {self.device}: "
+                    "pass arrays on the cache's device (or host arrays, which are copied over)"
+                )
+            return arr
+        if isinstance(arr, np.ndarray):
+            return arr
+        raise RequestError(f"{what} must be a numpy or cupy array, got {type(arr).__name__}")
+
+    def _on_host(self, *arrays: Any) -> bool:
+        """Whether every one of ``arrays`` (each host or device, see :meth:`_array`) is a host array."""
+        return not any(isinstance(a, self._cp.ndarray) for a in arrays)
+
+    def _in_place(self, arr: Any, what: str) -> Any:
+        if not isinstance(arr, self._cp.ndarray):
+            raise RequestError(f"{what} must be a cupy array on the cache's device (rows are written into it in place)")
+        return self._array(arr, what)
+
+    def _rows_args(self, table_ids: Any, keys: Any, buffer: Any, offsets: Any, name: str) -> tuple[Any, Any, Any, Any]:
+        """Device arrays of a multi-table call, checked; host table ids and offsets are also
+        bounds-checked here, as the CPU twins do (device ones are checked by the kernels)."""
         cp = self._cp
-        if not isinstance(values, (np.ndarray, cp.ndarray)):
-            raise RequestError(f"values must be a numpy or cupy array, got {type(values).__name__}")
-        values = cp.ascontiguousarray(cp.asarray(values))
-        check_batch(cp, keys, values, self.dim)
-        return values
+        ids, offs = self._array(table_ids, "table_ids"), self._array(offsets, "offsets")
+        buf = self._in_place(buffer, name) if name == "out" else self._array(buffer, name)
+        keys = self._array(keys, "keys")
+        keys = normalize_keys(np if self._on_host(keys) else cp, keys, self.key_dtype)
+        check_table_rows(cp, ids, keys, buf, offs, name)
+        if keys.shape[0] > _MAX_BATCH:
+            raise RequestError(f"a GPU cache call takes at most {_MAX_BATCH} keys, got {keys.shape[0]}")
+        if self._on_host(ids, offs):
+            check_rows_fit(ids, offs, self.dims, buf.shape[0], f"cache {name}")
+        return cp.asarray(ids), cp.asarray(keys), cp.asarray(buf), cp.asarray(offs)
 
-    def _out(self, keys: Any, out: Any) -> Any:
-        if not isinstance(out, self._cp.ndarray):
-            raise RequestError("out must be a cupy array on the cache's device (hits are written in place)")
-        check_batch(self._cp, keys, out, self.dim, "out")
-        return out
-
-    def _module(self, *arrays: Any) -> tuple[Any, list[str]]:
-        """Module and kernel names for rows aligned like ``arrays`` (float32, device)."""
-        vec, nv = _kernels.vector_shape(self.dim, self.value_dtype, *(a.data.ptr for a in arrays))
-        module = _kernels.get_module(self._family, self.key_dtype, self.value_dtype, vec, nv, self.device)
-        return module, _kernels.name_expressions(self._family, self.key_dtype, self.value_dtype, vec, nv)
+    def _check_flag(self, flagged: int, ids: Any, offsets: Any, size: int, what: str) -> None:
+        """Raise RequestError for a row a kernel flagged (``flagged`` = 1 + its position)."""
+        if not flagged:
+            return
+        # The kernel reports one position; the host check names the first, as on the CPU.
+        check_rows_fit(to_host(ids), to_host(offsets), self.dims, size, what)
+        position = flagged - 1
+        raise RequestError(f"{what}: position {position} (table {int(ids[position])}) was refused: "
+                           "its table had no free row")
 
     def _launch(self, kernel: Any, warps: int, args: tuple[Any, ...], stream: Any) -> None:
         if warps <= 0:
@@ -126,240 +310,320 @@ class _GpuCacheBase:
         blocks = min(-(-warps // _WARPS_PER_BLOCK), self._max_blocks)
         kernel((blocks,), (_BLOCK,), args, stream=stream)
 
-    def _tick(self) -> np.uint32:
-        return np.uint32(next(self._clock) & 0xFFFFFFFF)  # wraps after 2**32 calls: LRU only
-
-    def _query(self, keys: Any, out: Any, tail: tuple[Any, ...], stream: Any) -> tuple[Any, Any]:
+    def _keys_and_ids(self, table_ids: Any, keys: Any) -> tuple[Any, Any]:
+        """(table_ids int64, keys of the key dtype) on the device, for sets_of."""
         cp = self._cp
-        with self._on(stream) as s:
-            keys = self._keys(keys)
-            out = self._out(keys, out)
-            n = keys.shape[0]
-            miss_keys = cp.empty(n, self.key_dtype)
-            miss_pos = cp.empty(n, cp.int64)
-            count = cp.zeros(1, cp.uint32)
-            module, names = self._module(out)
-            args = (keys, np.int64(n), out, np.int32(self.dim), miss_keys, miss_pos, count, *tail)
-            self._launch(module.get_function(names[0]), n, args, s)
-            m = _read_count(count, s)
-            return miss_keys[:m], miss_pos[:m]
-
-    def set_of(self, keys: Any) -> Any:
-        raise NotImplementedError
+        ids, keys = self._array(table_ids, "table_ids"), self._array(keys, "keys")
+        keys = normalize_keys(np if self._on_host(keys) else cp, keys, self.key_dtype)
+        if ids.ndim != 1 or ids.shape != keys.shape:
+            raise RequestError(f"{keys.shape[0]} keys need {keys.shape[0]} table ids, got shape {ids.shape}")
+        return cp.asarray(ids).astype(np.int64, copy=False), cp.asarray(keys)
 
 
 # --------------------------------------------------------------------------- dynamic
 
 
-class GpuEmbeddingCache(_GpuCacheBase):
-    """Set-associative GPU cache (HugeCTR gpu_cache's operations), LRU or LFU eviction.
+class GpuDynamicCache(_GpuMultiCache):
+    """Set-associative GPU caches of several tables, LRU or LFU; the twin of CpuDynamicCache.
 
-    ``capacity`` rows are rounded up to whole sets of :data:`WAYS` slots.
+    ``capacities[t]`` rows of ``dims[t]`` floats for table t, rounded up to whole sets of
+    :data:`WAYS` slots. Table t owns global sets ``set_base[t] ..``; its row of slot s
+    starts at ``value_base[t] + (s - set_base[t] * WAYS) * dims[t]`` of the value store.
     """
 
     kind = "dynamic"
     _family = "dynamic"
+    _query_kernel = "dc_query"
 
-    def __init__(
-        self,
-        capacity: int,
-        dim: int,
-        *,
-        device: int = 0,
-        policy: str = "lru",
-        value_dtype: Any = np.float32,
-        key_dtype: Any = np.int64,
-    ) -> None:
-        capacity, dim, vdt, kdt = check_cache_args("dynamic", capacity, dim, policy, value_dtype, key_dtype)
-        super().__init__(device, vdt, kdt, dim)
-        self.policy = policy
-        self.num_sets = -(-capacity // WAYS)
-        self.capacity = self.num_sets * WAYS
+    def __init__(self, capacities: Sequence[int], dims: Sequence[int], *, device: int = 0, policy: str = "lru",
+                 value_dtype: Any = np.float32, key_dtype: Any = np.int64) -> None:
+        super().__init__("dynamic", capacities, dims, device, policy, value_dtype, key_dtype)
+        self.num_sets = -(-self._requested // WAYS)
+        self.capacities = self.num_sets * WAYS
+        self.set_base = _bases(self.num_sets)
+        self.total_sets = int(self.num_sets.sum())
+        self.value_base = _bases(self.capacities * self.dims)
+        # The LRU clock: one tick per call, 64-bit on the device (see dynamic_cache.cu).
+        self._clock = itertools.count(1)  # next() is atomic under the GIL
         cp = self._cp
+        slots = self.total_sets * WAYS
         with cp.cuda.Device(self.device):
-            self._slot_keys = cp.zeros(self.capacity, kdt)
-            self._slot_ver = cp.zeros(self.capacity, cp.uint32)
-            self._slot_ts = cp.zeros(self.capacity, cp.uint32)
-            self._slot_freq = cp.zeros(self.capacity, cp.uint32)
-            self._set_locks = cp.zeros(self.num_sets, cp.int32)
-            self._values = cp.zeros((self.capacity, dim), self._storage)
+            self._set_base_d = cp.asarray(self.set_base)
+            self._num_sets_d = cp.asarray(self.num_sets.astype(np.uint64))
+            self._value_base_d = cp.asarray(self.value_base)
+            self._slot_keys = cp.zeros(slots, self.key_dtype)
+            self._slot_ver = cp.zeros(slots, cp.uint32)
+            self._slot_ts = cp.zeros(slots, cp.uint64)
+            self._slot_freq = cp.zeros(slots, cp.uint64)
+            self._set_locks = cp.zeros(self.total_sets, cp.int32)
+            self._values = cp.zeros(int((self.capacities * self.dims).sum()), self._storage)
 
-    def __repr__(self) -> str:
-        return (
-            f"GpuEmbeddingCache(capacity={self.capacity}, dim={self.dim}, policy={self.policy!r}, "
-            f"value_dtype={self.value_dtype}, key_dtype={self.key_dtype}, device={self.device})"
-        )
-
-    def set_of(self, keys: Any) -> Any:
-        cp = self._cp
-        with cp.cuda.Device(self.device):
-            x = self._keys(keys).astype(cp.uint64)
-            x = (x ^ (x >> cp.uint64(30))) * cp.uint64(_M1)
-            x = (x ^ (x >> cp.uint64(27))) * cp.uint64(_M2)
-            x = x ^ (x >> cp.uint64(31))
-            return (x % cp.uint64(self.num_sets)).astype(cp.int64)
-
-    def query(self, keys: Any, out: Any, stream: Any = None) -> tuple[Any, Any]:
-        tail = (self._slot_keys, self._slot_ver, self._slot_ts, self._slot_freq, self._values,
-                np.uint64(self.num_sets), self._tick())
-        return self._query(keys, out, tail, stream)
-
-    def replace(self, keys: Any, values: Any, stream: Any = None) -> None:
-        self._write(keys, values, insert=True, stream=stream)
-
-    def update(self, keys: Any, values: Any, stream: Any = None) -> int:
+    def replace_tables(self, table_ids: Any, keys: Any, values: Any, offsets: Any, stream: Any = None) -> None:
+        """Insert or overwrite each key's row, evicting per policy from a full set. One
+        launch; returns without waiting for it."""
         with self._on(stream) as s:
-            return _read_count(self._write(keys, values, insert=False, stream=s), s)
+            ids, keys, values, offs = self._rows_args(table_ids, keys, values, offsets, "values")
+            self._write(ids, keys, values, offs, _NO_STATUS, insert=True, stream=s)
 
-    def dump(self, start_set: int, end_set: int, stream: Any = None) -> Any:
+    def update_tables(self, table_ids: Any, keys: Any, values: Any, offsets: Any, stream: Any = None) -> int:
+        with self._on(stream) as s:
+            ids, keys, values, offs = self._rows_args(table_ids, keys, values, offsets, "values")
+            with self._workspace() as ws:
+                ws.reset(_STATUS, s)
+                self._write(ids, keys, values, offs, ws.status, insert=False, stream=s)
+                found, flagged = ws.read(_STATUS, s)
+            self._check_flag(int(flagged), ids, offs, values.shape[0], "cache values")
+            return int(found)
+
+    def dump_sets(self, start_set: int, end_set: int, stream: Any = None) -> tuple[Any, Any]:
         cp = self._cp
-        lo, hi = max(0, int(start_set)), min(self.num_sets, int(end_set))
+        lo, hi = max(0, int(start_set)), min(self.total_sets, int(end_set))
         with self._on(stream) as s:
             if lo >= hi:
-                return cp.empty(0, self.key_dtype)
-            out = cp.empty((hi - lo) * WAYS, self.key_dtype)
-            count = cp.zeros(1, cp.uint32)
-            module, names = self._module()
-            kernel = module.get_function(names[2])  # dc_dump<K>
-            args = (self._slot_keys, self._slot_ver, self._set_locks, np.int64(lo), np.int64(hi), out, count)
-            self._launch(kernel, hi - lo, args, s)
-            return out[: _read_count(count, s)]
+                return cp.empty(0, np.int64), cp.empty(0, self.key_dtype)
+            keys = cp.empty((hi - lo) * WAYS, self.key_dtype)
+            tables = cp.empty((hi - lo) * WAYS, np.int64)
+            with self._workspace() as ws:
+                ws.reset(_STATUS, s)
+                args = (self._slot_keys, self._slot_ver, self._set_locks, self._set_base_d, np.int32(self.tables),
+                        np.int64(lo), np.int64(hi), keys, tables, ws.status)
+                self._launch(self._plain["dc_dump"], hi - lo, args, s)
+                count = int(ws.read(1, s)[0])
+            return tables[:count], keys[:count]
 
-    def clear(self, stream: Any = None) -> None:
-        with self._on(stream) as s:
-            module, names = self._module()
-            kernel = module.get_function(names[3])  # dc_clear
-            args = (self._slot_ver, self._slot_ts, self._slot_freq, self._set_locks, np.int64(self.num_sets))
-            self._launch(kernel, self.num_sets, args, s)
-
-    def size(self, stream: Any = None) -> int:
+    def sets_of(self, table_ids: Any, keys: Any) -> Any:
+        """(n,) int64 CuPy: the global set of each key (-1 for a table id out of range), by
+        the kernels' own formula."""
         cp = self._cp
-        with self._on(stream):
-            return int(cp.count_nonzero(self._slot_ver & cp.uint32(2)))
+        with cp.cuda.Device(self.device):
+            ids, keys = self._keys_and_ids(table_ids, keys)
+            n = keys.shape[0]
+            sets = cp.empty(n, np.int64)
+            args = (ids, keys, np.int64(n), self._set_base_d, self._num_sets_d, np.int32(self.tables), sets)
+            self._launch(self._plain["dc_sets"], -(-n // 32), args, cp.cuda.get_current_stream())
+            return sets
 
-    def _write(self, keys: Any, values: Any, *, insert: bool, stream: Any) -> Any:
-        cp = self._cp
+    def clear(self, table: int | None = None, stream: Any = None) -> None:
+        """Empty every set (of one table, or of all), under each set's lock: safe beside
+        queries. Returns without waiting; later calls on the same stream see it done."""
+        lo, hi = (0, self.total_sets) if table is None else self._set_range(table)
         with self._on(stream) as s:
-            keys = self._keys(keys)
-            values = self._rows(keys, values)
-            found = cp.zeros(1, cp.uint32)
-            module, names = self._module(values)
-            args = (keys, np.int64(keys.shape[0]), values, np.int32(self.dim), self._slot_keys,
-                    self._slot_ver, self._slot_ts, self._slot_freq, self._set_locks, self._values,
-                    np.uint64(self.num_sets), self._tick(), np.int32(self.policy == "lfu"),
-                    np.int32(insert), found)
-            self._launch(module.get_function(names[1]), keys.shape[0], args, s)
-            return found
+            args = (self._slot_ver, self._slot_ts, self._slot_freq, self._set_locks, np.int64(lo), np.int64(hi))
+            self._launch(self._plain["dc_clear"], hi - lo, args, s)
+
+    def sizes(self, stream: Any = None) -> np.ndarray:
+        with self._on(stream) as s, self._workspace() as ws:
+            ws.reset(_STATUS + self.tables, s)
+            args = (self._slot_ver, self._set_base_d, np.int32(self.tables), np.int64(self.total_sets), ws.status)
+            self._launch(self._plain["dc_sizes"], self.total_sets, args, s)
+            return ws.read(_STATUS + self.tables, s)[_STATUS:]
+
+    def _set_range(self, table: int) -> tuple[int, int]:
+        if not 0 <= table < self.tables:
+            raise RequestError(f"table {table} is outside the cache's {self.tables} tables")
+        return int(self.set_base[table]), int(self.set_base[table] + self.num_sets[table])
+
+    def _query_state(self) -> tuple[Any, ...]:
+        return (self._dims_d, self._set_base_d, self._num_sets_d, self._value_base_d, np.int32(self.tables),
+                self._slot_keys, self._slot_ver, self._slot_ts, self._slot_freq, self._values,
+                np.uint64(next(self._clock)))
+
+    def _write(self, ids: Any, keys: Any, values: Any, offs: Any, status: Any, *, insert: bool, stream: Any) -> None:
+        n = keys.shape[0]
+        if n == 0:
+            return
+        vec, _ = _kernels.vector_shape(self.dims, values.data.ptr)
+        args = (ids, keys, np.int64(n), values, offs, np.int64(values.shape[0]), status, self._dims_d,
+                self._set_base_d, self._num_sets_d, self._value_base_d, np.int32(self.tables), self._slot_keys,
+                self._slot_ver, self._slot_ts, self._slot_freq, self._set_locks, self._values,
+                np.uint64(next(self._clock)), np.int32(self.policy == "lfu"), np.int32(insert))
+        self._launch(self._kernels[vec]["dc_write"], n, args, stream)
 
 
 # --------------------------------------------------------------------------- static
 
 
-class StaticEmbeddingTable(_GpuCacheBase):
-    """Whole table resident on the GPU: open addressing key -> row, no eviction.
+class GpuStaticCache(_GpuMultiCache):
+    """Whole tables resident on the GPU: per table an open-addressing region key -> row; the
+    twin of CpuStaticCache. A replace whose new keys do not fit a table raises
+    CacheFullError naming it, before anything is written.
 
-    ``replace`` inserts new keys while room remains and raises CacheFullError (writing
-    nothing) for a batch whose new keys do not fit. Writes (replace, update, clear) are
-    serialised by a host lock and wait for their kernel; queries never wait.
+    Writes (replace, update) and clears are serialised by a host lock and wait for their
+    kernels; queries and dumps take no lock and never wait for writers.
     """
 
     kind = "static"
     _family = "static"
-    num_sets = 1
+    _query_kernel = "st_query"
 
-    def __init__(
-        self,
-        capacity: int,
-        dim: int,
-        *,
-        device: int = 0,
-        policy: str = "lru",  # accepted for a uniform factory; nothing is ever evicted
-        value_dtype: Any = np.float32,
-        key_dtype: Any = np.int64,
-    ) -> None:
-        capacity, dim, vdt, kdt = check_cache_args("static", capacity, dim, policy, value_dtype, key_dtype)
-        if capacity >= 2**31:
-            raise ConfigError(f"static GPU tables index rows with int32: capacity {capacity} is too large")
-        super().__init__(device, vdt, kdt, dim)
-        self.capacity, self.policy = capacity, policy
-        nslots = 1 << max(6, (2 * capacity - 1).bit_length())  # load factor <= 1/2
-        self._mask = np.uint64(nslots - 1)
+    def __init__(self, capacities: Sequence[int], dims: Sequence[int], *, device: int = 0,
+                 policy: str = "lru",  # accepted for a uniform factory; nothing is ever evicted
+                 value_dtype: Any = np.float32, key_dtype: Any = np.int64) -> None:
+        super().__init__("static", capacities, dims, device, policy, value_dtype, key_dtype)
+        self.capacities = self._requested
+        big = np.flatnonzero(self.capacities >= 2**31)
+        if big.size:
+            raise ConfigError(f"static GPU tables index rows with int32: table {int(big[0])} has capacity "
+                              f"{int(self.capacities[big[0]])}, which is too large")
+        self.num_sets = np.ones(self.tables, np.int64)
+        self.set_base = np.arange(self.tables, dtype=np.int64)
+        self.total_sets = self.tables
+        # load factor <= 1/2 in each table's region (the CPU twin's sizes)
+        slots = np.array([1 << max(4, (2 * int(c) - 1).bit_length()) for c in self.capacities], np.int64)
+        self._slot_base = np.concatenate([[0], np.cumsum(slots)]).astype(np.int64)
+        self.value_base = _bases(self.capacities * self.dims)
+        self._n_rows = np.zeros(self.tables, np.int64)  # rows per table, kept by the writers
         self._lock = threading.Lock()
-        self._n_rows = 0
         cp = self._cp
         with cp.cuda.Device(self.device):
-            self._slot_keys = cp.zeros(nslots, kdt)
-            self._slot_rows = cp.full(nslots, -1, cp.int32)
-            self._row_keys = cp.zeros(capacity, kdt)
-            self._row_ver = cp.zeros(capacity, cp.uint32)
-            self._values = cp.zeros((capacity, dim), self._storage)
-            self._dev_rows = cp.zeros(1, cp.uint32)
+            self._slot_base_d = cp.asarray(self._slot_base)
+            self._slot_mask_d = cp.asarray((slots - 1).astype(np.uint64))
+            self._value_base_d = cp.asarray(self.value_base)
+            self._row_base_d = cp.asarray(_bases(self.capacities))
+            self._capacities_d = cp.asarray(self.capacities)
+            self._slot_keys = cp.zeros(int(slots.sum()), self.key_dtype)
+            self._slot_rows = cp.full(int(slots.sum()), -1, cp.int32)
+            self._row_keys = cp.zeros(int(self.capacities.sum()), self.key_dtype)
+            self._row_ver = cp.zeros(int(self.capacities.sum()), cp.uint32)
+            self._row_count = cp.zeros(self.tables, cp.uint32)
+            self._values = cp.zeros(int((self.capacities * self.dims).sum()), self._storage)
+            # de-duplication scratch of replace (st_count_new), grown geometrically
+            self._scratch_tables = cp.empty(0, cp.int32)
+            self._scratch_keys = cp.empty(0, self.key_dtype)
 
-    def __repr__(self) -> str:
-        return (
-            f"StaticEmbeddingTable(capacity={self.capacity}, dim={self.dim}, "
-            f"value_dtype={self.value_dtype}, key_dtype={self.key_dtype}, device={self.device})"
-        )
-
-    def set_of(self, keys: Any) -> Any:
-        with self._cp.cuda.Device(self.device):
-            return self._cp.zeros(self._keys(keys).shape[0], self._cp.int64)
-
-    def query(self, keys: Any, out: Any, stream: Any = None) -> tuple[Any, Any]:
-        tail = (self._slot_keys, self._slot_rows, self._row_keys, self._row_ver, self._values, self._mask)
-        return self._query(keys, out, tail, stream)
-
-    def replace(self, keys: Any, values: Any, stream: Any = None) -> None:
-        self._write(keys, values, insert=True, stream=stream)
-
-    def update(self, keys: Any, values: Any, stream: Any = None) -> int:
-        return self._write(keys, values, insert=False, stream=stream)
-
-    def dump(self, start_set: int = 0, end_set: int = 1, stream: Any = None) -> Any:
-        with self._on(stream):
-            return self._slot_keys[self._slot_rows >= 0]
-
-    def clear(self, stream: Any = None) -> None:
-        cp = self._cp
+    def replace_tables(self, table_ids: Any, keys: Any, values: Any, offsets: Any, stream: Any = None) -> None:
+        """Upsert each key's row. Counts each table's new keys first and raises
+        CacheFullError (writing nothing) if one does not fit; RequestError, also before
+        writing, for a row that does not fit ``values``."""
         with self._lock, self._on(stream) as s:
-            self._slot_rows.fill(-1)
-            self._row_ver += cp.uint32(2)  # readers copying across the clear reject their copy
-            self._dev_rows.fill(0)
-            s.synchronize()
-            self._n_rows = 0
-
-    def size(self, stream: Any = None) -> int:
-        return self._n_rows
-
-    def _find(self, keys: Any, stream: Any) -> Any:
-        cp = self._cp
-        rows = cp.empty(keys.shape[0], cp.int32)
-        module, names = self._module()
-        kernel = module.get_function(names[2])  # st_find<K>
-        args = (keys, np.int64(keys.shape[0]), self._slot_keys, self._slot_rows, self._mask, rows)
-        self._launch(kernel, keys.shape[0], args, stream)
-        return rows
-
-    def _write(self, keys: Any, values: Any, *, insert: bool, stream: Any) -> int:
-        cp = self._cp
-        with self._lock, self._on(stream) as s:
-            keys = self._keys(keys)
-            values = self._rows(keys, values)
-            new = 0
-            if insert:
-                new = int(cp.unique(keys[self._find(keys, s) < 0]).shape[0])  # syncs
-                if self._n_rows + new > self.capacity:
-                    raise CacheFullError(
-                        f"static embedding table is full: it holds {self._n_rows} of {self.capacity} "
-                        f"rows and the batch brings {new} new keys; size the table for the whole "
-                        "model (static tables never evict) or use a dynamic cache"
-                    )
-            found = cp.zeros(1, cp.uint32)
-            module, names = self._module(values)
-            args = (keys, np.int64(keys.shape[0]), values, np.int32(self.dim), self._slot_keys,
-                    self._slot_rows, self._row_keys, self._row_ver, self._values, self._mask,
-                    self._dev_rows, np.int32(insert), found)
-            self._launch(module.get_function(names[1]), keys.shape[0], args, s)
-            result = _read_count(found, s)  # also waits for the kernel
+            ids, keys, values, offs = self._rows_args(table_ids, keys, values, offsets, "values")
+            n = keys.shape[0]
+            if n == 0:
+                return
+            scratch_mask = self._scratch(n, s)
+            with self._workspace() as ws:
+                ws.reset(_STATUS + self.tables, s)
+                args = (ids, keys, np.int64(n), offs, np.int64(values.shape[0]), ws.status, self._dims_d,
+                        self._slot_base_d, self._slot_mask_d, np.int32(self.tables), self._slot_keys,
+                        self._slot_rows, self._scratch_tables, self._scratch_keys, np.uint64(scratch_mask))
+                self._launch(self._plain["st_count_new"], n, args, s)
+                status = ws.read(_STATUS + self.tables, s)
+                self._check_flag(int(status[1]), ids, offs, values.shape[0], "cache values")
+                new = status[_STATUS:]
+                self._check_room(new)
+                ws.reset(_STATUS, s)
+                self._write(ids, keys, values, offs, ws.status, insert=True, stream=s)
+                flagged = int(ws.read(_STATUS, s)[1])
             self._n_rows += new
-            return result
+            self._check_flag(flagged, ids, offs, values.shape[0], "cache values")
+
+    def update_tables(self, table_ids: Any, keys: Any, values: Any, offsets: Any, stream: Any = None) -> int:
+        with self._lock, self._on(stream) as s:
+            ids, keys, values, offs = self._rows_args(table_ids, keys, values, offsets, "values")
+            if keys.shape[0] == 0:
+                return 0
+            with self._workspace() as ws:
+                ws.reset(_STATUS, s)
+                self._write(ids, keys, values, offs, ws.status, insert=False, stream=s)
+                found, flagged = ws.read(_STATUS, s)
+            self._check_flag(int(flagged), ids, offs, values.shape[0], "cache values")
+            return int(found)
+
+    def dump_sets(self, start_set: int, end_set: int, stream: Any = None) -> tuple[Any, Any]:
+        """(table_ids, keys) of tables [start_set, end_set) (a static table is one set)."""
+        cp = self._cp
+        lo, hi = max(0, int(start_set)), min(self.tables, int(end_set))
+        with self._lock, self._on(stream) as s:
+            held = int(self._n_rows[lo:hi].sum()) if lo < hi else 0
+            if held == 0:
+                return cp.empty(0, np.int64), cp.empty(0, self.key_dtype)
+            keys = cp.empty(held, self.key_dtype)
+            tables = cp.empty(held, np.int64)
+            first, last = int(self._slot_base[lo]), int(self._slot_base[hi])
+            with self._workspace() as ws:
+                ws.reset(_STATUS, s)
+                args = (self._slot_keys, self._slot_rows, self._slot_base_d, np.int32(self.tables), np.int64(first),
+                        np.int64(last), keys, tables, ws.status)
+                self._launch(self._plain["st_dump"], -(-(last - first) // 32), args, s)
+                count = int(ws.read(1, s)[0])
+            return tables[:count], keys[:count]
+
+    def sets_of(self, table_ids: Any, keys: Any) -> Any:
+        """(n,) int64 CuPy: a key's set is its table."""
+        with self._cp.cuda.Device(self.device):
+            ids, _ = self._keys_and_ids(table_ids, keys)
+            return ids.copy()
+
+    def clear(self, table: int | None = None, stream: Any = None) -> None:
+        """Empty every table (or one) and wait for the kernel, under the writers' lock. A
+        query overlapping it may find a cleared key or not (see docs/cache.md)."""
+        if table is not None and not 0 <= table < self.tables:
+            raise RequestError(f"table {table} is outside the cache's {self.tables} tables")
+        lo, hi = (0, self.tables) if table is None else (table, table + 1)
+        row_base = np.concatenate([[0], np.cumsum(self.capacities)])
+        with self._lock, self._on(stream) as s:
+            first, last = int(self._slot_base[lo]), int(self._slot_base[hi])
+            args = (self._slot_rows, self._row_ver, self._row_count, np.int64(first), np.int64(last),
+                    np.int64(row_base[lo]), np.int64(row_base[hi]), np.int32(lo), np.int32(hi))
+            self._launch(self._plain["st_clear"], -(-(last - first) // 32), args, s)
+            s.synchronize()
+            self._n_rows[lo:hi] = 0
+
+    def sizes(self, stream: Any = None) -> np.ndarray:
+        return self._n_rows.copy()
+
+    def _query_state(self) -> tuple[Any, ...]:
+        return (self._dims_d, self._slot_base_d, self._slot_mask_d, self._value_base_d, self._row_base_d,
+                np.int32(self.tables), self._slot_keys, self._slot_rows, self._row_keys, self._row_ver, self._values)
+
+    def _scratch(self, n: int, stream: Any) -> int:
+        """Empty the first 2^k >= 2n entries of the de-duplication scratch (growing it
+        geometrically when too small); returns their mask. Caller holds the lock."""
+        size = 1 << max(4, (2 * n - 1).bit_length())
+        if self._scratch_tables.shape[0] < size:
+            grown = max(size, 2 * self._scratch_tables.shape[0])
+            self._scratch_tables = self._cp.empty(grown, self._cp.int32)
+            self._scratch_keys = self._cp.empty(grown, self.key_dtype)
+        self._cp.cuda.runtime.memsetAsync(self._scratch_tables.data.ptr, 0xFF, 4 * size, stream.ptr)  # all -1
+        return size - 1
+
+    def _check_room(self, new: np.ndarray) -> None:
+        """Refuse the whole batch, before writing anything, if a table's new keys do not fit."""
+        over = np.flatnonzero(self._n_rows + new > self.capacities)
+        if over.size:
+            t = int(over[0])
+            raise CacheFullError(
+                f"static embedding table {t} is full: it holds {int(self._n_rows[t])} of "
+                f"{int(self.capacities[t])} rows and the batch brings {int(new[t])} new keys; size the "
+                "table for the whole model (static tables never evict) or use a dynamic cache"
+            )
+
+    def _write(self, ids: Any, keys: Any, values: Any, offs: Any, status: Any, *, insert: bool, stream: Any) -> None:
+        n = keys.shape[0]
+        vec, _ = _kernels.vector_shape(self.dims, values.data.ptr)
+        args = (ids, keys, np.int64(n), values, offs, np.int64(values.shape[0]), status, self._dims_d,
+                self._slot_base_d, self._slot_mask_d, self._value_base_d, self._row_base_d, self._capacities_d,
+                np.int32(self.tables), self._slot_keys, self._slot_rows, self._row_keys, self._row_ver, self._values,
+                self._row_count, np.int32(insert))
+        self._launch(self._kernels[vec]["st_write"], n, args, stream)
+
+
+# --------------------------------------------------------------------------- one table
+
+
+class GpuEmbeddingCache(TableView):
+    """A one-table dynamic GPU cache: :class:`GpuDynamicCache` behind the single-table contract."""
+
+    def __init__(self, capacity: int, dim: int, *, device: int = 0, policy: str = "lru",
+                 value_dtype: Any = np.float32, key_dtype: Any = np.int64) -> None:
+        super().__init__(GpuDynamicCache([capacity], [dim], device=device, policy=policy, value_dtype=value_dtype,
+                                         key_dtype=key_dtype), 0)
+
+
+class StaticEmbeddingTable(TableView):
+    """A one-table static GPU table: :class:`GpuStaticCache` behind the single-table contract."""
+
+    def __init__(self, capacity: int, dim: int, *, device: int = 0, policy: str = "lru",
+                 value_dtype: Any = np.float32, key_dtype: Any = np.int64) -> None:
+        super().__init__(GpuStaticCache([capacity], [dim], device=device, policy=policy, value_dtype=value_dtype,
+                                        key_dtype=key_dtype), 0)

@@ -1,10 +1,13 @@
-// Device helpers shared by the cache kernels: key hashing, memory ordering, vector I/O.
+// Device helpers shared by the cache kernels: key hashing, memory ordering, vector I/O, and
+// the per-table lookups of the multi-table layout (hps_core/rows.py).
 //
-// Compiled by NVRTC through cupy.RawModule (hps_core/cache/_kernels.py passes -I to this
-// folder) and by nvcc -ptx in tests/hps_core/cache/test_kernels_compile.py. No CUDA headers
-// are included, so the sources build the same under NVRTC (which has no system include
-// path) and nvcc.
-#pragma once
+// hps_core/cache/_kernels.py pastes this text in place of the `#include "common.cuh"` line
+// of each .cu before handing the source to NVRTC (cupy.RawModule caches compiled code by
+// source text, so the header must be part of that text, not an -I include). The include
+// guard keeps the file usable through #include as well. No CUDA headers are included, so
+// the sources build the same under NVRTC (which has no system include path) and nvcc.
+#ifndef HPS_COMMON_CUH
+#define HPS_COMMON_CUH
 
 // float16 storage as raw bits; converted with cvt instructions, so no cuda_fp16.h is needed.
 typedef unsigned short hps_half;
@@ -16,8 +19,8 @@ typedef unsigned short hps_half;
 // a safe answer, a torn vector never is.
 #define HPS_MAX_READ_TRIES 64
 
-// splitmix64 finaliser; the CPU twin (hps_core/cache/cpu.py) uses the same constants so a
-// key lands in the same set on both.
+// splitmix64 finaliser; hps_core/hashing.py (mix64) uses the same constants, so a key lands
+// in the same set on the CPU twin and the GPU.
 __device__ __forceinline__ unsigned long long hps_mix64(unsigned long long x) {
   x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
   x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
@@ -155,10 +158,37 @@ struct VecIO<hps_half, 1> {
   static __device__ __forceinline__ void store(hps_half* p, const float* s) { *p = hps_f2h(s[0]); }
 };
 
-// ---------------------------------------------------------------- warp-cooperative rows
-// A row of `dim` elements is cut into groups of VEC; lane l owns groups l, l+32, l+64, ...
-// (NV of them at most), so a warp's loads of one group index are contiguous (coalesced).
+// A group of VEC floats of a caller's buffer. The buffer's base is aligned for VEC (the host
+// narrows VEC until it is), but a row starts wherever its offset says: a row whose offset is
+// not a multiple of VEC takes the same groups element by element (`aligned` is warp-uniform,
+// one offset per key), so an odd caller layout is slower, never a misaligned access.
+template <int VEC>
+__device__ __forceinline__ void hps_group_load(const float* p, float* d, bool aligned) {
+  if (aligned) {
+    VecIO<float, VEC>::load(p, d);
+  } else {
+#pragma unroll
+    for (int c = 0; c < VEC; ++c) d[c] = p[c];
+  }
+}
 
+template <int VEC>
+__device__ __forceinline__ void hps_group_store(float* p, const float* s, bool aligned) {
+  if (aligned) {
+    VecIO<float, VEC>::store(p, s);
+  } else {
+#pragma unroll
+    for (int c = 0; c < VEC; ++c) p[c] = s[c];
+  }
+}
+
+// ---------------------------------------------------------------- warp-cooperative rows
+// A row of `dim` elements (dim a multiple of VEC) is cut into groups of VEC; lane l owns
+// groups l, l+32, l+64, ... (NV of them at most), so a warp's loads of one group index are
+// contiguous (coalesced). Storage rows are always aligned: every table's dim and value_base
+// are multiples of VEC.
+
+// Storage row -> registers.
 template <typename V, int VEC, int NV>
 __device__ __forceinline__ void hps_row_load(const V* row, int dim, int lane, float (&buf)[NV * VEC]) {
 #pragma unroll
@@ -168,28 +198,62 @@ __device__ __forceinline__ void hps_row_load(const V* row, int dim, int lane, fl
   }
 }
 
-template <typename V, int VEC, int NV>
-__device__ __forceinline__ void hps_row_store(V* row, int dim, int lane, const float (&buf)[NV * VEC]) {
+// Registers -> a caller's float32 row.
+template <int VEC, int NV>
+__device__ __forceinline__ void hps_row_store(float* row, int dim, int lane, const float (&buf)[NV * VEC],
+                                              bool aligned) {
 #pragma unroll
   for (int j = 0; j < NV; ++j) {
     const int e = (j * HPS_WARP + lane) * VEC;
-    if (e < dim) VecIO<V, VEC>::store(row + e, buf + j * VEC);
+    if (e < dim) hps_group_store<VEC>(row + e, buf + j * VEC, aligned);
   }
 }
 
-// Copy a float32 source row into storage row `dst` (writers hold the slot; no staging).
+// A caller's float32 row -> storage row `dst` (writers hold the slot; no staging).
 template <typename V, int VEC, int NV>
-__device__ __forceinline__ void hps_row_copy_in(V* dst, const float* src, int dim, int lane) {
+__device__ __forceinline__ void hps_row_copy_in(V* dst, const float* src, int dim, int lane, bool aligned) {
 #pragma unroll
   for (int j = 0; j < NV; ++j) {
     const int e = (j * HPS_WARP + lane) * VEC;
     if (e < dim) {
       float t[VEC];
-      VecIO<float, VEC>::load(src + e, t);
+      hps_group_load<VEC>(src + e, t, aligned);
       VecIO<V, VEC>::store(dst + e, t);
     }
   }
 }
+
+// ---------------------------------------------------------------- multi-table rows
+
+// Width of row i, or -1 when it cannot be served: its table id is outside [0, tables) or the
+// row [offset, offset + dim) does not lie inside a buffer of `size` floats. Kernels skip such
+// rows, so no access ever leaves the caller's buffer (the host does not read the offsets).
+__device__ __forceinline__ int hps_row_width(long long t, long long offset, int tables,
+                                             const long long* dims, long long size) {
+  if (t < 0 || t >= tables) return -1;
+  const long long dim = dims[t];
+  return (offset < 0 || offset > size - dim) ? -1 : static_cast<int>(dim);
+}
+
+// Report a row that did not fit: status[1] becomes 1 + its position (first reporter wins);
+// the host turns that into a RequestError after the read-back it does anyway. `status` is
+// null for calls that do not wait for their kernel (they cannot report; see gpu.py).
+__device__ __forceinline__ void hps_flag_row(unsigned* status, long long i, int lane) {
+  if (status != nullptr && lane == 0) atomicCAS(status + 1, 0u, static_cast<unsigned>(i + 1));
+}
+
+// Table owning global index x (a set or a slot), given each table's first index `base`
+// (ascending, base[0] == 0): the last t with base[t] <= x.
+__device__ __forceinline__ int hps_table_of(const long long* base, int tables, long long x) {
+  int lo = 0, hi = tables;  // invariant: base[lo] <= x, and x < base[hi] when hi < tables
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (base[mid] <= x) lo = mid; else hi = mid;
+  }
+  return lo;
+}
+
+// ---------------------------------------------------------------- grid
 
 __device__ __forceinline__ int hps_lane() { return static_cast<int>(threadIdx.x) & (HPS_WARP - 1); }
 
@@ -200,3 +264,5 @@ __device__ __forceinline__ long long hps_warp_id() {
 __device__ __forceinline__ long long hps_num_warps() {
   return (static_cast<long long>(gridDim.x) * blockDim.x) / HPS_WARP;
 }
+
+#endif  // HPS_COMMON_CUH

@@ -1,13 +1,26 @@
-// Dynamic (set-associative) embedding cache: query, replace/update, dump, clear.
+// Dynamic (set-associative) embedding caches of several tables in one structure: query,
+// replace/update, dump, clear, sizes, and the set of a key.
 //
-// Layout (num_sets sets of 32 ways; slot = set * 32 + way):
-//   slot_keys  K[num_sets * 32]
-//   slot_ver   unsigned[num_sets * 32]   seqlock word: bit 0 BUSY (a writer owns the slot),
-//                                        bit 1 OCC (holds a key), bits 2.. sequence number
-//   slot_ts    unsigned[num_sets * 32]   last access (host clock, one tick per call): LRU
-//   slot_freq  unsigned[num_sets * 32]   accesses since insertion: LFU
-//   set_locks  int[num_sets]             0 free, 1 held; writers only
-//   values     V[num_sets * 32 * dim]    float or hps_half (float16 bits)
+// Layout (the CPU twin's, hps_core/cache/cpu.py; global sets, slot = set * 32 + way):
+//   per table t (device arrays of length T, built once when the cache is made):
+//     dims[t], num_sets[t], set_base[t] (first global set), value_base[t] (first element)
+//   the set of key k of table t is set_base[t] + mix64(k) % num_sets[t]
+//   slot_keys  K[total_sets * 32]
+//   slot_ver   unsigned[total_sets * 32]   seqlock word: bit 0 BUSY (a writer owns the slot),
+//                                          bit 1 OCC (holds a key), bits 2.. sequence number
+//   slot_ts    u64[total_sets * 32]        last access (host clock, one tick per call): LRU
+//   slot_freq  u64[total_sets * 32]        accesses since insertion: LFU
+//   set_locks  int[total_sets]             0 free, 1 held; writers only
+//   values     V[sum of capacity * dim]    float or hps_half (float16 bits); the row of slot s
+//                                          of table t starts at value_base[t] + (s - set_base[t] * 32) * dims[t]
+// Callers' rows are flat (hps_core/rows.py): key i of table table_ids[i] has its row at
+// buffer[offsets[i] .. + dims[t]]; a row that does not fit the buffer is skipped and flagged
+// (common.cuh, hps_row_width), never read or written.
+//
+// LRU stamps and LFU counts are 64-bit, so neither wraps: a 32-bit clock ticked once per
+// call would wrap after 2^32 calls (days at a high request rate) and make the newest rows
+// look oldest. A victim is the slot with the smallest (count, stamp) under LFU, the smallest
+// stamp under LRU, the lower way on ties; an empty way first. Same choice as the CPU twin.
 //
 // One warp per key. Lane l looks at way l, so one __ballot_sync probes a whole set.
 //
@@ -23,7 +36,8 @@
 // never another key's. Rejected copies retry HPS_MAX_READ_TRIES times, then count as a
 // miss. Out rows are written only from an accepted register copy, so a miss leaves its row
 // untouched. The 30-bit sequence would have to wrap exactly (2^30 writes to one slot during
-// one copy) to fool a reader.
+// one copy) to fool a reader. Keys of different tables never share a set, so a key equal
+// in two tables cannot be confused either.
 //
 // LRU/LFU metadata written by readers (slot_ts store, slot_freq atomicAdd) is advisory: a
 // race with a writer can only misjudge a victim, never a value.
@@ -49,32 +63,52 @@ __device__ __forceinline__ void hps_set_unlock(int* lock, int lane) {
   if (lane == 0) atomicExch(lock, 0);
 }
 
-// Index (lane) of the smallest score in the warp; ties go to the lower lane.
-__device__ __forceinline__ int hps_warp_argmin(unsigned long long score, int lane) {
+// Lane holding the smallest (hi, lo) in the warp; ties go to the lower lane, so every lane
+// ends with the same answer.
+__device__ __forceinline__ int hps_warp_argmin(unsigned long long hi, unsigned long long lo, int lane) {
   int best = lane;
 #pragma unroll
   for (int off = HPS_WARP / 2; off > 0; off /= 2) {
-    const unsigned long long s2 = __shfl_xor_sync(HPS_FULL_MASK, score, off);
+    const unsigned long long h2 = __shfl_xor_sync(HPS_FULL_MASK, hi, off);
+    const unsigned long long l2 = __shfl_xor_sync(HPS_FULL_MASK, lo, off);
     const int b2 = __shfl_xor_sync(HPS_FULL_MASK, best, off);
-    if (s2 < score || (s2 == score && b2 < best)) {
-      score = s2;
+    if (h2 < hi || (h2 == hi && (l2 < lo || (l2 == lo && b2 < best)))) {
+      hi = h2;
+      lo = l2;
       best = b2;
     }
   }
   return best;
 }
 
+__device__ __forceinline__ long long hps_set_of(unsigned long long key_bits, long long t, const long long* set_base,
+                                                const unsigned long long* num_sets) {
+  return set_base[t] + static_cast<long long>(hps_mix64(key_bits) % num_sets[t]);
+}
+
+// status[0] counts misses (their positions go to miss_pos), status[1] flags a row that does
+// not fit `out`.
 template <typename K, typename V, int VEC, int NV>
-__global__ void dc_query(const K* __restrict__ keys, long long n, float* __restrict__ out, int dim,
-                         K* __restrict__ miss_keys, long long* __restrict__ miss_pos,
-                         unsigned* __restrict__ miss_count, const K* slot_keys,
-                         const unsigned* slot_ver, unsigned* slot_ts, unsigned* slot_freq,
-                         const V* values, unsigned long long num_sets, unsigned clock) {
+__global__ void dc_query(const long long* __restrict__ table_ids, const K* __restrict__ keys, long long n,
+                         float* __restrict__ out, const long long* __restrict__ offsets, long long out_size,
+                         long long* __restrict__ miss_pos, unsigned* status, const long long* dims,
+                         const long long* set_base, const unsigned long long* num_sets,
+                         const long long* value_base, int tables, const K* slot_keys, const unsigned* slot_ver,
+                         unsigned long long* slot_ts, unsigned long long* slot_freq, const V* values,
+                         unsigned long long clock) {
   const int lane = hps_lane();
   const long long nwarps = hps_num_warps();
   for (long long i = hps_warp_id(); i < n; i += nwarps) {
+    const long long t = table_ids[i];
+    const long long o = offsets[i];
+    const int dim = hps_row_width(t, o, tables, dims, out_size);
+    if (dim < 0) {
+      hps_flag_row(status, i, lane);
+      continue;
+    }
     const K key = keys[i];
-    const long long base = static_cast<long long>(hps_mix64(hps_key_bits(key)) % num_sets) * HPS_WARP;
+    const long long base = hps_set_of(hps_key_bits(key), t, set_base, num_sets) * HPS_WARP;
+    const long long first_slot = set_base[t] * HPS_WARP;  // table t's rows start at its first slot
     float buf[NV * VEC];
     long long slot = -1;
     for (int attempt = 0; attempt < HPS_MAX_READ_TRIES; ++attempt) {
@@ -85,7 +119,7 @@ __global__ void dc_query(const K* __restrict__ keys, long long n, float* __restr
       const long long s = base + (__ffs(match) - 1);
       const unsigned v1 = hps_ld_acquire(slot_ver + s);
       const K k = slot_keys[s];
-      hps_row_load<V, VEC, NV>(values + s * dim, dim, lane, buf);
+      hps_row_load<V, VEC, NV>(values + value_base[t] + (s - first_slot) * dim, dim, lane, buf);
       hps_fence();
       const unsigned v2 = hps_ld_relaxed(slot_ver + s);
       const unsigned v1_lane0 = __shfl_sync(HPS_FULL_MASK, v1, 0);
@@ -96,33 +130,42 @@ __global__ void dc_query(const K* __restrict__ keys, long long n, float* __restr
       }
     }
     if (slot >= 0) {
-      hps_row_store<float, VEC, NV>(out + i * dim, dim, lane, buf);
+      hps_row_store<VEC, NV>(out + o, dim, lane, buf, o % VEC == 0);
       if (lane == 0) {
         slot_ts[slot] = clock;
-        atomicAdd(slot_freq + slot, 1u);
+        atomicAdd(slot_freq + slot, 1ull);
       }
     } else if (lane == 0) {
-      const unsigned m = atomicAdd(miss_count, 1u);
-      miss_keys[m] = key;
-      miss_pos[m] = i;
+      miss_pos[atomicAdd(status, 1u)] = i;
     }
   }
 }
 
 // replace (insert != 0): insert or overwrite, evicting per policy from a full set.
 // update (insert == 0): overwrite keys already cached, insert nothing.
-// found_count counts the positions whose key was cached.
+// status[0] counts the positions whose key was cached, status[1] flags a row that does not
+// fit `src`; status is null for a replace (it does not wait for its kernel).
 template <typename K, typename V, int VEC, int NV>
-__global__ void dc_write(const K* __restrict__ keys, long long n, const float* __restrict__ src, int dim,
-                         K* slot_keys, unsigned* slot_ver, unsigned* slot_ts, unsigned* slot_freq,
-                         int* set_locks, V* values, unsigned long long num_sets, unsigned clock,
-                         int lfu, int insert, unsigned* __restrict__ found_count) {
+__global__ void dc_write(const long long* __restrict__ table_ids, const K* __restrict__ keys, long long n,
+                         const float* __restrict__ src, const long long* __restrict__ src_offsets,
+                         long long src_size, unsigned* status, const long long* dims, const long long* set_base,
+                         const unsigned long long* num_sets, const long long* value_base, int tables,
+                         K* slot_keys, unsigned* slot_ver, unsigned long long* slot_ts,
+                         unsigned long long* slot_freq, int* set_locks, V* values, unsigned long long clock,
+                         int lfu, int insert) {
   const int lane = hps_lane();
   const long long nwarps = hps_num_warps();
   for (long long i = hps_warp_id(); i < n; i += nwarps) {
+    const long long t = table_ids[i];
+    const long long o = src_offsets[i];
+    const int dim = hps_row_width(t, o, tables, dims, src_size);
+    if (dim < 0) {
+      hps_flag_row(status, i, lane);
+      continue;
+    }
     const K key = keys[i];
-    const unsigned long long set = hps_mix64(hps_key_bits(key)) % num_sets;
-    const long long base = static_cast<long long>(set) * HPS_WARP;
+    const long long set = hps_set_of(hps_key_bits(key), t, set_base, num_sets);
+    const long long base = set * HPS_WARP;
     hps_set_lock(set_locks + set, lane);
 
     const unsigned v_l = hps_ld_relaxed(slot_ver + base + lane);
@@ -131,18 +174,16 @@ __global__ void dc_write(const K* __restrict__ keys, long long n, const float* _
     int way = -1;
     if (match) {
       way = __ffs(match) - 1;
-      if (lane == 0) atomicAdd(found_count, 1u);
+      if (status != nullptr && lane == 0) atomicAdd(status, 1u);
     } else if (insert) {
       const unsigned empty = __ballot_sync(HPS_FULL_MASK, !(v_l & HPS_OCC));
       if (empty) {
         way = __ffs(empty) - 1;
       } else {
         // Readers update ts/freq without the lock: volatile loads see their latest values.
-        const unsigned ts = *(volatile unsigned*)(slot_ts + base + lane);
-        const unsigned fr = *(volatile unsigned*)(slot_freq + base + lane);
-        const unsigned long long score =
-            lfu ? ((static_cast<unsigned long long>(fr) << 32) | ts) : static_cast<unsigned long long>(ts);
-        way = hps_warp_argmin(score, lane);
+        const unsigned long long ts = *(volatile unsigned long long*)(slot_ts + base + lane);
+        const unsigned long long fr = *(volatile unsigned long long*)(slot_freq + base + lane);
+        way = lfu ? hps_warp_argmin(fr, ts, lane) : hps_warp_argmin(ts, 0ull, lane);
       }
     }
     if (way >= 0) {  // warp-uniform: derived from ballots and shuffles only
@@ -154,14 +195,15 @@ __global__ void dc_write(const K* __restrict__ keys, long long n, const float* _
       }
       __syncwarp();
       hps_fence();
-      hps_row_copy_in<V, VEC, NV>(values + s * dim, src + i * dim, dim, lane);
+      V* row = values + value_base[t] + (s - set_base[t] * HPS_WARP) * dim;
+      hps_row_copy_in<V, VEC, NV>(row, src + o, dim, lane, o % VEC == 0);
       if (lane == 0) {
         slot_keys[s] = key;
         slot_ts[s] = clock;
         if (match) {
-          atomicAdd(slot_freq + s, 1u);
+          atomicAdd(slot_freq + s, 1ull);
         } else {
-          atomicExch(slot_freq + s, 1u);
+          atomicExch(slot_freq + s, 1ull);
         }
       }
       hps_fence();  // every lane's part of the vector is visible before the publish
@@ -172,11 +214,12 @@ __global__ void dc_write(const K* __restrict__ keys, long long n, const float* _
   }
 }
 
-// Keys of sets [start_set, end_set): one warp per set, compacted with one atomicAdd per set.
+// (table, key) of every key held in global sets [start_set, end_set): one warp per set,
+// compacted with one atomicAdd per set; status[0] counts them.
 template <typename K>
-__global__ void dc_dump(const K* slot_keys, const unsigned* slot_ver, int* set_locks,
-                        long long start_set, long long end_set, K* __restrict__ out_keys,
-                        unsigned* __restrict__ out_count) {
+__global__ void dc_dump(const K* slot_keys, const unsigned* slot_ver, int* set_locks, const long long* set_base,
+                        int tables, long long start_set, long long end_set, K* __restrict__ out_keys,
+                        long long* __restrict__ out_tables, unsigned* status) {
   const int lane = hps_lane();
   const long long nwarps = hps_num_warps();
   for (long long set = start_set + hps_warp_id(); set < end_set; set += nwarps) {
@@ -187,25 +230,58 @@ __global__ void dc_dump(const K* slot_keys, const unsigned* slot_ver, int* set_l
     hps_set_unlock(set_locks + set, lane);
     const unsigned mask = __ballot_sync(HPS_FULL_MASK, occ);
     unsigned start = 0;
-    if (lane == 0 && mask) start = atomicAdd(out_count, static_cast<unsigned>(__popc(mask)));
+    if (lane == 0 && mask) start = atomicAdd(status, static_cast<unsigned>(__popc(mask)));
     start = __shfl_sync(HPS_FULL_MASK, start, 0);
-    if (occ) out_keys[start + __popc(mask & ((1u << lane) - 1u))] = k;
+    if (occ) {
+      const unsigned at = start + __popc(mask & ((1u << lane) - 1u));
+      out_keys[at] = k;
+      out_tables[at] = hps_table_of(set_base, tables, set);
+    }
   }
 }
 
-// Empty every set under its lock, bumping each slot's sequence so that a reader copying
-// a slot across the clear rejects its copy.
-extern "C" __global__ void dc_clear(unsigned* slot_ver, unsigned* slot_ts, unsigned* slot_freq,
-                                    int* set_locks, long long num_sets) {
+// sets[i] = global set of keys[i] in table table_ids[i] (-1 for a table id out of range):
+// the formula every other kernel uses, for the host's sets_of. One thread per key.
+template <typename K>
+__global__ void dc_sets(const long long* __restrict__ table_ids, const K* __restrict__ keys, long long n,
+                        const long long* set_base, const unsigned long long* num_sets, int tables,
+                        long long* __restrict__ sets) {
+  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const long long t = table_ids[i];
+    sets[i] = (t < 0 || t >= tables) ? -1 : hps_set_of(hps_key_bits(keys[i]), t, set_base, num_sets);
+  }
+}
+
+// Empty global sets [start_set, end_set) (all tables, or one table's range) under each set's
+// lock, bumping each slot's sequence so that a reader copying a slot across the clear
+// rejects its copy.
+extern "C" __global__ void dc_clear(unsigned* slot_ver, unsigned long long* slot_ts, unsigned long long* slot_freq,
+                                    int* set_locks, long long start_set, long long end_set) {
   const int lane = hps_lane();
   const long long nwarps = hps_num_warps();
-  for (long long set = hps_warp_id(); set < num_sets; set += nwarps) {
+  for (long long set = start_set + hps_warp_id(); set < end_set; set += nwarps) {
     const long long s = set * HPS_WARP + lane;
     hps_set_lock(set_locks + set, lane);
     const unsigned v = hps_ld_relaxed(slot_ver + s);
-    slot_ts[s] = 0u;
-    slot_freq[s] = 0u;
+    slot_ts[s] = 0ull;
+    slot_freq[s] = 0ull;
     hps_st_release(slot_ver + s, (v + HPS_SEQ_STEP) & ~(HPS_BUSY | HPS_OCC));
     hps_set_unlock(set_locks + set, lane);
+  }
+}
+
+// status[2 + t] += keys held by table t: one warp per set, one atomicAdd per non-empty set.
+// A snapshot without locks: concurrent writers may be counted before or after their write.
+extern "C" __global__ void dc_sizes(const unsigned* slot_ver, const long long* set_base, int tables,
+                                    long long total_sets, unsigned* status) {
+  const int lane = hps_lane();
+  const long long nwarps = hps_num_warps();
+  for (long long set = hps_warp_id(); set < total_sets; set += nwarps) {
+    const bool occ = (hps_ld_relaxed(slot_ver + set * HPS_WARP + lane) & HPS_OCC) != 0;
+    const unsigned mask = __ballot_sync(HPS_FULL_MASK, occ);
+    if (lane == 0 && mask) {
+      atomicAdd(status + 2 + hps_table_of(set_base, tables, set), static_cast<unsigned>(__popc(mask)));
+    }
   }
 }

@@ -1,16 +1,24 @@
-// Static embedding table: the whole table resident, open addressing key -> row, no eviction.
+// Static embedding tables of several tables in one structure: each table wholly resident,
+// open addressing key -> row, no eviction.
 //
-// Layout:
-//   slot_keys  K[nslots]          nslots a power of two >= 2 * capacity (load <= 1/2)
-//   slot_rows  int[nslots]        -1 empty, -2 claimed by an insert in progress, else the row
-//   row_keys   K[capacity]        the key a row belongs to, checked by readers
-//   row_ver    unsigned[capacity] seqlock and writer lock of the row: bit 0 BUSY, +2 per write
-//   values     V[capacity * dim]
-//   n_rows     unsigned[1]        rows handed out (the host checks room before inserting)
+// Layout (the CPU twin's, hps_core/cache/cpu.py), per table t (device arrays built once):
+//   dims[t]; slot_base[t] (T + 1 entries: table t owns slots [slot_base[t], slot_base[t+1]),
+//   a power of two >= 2 * capacity, load <= 1/2); slot_mask[t] (that size - 1);
+//   value_base[t] (first element of its rows); row_base[t] (first global row); capacities[t]
+//   slot_keys  K[total slots]
+//   slot_rows  int[total slots]      -1 empty, -2 claimed by an insert in progress, -3 dead
+//                                    (an insert that found no row left; see st_write), else
+//                                    the row within the table
+//   row_keys   K[total rows]         the key a row belongs to, checked by readers
+//   row_ver    unsigned[total rows]  seqlock and writer lock of the row: bit 0 BUSY, +2 per write
+//   values     V[sum of capacity * dim]; row r of table t at value_base[t] + r * dims[t]
+//   row_count  unsigned[T]           rows handed out (the host checks room before inserting)
+// Callers' rows are flat (hps_core/rows.py); a row that does not fit the caller's buffer is
+// skipped and flagged (common.cuh, hps_row_width).
 //
-// Linear probing, one warp per key: lane l looks at slot start + w + l, so one
-// __ballot_sync scans 32 slots. Slots are never freed (clear resets the whole table), so
-// a key is always before the first empty slot of its probe sequence.
+// Linear probing within the table's region, one warp per key: lane l looks at slot
+// start + w + l, so one __ballot_sync scans 32 slots. Slots are never freed (clear resets a
+// whole table), so a key is always before the first empty slot of its probe sequence.
 //
 // Concurrency. An insert claims an empty slot with atomicCAS(-1 -> -2), writes the key and
 // the row, then publishes the row number with a release store; a reader (acquire load)
@@ -21,18 +29,21 @@
 // between an acquire load and a fenced reload of row_ver and keep the copy only if both
 // are equal and even and row_keys[row] is their key (which also rejects a row reused after
 // a concurrent clear). See dynamic_cache.cu for why that cannot yield a torn vector.
+// Writes and clears are serialised by the host (one at a time, each waiting for its kernel).
 #include "common.cuh"
 
 #define HPS_SLOT_EMPTY (-1)
 #define HPS_SLOT_CLAIMED (-2)
+#define HPS_SLOT_DEAD (-3)
 
-// Row of `key`, or -1. Skips claimed slots: a key whose insert has not published is absent.
+// Row of `key` in the region [region, region + mask + 1), or -1. Skips claimed and dead
+// slots: a key whose insert has not published is absent.
 template <typename K>
-__device__ __forceinline__ int st_probe(const K key, const K* slot_keys, const int* slot_rows,
-                                        unsigned long long mask, int lane) {
+__device__ __forceinline__ int st_probe(const K key, long long region, unsigned long long mask, const K* slot_keys,
+                                        const int* slot_rows, int lane) {
   const unsigned long long start = hps_mix64(hps_key_bits(key)) & mask;
   for (unsigned long long w = 0; w <= mask; w += HPS_WARP) {
-    const unsigned long long s = (start + w + lane) & mask;
+    const long long s = region + static_cast<long long>((start + w + lane) & mask);
     const int r = hps_ld_acquire(slot_rows + s);
     const K k = slot_keys[s];
     const unsigned match = __ballot_sync(HPS_FULL_MASK, r >= 0 && k == key);
@@ -42,26 +53,37 @@ __device__ __forceinline__ int st_probe(const K key, const K* slot_keys, const i
   return -1;
 }
 
+// status[0] counts misses (their positions go to miss_pos), status[1] flags a row that does
+// not fit `out`.
 template <typename K, typename V, int VEC, int NV>
-__global__ void st_query(const K* __restrict__ keys, long long n, float* __restrict__ out, int dim,
-                         K* __restrict__ miss_keys, long long* __restrict__ miss_pos,
-                         unsigned* __restrict__ miss_count, const K* slot_keys, const int* slot_rows,
-                         const K* row_keys, const unsigned* row_ver, const V* values,
-                         unsigned long long mask) {
+__global__ void st_query(const long long* __restrict__ table_ids, const K* __restrict__ keys, long long n,
+                         float* __restrict__ out, const long long* __restrict__ offsets, long long out_size,
+                         long long* __restrict__ miss_pos, unsigned* status, const long long* dims,
+                         const long long* slot_base, const unsigned long long* slot_mask,
+                         const long long* value_base, const long long* row_base, int tables, const K* slot_keys,
+                         const int* slot_rows, const K* row_keys, const unsigned* row_ver, const V* values) {
   const int lane = hps_lane();
   const long long nwarps = hps_num_warps();
   for (long long i = hps_warp_id(); i < n; i += nwarps) {
+    const long long t = table_ids[i];
+    const long long o = offsets[i];
+    const int dim = hps_row_width(t, o, tables, dims, out_size);
+    if (dim < 0) {
+      hps_flag_row(status, i, lane);
+      continue;
+    }
     const K key = keys[i];
     float buf[NV * VEC];
     bool hit = false;
     for (int attempt = 0; attempt < HPS_MAX_READ_TRIES; ++attempt) {
-      const int row = st_probe<K>(key, slot_keys, slot_rows, mask, lane);
+      const int row = st_probe<K>(key, slot_base[t], slot_mask[t], slot_keys, slot_rows, lane);
       if (row < 0) break;
-      const unsigned v1 = hps_ld_acquire(row_ver + row);
-      const K rk = row_keys[row];
-      hps_row_load<V, VEC, NV>(values + static_cast<long long>(row) * dim, dim, lane, buf);
+      const long long g = row_base[t] + row;
+      const unsigned v1 = hps_ld_acquire(row_ver + g);
+      const K rk = row_keys[g];
+      hps_row_load<V, VEC, NV>(values + value_base[t] + static_cast<long long>(row) * dim, dim, lane, buf);
       hps_fence();
-      const unsigned v2 = hps_ld_relaxed(row_ver + row);
+      const unsigned v2 = hps_ld_relaxed(row_ver + g);
       const unsigned v1_lane0 = __shfl_sync(HPS_FULL_MASK, v1, 0);
       if (__all_sync(HPS_FULL_MASK, v1 == v2 && v1 == v1_lane0 && !(v1 & 1u) && rk == key)) {
         hit = true;
@@ -69,67 +91,109 @@ __global__ void st_query(const K* __restrict__ keys, long long n, float* __restr
       }
     }
     if (hit) {
-      hps_row_store<float, VEC, NV>(out + i * dim, dim, lane, buf);
+      hps_row_store<VEC, NV>(out + o, dim, lane, buf, o % VEC == 0);
     } else if (lane == 0) {
-      const unsigned m = atomicAdd(miss_count, 1u);
-      miss_keys[m] = key;
-      miss_pos[m] = i;
+      miss_pos[atomicAdd(status, 1u)] = i;
     }
   }
 }
 
-// rows[i] = row of keys[i] or -1 (the host counts new keys before an insert).
+// Before a replace: status[2 + t] counts the distinct keys of table t that the batch would
+// add, de-duplicated through a scratch hash set of (table, key) (scratch_tables starts all
+// -1; its size is a power of two >= 2n); status[1] flags a row that does not fit `src`, so
+// the host refuses a bad batch, or one that does not fit a table, before anything is written.
 template <typename K>
-__global__ void st_find(const K* __restrict__ keys, long long n, const K* slot_keys,
-                        const int* slot_rows, unsigned long long mask, int* __restrict__ rows) {
+__global__ void st_count_new(const long long* __restrict__ table_ids, const K* __restrict__ keys, long long n,
+                             const long long* __restrict__ src_offsets, long long src_size, unsigned* status,
+                             const long long* dims, const long long* slot_base, const unsigned long long* slot_mask,
+                             int tables, const K* slot_keys, const int* slot_rows, int* scratch_tables,
+                             K* scratch_keys, unsigned long long scratch_mask) {
   const int lane = hps_lane();
   const long long nwarps = hps_num_warps();
   for (long long i = hps_warp_id(); i < n; i += nwarps) {
-    const int row = st_probe<K>(keys[i], slot_keys, slot_rows, mask, lane);
-    if (lane == 0) rows[i] = row;
+    const long long t = table_ids[i];
+    if (hps_row_width(t, src_offsets[i], tables, dims, src_size) < 0) {
+      hps_flag_row(status, i, lane);
+      continue;
+    }
+    const K key = keys[i];
+    const bool stored = st_probe<K>(key, slot_base[t], slot_mask[t], slot_keys, slot_rows, lane) >= 0;
+    if (!stored && lane == 0) {  // claim (-1 -> -2), write the key, publish the table id with a release
+      unsigned long long s = (hps_mix64(hps_key_bits(key)) + static_cast<unsigned long long>(t)) & scratch_mask;
+      for (;;) {
+        int seen = atomicCAS(scratch_tables + s, HPS_SLOT_EMPTY, HPS_SLOT_CLAIMED);
+        if (seen == HPS_SLOT_EMPTY) {
+          scratch_keys[s] = key;
+          hps_fence();
+          hps_st_release(scratch_tables + s, static_cast<int>(t));
+          atomicAdd(status + 2 + t, 1u);
+          break;
+        }
+        do {  // acquire the published table id, so the key read below is the claimer's
+          seen = hps_ld_acquire(scratch_tables + s);
+        } while (seen == HPS_SLOT_CLAIMED);
+        if (seen == t && scratch_keys[s] == key) break;  // a duplicate within the batch
+        s = (s + 1) & scratch_mask;
+      }
+    }
+    __syncwarp();
   }
 }
 
-// Write a row under its row lock (row_ver odd while held).
+// Write a row under its row lock (row_ver odd while held). `g` is the global row.
 template <typename K, typename V, int VEC, int NV>
-__device__ __forceinline__ void st_write_row(int row, const K key, const float* src, int dim,
-                                             K* row_keys, unsigned* row_ver, V* values, int lane) {
+__device__ __forceinline__ void st_write_row(long long g, V* row, const K key, const float* src, bool aligned,
+                                             int dim, K* row_keys, unsigned* row_ver, int lane) {
   unsigned v = 0;
   if (lane == 0) {
     for (;;) {
-      v = hps_ld_relaxed(row_ver + row);
-      if (!(v & 1u) && atomicCAS(row_ver + row, v, v | 1u) == v) break;
+      v = hps_ld_relaxed(row_ver + g);
+      if (!(v & 1u) && atomicCAS(row_ver + g, v, v | 1u) == v) break;
       __nanosleep(32);
     }
     hps_fence();  // BUSY is visible before any byte of the row changes
   }
   __syncwarp();
   hps_fence();
-  hps_row_copy_in<V, VEC, NV>(values + static_cast<long long>(row) * dim, src, dim, lane);
-  if (lane == 0) row_keys[row] = key;
+  hps_row_copy_in<V, VEC, NV>(row, src, dim, lane, aligned);
+  if (lane == 0) row_keys[g] = key;
   hps_fence();
   __syncwarp();
-  if (lane == 0) hps_st_release(row_ver + row, v + 2u);
+  if (lane == 0) hps_st_release(row_ver + g, v + 2u);
 }
 
 // insert != 0: upsert (the host made sure the new keys fit); insert == 0: update only.
-// found_count counts the positions whose key was already stored.
+// status[0] counts the positions whose key was already stored; status[1] flags a row that
+// does not fit `src`, or a new key that found its table without a free row (which the host's
+// room check rules out; the slot is then marked dead rather than written past the table).
 template <typename K, typename V, int VEC, int NV>
-__global__ void st_write(const K* __restrict__ keys, long long n, const float* __restrict__ src, int dim,
-                         K* slot_keys, int* slot_rows, K* row_keys, unsigned* row_ver, V* values,
-                         unsigned long long mask, unsigned* n_rows, int insert,
-                         unsigned* __restrict__ found_count) {
+__global__ void st_write(const long long* __restrict__ table_ids, const K* __restrict__ keys, long long n,
+                         const float* __restrict__ src, const long long* __restrict__ src_offsets,
+                         long long src_size, unsigned* status, const long long* dims, const long long* slot_base,
+                         const unsigned long long* slot_mask, const long long* value_base,
+                         const long long* row_base, const long long* capacities, int tables, K* slot_keys,
+                         int* slot_rows, K* row_keys, unsigned* row_ver, V* values, unsigned* row_count,
+                         int insert) {
   const int lane = hps_lane();
   const long long nwarps = hps_num_warps();
   for (long long i = hps_warp_id(); i < n; i += nwarps) {
+    const long long t = table_ids[i];
+    const long long o = src_offsets[i];
+    const int dim = hps_row_width(t, o, tables, dims, src_size);
+    if (dim < 0) {
+      hps_flag_row(status, i, lane);
+      continue;
+    }
     const K key = keys[i];
+    const long long region = slot_base[t];
+    const unsigned long long mask = slot_mask[t];
     const unsigned long long start = hps_mix64(hps_key_bits(key)) & mask;
     unsigned long long w = 0;
     int row = -1;
     bool claimed = false;
-    unsigned long long claimed_slot = 0;
+    long long claimed_slot = 0;
     while (w <= mask) {
-      const unsigned long long s = (start + w + lane) & mask;
+      const long long s = region + static_cast<long long>((start + w + lane) & mask);
       const int r = hps_ld_acquire(slot_rows + s);
       const K k = slot_keys[s];
       const unsigned match = __ballot_sync(HPS_FULL_MASK, r >= 0 && k == key);
@@ -160,19 +224,65 @@ __global__ void st_write(const K* __restrict__ keys, long long n, const float* _
       }
       // lost the race for that slot: look at the window again
     }
+    const bool aligned = o % VEC == 0;
     if (row >= 0) {
-      if (lane == 0) atomicAdd(found_count, 1u);
-      st_write_row<K, V, VEC, NV>(row, key, src + i * dim, dim, row_keys, row_ver, values, lane);
+      if (lane == 0) atomicAdd(status, 1u);
+      st_write_row<K, V, VEC, NV>(row_base[t] + row, values + value_base[t] + static_cast<long long>(row) * dim,
+                                  key, src + o, aligned, dim, row_keys, row_ver, lane);
     } else if (claimed) {
       int new_row = 0;
-      if (lane == 0) {
-        slot_keys[claimed_slot] = key;
-        new_row = static_cast<int>(atomicAdd(n_rows, 1u));
-      }
+      if (lane == 0) new_row = static_cast<int>(atomicAdd(row_count + t, 1u));
       new_row = __shfl_sync(HPS_FULL_MASK, new_row, 0);
-      st_write_row<K, V, VEC, NV>(new_row, key, src + i * dim, dim, row_keys, row_ver, values, lane);
+      if (new_row >= capacities[t]) {  // never past the table: the slot stays taken, unused
+        if (lane == 0) hps_st_release(slot_rows + claimed_slot, HPS_SLOT_DEAD);
+        hps_flag_row(status, i, lane);
+        continue;
+      }
+      if (lane == 0) slot_keys[claimed_slot] = key;
+      st_write_row<K, V, VEC, NV>(row_base[t] + new_row, values + value_base[t] + static_cast<long long>(new_row) * dim,
+                                  key, src + o, aligned, dim, row_keys, row_ver, lane);
       // Publish: key and row contents happen-before a reader's acquire of the row number.
       if (lane == 0) hps_st_release(slot_rows + claimed_slot, new_row);
     }
+  }
+}
+
+// (table, key) of every key held in slots [start_slot, end_slot) (whole tables): one warp
+// per 32 slots, compacted with one atomicAdd per warp; status[0] counts them.
+template <typename K>
+__global__ void st_dump(const K* slot_keys, const int* slot_rows, const long long* slot_base, int tables,
+                        long long start_slot, long long end_slot, K* __restrict__ out_keys,
+                        long long* __restrict__ out_tables, unsigned* status) {
+  const int lane = hps_lane();
+  const long long nwarps = hps_num_warps();
+  for (long long chunk = start_slot + hps_warp_id() * HPS_WARP; chunk < end_slot; chunk += nwarps * HPS_WARP) {
+    const long long s = chunk + lane;
+    const bool held = s < end_slot && hps_ld_acquire(slot_rows + s) >= 0;
+    const unsigned mask = __ballot_sync(HPS_FULL_MASK, held);
+    unsigned start = 0;
+    if (lane == 0 && mask) start = atomicAdd(status, static_cast<unsigned>(__popc(mask)));
+    start = __shfl_sync(HPS_FULL_MASK, start, 0);
+    if (held) {
+      const unsigned at = start + __popc(mask & ((1u << lane) - 1u));
+      out_keys[at] = slot_keys[s];
+      out_tables[at] = hps_table_of(slot_base, tables, s);
+    }
+  }
+}
+
+// Empty tables [start_table, end_table): their slots [start_slot, end_slot) become empty,
+// their rows [start_row, end_row) get a new version (a reader copying across the clear
+// rejects its copy), their row counters restart at 0. One thread per element.
+extern "C" __global__ void st_clear(int* slot_rows, unsigned* row_ver, unsigned* row_count, long long start_slot,
+                                    long long end_slot, long long start_row, long long end_row, int start_table,
+                                    int end_table) {
+  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+  for (long long j = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;; j += stride) {
+    const bool more_slots = start_slot + j < end_slot;
+    const bool more_rows = start_row + j < end_row;
+    if (!more_slots && !more_rows) break;
+    if (more_slots) slot_rows[start_slot + j] = HPS_SLOT_EMPTY;
+    if (more_rows) row_ver[start_row + j] += 2u;
+    if (start_table + j < end_table) row_count[start_table + j] = 0u;
   }
 }

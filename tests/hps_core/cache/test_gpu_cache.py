@@ -1,43 +1,71 @@
-"""GPU caches beyond the contract suite: kernel shape selection (runs anywhere), and on a
-GPU with CuPy: agreement with the CPU twin, concurrent streams, misaligned buffers."""
+"""GPU caches beyond the contract suites: kernel shape selection and the CuPy-free import
+(these run anywhere), and on a GPU with CuPy: agreement with the CPU twins on a 3-table
+cache, concurrent streams and threads, misaligned buffers, rows that do not fit, the LRU
+clock past 2**32, arrays on another device, and the launches and syncs of each call."""
 
 from __future__ import annotations
 
+import itertools
+import sys
 import threading
 from typing import Any
 
 import numpy as np
 import pytest
 
-from hps_core.cache import CpuEmbeddingCache, make_cache
-from hps_core.cache._kernels import MAX_GPU_DIM, vector_shape
-from hps_core.errors import ConfigError
+from hps_core.cache import WAYS, CacheFullError, CpuDynamicCache, CpuStaticCache, EmbeddingCache, TableView
+from hps_core.cache import gpu
+from hps_core.cache._kernels import MAX_GPU_DIM, vector_shape, vector_shapes
+from hps_core.errors import ConfigError, RequestError
+from hps_core.rows import copy_rows, row_offsets
 
-DIM = 16
+DIMS = np.array([8, 3, 16], np.int64)  # gcd 1: VEC 1
+DIMS4 = np.array([8, 4, 16], np.int64)  # gcd 4: VEC 4 where buffers allow
 
 
 @pytest.mark.parametrize(
-    ("dim", "dtype", "pointers", "expected"),
+    ("dims", "pointers", "expected"),
     [
-        (128, np.float32, (), (4, 1)),
-        (256, np.float32, (), (4, 2)),
-        (1024, np.float32, (), (4, 8)),
-        (130, np.float32, (), (2, 4)),  # 65 half-groups of 2 per 32 lanes -> 3, rounded to 4
-        (3, np.float16, (), (1, 1)),
-        (64, np.float16, (), (4, 1)),
-        (128, np.float32, (8,), (2, 2)),  # out only 8-byte aligned: no float4
-        (1023, np.float32, (), (1, 32)),
+        ([128], (), (4, 1)),
+        ([256], (), (4, 2)),
+        ([1024], (), (4, 8)),
+        ([130], (), (2, 4)),  # 65 groups of 2 per 32 lanes -> 3, rounded to 4
+        ([3], (), (1, 1)),
+        ([64, 128, 32], (), (4, 1)),
+        ([8, 3, 16], (), (1, 1)),  # a dim of 3: single floats, whatever the others
+        ([8, 6, 16], (), (2, 1)),  # gcd 2
+        ([4, 1024], (), (4, 8)),  # NV from the widest table
+        ([2, 1000], (), (2, 16)),
+        ([128], (8,), (2, 2)),  # a buffer only 8-byte aligned: no float4
+        ([128], (256, 4), (1, 4)),  # the least aligned buffer decides
+        ([1023], (), (1, 32)),
     ],
 )
-def test_vector_shape(dim: int, dtype: Any, pointers: tuple[int, ...], expected: tuple[int, int]) -> None:
-    vec, nv = vector_shape(dim, dtype, *pointers)
+def test_vector_shape(dims: list[int], pointers: tuple[int, ...], expected: tuple[int, int]) -> None:
+    vec, nv = vector_shape(dims, *pointers)
     assert (vec, nv) == expected
-    assert vec * nv <= 32 and 32 * vec * nv >= dim
+    assert vec * nv <= 32 and 32 * vec * nv >= max(dims) and all(d % vec == 0 for d in dims)
+
+
+def test_vector_shapes_offer_every_narrower_width() -> None:
+    """A call on a misaligned buffer narrows VEC: the cache compiles each width up front."""
+    assert vector_shapes([128, 64]) == {4: 1, 2: 2, 1: 4}
+    assert vector_shapes([6, 10]) == {2: 1, 1: 1}
+    assert vector_shapes([7]) == {1: 1}
 
 
 def test_vector_shape_refuses_wide_rows() -> None:
     with pytest.raises(ConfigError, match=str(MAX_GPU_DIM)):
-        vector_shape(MAX_GPU_DIM + 1, np.float32)
+        vector_shape([4, MAX_GPU_DIM + 1])
+
+
+def test_gpu_module_imports_without_cupy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CI has no CuPy: importing gpu.py must work, constructing a cache must say why not."""
+    monkeypatch.setitem(sys.modules, "cupy", None)  # `import cupy` now raises ImportError
+    with pytest.raises(ConfigError, match="1024"):  # checked before CuPy is needed
+        gpu.GpuDynamicCache([64], [MAX_GPU_DIM + 1])
+    with pytest.raises(ConfigError, match="CuPy"):
+        gpu.GpuStaticCache([64, 8], [4, 4])
 
 
 # --------------------------------------------------------------------------- on a GPU
@@ -48,73 +76,143 @@ def cp() -> Any:
     return pytest.importorskip("cupy", reason="GPU caches need CuPy")
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("policy", ["lru", "lfu"])
-def test_gpu_and_cpu_twin_hold_keys_in_the_same_sets(cp: Any, policy: str) -> None:
-    gpu = make_cache("dynamic", device=0, capacity=4096, dim=8, policy=policy)
-    cpu = CpuEmbeddingCache(4096, 8, policy=policy)
-    keys = np.random.default_rng(0).choice(2**40, 3000, replace=False).astype(np.int64)
-    np.testing.assert_array_equal(gpu.set_of(cp.asarray(keys)).get(), cpu.set_of(keys))
-    vals = np.random.default_rng(1).standard_normal((3000, 8)).astype(np.float32)
-    gpu.replace(cp.asarray(keys), cp.asarray(vals))
-    cpu.replace(keys, vals)
-    for s in range(0, gpu.num_sets, 7):  # no set overflowed, so both hold the same keys
-        np.testing.assert_array_equal(np.sort(gpu.dump(s, s + 1).get()), np.sort(cpu.dump(s, s + 1)))
+def make(kind: str, capacities: list[int], dims: Any, **kwargs: Any) -> Any:
+    cls = gpu.GpuDynamicCache if kind == "dynamic" else gpu.GpuStaticCache
+    return cls(capacities, [int(d) for d in dims], device=0, **kwargs)
+
+
+def host(arr: Any) -> np.ndarray:
+    return arr if isinstance(arr, np.ndarray) else arr.get()
+
+
+def pairs(tables: Any, keys: Any) -> list[tuple[int, int]]:
+    return sorted(zip(host(tables).tolist(), host(keys).astype(np.int64).tolist()))
+
+
+def batch(rng: np.random.Generator, per_table: list[int], universe: int) -> tuple[np.ndarray, np.ndarray]:
+    """(table_ids, keys), tables interleaved, distinct keys per table."""
+    ids = np.repeat(np.arange(len(per_table)), per_table).astype(np.int64)
+    keys = np.concatenate([rng.choice(universe, k, replace=False) for k in per_table]).astype(np.int64)
+    order = rng.permutation(len(keys))
+    return ids[order], keys[order]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["dynamic", "static"])
-def test_misaligned_out_falls_back_to_narrower_loads(cp: Any, kind: str) -> None:
-    cache = make_cache(kind, device=0, capacity=256, dim=DIM)
-    keys = cp.arange(10, dtype=cp.int64)
-    vals = cp.arange(10 * DIM, dtype=cp.float32).reshape(10, DIM)
-    cache.replace(keys, vals)
-    flat = cp.zeros(10 * DIM + 1, cp.float32)
-    out = flat[1:].reshape(10, DIM)  # 4-byte aligned only
-    missing, _ = cache.query(keys, out)
-    assert missing.size == 0
-    cp.testing.assert_array_equal(out, vals)
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+@pytest.mark.parametrize("value_dtype", [np.float32, np.float16])
+def test_gpu_and_cpu_twin_agree_on_sets_and_contents(cp: Any, kind: str, policy: str, value_dtype: Any) -> None:
+    """3 tables, dims (8, 3, 16), loaded lightly (no set overflows, so nothing is evicted and
+    both must hold exactly the same keys in the same sets with the same rows)."""
+    caps = [4096, 2048, 1024]
+    cpu_cls = CpuDynamicCache if kind == "dynamic" else CpuStaticCache
+    g = make(kind, caps, DIMS, policy=policy, value_dtype=value_dtype)
+    c = cpu_cls(caps, DIMS.tolist(), policy=policy, value_dtype=value_dtype)
+    for attr in ("dims", "capacities", "num_sets", "set_base", "value_base"):
+        np.testing.assert_array_equal(getattr(g, attr), getattr(c, attr), err_msg=attr)
+    assert (g.total_sets, g.kind, g.policy) == (c.total_sets, c.kind, c.policy)
+
+    rng = np.random.default_rng(0)
+    ids, keys = batch(rng, [600, 300, 150], 2**40)
+    keys[np.flatnonzero(ids == 1)[:10]] = keys[np.flatnonzero(ids == 0)[:10]]  # same keys in two tables
+    offs, total = row_offsets(ids, DIMS)
+    vals = rng.standard_normal(total).astype(np.float32)
+    np.testing.assert_array_equal(host(g.sets_of(cp.asarray(ids), cp.asarray(keys))), c.sets_of(ids, keys))
+    g.replace_tables(cp.asarray(ids), cp.asarray(keys), cp.asarray(vals), cp.asarray(offs))
+    c.replace_tables(ids, keys, vals, offs)
+
+    def same_state() -> None:
+        np.testing.assert_array_equal(g.sizes(), c.sizes())
+        for lo in range(0, g.total_sets, 7):
+            assert pairs(*g.dump_sets(lo, lo + 7)) == pairs(*c.dump_sets(lo, lo + 7)), lo
+        probe_ids = np.concatenate([ids, [0, 1, 2]]).astype(np.int64)
+        probe_keys = np.concatenate([keys, [2**41] * 3]).astype(np.int64)
+        probe_offs, size = row_offsets(probe_ids, DIMS)
+        out_g, out_c = cp.full(size, -7.0, cp.float32), np.full(size, -7.0, np.float32)
+        miss_g = g.query_tables(cp.asarray(probe_ids), cp.asarray(probe_keys), out_g, cp.asarray(probe_offs))
+        miss_c = c.query_tables(probe_ids, probe_keys, out_c, probe_offs)
+        np.testing.assert_array_equal(np.sort(host(miss_g)), miss_c)
+        np.testing.assert_array_equal(host(out_g), out_c)
+
+    same_state()
+    upd_ids = np.concatenate([ids[:50], [2]]).astype(np.int64)
+    upd_keys = np.concatenate([keys[:50], [2**41]]).astype(np.int64)
+    upd_offs, upd_total = row_offsets(upd_ids, DIMS)
+    upd = rng.standard_normal(upd_total).astype(np.float32)
+    assert g.update_tables(cp.asarray(upd_ids), cp.asarray(upd_keys), cp.asarray(upd), cp.asarray(upd_offs)) == \
+        c.update_tables(upd_ids, upd_keys, upd, upd_offs) == 50
+    same_state()
+    g.clear(1)
+    c.clear(1)
+    same_state()
+
+
+def encode(ids: np.ndarray, keys: np.ndarray, version: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows naming their table and key (element 0) and the writer's version (the others),
+    all exact in float16: a torn row has two versions, another key's row a wrong element 0."""
+    offs, total = row_offsets(ids, DIMS)
+    vals = np.full(total, float(version), np.float32)
+    vals[offs] = (keys % 512) * 4 + ids
+    return vals, offs
+
+
+def wrong_rows(ids: np.ndarray, keys: np.ndarray, out: np.ndarray, offs: np.ndarray, hit: np.ndarray) -> int:
+    wrong = 0
+    for t, dim in enumerate(DIMS.tolist()):
+        sel = hit & (ids == t)
+        rows = out[offs[sel][:, None] + np.arange(dim)]
+        wrong += int((rows[:, 0] != (keys[sel] % 512) * 4 + t).sum())
+        wrong += int((rows[:, 1:] != rows[:, 1:2]).any(axis=1).sum())
+    return wrong
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["dynamic", "static"])
 @pytest.mark.parametrize("value_dtype", [np.float32, np.float16])
 def test_streams_and_threads_never_see_wrong_or_torn_vectors(cp: Any, kind: str, value_dtype: Any) -> None:
-    """Writers rewrite keys with vectors naming (key, version) while readers on other
-    streams query them: every hit must carry its own key and one version throughout."""
-    universe = 20_000
-    cache = make_cache(kind, device=0, capacity=4096 if kind == "dynamic" else universe, dim=DIM,
-                       value_dtype=value_dtype)
+    """Writers rewrite rows of all three tables (and a dynamic cache is cleared now and then)
+    while readers on other streams query them: every hit must carry its own table and key and
+    one version throughout."""
+    universe = 6000  # keys per table
+    caps = [1024, 1024, 1024] if kind == "dynamic" else [universe] * 3  # dynamic: constant eviction
+    cache = make(kind, caps, DIMS, value_dtype=value_dtype)
     stop = threading.Event()
     bad: list[int] = []
+    hits: list[int] = []
 
     def writer(seed: int) -> None:
         rng = np.random.default_rng(seed)
         stream = cp.cuda.Stream(non_blocking=True)
-        version = 0
-        while not stop.is_set():
-            keys = rng.choice(universe, 8192, replace=False).astype(np.int64)
-            version = (version + 1) % 1000  # exact in float16
-            v = np.full((len(keys), DIM), float(version), np.float32)
-            v[:, 0] = keys % 2048  # exact in float16
-            cache.replace(cp.asarray(keys), cp.asarray(v), stream=stream)
+        for step in itertools.count(1):
+            if stop.is_set():
+                return
+            flat = rng.choice(3 * universe, 8192, replace=False)
+            ids, keys = (flat // universe).astype(np.int64), (flat % universe).astype(np.int64)
+            vals, offs = encode(ids, keys, step % 1000)
+            args = [cp.asarray(a) for a in (ids, keys, vals, offs)]
+            cache.replace_tables(*args, stream=stream)
+            cache.update_tables(*args, stream=stream)
+            if kind == "dynamic" and seed == 1 and step % 50 == 0:
+                cache.clear(step % 3, stream=stream)
             stream.synchronize()
 
     def reader(seed: int) -> None:
         rng = np.random.default_rng(seed)
         stream = cp.cuda.Stream(non_blocking=True)
-        wrong = 0
-        for _ in range(200):
+        wrong = found = 0
+        for _ in range(150):
+            ids = rng.integers(0, 3, 65536).astype(np.int64)
             keys = rng.integers(0, universe, 65536).astype(np.int64)
+            offs, total = row_offsets(ids, DIMS)
             with stream:
-                out = cp.zeros((len(keys), DIM), cp.float32)
-            _, missing = cache.query(cp.asarray(keys), out, stream=stream)
-            host, hit = out.get(stream=stream), np.ones(len(keys), bool)
-            stream.synchronize()
-            hit[missing.get()] = False
-            rows = host[hit]
-            wrong += int((rows[:, 0] != keys[hit] % 2048).sum() + (rows[:, 1:] != rows[:, 1:2]).any(axis=1).sum())
+                out = cp.zeros(total, cp.float32)
+            missing = cache.query_tables(cp.asarray(ids), cp.asarray(keys), out, cp.asarray(offs), stream=stream)
+            flat, hit = out.get(stream=stream), np.ones(len(keys), bool)
+            hit[missing.get(stream=stream)] = False
+            found += int(hit.sum())
+            wrong += wrong_rows(ids, keys, flat, offs, hit)
         bad.append(wrong)
+        hits.append(found)
 
     writers = [threading.Thread(target=writer, args=(s,)) for s in (1, 2)]
     readers = [threading.Thread(target=reader, args=(s,)) for s in (3, 4)]
@@ -126,3 +224,199 @@ def test_streams_and_threads_never_see_wrong_or_torn_vectors(cp: Any, kind: str,
     for t in writers:
         t.join()
     assert bad == [0, 0]
+    assert all(h > 0 for h in hits)
+    assert (cache.sizes() <= cache.capacities).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+@pytest.mark.parametrize("value_dtype", [np.float32, np.float16])
+def test_misaligned_buffers_and_offsets(cp: Any, kind: str, value_dtype: Any) -> None:
+    """Buffers 4 bytes past alignment narrow VEC to 1; rows at offsets that are not
+    multiples of VEC (with an aligned buffer, VEC 4) move element by element. Same rows."""
+    cache = make(kind, [256] * 3, DIMS4, value_dtype=value_dtype)
+    rng = np.random.default_rng(5)
+    ids, keys = batch(rng, [10, 10, 10], 1000)
+    packed, _ = row_offsets(ids, DIMS4)
+    offs = packed + np.arange(len(ids))  # row i shifted by i floats: odd rows misaligned
+    size = int(offs[-1] + DIMS4[ids[-1]])
+    src_host = rng.standard_normal(size).astype(np.float32)
+    if value_dtype == np.float16:
+        src_host = src_host.astype(np.float16).astype(np.float32)  # exact round trip
+    ids_d, keys_d, offs_d = cp.asarray(ids), cp.asarray(keys), cp.asarray(offs)
+    src = cp.zeros(size + 1, cp.float32)[1:]  # 4-byte aligned only
+    src[...] = cp.asarray(src_host)
+    cache.replace_tables(ids_d, keys_d, src, offs_d)
+    expected = np.full(size, -7.0, np.float32)
+    copy_rows(src_host, offs, expected, offs, ids, DIMS4)
+    for shift in (0, 1):  # an aligned out, then one 4 bytes past alignment
+        out = cp.full(size + shift, -7.0, cp.float32)[shift:]
+        assert cache.query_tables(ids_d, keys_d, out, offs_d).size == 0
+        np.testing.assert_array_equal(host(out), expected)
+    dst_offs = packed + 1  # every destination row misaligned, sources half of them
+    dst = cp.full(size, -7.0, cp.float32)
+    cache.copy_rows(src, offs_d, dst, cp.asarray(dst_offs), ids_d)
+    expected_dst = np.full(size, -7.0, np.float32)
+    copy_rows(src_host, offs, expected_dst, dst_offs, ids, DIMS4)
+    np.testing.assert_array_equal(host(dst), expected_dst)
+
+
+@pytest.mark.gpu
+def test_copy_rows_within_one_buffer(cp: Any) -> None:
+    """The lookup copies a batch's repeated rows within its output: src is dst."""
+    cache = gpu.GpuDynamicCache([64] * 3, DIMS.tolist(), device=0)
+    ids = np.array([0, 1, 2, 2, 0, 1], np.int64)
+    offs, total = row_offsets(ids, DIMS)
+    flat = np.random.default_rng(3).standard_normal(2 * total).astype(np.float32)
+    buf = cp.asarray(flat)
+    cache.copy_rows(buf, offs, buf, offs + total, ids)  # first half's rows onto the second half
+    copy_rows(flat, offs, flat, offs + total, ids, DIMS)
+    np.testing.assert_array_equal(host(buf), flat)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_rows_that_do_not_fit_are_refused_and_never_written(cp: Any, kind: str) -> None:
+    cache = make(kind, [256] * 3, DIMS)
+    ids, keys = np.array([0, 1, 2, 0, 1], np.int64), np.arange(5, dtype=np.int64)
+    offs, total = row_offsets(ids, DIMS)
+    vals = np.ones(total, np.float32)
+    cache.replace_tables(ids, keys, vals, offs)
+    backing = cp.full(total + 64, -7.0, cp.float32)
+    out = backing[:total]
+    bad_offs = offs.copy()
+    bad_offs[3] = total - 1  # a row of 8 floats starting at the last float
+    with pytest.raises(RequestError, match="position 3"):  # found by the kernel
+        cache.query_tables(cp.asarray(ids), cp.asarray(keys), out, cp.asarray(bad_offs))
+    with pytest.raises(RequestError, match="position 3"):  # found on the host
+        cache.query_tables(ids, keys, out, bad_offs)
+    bad_ids = ids.copy()
+    bad_ids[1] = 7
+    with pytest.raises(RequestError, match="position 1"):
+        cache.query_tables(cp.asarray(bad_ids), cp.asarray(keys), out, cp.asarray(offs))
+    assert (backing[total:] == -7.0).all()  # nothing past `out`
+    with pytest.raises(RequestError, match="position 3"):
+        cache.update_tables(cp.asarray(ids), cp.asarray(keys), cp.asarray(vals), cp.asarray(bad_offs))
+    fresh = make(kind, [256] * 3, DIMS)
+    args = (cp.asarray(ids), cp.asarray(keys + 100), cp.asarray(vals), cp.asarray(bad_offs))
+    if kind == "static":  # waits for its kernels: refuses the batch before writing
+        with pytest.raises(RequestError, match="position 3"):
+            fresh.replace_tables(*args)
+        assert fresh.sizes().sum() == 0
+    else:  # does not wait: skips the row it cannot read, stores the others
+        fresh.replace_tables(*args)
+        assert fresh.sizes().sum() == 4
+
+
+@pytest.mark.gpu
+def test_lru_evicts_the_oldest_across_the_32_bit_clock_wrap(cp: Any) -> None:
+    """With 32-bit stamps the keys queried at tick 2**32 would look older than key 0."""
+    cache = gpu.GpuDynamicCache([WAYS, WAYS], [1, 2], device=0, policy="lru")  # table 0: one set
+    cache._clock = itertools.count(2**32 - 1)  # the next call is tick 2**32 - 1
+    keys = np.arange(WAYS, dtype=np.int64)
+    ids = np.zeros(WAYS, np.int64)
+    cache.replace_tables(ids, keys, keys.astype(np.float32), keys)  # tick 2**32 - 1
+    out = cp.zeros(WAYS, cp.float32)
+    assert cache.query_tables(ids[1:], keys[1:], out[1:], keys[: WAYS - 1]).size == 0  # tick 2**32
+    one = np.array([0], np.int64)
+    cache.replace_tables(one, np.array([100], np.int64), np.zeros(1, np.float32), one)  # tick 2**32 + 1
+    held = set(host(cache.dump_sets(0, 1)[1]).tolist())
+    assert 0 not in held and 100 in held and len(held) == WAYS
+
+
+@pytest.mark.gpu
+def test_arrays_on_another_device_are_refused(cp: Any) -> None:
+    if cp.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("needs two GPUs")
+    cache = gpu.GpuDynamicCache([256], [4], device=0)
+    ids, keys, offs = np.zeros(2, np.int64), np.arange(2, dtype=np.int64), np.array([0, 4], np.int64)
+    with cp.cuda.Device(1):
+        out1, keys1 = cp.zeros(8, cp.float32), cp.asarray(keys)
+    with pytest.raises(RequestError, match="out is on GPU 1"):
+        cache.query_tables(ids, keys, out1, offs)
+    with pytest.raises(RequestError, match="keys is on GPU 1"):
+        cache.query_tables(ids, keys1, cp.zeros(8, cp.float32), offs)
+    with pytest.raises(RequestError, match="dst is on GPU 1"):
+        cache.copy_rows(cp.zeros(8, cp.float32), offs, out1, offs, ids)
+
+
+def count_launches_and_syncs(cache: Any, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts the cache's kernel launches (its kernel handles, wrapped) and read-backs."""
+    counts = {"launches": 0, "syncs": 0}
+
+    def counting(kernel: Any) -> Any:
+        def launch(*args: Any, **kwargs: Any) -> Any:
+            counts["launches"] += 1
+            return kernel(*args, **kwargs)
+        return launch
+
+    for table in (cache._kernels, cache._row_kernels):
+        for kernels in table.values():
+            for name in kernels:
+                kernels[name] = counting(kernels[name])
+    read = gpu._Workspace.read
+
+    def counted_read(self: Any, words: int, stream: Any) -> Any:
+        counts["syncs"] += 1
+        return read(self, words, stream)
+
+    monkeypatch.setattr(gpu._Workspace, "read", counted_read)
+    return counts
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_launches_and_syncs_per_call(cp: Any, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One launch per call whatever the table count; query_tables syncs once."""
+    cache = make(kind, [1024] * 3, DIMS)
+    rng = np.random.default_rng(2)
+    ids, keys = batch(rng, [300, 200, 100], 10_000)
+    offs, total = row_offsets(ids, DIMS)
+    ids_d, keys_d, offs_d = cp.asarray(ids), cp.asarray(keys), cp.asarray(offs)
+    vals, out = cp.ones(total, cp.float32), cp.zeros(total, cp.float32)
+    counts = count_launches_and_syncs(cache, monkeypatch)
+
+    def cost(call: Any, *args: Any) -> tuple[int, int]:
+        counts.update(launches=0, syncs=0)
+        call(*args)
+        return counts["launches"], counts["syncs"]
+
+    assert cost(cache.replace_tables, ids_d, keys_d, vals, offs_d) == ((1, 0) if kind == "dynamic" else (2, 2))
+    assert cost(cache.query_tables, ids_d, keys_d, out, offs_d) == (1, 1)
+    assert cost(cache.update_tables, ids_d, keys_d, vals, offs_d) == (1, 1)
+    assert cost(cache.copy_rows, vals, offs_d, out, offs_d, ids_d) == (1, 0)
+    assert (out == 1.0).all()
+
+
+@pytest.mark.gpu
+def test_static_table_without_room_is_named_and_nothing_is_written(cp: Any) -> None:
+    cache = gpu.GpuStaticCache([10, 4, 8], DIMS.tolist(), device=0)
+    first = np.array([1, 1, 1], np.int64)
+    offs, total = row_offsets(first, DIMS)
+    cache.replace_tables(first, np.arange(3, dtype=np.int64), np.ones(total, np.float32), offs)
+    ids = np.array([0, 1, 1, 1, 2], np.int64)  # table 1: 2 new keys (and a duplicate), 1 row left
+    keys = np.array([50, 7, 8, 8, 50], np.int64)
+    offs, total = row_offsets(ids, DIMS)
+    with pytest.raises(CacheFullError, match="table 1 is full"):
+        cache.replace_tables(ids, keys, np.ones(total, np.float32), offs)
+    np.testing.assert_array_equal(cache.sizes(), [0, 3, 0])
+    assert pairs(*cache.dump_sets(0, 3)) == [(1, 0), (1, 1), (1, 2)]
+    keys[2:4] = [0, 1]  # now one new key for table 1 (7), beside two it holds: fits
+    cache.replace_tables(ids, keys, np.ones(total, np.float32), offs)
+    np.testing.assert_array_equal(cache.sizes(), [1, 4, 1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cls", [gpu.GpuEmbeddingCache, gpu.StaticEmbeddingTable])
+def test_one_table_classes_are_views_of_a_multi_table_cache(cp: Any, cls: Any) -> None:
+    cache = cls(100, 5, device=0, value_dtype=np.float16, key_dtype=np.uint32)
+    assert isinstance(cache, TableView) and isinstance(cache, EmbeddingCache)
+    assert (cache.dim, cache.device, cache.value_dtype, cache.key_dtype) == (5, 0, np.float16, np.uint32)
+    keys = cp.arange(20, dtype=cp.uint32)
+    vals = cp.arange(100, dtype=cp.float32).reshape(20, 5)
+    cache.replace(keys, vals)
+    out = cp.zeros((21, 5), cp.float32)
+    missing_keys, missing = cache.query(cp.concatenate([keys, cp.array([99], cp.uint32)]), out)
+    assert host(missing).tolist() == [20] and host(missing_keys).tolist() == [99]
+    np.testing.assert_array_equal(host(out[:20]), host(vals))
+    assert cache.size() == 20

@@ -1,8 +1,9 @@
-"""Every kernel source compiles with nvcc to PTX, standalone and with every template
-instantiation the loader (hps_core/cache/_kernels.py) can ask NVRTC for.
+"""Every kernel family compiles with nvcc to PTX: the very text the loader
+(hps_core/cache/_kernels.py) hands NVRTC (common.cuh inlined), standalone and with every
+template instantiation the loader can ask for.
 
 This runs in CI without a GPU: it catches syntax and template errors before a GPU ever
-sees the code. Skipped only when nvcc is absent.
+sees the code. Skipped only when nvcc is absent (the source checks run regardless).
 """
 
 from __future__ import annotations
@@ -16,39 +17,69 @@ import pytest
 from hps_core.cache import _kernels
 
 NVCC = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if Path("/usr/local/bin/nvcc").exists() else None)
-pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc is not installed: cannot compile the kernels to PTX")
-SOURCES = sorted(p.name for p in _kernels.kernel_dir().glob("*.cu"))
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not installed: cannot compile the kernels to PTX")
+FAMILIES = sorted(_kernels.FAMILIES)
 
 
-def nvcc_ptx(source: Path, out: Path) -> None:
-    cmd = [str(NVCC), "-ptx", "-arch=sm_90", *_kernels.COMPILE_OPTIONS, f"-I{_kernels.kernel_dir()}",
-           "-diag-suppress", "550", "-o", str(out), str(source)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+def nvcc_ptx(text: str, tmp_path: Path) -> str:
+    """PTX of ``text`` compiled alone in an empty folder (no -I: nothing to include)."""
+    source, out = tmp_path / "kernels.cu", tmp_path / "kernels.ptx"
+    source.write_text(text)
+    cmd = [str(NVCC), "-ptx", "-arch=sm_90", *_kernels.COMPILE_OPTIONS, "-diag-suppress", "550",
+           "-o", str(out), str(source)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr}"
+    return out.read_text()
 
 
 def test_every_source_is_in_a_family() -> None:
-    assert SOURCES and set(SOURCES) == {f[0] for f in _kernels.FAMILIES.values()}
+    sources = {p.name for p in _kernels.kernel_dir().glob("*.cu")}
+    assert sources and sources == {f.source for f in _kernels.FAMILIES.values()}
 
 
-@pytest.mark.parametrize("source", SOURCES)
-def test_source_compiles_standalone(source: str, tmp_path: Path) -> None:
-    nvcc_ptx(_kernels.kernel_dir() / source, tmp_path / "out.ptx")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loader_source_inlines_the_header(family: str) -> None:
+    """CuPy caches compiled kernels by source text: the header must be in that text."""
+    text = _kernels.source(family)
+    assert not [line for line in text.splitlines() if line.lstrip().startswith("#include")]
+    assert (_kernels.kernel_dir() / _kernels.HEADER).read_text() in text
 
 
-@pytest.mark.parametrize("family", sorted(_kernels.FAMILIES))
+def test_a_header_change_changes_every_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    copy = tmp_path / "kernels"
+    shutil.copytree(_kernels.kernel_dir(), copy)
+    before = {family: _kernels.source(family) for family in FAMILIES}
+    monkeypatch.setattr(_kernels, "kernel_dir", lambda: copy)
+    header = copy / _kernels.HEADER
+    header.write_text(header.read_text() + "// edited\n")
+    assert all(_kernels.source(family) != before[family] for family in FAMILIES)
+
+
+def test_every_shape_a_cache_can_ask_for_is_compiled_below() -> None:
+    variants = {(vec, nv) for _, _, _, vec, nv in _kernels.all_variants()}
+    for dim in range(1, _kernels.MAX_GPU_DIM + 1):
+        for dims in ([dim], [dim, 4 * dim], [dim, 2]):
+            if max(dims) <= _kernels.MAX_GPU_DIM:
+                assert set(_kernels.vector_shapes(dims).items()) <= variants, dims
+
+
+@needs_nvcc
+@pytest.mark.parametrize("family", FAMILIES)
+def test_source_compiles_standalone(family: str, tmp_path: Path) -> None:
+    nvcc_ptx(_kernels.source(family), tmp_path)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("family", FAMILIES)
 def test_every_loader_instantiation_compiles(family: str, tmp_path: Path) -> None:
-    """A translation unit that takes the address of every kernel the loader can request
-    (the same name expressions it hands to cupy.RawModule), forcing each instantiation."""
+    """The loader's source plus a table taking the address of every kernel the loader can
+    request (the name expressions it hands to cupy.RawModule), forcing each instantiation."""
     names = sorted({name for fam, kdt, vdt, vec, nv in _kernels.all_variants() if fam == family
-                    for name in _kernels.name_expressions(fam, kdt, vdt, vec, nv)})
-    source = _kernels.FAMILIES[family][0]
+                    for name in _kernels.kernel_names(fam, kdt, vdt, {vec: nv})[vec].values()})
     body = ",\n".join(f"    (const void*)&{name}" for name in names)
-    tu = tmp_path / "instantiate.cu"
-    tu.write_text(f'#include "{source}"\nconst void* hps_kernels[] = {{\n{body}\n}};\n')
-    ptx = tmp_path / "instantiate.ptx"
-    nvcc_ptx(tu, ptx)
-    text = ptx.read_text()
-    templated = [n for n in names if "<" in n]
-    assert text.count(".entry") >= len(names), "an instantiation is missing from the PTX"
-    assert len(templated) > 10
+    ptx = nvcc_ptx(f"{_kernels.source(family)}\nconst void* hps_kernels[] = {{\n{body}\n}};\n", tmp_path)
+    assert ptx.count(".entry") >= len(names), "an instantiation is missing from the PTX"
+    fam, shapes = _kernels.FAMILIES[family], len({(vec, nv) for *_, vec, nv in _kernels.all_variants()})
+    dtype_pairs = 2 * 2  # key types x value types
+    assert len(names) == (len(fam.row_kernels) * dtype_pairs * shapes + len(fam.vec_kernels) * 3
+                          + len(fam.key_kernels) * 2 + len(fam.plain_kernels))
