@@ -128,7 +128,6 @@ def _find_tables(
     num_partitions: int,
     slots_list: Any,
     values_list: Any,
-    meta_list: Any,
     locks: Any,
     waiting: Any,
     clock: Any,
@@ -138,9 +137,9 @@ def _find_tables(
     """For each i: if ``keys[i]`` is stored in table ``directory[table_ids[i]]``, copy its row
     to ``out[offsets[i]:]`` and set ``found[i]``.
 
-    The batch is counting-sorted by (partition, table); each (partition, table) group is read
-    from its own arrays of the directory, ``max_per_hold`` keys per hold of the partition's
-    read lock (so a waiting writer gets in between). With
+    The batch is counting-sorted by (partition, table); each partition is read under its read
+    lock, released and taken again every ``max_per_hold`` keys (so a waiting writer gets in
+    between), each (partition, table) group from its own arrays of the directory. With
     ``track``, hit rows get consecutive stamps of the tier's clock and one more access.
     Two passes per group on purpose: the first resolves every key to its row, the second
     copies the rows. Each pass's iterations are independent loads, so the CPU keeps many
@@ -161,51 +160,65 @@ def _find_tables(
         bucket[i] = np.int64((h >> _S32) % nparts) * tables + table_ids[i]
     order, starts = group_by(bucket, buckets)
     rows = np.empty(n, np.int64)
-    for g in range(buckets):
-        p, t = g // tables, g % tables
-        entry = directory[t] * num_partitions + p
-        dim = dims[t]
-        for lo in range(starts[g], starts[g + 1], max_per_hold):
-            hi = min(lo + max_per_hold, starts[g + 1])
-            read_acquire(locks, waiting, p)
-            # the arrays are read under the lock: a writer may have replaced them since
-            slots = slots_list[entry]
-            values = values_list[entry]
-            mask = np.uint64(slots.shape[0] - 1)
-            width = values.shape[1]
-            for j in range(lo, min(lo + _AHEAD, hi)):
-                prefetch(slots, 2 * np.int64(hashes[order[j]] & mask))
-            for j in range(lo, hi):
-                if j + _AHEAD < hi:
-                    prefetch(slots, 2 * np.int64(hashes[order[j + _AHEAD]] & mask))
-                i = order[j]
-                key = keys[i]
-                s = hashes[i] & mask
-                row = _EMPTY
-                while slots[s, 1] != _EMPTY:
-                    if slots[s, 0] == key:
-                        row = slots[s, 1]
-                        # the copy pass reads the row: its first and last cache lines
-                        prefetch(values, row * width + _VEC)
-                        prefetch(values, row * width + width - 1)
-                        break
-                    s = (s + np.uint64(1)) & mask
-                rows[j] = row
-            meta = meta_list[entry]
-            stamp0 = atomic_add(clock, 0, hi - lo) if track else 0
-            for j in range(lo, hi):
-                row = rows[j]
-                if row == _EMPTY:
-                    continue
-                i = order[j]
-                o = offsets[i]
-                for d in range(dim):
-                    out[o + d] = values[row, _VEC + d]
-                found[i] = True
-                if track:
-                    meta[row, _STAMP] = stamp0 + j - lo
-                    meta[row, _COUNT] += 1
-            read_release(locks, p)
+    for p in range(num_partitions):
+        if starts[p * tables] == starts[(p + 1) * tables]:
+            continue
+        read_acquire(locks, waiting, p)
+        held = 0
+        for t in range(tables):
+            j, end = starts[p * tables + t], starts[p * tables + t + 1]
+            while j < end:
+                if held == max_per_hold:  # let a waiting writer in
+                    read_release(locks, p)
+                    read_acquire(locks, waiting, p)
+                    held = 0
+                hi = min(end, j + max_per_hold - held)
+                entry = directory[t] * num_partitions + p
+                _find_group(keys, hashes, order, offsets, out, found, rows, j, hi, dims[t],
+                            slots_list[entry], values_list[entry], clock, track)
+                held += hi - j
+                j = hi
+        read_release(locks, p)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _find_group(keys: Keys, hashes: Any, order: Any, offsets: Keys, out: Flat, found: Mask, rows: Any,
+                lo: int, hi: int, dim: int, slots: Any, values: Any, clock: Any, track: bool) -> None:
+    """Keys ``order[lo:hi]``, all of one (table, partition) whose arrays are given; the caller
+    holds the partition's read lock (the arrays were read under it)."""
+    mask = np.uint64(slots.shape[0] - 1)
+    width = values.shape[1]
+    for j in range(lo, min(lo + _AHEAD, hi)):
+        prefetch(slots, 2 * np.int64(hashes[order[j]] & mask))
+    for j in range(lo, hi):
+        if j + _AHEAD < hi:
+            prefetch(slots, 2 * np.int64(hashes[order[j + _AHEAD]] & mask))
+        key = keys[order[j]]
+        s = hashes[order[j]] & mask
+        row = _EMPTY
+        while slots[s, 1] != _EMPTY:
+            if slots[s, 0] == key:
+                row = slots[s, 1]
+                # the copy pass reads the row: its first and last cache lines
+                prefetch(values, row * width + _VEC)
+                prefetch(values, row * width + width - 1)
+                break
+            s = (s + np.uint64(1)) & mask
+        rows[j] = row
+    stamp0 = atomic_add(clock, 0, hi - lo) if track else 0
+    meta = values.view(np.int64)  # the rows' headers (key, stamp, count)
+    for j in range(lo, hi):
+        row = rows[j]
+        if row == _EMPTY:
+            continue
+        i = order[j]
+        o = offsets[i]
+        for d in range(dim):
+            out[o + d] = values[row, _VEC + d]
+        found[i] = True
+        if track:
+            meta[row, _STAMP] = stamp0 + j - lo
+            meta[row, _COUNT] += 1
 
 
 @njit(nogil=True, cache=True)
@@ -446,8 +459,7 @@ class _Directory:
 
     def __init__(self) -> None:
         self.slots = TypedList.empty_list(types.int64[:, ::1])
-        self.values = TypedList.empty_list(types.float32[:, ::1])
-        self.meta = TypedList.empty_list(types.int64[:, ::1])
+        self.values = TypedList.empty_list(types.float32[:, ::1])  # headers read as int64 views
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -455,12 +467,10 @@ class _Directory:
     def append(self, part: _Partition) -> None:
         self.slots.append(part.slots)
         self.values.append(part.values)
-        self.meta.append(part.meta)
 
     def publish(self, entry: int, part: _Partition) -> None:
         self.slots[entry] = part.slots
         self.values[entry] = part.values
-        self.meta[entry] = part.meta
 
 
 def estimate_bytes_per_row(dim: int) -> float:
@@ -643,7 +653,7 @@ class HashMapVolatileDB:
             d = self._directory
             _find_tables(
                 keys, table_ids, offsets, out, found, directory, dims, self._num_partitions,
-                d.slots, d.values, d.meta, self._locks.locks, self._locks.waiting, self._clock,
+                d.slots, d.values, self._locks.locks, self._locks.waiting, self._clock,
                 self._track, self._max_get,
             )
         return found

@@ -363,3 +363,28 @@ def test_concurrent_inserts_and_fetches_during_evictions(encode: Encode) -> None
         t.join()
     assert not errors, errors[:3]
     assert 0 < db.count(T) <= 4 * 2_000
+
+
+@pytest.mark.parametrize("max_get", [1, 3, 10_000])
+def test_lock_holds_of_any_size_give_the_same_answers(encode: Encode, max_get: int) -> None:
+    """fetch_tables releases and retakes a partition's lock every max_get_batch_size keys."""
+    db = HashMapVolatileDB(num_partitions=3, max_get_batch_size=max_get)
+    names = tuple(f"hps_et.m.t{i}" for i in range(5))
+    dims = np.array([1, 3, 8, 2, 5], np.int64)
+    for name, dim in zip(names, dims):
+        db.create_table(name, int(dim))
+        keys = np.arange(0, 200, 2, dtype=np.int64)
+        db.insert(name, keys, encode(keys, int(dim)))
+    rng = np.random.default_rng(max_get)
+    ids = rng.integers(0, 5, 400).astype(np.int64)
+    keys = rng.integers(0, 220, 400).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(dims[ids])[:-1]]).astype(np.int64)
+    out = np.full(int(dims[ids].sum()), -7.0, np.float32)
+    found = db.fetch_tables(names, ids, keys, out, offsets)
+    np.testing.assert_array_equal(found, (keys % 2 == 0) & (keys < 200))
+    for i in range(400):
+        row = out[offsets[i] : offsets[i] + dims[ids[i]]]
+        if found[i]:
+            np.testing.assert_array_equal(row, encode(keys[i : i + 1], int(dims[ids[i]]))[0])
+        else:
+            assert (row == -7.0).all()
