@@ -78,6 +78,9 @@ class BenchConfig:
     gpucacheper: float = 0.2
     initial_cache_rate: float = 1.0  # share of each table in the hash map (the rest in RocksDB)
     requests_per_batch: int = 3  # distinct requests perf_analyzer cycles through
+    # Dynamic batching of hps_embedding and dlrm_dense: the committed configs' queue delay is
+    # replaced by this one (microseconds); None serves them without dynamic batching.
+    queue_delay_us: int | None = 0
     measurement_ms: int = 1000  # perf_analyzer time window (at least ~10 requests of the largest batch)
     stability_percentage: int = 50  # a shared 2-core machine rarely settles within 25%
     max_trials: int = 4
@@ -170,13 +173,25 @@ def _write_repository(config: BenchConfig, dest: Path, sparse: Path, rocksdb: Pa
     for model in ("dlrm", "dlrm_dense", "hps_embedding"):
         (dest / model / "1").mkdir(parents=True)
         text = (COMMITTED_REPOSITORY / model / "config.pbtxt").read_text()
-        text = text.replace(_DENSE_WEIGHTS_PARAM, str(dense))
+        text = with_queue_delay(text.replace(_DENSE_WEIGHTS_PARAM, str(dense)), config.queue_delay_us)
         if not gpu:
             text, _ = rewrite_instance_groups_to_cpu(text)
         (dest / model / "config.pbtxt").write_text(text)
     hps = _hps_json(config, sparse, rocksdb, gpu=gpu)
     (dest / "hps_embedding" / "hps.json").write_text(json.dumps(hps, indent=2) + "\n")
     return dest
+
+
+_DYNAMIC_BATCHING = re.compile(r"dynamic_batching\s*\{[^}]*\}\n?")
+
+
+def with_queue_delay(config_text: str, delay_us: int | None) -> str:
+    """A config.pbtxt with its dynamic batcher's queue delay set to ``delay_us``, or without
+    dynamic batching when None (a model that has none is left as it is)."""
+    if delay_us is None:
+        return _DYNAMIC_BATCHING.sub("", config_text)
+    block = f"dynamic_batching {{\n  max_queue_delay_microseconds: {int(delay_us)}\n}}\n"
+    return _DYNAMIC_BATCHING.sub(block, config_text)
 
 
 # --------------------------------------------------------------------------- requests

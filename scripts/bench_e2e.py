@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpucacheper", type=float, default=d.gpucacheper, help="GPU cache share of rows")
     p.add_argument("--initial-cache-rate", type=float, default=d.initial_cache_rate,
                    help="share of each table in the hash map")
+    p.add_argument("--queue-delay-us", type=lambda t: None if t == "off" else int(t), default=d.queue_delay_us,
+                   help="dynamic batching queue delay of hps_embedding and dlrm_dense in microseconds, "
+                        "or 'off' to serve them without dynamic batching (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--smoke", action="store_true", help="tiny CI run: 2 batch sizes, concurrency 1..2, no docs")
     p.add_argument("--out", type=Path, default=None, help="work folder (default work/bench_e2e, smoke: work/bench_e2e_smoke)")
@@ -69,7 +72,7 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
         BenchConfig(), rows=args.rows, dim=args.dim, tables=args.tables, alpha=args.alpha, batches=args.batches,
         concurrency=args.concurrency, concurrency_batch=args.concurrency_batch, protocols=args.protocols,
         models=args.models, shared_memory=args.shared_memory, gpucacheper=args.gpucacheper,
-        initial_cache_rate=args.initial_cache_rate, seed=args.seed)
+        initial_cache_rate=args.initial_cache_rate, seed=args.seed, queue_delay_us=args.queue_delay_us)
 
 
 def main(argv: list[str] | None = None) -> int:
