@@ -1,5 +1,5 @@
 """What numba kernels need of LLVM that numba lacks: atomics, the reader-writer spinlocks
-built on them, and prefetches.
+built on them, prefetches, and arrays viewed from raw addresses.
 
 The in-process tiers (the hash map) and the CPU cache twins answer a multi-table batch in ONE
 ``@njit(nogil=True)`` call, so their locks must be taken inside the kernel: a Python
@@ -45,6 +45,7 @@ from numba.extending import intrinsic
 
 __all__ = [
     "LockArray",
+    "as_voidptr",
     "atomic_add",
     "atomic_cas",
     "atomic_load",
@@ -136,6 +137,20 @@ def _sched_yield_typer(typingctx: Any) -> Any:
 
 
 _sched_yield: Any = intrinsic(_sched_yield_typer)
+
+
+def _as_voidptr_typer(typingctx: Any, address: Any) -> Any:
+    """An int64 address as a ``void*``, for ``numba.carray(ptr, shape, dtype)``: a kernel that
+    finds arrays through a table of addresses views them without Python objects."""
+    sig = types.voidptr(types.int64)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.inttoptr(args[0], context.get_value_type(types.voidptr))
+
+    return sig, codegen
+
+
+as_voidptr: Any = intrinsic(_as_voidptr_typer)
 
 
 def _prefetch_typer(typingctx: Any, arr: Any, index: Any) -> Any:

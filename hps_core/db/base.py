@@ -201,14 +201,15 @@ def check_out(table: str, out: object, n: int, dim: int) -> Vectors:
 
 
 def check_table_batch(
-    what: str, dims: Keys, table_ids: object, keys: object, out: object, offsets: object
+    what: str, dims: Keys, table_ids: object, keys: object, out: object, offsets: object, *, bounds: bool = True
 ) -> tuple[Keys, Keys, Flat, Keys]:
     """The arrays of a ``fetch_tables`` call, checked: ``dims`` (T,) int64 are the widths of
     its tables; returns ``(table_ids, keys, out, offsets)`` as contiguous int64 / float32.
 
     Refuses wrong types and dtypes, lengths that differ, a non-writeable or non-contiguous
-    ``out``, table ids out of range and rows that do not fit ``out`` (RequestError naming
-    ``what`` and the position)."""
+    ``out``, and (with ``bounds``; a tier whose kernel checks them itself before it writes
+    passes False) table ids out of range and rows that do not fit ``out`` (RequestError
+    naming ``what`` and the position)."""
     keys = check_keys(what, keys)
     n = keys.shape[0]
     ids, offs = (_check_index(what, name, arr, n) for name, arr in (("table_ids", table_ids), ("offsets", offsets)))
@@ -216,7 +217,8 @@ def check_table_batch(
         raise RequestError(f"{what}: out must be a 1-D float32 numpy array (rows of every table, flat)")
     if not out.flags.c_contiguous or not out.flags.writeable:
         raise RequestError(f"{what}: out must be a writeable C-contiguous array")
-    check_rows_fit(ids, offs, dims, out.shape[0], what)
+    if bounds:
+        check_rows_fit(ids, offs, dims, out.shape[0], what)
     return ids, keys, out, offs
 
 

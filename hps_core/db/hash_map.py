@@ -22,8 +22,10 @@ fetch throughput, measured).
 Every per-key loop is a ``@njit(nogil=True, cache=True)`` kernel. A lookup of keys of any
 number of tables (``fetch_tables``) is ONE kernel call: it sorts the batch by (partition,
 table) and reads each group from that table's partition. The kernel finds the arrays of every
-(table, partition) in numba typed lists (the *directory*, entry ``table_index * P +
-partition``), which the writers keep current when they grow or replace a partition's arrays.
+(table, partition) through the *directory*: their addresses and shapes in one int64 array
+(entry ``table_index * P + partition``), which writers keep current when they grow or replace a
+partition's arrays (typed lists of arrays cost ~1 us each to pass to a kernel, and a getitem
+per group).
 
 Thread safety: one reader-writer spinlock per partition number, shared by the tables
 (:mod:`hps_core.intrinsics`), taken inside the lookup kernel, so a lookup costs no Python per
@@ -62,8 +64,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from numba import njit, types
-from numba.typed import List as TypedList
+from numba import carray, njit
 
 from hps_core.db.base import (
     Flat,
@@ -81,7 +82,16 @@ from hps_core.db.base import (
 from hps_core.errors import ConfigError, TierError
 from hps_core.grouping import group_by
 from hps_core.hashing import mix64
-from hps_core.intrinsics import LockArray, atomic_add, atomic_tick, prefetch, read_acquire, read_release
+from hps_core.rows import check_rows_fit
+from hps_core.intrinsics import (
+    LockArray,
+    as_voidptr,
+    atomic_add,
+    atomic_tick,
+    prefetch,
+    read_acquire,
+    read_release,
+)
 
 __all__ = ["NO_OVERFLOW_LIMIT", "OVERFLOW_POLICIES", "HashMapVolatileDB", "estimate_bytes_per_row"]
 
@@ -100,6 +110,10 @@ _POLICY_ALIASES = {"random": "evict_random", "least_used": "evict_least_used", "
 NO_OVERFLOW_LIMIT = 2**64 - 1  # HugeCTR's default margin: size_t max, i.e. never evict
 
 _S32 = np.uint64(32)
+# rows of the directory (see _Directory)
+_SLOTS, _SLOT_COUNT, _VALUES, _VALUE_ROWS, _VALUE_WIDTH, _CLOSED = range(6)
+_DIRECTORY_ROWS = 6
+_CLOSED_STATUS = -2  # what the lookup kernel returns when the tier was closed meanwhile
 _AHEAD = 16  # keys between a slot's prefetch and its probe: enough loads in flight to hide DRAM
 
 
@@ -123,47 +137,55 @@ def _find_tables(
     offsets: Keys,
     out: Flat,
     found: Mask,
-    directory: Keys,
+    entries: Keys,
     dims: Keys,
     num_partitions: int,
-    slots_list: Any,
-    values_list: Any,
+    directory: Any,
     locks: Any,
     waiting: Any,
     clock: Any,
     track: bool,
     max_per_hold: int,
-) -> None:
-    """For each i: if ``keys[i]`` is stored in table ``directory[table_ids[i]]``, copy its row
-    to ``out[offsets[i]:]`` and set ``found[i]``.
+) -> int:
+    """For each i: if ``keys[i]`` is stored in the table whose directory entries start at
+    ``entries[table_ids[i]]``, copy its row to ``out[offsets[i]:]`` and set ``found[i]``.
+
+    Returns -1 when done; the first position whose table id or row does not fit ``out`` (then
+    nothing was read); or -2 when the tier was closed meanwhile (``directory[_CLOSED]``).
 
     The batch is counting-sorted by (partition, table); each partition is read under its read
     lock, released and taken again every ``max_per_hold`` keys (so a waiting writer gets in
-    between), each (partition, table) group from its own arrays of the directory. With
-    ``track``, hit rows get consecutive stamps of the tier's clock and one more access.
-    Two passes per group on purpose: the first resolves every key to its row, the second
-    copies the rows. Each pass's iterations are independent loads, so the CPU keeps many
-    cache misses in flight at once; one loop that probes and then copies serialises them
+    between), each (partition, table) group from its own arrays, found through the directory
+    under the lock. With ``track``, hit rows get consecutive stamps of the tier's clock and
+    one more access. Two passes per group on purpose: the first resolves every key to its row,
+    the second copies the rows. Each pass's iterations are independent loads, so the CPU keeps
+    many cache misses in flight at once; one loop that probes and then copies serialises them
     (1.5-2x slower on tables much larger than the CPU caches). The probe pass also prefetches
     the slot of the key ``_AHEAD`` places on and the row of each key it resolves, so that
     the copy pass finds them in cache.
     """
     n = keys.shape[0]
-    tables = directory.shape[0]
+    tables = entries.shape[0]
     buckets = num_partitions * tables
     nparts = np.uint64(num_partitions)
     hashes = np.empty(n, np.uint64)
     bucket = np.empty(n, np.int64)
     for i in range(n):
+        t = table_ids[i]
+        if t < 0 or t >= tables or offsets[i] < 0 or offsets[i] + dims[t] > out.shape[0]:
+            return i
         h = mix64(keys[i])
         hashes[i] = h
-        bucket[i] = np.int64((h >> _S32) % nparts) * tables + table_ids[i]
+        bucket[i] = np.int64((h >> _S32) % nparts) * tables + t
     order, starts = group_by(bucket, buckets)
     rows = np.empty(n, np.int64)
     for p in range(num_partitions):
         if starts[p * tables] == starts[(p + 1) * tables]:
             continue
         read_acquire(locks, waiting, p)
+        if directory[_CLOSED, 0]:
+            read_release(locks, p)
+            return _CLOSED_STATUS
         held = 0
         for t in range(tables):
             j, end = starts[p * tables + t], starts[p * tables + t + 1]
@@ -173,12 +195,16 @@ def _find_tables(
                     read_acquire(locks, waiting, p)
                     held = 0
                 hi = min(end, j + max_per_hold - held)
-                entry = directory[t] * num_partitions + p
-                _find_group(keys, hashes, order, offsets, out, found, rows, j, hi, dims[t],
-                            slots_list[entry], values_list[entry], clock, track)
+                e = entries[t] + p
+                slots = carray(as_voidptr(directory[_SLOTS, e]), (directory[_SLOT_COUNT, e], 2), np.int64)
+                values = carray(as_voidptr(directory[_VALUES, e]),
+                                (directory[_VALUE_ROWS, e], directory[_VALUE_WIDTH, e]), np.float32)
+                _find_group(keys, hashes, order, offsets, out, found, rows, j, hi, dims[t], slots, values,
+                            clock, track)
                 held += hi - j
                 j = hi
         read_release(locks, p)
+    return -1
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -450,27 +476,51 @@ class _Table:
 
 
 class _Directory:
-    """The arrays of every (table, partition), in the typed lists the lookup kernel indexes.
+    """Where the arrays of every (table, partition) are: addresses and shapes in one int64
+    array the lookup kernel reads under the partition's lock (no Python objects to unbox).
 
-    Entry ``table.index * P + p`` holds partition p of that table. Appending (a new table)
-    may move a list's storage, so it happens with every partition lock held; replacing one
-    entry needs only that partition's lock.
+    Columns are entries ``table.index * P + p``; rows ``_SLOTS``/``_SLOT_COUNT`` (the
+    ``int64[count, 2]`` slot array) and ``_VALUES``/``_VALUE_ROWS``/``_VALUE_WIDTH`` (the
+    ``float32[rows, width]`` row storage); row ``_CLOSED`` column 0 says the tier was closed.
+    Growing for a new table makes a larger array; every array ever handed to a kernel stays
+    alive and is kept current, so a kernel that read an older one still finds valid addresses.
+    The partitions whose arrays are published are kept alive here too.
     """
 
-    def __init__(self) -> None:
-        self.slots = TypedList.empty_list(types.int64[:, ::1])
-        self.values = TypedList.empty_list(types.float32[:, ::1])  # headers read as int64 views
+    def __init__(self, capacity: int = 64) -> None:
+        self.table = np.zeros((_DIRECTORY_ROWS, capacity), np.int64)
+        self._handed_out = [self.table]
+        self._owners: list[_Partition] = []
 
     def __len__(self) -> int:
-        return len(self.slots)
+        return len(self._owners)
 
     def append(self, part: _Partition) -> None:
-        self.slots.append(part.slots)
-        self.values.append(part.values)
+        """Add an entry. Caller holds every partition's write lock."""
+        entry = len(self._owners)
+        if entry == self.table.shape[1]:
+            bigger = np.zeros((_DIRECTORY_ROWS, 2 * entry), np.int64)
+            bigger[:, :entry] = self.table
+            self.table = bigger
+            self._handed_out.append(bigger)
+        self._owners.append(part)
+        self.publish(entry, part)
 
     def publish(self, entry: int, part: _Partition) -> None:
-        self.slots[entry] = part.slots
-        self.values[entry] = part.values
+        """Point ``entry`` at ``part``'s arrays. Caller holds the entry's partition write lock."""
+        self._owners[entry] = part
+        for table in self._handed_out:
+            if entry < table.shape[1]:
+                table[_SLOTS, entry] = part.slots.ctypes.data
+                table[_SLOT_COUNT, entry] = part.slots.shape[0]
+                table[_VALUES, entry] = part.values.ctypes.data
+                table[_VALUE_ROWS, entry] = part.values.shape[0]
+                table[_VALUE_WIDTH, entry] = part.values.shape[1]
+
+    def close(self) -> None:
+        """Mark every handed-out array closed. Caller holds every partition's write lock."""
+        for table in self._handed_out:
+            table[_CLOSED, 0] = 1
 
 
 def estimate_bytes_per_row(dim: int) -> float:
@@ -557,7 +607,7 @@ class HashMapVolatileDB:
         self._clock = np.zeros(1, np.int64)  # logical time of access stamps, ticked atomically
         self._directory = _Directory()
         self._tables: dict[str, _Table] = {}
-        # what fetch_tables resolved per tuple of table names: directory indices and dims
+        # what fetch_tables resolved per tuple of table names: first directory entries and dims
         self._groups: dict[tuple[str, ...], tuple[Keys, Keys]] = {}
         self._tables_lock = threading.Lock()  # guards the dicts, not the data
         self._closed = False
@@ -646,16 +696,22 @@ class HashMapVolatileDB:
     def fetch_tables(
         self, tables: Sequence[str], table_ids: Keys, keys: Keys, out: Flat, offsets: Keys
     ) -> Mask:
-        directory, dims = self._resolve(tables)
-        table_ids, keys, out, offsets = check_table_batch("hash map fetch_tables", dims, table_ids, keys, out, offsets)
+        entries, dims = self._resolve(tables)
+        # bounds are checked by the kernel's first pass, before it reads anything
+        table_ids, keys, out, offsets = check_table_batch(
+            "hash map fetch_tables", dims, table_ids, keys, out, offsets, bounds=False
+        )
         found = np.zeros(keys.shape[0], np.bool_)
         if keys.shape[0]:
-            d = self._directory
-            _find_tables(
-                keys, table_ids, offsets, out, found, directory, dims, self._num_partitions,
-                d.slots, d.values, self._locks.locks, self._locks.waiting, self._clock,
+            status = _find_tables(
+                keys, table_ids, offsets, out, found, entries, dims, self._num_partitions,
+                self._directory.table, self._locks.locks, self._locks.waiting, self._clock,
                 self._track, self._max_get,
             )
+            if status == _CLOSED_STATUS:
+                raise TierError("the hash-map volatile tier was closed during a fetch")
+            if status >= 0:
+                check_rows_fit(table_ids, offsets, dims, out.shape[0], "hash map fetch_tables")
         return found
 
     def count(self, table: str) -> int:
@@ -671,10 +727,11 @@ class HashMapVolatileDB:
     def close(self) -> None:
         with self._tables_lock:
             self._closed = True
-            self._tables.clear()  # drop the arrays now, not when the object dies
+            with self._locks.all_write_locked():  # in-flight lookups finish first
+                self._directory.close()
+                self._directory = _Directory()  # drop the arrays now, not when the object dies
+            self._tables.clear()
             self._groups.clear()
-            with self._locks.all_write_locked():
-                self._directory = _Directory()
 
     # ---------------------------------------------------------------- extras
 
@@ -758,14 +815,14 @@ class HashMapVolatileDB:
                 self._tables[table] = fresh
 
     def _resolve(self, tables: Sequence[str]) -> tuple[Keys, Keys]:
-        """Directory indices and dims of ``tables``, memoized per tuple of names."""
+        """First directory entry and dim of each of ``tables``, memoized per tuple of names."""
         names = tables if isinstance(tables, tuple) else tuple(tables)
         group = self._groups.get(names)
         if group is None:
             with self._tables_lock:
                 resolved = [self._table(name) for name in names]
                 group = (
-                    np.array([t.index for t in resolved], np.int64),
+                    np.array([t.index * self._num_partitions for t in resolved], np.int64),
                     np.array([t.dim for t in resolved], np.int64),
                 )
                 self._groups[names] = group
@@ -782,5 +839,6 @@ class HashMapVolatileDB:
         self._check_open()
         t = self._tables.get(table)
         if t is None:
+            self._check_open()  # closed meanwhile: say so, not "unknown table"
             raise unknown_table(table, self._tables)
         return t

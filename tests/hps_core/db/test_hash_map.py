@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from hps_core.db import HashMapVolatileDB, VolatileDB, open_volatile_db
-from hps_core.errors import ConfigError, UnknownTableError
+from hps_core.errors import ConfigError, TierError, UnknownTableError
 
 Encode = Callable[[np.ndarray, int], np.ndarray]
 T = "hps_et.model.table"
@@ -388,3 +388,63 @@ def test_lock_holds_of_any_size_give_the_same_answers(encode: Encode, max_get: i
             np.testing.assert_array_equal(row, encode(keys[i : i + 1], int(dims[ids[i]]))[0])
         else:
             assert (row == -7.0).all()
+
+
+def test_tables_created_and_grown_while_readers_fetch(encode: Encode) -> None:
+    """The lookup kernel finds arrays through a directory of addresses: creating tables (the
+    directory grows) and growing partitions (arrays replaced) beside readers must never hand a
+    reader a stale address."""
+    db = HashMapVolatileDB(num_partitions=2)
+    db.create_table("hps_et.m.t0", 4)
+    base = np.arange(50, dtype=np.int64)
+    db.insert("hps_et.m.t0", base, encode(base, 4))
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        offsets = np.arange(0, 200, 4, dtype=np.int64)
+        while not stop.is_set():
+            out = np.zeros(200, np.float32)
+            found = db.fetch_tables(("hps_et.m.t0",), np.zeros(50, np.int64), base, out, offsets)
+            if not found.all() or not np.array_equal(out.reshape(50, 4), encode(base, 4)):
+                errors.append("a reader saw a wrong or missing row")
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for i in range(1, 150):  # the directory starts with room for 64 entries (32 tables here)
+        db.create_table(f"hps_et.m.t{i}", 4)
+        more = np.arange(50, 50 + 40 * i, dtype=np.int64)  # t0 grows too: its arrays are replaced
+        db.insert("hps_et.m.t0", more[-40:], encode(more[-40:], 4))
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert db.count("hps_et.m.t0") == 50 + 40 * 149
+
+
+def test_close_beside_readers_raises_tier_error_not_a_crash(encode: Encode) -> None:
+    db = HashMapVolatileDB(num_partitions=2)
+    db.create_table(T, 4)
+    keys = np.arange(2000, dtype=np.int64)
+    db.insert(T, keys, encode(keys, 4))
+    outcomes: list[str] = []
+
+    def reader() -> None:
+        for _ in range(2000):
+            try:
+                db.fetch(T, keys, np.zeros((2000, 4), np.float32))
+            except TierError:
+                outcomes.append("closed")
+                return
+        outcomes.append("finished")
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    db.close()
+    for t in threads:
+        t.join()
+    assert len(outcomes) == 2 and set(outcomes) <= {"closed", "finished"}
+    with pytest.raises(TierError):
+        db.fetch(T, keys, np.zeros((2000, 4), np.float32))
