@@ -518,9 +518,11 @@ class _Directory:
                 table[_VALUE_WIDTH, entry] = part.values.shape[1]
 
     def close(self) -> None:
-        """Mark every handed-out array closed. Caller holds every partition's write lock."""
+        """Mark every handed-out array closed and drop the partitions' arrays. Caller holds
+        every partition's write lock."""
         for table in self._handed_out:
             table[_CLOSED, 0] = 1
+        self._owners.clear()
 
 
 def estimate_bytes_per_row(dim: int) -> float:
@@ -728,8 +730,9 @@ class HashMapVolatileDB:
         with self._tables_lock:
             self._closed = True
             with self._locks.all_write_locked():  # in-flight lookups finish first
+                # Marked closed, a kernel that already holds this directory's table stops at
+                # its first lock, before it reads an address; then the arrays can go now.
                 self._directory.close()
-                self._directory = _Directory()  # drop the arrays now, not when the object dies
             self._tables.clear()
             self._groups.clear()
 
