@@ -91,7 +91,7 @@ class _Fetched:
     """What the tiers below the cache answered for some keys (host arrays).
 
     ``values``/``offsets``: the rows, in the flat layout, defaults where nothing was found;
-    ``found`` (m,) bool; ``counts`` (T, fields) the counters this fetch adds."""
+    ``found`` (m,) bool; ``counts`` (T, fields) the counters the fetch added its answer to."""
 
     values: npt.NDArray[np.float32]
     offsets: Int64s
@@ -248,7 +248,7 @@ class LookupSession:
 
     def _answer(self, requests: Sequence[CheckedRequest]) -> list[Any]:
         plan = plan_batch(requests, self.layout)
-        counts = np.zeros_like(self._totals)
+        counts = self._new_counts()
         counts[:, _COLUMN["keys"]] = plan.key_counts
         counts[:, _COLUMN["unique_keys"]] = plan.unique_counts
         if self._cache is None:
@@ -264,7 +264,7 @@ class LookupSession:
     def _answer_from_tiers(self, plan: BatchPlan, counts: Any) -> npt.NDArray[np.float32]:
         """No cache: the tiers write the unique rows into the outputs, then repeats are copied."""
         out = np.empty(plan.output_size, np.float32)
-        counts += self.fetch_from_tiers(plan.table_ids, plan.keys, out, plan.offsets).counts
+        self.fetch_from_tiers(plan.table_ids, plan.keys, out, plan.offsets, counts)
         plan.expand(out, self.layout.dims)
         return out
 
@@ -316,8 +316,7 @@ class LookupSession:
             buffer = np.empty(size, np.float32)
         if sync.any():
             fetch_started = time.monotonic()
-            fetched = self.fetch_from_tiers(ids[sync], keys[sync], buffer, offsets[sync])
-            counts += fetched.counts
+            fetched = self.fetch_from_tiers(ids[sync], keys[sync], buffer, offsets[sync], counts)
             self._insert_fetched(ids[sync], keys[sync], fetched, fetch_started, counts)
         if not sync.all():
             warm = ~sync
@@ -333,19 +332,21 @@ class LookupSession:
     # ------------------------------------------------------------------ tiers and cache writes
 
     def fetch_from_tiers(self, table_ids: Int64s, keys: Int64s, out: npt.NDArray[np.float32] | None = None,
-                         offsets: Int64s | None = None) -> _Fetched:
+                         offsets: Int64s | None = None, counts: npt.NDArray[np.float64] | None = None) -> _Fetched:
         """The tiers' answer for host ``keys`` (m,) int64 of tables ``table_ids`` (m,) int64.
 
         Rows go to ``out`` (flat host float32) at ``offsets``, packed into a new buffer when
         ``out`` is None; keys found nowhere get their table's default. One call per tier for
-        all tables. Used by the lookup for cache misses, and by cache refresh. Counts nothing
-        itself: the returned counts are added by the caller in one step, so that a snapshot
-        taken at any moment has each unique key in exactly one of hits, defaults or deferred.
+        all tables. Used by the lookup for cache misses, and by cache refresh. Records nothing
+        itself: what it answered is added to ``counts`` (a new array when None), which the
+        caller records in one step, so that a snapshot taken at any moment has each unique
+        key in exactly one of hits, defaults or deferred.
         """
         if out is None or offsets is None:
             offsets, size = row_offsets(table_ids, self.layout.dims)
             out = np.empty(size, np.float32)
-        counts = np.zeros(self._totals.shape)
+        if counts is None:
+            counts = self._new_counts()
         missing: Int64s | None = None  # None: every key (saves copies while nothing was found)
         for tier in self._tiers:
             ids, ks, offs = (table_ids, keys, offsets) if missing is None else (
@@ -428,7 +429,7 @@ class LookupSession:
         def fetch_and_insert() -> None:
             fetch_started = time.monotonic()
             fetched = self.fetch_from_tiers(table_ids, keys)
-            counts = np.zeros_like(self._totals)
+            counts = self._new_counts()
             counts[:, _COLUMN["tier_errors"]] = fetched.counts[:, _COLUMN["tier_errors"]]
             self._insert_fetched(table_ids, keys, fetched, fetch_started, counts)
             self._record(counts)
@@ -463,6 +464,10 @@ class LookupSession:
         with self._counters_lock:
             totals = self._totals.copy()
         return {name: dict(zip(COUNTER_FIELDS, totals[t].tolist())) for t, name in enumerate(self.layout.names)}
+
+    def _new_counts(self) -> npt.NDArray[np.float64]:
+        """Zero counters (T, fields) for one step's changes, recorded with :meth:`_record`."""
+        return np.zeros(self._totals.shape)
 
     def _record(self, counts: npt.NDArray[np.float64]) -> None:
         with self._counters_lock:
