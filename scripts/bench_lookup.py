@@ -12,8 +12,8 @@ inprocess  ``LookupSession.lookup`` of one request (``--tables`` tables x ``--ro
            float32 array ``(tables*rows, dim)`` gathered with ONE ``np.take(..., out=...)``;
            and next to one ``np.take`` per table. Both takes use ``mode="clip"`` (the indices
            are valid, so the answer is the same): with the default ``mode="raise"`` numpy
-           buffers ``out`` and the gather is about 2x slower, no ceiling. The lookup's answer
-           is checked equal to the gather's once per size, so both sides do the same work.
+           buffers ``out`` and the gather is about 2x slower, no ceiling. The lookup's answers
+           are checked equal to the gather's once per size, so both sides do the same work.
 tables     the same keys as 26 tables x B samples and as 1 table (26*rows rows) x 26B keys:
            ratio 26-table time / 1-table time (what a request pays per table it spans).
 served     the real Triton (``hps_core.serving.TritonServer``) on a temporary repository with
@@ -24,11 +24,28 @@ served     the real Triton (``hps_core.serving.TritonServer``) on a temporary re
            models interleaved; ratio hps p50 / zeros p50.
 
 Keys follow a finite power law (``P(rank k) ~ k**-alpha``, hot rows scattered over the table,
-as hps_demo/data.py draws them) or a uniform draw (``--keys powerlaw uniform``).
+as hps_demo/data.py draws them) or a uniform draw (``--keys powerlaw uniform``). Each size
+draws ``--request-sets`` requests and every candidate cycles through them (so repeated runs
+do not time one request's rows sitting in the processor's caches).
+
+Cached mode (``--cache cpu|gpu``; ``--device gpu`` implies ``--cache gpu``): the session also
+gets a multi-table embedding cache (``make_multi_table_cache("dynamic", device=..., capacities=
+--cache-headroom x rows per table, dims=...)``) warmed with every row of every table, so each
+request is all-hit and ``inprocess``/``tables`` time the cache path (hit rates are measured and
+reported; ``hit_rate_threshold`` is 1.0, so a miss would still be answered exactly from the
+hash map). With ``--device gpu`` the answers are CuPy arrays, the ceiling is a float4 RawKernel
+gather of the same rows from a dense device array (one launch; ``cupy.take`` when rows are not
+16-byte aligned), every candidate is timed with a device synchronize before the host clock
+stops, and each lookup's kernel launches and host synchronisations are counted by wrapping the
+cache's kernel handles, its status read-backs and the host/device copies (in this script only;
+with torch installed, the CUDA profiler's count is recorded beside it as a cross-check).
+``--cache cpu`` is the same path on the CPU twin (CpuDynamicCache), which runs anywhere.
 
     .venv/bin/python scripts/bench_lookup.py                        # all modes, a few minutes on 2 cores
     .venv/bin/python scripts/bench_lookup.py --mode inprocess --keys powerlaw uniform
     .venv/bin/python scripts/bench_lookup.py --quick --out /tmp/bl  # tiny smoke run, seconds
+    .venv/bin/python scripts/bench_lookup.py --quick --cache cpu --mode inprocess tables  # CPU twin cache
+    python3 scripts/bench_lookup.py --device gpu --mode inprocess tables --dims 128   # GPU cache path
 
 Prints the machine, the command line and one markdown table per mode; ``--out DIR`` (default
 ``work/bench_lookup``) gets ``results.json`` and ``bench_lookup.png``.
@@ -44,6 +61,7 @@ import shlex
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -55,6 +73,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from hps_core.cache import make_multi_table_cache  # noqa: E402
+from hps_core.cache.base import MultiTableCache  # noqa: E402
 from hps_core.config import ModelConfig, parse_config  # noqa: E402
 from hps_core.db import HashMapVolatileDB  # noqa: E402
 from hps_core.formats import write_sparse_model  # noqa: E402
@@ -63,6 +83,21 @@ from hps_demo.data import make_key_map, power_law_ranks  # noqa: E402
 
 Row = dict[str, Any]
 LOAD_CHUNK = 65_536
+WARM_CHUNK = 262_144  # rows per replace_tables call when the cache is warmed
+#: The device plain-gather ceiling: one warp per row, float4 loads and stores (dim % 4 == 0 and
+#: 16-byte aligned rows; scripts/bench_cache.py measures the cache query against the same kernel).
+GATHER_SRC = r"""
+extern "C" __global__ void gather(const float* __restrict__ table, const long long* __restrict__ rows,
+                                  float* __restrict__ out, long long n, int dim) {
+  const long long warps = (long long)gridDim.x * blockDim.x / 32;
+  const int lane = threadIdx.x & 31;
+  for (long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32; i < n; i += warps) {
+    const float4* src = reinterpret_cast<const float4*>(table + rows[i] * dim);
+    float4* dst = reinterpret_cast<float4*>(out + i * dim);
+    for (int j = lane; j < dim / 4; j += 32) dst[j] = src[j];
+  }
+}
+"""
 TRITON_MAX_BATCH = 1024  # config.pbtxt max_batch_size: clients send KEYS [1, n], as tests/e2e does
 
 ZEROS_MODEL_PY = '''\
@@ -178,6 +213,8 @@ def model_config(name: str, n_tables: int, dim: int, max_batch: int, keys_per_sa
         "default_value_for_each_table": [0.0] * n_tables,
         "maxnum_catfeature_query_per_table_per_sample": [keys_per_sample] * n_tables,
         "max_batch_size": max_batch,
+        # With a cache: a batch with a miss waits for the hash map, so every answer is exact.
+        "hit_rate_threshold": 1.0,
     }]}, "bench_lookup")
     return config.model(name)
 
@@ -192,16 +229,268 @@ def load_hash_map(db: HashMapVolatileDB, model: ModelConfig, keys: list[np.ndarr
 
 @contextmanager
 def session_over(model: ModelConfig, keys: list[np.ndarray], values: list[np.ndarray],
-                 partitions: int) -> Iterator[LookupSession]:
-    """A LookupSession over a hash map holding every row (persistent tier disabled)."""
+                 partitions: int, cache: MultiTableCache | None = None) -> Iterator[LookupSession]:
+    """A LookupSession over a hash map holding every row (persistent tier disabled), and the
+    embedding cache ``cache`` in front of it when one is given (see :func:`warm_cache`)."""
     db = HashMapVolatileDB(num_partitions=partitions)
     load_hash_map(db, model, keys, values)
-    session = LookupSession(model, volatile=db, persistent=None)
+    session = LookupSession(model, volatile=db, persistent=None, cache=cache)
     try:
         yield session
     finally:
         session.close()
         db.close()
+
+
+# --------------------------------------------------------------------------- device and cache
+
+
+class Device:
+    """Where the session's answers and the plain-gather ceiling live: the host (numpy) or GPU 0
+    (CuPy). ``sync()`` waits for the device's work, so host timers bracket finished work."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.xp: Any = np
+        if name == "gpu":
+            try:
+                import cupy
+            except ImportError as exc:
+                raise SystemExit(f"--device gpu needs CuPy and a GPU ({exc}); use --device cpu (--cache cpu "
+                                 "runs the cached path on the CPU twin)") from exc
+            self.xp = cupy
+            with cupy.cuda.Device(0):
+                self._kernel = cupy.RawKernel(GATHER_SRC, "gather")
+
+    @property
+    def gpu(self) -> bool:
+        return self.name == "gpu"
+
+    def put(self, array: np.ndarray) -> Any:
+        """``array`` in the device's memory (the array itself on the host)."""
+        return self.xp.asarray(array) if self.gpu else array
+
+    def host(self, array: Any) -> np.ndarray:
+        return array.get() if self.gpu else np.asarray(array)
+
+    def empty(self, shape: tuple[int, ...]) -> Any:
+        return self.xp.empty(shape, dtype=np.float32)
+
+    def sync(self) -> None:
+        if self.gpu:
+            self.xp.cuda.Device(0).synchronize()
+
+    def gather(self, table: Any, index: Any, out: Any) -> None:
+        """``out[i] = table[index[i]]``: numpy ``take`` (clip: no buffered ``out``) on the host,
+        one float4 gather kernel on the GPU (``cupy.take`` for rows not 16-byte aligned)."""
+        if not self.gpu:
+            np.take(table, index, axis=0, out=out, mode="clip")
+            return
+        n, dim = int(index.shape[0]), int(table.shape[1])
+        if n == 0:
+            return
+        if dim % 4 or table.data.ptr % 16 or out.data.ptr % 16:
+            self.xp.take(table, index, axis=0, out=out)
+            return
+        blocks = min(-(-n // 8), 65535)  # 8 warps (rows) per block of 256 threads, grid-stride
+        self._kernel((blocks,), (256,), (table, index, out, np.int64(n), np.int32(dim)))
+
+    def synced(self, fn: Callable[[], Any]) -> Callable[[], Any]:
+        """``fn`` followed by a device synchronize (what a timed candidate runs)."""
+        if not self.gpu:
+            return fn
+
+        def run() -> Any:
+            result = fn()
+            self.sync()
+            return result
+
+        return run
+
+    def describe(self) -> dict[str, Any]:
+        if not self.gpu:
+            return {"device": "cpu"}
+        cupy = self.xp
+        props = cupy.cuda.runtime.getDeviceProperties(0)
+        name = props["name"]
+        return {"device": "gpu", "gpu": name.decode() if isinstance(name, bytes) else str(name),
+                "cupy": cupy.__version__, "cuda_runtime": cupy.cuda.runtime.runtimeGetVersion(),
+                "cuda_driver": cupy.cuda.runtime.driverGetVersion()}
+
+
+def make_cache(args: argparse.Namespace, rows: list[int], dim: int) -> MultiTableCache | None:
+    """The session's multi-table dynamic cache for tables of ``rows`` rows (None: no cache).
+    Capacity ``--cache-headroom`` x rows per table: at the default 4 the whole table stays
+    resident (a set of 32 slots overflows with negligible probability), so warmed requests are
+    all-hit."""
+    if args.cache == "none":
+        return None
+    device: str | int = 0 if args.cache == "gpu" else "cpu"
+    return make_multi_table_cache("dynamic", device=device, capacities=[args.cache_headroom * r for r in rows],
+                                  dims=[dim] * len(rows))
+
+
+def warm_cache(cache: MultiTableCache | None, device: Device, keys: list[np.ndarray],
+               values: list[np.ndarray]) -> float | None:
+    """Insert every row of every table (``keys[t]`` (rows,), ``values[t]`` (rows, dim)) into
+    ``cache``; returns the share of the rows resident afterwards (None without a cache)."""
+    if cache is None:
+        return None
+    xp = device.xp if cache.device != "cpu" else np
+    for t, (k, v) in enumerate(zip(keys, values)):
+        dim = int(v.shape[1])
+        for s in range(0, k.size, WARM_CHUNK):
+            kk = np.ascontiguousarray(k[s : s + WARM_CHUNK], dtype=np.int64)
+            ids = np.full(kk.size, t, np.int64)
+            offsets = np.arange(kk.size, dtype=np.int64) * dim
+            flat = np.ascontiguousarray(v[s : s + WARM_CHUNK], dtype=np.float32).reshape(-1)
+            cache.replace_tables(xp.asarray(ids), xp.asarray(kk), xp.asarray(flat), xp.asarray(offsets))
+    device.sync()
+    held = np.asarray(cache.sizes(), np.int64)
+    return float(held.sum() / sum(k.size for k in keys))
+
+
+def cache_hits(session: LookupSession) -> tuple[float, float]:
+    """(cache hits, unique keys) over all tables so far."""
+    counters = session.counters().values()
+    return sum(c["cache_hits"] for c in counters), sum(c["unique_keys"] for c in counters)
+
+
+def hit_rate_of(session: LookupSession, before: tuple[float, float]) -> float | None:
+    """Cache hit rate of the unique keys looked up since ``before`` (None without a cache)."""
+    if session.cache is None:
+        return None
+    hits, unique = cache_hits(session)
+    asked = unique - before[1]
+    return float((hits - before[0]) / asked) if asked else None
+
+
+@contextmanager
+def gpu_call_counter(caches: list[Any]) -> Iterator[dict[str, int]]:
+    """Counts, while open, the kernel launches of ``caches`` (their kernel handles, wrapped),
+    their status read-backs (each one host synchronisation), device-to-host copies on the
+    lookup path (``hps_core.lookup.to_host`` of a device array) and host-to-device copies
+    (``cupy.asarray`` of a numpy array: a copy from pageable memory, which the host waits for).
+    Instrumentation of this benchmark only; everything is restored on exit."""
+    import cupy
+
+    import hps_core.lookup as lookup_module
+    from hps_core.cache import gpu
+
+    counts = {"launches": 0, "status_reads": 0, "d2h": 0, "h2d": 0}
+    restore: list[tuple[Any, str, Any]] = []
+
+    def patch(owner: Any, name: str, value: Any) -> None:
+        restore.append((owner, name, owner[name] if isinstance(owner, dict) else getattr(owner, name)))
+        if isinstance(owner, dict):
+            owner[name] = value
+        else:
+            setattr(owner, name, value)
+
+    def counting(kernel: Any) -> Any:
+        def launch(*a: Any, **kw: Any) -> Any:
+            counts["launches"] += 1
+            return kernel(*a, **kw)
+
+        return launch
+
+    seen: set[int] = set()
+    for cache in caches:
+        for table in (cache._kernels, cache._row_kernels):
+            for kernels in table.values():
+                if id(kernels) in seen:
+                    continue
+                seen.add(id(kernels))
+                for name in list(kernels):
+                    patch(kernels, name, counting(kernels[name]))
+    read, to_host, asarray = gpu._Workspace.read, lookup_module.to_host, cupy.asarray
+
+    def counted_read(self: Any, words: int, stream: Any) -> Any:
+        counts["status_reads"] += 1
+        return read(self, words, stream)
+
+    def counted_to_host(array: Any) -> Any:
+        if not isinstance(array, np.ndarray):
+            counts["d2h"] += 1
+        return to_host(array)
+
+    def counted_asarray(array: Any, *a: Any, **kw: Any) -> Any:
+        if isinstance(array, np.ndarray):
+            counts["h2d"] += 1
+        return asarray(array, *a, **kw)
+
+    patch(gpu._Workspace, "read", counted_read)
+    patch(lookup_module, "to_host", counted_to_host)
+    patch(cupy, "asarray", counted_asarray)
+    try:
+        yield counts
+    finally:
+        for owner, name, value in reversed(restore):
+            if isinstance(owner, dict):
+                owner[name] = value
+            else:
+                setattr(owner, name, value)
+
+
+def count_gpu_calls(session: LookupSession, device: Device, calls: list[Callable[[], Any]], profile: bool) -> Row:
+    """Launches and host synchronisations per lookup, over ``calls`` (one lookup each), after
+    one untimed run of each, and with ``profile`` the profiler's cross-check. Empty on the
+    host; a ``count_error`` entry if counting failed."""
+    if not device.gpu or session.cache is None:
+        return {}
+    try:
+        for call in calls:
+            call()
+        device.sync()
+        with gpu_call_counter([session.cache]) as counts:
+            for call in calls:
+                call()
+            device.sync()
+        n = len(calls)
+        row: Row = {"launches_per_lookup": counts["launches"] / n,
+                    "syncs_per_lookup": (counts["status_reads"] + counts["d2h"]) / n,
+                    "status_reads_per_lookup": counts["status_reads"] / n,
+                    "d2h_per_lookup": counts["d2h"] / n, "h2d_per_lookup": counts["h2d"] / n}
+    except Exception as exc:  # noqa: BLE001 - a count that fails must not lose the timings
+        return {"count_error": f"{type(exc).__name__}: {exc}"}
+    if profile:
+        row["profiler"] = profile_gpu_calls(device, calls)
+    return row
+
+
+#: Runtime and driver calls after which the host has waited for the device.
+_SYNC_CALLS = frozenset({
+    "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy", "cudaMemcpy2D",
+    "cuStreamSynchronize", "cuCtxSynchronize", "cuEventSynchronize", "cuMemcpy", "cuMemcpyDtoH", "cuMemcpyDtoH_v2",
+    "cuMemcpyHtoD", "cuMemcpyHtoD_v2"})
+
+
+def profile_gpu_calls(device: Device, calls: list[Callable[[], Any]]) -> Row:
+    """Cross-check with the CUDA profiler (torch.profiler, CUPTI: sees every kernel and copy in
+    the process, CuPy's own included): device kernels, copies and synchronising runtime calls
+    per lookup. ``{"error": ...}`` where torch or CUPTI is unavailable."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for call in calls:
+                call()
+            device.sync()  # one cudaDeviceSynchronize of our own, subtracted below
+        kernels = copies = syncs = 0
+        for event in prof.key_averages():
+            name, count = str(event.key), int(event.count)
+            on_device = str(getattr(event, "device_type", "")).endswith("CUDA")
+            if on_device and name.startswith(("Memcpy", "Memset")):
+                copies += count if name.startswith("Memcpy") else 0
+            elif on_device:
+                kernels += count
+            elif name in _SYNC_CALLS:
+                syncs += count
+        n = len(calls)
+        return {"kernels_per_lookup": kernels / n, "memcpy_per_lookup": copies / n,
+                "sync_calls_per_lookup": max(0, syncs - 1) / n}
+    except Exception as exc:  # noqa: BLE001 - optional
+        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 # --------------------------------------------------------------------------- timing
@@ -237,81 +526,162 @@ def percentiles_ms(seconds: list[float]) -> dict[str, float]:
 # --------------------------------------------------------------------------- inprocess
 
 
-def bench_inprocess(args: argparse.Namespace, tables: Tables, rng: np.random.Generator) -> list[Row]:
+def lookup_of(session: LookupSession, keys: np.ndarray, numkeys: np.ndarray) -> Callable[[], Any]:
+    """A candidate: ``session.lookup(keys, numkeys)``."""
+    return lambda: session.lookup(keys, numkeys)
+
+
+def rotating(calls: list[Callable[[], Any]]) -> Callable[[], Any]:
+    """One callable that runs ``calls`` in turn, one per call (the request sets of a size)."""
+    turn = [0]
+
+    def run() -> Any:
+        call = calls[turn[0] % len(calls)]
+        turn[0] += 1
+        return call()
+
+    return run
+
+
+def cache_row(session: LookupSession, resident: float | None, hits_before: tuple[float, float],
+              counted: Row) -> Row:
+    """The cached-mode columns of a result row (empty without a cache)."""
+    if session.cache is None:
+        return {}
+    return {"cache_resident": resident, "hit_rate": hit_rate_of(session, hits_before), **counted}
+
+
+def bench_inprocess(args: argparse.Namespace, tables: Tables, rng: np.random.Generator, device: Device,
+                    on_row: Callable[[Row], None] | None = None) -> list[Row]:
     model = model_config("bench26", tables.n, tables.dim, max(args.samples))
     slices = [tables.dense[t * tables.rows : (t + 1) * tables.rows] for t in range(tables.n)]
+    cache = make_cache(args, [tables.rows] * tables.n, tables.dim)
     results = []
-    with session_over(model, list(tables.key_maps), slices, args.num_partitions) as session:
+    with session_over(model, list(tables.key_maps), slices, args.num_partitions, cache) as session:
+        resident = warm_cache(cache, device, list(tables.key_maps), slices)
+        dense = device.put(tables.dense)
+        dense_slices = [dense[t * tables.rows : (t + 1) * tables.rows] for t in range(tables.n)]
         for dist in args.keys:
             for samples in args.samples:
-                req = make_request(tables, draw_rows(rng, tables, samples, dist, args.alpha))
-                out = np.empty((req.keys.size, tables.dim), dtype=np.float32)
+                reqs = [make_request(tables, draw_rows(rng, tables, samples, dist, args.alpha))
+                        for _ in range(args.request_sets)]
+                index = [device.put(r.dense_index) for r in reqs]
+                per_table = [[device.put(rows) for rows in r.per_table] for r in reqs]
+                out = device.empty((reqs[0].keys.size, tables.dim))
                 outs = [out[t * samples : (t + 1) * samples] for t in range(tables.n)]
+                lookups = [lookup_of(session, r.keys, r.numkeys) for r in reqs]
 
-                def lookup() -> Any:
-                    return session.lookup(req.keys, req.numkeys)
+                def gathers(i: int) -> Callable[[], None]:
+                    return lambda: device.gather(dense, index[i], out)
 
-                def gather() -> None:
-                    np.take(tables.dense, req.dense_index, axis=0, out=out, mode="clip")
+                def takes(i: int) -> Callable[[], None]:
+                    def run() -> None:
+                        for t in range(tables.n):
+                            device.gather(dense_slices[t], per_table[i][t], outs[t])
 
-                def takes() -> None:
-                    for t in range(tables.n):
-                        np.take(slices[t], req.per_table[t], axis=0, out=outs[t], mode="clip")
+                    return run
 
-                gather()
-                checked = bool(np.array_equal(np.asarray(lookup()), out.ravel()))
+                checked = True
+                for i, req in enumerate(reqs):  # every request set, against the gather on the host
+                    answer = device.host(lookups[i]()).ravel()
+                    checked &= bool(np.array_equal(answer, tables.dense[req.dense_index].ravel()))
                 assert checked, f"lookup and gather disagree (dim {tables.dim}, {samples} samples, {dist})"
-                got = interleaved({"lookup": lookup, "gather": gather, "takes": takes},
-                                  args.min_seconds, args.min_reps, args.max_seconds)
-                row = {"keys_dist": dist, "dim": tables.dim, "samples": samples, "keys": int(req.keys.size),
-                       "unique_keys": int(np.unique(req.keys).size), "checked_equal": checked,
+                gathers(0)()
+                device.sync()
+                assert np.array_equal(device.host(out).ravel(), tables.dense[reqs[0].dense_index].ravel()), \
+                    "the gather ceiling gathers the wrong rows"
+                hits_before = cache_hits(session)
+                got = interleaved({name: device.synced(rotating(fns)) for name, fns in (
+                    ("lookup", lookups), ("gather", [gathers(i) for i in range(len(reqs))]),
+                    ("takes", [takes(i) for i in range(len(reqs))]))},
+                    args.min_seconds, args.min_reps, args.max_seconds)
+                profile = args.profile and samples == max(args.samples)
+                extra = cache_row(session, resident, hits_before, count_gpu_calls(session, device, lookups, profile))
+                row = {"keys_dist": dist, "dim": tables.dim, "samples": samples, "keys": int(reqs[0].keys.size),
+                       "unique_keys": int(np.unique(reqs[0].keys).size), "checked_equal": checked,
+                       "device": device.name, "cache": args.cache, "request_sets": len(reqs),
                        "lookup_ms": got["lookup"]["median_s"] * 1e3, "gather_ms": got["gather"]["median_s"] * 1e3,
-                       "takes_ms": got["takes"]["median_s"] * 1e3, "reps": got["lookup"]["reps"]}
+                       "takes_ms": got["takes"]["median_s"] * 1e3, "reps": got["lookup"]["reps"], **extra}
                 row["lookup_vs_gather"] = row["lookup_ms"] / row["gather_ms"]
                 row["lookup_vs_takes"] = row["lookup_ms"] / row["takes_ms"]
                 results.append(row)
+                if on_row:
+                    on_row(row)
                 print(f"  inprocess {dist:8s} dim {tables.dim:4d} samples {samples:6d}: "
                       f"lookup/gather {row['lookup_vs_gather']:7.2f}x  lookup/{tables.n} takes "
-                      f"{row['lookup_vs_takes']:6.2f}x  ({row['reps']} reps)", flush=True)
+                      f"{row['lookup_vs_takes']:6.2f}x  ({row['reps']} reps){counts_text(row)}", flush=True)
     return results
+
+
+def counts_text(row: Row) -> str:
+    """`` hit rate ..., launches ..., syncs ...`` for a cached row ('' without a cache)."""
+    if row.get("cache", "none") == "none":
+        return ""
+    text = f"  hit rate {row['hit_rate']:.4f}" if row.get("hit_rate") is not None else "  hit rate n/a"
+    if "launches_per_lookup" in row:
+        text += (f", {row['launches_per_lookup']:g} launches, {row['syncs_per_lookup']:g} syncs "
+                 f"(+{row['h2d_per_lookup']:g} h2d) per lookup")
+    elif "count_error" in row:
+        text += f", counting failed: {row['count_error']}"
+    return text
 
 
 # --------------------------------------------------------------------------- tables
 
 
-def bench_tables(args: argparse.Namespace, tables: Tables, rng: np.random.Generator) -> list[Row]:
-    """The same keys as ``n`` tables x B samples and as 1 table x nB keys, each in its own session."""
+def bench_tables(args: argparse.Namespace, tables: Tables, rng: np.random.Generator, device: Device,
+                 on_row: Callable[[Row], None] | None = None) -> list[Row]:
+    """The same keys as ``n`` tables x B samples and as 1 table x nB keys, each in its own session
+    (each with its own cache in cached mode, warmed with all its rows)."""
     n, max_b = tables.n, max(args.tables_samples)
     many = model_config("bench_many", n, tables.dim, max_b)
     one = model_config("bench_one", 1, tables.dim, max_b, keys_per_sample=n)
     slices = [tables.dense[t * tables.rows : (t + 1) * tables.rows] for t in range(n)]
+    many_cache = make_cache(args, [tables.rows] * n, tables.dim)
+    one_cache = make_cache(args, [n * tables.rows], tables.dim)
     results = []
-    with session_over(many, list(tables.key_maps), slices, args.num_partitions) as s_many, \
-            session_over(one, [tables.key_maps.ravel()], [tables.dense], args.num_partitions) as s_one:
+    with session_over(many, list(tables.key_maps), slices, args.num_partitions, many_cache) as s_many, \
+            session_over(one, [tables.key_maps.ravel()], [tables.dense], args.num_partitions, one_cache) as s_one:
+        resident = {"many": warm_cache(many_cache, device, list(tables.key_maps), slices),
+                    "one": warm_cache(one_cache, device, [tables.key_maps.ravel()], [tables.dense])}
         for dist in args.keys:
             for samples in args.tables_samples:
-                req = make_request(tables, draw_rows(rng, tables, samples, dist, args.alpha))
-                one_numkeys = np.array([req.keys.size], dtype=np.int32)
-
-                def lookup_many() -> Any:
-                    return s_many.lookup(req.keys, req.numkeys)
-
-                def lookup_one() -> Any:
-                    return s_one.lookup(req.keys, one_numkeys)
-
-                expected = tables.dense[req.dense_index].ravel()
-                checked = bool(np.array_equal(np.asarray(lookup_many()), expected)
-                               and np.array_equal(np.asarray(lookup_one()), expected))
+                reqs = [make_request(tables, draw_rows(rng, tables, samples, dist, args.alpha))
+                        for _ in range(args.request_sets)]
+                one_numkeys = np.array([reqs[0].keys.size], dtype=np.int32)
+                lookups_many = [lookup_of(s_many, r.keys, r.numkeys) for r in reqs]
+                lookups_one = [lookup_of(s_one, r.keys, one_numkeys) for r in reqs]
+                checked = True
+                for i, req in enumerate(reqs):
+                    expected = tables.dense[req.dense_index].ravel()
+                    checked &= bool(np.array_equal(device.host(lookups_many[i]()).ravel(), expected)
+                                    and np.array_equal(device.host(lookups_one[i]()).ravel(), expected))
                 assert checked, f"{n}-table and 1-table lookups disagree (dim {tables.dim}, {samples} samples)"
-                got = interleaved({"many": lookup_many, "one": lookup_one},
+                before = {"many": cache_hits(s_many), "one": cache_hits(s_one)}
+                got = interleaved({"many": device.synced(rotating(lookups_many)),
+                                   "one": device.synced(rotating(lookups_one))},
                                   args.min_seconds, args.min_reps, args.max_seconds)
-                row = {"keys_dist": dist, "dim": tables.dim, "samples": samples, "keys": int(req.keys.size),
-                       "tables": n, "checked_equal": checked, "many_tables_ms": got["many"]["median_s"] * 1e3,
+                row = {"keys_dist": dist, "dim": tables.dim, "samples": samples, "keys": int(reqs[0].keys.size),
+                       "tables": n, "checked_equal": checked, "device": device.name, "cache": args.cache,
+                       "request_sets": len(reqs), "many_tables_ms": got["many"]["median_s"] * 1e3,
                        "one_table_ms": got["one"]["median_s"] * 1e3, "reps": got["many"]["reps"]}
                 row["many_vs_one"] = row["many_tables_ms"] / row["one_table_ms"]
+                if args.cache != "none":
+                    profile = args.profile and samples == max(args.tables_samples)
+                    many_counts = count_gpu_calls(s_many, device, lookups_many, profile)
+                    one_counts = count_gpu_calls(s_one, device, lookups_one, profile)
+                    row.update(cache_row(s_many, resident["many"], before["many"], many_counts))
+                    row["one_table"] = cache_row(s_one, resident["one"], before["one"], one_counts)
                 results.append(row)
+                if on_row:
+                    on_row(row)
+                one_text = ""
+                if "launches_per_lookup" in row.get("one_table", {}):
+                    one_text = (f"; 1 table: {row['one_table']['launches_per_lookup']:g} launches, "
+                                f"{row['one_table']['syncs_per_lookup']:g} syncs")
                 print(f"  tables    {dist:8s} dim {tables.dim:4d} samples {samples:6d}: "
-                      f"{n} tables / 1 table {row['many_vs_one']:6.2f}x  ({row['reps']} reps)", flush=True)
+                      f"{n} tables / 1 table {row['many_vs_one']:6.2f}x  ({row['reps']} reps)"
+                      f"{counts_text(row)}{one_text}", flush=True)
     return results
 
 
@@ -428,20 +798,55 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)])
 
 
+def _num(value: Any, fmt: str = "g") -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def cache_columns(r: Row, counted: bool) -> list[str]:
+    """hit rate, and with ``counted`` (GPU rows) launches and syncs (+ host-to-device copies)
+    per lookup of a cached row."""
+    cells = [_num(r.get("hit_rate"), ".4f")]
+    if counted:
+        cells += [_num(r.get("launches_per_lookup")),
+                  f"{_num(r.get('syncs_per_lookup'))} (+{_num(r.get('h2d_per_lookup'))})"]
+    return cells
+
+
+def resident_text(rows: list[Row]) -> str:
+    shares = [r["cache_resident"] for r in rows if r.get("cache_resident") is not None]
+    return f"{100 * min(shares):.2f}% of the rows resident after warming" if shares else "residency unknown"
+
+
 def report(results: dict[str, list[Row]], n_tables: int) -> str:
     parts = []
     if results.get("inprocess"):
-        parts.append(f"### inprocess: LookupSession.lookup vs one np.take (gather) and {n_tables} np.take\n\n" + markdown(
+        rows = results["inprocess"]
+        cached = any(r.get("cache", "none") != "none" for r in rows)
+        gpu = any(r.get("device") == "gpu" for r in rows)
+        where = "a device gather kernel" if gpu else "one np.take"
+        title = (f"### inprocess: LookupSession.lookup vs {where} (gather) and {n_tables} per-table gathers"
+                 + (f" (cache: {rows[0]['cache']}, {resident_text(rows)})" if cached else ""))
+        parts.append(title + "\n\n" + markdown(
             ["keys dist", "dim", "samples", "keys", "lookup ms", "gather ms", f"{n_tables} takes ms",
-             "lookup/gather", f"lookup/{n_tables} takes"],
+             "lookup/gather", f"lookup/{n_tables} takes"]
+            + (["hit rate"] if cached else []) + (["launches/lookup", "syncs (+h2d)/lookup"] if gpu else []),
             [[r["keys_dist"], str(r["dim"]), f"{r['samples']:,}", f"{r['keys']:,}", f"{r['lookup_ms']:.3f}",
               f"{r['gather_ms']:.3f}", f"{r['takes_ms']:.3f}", f"**{r['lookup_vs_gather']:.2f}**",
-              f"{r['lookup_vs_takes']:.2f}"] for r in results["inprocess"]]))
+              f"{r['lookup_vs_takes']:.2f}"] + (cache_columns(r, gpu) if cached else []) for r in rows]))
     if results.get("tables"):
-        parts.append(f"### tables: {n_tables} tables x B samples vs 1 table x {n_tables}B keys (same keys)\n\n" + markdown(
-            ["keys dist", "dim", "samples", "keys", f"{n_tables} tables ms", "1 table ms", f"{n_tables} tables / 1 table"],
+        rows = results["tables"]
+        cached = any(r.get("cache", "none") != "none" for r in rows)
+        gpu = any(r.get("device") == "gpu" for r in rows)
+        parts.append(f"### tables: {n_tables} tables x B samples vs 1 table x {n_tables}B keys (same keys)"
+                     + (f" (cache: {rows[0]['cache']}, {resident_text(rows)})" if cached else "") + "\n\n" + markdown(
+            ["keys dist", "dim", "samples", "keys", f"{n_tables} tables ms", "1 table ms", f"{n_tables} tables / 1 table"]
+            + (["hit rate"] if cached else [])
+            + ([f"{n_tables} tables: launches/lookup", "syncs (+h2d)", "1 table: launches/lookup", "syncs (+h2d)"]
+               if gpu else []),
             [[r["keys_dist"], str(r["dim"]), f"{r['samples']:,}", f"{r['keys']:,}", f"{r['many_tables_ms']:.3f}",
-              f"{r['one_table_ms']:.3f}", f"**{r['many_vs_one']:.2f}**"] for r in results["tables"]]))
+              f"{r['one_table_ms']:.3f}", f"**{r['many_vs_one']:.2f}**"]
+             + ((cache_columns(r, gpu) + (cache_columns(r.get("one_table", {}), gpu)[1:] if gpu else []))
+                if cached else []) for r in rows]))
     if results.get("served"):
         parts.append("### served: Triton, client-side latency of sequential requests, hps vs zeros\n\n" + markdown(
             ["protocol", "dim", "samples", "keys", "hps p50 ms", "zeros p50 ms", "hps p99 ms", "zeros p99 ms",
@@ -505,12 +910,32 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version(), "numpy": np.__version__}
 
 
+def describe_device(device: Device) -> dict[str, Any]:
+    try:
+        return device.describe()
+    except Exception as exc:  # noqa: BLE001 - a description, not a measurement
+        return {"device": device.name, "error": str(exc)}
+
+
 # --------------------------------------------------------------------------- main
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["all", "inprocess", "tables", "served"], nargs="+", default=["all"])
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                   help="where inprocess/tables answers and the gather ceiling live (gpu: GPU 0, CuPy; "
+                        "implies --cache gpu)")
+    p.add_argument("--cache", choices=["none", "cpu", "gpu"], default=None,
+                   help="embedding cache in the session: none (hash map only; the cpu default), cpu (the "
+                        "CPU twin, CpuDynamicCache) or gpu (GpuDynamicCache; the gpu default)")
+    p.add_argument("--cache-headroom", type=int, default=4,
+                   help="cache capacity per table in multiples of its rows (4: every row stays resident)")
+    p.add_argument("--no-profile", dest="profile", action="store_false",
+                   help="GPU: skip the CUDA profiler's cross-check of the launch and sync counts (made at the "
+                        "largest size of each mode otherwise; needs torch)")
+    p.add_argument("--request-sets", type=int, default=None,
+                   help="requests drawn per size, cycled through by every candidate (default 3; quick 2)")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (small tables, few sizes, short timing)")
     p.add_argument("--tables", type=int, default=26, help="tables per request (default 26)")
     p.add_argument("--rows", type=int, default=None, help="rows per table (default 50,000; quick 2,000)")
@@ -547,6 +972,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.requests = pick(args.requests, 200, 20)
     args.min_seconds = pick(args.min_seconds, 0.3, 0.02)
     args.min_reps = pick(args.min_reps, 20, 5)
+    args.request_sets = max(1, pick(args.request_sets, 3, 2))
+    if args.cache is None:
+        args.cache = "gpu" if args.device == "gpu" else "none"
+    if (args.device == "gpu") != (args.cache == "gpu"):
+        p.error(f"--cache {args.cache} does not go with --device {args.device}: the GPU cache answers on the "
+                "GPU, the CPU twin and the hash map on the host")
     if q:
         args.warmup = min(args.warmup, 3)
     args.modes = ["inprocess", "tables", "served"] if "all" in args.mode else args.mode
@@ -558,35 +989,70 @@ def main(argv: list[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else [str(a) for a in argv]
     command = " ".join(["scripts/bench_lookup.py", *map(shlex.quote, words)])
     info = machine()
-    print(f"machine: {info['cpu']}, {info['cpus']} CPUs, {info['platform']}, numpy {info['numpy']}")
+    device = Device(args.device)
+    info.update(describe_device(device))
+    print(f"machine: {info['cpu']}, {info['cpus']} CPUs, {info['platform']}, numpy {info['numpy']}"
+          + (f"; {info.get('gpu')}, CuPy {info.get('cupy')}" if device.gpu else ""))
     print(f"command: {command}")
     print(f"modes {args.modes}: {args.tables} tables x {args.rows:,} rows, dims {args.dims} (served "
-          f"{args.served_dims}), keys {args.keys} (alpha {args.alpha}); timing: interleaved, medians over "
-          f">= {args.min_reps} reps and >= {args.min_seconds} s per candidate; served: {args.requests} "
-          f"requests per model and size", flush=True)
+          f"{args.served_dims}), keys {args.keys} (alpha {args.alpha}); device {args.device}, cache {args.cache}"
+          + (f" ({args.cache_headroom}x rows, warmed with every row)" if args.cache != "none" else "")
+          + f"; timing: interleaved over {args.request_sets} request sets per size, medians over "
+          f">= {args.min_reps} reps and >= {args.min_seconds} s per candidate"
+          + (", device synchronised before the clock stops" if device.gpu else "")
+          + f"; served: {args.requests} requests per model and size", flush=True)
     rng = np.random.default_rng(args.seed)
     results: dict[str, list[Row]] = {mode: [] for mode in args.modes}
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"machine": info, "command": command, "args": {k: str(v) for k, v in vars(args).items()}}
+
+    def save(partial: bool) -> None:
+        """results.json, rewritten after every row: a run stopped half-way keeps what it measured."""
+        (args.out / "results.json").write_text(json.dumps({"meta": {**meta, "partial": partial}, **results}, indent=1))
+
+    def recorder(mode: str) -> Callable[[Row], None]:
+        def record(row: Row) -> None:
+            results[mode].append(row)
+            save(partial=True)
+
+        return record
+
+    errors: list[Row] = []
+
+    def attempt(mode: str, dim: int, run: Callable[[], Any]) -> None:
+        """Run one mode at one dim; a failure (a wrong answer, an exception from the device) is
+        printed and recorded, and the other modes still run (one GPU session, many questions)."""
+        try:
+            run()
+        except Exception as exc:  # noqa: BLE001
+            traceback.print_exc()
+            errors.append({"mode": mode, "dim": dim, "error": f"{type(exc).__name__}: {exc}"})
+            results["errors"] = errors
+            save(partial=True)
+            print(f"  {mode} dim {dim} FAILED: {type(exc).__name__}: {exc}", flush=True)
+
     for dim in args.dims:
         if not {"inprocess", "tables"} & set(args.modes):
             break
         tables = make_tables(args.tables, args.rows, dim, args.seed)
         if "inprocess" in args.modes:
-            results["inprocess"] += bench_inprocess(args, tables, rng)
+            attempt("inprocess", dim, lambda: bench_inprocess(args, tables, rng, device, recorder("inprocess")))
         if "tables" in args.modes:
-            results["tables"] += bench_tables(args, tables, rng)
+            attempt("tables", dim, lambda: bench_tables(args, tables, rng, device, recorder("tables")))
         del tables
     if "served" in args.modes:
         served_tables = {dim: make_tables(args.tables, args.rows, dim, args.seed) for dim in args.served_dims}
         results["served"] = bench_served(args, served_tables, rng)
     print()
     print(report(results, args.tables))
-    args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": info, "command": command, "args": {k: str(v) for k, v in vars(args).items()}}
-    (args.out / "results.json").write_text(json.dumps({"meta": meta, **results}, indent=1))
+    save(partial=False)
     wrote = [str(args.out / "results.json")]
     if plot(results, args.out / "bench_lookup.png"):
         wrote.append(str(args.out / "bench_lookup.png"))
     print(f"\nwrote {' and '.join(wrote)}")
+    if errors:
+        print(f"{len(errors)} mode(s) FAILED: " + "; ".join(f"{e['mode']} dim {e['dim']}: {e['error']}" for e in errors))
+        return 1
     return 0
 
 
