@@ -153,11 +153,13 @@ def _as_voidptr_typer(typingctx: Any, address: Any) -> Any:
 as_voidptr: Any = intrinsic(_as_voidptr_typer)
 
 
-def _prefetch_typer(typingctx: Any, arr: Any, index: Any) -> Any:
-    """Hint that ``arr[index]`` (C-contiguous array, flat index) will be read soon."""
-    if not isinstance(arr, types.Array):
+def _prefetch_typer(typingctx: Any, arr: Any, index: Any, write: Any) -> Any:
+    """Hint that ``arr[index]`` (C-contiguous array, flat index) will be read, or written when
+    ``write`` (a literal bool: read-for-ownership ahead of a store), soon."""
+    if not isinstance(arr, types.Array) or not isinstance(write, types.BooleanLiteral):
         return None
-    sig = types.void(arr, types.intp)
+    sig = types.void(arr, types.intp, write)
+    rw = int(write.literal_value)
 
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
         arr_type = signature.args[0]
@@ -168,8 +170,8 @@ def _prefetch_typer(typingctx: Any, arr: Any, index: Any) -> Any:
         i32 = ir.IntType(32)
         fnty = ir.FunctionType(ir.VoidType(), [byte_ptr, i32, i32, i32])
         fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        # read, keep in all cache levels, data cache
-        builder.call(fn, [builder.bitcast(ptr, byte_ptr), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        # read or write, keep in all cache levels, data cache
+        builder.call(fn, [builder.bitcast(ptr, byte_ptr), ir.Constant(i32, rw), ir.Constant(i32, 3), ir.Constant(i32, 1)])
         return context.get_dummy_value()
 
     return sig, codegen
