@@ -377,10 +377,13 @@ class RocksDBPersistentDB:
         results = np.empty(n, dtype=object)
 
         def read(pieces: list[_Piece]) -> None:
-            for t, start, stop in pieces:
-                with self._translate("fetch", names[t]):
+            t = pieces[0][0]
+            try:  # one handler for the task, naming the table that failed
+                for t, start, stop in pieces:
                     # stubs: a list of keys is a batch get
                     results[start:stop] = families[t].get(key_list[start:stop])  # type: ignore[arg-type]
+            except Exception as exc:
+                raise TierError(f"RocksDB fetch on table {names[t]!r} at {self._path!r} failed: {exc}") from exc
 
         with self._translate("fetch", names[0] if len(names) == 1 else None):  # e.g. a pool shut down by close()
             self._run_ranges(read, bounds)
@@ -539,6 +542,10 @@ class RocksDBPersistentDB:
         """
         n = int(bounds[-1])
         threads = min(self._read_threads, n // _MIN_KEYS_PER_THREAD)
+        if threads < 2 and n <= self._max_get:  # one task: no cutting to plan
+            present = np.flatnonzero(bounds[1:] > bounds[:-1])
+            read(list(zip(present.tolist(), bounds[present].tolist(), bounds[present + 1].tolist())))
+            return
         step = min(self._max_get, -(-n // max(threads, 1)))
         cuts = np.union1d(bounds, np.arange(0, n, step))  # sorted, distinct: empty tables vanish
         starts, stops = cuts[:-1], cuts[1:]
