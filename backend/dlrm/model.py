@@ -26,7 +26,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from backend.dlrm.io import Batch, split_batch, to_torch
-from backend.dlrm.network import DenseDLRM, load_dense, predict
+from backend.dlrm.network import DenseDLRM, load_dense, serving_forward
 from backend.tensors import model_config, numpy_to_tensor, resolve_model_path, string_parameter, triton_error
 from hps_core.errors import RequestError
 
@@ -59,6 +59,7 @@ class TritonPythonModel:
             else torch.device("cpu")
         )
         self.net: DenseDLRM = load_dense(weights, map_location=self.device)
+        self._forward = serving_forward(self.net)
         self.log.log_info(
             f"dlrm: loaded {weights} (n_dense={self.net.n_dense}, n_tables="
             f"{self.net.n_tables}, dim={self.net.dim}) on {self.device}"
@@ -100,10 +101,13 @@ class TritonPythonModel:
 
     def _predict(self, batches: list[Batch]) -> list[torch.Tensor]:
         if len(batches) == 1:
-            return [predict(self.net, batches[0].dense, batches[0].emb)]
-        dense = torch.cat([b.dense.to(self.device) for b in batches])
-        emb = torch.cat([b.emb.to(self.device) for b in batches])
-        return list(torch.split(predict(self.net, dense, emb), [b.dense.shape[0] for b in batches]))
+            dense, emb = batches[0].dense, batches[0].emb
+        else:
+            dense = torch.cat([b.dense.to(self.device) for b in batches])
+            emb = torch.cat([b.emb.to(self.device) for b in batches])
+        with torch.inference_mode():
+            scores = self._forward(dense.to(self.device, torch.float32), emb.to(self.device, torch.float32))
+        return list(torch.split(scores, [b.dense.shape[0] for b in batches]))
 
     def _error(self, exc: Exception) -> "pb_utils.InferenceResponse":
         if isinstance(exc, RequestError):

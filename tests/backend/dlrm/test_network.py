@@ -13,7 +13,7 @@ import torch
 
 from backend.dlrm.io import split_batch, to_torch
 from backend.tensors import numpy_from_tensor
-from backend.dlrm.network import DLRM, DenseDLRM, load_dense, predict, save_dense
+from backend.dlrm.network import DLRM, DenseDLRM, load_dense, predict, save_dense, serving_forward
 from hps_core.errors import RequestError
 
 
@@ -287,3 +287,14 @@ def test_triton_model_scores_and_rejects_bad_requests(triton_model):
             np.testing.assert_allclose(out.as_numpy()[0], net(dense, emb).numpy(), atol=1e-6)
     assert responses[1].error.code == "INVALID_ARG" and "n_dense=13" in str(responses[1].error)
     assert responses[2].error.code == "INVALID_ARG" and "EMBEDDINGS" in str(responses[2].error)
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_serving_forward_is_the_same_function_as_eager(batch: int) -> None:
+    """The backend serves the TorchScript-frozen network; it must score exactly as eager."""
+    torch.manual_seed(batch)
+    net = DenseDLRM(n_tables=5, dim=4).eval()
+    dense, emb = torch.randn(batch, net.n_dense), torch.randn(batch, 5, 4)
+    forward = serving_forward(net)
+    with torch.inference_mode():
+        torch.testing.assert_close(forward(dense, emb), net(dense, emb), rtol=1e-6, atol=1e-6)
