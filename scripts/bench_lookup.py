@@ -858,8 +858,9 @@ def report(results: dict[str, list[Row]], n_tables: int) -> str:
     return "\n\n".join(parts)
 
 
-def plot(results: dict[str, list[Row]], path: Path) -> bool:
-    """Ratio vs samples, one line per dim (and key distribution); False without matplotlib."""
+def plot(results: dict[str, list[Row]], path: Path, baseline: dict[str, list[Row]] | None = None) -> bool:
+    """Ratio vs samples, one line per dim (and key distribution); with ``baseline`` (an earlier
+    run's results.json, e.g. before a change) its lines too, dotted. False without matplotlib."""
     try:
         import matplotlib
     except ImportError:
@@ -882,6 +883,11 @@ def plot(results: dict[str, list[Row]], path: Path) -> bool:
             line = [r for r in rows if (r["dim"], r["keys_dist"], r.get("protocol", "")) == group]
             name = f"dim {group[0]} {group[1]} {group[2]}".strip()
             ax.plot([r["samples"] for r in line], [r[key] for r in line], "o-", color=f"C{i}", label=name)
+            old = [r for r in (baseline or {}).get(mode, [])
+                   if (r["dim"], r["keys_dist"], r.get("protocol", "")) == group and key in r]
+            if old:
+                ax.plot([r["samples"] for r in old], [r[key] for r in old], "x:", color=f"C{i}",
+                        label=f"{name}: baseline")
             if mode == "inprocess":
                 ax.plot([r["samples"] for r in line], [r["lookup_vs_takes"] for r in line], "s--", color=f"C{i}",
                         label=f"{name}: lookup / per-table takes")
@@ -941,6 +947,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tables", type=int, default=26, help="tables per request (default 26)")
     p.add_argument("--rows", type=int, default=None, help="rows per table (default 50,000; quick 2,000)")
     p.add_argument("--dims", type=int, nargs="+", default=[16, 128])
+    p.add_argument("--baseline", type=Path, default=None,
+                   help="an earlier run's results.json: its ratios are drawn dotted beside this run's")
     p.add_argument("--samples", type=int, nargs="+", default=None,
                    help="inprocess samples per request (default 32 128 512 1024 4096 16384)")
     p.add_argument("--tables-samples", type=int, nargs="+", default=None,
@@ -1052,7 +1060,8 @@ def main(argv: list[str] | None = None) -> int:
     print(report(results, args.tables))
     save(partial=False)
     wrote = [str(args.out / "results.json")]
-    if plot(results, args.out / "bench_lookup.png"):
+    baseline = json.loads(args.baseline.read_text()) if args.baseline else None
+    if plot(results, args.out / "bench_lookup.png", baseline):
         wrote.append(str(args.out / "bench_lookup.png"))
     print(f"\nwrote {' and '.join(wrote)}")
     if errors:
