@@ -186,9 +186,7 @@ def _find_tables(
     for p in range(num_partitions):
         if starts[p * tables] == starts[(p + 1) * tables]:
             continue
-        read_acquire(locks, waiting, p)
-        if directory[_CLOSED, 0]:
-            read_release(locks, p)
+        if not _acquire_open(locks, waiting, p, directory):
             return _CLOSED_STATUS
         held = 0
         for t in range(tables):
@@ -196,7 +194,8 @@ def _find_tables(
             while j < end:
                 if held == max_per_hold:  # let a waiting writer in
                     read_release(locks, p)
-                    read_acquire(locks, waiting, p)
+                    if not _acquire_open(locks, waiting, p, directory):
+                        return _CLOSED_STATUS
                     held = 0
                 hi = min(end, j + max_per_hold - held)
                 e = entries[t] + p
@@ -209,6 +208,17 @@ def _find_tables(
                 j = hi
         read_release(locks, p)
     return -1
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _acquire_open(locks: Any, waiting: Any, p: int, directory: Any) -> bool:
+    """Take partition p's read lock; False (lock released) when the tier was closed: after a
+    close the directory's addresses point at freed arrays and must not be read."""
+    read_acquire(locks, waiting, p)
+    if directory[_CLOSED, 0]:
+        read_release(locks, p)
+        return False
+    return True
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -444,17 +454,18 @@ class _Partition:
         """Make room for ``extra`` more keys (all assumed new); True when arrays were replaced
         (the caller publishes them). Caller holds the write lock."""
         needed = self.n_rows + extra
-        grown = False
+        slots, values = self.slots, self.values
+        # Both new arrays exist before either replaces the old one: an allocation that fails
+        # leaves the partition (and what the directory points at) as it was.
         if 2 * needed > self.capacity:
-            grown_slots = _empty_slots(_pow2_at_least(2 * needed))
-            _rehash(self.slots, grown_slots)
-            self.slots, grown = grown_slots, True
+            slots = _empty_slots(_pow2_at_least(2 * needed))
+            _rehash(self.slots, slots)
         if needed > self.values.shape[0]:
             # geometric growth keeps appends amortised O(1)
-            rows = max(needed, 2 * self.values.shape[0])
-            bigger = _empty_rows(rows, self.dim)
-            bigger[: self.n_rows] = self.values[: self.n_rows]
-            self.values, self.meta, grown = bigger, bigger.view(np.int64), True
+            values = _empty_rows(max(needed, 2 * self.values.shape[0]), self.dim)
+            values[: self.n_rows] = self.values[: self.n_rows]
+        grown = slots is not self.slots or values is not self.values
+        self.slots, self.values, self.meta = slots, values, values.view(np.int64)
         return grown
 
     def remove(self, keys: Keys, positions: Any) -> int:
@@ -503,31 +514,32 @@ class _Directory:
     ``float32[rows, width]`` row storage); row ``_CLOSED`` column 0 says the tier was closed.
     Growing for a new table makes a larger array; every array ever handed to a kernel stays
     alive and is kept current, so a kernel that read an older one still finds valid addresses.
-    The partitions whose arrays are published are kept alive here too.
+    The arrays an entry points at are kept alive here (with the partition that owns them), so
+    an address in the directory is never one of freed memory while the tier is open.
     """
 
     def __init__(self, capacity: int = 64) -> None:
         self.table = np.zeros((_DIRECTORY_ROWS, capacity), np.int64)
         self._handed_out = [self.table]
-        self._owners: list[_Partition] = []
+        self._published: list[tuple[_Partition, Any, Vectors] | None] = []
 
     def __len__(self) -> int:
-        return len(self._owners)
+        return len(self._published)
 
     def append(self, part: _Partition) -> None:
         """Add an entry. Caller holds every partition's write lock."""
-        entry = len(self._owners)
+        entry = len(self._published)
         if entry == self.table.shape[1]:
             bigger = np.zeros((_DIRECTORY_ROWS, 2 * entry), np.int64)
             bigger[:, :entry] = self.table
             self.table = bigger
             self._handed_out.append(bigger)
-        self._owners.append(part)
+        self._published.append(None)
         self.publish(entry, part)
 
     def publish(self, entry: int, part: _Partition) -> None:
         """Point ``entry`` at ``part``'s arrays. Caller holds the entry's partition write lock."""
-        self._owners[entry] = part
+        self._published[entry] = (part, part.slots, part.values)
         for table in self._handed_out:
             if entry < table.shape[1]:
                 table[_SLOTS, entry] = part.slots.ctypes.data
@@ -536,12 +548,20 @@ class _Directory:
                 table[_VALUE_ROWS, entry] = part.values.shape[0]
                 table[_VALUE_WIDTH, entry] = part.values.shape[1]
 
+    def refresh(self, entry: int, part: _Partition) -> None:
+        """Publish ``part``'s grown arrays if the entry still belongs to it: an insert may race
+        an evict_table, drop_table or close that gave the entry to another partition (or
+        none), and must not bring its arrays back. Caller holds the partition's write lock."""
+        current = self._published[entry] if entry < len(self._published) else None
+        if current is not None and current[0] is part:
+            self.publish(entry, part)
+
     def close(self) -> None:
         """Mark every handed-out array closed and drop the partitions' arrays. Caller holds
         every partition's write lock."""
         for table in self._handed_out:
             table[_CLOSED, 0] = 1
-        self._owners.clear()
+        self._published = [None] * len(self._published)
 
 
 def estimate_bytes_per_row(dim: int) -> float:
@@ -697,7 +717,7 @@ class HashMapVolatileDB:
                 chunk = group[start : start + self._max_set]
                 with self._locks.write_locked(p):
                     if part.reserve(chunk.shape[0]):
-                        self._directory.publish(t.index * self._num_partitions + p, part)
+                        self._directory.refresh(t.index * self._num_partitions + p, part)
                     stamp0 = atomic_tick(self._clock, chunk.shape[0])
                     part.n_rows = _upsert(
                         keys, chunk, values, part.slots, part.values, part.meta, part.n_rows, stamp0

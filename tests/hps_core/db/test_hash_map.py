@@ -448,3 +448,49 @@ def test_close_beside_readers_raises_tier_error_not_a_crash(encode: Encode) -> N
     assert len(outcomes) == 2 and set(outcomes) <= {"closed", "finished"}
     with pytest.raises(TierError):
         db.fetch(T, keys, np.zeros((2000, 4), np.float32))
+
+
+def test_close_during_a_long_fetch_that_retakes_its_lock() -> None:
+    """A fetch of more than max_get_batch_size keys per partition releases and retakes the
+    partition's lock; a close in between must stop it with a TierError, never let it read the
+    freed arrays (a segfault before the check moved after every acquire)."""
+    db = HashMapVolatileDB(num_partitions=1, max_get_batch_size=64)
+    db.create_table(T, 64)
+    keys = np.arange(200_000, dtype=np.int64)  # arrays large enough to be returned to the OS
+    db.insert(T, keys, np.ones((keys.size, 64), np.float32))
+    out = np.zeros((keys.size, 64), np.float32)
+    outcome: list[str] = []
+    started = threading.Event()
+
+    def reader() -> None:
+        try:
+            for _ in range(100):
+                started.set()
+                db.fetch(T, keys, out)
+            outcome.append("finished")
+        except TierError:
+            outcome.append("closed")
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    started.wait()
+    db.close()
+    thread.join()
+    assert outcome in (["closed"], ["finished"])
+
+
+def test_an_insert_racing_evict_table_never_brings_evicted_arrays_back(encode: Encode) -> None:
+    """An insert holds its partition while evict_table swaps in fresh ones: when it grows its
+    (now detached) partition, the directory must keep pointing at the fresh arrays."""
+    db = HashMapVolatileDB(num_partitions=1)
+    db.create_table(T, 4)
+    keys = np.arange(100, dtype=np.int64)
+    db.insert(T, keys, encode(keys, 4))
+    old = db._table(T).partitions[0]  # what a racing insert holds
+    db.evict_table(T)
+    with db._locks.write_locked(0):  # the racing insert grows and publishes its partition
+        assert old.reserve(10_000)
+        db._directory.refresh(0, old)
+    assert not db.fetch(T, keys, np.zeros((100, 4), np.float32)).any()  # the evicted rows stay gone
+    db.insert(T, keys[:3], encode(keys[:3], 4))
+    np.testing.assert_array_equal(db.fetch(T, keys[:5], np.zeros((5, 4), np.float32)), [1, 1, 1, 0, 0])
