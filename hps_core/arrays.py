@@ -7,13 +7,14 @@ their rows up) between host and device.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 from types import ModuleType
-from typing import Any
+from typing import Any, ContextManager
 
 import numpy as np
 
-__all__ = ["array_module", "retain_freed_memory", "to_host"]
+__all__ = ["array_module", "device_context", "retain_freed_memory", "to_host"]
 
 
 def array_module(cache: Any) -> ModuleType:
@@ -23,6 +24,18 @@ def array_module(cache: Any) -> ModuleType:
     import cupy  # only reached with a GPU cache, which needed cupy to exist
 
     return cupy  # type: ignore[no-any-return]
+
+
+def device_context(cache: Any) -> ContextManager[Any]:
+    """Where a cache's arrays are made: its GPU (``cupy.cuda.Device``), or nothing to enter for
+    no cache or a CPU cache. CuPy's current device is per thread, so every thread that works
+    with a GPU cache (the request's, the background queue's, the refresher's, the update
+    stream's) enters this first; otherwise its arrays land on GPU 0."""
+    if cache is None or cache.device == "cpu":
+        return contextlib.nullcontext()
+    import cupy
+
+    return cupy.cuda.Device(cache.device)  # type: ignore[no-any-return]
 
 
 def to_host(array: Any) -> np.ndarray:

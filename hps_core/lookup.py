@@ -30,12 +30,12 @@ import numpy as np
 import numpy.typing as npt
 from numba import njit
 
-from hps_core.arrays import array_module, to_host
+from hps_core.arrays import array_module, device_context, to_host
 from hps_core.background import BackgroundQueue
 from hps_core.cache.base import CacheFullError, EmbeddingCache, MultiTableCache, TableView
 from hps_core.config import ModelConfig
 from hps_core.db.base import EmbeddingTier
-from hps_core.errors import RequestError, TierError
+from hps_core.errors import ConfigError, RequestError, TierError
 from hps_core.grouping import pairs_in
 from hps_core.request import BatchPlan, CheckedRequest, TableLayout, check_request, plan_batch
 from hps_core.rows import copy_rows, fill_rows, row_offsets
@@ -159,7 +159,7 @@ class LookupSession:
         self.model = model
         self.layout = TableLayout.of(model)
         if cache is not None and not np.array_equal(cache.dims, self.layout.dims):
-            raise RequestError(
+            raise ConfigError(
                 f"model '{model.model}': the cache's table widths {list(cache.dims)} differ from the "
                 f"model's {self.layout.dims.tolist()}"
             )
@@ -254,7 +254,8 @@ class LookupSession:
         if self._cache is None:
             out = self._answer_from_tiers(plan, counts)
         else:
-            out = self._answer_from_cache(self._cache, plan, counts)
+            with device_context(self._cache):
+                out = self._answer_from_cache(self._cache, plan, counts)
         self._record(counts)
         return [
             _shape(out[plan.bounds[i] : plan.bounds[i + 1]], request)
@@ -369,22 +370,23 @@ class LookupSession:
         return _Fetched(out, offsets, found_mask, counts)
 
     def cache_rows(self, table_ids: Int64s, keys: Int64s, fetched: _Fetched, fetch_started: float,
-                   *, insert: bool) -> int:
+                   *, insert: bool, only: npt.NDArray[np.bool_] | None = None) -> int:
         """Write rows fetched from the tiers into the cache; returns the rows written.
 
         ``table_ids``, ``keys`` (m,) host, as given to :meth:`fetch_from_tiers`, whose answer
         is ``fetched``; ``fetch_started``: ``time.monotonic()`` before that call. ``insert``:
-        replace (insert, evicting) or update (overwrite cached keys only). Keys found nowhere
-        are left out, so that a row published for them later is not shadowed by a cached
-        default; so are keys the update stream changed since ``UPDATE_GRACE_S`` before the
-        fetch, whose fetched row may predate the update. A static table without room for the
-        new keys raises CacheFullError (nothing written).
+        replace (insert, evicting) or update (overwrite cached keys only); ``only``: a mask of
+        the rows to consider (all by default). Keys found nowhere are left out, so that a row
+        published for them later is not shadowed by a cached default; so are keys the update
+        stream changed since ``UPDATE_GRACE_S`` before the fetch, whose fetched row may predate
+        the update. Static tables without room for their new keys raise CacheFullError
+        (nothing written).
         """
         cache = self._cache
         if cache is None:
             return 0
-        keep = fetched.found
-        with self._cache_writes:
+        keep = fetched.found if only is None else fetched.found & only
+        with self._cache_writes, device_context(cache):
             updated = self._recent_updates.since(fetch_started - UPDATE_GRACE_S)
             if updated is None:
                 return 0  # the fetch is too old to check: leave the cache as it is
@@ -409,19 +411,28 @@ class LookupSession:
         if view is None:
             return 0
         keys = np.asarray(keys, np.int64)
-        with self._cache_writes:
+        with self._cache_writes, device_context(self._cache):
             ids = np.full(keys.shape[0], self._table_index[table_name], np.int64)
             self._recent_updates.add(time.monotonic(), ids, keys)
             return view.update(self._xp.asarray(keys), self._xp.asarray(values))
 
     def _insert_fetched(self, table_ids: Int64s, keys: Int64s, fetched: _Fetched, fetch_started: float,
                         counts: Any) -> None:
-        try:
-            self.cache_rows(table_ids, keys, fetched, fetch_started, insert=True)
-        except CacheFullError:
-            # A static table holds the sparse file's keys; a key known only to a tier (a new
-            # id from the update stream) is served uncached.
-            counts[:, _COLUMN["cache_full"]] += np.bincount(table_ids[fetched.found], minlength=self.layout.count)
+        """Insert fetched rows; the rows of static tables without room are left out (and
+        counted): such a table holds its sparse file's keys, and a key known only to a tier (a
+        new id from the update stream) is served uncached while the other tables' rows go in."""
+        only = np.ones(keys.shape[0], np.bool_)
+        while only.any():
+            try:
+                self.cache_rows(table_ids, keys, fetched, fetch_started, insert=True, only=only)
+                return
+            except CacheFullError as full:
+                refused = only & np.isin(table_ids, full.tables)
+                if not refused.any():  # a table filled up meanwhile: leave the rest out too
+                    refused = only
+                counts[:, _COLUMN["cache_full"]] += np.bincount(table_ids[refused & fetched.found],
+                                                                minlength=self.layout.count)
+                only &= ~refused
 
     def _insert_later(self, table_ids: Int64s, keys: Int64s) -> bool:
         """Queue the fetch and cache insertion of these pairs; False when the queue was full."""

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from hps_core.arrays import to_host
+from hps_core.arrays import device_context, to_host
 
 if TYPE_CHECKING:
     from hps_core.lookup import LookupSession
@@ -54,7 +54,8 @@ class CacheRefresher:
         start = self._cursor
         stop = min(start + width, cache.total_sets)
         self._cursor = 0 if stop >= cache.total_sets else stop
-        table_ids, keys = (to_host(a) for a in cache.dump_sets(start, stop))
+        with device_context(cache):
+            table_ids, keys = (to_host(a) for a in cache.dump_sets(start, stop))
         if keys.size == 0:
             return 0
         keys = keys.astype(np.int64, copy=False)

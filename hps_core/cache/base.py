@@ -49,17 +49,18 @@ Errors (all from :mod:`hps_core.errors`, plus the one defined here)::
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from hps_core.arrays import array_module
+from hps_core.arrays import array_module, device_context
 from hps_core.errors import ConfigError, HPSError, RequestError
 
 __all__ = [
     "CacheFullError",
+    "CacheLayout",
     "EmbeddingCache",
     "MultiTableCache",
     "TableView",
@@ -70,6 +71,7 @@ __all__ = [
     "capacity_for_bytes",
     "check_batch",
     "check_cache_args",
+    "check_room",
     "check_multi_cache_args",
     "check_table_rows",
     "normalize_keys",
@@ -85,7 +87,14 @@ Array = Any  # numpy.ndarray on CPU caches, cupy.ndarray on GPU caches
 
 
 class CacheFullError(HPSError):
-    """A static table cannot take the new keys of a replace: nothing was written."""
+    """Static tables cannot take the new keys of a replace: nothing was written.
+
+    ``tables``: the indices of the tables without room (a caller may retry without their rows).
+    """
+
+    def __init__(self, message: str, tables: Sequence[int] = ()) -> None:
+        super().__init__(message)
+        self.tables = tuple(int(t) for t in tables)
 
 
 @runtime_checkable
@@ -304,9 +313,7 @@ class TableView:
             return keys, xp.full(n, self.table, np.int64), xp.arange(0, n * self.dim, self.dim, dtype=np.int64)
 
     def _on_device(self) -> Any:
-        if self.device == "cpu":
-            return contextlib.nullcontext()
-        return self._xp.cuda.Device(self.device)
+        return device_context(self.multi)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -356,6 +363,72 @@ def check_batch(xp: Any, keys: Any, values: Any, dim: int, name: str = "values")
     if name == "out" and not values.flags.c_contiguous:
         raise RequestError("out must be C-contiguous: hits are written into it in place")
 
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """Where each table of a multi-table cache lives, worked out once from its capacities and
+    widths (host int64 arrays of length T); the CPU twins and the GPU caches share it.
+
+    Dynamic: table t owns ``num_sets[t]`` sets of :data:`WAYS` slots from global set
+    ``set_base[t]``. Static: table t owns a power-of-two region of ``slot_base[t+1] -
+    slot_base[t]`` slots (≥ 2 × capacity, at least 16) and counts as one set. Either way its
+    rows start at ``value_base[t]`` of one flat value store, ``dims[t]`` wide.
+    """
+
+    dims: Any
+    capacities: Any
+    num_sets: Any
+    set_base: Any
+    value_base: Any
+    slot_base: Any  # (T + 1,) static only (empty for dynamic caches)
+
+    @property
+    def row_base(self) -> Any:
+        """(T + 1,) int64 first row of each table when their rows follow one another."""
+        return np.concatenate([[0], np.cumsum(self.capacities)]).astype(np.int64)
+
+    @property
+    def total_sets(self) -> int:
+        return int(self.num_sets.sum())
+
+    @property
+    def values(self) -> int:
+        """Elements of the flat value store."""
+        return int((self.capacities * self.dims).sum())
+
+    @classmethod
+    def dynamic(cls, requested: Any, dims: Any) -> CacheLayout:
+        num_sets = -(-requested // WAYS)
+        capacities = num_sets * WAYS
+        return cls(dims, capacities, num_sets, _starts(num_sets), _starts(capacities * dims), np.zeros(0, np.int64))
+
+    @classmethod
+    def static(cls, requested: Any, dims: Any) -> CacheLayout:
+        tables = requested.shape[0]
+        slots = np.array([1 << max(4, (2 * int(c) - 1).bit_length()) for c in requested], np.int64)
+        slot_base = np.concatenate([[0], np.cumsum(slots)]).astype(np.int64)
+        return cls(dims, requested, np.ones(tables, np.int64), np.arange(tables, dtype=np.int64),
+                   _starts(requested * dims), slot_base)
+
+
+def _starts(sizes: Any) -> Any:
+    """(T,) int64 start of each table's range when ranges of ``sizes`` follow one another."""
+    return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+
+
+def check_room(held: Any, capacities: Any, new: Any) -> None:
+    """Refuse a static replace whose new keys (``new`` (T,) distinct keys per table) do not fit
+    beside the ``held`` rows: CacheFullError naming every table without room."""
+    over = np.flatnonzero(held + new > capacities)
+    if over.size:
+        t = int(over[0])
+        raise CacheFullError(
+            f"static embedding table {t} is full: it holds {int(held[t])} of {int(capacities[t])} rows "
+            f"and the batch brings {int(new[t])} new keys ({over.size} table(s) without room: "
+            f"{over.tolist()}); size the table for the whole model (static tables never evict) or use "
+            "a dynamic cache",
+            over.tolist(),
+        )
 
 def check_multi_cache_args(
     kind: str, capacities: Sequence[object], dims: Sequence[object], policy: str, value_dtype: Any, key_dtype: Any

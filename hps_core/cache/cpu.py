@@ -50,8 +50,9 @@ from numba.extending import overload
 
 from hps_core.cache.base import (
     WAYS,
-    CacheFullError,
+    CacheLayout,
     TableView,
+    check_room,
     check_multi_cache_args,
     check_table_rows,
     normalize_keys,
@@ -390,11 +391,9 @@ class CpuDynamicCache(_CpuCacheBase):
     def __init__(self, capacities: Sequence[int], dims: Sequence[int], *, policy: str = "lru",
                  value_dtype: Any = np.float32, key_dtype: Any = np.int64, num_stripes: int | None = None) -> None:
         super().__init__("dynamic", capacities, dims, policy, value_dtype, key_dtype)
-        self.num_sets = -(-self._requested // WAYS)
-        self.capacities = self.num_sets * WAYS
-        self.set_base = np.concatenate([[0], np.cumsum(self.num_sets)[:-1]]).astype(np.int64)
-        self.total_sets = int(self.num_sets.sum())
-        self.value_base = np.concatenate([[0], np.cumsum(self.capacities * self.dims)[:-1]]).astype(np.int64)
+        layout = CacheLayout.dynamic(self._requested, self.dims)
+        self.capacities, self.num_sets, self.set_base = layout.capacities, layout.num_sets, layout.set_base
+        self.total_sets, self.value_base = layout.total_sets, layout.value_base
         stripes = num_stripes or min(DEFAULT_STRIPES, max(2, 4 * (os.cpu_count() or 1)))
         self.num_stripes = max(1, min(int(stripes), self.total_sets))
         self._locks = LockArray(self.num_stripes)
@@ -404,7 +403,7 @@ class CpuDynamicCache(_CpuCacheBase):
         self._used = np.zeros(shape, np.uint8)
         self._ts = np.zeros(shape, np.int64)
         self._freq = np.zeros(shape, np.int64)
-        self._values = np.zeros(int((self.capacities * self.dims).sum()), self._storage)
+        self._values = np.zeros(layout.values, self._storage)
 
     def query_tables(self, table_ids: Any, keys: Any, out: Any, offsets: Any, stream: Any = None) -> np.ndarray:
         ids, keys, out, offs = self._args(table_ids, keys, out, offsets, "out")
@@ -465,18 +464,14 @@ class CpuStaticCache(_CpuCacheBase):
     def __init__(self, capacities: Sequence[int], dims: Sequence[int], *, policy: str = "lru",
                  value_dtype: Any = np.float32, key_dtype: Any = np.int64) -> None:
         super().__init__("static", capacities, dims, policy, value_dtype, key_dtype)
-        self.capacities = self._requested
-        self.num_sets = np.ones(self.tables, np.int64)
-        self.set_base = np.arange(self.tables, dtype=np.int64)
-        self.total_sets = self.tables
-        # load factor <= 1/2 in each table's region
-        slots = np.array([1 << max(4, (2 * int(c) - 1).bit_length()) for c in self.capacities], np.int64)
-        self._slot_mask = slots - 1
-        self._slot_base = np.concatenate([[0], np.cumsum(slots)]).astype(np.int64)
-        self.value_base = np.concatenate([[0], np.cumsum(self.capacities * self.dims)[:-1]]).astype(np.int64)
-        self._slot_keys = np.zeros(int(slots.sum()), self.key_dtype)
-        self._slot_rows = np.full(int(slots.sum()), _EMPTY, np.int64)
-        self._values = np.zeros(int((self.capacities * self.dims).sum()), self._storage)
+        layout = CacheLayout.static(self._requested, self.dims)
+        self.capacities, self.num_sets, self.set_base = layout.capacities, layout.num_sets, layout.set_base
+        self.total_sets, self.value_base = layout.total_sets, layout.value_base
+        self._slot_base = layout.slot_base
+        self._slot_mask = np.diff(layout.slot_base) - 1
+        self._slot_keys = np.zeros(int(layout.slot_base[-1]), self.key_dtype)
+        self._slot_rows = np.full(int(layout.slot_base[-1]), _EMPTY, np.int64)
+        self._values = np.zeros(layout.values, self._storage)
         self._n_rows = np.zeros(self.tables, np.int64)
         self._lock = LockArray(1)
 
@@ -530,14 +525,7 @@ class CpuStaticCache(_CpuCacheBase):
         """Refuse the whole batch, before writing anything, if a table's new keys do not fit."""
         stored = _static_stored(keys, table_ids, self._slot_base, self._slot_mask, self._slot_keys, self._slot_rows)
         new = np.bincount(table_ids[first_of_pairs(table_ids, keys) & ~stored], minlength=self.tables)
-        over = np.flatnonzero(self._n_rows + new > self.capacities)
-        if over.size:
-            t = int(over[0])
-            raise CacheFullError(
-                f"static embedding table {t} is full: it holds {int(self._n_rows[t])} of "
-                f"{int(self.capacities[t])} rows and the batch brings {int(new[t])} new keys; size the "
-                "table for the whole model (static tables never evict) or use a dynamic cache"
-            )
+        check_room(self._n_rows, self.capacities, new)
 
 
 # --------------------------------------------------------------------------- one table

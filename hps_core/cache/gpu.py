@@ -66,8 +66,9 @@ from hps_core.arrays import to_host
 from hps_core.cache import _kernels
 from hps_core.cache.base import (
     WAYS,
-    CacheFullError,
+    CacheLayout,
     TableView,
+    check_room,
     check_multi_cache_args,
     check_table_rows,
     normalize_keys,
@@ -96,11 +97,6 @@ def _cupy() -> Any:
     except ImportError as exc:  # pragma: no cover - depends on the machine
         raise ConfigError("GPU embedding caches need CuPy (pip install cupy-cuda12x or cupy-cuda13x)") from exc
     return cupy
-
-
-def _bases(sizes: Any) -> Any:
-    """(T,) int64 start of each table's range when ranges of ``sizes`` follow one another."""
-    return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
 
 
 class _Workspace:
@@ -338,11 +334,9 @@ class GpuDynamicCache(_GpuMultiCache):
     def __init__(self, capacities: Sequence[int], dims: Sequence[int], *, device: int = 0, policy: str = "lru",
                  value_dtype: Any = np.float32, key_dtype: Any = np.int64) -> None:
         super().__init__("dynamic", capacities, dims, device, policy, value_dtype, key_dtype)
-        self.num_sets = -(-self._requested // WAYS)
-        self.capacities = self.num_sets * WAYS
-        self.set_base = _bases(self.num_sets)
-        self.total_sets = int(self.num_sets.sum())
-        self.value_base = _bases(self.capacities * self.dims)
+        layout = CacheLayout.dynamic(self._requested, self.dims)
+        self.capacities, self.num_sets, self.set_base = layout.capacities, layout.num_sets, layout.set_base
+        self.total_sets, self.value_base = layout.total_sets, layout.value_base
         # The LRU clock: one tick per call, 64-bit on the device (see dynamic_cache.cu).
         self._clock = itertools.count(1)  # next() is atomic under the GIL
         cp = self._cp
@@ -356,7 +350,7 @@ class GpuDynamicCache(_GpuMultiCache):
             self._slot_ts = cp.zeros(slots, cp.uint64)
             self._slot_freq = cp.zeros(slots, cp.uint64)
             self._set_locks = cp.zeros(self.total_sets, cp.int32)
-            self._values = cp.zeros(int((self.capacities * self.dims).sum()), self._storage)
+            self._values = cp.zeros(layout.values, self._storage)
 
     def replace_tables(self, table_ids: Any, keys: Any, values: Any, offsets: Any, stream: Any = None) -> None:
         """Insert or overwrite each key's row, evicting per policy from a full set. One
@@ -460,18 +454,15 @@ class GpuStaticCache(_GpuMultiCache):
                  policy: str = "lru",  # accepted for a uniform factory; nothing is ever evicted
                  value_dtype: Any = np.float32, key_dtype: Any = np.int64) -> None:
         super().__init__("static", capacities, dims, device, policy, value_dtype, key_dtype)
-        self.capacities = self._requested
-        big = np.flatnonzero(self.capacities >= 2**31)
+        big = np.flatnonzero(self._requested >= 2**31)
         if big.size:
             raise ConfigError(f"static GPU tables index rows with int32: table {int(big[0])} has capacity "
-                              f"{int(self.capacities[big[0]])}, which is too large")
-        self.num_sets = np.ones(self.tables, np.int64)
-        self.set_base = np.arange(self.tables, dtype=np.int64)
-        self.total_sets = self.tables
-        # load factor <= 1/2 in each table's region (the CPU twin's sizes)
-        slots = np.array([1 << max(4, (2 * int(c) - 1).bit_length()) for c in self.capacities], np.int64)
-        self._slot_base = np.concatenate([[0], np.cumsum(slots)]).astype(np.int64)
-        self.value_base = _bases(self.capacities * self.dims)
+                              f"{int(self._requested[big[0]])}, which is too large")
+        layout = CacheLayout.static(self._requested, self.dims)
+        self.capacities, self.num_sets, self.set_base = layout.capacities, layout.num_sets, layout.set_base
+        self.total_sets, self.value_base = layout.total_sets, layout.value_base
+        self._slot_base = layout.slot_base
+        slots = np.diff(layout.slot_base)
         self._n_rows = np.zeros(self.tables, np.int64)  # rows per table, kept by the writers
         self._lock = threading.Lock()
         cp = self._cp
@@ -479,14 +470,15 @@ class GpuStaticCache(_GpuMultiCache):
             self._slot_base_d = cp.asarray(self._slot_base)
             self._slot_mask_d = cp.asarray((slots - 1).astype(np.uint64))
             self._value_base_d = cp.asarray(self.value_base)
-            self._row_base_d = cp.asarray(_bases(self.capacities))
+            self._row_base = layout.row_base
+            self._row_base_d = cp.asarray(self._row_base[:-1])
             self._capacities_d = cp.asarray(self.capacities)
             self._slot_keys = cp.zeros(int(slots.sum()), self.key_dtype)
             self._slot_rows = cp.full(int(slots.sum()), -1, cp.int32)
             self._row_keys = cp.zeros(int(self.capacities.sum()), self.key_dtype)
             self._row_ver = cp.zeros(int(self.capacities.sum()), cp.uint32)
             self._row_count = cp.zeros(self.tables, cp.uint32)
-            self._values = cp.zeros(int((self.capacities * self.dims).sum()), self._storage)
+            self._values = cp.zeros(layout.values, self._storage)
             # de-duplication scratch of replace (st_count_new), grown geometrically
             self._scratch_tables = cp.empty(0, cp.int32)
             self._scratch_keys = cp.empty(0, self.key_dtype)
@@ -560,7 +552,7 @@ class GpuStaticCache(_GpuMultiCache):
         if table is not None and not 0 <= table < self.tables:
             raise RequestError(f"table {table} is outside the cache's {self.tables} tables")
         lo, hi = (0, self.tables) if table is None else (table, table + 1)
-        row_base = np.concatenate([[0], np.cumsum(self.capacities)])
+        row_base = self._row_base
         with self._lock, self._on(stream) as s:
             first, last = int(self._slot_base[lo]), int(self._slot_base[hi])
             args = (self._slot_rows, self._row_ver, self._row_count, np.int64(first), np.int64(last),
@@ -589,14 +581,7 @@ class GpuStaticCache(_GpuMultiCache):
 
     def _check_room(self, new: np.ndarray) -> None:
         """Refuse the whole batch, before writing anything, if a table's new keys do not fit."""
-        over = np.flatnonzero(self._n_rows + new > self.capacities)
-        if over.size:
-            t = int(over[0])
-            raise CacheFullError(
-                f"static embedding table {t} is full: it holds {int(self._n_rows[t])} of "
-                f"{int(self.capacities[t])} rows and the batch brings {int(new[t])} new keys; size the "
-                "table for the whole model (static tables never evict) or use a dynamic cache"
-            )
+        check_room(self._n_rows, self.capacities, new)
 
     def _write(self, ids: Any, keys: Any, values: Any, offs: Any, status: Any, *, insert: bool, stream: Any) -> None:
         n = keys.shape[0]

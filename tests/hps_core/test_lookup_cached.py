@@ -225,3 +225,30 @@ def test_server_warms_caches_from_the_sparse_files(tmp_path: Path, device) -> No
         assert 50 <= warmed <= cache.capacity  # 50% of 100 rows, rounded up to whole sets
         np.testing.assert_array_equal(_lookup(session, keys), _rows(keys))
         assert session.counters()["t"]["cache_hits"] == warmed
+
+
+def test_a_full_static_table_refuses_only_its_own_rows(tmp_path: Path, device) -> None:
+    """A static table sized for its sparse file has no room for a key found only in a tier;
+    that key is served uncached (counted as cache_full), and the other tables' misses still go
+    into the cache."""
+    config = parse_config({"models": [{
+        "model": "m", "sparse_files": ["/unused/a", "/unused/b"], "embedding_table_names": ["a", "b"],
+        "embedding_vecsize_per_table": [DIM, DIM], "maxnum_catfeature_query_per_table_per_sample": [4, 4],
+        "max_batch_size": 1, "hit_rate_threshold": 1.0,
+    }]}, "test.json")
+    model = config.model("m")
+    volatile = HashMapVolatileDB(num_partitions=1)
+    keys = np.arange(10, dtype=np.int64)
+    for table in model.tables:
+        volatile.create_table(table.qualified_name, DIM)
+        volatile.insert(table.qualified_name, keys, _rows(keys))
+    cache = make_multi_table_cache("static", device=device, capacities=[2, 50], dims=[DIM, DIM])
+    session = LookupSession(model, volatile=volatile, persistent=None, cache=cache)
+    request = np.array([1, 2, 3, 4, 5, 6, 7, 8], np.int64)  # table a: 4 new keys for 2 rows
+    for _ in range(2):
+        got = to_host(session.lookup(request, np.array([4, 4], np.int32))).reshape(8, DIM)
+        np.testing.assert_array_equal(got, _rows(request))  # answers are right either way
+    c = session.counters()
+    assert c["a"]["cache_full"] == 8 and c["a"]["cache_hits"] == 0  # both passes: a's 4 keys refused
+    assert c["b"]["cache_full"] == 0 and c["b"]["cache_hits"] == 4  # b's 4 keys cached on the first pass
+    session.close()
