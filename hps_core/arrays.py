@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import sys
 from types import ModuleType
 from typing import Any, ContextManager
 
 import numpy as np
 
-__all__ = ["array_module", "device_context", "retain_freed_memory", "to_host"]
+__all__ = ["array_module", "device_context", "is_device_array", "retain_freed_memory", "to_host"]
 
 
 def array_module(cache: Any) -> ModuleType:
@@ -42,8 +43,16 @@ def to_host(array: Any) -> np.ndarray:
     """``array`` as a host numpy array (a copy only when it lives on a GPU)."""
     if isinstance(array, np.ndarray):
         return array
-    get = getattr(array, "get", None)  # cupy.ndarray.get() copies device → host
-    return get() if callable(get) else np.asarray(array)
+    if is_device_array(array):
+        return array.get()  # type: ignore[no-any-return]
+    return np.asarray(array)
+
+
+def is_device_array(array: Any) -> bool:
+    """Whether ``array`` is a CuPy array. Never imports CuPy: an array of it can only exist
+    where CuPy was imported already."""
+    cupy = sys.modules.get("cupy")
+    return cupy is not None and isinstance(array, cupy.ndarray)
 
 
 # glibc's mallopt parameters (malloc.h)

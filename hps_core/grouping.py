@@ -2,8 +2,8 @@
 
 :func:`group_by` orders batch positions by a small integer (a hash-map partition, a cache
 stripe, a (partition, table) pair), stably, so a kernel takes each lock once per batch and
-"the last duplicate wins" still holds inside a group. :class:`PairSet`-style kernels
-(:func:`first_of_pairs`, :func:`pairs_in`) answer "which (table, key) pairs does this batch
+"the last duplicate wins" still holds inside a group. :func:`first_of_pairs` and
+:func:`pairs_in` answer "which (table, key) pairs does this batch
 repeat / hold" with one open-addressing set over the pairs, where NumPy would need a sort of a
 structured array. Every tier and cache that groups or de-duplicates calls these; there is no
 second copy.

@@ -94,15 +94,15 @@ def check_request(keys: np.ndarray, numkeys: np.ndarray, layout: TableLayout) ->
     batched = keys.ndim == 2 or numkeys.ndim == 2
     if batched and (keys.ndim != 2 or numkeys.ndim != 2 or keys.shape[0] != numkeys.shape[0]):
         if numkeys.ndim == 2 and keys.ndim == 1:
-            raise RequestError(f"NUMKEYS must be a 1-D integer tensor, got shape {numkeys.shape} dtype {numkeys.dtype}")
+            raise _numkeys_error(numkeys)
         if keys.ndim == 2 and numkeys.ndim == 1:
-            raise RequestError(f"KEYS must be 1-D after the batch dimension, got shape {keys.shape}")
+            raise _keys_shape_error(keys)
         raise RequestError(
             f"KEYS {keys.shape} and NUMKEYS {numkeys.shape} must both be 1-D, "
             "or both 2-D with the same number of rows"
         )
     if keys.ndim > 2:
-        raise RequestError(f"KEYS must be 1-D after the batch dimension, got shape {keys.shape}")
+        raise _keys_shape_error(keys)
     if batched and keys.shape[0] == 0:
         raise RequestError("the request holds no rows: KEYS has batch size 0")
     keys2 = _as_key_array(keys.reshape(1, -1) if keys.ndim == 1 else keys)
@@ -111,6 +111,14 @@ def check_request(keys: np.ndarray, numkeys: np.ndarray, layout: TableLayout) ->
     if problem:
         raise RequestError(_count_problem(problem, counts, row, table, keys2.shape[1], layout))
     return CheckedRequest(keys2, counts, batched)
+
+
+def _keys_shape_error(keys: np.ndarray) -> RequestError:
+    return RequestError(f"KEYS must be 1-D after the batch dimension, got shape {keys.shape}")
+
+
+def _numkeys_error(numkeys: np.ndarray) -> RequestError:
+    return RequestError(f"NUMKEYS must be a 1-D integer tensor, got shape {numkeys.shape} dtype {numkeys.dtype}")
 
 
 def _as_key_array(keys: np.ndarray) -> Int64s:
@@ -123,7 +131,7 @@ def _as_key_array(keys: np.ndarray) -> Int64s:
 
 def _counts(numkeys: np.ndarray, layout: TableLayout) -> Int64s:
     if numkeys.dtype.kind not in _INTEGER_KINDS:
-        raise RequestError(f"NUMKEYS must be a 1-D integer tensor, got shape {numkeys.shape} dtype {numkeys.dtype}")
+        raise _numkeys_error(numkeys)
     if numkeys.shape[1] != layout.count:
         raise RequestError(
             f"NUMKEYS has {numkeys.shape[1]} entries but model '{layout.model}' has {layout.count} tables "
@@ -184,8 +192,8 @@ def _count_problem(problem: int, counts: Int64s, row: int, i: int, n: int, layou
 class BatchPlan:
     """Every key of a batch of requests, planned as one lookup (host arrays).
 
-    Unique (table, key) pairs, ``U`` of them, each with a row in a unique buffer of ``size``
-    floats (the layout of :mod:`hps_core.rows`)::
+    Unique (table, key) pairs, ``U`` of them, each with a row (the layout of
+    :mod:`hps_core.rows`) in the outputs::
 
         table_ids (U,) int64   keys (U,) int64   offsets (U,) int64
 
@@ -196,7 +204,7 @@ class BatchPlan:
     output; ``key_counts`` / ``unique_counts`` (T,) keys and unique keys per table.
 
     The unique rows live IN the outputs: a pair's row is the output row of its first
-    occurrence (``size == output_size``), so the levels write each unique row straight to
+    occurrence, so the levels write each unique row straight to
     where it is answered, and :meth:`expand` copies only the repeated occurrences — the
     answer costs one row copy per key, as a plain gather does, not two.
     """
@@ -204,7 +212,6 @@ class BatchPlan:
     table_ids: Int64s
     keys: Int64s
     offsets: Int64s
-    size: int
     sources: Int64s
     counts: Int64s
     output_size: int
@@ -235,10 +242,10 @@ def plan_batch(requests: Sequence[CheckedRequest], layout: TableLayout) -> Batch
         keys = np.concatenate([r.keys.reshape(-1) for r in requests])
         counts = np.concatenate([r.counts for r in requests])
         rows = np.array([r.rows for r in requests], np.int64)
-    (table_ids, unique_keys, offsets, size, sources, output_size, bounds, key_counts,
-     unique_counts) = _plan(keys, counts, layout.dims, rows)
-    return BatchPlan(table_ids, unique_keys, offsets, size, sources, counts, output_size, bounds,
-                     key_counts, unique_counts)
+    table_ids, unique_keys, offsets, sources, output_size, bounds, key_counts, unique_counts = _plan(
+        keys, counts, layout.dims, rows)
+    return BatchPlan(table_ids, unique_keys, offsets, sources, counts, output_size, bounds, key_counts,
+                     unique_counts)
 
 
 @njit(nogil=True, cache=True)
@@ -311,8 +318,8 @@ def _plan(keys: Any, counts: Any, dims: Any, request_rows: Any) -> Any:
     for q in range(request_rows.shape[0]):
         row += request_rows[q]
         bounds[q + 1] = row_end[row - 1]
-    return (table_ids[:unique], unique_keys[:unique], offsets[:unique], output, sources, output,
-            bounds, key_counts, unique_counts)
+    return (table_ids[:unique], unique_keys[:unique], offsets[:unique], sources, output, bounds,
+            key_counts, unique_counts)
 
 
 @njit(nogil=True, cache=True)

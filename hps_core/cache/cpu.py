@@ -48,6 +48,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
+from hps_core.arrays import is_device_array, to_host
 from hps_core.cache.base import (
     WAYS,
     CacheLayout,
@@ -322,10 +323,8 @@ def sets_of(keys: np.ndarray, num_sets: int) -> np.ndarray:
 
 
 def _host(arr: Any, what: str) -> np.ndarray:
-    if isinstance(arr, np.ndarray):
-        return arr
-    if hasattr(arr, "get") and hasattr(arr, "device"):  # a CuPy array: bring it over
-        return arr.get()  # type: ignore[no-any-return]
+    if isinstance(arr, np.ndarray) or is_device_array(arr):  # a CuPy array is brought over
+        return to_host(arr)
     raise RequestError(f"{what} must be a numpy array, got {type(arr).__name__}")
 
 

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from hps_core.hashing import partition_array
 from hps_core.rows import join_rows
 
 __all__ = [
@@ -56,23 +57,15 @@ __all__ = [
 
 META_KEY = b"hps_et{meta}tables"
 
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-
-
 def value_hkey(table: str, partition: int) -> bytes:
     """The Redis key of partition ``partition`` of ``table`` (HugeCTR's ``make_hkey``)."""
     return f"hps_et{{{table}/p{partition}}}v".encode()
 
 
 def partition_of(keys: npt.NDArray[np.int64], num_partitions: int) -> npt.NDArray[np.int64]:
-    """(n,) int64 keys → (n,) int64 partition indices in ``[0, num_partitions)``."""
-    x = keys.view(np.uint64)
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * _M1
-        x = (x ^ (x >> np.uint64(27))) * _M2
-        x = x ^ (x >> np.uint64(31))
-    return ((x >> np.uint64(32)) % np.uint64(num_partitions)).astype(np.int64)
+    """(n,) int64 keys → (n,) int64 partition indices in ``[0, num_partitions)``: the hash
+    map's partitions too (``hps_core.hashing.partition``)."""
+    return partition_array(keys, num_partitions)
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,9 @@ either stored whole or refused whole, never half-written because of a malformed 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Protocol, runtime_checkable
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from typing import Generic, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -30,6 +31,7 @@ from hps_core.rows import check_rows_fit
 __all__ = [
     "EmbeddingTier",
     "PersistentDB",
+    "TableGroups",
     "VolatileDB",
     "check_dim",
     "check_keys",
@@ -229,3 +231,41 @@ def _check_index(what: str, name: str, arr: object, n: int) -> Keys:
     if arr.shape[0] != n:
         raise RequestError(f"{what}: {name} has {arr.shape[0]} entries for {n} keys; they must match")
     return np.ascontiguousarray(arr)
+
+
+Resolved = TypeVar("Resolved")
+_MAX_GROUPS = 256  # tuples remembered; a session passes one, always the same
+
+
+class TableGroups(Generic[Resolved]):
+    """What a tier works out for the tuple of table names a ``fetch_tables`` call names (their
+    widths, where they live), once per tuple: a session passes the same tuple on every call, so
+    a lookup costs no work per table here. ``resolve(names)`` does the tier's part (and raises
+    UnknownTableError); :meth:`clear` forgets everything when the tier's tables change.
+    """
+
+    def __init__(self, resolve: Callable[[tuple[str, ...]], Resolved]) -> None:
+        self._resolve = resolve
+        self._known: dict[tuple[str, ...], Resolved] = {}
+        self._lock = threading.Lock()
+
+    def get(self, tables: Sequence[str]) -> Resolved:
+        if isinstance(tables, str):
+            raise RequestError(f"tables must be a sequence of table names, got the str {tables!r}")
+        names = tables if isinstance(tables, tuple) else tuple(tables)
+        try:
+            return self._known[names]
+        except KeyError:
+            pass
+        except TypeError as exc:  # an unhashable name
+            raise RequestError(f"tables must be table names (str), got {names!r}") from exc
+        resolved = self._resolve(tuple(check_table_name(t) for t in names))
+        with self._lock:
+            if len(self._known) >= _MAX_GROUPS:  # callers that build a new tuple per call
+                self._known.clear()
+            self._known[names] = resolved
+        return resolved
+
+    def clear(self) -> None:
+        with self._lock:
+            self._known.clear()

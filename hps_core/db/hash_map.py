@@ -69,6 +69,7 @@ from numba import carray, njit
 from hps_core.db.base import (
     Flat,
     Keys,
+    TableGroups,
     Mask,
     Vectors,
     check_dim,
@@ -81,7 +82,7 @@ from hps_core.db.base import (
 )
 from hps_core.errors import ConfigError, TierError
 from hps_core.grouping import group_by
-from hps_core.hashing import mix64
+from hps_core.hashing import mix64, partition, partition_array
 from hps_core.rows import check_rows_fit
 from hps_core.intrinsics import (
     LockArray,
@@ -109,7 +110,6 @@ OVERFLOW_POLICIES = ("evict_random", "evict_least_used", "evict_oldest")
 _POLICY_ALIASES = {"random": "evict_random", "least_used": "evict_least_used", "oldest": "evict_oldest"}
 NO_OVERFLOW_LIMIT = 2**64 - 1  # HugeCTR's default margin: size_t max, i.e. never evict
 
-_S32 = np.uint64(32)
 # rows of the directory (see _Directory)
 _SLOTS, _SLOT_COUNT, _VALUES, _VALUE_ROWS, _VALUE_WIDTH, _CLOSED = range(6)
 _DIRECTORY_ROWS = 6
@@ -120,16 +120,6 @@ _FLOATS_PER_LINE = 16
 
 
 # --------------------------------------------------------------------------- kernels
-
-
-@njit(nogil=True, cache=True)
-def _partitions(keys: Keys, num_partitions: int) -> Any:
-    """(n,) int64 partition of each key: the high half of its hash, modulo the partitions."""
-    parts = np.empty(keys.shape[0], np.int64)
-    nparts = np.uint64(num_partitions)
-    for i in range(keys.shape[0]):
-        parts[i] = np.int64((mix64(keys[i]) >> _S32) % nparts)
-    return parts
 
 
 @njit(nogil=True, cache=True)
@@ -171,7 +161,6 @@ def _find_tables(
     n = keys.shape[0]
     tables = entries.shape[0]
     buckets = num_partitions * tables
-    nparts = np.uint64(num_partitions)
     hashes = np.empty(n, np.uint64)
     bucket = np.empty(n, np.int64)
     for i in range(n):
@@ -180,7 +169,7 @@ def _find_tables(
             return i
         h = mix64(keys[i])
         hashes[i] = h
-        bucket[i] = np.int64((h >> _S32) % nparts) * tables + t
+        bucket[i] = partition(h, num_partitions) * tables + t
     order, starts = group_by(bucket, buckets)
     rows = np.empty(n, np.int64)
     for p in range(num_partitions):
@@ -648,8 +637,8 @@ class HashMapVolatileDB:
         self._clock = np.zeros(1, np.int64)  # logical time of access stamps, ticked atomically
         self._directory = _Directory()
         self._tables: dict[str, _Table] = {}
-        # what fetch_tables resolved per tuple of table names: first directory entries and dims
-        self._groups: dict[tuple[str, ...], tuple[Keys, Keys]] = {}
+        # what fetch_tables needs of a tuple of tables: first directory entries and dims
+        self._groups: TableGroups[tuple[Keys, Keys]] = TableGroups(self._resolve)
         self._tables_lock = threading.Lock()  # guards the dicts, not the data
         self._closed = False
 
@@ -737,7 +726,7 @@ class HashMapVolatileDB:
     def fetch_tables(
         self, tables: Sequence[str], table_ids: Keys, keys: Keys, out: Flat, offsets: Keys
     ) -> Mask:
-        entries, dims = self._resolve(tables)
+        entries, dims = self._groups.get(tables)
         # bounds are checked by the kernel's first pass, before it reads anything
         table_ids, keys, out, offsets = check_table_batch(
             "hash map fetch_tables", dims, table_ids, keys, out, offsets, bounds=False
@@ -856,26 +845,21 @@ class HashMapVolatileDB:
             if table is not None:
                 self._tables[table] = fresh
 
-    def _resolve(self, tables: Sequence[str]) -> tuple[Keys, Keys]:
-        """First directory entry and dim of each of ``tables``, memoized per tuple of names."""
-        names = tables if isinstance(tables, tuple) else tuple(tables)
-        group = self._groups.get(names)
-        if group is None:
-            with self._tables_lock:
-                resolved = [self._table(name) for name in names]
-                group = (
-                    np.array([t.index * self._num_partitions for t in resolved], np.int64),
-                    np.array([t.dim for t in resolved], np.int64),
-                )
-                self._groups[names] = group
-        return group
+    def _resolve(self, names: tuple[str, ...]) -> tuple[Keys, Keys]:
+        """First directory entry and dim of each of ``names`` (see TableGroups)."""
+        with self._tables_lock:
+            resolved = [self._table(name) for name in names]
+        return (
+            np.array([t.index * self._num_partitions for t in resolved], np.int64),
+            np.array([t.dim for t in resolved], np.int64),
+        )
 
     def _group(self, keys: Keys) -> tuple[Any, Any]:
         """Batch positions grouped by partition, in batch order inside a partition (which is
         what makes "last duplicate wins" hold for inserts)."""
         if self._num_partitions == 1:  # nothing to group: skip a pass over the batch
             return np.arange(keys.shape[0], dtype=np.int64), np.array([0, keys.shape[0]], np.int64)
-        return group_by(_partitions(keys, self._num_partitions), self._num_partitions)  # type: ignore[no-any-return]
+        return group_by(partition_array(keys, self._num_partitions), self._num_partitions)  # type: ignore[no-any-return]
 
     def _table(self, table: str) -> _Table:
         self._check_open()

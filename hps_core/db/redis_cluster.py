@@ -77,6 +77,7 @@ from hps_core.db.base import (
     Flat,
     Keys,
     Mask,
+    TableGroups,
     Vectors,
     check_dim,
     check_keys,
@@ -99,7 +100,6 @@ DEFAULT_NODE_CONNECTIONS = 5
 DEFAULT_SOCKET_TIMEOUT = 1.0  # s: a node slower than this counts as down for this request
 DEFAULT_CONNECT_TIMEOUT = 0.5  # s
 DEFAULT_RETRY_AFTER = 1.0  # s a failed node is skipped before it is tried again
-_MAX_RESOLVED = 256  # table tuples remembered by fetch_tables (a session passes one, always the same)
 
 #: errors that mean "this node cannot answer now" (retryable after ``retry_after``)
 NODE_FAILURES: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, OSError)
@@ -259,7 +259,7 @@ class _RedisTier:
         self._node_connections = _check_positive("num_node_connections", num_node_connections)
         self._retry_after = float(retry_after)
         self._tables: dict[str, _Table] = {}
-        self._resolved: dict[tuple[str, ...], _Tables] = {}
+        self._groups: TableGroups[_Tables] = TableGroups(self._resolve)
         self._links: dict[str, _Link] = {}
         self._down_until: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -340,7 +340,7 @@ class _RedisTier:
         self._check_open()
         table = check_table_name(table)
         keys = check_keys(table, keys)
-        tables = self._resolve((table,))
+        tables = self._groups.get((table,))
         dim = int(tables.dims[0])
         out = check_out(table, out, len(keys), dim)
         n = len(keys)
@@ -353,7 +353,7 @@ class _RedisTier:
         """Keys of several tables in ONE round of pipelines: one pipeline per node for the
         whole batch, whatever the table count. Arrays as in the contract (base.py)."""
         self._check_open()
-        resolved = self._resolve(tables)
+        resolved = self._groups.get(tables)
         ids, keys, out, offsets = check_table_batch(
             f"{self._kind} fetch_tables", resolved.dims, table_ids, keys, out, offsets
         )
@@ -455,25 +455,15 @@ class _RedisTier:
         info = self._tables.setdefault(table, self._describe(table, int(stored)))
         return info
 
-    def _resolve(self, tables: Sequence[str]) -> _Tables:
-        """The hashes, slots and widths of a tuple of tables, worked out once per tuple (a
-        session passes the same one on every call); an unknown name raises UnknownTableError."""
-        if isinstance(tables, str):
-            raise RequestError(f"tables must be a sequence of table names, got the str {tables!r}")
-        names = tables if isinstance(tables, tuple) else tuple(tables)
-        resolved = self._resolved.get(names)
-        if resolved is None:
-            infos = [self._table(check_table_name(t)) for t in names]  # per table, once per tuple
-            resolved = _Tables(
-                names,
-                np.array([i.dim for i in infos], dtype=np.int64),
-                [h for i in infos for h in i.hkeys],
-                [s for i in infos for s in i.slots],
-            )
-            if len(self._resolved) >= _MAX_RESOLVED:  # callers that build a new tuple per call
-                self._resolved.clear()
-            self._resolved[names] = resolved
-        return resolved
+    def _resolve(self, names: tuple[str, ...]) -> _Tables:
+        """The hashes, slots and widths of ``names`` (see TableGroups)."""
+        infos = [self._table(name) for name in names]
+        return _Tables(
+            names,
+            np.array([i.dim for i in infos], dtype=np.int64),
+            [h for i in infos for h in i.hkeys],
+            [s for i in infos for s in i.slots],
+        )
 
     def _call(self, what: str, fn: Callable[[], Any]) -> Any:
         """Run a single-key command; redis errors become TierError."""

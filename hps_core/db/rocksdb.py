@@ -57,6 +57,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,7 @@ from hps_core.db.base import (
     Flat,
     Keys,
     Mask,
+    TableGroups,
     Vectors,
     check_dim,
     check_keys,
@@ -102,9 +104,17 @@ _INGEST_DIR = ".hps_ingest"  # SST files being written, inside the DB folder (sa
 _sst_ids = itertools.count()
 _DEFAULT_CF = "default"
 _BLOOM_BITS_PER_KEY = 10  # ~1% false positives: misses (frequent in a cascade) skip the disk
-_MAX_RESOLVED = 256  # table tuples remembered by fetch_tables (a session passes one, always the same)
 
 _Piece = tuple[int, int, int]  # (table index, start, stop) of a multi-get, in the sorted batch
+
+
+@dataclass(frozen=True)
+class _Group:
+    """What fetch_tables needs of a tuple of tables: names, (T,) widths, column-family views."""
+
+    names: tuple[str, ...]
+    dims: Keys
+    families: list[Rdict]
 
 
 def _options(num_threads: int, *, create: bool) -> Options:
@@ -210,7 +220,8 @@ class RocksDBPersistentDB:
         self._cfs: dict[str, Rdict] = {}
         self._handles: dict[str, Any] = {}
         self._dims: dict[str, int] = {}
-        self._resolved: dict[tuple[str, ...], Keys] = {}
+        # fetch_tables' widths and views per tuple of tables; views die with their handles
+        self._groups: TableGroups[_Group] = TableGroups(self._resolve)
         self._load_tables()
 
     @classmethod
@@ -347,8 +358,7 @@ class RocksDBPersistentDB:
         n = keys.shape[0]
         out = check_out(table, out, n, dim)
         offsets = np.arange(0, n * dim, dim, dtype=np.int64)
-        dims = np.array([dim], dtype=np.int64)
-        return self._fetch_rows((table,), dims, np.zeros(n, np.int64), keys, out.reshape(-1), offsets)
+        return self._fetch_rows(self._group((table,)), np.zeros(n, np.int64), keys, out.reshape(-1), offsets)
 
     def fetch_tables(
         self, tables: Sequence[str], table_ids: Keys, keys: Keys, out: Flat, offsets: Keys
@@ -356,14 +366,13 @@ class RocksDBPersistentDB:
         """Keys of several tables in one call: one multi-get per column family (chunked by
         ``max_get_batch_size``), all of them spread over the read pool together. Arrays as
         in the contract (base.py)."""
-        names, dims = self._resolve(tables)
-        ids, keys, out, offsets = check_table_batch("RocksDB fetch_tables", dims, table_ids, keys, out, offsets)
-        return self._fetch_rows(names, dims, ids, keys, out, offsets)
+        group = self._group(tables)
+        ids, keys, out, offsets = check_table_batch("RocksDB fetch_tables", group.dims, table_ids, keys, out, offsets)
+        return self._fetch_rows(group, ids, keys, out, offsets)
 
-    def _fetch_rows(
-        self, names: tuple[str, ...], dims: Keys, ids: Keys, keys: Keys, out: Flat, offsets: Keys
-    ) -> Mask:
+    def _fetch_rows(self, group: _Group, ids: Keys, keys: Keys, out: Flat, offsets: Keys) -> Mask:
         """Checked arrays in, found rows written into ``out`` at ``offsets``."""
+        names, dims, families = group.names, group.dims, group.families
         n = keys.shape[0]
         found = np.zeros(n, np.bool_)
         if n == 0:
@@ -371,8 +380,6 @@ class RocksDBPersistentDB:
         order = _byte_order(ids, keys, len(names))
         bounds = np.zeros(len(names) + 1, np.int64)
         np.cumsum(np.bincount(ids, minlength=len(names)), out=bounds[1:])
-        # one view per table present: the binding's multi-get reads one column family
-        families = {t: self._family(names[t]) for t in np.flatnonzero(bounds[1:] > bounds[:-1]).tolist()}
         key_list = _key_bytes(keys[order])
         results = np.empty(n, dtype=object)
 
@@ -560,20 +567,15 @@ class RocksDBPersistentDB:
         for future in [pool.submit(read, task) for task in tasks]:
             future.result()
 
-    def _resolve(self, tables: Sequence[str]) -> tuple[tuple[str, ...], Keys]:
-        """The names and (T,) int64 widths of a tuple of tables, worked out once per tuple (a
-        session passes the same one on every call); an unknown name raises UnknownTableError."""
+    def _group(self, tables: Sequence[str]) -> _Group:
         self._check_open()
-        if isinstance(tables, str):
-            raise RequestError(f"tables must be a sequence of table names, got the str {tables!r}")
-        names = tables if isinstance(tables, tuple) else tuple(tables)
-        dims = self._resolved.get(names)
-        if dims is None:
-            dims = np.array([self.dim(check_table_name(t)) for t in names], dtype=np.int64)  # once per tuple
-            if len(self._resolved) >= _MAX_RESOLVED:  # callers that build a new tuple per call
-                self._resolved.clear()
-            self._resolved[names] = dims
-        return names, dims
+        return self._groups.get(tables)
+
+    def _resolve(self, names: tuple[str, ...]) -> _Group:
+        """Widths and column-family views of ``names`` (see TableGroups): the binding's
+        multi-get reads one column family, through its view."""
+        dims = np.array([self.dim(name) for name in names], dtype=np.int64)
+        return _Group(names, dims, [self._family(name) for name in names])
 
     def _read_pool(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -587,6 +589,7 @@ class RocksDBPersistentDB:
         """Close column-family views, then the DB. Caller holds the lock."""
         # column-family views keep the DB alive: close them first or the lock stays held
         cfs, self._cfs, self._handles = list(self._cfs.values()), {}, {}
+        self._groups.clear()  # they hold views of the closed handle
         with self._translate("close", None):
             for cf in cfs:
                 cf.close()

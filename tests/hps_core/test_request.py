@@ -95,7 +95,6 @@ def test_plan_deduplicates_pairs_across_requests_rows_and_tables() -> None:
     np.testing.assert_array_equal(plan.key_counts, sum(r.counts.sum(axis=0) for r in checked))
     assert sorted(plan.table_ids.tolist()) == plan.table_ids.tolist()  # grouped by table
 
-    assert plan.size == plan.output_size  # unique rows live in the outputs
     out = np.full(plan.output_size, np.nan, np.float32)
     rows_of = {}
     for u, pair in enumerate(pairs):  # what the levels do: each unique row written once
