@@ -234,6 +234,15 @@ class LockArray:
             write_release(self.locks, i)
 
     @contextmanager
+    def read_locked(self, i: int) -> Iterator[None]:
+        """Hold lock ``i`` shared while the block runs (a Python reader beside the kernels)."""
+        read_acquire(self.locks, self.waiting, i)
+        try:
+            yield
+        finally:
+            read_release(self.locks, i)
+
+    @contextmanager
     def all_write_locked(self) -> Iterator[None]:
         """Hold every lock exclusively (taken in index order), e.g. to change shared structure."""
         taken = 0

@@ -90,7 +90,8 @@ class _Tier:
 class _Fetched:
     """What the tiers below the cache answered for some keys (host arrays).
 
-    ``values``/``offsets``: the rows, in the flat layout, defaults where nothing was found;
+    ``values``/``offsets``: the rows, in the flat layout, defaults where nothing was found
+    (host; on the GPU path, the device copy once it crossed);
     ``found`` (m,) bool; ``counts`` (T, fields) the counters the fetch added its answer to."""
 
     values: npt.NDArray[np.float32]
@@ -192,18 +193,13 @@ class LookupSession:
     # ------------------------------------------------------------------ lookups
 
     def lookup(self, keys: np.ndarray, numkeys: np.ndarray) -> Any:
-        """Vectors for one request: ``keys`` (n,) int64 table-major, ``numkeys`` (tables,) int32.
+        """Vectors for one request: ``keys`` (n,) int64 table-major and ``numkeys`` (tables,)
+        int32, host arrays, or both with Triton's leading batch dimension ((rows, n) and (rows,
+        tables): each row one HugeCTR request).
 
-        Both in host memory. Returns (sum over tables of count_i * dim_i,) float32 in the
-        cache's memory (host without a cache, the GPU with a GPU cache).
-        """
-        return self.lookup_batch(keys, numkeys)
-
-    def lookup_batch(self, keys: np.ndarray, numkeys: np.ndarray) -> Any:
-        """Like :meth:`lookup`, with or without Triton's leading batch dimension.
-
-        ``keys`` (n,) or (rows, n); ``numkeys`` (tables,) or (rows, tables). Each row is one
-        HugeCTR request; the result has the same leading shape. Raises RequestError.
+        Returns (sum over tables of count_i * dim_i,) float32, with the same leading shape, in
+        the cache's memory (host without a cache, the GPU with a GPU cache). Raises
+        RequestError for a malformed request.
         """
         (result,) = self.lookup_requests([(keys, numkeys)])
         if isinstance(result, Exception):
@@ -213,8 +209,8 @@ class LookupSession:
     def lookup_requests(self, requests: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[Any]:
         """Answer several requests (``(KEYS, NUMKEYS)`` pairs, host arrays) in one pass.
 
-        Returns one entry per request, in order: its vectors (shaped as :meth:`lookup_batch`
-        would return them), or the exception that refused it (RequestError for a malformed
+        Returns one entry per request, in order: its vectors (shaped as :meth:`lookup` would
+        return them), or the exception that refused it (RequestError for a malformed
         request); one request never fails the others. Should the shared pass itself fail, each
         request is answered alone, so only the one that causes the failure gets it. A tier
         that fails is absorbed by the cascade (the next tier answers).
@@ -224,10 +220,14 @@ class LookupSession:
         slots: list[int] = []
         for i, (keys, numkeys) in enumerate(requests):
             try:
-                checked.append(check_request(keys, numkeys, self.layout))
-                slots.append(i)
+                request = check_request(keys, numkeys, self.layout)
+                if self._cache is not None and self._cache.key_dtype == np.uint32:
+                    _check_uint32(request.keys)
             except RequestError as exc:
                 results[i] = exc
+                continue
+            checked.append(request)
+            slots.append(i)
         if not checked:
             return results
         try:
@@ -272,7 +272,7 @@ class LookupSession:
     def _answer_from_cache(self, cache: MultiTableCache, plan: BatchPlan, counts: Any) -> Any:
         """The cache answers what it holds, the tiers (or defaults) the rest; in its memory."""
         xp = self._xp
-        device = self._to_device(plan)
+        device = self._to_device(cache, plan)
         out = xp.empty(plan.output_size, np.float32)  # the unique rows live in it (BatchPlan)
         start = time.perf_counter()
         missing = to_host(cache.query_tables(device["table_ids"], device["keys"], out, device["offsets"]))
@@ -287,7 +287,7 @@ class LookupSession:
             cache.copy_rows(out, device["repeat_sources"], out, device["repeat_targets"], device["repeat_tables"])
         return out
 
-    def _to_device(self, plan: BatchPlan) -> dict[str, Any]:
+    def _to_device(self, cache: MultiTableCache, plan: BatchPlan) -> dict[str, Any]:
         """The plan's index arrays in the cache's memory: one host→device copy on the GPU."""
         names: tuple[str, ...] = ("table_ids", "keys", "offsets")
         arrays = [getattr(plan, name) for name in names]
@@ -297,7 +297,10 @@ class LookupSession:
         arrays += plan.repeats(self.layout.dims)
         packed = self._xp.asarray(np.concatenate(arrays))
         bounds = np.cumsum([0] + [a.shape[0] for a in arrays])
-        return {name: packed[bounds[i] : bounds[i + 1]] for i, name in enumerate(names)}
+        device = {name: packed[bounds[i] : bounds[i + 1]] for i, name in enumerate(names)}
+        # in the cache's key type already (checked on the host): no range check on the device
+        device["keys"] = device["keys"].astype(cache.key_dtype)
+        return device
 
     def _fill_misses(self, cache: MultiTableCache, plan: BatchPlan, missing: Int64s, missed: Int64s,
                      unique: Any, counts: Any) -> None:
@@ -315,20 +318,25 @@ class LookupSession:
         else:
             offsets, size = row_offsets(ids, self.layout.dims)
             buffer = np.empty(size, np.float32)
+        fetched = None
         if sync.any():
             fetch_started = time.monotonic()
             fetched = self.fetch_from_tiers(ids[sync], keys[sync], buffer, offsets[sync], counts)
-            self._insert_fetched(ids[sync], keys[sync], fetched, fetch_started, counts)
         if not sync.all():
             warm = ~sync
             fill_rows(buffer, offsets[warm], ids[warm], self.layout.dims, self.layout.defaults)
             queued = self._insert_later(ids[warm], keys[warm])
             column = _COLUMN["async_inserts" if queued else "dropped_inserts"]
             counts[:, column] += np.bincount(ids[warm], minlength=self.layout.count)
-        if not on_host:
+        if not on_host:  # the packed rows cross once, for the answer and the cache alike
+            device_rows = self._xp.asarray(buffer)
             packed = self._xp.asarray(np.concatenate([offsets, plan.offsets[missing], ids]))
             m = missing.shape[0]
-            cache.copy_rows(self._xp.asarray(buffer), packed[:m], unique, packed[m : 2 * m], packed[2 * m :])
+            cache.copy_rows(device_rows, packed[:m], unique, packed[m : 2 * m], packed[2 * m :])
+        if fetched is not None:
+            if not on_host:
+                fetched.values = device_rows
+            self._insert_fetched(ids[sync], keys[sync], fetched, fetch_started, counts)
 
     # ------------------------------------------------------------------ tiers and cache writes
 
@@ -535,6 +543,16 @@ def _fill_defaults(table_ids: Any, missing: Any, out: Any, offsets: Any, dims: A
         for d in range(dims[t]):
             out[o + d] = defaults[t]
     return found
+
+
+def _check_uint32(keys: Int64s) -> None:
+    """Refuse keys a uint32 cache cannot hold (HugeCTR ``supportlonglong: false``), host side:
+    the request fails alone, before the shared pass."""
+    if keys.size and (int(keys.min()) < 0 or int(keys.max()) > 0xFFFFFFFF):
+        raise RequestError(
+            "KEYS holds a key outside [0, 2**32): this model's keys are uint32 (supportlonglong: "
+            "false); send keys in that range or set supportlonglong: true"
+        )
 
 
 def _shares(seconds: float, weights: Any) -> Any:

@@ -492,7 +492,7 @@ class CpuStaticCache(_CpuCacheBase):
         if lo >= hi:
             return np.empty(0, np.int64), np.empty(0, self.key_dtype)
         a, b = int(self._slot_base[lo]), int(self._slot_base[hi])
-        with self._lock.write_locked(0):
+        with self._lock.read_locked(0):
             held = np.flatnonzero(self._slot_rows[a:b] != _EMPTY) + a
             keys = self._slot_keys[held]
         return np.searchsorted(self._slot_base, held, side="right").astype(np.int64) - 1, keys

@@ -150,7 +150,7 @@ def test_batched_request_answers_each_row(tiers) -> None:
     session = LookupSession(model, volatile=volatile, persistent=persistent)
     keys = np.array([[1, 2, 3], [4, 12, 8]], dtype=np.int64)
     numkeys = np.array([[2, 1], [2, 1]], dtype=np.int32)
-    out = session.lookup_batch(keys, numkeys)
+    out = session.lookup(keys, numkeys)
     assert out.shape == (2, 2 * 4 + 3)
     np.testing.assert_array_equal(out[1], _expected(keys[1, :2], keys[1, 2:]))
 

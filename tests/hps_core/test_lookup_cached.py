@@ -18,6 +18,7 @@ from hps_core.arrays import to_host
 from hps_core.cache import make_multi_table_cache
 from hps_core.config import load_config, parse_config
 from hps_core.db import HashMapVolatileDB, RocksDBPersistentDB
+from hps_core.errors import RequestError
 from hps_core.formats import write_sparse_model
 from hps_core.lookup import LookupSession
 from hps_core.refresh import CacheRefresher
@@ -251,4 +252,19 @@ def test_a_full_static_table_refuses_only_its_own_rows(tmp_path: Path, device) -
     c = session.counters()
     assert c["a"]["cache_full"] == 8 and c["a"]["cache_hits"] == 0  # both passes: a's 4 keys refused
     assert c["b"]["cache_full"] == 0 and c["b"]["cache_hits"] == 4  # b's 4 keys cached on the first pass
+    session.close()
+
+
+def test_a_key_outside_uint32_fails_its_request_alone(tiers, device) -> None:
+    """HugeCTR's supportlonglong: false: the cache holds uint32 keys; a request with a wider key
+    is refused before the shared pass, and the other requests of the batch are answered."""
+    volatile, persistent = tiers
+    cache = make_multi_table_cache("dynamic", device=device, capacities=[512], dims=[DIM], key_dtype=np.uint32)
+    session = LookupSession(_model(1.0), volatile=volatile, persistent=persistent, cache=cache)
+    good = (np.array([5, 6], np.int64), np.array([2], np.int32))
+    bad = (np.array([5, 2**32], np.int64), np.array([2], np.int32))
+    answers = session.lookup_requests([good, bad, good])
+    assert isinstance(answers[1], RequestError) and "supportlonglong" in str(answers[1])
+    for answer in (answers[0], answers[2]):
+        np.testing.assert_array_equal(to_host(answer).reshape(2, DIM), _expected(good[0]))
     session.close()
