@@ -44,19 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, 
 from hps_core.cache import make_cache, make_multi_table_cache  # noqa: E402
 
 BATCHES = [1024, 4096, 16384, 65536, 262144, 1048576]
-_GATHER_SRC = r"""
-extern "C" __global__ void gather(const float* __restrict__ table, const long long* __restrict__ rows,
-                                  float* __restrict__ out, long long n, int dim) {
-  // one warp per row, float4 loads (dim % 4 == 0): the ceiling a cache query is measured against
-  const long long warps = (long long)gridDim.x * blockDim.x / 32;
-  const int lane = threadIdx.x & 31;
-  for (long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32; i < n; i += warps) {
-    const float4* src = reinterpret_cast<const float4*>(table + rows[i] * dim);
-    float4* dst = reinterpret_cast<float4*>(out + i * dim);
-    for (int j = lane; j < dim / 4; j += 32) dst[j] = src[j];
-  }
-}
-"""
+_GATHER_SRC = (Path(__file__).resolve().parent / "kernels" / "gather.cu").read_text()  # the device gather ceiling
 
 
 # --------------------------------------------------------------------------- timing

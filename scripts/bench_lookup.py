@@ -85,20 +85,8 @@ from hps_demo.data import make_key_map, power_law_ranks  # noqa: E402
 Row = dict[str, Any]
 LOAD_CHUNK = 65_536
 WARM_CHUNK = 262_144  # rows per replace_tables call when the cache is warmed
-#: The device plain-gather ceiling: one warp per row, float4 loads and stores (dim % 4 == 0 and
-#: 16-byte aligned rows; scripts/bench_cache.py measures the cache query against the same kernel).
-GATHER_SRC = r"""
-extern "C" __global__ void gather(const float* __restrict__ table, const long long* __restrict__ rows,
-                                  float* __restrict__ out, long long n, int dim) {
-  const long long warps = (long long)gridDim.x * blockDim.x / 32;
-  const int lane = threadIdx.x & 31;
-  for (long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32; i < n; i += warps) {
-    const float4* src = reinterpret_cast<const float4*>(table + rows[i] * dim);
-    float4* dst = reinterpret_cast<float4*>(out + i * dim);
-    for (int j = lane; j < dim / 4; j += 32) dst[j] = src[j];
-  }
-}
-"""
+#: The device plain-gather ceiling (scripts/bench_cache.py measures the cache query against it too).
+GATHER_SRC = (Path(__file__).resolve().parent / "kernels" / "gather.cu").read_text()
 TRITON_MAX_BATCH = 1024  # config.pbtxt max_batch_size: clients send KEYS [1, n], as tests/e2e does
 
 ZEROS_MODEL_PY = '''\

@@ -316,6 +316,28 @@ class _GpuMultiCache:
         return cp.asarray(ids).astype(np.int64, copy=False), cp.asarray(keys)
 
 
+    def update_tables(self, table_ids: Any, keys: Any, values: Any, offsets: Any, stream: Any = None) -> int:
+        """Overwrite the cached keys (one launch); returns how many were cached (one read-back)."""
+        with self._writers(), self._on(stream) as s:
+            ids, keys, values, offs = self._rows_args(table_ids, keys, values, offsets, "values")
+            if keys.shape[0] == 0:
+                return 0
+            with self._workspace() as ws:
+                ws.reset(_STATUS, s)
+                self._write(ids, keys, values, offs, ws.status, insert=False, stream=s)
+                found, flagged = ws.read(_STATUS, s)
+            self._check_flag(int(flagged), ids, offs, values.shape[0], "cache values")
+            return int(found)
+
+    def _writers(self) -> Any:
+        """What a write holds besides the kernels' own locks: nothing (dynamic caches lock
+        sets on the device); static tables serialise their writers on the host."""
+        return contextlib.nullcontext()
+
+    def _write(self, ids: Any, keys: Any, values: Any, offs: Any, status: Any, *, insert: bool, stream: Any) -> None:
+        raise NotImplementedError
+
+
 # --------------------------------------------------------------------------- dynamic
 
 
@@ -358,16 +380,6 @@ class GpuDynamicCache(_GpuMultiCache):
         with self._on(stream) as s:
             ids, keys, values, offs = self._rows_args(table_ids, keys, values, offsets, "values")
             self._write(ids, keys, values, offs, _NO_STATUS, insert=True, stream=s)
-
-    def update_tables(self, table_ids: Any, keys: Any, values: Any, offsets: Any, stream: Any = None) -> int:
-        with self._on(stream) as s:
-            ids, keys, values, offs = self._rows_args(table_ids, keys, values, offsets, "values")
-            with self._workspace() as ws:
-                ws.reset(_STATUS, s)
-                self._write(ids, keys, values, offs, ws.status, insert=False, stream=s)
-                found, flagged = ws.read(_STATUS, s)
-            self._check_flag(int(flagged), ids, offs, values.shape[0], "cache values")
-            return int(found)
 
     def dump_sets(self, start_set: int, end_set: int, stream: Any = None) -> tuple[Any, Any]:
         cp = self._cp
@@ -509,18 +521,6 @@ class GpuStaticCache(_GpuMultiCache):
             self._n_rows += new
             self._check_flag(flagged, ids, offs, values.shape[0], "cache values")
 
-    def update_tables(self, table_ids: Any, keys: Any, values: Any, offsets: Any, stream: Any = None) -> int:
-        with self._lock, self._on(stream) as s:
-            ids, keys, values, offs = self._rows_args(table_ids, keys, values, offsets, "values")
-            if keys.shape[0] == 0:
-                return 0
-            with self._workspace() as ws:
-                ws.reset(_STATUS, s)
-                self._write(ids, keys, values, offs, ws.status, insert=False, stream=s)
-                found, flagged = ws.read(_STATUS, s)
-            self._check_flag(int(flagged), ids, offs, values.shape[0], "cache values")
-            return int(found)
-
     def dump_sets(self, start_set: int, end_set: int, stream: Any = None) -> tuple[Any, Any]:
         """(table_ids, keys) of tables [start_set, end_set) (a static table is one set)."""
         cp = self._cp
@@ -582,6 +582,9 @@ class GpuStaticCache(_GpuMultiCache):
     def _check_room(self, new: np.ndarray) -> None:
         """Refuse the whole batch, before writing anything, if a table's new keys do not fit."""
         check_room(self._n_rows, self.capacities, new)
+
+    def _writers(self) -> Any:
+        return self._lock
 
     def _write(self, ids: Any, keys: Any, values: Any, offs: Any, status: Any, *, insert: bool, stream: Any) -> None:
         n = keys.shape[0]

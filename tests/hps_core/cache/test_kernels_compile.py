@@ -83,3 +83,9 @@ def test_every_loader_instantiation_compiles(family: str, tmp_path: Path) -> Non
     dtype_pairs = 2 * 2  # key types x value types
     assert len(names) == (len(fam.row_kernels) * dtype_pairs * shapes + len(fam.vec_kernels) * 3
                           + len(fam.key_kernels) * 2 + len(fam.plain_kernels))
+
+
+def test_benchmark_gather_kernel_compiles(tmp_path: Path) -> None:
+    """The plain-gather ceiling the benchmarks load (scripts/kernels/gather.cu)."""
+    source = Path(__file__).resolve().parents[3] / "scripts" / "kernels" / "gather.cu"
+    assert ".entry gather" in nvcc_ptx(source.read_text(), tmp_path)
