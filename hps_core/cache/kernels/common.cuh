@@ -242,6 +242,25 @@ __device__ __forceinline__ void hps_flag_row(unsigned* status, long long i, int 
   if (status != nullptr && lane == 0) atomicCAS(status + 1, 0u, static_cast<unsigned>(i + 1));
 }
 
+// Width of row i of the call, or -1 after flagging it (hps_flag_row) when it cannot be served:
+// the prologue of every kernel that reads or writes a caller's flat rows.
+__device__ __forceinline__ int hps_served_width(long long t, long long offset, int tables, const long long* dims,
+                                                long long size, unsigned* status, long long i, int lane) {
+  const int dim = hps_row_width(t, offset, tables, dims, size);
+  if (dim < 0) hps_flag_row(status, i, lane);
+  return dim;
+}
+
+// Warp-wide append: every lane whose `take` is set gets a distinct index into an output that
+// `*count` fills, in lane order, with one atomicAdd per warp; lanes without `take` get 0.
+__device__ __forceinline__ unsigned hps_warp_append(unsigned* count, bool take, int lane) {
+  const unsigned mask = __ballot_sync(HPS_FULL_MASK, take);
+  unsigned start = 0;
+  if (lane == 0 && mask) start = atomicAdd(count, static_cast<unsigned>(__popc(mask)));
+  start = __shfl_sync(HPS_FULL_MASK, start, 0);
+  return take ? start + __popc(mask & ((1u << lane) - 1u)) : 0u;
+}
+
 // Table owning global index x (a set or a slot), given each table's first index `base`
 // (ascending, base[0] == 0): the last t with base[t] <= x.
 __device__ __forceinline__ int hps_table_of(const long long* base, int tables, long long x) {

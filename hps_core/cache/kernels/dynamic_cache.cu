@@ -101,11 +101,8 @@ __global__ void dc_query(const long long* __restrict__ table_ids, const K* __res
   for (long long i = hps_warp_id(); i < n; i += nwarps) {
     const long long t = table_ids[i];
     const long long o = offsets[i];
-    const int dim = hps_row_width(t, o, tables, dims, out_size);
-    if (dim < 0) {
-      hps_flag_row(status, i, lane);
-      continue;
-    }
+    const int dim = hps_served_width(t, o, tables, dims, out_size, status, i, lane);
+    if (dim < 0) continue;
     const K key = keys[i];
     const long long base = hps_set_of(hps_key_bits(key), t, set_base, num_sets) * HPS_WARP;
     const long long first_slot = set_base[t] * HPS_WARP;  // table t's rows start at its first slot
@@ -158,11 +155,8 @@ __global__ void dc_write(const long long* __restrict__ table_ids, const K* __res
   for (long long i = hps_warp_id(); i < n; i += nwarps) {
     const long long t = table_ids[i];
     const long long o = src_offsets[i];
-    const int dim = hps_row_width(t, o, tables, dims, src_size);
-    if (dim < 0) {
-      hps_flag_row(status, i, lane);
-      continue;
-    }
+    const int dim = hps_served_width(t, o, tables, dims, src_size, status, i, lane);
+    if (dim < 0) continue;
     const K key = keys[i];
     const long long set = hps_set_of(hps_key_bits(key), t, set_base, num_sets);
     const long long base = set * HPS_WARP;
@@ -228,12 +222,8 @@ __global__ void dc_dump(const K* slot_keys, const unsigned* slot_ver, int* set_l
     const bool occ = (hps_ld_relaxed(slot_ver + base + lane) & HPS_OCC) != 0;
     const K k = slot_keys[base + lane];
     hps_set_unlock(set_locks + set, lane);
-    const unsigned mask = __ballot_sync(HPS_FULL_MASK, occ);
-    unsigned start = 0;
-    if (lane == 0 && mask) start = atomicAdd(status, static_cast<unsigned>(__popc(mask)));
-    start = __shfl_sync(HPS_FULL_MASK, start, 0);
+    const unsigned at = hps_warp_append(status, occ, lane);
     if (occ) {
-      const unsigned at = start + __popc(mask & ((1u << lane) - 1u));
       out_keys[at] = k;
       out_tables[at] = hps_table_of(set_base, tables, set);
     }

@@ -67,11 +67,8 @@ __global__ void st_query(const long long* __restrict__ table_ids, const K* __res
   for (long long i = hps_warp_id(); i < n; i += nwarps) {
     const long long t = table_ids[i];
     const long long o = offsets[i];
-    const int dim = hps_row_width(t, o, tables, dims, out_size);
-    if (dim < 0) {
-      hps_flag_row(status, i, lane);
-      continue;
-    }
+    const int dim = hps_served_width(t, o, tables, dims, out_size, status, i, lane);
+    if (dim < 0) continue;
     const K key = keys[i];
     float buf[NV * VEC];
     bool hit = false;
@@ -112,10 +109,7 @@ __global__ void st_count_new(const long long* __restrict__ table_ids, const K* _
   const long long nwarps = hps_num_warps();
   for (long long i = hps_warp_id(); i < n; i += nwarps) {
     const long long t = table_ids[i];
-    if (hps_row_width(t, src_offsets[i], tables, dims, src_size) < 0) {
-      hps_flag_row(status, i, lane);
-      continue;
-    }
+    if (hps_served_width(t, src_offsets[i], tables, dims, src_size, status, i, lane) < 0) continue;
     const K key = keys[i];
     const bool stored = st_probe<K>(key, slot_base[t], slot_mask[t], slot_keys, slot_rows, lane) >= 0;
     if (!stored && lane == 0) {  // claim (-1 -> -2), write the key, publish the table id with a release
@@ -179,11 +173,8 @@ __global__ void st_write(const long long* __restrict__ table_ids, const K* __res
   for (long long i = hps_warp_id(); i < n; i += nwarps) {
     const long long t = table_ids[i];
     const long long o = src_offsets[i];
-    const int dim = hps_row_width(t, o, tables, dims, src_size);
-    if (dim < 0) {
-      hps_flag_row(status, i, lane);
-      continue;
-    }
+    const int dim = hps_served_width(t, o, tables, dims, src_size, status, i, lane);
+    if (dim < 0) continue;
     const K key = keys[i];
     const long long region = slot_base[t];
     const unsigned long long mask = slot_mask[t];
@@ -258,12 +249,8 @@ __global__ void st_dump(const K* slot_keys, const int* slot_rows, const long lon
   for (long long chunk = start_slot + hps_warp_id() * HPS_WARP; chunk < end_slot; chunk += nwarps * HPS_WARP) {
     const long long s = chunk + lane;
     const bool held = s < end_slot && hps_ld_acquire(slot_rows + s) >= 0;
-    const unsigned mask = __ballot_sync(HPS_FULL_MASK, held);
-    unsigned start = 0;
-    if (lane == 0 && mask) start = atomicAdd(status, static_cast<unsigned>(__popc(mask)));
-    start = __shfl_sync(HPS_FULL_MASK, start, 0);
+    const unsigned at = hps_warp_append(status, held, lane);
     if (held) {
-      const unsigned at = start + __popc(mask & ((1u << lane) - 1u));
       out_keys[at] = slot_keys[s];
       out_tables[at] = hps_table_of(slot_base, tables, s);
     }
