@@ -13,9 +13,13 @@ import queue
 import threading
 from collections.abc import Callable
 
+from hps_core.logs import RateLimitedLog
+
 __all__ = ["BackgroundQueue"]
 
 log = logging.getLogger(__name__)
+# A tier that is down fails every queued task the same way: one line per cause per interval.
+_failures = RateLimitedLog(log)
 
 _STOP = object()
 
@@ -25,6 +29,7 @@ class BackgroundQueue:
 
     def __init__(self, max_pending: int = 64, *, name: str = "hps-background") -> None:
         self._tasks: queue.Queue[object] = queue.Queue(maxsize=max_pending)
+        self._name = name
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._closed = False
         self._thread.start()
@@ -60,5 +65,5 @@ class BackgroundQueue:
                 return
             try:
                 task()  # type: ignore[operator]
-            except Exception:  # noqa: BLE001 - a failed fill must not kill the thread
-                log.exception("background task failed")
+            except Exception as exc:  # noqa: BLE001 - a failed fill must not kill the thread
+                _failures.failure(f"{self._name}: task failed", exc)
