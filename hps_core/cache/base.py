@@ -49,6 +49,7 @@ Errors (all from :mod:`hps_core.errors`, plus the one defined here)::
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -59,6 +60,7 @@ from hps_core.arrays import array_module, device_context
 from hps_core.errors import ConfigError, HPSError, RequestError
 
 __all__ = [
+    "AccessClock",
     "CacheFullError",
     "CacheLayout",
     "EmbeddingCache",
@@ -409,6 +411,25 @@ class CacheLayout:
         slot_base = np.concatenate([[0], np.cumsum(slots)]).astype(np.int64)
         return cls(dims, requested, np.ones(tables, np.int64), np.arange(tables, dtype=np.int64),
                    _starts(requested * dims), slot_base)
+
+
+class AccessClock:
+    """The dynamic caches' LRU clock: one tick per call, stamped on the slots a call touches.
+
+    Stamps are 64-bit on both twins, so the clock cannot wrap in service (2**63 ticks); a
+    32-bit one wrapped after 2**32 calls, days at production rates, after which eviction
+    picked the wrong victims. ``start`` (default 1; 0 marks a slot never stamped) lets a test
+    begin next to 2**32 and check the order holds across it.
+    """
+
+    def __init__(self, start: int = 1) -> None:
+        if isinstance(start, bool) or not isinstance(start, int) or not 1 <= start < 2**62:
+            raise ConfigError(f"cache clock_start must be an int in [1, 2**62), got {start!r}")
+        self._ticks = itertools.count(start)
+
+    def tick(self) -> int:
+        """The next stamp; atomic under the GIL, so concurrent calls get distinct ones."""
+        return next(self._ticks)
 
 
 def _starts(sizes: Any) -> Any:

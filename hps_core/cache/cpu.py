@@ -39,7 +39,6 @@ share it, replace/update/clear hold it.
 
 from __future__ import annotations
 
-import itertools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -51,6 +50,7 @@ from numba.extending import overload
 from hps_core.arrays import is_device_array, to_host
 from hps_core.cache.base import (
     WAYS,
+    AccessClock,
     CacheLayout,
     TableView,
     check_room,
@@ -388,7 +388,8 @@ class CpuDynamicCache(_CpuCacheBase):
     kind = "dynamic"
 
     def __init__(self, capacities: Sequence[int], dims: Sequence[int], *, policy: str = "lru",
-                 value_dtype: Any = np.float32, key_dtype: Any = np.int64, num_stripes: int | None = None) -> None:
+                 value_dtype: Any = np.float32, key_dtype: Any = np.int64, num_stripes: int | None = None,
+                 clock_start: int = 1) -> None:
         super().__init__("dynamic", capacities, dims, policy, value_dtype, key_dtype)
         layout = CacheLayout.dynamic(self._requested, self.dims)
         self.capacities, self.num_sets, self.set_base = layout.capacities, layout.num_sets, layout.set_base
@@ -396,7 +397,7 @@ class CpuDynamicCache(_CpuCacheBase):
         stripes = num_stripes or min(DEFAULT_STRIPES, max(2, 4 * (os.cpu_count() or 1)))
         self.num_stripes = max(1, min(int(stripes), self.total_sets))
         self._locks = LockArray(self.num_stripes)
-        self._clock = itertools.count(1)  # next() is atomic under the GIL
+        self._clock = AccessClock(clock_start)
         shape = (self.total_sets, WAYS)
         self._keys = np.zeros(shape, self.key_dtype)
         self._used = np.zeros(shape, np.uint8)
@@ -408,7 +409,7 @@ class CpuDynamicCache(_CpuCacheBase):
         ids, keys, out, offs = self._args(table_ids, keys, out, offsets, "out")
         return _dynamic_query(  # type: ignore[no-any-return]
             keys, ids, offs, out, self.set_base, self.num_sets, self.dims, self.value_base, self._keys,
-            self._used, self._ts, self._freq, self._values, self._lut, next(self._clock),
+            self._used, self._ts, self._freq, self._values, self._lut, self._clock.tick(),
             self._locks.locks, self._locks.waiting,
         )
 
@@ -446,7 +447,7 @@ class CpuDynamicCache(_CpuCacheBase):
         src, src_offsets = self._source(ids, values, offs)
         return int(_dynamic_write(
             keys, ids, src, src_offsets, self.set_base, self.num_sets, self.dims, self.value_base,
-            self._keys, self._used, self._ts, self._freq, self._values, next(self._clock),
+            self._keys, self._used, self._ts, self._freq, self._values, self._clock.tick(),
             self.policy == "lfu", insert, self._locks.locks, self._locks.waiting,
         ))
 

@@ -19,7 +19,15 @@ Arrays are CuPy arrays on the cache's device, or host NumPy arrays, which are co
 them). ``out`` and ``dst`` are written in place, so they must be CuPy arrays on the cache's
 device; an array on another device is refused with RequestError. Every call takes
 ``stream`` (a ``cupy.cuda.Stream``) last and runs on the cache's device, on ``stream`` or
-the current stream.
+else on the cache's own stream.
+
+Ordering of writes is explicit: every call that names no stream runs on the cache's one
+stream, so the device runs the cache's work in the order the host issued it, whatever the
+thread (the request path, the background inserts, the update stream's writes; the lookup
+session orders those on the host with one lock). That stream is a *blocking* one, so it
+also waits for work the caller queued on the legacy default stream (the copies of host
+arrays to the device, a previous step's output) and such work waits for it: a caller that
+works on a non-blocking stream of its own passes that stream.
 
 Kernel launches and host synchronisation per call (device arrays; each count read back is
 preceded by a memset of the call's status words)::
@@ -55,7 +63,6 @@ docs/cache.md. CuPy is imported when a GPU cache is constructed, never at import
 from __future__ import annotations
 
 import contextlib
-import itertools
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -66,6 +73,7 @@ from hps_core.arrays import to_host
 from hps_core.cache import _kernels
 from hps_core.cache.base import (
     WAYS,
+    AccessClock,
     CacheLayout,
     TableView,
     check_room,
@@ -157,6 +165,7 @@ class _GpuMultiCache:
         self._pool: list[_Workspace] = []
         self._pool_lock = threading.Lock()
         with cp.cuda.Device(self.device):
+            self._stream = cp.cuda.Stream(non_blocking=False)  # see "Ordering of writes" above
             self._max_blocks = int(cp.cuda.Device(self.device).attributes["MultiProcessorCount"]) * _BLOCKS_PER_SM
             self._kernels = _kernels.load(self._family, self.key_dtype, self.value_dtype, self.dims, self.device)
             self._row_kernels = _kernels.load("rows", self.key_dtype, self.value_dtype, self.dims, self.device)
@@ -229,14 +238,11 @@ class _GpuMultiCache:
 
     @contextlib.contextmanager
     def _on(self, stream: Any) -> Iterator[Any]:
-        """Run on this cache's device and on ``stream`` (or the current stream); yields it."""
-        cp = self._cp
-        with cp.cuda.Device(self.device):
-            if stream is None:
-                yield cp.cuda.get_current_stream()
-            else:
-                with stream:
-                    yield stream
+        """Run on this cache's device and on ``stream`` (or the cache's own); yields it."""
+        with self._cp.cuda.Device(self.device):
+            stream = self._stream if stream is None else stream
+            with stream:
+                yield stream
 
     @contextlib.contextmanager
     def _workspace(self) -> Iterator[_Workspace]:
@@ -354,13 +360,12 @@ class GpuDynamicCache(_GpuMultiCache):
     _query_kernel = "dc_query"
 
     def __init__(self, capacities: Sequence[int], dims: Sequence[int], *, device: int = 0, policy: str = "lru",
-                 value_dtype: Any = np.float32, key_dtype: Any = np.int64) -> None:
+                 value_dtype: Any = np.float32, key_dtype: Any = np.int64, clock_start: int = 1) -> None:
         super().__init__("dynamic", capacities, dims, device, policy, value_dtype, key_dtype)
         layout = CacheLayout.dynamic(self._requested, self.dims)
         self.capacities, self.num_sets, self.set_base = layout.capacities, layout.num_sets, layout.set_base
         self.total_sets, self.value_base = layout.total_sets, layout.value_base
-        # The LRU clock: one tick per call, 64-bit on the device (see dynamic_cache.cu).
-        self._clock = itertools.count(1)  # next() is atomic under the GIL
+        self._clock = AccessClock(clock_start)  # 64-bit stamps on the device too (dynamic_cache.cu)
         cp = self._cp
         slots = self.total_sets * WAYS
         with cp.cuda.Device(self.device):
@@ -400,13 +405,12 @@ class GpuDynamicCache(_GpuMultiCache):
     def sets_of(self, table_ids: Any, keys: Any) -> Any:
         """(n,) int64 CuPy: the global set of each key (-1 for a table id out of range), by
         the kernels' own formula."""
-        cp = self._cp
-        with cp.cuda.Device(self.device):
+        with self._on(None) as s:
             ids, keys = self._keys_and_ids(table_ids, keys)
             n = keys.shape[0]
-            sets = cp.empty(n, np.int64)
+            sets = self._cp.empty(n, np.int64)
             args = (ids, keys, np.int64(n), self._set_base_d, self._num_sets_d, np.int32(self.tables), sets)
-            self._launch(self._plain["dc_sets"], -(-n // 32), args, cp.cuda.get_current_stream())
+            self._launch(self._plain["dc_sets"], -(-n // 32), args, s)
             return sets
 
     def clear(self, table: int | None = None, stream: Any = None) -> None:
@@ -432,7 +436,7 @@ class GpuDynamicCache(_GpuMultiCache):
     def _query_state(self) -> tuple[Any, ...]:
         return (self._dims_d, self._set_base_d, self._num_sets_d, self._value_base_d, np.int32(self.tables),
                 self._slot_keys, self._slot_ver, self._slot_ts, self._slot_freq, self._values,
-                np.uint64(next(self._clock)))
+                np.uint64(self._clock.tick()))
 
     def _write(self, ids: Any, keys: Any, values: Any, offs: Any, status: Any, *, insert: bool, stream: Any) -> None:
         n = keys.shape[0]
@@ -442,7 +446,7 @@ class GpuDynamicCache(_GpuMultiCache):
         args = (ids, keys, np.int64(n), values, offs, np.int64(values.shape[0]), status, self._dims_d,
                 self._set_base_d, self._num_sets_d, self._value_base_d, np.int32(self.tables), self._slot_keys,
                 self._slot_ver, self._slot_ts, self._slot_freq, self._set_locks, self._values,
-                np.uint64(next(self._clock)), np.int32(self.policy == "lfu"), np.int32(insert))
+                np.uint64(self._clock.tick()), np.int32(self.policy == "lfu"), np.int32(insert))
         self._launch(self._kernels[vec]["dc_write"], n, args, stream)
 
 
@@ -542,7 +546,7 @@ class GpuStaticCache(_GpuMultiCache):
 
     def sets_of(self, table_ids: Any, keys: Any) -> Any:
         """(n,) int64 CuPy: a key's set is its table."""
-        with self._cp.cuda.Device(self.device):
+        with self._on(None):
             ids, _ = self._keys_and_ids(table_ids, keys)
             return ids.copy()
 

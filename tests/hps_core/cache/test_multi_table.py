@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 
 from hps_core.cache import CacheFullError, MultiTableCache, TableView, make_multi_table_cache
+from hps_core.cache.base import WAYS
+from hps_core.cache.cpu import CpuDynamicCache
 from hps_core.errors import ConfigError, RequestError
 from hps_core.rows import row_offsets
 
@@ -214,6 +216,34 @@ def test_static_table_full_writes_nothing_in_any_table(impl: Impl) -> None:
     assert np.asarray(cache.sizes()).tolist() == [0, 0, 0]
     impl.replace(cache, ids[:5], keys[:5], rows_for(ids[:5], keys[:5]))
     assert np.asarray(cache.sizes()).tolist() == [4, 1, 0]
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_eviction_order_holds_across_the_32_bit_clock_wrap(impl: Impl, policy: str) -> None:
+    """Key 0 is touched last, at tick 2**32: a 32-bit stamp would wrap to 0, make it look
+    the oldest and evict it. With equal access counts LFU falls back to the stamps too."""
+    if impl.kind != "dynamic":
+        pytest.skip("static tables never evict")
+    capacities, dims = (WAYS, WAYS), (1, 2)  # table 0: one set
+    if impl.device == "cpu":
+        cache: MultiTableCache = CpuDynamicCache(capacities, dims, policy=policy, clock_start=2**32 - 2)
+    else:
+        from hps_core.cache.gpu import GpuDynamicCache
+
+        cache = GpuDynamicCache(capacities, dims, device=int(impl.device), policy=policy, clock_start=2**32 - 2)
+    keys = np.arange(WAYS, dtype=np.int64)
+    ids = np.zeros(WAYS, np.int64)
+    impl.replace(cache, ids, keys, rows_for(ids, keys))  # tick 2**32 - 2
+    assert impl.query(cache, ids[1:], keys[1:])[1].all()  # tick 2**32 - 1
+    assert impl.query(cache, ids[:1], keys[:1])[1].all()  # tick 2**32
+    impl.replace(cache, ids[:1], np.array([100], np.int64), rows_for(ids[:1], np.array([100])))  # 2**32 + 1
+    held = {key for table, key in impl.held(cache) if table == 0}
+    assert 0 in held and 100 in held and len(held) == WAYS
+
+
+def test_clock_start_is_checked() -> None:
+    with pytest.raises(ConfigError, match="clock_start"):
+        CpuDynamicCache((WAYS,), (1,), clock_start=0)
 
 
 @pytest.mark.parametrize("bad", [dict(capacities=(10, 0, 10)), dict(dims=(8, 3)), dict(policy="fifo"),
