@@ -26,7 +26,9 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from backend.hps.interface import check_interface
 from backend.hps.metrics import TritonMetrics
+from backend.responses import answer_requests
 from backend.tensors import (
     model_config,
     numpy_from_tensor,
@@ -51,6 +53,10 @@ class TritonPythonModel:
         self._logger = pb_utils.Logger
         retain_freed_memory()  # this stub process is ours: keep per-request buffers' pages mapped
         config = model_config(args)
+        try:
+            check_interface(config)  # HugeCTR's KEYS, NUMKEYS -> OUTPUT0, or a clear load error
+        except HPSError as exc:
+            raise pb_utils.TritonModelException(str(exc)) from exc
         hps_config = string_parameter(config, "hps_config") or os.environ.get(_PS_ENV)
         if hps_config is None:
             raise pb_utils.TritonModelException(
@@ -78,24 +84,10 @@ class TritonPythonModel:
         )
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        """Every request of this call answered in one lookup pass; one response each, in order."""
-        responses: list[Any] = [None] * len(requests)
-        inputs, slots = [], []
-        for i, request in enumerate(requests):
-            try:
-                keys = numpy_from_tensor(pb_utils.get_input_tensor_by_name(request, "KEYS"))
-                numkeys = numpy_from_tensor(pb_utils.get_input_tensor_by_name(request, "NUMKEYS"))
-            except Exception as exc:  # noqa: BLE001 - this request's inputs, not the batch's
-                responses[i] = self._error(exc)
-                continue
-            inputs.append((keys, numkeys))
-            slots.append(i)
-        for i, result in zip(slots, self._session.lookup_requests(inputs)):
-            if isinstance(result, Exception):
-                responses[i] = self._error(result)
-            else:
-                responses[i] = pb_utils.InferenceResponse(output_tensors=[numpy_to_tensor(pb_utils, "OUTPUT0", result)])
-        return responses
+        """Every request of this call answered in one lookup pass; one response each, in order.
+        A request that fails at any step (its inputs, its lookup, its output tensor) gets its
+        own error; the others are answered (backend/responses.py)."""
+        return answer_requests(requests, _inputs, self._session.lookup_requests, _response, self._error)
 
     def finalize(self) -> None:
         self._metrics.close()  # stops the publishing thread (backend/hps/metrics.py)
@@ -138,3 +130,14 @@ class TritonPythonModel:
                 "the instance_group's gpus in config.pbtxt"
             )
         return device
+
+
+def _inputs(request: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A request's ``KEYS`` and ``NUMKEYS`` as host arrays."""
+    keys = numpy_from_tensor(pb_utils.get_input_tensor_by_name(request, "KEYS"))
+    return keys, numpy_from_tensor(pb_utils.get_input_tensor_by_name(request, "NUMKEYS"))
+
+
+def _response(vectors: Any) -> Any:
+    """The response carrying a request's vectors as ``OUTPUT0`` (host, or on the GPU)."""
+    return pb_utils.InferenceResponse(output_tensors=[numpy_to_tensor(pb_utils, "OUTPUT0", vectors)])

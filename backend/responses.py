@@ -1,0 +1,91 @@
+"""Every request of an ``execute()`` gets its own answer: shared by our Python-based backends.
+
+Triton hands a backend several requests per ``execute`` (dynamic batching) and the backends
+answer them in one pass. A failure must reach only the request that causes it:
+
+* :func:`answer_requests` is a backend's whole ``execute``: read each request's inputs (a bad
+  one fails alone), answer the good ones in one pass, one response each, in order;
+* :func:`answer_each` runs the shared pass, and should it raise, answers each request alone,
+  so that only the culprit gets the exception (what ``LookupSession.lookup_requests`` does
+  for the lookup itself);
+* :func:`respond` turns each request's result into its response, and an exception raised
+  while encoding one response (building its output tensor) answers that request with the
+  error instead of failing the whole ``execute``.
+
+Free of ``triton_python_backend_utils``: the model files pass in the functions that build
+responses, so the isolation is unit-tested without Triton.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+__all__ = ["answer_each", "answer_requests", "respond"]
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+def answer_requests(
+    requests: Sequence[Any],
+    read: Callable[[Any], Item],
+    answer: Callable[[Sequence[Item]], Sequence[Result]],
+    encode: Callable[[Result], Any],
+    error: Callable[[Exception], Any],
+) -> list[Any]:
+    """One response per request, in order: ``read(request)`` its inputs, ``answer`` every
+    request read in one pass (:func:`answer_each`), ``encode`` each result as a response
+    (:func:`respond`). An exception at any step (or a result that is an exception) answers
+    that request alone with ``error(exc)``; the others are answered normally."""
+    results: list[Any] = [None] * len(requests)
+    items: list[Item] = []
+    slots: list[int] = []
+    for i, request in enumerate(requests):
+        try:
+            items.append(read(request))
+        except Exception as exc:  # noqa: BLE001 - this request's inputs, not the batch's
+            results[i] = exc
+            continue
+        slots.append(i)
+    if items:
+        for i, result in zip(slots, answer_each(items, answer)):
+            results[i] = result
+    return respond(results, encode, error)
+
+
+def answer_each(
+    items: Sequence[Item], answer: Callable[[Sequence[Item]], Sequence[Result]]
+) -> list[Result | Exception]:
+    """``answer(items)``, one result per item in order; should it raise, each item is answered
+    alone (``answer([item])``), and an item whose own answer raises gets its exception."""
+    try:
+        return list(answer(items))
+    except Exception as exc:  # noqa: BLE001 - find the item that causes it
+        if len(items) == 1:
+            return [exc]
+        return [_answer_alone(answer, item) for item in items]
+
+
+def _answer_alone(answer: Callable[[Sequence[Item]], Sequence[Result]], item: Item) -> Result | Exception:
+    try:
+        return answer([item])[0]
+    except Exception as exc:  # noqa: BLE001 - this item's own answer
+        return exc
+
+
+def respond(
+    results: Sequence[Any], encode: Callable[[Any], Any], error: Callable[[Exception], Any]
+) -> list[Any]:
+    """One response per result: ``encode(result)``, or ``error(exc)`` where the result is an
+    exception or where ``encode`` raises one (only that request fails)."""
+    responses = []
+    for result in results:
+        if not isinstance(result, Exception):
+            try:
+                responses.append(encode(result))
+                continue
+            except Exception as exc:  # noqa: BLE001 - this response's encoding, not the batch's
+                result = exc
+        responses.append(error(result))
+    return responses

@@ -1,0 +1,96 @@
+"""The hps backend's model.py driven through a stand-in for pb_utils, over a real lookup.
+
+What a real Triton cannot be made to do on purpose: an unexpected exception while one
+request's output tensor is built. It must answer that request alone with INTERNAL and its
+message; the others of the execute() are answered normally. (The e2e tests run this code in a
+real Triton; tests/e2e/test_load_checks.py checks the load-time interface check there.)
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from hps_core.formats import write_sparse_model
+from tests.backend.fake_pb_utils import fake_pb_utils
+from tests.backend.hps.test_interface import HUGECTR
+
+DIMS = (2, 3)
+
+
+@pytest.fixture()
+def hps_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, Any]]:
+    pb = fake_pb_utils()
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    monkeypatch.delitem(sys.modules, "backend.hps.model", raising=False)
+    model_py = importlib.import_module("backend.hps.model")
+    files = []
+    for i, dim in enumerate(DIMS):
+        keys = np.arange(10, dtype=np.int64)
+        write_sparse_model(tmp_path / f"t{i}", keys, _rows(keys, dim))
+        files.append(str(tmp_path / f"t{i}"))
+    (tmp_path / "hps.json").write_text(json.dumps({
+        "volatile_db": {"type": "hash_map", "num_partitions": 1},
+        "models": [{"model": "emb", "sparse_files": files, "embedding_vecsize_per_table": list(DIMS),
+                    "maxnum_catfeature_query_per_table_per_sample": [1, 1], "max_batch_size": 8,
+                    "gpucache": False}],
+    }))
+    instance = model_py.TritonPythonModel()
+    instance.initialize(_args(tmp_path, HUGECTR))
+    yield instance, pb
+    instance.finalize()
+    sys.modules.pop("backend.hps.model", None)
+
+
+def _args(folder: Path, config: dict[str, Any]) -> dict[str, Any]:
+    config = {**config, "parameters": {"hps_config": {"string_value": "hps.json"},
+                                       "hps_metrics_interval_s": {"string_value": "0"}}}
+    return {"model_config": json.dumps(config), "model_name": config["name"], "model_repository": str(folder),
+            "model_version": "1", "model_instance_kind": "CPU"}
+
+
+def _rows(keys: np.ndarray, dim: int) -> np.ndarray:
+    return (keys[:, None] * 10 + np.arange(dim)).astype(np.float32)
+
+
+def _request(pb: Any, keys: list[int]) -> dict[str, Any]:
+    """One sample: keys[0] for table 0, keys[1] for table 1, with a batch dimension."""
+    return {"KEYS": pb.Tensor("KEYS", np.array([keys], np.int64)),
+            "NUMKEYS": pb.Tensor("NUMKEYS", np.array([[1, 1]], np.int32))}
+
+
+def _expected(keys: list[int]) -> np.ndarray:
+    return np.concatenate([_rows(np.array([k]), d).ravel() for k, d in zip(keys, DIMS)])[None]
+
+
+def test_an_output_that_cannot_be_built_fails_only_its_request(hps_model: tuple[Any, Any]) -> None:
+    instance, pb = hps_model
+    # Request 1's vectors (keys 7 and 8: first value 70) cannot become an output tensor.
+    pb.Tensor.refuse = staticmethod(lambda array: array.size and array.flat[0] == 70.0)
+    bad_numkeys = {**_request(pb, [1, 2]), "NUMKEYS": pb.Tensor("NUMKEYS", np.array([[2, 1]], np.int32))}
+    responses = instance.execute([_request(pb, [1, 2]), _request(pb, [7, 8]), bad_numkeys, _request(pb, [3, 4])])
+    assert len(responses) == 4
+    for response, keys in ((responses[0], [1, 2]), (responses[3], [3, 4])):
+        assert response.error is None
+        np.testing.assert_array_equal(response.output_tensors[0].as_numpy(), _expected(keys))
+    assert responses[1].error.code == "INTERNAL"
+    assert "cannot allocate output tensor OUTPUT0" in str(responses[1].error)
+    assert responses[2].error.code == "INVALID_ARG" and "NUMKEYS sums to 3" in str(responses[2].error)
+
+
+def test_a_config_that_is_not_hugectrs_interface_fails_the_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pb = fake_pb_utils()
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    monkeypatch.delitem(sys.modules, "backend.hps.model", raising=False)
+    model_py = importlib.import_module("backend.hps.model")
+    config = {**HUGECTR, "output": [{"name": "OUTPUT0", "data_type": "TYPE_FP32", "dims": [24]}]}
+    with pytest.raises(pb.TritonModelException, match=r"model 'emb': config.pbtxt output\[0\].dims \(OUTPUT0\) is \[24\]"):
+        model_py.TritonPythonModel().initialize(_args(tmp_path, config))
+    sys.modules.pop("backend.hps.model", None)
