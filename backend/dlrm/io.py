@@ -5,7 +5,15 @@ Wire layout (one Triton request, ``max_batch_size > 0``, dims ``[-1]``)::
     DENSE       FP32 [R, B * n_dense]            sample-major: sample 0's features, sample 1's ...
     EMBEDDINGS  FP32 [R, n_tables * B * dim]     table-major, as HPS's OUTPUT0: table 0's B
                                                  vectors, then table 1's B vectors, ...
+    NUMKEYS     INT32 [R, n_tables]  (optional)  the keys per table the ensemble sent to HPS:
+                                                 DLRM takes one key per table per sample, so
+                                                 every entry must be B
     SCORE       FP32 [R, B]
+
+Without NUMKEYS the table-major EMBEDDINGS cannot be told apart from vectors of keys that
+were not one per table per sample (``NUMKEYS [2B, 0, B, ...]`` gives as many floats and would
+pair embeddings with the wrong samples); the ``dlrm`` ensemble passes it, so such a request is
+refused by name.
 
 ``R`` is the leading (Triton batch) dimension; every row is an independent set of ``B``
 samples. A model with ``max_batch_size: 0`` sends 1-D tensors and gets 1-D scores back, which
@@ -22,7 +30,7 @@ import torch
 from backend.tensors import numpy_from_tensor
 from hps_core.errors import RequestError
 
-__all__ = ["Batch", "split_batch", "to_torch"]
+__all__ = ["Batch", "check_numkeys", "split_batch", "to_torch"]
 
 class _DLPackTensor(Protocol):
     """The part of ``pb_utils.Tensor`` these helpers use."""
@@ -61,9 +69,16 @@ class Batch:
 
 
 def split_batch(
-    dense: torch.Tensor, emb: torch.Tensor, *, n_dense: int, n_tables: int, dim: int
+    dense: torch.Tensor,
+    emb: torch.Tensor,
+    *,
+    n_dense: int,
+    n_tables: int,
+    dim: int,
+    numkeys: torch.Tensor | None = None,
 ) -> Batch:
-    """Check DENSE / EMBEDDINGS sizes and reshape them for :class:`DenseDLRM`.
+    """Check DENSE / EMBEDDINGS sizes (and NUMKEYS, when given: :func:`check_numkeys`) and
+    reshape them for :class:`DenseDLRM`.
 
     Raises :class:`RequestError` naming the input and the expected size.
     """
@@ -81,6 +96,8 @@ def split_batch(
             f"DENSE has {width} values per row, not a multiple of n_dense={n_dense}"
         )
     b = width // n_dense
+    if numkeys is not None:
+        check_numkeys(numkeys, lead, b, n_tables)
     expected = n_tables * b * dim
     if int(emb.shape[-1]) != expected:
         raise RequestError(
@@ -91,3 +108,30 @@ def split_batch(
     # Table-major [R, T, B, d] -> sample-major [R, B, T, d] -> [R*B, T, d].
     emb_rb = emb.reshape(r, n_tables, b, dim).permute(0, 2, 1, 3).reshape(r * b, n_tables, dim)
     return Batch(dense.reshape(r * b, n_dense), emb_rb, (*lead, b))
+
+
+def check_numkeys(numkeys: torch.Tensor, lead: tuple[int, ...], b: int, n_tables: int) -> None:
+    """Refuse NUMKEYS unless it gives every one of the ``b`` samples exactly one key per table.
+
+    ``numkeys`` (*lead, n_tables) integers, ``lead`` DENSE's leading (batch) shape. DLRM pairs
+    the i-th vector of each table with sample i, so every entry must equal ``b``; keys per
+    table that differ (or are several per sample) would score embeddings with the wrong
+    samples. Raises :class:`RequestError` naming NUMKEYS, its values and the rule.
+    """
+    if numkeys.is_floating_point() or numkeys.is_complex() or numkeys.dtype == torch.bool:
+        raise RequestError(f"NUMKEYS must hold integers (INT32), got {numkeys.dtype}")
+    if tuple(numkeys.shape) != (*lead, n_tables):
+        raise RequestError(
+            f"NUMKEYS has shape {tuple(numkeys.shape)}; with DENSE of leading shape {lead} and "
+            f"{n_tables} tables it must be {(*lead, n_tables)}: one count per table"
+        )
+    rows = numkeys.reshape(-1, n_tables)
+    bad = (rows != b).any(dim=1).nonzero()
+    if bad.numel():
+        row = int(bad[0, 0])
+        where = f" (row {row})" if rows.shape[0] > 1 else ""
+        raise RequestError(
+            f"NUMKEYS{where} is {rows[row].tolist()}, but DLRM takes exactly one key per table per "
+            f"sample: with B = {b} samples (DENSE holds {b} x n_dense values) every table must "
+            f"have exactly {b} keys, i.e. NUMKEYS = [{b}] * {n_tables}"
+        )

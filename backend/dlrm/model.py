@@ -8,7 +8,9 @@ Model configuration (config.pbtxt)::
     backend: "dlrm"
     max_batch_size: 1                   (or more; every row of the batch is scored)
     input  [ { name: "DENSE",      data_type: TYPE_FP32, dims: [ -1 ] },   # B * n_dense
-             { name: "EMBEDDINGS", data_type: TYPE_FP32, dims: [ -1 ] } ]  # n_tables * B * dim
+             { name: "EMBEDDINGS", data_type: TYPE_FP32, dims: [ -1 ] },   # n_tables * B * dim
+             { name: "NUMKEYS",    data_type: TYPE_INT32, dims: [ -1 ],    # n_tables, each B
+               optional: true } ]
     output [ { name: "SCORE",      data_type: TYPE_FP32, dims: [ -1 ] } ]  # B
     parameters { key: "dense_weights" value: { string_value: "1/dense.pt" } }
     parameters { key: "torch_threads" value: { string_value: "1" } }       # optional
@@ -16,17 +18,25 @@ Model configuration (config.pbtxt)::
 ``dense_weights`` is the ``dense.pt`` written by ``save_dense`` (its ``dense.json`` must lie
 beside it); a relative path is taken relative to the model's folder in the repository.
 
+``NUMKEYS`` is what the ensemble sent to HPS (step 1); with it, a request whose keys are not
+one per table per sample is refused (INVALID_ARG naming NUMKEYS) instead of being scored with
+embeddings paired with the wrong samples. A request without it is scored as before.
+
 Only this file imports ``triton_python_backend_utils``; the request plumbing is in
 ``backend/dlrm/io.py`` and the network in ``backend/dlrm/network.py`` (both unit-tested).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
 from backend.dlrm.io import Batch, split_batch, to_torch
 from backend.dlrm.network import DenseDLRM, load_dense, serving_forward
+from backend.responses import answer_requests
 from backend.tensors import model_config, numpy_to_tensor, resolve_model_path, string_parameter, triton_error
 from hps_core.errors import RequestError
 
@@ -70,36 +80,25 @@ class TritonPythonModel:
         emb = pb_utils.get_input_tensor_by_name(request, "EMBEDDINGS")
         if dense is None or emb is None:
             raise RequestError("request needs both inputs DENSE and EMBEDDINGS")
+        numkeys = pb_utils.get_input_tensor_by_name(request, "NUMKEYS")  # optional
         return split_batch(
             to_torch(dense),
             to_torch(emb),
             n_dense=self.net.n_dense,
             n_tables=self.net.n_tables,
             dim=self.net.dim,
+            numkeys=None if numkeys is None else to_torch(numkeys),
         )
 
     def execute(self, requests: list) -> list:
         """Every good request's samples scored in ONE forward pass (Triton's dynamic batching
-        hands several requests per call); one response per request, a bad one gets its error."""
-        responses: list = [None] * len(requests)
-        batches: list[tuple[int, Batch]] = []
-        for i, request in enumerate(requests):
-            try:
-                batches.append((i, self._batch(request)))
-            except Exception as exc:  # noqa: BLE001 - this request's error, the others are served
-                responses[i] = self._error(exc)
-        if not batches:
-            return responses
-        try:
-            scores = self._predict([b for _, b in batches])
-        except Exception as exc:  # noqa: BLE001 - keep serving; report and log
-            return [r if r is not None else self._error(exc) for r in responses]
-        for (i, batch), part in zip(batches, scores):
-            host = part.reshape(batch.out_shape).to("cpu", dtype=torch.float32).contiguous().numpy()
-            responses[i] = pb_utils.InferenceResponse(output_tensors=[numpy_to_tensor(pb_utils, "SCORE", host)])
-        return responses
+        hands several requests per call); one response per request, a bad one gets its error.
+        Should the shared pass fail, each request is scored alone, so only the one that causes
+        the failure gets it (backend/responses.py)."""
+        return answer_requests(requests, self._batch, self._predict, _response, self._error)
 
-    def _predict(self, batches: list[Batch]) -> list[torch.Tensor]:
+    def _predict(self, batches: Sequence[Batch]) -> list[np.ndarray]:
+        """The scores of every batch, one forward pass: host float32, each in its request's shape."""
         if len(batches) == 1:
             dense, emb = batches[0].dense, batches[0].emb
         else:
@@ -107,7 +106,11 @@ class TritonPythonModel:
             emb = torch.cat([b.emb.to(self.device) for b in batches])
         with torch.inference_mode():
             scores = self._forward(dense.to(self.device, torch.float32), emb.to(self.device, torch.float32))
-        return list(torch.split(scores, [b.dense.shape[0] for b in batches]))
+        parts = torch.split(scores, [b.dense.shape[0] for b in batches])
+        return [
+            part.reshape(b.out_shape).to("cpu", dtype=torch.float32).contiguous().numpy()
+            for b, part in zip(batches, parts)
+        ]
 
     def _error(self, exc: Exception) -> "pb_utils.InferenceResponse":
         if isinstance(exc, RequestError):
@@ -120,3 +123,7 @@ class TritonPythonModel:
     def finalize(self) -> None:
         self.log.log_info("dlrm: finalize")
         self.net = None  # type: ignore[assignment]
+
+
+def _response(scores: np.ndarray) -> "pb_utils.InferenceResponse":
+    return pb_utils.InferenceResponse(output_tensors=[numpy_to_tensor(pb_utils, "SCORE", scores)])

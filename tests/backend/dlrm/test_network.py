@@ -5,16 +5,16 @@ from __future__ import annotations
 import importlib
 import json
 import sys
-import types
 
 import numpy as np
 import pytest
 import torch
 
-from backend.dlrm.io import split_batch, to_torch
+from backend.dlrm.io import check_numkeys, split_batch, to_torch
 from backend.tensors import numpy_from_tensor
 from backend.dlrm.network import DLRM, DenseDLRM, load_dense, predict, save_dense, serving_forward
 from hps_core.errors import RequestError
+from tests.backend.fake_pb_utils import FakeTensor, fake_pb_utils
 
 
 def _inputs(b: int, n_tables: int = 26, dim: int = 16, seed: int = 0):
@@ -176,37 +176,13 @@ def test_split_batch_leading_dims_must_agree():
         split_batch(torch.zeros(()), torch.zeros(1), n_dense=13, n_tables=1, dim=1)
 
 
-class _FakeTensor:
-    """Stands in for pb_utils.Tensor: CPU memory, numpy and DLPack views."""
-
-    def __init__(self, array: np.ndarray, writeable: bool = True):
-        self._array = array
-        if not writeable:
-            self._array.flags.writeable = False
-
-    def is_cpu(self) -> bool:
-        return True
-
-    def as_numpy(self) -> np.ndarray:
-        return self._array
-
-    def to_dlpack(self):
-        return torch.from_numpy(self._array.copy()).__dlpack__()
-
-    def __dlpack__(self, stream=None):
-        return self._array.__dlpack__()
-
-    def __dlpack_device__(self):
-        return self._array.__dlpack_device__()
-
-
 def test_numpy_from_tensor_and_to_torch_cpu():
     a = np.arange(6, dtype=np.float32).reshape(1, 6)
-    np.testing.assert_array_equal(numpy_from_tensor(_FakeTensor(a.copy())), a)
-    t = to_torch(_FakeTensor(a.copy()))
+    np.testing.assert_array_equal(numpy_from_tensor(FakeTensor(a.copy())), a)
+    t = to_torch(FakeTensor(a.copy()))
     assert t.dtype == torch.float32 and t.tolist() == a.tolist()
     # A read-only buffer is copied rather than aliased (no torch warning, no shared writes).
-    ro = to_torch(_FakeTensor(a.copy(), writeable=False))
+    ro = to_torch(FakeTensor(a.copy(), writeable=False))
     ro[0, 0] = 42.0
     assert ro.tolist()[0][1:] == a.tolist()[0][1:]
 
@@ -214,41 +190,10 @@ def test_numpy_from_tensor_and_to_torch_cpu():
 # --- the Triton adapter, driven through a stand-in for triton_python_backend_utils ----------
 
 
-def _fake_pb_utils() -> types.ModuleType:
-    pb = types.ModuleType("triton_python_backend_utils")
-
-    class Tensor(_FakeTensor):
-        def __init__(self, name: str, array: np.ndarray):
-            super().__init__(np.ascontiguousarray(array))
-            self.name = name
-
-    class TritonError(Exception):
-        INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
-
-        def __init__(self, message: str, code: str | None = None):
-            super().__init__(message)
-            self.code = code
-
-    class InferenceResponse:
-        def __init__(self, output_tensors=(), error=None):
-            self.output_tensors, self.error = list(output_tensors), error
-
-    class Logger:
-        lines: list[str] = []
-        log_info = log_warn = log_error = staticmethod(lambda msg: Logger.lines.append(msg))
-
-    pb.Tensor, pb.TritonError, pb.InferenceResponse, pb.Logger = (
-        Tensor, TritonError, InferenceResponse, Logger
-    )
-    pb.TritonModelException = type("TritonModelException", (Exception,), {})
-    pb.get_input_tensor_by_name = lambda request, name: request.get(name)
-    return pb
-
-
 @pytest.fixture()
 def triton_model(tmp_path, monkeypatch):
     """An initialised TritonPythonModel over a random DenseDLRM (26 tables, dim 4)."""
-    pb = _fake_pb_utils()
+    pb = fake_pb_utils()
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
     monkeypatch.delitem(sys.modules, "backend.dlrm.model", raising=False)
     model_py = importlib.import_module("backend.dlrm.model")
@@ -298,3 +243,89 @@ def test_serving_forward_is_the_same_function_as_eager(batch: int) -> None:
     forward = serving_forward(net)
     with torch.inference_mode():
         torch.testing.assert_close(forward(dense, emb), net(dense, emb), rtol=1e-6, atol=1e-6)
+
+
+# --- NUMKEYS: one key per table per sample ------------------------------------------------
+
+
+def test_numkeys_of_one_key_per_table_per_sample_is_accepted():
+    dense, emb = _inputs(3, n_tables=4, dim=2)
+    wire_dense, wire_emb = _wire(dense, emb)
+    batch = split_batch(torch.from_numpy(wire_dense), torch.from_numpy(wire_emb), n_dense=13, n_tables=4, dim=2,
+                        numkeys=torch.full((1, 4), 3, dtype=torch.int32))
+    torch.testing.assert_close(batch.emb, emb)
+    check_numkeys(torch.full((4,), 3, dtype=torch.int32), (), 3, 4)  # max_batch_size 0: 1-D
+
+
+@pytest.mark.parametrize(
+    ("numkeys", "match"),
+    [
+        # As many keys in all as 3 samples x 4 tables, and as many floats: it would score.
+        ([[6, 0, 3, 3]], r"NUMKEYS is \[6, 0, 3, 3\], but DLRM takes exactly one key per table per sample: "
+                         r"with B = 3 samples .* every table must have exactly 3 keys, i\.e\. NUMKEYS = \[3\] \* 4"),
+        ([[6, 6, 6, 6]], r"NUMKEYS is \[6, 6, 6, 6\]"),  # two keys per sample (multi-hot)
+        ([[3, 3, 3]], r"NUMKEYS has shape \(1, 3\); .* must be \(1, 4\)"),
+        ([3, 3, 3, 3], r"NUMKEYS has shape \(4,\)"),
+    ],
+)
+def test_numkeys_that_do_not_give_one_key_per_table_per_sample_are_refused(numkeys, match):
+    dense, emb = _inputs(3, n_tables=4, dim=2)
+    wire_dense, wire_emb = _wire(dense, emb)
+    with pytest.raises(RequestError, match=match):
+        split_batch(torch.from_numpy(wire_dense), torch.from_numpy(wire_emb), n_dense=13, n_tables=4, dim=2,
+                    numkeys=torch.tensor(numkeys, dtype=torch.int32))
+
+
+def test_numkeys_names_the_bad_row_and_its_dtype():
+    with pytest.raises(RequestError, match=r"NUMKEYS \(row 1\) is \[2, 1\]"):
+        check_numkeys(torch.tensor([[2, 2], [2, 1]], dtype=torch.int32), (2,), 2, 2)
+    with pytest.raises(RequestError, match="NUMKEYS must hold integers"):
+        check_numkeys(torch.full((1, 2), 2.0), (1,), 2, 2)
+
+
+def test_triton_model_refuses_uneven_numkeys_and_scores_the_rest(triton_model):
+    instance, net, pb = triton_model
+    dense, emb = _inputs(3, dim=4)
+    wire_dense, wire_emb = _wire(dense, emb)
+    inputs = {"DENSE": pb.Tensor("DENSE", wire_dense), "EMBEDDINGS": pb.Tensor("EMBEDDINGS", wire_emb)}
+    good = {**inputs, "NUMKEYS": pb.Tensor("NUMKEYS", np.full((1, 26), 3, np.int32))}
+    uneven = np.full((1, 26), 3, np.int32)
+    uneven[0, :2] = 6, 0
+    bad = {**inputs, "NUMKEYS": pb.Tensor("NUMKEYS", uneven)}
+    responses = instance.execute([good, bad, inputs])  # the last without NUMKEYS (optional)
+    assert responses[1].error.code == "INVALID_ARG"
+    assert "NUMKEYS is [6, 0, 3," in str(responses[1].error) and "exactly 3 keys" in str(responses[1].error)
+    with torch.inference_mode():
+        expected = net(dense, emb).numpy()
+    for response in (responses[0], responses[2]):
+        assert response.error is None
+        np.testing.assert_allclose(response.output_tensors[0].as_numpy()[0], expected, atol=1e-6)
+
+
+def test_a_forward_failure_fails_only_the_request_that_causes_it(triton_model):
+    """The shared forward pass raises (here: for any batch holding a NaN feature); each request
+    is then scored alone, so only the culprit gets INTERNAL with the message."""
+    instance, net, pb = triton_model
+    forward = instance._forward
+
+    def picky_forward(dense, emb):
+        if torch.isnan(dense).any():
+            raise RuntimeError("forward failed on a NaN feature")
+        return forward(dense, emb)
+
+    instance._forward = picky_forward
+    requests, expected = [], []
+    for seed in range(3):
+        dense, emb = _inputs(2, dim=4, seed=seed)
+        if seed == 1:
+            dense[0, 0] = float("nan")
+        wire_dense, wire_emb = _wire(dense, emb)
+        requests.append({"DENSE": pb.Tensor("DENSE", wire_dense), "EMBEDDINGS": pb.Tensor("EMBEDDINGS", wire_emb)})
+        with torch.inference_mode():
+            expected.append(net(dense, emb).numpy())
+    responses = instance.execute(requests)
+    assert responses[1].error.code == "INTERNAL"
+    assert "RuntimeError: forward failed on a NaN feature" in str(responses[1].error)
+    for i in (0, 2):
+        assert responses[i].error is None
+        np.testing.assert_allclose(responses[i].output_tensors[0].as_numpy()[0], expected[i], atol=1e-6)
