@@ -10,15 +10,21 @@ translated where they enter, ``raise TierError(...) from exc``::
      ├── RequestError       a lookup request is malformed (wrong dtype, shape, counts)
      │    └── UnknownTableError   a table or model that is not deployed
      └── TierError          a storage tier failed (I/O, connection); callers degrade to the next tier
-          └── TierBusyError  another process holds the tier exclusively (RocksDB's write lock)
+          ├── TierBusyError  another process holds the tier exclusively (RocksDB's write lock)
+          └── PartialTierError  some nodes of a tier answered a fetch and some failed: carries
+                                the rows found and the keys whose node failed
 """
 
 from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
 
 __all__ = [
     "ConfigError",
     "FormatError",
     "HPSError",
+    "PartialTierError",
     "RequestError",
     "TierBusyError",
     "TierError",
@@ -55,6 +61,22 @@ class TierError(HPSError):
 
 class TierBusyError(TierError):
     """Another process holds the tier exclusively for now (RocksDB's write lock); retry later."""
+
+
+class PartialTierError(TierError):
+    """A batched fetch that some of the tier's nodes answered and some could not (a Redis node
+    down, refusing or timing out).
+
+    The rows of the keys the healthy nodes hold are already written to the caller's ``out``:
+    ``found`` (n,) bool marks them, ``failed`` (n,) bool the keys whose node failed (neither
+    found nor known to be absent). A caller that handles only :class:`TierError` stays
+    correct: it treats the whole tier as missing and asks the next tier for every key.
+    """
+
+    def __init__(self, message: str, found: npt.NDArray[np.bool_], failed: npt.NDArray[np.bool_]) -> None:
+        super().__init__(message)
+        self.found = found
+        self.failed = failed
 
 
 # Online updates (hps_core.updates), appended to the tree above:

@@ -15,6 +15,14 @@ per table), with or without a batch dimension — together::
 
 The number of Python steps and of tier calls is the same for 1 table or 26, for one request
 or a batch of them; nothing here loops over keys or tables in Python.
+
+Tier failures never fail a request; they are counted in ``tier_errors`` (per table, one per
+tier call that failed for some of that table's keys; ``hps_tier_errors_total``):
+
+    TierError          the tier answered nothing: every key goes on to the next tier
+    PartialTierError   some nodes of the tier (Redis) failed: the rows the others found are
+                       kept, only the rest goes on, and only tables with keys on a failed
+                       node count an error
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from hps_core.background import BackgroundQueue
 from hps_core.cache.base import CacheFullError, EmbeddingCache, MultiTableCache, TableView
 from hps_core.config import ModelConfig
 from hps_core.db.base import EmbeddingTier
-from hps_core.errors import ConfigError, RequestError, TierError
+from hps_core.errors import ConfigError, PartialTierError, RequestError, TierError
 from hps_core.grouping import pairs_in
 from hps_core.request import BatchPlan, CheckedRequest, TableLayout, check_request, plan_batch
 from hps_core.rows import copy_rows, fill_rows, row_offsets
@@ -363,12 +371,18 @@ class LookupSession:
             if ks.shape[0] == 0:
                 break
             start = time.perf_counter()
+            failed = np.zeros(self.layout.count, np.int64)  # per table: keys whose node failed
             try:
                 found = tier.db.fetch_tables(self.layout.qualified_names, ids, ks, out, offs)
-                failed = False
+            except PartialTierError as exc:
+                # Some nodes answered: their rows are in ``out``; the rest go to the next tier,
+                # and each table that lost keys to the failure counts a tier error.
+                found = exc.found
+                failed = np.bincount(ids[exc.failed], minlength=self.layout.count)
             except TierError:
                 # A failing tier is a tier that has nothing: the next one answers.
-                found, failed = np.zeros(ks.shape[0], np.bool_), True
+                found = np.zeros(ks.shape[0], np.bool_)
+                failed = np.ones(self.layout.count, np.int64)
             still = _count_tier(ids, found, time.perf_counter() - start, failed, counts, *_TIER_COLUMNS[tier.name])
             if tier.name == "persistent" and self._write_back and still.shape[0] < ks.shape[0]:
                 self._copy_up(ids[found], ks[found], out, offs[found])
@@ -502,11 +516,12 @@ class LookupSession:
 
 
 @njit(nogil=True, cache=True)
-def _count_tier(table_ids: Any, found: Any, seconds: float, failed: bool, counts: Any, hits_column: int,
+def _count_tier(table_ids: Any, found: Any, seconds: float, failed: Any, counts: Any, hits_column: int,
                 seconds_column: int, errors_column: int) -> Any:
     """Add a tier's answer to ``counts`` (T, fields): its hits per table, its ``seconds``
-    shared among the tables by the keys each asked for, and an error per table asked if the
-    call ``failed``. Returns the positions it did not find."""
+    shared among the tables by the keys each asked for, and an error per table asked whose
+    ``failed`` (T,) int64 is non-zero (the whole call failed, or some of its keys' nodes).
+    Returns the positions it did not find."""
     tables = counts.shape[0]
     asked = np.zeros(tables, np.int64)
     still = np.empty(found.shape[0], np.int64)
@@ -522,7 +537,7 @@ def _count_tier(table_ids: Any, found: Any, seconds: float, failed: bool, counts
     for t in range(tables):
         if asked[t]:
             counts[t, seconds_column] += seconds * asked[t] / found.shape[0]
-            counts[t, errors_column] += failed
+            counts[t, errors_column] += failed[t] > 0
     return still[:m]
 
 

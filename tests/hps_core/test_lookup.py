@@ -230,3 +230,52 @@ def test_a_bad_request_fails_alone_in_a_batch(tiers) -> None:
     assert isinstance(answers[1], RequestError) and "sums to 4" in str(answers[1])
     np.testing.assert_array_equal(answers[0], _expected(good[0][:2], good[0][2:]))
     np.testing.assert_array_equal(answers[2], answers[0])
+
+
+@pytest.mark.redis
+def test_partial_redis_failure_serves_healthy_rows_and_counts_only_the_tables_it_hit(tmp_path: Path) -> None:
+    """One node of a real 3-node cluster killed: the rows of the other nodes are served from
+    Redis, the dead node's from RocksDB, and a tier error is counted for the table that had
+    keys on it, not for the one whose keys all live on healthy nodes."""
+    import redis
+
+    from hps_core.db import RedisClusterVolatileDB
+    from hps_core.db import _redis_layout as layout
+    from tests.redis_servers import RedisProcesses
+
+    model = _model(tmp_path)
+    names = [t.qualified_name for t in model.tables]
+    with RedisProcesses.cluster(tmp_path / "redis", nodes=3) as cluster:
+        volatile = RedisClusterVolatileDB(address=cluster.address, num_partitions=8, retry_after=60.0)
+        persistent = RocksDBPersistentDB(path=tmp_path / "rocksdb")
+        raw = redis.RedisCluster(host="127.0.0.1", port=cluster.servers[0].port)
+        try:
+            victim = cluster.servers[1].port
+            candidates = np.arange(200, dtype=np.int64)
+            on_victim = {
+                name: np.array([raw.get_node_from_key(layout.value_hkey(name, p)).port == victim for p in range(8)])[
+                    layout.partition_of(candidates, 8)]
+                for name in names
+            }
+            a = np.concatenate([candidates[on_victim[names[0]]][:3], candidates[~on_victim[names[0]]][:4]])
+            b = candidates[~on_victim[names[1]]][:5]
+            for table, keys in zip(model.tables, (a, b)):
+                for db, shift in ((volatile, 100), (persistent, 0)):
+                    db.create_table(table.qualified_name, table.dim)
+                    db.insert(table.qualified_name, keys, _rows(keys, table.dim) + shift)
+            session = LookupSession(model, volatile=volatile, persistent=persistent)
+            cluster.servers[1].kill()
+            for _ in range(2):  # the failure, then the node skipped while marked down
+                out = session.lookup(np.concatenate([a, b]), np.array([a.size, b.size], np.int32))
+                want_a = _rows(a, DIMS[0]) + np.where(on_victim[names[0]][a], 0, 100)[:, None]
+                want_b = _rows(b, DIMS[1]) + 100
+                np.testing.assert_array_equal(out, np.concatenate([want_a.ravel(), want_b.ravel()]))
+            counters = session.counters()
+            assert counters["a"]["tier_errors"] == 2 and counters["b"]["tier_errors"] == 0
+            assert counters["a"]["volatile_hits"] == 2 * 4 and counters["a"]["persistent_hits"] == 2 * 3
+            assert counters["b"]["volatile_hits"] == 2 * 5 and counters["a"]["defaults"] == 0
+            session.close()
+        finally:
+            raw.close()
+            volatile.close()
+            persistent.close()
