@@ -8,10 +8,16 @@ into ``num_partitions`` partitions and each partition is ONE Redis hash::
 
 The braces are a cluster hash tag: the whole hash lives in one slot, so one HMGET/HSET
 reads or writes many rows of a partition on one node, and the partitions of a table
-spread over the cluster's nodes. Our one addition is a metadata hash holding each table's
-vector width, so a second process (or ``hps inspect``) knows ``dim`` without being told::
+spread over the cluster's nodes. Our additions: two metadata hashes holding each table's
+vector width, so a second process (or ``hps inspect``) knows ``dim`` without being told, and
+the partition count it was written with, so that a process with another count (which would
+look for every key in the wrong hash) is refused; and per partition a load marker and a
+refill lock, in the partition's own slot (same hash tag, so on the node holding its rows)::
 
     hps_et{meta}tables         hash   field: table name (UTF-8)   value: dim as ASCII
+    hps_et{meta}partitions     hash   field: table name (UTF-8)   value: num_partitions as ASCII
+    hps_et{<table>/p<N>}m      string "1": the partition's rows were loaded (gone = node lost them)
+    hps_et{<table>/p<N>}l      string a refill lock (SET NX PX), see hps_core/db/redis_refill.py
 
 Partition of a key: ``(splitmix64(key) >> 32) % num_partitions`` — the hash map tier's
 mixer, computed here with NumPy (uint64 arithmetic wraps, as it should). HugeCTR hashes
@@ -42,6 +48,7 @@ from hps_core.rows import join_rows
 
 __all__ = [
     "META_KEY",
+    "PARTITIONS_KEY",
     "Chunk",
     "Plan",
     "StoredWidthError",
@@ -49,6 +56,8 @@ __all__ = [
     "decode_rows",
     "interleave",
     "key_fields",
+    "lock_hkey",
+    "marker_hkey",
     "partition_of",
     "plan",
     "row_values",
@@ -56,10 +65,22 @@ __all__ = [
 ]
 
 META_KEY = b"hps_et{meta}tables"
+PARTITIONS_KEY = b"hps_et{meta}partitions"
+
 
 def value_hkey(table: str, partition: int) -> bytes:
     """The Redis key of partition ``partition`` of ``table`` (HugeCTR's ``make_hkey``)."""
     return f"hps_et{{{table}/p{partition}}}v".encode()
+
+
+def marker_hkey(table: str, partition: int) -> bytes:
+    """The load marker of a partition: in its slot, so it vanishes with the partition's rows."""
+    return f"hps_et{{{table}/p{partition}}}m".encode()
+
+
+def lock_hkey(table: str, partition: int) -> bytes:
+    """The refill lock of a partition (in its slot too)."""
+    return f"hps_et{{{table}/p{partition}}}l".encode()
 
 
 def partition_of(keys: npt.NDArray[np.int64], num_partitions: int) -> npt.NDArray[np.int64]:

@@ -3,7 +3,9 @@
 Layout (``_redis_layout``, HugeCTR's): one Redis hash per (table, partition), named
 ``hps_et{<table>/p<N>}v``; the braces are a hash tag, so a partition lives in one slot of
 one node. Field = 8-byte key, value = the float32 row. Table widths live in the hash
-``hps_et{meta}tables``.
+``hps_et{meta}tables``, the partition count each table was written with in
+``hps_et{meta}partitions``: a process with another ``num_partitions`` is refused
+(ConfigError naming ``volatile_db.num_partitions``) instead of missing every row.
 
 A batch is grouped by (table, partition) with NumPy (one stable ``argsort`` of a combined
 code), each group cut into HMGET/HSET commands of at most ``max_get_batch_size`` /
@@ -21,9 +23,12 @@ confined to the node that failed.
 Failure semantics (HugeCTR's cascade: a volatile tier that cannot answer is a miss)::
 
     fetch   a node that refuses, drops or times out (``socket_timeout``) makes ITS keys
-            misses; keys on healthy nodes are still returned. No exception. Counted in
-            ``errors`` (failed node requests), ``error_keys`` (keys turned into misses)
-            and ``last_error``.
+            misses; rows of keys on healthy nodes are still written to ``out``, then
+            PartialTierError (a TierError) is raised with the ``found`` mask and the
+            ``failed`` mask of the keys whose node failed, so that the lookup serves the
+            found rows, asks the next tier for the rest and counts a tier error. Counted
+            here too in ``errors`` (failed node requests), ``error_keys`` (keys turned
+            into misses) and ``last_error``.
     insert  any node failure raises TierError (a write must not be lost silently). Rows
             bound for healthy nodes may already be written: an upsert is idempotent, so
             the caller retries the whole batch.
@@ -34,14 +39,22 @@ misses at once, without paying a timeout on every request), inserts fail at once
 that the next call tries it again; a cluster client also re-reads the slot map
 (``CLUSTER SLOTS``) once per ``retry_after`` after a failure, which picks up a failover to a
 replica. A ``MOVED`` reply (resharding, failover) refreshes the slot map and re-sends the
-commands once. Redis errors never leave this module: they become
-:class:`~hps_core.errors.TierError`, or counted misses in ``fetch``::
+commands once. Node failures are logged through :class:`~hps_core.logs.RateLimitedLog`:
+one line per node and cause per interval, never one per request. Redis errors never leave
+this module: they become :class:`~hps_core.errors.TierError`::
 
     HPSError
-     ├── ConfigError     bad settings (address, TLS files), a table re-created with another dim
+     ├── ConfigError     bad settings (address, TLS files), a table re-created with another
+     │                   dim, a table stored with another num_partitions
      ├── RequestError    bad arrays (base.py's checks), UnknownTableError
      └── TierError       connection or authentication failure, a failed insert/count,
-                         a stored value of the wrong size, a closed tier
+          │              a stored value of the wrong size, a closed tier
+          └── PartialTierError   a fetch some nodes failed (found rows written)
+
+Load markers (``mark_loaded``, ``check_markers``, ``claim_partitions``,
+``insert_missing``): a marker per (table, partition) in the partition's slot says its rows
+were loaded; a node that restarts empty loses them with its rows. The refill monitor
+(``hps_core/db/redis_refill.py``) probes them and refills what was lost.
 
 Single server vs cluster (:func:`open_redis_db`, used by ``open_volatile_db`` for
 ``type: redis_cluster``): several addresses → a cluster; one address → ``INFO cluster`` is
@@ -55,9 +68,11 @@ build those lists with one ``view().tolist()`` and decode replies with one join.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -87,10 +102,14 @@ from hps_core.db.base import (
     check_values,
     unknown_table,
 )
-from hps_core.errors import ConfigError, RequestError, TierError
+from hps_core.errors import ConfigError, PartialTierError, RequestError, TierError
+from hps_core.logs import RateLimitedLog
 from hps_core.rows import copy_rows
 
-__all__ = ["RedisClusterVolatileDB", "RedisVolatileDB", "open_redis_db", "parse_addresses"]
+__all__ = ["MarkerState", "RedisClusterVolatileDB", "RedisVolatileDB", "open_redis_db", "parse_addresses"]
+
+#: node failures: the first of each cause at once, then one line per cause per interval
+_log = RateLimitedLog(logging.getLogger(__name__))
 
 DEFAULT_ADDRESS = "127.0.0.1:7000"  # HugeCTR's default
 DEFAULT_PORT = 6379  # for an address without ":port"
@@ -103,6 +122,12 @@ DEFAULT_RETRY_AFTER = 1.0  # s a failed node is skipped before it is tried again
 
 #: errors that mean "this node cannot answer now" (retryable after ``retry_after``)
 NODE_FAILURES: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+# HSET that leaves the fields already present alone (one command per chunk, like HSET): a
+# refill must not overwrite a row the update stream wrote since the node came back.
+_HSETNX_MANY = "for i = 1, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end return 0"
+# Delete a lock only if it still holds our token (it may have expired and been taken).
+_RELEASE_LOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
 # --------------------------------------------------------------------------- settings
@@ -222,6 +247,20 @@ class _Command(NamedTuple):
     size: int
 
 
+@dataclass(frozen=True)
+class MarkerState:
+    """What one probe of the load markers found (:meth:`RedisClusterVolatileDB.check_markers`).
+
+    ``missing``: per table, the partitions whose marker is gone (their node lost its data);
+    ``meta_missing``: the metadata hashes are gone (the node holding them lost its data);
+    ``unknown``: markers not checked because their node did not answer.
+    """
+
+    missing: dict[str, list[int]]
+    meta_missing: bool
+    unknown: int
+
+
 class _NodeDown(RedisError):
     """A request not sent because its node failed less than ``retry_after`` seconds ago."""
 
@@ -314,12 +353,29 @@ class _RedisTier:
         table = check_table_name(table)
         dim = check_dim(table, dim)
         meta = self._meta()
-        stored = self._call(f"create table {table!r}", lambda: (meta.hsetnx(layout.META_KEY, table, dim), meta.hget(layout.META_KEY, table)))[1]
+
+        def create() -> tuple[Any, Any]:
+            meta.hsetnx(layout.META_KEY, table, dim)
+            meta.hsetnx(layout.PARTITIONS_KEY, table, self._num_partitions)
+            return meta.hget(layout.META_KEY, table), meta.hget(layout.PARTITIONS_KEY, table)
+
+        stored, partitions = self._call(f"create table {table!r}", create)
         if int(stored) != dim:
             raise ConfigError(f"table {table!r} already exists with dim {int(stored)}; cannot create it with dim {dim}")
+        self._check_partitions(table, partitions)
         self._tables[table] = self._describe(table, dim)
 
     def insert(self, table: str, keys: Keys, values: Vectors) -> None:
+        self._write(table, keys, values, ("HSET",), "insert into")
+
+    def insert_missing(self, table: str, keys: Keys, values: Vectors) -> None:
+        """As :meth:`insert`, but a key already stored keeps its row (HSETNX, one command per
+        chunk): what a refill writes, so that rows written since a node came back (the update
+        stream, ``cache_missed_embeddings``) are not overwritten by older ones."""
+        self._write(table, keys, values, ("EVAL", _HSETNX_MANY, 1), "refill")
+
+    def _write(self, table: str, keys: Keys, values: Vectors, verb: tuple[Any, ...], what: str) -> None:
+        """One ``verb hash field value ...`` command per chunk of a partition; strict."""
         self._check_open()
         table = check_table_name(table)
         keys = check_keys(table, keys)
@@ -330,10 +386,10 @@ class _RedisTier:
         batch = layout.plan(keys, self._num_partitions, self._max_set)
         args = layout.interleave(layout.key_fields(keys[batch.order]), layout.row_values(values[batch.order]))
         commands = [
-            _Command(info.slots[p], ("HSET", info.hkeys[p], *args[2 * a : 2 * b]), b - a)
+            _Command(info.slots[p], (*verb, info.hkeys[p], *args[2 * a : 2 * b]), b - a)
             for p, a, b in zip(batch.groups.tolist(), batch.starts.tolist(), batch.stops.tolist())
         ]
-        self._run(f"insert into {table!r}", commands, strict=True)
+        self._run(f"{what} {table!r}", commands, strict=True)
 
     def fetch(self, table: str, keys: Keys, out: Vectors) -> Mask:
         """The one-table case of :meth:`fetch_tables` (one read path for both)."""
@@ -371,7 +427,8 @@ class _RedisTier:
             _Command(tables.slots[g], ("HMGET", tables.hkeys[g], *fields[a:b]), b - a)
             for g, a, b in zip(batch.groups.tolist(), batch.starts.tolist(), batch.stops.tolist())
         ]
-        replies = self._run(what, commands, strict=False)
+        failed_commands: list[int] = []
+        replies = self._run(what, commands, strict=False, failed=failed_commands)
         flat: list[Any] = list(chain.from_iterable(replies)) if len(replies) > 1 else replies[0]
         sorted_ids = ids[batch.order]
         try:
@@ -382,7 +439,25 @@ class _RedisTier:
         positions = batch.order[mask]
         copy_rows(rows, starts, out, offsets[positions], ids[positions], tables.dims)
         found[positions] = True
+        if failed_commands:
+            raise self._partial(what, batch, failed_commands, found)
         return found
+
+    def _partial(self, what: str, batch: layout.Plan, failed_commands: list[int], found: Mask) -> PartialTierError:
+        """The error of a fetch some nodes failed: the found rows are written, the keys of the
+        failed commands marked (commands cover the sorted batch in order, so one repeat)."""
+        by_command = np.zeros(batch.groups.shape[0], np.bool_)
+        by_command[failed_commands] = True
+        failed = np.zeros(found.shape[0], np.bool_)
+        failed[batch.order] = np.repeat(by_command, batch.stops - batch.starts)
+        with self._lock:
+            cause = self.last_error
+        return PartialTierError(
+            f"{self._kind}: {what}: {int(failed.sum())} of {failed.shape[0]} keys are on nodes that "
+            f"failed or are marked down ({cause}); they count as misses",
+            found,
+            failed,
+        )
 
     def count(self, table: str) -> int:
         self._check_open()
@@ -400,6 +475,83 @@ class _RedisTier:
         ]
         replies = self._run(f"memory of {table!r}", commands, strict=True)
         return int(sum(int(r or 0) for r in replies))
+
+    # ---------------------------------------------------------------- load markers (refill)
+
+    @property
+    def num_partitions(self) -> int:
+        return self._num_partitions
+
+    def mark_loaded(self, table: str, partitions: Iterable[int] | None = None) -> None:
+        """Write the load marker of ``partitions`` of ``table`` (all by default): their rows
+        are in. A marker lives in its partition's slot, so a node that loses its data loses
+        the markers of its partitions with it (see :meth:`check_markers`). Strict."""
+        self._check_open()
+        table = check_table_name(table)
+        info = self._table(table)
+        parts = range(self._num_partitions) if partitions is None else partitions
+        commands = [_Command(info.slots[p], ("SET", layout.marker_hkey(table, p), b"1"), 0) for p in parts]
+        self._run(f"mark {table!r} loaded", commands, strict=True)
+
+    def check_markers(self, tables: Sequence[str]) -> MarkerState:
+        """Which partitions of ``tables`` lost their load marker: one pipelined EXISTS per
+        node for every marker and the metadata hash. A node that does not answer is not a
+        loss (yet): its markers count as ``unknown``. Cheap enough to run every second."""
+        self._check_open()
+        infos = [(t, self._table(check_table_name(t))) for t in tables]
+        commands = [
+            _Command(info.slots[p], ("EXISTS", layout.marker_hkey(t, p)), 0)
+            for t, info in infos
+            for p in range(self._num_partitions)
+        ]
+        commands.append(_Command(key_slot(layout.META_KEY), ("EXISTS", layout.META_KEY), 0))
+        replies = self._run("check load markers", commands, strict=False)
+        present = np.array([r if isinstance(r, int) else -1 for r in replies], np.int64)
+        per_table = present[:-1].reshape(len(infos), self._num_partitions)
+        missing = {t: np.flatnonzero(row == 0).tolist() for (t, _), row in zip(infos, per_table)}
+        return MarkerState(
+            {t: parts for t, parts in missing.items() if parts},
+            meta_missing=bool(present[-1] == 0),
+            unknown=int((present < 0).sum()),
+        )
+
+    def claim_partitions(self, table: str, partitions: Sequence[int], token: str, lock_s: float) -> list[int]:
+        """Take the refill lock of each of ``partitions`` (``SET NX PX``, expiring after
+        ``lock_s``) and return those taken whose marker is still missing; the locks of the
+        others are released at once. Several processes share one Redis: one refills."""
+        self._check_open()
+        info = self._table(check_table_name(table))
+        ms = max(1, int(lock_s * 1000))
+        commands = [
+            command
+            for p in partitions
+            for command in (
+                _Command(info.slots[p], ("SET", layout.lock_hkey(table, p), token, "NX", "PX", ms), 0),
+                _Command(info.slots[p], ("EXISTS", layout.marker_hkey(table, p)), 0),
+            )
+        ]
+        replies = self._run(f"claim partitions of {table!r}", commands, strict=False)
+        locked = [p for p, r in zip(partitions, replies[0::2]) if r in (b"OK", "OK", True)]
+        claimed = [p for p, r in zip(partitions, replies[1::2]) if p in locked and r == 0]
+        self.release_partitions(table, [p for p in locked if p not in claimed], token)
+        return claimed
+
+    def release_partitions(self, table: str, partitions: Sequence[int], token: str) -> None:
+        """Release the refill locks of ``partitions`` this ``token`` holds (a lock that expired
+        and was taken by another process is left alone). Failures are left to the expiry."""
+        if not partitions:
+            return
+        info = self._table(check_table_name(table))
+        commands = [
+            _Command(info.slots[p], ("EVAL", _RELEASE_LOCK, 1, layout.lock_hkey(table, p), token), 0)
+            for p in partitions
+        ]
+        self._run(f"release partitions of {table!r}", commands, strict=False)
+
+    @staticmethod
+    def new_token() -> str:
+        """A token naming this process's locks."""
+        return f"{os.getpid()}-{uuid.uuid4().hex}"
 
     def table_names(self) -> list[str]:
         self._check_open()
@@ -449,11 +601,28 @@ class _RedisTier:
         if info is not None:
             return info
         meta = self._meta()
-        stored = self._call(f"look up table {table!r}", lambda: meta.hget(layout.META_KEY, table))
+        stored, partitions = self._call(
+            f"look up table {table!r}",
+            lambda: (meta.hget(layout.META_KEY, table), meta.hget(layout.PARTITIONS_KEY, table)),
+        )
         if stored is None:
             raise unknown_table(table, self.table_names())
+        self._check_partitions(table, partitions)
         info = self._tables.setdefault(table, self._describe(table, int(stored)))
         return info
+
+    def _check_partitions(self, table: str, stored: Any) -> None:
+        """Refuse a table written with another partition count: every key would be looked for
+        in another hash than the one holding it. A table with no stored count (written by
+        HugeCTR or an older version) is accepted as before."""
+        if stored is not None and int(stored) != self._num_partitions:
+            raise ConfigError(
+                f"volatile_db.num_partitions: table {table!r} is stored in {self._kind} with "
+                f"{int(stored)} partitions, but this server uses {self._num_partitions}, so it would "
+                "look for each key in another partition than the one holding it. Fix: set "
+                f"volatile_db.num_partitions to {int(stored)} in every HPS JSON sharing this "
+                "Redis (or delete the table's hashes and load it again)"
+            )
 
     def _resolve(self, names: tuple[str, ...]) -> _Tables:
         """The hashes, slots and widths of ``names`` (see TableGroups)."""
@@ -488,6 +657,8 @@ class _RedisTier:
                 self._down_until[node] = time.monotonic() + self._retry_after
         if isinstance(exc, NODE_FAILURES):
             self._note_node_failure()
+        # every request may hit the failure: one line per node and cause per interval
+        _log.failure(f"{self._kind} node {node or self._address}", exc, level=logging.WARNING)
 
     def _is_down(self, node: str) -> bool:
         until = self._down_until.get(node)
@@ -560,12 +731,15 @@ class _RedisTier:
         finally:
             link.slots.release()
 
-    def _run(self, what: str, commands: list[_Command], *, strict: bool) -> list[Any]:
+    def _run(
+        self, what: str, commands: list[_Command], *, strict: bool, failed: list[int] | None = None
+    ) -> list[Any]:
         """Run ``commands``, of any tables and partitions, in one round: one pipeline per node.
 
         Returns one reply per command. A MOVED reply refreshes the slot map and re-sends
         once. Other failures: ``strict`` raises TierError; otherwise the command's reply
-        is ``[None] * size`` (all misses) and the failure is counted, once per node.
+        is ``[None] * size`` (all misses), the failure is counted, once per node, and the
+        command's index appended to ``failed`` (when given).
         """
         results: list[Any] = [None] * len(commands)
         pending: list[int] = list(range(len(commands)))
@@ -579,6 +753,8 @@ class _RedisTier:
                     self._fail(what, group.link.name, group.failure, keys, strict)
                     for i in group.tags:
                         results[i] = [None] * commands[i].size
+                    if failed is not None:
+                        failed += group.tags
                     continue
                 assert group.replies is not None
                 for i, reply in zip(group.tags, group.replies):
@@ -587,6 +763,8 @@ class _RedisTier:
                     elif isinstance(reply, BaseException):
                         self._fail(what, group.link.name, reply, commands[i].size, strict)
                         results[i] = [None] * commands[i].size
+                        if failed is not None:
+                            failed.append(i)
                     else:
                         results[i] = reply
             if not moved:
@@ -711,6 +889,7 @@ class RedisClusterVolatileDB(_RedisTier):
             self._refresh_due = True
             with self._lock:
                 self.last_error = f"slot map refresh: {_short(exc)}"
+            _log.failure(f"{self._kind} slot map refresh", exc, level=logging.WARNING)
         finally:
             self._refresh_lock.release()
 

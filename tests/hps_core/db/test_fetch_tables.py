@@ -21,7 +21,7 @@ import redis
 
 from hps_core.db import EmbeddingTier, RedisClusterVolatileDB, RocksDBPersistentDB
 from hps_core.db import _redis_layout as layout
-from hps_core.errors import RequestError, TierError, UnknownTableError
+from hps_core.errors import PartialTierError, RequestError, TierError, UnknownTableError
 from tests.redis_servers import RedisProcesses
 
 DIMS = (1, 3, 16, 7, 128)
@@ -310,7 +310,11 @@ def test_killed_node_misses_only_its_keys_across_tables(tmp_path: Path) -> None:
             want_found, want_out = reference_out(loaded, ids, keys, offsets, size)
 
             victim.kill()
-            found, out = fetch_all(db, loaded, ids, keys, offsets, size)  # no exception
+            out = np.full(size, FILL, np.float32)
+            with pytest.raises(PartialTierError, match="keys are on nodes that failed") as partial:
+                db.fetch_tables(loaded.names, ids, keys, out, offsets)
+            found = partial.value.found  # the healthy nodes' rows are written, and marked
+            np.testing.assert_array_equal(partial.value.failed, on_victim)
             np.testing.assert_array_equal(found, want_found & ~on_victim)
             survivors = np.full(size, FILL, np.float32)
             for i in np.flatnonzero(found).tolist():
@@ -320,8 +324,10 @@ def test_killed_node_misses_only_its_keys_across_tables(tmp_path: Path) -> None:
             assert db.errors == 1 and db.error_keys == on_victim.sum()
             assert db.counters()["down_nodes"] == [f"127.0.0.1:{victim.port}"]
 
-            again = fetch_all(db, loaded, ids, keys, offsets, size)[0]  # skipped: counted, not failed
-            np.testing.assert_array_equal(again, found)
+            with pytest.raises(PartialTierError) as skipped:  # skipped: counted, not failed again
+                fetch_all(db, loaded, ids, keys, offsets, size)
+            np.testing.assert_array_equal(skipped.value.found, found)
+            np.testing.assert_array_equal(skipped.value.failed, on_victim)
             assert db.errors == 1 and db.error_keys == 2 * on_victim.sum()
             with pytest.raises(TierError, match="insert"):
                 db.insert(loaded.names[0], loaded.keys[0], loaded.values[0])

@@ -22,7 +22,7 @@ import redis
 from hps_core.config import VolatileDBConfig
 from hps_core.db import RedisClusterVolatileDB, RedisVolatileDB, open_volatile_db
 from hps_core.db import _redis_layout as layout
-from hps_core.errors import ConfigError, TierError
+from hps_core.errors import ConfigError, PartialTierError, TierError
 from tests.redis_servers import RedisProcesses
 
 pytestmark = pytest.mark.redis
@@ -48,6 +48,16 @@ def node_port_of_keys(address: str, keys: np.ndarray, num_partitions: int) -> np
     finally:
         client.close()
     return np.asarray(ports)[layout.partition_of(keys, num_partitions)]
+
+
+def fetch_found(db: RedisClusterVolatileDB, keys: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """The found mask of ``db.fetch``, also when some nodes failed (PartialTierError carries
+    it, with the failed keys, which are never found)."""
+    try:
+        return db.fetch(T, keys, out)
+    except PartialTierError as exc:
+        assert not (exc.found & exc.failed).any()
+        return exc.found
 
 
 # --------------------------------------------------------------------------- layout
@@ -114,7 +124,7 @@ def test_killed_node_turns_into_misses_then_recovers(own_cluster: RedisProcesses
         out = np.zeros((len(keys), 8), np.float32)
         while not stop.is_set():
             try:
-                results.append(db.fetch(T, keys, out).copy())
+                results.append(fetch_found(db, keys, out).copy())
             except BaseException as exc:  # noqa: BLE001 - the test asserts there are none
                 failures.append(exc)
                 return
@@ -138,8 +148,11 @@ def test_killed_node_turns_into_misses_then_recovers(own_cluster: RedisProcesses
     # a skipped node answers at once, not after a timeout
     started = time.perf_counter()
     out = np.zeros((len(keys), 8), np.float32)
-    found = db.fetch(T, keys, out)
+    with pytest.raises(PartialTierError) as partial:
+        db.fetch(T, keys, out)
     assert time.perf_counter() - started < 0.5
+    found = partial.value.found
+    np.testing.assert_array_equal(partial.value.failed, on_victim)
     np.testing.assert_array_equal(out[found], values[found])
 
     victim.restart()  # same port, same nodes.conf; its data is gone (no persistence)
@@ -174,18 +187,18 @@ def test_slow_node_times_out_into_misses(own_cluster: RedisProcesses, encode: En
     os.kill(frozen.process.pid, signal.SIGSTOP)
     try:
         started = time.perf_counter()
-        found = db.fetch(T, keys, out)
+        found = fetch_found(db, keys, out)
         first = time.perf_counter() - started
         np.testing.assert_array_equal(found, ~on_frozen)
         assert 0.15 < first < 2.0 and "Timeout" in (db.last_error or "")
         started = time.perf_counter()
-        np.testing.assert_array_equal(db.fetch(T, keys, out), ~on_frozen)
+        np.testing.assert_array_equal(fetch_found(db, keys, out), ~on_frozen)
         assert time.perf_counter() - started < 0.15  # marked down: no second timeout
     finally:
         os.kill(frozen.process.pid, signal.SIGCONT)
     time.sleep(0.35)
     deadline = time.monotonic() + 10
-    while not db.fetch(T, keys, out).all():
+    while not fetch_found(db, keys, out).all():
         assert time.monotonic() < deadline, db.counters()
         time.sleep(0.1)
     np.testing.assert_array_equal(out, encode(keys, 2))
