@@ -27,6 +27,8 @@ Families (every name starts with ``hps_``; labels ``model``, ``table``, ``tier``
     hps_update_malformed_total{model,tier}          counter  update messages skipped as malformed
     hps_update_lag_messages{model,tier}             gauge    messages published but not yet consumed
     hps_update_staleness_seconds{model,tier,quantile}  gauge  publish → applied, p50 / p99 over the recent window
+    hps_volatile_lost_partitions{model,table}       gauge    Redis partitions whose rows a node lost and
+                                                         that are not refilled yet (hps_core/db/redis_refill.py)
 
 Misses per tier follow from the cascade: what the volatile tier lacked went on to the
 persistent tier, so volatile misses = persistent hits + defaults; persistent misses =
@@ -89,6 +91,8 @@ _FAMILY_LIST = (
     Family("hps_update_malformed_total", "counter", "Update messages skipped as malformed, per database layer"),
     Family("hps_update_lag_messages", "gauge", "Update messages published but not yet consumed, per layer"),
     Family("hps_update_staleness_seconds", "gauge", "Update publish-to-applied time over the recent window"),
+    Family("hps_volatile_lost_partitions", "gauge",
+           "Redis partitions whose rows a node lost (restarted empty) and that are not refilled yet"),
 )
 #: Every family this module emits, by name.
 FAMILIES: Mapping[str, Family] = {f.name: f for f in _FAMILY_LIST}
@@ -126,6 +130,9 @@ class MetricsCollector:
     is left out). ``caches`` maps table names to objects with ``size()`` and ``capacity``.
     ``extra_labels`` (e.g. a Triton model instance) are added to the gauges, which describe
     one process; counters are left without them so that instances add up.
+    ``lost_partitions``: a callable returning, per table, the volatile partitions lost and not
+    yet refilled (``HierarchicalParameterServer.lost_partitions(model)``), or None when the
+    volatile tier is not watched (no gauge then); read with the slow gauges.
     """
 
     def __init__(
@@ -137,8 +144,10 @@ class MetricsCollector:
         extra_labels: Mapping[str, str] | None = None,
         slow_interval_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        lost_partitions: Callable[[], Mapping[str, int]] | None = None,
     ) -> None:
         self.model = model
+        self._lost_partitions = lost_partitions
         self.tiers = tuple(tiers)
         self._caches = dict(caches or {})
         self._extra = dict(extra_labels or {})
@@ -167,6 +176,7 @@ class MetricsCollector:
             self._last_slow = now
             samples += self._cache_samples()
             samples += self._update_samples(updates or {})
+            samples += self._volatile_samples()
         return samples
 
     # ---- lookups
@@ -221,6 +231,14 @@ class MetricsCollector:
                 Sample("hps_cache_occupancy", labels, rows / capacity if capacity else 0.0),
             ]
         return out
+
+    def _volatile_samples(self) -> list[Sample]:
+        if self._lost_partitions is None:
+            return []
+        return [
+            Sample("hps_volatile_lost_partitions", _labels(model=self.model, table=table, **self._extra), float(n))
+            for table, n in self._lost_partitions().items()
+        ]
 
     def _update_samples(self, updates: Mapping[str, Mapping[str, Any]]) -> list[Sample]:
         out = []

@@ -8,7 +8,11 @@ Loading rules (HugeCTR's, through :func:`hps_core.loader.load_table`):
 - the persistent DB keeps the full table; a progress marker in RocksDB records what was
   loaded from which file, so a restart over an existing RocksDB loads nothing (and a load
   that was interrupted resumes), while a changed sparse file is loaded again;
-- the volatile DB takes the first ``initial_cache_rate`` share of each sparse file.
+- the volatile DB takes the first ``initial_cache_rate`` share of each sparse file. In Redis,
+  each partition then gets a load marker, and a :class:`~hps_core.db.redis_refill.RefillMonitor`
+  probes the markers every ``refill_interval_s``: the partitions of a node that came back
+  empty are refilled from the sparse files (and the persistent DB's fresher rows) in the
+  background, and those it cannot refill show in :meth:`HierarchicalParameterServer.lost_partitions`.
 
 Several processes share one RocksDB: Triton runs each model instance of a Python-based
 backend in its own process, and RocksDB lets one process at a time hold its write lock. So a
@@ -34,6 +38,7 @@ from hps_core.cache.base import MultiTableCache
 from hps_core.config import ModelConfig, ParameterServerConfig, PersistentDBConfig, TableConfig, gpu_cache_requested
 from hps_core.db import RocksDBPersistentDB, open_persistent_db, open_volatile_db
 from hps_core.db.base import EmbeddingTier
+from hps_core.db.redis_refill import DEFAULT_INTERVAL_S, PartitionMarkers, RefillMonitor, RefillSource
 from hps_core.errors import TierBusyError, UnknownTableError
 from hps_core.formats import read_sparse_model, sparse_model_rows
 from hps_core.loader import load_table
@@ -56,7 +61,8 @@ class HierarchicalParameterServer:
     deploys only its own); by default all are. ``cache_device`` is where embedding caches
     live — a CUDA device number, "cpu" for the CPU twin, or None for no cache — for the models
     whose config asks for one (``gpucache``). ``update_consumer_config`` overrides Kafka
-    consumer settings of the update sources (see hps_core/online.py).
+    consumer settings of the update sources (see hps_core/online.py). ``refill_interval_s``:
+    seconds between two probes of a Redis volatile tier's load markers (see the module doc).
     """
 
     def __init__(
@@ -66,8 +72,10 @@ class HierarchicalParameterServer:
         models: Iterable[str] | None = None,
         cache_device: int | str | None = None,
         update_consumer_config: Mapping[str, Any] | None = None,
+        refill_interval_s: float = DEFAULT_INTERVAL_S,
     ) -> None:
         self.config = config
+        self.refill: RefillMonitor | None = None
         self._cache_device = cache_device
         self._update_consumer_config = update_consumer_config
         self._sessions: dict[str, LookupSession] = {}
@@ -83,6 +91,7 @@ class HierarchicalParameterServer:
             for name, model in self._models.items():
                 self._fill_volatile(model)
                 self._sessions[name] = self._open_session(model)
+            self._start_refill(refill_interval_s)
             self._start_updates()
         except BaseException:
             self.close()
@@ -97,7 +106,18 @@ class HierarchicalParameterServer:
                 f"model '{model}' is not deployed by this server (deployed: {', '.join(self._sessions)})"
             ) from None
 
+    def lost_partitions(self, model: str) -> dict[str, int]:
+        """Per table of ``model`` (plain names): volatile partitions a Redis node lost and that
+        are not refilled yet (the gauge ``hps_volatile_lost_partitions``); empty when the
+        volatile tier is not watched (not Redis, or nothing loaded into it)."""
+        if self.refill is None:
+            return {}
+        lost = self.refill.lost_partitions()
+        return {t.name: lost[t.qualified_name] for t in self._models[model].tables if t.qualified_name in lost}
+
     def close(self) -> None:
+        if self.refill is not None:
+            self.refill.stop()
         if self.updates is not None:
             self.updates.stop()
         for refresher in self._refreshers:
@@ -227,6 +247,17 @@ class HierarchicalParameterServer:
             rate = self.config.volatile_db.initial_cache_rate
             for table in model.tables:
                 load_table(self.volatile, table, fraction=rate)
+                if isinstance(self.volatile, PartitionMarkers):
+                    self.volatile.mark_loaded(table.qualified_name)
+
+    def _start_refill(self, interval_s: float) -> None:
+        """Watch a Redis volatile tier for partitions a node lost, when it holds file rows."""
+        rate = self.config.volatile_db.initial_cache_rate
+        if not isinstance(self.volatile, PartitionMarkers) or rate <= 0:
+            return
+        sources = [RefillSource(t.qualified_name, t.dim, t.sparse_file, rate) for t in self._tables()]
+        self.refill = RefillMonitor(self.volatile, sources, persistent=self.persistent, interval_s=interval_s)
+        self.refill.start()
 
 
 def _warm_up(session: LookupSession) -> None:

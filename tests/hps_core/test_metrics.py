@@ -135,3 +135,15 @@ def test_a_real_session_counts_what_it_looked_up(tmp_path) -> None:
     assert "# TYPE hps_lookup_keys_total counter" in text
     assert 'hps_lookup_keys_total{model="m",table="t0"} 4' in text
     volatile.close()
+
+
+def test_lost_volatile_partitions_are_a_gauge_per_table() -> None:
+    lost = {"t0": 0, "t1": 3}
+    collector = MetricsCollector("m", ["volatile"], lost_partitions=lambda: lost, extra_labels={"instance": "0"})
+    samples = collector.collect({"t0": _totals(), "t1": _totals()})
+    assert _value(samples, "hps_volatile_lost_partitions", model="m", table="t1", instance="0") == 3
+    assert _value(samples, "hps_volatile_lost_partitions", model="m", table="t0", instance="0") == 0
+    assert FAMILIES["hps_volatile_lost_partitions"].kind == "gauge"
+    assert "hps_volatile_lost_partitions" in render_text(samples)
+    unwatched = MetricsCollector("m", ["volatile"]).collect({"t0": _totals()})
+    assert not any(s.name == "hps_volatile_lost_partitions" for s in unwatched)
