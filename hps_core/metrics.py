@@ -18,6 +18,9 @@ Families (every name starts with ``hps_``; labels ``model``, ``table``, ``tier``
     hps_tier_seconds_total{model,table,tier}        counter  time spent in each tier
     hps_cache_async_inserts_total{model,table}      counter  unique keys answered with the default while their
                                                          cache insertion ran in the background
+    hps_cache_dropped_inserts_total{model,table}    counter  the same, when the insertion was skipped (queue full)
+    hps_cache_full_total{model,table}               counter  fetched rows a full static table left uncached
+                                                         (a key not in its sparse file: served, not cached)
     hps_hit_rate{model,table,tier}                  gauge    hits / unique keys since the previous collection
     hps_cache_rows{model,table}                     gauge    rows held by the embedding cache
     hps_cache_capacity_rows{model,table}            gauge    rows the embedding cache can hold
@@ -82,6 +85,10 @@ _FAMILY_LIST = (
     Family("hps_tier_seconds_total", "counter", "Seconds spent in a tier"),
     Family("hps_cache_async_inserts_total", "counter",
            "Unique keys answered with the default while their cache insertion ran in the background"),
+    Family("hps_cache_dropped_inserts_total", "counter",
+           "Unique keys answered with the default whose cache insertion was skipped (background queue full)"),
+    Family("hps_cache_full_total", "counter",
+           "Fetched rows a full static embedding table left uncached (served from the tiers, not cached)"),
     Family("hps_hit_rate", "gauge", "Share of unique keys answered by a tier since the previous collection"),
     Family("hps_cache_rows", "gauge", "Rows held by the embedding cache"),
     Family("hps_cache_capacity_rows", "gauge", "Rows the embedding cache can hold"),
@@ -116,6 +123,14 @@ class Sample:
     @property
     def key(self) -> tuple[str, Labels]:
         return self.name, self.labels
+
+
+#: lookup counter -> family, for tables with a cache
+_CACHE_COUNTERS = (
+    ("async_inserts", "hps_cache_async_inserts_total"),
+    ("dropped_inserts", "hps_cache_dropped_inserts_total"),
+    ("cache_full", "hps_cache_full_total"),
+)
 
 
 def _labels(**labels: str) -> Labels:
@@ -194,7 +209,7 @@ class MetricsCollector:
             out.append(Sample("hps_misses_total", tiered, self._misses(c, tier, table)))
             out.append(Sample("hps_tier_seconds_total", tiered, c[f"seconds_{tier}"]))
         if table in self._caches:
-            out.append(Sample("hps_cache_async_inserts_total", _labels(**base), c.get("async_inserts", 0)))
+            out += [Sample(family, _labels(**base), c.get(field, 0)) for field, family in _CACHE_COUNTERS]
         return out
 
     def _tiers_of(self, table: str) -> tuple[str, ...]:

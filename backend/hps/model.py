@@ -97,7 +97,8 @@ class TritonPythonModel:
         tiers = ["cache", "volatile", "persistent"]
         tiers = [t for t, db in zip(tiers, (True, self._server.volatile, self._server.persistent)) if db is not None]
         instance = {"instance": str(args.get("model_instance_name", name))}
-        return MetricsCollector(name, tiers, caches=self._session.caches, extra_labels=instance)
+        return MetricsCollector(name, tiers, caches=self._session.caches, extra_labels=instance,
+                                lost_partitions=lambda: self._server.lost_partitions(name))
 
     def _error(self, exc: Exception) -> Any:
         """The response for a request that failed: INVALID_ARG for a malformed request,

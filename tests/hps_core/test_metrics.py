@@ -7,14 +7,12 @@ import pytest
 
 from hps_core.config import parse_config
 from hps_core.db import HashMapVolatileDB
-from hps_core.lookup import LookupSession
+from hps_core.lookup import COUNTER_FIELDS, LookupSession
 from hps_core.metrics import FAMILIES, CounterDeltas, GaugeChanges, MetricsCollector, Sample, render_text
 
 
 def _totals(**values: float) -> dict[str, float]:
-    base = dict(keys=0, unique_keys=0, cache_hits=0, volatile_hits=0, persistent_hits=0, defaults=0,
-                tier_errors=0, async_inserts=0, dropped_inserts=0, seconds_cache=0.0,
-                seconds_volatile=0.0, seconds_persistent=0.0)
+    base = dict.fromkeys(COUNTER_FIELDS, 0.0)
     base.update(values)
     return base
 
@@ -38,7 +36,7 @@ def test_lookup_counters_become_samples_with_misses_per_tier() -> None:
     collector = MetricsCollector("m", ["cache", "volatile", "persistent"], caches={"t0": _Cache()})
     counters = {
         "t0": _totals(keys=100, unique_keys=80, cache_hits=50, volatile_hits=20, persistent_hits=6, defaults=4,
-                      seconds_volatile=0.5),
+                      seconds_volatile=0.5, dropped_inserts=3, cache_full=2),
         "t1": _totals(keys=10, unique_keys=10, volatile_hits=7, persistent_hits=1, defaults=2, tier_errors=1),
     }
     samples = collector.collect(counters)
@@ -51,6 +49,8 @@ def test_lookup_counters_become_samples_with_misses_per_tier() -> None:
     assert _value(samples, "hps_hit_rate", model="m", table="t0", tier="cache") == pytest.approx(50 / 80)
     assert _value(samples, "hps_cache_occupancy", model="m", table="t0") == 0.25
     assert _value(samples, "hps_cache_capacity_rows", model="m", table="t0") == 200
+    assert _value(samples, "hps_cache_dropped_inserts_total", model="m", table="t0") == 3
+    assert _value(samples, "hps_cache_full_total", model="m", table="t0") == 2
     # t1 has no cache: no cache series at all
     names = {(s.name, dict(s.labels).get("tier")) for s in samples if dict(s.labels).get("table") == "t1"}
     assert ("hps_hits_total", "cache") not in names and ("hps_cache_rows", None) not in names
