@@ -5,9 +5,9 @@ answer them in one pass. A failure must reach only the request that causes it:
 
 * :func:`answer_requests` is a backend's whole ``execute``: read each request's inputs (a bad
   one fails alone), answer the good ones in one pass, one response each, in order;
-* :func:`answer_each` runs the shared pass, and should it raise, answers each request alone,
-  so that only the culprit gets the exception (what ``LookupSession.lookup_requests`` does
-  for the lookup itself);
+* the shared pass runs through :func:`hps_core.request.answer_each`: should it raise, each
+  request is answered alone, so that only the culprit gets the exception (as
+  ``LookupSession.lookup_requests`` does for the lookup itself);
 * :func:`respond` turns each request's result into its response, and an exception raised
   while encoding one response (building its output tensor) answers that request with the
   error instead of failing the whole ``execute``.
@@ -19,12 +19,11 @@ responses, so the isolation is unit-tested without Triton.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
-__all__ = ["answer_each", "answer_requests", "respond"]
+from hps_core.request import Item, Result, answer_each
 
-Item = TypeVar("Item")
-Result = TypeVar("Result")
+__all__ = ["answer_requests", "respond"]
 
 
 def answer_requests(
@@ -52,26 +51,6 @@ def answer_requests(
         for i, result in zip(slots, answer_each(items, answer)):
             results[i] = result
     return respond(results, encode, error)
-
-
-def answer_each(
-    items: Sequence[Item], answer: Callable[[Sequence[Item]], Sequence[Result]]
-) -> list[Result | Exception]:
-    """``answer(items)``, one result per item in order; should it raise, each item is answered
-    alone (``answer([item])``), and an item whose own answer raises gets its exception."""
-    try:
-        return list(answer(items))
-    except Exception as exc:  # noqa: BLE001 - find the item that causes it
-        if len(items) == 1:
-            return [exc]
-        return [_answer_alone(answer, item) for item in items]
-
-
-def _answer_alone(answer: Callable[[Sequence[Item]], Sequence[Result]], item: Item) -> Result | Exception:
-    try:
-        return answer([item])[0]
-    except Exception as exc:  # noqa: BLE001 - this item's own answer
-        return exc
 
 
 def respond(

@@ -45,7 +45,7 @@ from hps_core.config import ModelConfig
 from hps_core.db.base import EmbeddingTier
 from hps_core.errors import ConfigError, PartialTierError, RequestError, TierError
 from hps_core.grouping import pairs_in
-from hps_core.request import BatchPlan, CheckedRequest, TableLayout, check_request, plan_batch
+from hps_core.request import BatchPlan, CheckedRequest, TableLayout, answer_each, check_request, plan_batch
 from hps_core.rows import copy_rows, fill_rows, row_offsets
 
 __all__ = ["COUNTER_FIELDS", "LookupSession", "UPDATE_GRACE_S"]
@@ -238,19 +238,9 @@ class LookupSession:
             slots.append(i)
         if not checked:
             return results
-        try:
-            answers = self._answer(checked)
-        except Exception as exc:  # noqa: BLE001 - find the request that causes it
-            answers = [exc] if len(checked) == 1 else [self._answer_alone(r) for r in checked]
-        for i, answer in zip(slots, answers):
+        for i, answer in zip(slots, answer_each(checked, self._answer)):
             results[i] = answer
         return results
-
-    def _answer_alone(self, request: CheckedRequest) -> Any:
-        try:
-            return self._answer([request])[0]
-        except Exception as exc:  # noqa: BLE001 - this request's own answer
-            return exc
 
     # ------------------------------------------------------------------ the cascade
 

@@ -13,13 +13,16 @@ pairs, first occurrence order), each unique pair given a row in one flat buffer 
 :mod:`hps_core.rows`), and for every requested key the unique row it copies from and the place
 in the concatenated outputs it copies to. The lookup asks each level once for the unique pairs
 it still lacks, then one :func:`~hps_core.rows.copy_rows` writes every request's output.
+
+:func:`answer_each` is how a batch's requests stay independent when that one pass fails: each
+is then answered alone, so only the culprit gets the error (the lookup and both backends).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -29,7 +32,7 @@ from hps_core.config import ModelConfig
 from hps_core.errors import RequestError
 from hps_core.hashing import mix64
 
-__all__ = ["BatchPlan", "CheckedRequest", "TableLayout", "check_request", "plan_batch"]
+__all__ = ["BatchPlan", "CheckedRequest", "TableLayout", "answer_each", "check_request", "plan_batch"]
 
 _INTEGER_KINDS = ("i", "u")
 
@@ -362,3 +365,27 @@ def _repeats(sources: Any, counts: Any, dims: Any) -> Any:
                 o += dims[t]
                 p += 1
     return src[:m], dst[:m], ids[:m]
+
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+def answer_each(
+    items: Sequence[Item], answer: Callable[[Sequence[Item]], Sequence[Result]]
+) -> list[Result | Exception]:
+    """``answer(items)``, one result per item in order; should it raise, each item is answered
+    alone (``answer([item])``), and an item whose own answer raises gets its exception."""
+    try:
+        return list(answer(items))
+    except Exception as exc:  # noqa: BLE001 - find the item that causes it
+        if len(items) == 1:
+            return [exc]
+        return [_answer_alone(answer, item) for item in items]
+
+
+def _answer_alone(answer: Callable[[Sequence[Item]], Sequence[Result]], item: Item) -> Result | Exception:
+    try:
+        return answer([item])[0]
+    except Exception as exc:  # noqa: BLE001 - this item's own answer
+        return exc

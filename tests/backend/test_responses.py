@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from backend.responses import answer_each, answer_requests, respond
+from backend.responses import answer_requests, respond
+from hps_core.request import answer_each
 
 
 class Boom(Exception):
