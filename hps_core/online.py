@@ -36,12 +36,15 @@ import numpy as np
 
 from hps_core.config import ParameterServerConfig
 from hps_core.db.base import EmbeddingTier
+from hps_core.logs import RateLimitedLog
 from hps_core.lookup import LookupSession
 from hps_core.updates import TierUpdateApplier, UpdateSource
 
 __all__ = ["OnlineUpdates"]
 
 log = logging.getLogger(__name__)
+# The catch-up loop fails the same way every second while RocksDB is unreadable.
+_failures = RateLimitedLog(log)
 
 
 class OnlineUpdates:
@@ -128,8 +131,8 @@ class OnlineUpdates:
         while not self._stop.wait(self._catch_up_s):
             try:
                 self._reader.refresh()  # type: ignore[attr-defined]
-            except Exception:  # noqa: BLE001 - serving goes on with the last state it saw
-                log.exception("persistent DB catch-up failed")
+            except Exception as exc:  # noqa: BLE001 - serving goes on with the last state it saw
+                _failures.failure("persistent DB catch-up failed", exc)
 
 
 _servers_in_process = itertools.count()

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hps_core.arrays import device_context, to_host
+from hps_core.logs import RateLimitedLog
 
 if TYPE_CHECKING:
     from hps_core.lookup import LookupSession
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
 __all__ = ["CacheRefresher"]
 
 log = logging.getLogger(__name__)
+# A tier that is down fails every refresh step the same way: one line per cause per interval.
+_failures = RateLimitedLog(log)
 
 
 class CacheRefresher:
@@ -81,6 +84,6 @@ class CacheRefresher:
         while not self._stop.is_set():
             try:
                 self.step()
-            except Exception:  # noqa: BLE001 - a failed refresh must not end the refresher
-                log.exception("cache refresh step failed")
+            except Exception as exc:  # noqa: BLE001 - a failed refresh must not end the refresher
+                _failures.failure("cache refresh step failed", exc)
             self._stop.wait(self._interval)

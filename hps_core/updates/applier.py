@@ -38,10 +38,13 @@ import numpy.typing as npt
 
 from hps_core.db.base import EmbeddingTier, check_dim
 from hps_core.errors import ConfigError, TierBusyError
+from hps_core.logs import RateLimitedLog
 
 __all__ = ["OnApplied", "TierUpdateApplier", "UpdateApplier"]
 
 log = logging.getLogger(__name__)
+# A hook that fails, fails for every batch (a cache gone bad): one line per cause per interval.
+_failures = RateLimitedLog(log)
 
 Keys = npt.NDArray[np.int64]
 Vectors = npt.NDArray[np.float32]
@@ -155,6 +158,6 @@ class TierUpdateApplier:
             return
         try:
             self._on_applied(table, keys, values)
-        except Exception:  # the rows are in the tier; a failed refresh must not re-apply them
+        except Exception as exc:  # the rows are in the tier; a failed refresh must not re-apply them
             self.hook_errors += 1
-            log.exception("on_applied hook failed for %d updates of %s", keys.shape[0], table)
+            _failures.failure(f"on_applied hook failed for updates of {table}", exc)

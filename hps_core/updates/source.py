@@ -30,9 +30,11 @@ Malformed messages (bad magic, wrong vector size, truncated, unknown table) are 
 logged and skipped; decoding happens before anything is applied, so a message is applied
 whole or not at all, and its offset is committed like any other.
 
-Broker outages: librdkafka reconnects by itself; the thread logs (rate-limited), backs off
-``failure_backoff_ms`` and keeps polling, and recreates the consumer after a fatal error.
-Serving never waits on this thread.
+Broker outages: librdkafka reconnects by itself; the thread backs off ``failure_backoff_ms``
+and keeps polling, and recreates the consumer after a fatal error. Serving never waits on
+this thread. Every log line of the loop, librdkafka's own included, goes through a
+:class:`~hps_core.logs.RateLimitedLog`: one line per cause per ``log_interval``, with a count
+of those held back.
 
 Staleness: for every applied message, (time the apply finished) − (the Kafka message
 timestamp, set by the producer when it published); ``stats()`` reports p50/p99/max over
@@ -57,8 +59,9 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, Kafka
 
 from hps_core.config import DEFAULT_UPDATE_FILTERS, ParameterServerConfig, UpdateSourceConfig
 from hps_core.errors import ConfigError
+from hps_core.logs import DEFAULT_LOG_INTERVAL_S, RateLimitedLog
 from hps_core.updates.applier import UpdateApplier
-from hps_core.updates.sink import kafka_brokers
+from hps_core.updates.sink import KafkaClientLog, kafka_brokers
 from hps_core.updates.wire import TOPIC_PREFIX, MalformedMessage, decode
 
 __all__ = ["SUBSCRIPTION", "UpdateSource", "consumer_group_id"]
@@ -68,7 +71,6 @@ log = logging.getLogger(__name__)
 SUBSCRIPTION = rf"^{TOPIC_PREFIX}\..*"  # librdkafka treats a leading '^' as a regex
 _LAYERS = ("volatile", "persistent")
 _GROUP_PREFIX = "hps."
-_LOG_EVERY_S = 10.0  # rate limit for repeated broker warnings
 _FINAL_COMMIT_WAIT_S = 5.0  # a graceful stop waits this long for its last commit to settle
 
 Keys = npt.NDArray[np.int64]
@@ -148,13 +150,15 @@ class UpdateSource:
         instance: suffix for a database private to one process (see :func:`consumer_group_id`).
         consumer_config: extra librdkafka settings, applied last.
         staleness_window: how many recent messages the staleness percentiles cover.
+        log_interval: seconds between two log lines of the same cause (a broker that is down,
+            an apply that keeps failing).
     """
 
     def __init__(self, config: UpdateSourceConfig, applier: UpdateApplier, *, layer: str,
                  update_filters: Sequence[str] = DEFAULT_UPDATE_FILTERS, shared: bool = False,
                  key_dtype: npt.DTypeLike = np.int64, group_id: str | None = None,
                  instance: str | None = None, consumer_config: Mapping[str, Any] | None = None,
-                 staleness_window: int = 10_000) -> None:
+                 staleness_window: int = 10_000, log_interval: float = DEFAULT_LOG_INTERVAL_S) -> None:
         if not update_filters:
             raise ConfigError("update_filters is empty: this layer would apply no update; "
                               "leave update_source out instead")
@@ -178,7 +182,7 @@ class UpdateSource:
         self._pending = _Pending()
         self._offsets: dict[tuple[str, int], int] = {}  # (topic, partition) → next offset
         self._in_flight: dict[tuple[str, int], int] | None = None  # offsets sent, not yet settled
-        self._last_warning: dict[str, float] = {}
+        self._log = RateLimitedLog(log, log_interval)
 
     @classmethod
     def for_layer(cls, cfg: ParameterServerConfig, layer: str, applier: UpdateApplier,
@@ -270,8 +274,7 @@ class UpdateSource:
                 self._consume(consumer)
             except Exception as exc:  # fatal consumer error, or a bug: never kill serving
                 self._count(broker_errors=1, consumer_restarts=1)
-                log.error("update source %s: consumer failed (%s); restarting", self.group_id, exc,
-                          exc_info=not isinstance(exc, KafkaException))
+                self._log.failure(f"update source {self.group_id}: consumer failed, restarting", exc)
                 self._stop.wait(max(self._backoff_s, 0.5))
             finally:
                 if consumer is not None:
@@ -279,7 +282,8 @@ class UpdateSource:
 
     def _connect(self) -> Consumer:
         conf = dict(self._consumer_conf, **{"group.id": self.group_id, "error_cb": self._on_error,
-                                            "on_commit": self._on_commit})
+                                            "on_commit": self._on_commit,
+                                            "logger": KafkaClientLog(self._log, f"update source {self.group_id}")})
         consumer = Consumer(conf)
         consumer.subscribe([SUBSCRIPTION], on_assign=self._on_assign, on_revoke=self._on_revoke,
                            on_lost=self._on_lost)
@@ -484,8 +488,5 @@ class UpdateSource:
             for name, value in increments.items():
                 setattr(self._counters, name, getattr(self._counters, name) + value)
 
-    def _warn(self, kind: str, message: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now - self._last_warning.get(kind, -_LOG_EVERY_S) >= _LOG_EVERY_S:
-            self._last_warning[kind] = now
-            log.warning(message, *args)
+    def _warn(self, cause: str, message: str, *args: Any) -> None:
+        self._log.warning(f"update source {self.group_id}: {cause}", message % args)
