@@ -13,6 +13,9 @@ Usage::
     broker.bootstrap      # "127.0.0.1:PORT"
     broker.kill(); broker.start()   # down and back, same port
     broker.stop()
+
+``TopicReader`` reads every update message of one topic from a background thread, across such
+a restart, and keeps the pairs in partition order: what a publisher's delivery is checked with.
 """
 
 from __future__ import annotations
@@ -22,12 +25,18 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-from hps_core.tools import Tool, find_tansu
+import numpy as np
+import numpy.typing as npt
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-__all__ = ["KafkaBroker", "free_loopback_port"]
+from hps_core.tools import Tool, ToolNotFoundError, find_tansu
+from hps_core.updates import decode
+
+__all__ = ["KafkaBroker", "TopicReader", "broker_or_skip", "free_loopback_port"]
 
 _START_TIMEOUT_S = 10.0
 
@@ -111,3 +120,108 @@ class KafkaBroker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def broker_or_skip() -> KafkaBroker:
+    """A KafkaBroker (not started yet); in a test, a skip that says why when tansu is missing."""
+    import pytest  # only tests call this; the benchmarks import this module without pytest
+
+    try:
+        return KafkaBroker()
+    except ToolNotFoundError as exc:
+        pytest.skip(f"needs the tansu Kafka broker: {exc}")
+
+
+class TopicReader:
+    """Reads every message of ``topic`` (partitions ``0..partitions-1``, from the beginning,
+    no consumer group) in a daemon thread and decodes it (HugeCTR format, int64 keys).
+
+    A restarted memory-storage broker starts the topic over at offset 0, and the reader would
+    resume at its old position, skipping what the new topic holds below it: call
+    :meth:`rewind` once the broker is back, before anything is published to it.
+    """
+
+    def __init__(self, bootstrap: str, topic: str, partitions: int, dim: int) -> None:
+        self.dim = dim
+        self._chunks: dict[int, list[tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]]] = {
+            p: [] for p in range(partitions)}
+        self._pairs = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "topic-reader",
+                                   "enable.auto.commit": False, "auto.offset.reset": "earliest",
+                                   "fetch.wait.max.ms": 50, "topic.metadata.refresh.interval.ms": 500,
+                                   "logger": _QUIET})
+        self._start = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)]
+        self._consumer.assign(self._start)
+        self._rewind = threading.Event()
+        self._rewound = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="topic-reader", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self._rewind.is_set():
+                self._consumer.assign(self._start)
+                self._rewind.clear()
+                self._rewound.set()
+            msg = self._consumer.poll(0.1)
+            if msg is None or msg.error() is not None:
+                continue
+            keys, values = decode(msg.value(), self.dim)
+            with self._lock:
+                self._chunks[msg.partition()].append((keys.astype(np.int64), values))
+                self._pairs += int(keys.shape[0])
+
+    def rewind(self) -> None:
+        """Read every partition from its beginning again (after a memory-storage broker restart)."""
+        self._rewound.clear()
+        self._rewind.set()
+        if not self._rewound.wait(10):
+            raise RuntimeError("the topic reader did not rewind within 10 s")
+
+    @property
+    def pairs(self) -> int:
+        """(key, vector) pairs read so far, duplicates included."""
+        with self._lock:
+            return self._pairs
+
+    def wait_for(self, pairs: int, timeout: float) -> bool:
+        """Wait until at least ``pairs`` pairs were read; False after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while self.pairs < pairs:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def newest(self) -> dict[int, npt.NDArray[np.float32]]:
+        """key → the vector read last for it (its partition's order is its publish order)."""
+        with self._lock:
+            chunks = [c for part in self._chunks.values() for c in part]
+        out: dict[int, npt.NDArray[np.float32]] = {}
+        for keys, values in chunks:  # partitions hold disjoint keys: their order does not matter
+            out.update(zip(keys.tolist(), values))
+        return out
+
+    def seen(self) -> set[tuple[int, bytes]]:
+        """Every (key, vector bytes) pair read."""
+        with self._lock:
+            chunks = [c for part in self._chunks.values() for c in part]
+        return {(k, v.tobytes()) for keys, values in chunks for k, v in zip(keys.tolist(), values)}
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._consumer.close()
+
+
+class _Quiet:
+    """librdkafka's logger for the reader: its reconnect noise while the broker is down is
+    expected and not what a test looks at."""
+
+    def log(self, level: int, fmt: str, *args: object) -> None:
+        return None
+
+
+_QUIET = _Quiet()

@@ -2,7 +2,8 @@
 
 - :mod:`~hps_core.updates.wire`: HugeCTR's message format ('HCTR' header, packed pairs),
   topic names ``hps_et.<model>.<table>``, key → partition.
-- :class:`UpdateSink`: the training side (``hps publish``).
+- :class:`UpdateSink`: the training side (``hps publish``), at least once across broker
+  restarts; ``flush`` returns a :class:`FlushResult`.
 - :class:`UpdateSource`: the serving side, one consumer group per database layer, commits
   after apply.
 - :class:`TierUpdateApplier`: applies batches into an EmbeddingTier, with an ``on_applied``
@@ -16,11 +17,12 @@ from __future__ import annotations
 
 from hps_core.errors import UpdateError
 from hps_core.updates.applier import OnApplied, TierUpdateApplier, UpdateApplier
-from hps_core.updates.sink import UpdateSink
+from hps_core.updates.sink import FlushResult, UpdateSink
 from hps_core.updates.source import UpdateSource, consumer_group_id
 from hps_core.updates.wire import MalformedMessage, decode, encode, parse_topic, topic_name
 
 __all__ = [
+    "FlushResult",
     "MalformedMessage",
     "OnApplied",
     "TierUpdateApplier",

@@ -3,15 +3,34 @@
 ``UpdateSink(brokers).publish(model, table, keys, values)`` sends the pairs to topic
 ``hps_et.<model>.<table>``. Keys are partitioned as HugeCTR does (``wire.partitions_for_keys``:
 XXH3 key group → partition), so all updates of one key go to one partition and are applied
-in publish order; the producer is idempotent, so retries neither reorder nor duplicate.
-Each partition's pairs are cut into messages of at most ``max_batch_size`` pairs and
-``send_buffer_size`` bytes. Grouping is one stable argsort; the only Python loop is per
-message. ``flush()`` waits for every message to be acknowledged and raises
-:class:`~hps_core.errors.UpdateError` if any delivery failed.
+in publish order. Each partition's pairs are cut into messages of at most ``max_batch_size``
+pairs and ``send_buffer_size`` bytes. Grouping is one stable argsort; the only Python loop
+is per message.
 
-Producer settings follow HugeCTR's ``KafkaMessageSink`` (idempotence on, no compression,
-``message.max.bytes = send_buffer_size + 1024``), except ``linger.ms``: 5 ms instead of
-HugeCTR's 100 ms, for fresher updates.
+Delivery is at least once, across broker restarts. The sink keeps every message it produced
+until the broker acknowledges it (and every message before it in its partition), in publish
+order per partition. :meth:`UpdateSink.flush` waits for the acknowledgements; when librdkafka
+gives up on a message (broker gone longer than ``message.timeout.ms``, a restarted broker that
+forgot the producer id or the topic, a fatal producer error), ``flush`` waits until nothing is
+in flight, backs off, replaces the producer and re-sends every kept message of the affected
+partitions in their original order, also those acknowledged after the failed one, so that the
+last value published for a key is also the last one applied. It repeats until everything is
+acknowledged or the deadline passes; then it raises :class:`~hps_core.errors.UpdateError`
+saying how many messages are still undelivered, which stay kept for the next ``flush``. A
+re-sent message may be applied twice; the consumers apply upserts, so that is harmless.
+
+Kept messages are bounded by ``max_pending_bytes``: a ``publish`` that would exceed it first
+waits (serving acknowledgements and re-sends) up to ``block_timeout`` seconds for room, then
+raises UpdateError without queuing anything of that call.
+
+Producer settings follow HugeCTR's ``KafkaMessageSink`` (idempotence on, so librdkafka's own
+retries neither reorder nor duplicate; no compression; ``message.max.bytes = send_buffer_size +
+1024``), except ``linger.ms`` (5 ms instead of 100 ms, for fresher updates) and
+``message.timeout.ms`` (10 s instead of librdkafka's 300 s: how long one producer keeps trying
+before the sink takes over; an idempotent producer whose broker restarted without its state
+never recovers by itself, so waiting longer only delays the re-send). librdkafka's errors and
+log lines go through :class:`~hps_core.logs.RateLimitedLog`: a broker that is down reports the
+same error several times a second.
 """
 
 from __future__ import annotations
@@ -19,7 +38,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -28,6 +50,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from hps_core.errors import ConfigError, UpdateError
+from hps_core.logs import DEFAULT_LOG_INTERVAL_S, RateLimitedLog
 from hps_core.updates.wire import (
     DEFAULT_NUM_KEY_GROUPS,
     DEFAULT_SEND_BUFFER_SIZE,
@@ -38,12 +61,18 @@ from hps_core.updates.wire import (
     topic_name,
 )
 
-__all__ = ["UpdateSink", "kafka_brokers"]
+__all__ = ["FlushResult", "KafkaClientLog", "UpdateSink", "kafka_brokers"]
 
 log = logging.getLogger(__name__)
 
 _METADATA_TIMEOUT_S = 10.0
+_CREATE_TIMEOUT_S = 2.0  # re-creating lost topics before a re-send round
 _QUEUE_FULL_BACKOFF_S = 0.05  # HugeCTR's queue_full_backoff_delay_
+_POLL_S = 0.1  # how often a waiting flush or publish looks at the deadline
+_RESEND_BACKOFF_S = (0.1, 2.0)  # first pause before a re-send round, doubling up to the second
+#: Errors that no re-send can cure: the message is dropped and the next flush raises.
+_REJECTED = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MSG_SIZE, KafkaError.INVALID_MSG,
+                       KafkaError.INVALID_RECORD, KafkaError.TOPIC_EXCEPTION, KafkaError._INVALID_ARG})
 
 
 def kafka_brokers(brokers: str) -> str:
@@ -55,8 +84,46 @@ def kafka_brokers(brokers: str) -> str:
     return ",".join(parts)
 
 
+class KafkaClientLog:
+    """librdkafka's ``logger``: its log lines through a :class:`RateLimitedLog`, one cause per
+    facility and level (a down broker logs ``FAIL`` on every reconnect attempt)."""
+
+    def __init__(self, limiter: RateLimitedLog, client: str) -> None:
+        self._limiter = limiter
+        self._client = client
+
+    def log(self, level: int, fmt: str, *args: Any) -> None:
+        """Called by confluent-kafka as ``log(level, "%s [%s] %s", facility, name, text)``."""
+        facility = str(args[0]) if args else "?"
+        self._limiter.log(level, f"{self._client} librdkafka {facility} {level}", f"{self._client}: " + fmt % args)
+
+
+@dataclass(frozen=True)
+class FlushResult:
+    """What a :meth:`UpdateSink.flush` did, counted in messages since the previous flush."""
+
+    delivered: int  # messages acknowledged (each once, however often it was sent)
+    resent: int  # re-sends (a message sent three times counts two)
+    pending: int  # messages not acknowledged yet: kept, and re-sent by the next flush
+    pending_bytes: int  # their payload bytes (bounded by max_pending_bytes)
+    rejected: int  # messages the broker refused for good (too large, invalid): dropped
+
+
+@dataclass(eq=False)
+class _Message:
+    """One produced message, kept until it and every message before it in its partition are
+    acknowledged."""
+
+    topic: str
+    partition: int
+    payload: bytes
+    attempt: int = 0  # sends so far; delivery reports of an earlier attempt are ignored
+    done: bool = False  # acknowledged (or rejected) since its last send
+    delivered: bool = False  # acknowledged at least once (counted once in ``delivered``)
+
+
 class UpdateSink:
-    """Publishes embedding updates (HugeCTR's ``KafkaMessageSink``).
+    """Publishes embedding updates (HugeCTR's ``KafkaMessageSink``), at least once.
 
     Args:
         brokers: ``host:port`` (``;``- or ``,``-separated list).
@@ -66,18 +133,29 @@ class UpdateSink:
         num_key_groups: HugeCTR's key groups (8); the partition is ``group % partitions``.
         key_dtype: ``np.int64`` (``supportlonglong: true``) or ``np.uint32``.
         num_partitions: if set, topics are created with this many partitions when missing
-            (else the broker's auto-creation decides).
+            (also again after a broker lost them; the broker's auto-creation is then not used).
+        max_pending_bytes: most payload bytes kept unacknowledged; a ``publish`` beyond it
+            waits for room (see ``block_timeout``). One call larger than this is let through
+            alone.
+        block_timeout: seconds a ``publish`` waits for room before raising UpdateError.
+        log_interval: seconds between two log lines of the same cause (broker errors).
         producer_config: extra librdkafka settings, applied last.
+
+    One thread at a time may publish and flush (calls are serialised); ``stats`` may be
+    called from any thread.
     """
 
     def __init__(self, brokers: str, *, max_batch_size: int = 8 * 1024,
                  send_buffer_size: int = DEFAULT_SEND_BUFFER_SIZE,
                  num_key_groups: int = DEFAULT_NUM_KEY_GROUPS,
                  key_dtype: npt.DTypeLike = np.int64, num_partitions: int | None = None,
+                 max_pending_bytes: int = 256 << 20, block_timeout: float = 60.0,
+                 log_interval: float = DEFAULT_LOG_INTERVAL_S,
                  producer_config: Mapping[str, Any] | None = None) -> None:
         for name, value, low in (("max_batch_size", max_batch_size, 1),
                                  ("send_buffer_size", send_buffer_size, 1024),
-                                 ("num_key_groups", num_key_groups, 1)):
+                                 ("num_key_groups", num_key_groups, 1),
+                                 ("max_pending_bytes", max_pending_bytes, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"UpdateSink {name} must be an integer >= {low}, got {value!r}")
         self._bootstrap = kafka_brokers(brokers)
@@ -86,7 +164,10 @@ class UpdateSink:
         self.num_key_groups = num_key_groups
         self.key_dtype = np.dtype(key_dtype)
         self.num_partitions = num_partitions
-        conf: dict[str, Any] = {
+        self.max_pending_bytes = max_pending_bytes
+        self.block_timeout = block_timeout
+        self._log = RateLimitedLog(log, log_interval)
+        self._conf: dict[str, Any] = {
             "bootstrap.servers": self._bootstrap,
             "enable.idempotence": True,  # HugeCTR: "DO NOT CHANGE"; keeps per-partition order
             "compression.codec": "none",
@@ -95,18 +176,39 @@ class UpdateSink:
             "queue.buffering.max.kbytes": 1024 * 1024,
             "batch.num.messages": 8 * 1024,
             "linger.ms": 5,
+            # librdkafka retries a message itself (idempotently, in order) for this long, then
+            # reports it failed and the sink re-sends it through a new producer (module doc).
+            "message.timeout.ms": 10_000,
+            "retries": 2**31 - 1,
+            "retry.backoff.ms": 100,
+            "retry.backoff.max.ms": 1000,
+            # a topic re-created with a different partition count would break key → partition
+            "allow.auto.create.topics": num_partitions is None,
             "error_cb": self._on_error,
+            "logger": KafkaClientLog(self._log, f"update sink ({self._bootstrap})"),
         }
-        conf.update(producer_config or {})
-        self._producer = Producer(conf)
+        self._conf.update(producer_config or {})
+        self._producer = Producer(self._conf)
         self._partitions: dict[str, int] = {}
-        self._lock = threading.Lock()
-        self._failed = 0  # deliveries failed since the last flush
-        self._first_failure = ""
+        self._serial = threading.RLock()  # one publish / flush at a time
+        self._lock = threading.Lock()  # counters and kept messages (delivery reports, stats)
+        self._kept: dict[tuple[str, int], deque[_Message]] = {}
+        self._pending = 0  # kept messages
+        self._pending_bytes = 0
+        self._fatal: str | None = None  # a fatal producer error: replace the producer
+        self._last_error = ""
+        self._first_rejection = ""
         self._messages = 0
         self._pairs = 0
         self._bytes = 0
         self._delivered = 0
+        self._resent = 0
+        self._failed = 0  # failed delivery attempts (each re-sent)
+        self._rejected = 0
+        self._broker_errors = 0
+        self._producer_restarts = 0
+        self._since_flush = (0, 0, 0)  # delivered, resent, rejected at the last flush
+        self.last_flush: FlushResult | None = None
 
     # ---------------------------------------------------------------- publishing
 
@@ -114,7 +216,8 @@ class UpdateSink:
         """Queue updates of ``hps_et.<model>.<table>``; returns the number of messages.
 
         keys: (n,) integer (int64, or uint32-range with ``key_dtype=np.uint32``).
-        values: (n, dim) float32. Returns once queued; call :meth:`flush` to wait for delivery.
+        values: (n, dim) float32. Returns once queued (after waiting for room when
+        ``max_pending_bytes`` are unacknowledged); call :meth:`flush` to wait for delivery.
         """
         return self.publish_topic(topic_name(model, table), keys, values)
 
@@ -128,50 +231,72 @@ class UpdateSink:
             raise ConfigError(
                 f"send_buffer_size {self.send_buffer_size} cannot hold one {rows.dtype.itemsize}-byte pair"
             )
-        count = self._partition_count(topic)
-        parts = partitions_for_keys(rows["key"], count, self.num_key_groups, self.key_dtype)
-        order = np.argsort(parts, kind="stable")  # stable: repeated keys keep publish order
-        rows = rows[order]
-        bounds = np.concatenate(([0], np.cumsum(np.bincount(parts, minlength=count))))
-        sent = 0
-        for partition in range(count):
-            for start in range(int(bounds[partition]), int(bounds[partition + 1]), per_message):
-                stop = min(start + per_message, int(bounds[partition + 1]))
-                self._produce(topic, partition, frame(rows[start:stop]))
-                sent += 1
-        with self._lock:
-            self._pairs += rows.shape[0]
-        return sent
+        with self._serial:
+            count = self._partition_count(topic)
+            parts = partitions_for_keys(rows["key"], count, self.num_key_groups, self.key_dtype)
+            order = np.argsort(parts, kind="stable")  # stable: repeated keys keep publish order
+            rows = rows[order]
+            bounds = np.concatenate(([0], np.cumsum(np.bincount(parts, minlength=count))))
+            messages = [
+                _Message(topic, partition, frame(rows[start:min(start + per_message, int(bounds[partition + 1]))]))
+                for partition in range(count)
+                for start in range(int(bounds[partition]), int(bounds[partition + 1]), per_message)
+            ]
+            self._wait_for_room(sum(len(m.payload) for m in messages))
+            for message in messages:
+                self._keep(message)
+                self._send(message)
+            with self._lock:
+                self._pairs += rows.shape[0]
+            self._serve(0)
+        return len(messages)
 
-    def flush(self, timeout: float | None = None) -> None:
-        """Wait until every queued message is acknowledged (``timeout`` seconds; None: no limit).
+    def flush(self, timeout: float | None = None) -> FlushResult:
+        """Wait until every message is acknowledged, re-sending what the broker did not take
+        (``timeout`` seconds; None: no limit). Returns what happened since the last flush.
 
-        Raises UpdateError when messages are still undelivered at the timeout, or when any
-        delivery since the last flush failed.
+        Raises UpdateError when messages are still unacknowledged at the timeout (they are
+        kept and re-sent by the next flush), or when the broker rejected any for good.
+        :attr:`last_flush` holds the result either way.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            wait = 5.0 if deadline is None else max(0.0, min(5.0, deadline - time.monotonic()))
-            left = self._producer.flush(wait)
-            if left == 0:
-                break
-            if deadline is not None and time.monotonic() >= deadline:
-                raise UpdateError(f"{left} update messages not delivered to {self._bootstrap} in {timeout} s")
-        with self._lock:
-            failed, first = self._failed, self._first_failure
-            self._failed, self._first_failure = 0, ""
-        if failed:
-            raise UpdateError(f"{failed} update messages were not delivered; first: {first}")
+        with self._serial:
+            done = self._drive(lambda: self._pending == 0, deadline)
+            with self._lock:
+                delivered, resent, rejected = self._since_flush
+                result = FlushResult(delivered=self._delivered - delivered, resent=self._resent - resent,
+                                     pending=self._pending, pending_bytes=self._pending_bytes,
+                                     rejected=self._rejected - rejected)
+                self._since_flush = (self._delivered, self._resent, self._rejected)
+                last_error, first_rejection = self._last_error, self._first_rejection
+                self._first_rejection = ""
+            self.last_flush = result
+        if not done:
+            raise UpdateError(
+                f"{result.pending} update messages ({result.pending_bytes} bytes) not acknowledged by "
+                f"{self._bootstrap} within {timeout} s ({result.resent} re-sends; last error: "
+                f"{last_error or 'none reported'}); they are kept and re-sent by the next flush()"
+            )
+        if result.rejected:
+            raise UpdateError(f"{result.rejected} update messages were rejected by {self._bootstrap} and "
+                              f"dropped; first: {first_rejection}")
+        return result
 
     def stats(self) -> dict[str, int]:
-        """Counters: messages/pairs/bytes queued, messages delivered, delivery failures pending."""
+        """Counters: messages/pairs/bytes queued; messages delivered (once each), re-sent,
+        rejected; failed delivery attempts; messages and bytes pending (kept, unacknowledged);
+        broker errors reported; producers replaced."""
         with self._lock:
             return {"messages": self._messages, "pairs": self._pairs, "bytes": self._bytes,
-                    "delivered": self._delivered, "failed": self._failed}
+                    "delivered": self._delivered, "resent": self._resent, "failed": self._failed,
+                    "rejected": self._rejected, "pending": self._pending,
+                    "pending_bytes": self._pending_bytes, "broker_errors": self._broker_errors,
+                    "producer_restarts": self._producer_restarts}
 
-    def close(self, timeout: float | None = 30.0) -> None:
-        """Flush (raising UpdateError as :meth:`flush` does) and release the producer."""
-        self.flush(timeout)
+    def close(self, timeout: float | None = 30.0) -> FlushResult:
+        """Flush (raising UpdateError as :meth:`flush` does: what is still pending is lost
+        with the sink unless ``flush`` is called again)."""
+        return self.flush(timeout)
 
     def __enter__(self) -> UpdateSink:
         return self
@@ -181,27 +306,115 @@ class UpdateSink:
 
     # ---------------------------------------------------------------- internals
 
-    def _produce(self, topic: str, partition: int, payload: bytes) -> None:
+    def _keep(self, message: _Message) -> None:
+        with self._lock:
+            self._kept.setdefault((message.topic, message.partition), deque()).append(message)
+            self._pending += 1
+            self._pending_bytes += len(message.payload)
+            self._messages += 1
+            self._bytes += len(message.payload)
+
+    def _send(self, message: _Message) -> None:
+        """Produce ``message`` (again); a local error marks it failed, to be re-sent."""
+        with self._lock:
+            if message.attempt:
+                self._resent += 1
+            message.attempt += 1
+            message.done = False
+            attempt = message.attempt
+        report = partial(self._on_delivery, message, attempt)
         while True:
             try:
-                self._producer.produce(topic, value=payload, partition=partition,
-                                       on_delivery=self._on_delivery)
-                break
+                self._producer.produce(message.topic, value=message.payload, partition=message.partition,
+                                       on_delivery=report)
+                return
             except BufferError:  # local queue full: serve callbacks, back off, retry
-                self._producer.poll(_QUEUE_FULL_BACKOFF_S)
-            except KafkaException as exc:
-                raise UpdateError(f"cannot publish to {topic!r} partition {partition}: {exc}") from exc
+                self._serve(_QUEUE_FULL_BACKOFF_S)
+            except KafkaException as exc:  # unknown partition, fatal producer error, ...
+                err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+                if err is None:
+                    raise UpdateError(f"cannot publish to {message.topic!r}: {exc}") from exc
+                if err.fatal():
+                    self._fatal = err.str()
+                report(err, None)
+                return
+
+    def _wait_for_room(self, size: int) -> None:
+        def room() -> bool:
+            return self._pending == 0 or self._pending_bytes + size <= self.max_pending_bytes
+
+        if not self._drive(room, time.monotonic() + self.block_timeout):
+            raise UpdateError(
+                f"{self._pending_bytes} bytes of updates are not acknowledged by {self._bootstrap} after "
+                f"{self.block_timeout} s; max_pending_bytes is {self.max_pending_bytes}, so this publish of "
+                f"{size} bytes was not queued (last error: {self._last_error or 'none reported'})"
+            )
+
+    def _drive(self, done: Callable[[], bool], deadline: float | None) -> bool:
+        """Serve delivery reports and re-send what failed until ``done()``; False at the deadline."""
+        backoff = _RESEND_BACKOFF_S[0]
+        progress = self._delivered
+        while not done():
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            step = _POLL_S if remaining is None else min(_POLL_S, remaining)
+            if self._fatal is not None and len(self._producer):
+                self._producer.purge()  # a fatal producer delivers nothing more: fail it all now
+            if len(self._producer):
+                self._serve(step, flush=True)
+                continue
+            # Nothing in flight and something kept: every kept partition starts with a failure.
+            if self._delivered > progress:
+                backoff, progress = _RESEND_BACKOFF_S[0], self._delivered
+            pause = backoff if remaining is None else min(backoff, remaining)
+            time.sleep(pause)
+            backoff = min(2 * backoff, _RESEND_BACKOFF_S[1])
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            self._resend()
+        return True
+
+    def _resend(self) -> None:
+        """A new producer (the old one may be poisoned: a restarted broker forgot its
+        producer id, or a fatal error), then every kept message in partition order."""
+        self._producer = Producer(self._conf)
+        self._fatal = None
         with self._lock:
-            self._messages += 1
-            self._bytes += len(payload)
-        self._producer.poll(0)
+            self._producer_restarts += 1
+            kept = [m for queue in self._kept.values() for m in queue]
+        if self.num_partitions is not None:  # a broker that lost its data lost the topics too
+            try:
+                self._create_topics(sorted({m.topic for m in kept}), self.num_partitions, _CREATE_TIMEOUT_S)
+            except UpdateError as exc:
+                self._log.failure("update sink: re-creating topics", exc, level=logging.WARNING)
+        for message in kept:
+            self._send(message)
+        self._serve(0)
+
+    def _serve(self, timeout: float, *, flush: bool = False) -> None:
+        """Serve delivery reports (``flush``: and send what lingers at once). confluent-kafka
+        raises a fatal producer error here (an idempotent producer whose id the broker forgot):
+        it marks the producer for replacement, and its messages fail and are re-sent."""
+        try:
+            if flush:
+                self._producer.flush(timeout)
+            else:
+                self._producer.poll(timeout)
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            if err is None or not err.fatal():
+                raise UpdateError(f"Kafka producer ({self._bootstrap}) failed: {exc}") from exc
+            self._fatal = err.str()
+            self._log.warning(f"update sink: fatal {err.name()}",
+                              f"Kafka producer ({self._bootstrap}): fatal error, replacing the producer: {err.str()}")
 
     def _partition_count(self, topic: str) -> int:
         count = self._partitions.get(topic)
         if count is not None:
             return count
         if self.num_partitions is not None:
-            self._create_topic(topic, self.num_partitions)
+            self._create_topics([topic], self.num_partitions, _METADATA_TIMEOUT_S)
         deadline = time.monotonic() + _METADATA_TIMEOUT_S
         while True:  # auto-created topics may take a moment to show partitions
             try:
@@ -221,24 +434,50 @@ class UpdateSink:
         self._partitions[topic] = count
         return count
 
-    def _create_topic(self, topic: str, partitions: int) -> None:
-        admin = AdminClient({"bootstrap.servers": self._bootstrap})
-        future = admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])[topic]
-        try:
-            future.result(timeout=_METADATA_TIMEOUT_S)
-        except KafkaException as exc:
-            if exc.args and getattr(exc.args[0], "code", lambda: None)() == KafkaError.TOPIC_ALREADY_EXISTS:
-                return
-            raise UpdateError(f"cannot create topic {topic!r} on {self._bootstrap}: {exc}") from exc
+    def _create_topics(self, topics: list[str], partitions: int, timeout: float) -> None:
+        """Create ``topics`` where missing (an existing topic is left as it is)."""
+        conf: dict[str, Any] = {"bootstrap.servers": self._bootstrap,
+                                "logger": KafkaClientLog(self._log, f"update sink admin ({self._bootstrap})")}
+        admin = AdminClient(conf)  # held until the futures resolve: its destruction fails them
+        futures = admin.create_topics(
+            [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in topics],
+            operation_timeout=timeout, request_timeout=timeout)
+        for topic, future in futures.items():
+            try:
+                future.result(timeout=timeout)
+            except KafkaException as exc:
+                if exc.args and getattr(exc.args[0], "code", lambda: None)() == KafkaError.TOPIC_ALREADY_EXISTS:
+                    continue
+                raise UpdateError(f"cannot create topic {topic!r} on {self._bootstrap}: {exc}") from exc
 
-    def _on_delivery(self, err: KafkaError | None, msg: Any) -> None:
+    def _on_delivery(self, message: _Message, attempt: int, err: KafkaError | None, _msg: Any) -> None:
         with self._lock:
-            if err is None:
+            if attempt != message.attempt:
+                return  # a report of an earlier send: the message went out again since
+            if err is not None:
+                self._last_error = f"{message.topic}[{message.partition}]: {err.str()}"
+                if err.code() not in _REJECTED:
+                    self._failed += 1
+                    return  # kept: re-sent by the next round
+                self._rejected += 1
+                self._first_rejection = self._first_rejection or self._last_error
+            elif not message.delivered:
+                message.delivered = True
                 self._delivered += 1
-            else:
-                if not self._failed:
-                    self._first_failure = f"{msg.topic()}[{msg.partition()}]: {err.str()}"
-                self._failed += 1
+            message.done = True
+            key = (message.topic, message.partition)
+            queue = self._kept[key]
+            while queue and queue[0].done:  # release the acknowledged prefix of the partition
+                self._pending -= 1
+                self._pending_bytes -= len(queue.popleft().payload)
+            if not queue:
+                del self._kept[key]
+        if err is not None:
+            self._log.error(f"update sink: rejected: {err.name()}", f"update sink: {self._last_error}; dropped")
 
     def _on_error(self, err: KafkaError) -> None:
-        log.warning("Kafka producer (%s): %s", self._bootstrap, err.str())
+        with self._lock:
+            self._broker_errors += 1
+        if err.fatal():
+            self._fatal = err.str()
+        self._log.warning(f"update sink: {err.name()}", f"Kafka producer ({self._bootstrap}): {err.str()}")

@@ -20,9 +20,8 @@ from hps_core.config import load_config
 from hps_core.db import RocksDBPersistentDB
 from hps_core.formats import write_sparse_model
 from hps_core.server import HierarchicalParameterServer
-from hps_core.tools import ToolNotFoundError
 from hps_core.updates import UpdateSink
-from tests.kafka_broker import KafkaBroker
+from tests.kafka_broker import KafkaBroker, broker_or_skip
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(180)]
 
@@ -34,11 +33,7 @@ FAST_GROUP = {"session.timeout.ms": 2000, "heartbeat.interval.ms": 300, "topic.m
 
 @pytest.fixture(scope="module")
 def broker() -> Iterator[KafkaBroker]:
-    try:
-        server = KafkaBroker()
-    except ToolNotFoundError as exc:
-        pytest.skip(f"needs the tansu Kafka broker: {exc}")
-    with server:
+    with broker_or_skip() as server:
         yield server
 
 

@@ -228,7 +228,7 @@ def test_applier_factory_gives_up_with_tier_busy(tmp_path: Path) -> None:
 
 def test_exported_names() -> None:
     assert sorted(updates.__all__) == sorted([
-        "MalformedMessage", "OnApplied", "TierUpdateApplier", "UpdateApplier", "UpdateError",
+        "FlushResult", "MalformedMessage", "OnApplied", "TierUpdateApplier", "UpdateApplier", "UpdateError",
         "UpdateSink", "UpdateSource", "consumer_group_id", "decode", "encode", "parse_topic",
         "topic_name",
     ])
