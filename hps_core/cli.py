@@ -174,7 +174,8 @@ def add_publish(subparsers: SubParsers) -> None:
         description=(
             "Publish every row of a table to the Kafka topic hps_et.MODEL.TABLE in HugeCTR's update "
             "format, partitioned by key, for serving HPS instances (or HugeCTR's) to apply. "
-            "Waits until the broker acknowledged every message."
+            "Waits until the broker acknowledged every message, re-sending what it did not take "
+            "(at least once, also across a broker restart); reports the re-sends."
         ),
     )
     parser.add_argument("--brokers", required=True, metavar="HOST:PORT",
@@ -190,12 +191,13 @@ def add_publish(subparsers: SubParsers) -> None:
     parser.add_argument("--key-type", choices=("int64", "uint32"), default="int64",
                         help="key width on the wire: int64 (supportlonglong: true) or uint32 (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
-                        help="how long to wait for the broker to acknowledge (default: %(default)s)")
+                        help="how long to wait for the broker to acknowledge, re-sends included "
+                             "(default: %(default)s)")
     parser.set_defaults(func=run_publish)
 
 
 def run_publish(args: argparse.Namespace) -> int:
-    """Read the table, publish it in chunks, flush; print what was sent."""
+    """Read the table, publish it in chunks, flush; print what was sent and re-sent."""
     import numpy as np  # lazy: keep `hps --help` fast
 
     from hps_core.formats import read_npz, read_sparse_model
@@ -208,10 +210,11 @@ def run_publish(args: argparse.Namespace) -> int:
         for start in range(0, len(table), _PUBLISH_CHUNK_ROWS):
             stop = start + _PUBLISH_CHUNK_ROWS
             sink.publish_topic(topic, table.keys[start:stop], table.vectors[start:stop])
-        sink.flush(args.timeout)
+        sink.flush(args.timeout)  # UpdateError (exit 1) names what is still undelivered
         stats = sink.stats()
     print(f"hps publish: {stats['pairs']} updates of {topic} in {stats['messages']} messages "
-          f"({stats['bytes']} bytes) delivered to {args.brokers}", flush=True)
+          f"({stats['bytes']} bytes) delivered to {args.brokers}; {stats['resent']} re-sent",
+          flush=True)
     return 0
 
 

@@ -25,9 +25,8 @@ from hps_core.cli import main as hps_main
 from hps_core.config import UpdateSourceConfig
 from hps_core.db import HashMapVolatileDB, RocksDBPersistentDB
 from hps_core.formats import write_npz
-from hps_core.tools import ToolNotFoundError
 from hps_core.updates import TierUpdateApplier, UpdateSink, UpdateSource, decode, encode, topic_name
-from tests.kafka_broker import KafkaBroker
+from tests.kafka_broker import KafkaBroker, broker_or_skip
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(120)]
 
@@ -37,11 +36,7 @@ FAST_GROUP = {"session.timeout.ms": 2000, "heartbeat.interval.ms": 300}
 
 @pytest.fixture(scope="module")
 def broker() -> Iterator[KafkaBroker]:
-    try:
-        server = KafkaBroker()
-    except ToolNotFoundError as exc:
-        pytest.skip(f"needs the tansu Kafka broker: {exc}")
-    with server:
+    with broker_or_skip() as server:
         yield server
 
 
@@ -273,10 +268,7 @@ def test_killed_consumer_loses_nothing(broker: KafkaBroker, tmp_path: Path) -> N
 
 
 def test_broker_down_and_back(tmp_path: Path) -> None:
-    try:
-        broker = KafkaBroker().start()
-    except ToolNotFoundError as exc:
-        pytest.skip(f"needs the tansu Kafka broker: {exc}")
+    broker = broker_or_skip().start()
     model, dims = "m", {topic_name("m", "t"): 4}
     db = HashMapVolatileDB()
     source = _source(broker.bootstrap, TierUpdateApplier(db, dims), "volatile", "hps.volatile.down", model).start()
@@ -322,7 +314,8 @@ def test_hps_publish_sends_a_table(broker: KafkaBroker, tmp_path: Path, capsys: 
     write_npz(tmp_path / "t.npz", keys, vectors)
     code = hps_main(["publish", "--brokers", broker.bootstrap, "--model", model, "--table", "emb",
                      "--npz", str(tmp_path / "t.npz"), "--max-batch-size", "700"])
-    assert code == 0 and "5000 updates" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert code == 0 and "5000 updates" in out and "; 0 re-sent" in out
     topic = topic_name(model, "emb")
     reader = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "unused",
                        "enable.partition.eof": True, "enable.auto.commit": False})
