@@ -237,16 +237,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:9s} applied {r['applied_updates_per_s']:>10,.0f} updates/s "
                   f"(tier insert alone {r['tier_insert_updates_per_s']:>10,.0f}/s, ratio {r['applied_vs_tier_insert']:.2f}); "
                   f"publish→visible p50 {lat['p50_ms']:.1f} ms p99 {lat['p99_ms']:.1f} ms", flush=True)
-    report = {"benchmark": "bench_updates", "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    write_report("bench_updates", argv, args.out, consumer_config=consumer_config, results=results)
+    return 0
+
+
+def write_report(benchmark: str, argv: list[str] | None, out: str, **fields: Any) -> Path:
+    """Write ``<out>/<benchmark>_<time>.json``: the machine, the command line and ``fields``."""
+    report = {"benchmark": benchmark, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "machine": {"python": platform.python_version(), "cpus": __import__("os").cpu_count()},
               "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-              "consumer_config": consumer_config, "results": results}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"bench_updates_{time.strftime('%Y%m%d_%H%M%S')}.json"
+              **fields}
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{benchmark}_{time.strftime('%Y%m%d_%H%M%S')}.json"
     path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}")
-    return 0
+    return path
 
 
 if __name__ == "__main__":
