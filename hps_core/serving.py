@@ -19,7 +19,19 @@ What this module arranges so that Python-based backends work:
 * on a machine without GPU, a staged copy of the model repository whose ``KIND_GPU`` instance
   groups are rewritten to ``KIND_CPU`` (Triton otherwise fails those models).
 
-Use :class:`TritonServer` as a context manager; ``hps serve`` wraps it for the command line.
+And so that a stop leaves nothing behind and runs every model's ``finalize``:
+
+* explicit model control (``--load-model=*``): :meth:`TritonServer.stop` unloads every model
+  through the repository API before SIGTERM, because Triton's own graceful exit spends its
+  ``--exit-timeout-secs`` waiting for idle keep-alive HTTP clients and then kills the stubs
+  without ``finalize``. Explicit control would let any client load a model (with its files
+  in the request: code execution), so the repository API always requires the header
+  :data:`API_TOKEN_HEADER`: the caller's token, or a random one only this object knows;
+* the whole process group is SIGKILLed after Triton exits: its Python stubs outlive a crashed
+  or killed server and ignore SIGTERM; then its ``/dev/shm`` regions and staging folder go.
+
+Use :class:`TritonServer` as a context manager; ``hps serve`` wraps it for the command line and
+restarts it when it dies (:mod:`hps_core.supervisor`).
 """
 
 from __future__ import annotations
@@ -29,7 +41,9 @@ import ctypes
 import importlib.util
 import logging
 import os
+import json
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -39,6 +53,7 @@ import sysconfig
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -49,6 +64,10 @@ from types import TracebackType
 from hps_core.errors import HPSError
 
 __all__ = [
+    "API_TOKEN_ENV",
+    "API_TOKEN_HEADER",
+    "GRPC_API_TOKEN_HEADER",
+    "ServerExit",
     "ServingError",
     "TritonBundle",
     "TritonServer",
@@ -57,6 +76,8 @@ __all__ = [
     "backend_config_environment",
     "free_port",
     "gpu_count",
+    "group_processes",
+    "kill_group",
     "rewrite_instance_groups_to_cpu",
     "server_environment",
     "stage_backend_directory",
@@ -71,6 +92,16 @@ TRITON_HOME_ENV = "HPS_TRITON_HOME"
 #: (PLATFORM.md: the stub died on a 32 MB output with 2 concurrent requests).
 DEFAULT_CUDA_POOL_BYTES = 512 * 1024 * 1024
 _SHM_DIR = Path("/dev/shm")
+#: Environment variable holding the token for model control and shared-memory registration.
+API_TOKEN_ENV = "HPS_API_TOKEN"
+#: HTTP header that carries the token.
+API_TOKEN_HEADER = "hps-api-token"
+#: gRPC metadata key that carries it: Triton prefixes the key of --grpc-restricted-protocol.
+GRPC_API_TOKEN_HEADER = f"triton-grpc-protocol-{API_TOKEN_HEADER}"
+# Triton's names of the APIs a token guards; its value is also the header value's alphabet
+# (Triton parses `<apis>:<header>=<value>`, so no ':', '=' or ',' in it).
+_RESTRICTED_APIS = ("model-repository", "shared-memory")
+_TOKEN = re.compile(r"[A-Za-z0-9._~+/-]{16,}")
 
 
 class ServingError(HPSError, RuntimeError):
@@ -345,15 +376,45 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+@dataclass(frozen=True)
+class ServerExit:
+    """Why a tritonserver process ended: read before :meth:`TritonServer.stop` cleans up."""
+
+    cause: str  # metric label: the signal's name ("SIGSEGV"), "exit_<code>" or "start_failed"
+    code: int | None  # the process's return code (negative: killed by that signal)
+    errors: tuple[str, ...]  # Triton's error lines from its log
+
+    def describe(self) -> str:
+        """One line for a log: the cause and the return code."""
+        return self.cause if self.code is None else f"{self.cause} (return code {self.code})"
+
+
+def exit_cause(code: int) -> str:
+    """``"SIGSEGV"`` for a process killed by SIGSEGV (code -11), else ``"exit_<code>"``."""
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return signal.Signals(-code).name
+        return f"signal_{-code}"
+    return f"exit_{code}"
+
+
 class TritonServer:
     """A ``tritonserver`` process serving one model repository.
 
-    Ports given as 0 are picked free at :meth:`start`. ``backend_config`` entries are
-    Triton's ``<backend>,<key>=<value>`` strings (``"hps,ps=/path/hps.json"``).
-    ``python_backends`` overrides the Python-based backends to stage (default: every
-    ``backend/<name>/model.py`` of the installed ``backend`` package). ``gpu=None`` detects.
-    ``exit_timeout`` is Triton's ``--exit-timeout-secs``; ``stop_timeout`` how long
-    :meth:`stop` waits after SIGTERM before SIGKILL (default ``exit_timeout + 15``).
+    Ports given as 0 are picked free at the first :meth:`start` and kept for later starts.
+    Every endpoint listens on ``host``, HTTP on ``http_host`` when given: :meth:`start` and
+    :meth:`stop` talk to it, so it cannot be turned off, only kept on loopback.
+    ``backend_config`` entries are Triton's ``<backend>,<key>=<value>`` strings
+    (``"hps,ps=/path/hps.json"``). ``python_backends`` overrides the Python-based backends to
+    stage (default: every ``backend/<name>/model.py`` of the installed ``backend`` package).
+    ``gpu=None`` detects. ``exit_timeout`` is Triton's ``--exit-timeout-secs``;
+    ``stop_timeout`` how long :meth:`stop` waits for the models to unload, and then after
+    SIGTERM before SIGKILL (default ``exit_timeout + 15``). ``api_token``: clients must send
+    it in the :data:`API_TOKEN_HEADER` header (:data:`GRPC_API_TOKEN_HEADER` over gRPC) for
+    model control and shared-memory registration; without one, model control is refused to every client and
+    shared-memory registration is open (Triton's default). An ``extra_args`` entry
+    ``--model-control-mode=...`` replaces explicit control (stop then unloads only when it is
+    ``explicit``).
     """
 
     def __init__(
@@ -364,6 +425,7 @@ class TritonServer:
         grpc_port: int = 8001,
         metrics_port: int = 8002,
         host: str = "127.0.0.1",
+        http_host: str | None = None,
         backend_config: Sequence[str] = (),
         extra_args: Sequence[str] = (),
         log_file: str | Path | None = None,
@@ -376,10 +438,12 @@ class TritonServer:
         exit_timeout: int = 10,
         stop_timeout: float | None = None,
         die_with_parent: bool = True,
+        api_token: str | None = None,
     ) -> None:
         self.model_repository = Path(model_repository).absolute()
         self.ports = {"http": http_port, "grpc": grpc_port, "metrics": metrics_port}
-        self.host = host
+        # Per endpoint: HTTP may stay on loopback while gRPC is exposed (docs/deployment.md).
+        self.hosts = {"http": http_host or host, "grpc": host, "metrics": host}
         self.backend_config = list(backend_config)
         self.extra_args = list(extra_args)
         self.log_file = Path(log_file).absolute() if log_file is not None else None
@@ -397,21 +461,28 @@ class TritonServer:
         # PR_SET_PDEATHSIG fires when the *thread* that started the server exits: turn it off
         # when starting from a short-lived thread.
         self.die_with_parent = die_with_parent
+        if api_token is not None and not _TOKEN.fullmatch(api_token):
+            raise ServingError(
+                "the API token must be at least 16 characters from A-Z a-z 0-9 . _ ~ + / - "
+                "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            )
+        self.api_token = api_token
+        self._control_token = api_token or secrets.token_urlsafe(32)
         self.process: subprocess.Popen[bytes] | None = None
         self.staging: Path | None = None
         self.served_repository: Path | None = None
         self.cpu_rewritten_models: list[str] = []
-        self._shm_prefix = f"hps_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
+        self._shm_prefix = ""
 
     # ---- addresses
-    @property
-    def _client_host(self) -> str:
-        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+    def _client_host(self, kind: str) -> str:
+        host = self.hosts[kind]
+        return "127.0.0.1" if host in ("0.0.0.0", "") else host
 
     @property
     def urls(self) -> dict[str, str]:
         """``host:port`` of the HTTP, gRPC and metrics endpoints (what tritonclient takes)."""
-        return {kind: f"{self._client_host}:{port}" for kind, port in self.ports.items()}
+        return {kind: f"{self._client_host(kind)}:{port}" for kind, port in self.ports.items()}
 
     @property
     def http_url(self) -> str:
@@ -432,6 +503,17 @@ class TritonServer:
         if self.log_file is not None:
             return self.log_file
         return self.staging / "tritonserver.log" if self.staging else None
+
+    @property
+    def shm_prefix(self) -> str:
+        """Name prefix of this start's ``/dev/shm`` regions (a new one at each start)."""
+        return self._shm_prefix
+
+    @property
+    def control_mode(self) -> str:
+        """Triton's ``--model-control-mode``: ``explicit`` unless ``extra_args`` says otherwise."""
+        modes = [a.partition("=")[2] for a in self.extra_args if a.startswith("--model-control-mode=")]
+        return modes[-1] if modes else "explicit"
 
     # ---- lifecycle
     def __enter__(self) -> TritonServer:
@@ -454,10 +536,13 @@ class TritonServer:
             raise ServingError(f"model repository {self.model_repository} does not exist or is not a folder")
         bundle = find_bundle(self.triton_home)
         self.staging = Path(tempfile.mkdtemp(prefix="hps-triton-"))
+        # A new prefix per start: regions a dead predecessor left can never be taken for ours.
+        self._shm_prefix = f"hps_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
         try:
             command = self._prepare(bundle)
             env = server_environment(bundle)
             env.update(backend_config_environment(self.backend_config))
+            env.pop(API_TOKEN_ENV, None)  # Triton gets it on its command line; its stubs need none
             self._launch(command, env)
             self._wait_ready()
         except BaseException:
@@ -484,7 +569,7 @@ class TritonServer:
                 )
         self.served_repository = repository
         for kind, port in self.ports.items():
-            self.ports[kind] = port or free_port(self._client_host)
+            self.ports[kind] = port or free_port(self._client_host(kind))
         return self._command(bundle, backend_dir, repository, gpus)
 
     def _command(self, bundle: TritonBundle, backend_dir: Path, repository: Path, gpus: int) -> list[str]:
@@ -492,16 +577,17 @@ class TritonServer:
             str(bundle.server),
             f"--model-repository={repository}",
             f"--backend-directory={backend_dir}",
-            f"--http-address={self.host}",
+            f"--http-address={self.hosts['http']}",
             f"--http-port={self.ports['http']}",
-            f"--grpc-address={self.host}",
+            f"--grpc-address={self.hosts['grpc']}",
             f"--grpc-port={self.ports['grpc']}",
-            f"--metrics-address={self.host}",
+            f"--metrics-address={self.hosts['metrics']}",
             f"--metrics-port={self.ports['metrics']}",
             f"--log-verbose={self.log_verbose}",
             f"--exit-timeout-secs={self.exit_timeout}",
             # A known prefix lets stop() remove exactly this server's /dev/shm regions.
             f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
+            *self._access_args(),
         ]
         if gpus:
             pool = self.cuda_memory_pool_byte_size or cuda_pool_bytes(repository, self.backend_config)
@@ -512,11 +598,20 @@ class TritonServer:
         cmd += [f"--backend-config={entry}" for entry in self.backend_config]
         return cmd + self.extra_args
 
+    def _access_args(self) -> list[str]:
+        """Explicit model control (so stop can unload) and the header token guarding it."""
+        apis = ",".join(_RESTRICTED_APIS if self.api_token else _RESTRICTED_APIS[:1])
+        guard = f"{apis}:{API_TOKEN_HEADER}={self._control_token}"
+        args = [f"--http-restricted-api={guard}", f"--grpc-restricted-protocol={guard}"]
+        if not any(a.startswith("--model-control-mode=") for a in self.extra_args):
+            args += ["--model-control-mode=explicit", "--load-model=*"]
+        return args
+
     def _launch(self, command: list[str], env: dict[str, str]) -> None:
         log_path = self.log_path
         assert log_path is not None
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        log.info("starting %s", " ".join(command))
+        log.info("starting %s", " ".join(a.replace(self._control_token, "***") for a in command))
         with open(log_path, "ab") as log_handle:  # the child keeps its own descriptor
             self.process = subprocess.Popen(
                 command,
@@ -524,7 +619,8 @@ class TritonServer:
                 stdin=subprocess.DEVNULL,
                 stdout=log_handle,
                 stderr=subprocess.STDOUT,
-                # Own process group: a Ctrl-C at the terminal reaches us, and we stop it in order.
+                # Own process group: a Ctrl-C at the terminal reaches us, and we stop it in
+                # order; and stop() can kill every stub at once through the group.
                 start_new_session=True,
                 preexec_fn=_die_with_parent if self.die_with_parent else None,
             )
@@ -535,9 +631,11 @@ class TritonServer:
         url = f"http://{self.urls['http']}/v2/health/ready"
         while time.monotonic() < deadline:
             if (code := self.process.poll()) is not None:
+                errors = self.error_lines()
                 raise ServingError(
-                    f"tritonserver exited with code {code} before it was ready{self._log_errors()}\n"
-                    f"--- last lines of {self.log_path}:\n{self.log_tail()}"
+                    f"tritonserver exited with code {code} before it was ready"
+                    + (":\n" + "\n".join(errors) if errors else "")
+                    + f"\n--- last lines of {self.log_path}:\n{self.log_tail()}"
                 )
             if _http_ok(url):
                 log.info("Triton ready: %s", self.urls)
@@ -559,27 +657,38 @@ class TritonServer:
         text = path.read_text(errors="replace").splitlines()
         return "\n".join(text[-lines:])
 
-    def _log_errors(self, limit: int = 20) -> str:
-        """Triton's error lines and unavailable models, which the tail may have scrolled past."""
+    def error_lines(self, limit: int = 20) -> list[str]:
+        """Triton's error lines, fatal signals and unavailable models, which the tail may have scrolled past."""
         path = self.log_path
         if path is None or not path.is_file():
-            return ""
+            return []
         found = [
             line.strip(" |")
             for line in path.read_text(errors="replace").splitlines()
-            if "UNAVAILABLE:" in line or re.match(r"E\d{4} ", line)
+            if _ERROR_LINE.search(line)
         ]
-        return (":\n" + "\n".join(found[:limit])) if found else ""
+        return found[-limit:]
+
+    def exit_report(self) -> ServerExit | None:
+        """How the server ended (None while it runs or before a start); read it before :meth:`stop`."""
+        if self.process is None or (code := self.process.poll()) is None:
+            return None
+        return ServerExit(exit_cause(code), code, tuple(self.error_lines(limit=10)))
 
     def stop(self) -> int | None:
-        """SIGTERM, wait up to ``stop_timeout``, then SIGKILL; clean staging and /dev/shm.
+        """Unload the models, SIGTERM, SIGKILL what is left of the group; clean staging and /dev/shm.
 
+        Safe on a server that already died: its surviving stubs are killed all the same.
         Returns the server's exit code (None if it was never started).
         """
         code = None
         if self.process is not None:
+            self._unload_models()
             code = _terminate(self.process, self.stop_timeout)
             log.info("tritonserver exited with code %s", code)
+            # Stubs outlive a crashed server, reparented, ignoring SIGTERM, holding RocksDB
+            # files and /dev/shm regions: kill them before anything is removed or restarted.
+            kill_group(self.process.pid)
         self._remove_shm_regions()
         if self.staging is not None:
             shutil.rmtree(self.staging, ignore_errors=True)
@@ -593,11 +702,52 @@ class TritonServer:
             raise ServingError("server not started")
         return self.process.wait(timeout)
 
+    def _unload_models(self) -> None:
+        """Unload every model through the repository API, so that each runs ``finalize``.
+
+        Triton's graceful exit first waits ``--exit-timeout-secs`` for open HTTP connections;
+        an idle keep-alive client uses it all up and the stubs are then killed without
+        ``finalize``. Unloading does not wait for connections, only for in-flight requests.
+        """
+        if self.control_mode != "explicit" or not self.is_running():
+            return
+        deadline = time.monotonic() + self.stop_timeout
+        try:
+            for name in self._model_names({"READY"}):
+                self._repository_post(f"models/{urllib.parse.quote(name, safe='')}/unload")
+            while self.is_running() and time.monotonic() < deadline:
+                if not self._model_names({"READY", "UNLOADING"}):
+                    return
+                time.sleep(0.1)
+        except (OSError, ValueError) as exc:  # URLError is an OSError; ValueError: bad JSON
+            log.warning("could not unload the models before stopping (%s): finalize may not run", exc)
+            return
+        if self.is_running():
+            log.warning("models still unloading after %.0f s: stopping anyway", self.stop_timeout)
+
+    def _model_names(self, states: set[str]) -> set[str]:
+        index = json.loads(self._repository_post("index") or b"[]")
+        return {entry["name"] for entry in index if entry.get("state") in states}
+
+    def _repository_post(self, path: str) -> bytes:
+        request = urllib.request.Request(
+            f"http://{self.urls['http']}/v2/repository/{path}", data=b"{}", method="POST",
+            headers={API_TOKEN_HEADER: self._control_token, "Content-Type": "application/json"},
+        )
+        with _OPENER.open(request, timeout=self.stop_timeout) as response:
+            return bytes(response.read())
+
     def _remove_shm_regions(self) -> None:
         # A killed server (or stub) leaves its 1 MiB-per-instance regions behind.
+        if not self._shm_prefix:
+            return
         for region in _SHM_DIR.glob(f"{self._shm_prefix}*"):
             with contextlib.suppress(OSError):
                 region.unlink()
+
+
+# Triton's error lines ("E1202 ..."), a model that failed, a fatal signal, a C++ abort.
+_ERROR_LINE = re.compile(r"^E\d{4} |UNAVAILABLE:|^Signal \(\d+\) received|terminate called|what\(\):")
 
 
 def _terminate(process: subprocess.Popen[bytes], timeout: float) -> int:
@@ -608,10 +758,47 @@ def _terminate(process: subprocess.Popen[bytes], timeout: float) -> int:
         return process.wait(timeout)
     except subprocess.TimeoutExpired:
         log.warning("tritonserver ignored SIGTERM for %.0f s: killing it", timeout)
-        # Kill the whole group: the Python stubs are its children.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         return process.wait()
+
+
+def group_processes(pgid: int) -> dict[int, tuple[str, int]]:
+    """Processes of group ``pgid``: ``{pid: (state, parent pid)}`` from ``/proc`` (zombies included)."""
+    found: dict[int, tuple[str, int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # it exited while we looked
+            continue
+        # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
+        fields = text[text.rindex(")") + 2:].split()
+        if int(fields[2]) == pgid:
+            found[int(text.split(" ", 1)[0])] = (fields[0], int(fields[1]))
+    return found
+
+
+def kill_group(pgid: int, timeout: float = 30.0) -> None:
+    """SIGKILL every process of group ``pgid`` and wait until none is alive.
+
+    Those that are our children (``hps serve`` adopts orphaned stubs, see
+    :func:`hps_core.supervisor.adopt_orphans`) are reaped, so no zombie keeps the group.
+    The group id is not reused while a member exists, so this never hits a stranger.
+    """
+    deadline = time.monotonic() + timeout
+    while members := group_processes(pgid):
+        for pid, (_, parent) in members.items():
+            if parent == os.getpid():
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+        if all(state == "Z" for state, _ in members.values()):
+            return  # dead; their parent (not us) reaps them
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+        if time.monotonic() > deadline:
+            log.warning("processes %s of group %d still alive %.0f s after SIGKILL", sorted(members), pgid, timeout)
+            return
+        time.sleep(0.05)
 
 
 # No proxies: an http_proxy in the environment must not intercept a loopback health check.

@@ -323,3 +323,23 @@ def test_cuda_pool_is_sized_for_the_largest_hps_request(tmp_path: Path) -> None:
         "maxnum_catfeature_query_per_table_per_sample": [1], "max_batch_size": 16,
     }]}))
     assert cuda_pool_bytes(tmp_path / "repo") == DEFAULT_CUDA_POOL_BYTES
+
+
+def test_command_line_binds_http_apart_and_guards_model_control(tmp_path: Path) -> None:
+    def command(**kwargs: object) -> list[str]:
+        server = TritonServer(tmp_path, **kwargs)  # type: ignore[arg-type]
+        return server._command(find_bundle(), tmp_path, tmp_path, 0)
+
+    cmd = command(host="0.0.0.0", http_host="127.0.0.1")
+    assert {"--http-address=127.0.0.1", "--grpc-address=0.0.0.0", "--metrics-address=0.0.0.0"} <= set(cmd)
+    assert {"--model-control-mode=explicit", "--load-model=*"} <= set(cmd)
+    # Without a token, model control is guarded by one nobody else knows; shared memory is open.
+    guard = next(a for a in cmd if a.startswith("--http-restricted-api="))
+    assert guard.startswith("--http-restricted-api=model-repository:hps-api-token=")
+    token = "0123456789abcdefXYZ"
+    cmd = command(api_token=token)
+    guard = f"model-repository,shared-memory:hps-api-token={token}"
+    assert {f"--http-restricted-api={guard}", f"--grpc-restricted-protocol={guard}"} <= set(cmd)
+    # A control mode of the caller's replaces explicit control.
+    cmd = command(extra_args=["--model-control-mode=none"])
+    assert "--load-model=*" not in cmd and cmd.count("--model-control-mode=none") == 1
