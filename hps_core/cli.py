@@ -11,8 +11,10 @@ write its registration function in its own module and add a line to :data:`SUBCO
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -43,23 +45,49 @@ def add_serve(subparsers: SubParsers) -> None:
     """Register ``hps serve``."""
     parser = subparsers.add_parser(
         "serve",
-        help="run Triton Inference Server on a model repository (HPS and DLRM backends staged)",
+        help="run Triton Inference Server on a model repository (HPS and DLRM backends staged), restarting it if it dies",
         description=(
             "Start the Triton Inference Server bundled by scripts/setup.sh (or $HPS_TRITON_HOME) "
             "on MODEL_REPOSITORY, with the Python-based backends 'hps' and 'dlrm' available. "
             "Without a GPU, models asking for KIND_GPU instances are served on CPU (a warning "
             "says which). Prints the endpoints once every model is ready, then runs until "
-            "SIGINT (Ctrl-C) or SIGTERM, which stop the server cleanly (exit code 0)."
+            "SIGINT (Ctrl-C) or SIGTERM, which unload every model (each runs its finalize) and "
+            "stop the server (exit code 0). When Triton dies, its process group is killed, its "
+            "/dev/shm regions and staging folder removed, and it is started again on the same "
+            "ports after a backoff (1 s, doubling), each restart logged with its cause; past "
+            "--max-restarts within --restart-window, hps serve exits with code 1. Model control "
+            "and shared-memory registration need the header 'hps-api-token: TOKEN' when a token "
+            "is given ($HPS_API_TOKEN or --api-token-file); without one, model control is "
+            "refused to every client."
         ),
     )
     parser.add_argument("--model-repository", required=True, metavar="DIR",
                         help="Triton model repository (one folder per model with a config.pbtxt)")
-    parser.add_argument("--host", default="0.0.0.0",
-                        help="address the endpoints listen on; 127.0.0.1 keeps them local (default: %(default)s)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address the endpoints listen on; 0.0.0.0 exposes them on every interface "
+                             "(default: %(default)s, this machine only)")
+    parser.add_argument("--http-host", metavar="HOST",
+                        help="address of the HTTP endpoint alone (default: --host); e.g. --host 0.0.0.0 "
+                             "--http-host 127.0.0.1 exposes gRPC but keeps HTTP/JSON, which a crafted request "
+                             "crashes in Triton 2.51, on this machine (hps serve itself needs HTTP)")
     parser.add_argument("--http-port", type=int, default=8000, metavar="N", help="HTTP port; 0 picks a free one (default: %(default)s)")
     parser.add_argument("--grpc-port", type=int, default=8001, metavar="N", help="gRPC port; 0 picks a free one (default: %(default)s)")
     parser.add_argument("--metrics-port", type=int, default=8002, metavar="N",
-                        help="Prometheus metrics port; 0 picks a free one (default: %(default)s)")
+                        help="Triton's Prometheus metrics port; 0 picks a free one (default: %(default)s)")
+    parser.add_argument("--serve-metrics-port", type=int, metavar="N",
+                        help="serve hps serve's own metrics (hps_serve_restarts_total{cause}, hps_serve_up) "
+                             "on this port, at /metrics; 0 picks a free one (default: not served)")
+    parser.add_argument("--api-token-file", metavar="FILE",
+                        help="file holding the token that model control and shared-memory registration require "
+                             "(header hps-api-token); default: $HPS_API_TOKEN if set. Triton gets it on its "
+                             "command line, which local users can read (ps)")
+    parser.add_argument("--max-restarts", type=int, default=5, metavar="N",
+                        help="restarts allowed within --restart-window; 0 never restarts (default: %(default)s)")
+    parser.add_argument("--restart-window", type=float, default=600.0, metavar="SECONDS",
+                        help="the sliding window over which restarts are counted (default: %(default)s)")
+    parser.add_argument("--restart-backoff", type=float, default=1.0, metavar="SECONDS",
+                        help="wait before the first restart in the window, doubled for each later one, "
+                             "at most 30 s (default: %(default)s)")
     parser.add_argument("--backend-config", action="append", default=[], metavar="BACKEND,KEY=VALUE",
                         help="passed to Triton as --backend-config, e.g. hps,ps=/path/hps.json (repeatable)")
     parser.add_argument("--log-file", metavar="FILE",
@@ -73,19 +101,21 @@ def add_serve(subparsers: SubParsers) -> None:
                         help="stage another Python-based backend: models with backend: \"NAME\" run MODEL_PY "
                              "(repeatable; hps and dlrm come from the installed backend package)")
     parser.add_argument("--triton-arg", action="append", default=[], metavar="ARG",
-                        help="extra argument for tritonserver, e.g. --triton-arg=--model-control-mode=explicit "
-                             "(repeatable)")
+                        help="extra argument for tritonserver, e.g. --triton-arg=--allow-http=false (repeatable)")
     parser.set_defaults(func=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    """Start the server, print its endpoints, block until a signal or its death."""
-    from hps_core.serving import TritonServer, find_python_backends  # lazy: keep `hps --help` fast
+    """Start the server, print its endpoints, restart it when it dies, stop it on a signal."""
+    # lazy: keep `hps --help` fast
+    from hps_core.serving import TritonServer, find_python_backends
+    from hps_core.supervisor import RestartPolicy, ServeMetrics, Supervisor
 
     backends = {**find_python_backends(), **_parse_python_backends(args.python_backend)}
     server = TritonServer(
         args.model_repository,
         host=args.host,
+        http_host=args.http_host,
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
@@ -96,26 +126,41 @@ def run_serve(args: argparse.Namespace) -> int:
         exit_timeout=args.exit_timeout,
         startup_timeout=args.startup_timeout,
         python_backends=backends,
+        api_token=_api_token(args.api_token_file),
     )
+    policy = RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window, backoff_s=args.restart_backoff)
+    metrics = ServeMetrics()
     stop_requested = threading.Event()
-    with _stop_on_signals(stop_requested):
-        server.start()
-        _print_ready(server)
-        # Poll so that a server dying by itself is noticed too.
-        while not stop_requested.wait(0.5):
-            if not server.is_running():
-                tail = server.log_tail()
-                code = server.stop()
-                print(f"hps serve: tritonserver exited unexpectedly (code {code}):\n{tail}", file=sys.stderr)
-                return 1
-        print("hps serve: stopping Triton ...", flush=True)
-        code = server.stop()
+    with _stop_on_signals(stop_requested), _metrics_endpoint(metrics, args.host, args.serve_metrics_port) as endpoint:
+        supervisor = Supervisor(server, policy, metrics, on_ready=lambda s: _print_ready(s, endpoint))
+        code = supervisor.run(stop_requested)
     if code not in (0, None):
         # Still a clean stop on request: Triton returns 1 when its exit timeout expired
         # (for instance, a client kept an idle connection open).
         print(f"hps serve: tritonserver exited with code {code} (exit timeout expired?)", file=sys.stderr)
     print("hps serve: stopped", flush=True)
     return 0
+
+
+def _api_token(path: str | None) -> str | None:
+    """The token from ``path`` (whitespace around it stripped), else ``$HPS_API_TOKEN``, else None."""
+    from hps_core.serving import API_TOKEN_ENV
+
+    if path is None:
+        return os.environ.get(API_TOKEN_ENV) or None
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"--api-token-file {path}: {exc.strerror}") from exc
+    if not token:
+        raise ConfigError(f"--api-token-file {path} is empty")
+    return token
+
+
+def _metrics_endpoint(metrics: Any, host: str, port: int | None) -> contextlib.AbstractContextManager[Any]:
+    from hps_core.supervisor import MetricsEndpoint
+
+    return contextlib.nullcontext() if port is None else MetricsEndpoint(metrics, host, port)
 
 
 def _parse_python_backends(entries: Sequence[str]) -> dict[str, Path]:
@@ -129,7 +174,7 @@ def _parse_python_backends(entries: Sequence[str]) -> dict[str, Path]:
     return backends
 
 
-def _print_ready(server: Any) -> None:
+def _print_ready(server: Any, endpoint: Any) -> None:
     urls = server.urls
     lines = [
         f"hps serve: Triton ready (pid {server.process.pid})",
@@ -138,6 +183,8 @@ def _print_ready(server: Any) -> None:
         f"  metrics  {server.metrics_url}",
         f"  log      {server.log_path}",
     ]
+    if endpoint is not None:
+        lines.append(f"  restarts {endpoint.url}")
     if server.cpu_rewritten_models:
         lines.append(f"  on CPU instead of GPU: {', '.join(server.cpu_rewritten_models)}")
     print("\n".join(lines), flush=True)
