@@ -35,6 +35,8 @@ from tests.hps_serve import (  # noqa: E402
     Ready,
     ServeProcess,
     build_repository,
+    echo_ok,
+    hps_ok,
     kill_in_flight,
     leftovers,
     restarts,
@@ -78,7 +80,9 @@ def main() -> int:
                     count += 1
                     ready = serve.wait_ready(count, timeout=DEADLINE_S)
                     if not wait_until(lambda: serving(ready), DEADLINE_S):
-                        raise SystemExit(f"not serving {DEADLINE_S:.0f} s after a {kind}:\n{serve.output}")
+                        raise SystemExit(f"not serving {DEADLINE_S:.0f} s after a {kind} (echo answers: "
+                                         f"{echo_ok(ready.http)}, hps_multi answers: {hps_ok(ready.http)}):\n"
+                                         f"{serve.output}")
                     rows.append((kind, time.monotonic() - started, leftovers(dead)))
             assert ready.restarts_url is not None
             counted = {cause: restarts(ready.restarts_url, cause) for cause in ("SIGSEGV", "SIGKILL")}
