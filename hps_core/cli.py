@@ -81,13 +81,17 @@ def add_serve(subparsers: SubParsers) -> None:
                         help="file holding the token that model control and shared-memory registration require "
                              "(header hps-api-token); default: $HPS_API_TOKEN if set. Triton gets it on its "
                              "command line, which local users can read (ps)")
-    parser.add_argument("--max-restarts", type=int, default=5, metavar="N",
+    restarts = _restart_defaults()
+    parser.add_argument("--max-restarts", type=int, default=restarts.max_restarts, metavar="N",
                         help="restarts allowed within --restart-window; 0 never restarts (default: %(default)s)")
-    parser.add_argument("--restart-window", type=float, default=600.0, metavar="SECONDS",
+    parser.add_argument("--restart-window", type=float, default=restarts.window_s, metavar="SECONDS",
                         help="the sliding window over which restarts are counted (default: %(default)s)")
-    parser.add_argument("--restart-backoff", type=float, default=1.0, metavar="SECONDS",
+    parser.add_argument("--restart-backoff", type=float, default=restarts.backoff_s, metavar="SECONDS",
                         help="wait before the first restart in the window, doubled for each later one, "
-                             "at most 30 s (default: %(default)s)")
+                             f"at most {restarts.backoff_max_s:.0f} s (default: %(default)s)")
+    parser.add_argument("--hang-timeout", type=float, default=restarts.hang_s, metavar="SECONDS",
+                        help="a running Triton whose /v2/health/live stays unanswered this long is killed and "
+                             "restarted (cause 'unresponsive'); 0 turns the check off (default: %(default)s)")
     parser.add_argument("--backend-config", action="append", default=[], metavar="BACKEND,KEY=VALUE",
                         help="passed to Triton as --backend-config, e.g. hps,ps=/path/hps.json (repeatable)")
     parser.add_argument("--log-file", metavar="FILE",
@@ -128,7 +132,8 @@ def run_serve(args: argparse.Namespace) -> int:
         python_backends=backends,
         api_token=_api_token(args.api_token_file),
     )
-    policy = RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window, backoff_s=args.restart_backoff)
+    policy = RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window, backoff_s=args.restart_backoff,
+                           hang_s=args.hang_timeout)
     metrics = ServeMetrics()
     stop_requested = threading.Event()
     with _stop_on_signals(stop_requested), _metrics_endpoint(metrics, args.host, args.serve_metrics_port) as endpoint:
@@ -140,6 +145,13 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"hps serve: tritonserver exited with code {code} (exit timeout expired?)", file=sys.stderr)
     print("hps serve: stopped", flush=True)
     return 0
+
+
+def _restart_defaults() -> Any:
+    """The default RestartPolicy, whose fields are the restart options' defaults."""
+    from hps_core.supervisor import RestartPolicy  # lazy: keep `hps --help` fast
+
+    return RestartPolicy()
 
 
 def _api_token(path: str | None) -> str | None:

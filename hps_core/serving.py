@@ -649,6 +649,16 @@ class TritonServer:
     def is_ready(self) -> bool:
         return self.is_running() and _http_ok(f"http://{self.urls['http']}/v2/health/ready")
 
+    def is_live(self) -> bool:
+        """Whether the server runs and its HTTP front end answers ``/v2/health/live``."""
+        return self.is_running() and _http_ok(f"http://{self.urls['http']}/v2/health/live")
+
+    def kill(self) -> None:
+        """SIGKILL the server's whole process group now (a hung server); :meth:`stop` cleans up."""
+        if self.process is not None:
+            kill_group(self.process.pid)
+            self.process.wait()
+
     def log_tail(self, lines: int = 40) -> str:
         """The last ``lines`` lines of the server's output (for error messages)."""
         path = self.log_path

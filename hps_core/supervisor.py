@@ -2,7 +2,8 @@
 
 ``hps serve`` runs a :class:`Supervisor` around a :class:`~hps_core.serving.TritonServer`.
 When tritonserver ends without being asked to (a crash, an OOM kill, an operator's
-``kill -9``), the supervisor
+``kill -9``), or hangs (its ``/v2/health/live`` unanswered for ``hang_s``: it is then
+SIGKILLed, cause ``unresponsive``), the supervisor
 
 1. reads the cause (the signal, or the exit code) and Triton's error lines from its log;
 2. stops what is left (:meth:`TritonServer.stop`): the process group is SIGKILLed, because
@@ -41,7 +42,8 @@ __all__ = ["MetricsEndpoint", "RestartPolicy", "ServeMetrics", "Supervisor", "ad
 
 log = logging.getLogger(__name__)
 
-_POLL_S = 0.2  # how often the server's liveness is checked: bounds the time to notice a death
+_POLL_S = 0.2  # how often the server's process is checked: bounds the time to notice a death
+_LIVENESS_S = 2.0  # how often its HTTP front end is asked /v2/health/live (1 s timeout each)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,6 +54,9 @@ class RestartPolicy:
     window_s: float = 600.0  # the sliding window over which restarts are counted
     backoff_s: float = 1.0  # wait before the first restart of a window; doubles for each later one
     backoff_max_s: float = 30.0  # the longest wait
+    # A running server whose /v2/health/live has not answered for this long is hung: killed and
+    # restarted. Long enough for a stalled moment (a model loading, swap); 0 turns it off.
+    hang_s: float = 60.0
 
     def delay(self, recent: int) -> float:
         """Seconds to wait before a restart, given ``recent`` restarts already in the window."""
@@ -162,6 +167,7 @@ class Supervisor:
         self.metrics = metrics
         self.on_ready = on_ready
         self._restarts: deque[float] = deque()  # monotonic times of the restarts in the window
+        self._live_at = self._checked_at = time.monotonic()  # last answer of /v2/health/live; last ask
 
     def run(self, stop: threading.Event) -> int | None:
         """Serve until ``stop`` is set; returns Triton's exit code of the final, requested stop.
@@ -173,18 +179,37 @@ class Supervisor:
         self.server.start()
         self._serving()
         while not stop.wait(_POLL_S):
-            if not self.server.is_running() and not self._recover(stop):
+            death = self._death()
+            if death is not None and not self._recover(death, stop):
                 break
         self.metrics.set_up(False)
         return self.server.stop()
 
     def _serving(self) -> None:
+        self._live_at = time.monotonic()
         self.metrics.set_up(True)
         self.on_ready(self.server)
 
-    def _recover(self, stop: threading.Event) -> bool:
+    def _death(self) -> ServerExit | None:
+        """How the server stopped serving: it exited, or it hung (then it is killed here)."""
+        if not self.server.is_running():
+            return self.server.exit_report()
+        now = time.monotonic()
+        if self.policy.hang_s <= 0 or now - self._checked_at < _LIVENESS_S:
+            return None
+        self._checked_at = now
+        if self.server.is_live():
+            self._live_at = now
+            return None
+        if now - self._live_at < self.policy.hang_s:
+            return None
+        errors = tuple(self.server.error_lines(limit=10))
+        self.server.kill()
+        return ServerExit("unresponsive", None, (f"/v2/health/live unanswered for {now - self._live_at:.0f} s",
+                                                 *errors))
+
+    def _recover(self, death: ServerExit | None, stop: threading.Event) -> bool:
         """Bury the dead server and start another; False when ``stop`` came first."""
-        death = self.server.exit_report()
         self.server.stop()
         self.metrics.set_up(False)
         while death is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import ipaddress
+import os
 import secrets
 import signal
 import socket
@@ -143,6 +144,19 @@ def test_killed_triton_with_requests_in_flight_is_restarted_and_leaves_nothing(r
         _assert_recovered(serve, first, dead, "SIGKILL")
         for future in in_flight:
             future.exception(timeout=120)  # every one ended, answered or failed
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_hung_triton_is_killed_and_restarted(repository: Repository) -> None:
+    """A stopped process answers nothing but stays alive: only the liveness check sees it."""
+    with ServeProcess(repository, "--hang-timeout", "3") as serve:
+        first = serve.wait_ready()
+        dead = trace(first)
+        os.kill(first.pid, signal.SIGSTOP)
+        _assert_recovered(serve, first, dead, "unresponsive")
+    assert "/v2/health/live unanswered for" in serve.output
 
 
 @pytest.mark.triton
