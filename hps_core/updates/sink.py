@@ -15,9 +15,18 @@ forgot the producer id or the topic, a fatal producer error), ``flush`` waits un
 in flight, backs off, replaces the producer and re-sends every kept message of the affected
 partitions in their original order, also those acknowledged after the failed one, so that the
 last value published for a key is also the last one applied. It repeats until everything is
-acknowledged or the deadline passes; then it raises :class:`~hps_core.errors.UpdateError`
-saying how many messages are still undelivered, which stay kept for the next ``flush``. A
-re-sent message may be applied twice; the consumers apply upserts, so that is harmless.
+acknowledged, the deadline passes, or ``max_idle_rounds`` re-send rounds in a row delivered
+nothing; then it raises :class:`~hps_core.errors.UpdateError` saying how many messages are
+still undelivered, which stay kept for the next ``flush``. A re-sent message may be applied
+twice; the consumers apply upserts, so that is harmless.
+
+Not every failure is worth a re-send (:func:`_failure_kind`): a message the broker refuses as
+such (too large, invalid) is dropped and reported; a broker that refuses the topic or the
+producer (authorization, authentication, an unsupported request) stops the flush at once with
+an UpdateError naming the cause and the topic, the messages kept; a partition that no longer
+exists (a topic deleted and auto-created again with fewer partitions) makes the sink re-read
+the topic's partition count and report the messages of the lost partitions as rejected:
+sending them to another partition would reorder the updates of their keys.
 
 Kept messages are bounded by ``max_pending_bytes``: a ``publish`` that would exceed it first
 waits (serving acknowledgements and re-sends) up to ``block_timeout`` seconds for room, then
@@ -42,7 +51,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -70,9 +79,41 @@ _CREATE_TIMEOUT_S = 2.0  # re-creating lost topics before a re-send round
 _QUEUE_FULL_BACKOFF_S = 0.05  # HugeCTR's queue_full_backoff_delay_
 _POLL_S = 0.1  # how often a waiting flush or publish looks at the deadline
 _RESEND_BACKOFF_S = (0.1, 2.0)  # first pause before a re-send round, doubling up to the second
-#: Errors that no re-send can cure: the message is dropped and the next flush raises.
+_DEFAULT_MAX_IDLE_ROUNDS = 20  # ~4 min of a broker that stays down (10 s message timeout + 2 s)
+#: Errors of the message itself that no re-send can cure: it is dropped and the flush raises.
 _REJECTED = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MSG_SIZE, KafkaError.INVALID_MSG,
                        KafkaError.INVALID_RECORD, KafkaError.TOPIC_EXCEPTION, KafkaError._INVALID_ARG})
+#: The broker refuses the topic or this producer, whatever is sent: the flush raises at once
+#: and the messages stay kept (an operator fixes the ACL or the credentials, then flushes again).
+_DENIED = frozenset({KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+                     KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+                     KafkaError.DELEGATION_TOKEN_AUTHORIZATION_FAILED, KafkaError.SASL_AUTHENTICATION_FAILED,
+                     KafkaError._AUTHENTICATION, KafkaError.POLICY_VIOLATION, KafkaError.INVALID_REQUIRED_ACKS,
+                     KafkaError.UNSUPPORTED_VERSION, KafkaError.UNSUPPORTED_FOR_MESSAGE_FORMAT,
+                     KafkaError.UNSUPPORTED_COMPRESSION_TYPE, KafkaError._UNSUPPORTED_FEATURE})
+#: The message's partition is not in the topic's metadata: re-read the partition count.
+_UNKNOWN_PARTITION = frozenset({KafkaError._UNKNOWN_PARTITION})
+
+_FailureKind = Literal["rejected", "denied", "unknown_partition", "retry"]
+
+
+def _failure_kind(code: int) -> _FailureKind:
+    """What a failed delivery (librdkafka error ``code``) means for its message.
+
+    ``"rejected"``: the message itself is refused for good (dropped, reported by ``flush``);
+    ``"denied"``: the broker refuses the topic or the producer, which no re-send cures
+    (``flush`` raises at once, the message kept); ``"unknown_partition"``: its partition is
+    gone (the partition count is re-read; if the partition no longer exists the message is
+    rejected); ``"retry"``: anything else (broker down, timed out, a poisoned producer) is
+    re-sent, in rounds bounded by ``max_idle_rounds``.
+    """
+    if code in _REJECTED:
+        return "rejected"
+    if code in _DENIED:
+        return "denied"
+    if code in _UNKNOWN_PARTITION:
+        return "unknown_partition"
+    return "retry"
 
 
 def kafka_brokers(brokers: str) -> str:
@@ -98,6 +139,9 @@ class KafkaClientLog:
         self._limiter.log(level, f"{self._client} librdkafka {facility} {level}", f"{self._client}: " + fmt % args)
 
 
+_Stop = Literal["deadline", "denied", "idle"]  # why _drive stopped before done
+
+
 @dataclass(frozen=True)
 class FlushResult:
     """What a :meth:`UpdateSink.flush` did, counted in messages since the previous flush."""
@@ -106,7 +150,7 @@ class FlushResult:
     resent: int  # re-sends (a message sent three times counts two)
     pending: int  # messages not acknowledged yet: kept, and re-sent by the next flush
     pending_bytes: int  # their payload bytes (bounded by max_pending_bytes)
-    rejected: int  # messages the broker refused for good (too large, invalid): dropped
+    rejected: int  # messages refused for good (too large, invalid, their partition gone): dropped
 
 
 @dataclass(eq=False)
@@ -138,6 +182,9 @@ class UpdateSink:
             waits for room (see ``block_timeout``). One call larger than this is let through
             alone.
         block_timeout: seconds a ``publish`` waits for room before raising UpdateError.
+        max_idle_rounds: re-send rounds in a row that deliver nothing before a ``flush`` (or
+            a ``publish`` waiting for room) gives up with UpdateError, the messages kept; each
+            round lasts up to ``message.timeout.ms`` (10 s) plus a backoff of up to 2 s.
         log_interval: seconds between two log lines of the same cause (broker errors).
         producer_config: extra librdkafka settings, applied last.
 
@@ -150,12 +197,14 @@ class UpdateSink:
                  num_key_groups: int = DEFAULT_NUM_KEY_GROUPS,
                  key_dtype: npt.DTypeLike = np.int64, num_partitions: int | None = None,
                  max_pending_bytes: int = 256 << 20, block_timeout: float = 60.0,
+                 max_idle_rounds: int = _DEFAULT_MAX_IDLE_ROUNDS,
                  log_interval: float = DEFAULT_LOG_INTERVAL_S,
                  producer_config: Mapping[str, Any] | None = None) -> None:
         for name, value, low in (("max_batch_size", max_batch_size, 1),
                                  ("send_buffer_size", send_buffer_size, 1024),
                                  ("num_key_groups", num_key_groups, 1),
-                                 ("max_pending_bytes", max_pending_bytes, 1)):
+                                 ("max_pending_bytes", max_pending_bytes, 1),
+                                 ("max_idle_rounds", max_idle_rounds, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"UpdateSink {name} must be an integer >= {low}, got {value!r}")
         self._bootstrap = kafka_brokers(brokers)
@@ -166,6 +215,7 @@ class UpdateSink:
         self.num_partitions = num_partitions
         self.max_pending_bytes = max_pending_bytes
         self.block_timeout = block_timeout
+        self.max_idle_rounds = max_idle_rounds
         self._log = RateLimitedLog(log, log_interval)
         self._conf: dict[str, Any] = {
             "bootstrap.servers": self._bootstrap,
@@ -196,6 +246,8 @@ class UpdateSink:
         self._pending = 0  # kept messages
         self._pending_bytes = 0
         self._fatal: str | None = None  # a fatal producer error: replace the producer
+        self._denied: dict[str, str] = {}  # topic → why the broker refuses it (this drive)
+        self._unknown_partitions: set[str] = set()  # topics whose partition count to re-read
         self._last_error = ""
         self._first_rejection = ""
         self._messages = 0
@@ -255,28 +307,26 @@ class UpdateSink:
         """Wait until every message is acknowledged, re-sending what the broker did not take
         (``timeout`` seconds; None: no limit). Returns what happened since the last flush.
 
-        Raises UpdateError when messages are still unacknowledged at the timeout (they are
-        kept and re-sent by the next flush), or when the broker rejected any for good.
-        :attr:`last_flush` holds the result either way.
+        Raises UpdateError when messages are still unacknowledged at the timeout, after
+        ``max_idle_rounds`` re-send rounds that delivered nothing, or as soon as the broker
+        refuses a topic for good (authorization): those are kept and re-sent by the next
+        flush. Also when the broker rejected messages for good (too large, invalid, their
+        partition gone): those are dropped. :attr:`last_flush` holds the result either way.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._serial:
-            done = self._drive(lambda: self._pending == 0, deadline)
+            stopped = self._drive(lambda: self._pending == 0, deadline)
             with self._lock:
                 delivered, resent, rejected = self._since_flush
                 result = FlushResult(delivered=self._delivered - delivered, resent=self._resent - resent,
                                      pending=self._pending, pending_bytes=self._pending_bytes,
                                      rejected=self._rejected - rejected)
                 self._since_flush = (self._delivered, self._resent, self._rejected)
-                last_error, first_rejection = self._last_error, self._first_rejection
+                first_rejection = self._first_rejection
                 self._first_rejection = ""
             self.last_flush = result
-        if not done:
-            raise UpdateError(
-                f"{result.pending} update messages ({result.pending_bytes} bytes) not acknowledged by "
-                f"{self._bootstrap} within {timeout} s ({result.resent} re-sends; last error: "
-                f"{last_error or 'none reported'}); they are kept and re-sent by the next flush()"
-            )
+        if stopped is not None:
+            raise UpdateError(f"{self._why_pending(stopped, timeout)}; they are kept and re-sent by the next flush()")
         if result.rejected:
             raise UpdateError(f"{result.rejected} update messages were rejected by {self._bootstrap} and "
                               f"dropped; first: {first_rejection}")
@@ -343,21 +393,24 @@ class UpdateSink:
         def room() -> bool:
             return self._pending == 0 or self._pending_bytes + size <= self.max_pending_bytes
 
-        if not self._drive(room, time.monotonic() + self.block_timeout):
-            raise UpdateError(
-                f"{self._pending_bytes} bytes of updates are not acknowledged by {self._bootstrap} after "
-                f"{self.block_timeout} s; max_pending_bytes is {self.max_pending_bytes}, so this publish of "
-                f"{size} bytes was not queued (last error: {self._last_error or 'none reported'})"
-            )
+        stopped = self._drive(room, time.monotonic() + self.block_timeout)
+        if stopped is not None:
+            raise UpdateError(f"{self._why_pending(stopped, self.block_timeout)}; max_pending_bytes is "
+                              f"{self.max_pending_bytes}, so this publish of {size} bytes was not queued")
 
-    def _drive(self, done: Callable[[], bool], deadline: float | None) -> bool:
-        """Serve delivery reports and re-send what failed until ``done()``; False at the deadline."""
+    def _drive(self, done: Callable[[], bool], deadline: float | None) -> _Stop | None:
+        """Serve delivery reports and re-send what failed until ``done()``; None once done,
+        else why it stopped: the deadline passed, the broker denied a topic, or
+        ``max_idle_rounds`` re-send rounds in a row settled nothing."""
         backoff = _RESEND_BACKOFF_S[0]
-        progress = self._delivered
+        with self._lock:
+            self._denied.clear()  # each flush tries a denied topic once more
+        progress = self._settled()
+        idle = 0
         while not done():
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                return False
+                return "deadline"
             step = _POLL_S if remaining is None else min(_POLL_S, remaining)
             if self._fatal is not None and len(self._producer):
                 self._producer.purge()  # a fatal producer delivers nothing more: fail it all now
@@ -365,15 +418,41 @@ class UpdateSink:
                 self._serve(step, flush=True)
                 continue
             # Nothing in flight and something kept: every kept partition starts with a failure.
-            if self._delivered > progress:
-                backoff, progress = _RESEND_BACKOFF_S[0], self._delivered
+            if self._denied:
+                return "denied"  # no re-send cures it; flush again once the broker allows it
+            settled = self._settled()
+            if settled > progress:
+                backoff, progress, idle = _RESEND_BACKOFF_S[0], settled, 0
+            elif idle >= self.max_idle_rounds:
+                return "idle"
             pause = backoff if remaining is None else min(backoff, remaining)
             time.sleep(pause)
             backoff = min(2 * backoff, _RESEND_BACKOFF_S[1])
             if deadline is not None and time.monotonic() >= deadline:
-                return False
+                return "deadline"
             self._resend()
-        return True
+            idle += 1
+        return None
+
+    def _settled(self) -> int:
+        """Messages acknowledged or rejected so far: what a re-send round counts as progress."""
+        with self._lock:
+            return self._delivered + self._rejected
+
+    def _why_pending(self, stopped: _Stop, waited: float | None) -> str:
+        """What is still pending and why the sink stopped trying, for an UpdateError."""
+        with self._lock:
+            pending = (f"{self._pending} update messages ({self._pending_bytes} bytes) not acknowledged by "
+                       f"{self._bootstrap}")
+            last_error = self._last_error or "none reported"
+            denied = ", ".join(f"topic {topic!r} ({why})" for topic, why in sorted(self._denied.items()))
+        if stopped == "denied":
+            return (f"{pending}: the broker refuses {denied}, which no re-send cures; grant this producer "
+                    "Write on the topic (ACLs), or check its credentials and the broker's version")
+        if stopped == "idle":
+            return (f"{pending} after {self.max_idle_rounds} re-send rounds in a row that delivered nothing "
+                    f"(last error: {last_error})")
+        return f"{pending} within {waited} s ({self._resent} re-sends so far; last error: {last_error})"
 
     def _resend(self) -> None:
         """A new producer (the old one may be poisoned: a restarted broker forgot its
@@ -382,12 +461,17 @@ class UpdateSink:
         self._fatal = None
         with self._lock:
             self._producer_restarts += 1
-            kept = [m for queue in self._kept.values() for m in queue]
+            topics = sorted({topic for topic, _ in self._kept})
+            stale, self._unknown_partitions = self._unknown_partitions, set()
         if self.num_partitions is not None:  # a broker that lost its data lost the topics too
             try:
-                self._create_topics(sorted({m.topic for m in kept}), self.num_partitions, _CREATE_TIMEOUT_S)
+                self._create_topics(topics, self.num_partitions, _CREATE_TIMEOUT_S)
             except UpdateError as exc:
                 self._log.failure("update sink: re-creating topics", exc, level=logging.WARNING)
+        for topic in sorted(stale):
+            self._reject_lost_partitions(topic)
+        with self._lock:
+            kept = [m for queue in self._kept.values() for m in queue]
         for message in kept:
             self._send(message)
         self._serve(0)
@@ -408,6 +492,41 @@ class UpdateSink:
             self._fatal = err.str()
             self._log.warning(f"update sink: fatal {err.name()}",
                               f"Kafka producer ({self._bootstrap}): fatal error, replacing the producer: {err.str()}")
+
+    def _reject_lost_partitions(self, topic: str) -> None:
+        """Re-read ``topic``'s partition count (a partition was reported unknown) and reject
+        the kept messages of partitions it no longer has. They are not re-partitioned: the
+        updates of a key would then be applied out of publish order."""
+        before = self._partitions.pop(topic, None)
+        try:
+            count = self._partition_count(topic)
+        except UpdateError as exc:  # broker still away: try again next round
+            self._log.failure("update sink: re-reading partitions", exc, level=logging.WARNING)
+            with self._lock:
+                self._unknown_partitions.add(topic)
+            return
+        with self._lock:
+            lost = sorted(key for key in self._kept if key[0] == topic and key[1] >= count)
+            if not lost:
+                return
+            dropped = 0
+            for key in lost:
+                for message in self._kept.pop(key):
+                    self._pending -= 1
+                    self._pending_bytes -= len(message.payload)
+                    if not message.delivered:
+                        dropped += 1
+            self._rejected += dropped
+            reason = (
+                f"topic {topic!r} now has {count} partitions (it had {before or lost[-1][1] + 1}), so "
+                f"{dropped} update messages of its partitions {[p for _, p in lost]} cannot be delivered and "
+                "were dropped: sending them to another partition would reorder the updates of their keys (all "
+                "updates of a key go to one partition, in publish order); re-create the topic with its "
+                "partition count, or publish those keys again"
+            )
+            self._last_error = reason
+            self._first_rejection = self._first_rejection or reason
+        self._log.error(f"update sink: partitions lost: {topic}", f"update sink: {reason}")
 
     def _partition_count(self, topic: str) -> int:
         count = self._partitions.get(topic)
@@ -456,9 +575,14 @@ class UpdateSink:
                 return  # a report of an earlier send: the message went out again since
             if err is not None:
                 self._last_error = f"{message.topic}[{message.partition}]: {err.str()}"
-                if err.code() not in _REJECTED:
+                kind = _failure_kind(err.code())
+                if kind != "rejected":
                     self._failed += 1
-                    return  # kept: re-sent by the next round
+                    if kind == "denied":
+                        self._denied.setdefault(message.topic, f"{err.name()}: {err.str()}")
+                    elif kind == "unknown_partition":
+                        self._unknown_partitions.add(message.topic)
+                    return  # kept: re-sent by the next round (after a re-read of the partitions)
                 self._rejected += 1
                 self._first_rejection = self._first_rejection or self._last_error
             elif not message.delivered:

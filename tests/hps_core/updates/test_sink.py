@@ -16,10 +16,14 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
+from confluent_kafka import KafkaError
+from confluent_kafka.admin import AdminClient, NewTopic
+
 from hps_core.config import UpdateSourceConfig
 from hps_core.db import HashMapVolatileDB
 from hps_core.errors import UpdateError
 from hps_core.updates import FlushResult, TierUpdateApplier, UpdateSink, UpdateSource, topic_name
+from hps_core.updates.sink import _failure_kind
 from tests.kafka_broker import KafkaBroker, TopicReader, broker_or_skip, free_loopback_port
 
 DIM = 4
@@ -145,3 +149,72 @@ def test_a_source_without_broker_logs_each_cause_once_per_interval(caplog: pytes
     assert source.stats()["broker_errors"] >= 4
     assert 1 <= len([line for line in lines if "Connection refused" in line]) <= 2, lines
     assert len(lines) == len(set(lines)), lines
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(120)
+def test_a_topic_back_with_fewer_partitions_rejects_the_lost_ones_instead_of_looping(broker: KafkaBroker) -> None:
+    """The topic had 8 partitions; the restarted broker auto-creates it with tansu's 4. The
+    messages kept for partitions 4-7 cannot be delivered where they belong: reported rejected,
+    with the reason, instead of re-sent for ever (flush(None) returns); the others arrive."""
+    topic = topic_name("shrunk", "t")
+    admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+    admin.create_topics([NewTopic(topic, num_partitions=8, replication_factor=1)])[topic].result(10)
+    sink = UpdateSink(broker.bootstrap, max_batch_size=20, producer_config={"message.timeout.ms": 3000})
+    rng = np.random.default_rng(4)
+    sink.publish("shrunk", "t", *_updates(rng, 400))
+    assert sink.flush(30).pending == 0
+    broker.kill()
+    broker.start()  # empty: the next metadata request auto-creates the topic with 4 partitions
+    sink.publish("shrunk", "t", *_updates(rng, 400))  # still cut for 8 partitions
+    started = time.monotonic()
+    with pytest.raises(UpdateError, match=r"rejected .*topic 'hps_et\.shrunk\.t' now has 4 partitions.*reorder"):
+        sink.flush(None)
+    assert time.monotonic() - started < 60
+    result = sink.last_flush
+    assert result is not None and result.pending == 0 and result.rejected > 0 and result.delivered > 0, result
+    sink.publish("shrunk", "t", *_updates(rng, 400))  # cut for the 4 partitions it has now
+    assert sink.flush(30) == FlushResult(delivered=sink.last_flush.delivered, resent=0, pending=0,  # type: ignore[union-attr]
+                                         pending_bytes=0, rejected=0)
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(60)
+def test_re_send_rounds_that_deliver_nothing_are_bounded(broker: KafkaBroker) -> None:
+    """A broker that stays down: flush(None) gives up after max_idle_rounds rounds without
+    progress, saying what is still pending and that it is kept; the next flush delivers it."""
+    sink = UpdateSink(broker.bootstrap, max_idle_rounds=2, producer_config={"message.timeout.ms": 1000})
+    rng = np.random.default_rng(5)
+    sink.publish("idle", "t", *_updates(rng, 100))
+    sink.flush(30)
+    broker.kill()
+    sink.publish("idle", "t", *_updates(rng, 100))
+    kept = sink.stats()["pending"]
+    with pytest.raises(UpdateError, match=rf"{kept} update messages .* 2 re-send rounds in a row .* kept and re-sent "
+                                          r"by the next flush"):
+        sink.flush(None)
+    assert sink.stats()["pending"] == kept
+    broker.start()
+    assert sink.flush(60).pending == 0
+
+
+@pytest.mark.parametrize(("code", "kind"), [
+    (KafkaError.TOPIC_AUTHORIZATION_FAILED, "denied"),
+    (KafkaError.CLUSTER_AUTHORIZATION_FAILED, "denied"),
+    (KafkaError.SASL_AUTHENTICATION_FAILED, "denied"),
+    (KafkaError._AUTHENTICATION, "denied"),
+    (KafkaError.UNSUPPORTED_VERSION, "denied"),
+    (KafkaError.MSG_SIZE_TOO_LARGE, "rejected"),
+    (KafkaError.INVALID_RECORD, "rejected"),
+    (KafkaError.TOPIC_EXCEPTION, "rejected"),
+    (KafkaError._UNKNOWN_PARTITION, "unknown_partition"),
+    (KafkaError._MSG_TIMED_OUT, "retry"),  # broker away longer than message.timeout.ms
+    (KafkaError._TRANSPORT, "retry"),
+    (KafkaError._ALL_BROKERS_DOWN, "retry"),
+    (KafkaError.UNKNOWN_PRODUCER_ID, "retry"),  # a restarted broker forgot the producer: new producer
+    (KafkaError._FATAL, "retry"),
+    (KafkaError._UNKNOWN_TOPIC, "retry"),  # re-created (num_partitions) or auto-created again
+    (KafkaError.NOT_LEADER_FOR_PARTITION, "retry"),
+])
+def test_only_what_a_re_send_can_cure_is_re_sent(code: int, kind: str) -> None:
+    assert _failure_kind(code) == kind, KafkaError(code).name()
