@@ -18,8 +18,6 @@ from hps_core.logs import RateLimitedLog
 __all__ = ["BackgroundQueue"]
 
 log = logging.getLogger(__name__)
-# A tier that is down fails every queued task the same way: one line per cause per interval.
-_failures = RateLimitedLog(log)
 
 _STOP = object()
 
@@ -32,6 +30,8 @@ class BackgroundQueue:
         self._name = name
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._closed = False
+        # A tier that is down fails every queued task the same way: one line per cause per interval.
+        self._failures = RateLimitedLog(log)
         self._thread.start()
 
     def submit(self, task: Callable[[], object]) -> bool:
@@ -51,12 +51,13 @@ class BackgroundQueue:
         done.wait(timeout)
 
     def close(self) -> None:
-        """Run what is queued, then stop the thread."""
+        """Run what is queued, then stop the thread; log how many failures were held back."""
         if self._closed:
             return
         self._closed = True
         self._tasks.put(_STOP)
         self._thread.join()
+        self._failures.flush()
 
     def _run(self) -> None:
         while True:
@@ -66,4 +67,4 @@ class BackgroundQueue:
             try:
                 task()  # type: ignore[operator]
             except Exception as exc:  # noqa: BLE001 - a failed fill must not kill the thread
-                _failures.failure(f"{self._name}: task failed", exc)
+                self._failures.failure(f"{self._name}: task failed", exc)

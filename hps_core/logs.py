@@ -10,6 +10,14 @@ A *cause* is a short string the caller chooses (``"volatile insert: ConnectionEr
 failures with the same cause share one budget. :func:`cause_of` builds one from an exception
 (its type and, for our tier errors, the part of the message before the first ``:``) so that
 two different failures never share a line and one failure never gets two.
+
+Occurrences held back when the cause stops recurring would be lost with them (the size of the
+last burst of an outage): :meth:`RateLimitedLog.flush` writes one line per cause with its
+count; call it where the loop that logs stops (a queue closed, a thread stopped, finalize).
+
+It writes to a :class:`logging.Logger`, or to any ``sink(level, line)`` callable: an adapter to
+a host's own log (Triton's ``pb_utils.Logger`` in ``backend/``), so that this module needs no
+import of the host.
 """
 
 from __future__ import annotations
@@ -17,9 +25,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 
-__all__ = ["DEFAULT_LOG_INTERVAL_S", "RateLimitedLog", "cause_of"]
+__all__ = ["DEFAULT_LOG_INTERVAL_S", "LogSink", "RateLimitedLog", "cause_of"]
+
+#: A callable a RateLimitedLog writes to instead of a Logger: ``sink(level, line)``, with
+#: ``level`` a :mod:`logging` level (tracebacks come at DEBUG).
+LogSink = Callable[[int, str], None]
 
 #: Seconds between two lines of the same cause.
 DEFAULT_LOG_INTERVAL_S = 10.0
@@ -32,13 +46,22 @@ def cause_of(exc: BaseException, context: str = "") -> str:
     return f"{context}{': ' if context else ''}{type(exc).__name__}: {head}"
 
 
+@dataclass
+class _Cause:
+    last: float  # time of its last line
+    held: int = 0  # occurrences held back since
+    level: int = logging.INFO  # of the last one held back
+    message: str = ""  # the last one held back
+
+
 class RateLimitedLog:
-    """Writes to ``logger`` at most one line per cause per ``interval`` seconds.
+    """Writes to ``logger`` (a Logger or a :data:`LogSink`) at most one line per cause per
+    ``interval`` seconds.
 
     Thread-safe. ``clock`` is injectable so that tests need not sleep.
     """
 
-    def __init__(self, logger: logging.Logger, interval: float = DEFAULT_LOG_INTERVAL_S,
+    def __init__(self, logger: logging.Logger | LogSink, interval: float = DEFAULT_LOG_INTERVAL_S,
                  *, clock: Callable[[], float] = time.monotonic) -> None:
         if interval < 0:
             raise ValueError(f"interval must be >= 0 seconds, got {interval}")
@@ -46,24 +69,51 @@ class RateLimitedLog:
         self._interval = float(interval)
         self._clock = clock
         self._lock = threading.Lock()
-        # cause -> (time of its last line, occurrences held back since)
-        self._state: dict[str, tuple[float, int]] = {}
+        self._state: dict[str, _Cause] = {}
 
     def log(self, level: int, cause: str, message: str, *, exc: BaseException | None = None) -> bool:
         """Log ``message`` for ``cause`` unless a line of that cause went out less than
         ``interval`` ago; returns whether a line was written."""
         now = self._clock()
         with self._lock:
-            last, held = self._state.get(cause, (float("-inf"), 0))
-            if now - last < self._interval:
-                self._state[cause] = (last, held + 1)
+            state = self._state.get(cause)
+            if state is not None and now - state.last < self._interval:
+                state.held, state.level, state.message = state.held + 1, level, message
                 return False
-            self._state[cause] = (now, 0)
-        suffix = f" ({held} more like this in the last {now - last:.0f} s)" if held else ""
-        self._logger.log(level, "%s%s", message, suffix)
-        if exc is not None and self._logger.isEnabledFor(logging.DEBUG):
+            self._state[cause] = _Cause(now)
+        held = "" if state is None or not state.held else (
+            f" ({state.held} more like this in the last {now - state.last:.0f} s)")
+        self._write(level, message + held)
+        if exc is None:
+            pass
+        elif not isinstance(self._logger, logging.Logger):
+            trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            self._logger(logging.DEBUG, f"traceback of: {message}\n{trace.rstrip()}")
+        elif self._logger.isEnabledFor(logging.DEBUG):
             self._logger.debug("traceback of: %s", message, exc_info=(type(exc), exc, exc.__traceback__))
         return True
+
+    def flush(self) -> int:
+        """One line per cause with occurrences held back: the last one's message, at its
+        level, and how many were held back; returns the number of lines. Call it where the
+        loop that logs stops: otherwise the count of a burst that did not recur is lost."""
+        now = self._clock()
+        lines = []
+        with self._lock:
+            for state in self._state.values():
+                if state.held:
+                    lines.append((state.level, f"{state.message} ({state.held} like this held back in the "
+                                               f"last {now - state.last:.0f} s)"))
+                    state.last, state.held = now, 0
+        for level, line in lines:
+            self._write(level, line)
+        return len(lines)
+
+    def _write(self, level: int, line: str) -> None:
+        if isinstance(self._logger, logging.Logger):
+            self._logger.log(level, "%s", line)
+        else:
+            self._logger(level, line)
 
     def warning(self, cause: str, message: str, *, exc: BaseException | None = None) -> bool:
         return self.log(logging.WARNING, cause, message, exc=exc)
@@ -78,4 +128,4 @@ class RateLimitedLog:
     def held_back(self) -> dict[str, int]:
         """Occurrences not yet reported, per cause (for tests and shutdown summaries)."""
         with self._lock:
-            return {cause: held for cause, (_, held) in self._state.items() if held}
+            return {cause: state.held for cause, state in self._state.items() if state.held}

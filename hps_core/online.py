@@ -43,8 +43,6 @@ from hps_core.updates import TierUpdateApplier, UpdateSource
 __all__ = ["OnlineUpdates"]
 
 log = logging.getLogger(__name__)
-# The catch-up loop fails the same way every second while RocksDB is unreadable.
-_failures = RateLimitedLog(log)
 
 
 class OnlineUpdates:
@@ -101,6 +99,8 @@ class OnlineUpdates:
             )
         self._stop = threading.Event()
         self._catch_up: threading.Thread | None = None
+        # The catch-up loop fails the same way every second while RocksDB is unreadable.
+        self._failures = RateLimitedLog(log)
 
     def start(self) -> None:
         for source in self.sources.values():
@@ -115,6 +115,7 @@ class OnlineUpdates:
             source.stop()
         if self._catch_up is not None:
             self._catch_up.join()
+        self._failures.flush()  # each source's stop flushes its own
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """Each layer's source counters and staleness (see UpdateSource.stats)."""
@@ -132,7 +133,7 @@ class OnlineUpdates:
             try:
                 self._reader.refresh()  # type: ignore[attr-defined]
             except Exception as exc:  # noqa: BLE001 - serving goes on with the last state it saw
-                _failures.failure("persistent DB catch-up failed", exc)
+                self._failures.failure("persistent DB catch-up failed", exc)
 
 
 _servers_in_process = itertools.count()

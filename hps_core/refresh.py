@@ -30,8 +30,6 @@ if TYPE_CHECKING:
 __all__ = ["CacheRefresher"]
 
 log = logging.getLogger(__name__)
-# A tier that is down fails every refresh step the same way: one line per cause per interval.
-_failures = RateLimitedLog(log)
 
 
 class CacheRefresher:
@@ -47,6 +45,8 @@ class CacheRefresher:
         self._cursor = 0  # next global set of the cache to refresh
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # A tier that is down fails every refresh step the same way: one line per cause per interval.
+        self._failures = RateLimitedLog(log)
 
     def step(self) -> int:
         """Refresh the next slice of the cache's sets; returns the rows updated."""
@@ -74,9 +74,11 @@ class CacheRefresher:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop the thread; log how many failures were held back."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        self._failures.flush()
 
     def _run(self) -> None:
         if self._stop.wait(self._delay):
@@ -85,5 +87,5 @@ class CacheRefresher:
             try:
                 self.step()
             except Exception as exc:  # noqa: BLE001 - a failed refresh must not end the refresher
-                _failures.failure("cache refresh step failed", exc)
+                self._failures.failure("cache refresh step failed", exc)
             self._stop.wait(self._interval)

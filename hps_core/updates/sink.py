@@ -345,8 +345,11 @@ class UpdateSink:
 
     def close(self, timeout: float | None = 30.0) -> FlushResult:
         """Flush (raising UpdateError as :meth:`flush` does: what is still pending is lost
-        with the sink unless ``flush`` is called again)."""
-        return self.flush(timeout)
+        with the sink unless ``flush`` is called again), then log what the rate limit held back."""
+        try:
+            return self.flush(timeout)
+        finally:
+            self._log.flush()
 
     def __enter__(self) -> UpdateSink:
         return self

@@ -215,6 +215,7 @@ class UpdateSource:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        self._log.flush()  # the count of the last burst (a broker that went away, ...)
 
     @property
     def running(self) -> bool:
