@@ -5,7 +5,9 @@ Layout (``_redis_layout``, HugeCTR's): one Redis hash per (table, partition), na
 one node. Field = 8-byte key, value = the float32 row. Table widths live in the hash
 ``hps_et{meta}tables``, the partition count each table was written with in
 ``hps_et{meta}partitions``: a process with another ``num_partitions`` is refused
-(ConfigError naming ``volatile_db.num_partitions``) instead of missing every row.
+(ConfigError naming ``volatile_db.num_partitions``) instead of missing every row. The count
+is written by the process that creates the table; a table written before (by HugeCTR or an
+older version) has none, and its count cannot be checked.
 
 A batch is grouped by (table, partition) with NumPy (one stable ``argsort`` of a combined
 code), each group cut into HMGET/HSET commands of at most ``max_get_batch_size`` /
@@ -355,8 +357,12 @@ class _RedisTier:
         meta = self._meta()
 
         def create() -> tuple[Any, Any]:
-            meta.hsetnx(layout.META_KEY, table, dim)
-            meta.hsetnx(layout.PARTITIONS_KEY, table, self._num_partitions)
+            # The count is stamped only on a table this call creates: a table already in the
+            # metadata without a count (HugeCTR's, or an older version's) stays unstamped,
+            # since its count is unknown, and whoever came first must not decide it. (A process
+            # creating the same table between these two commands sees no count: not checked.)
+            if meta.hsetnx(layout.META_KEY, table, dim):
+                meta.hset(layout.PARTITIONS_KEY, table, self._num_partitions)
             return meta.hget(layout.META_KEY, table), meta.hget(layout.PARTITIONS_KEY, table)
 
         stored, partitions = self._call(f"create table {table!r}", create)
@@ -614,7 +620,8 @@ class _RedisTier:
     def _check_partitions(self, table: str, stored: Any) -> None:
         """Refuse a table written with another partition count: every key would be looked for
         in another hash than the one holding it. A table with no stored count (written by
-        HugeCTR or an older version) is accepted as before."""
+        HugeCTR or an older version) is accepted as before: its count cannot be checked, and
+        it is never stamped (see :meth:`create_table`)."""
         if stored is not None and int(stored) != self._num_partitions:
             raise ConfigError(
                 f"volatile_db.num_partitions: table {table!r} is stored in {self._kind} with "

@@ -95,10 +95,16 @@ def test_partition_count_is_stored_and_a_mismatch_refused(redis_for: Callable[[s
             other.fetch(T, np.arange(3, dtype=np.int64), np.zeros((3, 2), np.float32))
         assert same.fetch(T, np.arange(10, dtype=np.int64), np.zeros((10, 2), np.float32)).all()
 
-        # a table without a stored count (HugeCTR's, or an older version's) is accepted
-        raw.hset(layout.META_KEY, "hps_et.model.old", 2)
-        found = other.fetch("hps_et.model.old", np.arange(3, dtype=np.int64), np.zeros((3, 2), np.float32))
+        # a table without a stored count (HugeCTR's, or an older version's) is accepted, and
+        # never stamped: the first process to create it must not decide its count for the others
+        old = "hps_et.model.old"
+        raw.hset(layout.META_KEY, old, 2)
+        other.create_table(old, 2)
+        found = other.fetch(old, np.arange(3, dtype=np.int64), np.zeros((3, 2), np.float32))
         assert not found.any()
+        assert raw.hget(layout.PARTITIONS_KEY, old) is None
+        same.create_table(old, 2)  # a process with another count is accepted too
+        assert raw.hget(layout.PARTITIONS_KEY, old) is None
     finally:
         raw.close()
         for db in (first, other, same):
