@@ -37,8 +37,8 @@ from hps_core.arrays import array_module
 from hps_core.cache.base import MultiTableCache
 from hps_core.config import ModelConfig, ParameterServerConfig, PersistentDBConfig, TableConfig, gpu_cache_requested
 from hps_core.db import RocksDBPersistentDB, open_persistent_db, open_volatile_db
-from hps_core.db.base import EmbeddingTier
-from hps_core.db.redis_refill import DEFAULT_INTERVAL_S, PartitionMarkers, RefillMonitor, RefillSource
+from hps_core.db.base import EmbeddingTier, PartitionMarkers
+from hps_core.db.redis_refill import DEFAULT_INTERVAL_S, RefillMonitor, RefillSource
 from hps_core.errors import TierBusyError, UnknownTableError
 from hps_core.formats import read_sparse_model, sparse_model_rows
 from hps_core.loader import load_table

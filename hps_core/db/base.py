@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
@@ -30,6 +31,8 @@ from hps_core.rows import check_rows_fit
 
 __all__ = [
     "EmbeddingTier",
+    "MarkerState",
+    "PartitionMarkers",
     "PersistentDB",
     "TableGroups",
     "VolatileDB",
@@ -120,6 +123,65 @@ class VolatileDB(EmbeddingTier, Protocol):
 @runtime_checkable
 class PersistentDB(EmbeddingTier, Protocol):
     """Role: the durable tier holding full tables (RocksDB on local SSD)."""
+
+
+# --------------------------------------------------------------------------- optional capabilities
+
+
+@dataclass(frozen=True)
+class MarkerState:
+    """What one probe of the load markers found (:meth:`PartitionMarkers.check_markers`).
+
+    ``missing``: per table, the partitions whose marker is gone (their node lost its data);
+    ``meta_missing``: the table metadata is gone (the node holding it lost its data);
+    ``unknown``: markers not checked because their node did not answer.
+    """
+
+    missing: dict[str, list[int]]
+    meta_missing: bool
+    unknown: int
+
+
+@runtime_checkable
+class PartitionMarkers(Protocol):
+    """Optional tier capability: per-partition load markers and refill locks, for a shared
+    tier whose nodes can lose their data (Redis; see ``hps_core/db/redis_refill.py``).
+
+    A marker per (table, partition) says the partition's rows were loaded, and is lost
+    with them. Callers check for the capability with ``isinstance``, never by probing names.
+    """
+
+    @property
+    def num_partitions(self) -> int: ...
+
+    def create_table(self, table: str, dim: int) -> None: ...
+
+    def mark_loaded(self, table: str, partitions: Iterable[int] | None = None) -> None:
+        """Write the load marker of ``partitions`` of ``table`` (all by default)."""
+        ...
+
+    def check_markers(self, tables: Sequence[str]) -> MarkerState:
+        """Which partitions of ``tables`` lost their marker (a node that does not answer is
+        ``unknown``, not lost)."""
+        ...
+
+    def claim_partitions(self, table: str, partitions: Sequence[int], token: str, lock_s: float) -> list[int]:
+        """Take the refill lock of each of ``partitions`` for ``lock_s`` seconds; return those
+        taken whose marker is still missing (the others' locks are released)."""
+        ...
+
+    def release_partitions(self, table: str, partitions: Sequence[int], token: str) -> None:
+        """Release the refill locks of ``partitions`` that ``token`` holds."""
+        ...
+
+    def insert_missing(self, table: str, keys: Keys, values: Vectors) -> None:
+        """As ``insert``, but a key already stored keeps its row (a refill must not overwrite
+        a newer one). keys: (n,) int64. values: (n, dim) float32, C-contiguous."""
+        ...
+
+    def new_token(self) -> str:
+        """A token naming this process's refill locks."""
+        ...
 
 
 # --------------------------------------------------------------------------- checks

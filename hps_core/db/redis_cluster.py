@@ -93,6 +93,7 @@ from hps_core.db import _redis_layout as layout
 from hps_core.db.base import (
     Flat,
     Keys,
+    MarkerState,
     Mask,
     TableGroups,
     Vectors,
@@ -108,7 +109,7 @@ from hps_core.errors import ConfigError, PartialTierError, RequestError, TierErr
 from hps_core.logs import RateLimitedLog
 from hps_core.rows import copy_rows
 
-__all__ = ["MarkerState", "RedisClusterVolatileDB", "RedisVolatileDB", "open_redis_db", "parse_addresses"]
+__all__ = ["RedisClusterVolatileDB", "RedisVolatileDB", "open_redis_db", "parse_addresses"]
 
 #: node failures: the first of each cause at once, then one line per cause per interval
 _log = RateLimitedLog(logging.getLogger(__name__))
@@ -247,20 +248,6 @@ class _Command(NamedTuple):
     slot: int
     args: tuple[Any, ...]
     size: int
-
-
-@dataclass(frozen=True)
-class MarkerState:
-    """What one probe of the load markers found (:meth:`RedisClusterVolatileDB.check_markers`).
-
-    ``missing``: per table, the partitions whose marker is gone (their node lost its data);
-    ``meta_missing``: the metadata hashes are gone (the node holding them lost its data);
-    ``unknown``: markers not checked because their node did not answer.
-    """
-
-    missing: dict[str, list[int]]
-    meta_missing: bool
-    unknown: int
 
 
 class _NodeDown(RedisError):

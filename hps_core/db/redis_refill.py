@@ -40,20 +40,18 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from hps_core.db import _redis_layout as layout
-from hps_core.db.base import EmbeddingTier, Keys, Vectors
-from hps_core.db.redis_cluster import MarkerState
+from hps_core.db.base import EmbeddingTier, Keys, PartitionMarkers, Vectors
 from hps_core.errors import HPSError, TierError
 from hps_core.formats import read_table
 from hps_core.logs import RateLimitedLog
 
-__all__ = ["DEFAULT_INTERVAL_S", "PartitionMarkers", "RefillMonitor", "RefillSource"]
+__all__ = ["DEFAULT_INTERVAL_S", "RefillMonitor", "RefillSource"]
 
 log = logging.getLogger(__name__)
 _log = RateLimitedLog(log)
@@ -61,28 +59,6 @@ _log = RateLimitedLog(log)
 DEFAULT_INTERVAL_S = 1.0  # seconds between two probes of the markers
 DEFAULT_LOCK_S = 120.0  # a refill lock expires after this (a process that died mid-refill)
 DEFAULT_CHUNK_ROWS = 1 << 16  # rows of the sparse file read per step (bounds memory)
-
-
-@runtime_checkable
-class PartitionMarkers(Protocol):
-    """Optional tier capability: per-partition load markers and refill locks (Redis)."""
-
-    @property
-    def num_partitions(self) -> int: ...
-
-    def create_table(self, table: str, dim: int) -> None: ...
-
-    def mark_loaded(self, table: str, partitions: Iterable[int] | None = None) -> None: ...
-
-    def check_markers(self, tables: Sequence[str]) -> MarkerState: ...
-
-    def claim_partitions(self, table: str, partitions: Sequence[int], token: str, lock_s: float) -> list[int]: ...
-
-    def release_partitions(self, table: str, partitions: Sequence[int], token: str) -> None: ...
-
-    def insert_missing(self, table: str, keys: Keys, values: Vectors) -> None: ...
-
-    def new_token(self) -> str: ...
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ import redis
 
 from hps_core.db import RedisClusterVolatileDB
 from hps_core.db import _redis_layout as layout
-from hps_core.db.redis_refill import PartitionMarkers, RefillMonitor, RefillSource
+from hps_core.db.base import PartitionMarkers
+from hps_core.db.redis_refill import RefillMonitor, RefillSource
 from hps_core.errors import ConfigError, PartialTierError, TierError
 from hps_core.formats import write_sparse_model
 from tests.redis_servers import RedisProcesses
