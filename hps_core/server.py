@@ -28,7 +28,7 @@ import logging
 import math
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -82,6 +82,7 @@ class HierarchicalParameterServer:
         self._refreshers: list[CacheRefresher] = []
         self.updates: OnlineUpdates | None = None
         self._secondary_dir: tempfile.TemporaryDirectory[str] | None = None
+        self._catch_up: Callable[[], None] | None = None  # a secondary's catch-up with its writer
         names = [m.model for m in config.models] if models is None else list(models)
         self._models = {name: config.model(name) for name in names}
         self.volatile: EmbeddingTier | None = open_volatile_db(config.volatile_db)
@@ -200,7 +201,7 @@ class HierarchicalParameterServer:
         can catch up with the writer when online updates change RocksDB while serving."""
         if settings.type == "rocks_db" and self.config.update_source.enabled:
             self._secondary_dir = tempfile.TemporaryDirectory(prefix="hps-rocksdb-secondary-")
-            return RocksDBPersistentDB(
+            secondary = RocksDBPersistentDB(
                 path=settings.path,
                 read_only=True,
                 secondary_path=self._secondary_dir.name,
@@ -208,6 +209,8 @@ class HierarchicalParameterServer:
                 max_get_batch_size=settings.max_get_batch_size,
                 max_set_batch_size=settings.max_set_batch_size,
             )
+            self._catch_up = secondary.refresh
+            return secondary
         reader = open_persistent_db(dataclasses.replace(settings, read_only=True))
         assert reader is not None
         return reader
@@ -256,7 +259,9 @@ class HierarchicalParameterServer:
         if not isinstance(self.volatile, PartitionMarkers) or rate <= 0:
             return
         sources = [RefillSource(t.qualified_name, t.dim, t.sparse_file, rate) for t in self._tables()]
-        self.refill = RefillMonitor(self.volatile, sources, persistent=self.persistent, interval_s=interval_s)
+        self.refill = RefillMonitor(
+            self.volatile, sources, persistent=self.persistent, catch_up=self._catch_up, interval_s=interval_s
+        )
         self.refill.start()
 
 

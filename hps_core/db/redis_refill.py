@@ -13,10 +13,12 @@ nothing: without a persistent tier its keys would answer the default vector from
 - **Refill.** Only the lost partitions are refilled, from the table's sparse file: the same
   leading ``initial_cache_rate`` share of rows the start-up fill loaded, keeping the rows
   whose partition (the layout's partition function, vectorised) is lost. Where the server has
-  a persistent tier, the rows it holds replace the file's (it receives the update stream, so
-  it is at least as fresh). Rows are written with HSETNX semantics
-  (:meth:`~hps_core.db.redis_cluster.RedisClusterVolatileDB.insert_missing`): a row the update
-  stream wrote since the node came back is kept. Then the markers are written again.
+  a persistent tier, the rows it holds replace the file's (it receives the update stream).
+  In a server that follows updates that tier is a RocksDB *secondary*, which catches up with
+  the writer only every ``catch_up_s``: the monitor catches it up (``catch_up``) right before
+  it reads the rows of a refill. Rows are written with HSETNX semantics
+  (:meth:`~hps_core.db.base.PartitionMarkers.insert_missing`): a row the update stream wrote
+  since the node came back is kept. Then the markers are written again.
 - **Several processes** (Triton runs one per model instance) share one Redis: a refill lock
   per partition (``SET NX PX``, in the partition's slot) lets one of them refill, and the
   claim re-checks the marker, so a partition refilled meanwhile is not refilled twice. The
@@ -26,9 +28,19 @@ nothing: without a persistent tier its keys would answer the default vector from
   ``hps_volatile_lost_partitions``), until a later pass succeeds.
 
 What a loss means for updates: rows the update stream wrote to Redis before the node lost
-its data are lost from Redis with it; the refill brings back the sparse file's rows (or,
-with a persistent tier, that tier's, which include the updates). Only partitions whose
-marker is gone are refilled, so rows of healthy nodes are never rewritten from the file.
+its data are lost from Redis with it. Without a persistent tier the refill brings back the
+sparse file's rows: those updates are lost from Redis until their keys are updated again.
+With one, it brings back that tier's rows as of the refill, which include every update its
+writer had applied by then. The two tiers take the stream through separate consumers,
+though, and the persistent one may lag: an update the volatile consumer had written to Redis
+but the persistent consumer had not applied yet when the refill read its rows is lost too,
+the refill puts the older row back, and Redis serves it until that key is updated again.
+Only partitions whose marker is gone are refilled, so rows of healthy nodes are never
+rewritten from the file.
+
+One table failing (its file gone, a node failing again, its metadata refused with a
+ConfigError) does not stop the others: each table's refill is isolated, and its count in
+:meth:`RefillMonitor.lost_partitions` is updated whatever happened.
 
 Every log line goes through :class:`~hps_core.logs.RateLimitedLog`: one line per cause per
 interval, however often the probe runs.
@@ -75,7 +87,10 @@ class RefillMonitor:
     """Probes the load markers of ``sources`` every ``interval_s`` and refills lost partitions.
 
     ``persistent``: the server's persistent tier, or None; where given, its rows replace the
-    file's in a refill. :meth:`check_once` runs one pass (the thread calls it; tests may too).
+    file's in a refill. ``catch_up``: called right before those rows are read, when
+    ``persistent`` follows a writer in another process (a RocksDB secondary's ``refresh``);
+    None when it cannot lag. :meth:`check_once` runs one pass (the thread calls it; tests may
+    too).
     """
 
     def __init__(
@@ -84,6 +99,7 @@ class RefillMonitor:
         sources: Sequence[RefillSource],
         *,
         persistent: EmbeddingTier | None = None,
+        catch_up: Callable[[], None] | None = None,
         interval_s: float = DEFAULT_INTERVAL_S,
         lock_s: float = DEFAULT_LOCK_S,
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
@@ -93,6 +109,7 @@ class RefillMonitor:
         self._tier = tier
         self._sources = {s.table: s for s in sources}
         self._persistent = persistent
+        self._catch_up = catch_up
         self._interval_s = float(interval_s)
         self._lock_s = float(lock_s)
         self._chunk_rows = int(chunk_rows)
@@ -138,18 +155,27 @@ class RefillMonitor:
         except TierError as exc:
             _log.failure("volatile refill: probing the load markers", exc, level=logging.WARNING)
             return self.lost_partitions()
-        if state.meta_missing:  # the node of the metadata hashes lost them: write them again
+        for name, source in self._sources.items():  # one table failing does not stop the others
+            still = lost = state.missing.get(name, [])
             try:
-                for source in self._sources.values():
-                    self._tier.create_table(source.table, source.dim)
-            except TierError as exc:  # the next probe tries again; the refill does not need them
-                _log.failure("volatile refill: restoring the table metadata", exc, level=logging.WARNING)
-        for name, source in self._sources.items():
-            lost = state.missing.get(name, [])
-            still = self._refill(source, lost) if lost else []
-            with self._lost_lock:
-                self._lost[name] = len(still)
+                if state.meta_missing:  # the node of the metadata hashes lost them
+                    self._restore_metadata(source)
+                if lost:
+                    still = self._refill(source, lost)
+            except HPSError as exc:
+                _log.failure(f"volatile refill: {name}", exc, level=_level(exc))
+            finally:
+                with self._lost_lock:
+                    self._lost[name] = len(still)
         return self.lost_partitions()
+
+    def _restore_metadata(self, source: RefillSource) -> None:
+        """Write the table's metadata again; the refill does not need it, so a failure is
+        logged and left to the next probe."""
+        try:
+            self._tier.create_table(source.table, source.dim)
+        except HPSError as exc:  # TierError: a node failed; ConfigError: another count was stored
+            _log.failure("volatile refill: restoring the table metadata", exc, level=_level(exc))
 
     def _refill(self, source: RefillSource, lost: list[int]) -> list[int]:
         """Refill the ``lost`` partitions of one table that this process can claim; returns the
@@ -198,6 +224,8 @@ class RefillMonitor:
         total = int(math.floor(len(table) * source.fraction))
         wanted = np.zeros(self._tier.num_partitions, np.bool_)
         wanted[partitions] = True
+        if self._persistent is not None:
+            self._catch_up_persistent(source.table)
         written = 0
         for lo in range(0, total, self._chunk_rows):
             if self._stop.is_set():
@@ -215,6 +243,16 @@ class RefillMonitor:
             written += keys.shape[0]
         return written
 
+    def _catch_up_persistent(self, table: str) -> None:
+        """Let the persistent tier see what its writer applied up to now, before its rows are
+        read; on failure the refill goes on with the rows as of its last catch-up."""
+        if self._catch_up is None:
+            return
+        try:
+            self._catch_up()
+        except TierError as exc:
+            _log.failure(f"volatile refill: {table}: catching up the persistent tier", exc, level=logging.WARNING)
+
     def _fresher_rows(self, table: str, keys: Keys, values: Vectors) -> None:
         """Replace ``values`` by the persistent tier's rows where it has them (it takes the
         update stream); the file's rows stay where it cannot answer."""
@@ -223,3 +261,8 @@ class RefillMonitor:
             self._persistent.fetch(table, keys, values)
         except TierError as exc:  # a PartialTierError wrote what it could
             _log.failure(f"volatile refill: {table}: reading the persistent tier", exc, level=logging.WARNING)
+
+
+def _level(exc: BaseException) -> int:
+    """A tier failing (it may come back) is a warning; anything else an error."""
+    return logging.WARNING if isinstance(exc, TierError) else logging.ERROR

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,9 @@ def own_cluster(tmp_path: Path) -> Iterator[RedisProcesses]:
 
 
 def _rows(keys: np.ndarray, dim: int = DIM) -> np.ndarray:
-    return (keys[:, None] * 10 + np.arange(dim)).astype(np.float32)
+    """Rows that tell keys apart, in float32's exact integers (below 2^24), so that an update
+    of ``+ 5`` is a different row (``key * 10`` of a 40-bit key would round it away)."""
+    return ((keys[:, None] % 1_000_000) * 10 + np.arange(dim)).astype(np.float32)
 
 
 def _partition_ports(address: str, table: str = T, num_partitions: int = P) -> np.ndarray:
@@ -74,6 +76,18 @@ def _restart_empty(cluster: RedisProcesses, index: int) -> None:
     cluster.servers[index].kill()
     cluster.servers[index].restart()  # same port and nodes.conf, no data
     cluster.wait_ok()
+
+
+def _load_then_lose_every_node(
+    cluster: RedisProcesses, db: RedisClusterVolatileDB, tables: Sequence[str], keys: np.ndarray, values: np.ndarray
+) -> None:
+    """Load ``keys`` into each of ``tables`` with their markers, then restart every node empty."""
+    for name in tables:
+        db.create_table(name, DIM)
+        db.insert(name, keys, values)
+        db.mark_loaded(name)
+    for i in range(len(cluster.servers)):
+        _restart_empty(cluster, i)
 
 
 # --------------------------------------------------------------------------- partition count
@@ -244,16 +258,9 @@ def test_refill_prefers_the_persistent_tiers_rows(own_cluster: RedisProcesses, t
     db = RedisClusterVolatileDB(address=own_cluster.address, num_partitions=P, retry_after=0.1)
     monitor = RefillMonitor(db, [source], persistent=persistent)
     try:
-        db.create_table(T, DIM)
-        db.insert(T, keys[:200], values[:200])
-        db.mark_loaded(T)
-        for i in range(3):
-            _restart_empty(own_cluster, i)
+        _load_then_lose_every_node(own_cluster, db, [T], keys[:200], values[:200])
         _poll(lambda: monitor.check_once() == {T: 0} and monitor.refills == P)
-        found, out = _fetch(db, keys[:200])
-        assert found.all()
-        np.testing.assert_array_equal(out[:10], values[:10] + 5)
-        np.testing.assert_array_equal(out[10:], values[10:200])
+        _assert_first_ten_updated(db, keys[:200], values[:200])
         assert db.dim(T) == DIM and db.table_names() == [T]  # the metadata came back too
         raw = redis.RedisCluster(host="127.0.0.1", port=own_cluster.servers[0].port)
         try:
@@ -264,6 +271,106 @@ def test_refill_prefers_the_persistent_tiers_rows(own_cluster: RedisProcesses, t
         monitor.stop()
         db.close()
         persistent.close()
+
+
+def _assert_first_ten_updated(db: RedisClusterVolatileDB, keys: np.ndarray, values: np.ndarray) -> None:
+    """Every key is back; the first ten with the persistent tier's update (``+ 5``)."""
+    found, out = _fetch(db, keys)
+    assert found.all()
+    np.testing.assert_array_equal(out[:10], values[:10] + 5)
+    np.testing.assert_array_equal(out[10:], values[10:])
+
+
+def test_refill_catches_the_rocksdb_secondary_up_before_reading_it(own_cluster: RedisProcesses, tmp_path: Path) -> None:
+    """A server's persistent tier is a RocksDB secondary, behind its writer until it catches
+    up: the refill catches it up first, so it does not put back rows older than RocksDB's."""
+    from hps_core.db import RocksDBPersistentDB
+
+    source, keys, values = _sparse(tmp_path, 400)
+    writer = RocksDBPersistentDB(path=tmp_path / "rocksdb")
+    writer.create_table(T, DIM)
+    writer.insert(T, keys, values)
+    secondary = RocksDBPersistentDB(path=tmp_path / "rocksdb", read_only=True, secondary_path=tmp_path / "secondary")
+    writer.insert(T, keys[:10], values[:10] + 5)  # an update the secondary has not seen yet
+    db = RedisClusterVolatileDB(address=own_cluster.address, num_partitions=P, retry_after=0.1)
+    monitor = RefillMonitor(db, [source], persistent=secondary, catch_up=secondary.refresh)
+    try:
+        _load_then_lose_every_node(own_cluster, db, [T], keys[:200], values[:200])
+        _poll(lambda: monitor.check_once() == {T: 0} and monitor.refills == P)
+        _assert_first_ten_updated(db, keys[:200], values[:200])
+    finally:
+        monitor.stop()
+        db.close()
+        secondary.close()
+        writer.close()
+
+
+def test_one_failing_table_does_not_stop_the_others(
+    own_cluster: RedisProcesses, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unexpected error of one table (here a failed claim) is logged and that table stays
+    counted as lost; the other table is refilled in the same pass."""
+    source, keys, values = _sparse(tmp_path, 1000)
+    other = RefillSource("hps_et.model.other", DIM, source.path, source.fraction)
+
+    class FailingClaims(RedisClusterVolatileDB):
+        def claim_partitions(self, table: str, partitions: Sequence[int], token: str, lock_s: float) -> list[int]:
+            if table == T:
+                raise TierError("claim refused (test)")
+            return super().claim_partitions(table, partitions, token, lock_s)
+
+    db = FailingClaims(address=own_cluster.address, num_partitions=P, retry_after=0.1)
+    monitor = RefillMonitor(db, [source, other])
+    try:
+        for name in (T, other.table):
+            db.create_table(name, DIM)
+            db.insert(name, keys[:500], values[:500])
+            db.mark_loaded(name)
+        lost = int((_partition_ports(own_cluster.address) == own_cluster.servers[1].port).sum())
+        _restart_empty(own_cluster, 1)
+        caplog.set_level(logging.WARNING, logger="hps_core")
+        _poll(lambda: monitor.check_once()[other.table] == 0 and monitor.refills)
+        assert monitor.lost_partitions() == {T: lost, other.table: 0}
+        assert monitor.refills == lost
+        out = np.zeros((500, DIM), np.float32)
+        assert db.fetch(other.table, keys[:500], out).all()
+        assert any("claim refused (test)" in r.getMessage() for r in caplog.records)
+    finally:
+        monitor.stop()
+        db.close()
+
+
+def test_metadata_refused_does_not_stop_the_refill(
+    own_cluster: RedisProcesses, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every node restarted empty, and restoring the table metadata raises ConfigError (as it
+    does when another process stored another partition count or width meanwhile): logged as
+    an error, and both tables are refilled all the same."""
+    source, keys, values = _sparse(tmp_path, 600)
+    other = RefillSource("hps_et.model.other", DIM, source.path, source.fraction)
+    refused = False
+
+    class RefusingMetadata(RedisClusterVolatileDB):
+        def create_table(self, table: str, dim: int) -> None:
+            if refused:
+                raise ConfigError("volatile_db.num_partitions: refused (test)")
+            super().create_table(table, dim)
+
+    db = RefusingMetadata(address=own_cluster.address, num_partitions=P, retry_after=0.1)
+    monitor = RefillMonitor(db, [source, other])
+    try:
+        _load_then_lose_every_node(own_cluster, db, [T, other.table], keys[:300], values[:300])
+        refused = True
+        caplog.set_level(logging.WARNING, logger="hps_core")
+        _poll(lambda: monitor.check_once() == {T: 0, other.table: 0} and monitor.refills == 2 * P)
+        for name in (T, other.table):
+            out = np.zeros((300, DIM), np.float32)
+            assert db.fetch(name, keys[:300], out).all()
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert any("restoring the table metadata: ConfigError: volatile_db.num_partitions" in m for m in errors), errors
+    finally:
+        monitor.stop()
+        db.close()
 
 
 def test_two_monitors_refill_each_partition_once(own_cluster: RedisProcesses, tmp_path: Path) -> None:
