@@ -18,6 +18,12 @@
 ``rows`` (or ``fraction``) loads only the leading rows of the file, which is what the volatile
 tier's ``initial_cache_rate`` asks for.
 
+Into a tier with per-partition load markers (:class:`~hps_core.db.base.PartitionMarkers`:
+Redis) the markers of the table are written before its rows, so that a node which restarts
+empty during or after the load loses them with its rows and the refill monitor of a server
+(``hps_core/db/redis_refill.py``) notices. A load that fails midway leaves markers over partial
+rows; it fails its caller (the server's start, ``hps load``), which loads again.
+
 :func:`load_config_tables` does this for the models and tiers of an HPS JSON; ``hps load``
 (:func:`add_load`) is its command line.
 """
@@ -40,6 +46,7 @@ import numpy as np
 from tqdm import tqdm
 
 from hps_core.config import ParameterServerConfig, TableConfig, load_config
+from hps_core.db.base import PartitionMarkers
 from hps_core.errors import ConfigError
 from hps_core.formats import SparseTable, detect_format, read_table, sparse_model_rows
 
@@ -159,12 +166,15 @@ def load_table(
     marker and the source's fingerprint and writes nothing (returns 0); after a killed
     load it continues where the marker says. ``rows`` (else ``floor(fraction * n)``) limits
     the load to the file's leading rows. ``progress`` shows a tqdm bar when stderr is a TTY.
+    Into a tier with partition markers, the markers go in first (see the module doc).
     """
     if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
         raise ConfigError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
     name = table.qualified_name
     total = _rows_to_load(_row_count(table), rows, fraction, name)
     db.create_table(name, table.dim)
+    if total > 0 and isinstance(db, PartitionMarkers):
+        db.mark_loaded(name)  # before the rows: a node lost after this loses them with its rows
     start, fp = 0, ""
     markers = _has_markers(db)
     if markers:

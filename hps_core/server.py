@@ -9,10 +9,12 @@ Loading rules (HugeCTR's, through :func:`hps_core.loader.load_table`):
   loaded from which file, so a restart over an existing RocksDB loads nothing (and a load
   that was interrupted resumes), while a changed sparse file is loaded again;
 - the volatile DB takes the first ``initial_cache_rate`` share of each sparse file. In Redis,
-  each partition then gets a load marker, and a :class:`~hps_core.db.redis_refill.RefillMonitor`
-  probes the markers every ``refill_interval_s``: the partitions of a node that came back
-  empty are refilled from the sparse files (and the persistent DB's fresher rows) in the
-  background, and those it cannot refill show in :meth:`HierarchicalParameterServer.lost_partitions`.
+  each partition gets a load marker (written before its rows, by ``load_table``), and a
+  :class:`~hps_core.db.redis_refill.RefillMonitor` probes the markers every
+  ``refill_interval_s``: the partitions of a node that came back empty are refilled from the
+  sparse files (and the persistent DB's fresher rows, read after catching a secondary up) in
+  the background, and those it cannot refill show in
+  :meth:`HierarchicalParameterServer.lost_partitions`.
 
 Several processes share one RocksDB: Triton runs each model instance of a Python-based
 backend in its own process, and RocksDB lets one process at a time hold its write lock. So a
@@ -249,9 +251,7 @@ class HierarchicalParameterServer:
         if self.volatile is not None:
             rate = self.config.volatile_db.initial_cache_rate
             for table in model.tables:
-                load_table(self.volatile, table, fraction=rate)
-                if isinstance(self.volatile, PartitionMarkers):
-                    self.volatile.mark_loaded(table.qualified_name)
+                load_table(self.volatile, table, fraction=rate)  # Redis: markers, then rows
 
     def _start_refill(self, interval_s: float) -> None:
         """Watch a Redis volatile tier for partitions a node lost, when it holds file rows."""

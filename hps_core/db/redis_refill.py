@@ -8,8 +8,10 @@ nothing: without a persistent tier its keys would answer the default vector from
   (``hps_et{<table>/p<N>}m``, see ``_redis_layout``), written once the partition's rows were
   loaded. A node that lost its data lost the markers of its partitions with it. Every
   ``interval_s`` the monitor asks for all markers at once (one pipelined EXISTS per node,
-  :meth:`~hps_core.db.redis_cluster.RedisClusterVolatileDB.check_markers`). A node that does
-  not answer is not a loss yet: only a marker that is *gone* is.
+  :meth:`~hps_core.db.base.PartitionMarkers.check_markers`, the optional tier capability
+  declared in ``base.py``). A node that does not answer is not a loss yet: only a marker that
+  is *gone* is. The markers are written *before* the rows they stand for, so a node that
+  restarts empty during or just after a load is noticed too.
 - **Refill.** Only the lost partitions are refilled, from the table's sparse file: the same
   leading ``initial_cache_rate`` share of rows the start-up fill loaded, keeping the rows
   whose partition (the layout's partition function, vectorised) is lost. Where the server has

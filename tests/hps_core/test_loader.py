@@ -196,3 +196,41 @@ def test_load_config_tables_and_selection(tmp_path: Path) -> None:
     assert again == {"persistent": {"hps_et.m.cat0": 0, "hps_et.m.cat1": 0}}
     with pytest.raises(ConfigError, match="inside each serving process"):
         load_config_tables(config, select_tables(config), tier="volatile")
+
+
+@pytest.mark.redis
+def test_volatile_load_writes_the_partition_markers_before_the_rows(tmp_path: Path) -> None:
+    """``hps load --tier volatile`` marks the partitions it loads, so that a server's refill
+    monitor does not take them for lost (and its own advice to run it is sound); the markers
+    go in before the rows, so a node emptied after the load loses them with its rows."""
+    from hps_core.db import RedisVolatileDB
+    from hps_core.db.base import PartitionMarkers
+    from tests.redis_servers import RedisProcesses
+
+    marked_at_first_insert: list[dict[str, list[int]]] = []
+
+    class Spy(RedisVolatileDB):
+        def insert(self, table: str, keys: np.ndarray, values: np.ndarray) -> None:
+            if not marked_at_first_insert:
+                marked_at_first_insert.append(self.check_markers([table]).missing)
+            super().insert(table, keys, values)
+
+    with RedisProcesses.single(tmp_path / "redis") as server:
+        config = load_config(write_config(
+            tmp_path, {"type": "redis_cluster", "address": server.address, "num_partitions": 4,
+                       "initial_cache_rate": 0.5},
+        ))
+        report = load_config_tables(config, select_tables(config), tier="volatile")
+        assert report == {"volatile": {"hps_et.m.cat0": 500, "hps_et.m.cat1": 250}}
+        db = RedisVolatileDB(address=server.address, num_partitions=4)
+        try:
+            assert isinstance(db, PartitionMarkers)
+            assert db.check_markers(["hps_et.m.cat0", "hps_et.m.cat1"]).missing == {}
+            spy = Spy(address=server.address, num_partitions=4)
+            try:
+                load_table(spy, table_config(tmp_path / "m" / "cat0", "spied"), fraction=0.5)
+            finally:
+                spy.close()
+            assert marked_at_first_insert == [{}]  # every marker was there before the first row
+        finally:
+            db.close()
