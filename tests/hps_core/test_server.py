@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +16,7 @@ from hps_core.config import load_config
 from hps_core.db import RocksDBPersistentDB
 from hps_core.errors import UnknownTableError
 from hps_core.formats import write_sparse_model
+from hps_core.logs import RateLimitedLog
 from hps_core.server import HierarchicalParameterServer
 
 
@@ -107,27 +108,50 @@ def test_unknown_model_is_named(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- Redis node lost
 
 
-def _lines_per_cause(records: list[logging.LogRecord]) -> dict[str, list[float]]:
-    """Times of the hps_core log lines, per cause. The cause is approximated from above: the
-    message with its numbers blanked (so the lines about one node, or one count, share it) cut
-    at 60 characters, which can only merge causes, never split one."""
-    lines: dict[str, list[float]] = {}
-    for record in records:
-        if record.name.startswith("hps_core") and record.levelno >= logging.INFO:
-            cause = re.sub(r"\b\d+\b", "#", record.getMessage())[:60]
-            lines.setdefault(f"{record.name}: {cause}", []).append(record.created)
-    return lines
+def _poll(done: Callable[[], object], what: str, timeout: float = 60.0) -> None:
+    """Wait until ``done()`` is true; fail naming ``what`` after a generous ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.05)
+
+
+class _LinesPerCause:
+    """Records each line a :class:`~hps_core.logs.RateLimitedLog` writes, under the cause its
+    caller gave and the limiter that took it (exactly what the limiter counts by, so two causes
+    are never merged), with the time it was written."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.times: dict[str, list[float]] = {}
+        self.warnings = 0  # lines written at WARNING or above
+        real = RateLimitedLog.log
+        lock = threading.Lock()
+
+        def spy(log: RateLimitedLog, level: int, cause: str, message: str, *, exc: BaseException | None = None) -> bool:
+            wrote = real(log, level, cause, message, exc=exc)
+            if wrote:
+                with lock:
+                    self.times.setdefault(f"{cause} (limiter {id(log):x})", []).append(time.monotonic())
+                    self.warnings += level >= logging.WARNING
+            return wrote
+
+        monkeypatch.setattr(RateLimitedLog, "log", spy)
 
 
 @pytest.mark.redis
 @pytest.mark.slow
-def test_redis_node_restarted_empty_is_refilled_under_load(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_redis_node_restarted_empty_is_refilled_under_load(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """No persistent tier: one node of three killed during a run of lookups and restarted
     empty. The refill monitor puts its partitions back from the sparse files, so that every
     key of the files answers its row again (never the default for good); the outage shows in
-    tier_errors; log lines stay at most one per second per cause."""
+    tier_errors; log lines stay at most one per second per cause.
+
+    No step waits a fixed time: each polls for what it needs, with a generous deadline."""
     from tests.redis_servers import RedisProcesses
 
+    lines = _LinesPerCause(monkeypatch)
     caplog.set_level(logging.INFO, logger="hps_core")
     with RedisProcesses.cluster(tmp_path / "redis", nodes=3) as cluster:
         path, tables = _write_config(
@@ -152,17 +176,18 @@ def test_redis_node_restarted_empty_is_refilled_under_load(tmp_path: Path, caplo
             runner = threading.Thread(target=lookups)
             runner.start()
             try:
-                time.sleep(0.3)
+                _poll(lambda: failures or len(answers) >= 3, "lookups running")
+                assert not failures and all(wrong == 0 for _, wrong in answers), (failures, answers)
                 cluster.servers[1].kill()
-                time.sleep(1.5)
-                assert not failures and any(wrong for _, wrong in answers), (failures, "the outage shows as defaults")
+                _poll(lambda: failures or any(wrong for _, wrong in answers), "the outage shows as defaults")
+                assert not failures, failures
                 cluster.servers[1].restart()
                 cluster.wait_ok()
                 restarted = time.monotonic()
-                deadline = restarted + 60
-                while not any(at > restarted and wrong == 0 for at, wrong in answers[-5:]):
-                    assert time.monotonic() < deadline and not failures, (failures, answers[-3:])
-                    time.sleep(0.05)
+                _poll(
+                    lambda: failures or any(at > restarted and wrong == 0 for at, wrong in answers[-5:]),
+                    "every key answers its row again after the restart",
+                )
             finally:
                 stop.set()
                 runner.join(timeout=30)
@@ -172,6 +197,14 @@ def test_redis_node_restarted_empty_is_refilled_under_load(tmp_path: Path, caplo
             assert counters["a"]["tier_errors"] > 0 and counters["b"]["tier_errors"] > 0
             assert server.refill is not None and server.refill.refills > 0
             assert server.lost_partitions("m") == {"a": 0, "b": 0}
-    for cause, times in _lines_per_cause(caplog.records).items():
+    # Every warning of the run went through a rate limiter (a line per request would not): its
+    # lines, and at most one summary per cause of what it held back...
+    warnings = [r.getMessage() for r in caplog.records if r.name.startswith("hps_core") and r.levelno >= logging.WARNING]
+    assert len(warnings) <= lines.warnings + len(lines.times), warnings
+    # ... and lines of one cause (the limiter's own key, so two causes are never merged) are at
+    # least a second apart. This is a minimum gap, which slow scheduling does not narrow: the
+    # limiter writes a cause's next line only once its clock is DEFAULT_LOG_INTERVAL_S (10 s)
+    # past the last, so a timestamp here would have to come 9 s late to make a gap under 1 s.
+    for cause, times in lines.times.items():
         gaps = np.diff(times)
         assert (gaps >= 1.0).all(), (cause, times)
