@@ -12,18 +12,25 @@ answer them in one pass. A failure must reach only the request that causes it:
   while encoding one response (building its output tensor) answers that request with the
   error instead of failing the whole ``execute``.
 
+The INTERNAL answers of unexpected failures are logged, one line per cause per interval: a
+fault that hits every request (a bug, a lost device) must not flood Triton's log. The model
+files log them through :class:`hps_core.logs.RateLimitedLog` writing to :func:`triton_log`
+(Triton's ``pb_utils.Logger``), and flush it in ``finalize``.
+
 Free of ``triton_python_backend_utils``: the model files pass in the functions that build
-responses, so the isolation is unit-tested without Triton.
+responses and the logger, so the isolation is unit-tested without Triton.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from hps_core.logs import LogSink
 from hps_core.request import Item, Result, answer_each
 
-__all__ = ["answer_requests", "respond"]
+__all__ = ["answer_requests", "respond", "triton_log"]
 
 
 def answer_requests(
@@ -68,3 +75,21 @@ def respond(
                 result = exc
         responses.append(error(result))
     return responses
+
+
+def triton_log(logger: Any) -> LogSink:
+    """Triton's ``pb_utils.Logger`` as a :class:`hps_core.logs.RateLimitedLog` sink, by level:
+    ERROR → ``log_error``, WARNING → ``log_warn``, INFO → ``log_info``, below (tracebacks) →
+    ``log_verbose`` (shown with ``tritonserver --log-verbose=1``)."""
+
+    def write(level: int, line: str) -> None:
+        if level >= logging.ERROR:
+            logger.log_error(line)
+        elif level >= logging.WARNING:
+            logger.log_warn(line)
+        elif level >= logging.INFO:
+            logger.log_info(line)
+        else:
+            logger.log_verbose(line)
+
+    return write

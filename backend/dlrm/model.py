@@ -36,9 +36,13 @@ import triton_python_backend_utils as pb_utils
 
 from backend.dlrm.io import Batch, split_batch, to_torch
 from backend.dlrm.network import DenseDLRM, load_dense, serving_forward
-from backend.responses import answer_requests
+from backend.responses import answer_requests, triton_log
 from backend.tensors import model_config, numpy_to_tensor, resolve_model_path, string_parameter, triton_error
 from hps_core.errors import RequestError
+from hps_core.logs import RateLimitedLog
+
+# Unexpected request failures (INTERNAL) in Triton's log: one line per cause per interval.
+_failures = RateLimitedLog(triton_log(pb_utils.Logger))
 
 
 def _parameter(config: dict, name: str, default: str | None = None) -> str:
@@ -115,12 +119,13 @@ class TritonPythonModel:
     def _error(self, exc: Exception) -> "pb_utils.InferenceResponse":
         if isinstance(exc, RequestError):
             return pb_utils.InferenceResponse(error=triton_error(pb_utils, str(exc), "INVALID_ARG"))
-        self.log.log_error(f"dlrm: request failed: {exc!r}")
+        _failures.failure("dlrm: request failed", exc)
         return pb_utils.InferenceResponse(
             error=triton_error(pb_utils, f"dlrm: {type(exc).__name__}: {exc}", "INTERNAL")
         )
 
     def finalize(self) -> None:
+        _failures.flush()  # the count of failures held back since their last line
         self.log.log_info("dlrm: finalize")
         self.net = None  # type: ignore[assignment]
 

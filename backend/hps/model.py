@@ -28,7 +28,7 @@ import triton_python_backend_utils as pb_utils
 
 from backend.hps.interface import check_interface
 from backend.hps.metrics import TritonMetrics
-from backend.responses import answer_requests
+from backend.responses import answer_requests, triton_log
 from backend.tensors import (
     model_config,
     numpy_from_tensor,
@@ -40,10 +40,13 @@ from backend.tensors import (
 from hps_core.arrays import retain_freed_memory
 from hps_core.config import gpu_cache_requested, load_config
 from hps_core.errors import HPSError, RequestError, TierError
+from hps_core.logs import RateLimitedLog
 from hps_core.metrics import MetricsCollector
 from hps_core.server import HierarchicalParameterServer
 
 _PS_ENV = "HPS_BACKEND_CONFIG_PS"
+# Unexpected request failures (INTERNAL) in Triton's log: one line per cause per interval.
+_failures = RateLimitedLog(triton_log(pb_utils.Logger))
 
 
 class TritonPythonModel:
@@ -92,6 +95,7 @@ class TritonPythonModel:
     def finalize(self) -> None:
         self._metrics.close()  # stops the publishing thread (backend/hps/metrics.py)
         self._server.close()  # drains background cache insertions, stops refreshers
+        _failures.flush()  # the count of failures held back since their last line
 
     def _collector(self, name: str, args: dict[str, Any]) -> MetricsCollector:
         tiers = ["cache", "volatile", "persistent"]
@@ -102,14 +106,14 @@ class TritonPythonModel:
 
     def _error(self, exc: Exception) -> Any:
         """The response for a request that failed: INVALID_ARG for a malformed request,
-        UNAVAILABLE when a tier failed, INTERNAL (logged) for anything unexpected."""
+        UNAVAILABLE when a tier failed, INTERNAL (logged, rate-limited) for anything unexpected."""
         if isinstance(exc, RequestError):
             code = "INVALID_ARG"
         elif isinstance(exc, TierError):
             code = "UNAVAILABLE"
         else:
             code = "INTERNAL"
-            self._logger.log_error(f"hps: request failed: {type(exc).__name__}: {exc}")
+            _failures.failure("hps: request failed", exc)
         return pb_utils.InferenceResponse(error=triton_error(pb_utils, str(exc), code))
 
     def _cache_device(self, model: Any, args: dict[str, Any]) -> int | None:

@@ -1,7 +1,25 @@
 """A stand-in for ``triton_python_backend_utils``, to drive our backends' model.py without Triton.
 
-Only for the pure adapter logic of the backends (one response per request, errors mapped to
-status codes); the end-to-end tests (tests/e2e) run the same code in a real Triton.
+The project's rule is no stand-in for Triton in Triton's own tests. This one is tolerated for
+the pure adapter logic of the backends (one response per request, errors mapped to status
+codes, rate-limited logging) because the end-to-end tests (``tests/e2e``, marker ``triton``)
+run the same model.py in a real ``tritonserver`` over the same paths:
+
+* hps (``tests/backend/hps/test_model.py``): vectors of good requests answered beside failing
+  ones → ``tests/e2e/test_hps_model.py`` (``test_output0_equals_sparse_rows_with_defaults``,
+  ``test_duplicate_keys_in_one_request``, ``test_hps_embedding_step_alone``); a malformed
+  request answered INVALID_ARG, the next one served → ``tests/e2e/test_bad_requests.py``;
+  the load-time interface check → ``tests/e2e/test_load_checks.py``; metrics →
+  ``tests/e2e/test_metrics.py``.
+* dlrm (``tests/backend/dlrm/test_network.py``): scores of good requests →
+  ``tests/e2e/test_ensemble.py::test_ensemble_scores_equal_in_process_model`` and
+  ``::test_dlrm_dense_alone_scores_without_numkeys``; uneven NUMKEYS refused INVALID_ARG →
+  ``::test_numkeys_not_one_key_per_table_per_sample_is_refused_by_name``.
+
+Not reachable through a real Triton on purpose, so tested only here: an INTERNAL answer (an
+output tensor that cannot be built, a forward pass that raises) and its rate-limited line in
+Triton's log; the code that produces it (``backend/responses.py``) is the same that answers the
+e2e requests above.
 """
 
 from __future__ import annotations
@@ -73,8 +91,11 @@ def fake_pb_utils() -> types.ModuleType:
             self.output_tensors, self.error = list(output_tensors), error
 
     class Logger:
-        lines: list[str] = []
-        log_info = log_warn = log_error = staticmethod(lambda msg: Logger.lines.append(msg))
+        records: list[tuple[str, str]] = []  # (level: info, warn, error, verbose; message)
+        log_info = staticmethod(lambda msg: Logger.records.append(("info", msg)))
+        log_warn = staticmethod(lambda msg: Logger.records.append(("warn", msg)))
+        log_error = staticmethod(lambda msg: Logger.records.append(("error", msg)))
+        log_verbose = staticmethod(lambda msg: Logger.records.append(("verbose", msg)))
 
     class Metric:
         def __init__(self, labels: dict[str, str]):

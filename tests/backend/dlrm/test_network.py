@@ -329,3 +329,24 @@ def test_a_forward_failure_fails_only_the_request_that_causes_it(triton_model):
     for i in (0, 2):
         assert responses[i].error is None
         np.testing.assert_allclose(responses[i].output_tensors[0].as_numpy()[0], expected[i], atol=1e-6)
+
+
+def test_internal_failures_are_one_log_line_per_cause_and_finalize_writes_the_count(triton_model):
+    """A forward pass that fails for every request (a lost device, a bug) logs one line per
+    cause, not one per request; finalize writes how many it held back."""
+    instance, _, pb = triton_model
+
+    def broken_forward(dense, emb):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    instance._forward = broken_forward
+    dense, emb = _inputs(2, dim=4)
+    wire_dense, wire_emb = _wire(dense, emb)
+    request = {"DENSE": pb.Tensor("DENSE", wire_dense), "EMBEDDINGS": pb.Tensor("EMBEDDINGS", wire_emb)}
+    for _ in range(30):
+        assert [r.error.code for r in instance.execute([request, request])] == ["INTERNAL", "INTERNAL"]
+    errors = [line for level, line in pb.Logger.records if level == "error"]
+    assert errors == ["dlrm: request failed: RuntimeError: CUDA error: device-side assert triggered"]
+    instance.finalize()
+    errors = [line for level, line in pb.Logger.records if level == "error"]
+    assert len(errors) == 2 and errors[1].startswith(errors[0] + " (59 like this held back in the last "), errors

@@ -94,3 +94,20 @@ def test_a_config_that_is_not_hugectrs_interface_fails_the_load(tmp_path: Path, 
     with pytest.raises(pb.TritonModelException, match=r"model 'emb': config.pbtxt output\[0\].dims \(OUTPUT0\) is \[24\]"):
         model_py.TritonPythonModel().initialize(_args(tmp_path, config))
     sys.modules.pop("backend.hps.model", None)
+
+
+def test_internal_failures_are_one_log_line_per_cause_and_finalize_writes_the_count(
+        hps_model: tuple[Any, Any]) -> None:
+    """A fault that hits every request must not flood Triton's log: the first INTERNAL failure
+    is logged (its traceback at verbose), the others held back, their count written at finalize."""
+    instance, pb = hps_model
+    pb.Tensor.refuse = staticmethod(lambda array: array.size and array.flat[0] == 70.0)
+    for _ in range(50):
+        responses = instance.execute([_request(pb, [7, 8]), _request(pb, [1, 2]), _request(pb, [7, 8])])
+        assert [r.error.code if r.error else None for r in responses] == ["INTERNAL", None, "INTERNAL"]
+    errors = [line for level, line in pb.Logger.records if level == "error"]
+    assert errors == ["hps: request failed: MemoryError: cannot allocate output tensor OUTPUT0 of 20 bytes"]
+    assert [line for level, line in pb.Logger.records if level == "verbose"][0].startswith("traceback of: hps: request")
+    instance.finalize()
+    errors = [line for level, line in pb.Logger.records if level == "error"]
+    assert len(errors) == 2 and errors[1].startswith(errors[0] + " (99 like this held back in the last "), errors
