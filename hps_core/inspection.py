@@ -10,22 +10,20 @@ Per table (from ``--config``'s models, or every table of ``--rocksdb``'s databas
   ``initial_cache_rate`` would take there: ``rows × bytes_per_row`` at the map's
   steady-state load (:func:`hps_core.db.hash_map.estimate_bytes_per_row`).
 
-Output: a plain aligned table, or ``--json``.
+Output (:func:`format_report`): a plain aligned table; ``hps inspect`` (``hps_core/cli/inspect.py``)
+prints it, or the report as JSON with ``--json``.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 from hps_core.config import ParameterServerConfig, TableConfig
-from hps_core.errors import ConfigError, FormatError
+from hps_core.errors import FormatError
 from hps_core.formats import detect_format, sparse_model_rows
 
-__all__ = ["add_inspect", "format_report", "inspect_tiers", "run_inspect"]
+__all__ = ["format_report", "inspect_tiers"]
 
 _COLUMNS = (
     ("table", "table"),
@@ -161,31 +159,3 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"volatile: {vol['type']}, initial_cache_rate {vol['initial_cache_rate']:g} "
                  "(hash map: per serving process; ~ = estimate)")
     return "\n".join(lines)
-
-
-def add_inspect(subparsers: Any) -> None:
-    """Register ``hps inspect``."""
-    parser = subparsers.add_parser(
-        "inspect",
-        help="show the tables of the tiers: rows, width, memory and disk",
-        description=("Report, per table, the rows of its sparse file, RocksDB's row estimate, "
-                     "disk size and load state, and the memory the hash map would take."),
-    )
-    parser.add_argument("--config", metavar="HPS_JSON", help="HugeCTR HPS JSON")
-    parser.add_argument("--rocksdb", metavar="DIR", help="RocksDB folder (instead of, or overriding, the config's)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.set_defaults(func=run_inspect)
-
-
-def run_inspect(args: argparse.Namespace) -> int:
-    """``hps inspect``: print the report."""
-    from hps_core.loader import cli_config
-
-    if not args.config and not args.rocksdb:
-        raise ConfigError("give --config HPS_JSON or --rocksdb DIR")
-    config = cli_config(argparse.Namespace(config=args.config, rocksdb=args.rocksdb, redis=None))
-    if not args.config:
-        config = dataclasses.replace(config, source=args.rocksdb)
-    report = inspect_tiers(config)
-    print(json.dumps(report, indent=2) if args.json else format_report(report), flush=True)
-    return 0

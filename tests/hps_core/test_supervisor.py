@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from hps_core.cli import _api_token
+from hps_core.cli.serve import _api_token
 from hps_core.errors import ConfigError
 from hps_core.serving import (
     API_TOKEN_ENV,

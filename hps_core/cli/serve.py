@@ -1,46 +1,24 @@
-"""The ``hps`` command line.
-
-Each subcommand is one registration function ``add_<name>(subparsers) -> None`` that adds
-its parser and sets ``func`` (a callable ``(args) -> int`` returning the exit code) with
-``parser.set_defaults(func=...)``. :data:`SUBCOMMANDS` lists them as ``"module:function"``
-strings, imported only when the parser is built, so a heavy subcommand (torch, CuPy) costs
-nothing to the others. To add one (``load``, ``inspect``, ``publish``, ``bench``, ``demo``),
-write its registration function in its own module and add a line to :data:`SUBCOMMANDS`.
-"""
+"""``hps serve``: Triton on a model repository, supervised (hps_core/serving.py, hps_core/supervisor.py)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
-import logging
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from hps_core import __version__
-from hps_core.errors import ConfigError, HPSError
+from hps_core.cli import SubParsers
+from hps_core.errors import ConfigError
 
-__all__ = ["SUBCOMMANDS", "build_parser", "main"]
-
-SubParsers = Any  # argparse._SubParsersAction, which is private
-Register = Callable[[SubParsers], None]
-
-#: name -> "module:registration_function" (see the module docstring).
-SUBCOMMANDS: dict[str, str] = {
-    "serve": "hps_core.cli:add_serve",
-    "load": "hps_core.loader:add_load",
-    "inspect": "hps_core.inspection:add_inspect",
-    "publish": "hps_core.cli:add_publish",
-}
+__all__ = ["add_serve", "run_serve"]
 
 
-# --------------------------------------------------------------------------- serve
 def add_serve(subparsers: SubParsers) -> None:
     """Register ``hps serve``."""
     parser = subparsers.add_parser(
@@ -219,101 +197,3 @@ class _stop_on_signals:
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-
-
-# --------------------------------------------------------------------------- publish
-_PUBLISH_CHUNK_ROWS = 1 << 20  # rows packed at a time: bounds memory for large tables
-
-
-def add_publish(subparsers: SubParsers) -> None:
-    """Register ``hps publish``."""
-    parser = subparsers.add_parser(
-        "publish",
-        help="send a table's embeddings to Kafka as online updates (HugeCTR's message format)",
-        description=(
-            "Publish every row of a table to the Kafka topic hps_et.MODEL.TABLE in HugeCTR's update "
-            "format, partitioned by key, for serving HPS instances (or HugeCTR's) to apply. "
-            "Waits until the broker acknowledged every message, re-sending what it did not take "
-            "(at least once, also across a broker restart); reports the re-sends."
-        ),
-    )
-    parser.add_argument("--brokers", required=True, metavar="HOST:PORT",
-                        help="Kafka bootstrap servers, host:port[;host:port...]")
-    parser.add_argument("--model", required=True, help="model name (the topic's middle part)")
-    parser.add_argument("--table", required=True, help="embedding table name (the topic's last part)")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--sparse-model", metavar="FOLDER", help="HugeCTR sparse model folder (key, emb_vector)")
-    source.add_argument("--npz", metavar="FILE", help=".npz archive with members keys and vectors")
-    parser.add_argument("--dim", type=int, metavar="N", help="vector size to check the file against")
-    parser.add_argument("--max-batch-size", type=int, default=8192, metavar="N",
-                        help="most key/vector pairs per message (default: %(default)s)")
-    parser.add_argument("--key-type", choices=("int64", "uint32"), default="int64",
-                        help="key width on the wire: int64 (supportlonglong: true) or uint32 (default: %(default)s)")
-    parser.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
-                        help="how long to wait for the broker to acknowledge, re-sends included "
-                             "(default: %(default)s)")
-    parser.set_defaults(func=run_publish)
-
-
-def run_publish(args: argparse.Namespace) -> int:
-    """Read the table, publish it in chunks, flush; print what was sent and re-sent."""
-    import numpy as np  # lazy: keep `hps --help` fast
-
-    from hps_core.formats import read_npz, read_sparse_model
-    from hps_core.updates import UpdateSink, topic_name
-
-    table = read_sparse_model(args.sparse_model, args.dim) if args.sparse_model else read_npz(args.npz, args.dim)
-    key_dtype = np.int64 if args.key_type == "int64" else np.uint32
-    topic = topic_name(args.model, args.table)
-    with UpdateSink(args.brokers, max_batch_size=args.max_batch_size, key_dtype=key_dtype) as sink:
-        for start in range(0, len(table), _PUBLISH_CHUNK_ROWS):
-            stop = start + _PUBLISH_CHUNK_ROWS
-            sink.publish_topic(topic, table.keys[start:stop], table.vectors[start:stop])
-        sink.flush(args.timeout)  # UpdateError (exit 1) names what is still undelivered
-        stats = sink.stats()
-    print(f"hps publish: {stats['pairs']} updates of {topic} in {stats['messages']} messages "
-          f"({stats['bytes']} bytes) delivered to {args.brokers}; {stats['resent']} re-sent",
-          flush=True)
-    return 0
-
-
-# --------------------------------------------------------------------------- entry point
-def _load_register(target: str) -> Register:
-    module_name, _, function_name = target.partition(":")
-    register: Register = getattr(importlib.import_module(module_name), function_name)
-    return register
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``hps`` parser with every subcommand of :data:`SUBCOMMANDS` registered."""
-    parser = argparse.ArgumentParser(
-        prog="hps",
-        description=(
-            "Hierarchical Parameter Server for Triton Inference Server: embedding tables in a "
-            "GPU cache, CPU memory or Redis Cluster and RocksDB, served next to a DLRM model."
-        ),
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for target in SUBCOMMANDS.values():
-        _load_register(target)(subparsers)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``hps`` console script; returns the exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        code: int = args.func(args)
-    except HPSError as exc:
-        print(f"hps {args.command}: error: {exc}", file=sys.stderr)
-        return 1
-    return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,40 @@
+"""``hps inspect``: what the tiers hold, per table (hps_core/inspection.py)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+from hps_core.cli import SubParsers
+from hps_core.cli.load import cli_config
+from hps_core.errors import ConfigError
+from hps_core.inspection import format_report, inspect_tiers
+
+__all__ = ["add_inspect", "run_inspect"]
+
+
+def add_inspect(subparsers: SubParsers) -> None:
+    """Register ``hps inspect``."""
+    parser = subparsers.add_parser(
+        "inspect",
+        help="show the tables of the tiers: rows, width, memory and disk",
+        description=("Report, per table, the rows of its sparse file, RocksDB's row estimate, "
+                     "disk size and load state, and the memory the hash map would take."),
+    )
+    parser.add_argument("--config", metavar="HPS_JSON", help="HugeCTR HPS JSON")
+    parser.add_argument("--rocksdb", metavar="DIR", help="RocksDB folder (instead of, or overriding, the config's)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(func=run_inspect)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    """``hps inspect``: print the report."""
+    if not args.config and not args.rocksdb:
+        raise ConfigError("give --config HPS_JSON or --rocksdb DIR")
+    config = cli_config(args.config, rocksdb=args.rocksdb)
+    if not args.config:
+        config = dataclasses.replace(config, source=args.rocksdb)
+    report = inspect_tiers(config)
+    print(json.dumps(report, indent=2) if args.json else format_report(report), flush=True)
+    return 0

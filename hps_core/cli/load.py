@@ -1,0 +1,87 @@
+"""``hps load``: the tables of an HPS JSON, or one .npy/.npz table, into the tiers (hps_core/loader.py)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from hps_core.cli import SubParsers
+from hps_core.config import ParameterServerConfig, TableConfig, VolatileDBConfig, load_config
+from hps_core.errors import ConfigError
+from hps_core.loader import DEFAULT_CHUNK_ROWS, TIERS, load_config_tables, select_tables
+
+__all__ = ["add_load", "cli_config", "run_load"]
+
+
+def add_load(subparsers: SubParsers) -> None:
+    """Register ``hps load``."""
+    parser = subparsers.add_parser(
+        "load",
+        help="load sparse model folders or .npy/.npz tables into RocksDB and/or Redis",
+        description=(
+            "Load the embedding tables of an HPS JSON (HugeCTR sparse model folders) or one "
+            ".npy/.npz table into the chosen tiers. Resumable: a load that is killed and run "
+            "again ends with the same content; a rerun of a finished load writes nothing. "
+            "Servers may keep serving from read-only or secondary handles meanwhile."
+        ),
+    )
+    parser.add_argument("--config", metavar="HPS_JSON", help="HugeCTR HPS JSON naming the tiers and models")
+    parser.add_argument("--model", action="append", metavar="NAME", help="load only this model (repeatable)")
+    parser.add_argument("--tables", metavar="T1,T2", help="load only these tables (plain or hps_et.<model>.<table>)")
+    parser.add_argument("--tier", choices=TIERS, default="persistent", help="tiers to fill (default: %(default)s)")
+    parser.add_argument("--redis", metavar="HOST:PORT[,...]", help="volatile tier: this Redis (cluster) instead of the config's")
+    parser.add_argument("--rocksdb", metavar="DIR", help="persistent tier: this RocksDB folder instead of the config's")
+    parser.add_argument("--npy", metavar="PATH", help="load this .npz file or keys.npy/vectors.npy folder instead of the config's tables")
+    parser.add_argument("--table", metavar="NAME", help="with --npy: table name, e.g. hps_et.dlrm.cat0")
+    parser.add_argument("--dim", type=int, metavar="D", help="with --npy: vector width")
+    parser.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, metavar="N",
+                        help="rows per step (one SST file each; default: %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run_load)
+
+
+def cli_config(path: str | None, *, rocksdb: str | None = None, redis: str | None = None) -> ParameterServerConfig:
+    """The HPS config of ``--config PATH`` with ``--rocksdb``/``--redis`` applied (or one built
+    from those alone)."""
+    config = load_config(path) if path else ParameterServerConfig(
+        volatile_db=VolatileDBConfig(type="disabled"), source="<command line>")
+    if rocksdb:
+        config = dataclasses.replace(config, persistent_db=dataclasses.replace(
+            config.persistent_db, type="rocks_db", path=str(Path(rocksdb).absolute())))
+    if redis:
+        vdb = config.volatile_db if config.volatile_db.type == "redis_cluster" else VolatileDBConfig(
+            type="redis_cluster", initial_cache_rate=config.volatile_db.initial_cache_rate)
+        config = dataclasses.replace(config, volatile_db=dataclasses.replace(vdb, address=redis))
+    if not path and not rocksdb and not redis:
+        raise ConfigError("give --config HPS_JSON, or --rocksdb DIR / --redis HOST:PORT")
+    return config
+
+
+def _npy_table(args: argparse.Namespace) -> TableConfig:
+    if not args.table or args.dim is None:
+        raise ConfigError("--npy needs --table NAME (e.g. hps_et.dlrm.cat0) and --dim D")
+    if not args.table.startswith("hps_et.") or args.table.count(".") < 2:
+        raise ConfigError(f"--table {args.table!r}: tables are named hps_et.<model>.<table>")
+    path = str(Path(args.npy).absolute())
+    return TableConfig(name=args.table.split(".", 2)[2], dim=args.dim, default_value=0.0,
+                       max_keys_per_sample=1, sparse_file=path, qualified_name=args.table)
+
+
+def run_load(args: argparse.Namespace) -> int:
+    """``hps load``: print one line per table and tier, rows written."""
+    config = cli_config(args.config, rocksdb=args.rocksdb, redis=args.redis)
+    if args.npy:
+        tables = [_npy_table(args)]
+    else:
+        if not args.config:
+            raise ConfigError("give --config HPS_JSON (or --npy PATH --table NAME --dim D)")
+        names = [t for t in (args.tables or "").split(",") if t]
+        tables = select_tables(config, args.model, names)
+    report = load_config_tables(config, tables, tier=args.tier, progress=not args.no_progress,
+                                chunk_rows=args.chunk_rows)
+    for tier_name, rows in report.items():
+        for table, written in rows.items():
+            state = "already loaded" if written == 0 else f"{written} rows written"
+            print(f"hps load: {tier_name:<10} {table}: {state}", flush=True)
+    return 0
