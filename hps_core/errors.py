@@ -1,34 +1,55 @@
-"""Exceptions raised by the parameter server.
+"""Exceptions raised by the parameter server: every exception class of hps_core is here.
 
 Every error the library raises derives from :class:`HPSError`, so a caller (the Triton
-backend, the CLI) can tell ours from bugs. Third-party errors (rocksdict, redis, kafka) are
-translated where they enter, ``raise TierError(...) from exc``::
+backend, the CLI) can tell ours from bugs. Third-party errors are translated where they
+enter, ``raise TierError(...) from exc``, by one helper per library beside the module that
+owns it: ``translate_redis`` (hps_core.db.redis_cluster), ``translate_rocksdb``
+(hps_core.db.rocksdb), ``translate_kafka`` (hps_core.updates.sink), ``translate_cupy``
+(hps_core.cache.gpu). Which of these errors are worth another attempt is data, a
+:class:`~hps_core.retry.RetryPolicy`. The tree (tests/hps_core/test_errors.py checks it
+against the classes below)::
 
     HPSError
      ├── ConfigError        an HPS JSON or model setting is invalid (names field and file)
      ├── FormatError        a sparse model folder or table file is malformed
      ├── RequestError       a lookup request is malformed (wrong dtype, shape, counts)
      │    └── UnknownTableError   a table or model that is not deployed
-     └── TierError          a storage tier failed (I/O, connection); callers degrade to the next tier
-          ├── TierBusyError  another process holds the tier exclusively (RocksDB's write lock)
-          └── PartialTierError  some nodes of a tier answered a fetch and some failed: carries
-                                the rows found and the keys whose node failed
+     ├── TierError          a storage tier failed (I/O, connection); callers degrade to the next tier
+     │    ├── TierBusyError     another process holds the tier exclusively (RocksDB's write lock)
+     │    ├── PartialTierError  some nodes of a tier answered a fetch and some failed: carries
+     │    │                     the rows found and the keys whose node failed
+     │    └── StoredWidthError  a stored row's size is not its table's width (written with another dim)
+     ├── CacheFullError     a static cache table has no room for the new keys of a replace
+     ├── DeviceError        the GPU failed (CuPy/CUDA: out of memory, a kernel that does not compile)
+     ├── UpdateError        the Kafka update path failed (broker unreachable, delivery failed)
+     │    └── MalformedMessage  a message breaks HugeCTR's wire format; skipped, never retried
+     ├── ServingError       the Triton server could not be found, staged, started or stopped
+     └── ToolNotFoundError  an external program (perf_analyzer, tansu, redis-server) is not installed
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "CacheFullError",
     "ConfigError",
+    "DeviceError",
     "FormatError",
     "HPSError",
+    "MalformedMessage",
     "PartialTierError",
     "RequestError",
+    "ServingError",
+    "StoredWidthError",
     "TierBusyError",
     "TierError",
+    "ToolNotFoundError",
     "UnknownTableError",
+    "UpdateError",
 ]
 
 
@@ -79,13 +100,44 @@ class PartialTierError(TierError):
         self.failed = failed
 
 
-# Online updates (hps_core.updates), appended to the tree above:
-#     HPSError
-#      └── UpdateError           the Kafka update path failed (broker unreachable, delivery failed)
-#           └── MalformedMessage  (hps_core.updates.wire) a message breaks HugeCTR's wire format
+class StoredWidthError(TierError):
+    """A stored row whose size is not ``4 × width`` bytes: the table was written with another
+    dim. ``position``: the index of the offending reply in the batch that found it."""
+
+    def __init__(self, message: str, position: int = -1) -> None:
+        super().__init__(message)
+        self.position = position
+
+
+class CacheFullError(HPSError):
+    """Static cache tables cannot take the new keys of a replace: nothing was written.
+
+    ``tables``: the indices of the tables without room (a caller may retry without their rows).
+    """
+
+    def __init__(self, message: str, tables: Sequence[int] = ()) -> None:
+        super().__init__(message)
+        self.tables = tuple(int(t) for t in tables)
+
+
+class DeviceError(HPSError):
+    """The GPU failed under a cache: CuPy or CUDA ran out of device memory, a kernel did not
+    compile, or a call on the device failed. The message names the device and the step."""
+
+
 class UpdateError(HPSError):
     """The online-update path (Kafka sink or source) failed: broker unreachable, delivery
     failed, a message that cannot be applied."""
 
 
-__all__ += ["UpdateError"]
+class MalformedMessage(UpdateError, ValueError):
+    """A Kafka payload is not a valid HugeCTR update message (bad magic, wrong vector size,
+    truncated). The whole message is refused; nothing of it is applied."""
+
+
+class ServingError(HPSError, RuntimeError):
+    """The Triton server could not be found, staged, started or stopped."""
+
+
+class ToolNotFoundError(HPSError, FileNotFoundError):
+    """An external program is not installed; the message says how to get it."""

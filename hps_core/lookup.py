@@ -40,10 +40,10 @@ from numba import njit
 
 from hps_core.arrays import array_module, device_context, to_host
 from hps_core.background import BackgroundQueue
-from hps_core.cache.base import CacheFullError, EmbeddingCache, MultiTableCache, TableView
+from hps_core.cache.base import EmbeddingCache, MultiTableCache, TableView
 from hps_core.config import ModelConfig
 from hps_core.db.base import EmbeddingTier
-from hps_core.errors import ConfigError, PartialTierError, RequestError, TierError
+from hps_core.errors import CacheFullError, ConfigError, PartialTierError, RequestError, TierError
 from hps_core.grouping import pairs_in
 from hps_core.request import BatchPlan, CheckedRequest, TableLayout, answer_each, check_request, plan_batch
 from hps_core.rows import copy_rows, fill_rows, row_offsets

@@ -61,14 +61,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from hps_core.errors import HPSError
+from hps_core.errors import HPSError, ServingError
 
 __all__ = [
     "API_TOKEN_ENV",
     "API_TOKEN_HEADER",
     "GRPC_API_TOKEN_HEADER",
     "ServerExit",
-    "ServingError",
     "TritonBundle",
     "TritonServer",
     "find_bundle",
@@ -102,10 +101,6 @@ GRPC_API_TOKEN_HEADER = f"triton-grpc-protocol-{API_TOKEN_HEADER}"
 # (Triton parses `<apis>:<header>=<value>`, so no ':', '=' or ',' in it).
 _RESTRICTED_APIS = ("model-repository", "shared-memory")
 _TOKEN = re.compile(r"[A-Za-z0-9._~+/-]{16,}")
-
-
-class ServingError(HPSError, RuntimeError):
-    """The Triton server could not be found, staged, started or stopped."""
 
 
 # --------------------------------------------------------------------------- discovery

@@ -14,7 +14,7 @@ SIGKILLed, cause ``unresponsive``), the supervisor
 4. starts a new server on the same ports.
 
 A server that dies more than ``max_restarts`` times within ``window_s`` is not started again:
-:meth:`Supervisor.run` raises :class:`~hps_core.serving.ServingError`, with nothing left behind.
+:meth:`Supervisor.run` raises :class:`~hps_core.errors.ServingError`, with nothing left behind.
 
 The counts are served as Prometheus text by :class:`MetricsEndpoint` on a port of its own:
 Triton's ``/metrics`` port belongs to the process that just died, and its counters restart
@@ -36,7 +36,8 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from hps_core.serving import ServerExit, ServingError, TritonServer
+from hps_core.errors import ServingError
+from hps_core.serving import ServerExit, TritonServer
 
 __all__ = ["MetricsEndpoint", "RestartPolicy", "ServeMetrics", "Supervisor", "adopt_orphans"]
 

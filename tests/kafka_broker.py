@@ -33,7 +33,8 @@ import numpy as np
 import numpy.typing as npt
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from hps_core.tools import Tool, ToolNotFoundError, find_tansu
+from hps_core.errors import ToolNotFoundError
+from hps_core.tools import Tool, find_tansu
 from hps_core.updates import decode
 
 __all__ = ["KafkaBroker", "TopicReader", "broker_or_skip", "free_loopback_port"]

@@ -24,7 +24,6 @@ import numpy as np
 
 from hps_core.cache.base import (
     WAYS,
-    CacheFullError,
     EmbeddingCache,
     MultiTableCache,
     TableView,
@@ -35,7 +34,6 @@ from hps_core.errors import ConfigError
 
 __all__ = [
     "WAYS",
-    "CacheFullError",
     "CpuDynamicCache",
     "CpuEmbeddingCache",
     "CpuStaticCache",

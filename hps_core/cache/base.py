@@ -39,7 +39,7 @@ miss or a complete vector that was stored under that key at some moment during t
 never a mix of two writes, never another key's vector. ``clear`` is safe beside queries on
 the dynamic caches; on static tables it must not overlap other calls (see docs/cache.md).
 
-Errors (all from :mod:`hps_core.errors`, plus the one defined here)::
+Errors (all from :mod:`hps_core.errors`)::
 
     HPSError
      ├── ConfigError     bad constructor argument (dim, capacity, policy, dtype, device)
@@ -57,11 +57,10 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from hps_core.arrays import array_module, device_context
-from hps_core.errors import ConfigError, HPSError, RequestError
+from hps_core.errors import CacheFullError, ConfigError, RequestError
 
 __all__ = [
     "AccessClock",
-    "CacheFullError",
     "CacheLayout",
     "EmbeddingCache",
     "MultiTableCache",
@@ -87,16 +86,6 @@ KEY_DTYPES = (np.dtype(np.int64), np.dtype(np.uint32))
 
 Array = Any  # numpy.ndarray on CPU caches, cupy.ndarray on GPU caches
 
-
-class CacheFullError(HPSError):
-    """Static tables cannot take the new keys of a replace: nothing was written.
-
-    ``tables``: the indices of the tables without room (a caller may retry without their rows).
-    """
-
-    def __init__(self, message: str, tables: Sequence[int] = ()) -> None:
-        super().__init__(message)
-        self.tables = tuple(int(t) for t in tables)
 
 
 @runtime_checkable

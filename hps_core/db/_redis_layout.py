@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from hps_core.errors import StoredWidthError
 from hps_core.hashing import partition_array
 from hps_core.rows import join_rows
 
@@ -51,7 +52,6 @@ __all__ = [
     "PARTITIONS_KEY",
     "Chunk",
     "Plan",
-    "StoredWidthError",
     "decode_replies",
     "decode_rows",
     "interleave",
@@ -179,15 +179,6 @@ def interleave(fields: list[bytes], values: list[bytes]) -> list[bytes]:
     return args
 
 
-class StoredWidthError(ValueError):
-    """A stored value whose size is not ``4 × width`` bytes (written with another width)."""
-
-    def __init__(self, position: int, size: int, width: int) -> None:
-        super().__init__(f"a stored value is {size} bytes, not {4 * width} ({width} float32)")
-        self.position = position  # index of the reply
-        self.width = width
-
-
 def decode_rows(
     replies: list[Any], widths: npt.NDArray[np.int64]
 ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.float32], npt.NDArray[np.int64]]:
@@ -204,14 +195,16 @@ def decode_rows(
     expected = widths[mask]
     data, starts, bad = join_rows(hits, expected)
     if bad >= 0:
-        raise StoredWidthError(int(np.flatnonzero(mask)[bad]), len(hits[bad]), int(expected[bad]))
+        size, width = len(hits[bad]), int(expected[bad])
+        raise StoredWidthError(f"a stored value is {size} bytes, not {4 * width} ({width} float32)",
+                               int(np.flatnonzero(mask)[bad]))
     return mask, data, starts
 
 
 def decode_replies(replies: list[Any], dim: int) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.float32]]:
     """HMGET replies of one table (``bytes`` or None) → found mask and the found rows (hits, dim).
 
-    Raises StoredWidthError (a ValueError) when a stored value is not ``4·dim`` bytes.
+    Raises StoredWidthError (a TierError) when a stored value is not ``4·dim`` bytes.
     """
     mask, data, _ = decode_rows(replies, np.full(len(replies), dim, np.int64))
     return mask, data.reshape(-1, dim)

@@ -105,7 +105,7 @@ from hps_core.db.base import (
     check_values,
     unknown_table,
 )
-from hps_core.errors import ConfigError, PartialTierError, RequestError, TierError
+from hps_core.errors import ConfigError, PartialTierError, RequestError, StoredWidthError, TierError
 from hps_core.logs import RateLimitedLog
 from hps_core.rows import copy_rows
 
@@ -426,9 +426,10 @@ class _RedisTier:
         sorted_ids = ids[batch.order]
         try:
             mask, rows, starts = layout.decode_rows(flat, tables.dims[sorted_ids])
-        except layout.StoredWidthError as exc:
+        except StoredWidthError as exc:
             table = tables.names[int(sorted_ids[exc.position])]
-            raise TierError(f"{self._kind}: table {table!r}: {exc}; the stored table and its dim disagree") from exc
+            raise StoredWidthError(f"{self._kind}: table {table!r}: {exc}; the stored table and its dim disagree",
+                                   exc.position) from exc
         positions = batch.order[mask]
         copy_rows(rows, starts, out, offsets[positions], ids[positions], tables.dims)
         found[positions] = True

@@ -9,17 +9,17 @@
 - :class:`TierUpdateApplier`: applies batches into an EmbeddingTier, with an ``on_applied``
   hook for cache refresh.
 
-Errors: :class:`~hps_core.errors.UpdateError`, and its subclass :class:`MalformedMessage`
+Errors: :class:`~hps_core.errors.UpdateError`, and its subclass :class:`~hps_core.errors.MalformedMessage`
 for payloads that break the format.
 """
 
 from __future__ import annotations
 
-from hps_core.errors import UpdateError
+from hps_core.errors import MalformedMessage, UpdateError
 from hps_core.updates.applier import OnApplied, TierUpdateApplier, UpdateApplier
 from hps_core.updates.sink import FlushResult, UpdateSink
 from hps_core.updates.source import UpdateSource, consumer_group_id
-from hps_core.updates.wire import MalformedMessage, decode, encode, parse_topic, topic_name
+from hps_core.updates.wire import decode, encode, parse_topic, topic_name
 
 __all__ = [
     "FlushResult",

@@ -58,11 +58,11 @@ import numpy.typing as npt
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException, TopicPartition
 
 from hps_core.config import DEFAULT_UPDATE_FILTERS, ParameterServerConfig, UpdateSourceConfig
-from hps_core.errors import ConfigError
+from hps_core.errors import ConfigError, MalformedMessage
 from hps_core.logs import DEFAULT_LOG_INTERVAL_S, RateLimitedLog
 from hps_core.updates.applier import UpdateApplier
 from hps_core.updates.sink import KafkaClientLog, kafka_brokers
-from hps_core.updates.wire import TOPIC_PREFIX, MalformedMessage, decode
+from hps_core.updates.wire import TOPIC_PREFIX, decode
 
 __all__ = ["SUBSCRIPTION", "UpdateSource", "consumer_group_id"]
 

@@ -27,7 +27,7 @@ One Kafka message carries updates of one table, all little-endian, with no paddi
   hashes the key correctly only for single-pair posts; for multi-pair posts it hashes a
   pointer, ``HCTR_KEY_GROUP_OF_KEY(&k)``. We hash the key in both cases.)
 
-Errors: a payload that breaks the format raises :class:`MalformedMessage`.
+Errors: a payload that breaks the format raises :class:`~hps_core.errors.MalformedMessage`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from functools import lru_cache
 import numpy as np
 import numpy.typing as npt
 
-from hps_core.errors import RequestError, UpdateError
+from hps_core.errors import MalformedMessage, RequestError
 
 __all__ = [
     "BEACON_TOPIC",
@@ -47,7 +47,6 @@ __all__ = [
     "DEFAULT_SEND_BUFFER_SIZE",
     "HEADER_SIZE",
     "MAGIC",
-    "MalformedMessage",
     "TOPIC_PREFIX",
     "decode",
     "encode",
@@ -75,11 +74,6 @@ _HEADER = struct.Struct("<II")
 _NAME_SYNTAX = re.compile(r"[a-zA-Z0-9_\-]{1,120}")
 _TOPIC_SYNTAX = re.compile(rf"{TOPIC_PREFIX}\.([a-zA-Z0-9_\-]{{1,120}})\.([a-zA-Z0-9_\-]{{1,120}})")
 _KEY_DTYPES = {np.dtype(np.int64): "<i8", np.dtype(np.uint32): "<u4"}
-
-
-class MalformedMessage(UpdateError, ValueError):
-    """A Kafka payload is not a valid HugeCTR update message (bad magic, wrong vector size,
-    truncated). The whole message is refused; nothing of it is applied."""
 
 
 # --------------------------------------------------------------------------- topics

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from hps_core.serving import ServingError, TritonServer
+from hps_core.errors import ServingError
+from hps_core.serving import TritonServer
 from tests.e2e.models import HUGECTR_STYLE_CONFIG, E2EModels
 
 pytestmark = pytest.mark.triton

@@ -29,7 +29,7 @@ from hps_core.config import load_config
 from hps_core.formats import write_sparse_model
 from hps_core.loader import load_config_tables
 from hps_core.serving import TritonServer
-from hps_core.tools import ToolNotFoundError
+from hps_core.errors import ToolNotFoundError
 from hps_core.updates import UpdateSink
 from hps_demo.client import infer, make_client
 from tests.e2e.models import COMMITTED_REPOSITORY

@@ -24,8 +24,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from hps_core.errors import ServingError
 from hps_core.serving import (
-    ServingError,
     TritonServer,
     find_bundle,
     gpu_count,

@@ -21,12 +21,11 @@ from pathlib import Path
 import pytest
 
 from hps_core.cli.serve import _api_token
-from hps_core.errors import ConfigError
+from hps_core.errors import ConfigError, ServingError
 from hps_core.serving import (
     API_TOKEN_ENV,
     API_TOKEN_HEADER,
     GRPC_API_TOKEN_HEADER,
-    ServingError,
     TritonServer,
     exit_cause,
 )

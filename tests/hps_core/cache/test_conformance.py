@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from hps_core.cache import WAYS, CacheFullError, EmbeddingCache, make_cache
-from hps_core.errors import ConfigError, RequestError
+from hps_core.cache import WAYS, EmbeddingCache, make_cache
+from hps_core.errors import CacheFullError, ConfigError, RequestError
 
 IMPLS = [
     pytest.param(("cpu", "dynamic"), id="cpu-dynamic"),

@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from hps_core.cache import WAYS, CacheFullError, CpuDynamicCache, CpuStaticCache, EmbeddingCache, TableView
+from hps_core.cache import WAYS, CpuDynamicCache, CpuStaticCache, EmbeddingCache, TableView
 from hps_core.cache import gpu
 from hps_core.cache._kernels import MAX_GPU_DIM, vector_shape, vector_shapes
-from hps_core.errors import ConfigError, RequestError
+from hps_core.errors import CacheFullError, ConfigError, RequestError
 from hps_core.rows import copy_rows, row_offsets
 
 DIMS = np.array([8, 3, 16], np.int64)  # gcd 1: VEC 1

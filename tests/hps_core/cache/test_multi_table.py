@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from hps_core.cache import CacheFullError, MultiTableCache, TableView, make_multi_table_cache
+from hps_core.cache import MultiTableCache, TableView, make_multi_table_cache
 from hps_core.cache.base import WAYS
 from hps_core.cache.cpu import CpuDynamicCache
-from hps_core.errors import ConfigError, RequestError
+from hps_core.errors import CacheFullError, ConfigError, RequestError
 from hps_core.rows import row_offsets
 
 IMPLS = [
