@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from backend.dlrm.network import DLRM, save_dense
+from backend.dlrm.network import save_dense
 from hps_core.formats import write_sparse_model
 from hps_demo.data import Dataset, auc
+from hps_demo.model import DLRM
 
 __all__ = [
     "ExportedModel",
@@ -169,7 +170,7 @@ def export_model(
         write_sparse_model(folder, key_map[seen].astype(np.int64), weights[seen])
         folders.append(folder)
         exported.append(int(seen.sum()))
-    dense_path = save_dense(model, dense_weights)
+    dense_path = save_dense(model.dense, dense_weights)
     return ExportedModel(
         sparse_files=tuple(folders),
         rows_per_table=tuple(exported),

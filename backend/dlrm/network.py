@@ -1,5 +1,6 @@
-"""The DLRM network (PyTorch): the dense part that the ``dlrm`` backend serves, and the full
-trainable model used only by the demo's training.
+"""The DLRM network (PyTorch) that the ``dlrm`` backend serves: the dense part alone, the
+embeddings coming from the parameter server (the trainable model with its tables is the demo's,
+``hps_demo/model.py``).
 
 DenseDLRM (Naumov et al., 2019, "Deep Learning Recommendation Model")::
 
@@ -22,12 +23,10 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 __all__ = [
-    "DLRM",
     "DenseDLRM",
     "hparams_path",
     "load_dense",
@@ -99,68 +98,13 @@ class DenseDLRM(nn.Module):
         return torch.sigmoid(self.logits(dense, emb))
 
 
-class DLRM(nn.Module):
-    """Trainable DLRM: embedding tables (indexed by row) plus a :class:`DenseDLRM`.
-
-    All tables live in one ``nn.Embedding`` with per-table row offsets: one gather per batch
-    instead of one per table, and sparse gradients so an optimiser step touches only the rows
-    of the batch. ``seen`` marks the rows that training looked up; export writes only those.
-    """
-
-    offsets: torch.Tensor  # registered buffers
-    seen: torch.Tensor
-
-    def __init__(
-        self,
-        rows_per_table: Sequence[int],
-        *,
-        n_dense: int = 13,
-        dim: int = 16,
-        bottom: Sequence[int] = (64, 32),
-        top: Sequence[int] = (128, 64),
-    ) -> None:
-        super().__init__()
-        sizes = torch.tensor([int(r) for r in rows_per_table], dtype=torch.int64)
-        self.rows_per_table = tuple(int(r) for r in sizes)
-        self.register_buffer("offsets", torch.cumsum(sizes, 0) - sizes)
-        self.register_buffer("seen", torch.zeros(int(sizes.sum()), dtype=torch.bool))
-        self.embedding = nn.Embedding(int(sizes.sum()), dim, sparse=True)
-        # Small uniform init (DLRM uses ±sqrt(1/rows), far too small for 100k-row tables).
-        nn.init.uniform_(self.embedding.weight, -0.05, 0.05)
-        self.dense = DenseDLRM(
-            n_dense=n_dense, n_tables=len(self.rows_per_table), dim=dim, bottom=bottom, top=top
-        )
-
-    def lookup(self, rows: torch.Tensor) -> torch.Tensor:
-        """``rows`` int64[B, n_tables] (row ids per table) -> embeddings [B, n_tables, dim]."""
-        flat = rows + self.offsets
-        if self.training:
-            self.seen[flat.reshape(-1)] = True
-        return self.embedding(flat)
-
-    def logits(self, dense: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return self.dense.logits(dense, self.lookup(rows))
-
-    def forward(self, dense: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.logits(dense, rows))
-
-    def table(self, j: int) -> tuple[np.ndarray, np.ndarray]:
-        """Table ``j`` as (weights float32[rows_j, dim], seen bool[rows_j]) numpy copies."""
-        start = int(self.offsets[j])
-        stop = start + self.rows_per_table[j]
-        with torch.no_grad():
-            weights = self.embedding.weight[start:stop].detach().cpu().numpy().copy()
-        return weights, self.seen[start:stop].cpu().numpy().copy()
-
-
 def hparams_path(weights_path: str | Path) -> Path:
     """``dense.pt`` -> ``dense.json`` (the hyper-parameters live beside the weights)."""
     return Path(weights_path).with_suffix(".json")
 
 
-def save_dense(model: DenseDLRM | DLRM, path: str | Path) -> Path:
+def save_dense(net: DenseDLRM, path: str | Path) -> Path:
     """Write ``path`` (state_dict) and its ``.json`` hyper-parameters; returns ``path``."""
-    net = model.dense if isinstance(model, DLRM) else model
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}

@@ -12,7 +12,7 @@ import torch
 
 from backend.dlrm.io import check_numkeys, split_batch, to_torch
 from backend.tensors import numpy_from_tensor
-from backend.dlrm.network import DLRM, DenseDLRM, load_dense, predict, save_dense, serving_forward
+from backend.dlrm.network import DenseDLRM, load_dense, predict, save_dense, serving_forward
 from hps_core.errors import RequestError
 from tests.backend.fake_pb_utils import FakeTensor, fake_pb_utils
 
@@ -64,29 +64,11 @@ def test_save_load_round_trip(tmp_path):
         torch.testing.assert_close(loaded(dense, emb), net(dense, emb), rtol=0, atol=1e-6)
 
 
-def test_save_full_model_saves_dense_part(tmp_path):
-    model = DLRM((10, 20), dim=4)
-    save_dense(model, tmp_path / "dense.pt")
-    assert load_dense(tmp_path / "dense.pt").n_tables == 2
-
-
 def test_load_needs_json(tmp_path):
     path = save_dense(DenseDLRM(n_tables=2, dim=4), tmp_path / "dense.pt")
     path.with_suffix(".json").unlink()
     with pytest.raises(FileNotFoundError, match="dense.json"):
         load_dense(path)
-
-
-def test_dlrm_lookup_offsets_and_seen():
-    model = DLRM((3, 5), dim=4)
-    rows = torch.tensor([[2, 4], [0, 0]])
-    emb = model.lookup(rows)
-    w = model.embedding.weight
-    torch.testing.assert_close(emb[0, 1], w[3 + 4])
-    torch.testing.assert_close(emb[1, 0], w[0])
-    assert model.seen.nonzero().ravel().tolist() == [0, 2, 3, 7]
-    weights, seen = model.table(1)
-    assert weights.shape == (5, 4) and seen.tolist() == [True, False, False, False, True]
 
 
 def test_predict_casts_and_does_not_track_grad():
