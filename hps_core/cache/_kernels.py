@@ -3,10 +3,12 @@
 :func:`load` compiles one family (one ``.cu`` file) for one cache when the cache is made:
 ``cupy.RawModule(code=source(family), options=..., name_expressions=[...])`` with every
 template instantiation the cache can ask for, memoized per (device, family, key type,
-value type, vector shapes). It returns the kernels by name, per vector width::
+value type, vector shapes). It returns the kernels by name: per vector width for those
+templated on it, once for the others (:class:`Kernels`)::
 
     kernels = load("dynamic", np.int64, np.float32, dims=[8, 3, 16], device=0)
-    kernels[vec]["dc_query"]        # vec from vector_shape(dims, *buffer pointers)
+    kernels.by_vec[vec]["dc_query"]  # vec from vector_shape(dims, *buffer pointers)
+    kernels.no_vec["dc_dump"]        # templated on the key type only, or extern "C"
 
 :func:`source` is the text handed to NVRTC: the ``.cu`` file with ``kernels/common.cuh``
 pasted over its ``#include`` line. CuPy caches compiled code (in memory and on disk) by
@@ -34,7 +36,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -46,6 +48,7 @@ __all__ = [
     "HEADER",
     "MAX_GPU_DIM",
     "Family",
+    "Kernels",
     "all_variants",
     "kernel_dir",
     "kernel_names",
@@ -60,6 +63,7 @@ MAX_GPU_DIM = 1024
 COMPILE_OPTIONS = ("-std=c++17",)
 HEADER = "common.cuh"
 _VECS = (4, 2, 1)
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,21 @@ FAMILIES: dict[str, Family] = {
                      key_kernels=("st_count_new", "st_dump"), plain_kernels=("st_clear",)),
     "rows": Family("rows.cu", vec_kernels=("copy_rows",)),
 }
+
+
+@dataclass(frozen=True)
+class Kernels(Generic[_T]):
+    """The kernels of one family for one cache, by name: their C++ name expressions
+    (:func:`kernel_names`) or the compiled ``cupy.RawKernel`` (:func:`load`)."""
+
+    by_vec: dict[int, dict[str, _T]]  # VEC -> name -> kernel: row_kernels and vec_kernels
+    no_vec: dict[str, _T]  # name -> kernel: key_kernels and plain_kernels (no vector width)
+
+    def expressions(self) -> set[_T]:
+        """Every kernel once (the name expressions a module is compiled with)."""
+        return {k for per_vec in self.by_vec.values() for k in per_vec.values()} | set(self.no_vec.values())
+
+
 _KEY_CTYPES: dict[np.dtype[Any], str] = {np.dtype(np.int64): "long long", np.dtype(np.uint32): "unsigned int"}
 _VALUE_CTYPES: dict[np.dtype[Any], str] = {np.dtype(np.float32): "float", np.dtype(np.float16): "hps_half"}
 
@@ -134,19 +153,18 @@ def vector_shape(dims: Sequence[int], *pointers: int) -> tuple[int, int]:
     return vec, shapes[vec]
 
 
-def kernel_names(family: str, key_dtype: Any, value_dtype: Any, shapes: dict[int, int]) -> dict[int, dict[str, str]]:
-    """VEC -> {kernel: C++ name expression} of ``family`` for one dtype pair and the vector
-    shapes ``shapes`` (VEC -> NV)."""
+def kernel_names(family: str, key_dtype: Any, value_dtype: Any, shapes: dict[int, int]) -> Kernels[str]:
+    """The C++ name expression of every kernel of ``family`` for one dtype pair and the
+    vector shapes ``shapes`` (VEC -> NV)."""
     fam = FAMILIES[family]
     k, v = _KEY_CTYPES[np.dtype(key_dtype)], _VALUE_CTYPES[np.dtype(value_dtype)]
-    names: dict[int, dict[str, str]] = {}
-    for vec, nv in shapes.items():
-        per_vec = {name: f"{name}<{k}, {v}, {vec}, {nv}>" for name in fam.row_kernels}
-        per_vec |= {name: f"{name}<{vec}>" for name in fam.vec_kernels}
-        per_vec |= {name: f"{name}<{k}>" for name in fam.key_kernels}
-        per_vec |= {name: name for name in fam.plain_kernels}
-        names[vec] = per_vec
-    return names
+    by_vec = {
+        vec: {name: f"{name}<{k}, {v}, {vec}, {nv}>" for name in fam.row_kernels}
+        | {name: f"{name}<{vec}>" for name in fam.vec_kernels}
+        for vec, nv in shapes.items()
+    }
+    no_vec = {name: f"{name}<{k}>" for name in fam.key_kernels} | {name: name for name in fam.plain_kernels}
+    return Kernels(by_vec, no_vec)
 
 
 def all_variants() -> Iterator[tuple[str, np.dtype[Any], np.dtype[Any], int, int]]:
@@ -163,22 +181,25 @@ def all_variants() -> Iterator[tuple[str, np.dtype[Any], np.dtype[Any], int, int
 
 @functools.lru_cache(maxsize=None)
 def _compile(device: int, family: str, key_dtype: np.dtype, value_dtype: np.dtype,
-             shapes: tuple[tuple[int, int], ...]) -> dict[int, dict[str, Any]]:
+             shapes: tuple[tuple[int, int], ...]) -> Kernels[Any]:
     import cupy  # lazy: only GPU caches get here
 
     names = kernel_names(family, key_dtype, value_dtype, dict(shapes))
-    expressions = sorted({expr for per_vec in names.values() for expr in per_vec.values()})
     with cupy.cuda.Device(device):
-        module = cupy.RawModule(code=source(family), options=COMPILE_OPTIONS, name_expressions=expressions)
+        module = cupy.RawModule(code=source(family), options=COMPILE_OPTIONS,
+                                name_expressions=sorted(names.expressions()))
         module.compile()  # compile now, on this device, not at the first launch
-        return {vec: {name: module.get_function(expr) for name, expr in per_vec.items()}
-                for vec, per_vec in names.items()}
+        return Kernels(
+            {vec: {name: module.get_function(expr) for name, expr in per_vec.items()}
+             for vec, per_vec in names.by_vec.items()},
+            {name: module.get_function(expr) for name, expr in names.no_vec.items()},
+        )
 
 
-def load(family: str, key_dtype: Any, value_dtype: Any, dims: Sequence[int], device: int) -> dict[int, dict[str, Any]]:
-    """The compiled kernels of ``family`` for a cache of tables ``dims`` on ``device``:
-    VEC -> {kernel name -> ``cupy.RawKernel``} for every VEC of :func:`vector_shapes`. The
-    dicts are the caller's own (the compiled kernels are shared)."""
+def load(family: str, key_dtype: Any, value_dtype: Any, dims: Sequence[int], device: int) -> Kernels[Any]:
+    """The compiled kernels (``cupy.RawKernel``) of ``family`` for a cache of tables ``dims``
+    on ``device``, by name: those templated on the vector width for every VEC of
+    :func:`vector_shapes`. The dicts are the caller's own (the compiled kernels are shared)."""
     shapes = tuple(sorted(vector_shapes(dims).items(), reverse=True))
     compiled = _compile(int(device), family, np.dtype(key_dtype), np.dtype(value_dtype), shapes)
-    return {vec: dict(kernels) for vec, kernels in compiled.items()}
+    return Kernels({vec: dict(kernels) for vec, kernels in compiled.by_vec.items()}, dict(compiled.no_vec))

@@ -171,7 +171,6 @@ class _GpuMultiCache:
             self._row_kernels = _kernels.load("rows", self.key_dtype, self.value_dtype, self.dims, self.device)
             self._dims_d = cp.asarray(self.dims)
             self._pool.append(_Workspace(cp, _STATUS + self.tables))
-        self._plain = self._kernels[max(self._kernels)]  # kernels without a vector width
 
     def __repr__(self) -> str:
         return (
@@ -197,7 +196,7 @@ class _GpuMultiCache:
                 ws.reset(_STATUS, s)
                 args = (ids, keys, np.int64(n), out, offs, np.int64(out.shape[0]), missing, ws.status,
                         *self._query_state())
-                self._launch(self._kernels[vec][self._query_kernel], n, args, s)
+                self._launch(self._kernels.by_vec[vec][self._query_kernel], n, args, s)
                 m, flagged = ws.read(_STATUS, s)
             self._check_flag(int(flagged), ids, offs, out.shape[0], "cache out")
             return missing[: int(m)]
@@ -228,7 +227,7 @@ class _GpuMultiCache:
             vec, _ = _kernels.vector_shape(self.dims, src.data.ptr, dst.data.ptr)
             args = (src, src_offs, np.int64(src.shape[0]), dst, dst_offs, np.int64(dst.shape[0]), ids,
                     np.int64(n), self._dims_d, np.int32(self.tables))
-            self._launch(self._row_kernels[vec]["copy_rows"], n, args, s)
+            self._launch(self._row_kernels.by_vec[vec]["copy_rows"], n, args, s)
 
     # -- helpers
 
@@ -398,7 +397,7 @@ class GpuDynamicCache(_GpuMultiCache):
                 ws.reset(_STATUS, s)
                 args = (self._slot_keys, self._slot_ver, self._set_locks, self._set_base_d, np.int32(self.tables),
                         np.int64(lo), np.int64(hi), keys, tables, ws.status)
-                self._launch(self._plain["dc_dump"], hi - lo, args, s)
+                self._launch(self._kernels.no_vec["dc_dump"], hi - lo, args, s)
                 count = int(ws.read(1, s)[0])
             return tables[:count], keys[:count]
 
@@ -410,7 +409,7 @@ class GpuDynamicCache(_GpuMultiCache):
             n = keys.shape[0]
             sets = self._cp.empty(n, np.int64)
             args = (ids, keys, np.int64(n), self._set_base_d, self._num_sets_d, np.int32(self.tables), sets)
-            self._launch(self._plain["dc_sets"], -(-n // 32), args, s)
+            self._launch(self._kernels.no_vec["dc_sets"], -(-n // 32), args, s)
             return sets
 
     def clear(self, table: int | None = None, stream: Any = None) -> None:
@@ -419,13 +418,13 @@ class GpuDynamicCache(_GpuMultiCache):
         lo, hi = (0, self.total_sets) if table is None else self._set_range(table)
         with self._on(stream) as s:
             args = (self._slot_ver, self._slot_ts, self._slot_freq, self._set_locks, np.int64(lo), np.int64(hi))
-            self._launch(self._plain["dc_clear"], hi - lo, args, s)
+            self._launch(self._kernels.no_vec["dc_clear"], hi - lo, args, s)
 
     def sizes(self, stream: Any = None) -> np.ndarray:
         with self._on(stream) as s, self._workspace() as ws:
             ws.reset(_STATUS + self.tables, s)
             args = (self._slot_ver, self._set_base_d, np.int32(self.tables), np.int64(self.total_sets), ws.status)
-            self._launch(self._plain["dc_sizes"], self.total_sets, args, s)
+            self._launch(self._kernels.no_vec["dc_sizes"], self.total_sets, args, s)
             return ws.read(_STATUS + self.tables, s)[_STATUS:]
 
     def _set_range(self, table: int) -> tuple[int, int]:
@@ -447,7 +446,7 @@ class GpuDynamicCache(_GpuMultiCache):
                 self._set_base_d, self._num_sets_d, self._value_base_d, np.int32(self.tables), self._slot_keys,
                 self._slot_ver, self._slot_ts, self._slot_freq, self._set_locks, self._values,
                 np.uint64(self._clock.tick()), np.int32(self.policy == "lfu"), np.int32(insert))
-        self._launch(self._kernels[vec]["dc_write"], n, args, stream)
+        self._launch(self._kernels.by_vec[vec]["dc_write"], n, args, stream)
 
 
 # --------------------------------------------------------------------------- static
@@ -514,7 +513,7 @@ class GpuStaticCache(_GpuMultiCache):
                 args = (ids, keys, np.int64(n), offs, np.int64(values.shape[0]), ws.status, self._dims_d,
                         self._slot_base_d, self._slot_mask_d, np.int32(self.tables), self._slot_keys,
                         self._slot_rows, self._scratch_tables, self._scratch_keys, np.uint64(scratch_mask))
-                self._launch(self._plain["st_count_new"], n, args, s)
+                self._launch(self._kernels.no_vec["st_count_new"], n, args, s)
                 status = ws.read(_STATUS + self.tables, s)
                 self._check_flag(int(status[1]), ids, offs, values.shape[0], "cache values")
                 new = status[_STATUS:]
@@ -540,7 +539,7 @@ class GpuStaticCache(_GpuMultiCache):
                 ws.reset(_STATUS, s)
                 args = (self._slot_keys, self._slot_rows, self._slot_base_d, np.int32(self.tables), np.int64(first),
                         np.int64(last), keys, tables, ws.status)
-                self._launch(self._plain["st_dump"], -(-(last - first) // 32), args, s)
+                self._launch(self._kernels.no_vec["st_dump"], -(-(last - first) // 32), args, s)
                 count = int(ws.read(1, s)[0])
             return tables[:count], keys[:count]
 
@@ -561,7 +560,7 @@ class GpuStaticCache(_GpuMultiCache):
             first, last = int(self._slot_base[lo]), int(self._slot_base[hi])
             args = (self._slot_rows, self._row_ver, self._row_count, np.int64(first), np.int64(last),
                     np.int64(row_base[lo]), np.int64(row_base[hi]), np.int32(lo), np.int32(hi))
-            self._launch(self._plain["st_clear"], -(-(last - first) // 32), args, s)
+            self._launch(self._kernels.no_vec["st_clear"], -(-(last - first) // 32), args, s)
             s.synchronize()
             self._n_rows[lo:hi] = 0
 
@@ -597,7 +596,7 @@ class GpuStaticCache(_GpuMultiCache):
                 self._slot_base_d, self._slot_mask_d, self._value_base_d, self._row_base_d, self._capacities_d,
                 np.int32(self.tables), self._slot_keys, self._slot_rows, self._row_keys, self._row_ver, self._values,
                 self._row_count, np.int32(insert))
-        self._launch(self._kernels[vec]["st_write"], n, args, stream)
+        self._launch(self._kernels.by_vec[vec]["st_write"], n, args, stream)
 
 
 # --------------------------------------------------------------------------- one table

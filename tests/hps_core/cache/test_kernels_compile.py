@@ -75,7 +75,7 @@ def test_every_loader_instantiation_compiles(family: str, tmp_path: Path) -> Non
     """The loader's source plus a table taking the address of every kernel the loader can
     request (the name expressions it hands to cupy.RawModule), forcing each instantiation."""
     names = sorted({name for fam, kdt, vdt, vec, nv in _kernels.all_variants() if fam == family
-                    for name in _kernels.kernel_names(fam, kdt, vdt, {vec: nv})[vec].values()})
+                    for name in _kernels.kernel_names(fam, kdt, vdt, {vec: nv}).expressions()})
     body = ",\n".join(f"    (const void*)&{name}" for name in names)
     ptx = nvcc_ptx(f"{_kernels.source(family)}\nconst void* hps_kernels[] = {{\n{body}\n}};\n", tmp_path)
     assert ptx.count(".entry") >= len(names), "an instantiation is missing from the PTX"
