@@ -41,9 +41,6 @@ from backend.tensors import model_config, numpy_to_tensor, resolve_model_path, s
 from hps_core.errors import RequestError
 from hps_core.logs import RateLimitedLog
 
-# Unexpected request failures (INTERNAL) in Triton's log: one line per cause per interval.
-_failures = RateLimitedLog(triton_log(pb_utils.Logger))
-
 
 def _parameter(config: dict, name: str, default: str | None = None) -> str:
     value = string_parameter(config, name) or default
@@ -59,6 +56,9 @@ class TritonPythonModel:
 
     def initialize(self, args: dict) -> None:
         self.log = pb_utils.Logger
+        # Unexpected request failures (INTERNAL) in Triton's log: one line per cause per
+        # interval. Made here: pb_utils.Logger does not exist yet when the stub imports us.
+        self._failures = RateLimitedLog(triton_log(pb_utils.Logger))
         config = model_config(args)
         weights = resolve_model_path(args, _parameter(config, "dense_weights"))
         # Each instance is a separate process; Triton scales by running several of them, so one
@@ -119,13 +119,13 @@ class TritonPythonModel:
     def _error(self, exc: Exception) -> "pb_utils.InferenceResponse":
         if isinstance(exc, RequestError):
             return pb_utils.InferenceResponse(error=triton_error(pb_utils, str(exc), "INVALID_ARG"))
-        _failures.failure("dlrm: request failed", exc)
+        self._failures.failure("dlrm: request failed", exc)
         return pb_utils.InferenceResponse(
             error=triton_error(pb_utils, f"dlrm: {type(exc).__name__}: {exc}", "INTERNAL")
         )
 
     def finalize(self) -> None:
-        _failures.flush()  # the count of failures held back since their last line
+        self._failures.flush()  # the count of failures held back since their last line
         self.log.log_info("dlrm: finalize")
         self.net = None  # type: ignore[assignment]
 

@@ -45,8 +45,6 @@ from hps_core.metrics import MetricsCollector
 from hps_core.server import HierarchicalParameterServer
 
 _PS_ENV = "HPS_BACKEND_CONFIG_PS"
-# Unexpected request failures (INTERNAL) in Triton's log: one line per cause per interval.
-_failures = RateLimitedLog(triton_log(pb_utils.Logger))
 
 
 class TritonPythonModel:
@@ -54,6 +52,9 @@ class TritonPythonModel:
 
     def initialize(self, args: dict[str, Any]) -> None:
         self._logger = pb_utils.Logger
+        # Unexpected request failures (INTERNAL) in Triton's log: one line per cause per
+        # interval. Made here: pb_utils.Logger does not exist yet when the stub imports us.
+        self._failures = RateLimitedLog(triton_log(pb_utils.Logger))
         retain_freed_memory()  # this stub process is ours: keep per-request buffers' pages mapped
         config = model_config(args)
         try:
@@ -95,7 +96,7 @@ class TritonPythonModel:
     def finalize(self) -> None:
         self._metrics.close()  # stops the publishing thread (backend/hps/metrics.py)
         self._server.close()  # drains background cache insertions, stops refreshers
-        _failures.flush()  # the count of failures held back since their last line
+        self._failures.flush()  # the count of failures held back since their last line
 
     def _collector(self, name: str, args: dict[str, Any]) -> MetricsCollector:
         tiers = ["cache", "volatile", "persistent"]
@@ -113,7 +114,7 @@ class TritonPythonModel:
             code = "UNAVAILABLE"
         else:
             code = "INTERNAL"
-            _failures.failure("hps: request failed", exc)
+            self._failures.failure("hps: request failed", exc)
         return pb_utils.InferenceResponse(error=triton_error(pb_utils, str(exc), code))
 
     def _cache_device(self, model: Any, args: dict[str, Any]) -> int | None:
