@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hps_core.hashing import mix64_array
+
 __all__ = [
     "DEMO_ROWS_PER_TABLE",
     "Dataset",
@@ -101,27 +103,16 @@ class Dataset:
         )
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64 finaliser: a bijection on uint64 (numpy wraps on overflow, which we want)."""
-    x = x.astype(np.uint64, copy=True)
-    with np.errstate(over="ignore"):
-        x ^= x >> np.uint64(30)
-        x *= np.uint64(0xBF58476D1CE4E5B9)
-        x ^= x >> np.uint64(27)
-        x *= np.uint64(0x94D049BB133111EB)
-        x ^= x >> np.uint64(31)
-    return x
-
-
 def make_key_map(n_rows: int, table: int, seed: int) -> np.ndarray:
     """Distinct non-negative int64 ids for the rows of one table (row -> id).
 
-    ``splitmix64`` is a bijection, so distinct rows give distinct 64-bit values; masking the
-    sign bit could in principle merge two of them (odds about n²/2^64), which is checked.
+    ``splitmix64``'s finaliser (:func:`hps_core.hashing.mix64_array`) is a bijection, so
+    distinct rows give distinct 64-bit values; masking the sign bit could in principle merge
+    two of them (odds about n²/2^64), which is checked.
     """
-    salt = _splitmix64(np.array([seed * 1_000_003 + table], dtype=np.uint64))[0]
+    salt = mix64_array(np.array([seed * 1_000_003 + table], dtype=np.uint64))[0]
     with np.errstate(over="ignore"):
-        mixed = _splitmix64(np.arange(n_rows, dtype=np.uint64) + salt)
+        mixed = mix64_array(np.arange(n_rows, dtype=np.uint64) + salt)
     ids = (mixed & _MASK63).astype(np.int64)
     if np.unique(ids).shape[0] != n_rows:  # astronomically unlikely; never serve duplicates
         raise RuntimeError(f"key collision in table {table}; pick another seed")
