@@ -30,7 +30,8 @@ import os
 import re
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -38,11 +39,19 @@ from hps_core.errors import ConfigError, UnknownTableError
 
 __all__ = [
     "INACTIVE_FIELDS",
+    "NO_OVERFLOW_LIMIT",
+    "OVERFLOW_POLICIES",
     "ModelConfig",
+    "OverflowConfig",
+    "PERSISTENT_TYPES",
     "ParameterServerConfig",
     "PersistentDBConfig",
+    "RedisConfig",
+    "TLSConfig",
     "TableConfig",
+    "TierType",
     "UpdateSourceConfig",
+    "VOLATILE_TYPES",
     "VolatileDBConfig",
     "gpu_cache_requested",
     "load_config",
@@ -52,7 +61,7 @@ __all__ = [
 _T = TypeVar("_T")
 
 DEFAULT_UPDATE_FILTERS: tuple[str, ...] = ("^hps_.+$",)
-_NO_OVERFLOW_LIMIT = 2**64 - 1  # HugeCTR: std::numeric_limits<size_t>::max()
+NO_OVERFLOW_LIMIT = 2**64 - 1  # HugeCTR: std::numeric_limits<size_t>::max(), i.e. never evict
 _REMOTE_PATH = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -63,21 +72,50 @@ def _default_num_partitions() -> int:
 # --------------------------------------------------------------------------------------------
 # Enumerations: canonical name -> HugeCTR aliases (get_hps_database_type & friends).
 # --------------------------------------------------------------------------------------------
-_VOLATILE_TYPES = {
-    "disabled": ("disabled", "disable", "none"),
-    "hash_map": ("hash_map", "hashmap", "hash", "map"),
-    "parallel_hash_map": ("parallel_hash_map", "parallel_hashmap", "parallel_hash", "parallel_map"),
-    "redis_cluster": ("redis_cluster", "redis"),
+class TierType(StrEnum):
+    """Every database tier type, the one list (``volatile_db.type`` / ``persistent_db.type``).
+
+    A ``StrEnum``: a member equals its canonical HugeCTR name (``TierType.ROCKS_DB ==
+    "rocks_db"``). The factories in :mod:`hps_core.db` build one tier per member.
+    """
+
+    DISABLED = "disabled"  # no tier in this role
+    HASH_MAP = "hash_map"  # in-process hash map (one implementation with the next)
+    PARALLEL_HASH_MAP = "parallel_hash_map"  # in-process hash map, num_partitions partitions
+    REDIS_CLUSTER = "redis_cluster"  # Redis Cluster or one Redis server, shared between servers
+    ROCKS_DB = "rocks_db"  # RocksDB on local disk
+
+    @property
+    def in_process(self) -> bool:
+        """A tier inside each serving process (filled at start-up, never shared)."""
+        return self in (TierType.HASH_MAP, TierType.PARALLEL_HASH_MAP)
+
+    @property
+    def shared(self) -> bool:
+        """A tier shared between servers; its tiers declare :class:`~hps_core.db.base.SharedTier`."""
+        return self is TierType.REDIS_CLUSTER
+
+
+#: HugeCTR's aliases of each tier type, per role (the roles' accepted types).
+_TIER_ALIASES: Mapping[TierType, tuple[str, ...]] = {
+    TierType.DISABLED: ("disabled", "disable", "none"),
+    TierType.HASH_MAP: ("hash_map", "hashmap", "hash", "map"),
+    TierType.PARALLEL_HASH_MAP: ("parallel_hash_map", "parallel_hashmap", "parallel_hash",
+                                 "parallel_map"),
+    TierType.REDIS_CLUSTER: ("redis_cluster", "redis"),
+    TierType.ROCKS_DB: ("rocks_db", "rocksdb", "rocks"),
 }
-_PERSISTENT_TYPES = {
-    "disabled": ("disabled", "disable", "none"),
-    "rocks_db": ("rocks_db", "rocksdb", "rocks"),
-}
+VOLATILE_TYPES: tuple[TierType, ...] = (
+    TierType.DISABLED, TierType.HASH_MAP, TierType.PARALLEL_HASH_MAP, TierType.REDIS_CLUSTER)
+PERSISTENT_TYPES: tuple[TierType, ...] = (TierType.DISABLED, TierType.ROCKS_DB)
+_VOLATILE_TYPES = {t.value: _TIER_ALIASES[t] for t in VOLATILE_TYPES}
+_PERSISTENT_TYPES = {t.value: _TIER_ALIASES[t] for t in PERSISTENT_TYPES}
 _UPDATE_SOURCE_TYPES = {
     "null": ("null", "none"),
     "kafka_message_queue": ("kafka_message_queue", "kafka_mq", "kafka"),
 }
-_OVERFLOW_POLICIES = {
+#: HugeCTR's overflow policies and their short aliases.
+OVERFLOW_POLICIES: Mapping[str, tuple[str, ...]] = {
     "evict_random": ("evict_random", "random"),
     "evict_least_used": ("evict_least_used", "least_used"),
     "evict_oldest": ("evict_oldest", "oldest"),
@@ -98,12 +136,12 @@ _UNSUPPORTED_VOLATILE = {
 }
 _UNSUPPORTED_VOLATILE.update(
     {name: "RocksDB is a persistent database: move it to 'persistent_db'"
-     for name in _PERSISTENT_TYPES["rocks_db"]}
+     for name in _TIER_ALIASES[TierType.ROCKS_DB]}
 )
 _UNSUPPORTED_PERSISTENT = {
     name: "hash maps and Redis are volatile databases: move them to 'volatile_db'"
-    for names in ("hash_map", "parallel_hash_map", "redis_cluster")
-    for name in _VOLATILE_TYPES[names]
+    for kind in VOLATILE_TYPES if kind not in PERSISTENT_TYPES
+    for name in _TIER_ALIASES[kind]
 }
 
 
@@ -114,6 +152,7 @@ _UNSUPPORTED_PERSISTENT = {
 class _DatabaseConfig:
     """Fields shared by the volatile and the persistent database."""
 
+    type: TierType = TierType.DISABLED  # one of the role's types (VOLATILE_ / PERSISTENT_TYPES)
     max_batch_size: int = 64 * 1024  # keys per batched call to the tier (chunking)
     max_get_batch_size: int = 0  # keys per fetch chunk (HugeCTR ≤ 23.04); 0 = max_batch_size
     max_set_batch_size: int = 0  # keys per insert chunk (HugeCTR ≤ 23.04); 0 = max_batch_size
@@ -127,27 +166,53 @@ class _DatabaseConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TLSConfig:
+    """Redis TLS: HugeCTR's flat ``enable_tls`` and ``tls_*`` fields of ``volatile_db``."""
+
+    enabled: bool = False  # enable_tls: TLS/SSL connections
+    ca_certificate: str = "cacertbundle.crt"  # tls_ca_certificate: CA file or folder
+    client_certificate: str = "client_cert.pem"  # tls_client_certificate
+    client_key: str = "client_key.pem"  # tls_client_key: client private key
+    server_name_identification: str = "redis.localhost"  # tls_server_name_identification: SNI
+
+
+@dataclass(frozen=True, kw_only=True)
+class RedisConfig:
+    """The Redis fields of ``volatile_db`` (flat in the JSON, as in HugeCTR)."""
+
+    address: str = "127.0.0.1:7000"  # "host[:port],host[:port],..."
+    user_name: str = "default"  # ACL user
+    password: str = field(default="", repr=False)  # "" = none
+    num_node_connections: int = 5  # connections per cluster node
+    tls: TLSConfig = field(default_factory=TLSConfig)  # enable_tls, tls_*
+
+
+@dataclass(frozen=True, kw_only=True)
+class OverflowConfig:
+    """When a hash-map partition overflows and what it evicts: HugeCTR's ``overflow_*``."""
+
+    margin: int = NO_OVERFLOW_LIMIT  # overflow_margin: max rows per partition (default: none)
+    policy: str = "evict_random"  # overflow_policy: evict_random | evict_least_used | evict_oldest
+    resolution_target: float = 0.8  # overflow_resolution_target: evict down to this fraction
+
+    @property
+    def limited(self) -> bool:
+        """Whether a margin is set (HugeCTR's default, ``size_t`` max, never evicts)."""
+        return self.margin < NO_OVERFLOW_LIMIT
+
+
+@dataclass(frozen=True, kw_only=True)
 class VolatileDBConfig(_DatabaseConfig):
     """``volatile_db``: the CPU-memory tier (hash map) or a Redis Cluster."""
 
-    type: str = "parallel_hash_map"  # disabled | hash_map | parallel_hash_map | redis_cluster
-    address: str = "127.0.0.1:7000"  # Redis: "host[:port],host[:port],..."
-    user_name: str = "default"  # Redis ACL user
-    password: str = field(default="", repr=False)  # Redis password ("" = none)
+    type: TierType = TierType.PARALLEL_HASH_MAP  # one of VOLATILE_TYPES
     num_partitions: int = field(default_factory=_default_num_partitions)  # partitions per table
+    redis: RedisConfig = field(default_factory=RedisConfig)  # address, user_name, password, ...
+    overflow: OverflowConfig = field(default_factory=OverflowConfig)  # overflow_*
     allocation_rate: int = 256 * 1024 * 1024  # hash map: bytes per allocation (inactive)
     shared_memory_size: int = 16 * 1024**3  # multi_process_hash_map only (inactive)
     shared_memory_name: str = "hctr_mp_hash_map_database"  # multi_process_hash_map (inactive)
     shared_memory_auto_remove: bool = True  # multi_process_hash_map only (inactive)
-    num_node_connections: int = 5  # Redis: connections per cluster node
-    enable_tls: bool = False  # Redis: TLS/SSL connections
-    tls_ca_certificate: str = "cacertbundle.crt"  # Redis TLS: CA certificate file or folder
-    tls_client_certificate: str = "client_cert.pem"  # Redis TLS: client certificate
-    tls_client_key: str = "client_key.pem"  # Redis TLS: client private key
-    tls_server_name_identification: str = "redis.localhost"  # Redis TLS: SNI host name
-    overflow_margin: int = _NO_OVERFLOW_LIMIT  # max rows per partition before eviction
-    overflow_policy: str = "evict_random"  # evict_random | evict_least_used | evict_oldest
-    overflow_resolution_target: float = 0.8  # evict down to this fraction of overflow_margin
     initial_cache_rate: float = 1.0  # fraction of each table loaded at start-up
     cache_missed_embeddings: bool = False  # copy rows found in the persistent tier up here
     refresh_time_after_fetch: bool = False  # legacy (HugeCTR ≤ 23.04), inactive
@@ -156,14 +221,13 @@ class VolatileDBConfig(_DatabaseConfig):
     @property
     def enabled(self) -> bool:
         """Whether a volatile tier is configured."""
-        return self.type != "disabled"
+        return self.type != TierType.DISABLED
 
 
 @dataclass(frozen=True, kw_only=True)
 class PersistentDBConfig(_DatabaseConfig):
     """``persistent_db``: the RocksDB tier on local SSD."""
 
-    type: str = "disabled"  # disabled | rocks_db
     path: str = field(default_factory=lambda: os.path.join(tempfile.gettempdir(), "rocksdb"))
     num_threads: int = 16  # RocksDB background threads
     read_only: bool = False  # open the database read-only (shared, e.g. over NFS)
@@ -171,7 +235,7 @@ class PersistentDBConfig(_DatabaseConfig):
     @property
     def enabled(self) -> bool:
         """Whether a persistent tier is configured."""
-        return self.type != "disabled"
+        return self.type != TierType.DISABLED
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -345,6 +409,20 @@ INACTIVE_FIELDS: Mapping[str, tuple[str, ...]] = {
 # --------------------------------------------------------------------------------------------
 # Typed readers.
 # --------------------------------------------------------------------------------------------
+def _field_defaults(section: type[Any]) -> dict[str, Any]:
+    """The defaults of a section dataclass's fields, by field name (required fields left out).
+
+    The one place defaults are written is the dataclass; the parser reads them from here.
+    """
+    out: dict[str, Any] = {}
+    for f in fields(section):
+        if f.default is not MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
 class _Reader:
     """Reads typed fields of one JSON object, remembering which keys it consumed."""
 
@@ -521,7 +599,8 @@ def _parse_batch_sizes(r: _Reader) -> dict[str, Any]:
     get = r.read_int("max_get_batch_size", None, minimum=1)
     put = r.read_int("max_set_batch_size", None, minimum=1)
     legacy = [v for v in (get, put) if v is not None]
-    batch = r.read_int("max_batch_size", min(legacy) if legacy else 64 * 1024, minimum=1)
+    default = _field_defaults(_DatabaseConfig)["max_batch_size"]
+    batch = r.read_int("max_batch_size", min(legacy) if legacy else default, minimum=1)
     return {
         "max_batch_size": batch,
         "max_get_batch_size": get or batch,
@@ -531,34 +610,47 @@ def _parse_batch_sizes(r: _Reader) -> dict[str, Any]:
 
 def _parse_volatile(obj: Any, source: str) -> VolatileDBConfig:
     r = _Reader(obj, "volatile_db", source)
+    d, dr, dt, do = (_field_defaults(c) for c in (VolatileDBConfig, RedisConfig, TLSConfig, OverflowConfig))
     # HugeCTR quirk kept: the section present without "type" means disabled.
     cfg = VolatileDBConfig(
-        type=r.read_enum("type", "disabled", _VOLATILE_TYPES, _UNSUPPORTED_VOLATILE),
-        address=r.read_str("address", "127.0.0.1:7000", non_empty=True),
-        user_name=r.read_str("user_name", "default"),
-        password=r.read_str("password", ""),
-        num_partitions=r.read_int("num_partitions", _default_num_partitions(), minimum=1),
-        allocation_rate=r.read_int("allocation_rate", 256 * 1024 * 1024, minimum=1),
-        shared_memory_size=r.read_int("shared_memory_size", 16 * 1024**3, minimum=1),
-        shared_memory_name=r.read_str("shared_memory_name", "hctr_mp_hash_map_database"),
-        shared_memory_auto_remove=r.read_bool("shared_memory_auto_remove", True),
-        num_node_connections=r.read_int("num_node_connections", 5, minimum=1),
-        enable_tls=r.read_bool("enable_tls", False),
-        tls_ca_certificate=r.read_str("tls_ca_certificate", "cacertbundle.crt"),
-        tls_client_certificate=r.read_str("tls_client_certificate", "client_cert.pem"),
-        tls_client_key=r.read_str("tls_client_key", "client_key.pem"),
-        tls_server_name_identification=r.read_str("tls_server_name_identification",
-                                             "redis.localhost"),
-        overflow_margin=r.read_int("overflow_margin", _NO_OVERFLOW_LIMIT, minimum=1),
-        overflow_policy=r.read_enum("overflow_policy", "evict_random", _OVERFLOW_POLICIES),
-        overflow_resolution_target=r.read_float("overflow_resolution_target", 0.8, lo=0.0, hi=1.0,
-                                           lo_open=True, hi_open=True),
-        initialize_after_startup=r.read_bool("initialize_after_startup", True),
-        initial_cache_rate=r.read_float("initial_cache_rate", 1.0, lo=0.0, hi=1.0),
-        cache_missed_embeddings=r.read_bool("cache_missed_embeddings", False),
+        type=TierType(r.read_enum("type", TierType.DISABLED, _VOLATILE_TYPES, _UNSUPPORTED_VOLATILE)),
+        num_partitions=r.read_int("num_partitions", d["num_partitions"], minimum=1),
+        redis=RedisConfig(
+            address=r.read_str("address", dr["address"], non_empty=True),
+            user_name=r.read_str("user_name", dr["user_name"]),
+            password=r.read_str("password", dr["password"]),
+            num_node_connections=r.read_int("num_node_connections", dr["num_node_connections"],
+                                            minimum=1),
+            tls=TLSConfig(
+                enabled=r.read_bool("enable_tls", dt["enabled"]),
+                ca_certificate=r.read_str("tls_ca_certificate", dt["ca_certificate"]),
+                client_certificate=r.read_str("tls_client_certificate", dt["client_certificate"]),
+                client_key=r.read_str("tls_client_key", dt["client_key"]),
+                server_name_identification=r.read_str("tls_server_name_identification",
+                                                      dt["server_name_identification"]),
+            ),
+        ),
+        overflow=OverflowConfig(
+            margin=r.read_int("overflow_margin", do["margin"], minimum=1),
+            policy=r.read_enum("overflow_policy", do["policy"], OVERFLOW_POLICIES),
+            resolution_target=r.read_float("overflow_resolution_target", do["resolution_target"],
+                                           lo=0.0, hi=1.0, lo_open=True, hi_open=True),
+        ),
+        allocation_rate=r.read_int("allocation_rate", d["allocation_rate"], minimum=1),
+        shared_memory_size=r.read_int("shared_memory_size", d["shared_memory_size"], minimum=1),
+        shared_memory_name=r.read_str("shared_memory_name", d["shared_memory_name"]),
+        shared_memory_auto_remove=r.read_bool("shared_memory_auto_remove",
+                                              d["shared_memory_auto_remove"]),
+        initialize_after_startup=r.read_bool("initialize_after_startup",
+                                             d["initialize_after_startup"]),
+        initial_cache_rate=r.read_float("initial_cache_rate", d["initial_cache_rate"], lo=0.0,
+                                        hi=1.0),
+        cache_missed_embeddings=r.read_bool("cache_missed_embeddings",
+                                            d["cache_missed_embeddings"]),
         update_filters=_parse_filters(r),
-        refresh_time_after_fetch=r.read_bool("refresh_time_after_fetch", False),
-        algorithm=r.read_enum("algorithm", "phm", _HASH_MAP_ALGORITHMS),
+        refresh_time_after_fetch=r.read_bool("refresh_time_after_fetch",
+                                             d["refresh_time_after_fetch"]),
+        algorithm=r.read_enum("algorithm", d["algorithm"], _HASH_MAP_ALGORITHMS),
         **_parse_batch_sizes(r),
     )
     r.finish()
@@ -567,13 +659,14 @@ def _parse_volatile(obj: Any, source: str) -> VolatileDBConfig:
 
 def _parse_persistent(obj: Any, source: str, base_dir: Path) -> PersistentDBConfig:
     r = _Reader(obj, "persistent_db", source)
-    default_path = os.path.join(tempfile.gettempdir(), "rocksdb")
+    d = _field_defaults(PersistentDBConfig)
     cfg = PersistentDBConfig(
-        type=r.read_enum("type", "disabled", _PERSISTENT_TYPES, _UNSUPPORTED_PERSISTENT),
-        path=_resolve_path(r.read_str("path", default_path, non_empty=True), base_dir),
-        num_threads=r.read_int("num_threads", 16, minimum=1),
-        read_only=r.read_bool("read_only", False),
-        initialize_after_startup=r.read_bool("initialize_after_startup", True),
+        type=TierType(r.read_enum("type", d["type"], _PERSISTENT_TYPES, _UNSUPPORTED_PERSISTENT)),
+        path=_resolve_path(r.read_str("path", d["path"], non_empty=True), base_dir),
+        num_threads=r.read_int("num_threads", d["num_threads"], minimum=1),
+        read_only=r.read_bool("read_only", d["read_only"]),
+        initialize_after_startup=r.read_bool("initialize_after_startup",
+                                             d["initialize_after_startup"]),
         update_filters=_parse_filters(r),
         **_parse_batch_sizes(r),
     )
@@ -583,16 +676,19 @@ def _parse_persistent(obj: Any, source: str, base_dir: Path) -> PersistentDBConf
 
 def _parse_update_source(obj: Any, source: str) -> UpdateSourceConfig:
     r = _Reader(obj, "update_source", source)
+    d = _field_defaults(UpdateSourceConfig)
     cfg = UpdateSourceConfig(
-        type=r.read_enum("type", "null", _UPDATE_SOURCE_TYPES),
-        brokers=r.read_str("brokers", "127.0.0.1:9092", non_empty=True),
-        metadata_refresh_interval_ms=r.read_int("metadata_refresh_interval_ms", 30_000, minimum=1),
-        receive_buffer_size=r.read_int("receive_buffer_size", 256 * 1024, minimum=1),
-        poll_timeout_ms=r.read_int("poll_timeout_ms", 500, minimum=0),
-        max_batch_size=r.read_int("max_batch_size", 8 * 1024, minimum=1),
-        failure_backoff_ms=r.read_int("failure_backoff_ms", 50, minimum=0),
-        max_commit_interval=r.read_int("max_commit_interval", 32, minimum=1),
-        max_receive_buffer_size=r.read_int("max_receive_buffer_size", None, minimum=1),
+        type=r.read_enum("type", d["type"], _UPDATE_SOURCE_TYPES),
+        brokers=r.read_str("brokers", d["brokers"], non_empty=True),
+        metadata_refresh_interval_ms=r.read_int("metadata_refresh_interval_ms",
+                                                d["metadata_refresh_interval_ms"], minimum=1),
+        receive_buffer_size=r.read_int("receive_buffer_size", d["receive_buffer_size"], minimum=1),
+        poll_timeout_ms=r.read_int("poll_timeout_ms", d["poll_timeout_ms"], minimum=0),
+        max_batch_size=r.read_int("max_batch_size", d["max_batch_size"], minimum=1),
+        failure_backoff_ms=r.read_int("failure_backoff_ms", d["failure_backoff_ms"], minimum=0),
+        max_commit_interval=r.read_int("max_commit_interval", d["max_commit_interval"], minimum=1),
+        max_receive_buffer_size=r.read_int("max_receive_buffer_size",
+                                           d["max_receive_buffer_size"], minimum=1),
     )
     r.finish()
     return cfg
@@ -610,6 +706,7 @@ def _parse_sparse_files(r: _Reader, base_dir: Path) -> tuple[str, ...]:
 
 def _parse_model(obj: Any, index: int, source: str, base_dir: Path) -> ModelConfig:
     r = _Reader(obj, f"models[{index}]", source)
+    d = _field_defaults(ModelConfig)
     sparse_files = _parse_sparse_files(r, base_dir)
     n = len(sparse_files)
     names = r.read_list("embedding_table_names", r.str_item,
@@ -625,13 +722,13 @@ def _parse_model(obj: Any, index: int, source: str, base_dir: Path) -> ModelConf
         r.fail("default_value_for_each_table",
                f"has {len(defaults)} entries but sparse_files has {n}",
                "give one default value per table (or a single value for all tables)")
-    fp8_quant = r.read_bool("fp8_quant", False)
+    fp8_quant = r.read_bool("fp8_quant", d["fp8_quant"])
     if fp8_quant:
         r.fail("fp8_quant", "FP8-quantized embedding caches are not supported",
                "set it to false or remove it")
-    use_static_table = r.read_bool("use_static_table", False)
-    cache_type = r.read_enum("embedding_cache_type", "dynamic", _EMBEDDING_CACHE_TYPES)
-    devices = r.read_list("deployed_device_list", r.int_item(0), (0,), non_empty=True)
+    use_static_table = r.read_bool("use_static_table", d["use_static_table"])
+    cache_type = r.read_enum("embedding_cache_type", d["embedding_cache_type"], _EMBEDDING_CACHE_TYPES)
+    devices = r.read_list("deployed_device_list", r.int_item(0), d["deployed_device_list"], non_empty=True)
     if len(set(devices)) != len(devices):
         r.fail("deployed_device_list", f"lists a device twice: {list(devices)}",
                "list each device once")
@@ -646,36 +743,36 @@ def _parse_model(obj: Any, index: int, source: str, base_dir: Path) -> ModelConf
         embedding_table_names=names,
         default_value_for_each_table=defaults,
         deployed_device_list=devices,
-        max_batch_size=r.read_int("max_batch_size", 64, minimum=1),
-        gpucache=r.read_bool("gpucache", True),
-        gpucacheper=r.read_float("gpucacheper", 0.2, lo=0.0, hi=1.0),
-        hit_rate_threshold=r.read_float("hit_rate_threshold", 0.9, lo=0.0),
+        max_batch_size=r.read_int("max_batch_size", d["max_batch_size"], minimum=1),
+        gpucache=r.read_bool("gpucache", d["gpucache"]),
+        gpucacheper=r.read_float("gpucacheper", d["gpucacheper"], lo=0.0, hi=1.0),
+        hit_rate_threshold=r.read_float("hit_rate_threshold", d["hit_rate_threshold"], lo=0.0),
         embedding_cache_type="static" if use_static_table else cache_type,
         use_static_table=use_static_table,
         cache_refresh_percentage_per_iteration=r.read_float(
             "cache_refresh_percentage_per_iteration", 0.0, lo=0.0, hi=1.0),
-        refresh_delay=r.read_float("refresh_delay", 0.0, lo=0.0),
-        refresh_interval=r.read_float("refresh_interval", 0.0, lo=0.0),
+        refresh_delay=r.read_float("refresh_delay", d["refresh_delay"], lo=0.0),
+        refresh_interval=r.read_float("refresh_interval", d["refresh_interval"], lo=0.0),
         fp8_quant=fp8_quant,
-        dense_file=_resolve_path(r.read_str("dense_file", ""), base_dir),
-        network_file=_resolve_path(r.read_str("network_file", ""), base_dir),
-        non_trainable_params_file=_resolve_path(r.read_str("non_trainable_params_file", ""),
+        dense_file=_resolve_path(r.read_str("dense_file", d["dense_file"]), base_dir),
+        network_file=_resolve_path(r.read_str("network_file", d["network_file"]), base_dir),
+        non_trainable_params_file=_resolve_path(r.read_str("non_trainable_params_file", d["non_trainable_params_file"]),
                                                 base_dir),
-        num_of_worker_buffer_in_pool=r.read_int("num_of_worker_buffer_in_pool", 1, minimum=1),
-        num_of_refresher_buffer_in_pool=r.read_int("num_of_refresher_buffer_in_pool", 1,
+        num_of_worker_buffer_in_pool=r.read_int("num_of_worker_buffer_in_pool", d["num_of_worker_buffer_in_pool"], minimum=1),
+        num_of_refresher_buffer_in_pool=r.read_int("num_of_refresher_buffer_in_pool", d["num_of_refresher_buffer_in_pool"],
                                               minimum=1),
-        thread_pool_size=r.read_int("thread_pool_size", 16, minimum=1),
-        maxnum_des_feature_per_sample=r.read_int("maxnum_des_feature_per_sample", 26),
-        label_dim=r.read_int("label_dim", 1, minimum=1),
-        slot_num=r.read_int("slot_num", 10, minimum=0),
-        use_context_stream=r.read_bool("use_context_stream", True),
-        use_mixed_precision=r.read_bool("use_mixed_precision", False),
-        scaler=r.read_float("scaler", 1.0, lo=0.0, lo_open=True),
-        use_algorithm_search=r.read_bool("use_algorithm_search", True),
-        use_cuda_graph=r.read_bool("use_cuda_graph", True),
-        use_hctr_cache_implementation=r.read_bool("use_hctr_cache_implementation", True),
-        init_ec=r.read_bool("init_ec", True),
-        enable_pagelock=r.read_bool("enable_pagelock", False),
+        thread_pool_size=r.read_int("thread_pool_size", d["thread_pool_size"], minimum=1),
+        maxnum_des_feature_per_sample=r.read_int("maxnum_des_feature_per_sample", d["maxnum_des_feature_per_sample"]),
+        label_dim=r.read_int("label_dim", d["label_dim"], minimum=1),
+        slot_num=r.read_int("slot_num", d["slot_num"], minimum=0),
+        use_context_stream=r.read_bool("use_context_stream", d["use_context_stream"]),
+        use_mixed_precision=r.read_bool("use_mixed_precision", d["use_mixed_precision"]),
+        scaler=r.read_float("scaler", d["scaler"], lo=0.0, lo_open=True),
+        use_algorithm_search=r.read_bool("use_algorithm_search", d["use_algorithm_search"]),
+        use_cuda_graph=r.read_bool("use_cuda_graph", d["use_cuda_graph"]),
+        use_hctr_cache_implementation=r.read_bool("use_hctr_cache_implementation", d["use_hctr_cache_implementation"]),
+        init_ec=r.read_bool("init_ec", d["init_ec"]),
+        enable_pagelock=r.read_bool("enable_pagelock", d["enable_pagelock"]),
     )
     r.finish()
     return cfg
@@ -692,8 +789,9 @@ def parse_config(data: Any, source: str, *, base_dir: str | Path | None = None
     base = Path(base_dir) if base_dir is not None else Path(source).parent
     base = base.absolute()
     r = _Reader(data, "", source)
-    supportlonglong = r.read_bool("supportlonglong", True)
-    fuse = r.read_bool("fuse_embedding_table", False)
+    d = _field_defaults(ParameterServerConfig)
+    supportlonglong = r.read_bool("supportlonglong", d["supportlonglong"])
+    fuse = r.read_bool("fuse_embedding_table", d["fuse_embedding_table"])
     volatile = (_parse_volatile(r.obj["volatile_db"], source) if r.has("volatile_db")
                 else VolatileDBConfig())
     persistent = (_parse_persistent(r.obj["persistent_db"], source, base)

@@ -16,6 +16,7 @@ prints it, or the report as JSON with ``--json``.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ def _open_rocksdb(config: ParameterServerConfig) -> Any:
     settings = config.persistent_db
     if not settings.enabled or not Path(settings.path, "CURRENT").exists():
         return None
-    return RocksDBPersistentDB(path=settings.path, read_only=True, num_threads=1)
+    return RocksDBPersistentDB(dataclasses.replace(settings, read_only=True, num_threads=1))
 
 
 def _load_state(db: Any, table: TableConfig, name: str) -> str:
@@ -76,11 +77,11 @@ def _volatile(config: ParameterServerConfig, table: TableConfig, file_rows: int 
     from hps_core.db.hash_map import estimate_bytes_per_row
 
     settings = config.volatile_db
-    if settings.type not in ("hash_map", "parallel_hash_map") or file_rows is None:
+    if not settings.type.in_process or file_rows is None:
         return None, None
     rows = int(file_rows * settings.initial_cache_rate)
-    if settings.overflow_margin < 2**64 - 1:
-        rows = min(rows, settings.overflow_margin * settings.num_partitions)
+    if settings.overflow.limited:
+        rows = min(rows, settings.overflow.margin * settings.num_partitions)
     return rows, int(rows * estimate_bytes_per_row(table.dim))
 
 

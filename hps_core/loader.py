@@ -45,7 +45,7 @@ import numpy as np
 from tqdm import tqdm
 
 from hps_core.config import ParameterServerConfig, TableConfig
-from hps_core.db.base import PartitionMarkers
+from hps_core.db.base import BulkLoad, PartitionMarkers, TableMetadata
 from hps_core.errors import ConfigError
 from hps_core.formats import SparseTable, detect_format, read_table, sparse_model_rows
 
@@ -134,14 +134,14 @@ def marker_name(table: str) -> str:
 
 def read_marker(db: Any, table: str) -> LoadMarker | None:
     """The progress marker of ``table`` in ``db``, or None (none, or a tier without markers)."""
-    if not hasattr(db, "get_meta"):
+    if not isinstance(db, TableMetadata):
         return None
     raw = db.get_meta(marker_name(table))
     return None if raw is None else LoadMarker.decode(raw)
 
 
 def _has_markers(db: Any) -> bool:
-    return hasattr(db, "get_meta") and hasattr(db, "put_meta") and not getattr(db, "read_only", False)
+    return isinstance(db, TableMetadata) and not db.read_only
 
 
 # --------------------------------------------------------------------------- one table
@@ -214,7 +214,7 @@ def _copy_rows(
     progress: bool,
 ) -> int:
     """Write rows ``[start, total)`` chunk by chunk, recording progress after each chunk."""
-    write = db.bulk_load if hasattr(db, "bulk_load") else db.insert
+    write = db.bulk_load if isinstance(db, BulkLoad) else db.insert
     show = progress and sys.stderr.isatty()
     written = 0
     with tqdm(total=total, initial=start, unit="rows", unit_scale=True, desc=name,
@@ -293,7 +293,7 @@ def load_config_tables(
             db.close()  # type: ignore[union-attr]
     if tier in ("volatile", "both"):
         settings_v = config.volatile_db
-        if settings_v.type in ("hash_map", "parallel_hash_map", "disabled"):
+        if not settings_v.type.shared:
             raise ConfigError(
                 f"{config.source}: volatile_db.type is {settings_v.type!r}: the hash map lives "
                 "inside each serving process and is filled at start-up, so there is nothing to "

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from hps_core.config import ParameterServerConfig
-from hps_core.db.base import EmbeddingTier
+from hps_core.db.base import EmbeddingTier, Refreshable, SharedTier
 from hps_core.logs import RateLimitedLog
 from hps_core.lookup import LookupSession
 from hps_core.updates import TierUpdateApplier, UpdateSource
@@ -68,7 +68,7 @@ class OnlineUpdates:
             t.qualified_name: (s, t.name) for s in sessions.values() for t in s.model.tables if t.name in s.caches
         }
         self.sources: dict[str, UpdateSource] = {}
-        in_process = volatile is not None and config.volatile_db.type != "redis_cluster"
+        in_process = volatile is not None and not isinstance(volatile, SharedTier)
         if volatile is not None:
             self.sources["volatile"] = UpdateSource.for_layer(
                 config,
@@ -105,7 +105,7 @@ class OnlineUpdates:
     def start(self) -> None:
         for source in self.sources.values():
             source.start()
-        if self._reader is not None and hasattr(self._reader, "refresh"):
+        if isinstance(self._reader, Refreshable):
             self._catch_up = threading.Thread(target=self._run_catch_up, name="hps-rocksdb-catch-up", daemon=True)
             self._catch_up.start()
 
@@ -128,10 +128,11 @@ class OnlineUpdates:
             session.apply_update(name, keys, values)
 
     def _run_catch_up(self) -> None:
-        assert self._reader is not None
+        reader = self._reader
+        assert isinstance(reader, Refreshable)
         while not self._stop.wait(self._catch_up_s):
             try:
-                self._reader.refresh()  # type: ignore[attr-defined]
+                reader.refresh()
             except Exception as exc:  # noqa: BLE001 - serving goes on with the last state it saw
                 self._failures.failure("persistent DB catch-up failed", exc)
 

@@ -29,6 +29,7 @@ import dataclasses
 import logging
 import math
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -37,8 +38,8 @@ import numpy as np
 from hps_core.arrays import array_module
 from hps_core.cache.base import MultiTableCache
 from hps_core.config import ModelConfig, ParameterServerConfig, PersistentDBConfig, TableConfig, gpu_cache_requested
-from hps_core.db import RocksDBPersistentDB, open_persistent_db, open_volatile_db
-from hps_core.db.base import EmbeddingTier, PartitionMarkers
+from hps_core.db import open_persistent_db, open_volatile_db
+from hps_core.db.base import EmbeddingTier, PartitionMarkers, Refreshable
 from hps_core.db.redis_refill import DEFAULT_INTERVAL_S, RefillMonitor, RefillSource
 from hps_core.errors import TierBusyError, UnknownTableError
 from hps_core.formats import read_sparse_model, sparse_model_rows
@@ -46,17 +47,13 @@ from hps_core.loader import load_table
 from hps_core.lookup import LookupSession
 from hps_core.online import OnlineUpdates
 from hps_core.refresh import CacheRefresher
-from hps_core.retry import RetryPolicy
 
 __all__ = ["HierarchicalParameterServer"]
 
 log = logging.getLogger(__name__)
 
 _LOAD_CHUNK_ROWS = 1 << 18  # bounds the memory a load needs, whatever the table size
-#: Opening the RocksDB writer for an applied batch waits out another process's write lock
-#: (a loader may be filling large tables); any other failure is raised at once.
-_WRITE_LOCK_WAIT = RetryPolicy(retryable=(TierBusyError,), first_backoff_s=0.2, factor=1.0, max_backoff_s=0.2,
-                               deadline_s=600.0)
+_WRITE_LOCK_TIMEOUT_S = 600.0  # a loader in another process may be filling large tables
 
 
 class HierarchicalParameterServer:
@@ -187,7 +184,7 @@ class HierarchicalParameterServer:
     def _open_persistent(self) -> EmbeddingTier | None:
         """Load missing rows under the write lock, then serve from a read-only handle."""
         settings = self.config.persistent_db
-        if settings.type == "disabled":
+        if not settings.enabled:
             return None
         if not settings.read_only:
             writer = self._open_writer(settings)
@@ -204,20 +201,15 @@ class HierarchicalParameterServer:
     def _open_reader(self, settings: PersistentDBConfig) -> EmbeddingTier:
         """A handle that never takes the write lock: read-only, or a secondary instance that
         can catch up with the writer when online updates change RocksDB while serving."""
-        if settings.type == "rocks_db" and self.config.update_source.enabled:
+        secondary_path = None
+        if self.config.update_source.enabled:
             self._secondary_dir = tempfile.TemporaryDirectory(prefix="hps-rocksdb-secondary-")
-            secondary = RocksDBPersistentDB(
-                path=settings.path,
-                read_only=True,
-                secondary_path=self._secondary_dir.name,
-                num_threads=settings.num_threads,
-                max_get_batch_size=settings.max_get_batch_size,
-                max_set_batch_size=settings.max_set_batch_size,
-            )
-            self._catch_up = secondary.refresh
-            return secondary
-        reader = open_persistent_db(dataclasses.replace(settings, read_only=True))
+            secondary_path = self._secondary_dir.name
+        reader = open_persistent_db(dataclasses.replace(settings, read_only=True),
+                                    secondary_path=secondary_path)
         assert reader is not None
+        if secondary_path is not None and isinstance(reader, Refreshable):
+            self._catch_up = reader.refresh
         return reader
 
     def _start_updates(self) -> None:
@@ -239,9 +231,16 @@ class HierarchicalParameterServer:
 
     @staticmethod
     def _open_writer(settings: object) -> EmbeddingTier:
-        writer = _WRITE_LOCK_WAIT.call(lambda: open_persistent_db(settings))
-        assert writer is not None
-        return writer
+        deadline = time.monotonic() + _WRITE_LOCK_TIMEOUT_S
+        while True:
+            try:
+                writer = open_persistent_db(settings)
+                assert writer is not None
+                return writer
+            except TierBusyError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
     def _fill_volatile(self, model: ModelConfig) -> None:
         if self.volatile is not None:

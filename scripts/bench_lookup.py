@@ -76,7 +76,7 @@ sys.path.insert(0, str(ROOT))
 from hps_core.cache import make_multi_table_cache  # noqa: E402
 from hps_core.cache.base import MultiTableCache  # noqa: E402
 from hps_core.arrays import retain_freed_memory  # noqa: E402
-from hps_core.config import ModelConfig, parse_config  # noqa: E402
+from hps_core.config import E402, ModelConfig, VolatileDBConfig, noqa, parse_config
 from hps_core.db import HashMapVolatileDB  # noqa: E402
 from hps_core.formats import write_sparse_model  # noqa: E402
 from hps_core.lookup import LookupSession  # noqa: E402
@@ -221,7 +221,7 @@ def session_over(model: ModelConfig, keys: list[np.ndarray], values: list[np.nda
                  partitions: int, cache: MultiTableCache | None = None) -> Iterator[LookupSession]:
     """A LookupSession over a hash map holding every row (persistent tier disabled), and the
     embedding cache ``cache`` in front of it when one is given (see :func:`warm_cache`)."""
-    db = HashMapVolatileDB(num_partitions=partitions)
+    db = HashMapVolatileDB(VolatileDBConfig(num_partitions=partitions))
     load_hash_map(db, model, keys, values)
     session = LookupSession(model, volatile=db, persistent=None, cache=cache)
     try:

@@ -42,6 +42,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from hps_core.config import PersistentDBConfig, RedisConfig, VolatileDBConfig
 from hps_core.db import (  # noqa: E402
     HashMapVolatileDB,
     RedisClusterVolatileDB,
@@ -171,13 +172,13 @@ def bench_redis(kind: str, keys: np.ndarray, values: np.ndarray, sizes: list[int
     dim = values.shape[1]
     if kind == "redis_cluster":
         servers = RedisProcesses.cluster(folder / kind, nodes=3)
-        db: Any = RedisClusterVolatileDB(address=servers.address, num_partitions=NUM_PARTITIONS)
+        db: Any = RedisClusterVolatileDB(VolatileDBConfig(redis=RedisConfig(address=servers.address), num_partitions=NUM_PARTITIONS))
         raw: Any = redis.RedisCluster(host="127.0.0.1", port=servers.servers[0].port)
         pipeline = raw.pipeline
         label = "raw RedisCluster pipeline HMGET"
     else:
         servers = RedisProcesses.single(folder / kind)
-        db = RedisVolatileDB(address=servers.address, num_partitions=NUM_PARTITIONS)
+        db = RedisVolatileDB(VolatileDBConfig(redis=RedisConfig(address=servers.address), num_partitions=NUM_PARTITIONS))
         raw = redis.Redis(host="127.0.0.1", port=servers.servers[0].port)
         pipeline = lambda: raw.pipeline(transaction=False)  # noqa: E731
         label = "raw redis.Redis pipeline HMGET"
@@ -220,10 +221,10 @@ def bench_rocksdb(keys: np.ndarray, values: np.ndarray, sizes: list[int], secs: 
     from rocksdict import AccessType, Options, Rdict
 
     path = folder / "rocksdb"
-    writer = RocksDBPersistentDB(path=path)
+    writer = RocksDBPersistentDB(PersistentDBConfig(path=str(path)))
     load_s = load(writer, keys, values)
     writer.close()
-    db = RocksDBPersistentDB(path=path, read_only=True)
+    db = RocksDBPersistentDB(PersistentDBConfig(path=str(path), read_only=True))
     raw = Rdict(str(path), Options(raw_mode=True), access_type=AccessType.read_only())
     family = raw.get_column_family(TABLE)
     dim = values.shape[1]

@@ -40,7 +40,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hps_core.config import UpdateSourceConfig  # noqa: E402
+from hps_core.config import E402, PersistentDBConfig, UpdateSourceConfig, noqa
 from hps_core.db import HashMapVolatileDB, RocksDBPersistentDB  # noqa: E402
 from hps_core.db.base import EmbeddingTier  # noqa: E402
 from hps_core.updates import TierUpdateApplier, UpdateSink, UpdateSource, topic_name  # noqa: E402
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     with _broker(args.brokers) as brokers, tempfile.TemporaryDirectory(prefix="bench-rocks-") as tmp:
         for name in args.tiers.split(","):
-            db: EmbeddingTier = HashMapVolatileDB() if name == "hash_map" else RocksDBPersistentDB(path=Path(tmp) / "db")
+            db: EmbeddingTier = HashMapVolatileDB() if name == "hash_map" else RocksDBPersistentDB(PersistentDBConfig(path=str(Path(tmp) / "db")))
             try:
                 results.append(measure_tier(brokers, name, db, updates=args.updates, dim=args.dim,
                                             probes=args.probes, consumer_config=consumer_config))

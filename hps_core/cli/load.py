@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 
 from hps_core.cli import SubParsers
-from hps_core.config import ParameterServerConfig, TableConfig, VolatileDBConfig, load_config
+from hps_core.config import ParameterServerConfig, TableConfig, TierType, VolatileDBConfig, load_config
 from hps_core.errors import ConfigError
 from hps_core.loader import DEFAULT_CHUNK_ROWS, TIERS, load_config_tables, select_tables
 
@@ -45,14 +45,15 @@ def cli_config(path: str | None, *, rocksdb: str | None = None, redis: str | Non
     """The HPS config of ``--config PATH`` with ``--rocksdb``/``--redis`` applied (or one built
     from those alone)."""
     config = load_config(path) if path else ParameterServerConfig(
-        volatile_db=VolatileDBConfig(type="disabled"), source="<command line>")
+        volatile_db=VolatileDBConfig(type=TierType.DISABLED), source="<command line>")
     if rocksdb:
         config = dataclasses.replace(config, persistent_db=dataclasses.replace(
-            config.persistent_db, type="rocks_db", path=str(Path(rocksdb).absolute())))
+            config.persistent_db, type=TierType.ROCKS_DB, path=str(Path(rocksdb).absolute())))
     if redis:
-        vdb = config.volatile_db if config.volatile_db.type == "redis_cluster" else VolatileDBConfig(
-            type="redis_cluster", initial_cache_rate=config.volatile_db.initial_cache_rate)
-        config = dataclasses.replace(config, volatile_db=dataclasses.replace(vdb, address=redis))
+        vdb = config.volatile_db if config.volatile_db.type.shared else VolatileDBConfig(
+            type=TierType.REDIS_CLUSTER, initial_cache_rate=config.volatile_db.initial_cache_rate)
+        config = dataclasses.replace(config, volatile_db=dataclasses.replace(
+            vdb, redis=dataclasses.replace(vdb.redis, address=redis)))
     if not path and not rocksdb and not redis:
         raise ConfigError("give --config HPS_JSON, or --rocksdb DIR / --redis HOST:PORT")
     return config

@@ -8,8 +8,15 @@ implementation from the HPS JSON's ``volatile_db.type`` / ``persistent_db.type``
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
 
+from hps_core.config import (
+    PERSISTENT_TYPES,
+    VOLATILE_TYPES,
+    PersistentDBConfig,
+    TierType,
+    VolatileDBConfig,
+)
 from hps_core.db.base import EmbeddingTier, PersistentDB, VolatileDB
 from hps_core.db.hash_map import HashMapVolatileDB
 from hps_core.db.redis_cluster import RedisClusterVolatileDB, RedisVolatileDB, open_redis_db
@@ -28,35 +35,36 @@ __all__ = [
     "open_volatile_db",
 ]
 
-_VOLATILE_TYPES = ("hash_map", "parallel_hash_map", "redis_cluster", "disabled")
-_PERSISTENT_TYPES = ("rocks_db", "disabled")
-
-
-def open_volatile_db(cfg: Any) -> VolatileDB | None:
-    """The volatile tier ``cfg.type`` names (a VolatileDBConfig), or None when disabled.
+def open_volatile_db(cfg: VolatileDBConfig) -> VolatileDB | None:
+    """The volatile tier ``cfg.type`` names, or None when disabled.
 
     ``hash_map`` and ``parallel_hash_map`` are one implementation here: HugeCTR's
     distinction (one partition vs. several) is ``num_partitions``.
     """
-    kind = getattr(cfg, "type", None)
-    if kind in ("hash_map", "parallel_hash_map"):
-        return HashMapVolatileDB.from_config(cfg)
-    if kind == "disabled":
-        return None
-    if kind == "redis_cluster":
-        # several addresses or a cluster node → RedisClusterVolatileDB; one server not in
-        # cluster mode → RedisVolatileDB (see hps_core/db/redis_cluster.py, open_redis_db)
-        return open_redis_db(cfg)
-    raise ConfigError(f"volatile_db.type must be one of {', '.join(_VOLATILE_TYPES)}; got {kind!r}")
+    match cfg.type:
+        case TierType.HASH_MAP | TierType.PARALLEL_HASH_MAP:
+            return HashMapVolatileDB(cfg)
+        case TierType.REDIS_CLUSTER:
+            # several addresses or a cluster node → RedisClusterVolatileDB; one server not in
+            # cluster mode → RedisVolatileDB (see hps_core/db/redis_cluster.py, open_redis_db)
+            return open_redis_db(cfg)
+        case TierType.DISABLED:
+            return None
+    raise ConfigError(f"volatile_db.type must be one of {', '.join(VOLATILE_TYPES)}; got {cfg.type!r}")
 
 
-def open_persistent_db(cfg: Any) -> PersistentDB | None:
-    """The persistent tier ``cfg.type`` names (a PersistentDBConfig), or None when disabled."""
-    kind = getattr(cfg, "type", None)
-    if kind == "rocks_db":
-        return RocksDBPersistentDB.from_config(cfg)
-    if kind == "disabled":
-        return None
+def open_persistent_db(cfg: PersistentDBConfig, *, secondary_path: str | Path | None = None
+                       ) -> PersistentDB | None:
+    """The persistent tier ``cfg.type`` names, or None when disabled.
+
+    ``secondary_path``: open RocksDB as a secondary instance keeping its state there (a
+    serving process beside a writer; see :class:`RocksDBPersistentDB`).
+    """
+    match cfg.type:
+        case TierType.ROCKS_DB:
+            return RocksDBPersistentDB(cfg, secondary_path=secondary_path)
+        case TierType.DISABLED:
+            return None
     raise ConfigError(
-        f"persistent_db.type must be one of {', '.join(_PERSISTENT_TYPES)}; got {kind!r}"
+        f"persistent_db.type must be one of {', '.join(PERSISTENT_TYPES)}; got {cfg.type!r}"
     )

@@ -30,10 +30,14 @@ from hps_core.errors import ConfigError, RequestError, UnknownTableError
 from hps_core.rows import check_rows_fit
 
 __all__ = [
+    "BulkLoad",
     "EmbeddingTier",
     "MarkerState",
     "PartitionMarkers",
     "PersistentDB",
+    "Refreshable",
+    "SharedTier",
+    "TableMetadata",
     "TableGroups",
     "VolatileDB",
     "check_dim",
@@ -181,6 +185,64 @@ class PartitionMarkers(Protocol):
 
     def new_token(self) -> str:
         """A token naming this process's refill locks."""
+        ...
+
+
+@runtime_checkable
+class BulkLoad(Protocol):
+    """Optional tier capability: a write path for loading many rows at once (RocksDB: one
+    SST file ingested atomically). The loader prefers it to ``insert``."""
+
+    def bulk_load(self, table: str, keys: Keys, values: Vectors) -> int:
+        """Upsert the rows, all or none; a key repeated in the batch keeps its last row.
+        keys: (n,) int64. values: (n, dim) float32, C-contiguous. Returns rows written."""
+        ...
+
+
+@runtime_checkable
+class TableMetadata(Protocol):
+    """Optional tier capability: small named bookkeeping values stored beside the tables
+    (the loader's resumable progress markers), written only by a writable handle."""
+
+    @property
+    def read_only(self) -> bool:
+        """Whether ``put_meta`` is refused (a read-only or secondary handle)."""
+        ...
+
+    def get_meta(self, name: str) -> bytes | None:
+        """The value stored under ``name``, or None."""
+        ...
+
+    def put_meta(self, name: str, value: bytes) -> None:
+        """Store ``value`` under ``name``; TierError when ``read_only``."""
+        ...
+
+    def delete_meta(self, name: str) -> None:
+        """Remove ``name`` (absent: nothing to do); TierError when ``read_only``."""
+        ...
+
+
+@runtime_checkable
+class Refreshable(Protocol):
+    """Optional tier capability: a handle that must be told to see what a writer in another
+    process added since it opened (a RocksDB read-only or secondary handle)."""
+
+    def refresh(self) -> None:
+        """Catch up with the writer (tables created since included); cheap when nothing
+        changed. A handle that sees its own writes does nothing."""
+        ...
+
+
+@runtime_checkable
+class SharedTier(Protocol):
+    """Optional tier capability: one store shared between servers (Redis), as HugeCTR's
+    ``is_shared()``. Each update is applied by one process for all of them, and the tier is
+    filled ahead (``hps load``) rather than by each process at start-up. The tier type's
+    :attr:`~hps_core.config.TierType.shared` says the same before the tier is opened."""
+
+    @property
+    def address(self) -> str:
+        """Where the shared store lives (``host:port,...``), for messages."""
         ...
 
 

@@ -57,7 +57,6 @@ margin set (the default) nothing is ever evicted and the fetch skips that bookke
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -80,6 +79,7 @@ from hps_core.db.base import (
     check_values,
     unknown_table,
 )
+from hps_core.config import OVERFLOW_POLICIES, OverflowConfig, VolatileDBConfig
 from hps_core.errors import ConfigError, TierError
 from hps_core.grouping import group_by
 from hps_core.hashing import mix64, partition, partition_array
@@ -94,21 +94,13 @@ from hps_core.intrinsics import (
     read_release,
 )
 
-__all__ = ["NO_OVERFLOW_LIMIT", "OVERFLOW_POLICIES", "HashMapVolatileDB", "estimate_bytes_per_row"]
+__all__ = ["HashMapVolatileDB", "estimate_bytes_per_row"]
 
-# HugeCTR's defaults for the hash-map backend (VolatileDatabaseParams).
-DEFAULT_NUM_PARTITIONS = min(16, os.cpu_count() or 1)
-DEFAULT_MAX_BATCH_SIZE = 10_000
 _MIN_SLOTS = 16
 _SLOT_BYTES = 16  # (key, row) as two int64
 _EMPTY = -1  # row of an empty slot
 _KEY, _STAMP, _COUNT = 0, 1, 2  # columns of meta, the int64 view of each row's header
 _VEC = 6  # float32 column where a row's vector starts (after the 24-byte header)
-
-#: HugeCTR's overflow policies and their short aliases.
-OVERFLOW_POLICIES = ("evict_random", "evict_least_used", "evict_oldest")
-_POLICY_ALIASES = {"random": "evict_random", "least_used": "evict_least_used", "oldest": "evict_oldest"}
-NO_OVERFLOW_LIMIT = 2**64 - 1  # HugeCTR's default margin: size_t max, i.e. never evict
 
 # rows of the directory (see _Directory)
 _SLOTS, _SLOT_COUNT, _VALUES, _VALUE_ROWS, _VALUE_WIDTH, _CLOSED = range(6)
@@ -392,24 +384,6 @@ def _empty_rows(rows: int, dim: int) -> Vectors:
     return np.empty((rows, _VEC + dim + dim % 2), np.float32)
 
 
-@dataclass(frozen=True)
-class _Overflow:
-    """The overflow settings of one tier: when to evict, how many, which rows."""
-
-    margin: int  # most rows per partition
-    policy: str  # one of OVERFLOW_POLICIES
-    target: float  # fraction of margin kept after an eviction
-
-    @property
-    def limited(self) -> bool:
-        return self.margin < NO_OVERFLOW_LIMIT
-
-    @property
-    def keep(self) -> int:
-        """Rows a partition is shrunk to when it overflows."""
-        return int(self.margin * self.target)
-
-
 @dataclass(eq=False)
 class _Partition:
     """One open-addressing table plus its value rows: one table's share of one partition.
@@ -463,8 +437,8 @@ class _Partition:
         self.n_rows = _remove(keys, positions, self.slots, self.values, self.meta, before)
         return before - self.n_rows
 
-    def resolve_overflow(self, overflow: _Overflow) -> int:
-        """Shrink to ``overflow.keep`` rows if above the margin; returns rows evicted.
+    def resolve_overflow(self, overflow: OverflowConfig) -> int:
+        """Shrink to ``margin * resolution_target`` rows if above the margin; returns rows evicted.
 
         Victims are picked with one vectorised selection over the dense rows and removed
         by the numba deletion kernel. Caller holds the lock.
@@ -472,7 +446,7 @@ class _Partition:
         n = self.n_rows
         if n <= overflow.margin:
             return 0
-        k = n - overflow.keep
+        k = n - int(overflow.margin * overflow.resolution_target)
         if k >= n:
             victims = np.arange(n)
         elif overflow.policy == "evict_random":
@@ -562,15 +536,16 @@ def estimate_bytes_per_row(dim: int) -> float:
 # --------------------------------------------------------------------------- the tier
 
 
-def _check_overflow(margin: object, policy: object, target: object) -> _Overflow:
-    """Validated overflow settings; errors name the HugeCTR field and the fix."""
+def _check_overflow(overflow: OverflowConfig) -> OverflowConfig:
+    """Validated overflow settings, policy aliases resolved; errors name the HugeCTR field."""
+    margin, policy, target = overflow.margin, overflow.policy, overflow.resolution_target
     if isinstance(margin, bool) or not isinstance(margin, (int, np.integer)) or margin < 1:
         raise ConfigError(
             f"volatile_db.overflow_margin must be a positive integer (rows per partition), "
             f"got {margin!r}"
         )
-    canonical = _POLICY_ALIASES.get(str(policy), policy)
-    if canonical not in OVERFLOW_POLICIES:
+    canonical = next((name for name, aliases in OVERFLOW_POLICIES.items() if policy in aliases), None)
+    if canonical is None:
         raise ConfigError(
             f"volatile_db.overflow_policy must be one of {', '.join(OVERFLOW_POLICIES)}, "
             f"got {policy!r}"
@@ -579,41 +554,37 @@ def _check_overflow(margin: object, policy: object, target: object) -> _Overflow
         raise ConfigError(
             f"volatile_db.overflow_resolution_target must be a number in (0, 1), got {target!r}"
         )
-    return _Overflow(int(margin), str(canonical), float(target))
+    return OverflowConfig(margin=int(margin), policy=canonical, resolution_target=float(target))
 
 
 class HashMapVolatileDB:
     """Volatile tier in this process's memory (HugeCTR ``hash_map`` / ``parallel_hash_map``).
 
     Args:
-        num_partitions: independently locked partitions per table; threads working on
-            different partitions run in parallel. HugeCTR default: min(16, CPU count).
-        max_get_batch_size: most keys looked up per partition under one lock hold.
-        max_set_batch_size: most keys written per partition under one lock hold.
+        config: the ``volatile_db`` section (defaults: ``VolatileDBConfig()``). Read here:
+            ``num_partitions`` (independently locked partitions per table; threads working
+            on different partitions run in parallel), ``max_get_batch_size`` /
+            ``max_set_batch_size`` (most keys looked up / written per partition under one
+            lock hold) and ``overflow``: ``margin`` (most rows per partition; an insert that
+            goes beyond evicts), ``policy`` (which rows: ``evict_random``,
+            ``evict_least_used`` (fewest accesses) or ``evict_oldest`` (least recently
+            inserted or fetched)), ``resolution_target`` (an overflowing partition is shrunk
+            to ``floor(margin * resolution_target)`` rows).
         initial_capacity: rows per table to allocate for up front (avoids early rehashes
             when the table size is known, e.g. when loading a sparse model).
-        overflow_margin: most rows per partition; an insert that goes beyond evicts.
-            Default: no limit (HugeCTR's ``size_t`` max).
-        overflow_policy: which rows an overflow evicts: ``evict_random``,
-            ``evict_least_used`` (fewest accesses) or ``evict_oldest`` (least recently
-            inserted or fetched).
-        overflow_resolution_target: an overflowing partition is shrunk to
-            ``floor(overflow_margin * overflow_resolution_target)`` rows.
         seed: seed of the ``evict_random`` victim choice (per partition).
     """
 
     def __init__(
         self,
+        config: VolatileDBConfig | None = None,
         *,
-        num_partitions: int = DEFAULT_NUM_PARTITIONS,
-        max_get_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-        max_set_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         initial_capacity: int = 0,
-        overflow_margin: int = NO_OVERFLOW_LIMIT,
-        overflow_policy: str = "evict_random",
-        overflow_resolution_target: float = 0.8,
         seed: int | None = None,
     ) -> None:
+        config = VolatileDBConfig() if config is None else config
+        num_partitions = config.num_partitions
+        max_get_batch_size, max_set_batch_size = config.max_get_batch_size, config.max_set_batch_size
         for name, value in (
             ("num_partitions", num_partitions),
             ("max_get_batch_size", max_get_batch_size),
@@ -624,7 +595,7 @@ class HashMapVolatileDB:
         cap = initial_capacity
         if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
             raise ConfigError(f"initial_capacity must be a non-negative integer, got {cap!r}")
-        self._overflow = _check_overflow(overflow_margin, overflow_policy, overflow_resolution_target)
+        self._overflow = _check_overflow(config.overflow)
         self._num_partitions = num_partitions
         self._max_get = max_get_batch_size
         # a chunk never exceeds the margin, so a partition holds at most 2 x margin rows
@@ -642,18 +613,6 @@ class HashMapVolatileDB:
         self._tables_lock = threading.Lock()  # guards the dicts, not the data
         self._closed = False
 
-    @classmethod
-    def from_config(cls, cfg: Any) -> HashMapVolatileDB:
-        """Build from a VolatileDBConfig (read by HugeCTR field names; absent → default)."""
-        return cls(
-            num_partitions=getattr(cfg, "num_partitions", DEFAULT_NUM_PARTITIONS),
-            max_get_batch_size=getattr(cfg, "max_get_batch_size", DEFAULT_MAX_BATCH_SIZE),
-            max_set_batch_size=getattr(cfg, "max_set_batch_size", DEFAULT_MAX_BATCH_SIZE),
-            overflow_margin=getattr(cfg, "overflow_margin", NO_OVERFLOW_LIMIT),
-            overflow_policy=getattr(cfg, "overflow_policy", "evict_random"),
-            overflow_resolution_target=getattr(cfg, "overflow_resolution_target", 0.8),
-        )
-
     def __repr__(self) -> str:
         parts, tables = self._num_partitions, len(self._tables)
         limit = f", overflow_margin={self._overflow.margin}, {self._overflow.policy}" if self._overflow.limited else ""
@@ -669,7 +628,7 @@ class HashMapVolatileDB:
 
     @property
     def overflow_resolution_target(self) -> float:
-        return self._overflow.target
+        return self._overflow.resolution_target
 
     # ---------------------------------------------------------------- contract
 

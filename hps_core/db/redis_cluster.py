@@ -78,7 +78,7 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any, NamedTuple, Self
+from typing import Any, NamedTuple
 
 import numpy as np
 import redis
@@ -106,6 +106,7 @@ from hps_core.db.base import (
     unknown_table,
 )
 from hps_core.errors import ConfigError, PartialTierError, RequestError, StoredWidthError, TierError
+from hps_core.config import RedisConfig, TLSConfig, VolatileDBConfig
 from hps_core.logs import RateLimitedLog
 from hps_core.rows import copy_rows
 
@@ -114,19 +115,13 @@ __all__ = ["RedisClusterVolatileDB", "RedisVolatileDB", "open_redis_db", "parse_
 #: node failures: the first of each cause at once, then one line per cause per interval
 _log = RateLimitedLog(logging.getLogger(__name__))
 
-DEFAULT_ADDRESS = "127.0.0.1:7000"  # HugeCTR's default
 DEFAULT_PORT = 6379  # for an address without ":port"
-DEFAULT_NUM_PARTITIONS = 8
-DEFAULT_MAX_BATCH_SIZE = 64 * 1024
-DEFAULT_NODE_CONNECTIONS = 5
 DEFAULT_SOCKET_TIMEOUT = 1.0  # s: a node slower than this counts as down for this request
 DEFAULT_CONNECT_TIMEOUT = 0.5  # s
 DEFAULT_RETRY_AFTER = 1.0  # s a failed node is skipped before it is tried again
 
 #: errors that mean "this node cannot answer now" (retryable after ``retry_after``)
 NODE_FAILURES: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, OSError)
-#: every error redis-py raises, with the socket errors under it: what translate_redis takes
-REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError)
 
 # HSET that leaves the fields already present alone (one command per chunk, like HSET): a
 # refill must not overwrite a row the update stream wrote since the node came back.
@@ -155,46 +150,29 @@ def parse_addresses(address: str) -> list[tuple[str, int]]:
     return out
 
 
-@dataclass(frozen=True, kw_only=True)
-class TLSSettings:
-    """HugeCTR's ``enable_tls`` fields, as redis-py connection arguments."""
-
-    ca_certificate: str  # file, or folder of certificates
-    client_certificate: str
-    client_key: str
-    server_name_identification: str
-
-    def connection_kwargs(self) -> dict[str, Any]:
-        for name, path in (("tls_client_certificate", self.client_certificate), ("tls_client_key", self.client_key)):
-            if not os.path.isfile(path):
-                raise ConfigError(f"volatile_db.{name}: {path!r} is not a file. Fix: give the PEM file's path")
-        if not os.path.exists(self.ca_certificate):
-            raise ConfigError(
-                f"volatile_db.tls_ca_certificate: {self.ca_certificate!r} does not exist. "
-                "Fix: give a CA bundle file or a folder of CA certificates"
-            )
-        ca = {"ssl_ca_path" if os.path.isdir(self.ca_certificate) else "ssl_ca_certs": self.ca_certificate}
-        return {
-            "ssl": True,
-            "ssl_certfile": self.client_certificate,
-            "ssl_keyfile": self.client_key,
-            **ca,
-            # redis-py sends the node's host as SNI and cannot send another name; the
-            # certificate chain is verified, the host name is checked only when the
-            # configured SNI name is the host itself (see docs/tiers.md).
-            "ssl_check_hostname": False,
-        }
-
-
-def _tls_from_config(cfg: Any) -> TLSSettings | None:
-    if not getattr(cfg, "enable_tls", False):
-        return None
-    return TLSSettings(
-        ca_certificate=cfg.tls_ca_certificate,
-        client_certificate=cfg.tls_client_certificate,
-        client_key=cfg.tls_client_key,
-        server_name_identification=cfg.tls_server_name_identification,
-    )
+def _tls_kwargs(tls: TLSConfig) -> dict[str, Any]:
+    """HugeCTR's ``enable_tls`` fields as redis-py connection arguments ({} when disabled)."""
+    if not tls.enabled:
+        return {}
+    for name, path in (("tls_client_certificate", tls.client_certificate), ("tls_client_key", tls.client_key)):
+        if not os.path.isfile(path):
+            raise ConfigError(f"volatile_db.{name}: {path!r} is not a file. Fix: give the PEM file's path")
+    if not os.path.exists(tls.ca_certificate):
+        raise ConfigError(
+            f"volatile_db.tls_ca_certificate: {tls.ca_certificate!r} does not exist. "
+            "Fix: give a CA bundle file or a folder of CA certificates"
+        )
+    ca = {"ssl_ca_path" if os.path.isdir(tls.ca_certificate) else "ssl_ca_certs": tls.ca_certificate}
+    return {
+        "ssl": True,
+        "ssl_certfile": tls.client_certificate,
+        "ssl_keyfile": tls.client_key,
+        **ca,
+        # redis-py sends the node's host as SNI and cannot send another name; the
+        # certificate chain is verified, the host name is checked only when the
+        # configured SNI name is the host itself (see docs/tiers.md).
+        "ssl_check_hostname": False,
+    }
 
 
 def _check_positive(name: str, value: object) -> int:
@@ -270,23 +248,21 @@ class _RedisTier:
 
     def __init__(
         self,
+        config: VolatileDBConfig | None = None,
         *,
-        address: str = DEFAULT_ADDRESS,
-        user_name: str = "default",
-        password: str = "",
-        num_partitions: int = DEFAULT_NUM_PARTITIONS,
-        max_get_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-        max_set_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-        num_node_connections: int = DEFAULT_NODE_CONNECTIONS,
-        tls: TLSSettings | None = None,
         socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
         socket_connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         retry_after: float = DEFAULT_RETRY_AFTER,
     ) -> None:
-        self._num_partitions = _check_positive("num_partitions", num_partitions)
-        self._max_get = _check_positive("max_get_batch_size", max_get_batch_size)
-        self._max_set = _check_positive("max_set_batch_size", max_set_batch_size)
-        self._node_connections = _check_positive("num_node_connections", num_node_connections)
+        """``config``: the ``volatile_db`` section (defaults: ``VolatileDBConfig()``); read
+        here: ``redis`` (address, credentials, connections, TLS), ``num_partitions`` and the
+        batch sizes."""
+        config = VolatileDBConfig() if config is None else config
+        address = config.redis.address
+        self._num_partitions = _check_positive("num_partitions", config.num_partitions)
+        self._max_get = _check_positive("max_get_batch_size", config.max_get_batch_size)
+        self._max_set = _check_positive("max_set_batch_size", config.max_set_batch_size)
+        self._node_connections = _check_positive("num_node_connections", config.redis.num_node_connections)
         self._retry_after = float(retry_after)
         self._tables: dict[str, _Table] = {}
         self._groups: TableGroups[_Tables] = TableGroups(self._resolve)
@@ -300,19 +276,17 @@ class _RedisTier:
         self._address = address
         self._connect(
             address,
-            _client_kwargs(
-                user_name=user_name, password=password, tls=tls,
-                socket_timeout=socket_timeout, socket_connect_timeout=socket_connect_timeout,
-            ),
+            _client_kwargs(config.redis, socket_timeout=socket_timeout,
+                           socket_connect_timeout=socket_connect_timeout),
         )
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> Self:
-        """Build from a VolatileDBConfig (HugeCTR field names; absent → default)."""
-        return cls(**_config_kwargs(cfg))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(address={self._address!r}, partitions={self._num_partitions})"
+
+    @property
+    def address(self) -> str:
+        """The configured ``volatile_db.address`` (the tier is shared: :class:`SharedTier`)."""
+        return self._address
 
     # ---------------------------------------------------------------- subclass hooks
 
@@ -565,7 +539,7 @@ class _RedisTier:
         self._closed = True
         try:
             self._close_clients()
-        except REDIS_ERRORS:
+        except (RedisError, RedisClusterException, OSError):
             pass  # closing a client of a dead node is not worth an error
 
     def counters(self) -> dict[str, Any]:
@@ -635,9 +609,9 @@ class _RedisTier:
         """Run a single-key command; redis errors become TierError."""
         try:
             return fn()
-        except REDIS_ERRORS as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             self._record(None, exc, 0)
-            raise translate_redis(exc, self._kind, f"{what} failed") from exc
+            raise TierError(f"{self._kind}: {what} failed: {_short(exc)}") from exc
 
     # ---------------------------------------------------------------- pipelines
 
@@ -773,7 +747,7 @@ class _RedisTier:
     def _fail(self, what: str, node: str, exc: BaseException, keys: int, strict: bool) -> None:
         self._record(node, exc, 0 if strict else keys)
         if strict:
-            raise translate_redis(exc, self._kind, f"{what} failed on node {node}") from exc
+            raise TierError(f"{self._kind}: {what} failed on node {node}: {_short(exc)}") from exc
 
     def _new_link(self, name: str, pool: ConnectionPool | _DeadPool) -> _Link:
         with self._lock:
@@ -783,39 +757,29 @@ class _RedisTier:
             return link
 
 
-def _client_kwargs(
-    *,
-    user_name: str | None,
-    password: str | None,
-    tls: TLSSettings | None,
-    socket_timeout: float,
-    socket_connect_timeout: float,
-) -> dict[str, Any]:
+def _client_kwargs(redis_cfg: RedisConfig, *, socket_timeout: float, socket_connect_timeout: float) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "socket_timeout": socket_timeout,
         "socket_connect_timeout": socket_connect_timeout,
         "socket_keepalive": True,
     }
-    if password:
-        kwargs["password"] = password
-        if user_name and user_name != "default":
-            kwargs["username"] = user_name
-    if tls is not None:
-        kwargs.update(tls.connection_kwargs())
+    if redis_cfg.password:
+        kwargs["password"] = redis_cfg.password
+        if redis_cfg.user_name and redis_cfg.user_name != "default":
+            kwargs["username"] = redis_cfg.user_name
+    kwargs.update(_tls_kwargs(redis_cfg.tls))
     return kwargs
 
 
-def translate_redis(exc: BaseException, where: str, what: str) -> TierError:
-    """The TierError a redis-py failure (one of REDIS_ERRORS) enters hps_core as, for every
-    call of this module: ``"<where>: <what> (<Type>: <message>)"``, or, when the server refused
-    the credentials, ``"<where>: authentication failed (...)"`` with the fix."""
+def _connect_error(kind: str, addresses: str, exc: BaseException) -> TierError:
+    text = str(exc)
     auth_markers = ("WRONGPASS", "NOAUTH", "invalid username-password", "Authentication required")
-    if isinstance(exc, AuthenticationError) or any(m in str(exc) for m in auth_markers):
+    if isinstance(exc, AuthenticationError) or any(m in text for m in auth_markers):
         return TierError(
-            f"{where}: authentication failed ({_short(exc)}). "
+            f"{kind} at {addresses}: authentication failed ({_short(exc)}). "
             "Fix: set volatile_db.user_name / volatile_db.password to the server's"
         )
-    return TierError(f"{where}: {what} ({_short(exc)})")
+    return TierError(f"{kind} at {addresses}: cannot connect ({_short(exc)})")
 
 
 class RedisClusterVolatileDB(_RedisTier):
@@ -849,8 +813,8 @@ class RedisClusterVolatileDB(_RedisTier):
                 retry=Retry(NoBackoff(), 1),
                 **client_kwargs,
             )
-        except REDIS_ERRORS as exc:
-            raise translate_redis(exc, f"{self._kind} at {address}", "cannot connect") from exc
+        except (RedisError, RedisClusterException, OSError) as exc:
+            raise _connect_error(self._kind, address, exc) from exc
 
     def _meta(self) -> Any:
         return self._client
@@ -884,7 +848,7 @@ class RedisClusterVolatileDB(_RedisTier):
         try:
             if not self._closed:
                 self._client.nodes_manager.initialize()
-        except REDIS_ERRORS as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             self._refresh_due = True
             with self._lock:
                 self.last_error = f"slot map refresh: {_short(exc)}"
@@ -921,9 +885,9 @@ class RedisVolatileDB(_RedisTier):
         self._client = redis.Redis(host=host, port=port, retry=Retry(NoBackoff(), 0), **client_kwargs)
         try:
             self._client.ping()
-        except REDIS_ERRORS as exc:
+        except (RedisError, OSError) as exc:
             self._client.close()
-            raise translate_redis(exc, f"{self._kind} at {address}", "cannot connect") from exc
+            raise _connect_error(self._kind, address, exc) from exc
         self._link = _Link(f"{host}:{port}", self._client.connection_pool, threading.BoundedSemaphore(self._node_connections))
 
     def _meta(self) -> Any:
@@ -949,40 +913,24 @@ class _DeadPool:
         pass
 
 
-def _config_kwargs(cfg: Any) -> dict[str, Any]:
-    return {
-        "address": getattr(cfg, "address", DEFAULT_ADDRESS),
-        "user_name": getattr(cfg, "user_name", "default"),
-        "password": getattr(cfg, "password", ""),
-        "num_partitions": getattr(cfg, "num_partitions", DEFAULT_NUM_PARTITIONS),
-        "max_get_batch_size": getattr(cfg, "max_get_batch_size", DEFAULT_MAX_BATCH_SIZE),
-        "max_set_batch_size": getattr(cfg, "max_set_batch_size", DEFAULT_MAX_BATCH_SIZE),
-        "num_node_connections": getattr(cfg, "num_node_connections", DEFAULT_NODE_CONNECTIONS),
-        "tls": _tls_from_config(cfg),
-    }
-
-
 def _cluster_enabled(address: str, kwargs: dict[str, Any]) -> bool:
     """Ask one server whether it runs in cluster mode (``INFO cluster``)."""
     (host, port), = parse_addresses(address)
     client = redis.Redis(host=host, port=port, retry=Retry(NoBackoff(), 0), **kwargs)
     try:
         return bool(client.info("cluster").get("cluster_enabled", 0))
-    except REDIS_ERRORS as exc:
-        raise translate_redis(exc, f"Redis at {address}", "cannot connect") from exc
+    except (RedisError, OSError) as exc:
+        raise _connect_error("Redis", address, exc) from exc
     finally:
         client.close()
 
 
-def open_redis_db(cfg: Any) -> RedisClusterVolatileDB | RedisVolatileDB:
+def open_redis_db(cfg: VolatileDBConfig) -> RedisClusterVolatileDB | RedisVolatileDB:
     """The Redis tier ``volatile_db`` describes: a cluster for several addresses or a
     cluster node, one server (:class:`RedisVolatileDB`) for a server not in cluster mode."""
-    kwargs = _config_kwargs(cfg)
-    if len(parse_addresses(kwargs["address"])) == 1:
-        probe = _client_kwargs(
-            user_name=kwargs["user_name"], password=kwargs["password"], tls=kwargs["tls"],
-            socket_timeout=DEFAULT_SOCKET_TIMEOUT, socket_connect_timeout=DEFAULT_CONNECT_TIMEOUT,
-        )
-        if not _cluster_enabled(kwargs["address"], probe):
-            return RedisVolatileDB(**kwargs)
-    return RedisClusterVolatileDB(**kwargs)
+    if len(parse_addresses(cfg.redis.address)) == 1:
+        probe = _client_kwargs(cfg.redis, socket_timeout=DEFAULT_SOCKET_TIMEOUT,
+                               socket_connect_timeout=DEFAULT_CONNECT_TIMEOUT)
+        if not _cluster_enabled(cfg.redis.address, probe):
+            return RedisVolatileDB(cfg)
+    return RedisClusterVolatileDB(cfg)

@@ -87,15 +87,12 @@ from hps_core.db.base import (
     check_values,
     unknown_table,
 )
+from hps_core.config import PersistentDBConfig
 from hps_core.errors import ConfigError, HPSError, RequestError, TierBusyError, TierError
 from hps_core.rows import copy_rows, join_rows
 
 __all__ = ["RocksDBPersistentDB"]
 
-# HugeCTR's defaults (PersistentDatabaseParams).
-DEFAULT_PATH = "/tmp/rocksdb"
-DEFAULT_NUM_THREADS = 16
-DEFAULT_MAX_BATCH_SIZE = 10_000
 
 _DIM_PREFIX = b"hps.dim."
 _META_PREFIX = b"hps."
@@ -173,12 +170,12 @@ class RocksDBPersistentDB:
     """Persistent tier in a RocksDB directory (HugeCTR ``rocks_db``).
 
     Args:
-        path: database directory; created unless ``read_only``.
-        read_only: open without the write lock (beside a writer in another process);
-            inserts and new tables raise TierError.
-        num_threads: RocksDB background threads (flush, compaction).
-        max_get_batch_size: most keys per multi-get call.
-        max_set_batch_size: most keys per WriteBatch (one atomic write each).
+        config: the ``persistent_db`` section (defaults: ``PersistentDBConfig()``). Read
+            here: ``path`` (database directory; created unless read-only), ``read_only``
+            (open without the write lock, beside a writer in another process; inserts and
+            new tables raise TierError), ``num_threads`` (RocksDB background threads: flush,
+            compaction), ``max_get_batch_size`` (most keys per multi-get call) and
+            ``max_set_batch_size`` (most keys per WriteBatch, one atomic write each).
         disable_wal: skip the write-ahead log. Faster bulk loads; a crash loses the
             writes since the last flush (re-loadable from the sparse files).
         secondary_path: open as a RocksDB secondary instance keeping its state in this
@@ -187,15 +184,14 @@ class RocksDBPersistentDB:
 
     def __init__(
         self,
+        config: PersistentDBConfig | None = None,
         *,
-        path: str | Path = DEFAULT_PATH,
-        read_only: bool = False,
-        num_threads: int = DEFAULT_NUM_THREADS,
-        max_get_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-        max_set_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         disable_wal: bool = False,
         secondary_path: str | Path | None = None,
     ) -> None:
+        config = PersistentDBConfig() if config is None else config
+        path, read_only, num_threads = config.path, config.read_only, config.num_threads
+        max_get_batch_size, max_set_batch_size = config.max_get_batch_size, config.max_set_batch_size
         for name, value in (
             ("num_threads", num_threads),
             ("max_get_batch_size", max_get_batch_size),
@@ -223,18 +219,6 @@ class RocksDBPersistentDB:
         # fetch_tables' widths and views per tuple of tables; views die with their handles
         self._groups: TableGroups[_Group] = TableGroups(self._resolve)
         self._load_tables()
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> RocksDBPersistentDB:
-        """Build from a PersistentDBConfig (read by HugeCTR field names; absent → default)."""
-        return cls(
-            path=getattr(cfg, "path", DEFAULT_PATH),
-            read_only=getattr(cfg, "read_only", False),
-            num_threads=getattr(cfg, "num_threads", DEFAULT_NUM_THREADS),
-            max_get_batch_size=getattr(cfg, "max_get_batch_size", DEFAULT_MAX_BATCH_SIZE),
-            max_set_batch_size=getattr(cfg, "max_set_batch_size", DEFAULT_MAX_BATCH_SIZE),
-            secondary_path=getattr(cfg, "secondary_path", None),
-        )
 
     def __repr__(self) -> str:
         mode = "secondary" if self._secondary else "read-only" if self._read_only else "read-write"
@@ -272,7 +256,12 @@ class RocksDBPersistentDB:
             # rocksdict opens every existing column family with these options
             return Rdict(self._path, opts, access_type=access)
         except Exception as exc:
-            raise translate_rocksdb(exc, self._path, "open") from exc
+            if "lock" in str(exc).lower():
+                raise TierBusyError(
+                    f"cannot open RocksDB at {self._path!r}: {exc}; another process holds its write "
+                    "lock: open with read_only: true to share it"
+                ) from exc
+            raise TierError(f"cannot open RocksDB at {self._path!r}: {exc}") from exc
 
     def _load_tables(self) -> None:
         """Learn existing tables and dims: metadata first, else the first value's size."""
@@ -385,7 +374,7 @@ class RocksDBPersistentDB:
                     # stubs: a list of keys is a batch get
                     results[start:stop] = families[t].get(key_list[start:stop])  # type: ignore[arg-type]
             except Exception as exc:
-                raise translate_rocksdb(exc, self._path, "fetch", names[t]) from exc
+                raise TierError(f"RocksDB fetch on table {names[t]!r} at {self._path!r} failed: {exc}") from exc
 
         with self._translate("fetch", names[0] if len(names) == 1 else None):  # e.g. a pool shut down by close()
             self._run_ranges(read, bounds)
@@ -641,21 +630,11 @@ class RocksDBPersistentDB:
 
     @contextmanager
     def _translate(self, action: str, table: str | None) -> Iterator[None]:
-        """rocksdict's bare exceptions → :func:`translate_rocksdb`; ours pass through."""
+        """rocksdict's bare exceptions → TierError naming what failed where."""
         try:
             yield
         except HPSError:
             raise
         except Exception as exc:
-            raise translate_rocksdb(exc, self._path, action, table) from exc
-
-
-def translate_rocksdb(exc: BaseException, path: str, action: str, table: str | None = None) -> TierError:
-    """The error a rocksdict failure (a bare Exception) enters hps_core as, for every call of
-    this module: TierBusyError when an open finds the write lock held, else TierError,
-    naming the action, the table and the path."""
-    where = f" on table {table!r}" if table else ""
-    message = f"RocksDB {action}{where} at {path!r} failed: {exc}"
-    if action == "open" and "lock" in str(exc).lower():  # rocksdict's LOCK file is held
-        return TierBusyError(f"{message}; another process holds its write lock: open with read_only: true to share it")
-    return TierError(message)
+            where = f" on table {table!r}" if table else ""
+            raise TierError(f"RocksDB {action}{where} at {self._path!r} failed: {exc}") from exc

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hps_core.config import PersistentDBConfig
 from hps_core.db import RocksDBPersistentDB
 from hps_core.formats import write_npy_pair, write_sparse_model
 
@@ -83,7 +84,7 @@ def test_load_npy_and_inspect_rocksdb_alone(tmp_path: Path) -> None:
                  "--rocksdb", str(db_path))
     assert result.returncode == 0, result.stderr
     assert "hps_et.m.t: 500 rows written" in result.stdout
-    db = RocksDBPersistentDB(path=db_path, read_only=True)
+    db = RocksDBPersistentDB(PersistentDBConfig(path=str(db_path), read_only=True))
     out = np.zeros((500, DIM), np.float32)
     assert db.fetch("hps_et.m.t", keys, out).all()
     np.testing.assert_array_equal(out, vectors)

@@ -15,10 +15,15 @@ import pytest
 import hps_core.config as config_module
 from hps_core.config import (
     INACTIVE_FIELDS,
+    PERSISTENT_TYPES,
+    VOLATILE_TYPES,
     ModelConfig,
+    OverflowConfig,
     ParameterServerConfig,
     PersistentDBConfig,
     TableConfig,
+    TierType,
+    TLSConfig,
     UpdateSourceConfig,
     VolatileDBConfig,
     gpu_cache_requested,
@@ -117,8 +122,8 @@ def test_sample_config_loads(sample_path: Path) -> None:
     assert cfg.supportlonglong is True
     assert cfg.volatile_db.type == "hash_map"
     assert cfg.volatile_db.num_partitions == 8
-    assert cfg.volatile_db.overflow_policy == "evict_oldest"
-    assert cfg.volatile_db.overflow_margin == 10_000_000
+    assert cfg.volatile_db.overflow.policy == "evict_oldest"
+    assert cfg.volatile_db.overflow.margin == 10_000_000
     assert cfg.persistent_db.type == "rocks_db"
     assert cfg.persistent_db.enabled and cfg.volatile_db.enabled
     assert cfg.persistent_db.update_filters == (".+",)
@@ -192,19 +197,20 @@ def test_defaults_when_sections_absent() -> None:
     vdb = cfg.volatile_db
     assert vdb == VolatileDBConfig()
     assert vdb.type == "parallel_hash_map"  # HugeCTR's struct default
-    assert vdb.address == "127.0.0.1:7000" and vdb.user_name == "default"
-    assert vdb.password == ""
+    assert vdb.redis.address == "127.0.0.1:7000" and vdb.redis.user_name == "default"
+    assert vdb.redis.password == ""
     assert vdb.num_partitions == min(16, os.cpu_count() or 1)
     assert vdb.allocation_rate == 256 * 1024 * 1024
-    assert vdb.num_node_connections == 5
+    assert vdb.redis.num_node_connections == 5
     assert vdb.max_batch_size == 65536
-    assert vdb.overflow_margin == 2**64 - 1
-    assert vdb.overflow_policy == "evict_random"
-    assert vdb.overflow_resolution_target == 0.8
+    assert vdb.overflow.margin == 2**64 - 1 and not vdb.overflow.limited
+    assert vdb.overflow.policy == "evict_random"
+    assert vdb.overflow.resolution_target == 0.8
     assert vdb.initial_cache_rate == 1.0
     assert vdb.cache_missed_embeddings is False
     assert vdb.update_filters == ("^hps_.+$",)
-    assert vdb.enable_tls is False and vdb.tls_server_name_identification == "redis.localhost"
+    assert vdb.redis.tls.enabled is False
+    assert vdb.redis.tls.server_name_identification == "redis.localhost"
     pdb = cfg.persistent_db
     assert pdb.type == "disabled" and not pdb.enabled
     assert pdb.path == os.path.join(tempfile.gettempdir(), "rocksdb")
@@ -272,7 +278,38 @@ def test_hit_rate_threshold_above_one_means_always_synchronous() -> None:
 ])
 def test_hugectr_enum_aliases(section: str, key: str, alias: str, canonical: str) -> None:
     cfg = _parse(_with(f"{section}.{key}", alias))
-    assert getattr(getattr(cfg, section), key) == canonical
+    value: object = getattr(cfg, section)
+    for attr in _ATTRIBUTE_OF_FIELD.get(key, key).split("."):
+        value = getattr(value, attr)
+    assert value == canonical
+
+
+# HugeCTR's flat JSON fields that live in a nested section of the dataclass.
+_ATTRIBUTE_OF_FIELD = {"overflow_policy": "overflow.policy"}
+
+
+def test_tier_types_are_one_enum() -> None:
+    # The roles' accepted types are members of TierType; together they are all its members.
+    assert set(VOLATILE_TYPES) | set(PERSISTENT_TYPES) == set(TierType)
+    for section, kinds in (("volatile_db", VOLATILE_TYPES), ("persistent_db", PERSISTENT_TYPES)):
+        for kind in kinds:
+            parsed = getattr(_parse(_with(f"{section}.type", kind.value)), section).type
+            assert parsed is kind and isinstance(parsed, TierType)
+    assert VolatileDBConfig().type is TierType.PARALLEL_HASH_MAP
+    assert PersistentDBConfig().type is TierType.DISABLED
+
+
+def test_nested_sections_read_hugectr_flat_fields() -> None:
+    cfg = _parse(_with("volatile_db", {
+        "type": "redis_cluster", "overflow_margin": 5, "overflow_policy": "oldest",
+        "overflow_resolution_target": 0.5, "enable_tls": True, "tls_client_key": "/k.pem",
+        "num_node_connections": 3,
+    }))
+    vdb = cfg.volatile_db
+    assert vdb.overflow == OverflowConfig(margin=5, policy="evict_oldest", resolution_target=0.5)
+    assert vdb.overflow.limited
+    assert vdb.redis.tls == TLSConfig(enabled=True, client_key="/k.pem")
+    assert vdb.redis.num_node_connections == 3
 
 
 def test_use_static_table_forces_static_cache() -> None:
@@ -296,9 +333,9 @@ def test_redis_fields() -> None:
         "cache_missed_embeddings": True, "update_filters": ["^hps_et\\.m\\..*$"],
     }))
     vdb = cfg.volatile_db
-    assert (vdb.type, vdb.address, vdb.user_name, vdb.password) == (
+    assert (vdb.type, vdb.redis.address, vdb.redis.user_name, vdb.redis.password) == (
         "redis_cluster", "r1:7000,r2:7000", "u", "secret")
-    assert vdb.enable_tls and vdb.tls_ca_certificate == "/ca.crt"
+    assert vdb.redis.tls.enabled and vdb.redis.tls.ca_certificate == "/ca.crt"
     assert vdb.cache_missed_embeddings is True
     assert "secret" not in repr(cfg)
 
@@ -348,7 +385,7 @@ def test_documentation_database_examples_load() -> None:
                           "receive_buffer_size": 262144, "max_batch_size": 8192,
                           "failure_backoff_ms": 50, "max_commit_interval": 32},
     })
-    assert cfg.volatile_db.overflow_margin == 10_000_000
+    assert cfg.volatile_db.overflow.margin == 10_000_000
     assert cfg.persistent_db.path == "/tmp/rocksdb"
     assert cfg.update_source.enabled
 
@@ -562,6 +599,8 @@ def test_exported_names() -> None:
     assert set(config_module.__all__) == {
         "INACTIVE_FIELDS", "ModelConfig", "ParameterServerConfig", "PersistentDBConfig",
         "TableConfig", "UpdateSourceConfig", "VolatileDBConfig", "gpu_cache_requested",
+        "NO_OVERFLOW_LIMIT", "OVERFLOW_POLICIES", "OverflowConfig", "RedisConfig", "TLSConfig",
+        "TierType", "VOLATILE_TYPES", "PERSISTENT_TYPES",
         "load_config", "parse_config",
     }
     for name in config_module.__all__:

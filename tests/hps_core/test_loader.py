@@ -15,7 +15,13 @@ import numpy as np
 import pytest
 from rocksdict import AccessType, Options, Rdict
 
-from hps_core.config import TableConfig, load_config
+from hps_core.config import (
+    PersistentDBConfig,
+    RedisConfig,
+    TableConfig,
+    VolatileDBConfig,
+    load_config,
+)
 from hps_core.db import HashMapVolatileDB, RocksDBPersistentDB
 from hps_core.errors import ConfigError
 from hps_core.formats import write_npz, write_sparse_model
@@ -58,7 +64,7 @@ def all_rows(path: Path, table: str) -> dict[bytes, bytes]:
 def test_load_then_rerun_writes_nothing(tmp_path: Path) -> None:
     keys, vectors = make_table(tmp_path / "cat0", 20_000)
     table = table_config(tmp_path / "cat0")
-    db = RocksDBPersistentDB(path=tmp_path / "db")
+    db = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "db")))
     assert load_table(db, table, chunk_rows=3_000) == 20_000
     out = np.zeros((len(keys), DIM), np.float32)
     assert db.fetch(table.qualified_name, keys, out).all()
@@ -76,7 +82,7 @@ def test_load_then_rerun_writes_nothing(tmp_path: Path) -> None:
 def test_changed_source_is_loaded_again(tmp_path: Path) -> None:
     make_table(tmp_path / "cat0", 1_000, seed=1)
     table = table_config(tmp_path / "cat0")
-    db = RocksDBPersistentDB(path=tmp_path / "db")
+    db = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "db")))
     load_table(db, table)
     keys, vectors = make_table(tmp_path / "cat0", 1_000, seed=2)
     assert load_table(db, table) == 1_000
@@ -89,7 +95,7 @@ def test_changed_source_is_loaded_again(tmp_path: Path) -> None:
 def test_partial_marker_resumes_where_it_stopped(tmp_path: Path) -> None:
     make_table(tmp_path / "cat0", 10_000)
     table = table_config(tmp_path / "cat0")
-    db = RocksDBPersistentDB(path=tmp_path / "db")
+    db = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "db")))
     db.create_table(table.qualified_name, DIM)
     db.put_meta(f"load.{table.qualified_name}",
                 LoadMarker(4_000, 10_000, fingerprint(tmp_path / "cat0")).encode())
@@ -105,10 +111,10 @@ def test_killed_load_resumes_to_the_same_content(tmp_path: Path) -> None:
     table = table_config(tmp_path / "cat0")
     script = textwrap.dedent(f"""
         import sys, time
-        from hps_core.config import TableConfig
+        from hps_core.config import PersistentDBConfig, TableConfig
         from hps_core.db import RocksDBPersistentDB
         from hps_core.loader import load_table
-        db = RocksDBPersistentDB(path={str(tmp_path / "db")!r})
+        db = RocksDBPersistentDB(PersistentDBConfig(path={str(tmp_path / "db")!r}))
         put = db.put_meta
         def put_meta(name, value):
             put(name, value)
@@ -129,13 +135,13 @@ def test_killed_load_resumes_to_the_same_content(tmp_path: Path) -> None:
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
 
-    db = RocksDBPersistentDB(path=tmp_path / "db")  # the killed writer's lock is gone
+    db = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "db")))  # the killed writer's lock is gone
     marker = read_marker(db, table.qualified_name)
     assert marker is not None and 10 * chunk <= marker.rows < n
     written = load_table(db, table, chunk_rows=chunk)
     assert written == n - marker.rows
     db.close()
-    clean = RocksDBPersistentDB(path=tmp_path / "clean")
+    clean = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "clean")))
     load_table(clean, table, chunk_rows=chunk)
     clean.close()
     assert all_rows(tmp_path / "db", "hps_et.m.cat0") == all_rows(tmp_path / "clean", "hps_et.m.cat0")
@@ -144,7 +150,7 @@ def test_killed_load_resumes_to_the_same_content(tmp_path: Path) -> None:
 def test_hash_map_load_takes_the_leading_share(tmp_path: Path) -> None:
     keys, vectors = make_table(tmp_path / "cat0", 5_000)
     table = table_config(tmp_path / "cat0")
-    db = HashMapVolatileDB(num_partitions=2)
+    db = HashMapVolatileDB(VolatileDBConfig(num_partitions=2))
     assert load_table(db, table, fraction=0.4, chunk_rows=700) == 2_000
     out = np.zeros((5_000, DIM), np.float32)
     found = db.fetch(table.qualified_name, keys, out)
@@ -157,7 +163,7 @@ def test_npz_table(tmp_path: Path) -> None:
     keys = np.arange(300, dtype=np.int64)
     vectors = np.random.default_rng(0).random((300, DIM), dtype=np.float32)
     write_npz(tmp_path / "t.npz", keys, vectors)
-    db = RocksDBPersistentDB(path=tmp_path / "db")
+    db = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "db")))
     table = table_config(tmp_path / "t.npz", "npz")
     assert load_table(db, table) == 300
     assert load_table(db, table) == 0
@@ -222,11 +228,11 @@ def test_volatile_load_writes_the_partition_markers_before_the_rows(tmp_path: Pa
         ))
         report = load_config_tables(config, select_tables(config), tier="volatile")
         assert report == {"volatile": {"hps_et.m.cat0": 500, "hps_et.m.cat1": 250}}
-        db = RedisVolatileDB(address=server.address, num_partitions=4)
+        db = RedisVolatileDB(VolatileDBConfig(redis=RedisConfig(address=server.address), num_partitions=4))
         try:
             assert isinstance(db, PartitionMarkers)
             assert db.check_markers(["hps_et.m.cat0", "hps_et.m.cat1"]).missing == {}
-            spy = Spy(address=server.address, num_partitions=4)
+            spy = Spy(VolatileDBConfig(redis=RedisConfig(address=server.address), num_partitions=4))
             try:
                 load_table(spy, table_config(tmp_path / "m" / "cat0", "spied"), fraction=0.5)
             finally:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hps_core.config import parse_config
+from hps_core.config import PersistentDBConfig, RedisConfig, VolatileDBConfig, parse_config
 from hps_core.db import HashMapVolatileDB, RocksDBPersistentDB
 from hps_core.errors import RequestError, TierError
 from hps_core.lookup import LookupSession
@@ -56,8 +56,8 @@ class FailingTier:
 @pytest.fixture()
 def tiers(tmp_path: Path):
     model = _model(tmp_path)
-    volatile = HashMapVolatileDB(num_partitions=2)
-    persistent = RocksDBPersistentDB(path=tmp_path / "rocksdb")
+    volatile = HashMapVolatileDB(VolatileDBConfig(num_partitions=2))
+    persistent = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "rocksdb")))
     for table in model.tables:
         volatile.create_table(table.qualified_name, table.dim)
         persistent.create_table(table.qualified_name, table.dim)
@@ -193,8 +193,8 @@ def _wide_model(tmp_path: Path, tables: int):
 @pytest.mark.parametrize("tables", [1, 26])
 def test_one_call_per_tier_per_batch_whatever_the_table_count(tmp_path: Path, tables: int) -> None:
     model = _wide_model(tmp_path, tables)
-    volatile = HashMapVolatileDB(num_partitions=4)
-    persistent = RocksDBPersistentDB(path=tmp_path / "rocksdb")
+    volatile = HashMapVolatileDB(VolatileDBConfig(num_partitions=4))
+    persistent = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "rocksdb")))
     rng = np.random.default_rng(tables)
     for table in model.tables:
         keys = np.arange(100, dtype=np.int64)
@@ -246,8 +246,8 @@ def test_partial_redis_failure_serves_healthy_rows_and_counts_only_the_tables_it
     model = _model(tmp_path)
     names = [t.qualified_name for t in model.tables]
     with RedisProcesses.cluster(tmp_path / "redis", nodes=3) as cluster:
-        volatile = RedisClusterVolatileDB(address=cluster.address, num_partitions=8, retry_after=60.0)
-        persistent = RocksDBPersistentDB(path=tmp_path / "rocksdb")
+        volatile = RedisClusterVolatileDB(VolatileDBConfig(redis=RedisConfig(address=cluster.address), num_partitions=8), retry_after=60.0)
+        persistent = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "rocksdb")))
         raw = redis.RedisCluster(host="127.0.0.1", port=cluster.servers[0].port)
         try:
             victim = cluster.servers[1].port

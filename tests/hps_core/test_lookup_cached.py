@@ -16,7 +16,7 @@ import pytest
 
 from hps_core.arrays import to_host
 from hps_core.cache import make_multi_table_cache
-from hps_core.config import load_config, parse_config
+from hps_core.config import PersistentDBConfig, VolatileDBConfig, load_config, parse_config
 from hps_core.db import HashMapVolatileDB, RocksDBPersistentDB
 from hps_core.errors import RequestError
 from hps_core.formats import write_sparse_model
@@ -65,8 +65,8 @@ def _model(threshold: float):
 
 @pytest.fixture()
 def tiers(tmp_path: Path):
-    volatile = HashMapVolatileDB(num_partitions=2)
-    persistent = RocksDBPersistentDB(path=tmp_path / "rocksdb")
+    volatile = HashMapVolatileDB(VolatileDBConfig(num_partitions=2))
+    persistent = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "rocksdb")))
     keys = np.arange(ROWS, dtype=np.int64)
     for db in (volatile, persistent):
         db.create_table("hps_et.m.t", DIM)
@@ -238,7 +238,7 @@ def test_a_full_static_table_refuses_only_its_own_rows(tmp_path: Path, device) -
         "max_batch_size": 1, "hit_rate_threshold": 1.0,
     }]}, "test.json")
     model = config.model("m")
-    volatile = HashMapVolatileDB(num_partitions=1)
+    volatile = HashMapVolatileDB(VolatileDBConfig(num_partitions=1))
     keys = np.arange(10, dtype=np.int64)
     for table in model.tables:
         volatile.create_table(table.qualified_name, DIM)

@@ -120,7 +120,7 @@ def test_a_real_session_counts_what_it_looked_up(tmp_path) -> None:
                     "default_value_for_each_table": [0.0], "deployed_device_list": [0], "max_batch_size": 16}],
     }, "test")
     model = config.model("m")
-    volatile = HashMapVolatileDB.from_config(config.volatile_db)
+    volatile = HashMapVolatileDB(config.volatile_db)
     volatile.create_table(model.tables[0].qualified_name, 4)
     volatile.insert(model.tables[0].qualified_name, np.arange(5, dtype=np.int64), np.ones((5, 4), np.float32))
     session = LookupSession(model, volatile=volatile, persistent=None)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hps_core.config import load_config
+from hps_core.config import PersistentDBConfig, load_config
 from hps_core.db import RocksDBPersistentDB
 from hps_core.formats import write_sparse_model
 from hps_core.server import HierarchicalParameterServer
@@ -105,7 +105,7 @@ def test_updates_reach_tiers_and_caches_while_serving(tmp_path: Path, broker: Ka
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and server.updates.stats()["persistent"]["updates_applied"] < 2 * updated.size:
             time.sleep(0.2)
-    rocks = RocksDBPersistentDB(path=tmp_path / "rocksdb", read_only=True)
+    rocks = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "rocksdb"), read_only=True))
     out = np.empty((updated.size, DIM), np.float32)
     assert rocks.fetch("hps_et.online.t", updated, out).all()
     np.testing.assert_array_equal(out, _rows(updated, 2))

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hps_core.config import load_config
+from hps_core.config import PersistentDBConfig, load_config
 from hps_core.db import RocksDBPersistentDB
 from hps_core.errors import UnknownTableError
 from hps_core.formats import write_sparse_model
@@ -71,7 +71,7 @@ def test_restart_reuses_the_persistent_copy(tmp_path: Path) -> None:
     path, tables = _write_config(tmp_path, initial_cache_rate=0.0)
     HierarchicalParameterServer(load_config(path)).close()
     keys, vectors = tables["a"]
-    writer = RocksDBPersistentDB(path=tmp_path / "rocksdb")
+    writer = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "rocksdb")))
     writer.insert("hps_et.m.a", keys[:1], vectors[:1] + 100)  # a row only RocksDB knows
     writer.close()
     with HierarchicalParameterServer(load_config(path)) as server:

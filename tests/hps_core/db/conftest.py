@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from hps_core.config import PersistentDBConfig, RedisConfig, VolatileDBConfig
 from hps_core.db import (
     EmbeddingTier,
     HashMapVolatileDB,
@@ -96,15 +97,17 @@ def redis_for(
 def make_tier(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[TierFactory]:
     made: list[Any] = []
 
-    def factory(kind: str, **kwargs: Any) -> Any:
+    def factory(kind: str, **fields: Any) -> Any:
+        """``fields``: fields of the tier's config section (``num_partitions=8``, ...)."""
         if kind == "hash_map":
-            db: Any = HashMapVolatileDB(**{"num_partitions": 4, **kwargs})
+            db: Any = HashMapVolatileDB(VolatileDBConfig(**{"num_partitions": 4, **fields}))
         elif kind == "rocks_db":
-            db = RocksDBPersistentDB(**{"path": tmp_path / "rocksdb", **kwargs})
+            db = RocksDBPersistentDB(PersistentDBConfig(**{"path": str(tmp_path / "rocksdb"), **fields}))
         elif kind in REDIS_KINDS:
             servers = request.getfixturevalue("redis_for")(kind)
             cls = RedisClusterVolatileDB if kind == "redis_cluster" else RedisVolatileDB
-            db = cls(**{"address": servers.address, "num_partitions": 4, **kwargs})
+            redis_cfg = RedisConfig(address=servers.address)
+            db = cls(VolatileDBConfig(**{"redis": redis_cfg, "num_partitions": 4, **fields}))
         else:
             raise ValueError(kind)
         made.append(db)

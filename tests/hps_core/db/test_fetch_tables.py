@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import redis
 
+from hps_core.config import PersistentDBConfig, RedisConfig, VolatileDBConfig
 from hps_core.db import EmbeddingTier, RedisClusterVolatileDB, RocksDBPersistentDB
 from hps_core.db import _redis_layout as layout
 from hps_core.errors import PartialTierError, RequestError, TierError, UnknownTableError
@@ -297,7 +298,7 @@ def _node_ports(address: str, names: tuple[str, ...], num_partitions: int) -> np
 @pytest.mark.redis
 def test_killed_node_misses_only_its_keys_across_tables(tmp_path: Path) -> None:
     with RedisProcesses.cluster(tmp_path, nodes=3) as cluster:
-        db = RedisClusterVolatileDB(address=cluster.address, num_partitions=8, retry_after=5.0)
+        db = RedisClusterVolatileDB(VolatileDBConfig(redis=RedisConfig(address=cluster.address), num_partitions=8), retry_after=5.0)
         try:
             dims = tuple(DIMS[i % len(DIMS)] for i in range(12))
             loaded = load(db, dims, 200)
@@ -356,7 +357,7 @@ def test_redis_wrong_stored_width_names_its_table(make_tier: Any, redis_for: Any
 
 
 def test_rocksdb_small_tables_share_one_hand_off_per_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    db = RocksDBPersistentDB(path=tmp_path / "db", num_threads=2)
+    db = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "db"), num_threads=2))
     try:
         dims = tuple(DIMS[i % len(DIMS)] for i in range(26))
         loaded = load(db, dims, 60)
@@ -383,10 +384,10 @@ def test_rocksdb_small_tables_share_one_hand_off_per_thread(tmp_path: Path, monk
 
 @pytest.mark.parametrize("num_threads, max_get", [(1, 10_000), (2, 10_000), (2, 37), (4, 1)])
 def test_rocksdb_same_rows_for_any_threads_and_chunks(tmp_path: Path, num_threads: int, max_get: int) -> None:
-    writer = RocksDBPersistentDB(path=tmp_path / "db")
+    writer = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "db")))
     loaded = load(writer, DIMS, 400)
     writer.close()
-    db = RocksDBPersistentDB(path=tmp_path / "db", read_only=True, num_threads=num_threads, max_get_batch_size=max_get)
+    db = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "db"), read_only=True, num_threads=num_threads, max_get_batch_size=max_get))
     try:
         ids, keys = query(loaded, 3_000)
         offsets, size = scattered_offsets(loaded.dims, ids)
@@ -401,7 +402,7 @@ def test_rocksdb_same_rows_for_any_threads_and_chunks(tmp_path: Path, num_thread
 def test_rocksdb_wrong_stored_width_names_its_table(tmp_path: Path) -> None:
     from rocksdict import Options, Rdict
 
-    db = RocksDBPersistentDB(path=tmp_path / "db")
+    db = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "db")))
     loaded = load(db, (2, 4), 5)
     db.close()
     raw = Rdict(str(tmp_path / "db"), Options(raw_mode=True))
@@ -409,7 +410,7 @@ def test_rocksdb_wrong_stored_width_names_its_table(tmp_path: Path) -> None:
     cf[(9_999_999).to_bytes(8, "little", signed=True)] = b"\0" * 12  # 3 floats, not 4
     cf.close()
     raw.close()
-    db = RocksDBPersistentDB(path=tmp_path / "db")
+    db = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "db")))
     try:
         ids = np.array([0, 1], np.int64)
         keys = np.array([int(loaded.keys[0][0]), 9_999_999], np.int64)

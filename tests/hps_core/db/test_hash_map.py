@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from hps_core.config import OverflowConfig, TierType, VolatileDBConfig
 from hps_core.db import HashMapVolatileDB, VolatileDB, open_volatile_db
 from hps_core.errors import ConfigError, TierError, UnknownTableError
 
@@ -25,7 +25,7 @@ def check_all(db: HashMapVolatileDB, keys: np.ndarray, encode: Encode, dim: int)
 
 
 def test_growth_across_many_inserts(encode: Encode) -> None:
-    db = HashMapVolatileDB(num_partitions=3, initial_capacity=0)
+    db = HashMapVolatileDB(VolatileDBConfig(num_partitions=3), initial_capacity=0)
     db.create_table(T, 4)
     keys = np.random.default_rng(1).permutation(200_000).astype(np.int64) * 7919
     for start in range(0, len(keys), 997):  # many small batches: many rehashes
@@ -42,7 +42,7 @@ def test_growth_across_many_inserts(encode: Encode) -> None:
 
 
 def test_initial_capacity_avoids_rehash(encode: Encode) -> None:
-    db = HashMapVolatileDB(num_partitions=2, initial_capacity=10_000)
+    db = HashMapVolatileDB(VolatileDBConfig(num_partitions=2), initial_capacity=10_000)
     db.create_table(T, 2)
     before = [p.slots for p in db._table(T).partitions]
     keys = np.arange(8_000, dtype=np.int64)
@@ -52,7 +52,7 @@ def test_initial_capacity_avoids_rehash(encode: Encode) -> None:
 
 
 def test_small_batch_limits_chunk_without_changing_results(encode: Encode) -> None:
-    db = HashMapVolatileDB(num_partitions=2, max_get_batch_size=7, max_set_batch_size=5)
+    db = HashMapVolatileDB(VolatileDBConfig(num_partitions=2, max_get_batch_size=7, max_set_batch_size=5))
     db.create_table(T, 3)
     keys = np.array([5, 9, 5, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11, 5], np.int64)
     values = encode(keys, 3)
@@ -64,7 +64,7 @@ def test_small_batch_limits_chunk_without_changing_results(encode: Encode) -> No
 
 
 def test_single_partition(encode: Encode) -> None:
-    db = HashMapVolatileDB(num_partitions=1)
+    db = HashMapVolatileDB(VolatileDBConfig(num_partitions=1))
     db.create_table(T, 2)
     keys = np.arange(-500, 500, dtype=np.int64)
     db.insert(T, keys, encode(keys, 2))
@@ -76,7 +76,7 @@ def test_concurrent_readers_and_writers_never_see_a_wrong_vector(encode: Encode)
     old ones with a new version; readers check every row they get back: it must encode its
     key, and all of it must come from one write (version added to every column)."""
     dim = 32
-    db = HashMapVolatileDB(num_partitions=4, max_set_batch_size=2_000)
+    db = HashMapVolatileDB(VolatileDBConfig(num_partitions=4, max_set_batch_size=2_000))
     db.create_table(T, dim)
     seed = np.arange(5_000, dtype=np.int64)
     db.insert(T, seed, encode(seed, dim))
@@ -137,47 +137,53 @@ def test_is_a_volatile_db() -> None:
     ],
 )
 def test_bad_settings_are_config_errors(kwargs: dict[str, object]) -> None:
-    with pytest.raises(ConfigError, match=next(iter(kwargs))):
-        HashMapVolatileDB(**kwargs)  # type: ignore[arg-type]
+    (name, value), = kwargs.items()
+    with pytest.raises(ConfigError, match=name):
+        if name == "initial_capacity":
+            HashMapVolatileDB(initial_capacity=value)  # type: ignore[arg-type]
+        elif name.startswith("overflow_"):  # HugeCTR's flat name → the nested overflow section
+            HashMapVolatileDB(VolatileDBConfig(overflow=OverflowConfig(**{name[len("overflow_"):]: value})))  # type: ignore[arg-type]
+        else:
+            HashMapVolatileDB(VolatileDBConfig(**kwargs))  # type: ignore[arg-type]
 
 
-def test_from_config_reads_hugectr_field_names() -> None:
-    cfg = SimpleNamespace(
-        type="hash_map", num_partitions=3, max_get_batch_size=11, max_set_batch_size=13,
-        overflow_margin=100, overflow_policy="evict_least_used", overflow_resolution_target=0.5,
+def test_reads_its_config_section() -> None:
+    cfg = VolatileDBConfig(
+        type=TierType.HASH_MAP, num_partitions=3, max_get_batch_size=11, max_set_batch_size=13,
+        overflow=OverflowConfig(margin=100, policy="evict_least_used", resolution_target=0.5),
     )
-    db = HashMapVolatileDB.from_config(cfg)
+    db = HashMapVolatileDB(cfg)
     assert (db._num_partitions, db._max_get, db._max_set) == (3, 11, 13)
     assert (db.overflow_margin, db.overflow_policy, db.overflow_resolution_target) == (
         100, "evict_least_used", 0.5
     )
 
 
-def test_from_config_defaults_never_evict() -> None:
-    from hps_core.config import VolatileDBConfig
-
-    db = HashMapVolatileDB.from_config(VolatileDBConfig())
+def test_config_defaults_never_evict() -> None:
+    db = HashMapVolatileDB(VolatileDBConfig())
     assert db.overflow_margin == 2**64 - 1 and db.overflow_policy == "evict_random"
     assert not db._track  # no margin: fetch skips the access bookkeeping
 
 
 @pytest.mark.parametrize("kind", ["hash_map", "parallel_hash_map"])
 def test_open_volatile_db(kind: str) -> None:
-    db = open_volatile_db(SimpleNamespace(type=kind, num_partitions=2))
+    db = open_volatile_db(VolatileDBConfig(type=TierType(kind), num_partitions=2))
     assert isinstance(db, HashMapVolatileDB)
 
 
 def test_open_volatile_db_disabled_and_unsupported() -> None:
-    assert open_volatile_db(SimpleNamespace(type="disabled")) is None
+    assert open_volatile_db(VolatileDBConfig(type=TierType.DISABLED)) is None
     with pytest.raises(ConfigError, match="volatile_db.type"):
-        open_volatile_db(SimpleNamespace(type="memcached"))
+        open_volatile_db(VolatileDBConfig(type="memcached"))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="volatile_db.type"):
+        open_volatile_db(VolatileDBConfig(type=TierType.ROCKS_DB))  # a persistent tier
 
 
 # --------------------------------------------------------------------------- removal
 
 
 def test_remove_returns_count_and_leaves_others_intact(encode: Encode) -> None:
-    db = HashMapVolatileDB(num_partitions=3, max_set_batch_size=17)
+    db = HashMapVolatileDB(VolatileDBConfig(num_partitions=3, max_set_batch_size=17))
     db.create_table(T, 5)
     keys = np.random.default_rng(2).permutation(20_000).astype(np.int64) - 10_000
     db.insert(T, keys, encode(keys, 5))
@@ -203,7 +209,7 @@ def test_remove_keeps_probe_chains_intact() -> None:
     """Keys that collide in a tiny table form long probe runs that wrap around the slot
     array; backward-shift deletion must keep every remaining key reachable."""
     rng = np.random.default_rng(3)
-    db = HashMapVolatileDB(num_partitions=1)
+    db = HashMapVolatileDB(VolatileDBConfig(num_partitions=1))
     db.create_table(T, 1)
     alive: set[int] = set()
     for _ in range(300):
@@ -223,7 +229,7 @@ def test_remove_keeps_probe_chains_intact() -> None:
 
 
 def test_evict_and_drop_table(encode: Encode) -> None:
-    db = HashMapVolatileDB(num_partitions=2)
+    db = HashMapVolatileDB(VolatileDBConfig(num_partitions=2))
     db.create_table(T, 3)
     keys = np.arange(100, dtype=np.int64)
     db.insert(T, keys, encode(keys, 3))
@@ -248,10 +254,7 @@ def sizes(db: HashMapVolatileDB) -> list[int]:
 
 @pytest.mark.parametrize("policy", ["evict_random", "evict_least_used", "evict_oldest"])
 def test_overflow_keeps_each_partition_within_margin(policy: str, encode: Encode) -> None:
-    db = HashMapVolatileDB(
-        num_partitions=4, overflow_margin=1_000, overflow_policy=policy,
-        overflow_resolution_target=0.6, max_set_batch_size=300,
-    )
+    db = HashMapVolatileDB(VolatileDBConfig(num_partitions=4, max_set_batch_size=300, overflow=OverflowConfig(margin=1_000, policy=policy, resolution_target=0.6)))
     db.create_table(T, 8)
     rng = np.random.default_rng(4)
     inserted = np.empty(0, np.int64)
@@ -274,8 +277,7 @@ def test_overflow_keeps_each_partition_within_margin(policy: str, encode: Encode
 
 @pytest.mark.parametrize("policy", ["evict_random", "evict_least_used", "evict_oldest"])
 def test_overflow_shrinks_to_resolution_target(policy: str, encode: Encode) -> None:
-    db = HashMapVolatileDB(num_partitions=1, overflow_margin=100, overflow_policy=policy,
-                           overflow_resolution_target=0.7)
+    db = HashMapVolatileDB(VolatileDBConfig(num_partitions=1, overflow=OverflowConfig(margin=100, policy=policy, resolution_target=0.7)))
     db.create_table(T, 2)
     keys = np.arange(100, dtype=np.int64)
     db.insert(T, keys, encode(keys, 2))
@@ -288,8 +290,7 @@ def test_overflow_shrinks_to_resolution_target(policy: str, encode: Encode) -> N
 
 
 def test_evict_oldest_evicts_least_recently_touched(encode: Encode) -> None:
-    db = HashMapVolatileDB(num_partitions=1, overflow_margin=100, overflow_policy="evict_oldest",
-                           overflow_resolution_target=0.5)
+    db = HashMapVolatileDB(VolatileDBConfig(num_partitions=1, overflow=OverflowConfig(margin=100, policy="evict_oldest", resolution_target=0.5)))
     db.create_table(T, 2)
     keys = np.arange(100, dtype=np.int64)
     db.insert(T, keys, encode(keys, 2))  # 0..99 in order: 0 is the oldest
@@ -304,8 +305,7 @@ def test_evict_oldest_evicts_least_recently_touched(encode: Encode) -> None:
 
 
 def test_evict_least_used_evicts_fewest_accesses(encode: Encode) -> None:
-    db = HashMapVolatileDB(num_partitions=1, overflow_margin=100,
-                           overflow_policy="evict_least_used", overflow_resolution_target=0.5)
+    db = HashMapVolatileDB(VolatileDBConfig(num_partitions=1, overflow=OverflowConfig(margin=100, policy="evict_least_used", resolution_target=0.5)))
     db.create_table(T, 2)
     keys = np.arange(100, dtype=np.int64)
     db.insert(T, keys, encode(keys, 2))
@@ -324,9 +324,7 @@ def test_evict_least_used_evicts_fewest_accesses(encode: Encode) -> None:
 
 def test_concurrent_inserts_and_fetches_during_evictions(encode: Encode) -> None:
     dim = 16
-    db = HashMapVolatileDB(num_partitions=4, overflow_margin=2_000,
-                           overflow_policy="evict_oldest", overflow_resolution_target=0.5,
-                           max_set_batch_size=500)
+    db = HashMapVolatileDB(VolatileDBConfig(num_partitions=4, max_set_batch_size=500, overflow=OverflowConfig(margin=2_000, policy="evict_oldest", resolution_target=0.5)))
     db.create_table(T, dim)
     errors: list[str] = []
     stop = threading.Event()
@@ -368,7 +366,7 @@ def test_concurrent_inserts_and_fetches_during_evictions(encode: Encode) -> None
 @pytest.mark.parametrize("max_get", [1, 3, 10_000])
 def test_lock_holds_of_any_size_give_the_same_answers(encode: Encode, max_get: int) -> None:
     """fetch_tables releases and retakes a partition's lock every max_get_batch_size keys."""
-    db = HashMapVolatileDB(num_partitions=3, max_get_batch_size=max_get)
+    db = HashMapVolatileDB(VolatileDBConfig(num_partitions=3, max_get_batch_size=max_get))
     names = tuple(f"hps_et.m.t{i}" for i in range(5))
     dims = np.array([1, 3, 8, 2, 5], np.int64)
     for name, dim in zip(names, dims):
@@ -394,7 +392,7 @@ def test_tables_created_and_grown_while_readers_fetch(encode: Encode) -> None:
     """The lookup kernel finds arrays through a directory of addresses: creating tables (the
     directory grows) and growing partitions (arrays replaced) beside readers must never hand a
     reader a stale address."""
-    db = HashMapVolatileDB(num_partitions=2)
+    db = HashMapVolatileDB(VolatileDBConfig(num_partitions=2))
     db.create_table("hps_et.m.t0", 4)
     base = np.arange(50, dtype=np.int64)
     db.insert("hps_et.m.t0", base, encode(base, 4))
@@ -424,7 +422,7 @@ def test_tables_created_and_grown_while_readers_fetch(encode: Encode) -> None:
 
 
 def test_close_beside_readers_raises_tier_error_not_a_crash(encode: Encode) -> None:
-    db = HashMapVolatileDB(num_partitions=2)
+    db = HashMapVolatileDB(VolatileDBConfig(num_partitions=2))
     db.create_table(T, 4)
     keys = np.arange(2000, dtype=np.int64)
     db.insert(T, keys, encode(keys, 4))
@@ -454,7 +452,7 @@ def test_close_during_a_long_fetch_that_retakes_its_lock() -> None:
     """A fetch of more than max_get_batch_size keys per partition releases and retakes the
     partition's lock; a close in between must stop it with a TierError, never let it read the
     freed arrays (a segfault before the check moved after every acquire)."""
-    db = HashMapVolatileDB(num_partitions=1, max_get_batch_size=64)
+    db = HashMapVolatileDB(VolatileDBConfig(num_partitions=1, max_get_batch_size=64))
     db.create_table(T, 64)
     keys = np.arange(200_000, dtype=np.int64)  # arrays large enough to be returned to the OS
     db.insert(T, keys, np.ones((keys.size, 64), np.float32))
@@ -482,7 +480,7 @@ def test_close_during_a_long_fetch_that_retakes_its_lock() -> None:
 def test_an_insert_racing_evict_table_never_brings_evicted_arrays_back(encode: Encode) -> None:
     """An insert holds its partition while evict_table swaps in fresh ones: when it grows its
     (now detached) partition, the directory must keep pointing at the fresh arrays."""
-    db = HashMapVolatileDB(num_partitions=1)
+    db = HashMapVolatileDB(VolatileDBConfig(num_partitions=1))
     db.create_table(T, 4)
     keys = np.arange(100, dtype=np.int64)
     db.insert(T, keys, encode(keys, 4))

@@ -13,13 +13,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import redis
 
-from hps_core.config import VolatileDBConfig
+from hps_core.config import RedisConfig, TierType, TLSConfig, VolatileDBConfig
 from hps_core.db import RedisClusterVolatileDB, RedisVolatileDB, open_volatile_db
 from hps_core.db import _redis_layout as layout
 from hps_core.errors import ConfigError, PartialTierError, TierError
@@ -65,7 +64,7 @@ def fetch_found(db: RedisClusterVolatileDB, keys: np.ndarray, out: np.ndarray) -
 
 def test_hugectr_layout_one_hash_per_partition(redis_for: Callable[[str], RedisProcesses], encode: Encode) -> None:
     cluster = redis_for("redis_cluster")
-    db = RedisClusterVolatileDB(address=cluster.address, num_partitions=6)
+    db = RedisClusterVolatileDB(VolatileDBConfig(redis=RedisConfig(address=cluster.address), num_partitions=6))
     db.create_table(T, 4)
     keys = np.arange(-50, 50, dtype=np.int64)
     db.insert(T, keys, encode(keys, 4))
@@ -88,8 +87,8 @@ def test_hugectr_layout_one_hash_per_partition(redis_for: Callable[[str], RedisP
 
 def test_small_command_chunks_and_a_second_client(redis_for: Callable[[str], RedisProcesses], encode: Encode) -> None:
     cluster = redis_for("redis_cluster")
-    writer = RedisClusterVolatileDB(address=cluster.address, num_partitions=4, max_set_batch_size=7)
-    reader = RedisClusterVolatileDB(address=cluster.servers[2].address, num_partitions=4, max_get_batch_size=5)
+    writer = RedisClusterVolatileDB(VolatileDBConfig(redis=RedisConfig(address=cluster.address), num_partitions=4, max_set_batch_size=7))
+    reader = RedisClusterVolatileDB(VolatileDBConfig(redis=RedisConfig(address=cluster.servers[2].address), num_partitions=4, max_get_batch_size=5))
     try:
         writer.create_table(T, 3)
         keys = np.arange(1000, dtype=np.int64) * 7919
@@ -107,7 +106,7 @@ def test_small_command_chunks_and_a_second_client(redis_for: Callable[[str], Red
 
 
 def test_killed_node_turns_into_misses_then_recovers(own_cluster: RedisProcesses, encode: Encode) -> None:
-    db = RedisClusterVolatileDB(address=own_cluster.address, num_partitions=8, retry_after=0.2)
+    db = RedisClusterVolatileDB(VolatileDBConfig(redis=RedisConfig(address=own_cluster.address), num_partitions=8), retry_after=0.2)
     db.create_table(T, 8)
     keys = np.arange(20_000, dtype=np.int64)
     values = encode(keys, 8)
@@ -174,9 +173,7 @@ def test_killed_node_turns_into_misses_then_recovers(own_cluster: RedisProcesses
 
 
 def test_slow_node_times_out_into_misses(own_cluster: RedisProcesses, encode: Encode) -> None:
-    db = RedisClusterVolatileDB(
-        address=own_cluster.address, num_partitions=8, socket_timeout=0.2, retry_after=0.3
-    )
+    db = RedisClusterVolatileDB(VolatileDBConfig(redis=RedisConfig(address=own_cluster.address), num_partitions=8), socket_timeout=0.2, retry_after=0.3)
     db.create_table(T, 2)
     keys = np.arange(5_000, dtype=np.int64)
     db.insert(T, keys, encode(keys, 2))
@@ -208,9 +205,9 @@ def test_slow_node_times_out_into_misses(own_cluster: RedisProcesses, encode: En
 def test_unreachable_server_is_a_tier_error(free_port: Callable[[], int]) -> None:
     address = f"127.0.0.1:{free_port()}"
     with pytest.raises(TierError, match="cannot connect"):
-        RedisClusterVolatileDB(address=address)
+        RedisClusterVolatileDB(VolatileDBConfig(redis=RedisConfig(address=address)))
     with pytest.raises(TierError, match="cannot connect"):
-        RedisVolatileDB(address=address)
+        RedisVolatileDB(VolatileDBConfig(redis=RedisConfig(address=address)))
 
 
 # --------------------------------------------------------------------------- auth
@@ -218,25 +215,25 @@ def test_unreachable_server_is_a_tier_error(free_port: Callable[[], int]) -> Non
 
 def test_password(tmp_path: Path, encode: Encode) -> None:
     with RedisProcesses.single(tmp_path, password="s3cret") as server:
-        db = RedisVolatileDB(address=server.address, password="s3cret", num_partitions=2)
+        db = RedisVolatileDB(VolatileDBConfig(redis=RedisConfig(address=server.address, password="s3cret"), num_partitions=2))
         db.create_table(T, 2)
         db.insert(T, np.arange(3, dtype=np.int64), encode(np.arange(3), 2))
         assert db.count(T) == 3
         db.close()
         with pytest.raises(TierError, match="authentication failed.*password"):
-            RedisVolatileDB(address=server.address, password="wrong")
+            RedisVolatileDB(VolatileDBConfig(redis=RedisConfig(address=server.address, password="wrong")))
         with pytest.raises(TierError, match="authentication failed"):
-            RedisVolatileDB(address=server.address)
+            RedisVolatileDB(VolatileDBConfig(redis=RedisConfig(address=server.address)))
 
 
 def test_cluster_password(tmp_path: Path) -> None:
     with RedisProcesses.cluster(tmp_path, nodes=3, password="s3cret") as cluster:
-        db = RedisClusterVolatileDB(address=cluster.address, password="s3cret")
+        db = RedisClusterVolatileDB(VolatileDBConfig(redis=RedisConfig(address=cluster.address, password="s3cret")))
         db.create_table(T, 2)
         assert db.table_names() == [T]
         db.close()
         with pytest.raises(TierError, match="authentication failed"):
-            RedisClusterVolatileDB(address=cluster.address, password="wrong")
+            RedisClusterVolatileDB(VolatileDBConfig(redis=RedisConfig(address=cluster.address, password="wrong")))
 
 
 # --------------------------------------------------------------------------- config
@@ -250,7 +247,8 @@ def test_factory_picks_cluster_or_single(redis_for: Callable[[str], RedisProcess
         (single.address, RedisVolatileDB),
     ]
     for address, cls in cases:
-        cfg = VolatileDBConfig(type="redis_cluster", address=address, num_partitions=3, max_batch_size=100)
+        cfg = VolatileDBConfig(type=TierType.REDIS_CLUSTER, redis=RedisConfig(address=address), num_partitions=3,
+                               max_batch_size=100)
         db = open_volatile_db(cfg)
         try:
             assert type(db) is cls
@@ -263,14 +261,14 @@ def test_factory_picks_cluster_or_single(redis_for: Callable[[str], RedisProcess
 @pytest.mark.parametrize("address", ["", " , ", "host:port", "h:70000", ":7000"])
 def test_bad_address_is_a_config_error(address: str) -> None:
     with pytest.raises(ConfigError, match="address"):
-        RedisClusterVolatileDB(address=address)
+        RedisClusterVolatileDB(VolatileDBConfig(redis=RedisConfig(address=address)))
 
 
 def test_tls_files_are_checked(tmp_path: Path) -> None:
-    cfg = SimpleNamespace(
-        type="redis_cluster", address="127.0.0.1:7000", enable_tls=True,
-        tls_ca_certificate=str(tmp_path), tls_client_certificate=str(tmp_path / "missing.pem"),
-        tls_client_key=str(tmp_path / "key.pem"), tls_server_name_identification="redis.localhost",
+    tls = TLSConfig(
+        enabled=True, ca_certificate=str(tmp_path), client_certificate=str(tmp_path / "missing.pem"),
+        client_key=str(tmp_path / "key.pem"), server_name_identification="redis.localhost",
     )
+    cfg = VolatileDBConfig(type=TierType.REDIS_CLUSTER, redis=RedisConfig(address="127.0.0.1:7000", tls=tls))
     with pytest.raises(ConfigError, match="tls_client_certificate"):
-        RedisClusterVolatileDB.from_config(cfg)
+        RedisClusterVolatileDB(cfg)

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import redis
 
+from hps_core.config import PersistentDBConfig, RedisConfig, VolatileDBConfig
 from hps_core.db import RedisClusterVolatileDB
 from hps_core.db import _redis_layout as layout
 from hps_core.db.base import PartitionMarkers
@@ -95,9 +96,9 @@ def _load_then_lose_every_node(
 
 def test_partition_count_is_stored_and_a_mismatch_refused(redis_for: Callable[[str], RedisProcesses]) -> None:
     cluster = redis_for("redis_cluster")
-    first = RedisClusterVolatileDB(address=cluster.address, num_partitions=4)
-    other = RedisClusterVolatileDB(address=cluster.address, num_partitions=8)
-    same = RedisClusterVolatileDB(address=cluster.address, num_partitions=4)
+    first = RedisClusterVolatileDB(VolatileDBConfig(redis=RedisConfig(address=cluster.address), num_partitions=4))
+    other = RedisClusterVolatileDB(VolatileDBConfig(redis=RedisConfig(address=cluster.address), num_partitions=8))
+    same = RedisClusterVolatileDB(VolatileDBConfig(redis=RedisConfig(address=cluster.address), num_partitions=4))
     raw = redis.RedisCluster(host="127.0.0.1", port=cluster.servers[0].port)
     try:
         first.create_table(T, 2)
@@ -130,7 +131,7 @@ def test_partition_count_is_stored_and_a_mismatch_refused(redis_for: Callable[[s
 
 
 def test_markers_find_exactly_the_partitions_of_a_node_that_came_back_empty(own_cluster: RedisProcesses) -> None:
-    db = RedisClusterVolatileDB(address=own_cluster.address, num_partitions=P, retry_after=0.1)
+    db = RedisClusterVolatileDB(VolatileDBConfig(redis=RedisConfig(address=own_cluster.address), num_partitions=P), retry_after=0.1)
     try:
         assert isinstance(db, PartitionMarkers)
         db.create_table(T, DIM)
@@ -157,8 +158,8 @@ def test_markers_find_exactly_the_partitions_of_a_node_that_came_back_empty(own_
 
 def test_claim_lets_one_process_refill(redis_for: Callable[[str], RedisProcesses]) -> None:
     cluster = redis_for("redis_cluster")
-    a = RedisClusterVolatileDB(address=cluster.address, num_partitions=P)
-    b = RedisClusterVolatileDB(address=cluster.address, num_partitions=P)
+    a = RedisClusterVolatileDB(VolatileDBConfig(redis=RedisConfig(address=cluster.address), num_partitions=P))
+    b = RedisClusterVolatileDB(VolatileDBConfig(redis=RedisConfig(address=cluster.address), num_partitions=P))
     try:
         a.create_table(T, DIM)
         ta, tb = a.new_token(), b.new_token()
@@ -177,7 +178,7 @@ def test_claim_lets_one_process_refill(redis_for: Callable[[str], RedisProcesses
 
 
 def test_insert_missing_keeps_rows_already_there(redis_for: Callable[[str], RedisProcesses]) -> None:
-    db = RedisClusterVolatileDB(address=redis_for("redis_cluster").address, num_partitions=P, max_set_batch_size=7)
+    db = RedisClusterVolatileDB(VolatileDBConfig(redis=RedisConfig(address=redis_for("redis_cluster").address), num_partitions=P, max_set_batch_size=7))
     try:
         db.create_table(T, DIM)
         keys = np.arange(100, dtype=np.int64)
@@ -204,7 +205,7 @@ def _sparse(tmp_path: Path, n: int = 3000) -> tuple[RefillSource, np.ndarray, np
 def test_refill_restores_the_lost_partitions_only(own_cluster: RedisProcesses, tmp_path: Path) -> None:
     source, keys, values = _sparse(tmp_path)
     loaded = keys.size // 2  # initial_cache_rate 0.5: the leading half
-    db = RedisClusterVolatileDB(address=own_cluster.address, num_partitions=P, retry_after=0.1, max_set_batch_size=100)
+    db = RedisClusterVolatileDB(VolatileDBConfig(redis=RedisConfig(address=own_cluster.address), num_partitions=P, max_set_batch_size=100), retry_after=0.1)
     monitor = RefillMonitor(db, [source], chunk_rows=500)
     try:
         db.create_table(T, DIM)
@@ -252,10 +253,10 @@ def test_refill_prefers_the_persistent_tiers_rows(own_cluster: RedisProcesses, t
     from hps_core.db import HashMapVolatileDB
 
     source, keys, values = _sparse(tmp_path, 400)
-    persistent = HashMapVolatileDB(num_partitions=2)  # stands for RocksDB: a tier with fresher rows
+    persistent = HashMapVolatileDB(VolatileDBConfig(num_partitions=2))  # stands for RocksDB: a tier with fresher rows
     persistent.create_table(T, DIM)
     persistent.insert(T, keys[:10], values[:10] + 5)  # updated there by the update stream
-    db = RedisClusterVolatileDB(address=own_cluster.address, num_partitions=P, retry_after=0.1)
+    db = RedisClusterVolatileDB(VolatileDBConfig(redis=RedisConfig(address=own_cluster.address), num_partitions=P), retry_after=0.1)
     monitor = RefillMonitor(db, [source], persistent=persistent)
     try:
         _load_then_lose_every_node(own_cluster, db, [T], keys[:200], values[:200])
@@ -287,12 +288,12 @@ def test_refill_catches_the_rocksdb_secondary_up_before_reading_it(own_cluster: 
     from hps_core.db import RocksDBPersistentDB
 
     source, keys, values = _sparse(tmp_path, 400)
-    writer = RocksDBPersistentDB(path=tmp_path / "rocksdb")
+    writer = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "rocksdb")))
     writer.create_table(T, DIM)
     writer.insert(T, keys, values)
-    secondary = RocksDBPersistentDB(path=tmp_path / "rocksdb", read_only=True, secondary_path=tmp_path / "secondary")
+    secondary = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "rocksdb"), read_only=True), secondary_path=tmp_path / "secondary")
     writer.insert(T, keys[:10], values[:10] + 5)  # an update the secondary has not seen yet
-    db = RedisClusterVolatileDB(address=own_cluster.address, num_partitions=P, retry_after=0.1)
+    db = RedisClusterVolatileDB(VolatileDBConfig(redis=RedisConfig(address=own_cluster.address), num_partitions=P), retry_after=0.1)
     monitor = RefillMonitor(db, [source], persistent=secondary, catch_up=secondary.refresh)
     try:
         _load_then_lose_every_node(own_cluster, db, [T], keys[:200], values[:200])
@@ -319,7 +320,7 @@ def test_one_failing_table_does_not_stop_the_others(
                 raise TierError("claim refused (test)")
             return super().claim_partitions(table, partitions, token, lock_s)
 
-    db = FailingClaims(address=own_cluster.address, num_partitions=P, retry_after=0.1)
+    db = FailingClaims(VolatileDBConfig(redis=RedisConfig(address=own_cluster.address), num_partitions=P), retry_after=0.1)
     monitor = RefillMonitor(db, [source, other])
     try:
         for name in (T, other.table):
@@ -356,7 +357,7 @@ def test_metadata_refused_does_not_stop_the_refill(
                 raise ConfigError("volatile_db.num_partitions: refused (test)")
             super().create_table(table, dim)
 
-    db = RefusingMetadata(address=own_cluster.address, num_partitions=P, retry_after=0.1)
+    db = RefusingMetadata(VolatileDBConfig(redis=RedisConfig(address=own_cluster.address), num_partitions=P), retry_after=0.1)
     monitor = RefillMonitor(db, [source, other])
     try:
         _load_then_lose_every_node(own_cluster, db, [T, other.table], keys[:300], values[:300])
@@ -375,7 +376,7 @@ def test_metadata_refused_does_not_stop_the_refill(
 
 def test_two_monitors_refill_each_partition_once(own_cluster: RedisProcesses, tmp_path: Path) -> None:
     source, keys, values = _sparse(tmp_path, 1000)
-    dbs = [RedisClusterVolatileDB(address=own_cluster.address, num_partitions=P, retry_after=0.1) for _ in range(2)]
+    dbs = [RedisClusterVolatileDB(VolatileDBConfig(redis=RedisConfig(address=own_cluster.address), num_partitions=P), retry_after=0.1) for _ in range(2)]
     monitors = [RefillMonitor(db, [source], interval_s=0.05) for db in dbs]
     try:
         dbs[0].create_table(T, DIM)
@@ -400,7 +401,7 @@ def test_nowhere_to_refill_from_is_loud_and_counted(
     own_cluster: RedisProcesses, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     source, keys, values = _sparse(tmp_path, 500)
-    db = RedisClusterVolatileDB(address=own_cluster.address, num_partitions=P, retry_after=0.1)
+    db = RedisClusterVolatileDB(VolatileDBConfig(redis=RedisConfig(address=own_cluster.address), num_partitions=P), retry_after=0.1)
     monitor = RefillMonitor(db, [source])
     try:
         db.create_table(T, DIM)

@@ -8,12 +8,12 @@ import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from rocksdict import AccessType, Options, Rdict
 
+from hps_core.config import PersistentDBConfig, TierType
 from hps_core.db import PersistentDB, RocksDBPersistentDB, open_persistent_db
 from hps_core.errors import ConfigError, TierBusyError, TierError
 
@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 def loaded(path: Path, encode: Encode, dim: int = 4, n: int = 1_000, **kwargs: object) -> RocksDBPersistentDB:
-    db = RocksDBPersistentDB(path=path, **kwargs)  # type: ignore[arg-type]
+    ctor = {k: kwargs.pop(k) for k in ("disable_wal", "secondary_path") if k in kwargs}
+    db = RocksDBPersistentDB(PersistentDBConfig(path=str(path), **kwargs), **ctor)  # type: ignore[arg-type]
     db.create_table(T, dim)
     keys = np.arange(n, dtype=np.int64)
     db.insert(T, keys, encode(keys, dim))
@@ -40,7 +41,7 @@ def test_reopen_keeps_data_and_dims(tmp_path: Path, encode: Encode) -> None:
     db = loaded(tmp_path / "db", encode, dim=3)
     db.create_table("hps_et.model.empty", 7)
     db.close()
-    db = RocksDBPersistentDB(path=tmp_path / "db")
+    db = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "db")))
     assert db.table_names() == ["hps_et.model.empty", T]
     assert (db.dim(T), db.dim("hps_et.model.empty")) == (3, 7)
     check_all(db, np.arange(1_000, dtype=np.int64), encode, 3)
@@ -50,7 +51,7 @@ def test_reopen_keeps_data_and_dims(tmp_path: Path, encode: Encode) -> None:
 
 
 def test_column_family_naming_and_on_disk_format(tmp_path: Path) -> None:
-    db = RocksDBPersistentDB(path=tmp_path / "db")
+    db = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "db")))
     db.create_table(T, 2)
     db.insert(T, np.array([1, -2], np.int64), np.array([[1.5, 2.5], [3.0, 4.0]], np.float32))
     db.close()
@@ -74,7 +75,7 @@ def test_hugectr_written_database_gets_dim_from_values(tmp_path: Path) -> None:
     raw.create_column_family("hps_et.legacy.empty", Options(raw_mode=True)).close()
     cf.close()
     raw.close()
-    db = RocksDBPersistentDB(path=tmp_path / "db", read_only=True)
+    db = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "db"), read_only=True))
     assert db.table_names() == ["hps_et.legacy.emb"]  # the empty one's dim is unknown yet
     db.create_table("hps_et.legacy.empty", 3)  # an existing family: learnt, not written
     assert db.dim("hps_et.legacy.empty") == 3
@@ -89,8 +90,9 @@ def test_read_only_beside_a_writer_in_another_process(tmp_path: Path, encode: En
     script = textwrap.dedent(
         f"""
         import numpy as np
+        from hps_core.config import PersistentDBConfig
         from hps_core.db import RocksDBPersistentDB
-        db = RocksDBPersistentDB(path={str(tmp_path / "db")!r}, read_only=True)
+        db = RocksDBPersistentDB(PersistentDBConfig(path={str(tmp_path / "db")!r}, read_only=True))
         out = np.zeros((3, db.dim({T!r})), np.float32)
         found = db.fetch({T!r}, np.array([0, 499, 500], np.int64), out)
         print(found.tolist(), out[1, 0], db.count({T!r}))
@@ -106,7 +108,7 @@ def test_read_only_beside_a_writer_in_another_process(tmp_path: Path, encode: En
 
 def test_read_only_refuses_writes_clearly(tmp_path: Path, encode: Encode) -> None:
     loaded(tmp_path / "db", encode).close()
-    db = RocksDBPersistentDB(path=tmp_path / "db", read_only=True)
+    db = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "db"), read_only=True))
     assert db.read_only
     with pytest.raises(TierError, match="read-only"):
         db.insert(T, np.array([1], np.int64), np.zeros((1, 4), np.float32))
@@ -120,16 +122,16 @@ def test_read_only_refuses_writes_clearly(tmp_path: Path, encode: Encode) -> Non
 
 def test_read_only_needs_an_existing_database(tmp_path: Path) -> None:
     with pytest.raises(TierError, match="no RocksDB database"):
-        RocksDBPersistentDB(path=tmp_path / "missing", read_only=True)
+        RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "missing"), read_only=True))
     assert not (tmp_path / "missing").exists()
 
 
 def test_second_writer_is_refused_with_a_hint(tmp_path: Path) -> None:
-    first = RocksDBPersistentDB(path=tmp_path / "db")
+    first = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "db")))
     with pytest.raises(TierBusyError, match="read_only"):
-        RocksDBPersistentDB(path=tmp_path / "db")
+        RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "db")))
     first.close()
-    RocksDBPersistentDB(path=tmp_path / "db").close()  # the lock is released on close
+    RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "db"))).close()  # the lock is released on close
 
 
 def test_small_batch_limits_chunk_without_changing_results(tmp_path: Path, encode: Encode) -> None:
@@ -140,13 +142,13 @@ def test_small_batch_limits_chunk_without_changing_results(tmp_path: Path, encod
 
 def test_disable_wal_still_persists_after_close(tmp_path: Path, encode: Encode) -> None:
     loaded(tmp_path / "db", encode, dim=2, n=100, disable_wal=True).close()
-    db = RocksDBPersistentDB(path=tmp_path / "db")
+    db = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "db")))
     check_all(db, np.arange(100, dtype=np.int64), encode, 2)
     db.close()
 
 
 def test_stored_width_disagreeing_with_dim_is_a_tier_error(tmp_path: Path) -> None:
-    db = RocksDBPersistentDB(path=tmp_path / "db")
+    db = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "db")))
     db.create_table(T, 4)
     db.close()
     raw = Rdict(str(tmp_path / "db"), Options(raw_mode=True))
@@ -154,36 +156,38 @@ def test_stored_width_disagreeing_with_dim_is_a_tier_error(tmp_path: Path) -> No
     cf[(9).to_bytes(8, "little", signed=True)] = b"\x00" * 12  # 3 floats, not 4
     cf.close()
     raw.close()
-    db = RocksDBPersistentDB(path=tmp_path / "db")
+    db = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "db")))
     with pytest.raises(TierError, match="4 float32"):
         db.fetch(T, np.array([9], np.int64), np.zeros((1, 4), np.float32))
     db.close()
 
 
 def test_is_a_persistent_db(tmp_path: Path) -> None:
-    db = RocksDBPersistentDB(path=tmp_path / "db")
+    db = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "db")))
     assert isinstance(db, PersistentDB)
     db.close()
 
 
-@pytest.mark.parametrize("kwargs", [{"num_threads": 0}, {"max_get_batch_size": 0}, {"max_set_batch_size": "9"}])
+@pytest.mark.parametrize("kwargs", [{"num_threads": 0}, {"max_get_batch_size": -1}, {"max_set_batch_size": "9"}])
 def test_bad_settings_are_config_errors(tmp_path: Path, kwargs: dict[str, object]) -> None:
     with pytest.raises(ConfigError, match=next(iter(kwargs))):
-        RocksDBPersistentDB(path=tmp_path / "db", **kwargs)  # type: ignore[arg-type]
+        RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "db"), **kwargs))  # type: ignore[arg-type]
 
 
 def test_open_persistent_db_from_config(tmp_path: Path) -> None:
-    cfg = SimpleNamespace(
-        type="rocks_db", path=str(tmp_path / "db"), read_only=False, num_threads=2,
+    cfg = PersistentDBConfig(
+        type=TierType.ROCKS_DB, path=str(tmp_path / "db"), read_only=False, num_threads=2,
         max_get_batch_size=100, max_set_batch_size=50,
     )
     db = open_persistent_db(cfg)
     assert isinstance(db, RocksDBPersistentDB)
     assert (db.path, db._max_get, db._max_set) == (cfg.path, 100, 50)
     db.close()
-    assert open_persistent_db(SimpleNamespace(type="disabled")) is None
+    assert open_persistent_db(PersistentDBConfig(type=TierType.DISABLED)) is None
     with pytest.raises(ConfigError, match="persistent_db.type"):
-        open_persistent_db(SimpleNamespace(type="leveldb"))
+        open_persistent_db(PersistentDBConfig(type="leveldb"))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="persistent_db.type"):
+        open_persistent_db(PersistentDBConfig(type=TierType.HASH_MAP))  # a volatile tier
 
 
 # --------------------------------------------------------------------------- bulk load
@@ -205,10 +209,10 @@ def test_bulk_load_round_trip_equals_write_batch_content(tmp_path: Path, encode:
     keys[:50] = keys[100:150]  # duplicates inside the batch: the last occurrence wins
     keys[:6] = [0, -1, 1, 255, 256, np.iinfo(np.int64).min]
     values = encode(keys, 6) + rng.random((len(keys), 6), dtype=np.float32)
-    by_sst = RocksDBPersistentDB(path=tmp_path / "sst")
+    by_sst = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "sst")))
     by_sst.create_table(T, 6)
     assert by_sst.bulk_load(T, keys, values) == len(np.unique(keys))
-    by_batch = RocksDBPersistentDB(path=tmp_path / "batch")
+    by_batch = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "batch")))
     by_batch.create_table(T, 6)
     by_batch.insert(T, keys, values)
     for db in (by_sst, by_batch):
@@ -236,7 +240,7 @@ def test_bulk_load_overwrites_and_empty_and_read_only(tmp_path: Path, encode: En
     np.testing.assert_array_equal(out[50:], encode(keys, 4) + 1)
     assert db.disk_bytes(T) > 0
     db.close()
-    ro = RocksDBPersistentDB(path=tmp_path / "db", read_only=True)
+    ro = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "db"), read_only=True))
     with pytest.raises(TierError, match="read-only"):
         ro.bulk_load(T, keys, encode(keys, 4))
     with pytest.raises(TierError, match="read-only"):
@@ -245,11 +249,11 @@ def test_bulk_load_overwrites_and_empty_and_read_only(tmp_path: Path, encode: En
 
 
 def test_meta_round_trip_survives_reopen(tmp_path: Path) -> None:
-    db = RocksDBPersistentDB(path=tmp_path / "db")
+    db = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "db")))
     assert db.get_meta("load.t") is None
     db.put_meta("load.t", b"42")
     db.close()
-    db = RocksDBPersistentDB(path=tmp_path / "db")
+    db = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "db")))
     assert db.get_meta("load.t") == b"42"
     db.delete_meta("load.t")
     assert db.get_meta("load.t") is None
@@ -263,8 +267,7 @@ def test_meta_round_trip_survives_reopen(tmp_path: Path) -> None:
 def test_num_threads_gives_the_same_results(tmp_path: Path, encode: Encode, num_threads: int) -> None:
     writer = loaded(tmp_path / "db", encode, dim=8, n=30_000)
     writer.close()
-    db = RocksDBPersistentDB(path=tmp_path / "db", read_only=True, num_threads=num_threads,
-                             max_get_batch_size=3_000)
+    db = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "db"), read_only=True, num_threads=num_threads, max_get_batch_size=3_000))
     keys = np.random.default_rng(num_threads).integers(0, 40_000, 50_000).astype(np.int64)
     out = np.full((len(keys), 8), -1, np.float32)
     found = db.fetch(T, keys, out)
@@ -280,9 +283,9 @@ def test_num_threads_gives_the_same_results(tmp_path: Path, encode: Encode, num_
 def test_secondary_refresh_sees_rows_the_writer_added(tmp_path: Path, encode: Encode) -> None:
     writer = loaded(tmp_path / "db", encode, dim=4, n=100)
     writer._family(T).flush(True)
-    reader = RocksDBPersistentDB(path=tmp_path / "db", secondary_path=tmp_path / "secondary")
+    reader = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "db")), secondary_path=tmp_path / "secondary")
     assert reader.read_only and reader.secondary_path == str(tmp_path / "secondary")
-    frozen = RocksDBPersistentDB(path=tmp_path / "db", read_only=True)
+    frozen = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "db"), read_only=True))
     more = np.arange(100, 200, dtype=np.int64)
     writer.insert(T, more, encode(more, 4))  # stays in the WAL / memtable
     bulk = np.arange(200, 300, dtype=np.int64)

@@ -22,7 +22,7 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from hps_core.cli import main as hps_main
-from hps_core.config import UpdateSourceConfig
+from hps_core.config import PersistentDBConfig, UpdateSourceConfig, VolatileDBConfig
 from hps_core.db import HashMapVolatileDB, RocksDBPersistentDB
 from hps_core.formats import write_npz
 from hps_core.updates import TierUpdateApplier, UpdateSink, UpdateSource, decode, encode, topic_name
@@ -117,8 +117,8 @@ def test_updates_reach_hash_map_and_rocksdb(broker: KafkaBroker, tmp_path: Path)
     model = _unique("m")
     dims = {topic_name(model, f"t{i}"): d for i, d in enumerate((4, 8, 16))}
     total = 20_000
-    volatile = HashMapVolatileDB(num_partitions=4)
-    rocks = RocksDBPersistentDB(path=tmp_path / "rocks")
+    volatile = HashMapVolatileDB(VolatileDBConfig(num_partitions=4))
+    rocks = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "rocks")))
     refreshed: list[int] = []
     sources = [
         _source(broker.bootstrap, TierUpdateApplier(volatile, dims, lambda t, k, v: refreshed.append(k.size)),
@@ -209,7 +209,7 @@ def test_update_filters_select_topics(broker: KafkaBroker) -> None:
 _KILLED_CONSUMER = """
 import sys, time
 import numpy as np
-from hps_core.config import UpdateSourceConfig
+from hps_core.config import PersistentDBConfig, UpdateSourceConfig
 from hps_core.db import RocksDBPersistentDB
 from hps_core.updates import TierUpdateApplier, UpdateSource
 
@@ -223,7 +223,7 @@ class Slow(TierUpdateApplier):
 
 cfg = UpdateSourceConfig(type="kafka_message_queue", brokers=bootstrap, poll_timeout_ms=100,
                          metadata_refresh_interval_ms=500, max_batch_size=200, max_commit_interval=2)
-source = UpdateSource(cfg, Slow(RocksDBPersistentDB(path=path), dims), layer="persistent",
+source = UpdateSource(cfg, Slow(RocksDBPersistentDB(PersistentDBConfig(path=str(path))), dims), layer="persistent",
                       group_id=group, update_filters=[r"^hps_et\\.%s\\." % sys.argv[5]], consumer_config={"session.timeout.ms": 2000,
                                                        "heartbeat.interval.ms": 300})
 source.start()
@@ -255,7 +255,7 @@ def test_killed_consumer_loses_nothing(broker: KafkaBroker, tmp_path: Path) -> N
         child.wait(10)
     assert total // 3 <= applied < total
 
-    rocks = RocksDBPersistentDB(path=path)  # the killed writer's lock went with it
+    rocks = RocksDBPersistentDB(PersistentDBConfig(path=str(path)))  # the killed writer's lock went with it
     source = _source(broker.bootstrap, TierUpdateApplier(rocks, dims), "persistent", group, model).start()
     try:
         _wait(lambda: _group_caught_up(broker.bootstrap, group, list(dims)), 60, "the restarted consumer to catch up")

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import hps_core.updates as updates
+from hps_core.config import PersistentDBConfig, VolatileDBConfig
 from hps_core.db import HashMapVolatileDB, RocksDBPersistentDB
 from hps_core.errors import HPSError, RequestError, TierBusyError, UpdateError
 from hps_core.updates import MalformedMessage, TierUpdateApplier, decode, encode, parse_topic, topic_name
@@ -168,7 +169,7 @@ def test_partitions_follow_key_groups() -> None:
 
 # --------------------------------------------------------------------------- applier
 def test_applier_inserts_creates_tables_and_calls_hook() -> None:
-    db = HashMapVolatileDB(num_partitions=2)
+    db = HashMapVolatileDB(VolatileDBConfig(num_partitions=2))
     seen: list[tuple[str, int]] = []
     applier = TierUpdateApplier(db, {"hps_et.m.t": 4}, lambda t, k, v: seen.append((t, k.shape[0])))
     assert applier.dim("hps_et.m.t") == 4 and applier.dim("hps_et.m.other") is None
@@ -192,11 +193,11 @@ def test_applier_hook_failure_is_counted_not_raised() -> None:
 
 def test_applier_factory_opens_per_batch_and_waits_for_the_write_lock(tmp_path: Path) -> None:
     path = tmp_path / "rocks"
-    holder = RocksDBPersistentDB(path=path)  # another process's writer, in effect
+    holder = RocksDBPersistentDB(PersistentDBConfig(path=str(path)))  # another process's writer, in effect
     opened: list[int] = []
 
     def factory() -> RocksDBPersistentDB:
-        db = RocksDBPersistentDB(path=path)
+        db = RocksDBPersistentDB(PersistentDBConfig(path=str(path)))
         opened.append(1)
         return db
 
@@ -208,7 +209,7 @@ def test_applier_factory_opens_per_batch_and_waits_for_the_write_lock(tmp_path: 
     assert time.monotonic() - started >= 0.25  # it waited for the lock instead of failing
     applier.apply("hps_et.m.t", np.array([2]), np.full((1, 2), 5, np.float32))
     assert len(opened) == 2
-    reader = RocksDBPersistentDB(path=path, read_only=True)
+    reader = RocksDBPersistentDB(PersistentDBConfig(path=str(path), read_only=True))
     out = np.zeros((2, 2), np.float32)
     assert reader.fetch("hps_et.m.t", np.array([1, 2]), out).all()
     np.testing.assert_array_equal(out, [[1, 1], [5, 5]])
@@ -216,9 +217,9 @@ def test_applier_factory_opens_per_batch_and_waits_for_the_write_lock(tmp_path: 
 
 
 def test_applier_factory_gives_up_with_tier_busy(tmp_path: Path) -> None:
-    holder = RocksDBPersistentDB(path=tmp_path / "rocks")
+    holder = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "rocks")))
     try:
-        applier = TierUpdateApplier.opening(lambda: RocksDBPersistentDB(path=tmp_path / "rocks"),
+        applier = TierUpdateApplier.opening(lambda: RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "rocks"))),
                                             {"hps_et.m.t": 2}, busy_retries=2, busy_backoff_ms=1)
         with pytest.raises(TierBusyError):
             applier.apply("hps_et.m.t", np.array([1]), np.ones((1, 2), np.float32))
