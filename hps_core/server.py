@@ -29,7 +29,6 @@ import dataclasses
 import logging
 import math
 import tempfile
-import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -47,13 +46,17 @@ from hps_core.loader import load_table
 from hps_core.lookup import LookupSession
 from hps_core.online import OnlineUpdates
 from hps_core.refresh import CacheRefresher
+from hps_core.retry import RetryPolicy
 
 __all__ = ["HierarchicalParameterServer"]
 
 log = logging.getLogger(__name__)
 
 _LOAD_CHUNK_ROWS = 1 << 18  # bounds the memory a load needs, whatever the table size
-_WRITE_LOCK_TIMEOUT_S = 600.0  # a loader in another process may be filling large tables
+#: Opening the RocksDB writer for an applied batch waits out another process's write lock
+#: (a loader may be filling large tables); any other failure is raised at once.
+_WRITE_LOCK_WAIT = RetryPolicy(retryable=(TierBusyError,), first_backoff_s=0.2, factor=1.0, max_backoff_s=0.2,
+                               deadline_s=600.0)
 
 
 class HierarchicalParameterServer:
@@ -231,16 +234,9 @@ class HierarchicalParameterServer:
 
     @staticmethod
     def _open_writer(settings: object) -> EmbeddingTier:
-        deadline = time.monotonic() + _WRITE_LOCK_TIMEOUT_S
-        while True:
-            try:
-                writer = open_persistent_db(settings)
-                assert writer is not None
-                return writer
-            except TierBusyError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        writer = _WRITE_LOCK_WAIT.call(lambda: open_persistent_db(settings))
+        assert writer is not None
+        return writer
 
     def _fill_volatile(self, model: ModelConfig) -> None:
         if self.volatile is not None:

@@ -81,7 +81,7 @@ from hps_core.cache.base import (
     check_table_rows,
     normalize_keys,
 )
-from hps_core.errors import ConfigError, RequestError
+from hps_core.errors import ConfigError, DeviceError, RequestError
 from hps_core.rows import check_rows_fit
 
 __all__ = ["GpuDynamicCache", "GpuEmbeddingCache", "GpuStaticCache", "StaticEmbeddingTable"]
@@ -105,6 +105,21 @@ def _cupy() -> Any:
     except ImportError as exc:  # pragma: no cover - depends on the machine
         raise ConfigError("GPU embedding caches need CuPy (pip install cupy-cuda12x or cupy-cuda13x)") from exc
     return cupy
+
+
+@contextlib.contextmanager
+def translate_cupy(device: int, what: str) -> Iterator[None]:
+    """CuPy's and CUDA's errors raised in the block (out of device memory, a CUDA runtime or
+    driver failure, a kernel that does not compile) → DeviceError naming the device and
+    ``what``: where CuPy errors enter hps_core, at a cache's construction and allocation."""
+    cp = _cupy()
+    oom = cp.cuda.memory.OutOfMemoryError
+    try:
+        yield
+    except (oom, cp.cuda.runtime.CUDARuntimeError, cp.cuda.driver.CUDADriverError,
+            cp.cuda.compiler.CompileException) as exc:
+        hint = "; lower gpucacheper or the tables' sizes" if isinstance(exc, oom) else ""
+        raise DeviceError(f"GPU {device}: {what} failed ({type(exc).__name__}: {exc}){hint}") from exc
 
 
 class _Workspace:
@@ -164,7 +179,7 @@ class _GpuMultiCache:
         self._storage = np.uint16 if self.value_dtype == np.float16 else np.float32
         self._pool: list[_Workspace] = []
         self._pool_lock = threading.Lock()
-        with cp.cuda.Device(self.device):
+        with cp.cuda.Device(self.device), translate_cupy(self.device, "setting up the cache's kernels"):
             self._stream = cp.cuda.Stream(non_blocking=False)  # see "Ordering of writes" above
             self._max_blocks = int(cp.cuda.Device(self.device).attributes["MultiProcessorCount"]) * _BLOCKS_PER_SM
             self._kernels = _kernels.load(self._family, self.key_dtype, self.value_dtype, self.dims, self.device)
@@ -367,7 +382,7 @@ class GpuDynamicCache(_GpuMultiCache):
         self._clock = AccessClock(clock_start)  # 64-bit stamps on the device too (dynamic_cache.cu)
         cp = self._cp
         slots = self.total_sets * WAYS
-        with cp.cuda.Device(self.device):
+        with cp.cuda.Device(self.device), translate_cupy(self.device, f"allocating a dynamic cache of {slots} slots"):
             self._set_base_d = cp.asarray(self.set_base)
             self._num_sets_d = cp.asarray(self.num_sets.astype(np.uint64))
             self._value_base_d = cp.asarray(self.value_base)
@@ -481,7 +496,7 @@ class GpuStaticCache(_GpuMultiCache):
         self._n_rows = np.zeros(self.tables, np.int64)  # rows per table, kept by the writers
         self._lock = threading.Lock()
         cp = self._cp
-        with cp.cuda.Device(self.device):
+        with cp.cuda.Device(self.device), translate_cupy(self.device, "allocating a static cache"):
             self._slot_base_d = cp.asarray(self._slot_base)
             self._slot_mask_d = cp.asarray((slots - 1).astype(np.uint64))
             self._value_base_d = cp.asarray(self.value_base)

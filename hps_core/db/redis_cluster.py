@@ -122,6 +122,8 @@ DEFAULT_RETRY_AFTER = 1.0  # s a failed node is skipped before it is tried again
 
 #: errors that mean "this node cannot answer now" (retryable after ``retry_after``)
 NODE_FAILURES: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, OSError)
+#: every error redis-py raises, with the socket errors under it: what translate_redis takes
+REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError)
 
 # HSET that leaves the fields already present alone (one command per chunk, like HSET): a
 # refill must not overwrite a row the update stream wrote since the node came back.
@@ -539,7 +541,7 @@ class _RedisTier:
         self._closed = True
         try:
             self._close_clients()
-        except (RedisError, RedisClusterException, OSError):
+        except REDIS_ERRORS:
             pass  # closing a client of a dead node is not worth an error
 
     def counters(self) -> dict[str, Any]:
@@ -609,9 +611,9 @@ class _RedisTier:
         """Run a single-key command; redis errors become TierError."""
         try:
             return fn()
-        except (RedisError, RedisClusterException, OSError) as exc:
+        except REDIS_ERRORS as exc:
             self._record(None, exc, 0)
-            raise TierError(f"{self._kind}: {what} failed: {_short(exc)}") from exc
+            raise translate_redis(exc, self._kind, f"{what} failed") from exc
 
     # ---------------------------------------------------------------- pipelines
 
@@ -747,7 +749,7 @@ class _RedisTier:
     def _fail(self, what: str, node: str, exc: BaseException, keys: int, strict: bool) -> None:
         self._record(node, exc, 0 if strict else keys)
         if strict:
-            raise TierError(f"{self._kind}: {what} failed on node {node}: {_short(exc)}") from exc
+            raise translate_redis(exc, self._kind, f"{what} failed on node {node}") from exc
 
     def _new_link(self, name: str, pool: ConnectionPool | _DeadPool) -> _Link:
         with self._lock:
@@ -771,15 +773,17 @@ def _client_kwargs(redis_cfg: RedisConfig, *, socket_timeout: float, socket_conn
     return kwargs
 
 
-def _connect_error(kind: str, addresses: str, exc: BaseException) -> TierError:
-    text = str(exc)
+def translate_redis(exc: BaseException, where: str, what: str) -> TierError:
+    """The TierError a redis-py failure (one of REDIS_ERRORS) enters hps_core as, for every
+    call of this module: ``"<where>: <what> (<Type>: <message>)"``, or, when the server refused
+    the credentials, ``"<where>: authentication failed (...)"`` with the fix."""
     auth_markers = ("WRONGPASS", "NOAUTH", "invalid username-password", "Authentication required")
-    if isinstance(exc, AuthenticationError) or any(m in text for m in auth_markers):
+    if isinstance(exc, AuthenticationError) or any(m in str(exc) for m in auth_markers):
         return TierError(
-            f"{kind} at {addresses}: authentication failed ({_short(exc)}). "
+            f"{where}: authentication failed ({_short(exc)}). "
             "Fix: set volatile_db.user_name / volatile_db.password to the server's"
         )
-    return TierError(f"{kind} at {addresses}: cannot connect ({_short(exc)})")
+    return TierError(f"{where}: {what} ({_short(exc)})")
 
 
 class RedisClusterVolatileDB(_RedisTier):
@@ -813,8 +817,8 @@ class RedisClusterVolatileDB(_RedisTier):
                 retry=Retry(NoBackoff(), 1),
                 **client_kwargs,
             )
-        except (RedisError, RedisClusterException, OSError) as exc:
-            raise _connect_error(self._kind, address, exc) from exc
+        except REDIS_ERRORS as exc:
+            raise translate_redis(exc, f"{self._kind} at {address}", "cannot connect") from exc
 
     def _meta(self) -> Any:
         return self._client
@@ -848,7 +852,7 @@ class RedisClusterVolatileDB(_RedisTier):
         try:
             if not self._closed:
                 self._client.nodes_manager.initialize()
-        except (RedisError, RedisClusterException, OSError) as exc:
+        except REDIS_ERRORS as exc:
             self._refresh_due = True
             with self._lock:
                 self.last_error = f"slot map refresh: {_short(exc)}"
@@ -885,9 +889,9 @@ class RedisVolatileDB(_RedisTier):
         self._client = redis.Redis(host=host, port=port, retry=Retry(NoBackoff(), 0), **client_kwargs)
         try:
             self._client.ping()
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             self._client.close()
-            raise _connect_error(self._kind, address, exc) from exc
+            raise translate_redis(exc, f"{self._kind} at {address}", "cannot connect") from exc
         self._link = _Link(f"{host}:{port}", self._client.connection_pool, threading.BoundedSemaphore(self._node_connections))
 
     def _meta(self) -> Any:
@@ -919,8 +923,8 @@ def _cluster_enabled(address: str, kwargs: dict[str, Any]) -> bool:
     client = redis.Redis(host=host, port=port, retry=Retry(NoBackoff(), 0), **kwargs)
     try:
         return bool(client.info("cluster").get("cluster_enabled", 0))
-    except (RedisError, OSError) as exc:
-        raise _connect_error("Redis", address, exc) from exc
+    except REDIS_ERRORS as exc:
+        raise translate_redis(exc, f"Redis at {address}", "cannot connect") from exc
     finally:
         client.close()
 

@@ -256,12 +256,7 @@ class RocksDBPersistentDB:
             # rocksdict opens every existing column family with these options
             return Rdict(self._path, opts, access_type=access)
         except Exception as exc:
-            if "lock" in str(exc).lower():
-                raise TierBusyError(
-                    f"cannot open RocksDB at {self._path!r}: {exc}; another process holds its write "
-                    "lock: open with read_only: true to share it"
-                ) from exc
-            raise TierError(f"cannot open RocksDB at {self._path!r}: {exc}") from exc
+            raise translate_rocksdb(exc, self._path, "open") from exc
 
     def _load_tables(self) -> None:
         """Learn existing tables and dims: metadata first, else the first value's size."""
@@ -374,7 +369,7 @@ class RocksDBPersistentDB:
                     # stubs: a list of keys is a batch get
                     results[start:stop] = families[t].get(key_list[start:stop])  # type: ignore[arg-type]
             except Exception as exc:
-                raise TierError(f"RocksDB fetch on table {names[t]!r} at {self._path!r} failed: {exc}") from exc
+                raise translate_rocksdb(exc, self._path, "fetch", names[t]) from exc
 
         with self._translate("fetch", names[0] if len(names) == 1 else None):  # e.g. a pool shut down by close()
             self._run_ranges(read, bounds)
@@ -630,11 +625,21 @@ class RocksDBPersistentDB:
 
     @contextmanager
     def _translate(self, action: str, table: str | None) -> Iterator[None]:
-        """rocksdict's bare exceptions → TierError naming what failed where."""
+        """rocksdict's bare exceptions → :func:`translate_rocksdb`; ours pass through."""
         try:
             yield
         except HPSError:
             raise
         except Exception as exc:
-            where = f" on table {table!r}" if table else ""
-            raise TierError(f"RocksDB {action}{where} at {self._path!r} failed: {exc}") from exc
+            raise translate_rocksdb(exc, self._path, action, table) from exc
+
+
+def translate_rocksdb(exc: BaseException, path: str, action: str, table: str | None = None) -> TierError:
+    """The error a rocksdict failure (a bare Exception) enters hps_core as, for every call of
+    this module: TierBusyError when an open finds the write lock held, else TierError,
+    naming the action, the table and the path."""
+    where = f" on table {table!r}" if table else ""
+    message = f"RocksDB {action}{where} at {path!r} failed: {exc}"
+    if action == "open" and "lock" in str(exc).lower():  # rocksdict's LOCK file is held
+        return TierBusyError(f"{message}; another process holds its write lock: open with read_only: true to share it")
+    return TierError(message)

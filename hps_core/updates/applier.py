@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Mapping
 from typing import Protocol, runtime_checkable
 
@@ -39,6 +38,7 @@ import numpy.typing as npt
 from hps_core.db.base import EmbeddingTier, check_dim
 from hps_core.errors import ConfigError, TierBusyError
 from hps_core.logs import RateLimitedLog
+from hps_core.retry import RetryPolicy
 
 __all__ = ["OnApplied", "TierUpdateApplier", "UpdateApplier"]
 
@@ -87,8 +87,9 @@ class TierUpdateApplier:
             raise ConfigError("TierUpdateApplier needs exactly one of db (an open tier) and db_factory")
         self._db = db
         self._factory = db_factory
-        self._busy_retries = int(busy_retries)
-        self._busy_backoff_s = float(busy_backoff_ms) / 1000.0
+        pause = float(busy_backoff_ms) / 1000.0
+        self._busy = RetryPolicy(retryable=(TierBusyError,), first_backoff_s=pause, factor=1.0,
+                                 max_backoff_s=pause, max_attempts=int(busy_retries) + 1)
         self._dims = {table: check_dim(table, dim) for table, dim in table_dims.items()}
         self._on_applied = on_applied
         self._created: set[str] = set()
@@ -144,14 +145,7 @@ class TierUpdateApplier:
 
     def _open_writer(self) -> EmbeddingTier:
         assert self._factory is not None
-        for attempt in range(self._busy_retries + 1):
-            try:
-                return self._factory()
-            except TierBusyError:
-                if attempt == self._busy_retries:
-                    raise
-                time.sleep(self._busy_backoff_s)
-        raise AssertionError("unreachable")
+        return self._busy.call(self._factory)
 
     def _notify(self, table: str, keys: Keys, values: Vectors) -> None:
         if self._on_applied is None:

@@ -60,6 +60,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from hps_core.errors import ConfigError, UpdateError
 from hps_core.logs import DEFAULT_LOG_INTERVAL_S, RateLimitedLog
+from hps_core.retry import RetryPolicy
 from hps_core.updates.wire import (
     DEFAULT_NUM_KEY_GROUPS,
     DEFAULT_SEND_BUFFER_SIZE,
@@ -78,7 +79,6 @@ _METADATA_TIMEOUT_S = 10.0
 _CREATE_TIMEOUT_S = 2.0  # re-creating lost topics before a re-send round
 _QUEUE_FULL_BACKOFF_S = 0.05  # HugeCTR's queue_full_backoff_delay_
 _POLL_S = 0.1  # how often a waiting flush or publish looks at the deadline
-_RESEND_BACKOFF_S = (0.1, 2.0)  # first pause before a re-send round, doubling up to the second
 _DEFAULT_MAX_IDLE_ROUNDS = 20  # ~4 min of a broker that stays down (10 s message timeout + 2 s)
 #: Errors of the message itself that no re-send can cure: it is dropped and the flush raises.
 _REJECTED = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MSG_SIZE, KafkaError.INVALID_MSG,
@@ -114,6 +114,18 @@ def _failure_kind(code: int) -> _FailureKind:
     if code in _UNKNOWN_PARTITION:
         return "unknown_partition"
     return "retry"
+
+
+def kafka_error_of(exc: BaseException) -> KafkaError | None:
+    """The KafkaError a confluent-kafka KafkaException carries (its code, ``fatal()``), or None."""
+    err = exc.args[0] if exc.args else None
+    return err if isinstance(err, KafkaError) else None
+
+
+def translate_kafka(exc: BaseException, what: str) -> UpdateError:
+    """The UpdateError a confluent-kafka failure enters hps_core as, for the sink and the
+    source alike: ``"<what>: <the Kafka error>"``, chained by the caller (``from exc``)."""
+    return UpdateError(f"{what}: {exc}")
 
 
 def kafka_brokers(brokers: str) -> str:
@@ -216,6 +228,11 @@ class UpdateSink:
         self.max_pending_bytes = max_pending_bytes
         self.block_timeout = block_timeout
         self.max_idle_rounds = max_idle_rounds
+        # Re-send rounds: 0.1 s before the first, doubling up to 2 s, reset by any progress;
+        # the flush gives up after max_idle_rounds rounds in a row that settled nothing. A
+        # round's own UpdateError (broker still away) is logged and left to the next round.
+        self._resend_policy = RetryPolicy(retryable=(UpdateError,), first_backoff_s=0.1, factor=2.0,
+                                          max_backoff_s=2.0, max_attempts=max_idle_rounds)
         self._log = RateLimitedLog(log, log_interval)
         self._conf: dict[str, Any] = {
             "bootstrap.servers": self._bootstrap,
@@ -384,9 +401,9 @@ class UpdateSink:
             except BufferError:  # local queue full: serve callbacks, back off, retry
                 self._serve(_QUEUE_FULL_BACKOFF_S)
             except KafkaException as exc:  # unknown partition, fatal producer error, ...
-                err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+                err = kafka_error_of(exc)
                 if err is None:
-                    raise UpdateError(f"cannot publish to {message.topic!r}: {exc}") from exc
+                    raise translate_kafka(exc, f"cannot publish to {message.topic!r}") from exc
                 if err.fatal():
                     self._fatal = err.str()
                 report(err, None)
@@ -405,7 +422,6 @@ class UpdateSink:
         """Serve delivery reports and re-send what failed until ``done()``; None once done,
         else why it stopped: the deadline passed, the broker denied a topic, or
         ``max_idle_rounds`` re-send rounds in a row settled nothing."""
-        backoff = _RESEND_BACKOFF_S[0]
         with self._lock:
             self._denied.clear()  # each flush tries a denied topic once more
         progress = self._settled()
@@ -425,12 +441,11 @@ class UpdateSink:
                 return "denied"  # no re-send cures it; flush again once the broker allows it
             settled = self._settled()
             if settled > progress:
-                backoff, progress, idle = _RESEND_BACKOFF_S[0], settled, 0
-            elif idle >= self.max_idle_rounds:
+                progress, idle = settled, 0
+            elif self._resend_policy.exhausted(idle):
                 return "idle"
-            pause = backoff if remaining is None else min(backoff, remaining)
-            time.sleep(pause)
-            backoff = min(2 * backoff, _RESEND_BACKOFF_S[1])
+            pause = self._resend_policy.delay(idle + 1)
+            time.sleep(pause if remaining is None else min(pause, remaining))
             if deadline is not None and time.monotonic() >= deadline:
                 return "deadline"
             self._resend()
@@ -489,9 +504,9 @@ class UpdateSink:
             else:
                 self._producer.poll(timeout)
         except KafkaException as exc:
-            err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            err = kafka_error_of(exc)
             if err is None or not err.fatal():
-                raise UpdateError(f"Kafka producer ({self._bootstrap}) failed: {exc}") from exc
+                raise translate_kafka(exc, f"Kafka producer ({self._bootstrap}) failed") from exc
             self._fatal = err.str()
             self._log.warning(f"update sink: fatal {err.name()}",
                               f"Kafka producer ({self._bootstrap}): fatal error, replacing the producer: {err.str()}")
@@ -542,7 +557,7 @@ class UpdateSink:
             try:
                 meta = self._producer.list_topics(topic, timeout=_METADATA_TIMEOUT_S).topics.get(topic)
             except KafkaException as exc:
-                raise UpdateError(f"cannot read metadata of topic {topic!r} from {self._bootstrap}: {exc}") from exc
+                raise translate_kafka(exc, f"cannot read metadata of topic {topic!r} from {self._bootstrap}") from exc
             if meta is not None and meta.error is None and meta.partitions:
                 count = len(meta.partitions)
                 break
@@ -568,9 +583,10 @@ class UpdateSink:
             try:
                 future.result(timeout=timeout)
             except KafkaException as exc:
-                if exc.args and getattr(exc.args[0], "code", lambda: None)() == KafkaError.TOPIC_ALREADY_EXISTS:
+                err = kafka_error_of(exc)
+                if err is not None and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
                     continue
-                raise UpdateError(f"cannot create topic {topic!r} on {self._bootstrap}: {exc}") from exc
+                raise translate_kafka(exc, f"cannot create topic {topic!r} on {self._bootstrap}") from exc
 
     def _on_delivery(self, message: _Message, attempt: int, err: KafkaError | None, _msg: Any) -> None:
         with self._lock:

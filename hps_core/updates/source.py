@@ -23,8 +23,10 @@ keys, in arrival order (so the newest update of a key wins). It applies and then
 ``max_commit_interval`` messages are pending, or when the consumer has caught up. Offsets are
 committed only after the updates before them were applied: a consumer killed at any point
 loses nothing; its successor re-applies at most the uncommitted tail (at-least-once; updates
-are idempotent upserts). A failed apply is retried every ``failure_backoff_ms`` until it
-succeeds or the source is stopped (then nothing is committed).
+are idempotent upserts). An apply that fails with a TierError (the tier down or busy) is
+retried every ``failure_backoff_ms`` until it succeeds or the source is stopped (then nothing is
+committed); any other error is not retryable (see :mod:`hps_core.retry`): the slice is counted
+in ``rejected_updates``, logged and skipped, like a malformed message.
 
 Malformed messages (bad magic, wrong vector size, truncated, unknown table) are counted,
 logged and skipped; decoding happens before anything is applied, so a message is applied
@@ -58,10 +60,11 @@ import numpy.typing as npt
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException, TopicPartition
 
 from hps_core.config import DEFAULT_UPDATE_FILTERS, ParameterServerConfig, UpdateSourceConfig
-from hps_core.errors import ConfigError, MalformedMessage
+from hps_core.errors import ConfigError, MalformedMessage, TierError
 from hps_core.logs import DEFAULT_LOG_INTERVAL_S, RateLimitedLog
+from hps_core.retry import RetryPolicy
 from hps_core.updates.applier import UpdateApplier
-from hps_core.updates.sink import KafkaClientLog, kafka_brokers
+from hps_core.updates.sink import KafkaClientLog, kafka_brokers, kafka_error_of
 from hps_core.updates.wire import TOPIC_PREFIX, decode
 
 __all__ = ["SUBSCRIPTION", "UpdateSource", "consumer_group_id"]
@@ -98,7 +101,8 @@ class _Counters:
     malformed: int = 0  # messages skipped as malformed (unknown_table included)
     unknown_table: int = 0
     filtered: int = 0  # messages of topics no update_filter matches
-    apply_errors: int = 0  # failed apply attempts (each retried)
+    apply_errors: int = 0  # failed apply attempts (TierError: each retried)
+    rejected_updates: int = 0  # updates of slices that failed with a non-retryable error: skipped
     commits: int = 0
     commit_errors: int = 0
     broker_errors: int = 0  # consumer errors and error callbacks (outages, rebalances)
@@ -173,6 +177,10 @@ class UpdateSource:
         self.group_id = group_id or consumer_group_id(layer, shared=shared, instance=instance)
         self._consumer_conf = self._build_conf(config, consumer_config)
         self._backoff_s = config.failure_backoff_ms / 1000.0
+        # A tier that is down or busy (TierError) is retried every failure_backoff_ms until it
+        # answers or the source stops; any other error is not retried (the slice is skipped).
+        self._apply_policy = RetryPolicy(retryable=(TierError,), first_backoff_s=self._backoff_s, factor=1.0,
+                                         max_backoff_s=self._backoff_s)
         self._poll_s = max(config.poll_timeout_ms, 1) / 1000.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -376,17 +384,27 @@ class UpdateSource:
         return True
 
     def _apply(self, table: str, keys: Keys, values: Vectors) -> bool:
-        """Apply one slice, retrying every failure_backoff_ms; False if stopped first."""
-        while True:
-            try:
-                self.applier.apply(table, keys, values)
-                return True
-            except Exception as exc:  # tier down or busy: the same slice again, later
-                self._count(apply_errors=1)
-                self._warn(f"apply:{table}", "update source %s: applying %d updates to %s failed: %s",
-                           self.group_id, keys.shape[0], table, exc)
-                if self._stop.wait(self._backoff_s):
-                    return False
+        """Apply one slice under the apply policy; False if stopped while the tier failed.
+
+        A TierError (the tier down or busy) is retried every failure_backoff_ms. Any other
+        error (a tier refusing these rows, a bug) is never retried: the slice is counted in
+        ``rejected_updates``, logged with its traceback and skipped, like a malformed message.
+        """
+        def failed(attempts: int, exc: BaseException) -> None:
+            self._count(apply_errors=1)
+            self._warn(f"apply:{table}", "update source %s: applying %d updates to %s failed: %s",
+                       self.group_id, keys.shape[0], table, exc)
+
+        try:
+            self._apply_policy.call(lambda: self.applier.apply(table, keys, values),
+                                    sleep=self._stop.wait, on_retry=failed)
+            return True
+        except TierError:
+            return False  # stopped while the tier kept failing: commit nothing
+        except Exception as exc:  # not retryable: never retried, never blocks the stream
+            self._count(apply_errors=1, rejected_updates=int(keys.shape[0]))
+            self._log.failure(f"update source {self.group_id}: skipped updates to {table}", exc)
+            return True
 
     def _record_applied(self, pending: _Pending) -> None:
         now = time.time()
@@ -417,7 +435,7 @@ class UpdateSource:
                 consumer.commit(offsets=offsets, asynchronous=True)
                 self._in_flight = snapshot
         except KafkaException as exc:  # no coordinator, or a rebalance: try again at the next flush
-            self._commit_failed(exc.args[0] if exc.args else exc)
+            self._commit_failed(kafka_error_of(exc) or exc)
 
     def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
         self._in_flight = None

@@ -61,3 +61,28 @@ def test_no_exception_class_outside_errors_py() -> None:
                 if any(b.endswith(("Error", "Exception", "Message")) for b in bases):
                     found.append(f"{path.relative_to(root)}: {node.name}")
     assert found == []
+
+
+def test_third_party_errors_enter_as_ours() -> None:
+    """One helper per library turns its errors into ours (translate_cupy needs a GPU: its
+    DeviceError is covered where CuPy is installed, by the GPU cache tests)."""
+    import redis
+    from confluent_kafka import KafkaError, KafkaException
+
+    from hps_core.db.redis_cluster import translate_redis
+    from hps_core.db.rocksdb import translate_rocksdb
+    from hps_core.updates.sink import kafka_error_of, translate_kafka
+
+    down = translate_redis(redis.ConnectionError("refused"), "Redis at h:1", "cannot connect")
+    assert type(down) is errors.TierError and str(down) == "Redis at h:1: cannot connect (ConnectionError: refused)"
+    auth = translate_redis(redis.ResponseError("WRONGPASS invalid username-password pair"), "Redis", "insert failed")
+    assert "authentication failed" in str(auth) and "volatile_db.password" in str(auth)
+
+    locked = translate_rocksdb(Exception("IO error: lock hold by current process"), "/db", "open")
+    assert type(locked) is errors.TierBusyError and "read_only: true" in str(locked)
+    failed = translate_rocksdb(Exception("Corruption: bad block"), "/db", "fetch", "t")
+    assert type(failed) is errors.TierError and str(failed) == "RocksDB fetch on table 't' at '/db' failed: Corruption: bad block"
+
+    exc = KafkaException(KafkaError(KafkaError._TRANSPORT, "broker down"))
+    assert kafka_error_of(exc) is exc.args[0] and kafka_error_of(KafkaException("text")) is None
+    assert type(translate_kafka(exc, "cannot publish")) is errors.UpdateError
