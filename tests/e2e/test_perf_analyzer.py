@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hps_core.tools import find_perf_analyzer
+from hps_demo.tools import find_perf_analyzer
 from hps_demo.client import dlrm_request, write_perf_analyzer_data
 from tests.e2e.models import E2EModels
 
