@@ -233,7 +233,7 @@ class HierarchicalParameterServer:
         self.updates.start()
 
     @staticmethod
-    def _open_writer(settings: object) -> EmbeddingTier:
+    def _open_writer(settings: PersistentDBConfig) -> EmbeddingTier:
         writer = _WRITE_LOCK_WAIT.call(lambda: open_persistent_db(settings))
         assert writer is not None
         return writer
