@@ -2,7 +2,9 @@
 
 The lookup runs on numpy arrays (CPU path, CPU twin caches) or cupy arrays (GPU caches); it
 asks a cache for its array module and moves only what must cross (the missing keys down,
-their rows up) between host and device.
+their rows up) between host and device. The host array types of the batched calls (``Keys``,
+``Vectors``, ``Flat``, ``Mask``, ``Int64s``) are named here, once, for the tiers, the updates
+and the lookup.
 """
 
 from __future__ import annotations
@@ -14,8 +16,28 @@ from types import ModuleType
 from typing import Any, ContextManager
 
 import numpy as np
+import numpy.typing as npt
 
-__all__ = ["array_module", "device_context", "is_device_array", "retain_freed_memory", "to_host"]
+__all__ = [
+    "Flat",
+    "Int64s",
+    "Keys",
+    "Mask",
+    "Vectors",
+    "array_module",
+    "device_context",
+    "is_device_array",
+    "retain_freed_memory",
+    "to_host",
+]
+
+# The host array types of the batched calls, named once for every package (shapes are in each
+# signature's docstring).
+Int64s = npt.NDArray[np.int64]  # table ids, offsets, counts, widths
+Keys = Int64s  # (n,) int64 keys (uint32-range keys are widened to int64)
+Vectors = npt.NDArray[np.float32]  # (n, dim) rows of one table
+Flat = npt.NDArray[np.float32]  # (m,) rows of several widths, see hps_core.rows
+Mask = npt.NDArray[np.bool_]  # (n,) per key: found, selected
 
 
 def array_module(cache: Any) -> ModuleType:
@@ -39,7 +61,7 @@ def device_context(cache: Any) -> ContextManager[Any]:
     return cupy.cuda.Device(cache.device)  # type: ignore[no-any-return]
 
 
-def to_host(array: Any) -> np.ndarray:
+def to_host(array: Any) -> npt.NDArray[Any]:
     """``array`` as a host numpy array (a copy only when it lives on a GPU)."""
     if isinstance(array, np.ndarray):
         return array

@@ -38,7 +38,7 @@ import numpy as np
 import numpy.typing as npt
 from numba import njit
 
-from hps_core.arrays import array_module, device_context, to_host
+from hps_core.arrays import Int64s, array_module, device_context, to_host
 from hps_core.background import BackgroundQueue
 from hps_core.cache.base import EmbeddingCache, MultiTableCache, TableView
 from hps_core.config import ModelConfig
@@ -49,8 +49,6 @@ from hps_core.request import BatchPlan, CheckedRequest, TableLayout, answer_each
 from hps_core.rows import copy_rows, fill_rows, row_offsets
 
 __all__ = ["COUNTER_FIELDS", "LookupSession", "UPDATE_GRACE_S"]
-
-Int64s = npt.NDArray[np.int64]
 
 # How long before a tier fetch began an update may have reached this process's caches while
 # the tier still held the old row: a shared Redis is written by whichever server's consumer

@@ -28,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 from numba import njit
 
+from hps_core.arrays import Int64s
 from hps_core.config import ModelConfig
 from hps_core.errors import RequestError
 from hps_core.hashing import mix64
@@ -35,9 +36,6 @@ from hps_core.hashing import mix64
 __all__ = ["BatchPlan", "CheckedRequest", "TableLayout", "answer_each", "check_request", "plan_batch"]
 
 _INTEGER_KINDS = ("i", "u")
-
-Int64s = npt.NDArray[np.int64]
-
 
 @dataclass(frozen=True)
 class TableLayout:

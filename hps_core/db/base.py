@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
-import numpy.typing as npt
 
+from hps_core.arrays import Flat, Keys, Mask, Vectors
 from hps_core.errors import ConfigError, RequestError, UnknownTableError
 from hps_core.rows import check_rows_fit
 
@@ -48,12 +48,6 @@ __all__ = [
     "check_values",
     "unknown_table",
 ]
-
-Keys = npt.NDArray[np.int64]
-Vectors = npt.NDArray[np.float32]
-Flat = npt.NDArray[np.float32]  # (m,) rows of several widths, see hps_core.rows
-Mask = npt.NDArray[np.bool_]
-
 
 @runtime_checkable
 class EmbeddingTier(Protocol):

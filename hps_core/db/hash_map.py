@@ -63,14 +63,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from numba import carray, njit
+from numba import njit
+from numba.np.numpy_support import carray  # where numba defines it (``numba.carray`` re-exports)
 
+from hps_core.arrays import Flat, Keys, Mask, Vectors
 from hps_core.db.base import (
-    Flat,
-    Keys,
     TableGroups,
-    Mask,
-    Vectors,
     check_dim,
     check_keys,
     check_out,
@@ -818,7 +816,7 @@ class HashMapVolatileDB:
         what makes "last duplicate wins" hold for inserts)."""
         if self._num_partitions == 1:  # nothing to group: skip a pass over the batch
             return np.arange(keys.shape[0], dtype=np.int64), np.array([0, keys.shape[0]], np.int64)
-        return group_by(partition_array(keys, self._num_partitions), self._num_partitions)  # type: ignore[no-any-return]
+        return group_by(partition_array(keys, self._num_partitions), self._num_partitions)
 
     def _table(self, table: str) -> _Table:
         self._check_open()

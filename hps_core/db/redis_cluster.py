@@ -90,13 +90,10 @@ from redis.exceptions import AskError, AuthenticationError, RedisClusterExceptio
 from redis.retry import Retry
 
 from hps_core.db import _redis_layout as layout
+from hps_core.arrays import Flat, Keys, Mask, Vectors
 from hps_core.db.base import (
-    Flat,
-    Keys,
     MarkerState,
-    Mask,
     TableGroups,
-    Vectors,
     check_dim,
     check_keys,
     check_out,

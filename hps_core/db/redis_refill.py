@@ -60,7 +60,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from hps_core.db import _redis_layout as layout
-from hps_core.db.base import EmbeddingTier, Keys, PartitionMarkers, Vectors
+from hps_core.arrays import Keys, Vectors
+from hps_core.db.base import EmbeddingTier, PartitionMarkers
 from hps_core.errors import HPSError, TierError
 from hps_core.formats import read_table
 from hps_core.logs import RateLimitedLog

@@ -73,12 +73,9 @@ from rocksdict import (
     WriteOptions,
 )
 
+from hps_core.arrays import Flat, Keys, Mask, Vectors
 from hps_core.db.base import (
-    Flat,
-    Keys,
-    Mask,
     TableGroups,
-    Vectors,
     check_dim,
     check_keys,
     check_out,

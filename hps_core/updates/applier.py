@@ -32,9 +32,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Protocol, runtime_checkable
 
-import numpy as np
-import numpy.typing as npt
-
+from hps_core.arrays import Keys, Vectors
 from hps_core.db.base import EmbeddingTier, check_dim
 from hps_core.errors import ConfigError, TierBusyError
 from hps_core.logs import RateLimitedLog
@@ -46,8 +44,6 @@ log = logging.getLogger(__name__)
 # A hook that fails, fails for every batch (a cache gone bad): one line per cause per interval.
 _failures = RateLimitedLog(log)
 
-Keys = npt.NDArray[np.int64]
-Vectors = npt.NDArray[np.float32]
 OnApplied = Callable[[str, Keys, Vectors], None]
 
 

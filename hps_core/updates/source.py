@@ -59,6 +59,7 @@ import numpy as np
 import numpy.typing as npt
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException, TopicPartition
 
+from hps_core.arrays import Keys, Vectors
 from hps_core.config import DEFAULT_UPDATE_FILTERS, ParameterServerConfig, UpdateSourceConfig
 from hps_core.errors import ConfigError, MalformedMessage, TierError
 from hps_core.logs import DEFAULT_LOG_INTERVAL_S, RateLimitedLog
@@ -75,10 +76,6 @@ SUBSCRIPTION = rf"^{TOPIC_PREFIX}\..*"  # librdkafka treats a leading '^' as a r
 _LAYERS = ("volatile", "persistent")
 _GROUP_PREFIX = "hps."
 _FINAL_COMMIT_WAIT_S = 5.0  # a graceful stop waits this long for its last commit to settle
-
-Keys = npt.NDArray[np.int64]
-Vectors = npt.NDArray[np.float32]
-
 
 def consumer_group_id(layer: str, *, shared: bool, hostname: str | None = None,
                       instance: str | None = None) -> str:

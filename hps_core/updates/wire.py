@@ -39,6 +39,7 @@ from functools import lru_cache
 import numpy as np
 import numpy.typing as npt
 
+from hps_core.arrays import Keys, Vectors
 from hps_core.errors import MalformedMessage, RequestError
 
 __all__ = [
@@ -59,9 +60,6 @@ __all__ = [
     "topic_name",
     "xxh3_64",
 ]
-
-Keys = npt.NDArray[np.int64]
-Vectors = npt.NDArray[np.float32]
 
 MAGIC = 0x52544348  # b"HCTR" read as a little-endian uint32
 HEADER_SIZE = 8  # magic + value_size
@@ -103,16 +101,16 @@ def _key_code(key_dtype: npt.DTypeLike) -> str:
 
 
 @lru_cache(maxsize=64)
-def _pair_dtype(dim: int, key_code: str) -> np.dtype:
+def _pair_dtype(dim: int, key_code: str) -> np.dtype[np.void]:
     return np.dtype([("key", key_code), ("value", "<f4", (dim,))])  # packed: no alignment
 
 
-def pair_dtype(dim: int, key_dtype: npt.DTypeLike = np.int64) -> np.dtype:
+def pair_dtype(dim: int, key_dtype: npt.DTypeLike = np.int64) -> np.dtype[np.void]:
     """The packed structured dtype of one (key, vector) pair: ``key_size + 4 * dim`` bytes."""
     return _pair_dtype(int(dim), _key_code(key_dtype))
 
 
-def pack(keys: npt.ArrayLike, values: npt.ArrayLike, key_dtype: npt.DTypeLike = np.int64) -> np.ndarray:
+def pack(keys: npt.ArrayLike, values: npt.ArrayLike, key_dtype: npt.DTypeLike = np.int64) -> npt.NDArray[np.void]:
     """keys (n,) integer, values (n, dim) float32 → (n,) packed pairs, ready to be framed.
 
     Keys are checked to fit ``key_dtype`` (uint32 keys: 0 ≤ key < 2**32) and values must
@@ -135,7 +133,7 @@ def pack(keys: npt.ArrayLike, values: npt.ArrayLike, key_dtype: npt.DTypeLike = 
     return rows
 
 
-def frame(rows: np.ndarray) -> bytes:
+def frame(rows: npt.NDArray[np.void]) -> bytes:
     """One message: the 8-byte header, then ``rows`` (packed pairs from :func:`pack`)."""
     value_size = rows.dtype["value"].itemsize
     return _HEADER.pack(MAGIC, value_size) + rows.tobytes()
