@@ -44,7 +44,7 @@ def mix64_array(keys: npt.NDArray[Any]) -> npt.NDArray[np.uint64]:
     with np.errstate(over="ignore"):
         x = (x ^ (x >> _S30)) * _M1
         x = (x ^ (x >> _S27)) * _M2
-        return x ^ (x >> _S31)  # type: ignore[no-any-return]
+        return x ^ (x >> _S31)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -57,4 +57,4 @@ def partition(hashed: Any, num_partitions: Any) -> Any:
 
 def partition_array(keys: npt.NDArray[Any], num_partitions: int) -> npt.NDArray[np.int64]:
     """:func:`partition` of every key of an int64 array (NumPy)."""
-    return ((mix64_array(keys) >> _S32) % np.uint64(num_partitions)).astype(np.int64)  # type: ignore[no-any-return]
+    return ((mix64_array(keys) >> _S32) % np.uint64(num_partitions)).astype(np.int64)

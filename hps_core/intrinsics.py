@@ -62,7 +62,8 @@ _WRITER = -1
 
 def _item_pointer(context: Any, builder: Any, arr_type: Any, arr: Any, index: Any) -> Any:
     ary = context.make_array(arr_type)(context, builder, arr)
-    return cgutils.get_item_pointer(context, builder, arr_type, ary, [index])
+    # numba ships py.typed but leaves its code-generation helpers unannotated
+    return cgutils.get_item_pointer(context, builder, arr_type, ary, [index])  # type: ignore[no-untyped-call]
 
 
 def _int64_array(arr: Any) -> bool:
@@ -129,7 +130,8 @@ def _sched_yield_typer(typingctx: Any) -> Any:
     sig = types.void()
 
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), []), "sched_yield")
+        fn = cgutils.get_or_insert_function(  # type: ignore[no-untyped-call]  # unannotated in numba
+            builder.module, ir.FunctionType(ir.IntType(32), []), "sched_yield")
         builder.call(fn, [])
         return context.get_dummy_value()
 
@@ -169,7 +171,7 @@ def _prefetch_typer(typingctx: Any, arr: Any, index: Any, write: Any) -> Any:
         byte_ptr = ir.IntType(8).as_pointer()
         i32 = ir.IntType(32)
         fnty = ir.FunctionType(ir.VoidType(), [byte_ptr, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")  # type: ignore[no-untyped-call]  # unannotated in numba
         # read or write, keep in all cache levels, data cache
         builder.call(fn, [builder.bitcast(ptr, byte_ptr), ir.Constant(i32, rw), ir.Constant(i32, 3), ir.Constant(i32, 1)])
         return context.get_dummy_value()

@@ -180,7 +180,8 @@ def all_variants() -> Iterator[tuple[str, np.dtype[Any], np.dtype[Any], int, int
 
 
 @functools.lru_cache(maxsize=None)
-def _compile(device: int, family: str, key_dtype: np.dtype, value_dtype: np.dtype,
+def _compile(device: int, family: str, key_dtype: np.dtype[np.integer[Any]],
+             value_dtype: np.dtype[np.floating[Any]],
              shapes: tuple[tuple[int, int], ...]) -> Kernels[Any]:
     import cupy  # lazy: only GPU caches get here
 

@@ -101,8 +101,8 @@ class EmbeddingCache(Protocol):
 
     dim: int
     capacity: int
-    value_dtype: np.dtype
-    key_dtype: np.dtype
+    value_dtype: np.dtype[np.floating[Any]]  # float32 or float16
+    key_dtype: np.dtype[np.integer[Any]]  # int64 or uint32
     num_sets: int
     kind: str
 
@@ -176,8 +176,8 @@ class MultiTableCache(Protocol):
     """
 
     kind: str
-    value_dtype: np.dtype
-    key_dtype: np.dtype
+    value_dtype: np.dtype[np.floating[Any]]  # float32 or float16
+    key_dtype: np.dtype[np.integer[Any]]  # int64 or uint32
     policy: str
     dims: Any
     capacities: Any
@@ -472,7 +472,7 @@ def check_table_rows(xp: Any, table_ids: Any, keys: Any, buffer: Any, offsets: A
         raise RequestError(f"{name} must be a 1-D C-contiguous float32 array (flat rows), got {buffer.dtype} {buffer.shape}")
 
 
-def normalize_keys(xp: Any, keys: Any, key_dtype: np.dtype) -> Any:
+def normalize_keys(xp: Any, keys: Any, key_dtype: np.dtype[np.integer[Any]]) -> Any:
     """Keys as a contiguous array of the cache's key dtype.
 
     An int64 cache widens uint32 keys. A uint32 cache takes int64 (or any integer) keys

@@ -44,6 +44,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from numba import njit, types
 from numba.extending import overload
 
@@ -174,7 +175,7 @@ def _dynamic_query(keys, table_ids, offsets, out, set_base, num_sets, dims, valu
             src = value_base[t] + ((s - set_base[t]) * WAYS + w) * dim
             o = offsets[i]
             for d in range(dim):
-                out[o + d] = _load(values, src + d, lut)
+                out[o + d] = _load(values, src + d, lut)  # type: ignore[no-untyped-call]  # see _load
             slot_ts[s, w] = clock
             slot_freq[s, w] += 1
             hit[i] = True
@@ -270,7 +271,7 @@ def _static_query(keys, table_ids, offsets, out, slot_base, slot_mask, slot_keys
         src = value_base[t] + row * dim
         o = offsets[i]
         for d in range(dim):
-            out[o + d] = _load(values, src + d, lut)
+            out[o + d] = _load(values, src + d, lut)  # type: ignore[no-untyped-call]  # see _load
         hit[i] = True
     read_release(locks, 0)
     return _missing(hit)
@@ -315,14 +316,15 @@ def _static_write(keys, table_ids, src, src_offsets, slot_base, slot_mask, slot_
 # --------------------------------------------------------------------------- helpers
 
 
-def sets_of(keys: np.ndarray, num_sets: int) -> np.ndarray:
+def sets_of(keys: npt.NDArray[np.integer[Any]], num_sets: int) -> npt.NDArray[np.int64]:
     """(n,) int64 set of each key of a one-table cache: ``mix64(key) % num_sets`` (the GPU
     kernels' formula)."""
-    return _dynamic_sets(keys, np.zeros(keys.shape[0], np.int64), np.zeros(1, np.int64),
-                         np.array([num_sets], np.int64))  # type: ignore[no-any-return]
+    sets: npt.NDArray[np.int64] = _dynamic_sets(keys, np.zeros(keys.shape[0], np.int64), np.zeros(1, np.int64),
+                                                np.array([num_sets], np.int64))
+    return sets
 
 
-def _host(arr: Any, what: str) -> np.ndarray:
+def _host(arr: Any, what: str) -> npt.NDArray[Any]:
     if isinstance(arr, np.ndarray) or is_device_array(arr):  # a CuPy array is brought over
         return to_host(arr)
     raise RequestError(f"{what} must be a numpy array, got {type(arr).__name__}")
@@ -333,7 +335,7 @@ class _CpuCacheBase:
 
     device = "cpu"
     kind = ""
-    capacities: np.ndarray  # (T,) rows per table, set by each kind
+    capacities: npt.NDArray[np.int64]  # (T,) rows per table, set by each kind
 
     def __init__(self, kind: str, capacities: Sequence[int], dims: Sequence[int], policy: str,
                  value_dtype: Any, key_dtype: Any) -> None:
@@ -405,13 +407,15 @@ class CpuDynamicCache(_CpuCacheBase):
         self._freq = np.zeros(shape, np.int64)
         self._values = np.zeros(layout.values, self._storage)
 
-    def query_tables(self, table_ids: Any, keys: Any, out: Any, offsets: Any, stream: Any = None) -> np.ndarray:
+    def query_tables(self, table_ids: Any, keys: Any, out: Any, offsets: Any,
+                     stream: Any = None) -> npt.NDArray[np.int64]:
         ids, keys, out, offs = self._args(table_ids, keys, out, offsets, "out")
-        return _dynamic_query(  # type: ignore[no-any-return]
+        missing: npt.NDArray[np.int64] = _dynamic_query(
             keys, ids, offs, out, self.set_base, self.num_sets, self.dims, self.value_base, self._keys,
             self._used, self._ts, self._freq, self._values, self._lut, self._clock.tick(),
             self._locks.locks, self._locks.waiting,
         )
+        return missing
 
     def replace_tables(self, table_ids: Any, keys: Any, values: Any, offsets: Any, stream: Any = None) -> None:
         self._write(table_ids, keys, values, offsets, insert=True)
@@ -419,16 +423,18 @@ class CpuDynamicCache(_CpuCacheBase):
     def update_tables(self, table_ids: Any, keys: Any, values: Any, offsets: Any, stream: Any = None) -> int:
         return self._write(table_ids, keys, values, offsets, insert=False)
 
-    def dump_sets(self, start_set: int, end_set: int, stream: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    def dump_sets(self, start_set: int, end_set: int,
+                  stream: Any = None) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.integer[Any]]]:
         lo, hi = max(0, int(start_set)), min(self.total_sets, int(end_set))
         if lo >= hi:
             return np.empty(0, np.int64), np.empty(0, self.key_dtype)
         sets, keys = _dynamic_dump(lo, hi, self._keys, self._used, self._locks.locks, self._locks.waiting)
         return np.searchsorted(self.set_base, sets, side="right").astype(np.int64) - 1, keys
 
-    def sets_of(self, table_ids: Any, keys: Any) -> np.ndarray:
+    def sets_of(self, table_ids: Any, keys: Any) -> npt.NDArray[np.int64]:
         keys = normalize_keys(np, _host(keys, "keys"), self.key_dtype)
-        return _dynamic_sets(keys, _host(table_ids, "table_ids"), self.set_base, self.num_sets)  # type: ignore[no-any-return]
+        sets: npt.NDArray[np.int64] = _dynamic_sets(keys, _host(table_ids, "table_ids"), self.set_base, self.num_sets)
+        return sets
 
     def clear(self, table: int | None = None, stream: Any = None) -> None:
         lo, hi = (0, self.total_sets) if table is None else (
@@ -438,7 +444,7 @@ class CpuDynamicCache(_CpuCacheBase):
             self._freq[lo:hi] = 0
             self._ts[lo:hi] = 0
 
-    def sizes(self, stream: Any = None) -> np.ndarray:
+    def sizes(self, stream: Any = None) -> npt.NDArray[np.int64]:
         per_set = np.count_nonzero(self._used, axis=1)
         return np.add.reduceat(per_set, self.set_base).astype(np.int64)
 
@@ -475,12 +481,14 @@ class CpuStaticCache(_CpuCacheBase):
         self._n_rows = np.zeros(self.tables, np.int64)
         self._lock = LockArray(1)
 
-    def query_tables(self, table_ids: Any, keys: Any, out: Any, offsets: Any, stream: Any = None) -> np.ndarray:
+    def query_tables(self, table_ids: Any, keys: Any, out: Any, offsets: Any,
+                     stream: Any = None) -> npt.NDArray[np.int64]:
         ids, keys, out, offs = self._args(table_ids, keys, out, offsets, "out")
-        return _static_query(  # type: ignore[no-any-return]
+        missing: npt.NDArray[np.int64] = _static_query(
             keys, ids, offs, out, self._slot_base, self._slot_mask, self._slot_keys, self._slot_rows,
             self.dims, self.value_base, self._values, self._lut, self._lock.locks, self._lock.waiting,
         )
+        return missing
 
     def replace_tables(self, table_ids: Any, keys: Any, values: Any, offsets: Any, stream: Any = None) -> None:
         self._write(table_ids, keys, values, offsets, insert=True)
@@ -488,7 +496,8 @@ class CpuStaticCache(_CpuCacheBase):
     def update_tables(self, table_ids: Any, keys: Any, values: Any, offsets: Any, stream: Any = None) -> int:
         return self._write(table_ids, keys, values, offsets, insert=False)
 
-    def dump_sets(self, start_set: int, end_set: int, stream: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    def dump_sets(self, start_set: int, end_set: int,
+                  stream: Any = None) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.integer[Any]]]:
         lo, hi = max(0, int(start_set)), min(self.tables, int(end_set))
         if lo >= hi:
             return np.empty(0, np.int64), np.empty(0, self.key_dtype)
@@ -498,7 +507,7 @@ class CpuStaticCache(_CpuCacheBase):
             keys = self._slot_keys[held]
         return np.searchsorted(self._slot_base, held, side="right").astype(np.int64) - 1, keys
 
-    def sets_of(self, table_ids: Any, keys: Any) -> np.ndarray:
+    def sets_of(self, table_ids: Any, keys: Any) -> npt.NDArray[np.int64]:
         return np.asarray(_host(table_ids, "table_ids"), np.int64).copy()
 
     def clear(self, table: int | None = None, stream: Any = None) -> None:
@@ -507,7 +516,7 @@ class CpuStaticCache(_CpuCacheBase):
             self._slot_rows[self._slot_base[lo] : self._slot_base[hi]] = _EMPTY
             self._n_rows[lo:hi] = 0
 
-    def sizes(self, stream: Any = None) -> np.ndarray:
+    def sizes(self, stream: Any = None) -> npt.NDArray[np.int64]:
         return self._n_rows.copy()
 
     def _write(self, table_ids: Any, keys: Any, values: Any, offsets: Any, *, insert: bool) -> int:
@@ -521,7 +530,7 @@ class CpuStaticCache(_CpuCacheBase):
                 self._slot_rows, self.dims, self.value_base, self._values, self._n_rows, insert,
             ))
 
-    def _check_room(self, table_ids: np.ndarray, keys: np.ndarray) -> None:
+    def _check_room(self, table_ids: npt.NDArray[np.int64], keys: npt.NDArray[np.integer[Any]]) -> None:
         """Refuse the whole batch, before writing anything, if a table's new keys do not fit."""
         stored = _static_stored(keys, table_ids, self._slot_base, self._slot_mask, self._slot_keys, self._slot_rows)
         new = np.bincount(table_ids[first_of_pairs(table_ids, keys) & ~stored], minlength=self.tables)

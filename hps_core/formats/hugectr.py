@@ -88,7 +88,7 @@ class SparseTable:
 # --------------------------------------------------------------------------------------------
 def as_keys(keys: Any, what: str) -> npt.NDArray[np.int64]:
     """``keys`` as a 1-D int64 array (memory maps kept); FormatError naming ``what`` otherwise."""
-    arr = np.asanyarray(keys)
+    arr: npt.NDArray[Any] = np.asanyarray(keys)
     if arr.ndim != 1:
         raise FormatError(f"{what}: keys must be 1-D, got shape {arr.shape}")
     if arr.dtype == np.int64:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from hps_core.errors import FormatError
 from hps_core.formats.hugectr import (
@@ -64,12 +65,14 @@ def _table(keys: Any, vectors: Any, dim: int | None, what: str,
     return SparseTable(keys=key_arr, vectors=vec_arr)
 
 
-def _load_npy(path: Path, mmap: bool) -> np.ndarray:
+def _load_npy(path: Path, mmap: bool) -> npt.NDArray[Any]:
     if not path.is_file():
         raise FormatError(f"{path}: file not found; a .npy table folder holds '{KEYS_NPY}' and "
                           f"'{VECTORS_NPY}'")
     try:
-        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        # np.load is typed Any (it may answer an .npz archive); a .npy file is one array
+        array: npt.NDArray[Any] = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        return array
     except (ValueError, OSError, EOFError) as exc:
         raise FormatError(f"{path}: not a readable .npy file ({exc}); the file is truncated "
                           "or not written by numpy.save") from exc
@@ -116,7 +119,7 @@ def write_npy_pair(folder: str | os.PathLike[str], keys: Any, vectors: Any) -> N
     _save_npy(root / KEYS_NPY, table.keys)
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
+def _save_npy(path: Path, array: npt.NDArray[Any]) -> None:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as handle:
             np.save(handle, array, allow_pickle=False)
