@@ -76,7 +76,7 @@ sys.path.insert(0, str(ROOT))
 from hps_core.cache import make_multi_table_cache  # noqa: E402
 from hps_core.cache.base import MultiTableCache  # noqa: E402
 from hps_core.arrays import retain_freed_memory  # noqa: E402
-from hps_core.config import E402, ModelConfig, VolatileDBConfig, noqa, parse_config
+from hps_core.config import ModelConfig, VolatileDBConfig, parse_config  # noqa: E402
 from hps_core.db import HashMapVolatileDB  # noqa: E402
 from hps_core.formats import write_sparse_model  # noqa: E402
 from hps_core.lookup import LookupSession  # noqa: E402
