@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from hps_core.arrays import Keys, Vectors
 from hps_core.config import ParameterServerConfig
 from hps_core.db.base import EmbeddingTier, Refreshable, SharedTier
 from hps_core.logs import RateLimitedLog
@@ -121,7 +122,7 @@ class OnlineUpdates:
         """Each layer's source counters and staleness (see UpdateSource.stats)."""
         return {layer: source.stats() for layer, source in self.sources.items()}
 
-    def _refresh_caches(self, table: str, keys: np.ndarray, values: np.ndarray) -> None:
+    def _refresh_caches(self, table: str, keys: Keys, values: Vectors) -> None:
         cached = self._cache_of.get(table)
         if cached is not None:
             session, name = cached
@@ -148,12 +149,13 @@ def _instance_id() -> str:
 class _CacheApplier:
     """An UpdateApplier that only refreshes this process's caches (tiers are written elsewhere)."""
 
-    def __init__(self, dims: Mapping[str, int], refresh: Callable[[str, np.ndarray, np.ndarray], None]) -> None:
+    def __init__(self, dims: Mapping[str, int],
+                 refresh: Callable[[str, Keys, Vectors], None]) -> None:
         self._dims = dict(dims)
         self._refresh = refresh
 
     def dim(self, table: str) -> int | None:
         return self._dims.get(table)
 
-    def apply(self, table: str, keys: np.ndarray, values: np.ndarray) -> None:
+    def apply(self, table: str, keys: Keys, values: Vectors) -> None:
         self._refresh(table, keys, values)

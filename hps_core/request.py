@@ -87,7 +87,7 @@ class CheckedRequest:
         return int(self.keys.shape[0])
 
 
-def check_request(keys: np.ndarray, numkeys: np.ndarray, layout: TableLayout) -> CheckedRequest:
+def check_request(keys: npt.NDArray[Any], numkeys: npt.NDArray[Any], layout: TableLayout) -> CheckedRequest:
     """Check ``KEYS`` (n,) or (rows, n) and ``NUMKEYS`` (T,) or (rows, T) against ``layout``.
 
     Raises RequestError naming the input and the problem. Vectorised over the rows.
@@ -114,15 +114,15 @@ def check_request(keys: np.ndarray, numkeys: np.ndarray, layout: TableLayout) ->
     return CheckedRequest(keys2, counts, batched)
 
 
-def _keys_shape_error(keys: np.ndarray) -> RequestError:
+def _keys_shape_error(keys: npt.NDArray[Any]) -> RequestError:
     return RequestError(f"KEYS must be 1-D after the batch dimension, got shape {keys.shape}")
 
 
-def _numkeys_error(numkeys: np.ndarray) -> RequestError:
+def _numkeys_error(numkeys: npt.NDArray[Any]) -> RequestError:
     return RequestError(f"NUMKEYS must be a 1-D integer tensor, got shape {numkeys.shape} dtype {numkeys.dtype}")
 
 
-def _as_key_array(keys: np.ndarray) -> Int64s:
+def _as_key_array(keys: npt.NDArray[Any]) -> Int64s:
     if keys.dtype.kind not in _INTEGER_KINDS:
         raise RequestError(f"KEYS must hold integers (INT64 or UINT32), got dtype {keys.dtype}")
     if keys.dtype == np.uint64 and keys.size and int(keys.max()) > np.iinfo(np.int64).max:
@@ -130,7 +130,7 @@ def _as_key_array(keys: np.ndarray) -> Int64s:
     return np.ascontiguousarray(keys, dtype=np.int64)
 
 
-def _counts(numkeys: np.ndarray, layout: TableLayout) -> Int64s:
+def _counts(numkeys: npt.NDArray[Any], layout: TableLayout) -> Int64s:
     if numkeys.dtype.kind not in _INTEGER_KINDS:
         raise _numkeys_error(numkeys)
     if numkeys.shape[1] != layout.count:

@@ -68,6 +68,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from hps_core.arrays import to_host
 from hps_core.cache import _kernels
@@ -138,7 +139,7 @@ class _Workspace:
         """Zero the first ``words`` status words, in stream order."""
         self._runtime.memsetAsync(self.status.data.ptr, 0, 4 * words, stream.ptr)
 
-    def read(self, words: int, stream: Any) -> np.ndarray:
+    def read(self, words: int, stream: Any) -> npt.NDArray[np.int64]:
         """The first ``words`` status words once ``stream``'s earlier work is done (the one
         host synchronisation of a call)."""
         self._runtime.memcpyAsync(self._host.ctypes.data, self.status.data.ptr, 4 * words,
@@ -435,7 +436,7 @@ class GpuDynamicCache(_GpuMultiCache):
             args = (self._slot_ver, self._slot_ts, self._slot_freq, self._set_locks, np.int64(lo), np.int64(hi))
             self._launch(self._kernels.no_vec["dc_clear"], hi - lo, args, s)
 
-    def sizes(self, stream: Any = None) -> np.ndarray:
+    def sizes(self, stream: Any = None) -> npt.NDArray[np.int64]:
         with self._on(stream) as s, self._workspace() as ws:
             ws.reset(_STATUS + self.tables, s)
             args = (self._slot_ver, self._set_base_d, np.int32(self.tables), np.int64(self.total_sets), ws.status)
@@ -579,7 +580,7 @@ class GpuStaticCache(_GpuMultiCache):
             s.synchronize()
             self._n_rows[lo:hi] = 0
 
-    def sizes(self, stream: Any = None) -> np.ndarray:
+    def sizes(self, stream: Any = None) -> npt.NDArray[np.int64]:
         return self._n_rows.copy()
 
     def _query_state(self) -> tuple[Any, ...]:
@@ -597,7 +598,7 @@ class GpuStaticCache(_GpuMultiCache):
         self._cp.cuda.runtime.memsetAsync(self._scratch_tables.data.ptr, 0xFF, 4 * size, stream.ptr)  # all -1
         return size - 1
 
-    def _check_room(self, new: np.ndarray) -> None:
+    def _check_room(self, new: npt.NDArray[np.int64]) -> None:
         """Refuse the whole batch, before writing anything, if a table's new keys do not fit."""
         check_room(self._n_rows, self.capacities, new)
 
