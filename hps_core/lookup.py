@@ -38,13 +38,13 @@ import numpy as np
 import numpy.typing as npt
 from numba import njit
 
-from hps_core.arrays import Int64s, array_module, device_context, to_host
+from hps_core.arrays import Int64s, Keys, Vectors, array_module, device_context, to_host
 from hps_core.background import BackgroundQueue
 from hps_core.cache.base import EmbeddingCache, MultiTableCache, TableView
 from hps_core.config import ModelConfig
 from hps_core.db.base import EmbeddingTier
 from hps_core.errors import CacheFullError, ConfigError, PartialTierError, RequestError, TierError
-from hps_core.grouping import pairs_in
+from hps_core.grouping import group_by, pairs_in
 from hps_core.request import BatchPlan, CheckedRequest, TableLayout, answer_each, check_request, plan_batch
 from hps_core.rows import copy_rows, fill_rows, row_offsets
 
@@ -198,7 +198,7 @@ class LookupSession:
 
     # ------------------------------------------------------------------ lookups
 
-    def lookup(self, keys: np.ndarray, numkeys: np.ndarray) -> Any:
+    def lookup(self, keys: npt.NDArray[Any], numkeys: npt.NDArray[Any]) -> Any:
         """Vectors for one request: ``keys`` (n,) int64 table-major and ``numkeys`` (tables,)
         int32, host arrays, or both with Triton's leading batch dimension ((rows, n) and (rows,
         tables): each row one HugeCTR request).
@@ -212,7 +212,7 @@ class LookupSession:
             raise result
         return result
 
-    def lookup_requests(self, requests: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[Any]:
+    def lookup_requests(self, requests: Sequence[tuple[npt.NDArray[Any], npt.NDArray[Any]]]) -> list[Any]:
         """Answer several requests (``(KEYS, NUMKEYS)`` pairs, host arrays) in one pass.
 
         Returns one entry per request, in order: its vectors (shaped as :meth:`lookup` would
@@ -413,7 +413,7 @@ class LookupSession:
                 return int(rows.size)
             return cache.update_tables(*args)
 
-    def apply_update(self, table_name: str, keys: np.ndarray, values: np.ndarray) -> int:
+    def apply_update(self, table_name: str, keys: Keys, values: Vectors) -> int:
         """Overwrite the cached rows of ``keys`` (n,) int64 with ``values`` (n, dim) float32,
         host arrays from the update stream; keys not cached are left out. Returns the rows
         overwritten (0 without a cache)."""
@@ -468,9 +468,8 @@ class LookupSession:
 
         def insert() -> None:
             # The volatile tier's insert is per table (the update stream's unit); the groups
-            # come from one stable sort, and this runs off the request path.
-            order = np.argsort(table_ids, kind="stable")
-            bounds = np.searchsorted(table_ids[order], np.arange(len(names) + 1))
+            # come from one counting sort, and this runs off the request path.
+            order, bounds = group_by(table_ids, len(names))
             for t in np.flatnonzero(np.diff(bounds)).tolist():
                 part = order[bounds[t] : bounds[t + 1]]
                 vectors = rows.reshape(-1)[packed_offsets[part, None] + np.arange(dims[t])]

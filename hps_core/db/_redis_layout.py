@@ -26,8 +26,8 @@ keys with its own function, so a Redis database written by HugeCTR is read only 
 ``num_partitions``.
 
 All helpers are vectorised: :func:`plan` groups a batch of one table or of many by
-(table, partition) with one stable sort and cuts the commands with array arithmetic; keys
-and rows become lists of ``bytes`` through one ``view(...).tolist()``; replies, of one
+(table, partition) with one counting sort (``hps_core.grouping.group_by``) and cuts the
+commands with array arithmetic; keys and rows become lists of ``bytes`` through one ``view(...).tolist()``; replies, of one
 width or of several, are decoded with one ``b"".join`` and one ``np.frombuffer``.
 The per-key Python objects that remain are the ``bytes`` redis-py needs for arguments and
 returns for replies.
@@ -44,6 +44,7 @@ import numpy as np
 import numpy.typing as npt
 
 from hps_core.errors import StoredWidthError
+from hps_core.grouping import group_by
 from hps_core.hashing import partition_array
 from hps_core.rows import join_rows
 
@@ -135,18 +136,18 @@ def plan(
     """Group ``keys`` by (table, partition) and cut each group into chunks of ≤ ``max_chunk`` keys.
 
     keys: (n,) int64. table_ids: (n,) int64 in ``[0, num_tables)``, or None for one table.
-    One stable sort of the combined code ``table * num_partitions + partition`` groups the
-    whole batch, whatever its table count; the chunks are cut with array arithmetic.
+    One stable counting sort (:func:`~hps_core.grouping.group_by`) of the combined code
+    ``table * num_partitions + partition`` groups the whole batch, whatever its table count;
+    the chunks are cut with array arithmetic.
     """
     codes = partition_of(keys, num_partitions)
     if table_ids is not None:
         codes += table_ids * num_partitions
     num_groups = num_tables * num_partitions
-    # a stable sort of 16-bit codes is a radix sort: ~10x faster than one of int64
-    order = np.argsort(codes.astype(np.uint16) if num_groups <= 1 << 16 else codes, kind="stable")
-    counts = np.bincount(codes, minlength=num_groups)
+    order, bounds = group_by(codes, num_groups)
+    counts = np.diff(bounds)
     groups = np.flatnonzero(counts)
-    ends = np.cumsum(counts)[groups]
+    ends = bounds[1:][groups]
     sizes = counts[groups]
     per_group = -(-sizes // max_chunk)  # commands per group
     first = np.repeat(np.cumsum(per_group) - per_group, per_group)  # index of the group's first command

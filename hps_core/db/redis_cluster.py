@@ -9,8 +9,8 @@ one node. Field = 8-byte key, value = the float32 row. Table widths live in the 
 is written by the process that creates the table; a table written before (by HugeCTR or an
 older version) has none, and its count cannot be checked.
 
-A batch is grouped by (table, partition) with NumPy (one stable ``argsort`` of a combined
-code), each group cut into HMGET/HSET commands of at most ``max_get_batch_size`` /
+A batch is grouped by (table, partition) (one counting sort of a combined code,
+``hps_core.grouping.group_by``), each group cut into HMGET/HSET commands of at most ``max_get_batch_size`` /
 ``max_set_batch_size`` keys, the commands grouped by the node owning their slot (each
 command carries its own), and each node's commands sent as ONE pipeline. Pipelines go out
 to every node before any reply is read, so the nodes work in parallel while this process
@@ -803,7 +803,8 @@ class RedisClusterVolatileDB(_RedisTier):
     _kind = "Redis Cluster"
 
     def _connect(self, address: str, client_kwargs: dict[str, Any]) -> None:
-        nodes = [ClusterNode(host, port) for host, port in parse_addresses(address)]
+        # redis-py ships py.typed but leaves ClusterNode and the nodes manager unannotated
+        nodes = [ClusterNode(host, port) for host, port in parse_addresses(address)]  # type: ignore[no-untyped-call]
         self._refresh_lock = threading.Lock()
         self._refresh_due = False
         self._next_refresh = 0.0
@@ -828,7 +829,7 @@ class RedisClusterVolatileDB(_RedisTier):
             # slot not covered: a link that always fails, so the keys become misses
             return self._new_link(f"slot-{slot}-uncovered", _DeadPool(exc))
         if node.redis_connection is None:
-            self._client.nodes_manager.create_redis_connections([node])
+            self._client.nodes_manager.create_redis_connections([node])  # type: ignore[no-untyped-call]  # unannotated
         return self._new_link(node.name, node.redis_connection.connection_pool)
 
     def _note_node_failure(self) -> None:

@@ -86,6 +86,7 @@ from hps_core.db.base import (
 )
 from hps_core.config import PersistentDBConfig
 from hps_core.errors import ConfigError, HPSError, RequestError, TierBusyError, TierError
+from hps_core.grouping import group_by
 from hps_core.rows import copy_rows, join_rows
 
 __all__ = ["RocksDBPersistentDB"]
@@ -143,9 +144,8 @@ def _byte_order(table_ids: Keys, keys: Keys, num_tables: int) -> Keys:
     random order). Little-endian bytes compare like the same bytes read as a big-endian
     number."""
     order = np.argsort(np.ascontiguousarray(keys, dtype="<i8").view(">u8"), kind="stable")
-    if num_tables > 1:  # stable, so the byte order holds inside each table
-        ids = table_ids[order]
-        by_table = np.argsort(ids.astype(np.uint16) if num_tables <= 1 << 16 else ids, kind="stable")
+    if num_tables > 1:  # a stable grouping, so the byte order holds inside each table
+        by_table, _ = group_by(table_ids[order], num_tables)
         order = order[by_table]
     return order
 

@@ -4,8 +4,8 @@
 ``hps_et.<model>.<table>``. Keys are partitioned as HugeCTR does (``wire.partitions_for_keys``:
 XXH3 key group → partition), so all updates of one key go to one partition and are applied
 in publish order. Each partition's pairs are cut into messages of at most ``max_batch_size``
-pairs and ``send_buffer_size`` bytes. Grouping is one stable argsort; the only Python loop
-is per message.
+pairs and ``send_buffer_size`` bytes. Grouping is one counting sort
+(``hps_core.grouping.group_by``); the only Python loop is per message.
 
 Delivery is at least once, across broker restarts. The sink keeps every message it produced
 until the broker acknowledges it (and every message before it in its partition), in publish
@@ -56,9 +56,11 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 from confluent_kafka import KafkaError, KafkaException, Producer
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic  # where it is defined (confluent_kafka.admin re-exports it)
 
 from hps_core.errors import ConfigError, UpdateError
+from hps_core.grouping import group_by
 from hps_core.logs import DEFAULT_LOG_INTERVAL_S, RateLimitedLog
 from hps_core.retry import RetryPolicy
 from hps_core.updates.wire import (
@@ -303,9 +305,8 @@ class UpdateSink:
         with self._serial:
             count = self._partition_count(topic)
             parts = partitions_for_keys(rows["key"], count, self.num_key_groups, self.key_dtype)
-            order = np.argsort(parts, kind="stable")  # stable: repeated keys keep publish order
+            order, bounds = group_by(parts, count)  # stable: repeated keys keep publish order
             rows = rows[order]
-            bounds = np.concatenate(([0], np.cumsum(np.bincount(parts, minlength=count))))
             messages = [
                 _Message(topic, partition, frame(rows[start:min(start + per_message, int(bounds[partition + 1]))]))
                 for partition in range(count)
