@@ -7,8 +7,10 @@ model) is hit ``--rounds`` times by each kind of death:
 * ``crash``: the HTTP/JSON request that kills Triton 2.51 (SIGSEGV);
 * ``kill``: SIGKILL of tritonserver while eight requests are in flight.
 
-For each round: seconds from the death until both models answer correctly again, and what
-is left of the dead server (live processes of its group, stubs using its /dev/shm prefix,
+A client sends good lookups back to back through every round; a failure is expected only
+inside a restart window (from the death until both models answer again): the table counts
+those that fail outside one. For each round: seconds from the death until both models
+answer correctly again, and what is left of the dead server (live processes of its group, stubs using its /dev/shm prefix,
 its /dev/shm regions, its staging folder). A recovery costs the restart policy's backoff
 (doubling with each restart in the window) plus the kill and one start: the table shows the
 backoff and the rest, set against the cold start of the same server (from ``hps serve``'s
@@ -23,6 +25,7 @@ import argparse
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -56,6 +59,36 @@ def _crash(ready: Ready, pool: ThreadPoolExecutor) -> None:
 DEATHS = {"crash": _crash, "kill": kill_in_flight}
 
 
+class GoodTraffic:
+    """One client sending good lookups back to back to ``address``; records when each ended and
+    whether it was answered correctly."""
+
+    def __init__(self, address: str) -> None:
+        self._address = address
+        self._stop = threading.Event()
+        self.results: list[tuple[float, bool]] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> GoodTraffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            ok = hps_ok(self._address)
+            self.results.append((time.monotonic(), ok))
+            if not ok:  # a dead server refuses at once: count tries, not a spin
+                self._stop.wait(0.05)
+
+    def failed_outside(self, windows: list[tuple[float, float]]) -> int:
+        """Failures that ended outside every ``(start, end)`` restart window."""
+        return sum(not ok and not any(a <= t <= b for a, b in windows) for t, ok in self.results)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="deaths of each kind (default: %(default)s)")
@@ -72,22 +105,31 @@ def main() -> int:
             wait_until(lambda: serving(ready), DEADLINE_S)
             cold = time.monotonic() - launched
             count = 1
-            for kind, kill in DEATHS.items():
-                for _ in range(args.rounds):
-                    dead = trace(ready)
-                    started = time.monotonic()
-                    kill(ready, pool)
-                    count += 1
-                    ready = serve.wait_ready(count, timeout=DEADLINE_S)
-                    if not wait_until(lambda: serving(ready), DEADLINE_S):
-                        raise SystemExit(f"not serving {DEADLINE_S:.0f} s after a {kind} (echo answers: "
-                                         f"{echo_ok(ready.http)}, hps_multi answers: {hps_ok(ready.http)}):\n"
-                                         f"{serve.output}")
-                    rows.append((kind, time.monotonic() - started, leftovers(dead)))
+            windows: list[tuple[float, float]] = []
+            with GoodTraffic(ready.http) as traffic:  # the ports stay the same across restarts
+                for kind, kill in DEATHS.items():
+                    for _ in range(args.rounds):
+                        dead = trace(ready)
+                        started = time.monotonic()
+                        kill(ready, pool)
+                        count += 1
+                        ready = serve.wait_ready(count, timeout=DEADLINE_S)
+                        if not wait_until(lambda: serving(ready), DEADLINE_S):
+                            raise SystemExit(f"not serving {DEADLINE_S:.0f} s after a {kind} (echo answers: "
+                                             f"{echo_ok(ready.http)}, hps_multi answers: {hps_ok(ready.http)}):\n"
+                                             f"{serve.output}")
+                        windows.append((started, time.monotonic()))
+                        rows.append((kind, windows[-1][1] - started, leftovers(dead)))
+                time.sleep(1.0)  # some good traffic after the last recovery too
+            sent = len(traffic.results)
+            failed = sum(not ok for _, ok in traffic.results)
+            outside = traffic.failed_outside(windows)
             assert ready.restarts_url is not None
             counted = {cause: restarts(ready.restarts_url, cause) for cause in ("SIGSEGV", "SIGKILL")}
             serve.stop()
     _print_table(cold, rows, args.backoff, counted)
+    print(f"good lookups through every round: {sent} sent, {sent - failed} answered, {failed} failed "
+          f"(retried every 50 ms while the server was down), {outside} failed outside a restart window")
     return 0
 
 
