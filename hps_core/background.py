@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from hps_core.logs import RateLimitedLog
 
-__all__ = ["BackgroundQueue"]
+__all__ = ["BackgroundQueue", "RepeatInBackground"]
 
 log = logging.getLogger(__name__)
 
@@ -68,3 +68,25 @@ class BackgroundQueue:
                 task()  # type: ignore[operator]
             except Exception as exc:  # noqa: BLE001 - a failed fill must not kill the thread
                 self._failures.failure(f"{self._name}: task failed", exc)
+
+
+class RepeatInBackground:
+    """Within a ``with`` block, runs ``step()`` again and again on a daemon thread; the block's
+    exit lets the running step finish, then joins. ``step`` sees :attr:`stopping` to cut waits short."""
+
+    def __init__(self, step: Callable[[], object], *, name: str = "hps-repeat") -> None:
+        self._step = step
+        self.stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def __enter__(self) -> RepeatInBackground:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            self._step()

@@ -25,7 +25,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,7 +32,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hps_core.supervisor import RestartPolicy  # noqa: E402 - after the sys.path entry above
+from hps_core.background import RepeatInBackground  # noqa: E402 - after the sys.path entry above
+from hps_core.supervisor import RestartPolicy  # noqa: E402
 from tests.hps_serve import (  # noqa: E402
     Ready,
     ServeProcess,
@@ -65,24 +65,14 @@ class GoodTraffic:
 
     def __init__(self, address: str) -> None:
         self._address = address
-        self._stop = threading.Event()
         self.results: list[tuple[float, bool]] = []
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.loop = RepeatInBackground(self._send, name="good-traffic")
 
-    def __enter__(self) -> GoodTraffic:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            ok = hps_ok(self._address)
-            self.results.append((time.monotonic(), ok))
-            if not ok:  # a dead server refuses at once: count tries, not a spin
-                self._stop.wait(0.05)
+    def _send(self) -> None:
+        ok = hps_ok(self._address)
+        self.results.append((time.monotonic(), ok))
+        if not ok:  # a dead server refuses at once: count tries, not a spin
+            self.loop.stopping.wait(0.05)
 
     def failed_outside(self, windows: list[tuple[float, float]]) -> int:
         """Failures that ended outside every ``(start, end)`` restart window."""
@@ -106,7 +96,8 @@ def main() -> int:
             cold = time.monotonic() - launched
             count = 1
             windows: list[tuple[float, float]] = []
-            with GoodTraffic(ready.http) as traffic:  # the ports stay the same across restarts
+            traffic = GoodTraffic(ready.http)  # the ports stay the same across restarts
+            with traffic.loop:
                 for kind, kill in DEATHS.items():
                     for _ in range(args.rounds):
                         dead = trace(ready)

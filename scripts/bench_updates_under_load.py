@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_updates import measure_publish_to_visible  # noqa: E402
 
+from hps_core.background import RepeatInBackground  # noqa: E402
 from hps_core.formats import write_sparse_model  # noqa: E402
 from hps_core.serving import TritonServer  # noqa: E402
 from hps_core.updates import UpdateSink  # noqa: E402
@@ -104,21 +105,11 @@ class _Load:
         self._cmd = [str(self._tool.path), "-m", MODEL, "-u", server.grpc_url, "-i", "grpc", "--input-data", str(data),
                      "--concurrency-range", str(concurrency), "-p", "2000", "-s", "100", "--max-trials", "3"]
         self.throughputs: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.loop = RepeatInBackground(self._run_once, name="perf-analyzer")
 
-    def __enter__(self) -> _Load:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            done = subprocess.run(self._cmd, capture_output=True, text=True, env=self._tool.environment())
-            self.throughputs += [float(x) for x in re.findall(r"throughput: ([\d.]+) infer/sec", done.stdout)]
+    def _run_once(self) -> None:
+        done = subprocess.run(self._cmd, capture_output=True, text=True, env=self._tool.environment())
+        self.throughputs += [float(x) for x in re.findall(r"throughput: ([\d.]+) infer/sec", done.stdout)]
 
 
 def _publisher(brokers: str, args: argparse.Namespace, stop: threading.Event, sent: list[int]) -> None:
@@ -175,13 +166,15 @@ def _measure(args: argparse.Namespace, brokers: str, server: TritonServer, root:
             raise TimeoutError("the server's update sources did not join and apply the warm-up")
         time.sleep(0.5)
 
-    with _Load(server, data, args.concurrency) as idle:
+    idle = _Load(server, data, args.concurrency)
+    with idle.loop:
         time.sleep(8)  # a few perf_analyzer windows without updates: the baseline
     baseline = idle.throughputs
 
     stop, sent = threading.Event(), [0]
     publisher = threading.Thread(target=_publisher, args=(brokers, args, stop, sent), daemon=True)
-    with _Load(server, data, args.concurrency) as load:
+    load = _Load(server, data, args.concurrency)
+    with load.loop:
         publisher.start()
         time.sleep(2)  # the consumers reach the steady rate
         first, t0, sent0 = _applied(server.metrics_url), time.perf_counter(), sent[0]
