@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from hps_core.serving import SOURCE_MARKER
 
@@ -31,7 +32,7 @@ __all__ = [
 _NUMPY_2 = int(np.__version__.split(".")[0]) >= 2
 
 
-def numpy_from_tensor(tensor: Any) -> np.ndarray:
+def numpy_from_tensor(tensor: Any) -> npt.NDArray[Any]:
     """A host ndarray with the contents of a ``pb_utils.Tensor``.
 
     A tensor in GPU memory (an ensemble step on the GPU sent it) is copied to the host
@@ -40,10 +41,13 @@ def numpy_from_tensor(tensor: Any) -> np.ndarray:
     if not tensor.is_cpu():
         import cupy  # only on a GPU instance
 
-        return cupy.asnumpy(cupy.from_dlpack(tensor.to_dlpack()))
+        # CuPy and pb_utils are untyped (Any): name what they hand back
+        copied: npt.NDArray[Any] = cupy.asnumpy(cupy.from_dlpack(tensor.to_dlpack()))
+        return copied
     if _NUMPY_2:
         return np.from_dlpack(tensor)
-    return tensor.as_numpy()
+    host: npt.NDArray[Any] = tensor.as_numpy()
+    return host
 
 
 def numpy_to_tensor(pb_utils: Any, name: str, array: Any) -> Any:
@@ -88,7 +92,8 @@ def resolve_model_path(args: dict[str, Any], value: str) -> Path:
 
 def model_config(args: dict[str, Any]) -> dict[str, Any]:
     """The model's config.pbtxt as the dict Triton hands to ``initialize``."""
-    return json.loads(args["model_config"])
+    config: dict[str, Any] = json.loads(args["model_config"])  # a JSON object, whatever its fields
+    return config
 
 
 def triton_error(pb_utils: Any, message: str, code_name: str) -> Any:

@@ -25,7 +25,9 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import numpy as np
+import numpy.typing as npt
 import torch
+from torch.utils.dlpack import from_dlpack  # where torch defines it (``torch.from_dlpack`` re-exports)
 
 from backend.tensors import numpy_from_tensor
 from hps_core.errors import RequestError
@@ -36,7 +38,7 @@ class _DLPackTensor(Protocol):
     """The part of ``pb_utils.Tensor`` these helpers use."""
 
     def is_cpu(self) -> bool: ...
-    def as_numpy(self) -> np.ndarray: ...
+    def as_numpy(self) -> npt.NDArray[Any]: ...
     def to_dlpack(self) -> Any: ...
 
 
@@ -48,7 +50,7 @@ def to_torch(tensor: _DLPackTensor) -> torch.Tensor:
     memory it may not write.
     """
     if not tensor.is_cpu():
-        return torch.from_dlpack(tensor.to_dlpack())
+        return from_dlpack(tensor.to_dlpack())
     array = numpy_from_tensor(tensor)
     if not array.flags.writeable:
         array = array.copy()

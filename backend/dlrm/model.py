@@ -29,8 +29,10 @@ Only this file imports ``triton_python_backend_utils``; the request plumbing is 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import triton_python_backend_utils as pb_utils
 
@@ -42,7 +44,7 @@ from hps_core.errors import RequestError
 from hps_core.logs import RateLimitedLog
 
 
-def _parameter(config: dict, name: str, default: str | None = None) -> str:
+def _parameter(config: dict[str, Any], name: str, default: str | None = None) -> str:
     value = string_parameter(config, name) or default
     if value is None:
         raise pb_utils.TritonModelException(
@@ -54,7 +56,7 @@ def _parameter(config: dict, name: str, default: str | None = None) -> str:
 class TritonPythonModel:
     """One instance per Triton model instance (each is its own stub process)."""
 
-    def initialize(self, args: dict) -> None:
+    def initialize(self, args: dict[str, Any]) -> None:
         self.log = pb_utils.Logger
         # Unexpected request failures (INTERNAL) in Triton's log: one line per cause per
         # interval. Made here: pb_utils.Logger does not exist yet when the stub imports us.
@@ -79,7 +81,7 @@ class TritonPythonModel:
             f"{self.net.n_tables}, dim={self.net.dim}) on {self.device}"
         )
 
-    def _batch(self, request) -> Batch:
+    def _batch(self, request: Any) -> Batch:  # a pb_utils.InferenceRequest
         dense = pb_utils.get_input_tensor_by_name(request, "DENSE")
         emb = pb_utils.get_input_tensor_by_name(request, "EMBEDDINGS")
         if dense is None or emb is None:
@@ -94,14 +96,14 @@ class TritonPythonModel:
             numkeys=None if numkeys is None else to_torch(numkeys),
         )
 
-    def execute(self, requests: list) -> list:
+    def execute(self, requests: list[Any]) -> list[Any]:  # pb_utils requests and responses
         """Every good request's samples scored in ONE forward pass (Triton's dynamic batching
         hands several requests per call); one response per request, a bad one gets its error.
         Should the shared pass fail, each request is scored alone, so only the one that causes
         the failure gets it (backend/responses.py)."""
         return answer_requests(requests, self._batch, self._predict, _response, self._error)
 
-    def _predict(self, batches: Sequence[Batch]) -> list[np.ndarray]:
+    def _predict(self, batches: Sequence[Batch]) -> list[npt.NDArray[np.float32]]:
         """The scores of every batch, one forward pass: host float32, each in its request's shape."""
         if len(batches) == 1:
             dense, emb = batches[0].dense, batches[0].emb
@@ -130,5 +132,5 @@ class TritonPythonModel:
         self.net = None  # type: ignore[assignment]
 
 
-def _response(scores: np.ndarray) -> "pb_utils.InferenceResponse":
+def _response(scores: npt.NDArray[np.float32]) -> "pb_utils.InferenceResponse":
     return pb_utils.InferenceResponse(output_tensors=[numpy_to_tensor(pb_utils, "SCORE", scores)])

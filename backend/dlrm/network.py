@@ -91,7 +91,8 @@ class DenseDLRM(nn.Module):
         x = self.bottom(dense)
         t = torch.cat([x.unsqueeze(1), emb], dim=1)
         z = torch.bmm(t, t.transpose(1, 2)).flatten(1)[:, self._triu]
-        return self.top(torch.cat([x, z], dim=1)).squeeze(1)
+        logits: torch.Tensor = self.top(torch.cat([x, z], dim=1)).squeeze(1)  # Module calls are Any
+        return logits
 
     def forward(self, dense: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """``dense`` [B, n_dense], ``emb`` [B, n_tables, dim] -> click probability [B]."""
@@ -152,7 +153,9 @@ def serving_forward(net: DenseDLRM) -> Callable[[torch.Tensor, torch.Tensor], to
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            return torch.jit.freeze(torch.jit.trace(net.eval(), example))  # type: ignore[no-any-return]
+            traced = torch.jit.trace(net.eval(), example)  # type: ignore[no-untyped-call]  # unannotated in torch
+            frozen: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.jit.freeze(traced)
+            return frozen
     except (AttributeError, RuntimeError):
         return net.eval()
 
@@ -164,7 +167,8 @@ def predict(net: DenseDLRM, dense: torch.Tensor, emb: torch.Tensor) -> torch.Ten
     """
     device = next(net.parameters()).device
     with torch.inference_mode():
-        return net(
+        probabilities: torch.Tensor = net(  # Module calls are Any
             dense.to(device=device, dtype=torch.float32),
             emb.to(device=device, dtype=torch.float32),
         )
+        return probabilities

@@ -24,6 +24,7 @@ import os
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import triton_python_backend_utils as pb_utils
 
 from backend.hps.interface import check_interface
@@ -138,7 +139,7 @@ class TritonPythonModel:
         return device
 
 
-def _inputs(request: Any) -> tuple[np.ndarray, np.ndarray]:
+def _inputs(request: Any) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
     """A request's ``KEYS`` and ``NUMKEYS`` as host arrays."""
     keys = numpy_from_tensor(pb_utils.get_input_tensor_by_name(request, "KEYS"))
     return keys, numpy_from_tensor(pb_utils.get_input_tensor_by_name(request, "NUMKEYS"))
