@@ -4,7 +4,7 @@ One :class:`RetryPolicy` per loop that retries, stated where the loop lives::
 
     loop                                     retryable       backoff                        limit
     TierUpdateApplier.opening: open writer   TierBusyError   busy_backoff_ms, constant      busy_retries
-    server: open the RocksDB writer          TierBusyError   0.2 s, constant                600 s
+    server: open the RocksDB writer to load  TierBusyError   0.2 s, constant                600 s
     UpdateSource: apply a batch              TierError       failure_backoff_ms, constant   until stopped
     UpdateSink: re-send rounds               UpdateError     0.1 s doubling to 2 s          max_idle_rounds idle rounds
 
@@ -13,6 +13,11 @@ declare retryable (a bug, a malformed request) is raised at once, never retried;
 retryable one is retried after :meth:`RetryPolicy.delay` until the attempt limit or the
 deadline, then raised. The sleep and the clock are parameters, so tests run without sleeping,
 and a loop that must stop on request passes an ``Event.wait`` as its sleep.
+
+One policy per wait: the online updates' RocksDB writer is opened per batch under the
+applier's busy policy alone, not also under the server's 600 s wait, which is only for the
+writer that loads the tables at startup. A lock still busy then fails that apply, which the
+source retries like any TierError, until it is stopped.
 """
 
 from __future__ import annotations

@@ -53,8 +53,10 @@ __all__ = ["HierarchicalParameterServer"]
 log = logging.getLogger(__name__)
 
 _LOAD_CHUNK_ROWS = 1 << 18  # bounds the memory a load needs, whatever the table size
-#: Opening the RocksDB writer for an applied batch waits out another process's write lock
-#: (a loader may be filling large tables); any other failure is raised at once.
+#: Opening the RocksDB writer to load the tables at startup waits out another process's write
+#: lock (a loader may be filling large tables); any other failure is raised at once. The writer
+#: of the online updates, opened per applied batch, is not wrapped in it: the applier's busy
+#: policy and the update source's apply retries govern that wait (hps_core.retry).
 _WRITE_LOCK_WAIT = RetryPolicy(retryable=(TierBusyError,), first_backoff_s=0.2, factor=1.0, max_backoff_s=0.2,
                                deadline_s=600.0)
 
@@ -190,7 +192,7 @@ class HierarchicalParameterServer:
         if not settings.enabled:
             return None
         if not settings.read_only:
-            writer = self._open_writer(settings)
+            writer = _WRITE_LOCK_WAIT.call(lambda: _open_writer(settings))
             try:
                 for table in self._tables():
                     load_table(writer, table)
@@ -221,7 +223,7 @@ class HierarchicalParameterServer:
         settings = self.config.persistent_db
         writer = None
         if self.persistent is not None and not settings.read_only:
-            writer = lambda: self._open_writer(settings)  # noqa: E731 - opened per applied batch
+            writer = lambda: _open_writer(settings)  # noqa: E731 - opened per applied batch
         self.updates = OnlineUpdates(
             self.config,
             self._sessions,
@@ -231,12 +233,6 @@ class HierarchicalParameterServer:
             consumer_config=self._update_consumer_config,
         )
         self.updates.start()
-
-    @staticmethod
-    def _open_writer(settings: PersistentDBConfig) -> EmbeddingTier:
-        writer = _WRITE_LOCK_WAIT.call(lambda: open_persistent_db(settings))
-        assert writer is not None
-        return writer
 
     def _fill_volatile(self, model: ModelConfig) -> None:
         if self.volatile is not None:
@@ -254,6 +250,13 @@ class HierarchicalParameterServer:
             self.volatile, sources, persistent=self.persistent, catch_up=self._catch_up, interval_s=interval_s
         )
         self.refill.start()
+
+
+def _open_writer(settings: PersistentDBConfig) -> EmbeddingTier:
+    """The RocksDB writer; TierBusyError while another process holds the write lock."""
+    writer = open_persistent_db(settings)
+    assert writer is not None
+    return writer
 
 
 def _warm_up(session: LookupSession) -> None:
