@@ -33,8 +33,12 @@ logged and skipped; decoding happens before anything is applied, so a message is
 whole or not at all, and its offset is committed like any other.
 
 Broker outages: librdkafka reconnects by itself; the thread backs off ``failure_backoff_ms``
-and keeps polling, and recreates the consumer after a fatal error. Serving never waits on
-this thread. Every log line of the loop, librdkafka's own included, goes through a
+and keeps polling, and recreates the consumer after a fatal Kafka error (``KafkaException`` or
+:class:`~hps_core.errors.UpdateError`, retried under a :class:`~hps_core.retry.RetryPolicy`
+until the source stops). Any other error escaping the loop (a consumer setting librdkafka
+refuses, raised as ConfigError; a bug) is not retried: it is logged once with its traceback
+and the source stops, visibly: ``stats()`` reports ``running: False`` and the error in
+``stopped_by``. Serving never waits on this thread. Every log line of the loop, librdkafka's own included, goes through a
 :class:`~hps_core.logs.RateLimitedLog`: one line per cause per ``log_interval``, with a count
 of those held back.
 
@@ -61,7 +65,7 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, Kafka
 
 from hps_core.arrays import Keys, Vectors
 from hps_core.config import DEFAULT_UPDATE_FILTERS, ParameterServerConfig, UpdateSourceConfig
-from hps_core.errors import ConfigError, MalformedMessage, TierError
+from hps_core.errors import ConfigError, MalformedMessage, TierError, UpdateError
 from hps_core.logs import DEFAULT_LOG_INTERVAL_S, RateLimitedLog
 from hps_core.retry import RetryPolicy
 from hps_core.updates.applier import UpdateApplier
@@ -178,6 +182,12 @@ class UpdateSource:
         # answers or the source stops; any other error is not retried (the slice is skipped).
         self._apply_policy = RetryPolicy(retryable=(TierError,), first_backoff_s=self._backoff_s, factor=1.0,
                                          max_backoff_s=self._backoff_s)
+        # A consumer that failed for Kafka's reasons is recreated every failure_backoff_ms (at
+        # least 0.5 s) until the source stops; any other error stops the source (see _run).
+        restart_s = max(self._backoff_s, 0.5)
+        self._consumer_policy = RetryPolicy(retryable=(KafkaException, UpdateError), first_backoff_s=restart_s,
+                                            factor=1.0, max_backoff_s=restart_s)
+        self._stopped_by: str | None = None  # the error that stopped the thread, if one did
         self._poll_s = max(config.poll_timeout_ms, 1) / 1000.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -210,6 +220,7 @@ class UpdateSource:
         if self._thread is not None and self._thread.is_alive():
             return self
         self._stop.clear()
+        self._stopped_by = None
         self._thread = threading.Thread(target=self._run, name=f"hps-updates-{self.layer}", daemon=True)
         self._thread.start()
         return self
@@ -239,6 +250,7 @@ class UpdateSource:
             window = np.fromiter(self._staleness_s, dtype=np.float64)
         out["group_id"] = self.group_id
         out["running"] = self.running
+        out["stopped_by"] = self._stopped_by  # None unless an error that is not Kafka's ended the thread
         out["staleness_samples"] = int(window.size)
         if window.size:
             p50, p99 = np.percentile(window, [50, 99])
@@ -273,24 +285,35 @@ class UpdateSource:
         return conf
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            consumer = None
-            try:
-                consumer = self._connect()
-                self._consume(consumer)
-            except Exception as exc:  # fatal consumer error, or a bug: never kill serving
-                self._count(broker_errors=1, consumer_restarts=1)
-                self._log.failure(f"update source {self.group_id}: consumer failed, restarting", exc)
-                self._stop.wait(max(self._backoff_s, 0.5))
-            finally:
-                if consumer is not None:
-                    self._close(consumer)
+        """Consume until stopped, recreating the consumer after a Kafka failure; an error that
+        is not Kafka's is logged once and ends the thread (never serving)."""
+        def restart(failures: int, exc: BaseException) -> None:
+            self._count(broker_errors=1, consumer_restarts=1)
+            self._log.failure(f"update source {self.group_id}: consumer failed, restarting", exc)
+
+        try:
+            self._consumer_policy.call(self._connect_and_consume, sleep=self._stop.wait, on_retry=restart)
+        except (KafkaException, UpdateError):
+            pass  # stopped while the consumer kept failing
+        except Exception as exc:  # a bug, or a setting Kafka refuses: retrying would fail forever
+            self._stopped_by = f"{type(exc).__name__}: {exc}"
+            log.exception("update source %s stopped: %s", self.group_id, exc)
+
+    def _connect_and_consume(self) -> None:
+        consumer = self._connect()
+        try:
+            self._consume(consumer)
+        finally:
+            self._close(consumer)
 
     def _connect(self) -> Consumer:
         conf = dict(self._consumer_conf, **{"group.id": self.group_id, "error_cb": self._on_error,
                                             "on_commit": self._on_commit,
                                             "logger": KafkaClientLog(self._log, f"update source {self.group_id}")})
-        consumer = Consumer(conf)
+        try:  # local only (no broker is contacted): a failure is a setting librdkafka refuses
+            consumer = Consumer(conf)
+        except KafkaException as exc:
+            raise ConfigError(f"update source {self.group_id}: consumer settings: {exc}") from exc
         consumer.subscribe([SUBSCRIPTION], on_assign=self._on_assign, on_revoke=self._on_revoke,
                            on_lost=self._on_lost)
         return consumer

@@ -1,12 +1,15 @@
-"""UpdateSource's apply step under its RetryPolicy, without a broker: a tier that fails is
-retried until it answers or the source stops; anything else is skipped, never retried."""
+"""UpdateSource's retry policies, without a broker: a tier that fails is retried until it
+answers or the source stops, anything else the apply raises is skipped, never retried; a
+Kafka failure recreates the consumer, anything else stops the source, visibly."""
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import numpy as np
 import pytest
+from confluent_kafka import KafkaError, KafkaException
 
 from hps_core.config import UpdateSourceConfig
 from hps_core.errors import ConfigError, TierBusyError, TierError
@@ -66,3 +69,54 @@ def test_a_stop_ends_the_retries_and_commits_nothing() -> None:
     assert not source._apply("hps_et.m.t", KEYS, VALUES)
     stopper.join()
     assert applier.applied == 0 and 1 <= applier.calls < 1000
+
+
+# --------------------------------------------------------------------------- the consumer loop
+def _run_to_end(source: UpdateSource, timeout: float = 10.0) -> None:
+    source.start()
+    assert source._thread is not None
+    source._thread.join(timeout)
+
+
+def test_a_kafka_failure_recreates_the_consumer() -> None:
+    source = _source(_Applier([]))
+    calls = []
+
+    def connect_and_consume() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise KafkaException(KafkaError(KafkaError._FATAL, "fenced", fatal=True))
+        source._stop.set()  # consumed until stopped
+
+    source._connect_and_consume = connect_and_consume  # type: ignore[method-assign]
+    _run_to_end(source)
+    stats = source.stats()
+    assert len(calls) == 2 and stats["consumer_restarts"] == 1 and stats["stopped_by"] is None
+
+
+def test_a_bug_in_the_loop_stops_the_source_visibly_instead_of_restarting_forever(
+        caplog: pytest.LogCaptureFixture) -> None:
+    source = _source(_Applier([]))
+    calls = []
+
+    def connect_and_consume() -> None:
+        calls.append(1)
+        raise TypeError("a bug")
+
+    source._connect_and_consume = connect_and_consume  # type: ignore[method-assign]
+    with caplog.at_level(logging.ERROR, logger="hps_core.updates.source"):
+        _run_to_end(source)
+    stats = source.stats()
+    assert len(calls) == 1 and stats["consumer_restarts"] == 0
+    assert not stats["running"] and stats["stopped_by"] == "TypeError: a bug"
+    assert [r.exc_info is not None for r in caplog.records if "stopped" in r.getMessage()] == [True]
+
+
+def test_a_consumer_setting_librdkafka_refuses_stops_the_source() -> None:
+    cfg = UpdateSourceConfig(type="kafka_message_queue", failure_backoff_ms=1)
+    source = UpdateSource(cfg, _Applier([]), layer="volatile", group_id="hps.test",
+                          consumer_config={"no.such.property": 1})
+    _run_to_end(source)
+    stats = source.stats()
+    assert not stats["running"] and stats["consumer_restarts"] == 0
+    assert stats["stopped_by"].startswith("ConfigError: update source hps.test: consumer settings")
