@@ -1,4 +1,6 @@
-"""The code type-checks: mypy over hps_core, the backends and the demo, as pyproject's [tool.mypy] sets it."""
+"""The code type-checks: ``mypy --strict`` over hps_core and the backends, plain mypy over the
+demo, each with pyproject's [tool.mypy] settings (its overrides name the untyped third-party
+packages)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_mypy_reports_no_errors() -> None:
-    done = subprocess.run([sys.executable, "-m", "mypy", "hps_core", "backend", "hps_demo"],
+@pytest.mark.parametrize("args", [
+    pytest.param(["--strict", "hps_core", "backend"], id="strict-hps_core-backend"),
+    pytest.param(["hps_demo"], id="hps_demo"),
+])
+def test_mypy_reports_no_errors(args: list[str]) -> None:
+    done = subprocess.run([sys.executable, "-m", "mypy", *args],
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-2000:]
