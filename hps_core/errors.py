@@ -23,8 +23,7 @@ against the classes below)::
      ├── DeviceError        the GPU failed (CuPy/CUDA: out of memory, a kernel that does not compile)
      ├── UpdateError        the Kafka update path failed (broker unreachable, delivery failed)
      │    └── MalformedMessage  a message breaks HugeCTR's wire format; skipped, never retried
-     ├── ServingError       the Triton server could not be found, staged, started or stopped
-     └── ToolNotFoundError  an external program (perf_analyzer, tansu, redis-server) is not installed
+     └── ServingError       the Triton server could not be found, staged, started or stopped
 """
 
 from __future__ import annotations
@@ -47,7 +46,6 @@ __all__ = [
     "StoredWidthError",
     "TierBusyError",
     "TierError",
-    "ToolNotFoundError",
     "UnknownTableError",
     "UpdateError",
 ]
@@ -137,7 +135,3 @@ class MalformedMessage(UpdateError, ValueError):
 
 class ServingError(HPSError, RuntimeError):
     """The Triton server could not be found, staged, started or stopped."""
-
-
-class ToolNotFoundError(HPSError, FileNotFoundError):
-    """An external program is not installed; the message says how to get it."""

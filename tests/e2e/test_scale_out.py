@@ -29,9 +29,9 @@ from hps_core.config import load_config
 from hps_core.formats import write_sparse_model
 from hps_core.loader import load_config_tables
 from hps_core.serving import TritonServer
-from hps_core.errors import ToolNotFoundError
 from hps_core.updates import UpdateSink
 from hps_demo.client import infer, make_client
+from hps_demo.tools import ToolNotFoundError
 from tests.e2e.models import COMMITTED_REPOSITORY
 from tests.e2e.test_metrics import scrape, total
 from tests.kafka_broker import KafkaBroker
