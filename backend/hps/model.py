@@ -28,7 +28,7 @@ import numpy.typing as npt
 import triton_python_backend_utils as pb_utils
 
 from backend.hps.interface import check_interface
-from backend.hps.metrics import TritonMetrics
+from backend.hps.metrics import DEFAULT_INTERVAL_S, TritonMetrics
 from backend.responses import answer_requests, triton_log
 from backend.tensors import (
     model_config,
@@ -82,7 +82,7 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(str(exc)) from exc
         self._session = self._server.session(name)
         self._metrics = TritonMetrics(pb_utils, self._collector(name, args), self._session, self._server.updates)
-        self._metrics.start(float(string_parameter(config, "hps_metrics_interval_s") or 1.0))
+        self._metrics.start(float(string_parameter(config, "hps_metrics_interval_s") or DEFAULT_INTERVAL_S))
         self._logger.log_info(
             f"hps: model '{name}' ready with {len(model.tables)} tables from {ps_config.source} "
             f"(numpy {np.__version__})"  # the stub's numpy decides its tensor I/O path

@@ -7,7 +7,8 @@ a registration function ``add_<name>(subparsers) -> None`` that adds its parser 
 (``serving``/``supervisor``, ``loader``, ``inspection``, ``updates``). :data:`SUBCOMMANDS` lists
 them as ``"module:function"`` strings, imported only when the parser is built, so a heavy
 subcommand (torch, CuPy) costs nothing to the others. To add one, write its module here and
-add a line to :data:`SUBCOMMANDS`.
+add a line to :data:`SUBCOMMANDS`. An option's default is read from what it configures
+(:func:`keyword_defaults` of a constructor, the fields of a config dataclass), never restated.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from inspect import Parameter, signature  # not `import inspect`: hps_core.cli.inspect shadows it
 from typing import Any
 
 from hps_core import __version__
 from hps_core.errors import HPSError
 
-__all__ = ["SUBCOMMANDS", "SubParsers", "build_parser", "main"]
+__all__ = ["SUBCOMMANDS", "SubParsers", "build_parser", "keyword_defaults", "main"]
 
 SubParsers = Any  # argparse._SubParsersAction, which is private
 Register = Callable[[SubParsers], None]
@@ -34,6 +36,13 @@ SUBCOMMANDS: dict[str, str] = {
     "inspect": "hps_core.cli.inspect:add_inspect",
     "publish": "hps_core.cli.publish:add_publish",
 }
+
+
+def keyword_defaults(fn: Callable[..., Any]) -> dict[str, Any]:
+    """The defaults of ``fn``'s parameters (a class: its constructor's), to be the defaults of
+    the options that set them."""
+    parameters = signature(fn).parameters.values()
+    return {p.name: p.default for p in parameters if p.default is not Parameter.empty}
 
 
 # --------------------------------------------------------------------------- entry point

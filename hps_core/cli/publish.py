@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from hps_core.cli import SubParsers
+from hps_core.cli import SubParsers, keyword_defaults
 
 __all__ = ["add_publish", "run_publish"]
 
@@ -31,7 +31,10 @@ def add_publish(subparsers: SubParsers) -> None:
     source.add_argument("--sparse-model", metavar="FOLDER", help="HugeCTR sparse model folder (key, emb_vector)")
     source.add_argument("--npz", metavar="FILE", help=".npz archive with members keys and vectors")
     parser.add_argument("--dim", type=int, metavar="N", help="vector size to check the file against")
-    parser.add_argument("--max-batch-size", type=int, default=8192, metavar="N",
+    from hps_core.updates import UpdateSink  # lazy: keep `hps --help` fast
+
+    sink = keyword_defaults(UpdateSink)
+    parser.add_argument("--max-batch-size", type=int, default=sink["max_batch_size"], metavar="N",
                         help="most key/vector pairs per message (default: %(default)s)")
     parser.add_argument("--key-type", choices=("int64", "uint32"), default="int64",
                         help="key width on the wire: int64 (supportlonglong: true) or uint32 (default: %(default)s)")

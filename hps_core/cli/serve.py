@@ -13,7 +13,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from hps_core.cli import SubParsers
+from hps_core.cli import SubParsers, keyword_defaults
 from hps_core.errors import ConfigError
 
 __all__ = ["add_serve", "run_serve"]
@@ -41,16 +41,17 @@ def add_serve(subparsers: SubParsers) -> None:
     )
     parser.add_argument("--model-repository", required=True, metavar="DIR",
                         help="Triton model repository (one folder per model with a config.pbtxt)")
-    parser.add_argument("--host", default="127.0.0.1",
+    server = _server_defaults()
+    parser.add_argument("--host", default=server["host"],
                         help="address the endpoints listen on; 0.0.0.0 exposes them on every interface "
                              "(default: %(default)s, this machine only)")
     parser.add_argument("--http-host", metavar="HOST",
                         help="address of the HTTP endpoint alone (default: --host); e.g. --host 0.0.0.0 "
                              "--http-host 127.0.0.1 exposes gRPC but keeps HTTP/JSON, which a crafted request "
                              "crashes in Triton 2.51, on this machine (hps serve itself needs HTTP)")
-    parser.add_argument("--http-port", type=int, default=8000, metavar="N", help="HTTP port; 0 picks a free one (default: %(default)s)")
-    parser.add_argument("--grpc-port", type=int, default=8001, metavar="N", help="gRPC port; 0 picks a free one (default: %(default)s)")
-    parser.add_argument("--metrics-port", type=int, default=8002, metavar="N",
+    parser.add_argument("--http-port", type=int, default=server["http_port"], metavar="N", help="HTTP port; 0 picks a free one (default: %(default)s)")
+    parser.add_argument("--grpc-port", type=int, default=server["grpc_port"], metavar="N", help="gRPC port; 0 picks a free one (default: %(default)s)")
+    parser.add_argument("--metrics-port", type=int, default=server["metrics_port"], metavar="N",
                         help="Triton's Prometheus metrics port; 0 picks a free one (default: %(default)s)")
     parser.add_argument("--serve-metrics-port", type=int, metavar="N",
                         help="serve hps serve's own metrics (hps_serve_restarts_total{cause}, hps_serve_up) "
@@ -74,10 +75,10 @@ def add_serve(subparsers: SubParsers) -> None:
                         help="passed to Triton as --backend-config, e.g. hps,ps=/path/hps.json (repeatable)")
     parser.add_argument("--log-file", metavar="FILE",
                         help="file for Triton's log (default: a file in the staging folder, removed at exit)")
-    parser.add_argument("--log-verbose", type=int, default=0, metavar="N", help="Triton's verbose log level (default: %(default)s)")
-    parser.add_argument("--exit-timeout", type=int, default=10, metavar="SECONDS",
+    parser.add_argument("--log-verbose", type=int, default=server["log_verbose"], metavar="N", help="Triton's verbose log level (default: %(default)s)")
+    parser.add_argument("--exit-timeout", type=int, default=server["exit_timeout"], metavar="SECONDS",
                         help="how long a stop waits for in-flight requests and open connections (default: %(default)s)")
-    parser.add_argument("--startup-timeout", type=float, default=120.0, metavar="SECONDS",
+    parser.add_argument("--startup-timeout", type=float, default=server["startup_timeout"], metavar="SECONDS",
                         help="how long to wait for every model to be ready (default: %(default)s)")
     parser.add_argument("--python-backend", action="append", default=[], metavar="NAME=MODEL_PY",
                         help="stage another Python-based backend: models with backend: \"NAME\" run MODEL_PY "
@@ -123,6 +124,13 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"hps serve: tritonserver exited with code {code} (exit timeout expired?)", file=sys.stderr)
     print("hps serve: stopped", flush=True)
     return 0
+
+
+def _server_defaults() -> dict[str, Any]:
+    """TritonServer's keyword defaults, which are the server options' defaults."""
+    from hps_core.serving import TritonServer  # lazy: keep `hps --help` fast
+
+    return keyword_defaults(TritonServer)
 
 
 def _restart_defaults() -> Any:
