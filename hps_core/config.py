@@ -154,15 +154,22 @@ class _DatabaseConfig:
 
     type: TierType = TierType.DISABLED  # one of the role's types (VOLATILE_ / PERSISTENT_TYPES)
     max_batch_size: int = 64 * 1024  # keys per batched call to the tier (chunking)
-    max_get_batch_size: int = 0  # keys per fetch chunk (HugeCTR ≤ 23.04); 0 = max_batch_size
-    max_set_batch_size: int = 0  # keys per insert chunk (HugeCTR ≤ 23.04); 0 = max_batch_size
+    max_get_batch_size: int | None = None  # keys per fetch chunk (HugeCTR ≤ 23.04); None = max_batch_size
+    max_set_batch_size: int | None = None  # keys per insert chunk (HugeCTR ≤ 23.04); None = max_batch_size
     initialize_after_startup: bool = True  # fill the tier from the sparse files at start-up
     update_filters: tuple[str, ...] = DEFAULT_UPDATE_FILTERS  # regexes of Kafka topics to apply
 
-    def __post_init__(self) -> None:
-        for name in ("max_get_batch_size", "max_set_batch_size"):
-            if not getattr(self, name):
-                object.__setattr__(self, name, self.max_batch_size)
+    # The one place "absent means max_batch_size" is decided; the tiers chunk by these and
+    # check them (0 or a negative size is their ConfigError, naming the field).
+    @property
+    def get_batch_size(self) -> int:
+        """Keys per fetch chunk: ``max_get_batch_size``, or ``max_batch_size`` when None."""
+        return self.max_batch_size if self.max_get_batch_size is None else self.max_get_batch_size
+
+    @property
+    def set_batch_size(self) -> int:
+        """Keys per insert chunk: ``max_set_batch_size``, or ``max_batch_size`` when None."""
+        return self.max_batch_size if self.max_set_batch_size is None else self.max_set_batch_size
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -595,17 +602,14 @@ def _parse_filters(r: _Reader) -> tuple[str, ...]:
 
 
 def _parse_batch_sizes(r: _Reader) -> dict[str, Any]:
-    """``max_batch_size`` and the older get/set pair; each fills in for the other if absent."""
+    """``max_batch_size`` and the older get/set pair: an absent ``max_batch_size`` is the
+    smaller of the pair; an absent get/set size stays None (see ``_DatabaseConfig``)."""
     get = r.read_int("max_get_batch_size", None, minimum=1)
     put = r.read_int("max_set_batch_size", None, minimum=1)
     legacy = [v for v in (get, put) if v is not None]
     default = _field_defaults(_DatabaseConfig)["max_batch_size"]
     batch = r.read_int("max_batch_size", min(legacy) if legacy else default, minimum=1)
-    return {
-        "max_batch_size": batch,
-        "max_get_batch_size": get or batch,
-        "max_set_batch_size": put or batch,
-    }
+    return {"max_batch_size": batch, "max_get_batch_size": get, "max_set_batch_size": put}
 
 
 def _parse_volatile(obj: Any, source: str) -> VolatileDBConfig:

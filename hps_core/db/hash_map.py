@@ -582,7 +582,7 @@ class HashMapVolatileDB:
     ) -> None:
         config = VolatileDBConfig() if config is None else config
         num_partitions = config.num_partitions
-        max_get_batch_size, max_set_batch_size = config.max_get_batch_size, config.max_set_batch_size
+        max_get_batch_size, max_set_batch_size = config.get_batch_size, config.set_batch_size
         for name, value in (
             ("num_partitions", num_partitions),
             ("max_get_batch_size", max_get_batch_size),

@@ -259,8 +259,8 @@ class _RedisTier:
         config = VolatileDBConfig() if config is None else config
         address = config.redis.address
         self._num_partitions = _check_positive("num_partitions", config.num_partitions)
-        self._max_get = _check_positive("max_get_batch_size", config.max_get_batch_size)
-        self._max_set = _check_positive("max_set_batch_size", config.max_set_batch_size)
+        self._max_get = _check_positive("max_get_batch_size", config.get_batch_size)
+        self._max_set = _check_positive("max_set_batch_size", config.set_batch_size)
         self._node_connections = _check_positive("num_node_connections", config.redis.num_node_connections)
         self._retry_after = float(retry_after)
         self._tables: dict[str, _Table] = {}

@@ -45,8 +45,12 @@ not copied): atomic (all rows or none), no write-ahead log, no memtable flushes 
 compaction stalls. Loader bookkeeping (``hps.load.<table>``) lives beside the dims in the
 default column family (:meth:`~RocksDBPersistentDB.get_meta`, ``put_meta``).
 
-rocksdict raises bare ``Exception``; every call into it is wrapped and re-raised as
-:class:`~hps_core.errors.TierError` naming the operation, the table and the path.
+rocksdict raises a bare ``Exception`` for every RocksDB status (IO error, lock held, read-only,
+missing column family) and ``DbClosedError`` for a closed handle; every call into it is
+wrapped and those, only, are re-raised as :class:`~hps_core.errors.TierError` naming the
+operation, the table and the path. Anything else (a TypeError, AttributeError, ... from a bug
+here, or rocksdict's KeyError for a key of the wrong type) propagates unchanged: a bug is not
+a tier failure to retry.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ import numpy as np
 from rocksdict import (
     AccessType,
     BlockBasedOptions,
+    DbClosedError,
     IngestExternalFileOptions,
     Options,
     Rdict,
@@ -85,7 +90,7 @@ from hps_core.db.base import (
     unknown_table,
 )
 from hps_core.config import PersistentDBConfig
-from hps_core.errors import ConfigError, HPSError, RequestError, TierBusyError, TierError
+from hps_core.errors import ConfigError, RequestError, TierBusyError, TierError
 from hps_core.grouping import group_by
 from hps_core.rows import copy_rows, join_rows
 
@@ -188,7 +193,7 @@ class RocksDBPersistentDB:
     ) -> None:
         config = PersistentDBConfig() if config is None else config
         path, read_only, num_threads = config.path, config.read_only, config.num_threads
-        max_get_batch_size, max_set_batch_size = config.max_get_batch_size, config.max_set_batch_size
+        max_get_batch_size, max_set_batch_size = config.get_batch_size, config.set_batch_size
         for name, value in (
             ("num_threads", num_threads),
             ("max_get_batch_size", max_get_batch_size),
@@ -253,6 +258,8 @@ class RocksDBPersistentDB:
             # rocksdict opens every existing column family with these options
             return Rdict(self._path, opts, access_type=access)
         except Exception as exc:
+            if not _is_rocksdb_error(exc):
+                raise
             raise translate_rocksdb(exc, self._path, "open") from exc
 
     def _load_tables(self) -> None:
@@ -366,6 +373,8 @@ class RocksDBPersistentDB:
                     # stubs: a list of keys is a batch get
                     results[start:stop] = families[t].get(key_list[start:stop])  # type: ignore[arg-type]
             except Exception as exc:
+                if not _is_rocksdb_error(exc):
+                    raise
                 raise translate_rocksdb(exc, self._path, "fetch", names[t]) from exc
 
         with self._translate("fetch", names[0] if len(names) == 1 else None):  # e.g. a pool shut down by close()
@@ -540,7 +549,12 @@ class RocksDBPersistentDB:
             read(pieces)
             return
         pool = self._read_pool()
-        for future in [pool.submit(read, task) for task in tasks]:
+        try:
+            futures = [pool.submit(read, task) for task in tasks]
+        except RuntimeError:  # "cannot schedule new futures after shutdown": closed meanwhile
+            self._check_open()
+            raise
+        for future in futures:
             future.result()
 
     def _group(self, tables: Sequence[str]) -> _Group:
@@ -622,13 +636,25 @@ class RocksDBPersistentDB:
 
     @contextmanager
     def _translate(self, action: str, table: str | None) -> Iterator[None]:
-        """rocksdict's bare exceptions → :func:`translate_rocksdb`; ours pass through."""
+        """rocksdict's errors (:func:`_is_rocksdb_error`) → :func:`translate_rocksdb`; ours,
+        and programming errors, pass through unchanged."""
+        # rocksdict has no exception base of its own (a bare Exception): catch that wide,
+        # then let _is_rocksdb_error send everything else (a bug) on unchanged
         try:
             yield
-        except HPSError:
-            raise
         except Exception as exc:
+            if not _is_rocksdb_error(exc):
+                raise
             raise translate_rocksdb(exc, self._path, action, table) from exc
+
+
+def _is_rocksdb_error(exc: BaseException) -> bool:
+    """Whether rocksdict raised ``exc`` for a database failure: a bare ``Exception`` (its
+    RocksDB status: IO error, lock held, read-only, missing column family, ...) or a
+    ``DbClosedError``. Subclasses of Exception (TypeError, AttributeError, AssertionError,
+    NameError, KeyError, our HPSErrors) are not: a bug must propagate, not be retried as a
+    TierError."""
+    return type(exc) is Exception or isinstance(exc, DbClosedError)
 
 
 def translate_rocksdb(exc: BaseException, path: str, action: str, table: str | None = None) -> TierError:

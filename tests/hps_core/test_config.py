@@ -173,18 +173,27 @@ def test_legacy_get_set_batch_sizes_fold_into_max_batch_size(sample_path: Path) 
     explicit = _parse(_with("volatile_db", {"type": "hash_map", "max_batch_size": 7,
                                             "max_get_batch_size": 100}))
     assert explicit.volatile_db.max_batch_size == 7
-    assert explicit.volatile_db.max_get_batch_size == 100
-    assert explicit.volatile_db.max_set_batch_size == 7
+    assert explicit.volatile_db.get_batch_size == 100
+    assert explicit.volatile_db.max_set_batch_size is None
+    assert explicit.volatile_db.set_batch_size == 7
 
 
-def test_get_set_batch_sizes_are_always_ints() -> None:
-    # Tiers chunk by max_get_batch_size / max_set_batch_size: never None.
+def test_absent_get_set_batch_sizes_are_max_batch_size() -> None:
+    # None (absent) means max_batch_size, resolved by get_/set_batch_size, the sizes tiers chunk by.
     cfg = _parse(_with("persistent_db", {"type": "rocks_db", "max_batch_size": 1000}))
-    assert (cfg.persistent_db.max_get_batch_size, cfg.persistent_db.max_set_batch_size) == (
-        1000, 1000)
+    assert (cfg.persistent_db.max_get_batch_size, cfg.persistent_db.max_set_batch_size) == (None, None)
+    assert (cfg.persistent_db.get_batch_size, cfg.persistent_db.set_batch_size) == (1000, 1000)
     direct = VolatileDBConfig(max_batch_size=500, max_set_batch_size=20)
-    assert (direct.max_get_batch_size, direct.max_set_batch_size) == (500, 20)
-    assert VolatileDBConfig().max_get_batch_size == 65536
+    assert (direct.get_batch_size, direct.set_batch_size) == (500, 20)
+    assert VolatileDBConfig().get_batch_size == 65536
+
+
+def test_zero_get_set_batch_size_is_kept_not_replaced() -> None:
+    # 0 is not "absent": it stays 0, for the tier to refuse (see the tiers' bad-settings tests).
+    direct = PersistentDBConfig(max_batch_size=500, max_get_batch_size=0)
+    assert (direct.max_get_batch_size, direct.get_batch_size) == (0, 0)
+    with pytest.raises(ConfigError, match="max_set_batch_size"):
+        _parse(_with("volatile_db", {"type": "hash_map", "max_set_batch_size": 0}))
 
 
 # --------------------------------------------------------------------------------------------

@@ -128,7 +128,9 @@ def test_is_a_volatile_db() -> None:
     "kwargs",
     [
         {"num_partitions": 0},
+        {"max_get_batch_size": 0},
         {"max_get_batch_size": -1},
+        {"max_set_batch_size": 0},
         {"max_set_batch_size": 1.5},
         {"initial_capacity": -3},
         {"overflow_margin": 0},

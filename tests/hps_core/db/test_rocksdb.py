@@ -168,7 +168,7 @@ def test_is_a_persistent_db(tmp_path: Path) -> None:
     db.close()
 
 
-@pytest.mark.parametrize("kwargs", [{"num_threads": 0}, {"max_get_batch_size": -1}, {"max_set_batch_size": "9"}])
+@pytest.mark.parametrize("kwargs", [{"num_threads": 0}, {"max_get_batch_size": 0}, {"max_set_batch_size": -1}, {"max_set_batch_size": "9"}])
 def test_bad_settings_are_config_errors(tmp_path: Path, kwargs: dict[str, object]) -> None:
     with pytest.raises(ConfigError, match=next(iter(kwargs))):
         RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "db"), **kwargs))  # type: ignore[arg-type]
@@ -310,4 +310,41 @@ def test_secondary_refresh_sees_rows_the_writer_added(tmp_path: Path, encode: En
     with pytest.raises(TierError, match="read-only"):
         reader.insert(T, update, encode(update, 4))
     for db in (reader, frozen, writer):
+        db.close()
+
+
+# --------------------------------------------------------------------------- error translation
+
+
+@pytest.mark.parametrize("bug", [TypeError, AttributeError, AssertionError, NameError, KeyError])
+def test_programming_errors_are_not_tier_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                bug: type[Exception]) -> None:
+    """A bug inside a wrapped rocksdict call propagates as itself: a TierError would be
+    retried (the update source) until stopped."""
+    db = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "db")))
+    db.create_table(T, 2)
+
+    def broken(**_: object) -> None:
+        raise bug("our bug")
+
+    monkeypatch.setattr("hps_core.db.rocksdb.WriteBatch", broken)
+    with pytest.raises(bug, match="our bug") as info:
+        db.insert(T, np.arange(3, dtype=np.int64), np.ones((3, 2), np.float32))
+    assert not isinstance(info.value, TierError)
+    db.close()
+
+
+def test_rocksdict_failures_are_tier_errors(tmp_path: Path) -> None:
+    """What rocksdict raises against a real database (a bare Exception for a RocksDB status,
+    DbClosedError for a closed handle) enters as a TierError naming the action."""
+    db = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "db")))
+    db.create_table(T, 2)
+    with pytest.raises(TierBusyError, match="open"):  # the LOCK file is held
+        RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "db")))
+    db._handle(T)
+    db._db.close()  # the handle closed under the tier: rocksdict's DbClosedError
+    with pytest.raises(TierError, match="insert") as info:
+        db.insert(T, np.arange(3, dtype=np.int64), np.ones((3, 2), np.float32))
+    assert type(info.value.__cause__).__name__ == "DbClosedError"
+    with pytest.raises(TierError, match="close"):  # closing it again: the same translation
         db.close()
