@@ -48,12 +48,14 @@ def _file_rows(table: TableConfig) -> int | None:
 
 
 def _open_rocksdb(config: ParameterServerConfig) -> Any:
-    from hps_core.db.rocksdb import RocksDBPersistentDB
+    """The persistent tier, read-only, through the factory (Any: the report also reads
+    RocksDB's estimate_rows and disk_bytes); None when disabled or not created yet."""
+    from hps_core.db import open_persistent_db
 
     settings = config.persistent_db
     if not settings.enabled or not Path(settings.path, "CURRENT").exists():
         return None
-    return RocksDBPersistentDB(dataclasses.replace(settings, read_only=True, num_threads=1))
+    return open_persistent_db(dataclasses.replace(settings, read_only=True, num_threads=1))
 
 
 def _load_state(db: Any, table: TableConfig, name: str) -> str:

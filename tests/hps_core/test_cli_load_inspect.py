@@ -101,3 +101,29 @@ def test_errors_are_one_line_with_a_fix(config: Path) -> None:
     assert "inside each serving process" in result.stderr and "Traceback" not in result.stderr
     result = hps("load", "--npy", "x", "--rocksdb", "y")
     assert result.returncode == 1 and "--table" in result.stderr
+
+
+def test_inspect_opens_rocksdb_through_the_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """inspect builds its tier with hps_core.db.open_persistent_db (read-only, one thread),
+    like every other caller, not by naming RocksDBPersistentDB."""
+    import hps_core.db
+    from hps_core.config import ParameterServerConfig, TierType
+    from hps_core.inspection import inspect_tiers
+
+    settings = PersistentDBConfig(type=TierType.ROCKS_DB, path=str(tmp_path / "db"))
+    writer = RocksDBPersistentDB(settings)
+    writer.create_table("hps_et.m.t", DIM)
+    writer.insert("hps_et.m.t", np.arange(10, dtype=np.int64), np.ones((10, DIM), np.float32))
+    writer.close()
+    opened: list[PersistentDBConfig] = []
+    factory = hps_core.db.open_persistent_db
+
+    def recording(cfg: PersistentDBConfig, **kwargs: object) -> object:
+        opened.append(cfg)
+        return factory(cfg, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(hps_core.db, "open_persistent_db", recording)
+    report = inspect_tiers(ParameterServerConfig(persistent_db=settings))
+    assert [(c.path, c.read_only, c.num_threads) for c in opened] == [(settings.path, True, 1)]
+    (row,) = report["tables"]
+    assert (row["table"], row["dim"], row["rocksdb_rows"]) == ("hps_et.m.t", DIM, 10)
