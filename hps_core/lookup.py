@@ -27,12 +27,13 @@ tier call that failed for some of that table's keys; ``hps_tier_errors_total``):
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ContextManager
 
 import numpy as np
 import numpy.typing as npt
@@ -416,15 +417,24 @@ class LookupSession:
     def apply_update(self, table_name: str, keys: Keys, values: Vectors) -> int:
         """Overwrite the cached rows of ``keys`` (n,) int64 with ``values`` (n, dim) float32,
         host arrays from the update stream; keys not cached are left out. Returns the rows
-        overwritten (0 without a cache)."""
+        overwritten (0 without a cache). A GPU failure (out of memory) raises DeviceError,
+        which the update source retries."""
         view = self._views.get(table_name)
         if view is None:
             return 0
         keys = np.asarray(keys, np.int64)
-        with self._cache_writes, device_context(self._cache):
+        with self._cache_writes, device_context(self._cache), self._translate_device(table_name):
             ids = np.full(keys.shape[0], self._table_index[table_name], np.int64)
             self._recent_updates.add(time.monotonic(), ids, keys)
             return view.update(self._xp.asarray(keys), self._xp.asarray(values))
+
+    def _translate_device(self, table_name: str) -> ContextManager[None]:
+        """CuPy's errors → DeviceError on a GPU cache (where they enter the update path)."""
+        if self._cache is None or self._cache.device == "cpu":
+            return contextlib.nullcontext()
+        from hps_core.cache.gpu import translate_cupy  # only with a GPU cache: CuPy is there
+
+        return translate_cupy(int(self._cache.device), f"refreshing cached rows of {table_name}")
 
     def _insert_fetched(self, table_ids: Int64s, keys: Int64s, fetched: _Fetched, fetch_started: float,
                         counts: Any) -> None:

@@ -158,4 +158,6 @@ class _CacheApplier:
         return self._dims.get(table)
 
     def apply(self, table: str, keys: Keys, values: Vectors) -> None:
+        """Refresh the cached rows; a GPU out of memory raises DeviceError, which the source
+        retries (a skipped batch would leave stale rows in the cache)."""
         self._refresh(table, keys, values)

@@ -112,7 +112,8 @@ def _cupy() -> Any:
 def translate_cupy(device: int, what: str) -> Iterator[None]:
     """CuPy's and CUDA's errors raised in the block (out of device memory, a CUDA runtime or
     driver failure, a kernel that does not compile) → DeviceError naming the device and
-    ``what``: where CuPy errors enter hps_core, at a cache's construction and allocation."""
+    ``what``: where CuPy errors enter hps_core, at a cache's construction and allocation and
+    in the update stream's refresh of cached rows (LookupSession.apply_update)."""
     cp = _cupy()
     oom = cp.cuda.memory.OutOfMemoryError
     try:

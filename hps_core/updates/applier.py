@@ -2,9 +2,16 @@
 
 :class:`UpdateApplier` is the contract an :class:`~hps_core.updates.source.UpdateSource`
 drives: ``dim(table)`` says whether a table is deployed (and its width, to check messages
-against), ``apply(table, keys, values)`` upserts one batch and raises on failure, in which
-case the source backs off ``failure_backoff_ms`` and re-applies the same batch (updates are
-idempotent upserts, so a repeat is harmless).
+against), ``apply(table, keys, values)`` upserts one batch and raises on failure. What the
+source does then depends on the error (:data:`~hps_core.updates.source.APPLY_RETRYABLE`):
+
+- TierError or DeviceError (the tier down or busy, the GPU out of memory): it backs off
+  ``failure_backoff_ms`` and re-applies the same batch until it passes or the source stops
+  (updates are idempotent upserts, so a repeat is harmless);
+- any other HPSError (the tier refuses these rows: ConfigError, RequestError, MalformedMessage):
+  the batch is skipped and counted in ``rejected_updates``, like a malformed message;
+- anything else is a bug: the source stops (``stats()``: ``running`` false, ``stopped_by``)
+  without committing the batch's offsets, so a restarted source re-reads it.
 
 :class:`TierUpdateApplier` applies into any :class:`~hps_core.db.base.EmbeddingTier`
 (``insert(table, keys, values)``), then calls ``on_applied(table, keys, values)``: the hook
@@ -57,7 +64,8 @@ class UpdateApplier(Protocol):
         ...
 
     def apply(self, table: str, keys: Keys, values: Vectors) -> None:
-        """Upsert keys (n,) int64 → values (n, dim) float32; raise to have it retried."""
+        """Upsert keys (n,) int64 → values (n, dim) float32. Raise TierError or DeviceError
+        to have it retried, another HPSError to have it skipped (see the module docstring)."""
         ...
 
 

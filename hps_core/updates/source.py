@@ -23,10 +23,21 @@ keys, in arrival order (so the newest update of a key wins). It applies and then
 ``max_commit_interval`` messages are pending, or when the consumer has caught up. Offsets are
 committed only after the updates before them were applied: a consumer killed at any point
 loses nothing; its successor re-applies at most the uncommitted tail (at-least-once; updates
-are idempotent upserts). An apply that fails with a TierError (the tier down or busy) is
-retried every ``failure_backoff_ms`` until it succeeds or the source is stopped (then nothing is
-committed); any other error is not retryable (see :mod:`hps_core.retry`): the slice is counted
-in ``rejected_updates``, logged and skipped, like a malformed message.
+are idempotent upserts). What an apply may raise, and what the source does (the retryable set
+is stated once, as :data:`APPLY_RETRYABLE`, the apply's :class:`~hps_core.retry.RetryPolicy`):
+
+- :data:`APPLY_RETRYABLE`, a failure that passes: a TierError (the tier down or busy) or a
+  DeviceError (the GPU out of memory while a cache is refreshed). The slice is retried every
+  ``failure_backoff_ms`` until it succeeds or the source is stopped (then nothing is committed).
+- any other :class:`~hps_core.errors.HPSError` (ConfigError, RequestError, MalformedMessage:
+  the tier refuses these rows, and would refuse them again): the slice is counted in
+  ``rejected_updates``, logged and skipped, like a malformed message; its offsets commit.
+- anything else is a bug (TypeError, KeyError, ...): it stops the source like a bug in the
+  consumer loop (below). The offsets of the batch are not committed, so a restarted source
+  re-reads it and nothing is lost.
+
+Only the slices that were applied count in ``updates_applied``, and only the messages whose
+updates were all applied count in ``messages`` and the staleness window.
 
 Malformed messages (bad magic, wrong vector size, truncated, unknown table) are counted,
 logged and skipped; decoding happens before anything is applied, so a message is applied
@@ -38,7 +49,9 @@ and keeps polling, and recreates the consumer after a fatal Kafka error (``Kafka
 until the source stops). Any other error escaping the loop (a consumer setting librdkafka
 refuses, raised as ConfigError; a bug) is not retried: it is logged once with its traceback
 and the source stops, visibly: ``stats()`` reports ``running: False`` and the error in
-``stopped_by``. Serving never waits on this thread. Every log line of the loop, librdkafka's own included, goes through a
+``stopped_by``. The consumer settings are checked before that: :meth:`UpdateSource.start`
+creates the first consumer in the caller's thread, so a setting librdkafka refuses raises
+ConfigError there (a server fails to start, naming it). Serving never waits on this thread. Every log line of the loop, librdkafka's own included, goes through a
 :class:`~hps_core.logs.RateLimitedLog`: one line per cause per ``log_interval``, with a count
 of those held back.
 
@@ -65,14 +78,14 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, Kafka
 
 from hps_core.arrays import Keys, Vectors
 from hps_core.config import DEFAULT_UPDATE_FILTERS, ParameterServerConfig, UpdateSourceConfig
-from hps_core.errors import ConfigError, MalformedMessage, TierError, UpdateError
+from hps_core.errors import ConfigError, DeviceError, HPSError, MalformedMessage, TierError, UpdateError
 from hps_core.logs import DEFAULT_LOG_INTERVAL_S, RateLimitedLog
 from hps_core.retry import RetryPolicy
 from hps_core.updates.applier import UpdateApplier
 from hps_core.updates.sink import KafkaClientLog, kafka_brokers, kafka_error_of
 from hps_core.updates.wire import TOPIC_PREFIX, decode
 
-__all__ = ["SUBSCRIPTION", "UpdateSource", "consumer_group_id"]
+__all__ = ["APPLY_RETRYABLE", "SUBSCRIPTION", "UpdateSource", "consumer_group_id"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +93,10 @@ SUBSCRIPTION = rf"^{TOPIC_PREFIX}\..*"  # librdkafka treats a leading '^' as a r
 _LAYERS = ("volatile", "persistent")
 _GROUP_PREFIX = "hps."
 _FINAL_COMMIT_WAIT_S = 5.0  # a graceful stop waits this long for its last commit to settle
+#: The errors of an apply worth another attempt, retried every failure_backoff_ms until the
+#: source stops: the tier down or busy, the GPU failing (out of memory refreshing a cache).
+#: Any other HPSError rejects the slice; any other error is a bug and stops the source.
+APPLY_RETRYABLE: tuple[type[HPSError], ...] = (TierError, DeviceError)
 
 def consumer_group_id(layer: str, *, shared: bool, hostname: str | None = None,
                       instance: str | None = None) -> str:
@@ -102,8 +119,8 @@ class _Counters:
     malformed: int = 0  # messages skipped as malformed (unknown_table included)
     unknown_table: int = 0
     filtered: int = 0  # messages of topics no update_filter matches
-    apply_errors: int = 0  # failed apply attempts (TierError: each retried)
-    rejected_updates: int = 0  # updates of slices that failed with a non-retryable error: skipped
+    apply_errors: int = 0  # failed apply attempts (APPLY_RETRYABLE: each retried)
+    rejected_updates: int = 0  # updates of slices the tier refused (an HPSError not retryable): skipped
     commits: int = 0
     commit_errors: int = 0
     broker_errors: int = 0  # consumer errors and error callbacks (outages, rebalances)
@@ -117,25 +134,19 @@ class _Counters:
 class _Pending:
     """Decoded updates not yet applied, and the offsets they free for commit."""
 
-    chunks: dict[str, list[tuple[Keys, Vectors]]] = field(default_factory=dict)
+    # per table, one (keys, values, publish timestamp in ms or None) per message, in arrival order
+    chunks: dict[str, list[tuple[Keys, Vectors, int | None]]] = field(default_factory=dict)
     updates: int = 0
-    data_messages: int = 0  # messages holding updates
     messages: int = 0  # messages taken since the last commit (all kinds)
-    timestamps_ms: list[int] = field(default_factory=list)
 
     def add(self, table: str, keys: Keys, values: Vectors, timestamp_ms: int | None) -> None:
-        self.chunks.setdefault(table, []).append((keys, values))
+        self.chunks.setdefault(table, []).append((keys, values, timestamp_ms))
         self.updates += int(keys.shape[0])
-        self.data_messages += 1
-        if timestamp_ms is not None:
-            self.timestamps_ms.append(timestamp_ms)
 
     def clear(self) -> None:
         self.chunks.clear()
         self.updates = 0
-        self.data_messages = 0
         self.messages = 0
-        self.timestamps_ms.clear()
 
 
 class UpdateSource:
@@ -178,9 +189,9 @@ class UpdateSource:
         self.group_id = group_id or consumer_group_id(layer, shared=shared, instance=instance)
         self._consumer_conf = self._build_conf(config, consumer_config)
         self._backoff_s = config.failure_backoff_ms / 1000.0
-        # A tier that is down or busy (TierError) is retried every failure_backoff_ms until it
-        # answers or the source stops; any other error is not retried (the slice is skipped).
-        self._apply_policy = RetryPolicy(retryable=(TierError,), first_backoff_s=self._backoff_s, factor=1.0,
+        # APPLY_RETRYABLE is retried every failure_backoff_ms until it passes or the source
+        # stops; see _apply for the other errors.
+        self._apply_policy = RetryPolicy(retryable=APPLY_RETRYABLE, first_backoff_s=self._backoff_s, factor=1.0,
                                          max_backoff_s=self._backoff_s)
         # A consumer that failed for Kafka's reasons is recreated every failure_backoff_ms (at
         # least 0.5 s) until the source stops; any other error stops the source (see _run).
@@ -188,6 +199,7 @@ class UpdateSource:
         self._consumer_policy = RetryPolicy(retryable=(KafkaException, UpdateError), first_backoff_s=restart_s,
                                             factor=1.0, max_backoff_s=restart_s)
         self._stopped_by: str | None = None  # the error that stopped the thread, if one did
+        self._first_consumer: Consumer | None = None  # created by start(), consumed by the thread
         self._poll_s = max(config.poll_timeout_ms, 1) / 1000.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -216,9 +228,15 @@ class UpdateSource:
     # ---------------------------------------------------------------- lifecycle
 
     def start(self) -> UpdateSource:
-        """Start the background consumer thread (idempotent); returns self."""
+        """Start the background consumer thread (idempotent); returns self.
+
+        The first consumer is created here, in the caller's thread (locally: no broker is
+        contacted), so a consumer setting librdkafka refuses raises ConfigError to the caller
+        instead of stopping the thread after start() returned.
+        """
         if self._thread is not None and self._thread.is_alive():
             return self
+        self._first_consumer = self._connect()
         self._stop.clear()
         self._stopped_by = None
         self._thread = threading.Thread(target=self._run, name=f"hps-updates-{self.layer}", daemon=True)
@@ -298,9 +316,13 @@ class UpdateSource:
         except Exception as exc:  # a bug, or a setting Kafka refuses: retrying would fail forever
             self._stopped_by = f"{type(exc).__name__}: {exc}"
             log.exception("update source %s stopped: %s", self.group_id, exc)
+        finally:
+            if self._first_consumer is not None:  # never used (stopped before)
+                self._close(self._first_consumer)
+                self._first_consumer = None
 
     def _connect_and_consume(self) -> None:
-        consumer = self._connect()
+        consumer, self._first_consumer = self._first_consumer or self._connect(), None
         try:
             self._consume(consumer)
         finally:
@@ -388,27 +410,37 @@ class UpdateSource:
 
     def _flush(self, consumer: Consumer, *, wait: bool = False) -> bool:
         """Apply everything pending, then commit the offsets (``wait``: synchronously);
-        False if stopped mid-apply."""
+        False if stopped mid-apply. A bug raised by the applier propagates (it stops the
+        source) after the batch and its offsets are dropped: nothing of it is committed."""
         pending = self._pending
-        if pending.chunks:
+        step = self.config.max_batch_size
+        try:
             for table, chunks in pending.chunks.items():
-                keys = np.concatenate([k for k, _ in chunks])
-                values = np.concatenate([v for _, v in chunks])
-                step = self.config.max_batch_size
+                keys = np.concatenate([k for k, _, _ in chunks])
+                values = np.concatenate([v for _, v, _ in chunks])
+                applied = []
                 for start in range(0, keys.shape[0], step):
-                    if not self._apply(table, keys[start:start + step], values[start:start + step]):
-                        return False
-            self._record_applied(pending)
+                    outcome = self._apply(table, keys[start:start + step], values[start:start + step])
+                    if outcome is None:
+                        return False  # stopped while the apply kept failing: commit nothing
+                    applied.append(outcome)
+                self._record_applied(chunks, applied, step)
+        except Exception:
+            pending.clear()  # a restarted source re-reads these from the last commit
+            self._offsets.clear()
+            raise
         pending.clear()
         self._commit(consumer, wait=wait)
         return True
 
-    def _apply(self, table: str, keys: Keys, values: Vectors) -> bool:
-        """Apply one slice under the apply policy; False if stopped while the tier failed.
+    def _apply(self, table: str, keys: Keys, values: Vectors) -> bool | None:
+        """Apply one slice under the apply policy: True when applied, False when the tier
+        refused it (skipped), None when stopped while it kept failing.
 
-        A TierError (the tier down or busy) is retried every failure_backoff_ms. Any other
-        error (a tier refusing these rows, a bug) is never retried: the slice is counted in
+        :data:`APPLY_RETRYABLE` is retried every failure_backoff_ms. Any other HPSError (the
+        tier refusing these rows) is never retried: the slice is counted in
         ``rejected_updates``, logged with its traceback and skipped, like a malformed message.
+        Anything else is a bug: it propagates and stops the source (see :meth:`_flush`).
         """
         def failed(attempts: int, exc: BaseException) -> None:
             self._count(apply_errors=1)
@@ -418,21 +450,28 @@ class UpdateSource:
         try:
             self._apply_policy.call(lambda: self.applier.apply(table, keys, values),
                                     sleep=self._stop.wait, on_retry=failed)
-            return True
-        except TierError:
-            return False  # stopped while the tier kept failing: commit nothing
-        except Exception as exc:  # not retryable: never retried, never blocks the stream
+        except self._apply_policy.retryable:
+            return None
+        except HPSError as exc:  # refused, and would be again: never retried, never blocks the stream
             self._count(apply_errors=1, rejected_updates=int(keys.shape[0]))
             self._log.failure(f"update source {self.group_id}: skipped updates to {table}", exc)
-            return True
+            return False
+        self._count(updates_applied=int(keys.shape[0]))
+        return True
 
-    def _record_applied(self, pending: _Pending) -> None:
+    def _record_applied(self, chunks: Sequence[tuple[Keys, Vectors, int | None]], applied: Sequence[bool],
+                        step: int) -> None:
+        """Count the messages of one table whose slices were all applied, and their staleness."""
+        sizes = np.fromiter((k.shape[0] for k, _, _ in chunks), dtype=np.int64, count=len(chunks))
+        ends = np.cumsum(sizes)
+        refused = np.concatenate([[0], np.cumsum(~np.asarray(applied, dtype=bool))])
+        whole = refused[(ends - 1) // step + 1] == refused[(ends - sizes) // step]  # no refused slice
         now = time.time()
-        ages = (now - np.asarray(pending.timestamps_ms, dtype=np.float64) / 1000.0).tolist()
+        ages = [now - ts / 1000.0 for (_, _, ts), ok in zip(chunks, whole.tolist()) if ok and ts is not None]
         with self._lock:
-            self._counters.messages += pending.data_messages
-            self._counters.updates_applied += pending.updates
-            self._counters.last_applied_time = now
+            self._counters.messages += int(whole.sum())
+            if any(applied):
+                self._counters.last_applied_time = now
             self._staleness_s.extend(ages)
 
     def _commit(self, consumer: Consumer, *, wait: bool = False) -> None:
