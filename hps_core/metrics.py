@@ -28,14 +28,25 @@ Families (every name starts with ``hps_``; labels ``model``, ``table``, ``tier``
     hps_updates_applied_total{model,tier}           counter  (key, vector) pairs applied from Kafka, per layer
     hps_update_messages_total{model,tier}           counter  update messages applied
     hps_update_malformed_total{model,tier}          counter  update messages skipped as malformed
-    hps_update_lag_messages{model,tier}             gauge    messages published but not yet consumed
-    hps_update_staleness_seconds{model,tier,quantile}  gauge  publish → applied, p50 / p99 over the recent window
+    hps_update_rejected_total{model,tier}           counter  updates skipped because the tier refused them
+    hps_update_source_up{model,tier}                gauge    1 while the layer's update source runs, 0 once
+                                                         it stopped (stats()' stopped_by says why)
+    hps_update_lag_messages{model,tier}             gauge    messages published but not yet consumed;
+                                                         NaN while the source is stopped
+    hps_update_staleness_seconds{model,tier,quantile}  gauge  publish → applied, p50 / p99 over the recent
+                                                         window; NaN while the source is stopped
     hps_volatile_lost_partitions{model,table}       gauge    Redis partitions whose rows a node lost and
                                                          that are not refilled yet (hps_core/db/redis_refill.py)
 
 Misses per tier follow from the cascade: what the volatile tier lacked went on to the
 persistent tier, so volatile misses = persistent hits + defaults; persistent misses =
 defaults; cache misses = unique keys − cache hits.
+
+A stopped update source does not read as caught up: ``hps_update_source_up`` drops to 0 and
+its lag and staleness gauges turn NaN rather than keeping their last values. (Prometheus'
+custom is to drop such a series, but a Triton metric, once created, keeps exporting its last
+value until the model unloads; NaN is what a query can tell apart. Alert on
+``hps_update_source_up == 0``.)
 
 Counters are reported as running totals; :class:`CounterDeltas` turns them into the
 increments a Prometheus client library wants (``Counter.increment(delta)``), and skips the
@@ -47,6 +58,7 @@ kernel and a sync; update stats take a lock and a percentile) are refreshed at m
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -96,8 +108,12 @@ _FAMILY_LIST = (
     Family("hps_updates_applied_total", "counter", "Embedding updates applied from Kafka, per database layer"),
     Family("hps_update_messages_total", "counter", "Update messages applied, per database layer"),
     Family("hps_update_malformed_total", "counter", "Update messages skipped as malformed, per database layer"),
-    Family("hps_update_lag_messages", "gauge", "Update messages published but not yet consumed, per layer"),
-    Family("hps_update_staleness_seconds", "gauge", "Update publish-to-applied time over the recent window"),
+    Family("hps_update_rejected_total", "counter", "Updates skipped because the tier refused them, per layer"),
+    Family("hps_update_source_up", "gauge", "1 while the layer's update source runs, 0 once it stopped"),
+    Family("hps_update_lag_messages", "gauge",
+           "Update messages published but not yet consumed, per layer; NaN while the source is stopped"),
+    Family("hps_update_staleness_seconds", "gauge",
+           "Update publish-to-applied time over the recent window; NaN while the source is stopped"),
     Family("hps_volatile_lost_partitions", "gauge",
            "Redis partitions whose rows a node lost (restarted empty) and that are not refilled yet"),
 )
@@ -106,6 +122,7 @@ FAMILIES: Mapping[str, Family] = {f.name: f for f in _FAMILY_LIST}
 
 _CACHE, _VOLATILE, _PERSISTENT = "cache", "volatile", "persistent"
 _QUANTILES = (("0.5", "staleness_p50_s"), ("0.99", "staleness_p99_s"))
+_UNKNOWN = math.nan  # a gauge whose value is not known (the update source stopped)
 
 
 @dataclass(frozen=True)
@@ -260,16 +277,21 @@ class MetricsCollector:
         for layer, stats in updates.items():
             counters = _labels(model=self.model, tier=layer)
             gauges = _labels(model=self.model, tier=layer, **self._extra)
+            running = bool(stats.get("running"))
             out += [
                 Sample("hps_updates_applied_total", counters, float(stats.get("updates_applied", 0))),
                 Sample("hps_update_messages_total", counters, float(stats.get("messages", 0))),
                 Sample("hps_update_malformed_total", counters, float(stats.get("malformed", 0))),
-                Sample("hps_update_lag_messages", gauges, float(stats.get("lag_messages", 0))),
+                Sample("hps_update_rejected_total", counters, float(stats.get("rejected_updates", 0))),
+                Sample("hps_update_source_up", gauges, 1.0 if running else 0.0),
+                # a stopped source's last values would read as caught up: unknown instead
+                Sample("hps_update_lag_messages", gauges, float(stats.get("lag_messages", 0)) if running else _UNKNOWN),
             ]
             for quantile, field in _QUANTILES:
                 if stats.get(field) is not None:  # None until a message was applied
                     labels = tuple(sorted((*gauges, ("quantile", quantile))))
-                    out.append(Sample("hps_update_staleness_seconds", labels, float(stats[field])))
+                    value = float(stats[field]) if running else _UNKNOWN
+                    out.append(Sample("hps_update_staleness_seconds", labels, value))
         return out
 
 
@@ -314,10 +336,15 @@ class GaugeChanges:
     def changes(self, samples: Iterable[Sample]) -> list[Sample]:
         out = []
         for sample in samples:
-            if sample.kind == "gauge" and self._set.get(sample.key) != sample.value:
+            if sample.kind == "gauge" and not _same(self._set.get(sample.key), sample.value):
                 self._set[sample.key] = sample.value
                 out.append(sample)
         return out
+
+
+def _same(before: float | None, value: float) -> bool:
+    """Whether a gauge set to ``before`` already shows ``value`` (NaN shows NaN)."""
+    return before is not None and (before == value or (math.isnan(before) and math.isnan(value)))
 
 
 def render_text(samples: Iterable[Sample]) -> str:
@@ -330,5 +357,6 @@ def render_text(samples: Iterable[Sample]) -> str:
             seen.add(family.name)
             lines += [f"# HELP {family.name} {family.description}", f"# TYPE {family.name} {family.kind}"]
         labels = ",".join(f'{k}="{v}"' for k, v in sample.labels)
-        lines.append(f"{sample.name}{{{labels}}} {sample.value:.17g}")
+        value = "NaN" if math.isnan(sample.value) else f"{sample.value:.17g}"  # the exposition's spelling
+        lines.append(f"{sample.name}{{{labels}}} {value}")
     return "\n".join(lines) + "\n"

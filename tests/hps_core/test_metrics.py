@@ -72,7 +72,7 @@ def test_hit_rate_covers_only_the_lookups_since_the_previous_collection() -> Non
 def test_slow_samples_are_rate_limited() -> None:
     now = [0.0]
     collector = MetricsCollector("m", ["cache"], caches={"t": _Cache()}, slow_interval_s=1.0, clock=lambda: now[0])
-    updates = {"volatile": {"updates_applied": 5, "messages": 1, "malformed": 0, "lag_messages": 2,
+    updates = {"volatile": {"updates_applied": 5, "messages": 1, "malformed": 0, "lag_messages": 2, "running": True,
                             "staleness_p50_s": 0.02, "staleness_p99_s": 0.05}}
     first = collector.collect({"t": _totals()}, updates)
     assert _value(first, "hps_updates_applied_total", model="m", tier="volatile") == 5
@@ -81,6 +81,30 @@ def test_slow_samples_are_rate_limited() -> None:
     assert not [s for s in collector.collect({"t": _totals()}, updates) if s.name.startswith(("hps_update", "hps_cache_r"))]
     now[0] = 1.5
     assert [s for s in collector.collect({"t": _totals()}, updates) if s.name == "hps_cache_rows"]
+
+
+def test_a_stopped_update_source_reads_as_down_not_as_caught_up() -> None:
+    collector = MetricsCollector("m", [], extra_labels={"instance": "i0"})
+    stats = {"updates_applied": 5, "rejected_updates": 2, "lag_messages": 0, "running": True,
+             "staleness_p50_s": 0.02, "staleness_p99_s": 0.05}
+    gauges = GaugeChanges()
+    up = collector.collect({}, {"volatile": stats}, force_slow=True)
+    gauges.changes(up)
+    labels = {"model": "m", "tier": "volatile", "instance": "i0"}
+    assert _value(up, "hps_update_source_up", **labels) == 1
+    assert _value(up, "hps_update_lag_messages", **labels) == 0
+    assert _value(up, "hps_update_rejected_total", model="m", tier="volatile") == 2
+    down = collector.collect({}, {"volatile": dict(stats, running=False, stopped_by="TypeError: a bug")},
+                             force_slow=True)
+    assert _value(down, "hps_update_source_up", **labels) == 0
+    assert np.isnan(_value(down, "hps_update_lag_messages", **labels))  # unknown, not 0 (caught up)
+    assert np.isnan(_value(down, "hps_update_staleness_seconds", quantile="0.99", **labels))
+    assert {s.name for s in gauges.changes(down)} == {"hps_update_source_up", "hps_update_lag_messages",
+                                                     "hps_update_staleness_seconds"}
+    assert gauges.changes(down) == []  # NaN is set once, not again at every collection
+    text = render_text(down)
+    assert 'hps_update_lag_messages{instance="i0",model="m",tier="volatile"} NaN' in text
+    assert "# TYPE hps_update_source_up gauge" in text and "# TYPE hps_update_rejected_total counter" in text
 
 
 def test_staleness_is_left_out_until_an_update_was_applied() -> None:
