@@ -1,108 +1,69 @@
-"""UpdateSource's retry policies, without a broker: a tier or GPU that fails is retried until
-it answers or the source stops; rows a tier refuses (another HPSError) are skipped and counted;
-a bug in the apply stops the source without committing; only what was applied counts as
-applied. A Kafka failure recreates the consumer, anything else stops the source, visibly; a
-consumer setting librdkafka refuses fails start() (and a server's construction)."""
+"""UpdateSource's retry policies: a tier or GPU that fails is retried until it answers or the
+source stops; rows a tier refuses (another HPSError) are skipped and counted; a bug in the apply
+stops the source without committing; only what was applied counts as applied. A Kafka failure
+recreates the consumer, anything else stops the source, visibly; a consumer setting librdkafka
+refuses fails start() (and a server's construction).
+
+What a batch does to the stats and the committed offsets is checked against a real tansu broker
+(tests/kafka_broker.py): HugeCTR messages published with UpdateSink, the group's offsets read
+back with a Consumer's ``committed``. The rest calls ``_apply`` directly, or injects an error into
+the consumer loop."""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, TopicPartition
 
 from hps_core.config import UpdateSourceConfig, load_config
 from hps_core.errors import ConfigError, DeviceError, MalformedMessage, RequestError, TierBusyError, TierError
 from hps_core.formats import write_sparse_model
 from hps_core.server import HierarchicalParameterServer
-from hps_core.updates import UpdateSource
+from hps_core.updates import UpdateSink, UpdateSource, topic_name
 from hps_core.updates.source import APPLY_RETRYABLE
-from hps_core.updates.wire import encode
+from tests.kafka_broker import KafkaBroker, broker_or_skip
 
 KEYS = np.array([1, 2, 3], np.int64)
+FAST_GROUP = {"session.timeout.ms": 2000, "heartbeat.interval.ms": 300}
 VALUES = np.ones((3, 2), np.float32)
 
 
 class _Applier:
-    """Raises the queued errors, one per call, then applies."""
+    """Raises the queued errors, one per call, then applies; refuses (ConfigError) the slices
+    whose first key is in ``refuse``; records the keys of every slice it was given."""
 
-    def __init__(self, errors: list[BaseException]) -> None:
+    def __init__(self, errors: list[BaseException], refuse: frozenset[int] = frozenset()) -> None:
         self.errors = errors
+        self.refuse = refuse
         self.calls = 0
         self.applied = 0
+        self.slices: list[list[int]] = []
 
     def dim(self, table: str) -> int | None:
         return 2
 
     def apply(self, table: str, keys: np.ndarray, values: np.ndarray) -> None:
         self.calls += 1
+        self.slices.append(keys.tolist())
         if self.errors:
             raise self.errors.pop(0)
+        if int(keys[0]) in self.refuse:
+            raise ConfigError("refused")
         self.applied += len(keys)
 
 
 def _source(applier: _Applier, max_batch_size: int = 8192) -> UpdateSource:
     cfg = UpdateSourceConfig(type="kafka_message_queue", failure_backoff_ms=1, max_batch_size=max_batch_size)
     return UpdateSource(cfg, applier, layer="volatile", group_id="hps.test")
-
-
-class _Message:
-    """What Consumer.consume returns, for one HugeCTR update message."""
-
-    def __init__(self, offset: int, keys: np.ndarray) -> None:
-        self._offset, self._payload = offset, encode(keys, np.ones((len(keys), 2), np.float32))
-
-    def error(self) -> None:
-        return None
-
-    def topic(self) -> str:
-        return "hps_et.m.t"
-
-    def partition(self) -> int:
-        return 0
-
-    def offset(self) -> int:
-        return self._offset
-
-    def value(self) -> bytes:
-        return self._payload
-
-    def key(self) -> None:
-        return None
-
-    def timestamp(self) -> tuple[int, int]:
-        return 1, 1_000
-
-
-class _Consumer:
-    """A consumer that hands out ``messages`` once, then nothing; records its commits."""
-
-    def __init__(self, messages: list[_Message]) -> None:
-        self.messages = messages
-        self.commits: list[list[tuple[str, int, int]]] = []
-        self.closed = False
-
-    def consume(self, num_messages: int, timeout: float) -> list[_Message]:
-        taken, self.messages = self.messages[:num_messages], self.messages[num_messages:]
-        return taken
-
-    def poll(self, timeout: float) -> None:
-        time.sleep(min(timeout, 0.01))
-
-    def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> list[TopicPartition]:
-        self.commits.append([(tp.topic, tp.partition, tp.offset) for tp in offsets])
-        return offsets
-
-    def assignment(self) -> list[TopicPartition]:
-        return []
-
-    def close(self) -> None:
-        self.closed = True
 
 
 def test_the_retryable_set_is_the_tier_and_the_gpu() -> None:
@@ -130,43 +91,92 @@ def test_rows_the_tier_refuses_are_skipped_at_once_and_not_counted_as_applied(er
     assert stats["apply_errors"] == 1 and stats["rejected_updates"] == 3 and stats["updates_applied"] == 0
 
 
-def test_only_the_applied_slices_and_whole_messages_count_as_applied() -> None:
-    applier = _Applier([])
-    source = _source(applier, max_batch_size=2)
-    consumer = _Consumer([])
-    for keys in ([1], [2, 3], [4]):  # rows 0 | 1-2 | 3; slices of 2 rows: [0, 1] [2, 3]
-        source._pending.add("hps_et.m.t", np.array(keys, np.int64), np.ones((len(keys), 2), np.float32), 1_000)
-    source._offsets[("hps_et.m.t", 0)] = 3
-    original = applier.apply
+# --------------------------------------------------------------------------- against a real broker
+@pytest.fixture
+def broker() -> Iterator[KafkaBroker]:
+    with broker_or_skip() as server:
+        yield server
 
-    def second_slice_refused(table: str, keys: np.ndarray, values: np.ndarray) -> None:
-        if keys[0] == 3:
-            raise ConfigError("refused")
-        original(table, keys, values)
 
-    applier.apply = second_slice_refused  # type: ignore[method-assign]
-    assert source._flush(consumer)  # type: ignore[arg-type]
+def _publish(bootstrap: str, *batches: list[int]) -> str:
+    """One HugeCTR update message per batch, in order, on a new one-partition topic; its name."""
+    model = f"m{uuid.uuid4().hex[:8]}"
+    with UpdateSink(bootstrap, num_partitions=1) as sink:
+        for keys in batches:
+            sink.publish(model, "t", np.array(keys, np.int64), np.ones((len(keys), 2), np.float32))
+        assert sink.flush(30).pending == 0
+    return topic_name(model, "t")
+
+
+def _broker_source(bootstrap: str, applier: _Applier, topic: str, max_batch_size: int = 8192) -> UpdateSource:
+    cfg = UpdateSourceConfig(type="kafka_message_queue", brokers=bootstrap, poll_timeout_ms=100,
+                             failure_backoff_ms=1, max_batch_size=max_batch_size)
+    return UpdateSource(cfg, applier, layer="volatile", group_id=f"hps.test.{uuid.uuid4().hex[:8]}",
+                        update_filters=[rf"^{re.escape(topic)}$"], consumer_config=FAST_GROUP)
+
+
+def _committed(bootstrap: str, group: str, topic: str) -> int:
+    """The offset ``group`` committed for partition 0 of ``topic`` (OFFSET_INVALID if none)."""
+    probe = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        [tp] = probe.committed([TopicPartition(topic, 0)], timeout=10)
+        assert tp.error is None, tp.error
+        offset: int = tp.offset
+        return offset
+    finally:
+        probe.close()
+
+
+def _wait(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(60)
+def test_only_the_applied_slices_and_whole_messages_count_as_applied(broker: KafkaBroker) -> None:
+    topic = _publish(broker.bootstrap, [1], [2, 3], [4])  # rows 0 | 1-2 | 3, at offsets 0 | 1 | 2
+    applier = _Applier([], refuse=frozenset({3}))  # the second slice is refused
+    source = _broker_source(broker.bootstrap, applier, topic, max_batch_size=2)
+    source.start()
+    try:
+        _wait(lambda: _committed(broker.bootstrap, source.group_id, topic) == 3, "offset 3 committed")
+    finally:
+        source.stop()
+    assert applier.slices == [[1, 2], [3, 4]]  # the three messages, in one batch, in slices of 2 rows
     stats = source.stats()
-    assert stats["updates_applied"] == 2 and stats["rejected_updates"] == 2
+    assert stats["updates_applied"] == 2 and stats["rejected_updates"] == 2 and stats["apply_errors"] == 1
     assert stats["messages"] == 1 and stats["staleness_samples"] == 1  # [1] only: [2, 3] lost row 3
-    assert consumer.commits == [[("hps_et.m.t", 0, 3)]]  # refused rows are skipped, like malformed ones
+    assert stats["commits"] == 1 and stats["stopped_by"] is None  # refused rows are skipped, like malformed ones
+    assert _committed(broker.bootstrap, source.group_id, topic) == 3
 
 
+@pytest.mark.kafka
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("error", [TypeError("a bug"), KeyError("t")])
 def test_a_bug_in_the_apply_stops_the_source_and_commits_nothing(
-        error: BaseException, caplog: pytest.LogCaptureFixture) -> None:
+        broker: KafkaBroker, error: BaseException, caplog: pytest.LogCaptureFixture) -> None:
+    topic = _publish(broker.bootstrap, [1, 2, 3])
     applier = _Applier([error])
-    source = _source(applier)
-    consumer = _Consumer([_Message(0, np.array([1, 2, 3], np.int64))])
-    source._connect = lambda: consumer  # type: ignore[method-assign,assignment,return-value]
+    source = _broker_source(broker.bootstrap, applier, topic)
     with caplog.at_level(logging.ERROR, logger="hps_core.updates.source"):
-        _run_to_end(source)
+        _run_to_end(source, timeout=30)
     stats = source.stats()
     assert applier.calls == 1 and applier.applied == 0
     assert stats["updates_applied"] == 0 and stats["rejected_updates"] == 0 and stats["messages"] == 0
     assert not stats["running"] and stats["stopped_by"] == f"{type(error).__name__}: {error}"
-    assert consumer.commits == [] and consumer.closed  # a restart re-reads the batch: nothing is lost
+    assert stats["commits"] == 0 and _committed(broker.bootstrap, source.group_id, topic) == OFFSET_INVALID
     assert [r.exc_info is not None for r in caplog.records if "stopped" in r.getMessage()] == [True]
+    # a restart re-reads the batch: nothing is lost
+    source.start()
+    try:
+        _wait(lambda: _committed(broker.bootstrap, source.group_id, topic) == 1, "offset 1 committed")
+    finally:
+        source.stop()
+    assert applier.applied == 3 and applier.slices == [[1, 2, 3], [1, 2, 3]]
+    assert source.stats()["updates_applied"] == 3 and source.stats()["stopped_by"] is None
 
 
 def test_a_stop_ends_the_retries_and_commits_nothing() -> None:
