@@ -650,11 +650,13 @@ class RocksDBPersistentDB:
 
 def _is_rocksdb_error(exc: BaseException) -> bool:
     """Whether rocksdict raised ``exc`` for a database failure: a bare ``Exception`` (its
-    RocksDB status: IO error, lock held, read-only, missing column family, ...) or a
-    ``DbClosedError``. Subclasses of Exception (TypeError, AttributeError, AssertionError,
+    RocksDB status: IO error, lock held, read-only, missing column family, ...), a
+    ``DbClosedError``, or an ``OSError`` (a filesystem fault of its own files, such as
+    writing rocksdict-config.json on open: a full disk, a permission, a directory in the
+    way). Other subclasses of Exception (TypeError, AttributeError, AssertionError,
     NameError, KeyError, our HPSErrors) are not: a bug must propagate, not be retried as a
     TierError."""
-    return type(exc) is Exception or isinstance(exc, DbClosedError)
+    return type(exc) is Exception or isinstance(exc, (DbClosedError, OSError))
 
 
 def translate_rocksdb(exc: BaseException, path: str, action: str, table: str | None = None) -> TierError:

@@ -348,3 +348,14 @@ def test_rocksdict_failures_are_tier_errors(tmp_path: Path) -> None:
     assert type(info.value.__cause__).__name__ == "DbClosedError"
     with pytest.raises(TierError, match="close"):  # closing it again: the same translation
         db.close()
+
+
+def test_filesystem_faults_of_rocksdict_are_tier_errors(tmp_path: Path) -> None:
+    """rocksdict raises OSError subclasses for filesystem faults (here: its options file is a
+    directory, IsADirectoryError; a full disk or a permission alike): a TierError naming the path,
+    which the update source retries, not a raw error it would stop on as a bug."""
+    path = tmp_path / "db"
+    (path / "rocksdict-config.json").mkdir(parents=True)
+    with pytest.raises(TierError, match=r"open.*db") as info:
+        RocksDBPersistentDB(PersistentDBConfig(path=str(path)))
+    assert isinstance(info.value.__cause__, OSError)
