@@ -3,7 +3,7 @@
 :class:`UpdateApplier` is the contract an :class:`~hps_core.updates.source.UpdateSource`
 drives: ``dim(table)`` says whether a table is deployed (and its width, to check messages
 against), ``apply(table, keys, values)`` upserts one batch and raises on failure. What the
-source does then depends on the error (:data:`~hps_core.updates.source.APPLY_RETRYABLE`):
+source does then depends on the error (:data:`APPLY_RETRYABLE`, stated here):
 
 - TierError or DeviceError (the tier down or busy, the GPU out of memory): it backs off
   ``failure_backoff_ms`` and re-applies the same batch until it passes or the source stops
@@ -41,7 +41,7 @@ from typing import Protocol, runtime_checkable
 
 from hps_core.arrays import Keys, Vectors
 from hps_core.db.base import EmbeddingTier, check_dim
-from hps_core.errors import ConfigError, TierBusyError
+from hps_core.errors import ConfigError, DeviceError, HPSError, TierBusyError, TierError
 from hps_core.logs import RateLimitedLog
 from hps_core.retry import RetryPolicy
 
@@ -52,6 +52,13 @@ log = logging.getLogger(__name__)
 _failures = RateLimitedLog(log)
 
 OnApplied = Callable[[str, Keys, Vectors], None]
+
+#: The errors of an apply worth another attempt, retried every failure_backoff_ms until the
+#: source stops: the tier down or busy, the GPU failing (out of memory refreshing a cache).
+#: Any other HPSError rejects the slice; any other error is a bug and stops the source.
+#: Stated here, where both the applier (its hook lets these through) and the source (its
+#: apply policy; re-exported as ``hps_core.updates.source.APPLY_RETRYABLE``) read it.
+APPLY_RETRYABLE: tuple[type[HPSError], ...] = (TierError, DeviceError)
 
 
 @runtime_checkable
@@ -76,7 +83,9 @@ class TierUpdateApplier:
         db: the tier to write (an open writer for RocksDB); None when ``db_factory`` is given.
         table_dims: qualified table name → vector width; only these tables are applied.
         on_applied: called as ``on_applied(table, keys, values)`` after each successful
-            insert (the cache-refresh hook). An exception from it is logged and counted,
+            insert (the cache-refresh hook). An :data:`APPLY_RETRYABLE` error from it (the
+            GPU out of memory) propagates, so the source retries the whole batch and the
+            cache does not keep stale rows; any other exception is logged and counted,
             never retried: the tier already holds the rows.
         db_factory: instead of ``db``, opens the tier per batch (see :meth:`opening`).
         busy_retries, busy_backoff_ms: with ``db_factory``, how often and how far apart a
@@ -156,6 +165,8 @@ class TierUpdateApplier:
             return
         try:
             self._on_applied(table, keys, values)
-        except Exception as exc:  # the rows are in the tier; a failed refresh must not re-apply them
+        except APPLY_RETRYABLE:  # the cache would keep stale rows: the source retries the batch
+            raise  # (re-applying it to the tier is a repeated upsert, harmless)
+        except Exception as exc:  # the rows are in the tier; a refresh that will not pass is logged
             self.hook_errors += 1
             _failures.failure(f"on_applied hook failed for updates of {table}", exc)

@@ -78,10 +78,10 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, Kafka
 
 from hps_core.arrays import Keys, Vectors
 from hps_core.config import DEFAULT_UPDATE_FILTERS, ParameterServerConfig, UpdateSourceConfig
-from hps_core.errors import ConfigError, DeviceError, HPSError, MalformedMessage, TierError, UpdateError
+from hps_core.errors import ConfigError, HPSError, MalformedMessage, UpdateError
 from hps_core.logs import DEFAULT_LOG_INTERVAL_S, RateLimitedLog
 from hps_core.retry import RetryPolicy
-from hps_core.updates.applier import UpdateApplier
+from hps_core.updates.applier import APPLY_RETRYABLE, UpdateApplier
 from hps_core.updates.sink import KafkaClientLog, kafka_brokers, kafka_error_of
 from hps_core.updates.wire import TOPIC_PREFIX, decode
 
@@ -93,10 +93,6 @@ SUBSCRIPTION = rf"^{TOPIC_PREFIX}\..*"  # librdkafka treats a leading '^' as a r
 _LAYERS = ("volatile", "persistent")
 _GROUP_PREFIX = "hps."
 _FINAL_COMMIT_WAIT_S = 5.0  # a graceful stop waits this long for its last commit to settle
-#: The errors of an apply worth another attempt, retried every failure_backoff_ms until the
-#: source stops: the tier down or busy, the GPU failing (out of memory refreshing a cache).
-#: Any other HPSError rejects the slice; any other error is a bug and stops the source.
-APPLY_RETRYABLE: tuple[type[HPSError], ...] = (TierError, DeviceError)
 
 def consumer_group_id(layer: str, *, shared: bool, hostname: str | None = None,
                       instance: str | None = None) -> str:
