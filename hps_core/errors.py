@@ -20,7 +20,8 @@ against the classes below)::
      │    │                     the rows found and the keys whose node failed
      │    └── StoredWidthError  a stored row's size is not its table's width (written with another dim)
      ├── CacheFullError     a static cache table has no room for the new keys of a replace
-     ├── DeviceError        the GPU failed (CuPy/CUDA: out of memory, a kernel that does not compile)
+     ├── DeviceError        the GPU failed (CuPy/CUDA: a kernel that does not compile, an illegal access)
+     │    └── DeviceMemoryError  the GPU ran out of memory: passes, so the update source retries it
      ├── UpdateError        the Kafka update path failed (broker unreachable, delivery failed)
      │    └── MalformedMessage  a message breaks HugeCTR's wire format; skipped, never retried
      └── ServingError       the Triton server could not be found, staged, started or stopped
@@ -37,6 +38,7 @@ __all__ = [
     "CacheFullError",
     "ConfigError",
     "DeviceError",
+    "DeviceMemoryError",
     "FormatError",
     "HPSError",
     "MalformedMessage",
@@ -121,6 +123,12 @@ class CacheFullError(HPSError):
 class DeviceError(HPSError):
     """The GPU failed under a cache: CuPy or CUDA ran out of device memory, a kernel did not
     compile, or a call on the device failed. The message names the device and the step."""
+
+
+class DeviceMemoryError(DeviceError):
+    """The GPU ran out of memory (CuPy's OutOfMemoryError, CUDA's cudaErrorMemoryAllocation
+    or CUDA_ERROR_OUT_OF_MEMORY): a failure that may pass once memory is freed, unlike the
+    other DeviceErrors (an illegal memory access leaves the CUDA context unusable)."""
 
 
 class UpdateError(HPSError):

@@ -417,8 +417,8 @@ class LookupSession:
     def apply_update(self, table_name: str, keys: Keys, values: Vectors) -> int:
         """Overwrite the cached rows of ``keys`` (n,) int64 with ``values`` (n, dim) float32,
         host arrays from the update stream; keys not cached are left out. Returns the rows
-        overwritten (0 without a cache). A GPU failure (out of memory) raises DeviceError,
-        which the update source retries."""
+        overwritten (0 without a cache). A GPU failure raises DeviceError (DeviceMemoryError
+        when out of memory, which the update source retries)."""
         view = self._views.get(table_name)
         if view is None:
             return 0

@@ -158,6 +158,7 @@ class _CacheApplier:
         return self._dims.get(table)
 
     def apply(self, table: str, keys: Keys, values: Vectors) -> None:
-        """Refresh the cached rows; a GPU out of memory raises DeviceError, which the source
-        retries (a skipped batch would leave stale rows in the cache)."""
+        """Refresh the cached rows; a GPU out of memory raises DeviceMemoryError, which the
+        source retries (a skipped batch would leave stale rows in the cache); another
+        DeviceError stops it."""
         self._refresh(table, keys, values)

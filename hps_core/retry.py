@@ -5,11 +5,13 @@ One :class:`RetryPolicy` per loop that retries, stated where the loop lives::
     loop                                     retryable               backoff                        limit
     TierUpdateApplier.opening: open writer   TierBusyError           busy_backoff_ms, constant      busy_retries
     server: open the RocksDB writer to load  TierBusyError           0.2 s, constant                600 s
-    UpdateSource: apply a batch              TierError, DeviceError  failure_backoff_ms, constant   until stopped
+    UpdateSource: apply a batch              TierError,              failure_backoff_ms, constant   until stopped
+                                             DeviceMemoryError
     UpdateSink: re-send rounds               UpdateError             0.1 s doubling to 2 s          max_idle_rounds idle rounds
 
-(The update source's set is ``hps_core.updates.source.APPLY_RETRYABLE``, where it also says
-what becomes of the other errors of an apply.)
+(The update source's set is ``hps_core.updates.applier.APPLY_RETRYABLE``, re-exported as
+``hps_core.updates.source.APPLY_RETRYABLE``, where the source says what becomes of the other
+errors of an apply.)
 
 :meth:`RetryPolicy.call` runs a callable under a policy: an error the policy does not
 declare retryable (a bug, a malformed request) is raised at once, never retried; a

@@ -82,7 +82,7 @@ from hps_core.cache.base import (
     check_table_rows,
     normalize_keys,
 )
-from hps_core.errors import ConfigError, DeviceError, RequestError
+from hps_core.errors import ConfigError, DeviceError, DeviceMemoryError, RequestError
 from hps_core.rows import check_rows_fit
 
 __all__ = ["GpuDynamicCache", "GpuEmbeddingCache", "GpuStaticCache", "StaticEmbeddingTable"]
@@ -112,7 +112,7 @@ def _cupy() -> Any:
 def translate_cupy(device: int, what: str) -> Iterator[None]:
     """CuPy's and CUDA's errors raised in the block (out of device memory, a CUDA runtime or
     driver failure, a kernel that does not compile) → DeviceError naming the device and
-    ``what``: where CuPy errors enter hps_core, at a cache's construction and allocation and
+    ``what``, DeviceMemoryError when out of memory (:func:`device_error_type`): where CuPy errors enter hps_core, at a cache's construction and allocation and
     in the update stream's refresh of cached rows (LookupSession.apply_update)."""
     cp = _cupy()
     oom = cp.cuda.memory.OutOfMemoryError
@@ -120,8 +120,28 @@ def translate_cupy(device: int, what: str) -> Iterator[None]:
         yield
     except (oom, cp.cuda.runtime.CUDARuntimeError, cp.cuda.driver.CUDADriverError,
             cp.cuda.compiler.CompileException) as exc:
-        hint = "; lower gpucacheper or the tables' sizes" if isinstance(exc, oom) else ""
-        raise DeviceError(f"GPU {device}: {what} failed ({type(exc).__name__}: {exc}){hint}") from exc
+        kind = device_error_type("OutOfMemoryError" if isinstance(exc, oom) else type(exc).__name__,
+                                 getattr(exc, "status", None))
+        hint = "; lower gpucacheper or the tables' sizes" if kind is DeviceMemoryError else ""
+        raise kind(f"GPU {device}: {what} failed ({type(exc).__name__}: {exc}){hint}") from exc
+
+
+#: CUDA's out-of-memory status: cudaErrorMemoryAllocation (runtime) and
+#: CUDA_ERROR_OUT_OF_MEMORY (driver) are both 2.
+_CUDA_OUT_OF_MEMORY = 2
+
+
+def device_error_type(name: str, status: int | None) -> type[DeviceError]:
+    """The DeviceError a CuPy error becomes, from its class name and its CUDA ``status``
+    (None when it has none): DeviceMemoryError for CuPy's OutOfMemoryError and for a CUDA
+    runtime or driver error whose status is out of memory (a failure that passes, retried by
+    the update source); DeviceError for the rest (an illegal memory access, a kernel that does
+    not compile: retrying would fail forever)."""
+    if name == "OutOfMemoryError":
+        return DeviceMemoryError
+    if name in ("CUDARuntimeError", "CUDADriverError") and status == _CUDA_OUT_OF_MEMORY:
+        return DeviceMemoryError
+    return DeviceError
 
 
 class _Workspace:

@@ -5,12 +5,12 @@ drives: ``dim(table)`` says whether a table is deployed (and its width, to check
 against), ``apply(table, keys, values)`` upserts one batch and raises on failure. What the
 source does then depends on the error (:data:`APPLY_RETRYABLE`, stated here):
 
-- TierError or DeviceError (the tier down or busy, the GPU out of memory): it backs off
+- TierError or DeviceMemoryError (the tier down or busy, the GPU out of memory): it backs off
   ``failure_backoff_ms`` and re-applies the same batch until it passes or the source stops
   (updates are idempotent upserts, so a repeat is harmless);
 - any other HPSError (the tier refuses these rows: ConfigError, RequestError, MalformedMessage):
   the batch is skipped and counted in ``rejected_updates``, like a malformed message;
-- anything else is a bug: the source stops (``stats()``: ``running`` false, ``stopped_by``)
+- anything else (another DeviceError too: an illegal memory access) is a bug: the source stops (``stats()``: ``running`` false, ``stopped_by``)
   without committing the batch's offsets, so a restarted source re-reads it.
 
 :class:`TierUpdateApplier` applies into any :class:`~hps_core.db.base.EmbeddingTier`
@@ -41,7 +41,7 @@ from typing import Protocol, runtime_checkable
 
 from hps_core.arrays import Keys, Vectors
 from hps_core.db.base import EmbeddingTier, check_dim
-from hps_core.errors import ConfigError, DeviceError, HPSError, TierBusyError, TierError
+from hps_core.errors import ConfigError, DeviceError, DeviceMemoryError, HPSError, TierBusyError, TierError
 from hps_core.logs import RateLimitedLog
 from hps_core.retry import RetryPolicy
 
@@ -54,11 +54,12 @@ _failures = RateLimitedLog(log)
 OnApplied = Callable[[str, Keys, Vectors], None]
 
 #: The errors of an apply worth another attempt, retried every failure_backoff_ms until the
-#: source stops: the tier down or busy, the GPU failing (out of memory refreshing a cache).
-#: Any other HPSError rejects the slice; any other error is a bug and stops the source.
+#: source stops: the tier down or busy, the GPU out of memory refreshing a cache. Any other
+#: DeviceError (an illegal memory access: it would fail forever) stops the source like a bug;
+#: any other HPSError rejects the slice; any other error is a bug and stops the source.
 #: Stated here, where both the applier (its hook lets these through) and the source (its
 #: apply policy; re-exported as ``hps_core.updates.source.APPLY_RETRYABLE``) read it.
-APPLY_RETRYABLE: tuple[type[HPSError], ...] = (TierError, DeviceError)
+APPLY_RETRYABLE: tuple[type[HPSError], ...] = (TierError, DeviceMemoryError)
 
 
 @runtime_checkable
@@ -71,7 +72,7 @@ class UpdateApplier(Protocol):
         ...
 
     def apply(self, table: str, keys: Keys, values: Vectors) -> None:
-        """Upsert keys (n,) int64 → values (n, dim) float32. Raise TierError or DeviceError
+        """Upsert keys (n,) int64 → values (n, dim) float32. Raise TierError or DeviceMemoryError
         to have it retried, another HPSError to have it skipped (see the module docstring)."""
         ...
 
@@ -85,8 +86,9 @@ class TierUpdateApplier:
         on_applied: called as ``on_applied(table, keys, values)`` after each successful
             insert (the cache-refresh hook). An :data:`APPLY_RETRYABLE` error from it (the
             GPU out of memory) propagates, so the source retries the whole batch and the
-            cache does not keep stale rows; any other exception is logged and counted,
-            never retried: the tier already holds the rows.
+            cache does not keep stale rows, and so does any other DeviceError (the source
+            stops); any other exception is logged and counted, never retried: the tier
+            already holds the rows.
         db_factory: instead of ``db``, opens the tier per batch (see :meth:`opening`).
         busy_retries, busy_backoff_ms: with ``db_factory``, how often and how far apart a
             TierBusyError open is retried before it is raised.
@@ -165,8 +167,8 @@ class TierUpdateApplier:
             return
         try:
             self._on_applied(table, keys, values)
-        except APPLY_RETRYABLE:  # the cache would keep stale rows: the source retries the batch
-            raise  # (re-applying it to the tier is a repeated upsert, harmless)
+        except (*APPLY_RETRYABLE, DeviceError):  # the cache would keep stale rows: the source
+            raise  # retries the batch (a repeated upsert, harmless), or stops on a broken GPU
         except Exception as exc:  # the rows are in the tier; a refresh that will not pass is logged
             self.hook_errors += 1
             _failures.failure(f"on_applied hook failed for updates of {table}", exc)

@@ -27,12 +27,13 @@ are idempotent upserts). What an apply may raise, and what the source does (the 
 is stated once, as :data:`APPLY_RETRYABLE`, the apply's :class:`~hps_core.retry.RetryPolicy`):
 
 - :data:`APPLY_RETRYABLE`, a failure that passes: a TierError (the tier down or busy) or a
-  DeviceError (the GPU out of memory while a cache is refreshed). The slice is retried every
+  DeviceMemoryError (the GPU out of memory while a cache is refreshed). The slice is retried every
   ``failure_backoff_ms`` until it succeeds or the source is stopped (then nothing is committed).
-- any other :class:`~hps_core.errors.HPSError` (ConfigError, RequestError, MalformedMessage:
-  the tier refuses these rows, and would refuse them again): the slice is counted in
+- any other :class:`~hps_core.errors.HPSError` but a DeviceError (ConfigError, RequestError,
+  MalformedMessage: the tier refuses these rows, and would refuse them again): the slice is counted in
   ``rejected_updates``, logged and skipped, like a malformed message; its offsets commit.
-- anything else is a bug (TypeError, KeyError, ...): it stops the source like a bug in the
+- anything else is a bug (TypeError, KeyError, ..., and any other DeviceError: an illegal
+  memory access would fail forever): it stops the source like a bug in the
   consumer loop (below). The offsets of the batch are not committed, so a restarted source
   re-reads it and nothing is lost.
 
@@ -78,7 +79,7 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, Kafka
 
 from hps_core.arrays import Keys, Vectors
 from hps_core.config import DEFAULT_UPDATE_FILTERS, ParameterServerConfig, UpdateSourceConfig
-from hps_core.errors import ConfigError, HPSError, MalformedMessage, UpdateError
+from hps_core.errors import ConfigError, DeviceError, HPSError, MalformedMessage, UpdateError
 from hps_core.logs import DEFAULT_LOG_INTERVAL_S, RateLimitedLog
 from hps_core.retry import RetryPolicy
 from hps_core.updates.applier import APPLY_RETRYABLE, UpdateApplier
@@ -436,7 +437,8 @@ class UpdateSource:
         :data:`APPLY_RETRYABLE` is retried every failure_backoff_ms. Any other HPSError (the
         tier refusing these rows) is never retried: the slice is counted in
         ``rejected_updates``, logged with its traceback and skipped, like a malformed message.
-        Anything else is a bug: it propagates and stops the source (see :meth:`_flush`).
+        Anything else (another DeviceError included) is a bug: it propagates and stops the
+        source (see :meth:`_flush`).
         """
         def failed(attempts: int, exc: BaseException) -> None:
             self._count(apply_errors=1)
@@ -448,6 +450,8 @@ class UpdateSource:
                                     sleep=self._stop.wait, on_retry=failed)
         except self._apply_policy.retryable:
             return None
+        except DeviceError:  # not out of memory: the GPU is broken for good, retrying fails forever
+            raise
         except HPSError as exc:  # refused, and would be again: never retried, never blocks the stream
             self._count(apply_errors=1, rejected_updates=int(keys.shape[0]))
             self._log.failure(f"update source {self.group_id}: skipped updates to {table}", exc)

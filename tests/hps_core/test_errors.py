@@ -63,6 +63,19 @@ def test_no_exception_class_outside_errors_py() -> None:
     assert found == []
 
 
+def test_cupy_errors_out_of_memory_are_the_retryable_device_error() -> None:
+    """translate_cupy's classification (CuPy itself needs a GPU): CuPy's OutOfMemoryError and
+    CUDA's out-of-memory status (2, runtime and driver) pass; the rest fail for good."""
+    from hps_core.cache.gpu import device_error_type
+
+    assert device_error_type("OutOfMemoryError", None) is errors.DeviceMemoryError
+    assert device_error_type("CUDARuntimeError", 2) is errors.DeviceMemoryError  # cudaErrorMemoryAllocation
+    assert device_error_type("CUDADriverError", 2) is errors.DeviceMemoryError  # CUDA_ERROR_OUT_OF_MEMORY
+    assert device_error_type("CUDARuntimeError", 700) is errors.DeviceError  # cudaErrorIllegalAddress
+    assert device_error_type("CUDADriverError", 700) is errors.DeviceError
+    assert device_error_type("CompileException", None) is errors.DeviceError
+
+
 def test_third_party_errors_enter_as_ours() -> None:
     """One helper per library turns its errors into ours (translate_cupy needs a GPU: its
     DeviceError is covered where CuPy is installed, by the GPU cache tests)."""

@@ -25,7 +25,7 @@ import pytest
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, TopicPartition
 
 from hps_core.config import UpdateSourceConfig, load_config
-from hps_core.errors import ConfigError, DeviceError, MalformedMessage, RequestError, TierBusyError, TierError
+from hps_core.errors import ConfigError, DeviceError, DeviceMemoryError, MalformedMessage, RequestError, TierBusyError, TierError
 from hps_core.formats import write_sparse_model
 from hps_core.server import HierarchicalParameterServer
 from hps_core.updates import UpdateSink, UpdateSource, topic_name
@@ -66,11 +66,12 @@ def _source(applier: _Applier, max_batch_size: int = 8192) -> UpdateSource:
     return UpdateSource(cfg, applier, layer="volatile", group_id="hps.test")
 
 
-def test_the_retryable_set_is_the_tier_and_the_gpu() -> None:
-    assert APPLY_RETRYABLE == (TierError, DeviceError)
+def test_the_retryable_set_is_the_tier_and_the_gpu_out_of_memory() -> None:
+    assert APPLY_RETRYABLE == (TierError, DeviceMemoryError)
 
 
-@pytest.mark.parametrize("error", [TierError("down"), TierBusyError("locked"), DeviceError("GPU 0: out of memory")])
+@pytest.mark.parametrize("error", [TierError("down"), TierBusyError("locked"),
+                                   DeviceMemoryError("GPU 0: out of memory")])
 def test_a_failing_tier_or_gpu_is_retried_until_it_answers(error: BaseException) -> None:
     applier = _Applier([error, error, error])
     source = _source(applier)
@@ -89,6 +90,17 @@ def test_rows_the_tier_refuses_are_skipped_at_once_and_not_counted_as_applied(er
     stats = source.stats()
     assert applier.calls == 1 and applier.applied == 0
     assert stats["apply_errors"] == 1 and stats["rejected_updates"] == 3 and stats["updates_applied"] == 0
+
+
+def test_a_gpu_failing_for_good_stops_like_a_bug_instead_of_retrying_forever() -> None:
+    """A DeviceError other than out of memory (an illegal memory access) would fail every
+    retry: it propagates (and stops the source uncommitted), neither retried nor rejected."""
+    applier = _Applier([DeviceError("GPU 0: illegal memory access")] * 3)
+    source = _source(applier)
+    with pytest.raises(DeviceError, match="illegal"):
+        source._apply("hps_et.m.t", KEYS, VALUES)
+    stats = source.stats()
+    assert applier.calls == 1 and stats["rejected_updates"] == 0 and stats["updates_applied"] == 0
 
 
 # --------------------------------------------------------------------------- against a real broker

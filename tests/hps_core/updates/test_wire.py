@@ -19,7 +19,7 @@ import pytest
 import hps_core.updates as updates
 from hps_core.config import PersistentDBConfig, VolatileDBConfig
 from hps_core.db import HashMapVolatileDB, RocksDBPersistentDB
-from hps_core.errors import DeviceError, HPSError, RequestError, TierBusyError, UpdateError
+from hps_core.errors import DeviceError, DeviceMemoryError, HPSError, RequestError, TierBusyError, UpdateError
 from hps_core.updates import MalformedMessage, TierUpdateApplier, decode, encode, parse_topic, topic_name
 from hps_core.updates.source import consumer_group_id
 from hps_core.updates.wire import MAGIC, key_groups, partitions_for_keys, xxh3_64
@@ -191,11 +191,13 @@ def test_applier_hook_failure_is_counted_not_raised() -> None:
     assert applier.hook_errors == 1 and applier.applied_updates == 1
 
 
-def test_applier_hook_device_error_propagates_for_the_source_to_retry() -> None:
-    """A cache refresh the GPU failed (out of memory) is not swallowed: the source retries the
-    batch, else the cache would keep stale rows; the tier holds the rows either way."""
+@pytest.mark.parametrize("error", [DeviceMemoryError("GPU 0: refresh failed (OutOfMemoryError)"),
+                                   DeviceError("GPU 0: refresh failed (illegal memory access)")])
+def test_applier_hook_device_error_propagates_for_the_source_to_retry(error: DeviceError) -> None:
+    """A cache refresh the GPU failed is not swallowed: the source retries the batch (out of
+    memory) or stops, else the cache would keep stale rows; the tier holds the rows either way."""
     def hook(table: str, keys: np.ndarray, values: np.ndarray) -> None:
-        raise DeviceError("GPU 0: refresh failed (OutOfMemoryError)")
+        raise error
 
     db = HashMapVolatileDB()
     applier = TierUpdateApplier(db, {"hps_et.m.t": 2}, hook)
