@@ -60,6 +60,8 @@ OnApplied = Callable[[str, Keys, Vectors], None]
 #: Stated here, where both the applier (its hook lets these through) and the source (its
 #: apply policy; re-exported as ``hps_core.updates.source.APPLY_RETRYABLE``) read it.
 APPLY_RETRYABLE: tuple[type[HPSError], ...] = (TierError, DeviceMemoryError)
+# What the on_applied hook lets through: the retryable set, and a GPU broken for good (stops the source).
+_HOOK_PROPAGATES: tuple[type[HPSError], ...] = (*APPLY_RETRYABLE, DeviceError)
 
 
 @runtime_checkable
@@ -167,7 +169,7 @@ class TierUpdateApplier:
             return
         try:
             self._on_applied(table, keys, values)
-        except (*APPLY_RETRYABLE, DeviceError):  # the cache would keep stale rows: the source
+        except _HOOK_PROPAGATES:  # the cache would keep stale rows: the source
             raise  # retries the batch (a repeated upsert, harmless), or stops on a broken GPU
         except Exception as exc:  # the rows are in the tier; a refresh that will not pass is logged
             self.hook_errors += 1
