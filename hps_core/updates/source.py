@@ -133,6 +133,8 @@ class _Pending:
 
     # per table, one (keys, values, publish timestamp in ms or None) per message, in arrival order
     chunks: dict[str, list[tuple[Keys, Vectors, int | None]]] = field(default_factory=dict)
+    # per table being applied, the outcome (applied, refused) of each of its slices done so far
+    done: dict[str, list[bool]] = field(default_factory=dict)
     updates: int = 0
     messages: int = 0  # messages taken since the last commit (all kinds)
 
@@ -142,6 +144,7 @@ class _Pending:
 
     def clear(self) -> None:
         self.chunks.clear()
+        self.done.clear()
         self.updates = 0
         self.messages = 0
 
@@ -409,25 +412,38 @@ class UpdateSource:
         """Apply everything pending, then commit the offsets (``wait``: synchronously);
         False if stopped mid-apply. A bug raised by the applier propagates (it stops the
         source) after the batch and its offsets are dropped: nothing of it is committed."""
+        if not self._apply_pending():
+            return False  # stopped while the apply kept failing: commit nothing
+        self._commit(consumer, wait=wait)
+        return True
+
+    def _apply_pending(self) -> bool:
+        """Apply everything pending (see :meth:`_flush`); False if stopped mid-apply.
+
+        What is done leaves the batch as it is done: a table once all its slices are applied
+        (or refused), and within a table the slices so far (``_Pending.done``), so a later
+        flush (the revoke at the consumer's close) applies and counts only the rest, in order.
+        """
         pending = self._pending
         step = self.config.max_batch_size
         try:
-            for table, chunks in pending.chunks.items():
+            for table in list(pending.chunks):
+                chunks = pending.chunks[table]
                 keys = np.concatenate([k for k, _, _ in chunks])
                 values = np.concatenate([v for _, v, _ in chunks])
-                applied = []
-                for start in range(0, keys.shape[0], step):
+                applied = pending.done.setdefault(table, [])  # slice boundaries stay multiples of step
+                for start in range(len(applied) * step, keys.shape[0], step):
                     outcome = self._apply(table, keys[start:start + step], values[start:start + step])
                     if outcome is None:
                         return False  # stopped while the apply kept failing: commit nothing
                     applied.append(outcome)
                 self._record_applied(chunks, applied, step)
+                del pending.chunks[table], pending.done[table]
         except Exception:
             pending.clear()  # a restarted source re-reads these from the last commit
             self._offsets.clear()
             raise
         pending.clear()
-        self._commit(consumer, wait=wait)
         return True
 
     def _apply(self, table: str, keys: Keys, values: Vectors) -> bool | None:

@@ -38,10 +38,10 @@ VALUES = np.ones((3, 2), np.float32)
 
 
 class _Applier:
-    """Raises the queued errors, one per call, then applies; refuses (ConfigError) the slices
+    """Raises the queued errors, one per call (None: that call applies), then applies; refuses (ConfigError) the slices
     whose first key is in ``refuse``; records the keys of every slice it was given."""
 
-    def __init__(self, errors: list[BaseException], refuse: frozenset[int] = frozenset()) -> None:
+    def __init__(self, errors: list[BaseException | None], refuse: frozenset[int] = frozenset()) -> None:
         self.errors = errors
         self.refuse = refuse
         self.calls = 0
@@ -54,8 +54,8 @@ class _Applier:
     def apply(self, table: str, keys: np.ndarray, values: np.ndarray) -> None:
         self.calls += 1
         self.slices.append(keys.tolist())
-        if self.errors:
-            raise self.errors.pop(0)
+        if self.errors and (error := self.errors.pop(0)) is not None:
+            raise error
         if int(keys[0]) in self.refuse:
             raise ConfigError("refused")
         self.applied += len(keys)
@@ -101,6 +101,28 @@ def test_a_gpu_failing_for_good_stops_like_a_bug_instead_of_retrying_forever() -
         source._apply("hps_et.m.t", KEYS, VALUES)
     stats = source.stats()
     assert applier.calls == 1 and stats["rejected_updates"] == 0 and stats["updates_applied"] == 0
+
+
+def test_a_batch_a_stop_interrupted_is_applied_and_counted_once() -> None:
+    """A stop ends the retries of the second slice: the first stays applied and counted, and the
+    flush at the consumer's close (the revoke) applies and counts only the rest, in order."""
+    applier = _Applier([None, TierError("down"), None, None, TierError("down")], refuse=frozenset({5}))
+    source = _source(applier, max_batch_size=2)
+    for keys in ([1], [2, 3], [4]):  # rows 0 | 1-2 | 3: slices [1, 2] [3, 4]
+        source._pending.add("hps_et.m.a", np.array(keys, np.int64), np.ones((len(keys), 2), np.float32), None)
+    source._pending.add("hps_et.m.b", np.array([5, 6], np.int64), VALUES[:2], None)
+    source._pending.add("hps_et.m.b", np.array([7], np.int64), VALUES[:1], None)
+    source._stop.set()  # every failed attempt ends the flush at once
+    assert source._apply_pending() is False  # [1, 2] applied, [3, 4] failed
+    assert source.stats()["updates_applied"] == 2 and source.stats()["messages"] == 0
+    assert source._apply_pending() is False  # [3, 4] applied, table b's [5, 6] refused, [7] failed
+    stats = source.stats()
+    assert stats["updates_applied"] == 4 and stats["messages"] == 3 and stats["rejected_updates"] == 2
+    assert source._apply_pending() is True  # [7] applied
+    assert applier.slices == [[1, 2], [3, 4], [3, 4], [5, 6], [7], [7]]
+    stats = source.stats()
+    assert stats["updates_applied"] == 5 and stats["messages"] == 4 and stats["rejected_updates"] == 2
+    assert not source._pending.chunks and not source._pending.done
 
 
 # --------------------------------------------------------------------------- against a real broker
