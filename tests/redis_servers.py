@@ -161,7 +161,7 @@ class RedisProcesses:
 
     @classmethod
     def cluster(cls, folder: Path, *, nodes: int = 3, password: str | None = None) -> RedisProcesses:
-        servers = []
+        servers: list[RedisServer] = []
         try:
             for _ in range(nodes):
                 port = _free_cluster_port({s.port for s in servers})
