@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 from hps_core.config import load_config  # noqa: E402
 from hps_core.formats import write_sparse_model  # noqa: E402
 from hps_core.server import HierarchicalParameterServer  # noqa: E402
+from scripts.bench_updates import write_report  # noqa: E402
 from tests.redis_servers import RedisProcesses  # noqa: E402
 
 
@@ -188,8 +189,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "work" / "bench_redis_refill")
     args = parser.parse_args()
     report = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_redis_refill.json").write_text(json.dumps(report, indent=2))
+    write_report("bench_redis_refill", None, str(args.out), **report)
     for key, value in report.items():
         if key == "log_lines":
             for cause, figures in value.items():

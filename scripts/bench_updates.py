@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -40,7 +41,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hps_core.config import E402, PersistentDBConfig, UpdateSourceConfig, noqa
+from hps_core.config import PersistentDBConfig, UpdateSourceConfig  # noqa: E402
 from hps_core.db import HashMapVolatileDB, RocksDBPersistentDB  # noqa: E402
 from hps_core.db.base import EmbeddingTier  # noqa: E402
 from hps_core.updates import TierUpdateApplier, UpdateSink, UpdateSource, topic_name  # noqa: E402
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
 def write_report(benchmark: str, argv: list[str] | None, out: str, **fields: Any) -> Path:
     """Write ``<out>/<benchmark>_<time>.json``: the machine, the command line and ``fields``."""
     report = {"benchmark": benchmark, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "machine": {"python": platform.python_version(), "cpus": __import__("os").cpu_count()},
+              "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
               "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
               **fields}
     folder = Path(out)
