@@ -13,7 +13,8 @@ against the classes below)::
      ├── ConfigError        an HPS JSON or model setting is invalid (names field and file)
      ├── FormatError        a sparse model folder or table file is malformed
      ├── RequestError       a lookup request is malformed (wrong dtype, shape, counts)
-     │    └── UnknownTableError   a table or model that is not deployed
+     │    ├── UnknownTableError   a table or model that is not deployed
+     │    └── RowValueError       a row its table's format cannot store (NaN, inf, out of range)
      ├── TierError          a storage tier failed (I/O, connection); callers degrade to the next tier
      │    ├── TierBusyError     another process holds the tier exclusively (RocksDB's write lock)
      │    ├── PartialTierError  some nodes of a tier answered a fetch and some failed: carries
@@ -44,6 +45,7 @@ __all__ = [
     "MalformedMessage",
     "PartialTierError",
     "RequestError",
+    "RowValueError",
     "ServingError",
     "StoredWidthError",
     "TierBusyError",
@@ -74,6 +76,16 @@ class UnknownTableError(RequestError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class RowValueError(RequestError):
+    """A row its table's row format cannot store (hps_core.row_formats): a NaN or infinity in
+    a compact format, a float16 value beyond ±65504. Nothing of the batch was stored.
+    ``position``: the index of the first such row in the batch."""
+
+    def __init__(self, message: str, position: int = -1) -> None:
+        super().__init__(message)
+        self.position = position
 
 
 class TierError(HPSError):

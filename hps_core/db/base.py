@@ -1,7 +1,9 @@
 """The storage-tier contract shared by every volatile and persistent database.
 
 HugeCTR puts every database behind one batched interface; so do we. A tier stores, per
-table, a map ``int64 key -> float32[dim] vector``. Table names are qualified
+table, a map ``int64 key -> float32[dim] vector``, each row packed in the table's row format
+(:mod:`hps_core.row_formats`: fp32, fp16, fp8 or int8) and dequantised to float32 where it is
+read, so callers see float32 rows whatever the format. Table names are qualified
 (``hps_et.<model>.<table>``) so tiers can be shared between models and processes.
 
 Every call is batched and fills caller-provided arrays: ``fetch`` writes the rows it finds
@@ -27,6 +29,7 @@ import numpy as np
 
 from hps_core.arrays import Flat, Keys, Mask, Vectors
 from hps_core.errors import ConfigError, RequestError, UnknownTableError
+from hps_core.row_formats import RowFormat
 from hps_core.rows import check_rows_fit
 
 __all__ = [
@@ -43,6 +46,8 @@ __all__ = [
     "check_dim",
     "check_keys",
     "check_out",
+    "check_row_format",
+    "format_mismatch",
     "check_table_batch",
     "check_table_name",
     "check_values",
@@ -58,19 +63,27 @@ class EmbeddingTier(Protocol):
     is the table's vector size.
     """
 
-    def create_table(self, table: str, dim: int) -> None:
-        """Create ``table`` holding ``dim``-wide vectors.
+    def create_table(self, table: str, dim: int, row_format: RowFormat = RowFormat.FP32) -> None:
+        """Create ``table`` holding ``dim``-wide vectors stored in ``row_format``.
 
-        Idempotent for the same ``dim``; a different ``dim`` for an existing table raises
-        ConfigError.
+        Idempotent for the same ``dim`` and format; a different ``dim`` or format for an
+        existing table (one this tier stored before, in another process too) raises
+        ConfigError naming both (:func:`format_mismatch`). A table stored before formats
+        existed is fp32.
         """
         ...
 
+    def row_format(self, table: str) -> RowFormat:
+        """The format ``table``'s rows are stored in."""
+        ...
+
     def insert(self, table: str, keys: Keys, values: Vectors) -> None:
-        """Upsert ``values[i]`` under ``keys[i]``.
+        """Upsert ``values[i]`` under ``keys[i]``, packed in the table's row format.
 
         keys: (n,) int64 (or uint32). values: (n, dim) float32, C-contiguous.
-        Duplicate keys inside one batch: the last occurrence wins.
+        Duplicate keys inside one batch: the last occurrence wins. A row the format cannot
+        store (NaN, infinity, out of range) refuses the whole batch with RowValueError
+        before anything is written.
         """
         ...
 
@@ -152,7 +165,7 @@ class PartitionMarkers(Protocol):
     @property
     def num_partitions(self) -> int: ...
 
-    def create_table(self, table: str, dim: int) -> None: ...
+    def create_table(self, table: str, dim: int, row_format: RowFormat = RowFormat.FP32) -> None: ...
 
     def mark_loaded(self, table: str, partitions: Iterable[int] | None = None) -> None:
         """Write the load marker of ``partitions`` of ``table`` (all by default)."""
@@ -255,6 +268,23 @@ def check_dim(table: str, dim: object) -> int:
     if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
         raise ConfigError(f"table {table!r}: vector size must be a positive integer, got {dim!r}")
     return int(dim)
+
+
+def check_row_format(table: str, row_format: object) -> RowFormat:
+    """``row_format`` of a ``create_table`` call: a :class:`RowFormat` (ConfigError otherwise)."""
+    if not isinstance(row_format, RowFormat):
+        raise ConfigError(f"table {table!r}: row_format must be a RowFormat, got {row_format!r}")
+    return row_format
+
+
+def format_mismatch(table: str, where: str, stored: RowFormat, asked: RowFormat) -> ConfigError:
+    """The error for a table stored in one row format and opened in another (``where``: the
+    tier, for the message)."""
+    return ConfigError(
+        f"table {table!r} in {where} stores {stored} rows, but {asked} was asked for (the model's "
+        f"embedding_format_per_table or fp8_quant); serve it as {stored}, or drop the table and "
+        f"load it again as {asked} (hps load)"
+    )
 
 
 def unknown_table(table: str, known: Iterable[str]) -> UnknownTableError:
