@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from hps_core.errors import ConfigError, UnknownTableError
+from hps_core.row_formats import FORMAT_NAMES, RowFormat
 
 __all__ = [
     "INACTIVE_FIELDS",
@@ -275,6 +276,7 @@ class TableConfig:
     max_keys_per_sample: int  # maxnum_catfeature_query_per_table_per_sample[i]
     sparse_file: str  # sparse_files[i]: absolute path of the HugeCTR sparse model folder
     qualified_name: str  # "hps_et.<model>.<table>", the table's name in every tier
+    row_format: RowFormat = RowFormat.FP32  # embedding_format_per_table[i] (fp8_quant: fp8): rows as stored
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -287,6 +289,7 @@ class ModelConfig:
     maxnum_catfeature_query_per_table_per_sample: tuple[int, ...]  # max keys/sample per table
     embedding_table_names: tuple[str, ...]  # default "sparse_embedding<i>"
     default_value_for_each_table: tuple[float, ...]  # default 0.0 per table
+    embedding_format_per_table: tuple[RowFormat, ...]  # row format per table (default: TableConfig's)
     deployed_device_list: tuple[int, ...] = (0,)  # CUDA devices serving this model
     max_batch_size: int = 64  # max samples per request
     gpucache: bool = True  # use the GPU embedding cache
@@ -297,7 +300,7 @@ class ModelConfig:
     cache_refresh_percentage_per_iteration: float = 0.0  # cache share refreshed per refresh step
     refresh_delay: float = 0.0  # seconds after start-up before the first cache refresh
     refresh_interval: float = 0.0  # seconds between cache refreshes (0 = never)
-    fp8_quant: bool = False  # FP8-quantized cache; only false is supported
+    fp8_quant: bool = False  # HugeCTR's FP8 switch: true stores every table as fp8 (embedding_format_per_table)
     # Accepted but inactive (HugeCTR C++/CUDA or dense-network tuning); see INACTIVE_FIELDS.
     dense_file: str = ""  # HugeCTR dense model file
     network_file: str = ""  # HugeCTR network JSON
@@ -333,13 +336,15 @@ class ModelConfig:
                 max_keys_per_sample=max_keys,
                 sparse_file=sparse_file,
                 qualified_name=f"hps_et.{self.model}.{name}",
+                row_format=row_format,
             )
-            for name, dim, default, max_keys, sparse_file in zip(
+            for name, dim, default, max_keys, sparse_file, row_format in zip(
                 self.embedding_table_names,
                 self.embedding_vecsize_per_table,
                 self.default_value_for_each_table,
                 self.maxnum_catfeature_query_per_table_per_sample,
                 self.sparse_files,
+                self.embedding_format_per_table,
             )
         )
 
@@ -708,9 +713,40 @@ def _parse_sparse_files(r: _Reader, base_dir: Path) -> tuple[str, ...]:
     return tuple(_resolve_path(path, base_dir) for path in files)
 
 
+def _parse_row_formats(r: _Reader, n: int, model: str, fp8_quant: bool) -> tuple[RowFormat, ...]:
+    """``embedding_format_per_table`` (one format name for every table, or a list with one per
+    table) and HugeCTR's ``fp8_quant`` (true: every table fp8), resolved to one format per
+    table. Absent both, every table has :class:`TableConfig`'s default format."""
+    key = "embedding_format_per_table"
+    r.seen.add(key)
+    if key not in r.obj:
+        return (RowFormat.FP8 if fp8_quant else _field_defaults(TableConfig)["row_format"],) * n
+    value = r.obj[key]
+    if isinstance(value, list):
+        if len(value) != n:
+            r.fail(key, f"model {model!r}: has {len(value)} entries but sparse_files has {n}",
+                   "give one format per table, or one format name for every table")
+        formats = tuple(_row_format(r, f"{key}[{i}]", v, model) for i, v in enumerate(value))
+    else:
+        formats = (_row_format(r, key, value, model),) * n
+    if fp8_quant and any(f is not RowFormat.FP8 for f in formats):
+        r.fail(key, f"model {model!r}: fp8_quant is true (every table fp8) but "
+                    f"embedding_format_per_table is {json.dumps(value)}",
+               "remove one of the two fields (fp8_quant: true is embedding_format_per_table: \"fp8\")")
+    return formats
+
+
+def _row_format(r: _Reader, key: str, value: Any, model: str) -> RowFormat:
+    if not isinstance(value, str) or value not in FORMAT_NAMES:
+        r.fail(key, f"model {model!r}: unknown row format {_show(value)}",
+               f"use one of {', '.join(repr(name) for name in FORMAT_NAMES)}")
+    return RowFormat(value)
+
+
 def _parse_model(obj: Any, index: int, source: str, base_dir: Path) -> ModelConfig:
     r = _Reader(obj, f"models[{index}]", source)
     d = _field_defaults(ModelConfig)
+    model = r.read_str("model", required=True, non_empty=True)
     sparse_files = _parse_sparse_files(r, base_dir)
     n = len(sparse_files)
     names = r.read_list("embedding_table_names", r.str_item,
@@ -727,9 +763,6 @@ def _parse_model(obj: Any, index: int, source: str, base_dir: Path) -> ModelConf
                f"has {len(defaults)} entries but sparse_files has {n}",
                "give one default value per table (or a single value for all tables)")
     fp8_quant = r.read_bool("fp8_quant", d["fp8_quant"])
-    if fp8_quant:
-        r.fail("fp8_quant", "FP8-quantized embedding caches are not supported",
-               "set it to false or remove it")
     use_static_table = r.read_bool("use_static_table", d["use_static_table"])
     cache_type = r.read_enum("embedding_cache_type", d["embedding_cache_type"], _EMBEDDING_CACHE_TYPES)
     devices = r.read_list("deployed_device_list", r.int_item(0), d["deployed_device_list"], non_empty=True)
@@ -737,7 +770,7 @@ def _parse_model(obj: Any, index: int, source: str, base_dir: Path) -> ModelConf
         r.fail("deployed_device_list", f"lists a device twice: {list(devices)}",
                "list each device once")
     cfg = ModelConfig(
-        model=r.read_str("model", required=True, non_empty=True),
+        model=model,
         sparse_files=sparse_files,
         embedding_vecsize_per_table=r.read_list("embedding_vecsize_per_table", r.int_item(1),
                                                 required=True, length=n, length_of="sparse_files"),
@@ -746,6 +779,7 @@ def _parse_model(obj: Any, index: int, source: str, base_dir: Path) -> ModelConf
             length=n, length_of="sparse_files"),
         embedding_table_names=names,
         default_value_for_each_table=defaults,
+        embedding_format_per_table=_parse_row_formats(r, n, model, fp8_quant),
         deployed_device_list=devices,
         max_batch_size=r.read_int("max_batch_size", d["max_batch_size"], minimum=1),
         gpucache=r.read_bool("gpucache", d["gpucache"]),

@@ -31,6 +31,7 @@ from hps_core.config import (
     parse_config,
 )
 from hps_core.errors import ConfigError, UnknownTableError
+from hps_core.row_formats import RowFormat
 
 # A HugeCTR-style HPS JSON, as in hugectr_backend's hps_backend/README.md: a CPU hash map in
 # front of RocksDB, one Wide&Deep model with two tables of widths 1 and 16. Sparse files are
@@ -248,6 +249,54 @@ def test_model_defaults() -> None:
     assert model.num_of_worker_buffer_in_pool == 1
     assert model.label_dim == 1 and model.slot_num == 10
     assert model.dense_file == "" and model.network_file == ""
+    assert model.fp8_quant is False
+    assert model.embedding_format_per_table == (RowFormat.FP32, RowFormat.FP32)
+    assert [t.row_format for t in model.tables] == [RowFormat.FP32, RowFormat.FP32]
+
+
+# --------------------------------------------------------------------------------------------
+# Row formats: embedding_format_per_table and HugeCTR's fp8_quant.
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("fields", "expected"), [
+    ({"embedding_format_per_table": "int8"}, ("int8", "int8")),  # one name: every table
+    ({"embedding_format_per_table": ["fp16", "fp8"]}, ("fp16", "fp8")),  # one per table
+    ({"fp8_quant": True}, ("fp8", "fp8")),  # HugeCTR's switch: every table fp8
+    ({"fp8_quant": True, "embedding_format_per_table": "fp8"}, ("fp8", "fp8")),  # they agree
+    ({"fp8_quant": True, "embedding_format_per_table": ["fp8", "fp8"]}, ("fp8", "fp8")),
+    ({"fp8_quant": False, "embedding_format_per_table": ["int8", "fp32"]}, ("int8", "fp32")),
+])
+def test_row_formats_per_table(fields: dict[str, Any], expected: tuple[str, ...]) -> None:
+    data = copy.deepcopy(MINIMAL)
+    data["models"][0].update(fields)
+    model = _parse(data).models[0]
+    assert model.embedding_format_per_table == tuple(RowFormat(f) for f in expected)
+    assert tuple(t.row_format.value for t in model.tables) == expected
+    assert [t.row_format.row_bytes(t.dim) for t in model.tables] == [
+        RowFormat(f).row_bytes(d) for f, d in zip(expected, (4, 8))]
+
+
+@pytest.mark.parametrize("formats", ["int8", ["fp8", "fp32"], ["fp16", "fp16"]])
+def test_fp8_quant_and_a_disagreeing_format_list_name_both_fields(formats: Any) -> None:
+    data = copy.deepcopy(MINIMAL)
+    data["models"][0].update(fp8_quant=True, embedding_format_per_table=formats)
+    with pytest.raises(ConfigError) as info:
+        _parse(data)
+    message = str(info.value)
+    assert message.startswith("/cfg/hps.json: models[0].embedding_format_per_table: model 'm': "), message
+    assert "fp8_quant is true" in message and json.dumps(formats) in message, message
+
+
+def test_a_bad_row_format_names_the_file_the_model_and_the_field(tmp_path: Path) -> None:
+    data = copy.deepcopy(MINIMAL)
+    data["models"].append(dict(copy.deepcopy(data["models"][0]), model="second",
+                               embedding_format_per_table=["fp32", "bf16"]))
+    path = tmp_path / "hps.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (
+        f"{path}: models[1].embedding_format_per_table[1]: model 'second': unknown row format "
+        "\"bf16\". Fix: use one of 'fp32', 'fp16', 'fp8', 'int8'.")
 
 
 def test_volatile_section_without_type_is_disabled() -> None:
@@ -481,7 +530,17 @@ ERROR_CASES = [
      "models[0].cache_refresh_percentage_per_iteration", "[0, 1]"),
     ("models.0.refresh_interval", -1, "models[0].refresh_interval", "must be in"),
     ("models.0.embedding_cache_type", "lru", "models[0].embedding_cache_type", "unknown value"),
-    ("models.0.fp8_quant", True, "models[0].fp8_quant", "not supported"),
+    ("models.0.fp8_quant", "true", "models[0].fp8_quant", "true or false"),
+    ("models.0.embedding_format_per_table", "fp4", "models[0].embedding_format_per_table",
+     "model 'm': unknown row format \"fp4\""),
+    ("models.0.embedding_format_per_table", ["fp32"], "models[0].embedding_format_per_table",
+     "model 'm': has 1 entries but sparse_files has 2"),
+    ("models.0.embedding_format_per_table", ["fp32", "FP16"],
+     "models[0].embedding_format_per_table[1]", "unknown row format"),
+    ("models.0.embedding_format_per_table", ["fp32", 8], "models[0].embedding_format_per_table[1]",
+     "unknown row format 8"),
+    ("models.0.embedding_format_per_table", None, "models[0].embedding_format_per_table",
+     "unknown row format null"),
     ("models.0.gpu_cache", True, "models[0].gpu_cache", "did you mean 'gpucache'"),
     ("models.0", "m", "models[0]", "JSON object"),
     ("supportlonglong", "yes", "supportlonglong", "true or false"),
