@@ -113,8 +113,10 @@ class PartialTierError(TierError):
 
 
 class StoredWidthError(TierError):
-    """A stored row whose size is not ``4 × width`` bytes: the table was written with another
-    dim. ``position``: the index of the offending reply in the batch that found it."""
+    """A stored row whose size is not ``row_bytes(dim)`` of its table's row format
+    (:meth:`hps_core.row_formats.RowFormat.row_bytes`: ``4 × dim`` for fp32, ``8 + dim`` for
+    int8): the table was written with another dim or format. ``position``: the index of the
+    offending value in the batch that found it."""
 
     def __init__(self, message: str, position: int = -1) -> None:
         super().__init__(message)

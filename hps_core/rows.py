@@ -11,10 +11,15 @@ offset given per key, its width the width of the key's table::
 The tiers' ``fetch_tables``, the caches' ``*_tables`` calls and the lookup's unique-row and
 output buffers all use it. This module holds the host (numba) row operations; the GPU caches
 carry the device ones (``kernels/rows.cu``).
+
+Rows stored as bytes (Redis hash values, RocksDB values) are packed in their table's row
+format (:mod:`hps_core.row_formats`), ``sizes[t]`` bytes each: :func:`unpack_stored` joins a
+batch of them once and dequantises them straight into the flat buffer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -22,8 +27,9 @@ import numpy.typing as npt
 from numba import njit
 
 from hps_core.errors import RequestError
+from hps_core.row_formats import RowFormat, decode_rows
 
-__all__ = ["check_rows_fit", "copy_rows", "fill_rows", "join_rows", "row_offsets"]
+__all__ = ["check_rows_fit", "copy_rows", "fill_rows", "join_rows", "row_offsets", "row_sizes", "unpack_stored"]
 
 Offsets = npt.NDArray[np.int64]
 
@@ -83,13 +89,35 @@ def check_rows_fit(table_ids: Any, offsets: Any, dims: Any, size: int, what: str
         )
 
 
-def join_rows(values: list[bytes], widths: Offsets) -> tuple[npt.NDArray[np.float32], Offsets, int]:
-    """Rows stored as bytes (little-endian float32, as Redis and RocksDB hold them) → one flat
-    array (one ``b"".join``), the start of each row in it, and the position of the first value
-    that is not ``4 * widths[i]`` bytes (-1 when all fit; the caller names the table)."""
-    sizes = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
-    bad = np.flatnonzero(sizes != 4 * widths)
+def row_sizes(formats: Sequence[RowFormat], dims: Offsets) -> Offsets:
+    """(T,) int64 bytes of one stored row of each table: ``formats[t].row_bytes(dims[t])``."""
+    return np.array([fmt.row_bytes(int(dim)) for fmt, dim in zip(formats, dims.tolist())], np.int64)
+
+
+def join_rows(values: list[bytes], sizes: Offsets) -> tuple[npt.NDArray[np.uint8], Offsets, int]:
+    """Rows stored as bytes → one flat (m,) uint8 array (one ``b"".join``), the byte start of
+    each row in it, and the position of the first value that is not ``sizes[i]`` bytes (-1
+    when all fit; the caller names the table). ``sizes``: (n,) int64, the bytes value i
+    must hold (its table's ``row_bytes(dim)``)."""
+    lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
+    bad = np.flatnonzero(lengths != sizes)
     starts = np.zeros(len(values), np.int64)
-    np.cumsum(widths[:-1], out=starts[1:])
+    np.cumsum(sizes[:-1], out=starts[1:])
     first_bad = int(bad[0]) if bad.shape[0] else -1
-    return np.frombuffer(b"".join(values), dtype="<f4"), starts, first_bad
+    return np.frombuffer(b"".join(values), dtype=np.uint8), starts, first_bad
+
+
+def unpack_stored(
+    values: list[bytes], table_ids: Offsets, dims: Offsets, codes: Offsets, sizes: Offsets, out: Any, offsets: Offsets
+) -> int:
+    """Stored rows → float32 rows of the flat buffer ``out``: value i, of table
+    ``table_ids[i]``, is dequantised from its format (``codes``: (T,) int64 format codes,
+    ``sizes``: (T,) int64 row bytes, :func:`row_sizes`) into ``out[offsets[i] : + dims[t]]``.
+
+    One join and one :func:`~hps_core.row_formats.decode_rows` for the whole batch. Returns
+    the position of the first value that is not its table's row size, writing nothing then
+    (the caller raises StoredWidthError naming the table); -1 when every row was written."""
+    data, starts, bad = join_rows(values, sizes[table_ids])
+    if bad < 0:
+        decode_rows(data, starts, table_ids, dims, codes, out, offsets)
+    return bad

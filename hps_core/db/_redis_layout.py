@@ -4,18 +4,23 @@ HugeCTR's layout (``HugeCTR/src/hps/redis_backend.cpp``, ``make_hkey``): each ta
 into ``num_partitions`` partitions and each partition is ONE Redis hash::
 
     hps_et{<table>/p<N>}v      hash   field: the key, 8 bytes little-endian int64
-                                      value: the vector, dim float32 little-endian (4·dim bytes)
+                                      value: the row packed in the table's row format
+                                      (hps_core.row_formats: fp32 = dim float32
+                                      little-endian, HugeCTR's 4·dim bytes; int8 = 8 + dim)
 
 The braces are a cluster hash tag: the whole hash lives in one slot, so one HMGET/HSET
 reads or writes many rows of a partition on one node, and the partitions of a table
-spread over the cluster's nodes. Our additions: two metadata hashes holding each table's
-vector width, so a second process (or ``hps inspect``) knows ``dim`` without being told, and
-the partition count it was written with, so that a process with another count (which would
-look for every key in the wrong hash) is refused; and per partition a load marker and a
-refill lock, in the partition's own slot (same hash tag, so on the node holding its rows)::
+spread over the cluster's nodes. Our additions: three metadata hashes holding each table's
+vector width, so a second process (or ``hps inspect``) knows ``dim`` without being told, the
+partition count it was written with, so that a process with another count (which would
+look for every key in the wrong hash) is refused, and its row format, so that a process
+asking for another format is refused too (a table without one, HugeCTR's or an older
+version's, is fp32); and per partition a load marker and a refill lock, in the partition's
+own slot (same hash tag, so on the node holding its rows)::
 
     hps_et{meta}tables         hash   field: table name (UTF-8)   value: dim as ASCII
     hps_et{meta}partitions     hash   field: table name (UTF-8)   value: num_partitions as ASCII
+    hps_et{meta}formats        hash   field: table name (UTF-8)   value: RowFormat.code as ASCII
     hps_et{<table>/p<N>}m      string "1": the partition's rows were loaded (gone = node lost them)
     hps_et{<table>/p<N>}l      string a refill lock (SET NX PX), see hps_core/db/redis_refill.py
 
@@ -27,8 +32,9 @@ keys with its own function, so a Redis database written by HugeCTR is read only 
 
 All helpers are vectorised: :func:`plan` groups a batch of one table or of many by
 (table, partition) with one counting sort (``hps_core.grouping.group_by``) and cuts the
-commands with array arithmetic; keys and rows become lists of ``bytes`` through one ``view(...).tolist()``; replies, of one
-width or of several, are decoded with one ``b"".join`` and one ``np.frombuffer``.
+commands with array arithmetic; keys and packed rows become lists of ``bytes`` through one
+``view(...).tolist()``; replies, of one table or of several formats and widths, are joined
+once and dequantised by one ``hps_core.rows.unpack_stored``.
 The per-key Python objects that remain are the ``bytes`` redis-py needs for arguments and
 returns for replies.
 """
@@ -46,15 +52,18 @@ import numpy.typing as npt
 from hps_core.errors import StoredWidthError
 from hps_core.grouping import group_by
 from hps_core.hashing import partition_array
-from hps_core.rows import join_rows
+from hps_core.row_formats import RowFormat
+from hps_core.rows import unpack_stored
 
 __all__ = [
+    "FORMATS_KEY",
     "META_KEY",
     "PARTITIONS_KEY",
     "Chunk",
     "Plan",
     "decode_replies",
     "decode_rows",
+    "found_values",
     "interleave",
     "key_fields",
     "lock_hkey",
@@ -67,6 +76,7 @@ __all__ = [
 
 META_KEY = b"hps_et{meta}tables"
 PARTITIONS_KEY = b"hps_et{meta}partitions"
+FORMATS_KEY = b"hps_et{meta}formats"
 
 
 def value_hkey(table: str, partition: int) -> bytes:
@@ -164,11 +174,10 @@ def key_fields(keys: npt.NDArray[np.int64]) -> list[bytes]:
     return fields
 
 
-def row_values(values: npt.NDArray[np.float32]) -> list[bytes]:
-    """(n, dim) float32 → n ``bytes`` of 4·dim little-endian floats."""
-    rows = np.ascontiguousarray(values, dtype="<f4")
-    width = rows.shape[1] * 4
-    out: list[bytes] = rows.view(f"V{width}").reshape(-1).tolist()
+def row_values(packed: npt.NDArray[np.uint8]) -> list[bytes]:
+    """(n, row_bytes) uint8 packed rows (:func:`hps_core.row_formats.pack`) → n ``bytes``."""
+    rows = np.ascontiguousarray(packed, dtype=np.uint8)
+    out: list[bytes] = rows.view(f"V{rows.shape[1]}").reshape(-1).tolist()
     return out
 
 
@@ -180,32 +189,54 @@ def interleave(fields: list[bytes], values: list[bytes]) -> list[bytes]:
     return args
 
 
+def found_values(replies: list[Any]) -> tuple[npt.NDArray[np.bool_], list[bytes]]:
+    """HMGET replies (``bytes`` or None) → (n,) bool found mask and the found values."""
+    mask = np.fromiter(map(is_not, replies, repeat(None)), dtype=np.bool_, count=len(replies))
+    return mask, list(compress(replies, mask))
+
+
 def decode_rows(
-    replies: list[Any], widths: npt.NDArray[np.int64]
-) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-    """HMGET replies (``bytes`` or None) of rows of any widths → found mask, rows, row starts.
+    replies: list[Any],
+    table_ids: npt.NDArray[np.int64],
+    dims: npt.NDArray[np.int64],
+    codes: npt.NDArray[np.int64],
+    sizes: npt.NDArray[np.int64],
+    out: npt.NDArray[np.float32],
+    offsets: npt.NDArray[np.int64],
+) -> npt.NDArray[np.bool_]:
+    """HMGET replies (``bytes`` or None) of rows of any tables → the (n,) bool found mask,
+    each found row dequantised into the flat float32 ``out`` at ``offsets[i]``.
 
-    ``widths``: (n,) int64, the float32 count reply i must hold. Returns the (n,) bool found
-    mask, the found rows joined into one (m,) float32 array (one ``b"".join``), and (hits,)
-    int64 the start of each found row in it, ready for :func:`hps_core.rows.copy_rows`.
-    Raises StoredWidthError at the first value of the wrong size.
+    ``table_ids``: (n,) int64, the table of reply i; ``dims``, ``codes``, ``sizes``: (T,)
+    int64 width, format code and stored row bytes of each table (``hps_core.rows``). One
+    join and one decode for the batch. Raises StoredWidthError, its ``position`` the reply,
+    at the first value of the wrong size, before writing any row.
     """
-    n = len(replies)
-    mask = np.fromiter(map(is_not, replies, repeat(None)), dtype=np.bool_, count=n)
-    hits = list(compress(replies, mask))
-    expected = widths[mask]
-    data, starts, bad = join_rows(hits, expected)
+    mask, hits = found_values(replies)
+    positions = np.flatnonzero(mask)
+    hit_ids = table_ids[positions]
+    bad = unpack_stored(hits, hit_ids, dims, codes, sizes, out, offsets[positions])
     if bad >= 0:
-        size, width = len(hits[bad]), int(expected[bad])
-        raise StoredWidthError(f"a stored value is {size} bytes, not {4 * width} ({width} float32)",
-                               int(np.flatnonzero(mask)[bad]))
-    return mask, data, starts
+        t = int(hit_ids[bad])
+        raise StoredWidthError(
+            f"a stored value is {len(hits[bad])} bytes, not {int(sizes[t])} (a {int(dims[t])}-wide "
+            f"{RowFormat.from_code(int(codes[t]))} row)",
+            int(positions[bad]),
+        )
+    return mask
 
 
-def decode_replies(replies: list[Any], dim: int) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.float32]]:
+def decode_replies(
+    replies: list[Any], dim: int, row_format: RowFormat = RowFormat.FP32
+) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.float32]]:
     """HMGET replies of one table (``bytes`` or None) → found mask and the found rows (hits, dim).
 
-    Raises StoredWidthError (a TierError) when a stored value is not ``4·dim`` bytes.
+    Raises StoredWidthError (a TierError) when a stored value is not ``row_bytes(dim)`` bytes.
     """
-    mask, data, _ = decode_rows(replies, np.full(len(replies), dim, np.int64))
-    return mask, data.reshape(-1, dim)
+    mask, hits = found_values(replies)
+    rows = np.empty((len(hits), dim), np.float32)
+    one = np.array([dim], np.int64)
+    size = np.array([row_format.row_bytes(dim)], np.int64)
+    decode_rows(hits, np.zeros(len(hits), np.int64), one, np.array([row_format.code], np.int64), size,
+                rows.reshape(-1), np.arange(0, len(hits) * dim, dim, dtype=np.int64))
+    return mask, rows

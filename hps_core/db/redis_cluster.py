@@ -2,12 +2,15 @@
 
 Layout (``_redis_layout``, HugeCTR's): one Redis hash per (table, partition), named
 ``hps_et{<table>/p<N>}v``; the braces are a hash tag, so a partition lives in one slot of
-one node. Field = 8-byte key, value = the float32 row. Table widths live in the hash
-``hps_et{meta}tables``, the partition count each table was written with in
-``hps_et{meta}partitions``: a process with another ``num_partitions`` is refused
-(ConfigError naming ``volatile_db.num_partitions``) instead of missing every row. The count
-is written by the process that creates the table; a table written before (by HugeCTR or an
-older version) has none, and its count cannot be checked.
+one node. Field = 8-byte key, value = the row packed in the table's row format
+(``hps_core.row_formats``: fp32 rows are HugeCTR's float32 bytes, int8 rows ``8 + dim``
+bytes). Table widths live in the hash ``hps_et{meta}tables``, the partition count each table
+was written with in ``hps_et{meta}partitions``, its row format in ``hps_et{meta}formats``: a
+process with another ``num_partitions`` is refused (ConfigError naming
+``volatile_db.num_partitions``) instead of missing every row, one asking for another format
+is refused too (ConfigError naming both formats). The three are written together (one
+script) by the process that creates the table; a table written before (by HugeCTR or an
+older version) has no count, which cannot be checked, and no format: it is fp32.
 
 A batch is grouped by (table, partition) (one counting sort of a combined code,
 ``hps_core.grouping.group_by``), each group cut into HMGET/HSET commands of at most ``max_get_batch_size`` /
@@ -17,7 +20,8 @@ to every node before any reply is read, so the nodes work in parallel while this
 waits (no threads). ``fetch_tables`` sends the keys of all a lookup's tables in that one
 round — a request costs one pipeline per node whatever its table count — and ``fetch`` is
 its one-table case. Replies of rows of different widths are joined once and scattered
-into the caller's flat buffer by one ``hps_core.rows.copy_rows``. The cluster client (redis-py
+into the caller's flat buffer, dequantised on the way, by one ``hps_core.rows.unpack_stored``;
+an insert packs its batch once (``hps_core.row_formats.pack``). The cluster client (redis-py
 ``RedisCluster``, hiredis parser) supplies the slot map, authentication, TLS and one
 connection pool per node; this module drives those pools directly so that a failure stays
 confined to the node that failed.
@@ -47,8 +51,9 @@ this module: they become :class:`~hps_core.errors.TierError`::
 
     HPSError
      ├── ConfigError     bad settings (address, TLS files), a table re-created with another
-     │                   dim, a table stored with another num_partitions
-     ├── RequestError    bad arrays (base.py's checks), UnknownTableError
+     │                   dim or row format, a table stored with another num_partitions
+     ├── RequestError    bad arrays (base.py's checks), UnknownTableError, RowValueError (a
+     │                   row the table's format cannot store: the batch is refused whole)
      └── TierError       connection or authentication failure, a failed insert/count,
           │              a stored value of the wrong size, a closed tier
           └── PartialTierError   a fetch some nodes failed (found rows written)
@@ -65,7 +70,8 @@ one connection pool), a cluster node gets :class:`RedisClusterVolatileDB` (which
 discovers the other nodes from it).
 
 Per-key Python that remains: redis-py takes and returns one ``bytes`` per field/value; we
-build those lists with one ``view().tolist()`` and decode replies with one join.
+build those lists with one ``view().tolist()`` and decode replies with one join and one
+numba decode.
 """
 
 from __future__ import annotations
@@ -97,15 +103,18 @@ from hps_core.db.base import (
     check_dim,
     check_keys,
     check_out,
+    check_row_format,
     check_table_batch,
     check_table_name,
     check_values,
+    format_mismatch,
     unknown_table,
 )
 from hps_core.errors import ConfigError, PartialTierError, RequestError, StoredWidthError, TierError
 from hps_core.config import RedisConfig, TLSConfig, VolatileDBConfig
 from hps_core.logs import RateLimitedLog
-from hps_core.rows import copy_rows
+from hps_core.row_formats import RowFormat, format_codes, pack
+from hps_core.rows import row_sizes
 
 __all__ = ["RedisClusterVolatileDB", "RedisVolatileDB", "open_redis_db", "parse_addresses"]
 
@@ -125,6 +134,15 @@ REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisClusterExcepti
 # HSET that leaves the fields already present alone (one command per chunk, like HSET): a
 # refill must not overwrite a row the update stream wrote since the node came back.
 _HSETNX_MANY = "for i = 1, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end return 0"
+# A table's metadata (dim, partition count, row format: three hashes of one slot), read, and
+# written first only when the table is new, in one atomic step: a process creating the same
+# table at the same time sees all three or none. Replies [dim, count or nil, format or nil].
+_READ_TABLE = "return {redis.call('HGET', KEYS[1], ARGV[1]), redis.call('HGET', KEYS[2], ARGV[1]), " \
+              "redis.call('HGET', KEYS[3], ARGV[1])}"
+_CREATE_TABLE = "if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then " \
+                "redis.call('HSET', KEYS[2], ARGV[1], ARGV[3]) redis.call('HSET', KEYS[3], ARGV[1], ARGV[4]) end " \
+                + _READ_TABLE
+_META_KEYS = (layout.META_KEY, layout.PARTITIONS_KEY, layout.FORMATS_KEY)
 # Delete a lock only if it still holds our token (it may have expired and been taken).
 _RELEASE_LOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
@@ -206,6 +224,7 @@ class _Group:
 @dataclass(eq=False)
 class _Table:
     dim: int
+    row_format: RowFormat
     hkeys: list[bytes]  # per partition
     slots: list[int]  # per partition (cluster slot of the hash key)
 
@@ -216,6 +235,8 @@ class _Tables:
 
     names: tuple[str, ...]
     dims: Keys  # (T,) int64
+    codes: Keys  # (T,) int64 row format codes
+    sizes: Keys  # (T,) int64 bytes of a stored row
     hkeys: list[bytes]  # (T * P,) table-major: hash of (table t, partition p) at t * P + p
     slots: list[int]  # (T * P,) their cluster slots
 
@@ -312,26 +333,31 @@ class _RedisTier:
 
     # ---------------------------------------------------------------- contract
 
-    def create_table(self, table: str, dim: int) -> None:
+    def create_table(self, table: str, dim: int, row_format: RowFormat = RowFormat.FP32) -> None:
         self._check_open()
         table = check_table_name(table)
         dim = check_dim(table, dim)
+        row_format = check_row_format(table, row_format)
         meta = self._meta()
-
-        def create() -> tuple[Any, Any]:
-            # The count is stamped only on a table this call creates: a table already in the
-            # metadata without a count (HugeCTR's, or an older version's) stays unstamped,
-            # since its count is unknown, and whoever came first must not decide it. (A process
-            # creating the same table between these two commands sees no count: not checked.)
-            if meta.hsetnx(layout.META_KEY, table, dim):
-                meta.hset(layout.PARTITIONS_KEY, table, self._num_partitions)
-            return meta.hget(layout.META_KEY, table), meta.hget(layout.PARTITIONS_KEY, table)
-
-        stored, partitions = self._call(f"create table {table!r}", create)
+        # The count and format are stamped only on a table this call creates: a table already
+        # in the metadata without them (HugeCTR's, or an older version's) stays unstamped,
+        # since its count is unknown, and whoever came first must not decide it (its format
+        # is fp32 all the same).
+        stored, partitions, fmt = self._call(
+            f"create table {table!r}",
+            lambda: meta.eval(_CREATE_TABLE, 3, *_META_KEYS, table, dim, self._num_partitions, row_format.code),
+        )
         if int(stored) != dim:
             raise ConfigError(f"table {table!r} already exists with dim {int(stored)}; cannot create it with dim {dim}")
         self._check_partitions(table, partitions)
-        self._tables[table] = self._describe(table, dim)
+        stored_format = _stored_format(fmt)
+        if stored_format is not row_format:
+            raise format_mismatch(table, f"{self._kind} at {self._address}", stored_format, row_format)
+        self._tables[table] = self._describe(table, dim, row_format)
+
+    def row_format(self, table: str) -> RowFormat:
+        self._check_open()
+        return self._table(check_table_name(table)).row_format
 
     def insert(self, table: str, keys: Keys, values: Vectors) -> None:
         self._write(table, keys, values, ("HSET",), "insert into")
@@ -351,8 +377,9 @@ class _RedisTier:
         values = check_values(table, values, len(keys), info.dim)
         if len(keys) == 0:
             return
+        packed = pack(info.row_format, values, f"{what} {table!r}")  # refuses before any write
         batch = layout.plan(keys, self._num_partitions, self._max_set)
-        args = layout.interleave(layout.key_fields(keys[batch.order]), layout.row_values(values[batch.order]))
+        args = layout.interleave(layout.key_fields(keys[batch.order]), layout.row_values(packed[batch.order]))
         commands = [
             _Command(info.slots[p], (*verb, info.hkeys[p], *args[2 * a : 2 * b]), b - a)
             for p, a, b in zip(batch.groups.tolist(), batch.starts.tolist(), batch.stops.tolist())
@@ -385,7 +412,8 @@ class _RedisTier:
 
     def _fetch_rows(self, what: str, tables: _Tables, ids: Keys, keys: Keys, out: Flat, offsets: Keys) -> Mask:
         """Checked arrays in, rows written into ``out``: group by (table, partition), one
-        HMGET per chunk, one pipeline per node, one join to decode, one copy to scatter."""
+        HMGET per chunk, one pipeline per node, one join and one decode (dequantise and
+        scatter) for the batch."""
         found = np.zeros(len(keys), dtype=np.bool_)
         if len(keys) == 0:
             return found
@@ -400,14 +428,15 @@ class _RedisTier:
         flat: list[Any] = list(chain.from_iterable(replies)) if len(replies) > 1 else replies[0]
         sorted_ids = ids[batch.order]
         try:
-            mask, rows, starts = layout.decode_rows(flat, tables.dims[sorted_ids])
+            mask = layout.decode_rows(flat, sorted_ids, tables.dims, tables.codes, tables.sizes, out,
+                                      offsets[batch.order])
         except StoredWidthError as exc:
             table = tables.names[int(sorted_ids[exc.position])]
-            raise StoredWidthError(f"{self._kind}: table {table!r}: {exc}; the stored table and its dim disagree",
-                                   exc.position) from exc
-        positions = batch.order[mask]
-        copy_rows(rows, starts, out, offsets[positions], ids[positions], tables.dims)
-        found[positions] = True
+            raise StoredWidthError(
+                f"{self._kind}: table {table!r}: {exc}; the stored table and its dim or row format disagree",
+                exc.position,
+            ) from exc
+        found[batch.order[mask]] = True
         if failed_commands:
             raise self._partial(what, batch, failed_commands, found)
         return found
@@ -560,24 +589,24 @@ class _RedisTier:
         if self._closed:
             raise TierError(f"{self._kind} tier is closed")
 
-    def _describe(self, table: str, dim: int) -> _Table:
+    def _describe(self, table: str, dim: int, row_format: RowFormat) -> _Table:
         hkeys = [layout.value_hkey(table, p) for p in range(self._num_partitions)]
-        return _Table(dim, hkeys, [key_slot(h) for h in hkeys])
+        return _Table(dim, row_format, hkeys, [key_slot(h) for h in hkeys])
 
     def _table(self, table: str) -> _Table:
-        """The cached description, or the width another process stored in the metadata hash."""
+        """The cached description, or the width and format another process stored in the
+        metadata hashes."""
         info = self._tables.get(table)
         if info is not None:
             return info
         meta = self._meta()
-        stored, partitions = self._call(
-            f"look up table {table!r}",
-            lambda: (meta.hget(layout.META_KEY, table), meta.hget(layout.PARTITIONS_KEY, table)),
+        stored, partitions, fmt = self._call(
+            f"look up table {table!r}", lambda: meta.eval(_READ_TABLE, 3, *_META_KEYS, table)
         )
         if stored is None:
             raise unknown_table(table, self.table_names())
         self._check_partitions(table, partitions)
-        info = self._tables.setdefault(table, self._describe(table, int(stored)))
+        info = self._tables.setdefault(table, self._describe(table, int(stored), _stored_format(fmt)))
         return info
 
     def _check_partitions(self, table: str, stored: Any) -> None:
@@ -597,9 +626,13 @@ class _RedisTier:
     def _resolve(self, names: tuple[str, ...]) -> _Tables:
         """The hashes, slots and widths of ``names`` (see TableGroups)."""
         infos = [self._table(name) for name in names]
+        dims = np.array([i.dim for i in infos], dtype=np.int64)
+        formats = [i.row_format for i in infos]
         return _Tables(
             names,
-            np.array([i.dim for i in infos], dtype=np.int64),
+            dims,
+            format_codes(formats),
+            row_sizes(formats, dims),
             [h for i in infos for h in i.hkeys],
             [s for i in infos for s in i.slots],
         )
@@ -754,6 +787,12 @@ class _RedisTier:
             if link is None or link.pool is not pool:
                 link = self._links[name] = _Link(name, pool, threading.BoundedSemaphore(self._node_connections))
             return link
+
+
+def _stored_format(raw: Any) -> RowFormat:
+    """The format in ``hps_et{meta}formats`` (a code as ASCII); none stored: fp32, the format
+    of every table written before formats existed (HugeCTR's too)."""
+    return RowFormat.FP32 if raw is None else RowFormat.from_code(int(raw))
 
 
 def _client_kwargs(redis_cfg: RedisConfig, *, socket_timeout: float, socket_connect_timeout: float) -> dict[str, Any]:

@@ -19,8 +19,10 @@ nothing: without a persistent tier its keys would answer the default vector from
   In a server that follows updates that tier is a RocksDB *secondary*, which catches up with
   the writer only every ``catch_up_s``: the monitor catches it up (``catch_up``) right before
   it reads the rows of a refill. Rows are written with HSETNX semantics
-  (:meth:`~hps_core.db.base.PartitionMarkers.insert_missing`): a row the update stream wrote
-  since the node came back is kept. Then the markers are written again.
+  (:meth:`~hps_core.db.base.PartitionMarkers.insert_missing`), packed in the table's row
+  format as every insert is: a row the update stream wrote since the node came back is kept.
+  Then the markers are written again. Where the metadata hashes were lost too, the table is
+  created again with its source's dim and row format (:class:`RefillSource`).
 - **Several processes** (Triton runs one per model instance) share one Redis: a refill lock
   per partition (``SET NX PX``, in the partition's slot) lets one of them refill, and the
   claim re-checks the marker, so a partition refilled meanwhile is not refilled twice. The
@@ -65,6 +67,7 @@ from hps_core.db.base import EmbeddingTier, PartitionMarkers
 from hps_core.errors import HPSError, TierError
 from hps_core.formats import read_table
 from hps_core.logs import RateLimitedLog
+from hps_core.row_formats import RowFormat
 
 __all__ = ["DEFAULT_INTERVAL_S", "RefillMonitor", "RefillSource"]
 
@@ -84,6 +87,7 @@ class RefillSource:
     dim: int
     path: str  # HugeCTR sparse model folder, .npz or .npy folder
     fraction: float  # initial_cache_rate: the leading share of the file the fill loaded
+    row_format: RowFormat = RowFormat.FP32  # the table's row format (its metadata is restored with it)
 
 
 class RefillMonitor:
@@ -176,7 +180,7 @@ class RefillMonitor:
         """Write the table's metadata again; the refill does not need it, so a failure is
         logged and left to the next probe."""
         try:
-            self._tier.create_table(source.table, source.dim)
+            self._tier.create_table(source.table, source.dim, source.row_format)
         except HPSError as exc:  # TierError: a node failed; ConfigError: another count was stored
             _log.failure("volatile refill: restoring the table metadata", exc, level=_level(exc))
 

@@ -3,17 +3,24 @@
 On-disk layout, HugeCTR's, so a database written by either can be read by the other:
 
 - one column family per table, named as the table (``hps_et.<model>.<table>``);
-- key: the int64 key, 8 bytes little-endian; value: the float32 vector, ``4 * dim`` bytes.
+- key: the int64 key, 8 bytes little-endian; value: the row packed in the table's row
+  format (``hps_core.row_formats``): fp32 is the float32 vector, ``4 * dim`` bytes, as
+  HugeCTR writes it; int8 is ``8 + dim`` bytes.
 
-Our only addition is one metadata key per table in the ``default`` column family,
-``hps.dim.<table>`` → the vector size as ASCII, so a reopened database knows each table's
-``dim`` without being told. A column family without it (a HugeCTR-written database) gets
-its ``dim`` from the size of its first value.
+Our only addition is two metadata keys per table in the ``default`` column family,
+``hps.dim.<table>`` → the vector size as ASCII and ``hps.format.<table>`` → the row format's
+code (``RowFormat.code``) as ASCII, written together (one WriteBatch) when the table is
+created, so a reopened database (a secondary or read-only handle too) knows each table's
+``dim`` and format without being told, and a handle asking for another format is refused
+(ConfigError naming both). A table without a format key (written by HugeCTR or an older
+version) is fp32; a column family without a dim key (a HugeCTR-written database) gets its
+``dim`` from the size of its first value.
 
-The binding takes Python ``bytes``: keys and rows are turned into lists of ``bytes`` with
-one vectorised ``view(...).tolist()``, and fetch results come back as a list that is
-joined and decoded with one ``np.frombuffer``. The per-key calls that remain are the
-binding's (``WriteBatch.put`` has no batch form).
+The binding takes Python ``bytes``: keys and packed rows (``hps_core.row_formats.pack``,
+once per batch) are turned into lists of ``bytes`` with one vectorised
+``view(...).tolist()``, and fetch results come back as a list that is joined once and
+dequantised into the caller's buffer by one ``hps_core.rows.unpack_stored``. The per-key
+calls that remain are the binding's (``WriteBatch.put`` has no batch form).
 
 ``fetch_tables`` (keys of all a lookup's tables in one call; ``fetch`` is its one-table
 case) groups the batch by table with NumPy, asks each table's column family with ONE list
@@ -66,6 +73,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from rocksdict import (
     AccessType,
     BlockBasedOptions,
@@ -84,20 +92,24 @@ from hps_core.db.base import (
     check_dim,
     check_keys,
     check_out,
+    check_row_format,
     check_table_batch,
     check_table_name,
     check_values,
+    format_mismatch,
     unknown_table,
 )
 from hps_core.config import PersistentDBConfig
-from hps_core.errors import ConfigError, RequestError, TierBusyError, TierError
+from hps_core.errors import ConfigError, RequestError, StoredWidthError, TierBusyError, TierError
 from hps_core.grouping import group_by
-from hps_core.rows import copy_rows, join_rows
+from hps_core.row_formats import RowFormat, format_codes, pack
+from hps_core.rows import row_sizes, unpack_stored
 
 __all__ = ["RocksDBPersistentDB"]
 
 
 _DIM_PREFIX = b"hps.dim."
+_FORMAT_PREFIX = b"hps.format."  # absent: fp32 (HugeCTR's tables, ours before formats)
 _META_PREFIX = b"hps."
 _MIN_KEYS_PER_THREAD = 256  # ~2 ms of reads each: far above the ~50 us a thread hand-off costs
 _INGEST_DIR = ".hps_ingest"  # SST files being written, inside the DB folder (same file system)
@@ -110,10 +122,13 @@ _Piece = tuple[int, int, int]  # (table index, start, stop) of a multi-get, in t
 
 @dataclass(frozen=True)
 class _Group:
-    """What fetch_tables needs of a tuple of tables: names, (T,) widths, column-family views."""
+    """What fetch_tables needs of a tuple of tables: names, (T,) widths, format codes and
+    stored row bytes, column-family views."""
 
     names: tuple[str, ...]
     dims: Keys
+    codes: Keys
+    sizes: Keys
     families: list[Rdict]
 
 
@@ -136,10 +151,10 @@ def _key_bytes(keys: Keys) -> list[bytes]:
     return as_bytes
 
 
-def _row_bytes(values: Vectors) -> list[bytes]:
-    """(n, dim) float32 → n ``bytes`` of ``4 * dim`` each, little-endian."""
-    rows = np.ascontiguousarray(values, dtype="<f4")
-    as_bytes: list[bytes] = rows.view(np.dtype((np.void, 4 * rows.shape[1]))).reshape(-1).tolist()
+def _row_bytes(packed: npt.NDArray[np.uint8]) -> list[bytes]:
+    """(n, row_bytes) uint8 packed rows (``hps_core.row_formats.pack``) → n ``bytes``."""
+    rows = np.ascontiguousarray(packed, dtype=np.uint8)
+    as_bytes: list[bytes] = rows.view(np.dtype((np.void, rows.shape[1]))).reshape(-1).tolist()
     return as_bytes
 
 
@@ -218,6 +233,7 @@ class RocksDBPersistentDB:
         self._cfs: dict[str, Rdict] = {}
         self._handles: dict[str, Any] = {}
         self._dims: dict[str, int] = {}
+        self._formats: dict[str, RowFormat] = {}  # tables without an entry are fp32
         # fetch_tables' widths and views per tuple of tables; views die with their handles
         self._groups: TableGroups[_Group] = TableGroups(self._resolve)
         self._load_tables()
@@ -263,43 +279,51 @@ class RocksDBPersistentDB:
             raise translate_rocksdb(exc, self._path, "open") from exc
 
     def _load_tables(self) -> None:
-        """Learn existing tables and dims: metadata first, else the first value's size."""
+        """Learn existing tables, dims and formats: metadata first, else fp32 and the first
+        value's size."""
         families = self._list_families()
         with self._translate("list tables", None):
             for name in families:
+                raw_format = self._db.get(_FORMAT_PREFIX + name.encode())
+                fmt = RowFormat.FP32 if raw_format is None else RowFormat.from_code(int(raw_format))
                 raw = self._db.get(_DIM_PREFIX + name.encode())
-                dim = int(raw) if raw is not None else self._dim_from_first_value(name)
+                dim = int(raw) if raw is not None else self._dim_from_first_value(name, fmt)
                 if dim is not None:
                     self._dims[name] = dim
+                    self._formats[name] = fmt
 
-    def _dim_from_first_value(self, name: str) -> int | None:
+    def _dim_from_first_value(self, name: str, fmt: RowFormat) -> int | None:
         cf = self._db.get_column_family(name)
         try:
             for value in cf.values():
-                if len(value) % 4 == 0 and value:
-                    return len(value) // 4
-                return None
+                elements, rest = divmod(len(value) - fmt.header_bytes, fmt.element_bytes)
+                return elements if elements > 0 and rest == 0 else None
             return None  # empty: unknown until create_table names its dim
         finally:
             cf.close()
 
     # ---------------------------------------------------------------- contract
 
-    def create_table(self, table: str, dim: int) -> None:
+    def create_table(self, table: str, dim: int, row_format: RowFormat = RowFormat.FP32) -> None:
         check_table_name(table)
         dim = check_dim(table, dim)
+        row_format = check_row_format(table, row_format)
         with self._lock:
             self._check_open()
             known = self._dims.get(table)
             if known is not None:
                 if known != dim:
                     raise ConfigError(f"table {table!r} already exists with dim {known}, not {dim}")
+                stored = self._formats.get(table, RowFormat.FP32)
+                if stored is not row_format:
+                    raise format_mismatch(table, f"RocksDB at {self._path!r}", stored, row_format)
                 return
             if self._read_only:
                 # checked before rocksdict is asked: its read-only create_column_family
                 # does not refuse, it half-succeeds
-                if self._has_family(table):  # an empty existing table: learn its dim
+                if self._has_family(table):  # an empty existing table: learn its dim and format
                     self._dims[table] = dim
+                    self._formats[table] = row_format
                     return
                 raise TierError(
                     f"cannot create table {table!r}: RocksDB at {self._path!r} is open "
@@ -308,8 +332,16 @@ class RocksDBPersistentDB:
             with self._translate("create table", table):
                 if not self._has_family(table):
                     self._db.create_column_family(table, _options(1, create=True))
-                self._db.put(_DIM_PREFIX + table.encode(), str(dim).encode(), self._write_opts)
+                meta = WriteBatch(raw_mode=True)  # dim and format land together
+                meta.put(_DIM_PREFIX + table.encode(), str(dim).encode())
+                meta.put(_FORMAT_PREFIX + table.encode(), str(row_format.code).encode())
+                self._db.write(meta, self._write_opts)
             self._dims[table] = dim
+            self._formats[table] = row_format
+
+    def row_format(self, table: str) -> RowFormat:
+        self.dim(table)
+        return self._formats.get(table, RowFormat.FP32)
 
     def insert(self, table: str, keys: Keys, values: Vectors) -> None:
         dim = self.dim(table)
@@ -321,9 +353,10 @@ class RocksDBPersistentDB:
             )
         if keys.shape[0] == 0:
             return
+        packed = pack(self.row_format(table), values, f"insert into {table!r}")  # refuses before any write
         handle = self._handle(table)
         key_list = _key_bytes(keys)
-        row_list = _row_bytes(values)
+        row_list = _row_bytes(packed)
         with self._translate("insert", table):
             for start in range(0, len(key_list), self._max_set):
                 batch = WriteBatch(raw_mode=True)
@@ -355,7 +388,7 @@ class RocksDBPersistentDB:
 
     def _fetch_rows(self, group: _Group, ids: Keys, keys: Keys, out: Flat, offsets: Keys) -> Mask:
         """Checked arrays in, found rows written into ``out`` at ``offsets``."""
-        names, dims, families = group.names, group.dims, group.families
+        names, families = group.names, group.families
         n = keys.shape[0]
         found = np.zeros(n, np.bool_)
         if n == 0:
@@ -382,22 +415,20 @@ class RocksDBPersistentDB:
         hit: Mask = results != None  # noqa: E711 — elementwise on an object array
         positions = order[hit]
         hit_ids = ids[positions]
-        rows, starts = self._decode(results[hit].tolist(), hit_ids, names, dims)
-        copy_rows(rows, starts, out, offsets[positions], hit_ids, dims)
-        found[positions] = True
-        return found
-
-    def _decode(self, hits: list[bytes], hit_ids: Keys, names: tuple[str, ...], dims: Keys) -> tuple[Flat, Keys]:
-        """Found values (rows of any widths) → one (m,) float32 array (one join) and the start
-        of each row in it; a value of the wrong size is a TierError naming its table."""
-        data, starts, bad = join_rows(hits, dims[hit_ids])
+        hits: list[bytes] = results[hit].tolist()
+        # one join, one decode: dequantised straight into out; nothing written on a bad size
+        bad = unpack_stored(hits, hit_ids, group.dims, group.codes, group.sizes, out, offsets[positions])
         if bad >= 0:
             t = int(hit_ids[bad])
-            raise TierError(
-                f"RocksDB table {names[t]!r} at {self._path!r} holds values that are not "
-                f"{int(dims[t])} float32 wide ({4 * int(dims[t])} bytes); the stored table and its dim disagree"
+            dim, fmt = int(group.dims[t]), RowFormat.from_code(int(group.codes[t]))
+            raise StoredWidthError(
+                f"RocksDB table {names[t]!r} at {self._path!r} holds a value of {len(hits[bad])} bytes, "
+                f"not {int(group.sizes[t])} (a {dim}-wide {fmt} row); the stored table and its dim or "
+                "row format disagree",
+                int(positions[bad]),
             )
-        return data, starts
+        found[positions] = True
+        return found
 
     def count(self, table: str) -> int:
         """Exact number of keys: a full key scan (RocksDB keeps only estimates), so this is
@@ -434,9 +465,10 @@ class RocksDBPersistentDB:
     def bulk_load(self, table: str, keys: Keys, values: Vectors) -> int:
         """Upsert rows through one SST file and an atomic ingest; returns rows written.
 
-        keys: (n,) int64 (or uint32). values: (n, dim) float32. Rows are sorted by their
-        byte encoding (RocksDB's comparator) and, for a key repeated in the batch, the last
-        occurrence wins, as in :meth:`insert`. Either every row lands or none does.
+        keys: (n,) int64 (or uint32). values: (n, dim) float32, packed in the table's row
+        format (a row it cannot store refuses the batch: RowValueError). Rows are sorted by
+        their byte encoding (RocksDB's comparator) and, for a key repeated in the batch, the
+        last occurrence wins, as in :meth:`insert`. Either every row lands or none does.
         """
         dim = self.dim(table)
         keys = check_keys(table, keys)
@@ -444,13 +476,14 @@ class RocksDBPersistentDB:
         self._check_writable(table, "bulk-load into")
         if keys.shape[0] == 0:
             return 0
+        packed = pack(self.row_format(table), values, f"bulk load into {table!r}")
         order = _byte_order_last_wins(keys)
         sst = self._sst_path(table)
         try:
             with self._translate("bulk load (write SST)", table):
                 writer = SstFileWriter(_options(1, create=True))
                 writer.open(str(sst))
-                for k, v in zip(_key_bytes(keys[order]), _row_bytes(values[order])):
+                for k, v in zip(_key_bytes(keys[order]), _row_bytes(packed[order])):
                     writer[k] = v  # the binding has no batched put; this loop is its floor
                 writer.finish()
             opts = IngestExternalFileOptions()
@@ -565,7 +598,8 @@ class RocksDBPersistentDB:
         """Widths and column-family views of ``names`` (see TableGroups): the binding's
         multi-get reads one column family, through its view."""
         dims = np.array([self.dim(name) for name in names], dtype=np.int64)
-        return _Group(names, dims, [self._family(name) for name in names])
+        formats = [self.row_format(name) for name in names]
+        return _Group(names, dims, format_codes(formats), row_sizes(formats, dims), [self._family(name) for name in names])
 
     def _read_pool(self) -> ThreadPoolExecutor:
         if self._pool is None:

@@ -22,7 +22,7 @@ import redis
 from hps_core.config import PersistentDBConfig, RedisConfig, VolatileDBConfig
 from hps_core.db import EmbeddingTier, RedisClusterVolatileDB, RocksDBPersistentDB
 from hps_core.db import _redis_layout as layout
-from hps_core.errors import PartialTierError, RequestError, TierError, UnknownTableError
+from hps_core.errors import PartialTierError, RequestError, StoredWidthError, TierError, UnknownTableError
 from tests.redis_servers import RedisProcesses
 
 DIMS = (1, 3, 16, 7, 128)
@@ -414,7 +414,7 @@ def test_rocksdb_wrong_stored_width_names_its_table(tmp_path: Path) -> None:
     try:
         ids = np.array([0, 1], np.int64)
         keys = np.array([int(loaded.keys[0][0]), 9_999_999], np.int64)
-        with pytest.raises(TierError, match=r"hps_et\.model\.t1.*4 float32"):
+        with pytest.raises(StoredWidthError, match=r"hps_et\.model\.t1.*12 bytes, not 16 \(a 4-wide fp32 row\)"):
             db.fetch_tables(loaded.names, ids, keys, np.zeros(6, np.float32), np.array([0, 2], np.int64))
     finally:
         db.close()

@@ -22,6 +22,7 @@ from hps_core.config import RedisConfig, TierType, TLSConfig, VolatileDBConfig
 from hps_core.db import RedisClusterVolatileDB, RedisVolatileDB, open_volatile_db
 from hps_core.db import _redis_layout as layout
 from hps_core.errors import ConfigError, PartialTierError, TierError
+from hps_core.row_formats import RowFormat, pack, unpack
 from tests.redis_servers import RedisProcesses
 
 pytestmark = pytest.mark.redis
@@ -100,6 +101,46 @@ def test_small_command_chunks_and_a_second_client(redis_for: Callable[[str], Red
     finally:
         writer.close()
         reader.close()
+
+
+def test_int8_rows_are_stored_packed_and_the_format_is_shared(redis_for: Callable[[str], RedisProcesses]) -> None:
+    """An int8 table's hash values are ``8 + dim`` bytes; its format is in the metadata, so a
+    second process learns it and one asking for another format is refused; a table without a
+    stored format (HugeCTR's, an older version's) is fp32, and is not stamped."""
+    cluster = redis_for("redis_cluster")
+    config = VolatileDBConfig(redis=RedisConfig(address=cluster.address), num_partitions=4)
+    db, second = RedisClusterVolatileDB(config), RedisClusterVolatileDB(config)
+    raw = redis.RedisCluster(host="127.0.0.1", port=cluster.servers[0].port)
+    try:
+        db.create_table(T, 16, RowFormat.INT8)
+        keys = np.arange(-50, 50, dtype=np.int64)
+        values = np.random.default_rng(0).normal(size=(100, 16)).astype(np.float32)
+        db.insert(T, keys, values)
+        packed = pack(RowFormat.INT8, values)
+        parts = layout.partition_of(keys, 4)
+        for i in (0, 42, 99):
+            stored = raw.hget(layout.value_hkey(T, int(parts[i])), int(keys[i]).to_bytes(8, "little", signed=True))
+            assert len(stored) == 8 + 16 and stored == packed[i].tobytes()
+        assert raw.hget(layout.FORMATS_KEY, T) == b"3"
+        assert second.row_format(T) is RowFormat.INT8 and second.dim(T) == 16  # learnt from the metadata
+        with pytest.raises(ConfigError, match="stores int8 rows, but fp32 was asked for"):
+            second.create_table(T, 16)
+        second.create_table(T, 16, RowFormat.INT8)
+        out = np.zeros((100, 16), np.float32)
+        assert second.fetch(T, keys, out).all()
+        np.testing.assert_array_equal(out, unpack(RowFormat.INT8, packed, 16))
+
+        old = "hps_et.model.old"
+        raw.hset(layout.META_KEY, old, 4)
+        assert second.row_format(old) is RowFormat.FP32
+        with pytest.raises(ConfigError, match="stores fp32 rows, but fp16 was asked for"):
+            db.create_table(old, 4, RowFormat.FP16)
+        db.create_table(old, 4)
+        assert raw.hget(layout.FORMATS_KEY, old) is None
+    finally:
+        raw.close()
+        db.close()
+        second.close()
 
 
 # --------------------------------------------------------------------------- faults

@@ -8,6 +8,7 @@ servers run without persistence). Tests that kill a node get a cluster of their 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -25,6 +26,7 @@ from hps_core.db.base import PartitionMarkers
 from hps_core.db.redis_refill import RefillMonitor, RefillSource
 from hps_core.errors import ConfigError, PartialTierError, TierError
 from hps_core.formats import write_sparse_model
+from hps_core.row_formats import RowFormat, pack, unpack
 from tests.redis_servers import RedisProcesses
 
 pytestmark = pytest.mark.redis
@@ -249,6 +251,41 @@ def test_refill_restores_the_lost_partitions_only(own_cluster: RedisProcesses, t
         db.close()
 
 
+def test_refill_of_an_int8_table_restores_packed_rows(own_cluster: RedisProcesses, tmp_path: Path) -> None:
+    """Every node restarts empty (the metadata hashes too): the refill writes the table's
+    rows packed in its format (``8 + dim`` bytes) and its metadata with that format."""
+    source, keys, values = _sparse(tmp_path, 400)
+    source = dataclasses.replace(source, fraction=1.0, row_format=RowFormat.INT8)
+    db = RedisClusterVolatileDB(VolatileDBConfig(redis=RedisConfig(address=own_cluster.address), num_partitions=P), retry_after=0.1)
+    monitor = RefillMonitor(db, [source])
+    raw = redis.RedisCluster(host="127.0.0.1", port=own_cluster.servers[0].port)
+    try:
+        db.create_table(T, DIM, RowFormat.INT8)
+        db.insert(T, keys, values)
+        db.mark_loaded(T)
+        for i in range(len(own_cluster.servers)):
+            _restart_empty(own_cluster, i)
+        _poll(lambda: monitor.check_once() == {T: 0} and monitor.refills == P)
+        packed = pack(RowFormat.INT8, values)
+        parts = layout.partition_of(keys, P)
+        for i in (0, 123, 399):
+            stored = raw.hget(layout.value_hkey(T, int(parts[i])), int(keys[i]).to_bytes(8, "little", signed=True))
+            assert len(stored) == 8 + DIM and stored == packed[i].tobytes()
+        assert raw.hget(layout.FORMATS_KEY, T) == b"3"
+        fresh = RedisClusterVolatileDB(VolatileDBConfig(redis=RedisConfig(address=own_cluster.address), num_partitions=P))
+        try:
+            assert fresh.row_format(T) is RowFormat.INT8
+            found, out = _fetch(fresh, keys)
+            assert found.all()
+            np.testing.assert_array_equal(out, unpack(RowFormat.INT8, packed, DIM))
+        finally:
+            fresh.close()
+    finally:
+        raw.close()
+        monitor.stop()
+        db.close()
+
+
 def test_refill_prefers_the_persistent_tiers_rows(own_cluster: RedisProcesses, tmp_path: Path) -> None:
     from hps_core.db import HashMapVolatileDB
 
@@ -352,10 +389,10 @@ def test_metadata_refused_does_not_stop_the_refill(
     refused = False
 
     class RefusingMetadata(RedisClusterVolatileDB):
-        def create_table(self, table: str, dim: int) -> None:
+        def create_table(self, table: str, dim: int, row_format: RowFormat = RowFormat.FP32) -> None:
             if refused:
                 raise ConfigError("volatile_db.num_partitions: refused (test)")
-            super().create_table(table, dim)
+            super().create_table(table, dim, row_format)
 
     db = RefusingMetadata(VolatileDBConfig(redis=RedisConfig(address=own_cluster.address), num_partitions=P), retry_after=0.1)
     monitor = RefillMonitor(db, [source, other])

@@ -15,7 +15,8 @@ from rocksdict import AccessType, Options, Rdict
 
 from hps_core.config import PersistentDBConfig, TierType
 from hps_core.db import PersistentDB, RocksDBPersistentDB, open_persistent_db
-from hps_core.errors import ConfigError, TierBusyError, TierError
+from hps_core.errors import ConfigError, StoredWidthError, TierBusyError, TierError
+from hps_core.row_formats import RowFormat, pack, unpack
 
 Encode = Callable[[np.ndarray, int], np.ndarray]
 T = "hps_et.model.table"
@@ -77,12 +78,55 @@ def test_hugectr_written_database_gets_dim_from_values(tmp_path: Path) -> None:
     raw.close()
     db = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "db"), read_only=True))
     assert db.table_names() == ["hps_et.legacy.emb"]  # the empty one's dim is unknown yet
+    assert db.row_format("hps_et.legacy.emb") is RowFormat.FP32  # no format key: fp32
     db.create_table("hps_et.legacy.empty", 3)  # an existing family: learnt, not written
     assert db.dim("hps_et.legacy.empty") == 3
     out = np.zeros((1, 5), np.float32)
     assert db.fetch("hps_et.legacy.emb", np.array([42], np.int64), out).all()
     np.testing.assert_array_equal(out[0], np.arange(5))
     db.close()
+
+
+def test_int8_rows_are_stored_packed_and_the_format_outlives_the_handle(tmp_path: Path) -> None:
+    """An int8 table's values are ``8 + dim`` bytes (insert and bulk load alike), its format
+    is stored beside its dim, and every later handle (secondary, read-only) serves and
+    enforces it."""
+    path = str(tmp_path / "db")
+    db = RocksDBPersistentDB(PersistentDBConfig(path=path))
+    db.create_table(T, 16, RowFormat.INT8)
+    keys = np.arange(100, dtype=np.int64) * 7919
+    values = np.random.default_rng(0).normal(size=(100, 16)).astype(np.float32)
+    db.insert(T, keys[:50], values[:50])
+    db.bulk_load(T, keys[50:], values[50:])
+    secondary = RocksDBPersistentDB(PersistentDBConfig(path=path), secondary_path=tmp_path / "secondary")
+    db.create_table("hps_et.model.new", 3, RowFormat.FP16)  # after the secondary opened
+    db.close()
+    packed = pack(RowFormat.INT8, values)
+    raw = Rdict(path, Options(raw_mode=True))
+    cf = raw.get_column_family(T)
+    try:
+        for i in (0, 49, 50, 99):
+            stored = cf[int(keys[i]).to_bytes(8, "little", signed=True)]
+            assert len(stored) == 8 + 16 and stored == packed[i].tobytes()
+        assert raw[b"hps.format." + T.encode()] == b"3" and raw[b"hps.dim." + T.encode()] == b"16"
+    finally:
+        cf.close()
+        raw.close()
+    secondary.refresh()
+    assert secondary.row_format(T) is RowFormat.INT8
+    assert secondary.row_format("hps_et.model.new") is RowFormat.FP16
+    reader = RocksDBPersistentDB(PersistentDBConfig(path=path, read_only=True))
+    try:
+        for handle in (secondary, reader):
+            out = np.zeros((100, 16), np.float32)
+            assert handle.fetch(T, keys, out).all()
+            np.testing.assert_array_equal(out, unpack(RowFormat.INT8, packed, 16))
+        with pytest.raises(ConfigError, match="stores int8 rows, but fp32 was asked for"):
+            reader.create_table(T, 16)
+        reader.create_table(T, 16, RowFormat.INT8)
+    finally:
+        secondary.close()
+        reader.close()
 
 
 def test_read_only_beside_a_writer_in_another_process(tmp_path: Path, encode: Encode) -> None:
@@ -157,7 +201,7 @@ def test_stored_width_disagreeing_with_dim_is_a_tier_error(tmp_path: Path) -> No
     cf.close()
     raw.close()
     db = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "db")))
-    with pytest.raises(TierError, match="4 float32"):
+    with pytest.raises(StoredWidthError, match="12 bytes, not 16 \\(a 4-wide fp32 row\\)"):
         db.fetch(T, np.array([9], np.int64), np.zeros((1, 4), np.float32))
     db.close()
 
