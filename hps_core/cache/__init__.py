@@ -9,7 +9,9 @@ The caches of a model's tables live in one multi-table structure (:class:`MultiT
     dynamic   CPU      CpuDynamicCache       CpuEmbeddingCache           cpu.py (numba), the GPU cache's twin
     static    CPU      CpuStaticCache        CpuStaticEmbeddingTable     cpu.py (numba)
 
-A one-table view (:class:`TableView`) presents one table behind the single-table
+Each table stores its rows in its own row format (:mod:`hps_core.row_formats`: fp32,
+fp16, fp8, int8), quantised on write and dequantised into the caller's float32 rows on
+query. A one-table view (:class:`TableView`) presents one table behind the single-table
 :class:`EmbeddingCache` contract. Build the multi-table structure with
 :func:`make_multi_table_cache`, a one-table cache with :func:`make_cache`. The GPU classes
 import CuPy only when constructed.
@@ -31,6 +33,7 @@ from hps_core.cache.base import (
 )
 from hps_core.cache.cpu import CpuDynamicCache, CpuEmbeddingCache, CpuStaticCache, CpuStaticEmbeddingTable
 from hps_core.errors import ConfigError
+from hps_core.row_formats import RowFormat
 
 __all__ = [
     "WAYS",
@@ -70,20 +73,21 @@ def make_multi_table_cache(
     capacities: Sequence[int],
     dims: Sequence[int],
     policy: str = "lru",
-    value_dtype: Any = np.float32,
+    row_formats: Sequence[RowFormat] | None = None,
     key_dtype: Any = np.int64,
 ) -> MultiTableCache:
     """The caches of several tables in one structure: ``kind`` (``"dynamic"`` | ``"static"``,
     HugeCTR's ``embedding_cache_type``) on ``device`` (``"cpu"`` or a CUDA ordinal), table t
-    holding ``capacities[t]`` rows of ``dims[t]`` floats.
+    holding ``capacities[t]`` rows of ``dims[t]`` floats stored as ``row_formats[t]``.
 
-    ``policy`` (``"lru"`` | ``"lfu"``) applies to dynamic caches; ``value_dtype`` float32 or
-    float16 (half the bytes per row); ``key_dtype`` int64 or uint32 (HugeCTR
+    ``policy`` (``"lru"`` | ``"lfu"``) applies to dynamic caches; ``row_formats`` one
+    :class:`~hps_core.row_formats.RowFormat` per table (None: all fp32; fp16 stores a row in
+    half the bytes, int8 in about a quarter); ``key_dtype`` int64 or uint32 (HugeCTR
     ``supportlonglong: false``). Raises ConfigError for anything else.
     """
     if kind not in ("dynamic", "static"):
         raise ConfigError(f"embedding cache type must be 'dynamic' or 'static', got {kind!r}")
-    kwargs: dict[str, Any] = dict(policy=policy, value_dtype=value_dtype, key_dtype=key_dtype)
+    kwargs: dict[str, Any] = dict(policy=policy, row_formats=row_formats, key_dtype=key_dtype)
     if device == "cpu":
         cpu_cls = CpuDynamicCache if kind == "dynamic" else CpuStaticCache
         return cpu_cls(capacities, dims, **kwargs)
@@ -102,10 +106,10 @@ def make_cache(
     capacity: int,
     dim: int,
     policy: str = "lru",
-    value_dtype: Any = np.float32,
+    row_format: RowFormat = RowFormat.FP32,
     key_dtype: Any = np.int64,
 ) -> EmbeddingCache:
     """A one-table cache (arguments as :func:`make_multi_table_cache`, for one table)."""
     multi = make_multi_table_cache(kind, device=device, capacities=[capacity], dims=[dim], policy=policy,
-                                   value_dtype=value_dtype, key_dtype=key_dtype)
+                                   row_formats=[row_format], key_dtype=key_dtype)
     return TableView(multi, 0)

@@ -3,25 +3,29 @@
 :func:`load` compiles one family (one ``.cu`` file) for one cache when the cache is made:
 ``cupy.RawModule(code=source(family), options=..., name_expressions=[...])`` with every
 template instantiation the cache can ask for, memoized per (device, family, key type,
-value type, vector shapes). It returns the kernels by name: per vector width for those
-templated on it, once for the others (:class:`Kernels`)::
+vector shapes). It returns the kernels by name: per vector width for those templated on
+it, once for the others (:class:`Kernels`)::
 
-    kernels = load("dynamic", np.int64, np.float32, dims=[8, 3, 16], device=0)
+    kernels = load("dynamic", np.int64, dims=[8, 3, 16], device=0)
     kernels.by_vec[vec]["dc_query"]  # vec from vector_shape(dims, *buffer pointers)
     kernels.no_vec["dc_dump"]        # templated on the key type only, or extern "C"
 
-:func:`source` is the text handed to NVRTC: the ``.cu`` file with ``kernels/common.cuh``
-pasted over its ``#include`` line. CuPy caches compiled code (in memory and on disk) by
-source text, so a change to the header must change that text; with an ``-I`` include it
-would not, and a stale kernel would load. The CI test (tests/hps_core/cache/
-test_kernels_compile.py) compiles the same text with nvcc, with the same name expressions.
+:func:`source` is the text handed to NVRTC: the ``.cu`` file with each of
+:data:`HEADERS` it includes (``kernels/common.cuh``, ``kernels/row_formats.cuh``) pasted
+over its ``#include`` line. CuPy caches compiled code (in memory and on disk) by source
+text, so a change to a header must change that text; with an ``-I`` include it would not,
+and a stale kernel would load. The CI test (tests/hps_core/cache/test_kernels_compile.py)
+compiles the same text with nvcc, with the same name expressions.
+
+Row formats are not template arguments: every table's format is a code in a per-table
+device array, dispatched inside the kernels (warp-uniform, one table per warp), so one
+launch serves tables of every format and every instantiation holds every format's path.
 
 Template arguments:
   K    ``long long`` (int64 keys) or ``unsigned int`` (uint32)
-  V    ``float`` or ``hps_half`` (float16 bits, see kernels/common.cuh)
-  VEC  elements per load/store: 4 (float4, or 4 halves in 8 bytes), 2, or 1. It divides
-       every table's dim; a call narrows it further when a caller's buffer is not aligned
-       for it (:func:`vector_shape`).
+  VEC  elements per load/store: 4 (a float4 of the caller's rows; 16, 8 or 4 packed bytes
+       of a stored row, by format), 2, or 1. It divides every table's dim; a call narrows
+       it further when a caller's buffer is not aligned for it (:func:`vector_shape`).
   NV   VEC-groups per lane: ceil(largest dim / (32 * VEC)) rounded up to a power of two,
        with NV * VEC <= 32 floats of registers per lane, hence dim <= 1024 on the GPU.
 
@@ -46,6 +50,7 @@ __all__ = [
     "COMPILE_OPTIONS",
     "FAMILIES",
     "HEADER",
+    "HEADERS",
     "MAX_GPU_DIM",
     "Family",
     "Kernels",
@@ -61,7 +66,9 @@ __all__ = [
 #: Largest vector width the GPU kernels stage in registers (32 lanes x 32 floats).
 MAX_GPU_DIM = 1024
 COMPILE_OPTIONS = ("-std=c++17",)
+#: The header every kernel family includes, and every header pasted into the sources.
 HEADER = "common.cuh"
+HEADERS = (HEADER, "row_formats.cuh")
 _VECS = (4, 2, 1)
 _T = TypeVar("_T")
 
@@ -71,7 +78,7 @@ class Family:
     """One ``.cu`` file and its kernels, grouped by how they are templated."""
 
     source: str
-    row_kernels: tuple[str, ...] = ()  # <K, V, VEC, NV>: stage rows in registers
+    row_kernels: tuple[str, ...] = ()  # <K, VEC, NV>: stage rows in registers
     vec_kernels: tuple[str, ...] = ()  # <VEC>
     key_kernels: tuple[str, ...] = ()  # <K>
     plain_kernels: tuple[str, ...] = ()  # extern "C"
@@ -80,8 +87,8 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "dynamic": Family("dynamic_cache.cu", row_kernels=("dc_query", "dc_write"),
                       key_kernels=("dc_dump", "dc_sets"), plain_kernels=("dc_clear", "dc_sizes")),
-    "static": Family("static_table.cu", row_kernels=("st_query", "st_write"),
-                     key_kernels=("st_count_new", "st_dump"), plain_kernels=("st_clear",)),
+    "static": Family("static_table.cu", row_kernels=("st_query", "st_write", "st_count_new"),
+                     key_kernels=("st_dump",), plain_kernels=("st_clear",)),
     "rows": Family("rows.cu", vec_kernels=("copy_rows",)),
 }
 
@@ -100,7 +107,6 @@ class Kernels(Generic[_T]):
 
 
 _KEY_CTYPES: dict[np.dtype[Any], str] = {np.dtype(np.int64): "long long", np.dtype(np.uint32): "unsigned int"}
-_VALUE_CTYPES: dict[np.dtype[Any], str] = {np.dtype(np.float32): "float", np.dtype(np.float16): "hps_half"}
 
 
 def kernel_dir() -> Path:
@@ -109,19 +115,25 @@ def kernel_dir() -> Path:
 
 
 def source(family: str) -> str:
-    """The self-contained source of ``family`` that NVRTC compiles: the ``.cu`` text with
-    ``common.cuh`` inlined at its ``#include`` (``#line`` directives keep compiler messages
-    pointing at the right file and line)."""
-    name = FAMILIES[family].source
-    header = (kernel_dir() / HEADER).read_text()
+    """The self-contained source of ``family`` that NVRTC compiles: the ``.cu`` text with each
+    of :data:`HEADERS` inlined at its ``#include`` (``#line`` directives keep compiler
+    messages pointing at the right file and line)."""
+    return _inline(FAMILIES[family].source, set())
+
+
+def _inline(name: str, seen: set[str]) -> str:
+    """``name``'s text with the headers it includes pasted in, each once (later includes of a
+    header already pasted are dropped: its guard would empty them anyway)."""
     lines = (kernel_dir() / name).read_text().splitlines(keepends=True)
-    include = f'#include "{HEADER}"'
     out = []
     for number, line in enumerate(lines, start=1):
-        if line.strip() == include:
-            out.append(f'#line 1 "{HEADER}"\n{header}#line {number + 1} "{name}"\n')
-        else:
+        header = next((h for h in HEADERS if line.strip() == f'#include "{h}"'), None)
+        if header is None:
             out.append(line)
+        elif header not in seen:
+            seen.add(header)
+            text = _inline(header, seen).rstrip("\n")
+            out.append(f'#line 1 "{header}"\n{text}\n#line {number + 1} "{name}"\n')
     return "".join(out)
 
 
@@ -143,9 +155,10 @@ def vector_shapes(dims: Sequence[int]) -> dict[int, int]:
 
 def vector_shape(dims: Sequence[int], *pointers: int) -> tuple[int, int]:
     """(VEC, NV) of a call on rows of tables ``dims``: the widest VEC that divides every dim
-    and keeps every float32 buffer pointer (bytes) aligned for VEC-wide loads. Storage rows
-    need no check: they start at multiples of VEC elements of a 256-byte aligned allocation.
-    Rows whose offsets are not multiples of VEC are handled inside the kernels."""
+    and keeps every float32 buffer pointer (bytes) aligned for VEC-wide loads. Stored rows
+    need no check: every table's rows are aligned for any VEC its dim allows
+    (:func:`~hps_core.cache.base.row_stride`) in a 256-byte aligned allocation. Rows whose
+    offsets are not multiples of VEC are handled inside the kernels."""
     shapes = vector_shapes(dims)
     vec = max(shapes)
     while vec > 1 and any(p % (4 * vec) for p in pointers):
@@ -153,13 +166,13 @@ def vector_shape(dims: Sequence[int], *pointers: int) -> tuple[int, int]:
     return vec, shapes[vec]
 
 
-def kernel_names(family: str, key_dtype: Any, value_dtype: Any, shapes: dict[int, int]) -> Kernels[str]:
-    """The C++ name expression of every kernel of ``family`` for one dtype pair and the
+def kernel_names(family: str, key_dtype: Any, shapes: dict[int, int]) -> Kernels[str]:
+    """The C++ name expression of every kernel of ``family`` for one key dtype and the
     vector shapes ``shapes`` (VEC -> NV)."""
     fam = FAMILIES[family]
-    k, v = _KEY_CTYPES[np.dtype(key_dtype)], _VALUE_CTYPES[np.dtype(value_dtype)]
+    k = _KEY_CTYPES[np.dtype(key_dtype)]
     by_vec = {
-        vec: {name: f"{name}<{k}, {v}, {vec}, {nv}>" for name in fam.row_kernels}
+        vec: {name: f"{name}<{k}, {vec}, {nv}>" for name in fam.row_kernels}
         | {name: f"{name}<{vec}>" for name in fam.vec_kernels}
         for vec, nv in shapes.items()
     }
@@ -167,25 +180,23 @@ def kernel_names(family: str, key_dtype: Any, value_dtype: Any, shapes: dict[int
     return Kernels(by_vec, no_vec)
 
 
-def all_variants() -> Iterator[tuple[str, np.dtype[Any], np.dtype[Any], int, int]]:
-    """Every (family, key dtype, value dtype, VEC, NV) the loader can request."""
+def all_variants() -> Iterator[tuple[str, np.dtype[Any], int, int]]:
+    """Every (family, key dtype, VEC, NV) the loader can request."""
     for family in FAMILIES:
         for kdt in _KEY_CTYPES:
-            for vdt in _VALUE_CTYPES:
-                for vec in _VECS:
-                    nv = 1
-                    while nv * vec <= 32:
-                        yield family, kdt, vdt, vec, nv
-                        nv *= 2
+            for vec in _VECS:
+                nv = 1
+                while nv * vec <= 32:
+                    yield family, kdt, vec, nv
+                    nv *= 2
 
 
 @functools.lru_cache(maxsize=None)
 def _compile(device: int, family: str, key_dtype: np.dtype[np.integer[Any]],
-             value_dtype: np.dtype[np.floating[Any]],
              shapes: tuple[tuple[int, int], ...]) -> Kernels[Any]:
     import cupy  # lazy: only GPU caches get here
 
-    names = kernel_names(family, key_dtype, value_dtype, dict(shapes))
+    names = kernel_names(family, key_dtype, dict(shapes))
     with cupy.cuda.Device(device):
         module = cupy.RawModule(code=source(family), options=COMPILE_OPTIONS,
                                 name_expressions=sorted(names.expressions()))
@@ -197,10 +208,10 @@ def _compile(device: int, family: str, key_dtype: np.dtype[np.integer[Any]],
         )
 
 
-def load(family: str, key_dtype: Any, value_dtype: Any, dims: Sequence[int], device: int) -> Kernels[Any]:
+def load(family: str, key_dtype: Any, dims: Sequence[int], device: int) -> Kernels[Any]:
     """The compiled kernels (``cupy.RawKernel``) of ``family`` for a cache of tables ``dims``
     on ``device``, by name: those templated on the vector width for every VEC of
     :func:`vector_shapes`. The dicts are the caller's own (the compiled kernels are shared)."""
     shapes = tuple(sorted(vector_shapes(dims).items(), reverse=True))
-    compiled = _compile(int(device), family, np.dtype(key_dtype), np.dtype(value_dtype), shapes)
+    compiled = _compile(int(device), family, np.dtype(key_dtype), shapes)
     return Kernels({vec: dict(kernels) for vec, kernels in compiled.by_vec.items()}, dict(compiled.no_vec))

@@ -8,8 +8,12 @@ buffer, per-key float ``offsets``). :class:`TableView` presents one of its table
 single-table :class:`EmbeddingCache` contract, which the update stream, the tools and the
 tests use; a one-table cache (``make_cache``) is such a view.
 
-Each table maps ``key -> vector`` with a fixed capacity in rows. Two kinds exist, as in
-HugeCTR (``embedding_cache_type``):
+Each table maps ``key -> vector`` with a fixed capacity in rows, stored in the table's row
+format (:mod:`hps_core.row_formats`: fp32, fp16, fp8, int8; ``row_formats[t]``). Writes
+take float32 rows and quantise them; queries dequantise into the caller's float32 ``out``,
+so a query returns exactly ``unpack(pack(row))`` of the row last written, bit for bit, on
+the GPU (kernels/row_formats.cuh) as on the CPU twins (row_formats.encode_row/decode_row).
+Two kinds exist, as in HugeCTR (``embedding_cache_type``):
 
 * **dynamic** — set-associative (table t owns ``num_sets[t]`` sets of :data:`WAYS` slots,
   global sets ``set_base[t] ..``; a key lives in set ``set_base[t] + mix64(key) %
@@ -23,7 +27,7 @@ Array conventions (every implementation, every call)::
     keys     (n,)        int64 or uint32, host (NumPy) for CPU caches, device (CuPy) for GPU
                          ones (host arrays are accepted and copied over); a uint32 cache
                          refuses keys outside [0, 2**32) with RequestError
-    values   (n, dim)    float32, same array module; stored as value_dtype
+    values   (n, dim)    float32, same array module; stored in the table's row format
     out      (n, dim)    float32, C-contiguous, writeable; query writes hit rows only
 
 GPU calls take an optional ``stream`` (a ``cupy.cuda.Stream``) last; CPU twins accept and
@@ -39,11 +43,20 @@ miss or a complete vector that was stored under that key at some moment during t
 never a mix of two writes, never another key's vector. ``clear`` is safe beside queries on
 the dynamic caches; on static tables it must not overlap other calls (see docs/cache.md).
 
+A row its table's format cannot store (a NaN or infinity in a compact format, a float16
+value beyond ±65504, an int8 row whose range overflows float32) is never written: the CPU
+twins, and the GPU caches given host arrays, refuse the batch before writing anything; the
+GPU kernels skip such a row without touching its set or slot and the calls that wait for
+their kernel (update, a static replace: before writing) raise RowValueError naming it,
+while a dynamic GPU replace of device arrays skips it silently (a miss, served by the next
+tier). The tiers refuse such rows first, so the lookup never hands one over.
+
 Errors (all from :mod:`hps_core.errors`)::
 
     HPSError
-     ├── ConfigError     bad constructor argument (dim, capacity, policy, dtype, device)
+     ├── ConfigError     bad constructor argument (dim, capacity, policy, format, dtype, device)
      ├── RequestError    bad call argument (dtype, shape, key out of uint32 range)
+     │    └── RowValueError  a row its table's format cannot store
      └── CacheFullError  a static table has no room for the new keys of a replace
 """
 
@@ -56,8 +69,11 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from numba import njit
+
 from hps_core.arrays import array_module, device_context
-from hps_core.errors import CacheFullError, ConfigError, RequestError
+from hps_core.errors import CacheFullError, ConfigError, RequestError, RowValueError
+from hps_core.row_formats import RowFormat, first_unstorable, format_codes, unstorable_reason
 
 __all__ = [
     "AccessClock",
@@ -67,25 +83,28 @@ __all__ = [
     "TableView",
     "KEY_DTYPES",
     "POLICIES",
-    "VALUE_DTYPES",
+    "TABLE_ALIGN",
     "WAYS",
     "capacity_for_bytes",
     "check_batch",
     "check_cache_args",
     "check_room",
     "check_multi_cache_args",
+    "check_storable",
     "check_table_rows",
     "normalize_keys",
+    "row_stride",
 ]
 
 #: Slots per set of a dynamic cache: one warp's lanes probe one set in one step.
 WAYS = 32
 POLICIES = ("lru", "lfu")
-VALUE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 KEY_DTYPES = (np.dtype(np.int64), np.dtype(np.uint32))
 
 Array = Any  # numpy.ndarray on CPU caches, cupy.ndarray on GPU caches
-
+#: Every table's stored rows start at a multiple of this many bytes of the value store (a
+#: float4 of an fp32 row is one aligned 16-byte load).
+TABLE_ALIGN = 16
 
 
 @runtime_checkable
@@ -93,15 +112,15 @@ class EmbeddingCache(Protocol):
     """Batched, fixed-capacity ``key -> vector`` cache of one table.
 
     Attributes: ``dim`` (vector width), ``capacity`` (rows it can hold; dynamic caches
-    round the request up to whole sets), ``value_dtype`` (storage: float32, or float16 to
-    hold twice the rows in the same bytes; outputs are float32 either way), ``key_dtype``
-    (int64 or uint32), ``num_sets`` (dynamic; 1 for static tables), ``kind``
-    (``"dynamic"``/``"static"``) and ``device`` (``"cpu"`` or a CUDA ordinal).
+    round the request up to whole sets), ``row_format`` (how rows are stored:
+    :class:`~hps_core.row_formats.RowFormat`; inputs and outputs are float32 whatever it
+    is), ``key_dtype`` (int64 or uint32), ``num_sets`` (dynamic; 1 for static tables),
+    ``kind`` (``"dynamic"``/``"static"``) and ``device`` (``"cpu"`` or a CUDA ordinal).
     """
 
     dim: int
     capacity: int
-    value_dtype: np.dtype[np.floating[Any]]  # float32 or float16
+    row_format: RowFormat
     key_dtype: np.dtype[np.integer[Any]]  # int64 or uint32
     num_sets: int
     kind: str
@@ -157,10 +176,11 @@ class EmbeddingCache(Protocol):
 class MultiTableCache(Protocol):
     """The embedding caches of several tables in one structure (a model's tables, in order).
 
-    Attributes: ``kind``, ``device``, ``value_dtype``, ``key_dtype``, ``policy`` as for
-    :class:`EmbeddingCache`; per table, host int64 arrays of length ``T``: ``dims``,
-    ``capacities`` (rows; dynamic tables round up to whole sets), ``num_sets`` (1 for static
-    tables) and ``set_base`` (first global set of each table); ``total_sets``.
+    Attributes: ``kind``, ``device``, ``key_dtype``, ``policy`` as for
+    :class:`EmbeddingCache`; ``row_formats``, a tuple of each table's
+    :class:`~hps_core.row_formats.RowFormat`; per table, host int64 arrays of length ``T``:
+    ``dims``, ``capacities`` (rows; dynamic tables round up to whole sets), ``num_sets`` (1
+    for static tables) and ``set_base`` (first global set of each table); ``total_sets``.
 
     Arrays of the calls (the layout of :mod:`hps_core.rows`), in the cache's memory (host
     arrays are accepted and copied over)::
@@ -176,7 +196,7 @@ class MultiTableCache(Protocol):
     """
 
     kind: str
-    value_dtype: np.dtype[np.floating[Any]]  # float32 or float16
+    row_formats: tuple[RowFormat, ...]
     key_dtype: np.dtype[np.integer[Any]]  # int64 or uint32
     policy: str
     dims: Any
@@ -242,7 +262,7 @@ class TableView:
         self.num_sets = int(cache.num_sets[table])
         self.kind = cache.kind
         self.policy = cache.policy
-        self.value_dtype = cache.value_dtype
+        self.row_format = cache.row_formats[table]
         self.key_dtype = cache.key_dtype
         self._set_base = int(cache.set_base[table])
         self._xp = array_module(cache)
@@ -310,31 +330,42 @@ class TableView:
 # --------------------------------------------------------------------------- helpers
 
 
-def capacity_for_bytes(nbytes: int, dim: int, value_dtype: Any = np.float32) -> int:
-    """Rows of ``dim``-wide vectors that fit in ``nbytes`` of value storage: float16
-    storage gives twice the rows of float32 for the same budget."""
-    itemsize = np.dtype(value_dtype).itemsize
-    return max(0, int(nbytes) // (int(dim) * itemsize))
+def row_stride(row_format: RowFormat, dim: int) -> int:
+    """Bytes one ``dim``-wide row of ``row_format`` takes in a cache's value store: its packed
+    size (:meth:`RowFormat.row_bytes`), fp8 and int8 rounded up to a multiple of 4 so their
+    float32 header, and the 1, 2 or 4-byte element groups the GPU kernels move, stay
+    aligned. fp32 and fp16 rows are stored unpadded (their width is a multiple of every
+    group the dim allows)."""
+    packed = row_format.row_bytes(dim)
+    return -(-packed // 4) * 4 if row_format.header_bytes else packed
+
+
+def capacity_for_bytes(nbytes: int, dim: int, row_format: RowFormat = RowFormat.FP32) -> int:
+    """Rows of ``dim``-wide vectors whose values fit in ``nbytes`` of a cache's value store,
+    stored as ``row_format`` (:func:`row_stride` bytes each: fp16 gives twice the rows of
+    fp32, int8 at dim 128 almost four times). Slot metadata (keys, versions, LRU stamps) is
+    not counted."""
+    return max(0, int(nbytes) // row_stride(RowFormat(row_format), int(dim)))
 
 
 def check_cache_args(
-    kind: str, capacity: object, dim: object, policy: str, value_dtype: Any, key_dtype: Any
-) -> tuple[int, int, np.dtype[Any], np.dtype[Any]]:
+    kind: str, capacity: object, dim: object, policy: str, row_format: object, key_dtype: Any
+) -> tuple[int, int, RowFormat, np.dtype[Any]]:
     """Validate constructor arguments common to every cache; returns normalised
-    ``(capacity, dim, value_dtype, key_dtype)`` or raises ConfigError naming the argument."""
+    ``(capacity, dim, row_format, key_dtype)`` or raises ConfigError naming the argument.
+    ``row_format`` is a :class:`RowFormat` or its name (``"int8"``)."""
     if kind not in ("dynamic", "static"):
         raise ConfigError(f"cache kind must be 'dynamic' or 'static', got {kind!r}")
     if policy not in POLICIES:
         raise ConfigError(f"cache policy must be one of {POLICIES}, got {policy!r}")
     try:
-        vdt, kdt = np.dtype(value_dtype), np.dtype(key_dtype)
+        kdt = np.dtype(key_dtype)
     except TypeError as exc:
-        raise ConfigError(f"cache dtypes not understood: {value_dtype!r}, {key_dtype!r}") from exc
-    if vdt not in VALUE_DTYPES:
-        raise ConfigError(f"cache value_dtype must be float32 or float16, got {vdt}")
+        raise ConfigError(f"cache key_dtype not understood: {key_dtype!r}") from exc
     if kdt not in KEY_DTYPES:
         raise ConfigError(f"cache key_dtype must be int64 or uint32, got {kdt}")
-    return _positive_int("capacity", capacity), _positive_int("dim", dim), vdt, kdt
+    fmt = row_format if isinstance(row_format, RowFormat) else RowFormat.parse(row_format, "cache row_format")
+    return _positive_int("capacity", capacity), _positive_int("dim", dim), fmt, kdt
 
 
 def _positive_int(name: str, val: object) -> int:
@@ -357,20 +388,27 @@ def check_batch(xp: Any, keys: Any, values: Any, dim: int, name: str = "values")
 
 @dataclass(frozen=True)
 class CacheLayout:
-    """Where each table of a multi-table cache lives, worked out once from its capacities and
-    widths (host int64 arrays of length T); the CPU twins and the GPU caches share it.
+    """Where each table of a multi-table cache lives, worked out once from its capacities,
+    widths and row formats (host int64 arrays of length T); the CPU twins and the GPU caches
+    share it.
 
     Dynamic: table t owns ``num_sets[t]`` sets of :data:`WAYS` slots from global set
     ``set_base[t]``. Static: table t owns a power-of-two region of ``slot_base[t+1] -
     slot_base[t]`` slots (≥ 2 × capacity, at least 16) and counts as one set. Either way its
-    rows start at ``value_base[t]`` of one flat value store, ``dims[t]`` wide.
+    rows are packed in its format (``codes[t]``, :func:`~hps_core.row_formats.format_codes`)
+    in one byte-addressed value store: row r (dynamic: slot ``(s - set_base[t]) * WAYS + w``)
+    at byte ``value_base[t] + r * strides[t]`` (:func:`row_stride`), every ``value_base``
+    a multiple of :data:`TABLE_ALIGN`.
     """
 
     dims: Any
     capacities: Any
     num_sets: Any
     set_base: Any
+    codes: Any
+    strides: Any
     value_base: Any
+    value_bytes: int  # size of the value store
     slot_base: Any  # (T + 1,) static only (empty for dynamic caches)
 
     @property
@@ -382,24 +420,27 @@ class CacheLayout:
     def total_sets(self) -> int:
         return int(self.num_sets.sum())
 
-    @property
-    def values(self) -> int:
-        """Elements of the flat value store."""
-        return int((self.capacities * self.dims).sum())
-
     @classmethod
-    def dynamic(cls, requested: Any, dims: Any) -> CacheLayout:
+    def dynamic(cls, requested: Any, dims: Any, formats: Sequence[RowFormat]) -> CacheLayout:
         num_sets = -(-requested // WAYS)
         capacities = num_sets * WAYS
-        return cls(dims, capacities, num_sets, _starts(num_sets), _starts(capacities * dims), np.zeros(0, np.int64))
+        return cls._build(dims, capacities, num_sets, _starts(num_sets), formats, np.zeros(0, np.int64))
 
     @classmethod
-    def static(cls, requested: Any, dims: Any) -> CacheLayout:
+    def static(cls, requested: Any, dims: Any, formats: Sequence[RowFormat]) -> CacheLayout:
         tables = requested.shape[0]
         slots = np.array([1 << max(4, (2 * int(c) - 1).bit_length()) for c in requested], np.int64)
         slot_base = np.concatenate([[0], np.cumsum(slots)]).astype(np.int64)
-        return cls(dims, requested, np.ones(tables, np.int64), np.arange(tables, dtype=np.int64),
-                   _starts(requested * dims), slot_base)
+        return cls._build(dims, requested, np.ones(tables, np.int64), np.arange(tables, dtype=np.int64), formats,
+                          slot_base)
+
+    @classmethod
+    def _build(cls, dims: Any, capacities: Any, num_sets: Any, set_base: Any, formats: Sequence[RowFormat],
+               slot_base: Any) -> CacheLayout:
+        strides = np.array([row_stride(f, int(d)) for f, d in zip(formats, dims)], np.int64)
+        region = -(-(capacities * strides) // TABLE_ALIGN) * TABLE_ALIGN
+        return cls(dims, capacities, num_sets, set_base, format_codes(formats), strides, _starts(region),
+                   int(region.sum()), slot_base)
 
 
 class AccessClock:
@@ -440,22 +481,58 @@ def check_room(held: Any, capacities: Any, new: Any) -> None:
             over.tolist(),
         )
 
+
 def check_multi_cache_args(
-    kind: str, capacities: Sequence[object], dims: Sequence[object], policy: str, value_dtype: Any, key_dtype: Any
-) -> tuple[Any, Any, np.dtype[Any], np.dtype[Any]]:
+    kind: str, capacities: Sequence[object], dims: Sequence[object], policy: str,
+    row_formats: Sequence[object] | None, key_dtype: Any
+) -> tuple[Any, Any, tuple[RowFormat, ...], np.dtype[Any]]:
     """:func:`check_cache_args` for every table: returns ``(capacities (T,) int64, dims (T,)
-    int64, value_dtype, key_dtype)``; ConfigError names the table of a bad value."""
-    if len(capacities) != len(dims) or not dims:
+    int64, row_formats (one per table; None means all fp32), key_dtype)``; ConfigError names
+    the table of a bad value."""
+    if len(capacities) != len(dims) or len(dims) == 0:
         raise ConfigError(f"a multi-table cache needs one capacity per table, got {len(capacities)} for {len(dims)}")
+    formats: Sequence[object] = [RowFormat.FP32] * len(dims) if row_formats is None else row_formats
+    if isinstance(formats, (str, RowFormat)) or len(formats) != len(dims):
+        raise ConfigError(f"a multi-table cache needs one row format per table ({len(dims)}), got {formats!r}")
     checked = []
-    for t, (capacity, dim) in enumerate(zip(capacities, dims)):
+    for t, (capacity, dim, fmt) in enumerate(zip(capacities, dims, formats)):
         try:
-            checked.append(check_cache_args(kind, capacity, dim, policy, value_dtype, key_dtype))
+            checked.append(check_cache_args(kind, capacity, dim, policy, fmt, key_dtype))
         except ConfigError as exc:
             raise ConfigError(f"table {t}: {exc}") from exc
     caps = np.array([c[0] for c in checked], np.int64)
     widths = np.array([c[1] for c in checked], np.int64)
-    return caps, widths, checked[0][2], checked[0][3]
+    return caps, widths, tuple(c[2] for c in checked), checked[0][3]
+
+
+@njit(nogil=True, cache=True)
+def _first_unstorable_row(table_ids: Any, values: Any, offsets: Any, dims: Any, codes: Any) -> int:
+    for i in range(table_ids.shape[0]):
+        t = table_ids[i]
+        if unstorable_reason(values, offsets[i], dims[t], codes[t]):
+            return i
+    return -1
+
+
+def check_storable(table_ids: Any, values: Any, offsets: Any, dims: Any, row_formats: Sequence[RowFormat],
+                   what: str, outcome: str = "nothing of the batch was cached") -> None:
+    """Refuse a write (host arrays, bounds already checked) holding a row its table's format
+    cannot store: RowValueError naming the first and the reason, as
+    :func:`~hps_core.row_formats.pack` does; ``outcome`` says what became of the batch."""
+    codes = format_codes(row_formats)
+    if not codes.any():
+        return  # float32 tables store any row
+    bad = _first_unstorable_row(table_ids, values, offsets, dims, codes)
+    if bad < 0:
+        return
+    t = int(table_ids[bad])
+    row = np.asarray(values[int(offsets[bad]) : int(offsets[bad]) + int(dims[t])], np.float32)
+    reason = first_unstorable(row_formats[t], row[None, :])[1]
+    raise RowValueError(
+        f"{what}: position {bad} (table {t}) holds {reason}, which the {row_formats[t]} row format cannot store "
+        f"(row: {row[:8].tolist()}{'...' if row.shape[0] > 8 else ''}); {outcome}",
+        position=int(bad),
+    )
 
 
 def check_table_rows(xp: Any, table_ids: Any, keys: Any, buffer: Any, offsets: Any, name: str) -> None:

@@ -11,8 +11,9 @@ Dynamic cache layout (mirrors kernels/dynamic_cache.cu)::
     slot_used  uint8[total_sets, WAYS]     1 = occupied
     slot_ts    int64[total_sets, WAYS]     last access (a global clock ticked once per call)
     slot_freq  int64[total_sets, WAYS]     accesses since insertion (LFU)
-    values     float32 (or uint16 bits of float16), flat: the row of slot (s, w) of table t
-               starts at value_base[t] + ((s - set_base[t]) * WAYS + w) * dims[t]
+    values     uint8, flat: rows packed in their table's format (codes[t]); the row of slot
+               (s, w) of table t starts at byte value_base[t] + ((s - set_base[t]) * WAYS + w)
+               * strides[t] (CacheLayout)
 
 Victim of a full set: ``lru`` the smallest ``ts``; ``lfu`` the smallest ``freq``, ties by
 the smallest ``ts``; an empty slot always first. A hit updates ``ts`` (and ``freq``), so a
@@ -28,9 +29,12 @@ misjudges a victim), as on the GPU. Threads on different stripes, and readers of
 run in parallel (the kernels release the GIL). The GPU kernels use per-slot seqlocks
 instead; both give the contract's guarantee.
 
-float16 storage: numba has no float16 type, so vectors are stored as their uint16 bits:
-NumPy rounds rows to float16 before the kernel (round-to-nearest-even, like the GPU's
-``cvt.rn.f16.f32``), and queries widen through a 65,536-entry float32 table.
+Row formats: writes pack each float32 row with :func:`hps_core.row_formats.encode_row`
+inside the kernels, under the stripe's lock, and queries unpack into ``out`` with
+:func:`~hps_core.row_formats.decode_row`: the module every tier uses, so a cached row and
+a tier's row are the same bits, and the GPU kernels (kernels/row_formats.cuh) mirror it. A
+batch holding a row its table's format cannot store is refused (RowValueError) before the
+kernel runs.
 
 Static tables: per table a power-of-two region of open-addressing slots (linear probing,
 ≥ 2 × capacity) key -> row, rows appended, no eviction; one reader-writer spinlock: queries
@@ -45,8 +49,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from numba import njit, types
-from numba.extending import overload
+from numba import njit
 
 from hps_core.arrays import is_device_array, to_host
 from hps_core.cache.base import (
@@ -56,14 +59,16 @@ from hps_core.cache.base import (
     TableView,
     check_room,
     check_multi_cache_args,
+    check_storable,
     check_table_rows,
     normalize_keys,
 )
 from hps_core.errors import RequestError
 from hps_core.grouping import first_of_pairs, group_by
 from hps_core.hashing import mix64
-from hps_core.rows import check_rows_fit, copy_rows, row_offsets
+from hps_core.rows import check_rows_fit, copy_rows
 from hps_core.intrinsics import LockArray, read_acquire, read_release, write_acquire, write_release
+from hps_core.row_formats import RowFormat, decode_row, encode_row
 
 __all__ = [
     "CpuDynamicCache",
@@ -76,25 +81,8 @@ __all__ = [
 DEFAULT_STRIPES = 16
 _EMPTY = -1
 
-#: float16 bits -> float32, the widening table of fp16 queries (256 KiB).
-_F16_TO_F32 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
-_NO_LUT = np.zeros(1, np.float32)
-
 
 # --------------------------------------------------------------------------- kernels
-
-
-# No annotations on these two: numba matches the overload's parameters to _load's exactly.
-def _load(values, i, lut):  # type: ignore[no-untyped-def]
-    """Element ``i`` of a value store as float32 (compiled per storage dtype below)."""
-    raise NotImplementedError  # only ever called from numba
-
-
-@overload(_load, inline="always")
-def _load_impl(values, i, lut):  # type: ignore[no-untyped-def]
-    if values.dtype == types.uint16:
-        return lambda values, i, lut: lut[values[i]]
-    return lambda values, i, lut: values[i]
 
 
 @njit(nogil=True, cache=True)
@@ -154,8 +142,8 @@ def _missing(hit: Any) -> Any:
 
 
 @njit(nogil=True, cache=True)
-def _dynamic_query(keys, table_ids, offsets, out, set_base, num_sets, dims, value_base,  # type: ignore[no-untyped-def]
-                   slot_keys, slot_used, slot_ts, slot_freq, values, lut, clock, locks, waiting):
+def _dynamic_query(keys, table_ids, offsets, out, set_base, num_sets, dims, codes, strides,  # type: ignore[no-untyped-def]
+                   value_base, slot_keys, slot_used, slot_ts, slot_freq, values, clock, locks, waiting):
     sets = _dynamic_sets(keys, table_ids, set_base, num_sets)
     stripes = locks.shape[0]
     order, starts = _by_stripe(sets, stripes)
@@ -171,11 +159,8 @@ def _dynamic_query(keys, table_ids, offsets, out, set_base, num_sets, dims, valu
             if w < 0:
                 continue
             t = table_ids[i]
-            dim = dims[t]
-            src = value_base[t] + ((s - set_base[t]) * WAYS + w) * dim
-            o = offsets[i]
-            for d in range(dim):
-                out[o + d] = _load(values, src + d, lut)  # type: ignore[no-untyped-call]  # see _load
+            start = value_base[t] + ((s - set_base[t]) * WAYS + w) * strides[t]
+            decode_row(values, start, dims[t], codes[t], out, offsets[i])
             slot_ts[s, w] = clock
             slot_freq[s, w] += 1
             hit[i] = True
@@ -184,10 +169,10 @@ def _dynamic_query(keys, table_ids, offsets, out, set_base, num_sets, dims, valu
 
 
 @njit(nogil=True, cache=True)
-def _dynamic_write(keys, table_ids, src, src_offsets, set_base, num_sets, dims, value_base,  # type: ignore[no-untyped-def]
-                   slot_keys, slot_used, slot_ts, slot_freq, values, clock, lfu, insert, locks, waiting):
-    """Replace (``insert``) or update in batch order; ``src`` has the storage dtype. Returns
-    how many positions found their key cached."""
+def _dynamic_write(keys, table_ids, src, src_offsets, set_base, num_sets, dims, codes, strides,  # type: ignore[no-untyped-def]
+                   value_base, slot_keys, slot_used, slot_ts, slot_freq, values, clock, lfu, insert, locks, waiting):
+    """Replace (``insert``) or update in batch order, packing the float32 rows of ``src`` in
+    their tables' formats. Returns how many positions found their key cached."""
     sets = _dynamic_sets(keys, table_ids, set_base, num_sets)
     stripes = locks.shape[0]
     order, starts = _by_stripe(sets, stripes)
@@ -213,11 +198,8 @@ def _dynamic_write(keys, table_ids, src, src_offsets, set_base, num_sets, dims, 
                 continue
             slot_ts[s, w] = clock
             t = table_ids[i]
-            dim = dims[t]
-            dst = value_base[t] + ((s - set_base[t]) * WAYS + w) * dim
-            o = src_offsets[i]
-            for d in range(dim):
-                values[dst + d] = src[o + d]
+            start = value_base[t] + ((s - set_base[t]) * WAYS + w) * strides[t]
+            encode_row(src, src_offsets[i], dims[t], codes[t], values, start)
         write_release(locks, p)
     return found
 
@@ -259,7 +241,7 @@ def _static_row(key, t, slot_base, slot_mask, slot_keys, slot_rows):  # type: ig
 
 @njit(nogil=True, cache=True)
 def _static_query(keys, table_ids, offsets, out, slot_base, slot_mask, slot_keys, slot_rows,  # type: ignore[no-untyped-def]
-                  dims, value_base, values, lut, locks, waiting):
+                  dims, codes, strides, value_base, values, locks, waiting):
     hit = np.zeros(keys.shape[0], np.bool_)
     read_acquire(locks, waiting, 0)
     for i in range(keys.shape[0]):
@@ -267,11 +249,7 @@ def _static_query(keys, table_ids, offsets, out, slot_base, slot_mask, slot_keys
         _, row = _static_row(keys[i], t, slot_base, slot_mask, slot_keys, slot_rows)
         if row < 0:
             continue
-        dim = dims[t]
-        src = value_base[t] + row * dim
-        o = offsets[i]
-        for d in range(dim):
-            out[o + d] = _load(values, src + d, lut)  # type: ignore[no-untyped-call]  # see _load
+        decode_row(values, value_base[t] + row * strides[t], dims[t], codes[t], out, offsets[i])
         hit[i] = True
     read_release(locks, 0)
     return _missing(hit)
@@ -288,9 +266,10 @@ def _static_stored(keys, table_ids, slot_base, slot_mask, slot_keys, slot_rows):
 
 @njit(nogil=True, cache=True)
 def _static_write(keys, table_ids, src, src_offsets, slot_base, slot_mask, slot_keys, slot_rows,  # type: ignore[no-untyped-def]
-                  dims, value_base, values, n_rows, insert):
-    """Upsert (``insert``) or update in batch order; the caller checked there is room and
-    holds the lock. Returns the positions whose key was already stored."""
+                  dims, codes, strides, value_base, values, n_rows, insert):
+    """Upsert (``insert``) or update in batch order, packing the float32 rows of ``src`` in
+    their tables' formats; the caller checked there is room and holds the lock. Returns the
+    positions whose key was already stored."""
     found = 0
     for i in range(keys.shape[0]):
         t = table_ids[i]
@@ -305,11 +284,7 @@ def _static_write(keys, table_ids, src, src_offsets, slot_base, slot_mask, slot_
             slot_rows[slot] = row
         else:
             continue
-        dim = dims[t]
-        dst = value_base[t] + row * dim
-        o = src_offsets[i]
-        for d in range(dim):
-            values[dst + d] = src[o + d]
+        encode_row(src, src_offsets[i], dims[t], codes[t], values, value_base[t] + row * strides[t])
     return found
 
 
@@ -331,27 +306,33 @@ def _host(arr: Any, what: str) -> npt.NDArray[Any]:
 
 
 class _CpuCacheBase:
-    """Argument checks and the float16 store shared by both CPU multi-table caches."""
+    """Argument checks and the packed value store shared by both CPU multi-table caches."""
 
     device = "cpu"
     kind = ""
     capacities: npt.NDArray[np.int64]  # (T,) rows per table, set by each kind
 
     def __init__(self, kind: str, capacities: Sequence[int], dims: Sequence[int], policy: str,
-                 value_dtype: Any, key_dtype: Any) -> None:
-        caps, self.dims, self.value_dtype, self.key_dtype = check_multi_cache_args(
-            kind, capacities, dims, policy, value_dtype, key_dtype
+                 row_formats: Sequence[RowFormat] | None, key_dtype: Any) -> None:
+        caps, self.dims, self.row_formats, self.key_dtype = check_multi_cache_args(
+            kind, capacities, dims, policy, row_formats, key_dtype
         )
         self.policy = policy
         self.tables = int(self.dims.shape[0])
         self._requested = caps
-        self._storage = np.uint16 if self.value_dtype == np.float16 else np.float32
-        self._lut = _F16_TO_F32 if self.value_dtype == np.float16 else _NO_LUT
+
+    def _store(self, layout: CacheLayout) -> None:
+        """Take the layout's per-table attributes and allocate its value store."""
+        self.capacities, self.num_sets, self.set_base = layout.capacities, layout.num_sets, layout.set_base
+        self.total_sets, self.value_base = layout.total_sets, layout.value_base
+        self._codes, self._strides = layout.codes, layout.strides
+        self._values = np.zeros(layout.value_bytes, np.uint8)
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(tables={self.tables}, capacities={self.capacities.tolist()}, "
-            f"dims={self.dims.tolist()}, value_dtype={self.value_dtype}, key_dtype={self.key_dtype})"
+            f"dims={self.dims.tolist()}, row_formats={[str(f) for f in self.row_formats]}, "
+            f"key_dtype={self.key_dtype})"
         )
 
     def copy_rows(self, src: Any, src_offsets: Any, dst: Any, dst_offsets: Any, table_ids: Any,
@@ -359,22 +340,15 @@ class _CpuCacheBase:
         copy_rows(src, src_offsets, dst, dst_offsets, table_ids, self.dims)
 
     def _args(self, table_ids: Any, keys: Any, buffer: Any, offsets: Any, name: str) -> tuple[Any, Any, Any, Any]:
-        """Host arrays of a multi-table call, checked (bounds included)."""
+        """Host arrays of a multi-table call, checked (bounds included; the rows of a write
+        must be storable in their tables' formats)."""
         ids, buf, offs = _host(table_ids, "table_ids"), _host(buffer, name), _host(offsets, "offsets")
         keys = normalize_keys(np, _host(keys, "keys"), self.key_dtype)
         check_table_rows(np, ids, keys, buf, offs, name)
         check_rows_fit(ids, offs, self.dims, buf.shape[0], f"cache {name}")
+        if name == "values":
+            check_storable(ids, buf, offs, self.dims, self.row_formats, f"cache {name}")
         return ids, keys, buf, offs
-
-    def _source(self, table_ids: Any, values: Any, offsets: Any) -> tuple[Any, Any]:
-        """Rows to write in the storage dtype: float32 as given; float16 rows packed and
-        rounded first (only the rows being written, not the whole buffer)."""
-        if self._storage is np.float32:
-            return values, offsets
-        packed_offsets, total = row_offsets(table_ids, self.dims)
-        packed = np.empty(total, np.float32)
-        copy_rows(values, offsets, packed, packed_offsets, table_ids, self.dims)
-        return packed.astype(np.float16).view(np.uint16), packed_offsets
 
 
 # --------------------------------------------------------------------------- dynamic
@@ -384,18 +358,16 @@ class CpuDynamicCache(_CpuCacheBase):
     """Set-associative caches of several tables, LRU or LFU; the twin of GpuDynamicCache.
 
     ``capacities[t]`` rows of ``dims[t]`` floats for table t, rounded up to whole sets of
-    :data:`WAYS` slots.
+    :data:`WAYS` slots, stored as ``row_formats[t]`` (None: all fp32).
     """
 
     kind = "dynamic"
 
     def __init__(self, capacities: Sequence[int], dims: Sequence[int], *, policy: str = "lru",
-                 value_dtype: Any = np.float32, key_dtype: Any = np.int64, num_stripes: int | None = None,
-                 clock_start: int = 1) -> None:
-        super().__init__("dynamic", capacities, dims, policy, value_dtype, key_dtype)
-        layout = CacheLayout.dynamic(self._requested, self.dims)
-        self.capacities, self.num_sets, self.set_base = layout.capacities, layout.num_sets, layout.set_base
-        self.total_sets, self.value_base = layout.total_sets, layout.value_base
+                 row_formats: Sequence[RowFormat] | None = None, key_dtype: Any = np.int64,
+                 num_stripes: int | None = None, clock_start: int = 1) -> None:
+        super().__init__("dynamic", capacities, dims, policy, row_formats, key_dtype)
+        self._store(CacheLayout.dynamic(self._requested, self.dims, self.row_formats))
         stripes = num_stripes or min(DEFAULT_STRIPES, max(2, 4 * (os.cpu_count() or 1)))
         self.num_stripes = max(1, min(int(stripes), self.total_sets))
         self._locks = LockArray(self.num_stripes)
@@ -405,14 +377,13 @@ class CpuDynamicCache(_CpuCacheBase):
         self._used = np.zeros(shape, np.uint8)
         self._ts = np.zeros(shape, np.int64)
         self._freq = np.zeros(shape, np.int64)
-        self._values = np.zeros(layout.values, self._storage)
 
     def query_tables(self, table_ids: Any, keys: Any, out: Any, offsets: Any,
                      stream: Any = None) -> npt.NDArray[np.int64]:
         ids, keys, out, offs = self._args(table_ids, keys, out, offsets, "out")
         missing: npt.NDArray[np.int64] = _dynamic_query(
-            keys, ids, offs, out, self.set_base, self.num_sets, self.dims, self.value_base, self._keys,
-            self._used, self._ts, self._freq, self._values, self._lut, self._clock.tick(),
+            keys, ids, offs, out, self.set_base, self.num_sets, self.dims, self._codes, self._strides,
+            self.value_base, self._keys, self._used, self._ts, self._freq, self._values, self._clock.tick(),
             self._locks.locks, self._locks.waiting,
         )
         return missing
@@ -450,10 +421,9 @@ class CpuDynamicCache(_CpuCacheBase):
 
     def _write(self, table_ids: Any, keys: Any, values: Any, offsets: Any, *, insert: bool) -> int:
         ids, keys, values, offs = self._args(table_ids, keys, values, offsets, "values")
-        src, src_offsets = self._source(ids, values, offs)
         return int(_dynamic_write(
-            keys, ids, src, src_offsets, self.set_base, self.num_sets, self.dims, self.value_base,
-            self._keys, self._used, self._ts, self._freq, self._values, self._clock.tick(),
+            keys, ids, values, offs, self.set_base, self.num_sets, self.dims, self._codes, self._strides,
+            self.value_base, self._keys, self._used, self._ts, self._freq, self._values, self._clock.tick(),
             self.policy == "lfu", insert, self._locks.locks, self._locks.waiting,
         ))
 
@@ -468,16 +438,14 @@ class CpuStaticCache(_CpuCacheBase):
     kind = "static"
 
     def __init__(self, capacities: Sequence[int], dims: Sequence[int], *, policy: str = "lru",
-                 value_dtype: Any = np.float32, key_dtype: Any = np.int64) -> None:
-        super().__init__("static", capacities, dims, policy, value_dtype, key_dtype)
-        layout = CacheLayout.static(self._requested, self.dims)
-        self.capacities, self.num_sets, self.set_base = layout.capacities, layout.num_sets, layout.set_base
-        self.total_sets, self.value_base = layout.total_sets, layout.value_base
+                 row_formats: Sequence[RowFormat] | None = None, key_dtype: Any = np.int64) -> None:
+        super().__init__("static", capacities, dims, policy, row_formats, key_dtype)
+        layout = CacheLayout.static(self._requested, self.dims, self.row_formats)
+        self._store(layout)
         self._slot_base = layout.slot_base
         self._slot_mask = np.diff(layout.slot_base) - 1
         self._slot_keys = np.zeros(int(layout.slot_base[-1]), self.key_dtype)
         self._slot_rows = np.full(int(layout.slot_base[-1]), _EMPTY, np.int64)
-        self._values = np.zeros(layout.values, self._storage)
         self._n_rows = np.zeros(self.tables, np.int64)
         self._lock = LockArray(1)
 
@@ -486,7 +454,8 @@ class CpuStaticCache(_CpuCacheBase):
         ids, keys, out, offs = self._args(table_ids, keys, out, offsets, "out")
         missing: npt.NDArray[np.int64] = _static_query(
             keys, ids, offs, out, self._slot_base, self._slot_mask, self._slot_keys, self._slot_rows,
-            self.dims, self.value_base, self._values, self._lut, self._lock.locks, self._lock.waiting,
+            self.dims, self._codes, self._strides, self.value_base, self._values, self._lock.locks,
+            self._lock.waiting,
         )
         return missing
 
@@ -521,13 +490,12 @@ class CpuStaticCache(_CpuCacheBase):
 
     def _write(self, table_ids: Any, keys: Any, values: Any, offsets: Any, *, insert: bool) -> int:
         ids, keys, values, offs = self._args(table_ids, keys, values, offsets, "values")
-        src, src_offsets = self._source(ids, values, offs)
         with self._lock.write_locked(0):
             if insert:
                 self._check_room(ids, keys)
             return int(_static_write(
-                keys, ids, src, src_offsets, self._slot_base, self._slot_mask, self._slot_keys,
-                self._slot_rows, self.dims, self.value_base, self._values, self._n_rows, insert,
+                keys, ids, values, offs, self._slot_base, self._slot_mask, self._slot_keys, self._slot_rows,
+                self.dims, self._codes, self._strides, self.value_base, self._values, self._n_rows, insert,
             ))
 
     def _check_room(self, table_ids: npt.NDArray[np.int64], keys: npt.NDArray[np.integer[Any]]) -> None:
@@ -543,16 +511,16 @@ class CpuStaticCache(_CpuCacheBase):
 class CpuEmbeddingCache(TableView):
     """A one-table dynamic CPU cache: :class:`CpuDynamicCache` behind the single-table contract."""
 
-    def __init__(self, capacity: int, dim: int, *, policy: str = "lru", value_dtype: Any = np.float32,
+    def __init__(self, capacity: int, dim: int, *, policy: str = "lru", row_format: RowFormat = RowFormat.FP32,
                  key_dtype: Any = np.int64, num_stripes: int | None = None) -> None:
-        super().__init__(CpuDynamicCache([capacity], [dim], policy=policy, value_dtype=value_dtype,
+        super().__init__(CpuDynamicCache([capacity], [dim], policy=policy, row_formats=[row_format],
                                          key_dtype=key_dtype, num_stripes=num_stripes), 0)
 
 
 class CpuStaticEmbeddingTable(TableView):
     """A one-table static CPU table: :class:`CpuStaticCache` behind the single-table contract."""
 
-    def __init__(self, capacity: int, dim: int, *, policy: str = "lru", value_dtype: Any = np.float32,
+    def __init__(self, capacity: int, dim: int, *, policy: str = "lru", row_format: RowFormat = RowFormat.FP32,
                  key_dtype: Any = np.int64) -> None:
-        super().__init__(CpuStaticCache([capacity], [dim], policy=policy, value_dtype=value_dtype,
+        super().__init__(CpuStaticCache([capacity], [dim], policy=policy, row_formats=[row_format],
                                         key_dtype=key_dtype), 0)

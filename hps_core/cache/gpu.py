@@ -32,7 +32,7 @@ works on a non-blocking stream of its own passes that stream.
 Kernel launches and host synchronisation per call (device arrays; each count read back is
 preceded by a memset of the call's status words)::
 
-    query_tables     1 launch, 1 sync: an 8-byte read-back (miss count, row error word)
+    query_tables     1 launch, 1 sync: a 12-byte read-back (miss count, error words)
     replace_tables   dynamic: 1 launch, no sync; static: 2 launches (count the new keys
                      per table, write), 2 syncs, under a host lock
     update_tables    1 launch, 1 sync (the found count)
@@ -46,6 +46,15 @@ does not fit is skipped and its position flagged in the call's error word, which
 that read a count back turn into RequestError (rows that fit were still served). A dynamic
 ``replace_tables`` and ``copy_rows`` do not wait for their kernel, so they cannot report:
 they skip such rows silently (host arrays were checked before the launch).
+
+Row formats: each table's rows are packed in its format (hps_core.row_formats) in one
+byte-addressed value store; the write kernels quantise the caller's float32 rows
+(kernels/row_formats.cuh, the bit-exact twin of row_formats.encode_row) and the query
+kernels dequantise into ``out``. A row its format cannot store is skipped by the kernels
+without touching its set or slot and flagged in a second error word: an update raises
+RowValueError naming it after writing the batch's other rows, a static replace's counting
+pass refuses the batch before writing anything, a dynamic replace skips it silently (host
+rows are checked on the host first, as the CPU twins check them).
 
 Nothing is allocated per call on the request path but the results (and the device copies
 of host arguments), and nothing scales with the capacity: kernels are compiled when the
@@ -79,10 +88,12 @@ from hps_core.cache.base import (
     TableView,
     check_room,
     check_multi_cache_args,
+    check_storable,
     check_table_rows,
     normalize_keys,
 )
-from hps_core.errors import ConfigError, DeviceError, DeviceMemoryError, RequestError
+from hps_core.errors import ConfigError, DeviceError, DeviceMemoryError, RequestError, RowValueError
+from hps_core.row_formats import RowFormat
 from hps_core.rows import check_rows_fit
 
 __all__ = ["GpuDynamicCache", "GpuEmbeddingCache", "GpuStaticCache", "StaticEmbeddingTable"]
@@ -90,9 +101,11 @@ __all__ = ["GpuDynamicCache", "GpuEmbeddingCache", "GpuStaticCache", "StaticEmbe
 _BLOCK = 256  # 8 warps per block
 _WARPS_PER_BLOCK = _BLOCK // 32
 _BLOCKS_PER_SM = 16  # enough resident warps to hide DRAM latency; the loops are grid-stride
-#: Status words of a call: [0] its count (misses, found keys, dumped keys), [1] 1 + the
-#: position of a row that did not fit (0: none); then one word per table (sizes, new keys).
-_STATUS = 2
+#: Status words of a call (HPS_STATUS_WORDS in kernels/common.cuh): [0] its count (misses,
+#: found keys, dumped keys), [1] 1 + the position of a row that did not fit (0: none), [2]
+#: 1 + the position of a row its table's format cannot store; then one word per table
+#: (sizes, new keys).
+_STATUS = 3
 #: Counts and flagged positions are 32-bit on the device.
 _MAX_BATCH = 2**31 - 1
 #: A null device pointer as a kernel argument (8 zero bytes; every CuPy version passes a
@@ -183,9 +196,9 @@ class _GpuMultiCache:
     total_sets: int
 
     def __init__(self, kind: str, capacities: Sequence[int], dims: Sequence[int], device: int, policy: str,
-                 value_dtype: Any, key_dtype: Any) -> None:
-        caps, self.dims, self.value_dtype, self.key_dtype = check_multi_cache_args(
-            kind, capacities, dims, policy, value_dtype, key_dtype
+                 row_formats: Sequence[RowFormat] | None, key_dtype: Any) -> None:
+        caps, self.dims, self.row_formats, self.key_dtype = check_multi_cache_args(
+            kind, capacities, dims, policy, row_formats, key_dtype
         )
         _kernels.vector_shapes(self.dims)  # refuses dims the kernels cannot stage, before CuPy loads
         if isinstance(device, bool) or not isinstance(device, (int, np.integer)) or device < 0:
@@ -198,23 +211,35 @@ class _GpuMultiCache:
         self.policy = policy
         self.tables = int(self.dims.shape[0])
         self._requested = caps
-        self._storage = np.uint16 if self.value_dtype == np.float16 else np.float32
         self._pool: list[_Workspace] = []
         self._pool_lock = threading.Lock()
         with cp.cuda.Device(self.device), translate_cupy(self.device, "setting up the cache's kernels"):
             self._stream = cp.cuda.Stream(non_blocking=False)  # see "Ordering of writes" above
             self._max_blocks = int(cp.cuda.Device(self.device).attributes["MultiProcessorCount"]) * _BLOCKS_PER_SM
-            self._kernels = _kernels.load(self._family, self.key_dtype, self.value_dtype, self.dims, self.device)
-            self._row_kernels = _kernels.load("rows", self.key_dtype, self.value_dtype, self.dims, self.device)
+            self._kernels = _kernels.load(self._family, self.key_dtype, self.dims, self.device)
+            self._row_kernels = _kernels.load("rows", self.key_dtype, self.dims, self.device)
             self._dims_d = cp.asarray(self.dims)
             self._pool.append(_Workspace(cp, _STATUS + self.tables))
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(tables={self.tables}, capacities={self.capacities.tolist()}, "
-            f"dims={self.dims.tolist()}, value_dtype={self.value_dtype}, key_dtype={self.key_dtype}, "
-            f"device={self.device})"
+            f"dims={self.dims.tolist()}, row_formats={[str(f) for f in self.row_formats]}, "
+            f"key_dtype={self.key_dtype}, device={self.device})"
         )
+
+    def _store(self, layout: CacheLayout, what: str) -> None:
+        """Take the layout's per-table attributes (as the CPU twin does) and allocate the
+        byte-addressed value store and the per-table arrays every row kernel reads."""
+        self.capacities, self.num_sets, self.set_base = layout.capacities, layout.num_sets, layout.set_base
+        self.total_sets, self.value_base = layout.total_sets, layout.value_base
+        self._codes, self._strides = layout.codes, layout.strides
+        cp = self._cp
+        with cp.cuda.Device(self.device), translate_cupy(self.device, what):
+            self._codes_d = cp.asarray(self._codes)
+            self._strides_d = cp.asarray(self._strides)
+            self._value_base_d = cp.asarray(self.value_base)
+            self._values = cp.zeros(layout.value_bytes, cp.uint8)
 
     # -- the two calls both kinds implement alike
 
@@ -234,7 +259,7 @@ class _GpuMultiCache:
                 args = (ids, keys, np.int64(n), out, offs, np.int64(out.shape[0]), missing, ws.status,
                         *self._query_state())
                 self._launch(self._kernels.by_vec[vec][self._query_kernel], n, args, s)
-                m, flagged = ws.read(_STATUS, s)
+                m, flagged, _ = ws.read(_STATUS, s)
             self._check_flag(int(flagged), ids, offs, out.shape[0], "cache out")
             return missing[: int(m)]
 
@@ -319,7 +344,8 @@ class _GpuMultiCache:
 
     def _rows_args(self, table_ids: Any, keys: Any, buffer: Any, offsets: Any, name: str) -> tuple[Any, Any, Any, Any]:
         """Device arrays of a multi-table call, checked; host table ids and offsets are also
-        bounds-checked here, as the CPU twins do (device ones are checked by the kernels)."""
+        bounds-checked here, and host rows to write checked storable in their tables' formats,
+        as the CPU twins do (the kernels check device ones)."""
         cp = self._cp
         ids, offs = self._array(table_ids, "table_ids"), self._array(offsets, "offsets")
         buf = self._in_place(buffer, name) if name == "out" else self._array(buffer, name)
@@ -330,6 +356,8 @@ class _GpuMultiCache:
             raise RequestError(f"a GPU cache call takes at most {_MAX_BATCH} keys, got {keys.shape[0]}")
         if self._on_host(ids, offs):
             check_rows_fit(ids, offs, self.dims, buf.shape[0], f"cache {name}")
+            if name == "values" and self._on_host(buf):
+                check_storable(ids, buf, offs, self.dims, self.row_formats, f"cache {name}")
         return cp.asarray(ids), cp.asarray(keys), cp.asarray(buf), cp.asarray(offs)
 
     def _check_flag(self, flagged: int, ids: Any, offsets: Any, size: int, what: str) -> None:
@@ -341,6 +369,18 @@ class _GpuMultiCache:
         position = flagged - 1
         raise RequestError(f"{what}: position {position} (table {int(ids[position])}) was refused: "
                            "its table had no free row")
+
+    def _check_storable_flag(self, flagged: int, ids: Any, values: Any, offsets: Any, outcome: str) -> None:
+        """Raise RowValueError for a row a kernel found its table's format cannot store
+        (``flagged`` = 1 + its position); ``outcome`` says what became of the batch."""
+        if not flagged:
+            return
+        # The kernel reports one position; the host check names the first, as on the CPU.
+        check_storable(to_host(ids), to_host(values), to_host(offsets), self.dims, self.row_formats, "cache values",
+                       outcome)
+        position = flagged - 1
+        raise RowValueError(f"cache values: position {position} (table {int(ids[position])}) holds a row its "
+                            f"table's row format cannot store; {outcome}", position=position)
 
     def _launch(self, kernel: Any, warps: int, args: tuple[Any, ...], stream: Any) -> None:
         if warps <= 0:
@@ -367,8 +407,10 @@ class _GpuMultiCache:
             with self._workspace() as ws:
                 ws.reset(_STATUS, s)
                 self._write(ids, keys, values, offs, ws.status, insert=False, stream=s)
-                found, flagged = ws.read(_STATUS, s)
+                found, flagged, unstorable = ws.read(_STATUS, s)
             self._check_flag(int(flagged), ids, offs, values.shape[0], "cache values")
+            self._check_storable_flag(int(unstorable), ids, values, offs,
+                                      "that row was left as it was, the batch's other rows were written")
             return int(found)
 
     def _writers(self) -> Any:
@@ -387,8 +429,9 @@ class GpuDynamicCache(_GpuMultiCache):
     """Set-associative GPU caches of several tables, LRU or LFU; the twin of CpuDynamicCache.
 
     ``capacities[t]`` rows of ``dims[t]`` floats for table t, rounded up to whole sets of
-    :data:`WAYS` slots. Table t owns global sets ``set_base[t] ..``; its row of slot s
-    starts at ``value_base[t] + (s - set_base[t] * WAYS) * dims[t]`` of the value store.
+    :data:`WAYS` slots, stored as ``row_formats[t]`` (None: all fp32). Table t owns global
+    sets ``set_base[t] ..``; its packed row of slot s starts at byte ``value_base[t] + (s -
+    set_base[t] * WAYS) * strides[t]`` of the value store (CacheLayout).
     """
 
     kind = "dynamic"
@@ -396,24 +439,21 @@ class GpuDynamicCache(_GpuMultiCache):
     _query_kernel = "dc_query"
 
     def __init__(self, capacities: Sequence[int], dims: Sequence[int], *, device: int = 0, policy: str = "lru",
-                 value_dtype: Any = np.float32, key_dtype: Any = np.int64, clock_start: int = 1) -> None:
-        super().__init__("dynamic", capacities, dims, device, policy, value_dtype, key_dtype)
-        layout = CacheLayout.dynamic(self._requested, self.dims)
-        self.capacities, self.num_sets, self.set_base = layout.capacities, layout.num_sets, layout.set_base
-        self.total_sets, self.value_base = layout.total_sets, layout.value_base
+                 row_formats: Sequence[RowFormat] | None = None, key_dtype: Any = np.int64,
+                 clock_start: int = 1) -> None:
+        super().__init__("dynamic", capacities, dims, device, policy, row_formats, key_dtype)
+        self._store(CacheLayout.dynamic(self._requested, self.dims, self.row_formats), "allocating a dynamic cache")
         self._clock = AccessClock(clock_start)  # 64-bit stamps on the device too (dynamic_cache.cu)
         cp = self._cp
         slots = self.total_sets * WAYS
         with cp.cuda.Device(self.device), translate_cupy(self.device, f"allocating a dynamic cache of {slots} slots"):
             self._set_base_d = cp.asarray(self.set_base)
             self._num_sets_d = cp.asarray(self.num_sets.astype(np.uint64))
-            self._value_base_d = cp.asarray(self.value_base)
             self._slot_keys = cp.zeros(slots, self.key_dtype)
             self._slot_ver = cp.zeros(slots, cp.uint32)
             self._slot_ts = cp.zeros(slots, cp.uint64)
             self._slot_freq = cp.zeros(slots, cp.uint64)
             self._set_locks = cp.zeros(self.total_sets, cp.int32)
-            self._values = cp.zeros(layout.values, self._storage)
 
     def replace_tables(self, table_ids: Any, keys: Any, values: Any, offsets: Any, stream: Any = None) -> None:
         """Insert or overwrite each key's row, evicting per policy from a full set. One
@@ -470,8 +510,8 @@ class GpuDynamicCache(_GpuMultiCache):
         return int(self.set_base[table]), int(self.set_base[table] + self.num_sets[table])
 
     def _query_state(self) -> tuple[Any, ...]:
-        return (self._dims_d, self._set_base_d, self._num_sets_d, self._value_base_d, np.int32(self.tables),
-                self._slot_keys, self._slot_ver, self._slot_ts, self._slot_freq, self._values,
+        return (self._dims_d, self._codes_d, self._strides_d, self._set_base_d, self._num_sets_d, self._value_base_d,
+                np.int32(self.tables), self._slot_keys, self._slot_ver, self._slot_ts, self._slot_freq, self._values,
                 np.uint64(self._clock.tick()))
 
     def _write(self, ids: Any, keys: Any, values: Any, offs: Any, status: Any, *, insert: bool, stream: Any) -> None:
@@ -479,9 +519,9 @@ class GpuDynamicCache(_GpuMultiCache):
         if n == 0:
             return
         vec, _ = _kernels.vector_shape(self.dims, values.data.ptr)
-        args = (ids, keys, np.int64(n), values, offs, np.int64(values.shape[0]), status, self._dims_d,
-                self._set_base_d, self._num_sets_d, self._value_base_d, np.int32(self.tables), self._slot_keys,
-                self._slot_ver, self._slot_ts, self._slot_freq, self._set_locks, self._values,
+        args = (ids, keys, np.int64(n), values, offs, np.int64(values.shape[0]), status, self._dims_d, self._codes_d,
+                self._strides_d, self._set_base_d, self._num_sets_d, self._value_base_d, np.int32(self.tables),
+                self._slot_keys, self._slot_ver, self._slot_ts, self._slot_freq, self._set_locks, self._values,
                 np.uint64(self._clock.tick()), np.int32(self.policy == "lfu"), np.int32(insert))
         self._launch(self._kernels.by_vec[vec]["dc_write"], n, args, stream)
 
@@ -504,15 +544,14 @@ class GpuStaticCache(_GpuMultiCache):
 
     def __init__(self, capacities: Sequence[int], dims: Sequence[int], *, device: int = 0,
                  policy: str = "lru",  # accepted for a uniform factory; nothing is ever evicted
-                 value_dtype: Any = np.float32, key_dtype: Any = np.int64) -> None:
-        super().__init__("static", capacities, dims, device, policy, value_dtype, key_dtype)
+                 row_formats: Sequence[RowFormat] | None = None, key_dtype: Any = np.int64) -> None:
+        super().__init__("static", capacities, dims, device, policy, row_formats, key_dtype)
         big = np.flatnonzero(self._requested >= 2**31)
         if big.size:
             raise ConfigError(f"static GPU tables index rows with int32: table {int(big[0])} has capacity "
                               f"{int(self._requested[big[0]])}, which is too large")
-        layout = CacheLayout.static(self._requested, self.dims)
-        self.capacities, self.num_sets, self.set_base = layout.capacities, layout.num_sets, layout.set_base
-        self.total_sets, self.value_base = layout.total_sets, layout.value_base
+        layout = CacheLayout.static(self._requested, self.dims, self.row_formats)
+        self._store(layout, "allocating a static cache")
         self._slot_base = layout.slot_base
         slots = np.diff(layout.slot_base)
         self._n_rows = np.zeros(self.tables, np.int64)  # rows per table, kept by the writers
@@ -521,7 +560,6 @@ class GpuStaticCache(_GpuMultiCache):
         with cp.cuda.Device(self.device), translate_cupy(self.device, "allocating a static cache"):
             self._slot_base_d = cp.asarray(self._slot_base)
             self._slot_mask_d = cp.asarray((slots - 1).astype(np.uint64))
-            self._value_base_d = cp.asarray(self.value_base)
             self._row_base = layout.row_base
             self._row_base_d = cp.asarray(self._row_base[:-1])
             self._capacities_d = cp.asarray(self.capacities)
@@ -530,7 +568,6 @@ class GpuStaticCache(_GpuMultiCache):
             self._row_keys = cp.zeros(int(self.capacities.sum()), self.key_dtype)
             self._row_ver = cp.zeros(int(self.capacities.sum()), cp.uint32)
             self._row_count = cp.zeros(self.tables, cp.uint32)
-            self._values = cp.zeros(layout.values, self._storage)
             # de-duplication scratch of replace (st_count_new), grown geometrically
             self._scratch_tables = cp.empty(0, cp.int32)
             self._scratch_keys = cp.empty(0, self.key_dtype)
@@ -538,26 +575,29 @@ class GpuStaticCache(_GpuMultiCache):
     def replace_tables(self, table_ids: Any, keys: Any, values: Any, offsets: Any, stream: Any = None) -> None:
         """Upsert each key's row. Counts each table's new keys first and raises
         CacheFullError (writing nothing) if one does not fit; RequestError, also before
-        writing, for a row that does not fit ``values``."""
+        writing, for a row that does not fit ``values``, RowValueError for one its table's
+        format cannot store."""
         with self._lock, self._on(stream) as s:
             ids, keys, values, offs = self._rows_args(table_ids, keys, values, offsets, "values")
             n = keys.shape[0]
             if n == 0:
                 return
             scratch_mask = self._scratch(n, s)
+            vec, _ = _kernels.vector_shape(self.dims, values.data.ptr)
             with self._workspace() as ws:
                 ws.reset(_STATUS + self.tables, s)
-                args = (ids, keys, np.int64(n), offs, np.int64(values.shape[0]), ws.status, self._dims_d,
-                        self._slot_base_d, self._slot_mask_d, np.int32(self.tables), self._slot_keys,
+                args = (ids, keys, np.int64(n), values, offs, np.int64(values.shape[0]), ws.status, self._dims_d,
+                        self._codes_d, self._slot_base_d, self._slot_mask_d, np.int32(self.tables), self._slot_keys,
                         self._slot_rows, self._scratch_tables, self._scratch_keys, np.uint64(scratch_mask))
-                self._launch(self._kernels.no_vec["st_count_new"], n, args, s)
+                self._launch(self._kernels.by_vec[vec]["st_count_new"], n, args, s)
                 status = ws.read(_STATUS + self.tables, s)
                 self._check_flag(int(status[1]), ids, offs, values.shape[0], "cache values")
+                self._check_storable_flag(int(status[2]), ids, values, offs, "nothing of the batch was cached")
                 new = status[_STATUS:]
                 self._check_room(new)
                 ws.reset(_STATUS, s)
                 self._write(ids, keys, values, offs, ws.status, insert=True, stream=s)
-                flagged = int(ws.read(_STATUS, s)[1])
+                flagged = int(ws.read(_STATUS, s)[1])  # st_write finds no unstorable row st_count_new passed
             self._n_rows += new
             self._check_flag(flagged, ids, offs, values.shape[0], "cache values")
 
@@ -605,8 +645,9 @@ class GpuStaticCache(_GpuMultiCache):
         return self._n_rows.copy()
 
     def _query_state(self) -> tuple[Any, ...]:
-        return (self._dims_d, self._slot_base_d, self._slot_mask_d, self._value_base_d, self._row_base_d,
-                np.int32(self.tables), self._slot_keys, self._slot_rows, self._row_keys, self._row_ver, self._values)
+        return (self._dims_d, self._codes_d, self._strides_d, self._slot_base_d, self._slot_mask_d, self._value_base_d,
+                self._row_base_d, np.int32(self.tables), self._slot_keys, self._slot_rows, self._row_keys,
+                self._row_ver, self._values)
 
     def _scratch(self, n: int, stream: Any) -> int:
         """Empty the first 2^k >= 2n entries of the de-duplication scratch (growing it
@@ -629,10 +670,10 @@ class GpuStaticCache(_GpuMultiCache):
     def _write(self, ids: Any, keys: Any, values: Any, offs: Any, status: Any, *, insert: bool, stream: Any) -> None:
         n = keys.shape[0]
         vec, _ = _kernels.vector_shape(self.dims, values.data.ptr)
-        args = (ids, keys, np.int64(n), values, offs, np.int64(values.shape[0]), status, self._dims_d,
-                self._slot_base_d, self._slot_mask_d, self._value_base_d, self._row_base_d, self._capacities_d,
-                np.int32(self.tables), self._slot_keys, self._slot_rows, self._row_keys, self._row_ver, self._values,
-                self._row_count, np.int32(insert))
+        args = (ids, keys, np.int64(n), values, offs, np.int64(values.shape[0]), status, self._dims_d, self._codes_d,
+                self._strides_d, self._slot_base_d, self._slot_mask_d, self._value_base_d, self._row_base_d,
+                self._capacities_d, np.int32(self.tables), self._slot_keys, self._slot_rows, self._row_keys,
+                self._row_ver, self._values, self._row_count, np.int32(insert))
         self._launch(self._kernels.by_vec[vec]["st_write"], n, args, stream)
 
 
@@ -643,8 +684,8 @@ class GpuEmbeddingCache(TableView):
     """A one-table dynamic GPU cache: :class:`GpuDynamicCache` behind the single-table contract."""
 
     def __init__(self, capacity: int, dim: int, *, device: int = 0, policy: str = "lru",
-                 value_dtype: Any = np.float32, key_dtype: Any = np.int64) -> None:
-        super().__init__(GpuDynamicCache([capacity], [dim], device=device, policy=policy, value_dtype=value_dtype,
+                 row_format: RowFormat = RowFormat.FP32, key_dtype: Any = np.int64) -> None:
+        super().__init__(GpuDynamicCache([capacity], [dim], device=device, policy=policy, row_formats=[row_format],
                                          key_dtype=key_dtype), 0)
 
 
@@ -652,6 +693,6 @@ class StaticEmbeddingTable(TableView):
     """A one-table static GPU table: :class:`GpuStaticCache` behind the single-table contract."""
 
     def __init__(self, capacity: int, dim: int, *, device: int = 0, policy: str = "lru",
-                 value_dtype: Any = np.float32, key_dtype: Any = np.int64) -> None:
-        super().__init__(GpuStaticCache([capacity], [dim], device=device, policy=policy, value_dtype=value_dtype,
+                 row_format: RowFormat = RowFormat.FP32, key_dtype: Any = np.int64) -> None:
+        super().__init__(GpuStaticCache([capacity], [dim], device=device, policy=policy, row_formats=[row_format],
                                         key_dtype=key_dtype), 0)

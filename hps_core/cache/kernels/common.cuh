@@ -1,16 +1,13 @@
 // Device helpers shared by the cache kernels: key hashing, memory ordering, vector I/O, and
 // the per-table lookups of the multi-table layout (hps_core/rows.py).
 //
-// hps_core/cache/_kernels.py pastes this text in place of the `#include "common.cuh"` line
-// of each .cu before handing the source to NVRTC (cupy.RawModule caches compiled code by
-// source text, so the header must be part of that text, not an -I include). The include
-// guard keeps the file usable through #include as well. No CUDA headers are included, so
+// hps_core/cache/_kernels.py pastes this text (and row_formats.cuh's) in place of the
+// `#include "common.cuh"` line of each .cu before handing the source to NVRTC
+// (cupy.RawModule caches compiled code by source text, so the headers must be part of that
+// text, not an -I include). The include guard keeps the file usable through #include as well. No CUDA headers are included, so
 // the sources build the same under NVRTC (which has no system include path) and nvcc.
 #ifndef HPS_COMMON_CUH
 #define HPS_COMMON_CUH
-
-// float16 storage as raw bits; converted with cvt instructions, so no cuda_fp16.h is needed.
-typedef unsigned short hps_half;
 
 #define HPS_FULL_MASK 0xffffffffu
 #define HPS_WARP 32
@@ -18,6 +15,10 @@ typedef unsigned short hps_half;
 // reports the key missing (the lookup then fetches it from the next tier): a miss is always
 // a safe answer, a torn vector never is.
 #define HPS_MAX_READ_TRIES 64
+// A call's status words (gpu.py's _STATUS): [0] its count, [1] 1 + the position of a row
+// that does not fit its buffer, [2] 1 + the position of a row its format cannot store
+// (row_formats.cuh); then one word per table.
+#define HPS_STATUS_WORDS 3
 
 // splitmix64 finaliser; hps_core/hashing.py (mix64) uses the same constants, so a key lands
 // in the same set on the CPU twin and the GPU.
@@ -72,30 +73,17 @@ __device__ __forceinline__ void hps_st_release(int* p, int v) {
 // Orders every earlier load/store of this thread before every later one, at GPU scope.
 __device__ __forceinline__ void hps_fence() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
 
-// ---------------------------------------------------------------- float16 conversion
-
-__device__ __forceinline__ float hps_h2f(hps_half h) {
-  float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-  return f;
-}
-
-__device__ __forceinline__ hps_half hps_f2h(float f) {
-  hps_half h;
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));  // round to nearest even, like NumPy
-  return h;
-}
-
 // ---------------------------------------------------------------- vector I/O
-// VecIO<T, VEC>::load reads VEC consecutive elements of storage type T at p (aligned to the
-// whole group) into floats; store writes VEC floats back as T. One 16-byte (float4), 8-byte
-// (float2 / 4 halves) or 4-byte (2 halves) transaction per group where the width allows.
+// VecIO<VEC>::load reads VEC consecutive floats of a caller's buffer at p (aligned to
+// the whole group); store writes them back. One 16-byte (float4) or 8-byte (float2)
+// transaction per group where the width allows. (Stored rows are packed in their table's
+// format and moved by row_formats.cuh.)
 
-template <typename T, int VEC>
+template <int VEC>
 struct VecIO;
 
 template <>
-struct VecIO<float, 4> {
+struct VecIO<4> {
   static __device__ __forceinline__ void load(const float* p, float* d) {
     const float4 t = *reinterpret_cast<const float4*>(p);
     d[0] = t.x; d[1] = t.y; d[2] = t.z; d[3] = t.w;
@@ -106,7 +94,7 @@ struct VecIO<float, 4> {
 };
 
 template <>
-struct VecIO<float, 2> {
+struct VecIO<2> {
   static __device__ __forceinline__ void load(const float* p, float* d) {
     const float2 t = *reinterpret_cast<const float2*>(p);
     d[0] = t.x; d[1] = t.y;
@@ -117,45 +105,9 @@ struct VecIO<float, 2> {
 };
 
 template <>
-struct VecIO<float, 1> {
+struct VecIO<1> {
   static __device__ __forceinline__ void load(const float* p, float* d) { d[0] = *p; }
   static __device__ __forceinline__ void store(float* p, const float* s) { *p = s[0]; }
-};
-
-template <>
-struct VecIO<hps_half, 4> {  // four halves in one 8-byte load
-  static __device__ __forceinline__ void load(const hps_half* p, float* d) {
-    const uint2 t = *reinterpret_cast<const uint2*>(p);
-    d[0] = hps_h2f(static_cast<hps_half>(t.x & 0xffffu));
-    d[1] = hps_h2f(static_cast<hps_half>(t.x >> 16));
-    d[2] = hps_h2f(static_cast<hps_half>(t.y & 0xffffu));
-    d[3] = hps_h2f(static_cast<hps_half>(t.y >> 16));
-  }
-  static __device__ __forceinline__ void store(hps_half* p, const float* s) {
-    uint2 t;
-    t.x = static_cast<unsigned>(hps_f2h(s[0])) | (static_cast<unsigned>(hps_f2h(s[1])) << 16);
-    t.y = static_cast<unsigned>(hps_f2h(s[2])) | (static_cast<unsigned>(hps_f2h(s[3])) << 16);
-    *reinterpret_cast<uint2*>(p) = t;
-  }
-};
-
-template <>
-struct VecIO<hps_half, 2> {  // a half2 as one 4-byte word
-  static __device__ __forceinline__ void load(const hps_half* p, float* d) {
-    const unsigned t = *reinterpret_cast<const unsigned*>(p);
-    d[0] = hps_h2f(static_cast<hps_half>(t & 0xffffu));
-    d[1] = hps_h2f(static_cast<hps_half>(t >> 16));
-  }
-  static __device__ __forceinline__ void store(hps_half* p, const float* s) {
-    *reinterpret_cast<unsigned*>(p) =
-        static_cast<unsigned>(hps_f2h(s[0])) | (static_cast<unsigned>(hps_f2h(s[1])) << 16);
-  }
-};
-
-template <>
-struct VecIO<hps_half, 1> {
-  static __device__ __forceinline__ void load(const hps_half* p, float* d) { d[0] = hps_h2f(*p); }
-  static __device__ __forceinline__ void store(hps_half* p, const float* s) { *p = hps_f2h(s[0]); }
 };
 
 // A group of VEC floats of a caller's buffer. The buffer's base is aligned for VEC (the host
@@ -165,7 +117,7 @@ struct VecIO<hps_half, 1> {
 template <int VEC>
 __device__ __forceinline__ void hps_group_load(const float* p, float* d, bool aligned) {
   if (aligned) {
-    VecIO<float, VEC>::load(p, d);
+    VecIO<VEC>::load(p, d);
   } else {
 #pragma unroll
     for (int c = 0; c < VEC; ++c) d[c] = p[c];
@@ -175,7 +127,7 @@ __device__ __forceinline__ void hps_group_load(const float* p, float* d, bool al
 template <int VEC>
 __device__ __forceinline__ void hps_group_store(float* p, const float* s, bool aligned) {
   if (aligned) {
-    VecIO<float, VEC>::store(p, s);
+    VecIO<VEC>::store(p, s);
   } else {
 #pragma unroll
     for (int c = 0; c < VEC; ++c) p[c] = s[c];
@@ -185,43 +137,8 @@ __device__ __forceinline__ void hps_group_store(float* p, const float* s, bool a
 // ---------------------------------------------------------------- warp-cooperative rows
 // A row of `dim` elements (dim a multiple of VEC) is cut into groups of VEC; lane l owns
 // groups l, l+32, l+64, ... (NV of them at most), so a warp's loads of one group index are
-// contiguous (coalesced). Storage rows are always aligned: every table's dim and value_base
-// are multiples of VEC.
-
-// Storage row -> registers.
-template <typename V, int VEC, int NV>
-__device__ __forceinline__ void hps_row_load(const V* row, int dim, int lane, float (&buf)[NV * VEC]) {
-#pragma unroll
-  for (int j = 0; j < NV; ++j) {
-    const int e = (j * HPS_WARP + lane) * VEC;
-    if (e < dim) VecIO<V, VEC>::load(row + e, buf + j * VEC);
-  }
-}
-
-// Registers -> a caller's float32 row.
-template <int VEC, int NV>
-__device__ __forceinline__ void hps_row_store(float* row, int dim, int lane, const float (&buf)[NV * VEC],
-                                              bool aligned) {
-#pragma unroll
-  for (int j = 0; j < NV; ++j) {
-    const int e = (j * HPS_WARP + lane) * VEC;
-    if (e < dim) hps_group_store<VEC>(row + e, buf + j * VEC, aligned);
-  }
-}
-
-// A caller's float32 row -> storage row `dst` (writers hold the slot; no staging).
-template <typename V, int VEC, int NV>
-__device__ __forceinline__ void hps_row_copy_in(V* dst, const float* src, int dim, int lane, bool aligned) {
-#pragma unroll
-  for (int j = 0; j < NV; ++j) {
-    const int e = (j * HPS_WARP + lane) * VEC;
-    if (e < dim) {
-      float t[VEC];
-      hps_group_load<VEC>(src + e, t, aligned);
-      VecIO<V, VEC>::store(dst + e, t);
-    }
-  }
-}
+// contiguous (coalesced). row_formats.cuh moves stored rows in that layout; every table's
+// stored rows are aligned for it (cache/base.py, row_stride).
 
 // ---------------------------------------------------------------- multi-table rows
 

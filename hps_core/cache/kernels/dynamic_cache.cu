@@ -3,7 +3,8 @@
 //
 // Layout (the CPU twin's, hps_core/cache/cpu.py; global sets, slot = set * 32 + way):
 //   per table t (device arrays of length T, built once when the cache is made):
-//     dims[t], num_sets[t], set_base[t] (first global set), value_base[t] (first element)
+//     dims[t], num_sets[t], set_base[t] (first global set), codes[t] (its row format,
+//     row_formats.cuh), strides[t] (bytes per stored row), value_base[t] (its first byte)
 //   the set of key k of table t is set_base[t] + mix64(k) % num_sets[t]
 //   slot_keys  K[total_sets * 32]
 //   slot_ver   unsigned[total_sets * 32]   seqlock word: bit 0 BUSY (a writer owns the slot),
@@ -11,8 +12,8 @@
 //   slot_ts    u64[total_sets * 32]        last access (host clock, one tick per call): LRU
 //   slot_freq  u64[total_sets * 32]        accesses since insertion: LFU
 //   set_locks  int[total_sets]             0 free, 1 held; writers only
-//   values     V[sum of capacity * dim]    float or hps_half (float16 bits); the row of slot s
-//                                          of table t starts at value_base[t] + (s - set_base[t] * 32) * dims[t]
+//   values     u8[...]                     packed rows (row_formats.cuh); the row of slot s of
+//                                          table t at byte value_base[t] + (s - set_base[t] * 32) * strides[t]
 // Callers' rows are flat (hps_core/rows.py): key i of table table_ids[i] has its row at
 // buffer[offsets[i] .. + dims[t]]; a row that does not fit the buffer is skipped and flagged
 // (common.cuh, hps_row_width), never read or written.
@@ -26,22 +27,30 @@
 //
 // Concurrency scheme. Writers (replace, update, dump, clear) take the set lock with
 // atomicCAS, so at most one warp changes a set at a time. Readers never lock: they read a
-// slot as a seqlock. A writer marks the slot BUSY, fences, writes key and vector, fences,
-// and publishes (sequence + 1) | OCC with a release store. A reader loads the version with
-// acquire, reads key and vector into registers, fences, reloads the version, and accepts
-// the copy only if both versions are equal, not BUSY, OCC, the key is the one it asked for,
-// and every lane saw the same version. Any write that overlapped the copy changed the
-// version (BUSY is set before the first byte changes, and the new sequence published after
-// the last), so an accepted copy is one complete vector stored under that key: never torn,
-// never another key's. Rejected copies retry HPS_MAX_READ_TRIES times, then count as a
-// miss. Out rows are written only from an accepted register copy, so a miss leaves its row
-// untouched. The 30-bit sequence would have to wrap exactly (2^30 writes to one slot during
-// one copy) to fool a reader. Keys of different tables never share a set, so a key equal
-// in two tables cannot be confused either.
+// slot as a seqlock. A writer marks the slot BUSY, fences, writes key and packed row,
+// fences, and publishes (sequence + 1) | OCC with a release store. A reader loads the
+// version with acquire, copies key and packed row (header included) into registers,
+// fences, reloads the version, and accepts the copy only if both versions are equal, not
+// BUSY, OCC, the key is the one it asked for, and every lane saw the same version; only an
+// accepted copy is decoded. Any write that overlapped the copy changed the version (BUSY is
+// set before the first byte changes, and the new sequence published after the last), so an
+// accepted copy is one complete row stored under that key: never torn, never another
+// key's. Rejected copies retry HPS_MAX_READ_TRIES times, then count as a miss. Out rows are
+// written only from an accepted register copy, so a miss leaves its row untouched. The
+// 30-bit sequence would have to wrap exactly (2^30 writes to one slot during one copy) to
+// fool a reader. Keys of different tables never share a set, so a key equal in two tables
+// cannot be confused either.
+//
+// Row formats (row_formats.cuh): a writer encodes before it takes the set lock. It reads
+// the caller's float32 row into registers, reduces the header across the warp (int8's min
+// and max, fp8's max |x|), and skips a row its format cannot store without touching the set
+// (status[2] names it when the call waits). The format is per table, so every branch on it
+// is warp-uniform. A query decodes into the caller's float32 `out`.
 //
 // LRU/LFU metadata written by readers (slot_ts store, slot_freq atomicAdd) is advisory: a
 // race with a writer can only misjudge a victim, never a value.
 #include "common.cuh"
+#include "row_formats.cuh"
 
 #define HPS_BUSY 1u
 #define HPS_OCC 2u
@@ -88,14 +97,14 @@ __device__ __forceinline__ long long hps_set_of(unsigned long long key_bits, lon
 
 // status[0] counts misses (their positions go to miss_pos), status[1] flags a row that does
 // not fit `out`.
-template <typename K, typename V, int VEC, int NV>
+template <typename K, int VEC, int NV>
 __global__ void dc_query(const long long* __restrict__ table_ids, const K* __restrict__ keys, long long n,
                          float* __restrict__ out, const long long* __restrict__ offsets, long long out_size,
                          long long* __restrict__ miss_pos, unsigned* status, const long long* dims,
-                         const long long* set_base, const unsigned long long* num_sets,
-                         const long long* value_base, int tables, const K* slot_keys, const unsigned* slot_ver,
-                         unsigned long long* slot_ts, unsigned long long* slot_freq, const V* values,
-                         unsigned long long clock) {
+                         const long long* codes, const long long* strides, const long long* set_base,
+                         const unsigned long long* num_sets, const long long* value_base, int tables,
+                         const K* slot_keys, const unsigned* slot_ver, unsigned long long* slot_ts,
+                         unsigned long long* slot_freq, const unsigned char* values, unsigned long long clock) {
   const int lane = hps_lane();
   const long long nwarps = hps_num_warps();
   for (long long i = hps_warp_id(); i < n; i += nwarps) {
@@ -106,7 +115,9 @@ __global__ void dc_query(const long long* __restrict__ table_ids, const K* __res
     const K key = keys[i];
     const long long base = hps_set_of(hps_key_bits(key), t, set_base, num_sets) * HPS_WARP;
     const long long first_slot = set_base[t] * HPS_WARP;  // table t's rows start at its first slot
-    float buf[NV * VEC];
+    const int code = static_cast<int>(codes[t]);
+    unsigned packed[NV * VEC];
+    HpsHeader h{0.0f, 0.0f, true};
     long long slot = -1;
     for (int attempt = 0; attempt < HPS_MAX_READ_TRIES; ++attempt) {
       const unsigned v_l = hps_ld_acquire(slot_ver + base + lane);
@@ -116,7 +127,7 @@ __global__ void dc_query(const long long* __restrict__ table_ids, const K* __res
       const long long s = base + (__ffs(match) - 1);
       const unsigned v1 = hps_ld_acquire(slot_ver + s);
       const K k = slot_keys[s];
-      hps_row_load<V, VEC, NV>(values + value_base[t] + (s - first_slot) * dim, dim, lane, buf);
+      hps_row_copy_packed<VEC, NV>(values + value_base[t] + (s - first_slot) * strides[t], code, dim, lane, packed, h);
       hps_fence();
       const unsigned v2 = hps_ld_relaxed(slot_ver + s);
       const unsigned v1_lane0 = __shfl_sync(HPS_FULL_MASK, v1, 0);
@@ -127,7 +138,7 @@ __global__ void dc_query(const long long* __restrict__ table_ids, const K* __res
       }
     }
     if (slot >= 0) {
-      hps_row_store<VEC, NV>(out + o, dim, lane, buf, o % VEC == 0);
+      hps_row_decode<VEC, NV>(out + o, code, dim, lane, packed, h, o % VEC == 0);
       if (lane == 0) {
         slot_ts[slot] = clock;
         atomicAdd(slot_freq + slot, 1ull);
@@ -141,15 +152,16 @@ __global__ void dc_query(const long long* __restrict__ table_ids, const K* __res
 // replace (insert != 0): insert or overwrite, evicting per policy from a full set.
 // update (insert == 0): overwrite keys already cached, insert nothing.
 // status[0] counts the positions whose key was cached, status[1] flags a row that does not
-// fit `src`; status is null for a replace (it does not wait for its kernel).
-template <typename K, typename V, int VEC, int NV>
+// fit `src`, status[2] one its table's format cannot store (skipped before the set is
+// touched); status is null for a replace (it does not wait for its kernel).
+template <typename K, int VEC, int NV>
 __global__ void dc_write(const long long* __restrict__ table_ids, const K* __restrict__ keys, long long n,
                          const float* __restrict__ src, const long long* __restrict__ src_offsets,
-                         long long src_size, unsigned* status, const long long* dims, const long long* set_base,
-                         const unsigned long long* num_sets, const long long* value_base, int tables,
-                         K* slot_keys, unsigned* slot_ver, unsigned long long* slot_ts,
-                         unsigned long long* slot_freq, int* set_locks, V* values, unsigned long long clock,
-                         int lfu, int insert) {
+                         long long src_size, unsigned* status, const long long* dims, const long long* codes,
+                         const long long* strides, const long long* set_base, const unsigned long long* num_sets,
+                         const long long* value_base, int tables, K* slot_keys, unsigned* slot_ver,
+                         unsigned long long* slot_ts, unsigned long long* slot_freq, int* set_locks,
+                         unsigned char* values, unsigned long long clock, int lfu, int insert) {
   const int lane = hps_lane();
   const long long nwarps = hps_num_warps();
   for (long long i = hps_warp_id(); i < n; i += nwarps) {
@@ -157,6 +169,8 @@ __global__ void dc_write(const long long* __restrict__ table_ids, const K* __res
     const long long o = src_offsets[i];
     const int dim = hps_served_width(t, o, tables, dims, src_size, status, i, lane);
     if (dim < 0) continue;
+    HpsStagedRow<VEC, NV> row;
+    if (!row.stage(src + o, o % VEC == 0, codes[t], dim, lane, status, i)) continue;
     const K key = keys[i];
     const long long set = hps_set_of(hps_key_bits(key), t, set_base, num_sets);
     const long long base = set * HPS_WARP;
@@ -189,8 +203,7 @@ __global__ void dc_write(const long long* __restrict__ table_ids, const K* __res
       }
       __syncwarp();
       hps_fence();
-      V* row = values + value_base[t] + (s - set_base[t] * HPS_WARP) * dim;
-      hps_row_copy_in<V, VEC, NV>(row, src + o, dim, lane, o % VEC == 0);
+      row.store(values + value_base[t] + (s - set_base[t] * HPS_WARP) * strides[t], dim, lane);
       if (lane == 0) {
         slot_keys[s] = key;
         slot_ts[s] = clock;
@@ -261,7 +274,7 @@ extern "C" __global__ void dc_clear(unsigned* slot_ver, unsigned long long* slot
   }
 }
 
-// status[2 + t] += keys held by table t: one warp per set, one atomicAdd per non-empty set.
+// status[HPS_STATUS_WORDS + t] += keys held by table t: one warp per set, one atomicAdd per non-empty set.
 // A snapshot without locks: concurrent writers may be counted before or after their write.
 extern "C" __global__ void dc_sizes(const unsigned* slot_ver, const long long* set_base, int tables,
                                     long long total_sets, unsigned* status) {
@@ -271,7 +284,7 @@ extern "C" __global__ void dc_sizes(const unsigned* slot_ver, const long long* s
     const bool occ = (hps_ld_relaxed(slot_ver + set * HPS_WARP + lane) & HPS_OCC) != 0;
     const unsigned mask = __ballot_sync(HPS_FULL_MASK, occ);
     if (lane == 0 && mask) {
-      atomicAdd(status + 2 + hps_table_of(set_base, tables, set), static_cast<unsigned>(__popc(mask)));
+      atomicAdd(status + HPS_STATUS_WORDS + hps_table_of(set_base, tables, set), static_cast<unsigned>(__popc(mask)));
     }
   }
 }

@@ -2,16 +2,17 @@
 // open addressing key -> row, no eviction.
 //
 // Layout (the CPU twin's, hps_core/cache/cpu.py), per table t (device arrays built once):
-//   dims[t]; slot_base[t] (T + 1 entries: table t owns slots [slot_base[t], slot_base[t+1]),
-//   a power of two >= 2 * capacity, load <= 1/2); slot_mask[t] (that size - 1);
-//   value_base[t] (first element of its rows); row_base[t] (first global row); capacities[t]
+//   dims[t]; codes[t] (its row format, row_formats.cuh); strides[t] (bytes per stored row);
+//   slot_base[t] (T + 1 entries: table t owns slots [slot_base[t], slot_base[t+1]), a power
+//   of two >= 2 * capacity, load <= 1/2); slot_mask[t] (that size - 1); value_base[t] (first
+//   byte of its rows); row_base[t] (first global row); capacities[t]
 //   slot_keys  K[total slots]
 //   slot_rows  int[total slots]      -1 empty, -2 claimed by an insert in progress, -3 dead
 //                                    (an insert that found no row left; see st_write), else
 //                                    the row within the table
 //   row_keys   K[total rows]         the key a row belongs to, checked by readers
 //   row_ver    unsigned[total rows]  seqlock and writer lock of the row: bit 0 BUSY, +2 per write
-//   values     V[sum of capacity * dim]; row r of table t at value_base[t] + r * dims[t]
+//   values     u8[...]               packed rows; row r of table t at byte value_base[t] + r * strides[t]
 //   row_count  unsigned[T]           rows handed out (the host checks room before inserting)
 // Callers' rows are flat (hps_core/rows.py); a row that does not fit the caller's buffer is
 // skipped and flagged (common.cuh, hps_row_width).
@@ -30,7 +31,13 @@
 // are equal and even and row_keys[row] is their key (which also rejects a row reused after
 // a concurrent clear). See dynamic_cache.cu for why that cannot yield a torn vector.
 // Writes and clears are serialised by the host (one at a time, each waiting for its kernel).
+//
+// Row formats (row_formats.cuh), as in dynamic_cache.cu: readers copy the packed row and
+// decode an accepted copy; writers encode in registers first and skip a row its format
+// cannot store before claiming anything. A replace's counting pass (st_count_new) checks
+// that too, so the host refuses such a batch before a byte is written.
 #include "common.cuh"
+#include "row_formats.cuh"
 
 #define HPS_SLOT_EMPTY (-1)
 #define HPS_SLOT_CLAIMED (-2)
@@ -55,13 +62,14 @@ __device__ __forceinline__ int st_probe(const K key, long long region, unsigned 
 
 // status[0] counts misses (their positions go to miss_pos), status[1] flags a row that does
 // not fit `out`.
-template <typename K, typename V, int VEC, int NV>
+template <typename K, int VEC, int NV>
 __global__ void st_query(const long long* __restrict__ table_ids, const K* __restrict__ keys, long long n,
                          float* __restrict__ out, const long long* __restrict__ offsets, long long out_size,
                          long long* __restrict__ miss_pos, unsigned* status, const long long* dims,
-                         const long long* slot_base, const unsigned long long* slot_mask,
-                         const long long* value_base, const long long* row_base, int tables, const K* slot_keys,
-                         const int* slot_rows, const K* row_keys, const unsigned* row_ver, const V* values) {
+                         const long long* codes, const long long* strides, const long long* slot_base,
+                         const unsigned long long* slot_mask, const long long* value_base,
+                         const long long* row_base, int tables, const K* slot_keys, const int* slot_rows,
+                         const K* row_keys, const unsigned* row_ver, const unsigned char* values) {
   const int lane = hps_lane();
   const long long nwarps = hps_num_warps();
   for (long long i = hps_warp_id(); i < n; i += nwarps) {
@@ -70,7 +78,9 @@ __global__ void st_query(const long long* __restrict__ table_ids, const K* __res
     const int dim = hps_served_width(t, o, tables, dims, out_size, status, i, lane);
     if (dim < 0) continue;
     const K key = keys[i];
-    float buf[NV * VEC];
+    const int code = static_cast<int>(codes[t]);
+    unsigned packed[NV * VEC];
+    HpsHeader h{0.0f, 0.0f, true};
     bool hit = false;
     for (int attempt = 0; attempt < HPS_MAX_READ_TRIES; ++attempt) {
       const int row = st_probe<K>(key, slot_base[t], slot_mask[t], slot_keys, slot_rows, lane);
@@ -78,7 +88,8 @@ __global__ void st_query(const long long* __restrict__ table_ids, const K* __res
       const long long g = row_base[t] + row;
       const unsigned v1 = hps_ld_acquire(row_ver + g);
       const K rk = row_keys[g];
-      hps_row_load<V, VEC, NV>(values + value_base[t] + static_cast<long long>(row) * dim, dim, lane, buf);
+      hps_row_copy_packed<VEC, NV>(values + value_base[t] + static_cast<long long>(row) * strides[t], code, dim, lane,
+                                   packed, h);
       hps_fence();
       const unsigned v2 = hps_ld_relaxed(row_ver + g);
       const unsigned v1_lane0 = __shfl_sync(HPS_FULL_MASK, v1, 0);
@@ -88,28 +99,34 @@ __global__ void st_query(const long long* __restrict__ table_ids, const K* __res
       }
     }
     if (hit) {
-      hps_row_store<VEC, NV>(out + o, dim, lane, buf, o % VEC == 0);
+      hps_row_decode<VEC, NV>(out + o, code, dim, lane, packed, h, o % VEC == 0);
     } else if (lane == 0) {
       miss_pos[atomicAdd(status, 1u)] = i;
     }
   }
 }
 
-// Before a replace: status[2 + t] counts the distinct keys of table t that the batch would
-// add, de-duplicated through a scratch hash set of (table, key) (scratch_tables starts all
-// -1; its size is a power of two >= 2n); status[1] flags a row that does not fit `src`, so
-// the host refuses a bad batch, or one that does not fit a table, before anything is written.
-template <typename K>
+// Before a replace: status[HPS_STATUS_WORDS + t] counts the distinct keys of table t that
+// the batch would add, de-duplicated through a scratch hash set of (table, key)
+// (scratch_tables starts all -1; its size is a power of two >= 2n); status[1] flags a row
+// that does not fit `src`, status[2] one its table's format cannot store, so the host
+// refuses a bad batch, or one that does not fit a table, before anything is written.
+template <typename K, int VEC, int NV>
 __global__ void st_count_new(const long long* __restrict__ table_ids, const K* __restrict__ keys, long long n,
-                             const long long* __restrict__ src_offsets, long long src_size, unsigned* status,
-                             const long long* dims, const long long* slot_base, const unsigned long long* slot_mask,
-                             int tables, const K* slot_keys, const int* slot_rows, int* scratch_tables,
-                             K* scratch_keys, unsigned long long scratch_mask) {
+                             const float* __restrict__ src, const long long* __restrict__ src_offsets,
+                             long long src_size, unsigned* status, const long long* dims, const long long* codes,
+                             const long long* slot_base, const unsigned long long* slot_mask, int tables,
+                             const K* slot_keys, const int* slot_rows, int* scratch_tables, K* scratch_keys,
+                             unsigned long long scratch_mask) {
   const int lane = hps_lane();
   const long long nwarps = hps_num_warps();
   for (long long i = hps_warp_id(); i < n; i += nwarps) {
     const long long t = table_ids[i];
-    if (hps_served_width(t, src_offsets[i], tables, dims, src_size, status, i, lane) < 0) continue;
+    const long long o = src_offsets[i];
+    const int dim = hps_served_width(t, o, tables, dims, src_size, status, i, lane);
+    if (dim < 0) continue;
+    HpsStagedRow<VEC, NV> row;  // float32 stores any row: not read
+    if (codes[t] != HPS_FP32 && !row.stage(src + o, o % VEC == 0, codes[t], dim, lane, status, i)) continue;
     const K key = keys[i];
     const bool stored = st_probe<K>(key, slot_base[t], slot_mask[t], slot_keys, slot_rows, lane) >= 0;
     if (!stored && lane == 0) {  // claim (-1 -> -2), write the key, publish the table id with a release
@@ -120,7 +137,7 @@ __global__ void st_count_new(const long long* __restrict__ table_ids, const K* _
           scratch_keys[s] = key;
           hps_fence();
           hps_st_release(scratch_tables + s, static_cast<int>(t));
-          atomicAdd(status + 2 + t, 1u);
+          atomicAdd(status + HPS_STATUS_WORDS + t, 1u);
           break;
         }
         do {  // acquire the published table id, so the key read below is the claimer's
@@ -134,10 +151,11 @@ __global__ void st_count_new(const long long* __restrict__ table_ids, const K* _
   }
 }
 
-// Write a row under its row lock (row_ver odd while held). `g` is the global row.
-template <typename K, typename V, int VEC, int NV>
-__device__ __forceinline__ void st_write_row(long long g, V* row, const K key, const float* src, bool aligned,
-                                             int dim, K* row_keys, unsigned* row_ver, int lane) {
+// Write a staged row under its row lock (row_ver odd while held). `g` is the global row.
+template <typename K, int VEC, int NV>
+__device__ __forceinline__ void st_write_row(long long g, unsigned char* row, const K key,
+                                             const HpsStagedRow<VEC, NV>& staged, int dim, K* row_keys,
+                                             unsigned* row_ver, int lane) {
   unsigned v = 0;
   if (lane == 0) {
     for (;;) {
@@ -149,7 +167,7 @@ __device__ __forceinline__ void st_write_row(long long g, V* row, const K key, c
   }
   __syncwarp();
   hps_fence();
-  hps_row_copy_in<V, VEC, NV>(row, src, dim, lane, aligned);
+  staged.store(row, dim, lane);
   if (lane == 0) row_keys[g] = key;
   hps_fence();
   __syncwarp();
@@ -159,15 +177,16 @@ __device__ __forceinline__ void st_write_row(long long g, V* row, const K key, c
 // insert != 0: upsert (the host made sure the new keys fit); insert == 0: update only.
 // status[0] counts the positions whose key was already stored; status[1] flags a row that
 // does not fit `src`, or a new key that found its table without a free row (which the host's
-// room check rules out; the slot is then marked dead rather than written past the table).
-template <typename K, typename V, int VEC, int NV>
+// room check rules out; the slot is then marked dead rather than written past the table);
+// status[2] a row its format cannot store (skipped before anything is claimed).
+template <typename K, int VEC, int NV>
 __global__ void st_write(const long long* __restrict__ table_ids, const K* __restrict__ keys, long long n,
                          const float* __restrict__ src, const long long* __restrict__ src_offsets,
-                         long long src_size, unsigned* status, const long long* dims, const long long* slot_base,
-                         const unsigned long long* slot_mask, const long long* value_base,
-                         const long long* row_base, const long long* capacities, int tables, K* slot_keys,
-                         int* slot_rows, K* row_keys, unsigned* row_ver, V* values, unsigned* row_count,
-                         int insert) {
+                         long long src_size, unsigned* status, const long long* dims, const long long* codes,
+                         const long long* strides, const long long* slot_base, const unsigned long long* slot_mask,
+                         const long long* value_base, const long long* row_base, const long long* capacities,
+                         int tables, K* slot_keys, int* slot_rows, K* row_keys, unsigned* row_ver,
+                         unsigned char* values, unsigned* row_count, int insert) {
   const int lane = hps_lane();
   const long long nwarps = hps_num_warps();
   for (long long i = hps_warp_id(); i < n; i += nwarps) {
@@ -175,6 +194,8 @@ __global__ void st_write(const long long* __restrict__ table_ids, const K* __res
     const long long o = src_offsets[i];
     const int dim = hps_served_width(t, o, tables, dims, src_size, status, i, lane);
     if (dim < 0) continue;
+    HpsStagedRow<VEC, NV> staged;
+    if (!staged.stage(src + o, o % VEC == 0, codes[t], dim, lane, status, i)) continue;
     const K key = keys[i];
     const long long region = slot_base[t];
     const unsigned long long mask = slot_mask[t];
@@ -215,11 +236,10 @@ __global__ void st_write(const long long* __restrict__ table_ids, const K* __res
       }
       // lost the race for that slot: look at the window again
     }
-    const bool aligned = o % VEC == 0;
     if (row >= 0) {
       if (lane == 0) atomicAdd(status, 1u);
-      st_write_row<K, V, VEC, NV>(row_base[t] + row, values + value_base[t] + static_cast<long long>(row) * dim,
-                                  key, src + o, aligned, dim, row_keys, row_ver, lane);
+      st_write_row<K, VEC, NV>(row_base[t] + row, values + value_base[t] + static_cast<long long>(row) * strides[t],
+                               key, staged, dim, row_keys, row_ver, lane);
     } else if (claimed) {
       int new_row = 0;
       if (lane == 0) new_row = static_cast<int>(atomicAdd(row_count + t, 1u));
@@ -230,8 +250,9 @@ __global__ void st_write(const long long* __restrict__ table_ids, const K* __res
         continue;
       }
       if (lane == 0) slot_keys[claimed_slot] = key;
-      st_write_row<K, V, VEC, NV>(row_base[t] + new_row, values + value_base[t] + static_cast<long long>(new_row) * dim,
-                                  key, src + o, aligned, dim, row_keys, row_ver, lane);
+      st_write_row<K, VEC, NV>(row_base[t] + new_row,
+                               values + value_base[t] + static_cast<long long>(new_row) * strides[t], key, staged,
+                               dim, row_keys, row_ver, lane);
       // Publish: key and row contents happen-before a reader's acquire of the row number.
       if (lane == 0) hps_st_release(slot_rows + claimed_slot, new_row);
     }

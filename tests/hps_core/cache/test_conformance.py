@@ -1,11 +1,13 @@
 """One contract suite for every EmbeddingCache implementation (GPU ones need a GPU and CuPy).
 
-Besides targeted cases, a seeded random sequence of replace/update/query/clear batches is
-checked against a plain-Python model of the contract: a dict key -> the last vector written.
-A dynamic cache may have evicted any key, so the model checks what the contract promises:
-every hit returns exactly the last value written for that key (float16: that value rounded
-to float16), keys replaced into sets with room are present, update never inserts, size
-stays within capacity, clear empties; a static table additionally hits every written key.
+Every case runs per row format (fp32, fp16, fp8, int8) where the format matters. Besides
+targeted cases, a seeded random sequence of replace/update/query/clear batches is checked
+against a plain-Python model of the contract: a dict key -> the last vector written. A
+dynamic cache may have evicted any key, so the model checks what the contract promises:
+every hit returns exactly the last row written for that key as its format stores it
+(``unpack(pack(row))`` of hps_core.row_formats, bit for bit), keys replaced into sets with
+room are present, update never inserts, size stays within capacity, clear empties; a static
+table additionally hits every written key.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import numpy as np
 import pytest
 
 from hps_core.cache import WAYS, EmbeddingCache, make_cache
-from hps_core.errors import CacheFullError, ConfigError, RequestError
+from hps_core.errors import CacheFullError, ConfigError, RequestError, RowValueError
+from hps_core.row_formats import RowFormat, pack, unpack
 
 IMPLS = [
     pytest.param(("cpu", "dynamic"), id="cpu-dynamic"),
@@ -25,6 +28,7 @@ IMPLS = [
     pytest.param((0, "dynamic"), id="gpu-dynamic", marks=pytest.mark.gpu),
     pytest.param((0, "static"), id="gpu-static", marks=pytest.mark.gpu),
 ]
+FORMATS = list(RowFormat)
 
 
 @dataclass
@@ -70,8 +74,15 @@ def impl(request: pytest.FixtureRequest) -> Impl:
     return Impl(device, kind, cupy)
 
 
-def rounded(values: np.ndarray, value_dtype: Any) -> np.ndarray:
-    return values.astype(value_dtype).astype(np.float32)
+def stored(values: np.ndarray, row_format: RowFormat) -> np.ndarray:
+    """(n, dim) float32 rows as a cache of ``row_format`` answers them."""
+    return unpack(row_format, pack(row_format, values), values.shape[1])
+
+
+def assert_bits_equal(got: np.ndarray, expected: np.ndarray, msg: str = "") -> None:
+    """Bit-for-bit equality (tells -0.0 from 0.0)."""
+    np.testing.assert_array_equal(np.ascontiguousarray(got).view(np.uint32),
+                                  np.ascontiguousarray(expected, np.float32).view(np.uint32), err_msg=msg)
 
 
 def vectors(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
@@ -83,11 +94,11 @@ def vectors(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
 
 @pytest.mark.parametrize("dim", [1, 3, 16, 128])
 @pytest.mark.parametrize("key_dtype", [np.int64, np.uint32])
-@pytest.mark.parametrize("value_dtype", [np.float32, np.float16])
-def test_replace_then_query_round_trip(impl: Impl, dim: int, key_dtype: Any, value_dtype: Any) -> None:
+@pytest.mark.parametrize("row_format", FORMATS, ids=str)
+def test_replace_then_query_round_trip(impl: Impl, dim: int, key_dtype: Any, row_format: RowFormat) -> None:
     rng = np.random.default_rng(dim)
-    cache = impl.make(1024, dim, key_dtype=key_dtype, value_dtype=value_dtype)
-    assert (cache.dim, cache.key_dtype, cache.value_dtype) == (dim, np.dtype(key_dtype), np.dtype(value_dtype))
+    cache = impl.make(1024, dim, key_dtype=key_dtype, row_format=row_format)
+    assert (cache.dim, cache.key_dtype, cache.row_format) == (dim, np.dtype(key_dtype), row_format)
     assert cache.capacity >= 1024 and cache.size() == 0
     keys = rng.choice(2**31, 300, replace=False).astype(key_dtype)
     vals = vectors(rng, 300, dim)
@@ -97,36 +108,39 @@ def test_replace_then_query_round_trip(impl: Impl, dim: int, key_dtype: Any, val
     assert not hit[-1] and (out[-1] == -7.0).all()  # a miss leaves its row untouched
     if cache.kind == "static":
         assert hit[:-1].all()
-    np.testing.assert_array_equal(out[:-1][hit[:-1]], rounded(vals, value_dtype)[hit[:-1]])
+    assert_bits_equal(out[:-1][hit[:-1]], stored(vals, row_format)[hit[:-1]])
     assert hit[:-1].mean() > 0.9  # 300 keys in 32 sets of 32: almost never a full set
     assert cache.size() == len(impl.all_keys(cache)) <= cache.capacity
 
 
-def test_update_never_inserts(impl: Impl) -> None:
-    cache = impl.make(256, 4)
+@pytest.mark.parametrize("row_format", FORMATS, ids=str)
+def test_update_never_inserts(impl: Impl, row_format: RowFormat) -> None:
+    cache = impl.make(256, 4, row_format=row_format)
     keys = np.arange(10, dtype=np.int64)
     cache.replace(impl.put(keys), impl.put(np.ones((10, 4), np.float32)))
     upd = np.array([3, 100, 4, 200], np.int64)
-    assert cache.update(impl.put(upd), impl.put(np.full((4, 4), 5.0, np.float32))) == 2
+    new = np.arange(16, dtype=np.float32).reshape(4, 4) - 5.5
+    assert cache.update(impl.put(upd), impl.put(new)) == 2
     assert cache.size() == 10
     out, hit = impl.query(cache, upd)
     np.testing.assert_array_equal(hit, [True, False, True, False])
-    assert (out[hit] == 5.0).all()
+    assert_bits_equal(out[hit], stored(new, row_format)[hit])
 
 
-def test_duplicate_keys_in_one_replace(impl: Impl) -> None:
+@pytest.mark.parametrize("row_format", FORMATS, ids=str)
+def test_duplicate_keys_in_one_replace(impl: Impl, row_format: RowFormat) -> None:
     """One of the duplicates' vectors is stored; the CPU twins keep the last one."""
-    cache = impl.make(256, 2)
+    cache = impl.make(256, 2, row_format=row_format)
     keys = np.array([7, 8, 7, 7, 9], np.int64)
     vals = np.arange(10, dtype=np.float32).reshape(5, 2)
     cache.replace(impl.put(keys), impl.put(vals))
     assert cache.size() == 3
     out, hit = impl.query(cache, np.array([7], np.int64))
     assert hit[0]
-    candidates = vals[keys == 7]
+    candidates = stored(vals, row_format)[keys == 7]
     assert any((out[0] == c).all() for c in candidates)
     if impl.device == "cpu":
-        np.testing.assert_array_equal(out[0], vals[3])
+        assert_bits_equal(out[0], candidates[-1])
 
 
 def test_clear_empties(impl: Impl) -> None:
@@ -167,18 +181,19 @@ def test_malformed_calls_raise_request_error(impl: Impl) -> None:
         cache.query(impl.put(np.zeros(3, np.float32)), impl.out(3, 4))  # float keys
 
 
-@pytest.mark.parametrize("bad", [dict(dim=0), dict(capacity=0), dict(policy="fifo"), dict(value_dtype=np.float64),
-                                 dict(key_dtype=np.int32)])
+@pytest.mark.parametrize("bad", [dict(dim=0), dict(capacity=0), dict(policy="fifo"), dict(row_format="bf16"),
+                                 dict(row_format=np.float16), dict(key_dtype=np.int32)])
 def test_bad_construction_raises_config_error(impl: Impl, bad: dict[str, Any]) -> None:
     args: dict[str, Any] = dict(capacity=64, dim=4) | bad
     with pytest.raises(ConfigError):
         impl.make(**args)
 
 
-def test_static_table_full_writes_nothing(impl: Impl) -> None:
+@pytest.mark.parametrize("row_format", FORMATS, ids=str)
+def test_static_table_full_writes_nothing(impl: Impl, row_format: RowFormat) -> None:
     if impl.kind != "static":
         pytest.skip("only static tables refuse inserts")
-    cache = impl.make(10, 2)
+    cache = impl.make(10, 2, row_format=row_format)
     cache.replace(impl.put(np.arange(8, dtype=np.int64)), impl.put(np.ones((8, 2), np.float32)))
     with pytest.raises(CacheFullError, match="full"):
         cache.replace(impl.put(np.arange(5, 10, dtype=np.int64) * 3), impl.put(np.ones((5, 2), np.float32)))
@@ -188,14 +203,16 @@ def test_static_table_full_writes_nothing(impl: Impl) -> None:
     assert cache.size() == 10
 
 
-def test_dynamic_eviction_and_dump_by_set(impl: Impl) -> None:
+@pytest.mark.parametrize("row_format", FORMATS, ids=str)
+def test_dynamic_eviction_and_dump_by_set(impl: Impl, row_format: RowFormat) -> None:
     if impl.kind != "dynamic":
         pytest.skip("only dynamic caches evict")
-    cache = impl.make(64, 2)  # 2 sets
+    cache = impl.make(64, 2, row_format=row_format)  # 2 sets
     assert (cache.num_sets, cache.capacity) == (2, 2 * WAYS)
     keys = np.arange(1000, dtype=np.int64)
+    rows = np.stack([keys, -keys / 7], axis=1).astype(np.float32)  # each key's own row
     for chunk in np.array_split(keys, 10):
-        cache.replace(impl.put(chunk), impl.put(np.repeat(chunk[:, None], 2, 1).astype(np.float32)))
+        cache.replace(impl.put(chunk), impl.put(rows[chunk]))
     assert cache.size() == cache.capacity
     per_set = [np.sort(impl.get(cache.dump(s, s + 1)).astype(np.int64)) for s in range(2)]
     assert all(len(p) == WAYS for p in per_set)
@@ -203,21 +220,62 @@ def test_dynamic_eviction_and_dump_by_set(impl: Impl) -> None:
         assert (impl.get(cache.set_of(impl.put(held))) == s).all()
     out, hit = impl.query(cache, keys)
     assert hit.sum() == cache.capacity
-    np.testing.assert_array_equal(out[hit, 0], keys[hit])  # never another key's vector
+    assert_bits_equal(out[hit], stored(rows, row_format)[hit])  # never another key's vector
+
+
+@pytest.mark.parametrize("row_format", [RowFormat.FP16, RowFormat.FP8, RowFormat.INT8], ids=str)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+def test_a_row_the_format_cannot_store_is_refused_before_writing(impl: Impl, row_format: RowFormat,
+                                                                 bad: float) -> None:
+    """Host arrays: the whole batch is refused with RowValueError naming the row, on both
+    twins (a GPU cache checks host rows on the host, as the CPU twin does)."""
+    cache = impl.make(64, 4, row_format=row_format)
+    keys = np.arange(5, dtype=np.int64)
+    vals = np.ones((5, 4), np.float32)
+    cache.replace(impl.put(keys[:2]), impl.put(vals[:2]))
+    vals[3, 2] = bad
+    for write in (cache.replace, cache.update):
+        with pytest.raises(RowValueError, match=f"position 3 .*{row_format}") as info:
+            write(keys, vals + 1)
+        assert info.value.position == 3
+    assert cache.size() == 2
+    out, hit = impl.query(cache, keys)
+    np.testing.assert_array_equal(hit, [True, True, False, False, False])
+    assert_bits_equal(out[:2], stored(vals[:2], row_format))  # the update wrote nothing either
+
+
+@pytest.mark.parametrize("row_format", [RowFormat.FP16, RowFormat.INT8], ids=str)
+def test_rows_beyond_a_formats_range_are_refused(impl: Impl, row_format: RowFormat) -> None:
+    """fp16 holds at most ±65504; int8 a row whose max - min fits float32."""
+    cache = impl.make(64, 2, row_format=row_format)
+    big = np.float32(7e4) if row_format is RowFormat.FP16 else np.float32(3e38)
+    with pytest.raises(RowValueError, match="position 1"):
+        cache.replace(np.arange(2, dtype=np.int64), np.array([[1, 2], [big, -big]], np.float32))
+    assert cache.size() == 0
+
+
+def test_float32_tables_store_any_row(impl: Impl) -> None:
+    """HugeCTR's behaviour: fp32 rows are stored as given, NaN and infinities included."""
+    cache = impl.make(64, 3)
+    vals = np.array([[np.nan, np.inf, -0.0], [3e38, -np.inf, 1e-45]], np.float32)
+    cache.replace(np.arange(2, dtype=np.int64), vals)
+    out, hit = impl.query(cache, np.arange(2, dtype=np.int64))
+    assert hit.all()
+    assert_bits_equal(out, vals)
 
 
 # --------------------------------------------------------------------------- randomized
 
 
 class Model:
-    """The contract as a dict: key -> last vector written (rounded to the storage dtype)."""
+    """The contract as a dict: key -> last vector written (as its row format stores it)."""
 
-    def __init__(self, value_dtype: Any) -> None:
-        self.value_dtype = value_dtype
+    def __init__(self, row_format: RowFormat) -> None:
+        self.row_format = row_format
         self.data: dict[int, np.ndarray] = {}
 
     def write(self, keys: np.ndarray, vals: np.ndarray) -> None:
-        for k, v in zip(keys.tolist(), rounded(vals, self.value_dtype)):
+        for k, v in zip(keys.tolist(), stored(vals, self.row_format)):
             self.data[k] = v
 
 
@@ -226,7 +284,7 @@ def check_query(impl: Impl, cache: EmbeddingCache, model: Model, keys: np.ndarra
     for i in np.flatnonzero(hit).tolist():
         k = int(keys[i])
         assert k in model.data, f"hit for key {k} that was never written"
-        np.testing.assert_array_equal(out[i], model.data[k], err_msg=f"key {k}")
+        assert_bits_equal(out[i], model.data[k], msg=f"key {k}")
     assert (out[~hit] == -7.0).all()
     if cache.kind == "static":
         expected = np.array([int(k) in model.data for k in keys])
@@ -263,17 +321,17 @@ def do_update(impl: Impl, cache: EmbeddingCache, model: Model, keys: np.ndarray,
 
 @pytest.mark.parametrize("dim", [1, 3, 16, 128])
 @pytest.mark.parametrize("key_dtype", [np.int64, np.uint32])
-@pytest.mark.parametrize("value_dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("row_format", FORMATS, ids=str)
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
-def test_random_operation_sequence(impl: Impl, dim: int, key_dtype: Any, value_dtype: Any, policy: str) -> None:
+def test_random_operation_sequence(impl: Impl, dim: int, key_dtype: Any, row_format: RowFormat, policy: str) -> None:
     if impl.kind == "static" and policy == "lfu":
         pytest.skip("the policy does not apply to static tables")
-    seed = dim * 1000 + (key_dtype == np.uint32) * 100 + (value_dtype == np.float16) * 10 + (policy == "lfu")
+    seed = dim * 1000 + (key_dtype == np.uint32) * 100 + row_format.code * 10 + (policy == "lfu")
     rng = np.random.default_rng(seed)
     capacity, universe = (256, 700) if impl.kind == "dynamic" else (800, 700)
-    cache = impl.make(capacity, dim, key_dtype=key_dtype, value_dtype=value_dtype, policy=policy)
+    cache = impl.make(capacity, dim, key_dtype=key_dtype, row_format=row_format, policy=policy)
     base = np.uint64(2**32 - 1000) if key_dtype == np.uint32 else np.uint64(2**40)  # exercise high bits
-    model = Model(value_dtype)
+    model = Model(row_format)
     for step in range(60):
         op = rng.choice(["replace", "replace", "update", "query", "query", "clear"], p=[0.3, 0.1, 0.2, 0.2, 0.17, 0.03])
         n = int(rng.integers(1, 120))

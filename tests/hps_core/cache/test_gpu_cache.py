@@ -1,7 +1,9 @@
 """GPU caches beyond the contract suites: kernel shape selection and the CuPy-free import
 (these run anywhere), and on a GPU with CuPy: agreement with the CPU twins on a 3-table
-cache, concurrent streams and threads, misaligned buffers, rows that do not fit, the LRU
-clock past 2**32, arrays on another device, and the launches and syncs of each call."""
+cache of every row format (the device encoding against row_formats.py bit for bit: the bytes
+stored and the floats queried), concurrent streams and threads, misaligned buffers, rows that
+do not fit or that a format cannot store, the LRU clock past 2**32, arrays on another
+device, and the launches and syncs of each call."""
 
 from __future__ import annotations
 
@@ -16,8 +18,11 @@ import pytest
 from hps_core.cache import WAYS, CpuDynamicCache, CpuStaticCache, EmbeddingCache, TableView
 from hps_core.cache import gpu
 from hps_core.cache._kernels import MAX_GPU_DIM, vector_shape, vector_shapes
-from hps_core.errors import CacheFullError, ConfigError, RequestError
+from hps_core.errors import CacheFullError, ConfigError, RequestError, RowValueError
+from hps_core.row_formats import RowFormat, pack, unpack
 from hps_core.rows import copy_rows, row_offsets
+from tests.hps_core.cache.test_multi_table import FORMAT_MIXES, FP8, FP16, FP32, INT8
+from tests.hps_core.cache.test_row_formats_cuh import edge_rows
 
 DIMS = np.array([8, 3, 16], np.int64)  # gcd 1: VEC 1
 DIMS4 = np.array([8, 4, 16], np.int64)  # gcd 4: VEC 4 where buffers allow
@@ -97,25 +102,32 @@ def batch(rng: np.random.Generator, per_table: list[int], universe: int) -> tupl
     return ids[order], keys[order]
 
 
+def bits(arr: Any) -> np.ndarray:
+    """A float32 array's bits on the host (tells -0.0 from 0.0, compares NaNs)."""
+    return np.ascontiguousarray(host(arr), np.float32).view(np.uint32)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["dynamic", "static"])
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
-@pytest.mark.parametrize("value_dtype", [np.float32, np.float16])
-def test_gpu_and_cpu_twin_agree_on_sets_and_contents(cp: Any, kind: str, policy: str, value_dtype: Any) -> None:
-    """3 tables, dims (8, 3, 16), loaded lightly (no set overflows, so nothing is evicted and
-    both must hold exactly the same keys in the same sets with the same rows)."""
+@pytest.mark.parametrize("formats", FORMAT_MIXES)
+@pytest.mark.parametrize("dims", [DIMS, DIMS4], ids=["vec1", "vec4"])
+def test_gpu_and_cpu_twin_agree_on_sets_and_contents(cp: Any, kind: str, policy: str, formats: Any,
+                                                     dims: np.ndarray) -> None:
+    """3 tables, loaded lightly (no set overflows, so nothing is evicted and both must hold
+    exactly the same keys in the same sets with the same rows, bit for bit)."""
     caps = [4096, 2048, 1024]
     cpu_cls = CpuDynamicCache if kind == "dynamic" else CpuStaticCache
-    g = make(kind, caps, DIMS, policy=policy, value_dtype=value_dtype)
-    c = cpu_cls(caps, DIMS.tolist(), policy=policy, value_dtype=value_dtype)
+    g = make(kind, caps, dims, policy=policy, row_formats=formats)
+    c = cpu_cls(caps, dims.tolist(), policy=policy, row_formats=formats)
     for attr in ("dims", "capacities", "num_sets", "set_base", "value_base"):
         np.testing.assert_array_equal(getattr(g, attr), getattr(c, attr), err_msg=attr)
-    assert (g.total_sets, g.kind, g.policy) == (c.total_sets, c.kind, c.policy)
+    assert (g.total_sets, g.kind, g.policy, g.row_formats) == (c.total_sets, c.kind, c.policy, c.row_formats)
 
     rng = np.random.default_rng(0)
     ids, keys = batch(rng, [600, 300, 150], 2**40)
     keys[np.flatnonzero(ids == 1)[:10]] = keys[np.flatnonzero(ids == 0)[:10]]  # same keys in two tables
-    offs, total = row_offsets(ids, DIMS)
+    offs, total = row_offsets(ids, dims)
     vals = rng.standard_normal(total).astype(np.float32)
     np.testing.assert_array_equal(host(g.sets_of(cp.asarray(ids), cp.asarray(keys))), c.sets_of(ids, keys))
     g.replace_tables(cp.asarray(ids), cp.asarray(keys), cp.asarray(vals), cp.asarray(offs))
@@ -127,17 +139,17 @@ def test_gpu_and_cpu_twin_agree_on_sets_and_contents(cp: Any, kind: str, policy:
             assert pairs(*g.dump_sets(lo, lo + 7)) == pairs(*c.dump_sets(lo, lo + 7)), lo
         probe_ids = np.concatenate([ids, [0, 1, 2]]).astype(np.int64)
         probe_keys = np.concatenate([keys, [2**41] * 3]).astype(np.int64)
-        probe_offs, size = row_offsets(probe_ids, DIMS)
+        probe_offs, size = row_offsets(probe_ids, dims)
         out_g, out_c = cp.full(size, -7.0, cp.float32), np.full(size, -7.0, np.float32)
         miss_g = g.query_tables(cp.asarray(probe_ids), cp.asarray(probe_keys), out_g, cp.asarray(probe_offs))
         miss_c = c.query_tables(probe_ids, probe_keys, out_c, probe_offs)
         np.testing.assert_array_equal(np.sort(host(miss_g)), miss_c)
-        np.testing.assert_array_equal(host(out_g), out_c)
+        np.testing.assert_array_equal(bits(out_g), bits(out_c))
 
     same_state()
     upd_ids = np.concatenate([ids[:50], [2]]).astype(np.int64)
     upd_keys = np.concatenate([keys[:50], [2**41]]).astype(np.int64)
-    upd_offs, upd_total = row_offsets(upd_ids, DIMS)
+    upd_offs, upd_total = row_offsets(upd_ids, dims)
     upd = rng.standard_normal(upd_total).astype(np.float32)
     assert g.update_tables(cp.asarray(upd_ids), cp.asarray(upd_keys), cp.asarray(upd), cp.asarray(upd_offs)) == \
         c.update_tables(upd_ids, upd_keys, upd, upd_offs) == 50
@@ -147,35 +159,63 @@ def test_gpu_and_cpu_twin_agree_on_sets_and_contents(cp: Any, kind: str, policy:
     same_state()
 
 
+#: Writers cycle through this many versions of each row (see StoredRows).
+VERSIONS = 16
+
+
 def encode(ids: np.ndarray, keys: np.ndarray, version: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows naming their table and key (element 0) and the writer's version (the others),
-    all exact in float16: a torn row has two versions, another key's row a wrong element 0."""
+    """Rows naming their table and key (element 0) and the writer's version (the others): a
+    torn row mixes two versions, another key's row has the wrong element 0."""
     offs, total = row_offsets(ids, DIMS)
-    vals = np.full(total, float(version), np.float32)
+    vals = np.full(total, float(version % VERSIONS + 1), np.float32)
     vals[offs] = (keys % 512) * 4 + ids
     return vals, offs
 
 
-def wrong_rows(ids: np.ndarray, keys: np.ndarray, out: np.ndarray, offs: np.ndarray, hit: np.ndarray) -> int:
-    wrong = 0
-    for t, dim in enumerate(DIMS.tolist()):
-        sel = hit & (ids == t)
-        rows = out[offs[sel][:, None] + np.arange(dim)]
-        wrong += int((rows[:, 0] != (keys[sel] % 512) * 4 + t).sum())
-        wrong += int((rows[:, 1:] != rows[:, 1:2]).any(axis=1).sum())
-    return wrong
+class StoredRows:
+    """Every row :func:`encode` writes, as tables of ``formats`` store it (``unpack(pack(row))``):
+    per table the rows' bytes, sorted, and the key (mod 512) each names. A hit that is not one
+    of its own key's rows, bit for bit, is wrong: another key's, or torn (whatever the format
+    does to a row, a mix of two versions' packed bytes decodes to neither)."""
+
+    def __init__(self, formats: Any) -> None:
+        marks, versions = np.repeat(np.arange(512), VERSIONS), np.tile(np.arange(VERSIONS), 512)
+        self.tables = []
+        for t, dim in enumerate(DIMS.tolist()):
+            rows = np.repeat((versions + 1)[:, None].astype(np.float32), dim, axis=1)
+            rows[:, 0] = marks * 4 + t
+            as_stored = self.void(unpack(formats[t], pack(formats[t], rows), dim))
+            order = np.argsort(as_stored)
+            self.tables.append((as_stored[order], marks[order]))
+
+    @staticmethod
+    def void(rows: np.ndarray) -> np.ndarray:
+        """(n,) opaque items of a (n, dim) float32 array's rows, compared byte by byte."""
+        rows = np.ascontiguousarray(rows, np.float32)
+        return rows.view(np.dtype((np.void, 4 * rows.shape[1]))).ravel()
+
+    def wrong(self, ids: np.ndarray, keys: np.ndarray, out: np.ndarray, offs: np.ndarray, hit: np.ndarray) -> int:
+        wrong = 0
+        for t, dim in enumerate(DIMS.tolist()):
+            sel = hit & (ids == t)
+            got = self.void(out[offs[sel][:, None] + np.arange(dim)])
+            known, marks = self.tables[t]
+            at = np.minimum(np.searchsorted(known, got), known.shape[0] - 1)
+            wrong += int((~((known[at] == got) & (marks[at] == keys[sel] % 512))).sum())
+        return wrong
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["dynamic", "static"])
-@pytest.mark.parametrize("value_dtype", [np.float32, np.float16])
-def test_streams_and_threads_never_see_wrong_or_torn_vectors(cp: Any, kind: str, value_dtype: Any) -> None:
+@pytest.mark.parametrize("formats", [(FP32,) * 3, (FP16,) * 3, (INT8, FP8, FP16)], ids=["fp32", "fp16", "int8-fp8-fp16"])
+def test_streams_and_threads_never_see_wrong_or_torn_vectors(cp: Any, kind: str, formats: Any) -> None:
     """Writers rewrite rows of all three tables (and a dynamic cache is cleared now and then)
-    while readers on other streams query them: every hit must carry its own table and key and
-    one version throughout."""
+    while readers on other streams query them: every hit must be one row stored under its own
+    table and key, header and elements of the same write."""
     universe = 6000  # keys per table
     caps = [1024, 1024, 1024] if kind == "dynamic" else [universe] * 3  # dynamic: constant eviction
-    cache = make(kind, caps, DIMS, value_dtype=value_dtype)
+    cache = make(kind, caps, DIMS, row_formats=formats)
+    expected = StoredRows(formats)
     stop = threading.Event()
     bad: list[int] = []
     hits: list[int] = []
@@ -188,7 +228,7 @@ def test_streams_and_threads_never_see_wrong_or_torn_vectors(cp: Any, kind: str,
                 return
             flat = rng.choice(3 * universe, 8192, replace=False)
             ids, keys = (flat // universe).astype(np.int64), (flat % universe).astype(np.int64)
-            vals, offs = encode(ids, keys, step % 1000)
+            vals, offs = encode(ids, keys, step)
             args = [cp.asarray(a) for a in (ids, keys, vals, offs)]
             cache.replace_tables(*args, stream=stream)
             cache.update_tables(*args, stream=stream)
@@ -210,7 +250,7 @@ def test_streams_and_threads_never_see_wrong_or_torn_vectors(cp: Any, kind: str,
             flat, hit = out.get(stream=stream), np.ones(len(keys), bool)
             hit[missing.get(stream=stream)] = False
             found += int(hit.sum())
-            wrong += wrong_rows(ids, keys, flat, offs, hit)
+            wrong += expected.wrong(ids, keys, flat, offs, hit)
         bad.append(wrong)
         hits.append(found)
 
@@ -230,29 +270,30 @@ def test_streams_and_threads_never_see_wrong_or_torn_vectors(cp: Any, kind: str,
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["dynamic", "static"])
-@pytest.mark.parametrize("value_dtype", [np.float32, np.float16])
-def test_misaligned_buffers_and_offsets(cp: Any, kind: str, value_dtype: Any) -> None:
+@pytest.mark.parametrize("formats", FORMAT_MIXES)
+def test_misaligned_buffers_and_offsets(cp: Any, kind: str, formats: Any) -> None:
     """Buffers 4 bytes past alignment narrow VEC to 1; rows at offsets that are not
-    multiples of VEC (with an aligned buffer, VEC 4) move element by element. Same rows."""
-    cache = make(kind, [256] * 3, DIMS4, value_dtype=value_dtype)
+    multiples of VEC (with an aligned buffer, VEC 4) move element by element. Same rows, as
+    each table's format stores them."""
+    cache = make(kind, [256] * 3, DIMS4, row_formats=formats)
     rng = np.random.default_rng(5)
     ids, keys = batch(rng, [10, 10, 10], 1000)
     packed, _ = row_offsets(ids, DIMS4)
     offs = packed + np.arange(len(ids))  # row i shifted by i floats: odd rows misaligned
     size = int(offs[-1] + DIMS4[ids[-1]])
     src_host = rng.standard_normal(size).astype(np.float32)
-    if value_dtype == np.float16:
-        src_host = src_host.astype(np.float16).astype(np.float32)  # exact round trip
     ids_d, keys_d, offs_d = cp.asarray(ids), cp.asarray(keys), cp.asarray(offs)
     src = cp.zeros(size + 1, cp.float32)[1:]  # 4-byte aligned only
     src[...] = cp.asarray(src_host)
     cache.replace_tables(ids_d, keys_d, src, offs_d)
     expected = np.full(size, -7.0, np.float32)
-    copy_rows(src_host, offs, expected, offs, ids, DIMS4)
+    for i, (t, o) in enumerate(zip(ids.tolist(), offs.tolist())):
+        row = src_host[None, o : o + DIMS4[t]]
+        expected[o : o + DIMS4[t]] = unpack(formats[t], pack(formats[t], row), DIMS4[t])[0]
     for shift in (0, 1):  # an aligned out, then one 4 bytes past alignment
         out = cp.full(size + shift, -7.0, cp.float32)[shift:]
         assert cache.query_tables(ids_d, keys_d, out, offs_d).size == 0
-        np.testing.assert_array_equal(host(out), expected)
+        np.testing.assert_array_equal(bits(out), bits(expected))
     dst_offs = packed + 1  # every destination row misaligned, sources half of them
     dst = cp.full(size, -7.0, cp.float32)
     cache.copy_rows(src, offs_d, dst, cp.asarray(dst_offs), ids_d)
@@ -393,9 +434,9 @@ def test_static_table_without_room_is_named_and_nothing_is_written(cp: Any) -> N
 @pytest.mark.gpu
 @pytest.mark.parametrize("cls", [gpu.GpuEmbeddingCache, gpu.StaticEmbeddingTable])
 def test_one_table_classes_are_views_of_a_multi_table_cache(cp: Any, cls: Any) -> None:
-    cache = cls(100, 5, device=0, value_dtype=np.float16, key_dtype=np.uint32)
+    cache = cls(100, 5, device=0, row_format=FP16, key_dtype=np.uint32)
     assert isinstance(cache, TableView) and isinstance(cache, EmbeddingCache)
-    assert (cache.dim, cache.device, cache.value_dtype, cache.key_dtype) == (5, 0, np.float16, np.uint32)
+    assert (cache.dim, cache.device, cache.row_format, cache.key_dtype) == (5, 0, FP16, np.uint32)
     keys = cp.arange(20, dtype=cp.uint32)
     vals = cp.arange(100, dtype=cp.float32).reshape(20, 5)
     cache.replace(keys, vals)
@@ -404,3 +445,127 @@ def test_one_table_classes_are_views_of_a_multi_table_cache(cp: Any, cls: Any) -
     assert host(missing).tolist() == [20] and host(missing_keys).tolist() == [99]
     np.testing.assert_array_equal(host(out[:20]), host(vals))
     assert cache.size() == 20
+
+
+# --------------------------------------------------------------------------- row formats
+
+
+def stored_bytes(cache: Any, tables: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """(n, stride) uint8: the stored row of each (table, key) a one-table-format cache holds,
+    read straight out of its value store (a GPU cache or a CPU twin; every pair is held)."""
+    values, strides = host(cache._values), cache._strides
+    rows = np.empty(len(keys), np.int64)  # each key's row (dynamic: its slot) within its table
+    if cache.kind == "dynamic":
+        if isinstance(cache, gpu.GpuDynamicCache):
+            slot_keys, held = host(cache._slot_keys), (host(cache._slot_ver) & 2) != 0  # OCC
+        else:
+            slot_keys, held = cache._keys.reshape(-1), cache._used.reshape(-1) == 1
+        for i, (t, k, s) in enumerate(zip(tables.tolist(), keys.tolist(), host(cache.sets_of(tables, keys)).tolist())):
+            ways = np.flatnonzero(held[s * WAYS : (s + 1) * WAYS] & (slot_keys[s * WAYS : (s + 1) * WAYS] == k))
+            assert ways.size == 1, (t, k)
+            rows[i] = (s - int(cache.set_base[t])) * WAYS + int(ways[0])
+    else:
+        slot_keys, slot_rows = host(cache._slot_keys), host(cache._slot_rows)
+        for i, (t, k) in enumerate(zip(tables.tolist(), keys.tolist())):
+            region = slice(int(cache._slot_base[t]), int(cache._slot_base[t + 1]))
+            found = np.flatnonzero((slot_rows[region] >= 0) & (slot_keys[region] == k))
+            assert found.size == 1, (t, k)
+            rows[i] = slot_rows[region][found[0]]
+    starts = cache.value_base[tables] + rows * strides[tables]
+    width = int(strides[tables].max())
+    return np.stack([values[start : start + width] for start in starts.tolist()])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+@pytest.mark.parametrize("fmt", list(RowFormat), ids=str)
+@pytest.mark.parametrize("dim", [1, 3, 4, 16, 128, 1000, 1024])
+def test_device_and_cpu_encodings_agree_bit_for_bit(cp: Any, kind: str, fmt: RowFormat, dim: int) -> None:
+    """Rows that reach every branch of the encoder (rounding ties, subnormals, ±0, each
+    format's limits; tests/hps_core/cache/test_row_formats_cuh.py) written to a GPU cache
+    and to its CPU twin: the bytes each stores are row_formats.pack's, and a query returns
+    unpack's floats, bit for bit. Device arrays, so the kernels see every row (a host batch
+    would be checked on the host first)."""
+    rows = edge_rows(fmt, dim, np.random.default_rng(dim))
+    n = rows.shape[0]
+    tables = np.zeros(n, np.int64)
+    keys = np.arange(n, dtype=np.int64) * 7919 + 11
+    offs = np.arange(n, dtype=np.int64) * dim
+    flat = rows.reshape(-1)
+    cpu_cls = CpuDynamicCache if kind == "dynamic" else CpuStaticCache
+    g = make(kind, [8 * n], [dim], row_formats=[fmt])  # light load: nothing is evicted
+    c = cpu_cls([8 * n], [dim], row_formats=[fmt])
+    g.replace_tables(cp.asarray(tables), cp.asarray(keys), cp.asarray(flat), cp.asarray(offs))
+    c.replace_tables(tables, keys, flat, offs)
+    expected_bytes = pack(fmt, rows)
+    width = fmt.row_bytes(dim)
+    for cache in (g, c):
+        got = stored_bytes(cache, tables, keys)[:, :width]
+        bad = np.flatnonzero((got != expected_bytes).any(axis=1))
+        assert bad.size == 0, f"{cache!r}: rows {bad[:5]} stored differently, e.g. {rows[bad[0]][:6]}"
+    out_g, out_c = cp.full(n * dim, -7.0, cp.float32), np.full(n * dim, -7.0, np.float32)
+    assert g.query_tables(cp.asarray(tables), cp.asarray(keys), out_g, cp.asarray(offs)).size == 0
+    assert c.query_tables(tables, keys, out_c, offs).size == 0
+    expected = unpack(fmt, expected_bytes, dim).reshape(-1)
+    np.testing.assert_array_equal(bits(out_g), bits(expected))
+    np.testing.assert_array_equal(bits(out_c), bits(expected))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", [FP16, FP8, INT8], ids=str)
+def test_device_rows_a_format_cannot_store_are_never_written(cp: Any, fmt: RowFormat) -> None:
+    """Device arrays reach the kernels unchecked: a dynamic replace skips the row (a miss, no
+    slot taken), an update skips it and raises RowValueError naming it after writing the
+    others, a static replace refuses the batch before writing anything."""
+    dims = [4, 4]
+    formats = [fmt, FP32]
+    ids = np.array([0, 0, 1, 0], np.int64)
+    keys = np.array([1, 2, 3, 4], np.int64)
+    offs = np.arange(4, dtype=np.int64) * 4
+    vals = np.ones(16, np.float32)
+    vals[offs[1] + 2] = np.nan  # key 2 of the compact table
+    vals[offs[2]] = np.inf  # table 1 is fp32: stored as given
+    args = [cp.asarray(a) for a in (ids, keys, vals, offs)]
+
+    dynamic = make("dynamic", [64, 64], dims, row_formats=formats)
+    dynamic.replace_tables(*args)
+    np.testing.assert_array_equal(dynamic.sizes(), [2, 1])
+    assert pairs(*dynamic.dump_sets(0, dynamic.total_sets)) == [(0, 1), (0, 4), (1, 3)]
+    fixed = vals.copy()
+    fixed[offs[1] + 2] = 5.0
+    dynamic.replace_tables(*[cp.asarray(a) for a in (ids, keys, fixed, offs)])  # key 2 cached now
+    with pytest.raises(RowValueError, match=f"position 1 \\(table 0\\).*{fmt}") as info:
+        dynamic.update_tables(*[cp.asarray(a) for a in (ids, keys, vals * 2, offs)])
+    assert info.value.position == 1
+    out = cp.full(16, -7.0, cp.float32)
+    assert dynamic.query_tables(*args[:2], out, args[3]).size == 0
+    got = host(out).reshape(4, 4)
+    stored = lambda row: unpack(fmt, pack(fmt, row[None, :]), 4)[0]  # noqa: E731
+    np.testing.assert_array_equal(bits(got[1]), bits(stored(fixed[4:8])))  # left as it was
+    np.testing.assert_array_equal(bits(got[0]), bits(stored(vals[0:4] * 2)))  # the others written
+    np.testing.assert_array_equal(bits(got[2]), bits(vals[8:12] * 2))
+
+    static = make("static", [64, 64], dims, row_formats=formats)
+    with pytest.raises(RowValueError, match="position 1 .*nothing of the batch was cached"):
+        static.replace_tables(*args)
+    np.testing.assert_array_equal(static.sizes(), [0, 0])
+    assert pairs(*static.dump_sets(0, 2)) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_a_format_mix_costs_the_same_launches(cp: Any, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tables of four formats are still one launch per call: the format is data, not a kernel."""
+    formats = (INT8, FP8, FP16)
+    cache = make(kind, [1024] * 3, DIMS, row_formats=formats)
+    rng = np.random.default_rng(4)
+    ids, keys = batch(rng, [300, 200, 100], 10_000)
+    offs, total = row_offsets(ids, DIMS)
+    args = [cp.asarray(a) for a in (ids, keys)]
+    vals, out = cp.asarray(rng.standard_normal(total).astype(np.float32)), cp.zeros(total, cp.float32)
+    counts = count_launches_and_syncs(cache, monkeypatch)
+    cache.replace_tables(*args, vals, cp.asarray(offs))
+    assert (counts["launches"], counts["syncs"]) == ((1, 0) if kind == "dynamic" else (2, 2))
+    counts.update(launches=0, syncs=0)
+    cache.query_tables(*args, out, cp.asarray(offs))
+    assert (counts["launches"], counts["syncs"]) == (1, 1)

@@ -1,6 +1,10 @@
 """Every kernel family compiles with nvcc to PTX: the very text the loader
-(hps_core/cache/_kernels.py) hands NVRTC (common.cuh inlined), standalone and with every
-template instantiation the loader can ask for.
+(hps_core/cache/_kernels.py) hands NVRTC (common.cuh and row_formats.cuh inlined),
+standalone and with every template instantiation the loader can ask for. Row formats are
+dispatched at run time per table, so every instantiation of a row kernel holds the paths of
+every format (fp32, fp16, fp8, int8), and compiling the instantiations compiles them all;
+the PTX is checked to hold them and to do their float32 arithmetic as row_formats.py does
+(rounded division, no fused multiply-add, no fp16/fp8 conversion instruction).
 
 This runs in CI without a GPU: it catches syntax and template errors before a GPU ever
 sees the code. Skipped only when nvcc is absent (the source checks run regardless).
@@ -8,6 +12,7 @@ sees the code. Skipped only when nvcc is absent (the source checks run regardles
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -37,26 +42,34 @@ def test_every_source_is_in_a_family() -> None:
     assert sources and sources == {f.source for f in _kernels.FAMILIES.values()}
 
 
+#: The headers each family includes (row_formats.cuh: the families that store rows).
+INCLUDES = {"dynamic": _kernels.HEADERS, "static": _kernels.HEADERS, "rows": (_kernels.HEADER,)}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_loader_source_inlines_the_header(family: str) -> None:
-    """CuPy caches compiled kernels by source text: the header must be in that text."""
+def test_loader_source_inlines_the_headers(family: str) -> None:
+    """CuPy caches compiled kernels by source text: the headers must be in that text."""
     text = _kernels.source(family)
     assert not [line for line in text.splitlines() if line.lstrip().startswith("#include")]
-    assert (_kernels.kernel_dir() / _kernels.HEADER).read_text() in text
+    for header in INCLUDES[family]:
+        assert (_kernels.kernel_dir() / header).read_text().rstrip("\n") in text, header
+    assert set(INCLUDES) == set(FAMILIES)
 
 
-def test_a_header_change_changes_every_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("header", _kernels.HEADERS)
+def test_a_header_change_changes_every_source_that_includes_it(header: str, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     copy = tmp_path / "kernels"
     shutil.copytree(_kernels.kernel_dir(), copy)
     before = {family: _kernels.source(family) for family in FAMILIES}
     monkeypatch.setattr(_kernels, "kernel_dir", lambda: copy)
-    header = copy / _kernels.HEADER
-    header.write_text(header.read_text() + "// edited\n")
-    assert all(_kernels.source(family) != before[family] for family in FAMILIES)
+    (copy / header).write_text((copy / header).read_text() + "// edited\n")
+    for family in FAMILIES:
+        assert (_kernels.source(family) != before[family]) == (header in INCLUDES[family]), family
 
 
 def test_every_shape_a_cache_can_ask_for_is_compiled_below() -> None:
-    variants = {(vec, nv) for _, _, _, vec, nv in _kernels.all_variants()}
+    variants = {(vec, nv) for _, _, vec, nv in _kernels.all_variants()}
     for dim in range(1, _kernels.MAX_GPU_DIM + 1):
         for dims in ([dim], [dim, 4 * dim], [dim, 2]):
             if max(dims) <= _kernels.MAX_GPU_DIM:
@@ -74,15 +87,28 @@ def test_source_compiles_standalone(family: str, tmp_path: Path) -> None:
 def test_every_loader_instantiation_compiles(family: str, tmp_path: Path) -> None:
     """The loader's source plus a table taking the address of every kernel the loader can
     request (the name expressions it hands to cupy.RawModule), forcing each instantiation."""
-    names = sorted({name for fam, kdt, vdt, vec, nv in _kernels.all_variants() if fam == family
-                    for name in _kernels.kernel_names(fam, kdt, vdt, {vec: nv}).expressions()})
+    names = sorted({name for fam, kdt, vec, nv in _kernels.all_variants() if fam == family
+                    for name in _kernels.kernel_names(fam, kdt, {vec: nv}).expressions()})
     body = ",\n".join(f"    (const void*)&{name}" for name in names)
     ptx = nvcc_ptx(f"{_kernels.source(family)}\nconst void* hps_kernels[] = {{\n{body}\n}};\n", tmp_path)
     assert ptx.count(".entry") >= len(names), "an instantiation is missing from the PTX"
     fam, shapes = _kernels.FAMILIES[family], len({(vec, nv) for *_, vec, nv in _kernels.all_variants()})
-    dtype_pairs = 2 * 2  # key types x value types
-    assert len(names) == (len(fam.row_kernels) * dtype_pairs * shapes + len(fam.vec_kernels) * 3
+    key_types = 2
+    assert len(names) == (len(fam.row_kernels) * key_types * shapes + len(fam.vec_kernels) * 3
                           + len(fam.key_kernels) * 2 + len(fam.plain_kernels))
+    if INCLUDES[family] == _kernels.HEADERS:
+        check_format_arithmetic(ptx)
+
+
+def check_format_arithmetic(ptx: str) -> None:
+    """The row-format paths are in the PTX and round as row_formats.py does: IEEE division
+    (div.rn), rintf as cvt.rni, no fused multiply-add (a fused int8 dequantisation would
+    differ from the CPU's separate multiply and add), no fp16/fp8 conversion instruction
+    (rounding is done on the bits, the same on every GPU generation)."""
+    assert "div.rn.f32" in ptx and "cvt.rni.f32.f32" in ptx
+    assert "fma.rn.f32" not in ptx and "mad.f32" not in ptx
+    assert not re.search(r"cvt\.[a-z.]*(f16|e4m3|e5m2|bf16)", ptx), "a hardware fp16/fp8 conversion"
+    assert "shfl.sync.bfly" in ptx  # the warp reduction of a row's header
 
 
 def test_benchmark_gather_kernel_compiles(tmp_path: Path) -> None:

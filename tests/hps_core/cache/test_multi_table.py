@@ -1,9 +1,12 @@
 """The MultiTableCache contract, run against every implementation (GPU ones need a GPU and CuPy).
 
-Several tables of different widths and capacities in one structure, answered by one call: the
-same key in two tables is two rows; a call touches only the tables its ids name; rows land at
-the flat offsets given. A seeded random sequence over all tables is checked against a dict
-model of the contract, as test_conformance.py does for one table.
+Several tables of different widths, capacities and row formats in one structure, answered
+by one call: the same key in two tables is two rows; a call touches only the tables its ids
+name; rows land at the flat offsets given, each as its table's format stores it
+(``unpack(pack(row))``, bit for bit). The cases run per format mix (all fp32, each compact
+format everywhere, and tables of different formats side by side). A seeded random sequence
+over all tables is checked against a dict model of the contract, as test_conformance.py
+does for one table.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ import numpy as np
 import pytest
 
 from hps_core.cache import MultiTableCache, TableView, make_multi_table_cache
-from hps_core.cache.base import WAYS
+from hps_core.cache.base import WAYS, row_stride
 from hps_core.cache.cpu import CpuDynamicCache
-from hps_core.errors import CacheFullError, ConfigError, RequestError
+from hps_core.errors import CacheFullError, ConfigError, RequestError, RowValueError
+from hps_core.row_formats import RowFormat, pack, unpack
 from hps_core.rows import row_offsets
 
 IMPLS = [
@@ -28,6 +32,16 @@ IMPLS = [
 ]
 DIMS = (8, 3, 16)
 CAPACITIES = (300, 200, 500)
+FP32, FP16, FP8, INT8 = RowFormat.FP32, RowFormat.FP16, RowFormat.FP8, RowFormat.INT8
+#: Row formats of the three tables: the same format everywhere, and mixes.
+FORMAT_MIXES = [
+    pytest.param((FP32,) * 3, id="fp32"),
+    pytest.param((FP16,) * 3, id="fp16"),
+    pytest.param((FP8,) * 3, id="fp8"),
+    pytest.param((INT8,) * 3, id="int8"),
+    pytest.param((INT8, FP16, FP8), id="int8-fp16-fp8"),
+    pytest.param((FP32, INT8, FP16), id="fp32-int8-fp16"),
+]
 
 
 @dataclass
@@ -84,9 +98,25 @@ def rows_for(ids: np.ndarray, keys: np.ndarray, version: float = 0.0) -> list[np
             for t, k in zip(ids.tolist(), keys.tolist())]
 
 
-def test_layout_attributes(impl: Impl) -> None:
-    cache = impl.make()
+def stored_rows(ids: np.ndarray, rows: list[np.ndarray], formats: tuple[RowFormat, ...]) -> list[np.ndarray]:
+    """Each row as its table's format stores it: ``unpack(pack(row))``."""
+    return [unpack(formats[t], pack(formats[t], r[None, :]), r.shape[0])[0] for t, r in zip(ids.tolist(), rows)]
+
+
+def assert_rows_equal(got: list[np.ndarray], expected: list[np.ndarray], msg: str = "") -> None:
+    """Bit-for-bit equality of every row (tells -0.0 from 0.0)."""
+    assert len(got) == len(expected), msg
+    for i, (g, e) in enumerate(zip(got, expected)):
+        np.testing.assert_array_equal(g.view(np.uint32), np.asarray(e, np.float32).view(np.uint32),
+                                      err_msg=f"{msg} row {i}")
+
+
+@pytest.mark.parametrize("formats", FORMAT_MIXES)
+def test_layout_attributes(impl: Impl, formats: tuple[RowFormat, ...]) -> None:
+    cache = impl.make(row_formats=formats)
     assert isinstance(cache, MultiTableCache)
+    assert cache.row_formats == formats
+    assert [TableView(cache, t).row_format for t in range(3)] == list(formats)
     assert np.asarray(cache.dims).tolist() == list(DIMS)
     assert (np.asarray(cache.capacities) >= CAPACITIES).all()
     assert np.asarray(cache.set_base).tolist() == np.concatenate([[0], np.cumsum(cache.num_sets)[:-1]]).tolist()
@@ -94,15 +124,15 @@ def test_layout_attributes(impl: Impl) -> None:
     assert np.asarray(cache.sizes()).tolist() == [0, 0, 0]
 
 
-def test_same_key_in_three_tables_is_three_rows(impl: Impl) -> None:
-    cache = impl.make()
+@pytest.mark.parametrize("formats", FORMAT_MIXES)
+def test_same_key_in_three_tables_is_three_rows(impl: Impl, formats: tuple[RowFormat, ...]) -> None:
+    cache = impl.make(row_formats=formats)
     ids = np.array([0, 1, 2, 1], np.int64)
     keys = np.array([5, 5, 5, 6], np.int64)
     impl.replace(cache, ids, keys, rows_for(ids, keys))
     got, hit = impl.query(cache, ids[::-1].copy(), keys[::-1].copy())
     assert hit.all()
-    for row, expected in zip(got, rows_for(ids[::-1], keys[::-1])):
-        np.testing.assert_array_equal(row, expected)
+    assert_rows_equal(got, stored_rows(ids[::-1], rows_for(ids[::-1], keys[::-1]), formats))
     assert np.asarray(cache.sizes()).tolist() == [1, 2, 1]
     assert impl.held(cache) == {(0, 5), (1, 5), (2, 5), (1, 6)}
 
@@ -121,8 +151,9 @@ def test_misses_leave_rows_untouched_and_are_positions(impl: Impl) -> None:
             assert (row == -7.0).all()
 
 
-def test_update_never_inserts_and_counts(impl: Impl) -> None:
-    cache = impl.make()
+@pytest.mark.parametrize("formats", FORMAT_MIXES)
+def test_update_never_inserts_and_counts(impl: Impl, formats: tuple[RowFormat, ...]) -> None:
+    cache = impl.make(row_formats=formats)
     ids = np.array([0, 1, 2], np.int64)
     keys = np.array([10, 11, 12], np.int64)
     impl.replace(cache, ids, keys, rows_for(ids, keys))
@@ -132,7 +163,7 @@ def test_update_never_inserts_and_counts(impl: Impl) -> None:
     assert impl.held(cache) == {(0, 10), (1, 11), (2, 12)}
     got, hit = impl.query(cache, upd_ids, upd_keys)
     np.testing.assert_array_equal(hit, [True, False, True, False])
-    np.testing.assert_array_equal(got[0], rows_for(upd_ids[:1], upd_keys[:1], 0.5)[0])
+    assert_rows_equal(got[:1], stored_rows(upd_ids[:1], rows_for(upd_ids[:1], upd_keys[:1], 0.5), formats))
 
 
 def test_clear_one_table_or_all(impl: Impl) -> None:
@@ -163,8 +194,9 @@ def test_dump_sets_and_sets_of_agree(impl: Impl) -> None:
         assert set(zip(dumped_ids.tolist(), dumped.astype(np.int64).tolist())) == expected
 
 
-def test_views_share_the_structure(impl: Impl) -> None:
-    cache = impl.make()
+@pytest.mark.parametrize("formats", FORMAT_MIXES)
+def test_views_share_the_structure(impl: Impl, formats: tuple[RowFormat, ...]) -> None:
+    cache = impl.make(row_formats=formats)
     view = TableView(cache, 2)
     assert (view.dim, view.kind) == (16, cache.kind)
     keys = np.array([1, 2, 3], np.int64)
@@ -205,10 +237,11 @@ def test_rows_that_do_not_fit_are_refused(impl: Impl) -> None:
     assert np.asarray(cache.sizes()).tolist() == [0, 0, 0]
 
 
-def test_static_table_full_writes_nothing_in_any_table(impl: Impl) -> None:
+@pytest.mark.parametrize("formats", FORMAT_MIXES)
+def test_static_table_full_writes_nothing_in_any_table(impl: Impl, formats: tuple[RowFormat, ...]) -> None:
     if impl.kind != "static":
         pytest.skip("only static tables refuse inserts")
-    cache = impl.make(capacities=(4, 50, 50))
+    cache = impl.make(capacities=(4, 50, 50), row_formats=formats)
     ids = np.array([1, 0, 0, 0, 0, 0], np.int64)  # table 0 gets 5 new keys for 4 rows
     keys = np.array([9, 1, 2, 3, 4, 5], np.int64)
     with pytest.raises(CacheFullError, match="table 0"):
@@ -247,18 +280,61 @@ def test_clock_start_is_checked() -> None:
 
 
 @pytest.mark.parametrize("bad", [dict(capacities=(10, 0, 10)), dict(dims=(8, 3)), dict(policy="fifo"),
-                                 dict(value_dtype=np.float64)])
+                                 dict(row_formats=(FP32, FP16)), dict(row_formats=(FP32, "fp4", FP8)),
+                                 dict(row_formats="fp16")])
 def test_bad_construction_names_the_problem(impl: Impl, bad: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):
         impl.make(**bad)
 
 
-@pytest.mark.parametrize("value_dtype", [np.float32, np.float16])
+def test_row_formats_default_to_fp32_and_take_names(impl: Impl) -> None:
+    assert impl.make().row_formats == (FP32,) * 3
+    assert impl.make(row_formats=("int8", "fp32", "fp8")).row_formats == (INT8, FP32, FP8)
+
+
+def test_stored_rows_are_packed_and_aligned() -> None:
+    """A row takes its packed size (fp8 and int8 rounded up to 4 bytes); every table starts
+    16-byte aligned in the one byte-addressed store."""
+    assert [row_stride(f, 16) for f in (FP32, FP16, FP8, INT8)] == [64, 32, 20, 24]
+    assert [row_stride(f, 128) for f in (FP32, FP16, FP8, INT8)] == [512, 256, 132, 136]
+    assert [row_stride(f, 3) for f in (FP32, FP16, FP8, INT8)] == [12, 6, 8, 12]
+    for cls_kind in ("dynamic", "static"):
+        cache = make_multi_table_cache(cls_kind, device="cpu", capacities=CAPACITIES, dims=DIMS,
+                                       row_formats=(INT8, FP16, FP8))
+        base = np.asarray(cache.value_base)
+        assert (base % 16 == 0).all() and base[0] == 0
+        strides = [row_stride(f, d) for f, d in zip(cache.row_formats, DIMS)]
+        assert (np.diff(base) >= np.asarray(cache.capacities)[:-1] * strides[:-1]).all()
+
+
+@pytest.mark.parametrize("formats", [(INT8, FP16, FP8), (FP8, FP32, INT8)], ids=["int8-fp16-fp8", "fp8-fp32-int8"])
+def test_a_row_its_table_cannot_store_refuses_the_batch(impl: Impl, formats: tuple[RowFormat, ...]) -> None:
+    """One NaN in a compact table's row refuses the whole batch, every table's rows included
+    (host arrays, on both twins); fp32 tables store NaN as given."""
+    cache = impl.make(row_formats=formats)
+    ids = np.array([0, 1, 2], np.int64)
+    keys = np.array([1, 2, 3], np.int64)
+    rows = rows_for(ids, keys)
+    compact = next(t for t, f in enumerate(formats) if f is not FP32)
+    rows[compact][1] = np.nan
+    with pytest.raises(RowValueError, match=f"position {compact} \\(table {compact}\\)"):
+        impl.replace(cache, ids, keys, rows)
+    assert np.asarray(cache.sizes()).tolist() == [0, 0, 0]
+    if FP32 in formats:
+        t = formats.index(FP32)
+        nan_row = rows_for(ids[t : t + 1], keys[t : t + 1])[0]
+        nan_row[0] = np.nan
+        impl.replace(cache, ids[t : t + 1], keys[t : t + 1], [nan_row])
+        got, hit = impl.query(cache, ids[t : t + 1], keys[t : t + 1])
+        assert hit.all() and np.isnan(got[0][0])
+
+
+@pytest.mark.parametrize("formats", FORMAT_MIXES)
 @pytest.mark.parametrize("key_dtype", [np.int64, np.uint32])
-def test_random_operations_across_tables(impl: Impl, value_dtype: Any, key_dtype: Any) -> None:
-    rng = np.random.default_rng(int(value_dtype == np.float16) * 2 + int(key_dtype == np.uint32))
+def test_random_operations_across_tables(impl: Impl, formats: tuple[RowFormat, ...], key_dtype: Any) -> None:
+    rng = np.random.default_rng(sum(f.code << (2 * t) for t, f in enumerate(formats)) * 2 + int(key_dtype == np.uint32))
     capacities = (96, 64, 128) if impl.kind == "dynamic" else (400, 400, 400)
-    cache = impl.make(capacities=capacities, value_dtype=value_dtype, key_dtype=key_dtype)
+    cache = impl.make(capacities=capacities, row_formats=formats, key_dtype=key_dtype)
     model: dict[tuple[int, int], np.ndarray] = {}
     universe = 300
     for step in range(40):
@@ -268,21 +344,22 @@ def test_random_operations_across_tables(impl: Impl, value_dtype: Any, key_dtype
         pairs = list(zip(ids.tolist(), keys.tolist()))
         first = np.array(sorted({p: i for i, p in reversed(list(enumerate(pairs)))}.values()))  # one per pair
         ids, keys = ids[first], keys[first]
-        rows = [r.astype(value_dtype).astype(np.float32) for r in rows_for(ids, keys, version=float(step))]
+        rows = [r * np.float32(rng.standard_normal()) for r in rows_for(ids, keys, version=float(step))]
+        expected = stored_rows(ids, rows, formats)
         op = rng.choice(["replace", "update", "query"])
         if op == "replace":
             impl.replace(cache, ids, keys, rows)
-            model.update({(int(t), int(k)): r for t, k, r in zip(ids, keys, rows)})
+            model.update({(int(t), int(k)): r for t, k, r in zip(ids, keys, expected)})
         elif op == "update":
             held = impl.held(cache)
             present = np.array([(int(t), int(k)) in held for t, k in zip(ids, keys)])
             assert impl.update(cache, ids, keys, rows) == present.sum()
-            model.update({(int(t), int(k)): r for t, k, r, p in zip(ids, keys, rows, present) if p})
+            model.update({(int(t), int(k)): r for t, k, r, p in zip(ids, keys, expected, present) if p})
             assert impl.held(cache) == held
         got, hit = impl.query(cache, ids, keys)
         for t, k, row, h in zip(ids.tolist(), keys.tolist(), got, hit):
             if h:
-                np.testing.assert_array_equal(row, model[(t, k)], err_msg=f"step {step} table {t} key {k}")
+                assert_rows_equal([row], [model[(t, k)]], msg=f"step {step} table {t} key {k}")
             if impl.kind == "static":
                 assert h == ((t, k) in model)
         sizes = np.asarray(cache.sizes())
