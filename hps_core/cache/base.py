@@ -18,7 +18,8 @@ Two kinds exist, as in HugeCTR (``embedding_cache_type``):
 * **dynamic** — set-associative (table t owns ``num_sets[t]`` sets of :data:`WAYS` slots,
   global sets ``set_base[t] ..``; a key lives in set ``set_base[t] + mix64(key) %
   num_sets[t]``); inserting into a full set evicts one slot per the policy (``lru``: oldest
-  access; ``lfu``: fewest accesses, ties by age).
+  access; ``lfu``: fewest accesses, ties by age; a slot's count saturates at 2**32 - 2**16
+  rather than wrapping).
 * **static** — the whole table resident: open addressing key -> row, no eviction; an
   insert that would exceed a table's capacity raises :class:`CacheFullError` before writing.
 

@@ -10,7 +10,7 @@ Dynamic cache layout (mirrors kernels/dynamic_cache.cu)::
     slot_keys  key_dtype[total_sets, WAYS]
     slot_used  uint8[total_sets, WAYS]     1 = occupied
     slot_ts    int64[total_sets, WAYS]     last access (a global clock ticked once per call)
-    slot_freq  int64[total_sets, WAYS]     accesses since insertion (LFU)
+    slot_freq  uint32[total_sets, WAYS]    accesses since insertion (LFU), saturating at FREQ_MAX
     values     uint8, flat: rows packed in their table's format (codes[t]); the row of slot
                (s, w) of table t starts at byte value_base[t] + ((s - set_base[t]) * WAYS + w)
                * strides[t] (CacheLayout)
@@ -80,6 +80,9 @@ __all__ = [
 
 DEFAULT_STRIPES = 16
 _EMPTY = -1
+#: LFU counts stop here (HPS_FREQ_MAX in kernels/dynamic_cache.cu): 32-bit counts that
+#: saturate rather than wrap, so a key that hot stays among the hottest.
+FREQ_MAX = 0xFFFF0000
 
 
 # --------------------------------------------------------------------------- kernels
@@ -127,6 +130,13 @@ def _victim_way(slot_used: Any, slot_ts: Any, slot_freq: Any, s: int, lfu: bool)
 
 
 @njit(nogil=True, cache=True, inline="always")
+def _count_access(slot_freq: Any, s: int, w: int) -> None:
+    """One more access to slot (s, w) (LFU), saturating at FREQ_MAX."""
+    if slot_freq[s, w] < FREQ_MAX:
+        slot_freq[s, w] += 1
+
+
+@njit(nogil=True, cache=True, inline="always")
 def _missing(hit: Any) -> Any:
     """Ascending positions where ``hit`` is False."""
     m = 0
@@ -162,7 +172,7 @@ def _dynamic_query(keys, table_ids, offsets, out, set_base, num_sets, dims, code
             start = value_base[t] + ((s - set_base[t]) * WAYS + w) * strides[t]
             decode_row(values, start, dims[t], codes[t], out, offsets[i])
             slot_ts[s, w] = clock
-            slot_freq[s, w] += 1
+            _count_access(slot_freq, s, w)
             hit[i] = True
         read_release(locks, p)
     return _missing(hit)
@@ -188,7 +198,7 @@ def _dynamic_write(keys, table_ids, src, src_offsets, set_base, num_sets, dims, 
             w = _find_way(slot_keys, slot_used, s, key)
             if w >= 0:
                 found += 1
-                slot_freq[s, w] += 1
+                _count_access(slot_freq, s, w)
             elif insert:
                 w = _victim_way(slot_used, slot_ts, slot_freq, s, lfu)
                 slot_keys[s, w] = key
@@ -376,7 +386,7 @@ class CpuDynamicCache(_CpuCacheBase):
         self._keys = np.zeros(shape, self.key_dtype)
         self._used = np.zeros(shape, np.uint8)
         self._ts = np.zeros(shape, np.int64)
-        self._freq = np.zeros(shape, np.int64)
+        self._freq = np.zeros(shape, np.uint32)
 
     def query_tables(self, table_ids: Any, keys: Any, out: Any, offsets: Any,
                      stream: Any = None) -> npt.NDArray[np.int64]:

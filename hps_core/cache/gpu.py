@@ -452,7 +452,7 @@ class GpuDynamicCache(_GpuMultiCache):
             self._slot_keys = cp.zeros(slots, self.key_dtype)
             self._slot_ver = cp.zeros(slots, cp.uint32)
             self._slot_ts = cp.zeros(slots, cp.uint64)
-            self._slot_freq = cp.zeros(slots, cp.uint64)
+            self._slot_freq = cp.zeros(slots, cp.uint32)  # saturating LFU counts (dynamic_cache.cu)
             self._set_locks = cp.zeros(self.total_sets, cp.int32)
 
     def replace_tables(self, table_ids: Any, keys: Any, values: Any, offsets: Any, stream: Any = None) -> None:

@@ -10,7 +10,7 @@
 //   slot_ver   unsigned[total_sets * 32]   seqlock word: bit 0 BUSY (a writer owns the slot),
 //                                          bit 1 OCC (holds a key), bits 2.. sequence number
 //   slot_ts    u64[total_sets * 32]        last access (host clock, one tick per call): LRU
-//   slot_freq  u64[total_sets * 32]        accesses since insertion: LFU
+//   slot_freq  unsigned[total_sets * 32]   accesses since insertion, saturating: LFU
 //   set_locks  int[total_sets]             0 free, 1 held; writers only
 //   values     u8[...]                     packed rows (row_formats.cuh); the row of slot s of
 //                                          table t at byte value_base[t] + (s - set_base[t] * 32) * strides[t]
@@ -18,10 +18,13 @@
 // buffer[offsets[i] .. + dims[t]]; a row that does not fit the buffer is skipped and flagged
 // (common.cuh, hps_row_width), never read or written.
 //
-// LRU stamps and LFU counts are 64-bit, so neither wraps: a 32-bit clock ticked once per
-// call would wrap after 2^32 calls (days at a high request rate) and make the newest rows
-// look oldest. A victim is the slot with the smallest (count, stamp) under LFU, the smallest
-// stamp under LRU, the lower way on ties; an empty way first. Same choice as the CPU twin.
+// LRU stamps are 64-bit, so they never wrap: a 32-bit clock ticked once per call would wrap
+// after 2^32 calls (days at a high request rate) and make the newest rows look oldest. LFU
+// counts are 32-bit and saturate at HPS_FREQ_MAX instead of wrapping (a key that hot stays
+// among the hottest; ties go to the stamps): 4 bytes a slot instead of 8 (docs/cache.md,
+// memory per row). A victim is the slot with the smallest (count, stamp) under LFU, the
+// smallest stamp under LRU, the lower way on ties; an empty way first. Same choice as the CPU
+// twin.
 //
 // One warp per key. Lane l looks at way l, so one __ballot_sync probes a whole set.
 //
@@ -55,6 +58,14 @@
 #define HPS_BUSY 1u
 #define HPS_OCC 2u
 #define HPS_SEQ_STEP 4u
+// LFU counts stop here (cpu.py's FREQ_MAX): below 2^32 by more than the warps that can add
+// at once after reading a count under it, so concurrent increments never wrap.
+#define HPS_FREQ_MAX 0xFFFF0000u
+
+// One more access to a slot (LFU), saturating at HPS_FREQ_MAX.
+__device__ __forceinline__ void hps_count_access(unsigned* freq) {
+  if (*reinterpret_cast<volatile unsigned*>(freq) < HPS_FREQ_MAX) atomicAdd(freq, 1u);
+}
 
 __device__ __forceinline__ void hps_set_lock(int* lock, int lane) {
   if (lane == 0) {
@@ -104,7 +115,7 @@ __global__ void dc_query(const long long* __restrict__ table_ids, const K* __res
                          const long long* codes, const long long* strides, const long long* set_base,
                          const unsigned long long* num_sets, const long long* value_base, int tables,
                          const K* slot_keys, const unsigned* slot_ver, unsigned long long* slot_ts,
-                         unsigned long long* slot_freq, const unsigned char* values, unsigned long long clock) {
+                         unsigned* slot_freq, const unsigned char* values, unsigned long long clock) {
   const int lane = hps_lane();
   const long long nwarps = hps_num_warps();
   for (long long i = hps_warp_id(); i < n; i += nwarps) {
@@ -141,7 +152,7 @@ __global__ void dc_query(const long long* __restrict__ table_ids, const K* __res
       hps_row_decode<VEC, NV>(out + o, code, dim, lane, packed, h, o % VEC == 0);
       if (lane == 0) {
         slot_ts[slot] = clock;
-        atomicAdd(slot_freq + slot, 1ull);
+        hps_count_access(slot_freq + slot);
       }
     } else if (lane == 0) {
       miss_pos[atomicAdd(status, 1u)] = i;
@@ -160,7 +171,7 @@ __global__ void dc_write(const long long* __restrict__ table_ids, const K* __res
                          long long src_size, unsigned* status, const long long* dims, const long long* codes,
                          const long long* strides, const long long* set_base, const unsigned long long* num_sets,
                          const long long* value_base, int tables, K* slot_keys, unsigned* slot_ver,
-                         unsigned long long* slot_ts, unsigned long long* slot_freq, int* set_locks,
+                         unsigned long long* slot_ts, unsigned* slot_freq, int* set_locks,
                          unsigned char* values, unsigned long long clock, int lfu, int insert) {
   const int lane = hps_lane();
   const long long nwarps = hps_num_warps();
@@ -190,7 +201,7 @@ __global__ void dc_write(const long long* __restrict__ table_ids, const K* __res
       } else {
         // Readers update ts/freq without the lock: volatile loads see their latest values.
         const unsigned long long ts = *(volatile unsigned long long*)(slot_ts + base + lane);
-        const unsigned long long fr = *(volatile unsigned long long*)(slot_freq + base + lane);
+        const unsigned long long fr = *(volatile unsigned*)(slot_freq + base + lane);
         way = lfu ? hps_warp_argmin(fr, ts, lane) : hps_warp_argmin(ts, 0ull, lane);
       }
     }
@@ -208,9 +219,9 @@ __global__ void dc_write(const long long* __restrict__ table_ids, const K* __res
         slot_keys[s] = key;
         slot_ts[s] = clock;
         if (match) {
-          atomicAdd(slot_freq + s, 1ull);
+          hps_count_access(slot_freq + s);
         } else {
-          atomicExch(slot_freq + s, 1ull);
+          atomicExch(slot_freq + s, 1u);
         }
       }
       hps_fence();  // every lane's part of the vector is visible before the publish
@@ -259,7 +270,7 @@ __global__ void dc_sets(const long long* __restrict__ table_ids, const K* __rest
 // Empty global sets [start_set, end_set) (all tables, or one table's range) under each set's
 // lock, bumping each slot's sequence so that a reader copying a slot across the clear
 // rejects its copy.
-extern "C" __global__ void dc_clear(unsigned* slot_ver, unsigned long long* slot_ts, unsigned long long* slot_freq,
+extern "C" __global__ void dc_clear(unsigned* slot_ver, unsigned long long* slot_ts, unsigned* slot_freq,
                                     int* set_locks, long long start_set, long long end_set) {
   const int lane = hps_lane();
   const long long nwarps = hps_num_warps();
@@ -268,7 +279,7 @@ extern "C" __global__ void dc_clear(unsigned* slot_ver, unsigned long long* slot
     hps_set_lock(set_locks + set, lane);
     const unsigned v = hps_ld_relaxed(slot_ver + s);
     slot_ts[s] = 0ull;
-    slot_freq[s] = 0ull;
+    slot_freq[s] = 0u;
     hps_st_release(slot_ver + s, (v + HPS_SEQ_STEP) & ~(HPS_BUSY | HPS_OCC));
     hps_set_unlock(set_locks + set, lane);
   }

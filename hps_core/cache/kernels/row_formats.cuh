@@ -299,6 +299,7 @@ __device__ __forceinline__ HpsHeader hps_row_header(int code, int dim, int lane,
 __device__ __forceinline__ void hps_flag_unstorable(unsigned* status, long long i, int lane) {
   if (status != nullptr && lane == 0) atomicCAS(status + 2, 0u, static_cast<unsigned>(i + 1));
 }
+
 template <int VEC, int BYTES, int NV>
 __device__ __forceinline__ void hps_row_encode_groups(unsigned char* payload, int code, int dim, int lane,
                                                       const float (&buf)[NV * VEC], const HpsHeader& h) {

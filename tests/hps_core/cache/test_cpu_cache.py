@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from hps_core.cache import WAYS, CpuEmbeddingCache, CpuStaticEmbeddingTable
-from hps_core.cache.cpu import sets_of
+from hps_core.cache.cpu import FREQ_MAX, sets_of
 from tests.hps_core.test_hashing import reference
 
 DIM = 16
@@ -130,3 +130,21 @@ def test_sets_match_the_gpu_formula() -> None:
     # reference: splitmix64's finaliser written out, which tests/hps_core/test_hashing.py
     # checks against kernels/common.cuh (hps_mix64) and hps_core/hashing.py
     assert sets_of(keys, 1000).tolist() == [reference(int(k)) % 1000 for k in keys]
+
+
+def test_lfu_counts_saturate_instead_of_wrapping() -> None:
+    """32-bit LFU counts (4 bytes a slot, as on the GPU) stop at FREQ_MAX: a hot key never
+    wraps to a count of 0 and becomes the victim."""
+    cache = CpuEmbeddingCache(WAYS, 1, policy="lfu")
+    keys = np.arange(WAYS, dtype=np.int64)
+    cache.replace(keys, keys[:, None].astype(np.float32))
+    freq = cache.multi._freq  # type: ignore[attr-defined]
+    freq[0, :] = 5
+    s, w = np.argwhere(cache.multi._keys == 7)[0]  # type: ignore[attr-defined]
+    for start, end in ((FREQ_MAX - 1, FREQ_MAX), (2**32 - 2, 2**32 - 2)):  # 3 more would wrap to 1
+        freq[s, w] = start
+        for _ in range(3):
+            cache.query(np.array([7], np.int64), np.zeros((1, 1), np.float32))
+        assert freq.dtype == np.uint32 and freq[s, w] == end
+    cache.replace(np.array([100], np.int64), np.zeros((1, 1), np.float32))
+    assert 7 in set(cache.dump(0, 1).tolist())

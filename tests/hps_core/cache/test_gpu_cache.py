@@ -18,6 +18,7 @@ import pytest
 from hps_core.cache import WAYS, CpuDynamicCache, CpuStaticCache, EmbeddingCache, TableView
 from hps_core.cache import gpu
 from hps_core.cache._kernels import MAX_GPU_DIM, vector_shape, vector_shapes
+from hps_core.cache.cpu import FREQ_MAX
 from hps_core.errors import CacheFullError, ConfigError, RequestError, RowValueError
 from hps_core.row_formats import RowFormat, pack, unpack
 from hps_core.rows import copy_rows, row_offsets
@@ -569,3 +570,26 @@ def test_a_format_mix_costs_the_same_launches(cp: Any, kind: str, monkeypatch: p
     counts.update(launches=0, syncs=0)
     cache.query_tables(*args, out, cp.asarray(offs))
     assert (counts["launches"], counts["syncs"]) == (1, 1)
+
+
+@pytest.mark.gpu
+def test_lfu_counts_saturate_on_the_device(cp: Any) -> None:
+    """The device's 32-bit LFU counts stop at FREQ_MAX as the CPU twin's do: a hot key never
+    wraps to a small count and becomes the victim."""
+    cache = gpu.GpuDynamicCache([WAYS], [1], device=0, policy="lfu")  # one set
+    keys = np.arange(WAYS, dtype=np.int64)
+    ids = np.zeros(WAYS, np.int64)
+    cache.replace_tables(ids, keys, keys.astype(np.float32), keys.copy())
+    cp.cuda.Device(0).synchronize()
+    slot = int(np.flatnonzero(host(cache._slot_keys) == 7)[0])
+    cache._slot_freq[:] = 5
+    out = cp.zeros(1, cp.float32)
+    for start, end in ((FREQ_MAX - 1, FREQ_MAX), (2**32 - 2, 2**32 - 2)):  # 3 more would wrap to 1
+        cache._slot_freq[slot] = start
+        cp.cuda.Device(0).synchronize()
+        for _ in range(3):
+            assert cache.query_tables(ids[:1], np.array([7], np.int64), out, ids[:1]).size == 0
+        cp.cuda.Device(0).synchronize()
+        assert int(cache._slot_freq[slot]) == end
+    cache.replace_tables(ids[:1], np.array([100], np.int64), np.zeros(1, np.float32), ids[:1])
+    assert 7 in set(host(cache.dump_sets(0, 1)[1]).tolist())
