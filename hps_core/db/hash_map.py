@@ -1,17 +1,27 @@
 """In-process volatile tier: a partitioned open-addressing hash map compiled with numba.
 
-Layout, per table::
+Layout, per table (rows packed in the table's row format, :mod:`hps_core.row_formats`)::
 
     table ─ partition[p] for p in range(num_partitions)   (p = mix(key) >> 32 mod P)
               slots   int64[cap, 2]   (key, row) pairs; open addressing, linear probing,
                                       cap a power of two, load factor <= 1/2,
                                       grown by rehash into a table twice as large
-              rows    float32[rows_cap, 6 + dim (+1)]   rows 0..n_rows-1, dense; a rehash
-                                               leaves them be, growth copies them to a
-                                               larger array. Each row is a 24-byte header,
-                                               seen through an int64 view ``meta`` as
-                                               (key, last-access stamp, access count),
-                                               then the vector (padded to 8 bytes)
+              rows    uint8[rows_cap, stride]   rows 0..n_rows-1, dense; a rehash leaves them
+                                      be, growth copies them to a larger array. Each row is
+                                      a header of int64 words, seen through an int64 view
+                                      ``meta``: the key, then the access stat when the
+                                      overflow policy reads one (last-access stamp for
+                                      ``evict_oldest``, access count for
+                                      ``evict_least_used``); then the packed row
+                                      (``row_format.row_bytes(dim)``), padded to 8 bytes
+
+    stride = 8 (key) [+ 8 (stat)] + row_bytes rounded up to 8
+
+so an int8 row of dim 128 takes 144 bytes where fp32 takes 520 (8 + 512). Inserts pack the
+batch once (:func:`~hps_core.row_formats.pack`, one numba call; fp32 rows are their own
+bytes) and copy packed rows in; the lookup kernel dequantises each row into ``out`` in its
+copy pass (``decode_row``, the format's code per table passed like the widths), so callers
+see float32 rows.
 
 An empty slot is marked by row -1, never by a magic key: every int64 is a valid key, while
 a row index is never negative. Key and row share a 16-byte slot so a probe touches one
@@ -46,13 +56,14 @@ Overflow (HugeCTR's ``overflow_margin``, ``overflow_policy``,
 ``overflow_resolution_target``): after an insert chunk leaves a partition above
 ``overflow_margin`` rows, it is shrunk to ``floor(overflow_margin * overflow_resolution_target)``
 rows, still under the partition lock. Victims are chosen over the dense ``meta`` rows with one
-vectorised ``np.argpartition`` (``evict_oldest``: smallest last-access stamp;
-``evict_least_used``: smallest access count) or a random sample (``evict_random``), and
+vectorised ``np.argpartition`` of the stat column (``evict_oldest``: smallest last-access
+stamp; ``evict_least_used``: smallest access count) or a random sample (``evict_random``), and
 removed by the numba deletion kernel. The stamp is the tier's logical clock (one tick per key
 touched, taken atomically), not wall time: cheap and deterministic. A fetch refreshes the
-stamp and bumps the count of every row it hits, inside the lookup kernel; concurrent readers
-may race on these (advisory: a lost bump only misjudges a victim, never a value). With no
-margin set (the default) nothing is ever evicted and the fetch skips that bookkeeping.
+stamp or bumps the count of every row it hits, inside the lookup kernel; concurrent readers
+may race on these (advisory: a lost bump only misjudges a victim, never a value). A tier
+keeps only the stat its policy reads: with ``evict_random`` or no margin set (the default:
+nothing is ever evicted) a row's header is its key alone and the fetch skips the bookkeeping.
 """
 
 from __future__ import annotations
@@ -72,16 +83,17 @@ from hps_core.db.base import (
     check_dim,
     check_keys,
     check_out,
+    check_row_format,
     check_table_batch,
     check_table_name,
     check_values,
+    format_mismatch,
     unknown_table,
 )
 from hps_core.config import OVERFLOW_POLICIES, OverflowConfig, VolatileDBConfig
 from hps_core.errors import ConfigError, TierError
 from hps_core.grouping import group_by
 from hps_core.hashing import mix64, partition, partition_array
-from hps_core.rows import check_rows_fit
 from hps_core.intrinsics import (
     LockArray,
     as_voidptr,
@@ -91,14 +103,18 @@ from hps_core.intrinsics import (
     read_acquire,
     read_release,
 )
+from hps_core.row_formats import RowFormat, decode_row, pack
+from hps_core.rows import check_rows_fit
 
 __all__ = ["HashMapVolatileDB", "estimate_bytes_per_row"]
 
 _MIN_SLOTS = 16
 _SLOT_BYTES = 16  # (key, row) as two int64
 _EMPTY = -1  # row of an empty slot
-_KEY, _STAMP, _COUNT = 0, 1, 2  # columns of meta, the int64 view of each row's header
-_VEC = 6  # float32 column where a row's vector starts (after the 24-byte header)
+_KEY, _STAT = 0, 1  # columns of meta, the int64 view of each row's header
+# which access stat a tier's rows keep in column _STAT (none: the header is the key alone)
+_NO_STAT, _STAMP_STAT, _COUNT_STAT = 0, 1, 2
+_STAT_OF_POLICY = {"evict_random": _NO_STAT, "evict_oldest": _STAMP_STAT, "evict_least_used": _COUNT_STAT}
 
 # rows of the directory (see _Directory)
 _SLOTS, _SLOT_COUNT, _VALUES, _VALUE_ROWS, _VALUE_WIDTH, _CLOSED = range(6)
@@ -106,10 +122,17 @@ _DIRECTORY_ROWS = 6
 _CLOSED_STATUS = -2  # what the lookup kernel returns when the tier was closed meanwhile
 _AHEAD = 32  # keys between a slot's prefetch and its probe: enough loads in flight to hide DRAM
 _ROWS_AHEAD = 16  # rows between their prefetch and their copy (a row is several cache lines)
-_FLOATS_PER_LINE = 16
+_LINE_BYTES = 64
+_FLOATS_PER_LINE = _LINE_BYTES // 4
 
 
 # --------------------------------------------------------------------------- kernels
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _header_bytes(stat: int) -> int:
+    """Bytes of a row's header: its key, and the access stat when the tier keeps one."""
+    return 8 if stat == _NO_STAT else 16
 
 
 @njit(nogil=True, cache=True)
@@ -121,16 +144,18 @@ def _find_tables(
     found: Mask,
     entries: Keys,
     dims: Keys,
+    codes: Keys,
     num_partitions: int,
     directory: Any,
     locks: Any,
     waiting: Any,
     clock: Any,
-    track: bool,
+    stat: int,
     max_per_hold: int,
 ) -> int:
     """For each i: if ``keys[i]`` is stored in the table whose directory entries start at
-    ``entries[table_ids[i]]``, copy its row to ``out[offsets[i]:]`` and set ``found[i]``.
+    ``entries[table_ids[i]]``, write its row, dequantised from format ``codes[table_ids[i]]``,
+    to ``out[offsets[i]:]`` and set ``found[i]``.
 
     Returns -1 when done; the first position whose table id or row does not fit ``out`` (then
     nothing was read); or -2 when the tier was closed meanwhile (``directory[_CLOSED]``).
@@ -138,11 +163,12 @@ def _find_tables(
     The batch is counting-sorted by (partition, table); each partition is read under its read
     lock, released and taken again every ``max_per_hold`` keys (so a waiting writer gets in
     between), each (partition, table) group from its own arrays, found through the directory
-    under the lock. With ``track``, hit rows get consecutive stamps of the tier's clock and
-    one more access. Two passes per group on purpose: the first resolves every key to its row,
-    the second copies the rows. Each pass's iterations are independent loads, so the CPU keeps
-    many cache misses in flight at once; one loop that probes and then copies serialises them
-    (1.5-2x slower on tables much larger than the CPU caches). The probe pass prefetches the
+    under the lock. Hit rows get consecutive stamps of the tier's clock (``stat`` is
+    ``_STAMP_STAT``) or one more access (``_COUNT_STAT``). Two passes per group on purpose: the
+    first resolves every key to its row, the second decodes the rows into ``out``. Each pass's
+    iterations are independent loads, so the CPU keeps many cache misses in flight at once;
+    one loop that probes and then copies serialises them (1.5-2x slower on tables much larger
+    than the CPU caches). The probe pass prefetches the
     slot of the key ``_AHEAD`` places on; the copy pass every line of the row ``_ROWS_AHEAD``
     places on and of its place in ``out`` (for writing). Measured on 26 tables x 50,000 rows,
     26,448 unique keys: 2.7 -> 1.7 ms at dim 16, 11.2 -> 7.6 ms at dim 128, against
@@ -179,10 +205,10 @@ def _find_tables(
                 hi = min(end, j + max_per_hold - held)
                 e = entries[t] + p
                 slots = carray(as_voidptr(directory[_SLOTS, e]), (directory[_SLOT_COUNT, e], 2), np.int64)
-                values = carray(as_voidptr(directory[_VALUES, e]),
-                                (directory[_VALUE_ROWS, e], directory[_VALUE_WIDTH, e]), np.float32)
-                _find_group(keys, hashes, order, offsets, out, found, rows, j, hi, dims[t], slots, values,
-                            clock, track)
+                stride = directory[_VALUE_WIDTH, e]
+                data = carray(as_voidptr(directory[_VALUES, e]), (directory[_VALUE_ROWS, e] * stride,), np.uint8)
+                _find_group(keys, hashes, order, offsets, out, found, rows, j, hi, dims[t], codes[t], slots,
+                            data, stride, clock, stat)
                 held += hi - j
                 j = hi
         read_release(locks, p)
@@ -202,11 +228,13 @@ def _acquire_open(locks: Any, waiting: Any, p: int, directory: Any) -> bool:
 
 @njit(nogil=True, cache=True, inline="always")
 def _find_group(keys: Keys, hashes: Any, order: Any, offsets: Keys, out: Flat, found: Mask, rows: Any,
-                lo: int, hi: int, dim: int, slots: Any, values: Any, clock: Any, track: bool) -> None:
-    """Keys ``order[lo:hi]``, all of one (table, partition) whose arrays are given; the caller
-    holds the partition's read lock (the arrays were read under it)."""
+                lo: int, hi: int, dim: int, code: int, slots: Any, data: Any, stride: int, clock: Any,
+                stat: int) -> None:
+    """Keys ``order[lo:hi]``, all of one (table, partition) whose arrays are given (``data``:
+    its rows, flat uint8, ``stride`` bytes each); the caller holds the partition's read lock
+    (the arrays were read under it)."""
     mask = np.uint64(slots.shape[0] - 1)
-    width = values.shape[1]
+    header = _header_bytes(stat)
     for j in range(lo, min(lo + _AHEAD, hi)):
         prefetch(slots, 2 * np.int64(hashes[order[j]] & mask), False)
     for j in range(lo, hi):
@@ -221,37 +249,41 @@ def _find_group(keys: Keys, hashes: Any, order: Any, offsets: Keys, out: Flat, f
                 break
             s = (s + np.uint64(1)) & mask
         rows[j] = row
-    stamp0 = atomic_add(clock, 0, hi - lo) if track else 0
-    meta = values.view(np.int64)  # the rows' headers (key, stamp, count)
-    flat = values.reshape(-1)
+    stamp0 = atomic_add(clock, 0, hi - lo) if stat == _STAMP_STAT else 0
+    meta = data.view(np.int64)  # the rows' headers, flat: word stride // 8 * row + column
+    words = stride // 8
     for j in range(lo, min(lo + _ROWS_AHEAD, hi)):
-        _prefetch_row(flat, rows[j], width, out, offsets[order[j]], dim)
+        _prefetch_row(data, rows[j], stride, out, offsets[order[j]], dim)
     for j in range(lo, hi):
         if j + _ROWS_AHEAD < hi:
-            _prefetch_row(flat, rows[j + _ROWS_AHEAD], width, out, offsets[order[j + _ROWS_AHEAD]], dim)
+            _prefetch_row(data, rows[j + _ROWS_AHEAD], stride, out, offsets[order[j + _ROWS_AHEAD]], dim)
         row = rows[j]
         if row == _EMPTY:
             continue
         i = order[j]
         o = offsets[i]
-        for d in range(dim):
-            out[o + d] = values[row, _VEC + d]
+        # row and destination passed as slices at offset 0: once inlined, the decoder's indices
+        # are provably non-negative and its loop is vectorised (int8 decodes 2x faster, fp32
+        # copies ~15% faster than the float32 loop of unpacked rows; measured, 26 tables)
+        decode_row(data[row * stride + header : (row + 1) * stride], 0, dim, code, out[o : o + dim], 0)
         found[i] = True
-        if track:
-            meta[row, _STAMP] = stamp0 + j - lo
-            meta[row, _COUNT] += 1
+        if stat == _STAMP_STAT:
+            meta[row * words + _STAT] = stamp0 + j - lo
+        elif stat == _COUNT_STAT:
+            meta[row * words + _STAT] += 1
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _prefetch_row(flat: Any, row: int, width: int, out: Flat, o: int, dim: int) -> None:
+def _prefetch_row(data: Any, row: int, stride: int, out: Flat, o: int, dim: int) -> None:
     """Every cache line of a stored row (to read) and of its place in ``out`` (to write)."""
     if row == _EMPTY:
         return
-    start = row * width + _VEC
+    start = row * stride
+    for b in range(0, stride, _LINE_BYTES):
+        prefetch(data, start + b, False)
+    prefetch(data, start + stride - 1, False)
     for d in range(0, dim, _FLOATS_PER_LINE):
-        prefetch(flat, start + d, False)
         prefetch(out, o + d, True)
-    prefetch(flat, start + dim - 1, False)
     prefetch(out, o + dim - 1, True)
 
 
@@ -259,21 +291,25 @@ def _prefetch_row(flat: Any, row: int, width: int, out: Flat, o: int, dim: int) 
 def _upsert(
     keys: Keys,
     positions: Any,
-    src: Vectors,
+    packed: Any,
     slots: Any,
-    values: Vectors,
+    values: Any,
     meta: Any,
     n_rows: int,
     stamp0: int,
+    stat: int,
 ) -> int:
-    """Store ``src[i]`` under ``keys[i]`` for each ``i`` in ``positions``, in order.
+    """Store packed row ``packed[i]`` (uint8) under ``keys[i]`` for each ``i`` in
+    ``positions``, in order.
 
     The caller guarantees room: enough free slots to stay under load 1/2 and enough free
-    value rows for every key being new. A write stamps the row ``stamp0 + j``; a new row
-    starts with one access. Returns the new number of rows.
+    value rows for every key being new. With ``_STAMP_STAT`` a write stamps the row
+    ``stamp0 + j``; with ``_COUNT_STAT`` a new row starts with one access. Returns the new
+    number of rows.
     """
     mask = np.uint64(slots.shape[0] - 1)
-    dim = src.shape[1]
+    row_bytes = packed.shape[1]
+    header = _header_bytes(stat)
     for j in range(positions.shape[0]):
         i = positions[j]
         key = keys[i]
@@ -287,10 +323,13 @@ def _upsert(
             slots[s, 0] = key
             slots[s, 1] = row
             meta[row, _KEY] = key
-            meta[row, _COUNT] = 1
-        meta[row, _STAMP] = stamp0 + j
-        for d in range(dim):
-            values[row, _VEC + d] = src[i, d]
+            if stat == _COUNT_STAT:
+                meta[row, _STAT] = 1
+        if stat == _STAMP_STAT:
+            meta[row, _STAT] = stamp0 + j
+        dst, src = values[row, header:], packed[i]  # views at offset 0: a vectorised copy
+        for b in range(row_bytes):
+            dst[b] = src[b]
     return n_rows
 
 
@@ -329,14 +368,14 @@ def _delete_slot(slots: Any, hole: int, mask: Any) -> None:
 
 
 @njit(nogil=True, cache=True)
-def _remove(keys: Keys, positions: Any, slots: Any, values: Vectors, meta: Any, n_rows: int) -> int:
+def _remove(keys: Keys, positions: Any, slots: Any, meta: Any, n_rows: int) -> int:
     """Delete ``keys[i]`` for each ``i`` in ``positions`` (absent keys are skipped).
 
     The freed value row is refilled with the last row (swap-remove), whose slot is
     repointed, so rows ``0..n_rows-1`` stay dense. Returns the new number of rows.
     """
     mask = np.uint64(slots.shape[0] - 1)
-    width = values.shape[1]  # the header moves with the vector
+    words = meta.shape[1]  # the whole row, header and packed row, as int64 words
     for j in range(positions.shape[0]):
         s = _slot_of(slots, keys[positions[j]], mask)
         if s < 0:
@@ -345,8 +384,8 @@ def _remove(keys: Keys, positions: Any, slots: Any, values: Vectors, meta: Any, 
         _delete_slot(slots, s, mask)
         last = n_rows - 1
         if row != last:
-            for d in range(width):
-                values[row, d] = values[last, d]
+            for w in range(words):
+                meta[row, w] = meta[last, w]
             slots[_slot_of(slots, meta[row, _KEY], mask), 1] = row
         n_rows -= 1
     return n_rows
@@ -377,9 +416,15 @@ def _empty_slots(count: int) -> Any:
     return np.full((count, 2), _EMPTY, dtype=np.int64)
 
 
-def _empty_rows(rows: int, dim: int) -> Vectors:
-    """Row storage: header + vector, the width even so the int64 header view is aligned."""
-    return np.empty((rows, _VEC + dim + dim % 2), np.float32)
+def _row_stride(dim: int, row_format: RowFormat, stat: int) -> int:
+    """Bytes of one stored row: header and packed row, rounded up to 8 so every row's int64
+    header is aligned."""
+    return -(-(_header_bytes(stat) + row_format.row_bytes(dim)) // 8) * 8
+
+
+def _empty_rows(rows: int, stride: int) -> Any:
+    """Row storage: uint8[rows, stride] (``stride`` a multiple of 8)."""
+    return np.empty((rows, stride), np.uint8)
 
 
 @dataclass(eq=False)
@@ -389,18 +434,16 @@ class _Partition:
     Changed only under its partition's write lock; every change of ``slots`` or ``values``
     is published to the directory before the lock is released."""
 
-    dim: int
     slots: Any  # int64[cap, 2]: (key, row), row == _EMPTY for a free slot
-    values: Vectors  # float32[rows_cap, _VEC + dim (+1)]: header + vector; rows [0, n_rows) live
-    meta: Any  # int64 view of values: columns (key, last-access stamp, access count)
+    values: Any  # uint8[rows_cap, stride]: header + packed row; rows [0, n_rows) live
+    meta: Any  # int64 view of values: column _KEY, then _STAT when the tier keeps one
     rng: np.random.Generator  # victims of evict_random (used under the lock only)
     n_rows: int = 0
 
     @classmethod
-    def empty(cls, dim: int, expected_rows: int, seed: Any) -> _Partition:
-        values = _empty_rows(max(expected_rows, 1), dim)
+    def empty(cls, stride: int, expected_rows: int, seed: Any) -> _Partition:
+        values = _empty_rows(max(expected_rows, 1), stride)
         return cls(
-            dim=dim,
             slots=_empty_slots(_pow2_at_least(2 * expected_rows)),
             values=values,
             meta=values.view(np.int64),
@@ -423,7 +466,7 @@ class _Partition:
             _rehash(self.slots, slots)
         if needed > self.values.shape[0]:
             # geometric growth keeps appends amortised O(1)
-            values = _empty_rows(max(needed, 2 * self.values.shape[0]), self.dim)
+            values = _empty_rows(max(needed, 2 * self.values.shape[0]), self.values.shape[1])
             values[: self.n_rows] = self.values[: self.n_rows]
         grown = slots is not self.slots or values is not self.values
         self.slots, self.values, self.meta = slots, values, values.view(np.int64)
@@ -432,7 +475,7 @@ class _Partition:
     def remove(self, keys: Keys, positions: Any) -> int:
         """Delete the keys at ``positions``; returns how many were stored. Caller holds the lock."""
         before = self.n_rows
-        self.n_rows = _remove(keys, positions, self.slots, self.values, self.meta, before)
+        self.n_rows = _remove(keys, positions, self.slots, self.meta, before)
         return before - self.n_rows
 
     def resolve_overflow(self, overflow: OverflowConfig) -> int:
@@ -449,9 +492,8 @@ class _Partition:
             victims = np.arange(n)
         elif overflow.policy == "evict_random":
             victims = self.rng.choice(n, size=k, replace=False)
-        else:
-            column = _STAMP if overflow.policy == "evict_oldest" else _COUNT
-            victims = np.argpartition(self.meta[:n, column], k - 1)[:k]
+        else:  # the tier keeps the stat its policy reads
+            victims = np.argpartition(self.meta[:n, _STAT], k - 1)[:k]
         victim_keys = np.ascontiguousarray(self.meta[victims, _KEY])
         return self.remove(victim_keys, np.arange(k, dtype=np.int64))
 
@@ -462,6 +504,7 @@ class _Partition:
 @dataclass(eq=False)
 class _Table:
     dim: int
+    row_format: RowFormat
     index: int  # position in the directory: entries index * P .. index * P + P - 1
     partitions: list[_Partition]
 
@@ -472,7 +515,7 @@ class _Directory:
 
     Columns are entries ``table.index * P + p``; rows ``_SLOTS``/``_SLOT_COUNT`` (the
     ``int64[count, 2]`` slot array) and ``_VALUES``/``_VALUE_ROWS``/``_VALUE_WIDTH`` (the
-    ``float32[rows, width]`` row storage); row ``_CLOSED`` column 0 says the tier was closed.
+    ``uint8[rows, stride]`` row storage); row ``_CLOSED`` column 0 says the tier was closed.
     Growing for a new table makes a larger array; every array ever handed to a kernel stays
     alive and is kept current, so a kernel that read an older one still finds valid addresses.
     The arrays an entry points at are kept alive here (with the partition that owns them), so
@@ -482,7 +525,7 @@ class _Directory:
     def __init__(self, capacity: int = 64) -> None:
         self.table = np.zeros((_DIRECTORY_ROWS, capacity), np.int64)
         self._handed_out = [self.table]
-        self._published: list[tuple[_Partition, Any, Vectors] | None] = []
+        self._published: list[tuple[_Partition, Any, Any] | None] = []
 
     def __len__(self) -> int:
         return len(self._published)
@@ -525,10 +568,15 @@ class _Directory:
         self._published = [None] * len(self._published)
 
 
-def estimate_bytes_per_row(dim: int) -> float:
-    """Steady-state bytes per stored row of a ``dim``-wide table: header + vector row, and
-    the slot array between load 1/2 and 1/4 (3 slots on average)."""
-    return float(4 * (_VEC + dim + dim % 2) + 3 * _SLOT_BYTES)
+def estimate_bytes_per_row(
+    dim: int, row_format: RowFormat = RowFormat.FP32, overflow: OverflowConfig | None = None
+) -> float:
+    """Steady-state bytes per stored row of a ``dim``-wide table in ``row_format``, on a tier
+    with ``overflow`` settings (which decide whether rows keep an access stat; default: none
+    set): header + packed row, and the slot array between load 1/2 and 1/4 (3 slots on
+    average)."""
+    stat = _stat_of(_check_overflow(OverflowConfig() if overflow is None else overflow))
+    return float(_row_stride(dim, row_format, stat) + 3 * _SLOT_BYTES)
 
 
 # --------------------------------------------------------------------------- the tier
@@ -553,6 +601,12 @@ def _check_overflow(overflow: OverflowConfig) -> OverflowConfig:
             f"volatile_db.overflow_resolution_target must be a number in (0, 1), got {target!r}"
         )
     return OverflowConfig(margin=int(margin), policy=canonical, resolution_target=float(target))
+
+
+def _stat_of(overflow: OverflowConfig) -> int:
+    """The access stat rows keep under checked ``overflow`` settings: the one its policy reads,
+    none when nothing is ever evicted."""
+    return _STAT_OF_POLICY[overflow.policy] if overflow.limited else _NO_STAT
 
 
 class HashMapVolatileDB:
@@ -598,16 +652,16 @@ class HashMapVolatileDB:
         self._max_get = max_get_batch_size
         # a chunk never exceeds the margin, so a partition holds at most 2 x margin rows
         self._max_set = min(max_set_batch_size, self._overflow.margin)
-        # access stats only matter to the policies that read them
-        self._track = self._overflow.limited and self._overflow.policy != "evict_random"
+        # rows keep the access stat their eviction policy reads, if any
+        self._stat = _stat_of(self._overflow)
         self._initial_capacity = initial_capacity
         self._seeds = np.random.SeedSequence(seed)
         self._locks = LockArray(num_partitions)
         self._clock = np.zeros(1, np.int64)  # logical time of access stamps, ticked atomically
         self._directory = _Directory()
         self._tables: dict[str, _Table] = {}
-        # what fetch_tables needs of a tuple of tables: first directory entries and dims
-        self._groups: TableGroups[tuple[Keys, Keys]] = TableGroups(self._resolve)
+        # what fetch_tables needs of a tuple of tables: first directory entries, dims, format codes
+        self._groups: TableGroups[tuple[Keys, Keys, Keys]] = TableGroups(self._resolve)
         self._tables_lock = threading.Lock()  # guards the dicts, not the data
         self._closed = False
 
@@ -630,9 +684,10 @@ class HashMapVolatileDB:
 
     # ---------------------------------------------------------------- contract
 
-    def create_table(self, table: str, dim: int) -> None:
+    def create_table(self, table: str, dim: int, row_format: RowFormat = RowFormat.FP32) -> None:
         check_table_name(table)
         dim = check_dim(table, dim)
+        row_format = check_row_format(table, row_format)
         with self._tables_lock:
             self._check_open()
             existing = self._tables.get(table)
@@ -641,13 +696,18 @@ class HashMapVolatileDB:
                     raise ConfigError(
                         f"table {table!r} already exists with dim {existing.dim}, not {dim}"
                     )
+                if existing.row_format is not row_format:
+                    raise format_mismatch(table, "the hash map", existing.row_format, row_format)
                 return
             index = len(self._directory) // self._num_partitions
-            fresh = self._new_table(dim, index)
+            fresh = self._new_table(dim, row_format, index)
             with self._locks.all_write_locked():  # appending may move the lists' storage
                 for part in fresh.partitions:
                     self._directory.append(part)
             self._tables[table] = fresh
+
+    def row_format(self, table: str) -> RowFormat:
+        return self._table(table).row_format
 
     def insert(self, table: str, keys: Keys, values: Vectors) -> None:
         t = self._table(table)
@@ -655,6 +715,11 @@ class HashMapVolatileDB:
         values = check_values(table, values, keys.shape[0], t.dim)
         if keys.shape[0] == 0:
             return
+        # every row packed (or the batch refused) before any is written; fp32 rows are their bytes
+        if t.row_format is RowFormat.FP32:
+            packed = values.view(np.uint8)
+        else:
+            packed = pack(t.row_format, values, f"table {table!r}")
         order, offsets = self._group(keys)
         overflow = self._overflow
         for p, part in enumerate(t.partitions):
@@ -666,7 +731,7 @@ class HashMapVolatileDB:
                         self._directory.refresh(t.index * self._num_partitions + p, part)
                     stamp0 = atomic_tick(self._clock, chunk.shape[0])
                     part.n_rows = _upsert(
-                        keys, chunk, values, part.slots, part.values, part.meta, part.n_rows, stamp0
+                        keys, chunk, packed, part.slots, part.values, part.meta, part.n_rows, stamp0, self._stat
                     )
                     if part.n_rows > overflow.margin:
                         part.resolve_overflow(overflow)
@@ -683,7 +748,7 @@ class HashMapVolatileDB:
     def fetch_tables(
         self, tables: Sequence[str], table_ids: Keys, keys: Keys, out: Flat, offsets: Keys
     ) -> Mask:
-        entries, dims = self._groups.get(tables)
+        entries, dims, codes = self._groups.get(tables)
         # bounds are checked by the kernel's first pass, before it reads anything
         table_ids, keys, out, offsets = check_table_batch(
             "hash map fetch_tables", dims, table_ids, keys, out, offsets, bounds=False
@@ -691,9 +756,9 @@ class HashMapVolatileDB:
         found = np.zeros(keys.shape[0], np.bool_)
         if keys.shape[0]:
             status = _find_tables(
-                keys, table_ids, offsets, out, found, entries, dims, self._num_partitions,
+                keys, table_ids, offsets, out, found, entries, dims, codes, self._num_partitions,
                 self._directory.table, self._locks.locks, self._locks.waiting, self._clock,
-                self._track, self._max_get,
+                self._stat, self._max_get,
             )
             if status == _CLOSED_STATUS:
                 raise TierError("the hash-map volatile tier was closed during a fetch")
@@ -742,10 +807,10 @@ class HashMapVolatileDB:
         return removed
 
     def evict_table(self, table: str) -> int:
-        """Empty ``table`` (it stays defined with its dim); returns the rows dropped."""
+        """Empty ``table`` (it stays defined with its dim and format); returns the rows dropped."""
         with self._tables_lock:
             t = self._table(table)
-            fresh = self._new_table(t.dim, t.index)
+            fresh = self._new_table(t.dim, t.row_format, t.index)
             self._replace(table, fresh)
         return sum(part.n_rows for part in t.partitions)
 
@@ -754,7 +819,7 @@ class HashMapVolatileDB:
         with self._tables_lock:
             t = self._table(table)
             # its directory entries stay (indices are positions) but hold empty arrays
-            self._replace(None, self._new_table(1, t.index))
+            self._replace(None, self._new_table(1, RowFormat.FP32, t.index))
             del self._tables[table]
             self._groups.clear()
         return sum(part.n_rows for part in t.partitions)
@@ -770,15 +835,15 @@ class HashMapVolatileDB:
         return sum(part.nbytes() for t in tables for part in t.partitions)
 
     def bytes_per_row(self, table: str) -> float:
-        """Allocated bytes per stored key (vector + row metadata + slot overhead + spare room).
+        """Allocated bytes per stored key (packed row + row header + slot overhead + spare room).
 
-        For an empty table, the steady-state floor: the vector, its metadata and two slots'
-        worth of slot arrays (load factor 1/2).
+        For an empty table, the steady-state floor: the stored row (header and packed row)
+        and two slots' worth of slot arrays (load factor 1/2).
         """
         t = self._table(table)
         n = self.count(table)
         if n == 0:
-            return float(4 * (_VEC + t.dim + t.dim % 2) + 2 * _SLOT_BYTES)
+            return float(_row_stride(t.dim, t.row_format, self._stat) + 2 * _SLOT_BYTES)
         return self.memory_bytes(table) / n
 
     # ---------------------------------------------------------------- helpers
@@ -787,12 +852,13 @@ class HashMapVolatileDB:
         if self._closed:
             raise TierError("the hash-map volatile tier is closed")
 
-    def _new_table(self, dim: int, index: int) -> _Table:
+    def _new_table(self, dim: int, row_format: RowFormat, index: int) -> _Table:
         per_part = -(-self._initial_capacity // self._num_partitions)
         if self._overflow.limited:
             per_part = min(per_part, self._overflow.margin)
         seeds = self._seeds.spawn(self._num_partitions)
-        return _Table(dim, index, [_Partition.empty(dim, per_part, s) for s in seeds])
+        stride = _row_stride(dim, row_format, self._stat)
+        return _Table(dim, row_format, index, [_Partition.empty(stride, per_part, s) for s in seeds])
 
     def _replace(self, table: str | None, fresh: _Table) -> None:
         """Put ``fresh``'s arrays in the directory (and under ``table``). Caller holds _tables_lock."""
@@ -802,13 +868,14 @@ class HashMapVolatileDB:
             if table is not None:
                 self._tables[table] = fresh
 
-    def _resolve(self, names: tuple[str, ...]) -> tuple[Keys, Keys]:
-        """First directory entry and dim of each of ``names`` (see TableGroups)."""
+    def _resolve(self, names: tuple[str, ...]) -> tuple[Keys, Keys, Keys]:
+        """First directory entry, dim and format code of each of ``names`` (see TableGroups)."""
         with self._tables_lock:
             resolved = [self._table(name) for name in names]
         return (
             np.array([t.index * self._num_partitions for t in resolved], np.int64),
             np.array([t.dim for t in resolved], np.int64),
+            np.array([t.row_format.code for t in resolved], np.int64),
         )
 
     def _group(self, keys: Keys) -> tuple[Any, Any]:

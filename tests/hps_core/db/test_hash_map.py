@@ -1,5 +1,5 @@
 """HashMapVolatileDB beyond the shared contract: growth, chunking, threads, config,
-overflow policies, removal."""
+overflow policies, removal, packed rows."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import pytest
 
 from hps_core.config import OverflowConfig, TierType, VolatileDBConfig
 from hps_core.db import HashMapVolatileDB, VolatileDB, open_volatile_db
-from hps_core.errors import ConfigError, TierError, UnknownTableError
+from hps_core.db.hash_map import _NO_STAT, estimate_bytes_per_row
+from hps_core.errors import ConfigError, RowValueError, TierError, UnknownTableError
+from hps_core.row_formats import RowFormat, pack, unpack
 
 Encode = Callable[[np.ndarray, int], np.ndarray]
 T = "hps_et.model.table"
@@ -37,8 +39,8 @@ def test_growth_across_many_inserts(encode: Encode) -> None:
         assert 2 * part.n_rows <= part.capacity  # load factor <= 1/2
         assert part.capacity & (part.capacity - 1) == 0  # power of two
         assert part.n_rows > 0  # the hash spreads keys over every partition
-    # vector 16 B + header 24 B per row, rows grown x2 at most, slots at load 1/4..1/2
-    assert 4 * 4 + 24 < db.bytes_per_row(T) < 2 * (4 * 4 + 24) + 4 * 16
+    # key 8 B + vector 16 B per row, rows grown x2 at most, slots at load 1/4..1/2
+    assert 24 + 2 * 16 <= db.bytes_per_row(T) < 2 * 24 + 4 * 16
 
 
 def test_initial_capacity_avoids_rehash(encode: Encode) -> None:
@@ -164,7 +166,7 @@ def test_reads_its_config_section() -> None:
 def test_config_defaults_never_evict() -> None:
     db = HashMapVolatileDB(VolatileDBConfig())
     assert db.overflow_margin == 2**64 - 1 and db.overflow_policy == "evict_random"
-    assert not db._track  # no margin: fetch skips the access bookkeeping
+    assert db._stat == _NO_STAT  # no margin: rows keep no access stat, fetch skips the bookkeeping
 
 
 @pytest.mark.parametrize("kind", ["hash_map", "parallel_hash_map"])
@@ -494,3 +496,118 @@ def test_an_insert_racing_evict_table_never_brings_evicted_arrays_back(encode: E
     assert not db.fetch(T, keys, np.zeros((100, 4), np.float32)).any()  # the evicted rows stay gone
     db.insert(T, keys[:3], encode(keys[:3], 4))
     np.testing.assert_array_equal(db.fetch(T, keys[:5], np.zeros((5, 4), np.float32)), [1, 1, 1, 0, 0])
+
+
+# --------------------------------------------------------------------------- packed rows
+
+
+def served(fmt: RowFormat, values: np.ndarray) -> np.ndarray:
+    """What a table in ``fmt`` serves for ``values``: the format's reference round trip."""
+    return unpack(fmt, pack(fmt, values), values.shape[1])
+
+
+@pytest.mark.parametrize("dim", [16, 128])
+def test_stored_bytes_per_row_shrink_with_the_format(dim: int) -> None:
+    """Each row is stored packed: its key (8 B) and the format's row, padded to 8 bytes, so
+    int8 rows take 144 B at dim 128 where fp32 rows take 520 B (0.28x; 0.44x at dim 16)."""
+    db = HashMapVolatileDB(VolatileDBConfig(num_partitions=2), initial_capacity=6_000)
+    keys = np.arange(3_000, dtype=np.int64)
+    values = np.random.default_rng(dim).normal(size=(3_000, dim)).astype(np.float32)
+    stored: dict[RowFormat, int] = {}
+    for fmt in RowFormat:
+        name = f"hps_et.m.{fmt}"
+        db.create_table(name, dim, fmt)
+        db.insert(name, keys, values)
+        assert db.row_format(name) is fmt
+        parts = db._table(name).partitions
+        stored[fmt] = parts[0].values.shape[1]
+        assert stored[fmt] == 8 + -(-fmt.row_bytes(dim) // 8) * 8
+        assert all(p.values.shape[0] == 3_000 for p in parts)  # preallocated: nothing grew
+        assert db.bytes_per_row(name) == db.memory_bytes(name) / 3_000
+        out = np.zeros((3_000, dim), np.float32)
+        assert db.fetch(name, keys, out).all()
+        np.testing.assert_array_equal(out, served(fmt, values))
+    assert stored[RowFormat.FP32] > stored[RowFormat.FP16] > stored[RowFormat.FP8] >= stored[RowFormat.INT8]
+    assert stored[RowFormat.INT8] / stored[RowFormat.FP32] <= (0.3 if dim == 128 else 0.5)
+    sizes = [db.memory_bytes(f"hps_et.m.{fmt}") for fmt in RowFormat]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
+    for fmt in RowFormat:  # the estimate counts the same row and the slots at load 1/2..1/4
+        assert estimate_bytes_per_row(dim, fmt) == stored[fmt] + 3 * 16
+
+
+def test_rows_keep_only_the_access_stat_their_policy_reads() -> None:
+    for policy, header in (("evict_random", 8), ("evict_oldest", 16), ("evict_least_used", 16)):
+        overflow = OverflowConfig(margin=100, policy=policy)
+        db = HashMapVolatileDB(VolatileDBConfig(overflow=overflow))
+        db.create_table(T, 16, RowFormat.INT8)
+        assert db._table(T).partitions[0].values.shape[1] == header + 8 + 16
+        assert estimate_bytes_per_row(16, RowFormat.INT8, overflow) == header + 24 + 3 * 16
+    assert estimate_bytes_per_row(16, RowFormat.INT8) == 8 + 24 + 3 * 16  # no margin: no stat
+
+
+@pytest.mark.parametrize("policy", ["evict_random", "evict_least_used", "evict_oldest"])
+def test_overflow_evicts_packed_int8_rows_whole(policy: str) -> None:
+    """Evictions move packed rows (swap-remove of header and row together): every row left is
+    the int8 row of its own key, an evicted key is a clean miss, partitions stay in bounds."""
+    dim = 12
+    db = HashMapVolatileDB(VolatileDBConfig(
+        num_partitions=3, max_set_batch_size=250,
+        overflow=OverflowConfig(margin=500, policy=policy, resolution_target=0.6)))
+    db.create_table(T, dim, RowFormat.INT8)
+    rng = np.random.default_rng(5)
+    expected: dict[int, np.ndarray] = {}
+    for _ in range(25):
+        keys = rng.integers(0, 1 << 40, 400).astype(np.int64)
+        values = (rng.normal(size=(400, dim)) * rng.choice([1e-3, 1.0, 50.0], size=(400, 1))).astype(np.float32)
+        db.insert(T, keys, values)
+        for key, row in zip(keys.tolist(), served(RowFormat.INT8, values)):
+            expected[key] = row  # the last duplicate wins
+        assert all(n <= 500 for n in sizes(db)), sizes(db)
+        probe = np.array(list(expected), np.int64)
+        out = np.full((len(probe), dim), np.nan, np.float32)
+        found = db.fetch(T, probe, out)
+        np.testing.assert_array_equal(out[found], np.stack([expected[k] for k in probe[found].tolist()]))
+        assert np.isnan(out[~found]).all()
+        assert found.sum() == db.count(T)
+    assert db.count(T) < len(expected)
+    for part in db._table(T).partitions:
+        assert (part.slots[:, 1] >= 0).sum() == part.n_rows
+        # every live row's header holds its key, reachable through the slots
+        live = part.meta[: part.n_rows, 0]
+        assert set(live.tolist()) == set(part.slots[part.slots[:, 1] >= 0, 0].tolist())
+
+
+def test_a_refused_batch_writes_no_chunk() -> None:
+    """The whole batch is packed before any chunk is written: a bad row at the end of a batch
+    of many chunks and partitions leaves the table as it was."""
+    db = HashMapVolatileDB(VolatileDBConfig(num_partitions=3, max_set_batch_size=10))
+    db.create_table(T, 4, RowFormat.FP16)
+    keys = np.arange(200, dtype=np.int64)
+    values = np.ones((200, 4), np.float32)
+    db.insert(T, keys[:5], values[:5])
+    values[199, 3] = 1e6  # beyond float16
+    with pytest.raises(RowValueError, match="row 199 .*float16"):
+        db.insert(T, keys, values * 2)
+    assert db.count(T) == 5
+    out = np.zeros((5, 4), np.float32)
+    assert db.fetch(T, keys[:5], out).all() and (out == 1).all()
+
+
+def test_a_table_keeps_its_format_through_evict_and_drop() -> None:
+    db = HashMapVolatileDB(VolatileDBConfig(num_partitions=2))
+    db.create_table(T, 8, RowFormat.FP8)
+    values = np.random.default_rng(6).normal(size=(50, 8)).astype(np.float32)
+    keys = np.arange(50, dtype=np.int64)
+    db.insert(T, keys, values)
+    db.evict_table(T)
+    assert db.row_format(T) is RowFormat.FP8
+    with pytest.raises(ConfigError, match="stores fp8 rows, but int8 was asked for"):
+        db.create_table(T, 8, RowFormat.INT8)
+    db.insert(T, keys, values)
+    out = np.zeros((50, 8), np.float32)
+    assert db.fetch(T, keys, out).all()
+    np.testing.assert_array_equal(out, served(RowFormat.FP8, values))
+    db.drop_table(T)
+    db.create_table(T, 8, RowFormat.INT8)  # a new table: any format
+    assert db.row_format(T) is RowFormat.INT8
+    assert db.bytes_per_row(T) == 8 + 8 + 8 + 2 * 16  # empty: key, int8 row, two slots
