@@ -341,7 +341,7 @@ def row_stride(row_format: RowFormat, dim: int) -> int:
     return -(-packed // 4) * 4 if row_format.header_bytes else packed
 
 
-def capacity_for_bytes(nbytes: int, dim: int, row_format: RowFormat = RowFormat.FP32) -> int:
+def capacity_for_bytes(nbytes: int, dim: int, row_format: RowFormat | str = RowFormat.FP32) -> int:
     """Rows of ``dim``-wide vectors whose values fit in ``nbytes`` of a cache's value store,
     stored as ``row_format`` (:func:`row_stride` bytes each: fp16 gives twice the rows of
     fp32, int8 at dim 128 almost four times). Slot metadata (keys, versions, LRU stamps) is

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from hps_core.cache import MultiTableCache, TableView, make_multi_table_cache
-from hps_core.cache.base import WAYS, row_stride
+from hps_core.cache.base import WAYS, capacity_for_bytes, row_stride
 from hps_core.cache.cpu import CpuDynamicCache
 from hps_core.errors import CacheFullError, ConfigError, RequestError, RowValueError
 from hps_core.row_formats import RowFormat, pack, unpack
@@ -298,6 +298,10 @@ def test_stored_rows_are_packed_and_aligned() -> None:
     assert [row_stride(f, 16) for f in (FP32, FP16, FP8, INT8)] == [64, 32, 20, 24]
     assert [row_stride(f, 128) for f in (FP32, FP16, FP8, INT8)] == [512, 256, 132, 136]
     assert [row_stride(f, 3) for f in (FP32, FP16, FP8, INT8)] == [12, 6, 8, 12]
+    budget = 1 << 20
+    assert [capacity_for_bytes(budget, 128, f) for f in (FP32, FP16, FP8, INT8)] == \
+        [2048, 4096, budget // 132, budget // 136]
+    assert capacity_for_bytes(budget, 128) == 2048 and capacity_for_bytes(budget, 16, "int8") == budget // 24
     for cls_kind in ("dynamic", "static"):
         cache = make_multi_table_cache(cls_kind, device="cpu", capacities=CAPACITIES, dims=DIMS,
                                        row_formats=(INT8, FP16, FP8))
