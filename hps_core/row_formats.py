@@ -136,9 +136,7 @@ F16_TO_F32 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16
 
 @njit(nogil=True, cache=True, inline="always")
 def _f32_bits(x: Any) -> Any:
-    box = np.empty(1, np.float32)
-    box[0] = x
-    return box.view(np.uint32)[0]
+    return np.float32(x).view(np.uint32)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -225,53 +223,59 @@ _REASONS = ("", "a NaN", "an infinity", "a value beyond float16's ±65504", "a r
 @njit(nogil=True, cache=True, inline="always")
 def encode_row(src: Any, s: int, dim: int, code: int, dst: Any, d: int) -> None:
     """Pack float32 row ``src[s : s + dim]`` into ``dst[d : d + row_bytes]`` (uint8)."""
+    row = src[s : s + dim]  # slices from 0: the loops below vectorise
     if code == _FP32:
         out32 = dst[d : d + 4 * dim].view(np.float32)
         for j in range(dim):
-            out32[j] = src[s + j]
+            out32[j] = row[j]
     elif code == _FP16:
         out16 = dst[d : d + 2 * dim].view(np.uint16)
         for j in range(dim):
-            out16[j] = f32_to_f16_bits(src[s + j])
+            out16[j] = f32_to_f16_bits(row[j])
     elif code == _FP8:
         amax = np.float32(0.0)
         for j in range(dim):
-            amax = max(amax, abs(src[s + j]))
+            amax = max(amax, abs(row[j]))
         scale = amax / E4M3_MAX
         dst[d : d + 4].view(np.float32)[0] = scale
+        q8 = dst[d + 4 : d + 4 + dim]
         for j in range(dim):
-            dst[d + 4 + j] = f32_to_e4m3(src[s + j] / scale) if scale > 0 else np.uint8(0)
+            q8[j] = f32_to_e4m3(row[j] / scale) if scale > 0 else np.uint8(0)
     else:
-        lo, hi = _range(src, s, dim)
+        lo, hi = _range(row, 0, dim)
         scale = (hi - lo) / np.float32(255.0)
         header = dst[d : d + 8].view(np.float32)
         header[0] = scale
         header[1] = lo
+        q = dst[d + 8 : d + 8 + dim]
         for j in range(dim):
-            q = np.rint((src[s + j] - lo) / scale) if scale > 0 else np.float32(0.0)
-            dst[d + 8 + j] = np.uint8(min(max(q, np.float32(0.0)), np.float32(255.0)))
+            step = np.rint((row[j] - lo) / scale) if scale > 0 else np.float32(0.0)
+            q[j] = np.uint8(min(max(step, np.float32(0.0)), np.float32(255.0)))
 
 
 @njit(nogil=True, cache=True, inline="always")
 def decode_row(src: Any, s: int, dim: int, code: int, dst: Any, d: int) -> None:
     """Unpack the row at ``src[s:]`` (uint8) into float32 ``dst[d : d + dim]``."""
+    out = dst[d : d + dim]  # slices from 0: the loops below vectorise
     if code == _FP32:
         row32 = src[s : s + 4 * dim].view(np.float32)
         for j in range(dim):
-            dst[d + j] = row32[j]
+            out[j] = row32[j]
     elif code == _FP16:
         row16 = src[s : s + 2 * dim].view(np.uint16)
         for j in range(dim):
-            dst[d + j] = F16_TO_F32[row16[j]]
+            out[j] = F16_TO_F32[row16[j]]
     elif code == _FP8:
         scale = src[s : s + 4].view(np.float32)[0]
+        q8 = src[s + 4 : s + 4 + dim]
         for j in range(dim):
-            dst[d + j] = E4M3_TO_F32[src[s + 4 + j]] * scale
+            out[j] = E4M3_TO_F32[q8[j]] * scale
     else:
         header = src[s : s + 8].view(np.float32)
         scale, bias = header[0], header[1]
+        q = src[s + 8 : s + 8 + dim]
         for j in range(dim):
-            dst[d + j] = bias + np.float32(src[s + 8 + j]) * scale
+            out[j] = bias + np.float32(q[j]) * scale
 
 
 # --------------------------------------------------------------------------- batches
