@@ -69,7 +69,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-
 from numba import njit
 
 from hps_core.arrays import array_module, device_context
