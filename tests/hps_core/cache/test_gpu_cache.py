@@ -376,8 +376,8 @@ def count_launches_and_syncs(cache: Any, monkeypatch: pytest.MonkeyPatch) -> dic
             return kernel(*args, **kwargs)
         return launch
 
-    for table in (cache._kernels, cache._row_kernels):
-        for kernels in table.values():
+    for table in (cache._kernels, cache._row_kernels):  # _kernels.Kernels: per-VEC dicts and one more
+        for kernels in (*table.by_vec.values(), table.no_vec):
             for name in kernels:
                 kernels[name] = counting(kernels[name])
     read = gpu._Workspace.read
