@@ -18,6 +18,15 @@
 ``rows`` (or ``fraction``) loads only the leading rows of the file, which is what the volatile
 tier's ``initial_cache_rate`` asks for.
 
+Row formats. The table is created in its configured format (``TableConfig.row_format``:
+``embedding_format_per_table`` or ``fp8_quant``) and the float32 rows of the file are packed
+by the tier as they are written (:mod:`hps_core.row_formats`). A table the tier already stores
+in another format (or width) fails the load with a ConfigError naming the table, both formats
+and the config file (:func:`ensure_table`): a table's format is fixed once stored. A row the
+format cannot store (a NaN, an infinity, a float16 overflow) fails it with a RowValueError
+naming the file, the table and the row's key; nothing of that chunk is stored, the chunks
+before it stay (and the progress marker says so).
+
 Into a tier with per-partition load markers (:class:`~hps_core.db.base.PartitionMarkers`:
 Redis) the markers of the table are written before its rows, so that a node which restarts
 empty during or after the load loses them with its rows and the refill monitor of a server
@@ -44,15 +53,18 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from hps_core.arrays import Keys, Vectors
 from hps_core.config import ParameterServerConfig, TableConfig
 from hps_core.db.base import BulkLoad, PartitionMarkers, TableMetadata
-from hps_core.errors import ConfigError
+from hps_core.errors import ConfigError, RowValueError
 from hps_core.formats import SparseTable, detect_format, read_table, sparse_model_rows
+from hps_core.row_formats import first_unstorable
 
 __all__ = [
     "DEFAULT_CHUNK_ROWS",
     "TIERS",
     "LoadMarker",
+    "ensure_table",
     "fingerprint",
     "load_config_tables",
     "load_table",
@@ -147,10 +159,23 @@ def _has_markers(db: Any) -> bool:
 # --------------------------------------------------------------------------- one table
 
 
+def ensure_table(db: Any, table: TableConfig, source: str = "") -> None:
+    """Create ``table`` in ``db`` with its width and row format (idempotent). A width or format
+    the tier already stores differently is the tier's ConfigError, naming the table and both
+    formats, re-raised with ``source`` (the config file) in front when given."""
+    try:
+        db.create_table(table.qualified_name, table.dim, table.row_format)
+    except ConfigError as exc:
+        if not source:
+            raise
+        raise ConfigError(f"{source}: {exc}") from exc
+
+
 def load_table(
     db: Any,
     table: TableConfig,
     *,
+    source: str = "",
     progress: bool = False,
     rows: int | None = None,
     fraction: float = 1.0,
@@ -158,7 +183,8 @@ def load_table(
 ) -> int:
     """Load ``table.sparse_file`` into ``db`` as ``table.qualified_name``; returns rows written.
 
-    Creates the table if needed. Idempotent: a rerun after a complete load reads only the
+    Creates the table if needed, in ``table.row_format`` (:func:`ensure_table`; ``source``,
+    the config file, is named in its errors). Idempotent: a rerun after a complete load reads only the
     marker and the source's fingerprint and writes nothing (returns 0); after a killed
     load it continues where the marker says. ``rows`` (else ``floor(fraction * n)``) limits
     the load to the file's leading rows. ``progress`` shows a tqdm bar when stderr is a TTY.
@@ -168,7 +194,7 @@ def load_table(
         raise ConfigError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
     name = table.qualified_name
     total = _rows_to_load(_row_count(table), rows, fraction, name)
-    db.create_table(name, table.dim)
+    ensure_table(db, table, source)
     if total > 0 and isinstance(db, PartitionMarkers):
         db.mark_loaded(name)  # before the rows: a node lost after this loses them with its rows
     start, fp = 0, ""
@@ -182,8 +208,8 @@ def load_table(
                 return 0
             start = marker.rows
             log.info("%s: resuming at row %d of %d", name, start, total)
-    source = read_table(table.sparse_file, table.dim)
-    return _copy_rows(db, name, source, start, total, chunk_rows, fp if markers else None, progress)
+    rows_of = read_table(table.sparse_file, table.dim)
+    return _copy_rows(db, table, rows_of, start, total, chunk_rows, fp if markers else None, progress)
 
 
 def _row_count(table: TableConfig) -> int:
@@ -205,7 +231,7 @@ def _rows_to_load(n: int, rows: int | None, fraction: float, name: str) -> int:
 
 def _copy_rows(
     db: Any,
-    name: str,
+    table: TableConfig,
     source: SparseTable,
     start: int,
     total: int,
@@ -215,14 +241,19 @@ def _copy_rows(
 ) -> int:
     """Write rows ``[start, total)`` chunk by chunk, recording progress after each chunk."""
     write = db.bulk_load if isinstance(db, BulkLoad) else db.insert
+    name = table.qualified_name
     show = progress and sys.stderr.isatty()
     written = 0
     with tqdm(total=total, initial=start, unit="rows", unit_scale=True, desc=name,
               disable=not show, leave=True) as bar:
         for lo in range(start, total, chunk_rows):
             hi = min(lo + chunk_rows, total)
-            write(name, np.ascontiguousarray(source.keys[lo:hi], dtype=np.int64),
-                  np.ascontiguousarray(source.vectors[lo:hi], dtype=np.float32))
+            keys = np.ascontiguousarray(source.keys[lo:hi], dtype=np.int64)
+            vectors = np.ascontiguousarray(source.vectors[lo:hi], dtype=np.float32)
+            try:
+                write(name, keys, vectors)
+            except RowValueError as exc:
+                raise _unstorable(table, keys, vectors, lo, exc) from exc
             if fp is not None:
                 db.put_meta(marker_name(name), LoadMarker(hi, total, fp).encode())
             written += hi - lo
@@ -230,6 +261,21 @@ def _copy_rows(
     if fp is not None and total == start == 0:
         db.put_meta(marker_name(name), LoadMarker(0, 0, fp).encode())
     return written
+
+
+def _unstorable(table: TableConfig, keys: Keys, vectors: Vectors, first: int,
+                exc: RowValueError) -> RowValueError:
+    """The tier's refusal of a chunk (rows ``first...`` of the file) restated for the file:
+    which file, table and key; ``position`` is the row's index in the file."""
+    row = exc.position
+    if not 0 <= row < keys.shape[0]:  # the tier did not say which row: find it
+        row = first_unstorable(table.row_format, vectors)[0]
+    at = f"the row of key {int(keys[row])} (row {first + row} of the file)" if row >= 0 else "a row"
+    return RowValueError(
+        f"{table.sparse_file}: table {table.qualified_name!r} ({table.row_format}): {at} cannot be "
+        f"stored ({exc}); nothing of rows {first}..{first + keys.shape[0] - 1} was written",
+        position=first + row if row >= 0 else -1,
+    )
 
 
 # --------------------------------------------------------------------------- a whole config
@@ -286,7 +332,8 @@ def load_config_tables(
         db = open_persistent_db(settings)
         try:
             report["persistent"] = {
-                t.qualified_name: load_table(db, t, progress=progress, chunk_rows=chunk_rows)
+                t.qualified_name: load_table(db, t, source=config.source, progress=progress,
+                                             chunk_rows=chunk_rows)
                 for t in tables
             }
         finally:
@@ -302,8 +349,8 @@ def load_config_tables(
         vdb = open_volatile_db(settings_v)
         try:
             report["volatile"] = {
-                t.qualified_name: load_table(vdb, t, progress=progress, chunk_rows=chunk_rows,
-                                             fraction=settings_v.initial_cache_rate)
+                t.qualified_name: load_table(vdb, t, source=config.source, progress=progress,
+                                             chunk_rows=chunk_rows, fraction=settings_v.initial_cache_rate)
                 for t in tables
             }
         finally:

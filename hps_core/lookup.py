@@ -16,6 +16,11 @@ per table), with or without a batch dimension — together::
 The number of Python steps and of tier calls is the same for 1 table or 26, for one request
 or a batch of them; nothing here loops over keys or tables in Python.
 
+Rows are float32 everywhere here: the tiers and the cache store each table packed in its row
+format (``TableConfig.row_format``, :mod:`hps_core.row_formats`) and dequantise it where they
+read it, so nothing on this path depends on the format; a session only refuses a cache built
+with other formats than its model's.
+
 Tier failures never fail a request; they are counted in ``tier_errors`` (per table, one per
 tier call that failed for some of that table's keys; ``hps_tier_errors_total``):
 
@@ -170,6 +175,12 @@ class LookupSession:
             raise ConfigError(
                 f"model '{model.model}': the cache's table widths {list(cache.dims)} differ from the "
                 f"model's {self.layout.dims.tolist()}"
+            )
+        formats = tuple(t.row_format for t in model.tables)
+        if cache is not None and tuple(cache.row_formats) != formats:
+            raise ConfigError(
+                f"model '{model.model}': the cache's row formats {[str(f) for f in cache.row_formats]} differ "
+                f"from the model's {[str(f) for f in formats]} (embedding_format_per_table)"
             )
         self._tiers = tuple(
             _Tier(name, db) for name, db in zip(_TIER_NAMES, (volatile, persistent)) if db is not None

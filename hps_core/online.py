@@ -17,6 +17,11 @@ HugeCTR runs one Kafka consumer per database layer. Here:
   layer's own consumer (per process) feeds the caches after each apply; otherwise (a shared
   Redis Cluster, or no volatile DB) the caches get a consumer group per process that only
   refreshes them, since a shared group hands each update to one process only.
+- **row formats**: updates are float32 rows (HugeCTR's wire format) whatever a table's row
+  format; each tier and cache packs them in the table's format (``TableConfig.row_format``,
+  handed to the appliers with the widths), so a row served after an update reads the same as
+  one loaded from a file. A row the format cannot store is refused and counted in
+  ``rejected_updates`` (see hps_core/updates/applier.py), never retried.
 
 Staleness (publish → applied) is measured by each source; :meth:`OnlineUpdates.stats`
 reports it per layer.
@@ -64,7 +69,9 @@ class OnlineUpdates:
         self._sessions = sessions
         self._reader = persistent_reader
         self._catch_up_s = catch_up_s
-        dims = {t.qualified_name: t.dim for s in sessions.values() for t in s.model.tables}
+        tables = [t for s in sessions.values() for t in s.model.tables]
+        dims = {t.qualified_name: t.dim for t in tables}
+        formats = {t.qualified_name: t.row_format for t in tables}  # tables an update creates: as configured
         self._cache_of = {  # qualified table name → (session, table name) of the cached tables
             t.qualified_name: (s, t.name) for s in sessions.values() for t in s.model.tables if t.name in s.caches
         }
@@ -74,7 +81,8 @@ class OnlineUpdates:
             self.sources["volatile"] = UpdateSource.for_layer(
                 config,
                 "volatile",
-                TierUpdateApplier(volatile, dims, on_applied=self._refresh_caches if in_process else None),
+                TierUpdateApplier(volatile, dims, on_applied=self._refresh_caches if in_process else None,
+                                  row_formats=formats),
                 instance=_instance_id() if in_process else None,
                 consumer_config=consumer_config,
             )
@@ -95,7 +103,7 @@ class OnlineUpdates:
             self.sources["persistent"] = UpdateSource.for_layer(
                 config,
                 "persistent",
-                TierUpdateApplier.opening(persistent_writer, dims, on_applied=hook),
+                TierUpdateApplier.opening(persistent_writer, dims, on_applied=hook, row_formats=formats),
                 consumer_config=consumer_config,
             )
         self._stop = threading.Event()

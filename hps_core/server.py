@@ -8,6 +8,10 @@ Loading rules (HugeCTR's, through :func:`hps_core.loader.load_table`):
 - the persistent DB keeps the full table; a progress marker in RocksDB records what was
   loaded from which file, so a restart over an existing RocksDB loads nothing (and a load
   that was interrupted resumes), while a changed sparse file is loaded again;
+- every tier stores a table in its configured row format (``TableConfig.row_format``:
+  ``embedding_format_per_table`` or ``fp8_quant``), quantising the file's float32 rows as it
+  writes them; a tier that already stores the table in another format (or width) fails the
+  server's construction with a ConfigError naming the table, both formats and the config file;
 - the volatile DB takes the first ``initial_cache_rate`` share of each sparse file. In Redis,
   each partition gets a load marker (written before its rows, by ``load_table``), and a
   :class:`~hps_core.db.redis_refill.RefillMonitor` probes the markers every
@@ -42,7 +46,7 @@ from hps_core.db.base import EmbeddingTier, PartitionMarkers, Refreshable
 from hps_core.db.redis_refill import DEFAULT_INTERVAL_S, RefillMonitor, RefillSource
 from hps_core.errors import TierBusyError, UnknownTableError
 from hps_core.formats import read_sparse_model, sparse_model_rows
-from hps_core.loader import load_table
+from hps_core.loader import ensure_table, load_table
 from hps_core.lookup import LookupSession
 from hps_core.online import OnlineUpdates
 from hps_core.refresh import CacheRefresher
@@ -180,6 +184,7 @@ class HierarchicalParameterServer:
             device=self._cache_device,
             capacities=[r if static else max(1, math.ceil(r * model.gpucacheper)) for r in rows],
             dims=[table.dim for table in model.tables],
+            row_formats=[table.row_format for table in model.tables],
             key_dtype=np.int64 if self.config.supportlonglong else np.uint32,
         )
 
@@ -195,12 +200,16 @@ class HierarchicalParameterServer:
             writer = _WRITE_LOCK_WAIT.call(lambda: _open_writer(settings))
             try:
                 for table in self._tables():
-                    load_table(writer, table)
+                    load_table(writer, table, source=self.config.source)
             finally:
                 writer.close()
         reader = self._open_reader(settings)
-        for table in self._tables():
-            reader.create_table(table.qualified_name, table.dim)  # checks the stored width
+        try:
+            for table in self._tables():
+                ensure_table(reader, table, self.config.source)  # checks the stored width and format
+        except BaseException:
+            reader.close()
+            raise
         return reader
 
     def _open_reader(self, settings: PersistentDBConfig) -> EmbeddingTier:
@@ -238,14 +247,15 @@ class HierarchicalParameterServer:
         if self.volatile is not None:
             rate = self.config.volatile_db.initial_cache_rate
             for table in model.tables:
-                load_table(self.volatile, table, fraction=rate)  # Redis: markers, then rows
+                # Redis: markers, then rows
+                load_table(self.volatile, table, source=self.config.source, fraction=rate)
 
     def _start_refill(self, interval_s: float) -> None:
         """Watch a Redis volatile tier for partitions a node lost, when it holds file rows."""
         rate = self.config.volatile_db.initial_cache_rate
         if not isinstance(self.volatile, PartitionMarkers) or rate <= 0:
             return
-        sources = [RefillSource(t.qualified_name, t.dim, t.sparse_file, rate) for t in self._tables()]
+        sources = [RefillSource(t.qualified_name, t.dim, t.sparse_file, rate, t.row_format) for t in self._tables()]
         self.refill = RefillMonitor(
             self.volatile, sources, persistent=self.persistent, catch_up=self._catch_up, interval_s=interval_s
         )

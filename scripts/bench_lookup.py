@@ -211,7 +211,7 @@ def model_config(name: str, n_tables: int, dim: int, max_batch: int, keys_per_sa
 def load_hash_map(db: HashMapVolatileDB, model: ModelConfig, keys: list[np.ndarray], values: list[np.ndarray]) -> None:
     """Insert ``keys[i]`` (rows,) / ``values[i]`` (rows, dim) into table i of ``model``."""
     for table, k, v in zip(model.tables, keys, values):
-        db.create_table(table.qualified_name, table.dim)
+        db.create_table(table.qualified_name, table.dim, table.row_format)
         for s in range(0, k.size, LOAD_CHUNK):
             db.insert(table.qualified_name, k[s : s + LOAD_CHUNK], v[s : s + LOAD_CHUNK])
 

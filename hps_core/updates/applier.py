@@ -8,7 +8,8 @@ source does then depends on the error (:data:`APPLY_RETRYABLE`, stated here):
 - TierError or DeviceMemoryError (the tier down or busy, the GPU out of memory): it backs off
   ``failure_backoff_ms`` and re-applies the same batch until it passes or the source stops
   (updates are idempotent upserts, so a repeat is harmless);
-- any other HPSError (the tier refuses these rows: ConfigError, RequestError, MalformedMessage):
+- any other HPSError (the tier refuses these rows: ConfigError, RequestError, MalformedMessage,
+  a RowValueError for a row the table's row format cannot store):
   the batch is skipped and counted in ``rejected_updates``, like a malformed message;
 - anything else (another DeviceError too: an illegal memory access) is a bug: the source stops (``stats()``: ``running`` false, ``stopped_by``)
   without committing the batch's offsets, so a restarted source re-reads it.
@@ -16,6 +17,14 @@ source does then depends on the error (:data:`APPLY_RETRYABLE`, stated here):
 :class:`TierUpdateApplier` applies into any :class:`~hps_core.db.base.EmbeddingTier`
 (``insert(table, keys, values)``), then calls ``on_applied(table, keys, values)``: the hook
 through which the serving side refreshes cached rows.
+
+Row formats. Updates arrive as float32 rows (HugeCTR's wire format) whatever the table's row
+format; the tier's insert packs them. The applier creates a table it writes first in the
+format it was given with the widths (``row_formats``, from the same model tables), so an
+update never creates an fp32 table the model serves as int8. A row the format cannot store (a
+NaN, an infinity, a float16 overflow) refuses the batch with a RowValueError naming the table
+and the key: a RequestError, so the source skips it into ``rejected_updates`` and logs it,
+rate-limited; it is never retried.
 
 RocksDB and its write lock. Serving processes open RocksDB read-only; only one process may
 hold the writer. Two ways to apply into it, both supported:
@@ -40,10 +49,19 @@ from collections.abc import Callable, Mapping
 from typing import Protocol, runtime_checkable
 
 from hps_core.arrays import Keys, Vectors
-from hps_core.db.base import EmbeddingTier, check_dim
-from hps_core.errors import ConfigError, DeviceError, DeviceMemoryError, HPSError, TierBusyError, TierError
+from hps_core.db.base import EmbeddingTier, check_dim, check_row_format
+from hps_core.errors import (
+    ConfigError,
+    DeviceError,
+    DeviceMemoryError,
+    HPSError,
+    RowValueError,
+    TierBusyError,
+    TierError,
+)
 from hps_core.logs import RateLimitedLog
 from hps_core.retry import RetryPolicy
+from hps_core.row_formats import RowFormat
 
 __all__ = ["OnApplied", "TierUpdateApplier", "UpdateApplier"]
 
@@ -85,6 +103,9 @@ class TierUpdateApplier:
     Args:
         db: the tier to write (an open writer for RocksDB); None when ``db_factory`` is given.
         table_dims: qualified table name → vector width; only these tables are applied.
+        row_formats: qualified table name → the row format a table is created in (the
+            model's ``TableConfig.row_format``); a table left out is fp32, the format of every
+            table stored before formats existed.
         on_applied: called as ``on_applied(table, keys, values)`` after each successful
             insert (the cache-refresh hook). An :data:`APPLY_RETRYABLE` error from it (the
             GPU out of memory) propagates, so the source retries the whole batch and the
@@ -98,6 +119,7 @@ class TierUpdateApplier:
 
     def __init__(self, db: EmbeddingTier | None, table_dims: Mapping[str, int],
                  on_applied: OnApplied | None = None, *,
+                 row_formats: Mapping[str, RowFormat] | None = None,
                  db_factory: Callable[[], EmbeddingTier] | None = None,
                  busy_retries: int = 20, busy_backoff_ms: float = 50.0) -> None:
         if (db is None) == (db_factory is None):
@@ -108,6 +130,10 @@ class TierUpdateApplier:
         self._busy = RetryPolicy(retryable=(TierBusyError,), first_backoff_s=pause, factor=1.0,
                                  max_backoff_s=pause, max_attempts=int(busy_retries) + 1)
         self._dims = {table: check_dim(table, dim) for table, dim in table_dims.items()}
+        formats = dict(row_formats or {})
+        if unknown := sorted(set(formats) - set(self._dims)):
+            raise ConfigError(f"TierUpdateApplier: row_formats names tables without a width: {unknown}")
+        self._formats = {table: check_row_format(table, formats.get(table, RowFormat.FP32)) for table in self._dims}
         self._on_applied = on_applied
         self._created: set[str] = set()
         self._lock = threading.Lock()
@@ -116,17 +142,22 @@ class TierUpdateApplier:
 
     @classmethod
     def opening(cls, db_factory: Callable[[], EmbeddingTier], table_dims: Mapping[str, int],
-                on_applied: OnApplied | None = None, *, busy_retries: int = 20,
-                busy_backoff_ms: float = 50.0) -> TierUpdateApplier:
+                on_applied: OnApplied | None = None, *, row_formats: Mapping[str, RowFormat] | None = None,
+                busy_retries: int = 20, busy_backoff_ms: float = 50.0) -> TierUpdateApplier:
         """An applier that opens the tier with ``db_factory()`` per batch and closes it after
         (RocksDB: hold the write lock only while writing). TierBusyError is retried
         ``busy_retries`` times, ``busy_backoff_ms`` apart, then raised."""
-        return cls(None, table_dims, on_applied, db_factory=db_factory,
+        return cls(None, table_dims, on_applied, row_formats=row_formats, db_factory=db_factory,
                    busy_retries=busy_retries, busy_backoff_ms=busy_backoff_ms)
 
     @property
     def table_dims(self) -> dict[str, int]:
         return dict(self._dims)
+
+    @property
+    def row_formats(self) -> dict[str, RowFormat]:
+        """Qualified table name → the row format the table is created in."""
+        return dict(self._formats)
 
     def dim(self, table: str) -> int | None:
         return self._dims.get(table)
@@ -135,7 +166,9 @@ class TierUpdateApplier:
         """Upsert one batch into the tier (creating the table on first use), then the hook.
 
         A table outside ``table_dims`` raises KeyError (an UpdateSource checks ``dim`` first,
-        so it never does). Tier errors (TierError, TierBusyError) propagate.
+        so it never does). Tier errors (TierError, TierBusyError) propagate; a row the table's
+        format cannot store raises RowValueError naming the table and the row's key (nothing of
+        the batch is stored).
         """
         dim = self._dims[table]
         with self._lock:  # one writer at a time; a RocksDB factory open is not re-entrant
@@ -156,9 +189,14 @@ class TierUpdateApplier:
 
     def _insert(self, db: EmbeddingTier, table: str, dim: int, keys: Keys, values: Vectors) -> None:
         if table not in self._created:
-            db.create_table(table, dim)  # idempotent
+            db.create_table(table, dim, self._formats[table])  # idempotent; another stored format: ConfigError
             self._created.add(table)
-        db.insert(table, keys, values)
+        try:
+            db.insert(table, keys, values)
+        except RowValueError as exc:
+            at = f"the row of key {int(keys[exc.position])}" if 0 <= exc.position < keys.shape[0] else "a row"
+            raise RowValueError(f"update of {table} ({self._formats[table]}): {at} cannot be stored: {exc}",
+                                position=exc.position) from exc
 
     def _open_writer(self) -> EmbeddingTier:
         assert self._factory is not None

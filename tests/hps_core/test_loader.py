@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,7 +25,7 @@ from hps_core.config import (
     load_config,
 )
 from hps_core.db import HashMapVolatileDB, RocksDBPersistentDB
-from hps_core.errors import ConfigError
+from hps_core.errors import ConfigError, RowValueError
 from hps_core.formats import write_npz, write_sparse_model
 from hps_core.loader import (
     LoadMarker,
@@ -33,6 +35,7 @@ from hps_core.loader import (
     read_marker,
     select_tables,
 )
+from hps_core.row_formats import RowFormat, pack, unpack
 
 REPO = Path(__file__).resolve().parents[2]
 DIM = 8
@@ -240,3 +243,72 @@ def test_volatile_load_writes_the_partition_markers_before_the_rows(tmp_path: Pa
             assert marked_at_first_insert == [{}]  # every marker was there before the first row
         finally:
             db.close()
+
+
+# --------------------------------------------------------------------------- row formats
+
+
+def open_tier(kind: str, tmp_path: Path) -> Any:
+    if kind == "rocksdb":  # bulk_load: the rows are packed into SST files
+        return RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "db")))
+    return HashMapVolatileDB(VolatileDBConfig(num_partitions=2))  # insert
+
+
+@pytest.mark.parametrize("kind", ["rocksdb", "hash_map"])
+@pytest.mark.parametrize("fmt", list(RowFormat))
+def test_a_table_is_loaded_in_its_row_format(tmp_path: Path, kind: str, fmt: RowFormat) -> None:
+    keys, vectors = make_table(tmp_path / "cat0", 3_000)
+    vectors *= np.linspace(-50, 50, DIM, dtype=np.float32)  # signs and magnitudes for the scales
+    write_sparse_model(tmp_path / "cat0", keys, vectors)
+    table = dataclasses.replace(table_config(tmp_path / "cat0"), row_format=fmt)
+    db = open_tier(kind, tmp_path)
+    try:
+        assert load_table(db, table, chunk_rows=1_000) == 3_000
+        assert db.row_format(table.qualified_name) is fmt
+        out = np.zeros((len(keys), DIM), np.float32)
+        assert db.fetch(table.qualified_name, keys, out).all()
+        np.testing.assert_array_equal(out, unpack(fmt, pack(fmt, vectors), DIM))  # the tier's packing, bit for bit
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("kind", ["rocksdb", "hash_map"])
+def test_a_nan_in_a_sparse_file_fails_the_load_naming_file_table_and_key(tmp_path: Path, kind: str) -> None:
+    keys, vectors = make_table(tmp_path / "cat0", 3_000)
+    bad = 2_345  # in the third chunk of 1,000
+    vectors[bad, 3] = np.nan
+    write_sparse_model(tmp_path / "cat0", keys, vectors)
+    table = dataclasses.replace(table_config(tmp_path / "cat0"), row_format=RowFormat.INT8)
+    db = open_tier(kind, tmp_path)
+    try:
+        with pytest.raises(RowValueError) as info:
+            load_table(db, table, chunk_rows=1_000)
+        message = str(info.value)
+        assert message.startswith(f"{tmp_path / 'cat0'}: table 'hps_et.m.cat0' (int8): "), message
+        assert f"the row of key {keys[bad]} (row {bad} of the file)" in message, message
+        assert "NaN" in message, message
+        assert info.value.position == bad
+        found = db.fetch(table.qualified_name, keys, np.zeros((len(keys), DIM), np.float32))
+        assert found[:2_000].all() and not found[2_000:].any()  # the chunks before it, nothing of its own
+        if kind == "rocksdb":
+            assert read_marker(db, table.qualified_name) == LoadMarker(2_000, 3_000, fingerprint(tmp_path / "cat0"))
+    finally:
+        db.close()
+
+
+def test_a_table_stored_in_another_format_fails_the_load_naming_both(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    doc = json.loads(path.read_text())
+    doc["models"][0]["embedding_format_per_table"] = "int8"
+    path.write_text(json.dumps(doc))
+    config = load_config(path)
+    assert load_config_tables(config, select_tables(config))["persistent"]["hps_et.m.cat0"] == 1_000
+    doc["models"][0]["embedding_format_per_table"] = ["int8", "fp32"]  # cat1 was stored as int8
+    path.write_text(json.dumps(doc))
+    config = load_config(path)
+    with pytest.raises(ConfigError) as info:
+        load_config_tables(config, select_tables(config))
+    message = str(info.value)
+    assert message.startswith(f"{path}: "), message
+    assert "'hps_et.m.cat1'" in message and "int8" in message and "fp32" in message, message
+    assert "embedding_format_per_table" in message, message

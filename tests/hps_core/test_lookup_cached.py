@@ -268,3 +268,13 @@ def test_a_key_outside_uint32_fails_its_request_alone(tiers, device) -> None:
     for answer in (answers[0], answers[2]):
         np.testing.assert_array_equal(to_host(answer).reshape(2, DIM), _expected(good[0]))
     session.close()
+
+
+def test_a_cache_in_other_row_formats_than_the_models_is_refused(tiers, device) -> None:
+    from hps_core.errors import ConfigError
+    from hps_core.row_formats import RowFormat
+
+    volatile, persistent = tiers
+    cache = make_multi_table_cache("dynamic", device=device, capacities=[64], dims=[DIM], row_formats=[RowFormat.INT8])
+    with pytest.raises(ConfigError, match=r"the cache's row formats \['int8'\] differ from the model's \['fp32'\]"):
+        LookupSession(_model(1.0), volatile=volatile, persistent=persistent, cache=cache)

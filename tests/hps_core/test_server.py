@@ -14,14 +14,15 @@ import pytest
 
 from hps_core.config import PersistentDBConfig, load_config
 from hps_core.db import RocksDBPersistentDB
-from hps_core.errors import UnknownTableError
+from hps_core.errors import ConfigError, UnknownTableError
 from hps_core.formats import write_sparse_model
 from hps_core.logs import RateLimitedLog
+from hps_core.row_formats import RowFormat, pack, unpack
 from hps_core.server import HierarchicalParameterServer
 
 
 def _write_config(tmp_path: Path, *, initial_cache_rate: float, rows: int = 50, volatile: dict | None = None,
-                  persistent: dict | None = None) -> tuple[Path, dict]:
+                  persistent: dict | None = None, model: dict | None = None) -> tuple[Path, dict]:
     rng = np.random.default_rng(0)
     tables = {}
     for name, dim in (("a", 5), ("b", 2)):
@@ -40,6 +41,7 @@ def _write_config(tmp_path: Path, *, initial_cache_rate: float, rows: int = 50, 
                 "embedding_vecsize_per_table": [5, 2],
                 "maxnum_catfeature_query_per_table_per_sample": [1, 1],
                 "max_batch_size": max(64, rows),  # a lookup of every row in one request
+                **(model or {}),
             }
         ],
     }
@@ -103,6 +105,48 @@ def test_unknown_model_is_named(tmp_path: Path) -> None:
     with HierarchicalParameterServer(load_config(path)) as server:
         with pytest.raises(UnknownTableError, match="nope"):
             server.session("nope")
+
+
+# --------------------------------------------------------------------------- row formats
+
+
+@pytest.mark.parametrize("cache_device", [None, "cpu"])
+def test_compact_tables_are_served_as_their_packed_rows(tmp_path: Path, cache_device: str | None) -> None:
+    """int8 and fp8 tables: every tier (hash map, RocksDB) and the cache store packed rows, and
+    the answers are the format's reference ``unpack(pack(rows))`` wherever the row is found."""
+    path, tables = _write_config(tmp_path, initial_cache_rate=0.4,
+                                 model={"embedding_format_per_table": ["int8", "fp8"], "gpucacheper": 0.5})
+    expected = {name: (keys, unpack(fmt, pack(fmt, vectors), vectors.shape[1]))
+                for (name, (keys, vectors)), fmt in zip(tables.items(), (RowFormat.INT8, RowFormat.FP8))}
+    with HierarchicalParameterServer(load_config(path), cache_device=cache_device) as server:
+        assert server.persistent.row_format("hps_et.m.a") is RowFormat.INT8
+        assert server.volatile.row_format("hps_et.m.b") is RowFormat.FP8
+        for _ in range(2):  # cold, then from the cache where there is one
+            np.testing.assert_array_equal(_lookup_all(server, tables), _expected(expected))
+        counters = server.session("m").counters()["a"]
+        if cache_device is None:  # each lookup: the volatile tier's 40 %, RocksDB's rest
+            assert (counters["volatile_hits"], counters["persistent_hits"]) == (40, 60)
+        else:  # the cache, warmed from the file (init_ec), then filled from both tiers
+            assert counters["cache_hits"] > 0 and counters["persistent_hits"] > 0
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_a_table_stored_in_another_format_fails_the_servers_load(tmp_path: Path, read_only: bool) -> None:
+    """RocksDB keeps the format a table was loaded in: a server whose config asks for another
+    fails to construct, naming the config file, the table and both formats (the loading
+    writer, or the read-only handle of a server that loads nothing)."""
+    path, _ = _write_config(tmp_path, initial_cache_rate=0.0, model={"embedding_format_per_table": "int8"})
+    HierarchicalParameterServer(load_config(path)).close()
+    path, _ = _write_config(tmp_path, initial_cache_rate=0.0,
+                            persistent={"type": "rocks_db", "path": "rocksdb", "read_only": read_only},
+                            model={"embedding_format_per_table": ["int8", "fp32"]})
+    with pytest.raises(ConfigError) as info:
+        HierarchicalParameterServer(load_config(path))
+    message = str(info.value)
+    assert message.startswith(f"{path}: table 'hps_et.m.b' "), message
+    assert "stores int8 rows, but fp32 was asked for" in message and "embedding_format_per_table" in message, message
+    with HierarchicalParameterServer(load_config(path), models=[]):  # nothing left holding RocksDB
+        pass
 
 
 # --------------------------------------------------------------------------- Redis node lost

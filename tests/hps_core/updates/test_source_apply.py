@@ -24,11 +24,13 @@ import numpy as np
 import pytest
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, TopicPartition
 
-from hps_core.config import UpdateSourceConfig, load_config
+from hps_core.config import UpdateSourceConfig, VolatileDBConfig, load_config
+from hps_core.db import HashMapVolatileDB
 from hps_core.errors import ConfigError, DeviceError, DeviceMemoryError, MalformedMessage, RequestError, TierBusyError, TierError
 from hps_core.formats import write_sparse_model
 from hps_core.server import HierarchicalParameterServer
-from hps_core.updates import UpdateSink, UpdateSource, topic_name
+from hps_core.row_formats import RowFormat, pack, unpack
+from hps_core.updates import TierUpdateApplier, UpdateSink, UpdateSource, topic_name
 from hps_core.updates.source import APPLY_RETRYABLE
 from tests.kafka_broker import KafkaBroker, broker_or_skip
 
@@ -90,6 +92,32 @@ def test_rows_the_tier_refuses_are_skipped_at_once_and_not_counted_as_applied(er
     stats = source.stats()
     assert applier.calls == 1 and applier.applied == 0
     assert stats["apply_errors"] == 1 and stats["rejected_updates"] == 3 and stats["updates_applied"] == 0
+
+
+def test_an_update_row_the_tables_format_cannot_store_is_rejected_and_logged_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A NaN in an update of an fp8 table: the tier refuses the slice (RowValueError, a
+    RequestError), the source skips it into rejected_updates at once, and logs the cause once
+    per interval however often it recurs; a good slice after it is applied and packed."""
+    db = HashMapVolatileDB(VolatileDBConfig(num_partitions=2))
+    applier = TierUpdateApplier(db, {"hps_et.m.t": 2}, row_formats={"hps_et.m.t": RowFormat.FP8})
+    source = UpdateSource(UpdateSourceConfig(type="kafka_message_queue", failure_backoff_ms=1), applier,
+                          layer="volatile", group_id="hps.test")
+    bad = VALUES.copy()
+    bad[1, 0] = np.nan
+    with caplog.at_level(logging.INFO, logger="hps_core.updates.source"):
+        assert source._apply("hps_et.m.t", KEYS, bad) is False
+        assert source._apply("hps_et.m.t", KEYS + 10, bad) is False
+    stats = source.stats()
+    assert stats["apply_errors"] == 2 and stats["rejected_updates"] == 6 and stats["updates_applied"] == 0
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 1 and "the row of key 2 cannot be stored" in lines[0] and "NaN" in lines[0], lines
+    assert not db.fetch("hps_et.m.t", KEYS, np.zeros((3, 2), np.float32)).any()
+    good = np.array([[1.0, -2.0], [0.5, 0.25], [3.0, 3.0]], np.float32)
+    assert source._apply("hps_et.m.t", KEYS, good) is True
+    out = np.zeros((3, 2), np.float32)
+    assert db.fetch("hps_et.m.t", KEYS, out).all()
+    np.testing.assert_array_equal(out, unpack(RowFormat.FP8, pack(RowFormat.FP8, good), 2))
 
 
 def test_a_gpu_failing_for_good_stops_like_a_bug_instead_of_retrying_forever() -> None:

@@ -19,7 +19,17 @@ import pytest
 import hps_core.updates as updates
 from hps_core.config import PersistentDBConfig, VolatileDBConfig
 from hps_core.db import HashMapVolatileDB, RocksDBPersistentDB
-from hps_core.errors import DeviceError, DeviceMemoryError, HPSError, RequestError, TierBusyError, UpdateError
+from hps_core.errors import (
+    ConfigError,
+    DeviceError,
+    DeviceMemoryError,
+    HPSError,
+    RequestError,
+    RowValueError,
+    TierBusyError,
+    UpdateError,
+)
+from hps_core.row_formats import RowFormat, pack, unpack
 from hps_core.updates import MalformedMessage, TierUpdateApplier, decode, encode, parse_topic, topic_name
 from hps_core.updates.source import consumer_group_id
 from hps_core.updates.wire import MAGIC, key_groups, partitions_for_keys, xxh3_64
@@ -241,6 +251,77 @@ def test_applier_factory_gives_up_with_tier_busy(tmp_path: Path) -> None:
             applier.apply("hps_et.m.t", np.array([1]), np.ones((1, 2), np.float32))
     finally:
         holder.close()
+
+
+# --------------------------------------------------------------------------- applier: row formats
+def _fp8_rows(n: int, dim: int) -> np.ndarray:
+    return (np.random.default_rng(5).standard_normal((n, dim)) * np.logspace(-2, 2, n)[:, None]).astype(np.float32)
+
+
+def test_applier_creates_a_table_in_its_format_and_the_tier_packs_the_float32_updates(tmp_path: Path) -> None:
+    """Updates are float32 on the wire; the table an update creates is in the model's format
+    (fp8 here), and what is read back is the fp8 reference, in the hash map and in RocksDB."""
+    keys, values = np.arange(40, dtype=np.int64), _fp8_rows(40, 6)
+    expected = unpack(RowFormat.FP8, pack(RowFormat.FP8, values), 6)
+    path = str(tmp_path / "rocks")
+    volatile = HashMapVolatileDB(VolatileDBConfig(num_partitions=2))
+    seen: list[np.ndarray] = []
+    appliers = [
+        TierUpdateApplier(volatile, {"hps_et.m.t": 6}, lambda t, k, v: seen.append(v),
+                          row_formats={"hps_et.m.t": RowFormat.FP8}),
+        TierUpdateApplier.opening(lambda: RocksDBPersistentDB(PersistentDBConfig(path=path)), {"hps_et.m.t": 6},
+                                  row_formats={"hps_et.m.t": RowFormat.FP8}),
+    ]
+    for applier in appliers:
+        assert applier.row_formats == {"hps_et.m.t": RowFormat.FP8}
+        applier.apply("hps_et.m.t", keys, values)
+    assert len(seen) == 1 and seen[0] is values  # the hook (a cache refresh) gets the float32 rows
+    reader = RocksDBPersistentDB(PersistentDBConfig(path=path, read_only=True))
+    try:
+        for db in (volatile, reader):
+            assert db.row_format("hps_et.m.t") is RowFormat.FP8
+            out = np.zeros((40, 6), np.float32)
+            assert db.fetch("hps_et.m.t", keys, out).all()
+            np.testing.assert_array_equal(out, expected)
+    finally:
+        reader.close()
+
+
+def test_applier_refuses_a_row_its_format_cannot_store_naming_the_key() -> None:
+    db = HashMapVolatileDB(VolatileDBConfig(num_partitions=2))
+    hooked: list[str] = []
+    applier = TierUpdateApplier(db, {"hps_et.m.t": 3}, lambda t, k, v: hooked.append(t),
+                                row_formats={"hps_et.m.t": RowFormat.FP8})
+    values = np.ones((4, 3), np.float32)
+    values[2, 1] = np.inf
+    with pytest.raises(RowValueError) as info:
+        applier.apply("hps_et.m.t", np.array([10, 11, 12, 13], np.int64), values)
+    assert isinstance(info.value, RequestError)  # refused and counted by the source, never retried
+    assert info.value.position == 2
+    message = str(info.value)
+    assert message.startswith("update of hps_et.m.t (fp8): the row of key 12 cannot be stored: "), message
+    assert "infinity" in message, message
+    assert not db.fetch("hps_et.m.t", np.array([10, 11, 12, 13]), np.zeros((4, 3), np.float32)).any()
+    assert hooked == [] and applier.applied_updates == 0
+
+
+def test_applier_into_a_table_stored_in_another_format_is_refused(tmp_path: Path) -> None:
+    path = str(tmp_path / "rocks")
+    db = RocksDBPersistentDB(PersistentDBConfig(path=path))
+    db.create_table("hps_et.m.t", 2, RowFormat.INT8)
+    db.close()
+    applier = TierUpdateApplier.opening(lambda: RocksDBPersistentDB(PersistentDBConfig(path=path)),
+                                        {"hps_et.m.t": 2}, row_formats={"hps_et.m.t": RowFormat.FP8})
+    with pytest.raises(ConfigError, match="int8.*fp8"):
+        applier.apply("hps_et.m.t", np.array([1]), np.ones((1, 2), np.float32))
+
+
+def test_applier_row_formats_must_name_tables_it_applies() -> None:
+    with pytest.raises(ConfigError, match="hps_et.m.other"):
+        TierUpdateApplier(HashMapVolatileDB(), {"hps_et.m.t": 2}, row_formats={"hps_et.m.other": RowFormat.FP8})
+    with pytest.raises(ConfigError, match="row_format must be a RowFormat"):
+        TierUpdateApplier(HashMapVolatileDB(), {"hps_et.m.t": 2}, row_formats={"hps_et.m.t": "fp8"})  # type: ignore[dict-item]
+    assert TierUpdateApplier(HashMapVolatileDB(), {"hps_et.m.t": 2}).row_formats == {"hps_et.m.t": RowFormat.FP32}
 
 
 def test_exported_names() -> None:
