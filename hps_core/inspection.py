@@ -2,13 +2,20 @@
 
 Per table (from ``--config``'s models, or every table of ``--rocksdb``'s database):
 
+- ``format`` and ``row_bytes``: the table's row format (``embedding_format_per_table`` or
+  ``fp8_quant``; with ``--rocksdb`` alone, the format RocksDB stores) and the bytes of one
+  packed row in it (:meth:`~hps_core.row_formats.RowFormat.row_bytes`), what every tier and
+  cache keeps per row before its own overhead;
 - ``file_rows``: rows of the table's sparse file (file sizes only);
-- RocksDB: ``rocksdb.estimate-num-keys`` (O(1), approximate), SST + memtable bytes, and the
-  loader's progress marker (``complete``, ``partial``, ``stale`` when the file changed since,
-  ``none``). The database is opened read-only, so inspect runs beside a writer or a server;
+- RocksDB: ``rocksdb.estimate-num-keys`` (O(1), approximate), the format it stores the table
+  in (``rocksdb_format``; one that differs from the config's is listed under the table, since
+  a server would refuse to load it), SST + memtable bytes, and the loader's progress marker
+  (``complete``, ``partial``, ``stale`` when the file changed since, ``none``). The database
+  is opened read-only, so inspect runs beside a writer or a server;
 - the hash map lives in each serving process, so inspect reports what a start-up load of
-  ``initial_cache_rate`` would take there: ``rows × bytes_per_row`` at the map's
-  steady-state load (:func:`hps_core.db.hash_map.estimate_bytes_per_row`).
+  ``initial_cache_rate`` would take there: ``rows × volatile_bytes_per_row``, the map's own
+  steady-state estimate for the table's width, format and overflow settings (header, packed
+  row and slots: :func:`hps_core.db.hash_map.estimate_bytes_per_row`).
 
 Output (:func:`format_report`): a plain aligned table; ``hps inspect`` (``hps_core/cli/inspect.py``)
 prints it, or the report as JSON with ``--json``.
@@ -29,11 +36,15 @@ __all__ = ["format_report", "inspect_tiers"]
 _COLUMNS = (
     ("table", "table"),
     ("dim", "dim"),
+    ("format", "format"),
+    ("row_bytes", "row size"),
     ("file_rows", "file rows"),
     ("rocksdb_rows", "rocksdb rows~"),
+    ("rocksdb_format", "rocksdb format"),
     ("rocksdb_bytes", "rocksdb disk"),
     ("load", "load"),
     ("volatile_rows", "volatile rows"),
+    ("volatile_bytes_per_row", "volatile row~"),
     ("volatile_bytes", "volatile mem~"),
 )
 
@@ -75,25 +86,31 @@ def _load_state(db: Any, table: TableConfig, name: str) -> str:
 
 
 def _volatile(config: ParameterServerConfig, table: TableConfig, file_rows: int | None
-              ) -> tuple[int | None, int | None]:
+              ) -> dict[str, Any]:
+    """The hash map's rows, bytes per row and memory for ``table`` (None each where unknown)."""
     from hps_core.db.hash_map import estimate_bytes_per_row
 
     settings = config.volatile_db
-    if not settings.type.in_process or file_rows is None:
-        return None, None
-    rows = int(file_rows * settings.initial_cache_rate)
-    if settings.overflow.limited:
-        rows = min(rows, settings.overflow.margin * settings.num_partitions)
-    return rows, int(rows * estimate_bytes_per_row(table.dim))
+    out: dict[str, Any] = {"volatile_rows": None, "volatile_bytes_per_row": None, "volatile_bytes": None}
+    if not settings.type.in_process:
+        return out
+    per_row = estimate_bytes_per_row(table.dim, table.row_format, settings.overflow)
+    out["volatile_bytes_per_row"] = round(per_row)
+    if file_rows is not None:
+        rows = int(file_rows * settings.initial_cache_rate)
+        if settings.overflow.limited:
+            rows = min(rows, settings.overflow.margin * settings.num_partitions)
+        out.update(volatile_rows=rows, volatile_bytes=int(rows * per_row))
+    return out
 
 
 def _tables(config: ParameterServerConfig, db: Any) -> list[TableConfig]:
     tables = [t for m in config.models for t in m.tables]
     if tables or db is None:
         return tables
-    return [  # --rocksdb alone: every table the database holds
+    return [  # --rocksdb alone: every table the database holds, in the format it stores
         TableConfig(name=n.split(".", 2)[-1], dim=db.dim(n), default_value=0.0,
-                    max_keys_per_sample=1, sparse_file="", qualified_name=n)
+                    max_keys_per_sample=1, sparse_file="", qualified_name=n, row_format=db.row_format(n))
         for n in db.table_names()
     ]
 
@@ -106,12 +123,14 @@ def inspect_tiers(config: ParameterServerConfig) -> dict[str, Any]:
         for table in _tables(config, db):
             name = table.qualified_name
             file_rows = _file_rows(table)
-            row: dict[str, Any] = {"table": name, "dim": table.dim, "file_rows": file_rows,
-                                   "rocksdb_rows": None, "rocksdb_bytes": None, "load": None}
+            row: dict[str, Any] = {"table": name, "dim": table.dim, "format": table.row_format.value,
+                                   "row_bytes": table.row_format.row_bytes(table.dim), "file_rows": file_rows,
+                                   "rocksdb_rows": None, "rocksdb_format": None, "rocksdb_bytes": None,
+                                   "load": None}
             if db is not None and name in db.table_names():
-                row.update(rocksdb_rows=db.estimate_rows(name), rocksdb_bytes=db.disk_bytes(name),
-                           load=_load_state(db, table, name))
-            row["volatile_rows"], row["volatile_bytes"] = _volatile(config, table, file_rows)
+                row.update(rocksdb_rows=db.estimate_rows(name), rocksdb_format=db.row_format(name).value,
+                           rocksdb_bytes=db.disk_bytes(name), load=_load_state(db, table, name))
+            row.update(_volatile(config, table, file_rows))
             rows.append(row)
         settings = config.persistent_db
         return {
@@ -149,7 +168,7 @@ def format_report(report: dict[str, Any]) -> str:
         line = []
         for key, _ in _COLUMNS:
             value = row[key]
-            line.append(_human(value) if key.endswith("bytes") else "-" if value is None else str(value))
+            line.append(_human(value) if "bytes" in key else "-" if value is None else str(value))
         cells.append(line)
     widths = [max(len(r[i]) for r in cells) for i in range(len(_COLUMNS))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
@@ -161,4 +180,11 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"rocksdb: {where}" + (f", {_human(rdb['dir_bytes'])} on disk" if rdb["dir_bytes"] else ""))
     lines.append(f"volatile: {vol['type']}, initial_cache_rate {vol['initial_cache_rate']:g} "
                  "(hash map: per serving process; ~ = estimate)")
+    lines.append("row size: one packed row in the table's format; volatile row~: the hash map's bytes per row, "
+                 "overhead included")
+    for row in report["tables"]:
+        if row["rocksdb_format"] not in (None, row["format"]):
+            lines.append(f"format mismatch: {row['table']} is {row['rocksdb_format']} in rocksdb but "
+                         f"{row['format']} in the config: a server refuses to load it; serve it as "
+                         f"{row['rocksdb_format']}, or drop it and load it again")
     return "\n".join(lines)

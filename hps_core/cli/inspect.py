@@ -18,9 +18,10 @@ def add_inspect(subparsers: SubParsers) -> None:
     """Register ``hps inspect``."""
     parser = subparsers.add_parser(
         "inspect",
-        help="show the tables of the tiers: rows, width, memory and disk",
-        description=("Report, per table, the rows of its sparse file, RocksDB's row estimate, "
-                     "disk size and load state, and the memory the hash map would take."),
+        help="show the tables of the tiers: rows, width, format, memory and disk",
+        description=("Report, per table, its row format and bytes per packed row, the rows of its "
+                     "sparse file, RocksDB's row estimate, stored format, disk size and load state, "
+                     "and the memory the hash map would take."),
     )
     parser.add_argument("--config", metavar="HPS_JSON", help="HugeCTR HPS JSON")
     parser.add_argument("--rocksdb", metavar="DIR", help="RocksDB folder (instead of, or overriding, the config's)")

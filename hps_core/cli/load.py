@@ -10,6 +10,7 @@ from hps_core.cli import SubParsers
 from hps_core.config import ParameterServerConfig, TableConfig, TierType, VolatileDBConfig, load_config
 from hps_core.errors import ConfigError
 from hps_core.loader import DEFAULT_CHUNK_ROWS, TIERS, load_config_tables, select_tables
+from hps_core.row_formats import FORMAT_NAMES, RowFormat
 
 __all__ = ["add_load", "cli_config", "run_load"]
 
@@ -21,7 +22,8 @@ def add_load(subparsers: SubParsers) -> None:
         help="load sparse model folders or .npy/.npz tables into RocksDB and/or Redis",
         description=(
             "Load the embedding tables of an HPS JSON (HugeCTR sparse model folders) or one "
-            ".npy/.npz table into the chosen tiers. Resumable: a load that is killed and run "
+            ".npy/.npz table into the chosen tiers, each in its row format (fp32, fp16, fp8, "
+            "int8: quantised from the file's float32 rows). Resumable: a load that is killed and run "
             "again ends with the same content; a rerun of a finished load writes nothing. "
             "Servers may keep serving from read-only or secondary handles meanwhile."
         ),
@@ -35,6 +37,9 @@ def add_load(subparsers: SubParsers) -> None:
     parser.add_argument("--npy", metavar="PATH", help="load this .npz file or keys.npy/vectors.npy folder instead of the config's tables")
     parser.add_argument("--table", metavar="NAME", help="with --npy: table name, e.g. hps_et.dlrm.cat0")
     parser.add_argument("--dim", type=int, metavar="D", help="with --npy: vector width")
+    parser.add_argument("--format", choices=FORMAT_NAMES, default=TableConfig.row_format.value,
+                        help="with --npy: the row format the table is stored in (default: %(default)s); "
+                             "config tables take embedding_format_per_table / fp8_quant")
     parser.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, metavar="N",
                         help="rows per step (one SST file each; default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -66,7 +71,8 @@ def _npy_table(args: argparse.Namespace) -> TableConfig:
         raise ConfigError(f"--table {args.table!r}: tables are named hps_et.<model>.<table>")
     path = str(Path(args.npy).absolute())
     return TableConfig(name=args.table.split(".", 2)[2], dim=args.dim, default_value=0.0,
-                       max_keys_per_sample=1, sparse_file=path, qualified_name=args.table)
+                       max_keys_per_sample=1, sparse_file=path, qualified_name=args.table,
+                       row_format=RowFormat(args.format))
 
 
 def run_load(args: argparse.Namespace) -> int:

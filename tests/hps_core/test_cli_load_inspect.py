@@ -12,6 +12,7 @@ import pytest
 from hps_core.config import PersistentDBConfig
 from hps_core.db import RocksDBPersistentDB
 from hps_core.formats import write_npy_pair, write_sparse_model
+from hps_core.row_formats import RowFormat
 
 REPO = Path(__file__).resolve().parents[2]
 HPS = REPO / ".venv" / "bin" / "hps"
@@ -70,7 +71,7 @@ def test_load_then_inspect(config: Path) -> None:
     text = hps("inspect", "--config", str(config))
     assert text.returncode == 0, text.stderr
     lines = text.stdout.splitlines()
-    assert lines[0].split()[:3] == ["table", "dim", "file"]
+    assert lines[0].split()[:5] == ["table", "dim", "format", "row", "size"]
     assert any(line.startswith("hps_et.dlrm.cat1") and "complete" in line for line in lines)
     assert len({len(line) for line in lines[:3]}) == 1  # aligned columns
 
@@ -93,6 +94,53 @@ def test_load_npy_and_inspect_rocksdb_alone(tmp_path: Path) -> None:
     assert report.returncode == 0, report.stderr
     (row,) = json.loads(report.stdout)["tables"]
     assert (row["table"], row["dim"], row["rocksdb_rows"]) == ("hps_et.m.t", DIM, 500)
+    assert (row["format"], row["rocksdb_format"], row["row_bytes"]) == ("fp32", "fp32", 4 * DIM)
+
+
+def test_load_and_inspect_compact_formats(config: Path, tmp_path: Path) -> None:
+    """Tables load in their configured formats; inspect shows, per table and tier, the format
+    and the bytes per row (packed, and the hash map's estimate with its overhead), and names a
+    table RocksDB stores in another format than the config's, which a load then refuses."""
+    from hps_core.config import load_config
+    from hps_core.db.hash_map import estimate_bytes_per_row
+
+    doc = json.loads(config.read_text())
+    doc["models"][0]["embedding_format_per_table"] = ["int8", "fp16"]
+    config.write_text(json.dumps(doc))
+    loaded = hps("load", "--config", str(config))
+    assert loaded.returncode == 0, loaded.stderr
+    report = hps("inspect", "--config", str(config), "--json")
+    assert report.returncode == 0, report.stderr
+    rows = {r["table"]: r for r in json.loads(report.stdout)["tables"]}
+    overflow = load_config(config).volatile_db.overflow
+    for table, fmt in (("hps_et.dlrm.cat0", RowFormat.INT8), ("hps_et.dlrm.cat1", RowFormat.FP16)):
+        assert (rows[table]["format"], rows[table]["rocksdb_format"]) == (fmt.value, fmt.value)
+        assert rows[table]["row_bytes"] == fmt.row_bytes(DIM)
+        assert rows[table]["volatile_bytes_per_row"] == round(estimate_bytes_per_row(DIM, fmt, overflow))
+    assert rows["hps_et.dlrm.cat0"]["row_bytes"] == 8 + DIM
+
+    doc["models"][0]["embedding_format_per_table"] = "fp16"  # cat0 is stored as int8
+    config.write_text(json.dumps(doc))
+    text = hps("inspect", "--config", str(config))
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    cat0 = next(line.split() for line in lines if line.startswith("hps_et.dlrm.cat0"))
+    assert cat0[:5] == ["hps_et.dlrm.cat0", str(DIM), "fp16", "8", "B"] and "int8" in cat0
+    assert ("format mismatch: hps_et.dlrm.cat0 is int8 in rocksdb but fp16 in the config: a server refuses to "
+            "load it") in text.stdout
+    refused = hps("load", "--config", str(config))
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert refused.stderr.startswith(f"hps load: error: {config}: table 'hps_et.dlrm.cat0' "), refused.stderr
+    assert "int8" in refused.stderr and "fp16" in refused.stderr, refused.stderr
+
+    npy = hps("load", "--npy", str(tmp_path / "dlrm" / "cat1"), "--table", "hps_et.other.t", "--dim", str(DIM),
+              "--format", "fp8", "--rocksdb", str(tmp_path / "db"))
+    assert npy.returncode == 0, npy.stderr
+    db = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "db"), read_only=True))
+    try:
+        assert db.row_format("hps_et.other.t") is RowFormat.FP8
+    finally:
+        db.close()
 
 
 def test_errors_are_one_line_with_a_fix(config: Path) -> None:
