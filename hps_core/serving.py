@@ -81,6 +81,7 @@ __all__ = [
     "server_environment",
     "stage_backend_directory",
     "stage_model_repository",
+    "sync_model_repository",
 ]
 
 log = logging.getLogger(__name__)
@@ -252,36 +253,79 @@ def stage_model_repository(repository: Path, dest: Path) -> tuple[Path, list[str
     """Return a repository Triton can serve without GPU, and the models that were rewritten.
 
     When no config asks for KIND_GPU the original repository is returned untouched. Otherwise
-    ``dest`` mirrors it: model folders are real folders holding a rewritten copy of
-    config.pbtxt, everything else is a symlink, so relative paths (``../hps.json``, version
-    folders, weights) resolve as they do in the original.
+    ``dest`` mirrors it (:func:`sync_model_repository`): model folders are real folders holding
+    a rewritten copy of config.pbtxt, everything else is a symlink, so relative paths
+    (``../hps.json``, version folders, weights) resolve as they do in the original.
     """
-    rewrites: dict[Path, str] = {}
-    for config in sorted(repository.glob("*/config.pbtxt")):
-        text, changed = rewrite_instance_groups_to_cpu(config.read_text())
-        if changed:
-            rewrites[config] = text
-    if not rewrites:
+    rewritten = sorted(
+        config.parent.name for config in repository.glob("*/config.pbtxt")
+        if rewrite_instance_groups_to_cpu(config.read_text())[1]
+    )
+    if not rewritten:
         return repository, []
+    sync_model_repository(repository, dest)
+    return dest, rewritten
+
+
+def sync_model_repository(repository: Path, dest: Path) -> None:
+    """Make the mirror ``dest`` follow ``repository`` now: models and version folders added
+    since the last call are linked, removed ones unlinked, changed configs rewritten again.
+
+    Idempotent and cheap (a listing per model folder): ``hps serve`` calls it at every poll,
+    so a version folder written beside the served ones, or a new model, is seen by Triton's
+    next load (docs/deployment.md, "Model versions and runtime loading"). Only links, the
+    marker and the rewritten configs of ``dest`` are touched; a config is replaced atomically.
+    """
     dest.mkdir(parents=True, exist_ok=True)
+    wanted = set()
     for entry in sorted(repository.iterdir()):
-        if entry.is_dir() and (entry / "config.pbtxt").is_file():
-            _mirror_model_dir(entry, dest / entry.name, rewrites.get(entry / "config.pbtxt"))
-        else:
-            _link(entry, dest / entry.name)
-    return dest, sorted(config.parent.name for config in rewrites)
+        wanted.add(entry.name)
+        target = dest / entry.name
+        is_model = entry.is_dir() and (entry / "config.pbtxt").is_file()
+        if is_model and target.is_symlink():
+            target.unlink()  # a folder linked before its config.pbtxt was written
+        elif not is_model and target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)  # a mirrored model whose config.pbtxt went away
+        if is_model:
+            _mirror_model_dir(entry, target)
+        elif not target.is_symlink():
+            _link(entry, target)
+    for stale in list(dest.iterdir()):
+        if stale.name not in wanted:
+            _remove_entry(stale)
 
 
-def _mirror_model_dir(model_dir: Path, dest: Path, config_text: str | None) -> None:
-    dest.mkdir(parents=True)
+def _mirror_model_dir(model_dir: Path, dest: Path) -> None:
+    dest.mkdir(exist_ok=True)
     # Paths that leave the repository (``../../data``) would resolve from the staged copy;
     # the backends read this marker and resolve them from the original folder instead.
-    (dest / SOURCE_MARKER).write_text(f"{model_dir.resolve()}\n")
+    marker = dest / SOURCE_MARKER
+    if not marker.is_file():
+        marker.write_text(f"{model_dir.resolve()}\n")
+    config = dest / "config.pbtxt"
+    text = rewrite_instance_groups_to_cpu((model_dir / "config.pbtxt").read_text())[0]
+    if not config.is_file() or config.read_text() != text:
+        partial = dest / ".config.pbtxt.partial"
+        partial.write_text(text)
+        partial.replace(config)
+    names = {"config.pbtxt", SOURCE_MARKER}
     for entry in model_dir.iterdir():
-        if entry.name == "config.pbtxt":
-            (dest / entry.name).write_text(config_text if config_text is not None else entry.read_text())
-        else:
+        if entry.name in names:
+            continue
+        names.add(entry.name)
+        if not (dest / entry.name).is_symlink():
             _link(entry, dest / entry.name)
+    for stale in list(dest.iterdir()):
+        if stale.name not in names:
+            _remove_entry(stale)
+
+
+def _remove_entry(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 _HPS_BACKEND = re.compile(r'\bbackend\s*:\s*"hps"')
@@ -700,6 +744,13 @@ class TritonServer:
         self.process = None
         self.staging = None
         return code
+
+    def sync_staged_repository(self) -> None:
+        """Bring the staged mirror of the repository (served without GPU) in step with the
+        original (:func:`sync_model_repository`); nothing to do when the original is served."""
+        served = self.served_repository
+        if served is not None and served != self.model_repository and self.model_repository.is_dir():
+            sync_model_repository(self.model_repository, served)
 
     def wait(self, timeout: float | None = None) -> int:
         """Block until the server exits by itself; returns its exit code."""

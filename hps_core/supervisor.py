@@ -1,7 +1,9 @@
 """Keep one Triton server serving: restart it when it dies, count why, give up past a limit.
 
 ``hps serve`` runs a :class:`Supervisor` around a :class:`~hps_core.serving.TritonServer`.
-When tritonserver ends without being asked to (a crash, an OOM kill, an operator's
+While it serves, a staged mirror of the repository (no GPU) is kept in step with the original
+at every poll (:meth:`~hps_core.serving.TritonServer.sync_staged_repository`). When
+tritonserver ends without being asked to (a crash, an OOM kill, an operator's
 ``kill -9``), or hangs (its ``/v2/health/live`` unanswered for ``hang_s``: it is then
 SIGKILLed, cause ``unresponsive``), the supervisor
 
@@ -169,6 +171,7 @@ class Supervisor:
         self.on_ready = on_ready
         self._restarts: deque[float] = deque()  # monotonic times of the restarts in the window
         self._live_at = self._checked_at = time.monotonic()  # last answer of /v2/health/live; last ask
+        self._sync_warned_at = -float("inf")  # last warning of a failed repository sync
 
     def run(self, stop: threading.Event) -> int | None:
         """Serve until ``stop`` is set; returns Triton's exit code of the final, requested stop.
@@ -181,7 +184,9 @@ class Supervisor:
         self._serving()
         while not stop.wait(_POLL_S):
             death = self._death()
-            if death is not None and not self._recover(death, stop):
+            if death is None:
+                self._sync_repository()
+            elif not self._recover(death, stop):
                 break
         self.metrics.set_up(False)
         return self.server.stop()
@@ -190,6 +195,18 @@ class Supervisor:
         self._live_at = time.monotonic()
         self.metrics.set_up(True)
         self.on_ready(self.server)
+
+    def _sync_repository(self) -> None:
+        """Keep a staged mirror in step with the repository, so that a version folder or a model
+        added at runtime is seen by Triton's next load (never fatal: logged, retried next poll)."""
+        try:
+            self.server.sync_staged_repository()
+        except OSError as exc:
+            now = time.monotonic()
+            if now - self._sync_warned_at > _LIVENESS_S * 30:
+                self._sync_warned_at = now
+                log.warning("could not bring the staged model repository in step with %s: %s",
+                            self.server.model_repository, exc)
 
     def _death(self) -> ServerExit | None:
         """How the server stopped serving: it exited, or it hung (then it is killed here)."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import signal
 import sys
 import threading
@@ -142,17 +141,9 @@ def _restart_defaults() -> Any:
 
 def _api_token(path: str | None) -> str | None:
     """The token from ``path`` (whitespace around it stripped), else ``$HPS_API_TOKEN``, else None."""
-    from hps_core.serving import API_TOKEN_ENV
+    from hps_core.model_control import api_token
 
-    if path is None:
-        return os.environ.get(API_TOKEN_ENV) or None
-    try:
-        token = Path(path).read_text().strip()
-    except OSError as exc:
-        raise ConfigError(f"--api-token-file {path}: {exc.strerror}") from exc
-    if not token:
-        raise ConfigError(f"--api-token-file {path} is empty")
-    return token
+    return api_token(path)
 
 
 def _metrics_endpoint(metrics: Any, host: str, port: int | None) -> contextlib.AbstractContextManager[Any]:

@@ -8,9 +8,9 @@ KIND_GPU), queries both over HTTP and gRPC, then stops the server with SIGTERM.
 from __future__ import annotations
 
 import json
-
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
@@ -33,6 +33,7 @@ from hps_core.serving import (
     SOURCE_MARKER,
     stage_backend_directory,
     stage_model_repository,
+    sync_model_repository,
 )
 
 ADD_ONE_MODEL = '''
@@ -124,6 +125,29 @@ def test_stage_model_repository_keeps_relative_paths(tmp_path: Path) -> None:
     assert (staged / "cpu_model" / "config.pbtxt").read_text() == (repo / "cpu_model" / "config.pbtxt").read_text()
     # The original is untouched.
     assert "KIND_GPU" in (repo / "gpu_model" / "config.pbtxt").read_text()
+
+
+def test_sync_model_repository_follows_versions_and_models_added_and_removed(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    _write_model(repo, "gpu_model", "python", "KIND_GPU", "# v1")
+    staged, _ = stage_model_repository(repo, tmp_path / "staged")
+    (repo / "gpu_model" / "2").mkdir()
+    (repo / "gpu_model" / "2" / "model.py").write_text("# v2")
+    _write_model(repo, "new_model", "python", "KIND_GPU", "# new")
+    sync_model_repository(repo, staged)
+    assert (staged / "gpu_model" / "2" / "model.py").read_text() == "# v2"
+    assert "KIND_CPU" in (staged / "new_model" / "config.pbtxt").read_text()
+    assert (staged / "new_model" / "1" / "model.py").read_text() == "# new"
+    # A version folder and a model removed from the original go from the mirror too.
+    shutil.rmtree(repo / "gpu_model" / "1")
+    shutil.rmtree(repo / "new_model")
+    config = (repo / "gpu_model" / "config.pbtxt")
+    config.write_text(config.read_text() + "\n# changed\n")
+    sync_model_repository(repo, staged)
+    assert sorted(p.name for p in (staged / "gpu_model").iterdir()) == [SOURCE_MARKER, "2", "config.pbtxt"]
+    assert not (staged / "new_model").exists()
+    assert "# changed" in (staged / "gpu_model" / "config.pbtxt").read_text()
+    assert "KIND_GPU" not in (staged / "gpu_model" / "config.pbtxt").read_text()
 
 
 def test_stage_model_repository_without_gpu_models_returns_original(tmp_path: Path) -> None:
