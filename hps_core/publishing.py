@@ -1,0 +1,707 @@
+"""Publishing a model export as the next version of a served model (``hps publish-model``).
+
+An **export** is what training leaves, HugeCTR-style: a folder holding an HPS JSON (one model
+entry: ``sparse_files``, ``embedding_vecsize_per_table``, ...; relative paths are relative to
+the JSON), the HugeCTR sparse model folders it names (``key`` + ``emb_vector``) and, for a DLRM,
+the dense weights (``dense.pt`` and its ``dense.json``, backend/dlrm/network.py's format).
+
+:func:`publish_model` makes it version N+1 of a running repository while version N serves
+(docs/model_versions.md):
+
+1. **validate** (:func:`validate_export`): every sparse folder exists and holds ``rows × dim``
+   floats for the JSON's dims, keys are unique (and fit uint32 without ``supportlonglong``),
+   vectors are finite, the dense weights exist and their hyper-parameters match the tables
+   (count and width), the table count is the serving version's (clients' ``NUMKEYS``). A
+   broken export raises ConfigError/FormatError here, before anything is written.
+2. **write** (:func:`write_version`): ``<repo>/<hps model>/<N+1>/hps.json`` (the serving
+   version's tiers, the export's model entry renamed ``<model>_v<N+1>``, so its tables are
+   ``hps_et.<model>_v<N+1>.<table>`` in every tier), its sparse folders beside it (hard links
+   where the file system allows, else copies) and ``<repo>/<dense model>/<N+1>/dense.pt``;
+   written under a hidden name and renamed into place, with a ``publish.json`` recording
+   the export's fingerprint and how far the publication got.
+3. **bulk load** (:func:`bulk_load`): the new tables into the persistent tier (RocksDB, SST
+   ingest, resumable through the loader's markers) and a shared volatile tier (Redis),
+   ahead of the switch, with a progress bar (hps_core/loader.py). An in-process hash map is
+   filled by each serving process when it loads the version.
+4. **load, switch, unload**: through the repository API (:mod:`hps_core.model_control`):
+   the new versions are loaded beside the old ones and awaited READY, the ensemble is
+   switched to them in one reload, the old versions are unloaded after a drain and their
+   tables dropped from the shared tiers.
+
+A publication killed at any point is resumed by running the same command again: the version
+folder of an unfinished publication of the same export is reused, the bulk load continues
+from its markers, and the Triton steps are idempotent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hps_core.config import ModelConfig, ParameterServerConfig, TierType, load_config, parse_config
+from hps_core.errors import ConfigError, FormatError, ServingError, TierBusyError
+from hps_core.formats import read_sparse_model
+from hps_core.formats.hugectr import check_unique_keys
+from hps_core.loader import DEFAULT_CHUNK_ROWS, fingerprint, load_config_tables
+from hps_core.model_control import ModelControl
+from hps_core.retry import RetryPolicy
+
+__all__ = [
+    "PHASES",
+    "Export",
+    "PublishReport",
+    "PublishTarget",
+    "WrittenVersion",
+    "bulk_load",
+    "find_resumable_version",
+    "next_version",
+    "serving_hps_json",
+    "validate_export",
+    "version_entry_name",
+    "version_folders",
+    "write_version",
+]
+
+log = logging.getLogger(__name__)
+
+#: The phases of a publication, in order; :class:`PublishReport` times each.
+PHASES = ("validate", "write", "bulk_load", "load", "switch", "unload", "drop")
+#: The phases from the command to the new version serving (the rest is clean-up).
+TO_SERVING = PHASES[:5]
+STATE_FILE = "publish.json"  # in the new HPS version folder: export fingerprint and phase reached
+DENSE_WEIGHTS = "dense.pt"  # the dense model's weights in its version folder (and in an export)
+DENSE_FORMAT = "hps-demo-dlrm-dense/1"  # backend/dlrm/network.py's hyper-parameter file format
+SPARSE_FOLDER = "sparse"  # the version's sparse model folders: <version>/sparse/<table>/
+_HPS_CONFIG_PARAM = re.compile(r'key\s*:\s*"hps_config"\s*value\s*:\s*\{\s*string_value\s*:\s*"([^"]+)"')
+_HPS_MODEL_PARAM = re.compile(r'key\s*:\s*"hps_model"\s*value\s*:\s*\{\s*string_value\s*:\s*"([^"]+)"')
+#: Opening RocksDB's writer waits while a serving process holds the lock (it loads or applies updates).
+_WRITE_LOCK_WAIT = RetryPolicy(retryable=(TierBusyError,), first_backoff_s=0.1, max_backoff_s=1.0, deadline_s=120.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PublishTarget:
+    """The served models a publication replaces, in a model repository."""
+
+    repository: Path  # the model repository `hps serve` serves
+    hps_model: str = "hps_embedding"  # the Triton model of the HPS step
+    dense_model: str | None = "dlrm_dense"  # the Triton model of the dense step (None: HPS only)
+    ensemble: str | None = "dlrm"  # the ensemble pinned to one version of both (None: none)
+    hps_config: Path | None = None  # version 1's HPS JSON when config.pbtxt names none (hps serve --backend-config)
+    work_dir: Path | None = None  # versions being written and retired ones (default: <repository>.versions beside it)
+
+    def model_dir(self, model: str) -> Path:
+        return self.repository / model
+
+    @property
+    def work(self) -> Path:
+        """Outside the repository (Triton would take a folder inside it for a model), on its
+        file system (versions move in and out by rename)."""
+        return self.work_dir or self.repository.parent / f"{self.repository.name}.versions"
+
+    def staged(self, model: str, version: int) -> Path:
+        return self.work / "staging" / model / str(version)
+
+    def retired(self, model: str, version: int) -> Path:
+        return self.work / "retired" / model / str(version)
+
+    def state_file(self, version: int) -> Path:
+        return self.work / f"publish-{version}.json"
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The versioned models, HPS first."""
+        return (self.hps_model,) + ((self.dense_model,) if self.dense_model else ())
+
+
+@dataclass(frozen=True, kw_only=True)
+class Export:
+    """A validated export: what :func:`write_version` writes."""
+
+    folder: Path
+    hps_json: Path
+    entry: dict[str, Any]  # the export's model entry, as in its JSON (paths resolved)
+    model: ModelConfig  # the same entry, parsed
+    rows: tuple[int, ...]  # rows per table
+    dense_weights: Path | None
+    fingerprint: str  # identity of the export's files (sizes, times, ends; no full read)
+
+
+@dataclass(frozen=True, kw_only=True)
+class WrittenVersion:
+    """Version ``version`` of the target's models, as written."""
+
+    version: int
+    hps_json: Path  # <repo>/<hps model>/<version>/hps.json, once installed
+    dense_weights: Path | None  # <repo>/<dense model>/<version>/dense.pt, once installed
+
+
+@dataclass
+class PublishReport:
+    """What a publication did and how long each phase took (seconds, in :data:`PHASES` order)."""
+
+    version: int = 0
+    previous: int | None = None  # the version serving before (None: none was)
+    resumed: bool = False  # an unfinished publication of the same export was continued
+    seconds: dict[str, float] = field(default_factory=dict)
+    started: dict[str, float] = field(default_factory=dict)  # time.monotonic() when each phase began
+    rows_loaded: dict[str, dict[str, int]] = field(default_factory=dict)  # {tier: {table: rows written}}
+    dropped: dict[str, list[str]] = field(default_factory=dict)  # {tier: tables of the old version dropped}
+
+    @property
+    def total_s(self) -> float:
+        return sum(self.seconds.values())
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time the block as phase ``name`` (added to what earlier blocks of it took)."""
+        start = time.perf_counter()
+        self.started.setdefault(name, time.monotonic())
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    @property
+    def to_serving_s(self) -> float:
+        """Seconds from the command to the new version answering (validate ... switch)."""
+        return sum(self.seconds.get(name, 0.0) for name in TO_SERVING)
+
+    def lines(self) -> list[str]:
+        """The phase timings as printed by ``hps publish-model``: seconds, and the share of the
+        time to serving for the phases before it."""
+        serving = self.to_serving_s or 1e-9
+        out = []
+        for name in PHASES:
+            if name in self.seconds:
+                share = f"{100 * self.seconds[name] / serving:5.1f} %" if name in TO_SERVING else "       "
+                out.append(f"  {name:<10} {self.seconds[name]:8.2f} s  {share}")
+        out.append(f"  {'serving':<10} {self.to_serving_s:8.2f} s  from the command to version {self.version} answering")
+        out.append(f"  {'total':<10} {self.total_s:8.2f} s  with the old version unloaded" +
+                   (" and its tables dropped" if "drop" in self.seconds else ""))
+        return out
+
+
+# --------------------------------------------------------------------------- versions on disk
+def version_folders(model_dir: Path) -> list[int]:
+    """The numeric version folders of a model folder, ascending."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+
+
+def next_version(target: PublishTarget) -> int:
+    """One above every version of the target's models: in the repository, being written or retired."""
+    folders = [folder for m in target.models for folder in
+               (target.model_dir(m), target.work / "staging" / m, target.work / "retired" / m)]
+    return 1 + max((v for folder in folders for v in version_folders(folder)), default=0)
+
+
+def version_entry_name(base: str, version: int) -> str:
+    """The HPS JSON entry of ``version``: HugeCTR's name for version 1, ``<base>_v<N>`` after."""
+    return base if version <= 1 else f"{base}_v{version}"
+
+
+def hps_entry_base(target: PublishTarget) -> str:
+    """The HPS model name the backend serves: the ``hps_model`` parameter, else the Triton name."""
+    config = target.model_dir(target.hps_model) / "config.pbtxt"
+    match = _HPS_MODEL_PARAM.search(config.read_text()) if config.is_file() else None
+    return match.group(1) if match else target.hps_model
+
+
+def serving_hps_json(target: PublishTarget, version: int) -> Path:
+    """The HPS JSON version ``version`` of the HPS model serves: ``<version>/hps.json``, else the
+    model's ``hps_config`` parameter (relative to its folder), else ``target.hps_config``."""
+    model_dir = target.model_dir(target.hps_model)
+    own = model_dir / str(version) / "hps.json"
+    if own.is_file():
+        return own
+    config = model_dir / "config.pbtxt"
+    if not config.is_file():
+        raise ConfigError(f"{config}: not found; is {target.repository} the model repository and "
+                          f"{target.hps_model!r} its HPS model?")
+    match = _HPS_CONFIG_PARAM.search(config.read_text())
+    if match:
+        path = Path(match.group(1))
+        return path if path.is_absolute() else model_dir / path
+    if target.hps_config is not None:
+        return target.hps_config
+    raise ConfigError(f"{config}: no hps_config parameter and no {version}/hps.json; give the HPS JSON "
+                      "the server was started with (--hps-config, as hps serve's --backend-config hps,ps=...)")
+
+
+# --------------------------------------------------------------------------- validate
+def validate_export(
+    folder: str | os.PathLike[str],
+    *,
+    serving: ParameterServerConfig,
+    serving_model: ModelConfig | None,
+    export_json: str | None = None,
+    export_model: str | None = None,
+    dense: bool = True,
+) -> Export:
+    """Check everything of the export at ``folder`` that can be checked without serving it.
+
+    ``serving``/``serving_model``: the config and model entry now served (the tiers the
+    version will use; the table count clients send). ``export_json``: the JSON's name in the
+    folder (default: ``hps.json``, else the only ``*.json`` other than ``dense.json``).
+    ``export_model``: its entry (default: the only one). ``dense``: dense weights required.
+    Raises ConfigError or FormatError naming the export, the file and the problem.
+    """
+    root = Path(folder).absolute()
+    if not root.is_dir():
+        raise ConfigError(f"export {root}: not a folder (an export holds an HPS JSON, sparse model "
+                          "folders and dense weights)")
+    path = _export_json(root, export_json)
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"export {root}: cannot read {path.name} ({exc})") from exc
+    entries = document.get("models") if isinstance(document, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"{path}: no 'models' list; an export's HPS JSON has one model entry")
+    entry = _pick_entry(path, entries, export_model)
+    # Parsed alone (the export's tiers are not the server's): field checks with names and file.
+    parsed = parse_config({"supportlonglong": serving.supportlonglong, "models": [entry]}, str(path))
+    model = parsed.models[0]
+    if serving_model is not None and model.num_tables != serving_model.num_tables:
+        raise ConfigError(
+            f"{path}: model {model.model!r} has {model.num_tables} tables but the serving version has "
+            f"{serving_model.num_tables}; clients send NUMKEYS with one entry per table, so a version "
+            "cannot change the table count: publish it as a new model instead")
+    rows = tuple(_check_table(t.sparse_file, t.name, t.dim, serving.supportlonglong) for t in model.tables)
+    weights = _check_dense(root, model) if dense else None
+    resolved = {**entry, "sparse_files": list(model.sparse_files)}
+    return Export(folder=root, hps_json=path, entry=resolved, model=model, rows=rows,
+                  dense_weights=weights, fingerprint=_export_fingerprint(path, model, weights))
+
+
+def _export_json(root: Path, name: str | None) -> Path:
+    if name is not None:
+        path = root / name
+        if not path.is_file():
+            raise ConfigError(f"export {root}: {name} not found")
+        return path
+    if (root / "hps.json").is_file():
+        return root / "hps.json"
+    found = sorted(p for p in root.glob("*.json") if p.name != Path(DENSE_WEIGHTS).with_suffix(".json").name)
+    if len(found) != 1:
+        listed = ", ".join(p.name for p in found) or "none"
+        raise ConfigError(f"export {root}: no hps.json and {len(found)} other JSON files ({listed}); "
+                          "name the HPS JSON with --export-json")
+    return found[0]
+
+
+def _pick_entry(path: Path, entries: list[Any], name: str | None) -> dict[str, Any]:
+    names = [e.get("model") if isinstance(e, dict) else None for e in entries]
+    if name is None:
+        if len(entries) != 1:
+            raise ConfigError(f"{path}: {len(entries)} model entries ({names}); choose one with --export-model")
+        chosen = entries[0]
+    elif name in names:
+        chosen = entries[names.index(name)]
+    else:
+        raise ConfigError(f"{path}: no model entry {name!r}; its entries are {names}")
+    if not isinstance(chosen, dict):
+        raise ConfigError(f"{path}: the model entry is not an object")
+    return dict(chosen)
+
+
+def _check_table(folder: str, name: str, dim: int, long_keys: bool) -> int:
+    """Rows of one sparse folder after checking sizes, keys and values; FormatError otherwise."""
+    what = f"table {name!r} ({folder})"
+    try:
+        table = read_sparse_model(folder, dim)
+    except FormatError as exc:
+        raise FormatError(f"{what}: {exc}") from exc
+    check_unique_keys(np.asarray(table.keys), what)
+    if not long_keys and table.keys.size and (table.keys.min() < 0 or table.keys.max() >= 1 << 32):
+        raise FormatError(f"{what}: keys outside 0..2^32-1 but the serving config has supportlonglong: false")
+    step = 1 << 18
+    for lo in range(0, len(table), step):
+        chunk = np.asarray(table.vectors[lo:lo + step])
+        bad = ~np.isfinite(chunk).all(axis=1)
+        if bad.any():
+            row = lo + int(np.argmax(bad))
+            raise FormatError(f"{what}: the row of key {int(table.keys[row])} (row {row}) holds NaN or infinity")
+    return len(table)
+
+
+def _check_dense(root: Path, model: ModelConfig) -> Path:
+    """The export's dense weights (``dense.pt`` + ``dense.json``), checked against its tables."""
+    weights = root / DENSE_WEIGHTS
+    hparams = weights.with_suffix(".json")
+    for path in (weights, hparams):
+        if not path.is_file():
+            raise FormatError(f"export {root}: dense weights {path.name} missing (an export holds "
+                              f"{DENSE_WEIGHTS} and its {hparams.name}, as backend/dlrm/network.py's save_dense writes)")
+    try:
+        meta = json.loads(hparams.read_text())
+    except (OSError, ValueError) as exc:
+        raise FormatError(f"{hparams}: not readable JSON ({exc})") from exc
+    if not isinstance(meta, dict) or meta.get("format") != DENSE_FORMAT:
+        raise FormatError(f"{hparams}: format is {meta.get('format') if isinstance(meta, dict) else meta!r}, "
+                          f"expected {DENSE_FORMAT!r}")
+    dims = set(model.embedding_vecsize_per_table)
+    if meta.get("n_tables") != model.num_tables or dims != {meta.get("dim")}:
+        raise FormatError(
+            f"{hparams}: the dense network takes {meta.get('n_tables')} tables of dim {meta.get('dim')} but the "
+            f"export's HPS JSON has {model.num_tables} tables of dims {sorted(dims)}: the dense weights do not "
+            "belong to these sparse tables")
+    try:
+        with zipfile.ZipFile(weights) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise FormatError(f"{weights}: not a PyTorch state_dict file ({exc})") from exc
+    if not any(n.endswith("/data.pkl") for n in names):
+        raise FormatError(f"{weights}: a zip without data.pkl, not a PyTorch state_dict file")
+    return weights
+
+
+def _export_fingerprint(path: Path, model: ModelConfig, weights: Path | None) -> str:
+    digest = hashlib.sha256(path.read_bytes())
+    for folder in model.sparse_files:
+        digest.update(fingerprint(folder).encode())
+    for file in (weights, weights.with_suffix(".json")) if weights else ():
+        stat = file.stat()
+        digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()[:32]
+
+
+# --------------------------------------------------------------------------- write
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def find_resumable_version(target: PublishTarget, export: Export) -> int | None:
+    """The version of an unfinished publication of ``export`` (same fingerprint), else None."""
+    for state_file in sorted(target.work.glob("publish-*.json"), reverse=True):
+        state = _read_json(state_file)
+        if state.get("fingerprint") == export.fingerprint and state.get("phase") != "done":
+            return int(state["version"])
+    return None
+
+
+def write_version(target: PublishTarget, export: Export, version: int, serving_json: Path) -> WrittenVersion:
+    """Write ``export`` as ``version`` of the target's models into the work folder (installed
+    into the repository by :func:`install_version`, right before Triton loads it). A version
+    already written for this export (a resumed publication) is kept as it is."""
+    hps_final = target.model_dir(target.hps_model) / str(version)
+    hps_staged = target.staged(target.hps_model, version)
+    entry = dict(export.entry)
+    entry["model"] = version_entry_name(hps_entry_base(target), version)
+    names = [t.name for t in export.model.tables]
+    if not (hps_staged / "hps.json").is_file() and not (hps_final / "hps.json").is_file():
+        base = serving_json_document(serving_json)
+        with _fresh_folder(hps_staged) as tmp:
+            for name, source in zip(names, export.model.sparse_files):
+                _link_or_copy_tree(Path(source), tmp / SPARSE_FOLDER / name)
+            final = {**entry, "sparse_files": [str(hps_final / SPARSE_FOLDER / n) for n in names]}
+            _write_json(tmp / "hps.json", {**base, "models": [final]})
+    dense_final = target.model_dir(target.dense_model) / str(version) / DENSE_WEIGHTS if target.dense_model else None
+    if target.dense_model and export.dense_weights is not None and dense_final is not None:
+        dense_staged = target.staged(target.dense_model, version)
+        if not dense_final.is_file() and not (dense_staged / DENSE_WEIGHTS).is_file():
+            with _fresh_folder(dense_staged) as tmp:
+                _link_or_copy(export.dense_weights, tmp / DENSE_WEIGHTS)
+                _link_or_copy(export.dense_weights.with_suffix(".json"), tmp / Path(DENSE_WEIGHTS).with_suffix(".json"))
+    return WrittenVersion(version=version, hps_json=hps_final / "hps.json", dense_weights=dense_final)
+
+
+def version_config(target: PublishTarget, written: WrittenVersion) -> ParameterServerConfig:
+    """The version's HPS JSON, parsed, its sparse files where they are now (the work folder
+    before :func:`install_version`, the repository after: the loader's fingerprints do not
+    depend on the folder, so a load from either is the same load)."""
+    staged = target.staged(target.hps_model, written.version)
+    if written.hps_json.is_file():
+        return load_config(written.hps_json)
+    document = json.loads((staged / "hps.json").read_text())
+    entry = document["models"][0]
+    entry["sparse_files"] = [str(staged / SPARSE_FOLDER / Path(f).name) for f in entry["sparse_files"]]
+    return parse_config(document, str(staged / "hps.json"))
+
+
+def serving_json_document(path: Path) -> dict[str, Any]:
+    """The serving HPS JSON's top-level settings (tiers, update source) with its paths made
+    absolute, to be written into another folder; its ``models`` left out."""
+    config = load_config(path)  # validates, and resolves relative paths
+    document = json.loads(path.read_text(encoding="utf-8"))
+    document.pop("models", None)
+    persistent = document.get("persistent_db")
+    if isinstance(persistent, dict) and config.persistent_db.type is TierType.ROCKS_DB:
+        persistent["path"] = config.persistent_db.path
+    return dict(document)
+
+
+@contextlib.contextmanager
+def _fresh_folder(final: Path) -> Iterator[Path]:
+    """A hidden sibling of ``final`` to fill, renamed to ``final`` when the block ends well."""
+    tmp = final.parent / f".{final.name}.partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
+def _link_or_copy(source: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, dest)  # the trainer replaces files by rename, so a link keeps this content
+    except OSError:
+        shutil.copy2(source, dest)
+
+
+def _link_or_copy_tree(source: Path, dest: Path) -> None:
+    for file in sorted(source.iterdir()):
+        if file.is_file():
+            _link_or_copy(file, dest / file.name)
+
+
+def install_version(target: PublishTarget, version: int) -> None:
+    """Move the version's folders from the work folder into the repository, the dense model's
+    first and the HPS model's right after (an ensemble step at ``model_version: -1`` picks each
+    model's highest version, so both appear together)."""
+    for model in reversed(target.models):
+        staged, final = target.staged(model, version), target.model_dir(model) / str(version)
+        if staged.is_dir() and not final.exists():
+            staged.rename(final)
+
+
+def retire_version(target: PublishTarget, version: int) -> list[str]:
+    """Move the version's folders out of the repository (into the work folder's ``retired/``,
+    outside the repository: Triton would take a folder inside it for a model); the models moved."""
+    moved = []
+    for model in target.models:
+        folder, dest = target.model_dir(model) / str(version), target.retired(model, version)
+        if folder.is_dir():
+            if dest.exists():
+                shutil.rmtree(dest)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            folder.rename(dest)
+            moved.append(model)
+    return moved
+
+
+# --------------------------------------------------------------------------- bulk load
+def bulk_load(config: ParameterServerConfig, *, progress: bool = True,
+              chunk_rows: int = DEFAULT_CHUNK_ROWS) -> dict[str, dict[str, int]]:
+    """Load the tables of ``config``'s model into its persistent tier and a shared volatile
+    tier (not an in-process hash map: each serving process fills its own); ``{tier: {table:
+    rows written}}``. Resumable: rows already committed (RocksDB's markers) are not written again."""
+    tables = list(config.models[0].tables)
+    report: dict[str, dict[str, int]] = {}
+    if config.persistent_db.enabled:
+        report.update(_WRITE_LOCK_WAIT.call(lambda: load_config_tables(
+            config, tables, tier="persistent", progress=progress, chunk_rows=chunk_rows)))
+    if config.volatile_db.enabled and config.volatile_db.type.shared:
+        report.update(load_config_tables(config, tables, tier="volatile", progress=progress, chunk_rows=chunk_rows))
+    return report
+
+
+def drop_tables(config: ParameterServerConfig, model: str) -> dict[str, list[str]]:
+    """Drop ``model``'s tables from ``config``'s persistent tier and shared volatile tier, where
+    the tier can drop tables (``DropTable``); ``{tier: tables dropped}``."""
+    from hps_core.db import base as db_base
+    from hps_core.db import open_persistent_db, open_volatile_db
+
+    capability = getattr(db_base, "DropTable", None)
+    names = [t.qualified_name for t in config.model(model).tables]
+    dropped: dict[str, list[str]] = {}
+    openers: list[tuple[str, Callable[[], Any]]] = []
+    if config.persistent_db.enabled and not config.persistent_db.read_only:
+        openers.append(("persistent", lambda: _WRITE_LOCK_WAIT.call(lambda: open_persistent_db(config.persistent_db))))
+    if config.volatile_db.enabled and config.volatile_db.type.shared:
+        openers.append(("volatile", lambda: open_volatile_db(config.volatile_db)))
+    for tier, opener in openers:
+        db = opener()
+        try:
+            if capability is None or not isinstance(db, capability):
+                log.info("%s tier cannot drop tables: version tables %s stay", tier, names)
+                continue
+            known = set(db.table_names())
+            dropped[tier] = [n for n in names if n in known]
+            for name in dropped[tier]:
+                db.drop_table(name)
+        finally:
+            db.close()
+    return dropped
+
+
+# --------------------------------------------------------------------------- the protocol
+def _pinned(config: dict[str, Any], versions: dict[str, int]) -> dict[str, Any]:
+    """An ensemble config (Triton's JSON) with the steps of ``versions``' models pinned to them."""
+    pinned = json.loads(json.dumps(config))
+    for step in pinned.get("ensemble_scheduling", {}).get("step", []):
+        if step.get("model_name") in versions:
+            step["model_version"] = versions[step["model_name"]]
+    return dict(pinned)
+
+
+def _step_versions(config: dict[str, Any]) -> dict[str, int]:
+    steps = config.get("ensemble_scheduling", {}).get("step", [])
+    return {str(s["model_name"]): int(s.get("model_version", -1)) for s in steps}
+
+
+def _serving_version(control: ModelControl, target: PublishTarget) -> int:
+    """The version the ensemble (or, without one, the HPS model's latest READY version) serves."""
+    ready = {m: sorted(v for v, e in control.versions(m).items() if e.state == "READY") for m in target.models}
+    for model, versions in ready.items():
+        if not versions:
+            raise ServingError(f"{control.base}: model '{model}' has no READY version: nothing to publish over "
+                               "(start hps serve on the repository first)")
+    if target.ensemble:
+        pinned = {v for m, v in _step_versions(control.config(target.ensemble)).items() if m in target.models and v > 0}
+        if len(pinned) == 1:
+            return pinned.pop()
+    return ready[target.hps_model][-1]
+
+
+def publish_model(
+    target: PublishTarget,
+    export_folder: str | os.PathLike[str],
+    control: ModelControl,
+    *,
+    export_json: str | None = None,
+    export_model: str | None = None,
+    drain_s: float = 2.0,
+    drop_old: bool = True,
+    progress: bool = True,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    log_line: Callable[[str], None] = lambda line: None,
+) -> PublishReport:
+    """Publish the export at ``export_folder`` as the next version of ``target`` on the server
+    ``control`` talks to (the protocol of the module doc); returns the phase timings.
+
+    A broken export raises before anything changes; a new version that fails to load is taken
+    out again (the old one never stopped serving) and raises ServingError with Triton's reason.
+    ``log_line`` gets a line per step.
+    """
+    report = PublishReport()
+    with report.phase("validate"):
+        current = _serving_version(control, target)
+        serving_json = serving_hps_json(target, current)
+        serving = load_config(serving_json)
+        serving_model = serving.model(version_entry_name(hps_entry_base(target), current))
+        export = validate_export(export_folder, serving=serving, serving_model=serving_model,
+                                 export_json=export_json, export_model=export_model, dense=target.dense_model is not None)
+        resumed = find_resumable_version(target, export)
+        version = resumed if resumed is not None else next_version(target)
+        state_file = target.state_file(version)
+        state = _read_json(state_file) or {
+            "version": version, "fingerprint": export.fingerprint, "export": str(export.folder), "phase": "validated",
+            "previous": current, "previous_model": serving_model.model, "previous_json": str(serving_json)}
+        previous, old_model = int(state["previous"]), str(state["previous_model"])
+        _write_json(state_file, state)
+    report.version, report.previous, report.resumed = version, previous, resumed is not None
+    log_line(f"export {export.folder}: {export.model.num_tables} tables, {sum(export.rows):,} rows; "
+             f"version {previous} serving, publishing version {version}" + (" (resumed)" if resumed else ""))
+
+    def reached(phase: str) -> None:
+        state["phase"] = phase
+        _write_json(state_file, state)
+
+    with report.phase("write"):
+        if target.ensemble and current == previous:  # an ensemble at -1 would pick up each model's new version alone
+            config = control.config(target.ensemble)
+            wanted = {m: previous for m in target.models}
+            if any(_step_versions(config).get(m) != v for m, v in wanted.items()):
+                control.load(target.ensemble, config=_pinned(config, wanted))
+                log_line(f"ensemble '{target.ensemble}' pinned to version {previous}")
+        written = write_version(target, export, version, serving_json)
+    with report.phase("bulk_load"):
+        report.rows_loaded = bulk_load(version_config(target, written), progress=progress, chunk_rows=chunk_rows)
+        reached("loaded")
+    log_line(f"bulk load: {sum(sum(t.values()) for t in report.rows_loaded.values()):,} rows written "
+             f"({', '.join(report.rows_loaded) or 'no shared tier'})")
+    with report.phase("load"):
+        install_version(target, version)
+        try:
+            for model in target.models:
+                control.load(model, versions=[version])
+        except ServingError:
+            _take_back(target, control, version, previous)
+            reached("failed")
+            raise
+        reached("installed")
+    log_line(f"version {version} READY: {', '.join(target.models)}")
+    with report.phase("switch"):
+        if target.ensemble:
+            _switch(control, target, version, previous)
+            log_line(f"ensemble '{target.ensemble}' switched to version {version}")
+        reached("switched")
+    with report.phase("unload"):
+        if previous != version:
+            time.sleep(drain_s)  # requests the old ensemble config took are answered
+            retire_version(target, previous)
+            for model in target.models:
+                control.load(model, versions=[version])
+                control.wait_gone(model, [previous])
+        log_line(f"version {previous} unloaded")
+    if drop_old and previous != version:
+        with report.phase("drop"):
+            old_json = Path(state["previous_json"])
+            if not old_json.is_file():  # a version folder's own JSON: retired with it
+                old_json = target.retired(target.hps_model, previous) / "hps.json"
+            report.dropped = drop_tables(load_config(old_json), old_model)
+    reached("done")
+    return report
+
+
+def _take_back(target: PublishTarget, control: ModelControl, version: int, previous: int) -> None:
+    """A new version failed to load: move its folders out and load again so that Triton drops
+    it; the ensemble is still pinned to ``previous``, which never stopped serving."""
+    for model in target.models:
+        folder = target.model_dir(model) / str(version)
+        if folder.is_dir():
+            dest = target.work / "failed" / model / str(version)
+            if dest.exists():
+                shutil.rmtree(dest)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            folder.rename(dest)
+    for model in target.models:
+        with contextlib.suppress(ServingError):
+            control.load(model, versions=[previous])
+
+
+def _switch(control: ModelControl, target: PublishTarget, version: int, previous: int) -> None:
+    """Pin the ensemble to ``version`` in one reload (one request = one ensemble config); on a
+    failure restore the pin to ``previous`` at once (a failed override unloads the ensemble)."""
+    assert target.ensemble is not None
+    for model in target.models:
+        control.wait_ready(model, [version])
+    config = control.config(target.ensemble)
+    try:
+        control.load(target.ensemble, config=_pinned(config, {m: version for m in target.models}))
+    except ServingError:
+        control.load(target.ensemble, config=_pinned(config, {m: previous for m in target.models}))
+        raise
