@@ -101,12 +101,10 @@ class RowFormat(enum.Enum):
 
 
 FORMAT_NAMES = tuple(f.value for f in RowFormat)
-_CODES = {RowFormat.FP32: 0, RowFormat.FP16: 1, RowFormat.FP8: 2, RowFormat.INT8: 3}
-_FP32, _FP16, _FP8, _INT8 = 0, 1, 2, 3
-_HEADER_BYTES = (0, 0, 4, 8)
+_FP32, _FP16, _FP8, _INT8 = range(4)  # the codes, as the kernels see them (constants to numba)
+_CODES = {RowFormat.FP32: _FP32, RowFormat.FP16: _FP16, RowFormat.FP8: _FP8, RowFormat.INT8: _INT8}
+_HEADER_BYTES = (0, 0, 4, 8)  # by code
 _ELEMENT_BYTES = (4, 2, 1, 1)
-_HEADER = np.array(_HEADER_BYTES, np.int64)
-_ELEMENT = np.array(_ELEMENT_BYTES, np.int64)
 
 F16_MAX = np.float32(65504.0)
 E4M3_MAX = np.float32(448.0)
