@@ -112,3 +112,39 @@ def test_the_stored_format_outlives_the_handle(make_tier: Any, kind: str) -> Non
     np.testing.assert_array_equal(out, served(RowFormat.FP8, values))
     if kind != "rocks_db":
         second.close()
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+def test_overwrites_duplicates_and_uint32_keys(tier: EmbeddingTier, fmt: RowFormat) -> None:
+    """Upsert semantics hold per format: an overwrite replaces the packed row, the last of a
+    batch's duplicates wins, uint32 keys are the same keys widened."""
+    tier.create_table(T, 6, fmt)
+    first, second = rows(4, 6, seed=1), rows(5, 6, seed=2)
+    tier.insert(T, np.array([1, 2, 3, 4], np.uint32), first)
+    tier.insert(T, np.array([3, 9, 3, 1, 3], np.int64), second)  # key 3 three times: the last wins
+    keys = np.array([1, 2, 3, 4, 9], np.int64)
+    out = np.full((5, 6), -7.0, np.float32)
+    assert tier.fetch(T, keys, out).all()
+    expected = np.stack([second[3], first[1], second[4], first[3], second[1]])
+    np.testing.assert_array_equal(out, served(fmt, expected))
+    assert tier.count(T) == 5
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+def test_random_batches_against_a_dict_model(tier: EmbeddingTier, fmt: RowFormat) -> None:
+    tier.create_table(T, 16, fmt)
+    rng = np.random.default_rng(7)
+    model: dict[int, np.ndarray] = {}
+    for step in range(5):
+        keys = rng.integers(-(2**40), 2**40, 300).astype(np.int64)
+        keys[:50] = rng.choice(np.array(sorted(model) or [0], np.int64), 50)  # overwrite some
+        values = rows(len(keys), 16, seed=10 + step)
+        tier.insert(T, keys, values)
+        for key, row in zip(keys.tolist(), served(fmt, values)):
+            model[key] = row
+    probe = np.concatenate([np.array(sorted(model), np.int64), rng.integers(2**41, 2**42, 100)])
+    out = np.full((len(probe), 16), -7.0, np.float32)
+    found = tier.fetch(T, probe, out)
+    np.testing.assert_array_equal(found, [k in model for k in probe.tolist()])
+    np.testing.assert_array_equal(out[found], np.stack([model[k] for k in probe[found].tolist()]))
+    assert tier.count(T) == len(model)
