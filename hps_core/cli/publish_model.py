@@ -43,6 +43,8 @@ def add_publish_model(subparsers: SubParsers) -> None:
     parser.add_argument("--export-model", metavar="NAME", help="the export's model entry (default: its only one)")
     parser.add_argument("--drain", type=float, default=publish["drain_s"], metavar="S",
                         help="seconds between the switch and unloading the old version (default: %(default)s)")
+    parser.add_argument("--nice", type=int, default=publish["bulk_load_nice"], metavar="N",
+                        help="the bulk load runs this much below the command's CPU priority (default: %(default)s)")
     parser.add_argument("--keep-old-tables", action="store_true", help="do not drop the old version's tables")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run_publish_model)
@@ -60,6 +62,7 @@ def run_publish_model(args: argparse.Namespace) -> int:
     report = publish_model(
         target, args.export, control, export_json=args.export_json, export_model=args.export_model,
         drain_s=args.drain, drop_old=not args.keep_old_tables, progress=not args.no_progress,
+        bulk_load_nice=args.nice,
         log_line=lambda line: print(f"hps publish-model: {line}", flush=True),
     )
     print(f"hps publish-model: version {report.version} serving; phases:")

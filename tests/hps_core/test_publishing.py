@@ -135,3 +135,23 @@ def test_an_unfinished_publication_of_the_same_export_is_resumed(setup: tuple[Pu
     assert find_resumable_version(target, export) is None
     state.write_text(json.dumps({"version": 2, "fingerprint": export.fingerprint, "phase": "done"}))
     assert find_resumable_version(target, export) is None
+
+
+def test_at_low_priority_runs_in_a_lowered_thread_and_passes_result_and_errors_back() -> None:
+    import os
+    import threading
+
+    from hps_core.publishing import at_low_priority
+
+    def nice_of_this_thread() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    mine = nice_of_this_thread()
+    assert at_low_priority(nice_of_this_thread, 5) == min(mine + 5, 19)
+    assert nice_of_this_thread() == mine  # the caller's thread is untouched
+
+    def fail() -> None:
+        raise FormatError("broken")
+
+    with pytest.raises(FormatError, match="broken"):
+        at_low_priority(fail, 5)
