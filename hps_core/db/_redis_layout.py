@@ -15,7 +15,8 @@ vector width, so a second process (or ``hps inspect``) knows ``dim`` without bei
 partition count it was written with, so that a process with another count (which would
 look for every key in the wrong hash) is refused, and its row format, so that a process
 asking for another format is refused too (a table without one, HugeCTR's or an older
-version's, is fp32); and per partition a load marker and a refill lock, in the partition's
+version's, is fp32: a compact format is refused for it while its partitions hold rows of
+another size); and per partition a load marker and a refill lock, in the partition's
 own slot (same hash tag, so on the node holding its rows)::
 
     hps_et{meta}tables         hash   field: table name (UTF-8)   value: dim as ASCII

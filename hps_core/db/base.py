@@ -277,11 +277,20 @@ def check_row_format(table: str, row_format: object) -> RowFormat:
     return row_format
 
 
-def format_mismatch(table: str, where: str, stored: RowFormat, asked: RowFormat) -> ConfigError:
+def format_mismatch(
+    table: str, where: str, stored: RowFormat, asked: RowFormat, *, unformatted: bool = False
+) -> ConfigError:
     """The error for a table stored in one row format and opened in another (``where``: the
-    tier, for the message)."""
+    tier, for the message). ``unformatted``: the tier holds the table's rows but no stored
+    format (written by HugeCTR or a version before formats), so they are fp32."""
+    why = (
+        " (it holds rows written without a row format, by HugeCTR or an older version of this "
+        "server: such rows are HugeCTR's fp32)"
+        if unformatted
+        else ""
+    )
     return ConfigError(
-        f"table {table!r} in {where} stores {stored} rows, but {asked} was asked for (the model's "
+        f"table {table!r} in {where} stores {stored} rows{why}, but {asked} was asked for (the model's "
         f"embedding_format_per_table or fp8_quant); serve it as {stored}, or drop the table and "
         f"load it again as {asked} (hps load)"
     )

@@ -10,7 +10,9 @@ process with another ``num_partitions`` is refused (ConfigError naming
 ``volatile_db.num_partitions``) instead of missing every row, one asking for another format
 is refused too (ConfigError naming both formats). The three are written together (one
 script) by the process that creates the table; a table written before (by HugeCTR or an
-older version) has no count, which cannot be checked, and no format: it is fp32.
+older version) has no count, which cannot be checked, and no format: it is fp32, and a
+process asking for a compact format for it while its partitions hold rows is refused too
+(HugeCTR writes no metadata at all: ``create_table`` samples the partitions first).
 
 A batch is grouped by (table, partition) (one counting sort of a combined code,
 ``hps_core.grouping.group_by``), each group cut into HMGET/HSET commands of at most ``max_get_batch_size`` /
@@ -338,6 +340,8 @@ class _RedisTier:
         table = check_table_name(table)
         dim = check_dim(table, dim)
         row_format = check_row_format(table, row_format)
+        if row_format is not RowFormat.FP32:
+            self._refuse_unformatted_rows(table, dim, row_format)
         meta = self._meta()
         # The count and format are stamped only on a table this call creates: a table already
         # in the metadata without them (HugeCTR's, or an older version's) stays unstamped,
@@ -608,6 +612,25 @@ class _RedisTier:
         self._check_partitions(table, partitions)
         info = self._tables.setdefault(table, self._describe(table, int(stored), _stored_format(fmt)))
         return info
+
+    def _refuse_unformatted_rows(self, table: str, dim: int, row_format: RowFormat) -> None:
+        """Refuse to give a compact format to a table without a stored one whose partitions
+        hold rows in another: HugeCTR writes rows and no metadata, so :meth:`create_table`
+        would stamp the format over fp32 values and every fetch of them would fail. One
+        ``HSCAN 0 COUNT 1`` per partition (a pipeline per node) samples the stored values;
+        rows already of ``row_format``'s size are kept (the metadata node lost its data, or
+        another process is loading the table now). ConfigError naming both formats."""
+        meta = self._meta()
+        _, _, fmt = self._call(f"look up table {table!r}", lambda: meta.eval(_READ_TABLE, 3, *_META_KEYS, table))
+        if fmt is not None:
+            return  # stamped: create_table compares it
+        info = self._describe(table, dim, row_format)
+        commands = [_Command(slot, ("HSCAN", hkey, 0, "COUNT", 1), 0) for hkey, slot in zip(info.hkeys, info.slots)]
+        replies = self._run(f"look for rows of {table!r}", commands, strict=True)
+        size = row_format.row_bytes(dim)
+        if any(len(value) != size for reply in replies for value in reply[1][1::2]):
+            where = f"{self._kind} at {self._address}"
+            raise format_mismatch(table, where, RowFormat.FP32, row_format, unformatted=True)
 
     def _check_partitions(self, table: str, stored: Any) -> None:
         """Refuse a table written with another partition count: every key would be looked for

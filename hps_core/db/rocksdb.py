@@ -233,7 +233,8 @@ class RocksDBPersistentDB:
         self._cfs: dict[str, Rdict] = {}
         self._handles: dict[str, Any] = {}
         self._dims: dict[str, int] = {}
-        self._formats: dict[str, RowFormat] = {}  # tables without an entry are fp32
+        self._formats: dict[str, RowFormat] = {}  # filled with _dims (absent in RocksDB: fp32)
+        self._unformatted: set[str] = set()  # tables stored without hps.format (HugeCTR's): fp32
         # fetch_tables' widths and views per tuple of tables; views die with their handles
         self._groups: TableGroups[_Group] = TableGroups(self._resolve)
         self._load_tables()
@@ -291,6 +292,8 @@ class RocksDBPersistentDB:
                 if dim is not None:
                     self._dims[name] = dim
                     self._formats[name] = fmt
+                    if raw_format is None:
+                        self._unformatted.add(name)
 
     def _dim_from_first_value(self, name: str, fmt: RowFormat) -> int | None:
         cf = self._db.get_column_family(name)
@@ -314,9 +317,11 @@ class RocksDBPersistentDB:
             if known is not None:
                 if known != dim:
                     raise ConfigError(f"table {table!r} already exists with dim {known}, not {dim}")
-                stored = self._formats.get(table, RowFormat.FP32)
+                stored = self._formats[table]
                 if stored is not row_format:
-                    raise format_mismatch(table, f"RocksDB at {self._path!r}", stored, row_format)
+                    raise format_mismatch(
+                        table, f"RocksDB at {self._path!r}", stored, row_format, unformatted=table in self._unformatted
+                    )
                 return
             if self._read_only:
                 # checked before rocksdict is asked: its read-only create_column_family
@@ -338,10 +343,11 @@ class RocksDBPersistentDB:
                 self._db.write(meta, self._write_opts)
             self._dims[table] = dim
             self._formats[table] = row_format
+            self._unformatted.discard(table)
 
     def row_format(self, table: str) -> RowFormat:
         self.dim(table)
-        return self._formats.get(table, RowFormat.FP32)
+        return self._formats[table]
 
     def insert(self, table: str, keys: Keys, values: Vectors) -> None:
         dim = self.dim(table)

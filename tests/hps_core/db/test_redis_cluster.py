@@ -143,6 +143,55 @@ def test_int8_rows_are_stored_packed_and_the_format_is_shared(redis_for: Callabl
         second.close()
 
 
+@pytest.mark.parametrize("kind", ["redis_cluster", "redis_single"])
+def test_hugectr_rows_serve_as_fp32_and_refuse_a_compact_format(
+    redis_for: Callable[[str], RedisProcesses], kind: str
+) -> None:
+    """A table HugeCTR wrote (its partition hash of float32 values, no metadata at all) is
+    fp32: it serves as fp32, and a compact format is refused, nothing stamped over its rows,
+    whose fetches would all fail. A compact table whose metadata was lost (the node holding
+    it came back empty) keeps its format: rows of that format's size are not refused."""
+    processes = redis_for(kind)
+    config = VolatileDBConfig(redis=RedisConfig(address=processes.address), num_partitions=1)
+    rows = np.random.default_rng(2).normal(size=(30, 8)).astype("<f4")
+    keys = np.arange(-15, 15, dtype=np.int64)
+    raw: redis.Redis | redis.RedisCluster = (
+        redis.RedisCluster(host="127.0.0.1", port=processes.servers[0].port) if kind == "redis_cluster"
+        else redis.Redis(host="127.0.0.1", port=processes.servers[0].port)
+    )
+    db = open_volatile_db(VolatileDBConfig(type=TierType.REDIS_CLUSTER, redis=config.redis, num_partitions=1))
+    try:
+        raw.hset(layout.value_hkey(T, 0), mapping={int(k).to_bytes(8, "little", signed=True): r.tobytes()
+                                                   for k, r in zip(keys, rows)})
+        for fmt in (RowFormat.INT8, RowFormat.FP8):
+            with pytest.raises(ConfigError, match=rf"stores fp32 rows \(it holds rows written without a row "
+                               rf"format, by HugeCTR.*\), but {fmt} was asked for.*serve it as fp32.*load it again"):
+                db.create_table(T, 8, fmt)
+        assert all(raw.hget(k, T) is None for k in (layout.META_KEY, layout.FORMATS_KEY, layout.PARTITIONS_KEY))
+        db.create_table(T, 8)
+        out = np.zeros((30, 8), np.float32)
+        assert db.fetch(T, keys, out).all()
+        np.testing.assert_array_equal(out, rows)
+
+        compact = "hps_et.model.compact"
+        db.create_table(compact, 8, RowFormat.INT8)
+        db.insert(compact, keys, rows)
+        raw.hdel(layout.META_KEY, compact)
+        raw.hdel(layout.FORMATS_KEY, compact)
+        raw.hdel(layout.PARTITIONS_KEY, compact)
+        restarted = open_volatile_db(VolatileDBConfig(type=TierType.REDIS_CLUSTER, redis=config.redis, num_partitions=1))
+        try:
+            restarted.create_table(compact, 8, RowFormat.INT8)  # rows of its size: metadata restored
+            assert raw.hget(layout.FORMATS_KEY, compact) == b"3"
+            assert restarted.fetch(compact, keys, out).all()
+            np.testing.assert_array_equal(out, unpack(RowFormat.INT8, pack(RowFormat.INT8, rows), 8))
+        finally:
+            restarted.close()
+    finally:
+        raw.close()
+        db.close()
+
+
 # --------------------------------------------------------------------------- faults
 
 

@@ -87,6 +87,39 @@ def test_hugectr_written_database_gets_dim_from_values(tmp_path: Path) -> None:
     db.close()
 
 
+@pytest.mark.parametrize("read_only", [False, True])
+def test_hugectr_rows_serve_as_fp32_and_refuse_a_compact_format(tmp_path: Path, read_only: bool) -> None:
+    """A column family HugeCTR wrote (float32 values, no ``hps.format.`` or ``hps.dim.`` key)
+    is fp32: it serves as fp32, and a compact format is refused with a message saying why,
+    nothing stamped over its rows."""
+    path = str(tmp_path / "db")
+    rows = np.random.default_rng(1).normal(size=(20, 8)).astype("<f4")
+    raw = Rdict(path, Options(raw_mode=True))
+    cf = raw.create_column_family(T, Options(raw_mode=True))
+    for key, row in enumerate(rows):
+        cf[key.to_bytes(8, "little", signed=True)] = row.tobytes()
+    cf.close()
+    raw.close()
+    db = RocksDBPersistentDB(PersistentDBConfig(path=path, read_only=read_only))
+    try:
+        for fmt in (RowFormat.INT8, RowFormat.FP8):
+            with pytest.raises(ConfigError, match=rf"stores fp32 rows \(it holds rows written without a row "
+                               rf"format, by HugeCTR.*\), but {fmt} was asked for.*serve it as fp32.*load it again"):
+                db.create_table(T, 8, fmt)
+        assert db.row_format(T) is RowFormat.FP32
+        db.create_table(T, 8)
+        out = np.zeros((20, 8), np.float32)
+        assert db.fetch(T, np.arange(20, dtype=np.int64), out).all()
+        np.testing.assert_array_equal(out, rows)
+    finally:
+        db.close()
+    raw = Rdict(path, Options(raw_mode=True))
+    try:
+        assert raw.get(b"hps.format." + T.encode()) is None
+    finally:
+        raw.close()
+
+
 def test_int8_rows_are_stored_packed_and_the_format_outlives_the_handle(tmp_path: Path) -> None:
     """An int8 table's values are ``8 + dim`` bytes (insert and bulk load alike), its format
     is stored beside its dim, and every later handle (secondary, read-only) serves and
