@@ -700,8 +700,7 @@ def publish_model(
             time.sleep(drain_s)  # requests the old ensemble config took are answered
             retire_version(target, previous)
             for model in target.models:
-                control.load(model, versions=[version])
-                control.wait_gone(model, [previous])
+                _unload_version(control, model, previous, version)
         log_line(f"version {previous} unloaded")
     if drop_old and previous != version:
         with report.phase("drop"):
@@ -711,6 +710,21 @@ def publish_model(
             report.dropped = drop_tables(load_config(old_json), old_model)
     reached("done")
     return report
+
+
+def _unload_version(control: ModelControl, model: str, old: int, new: int, *, timeout: float = 600.0) -> None:
+    """Load ``model`` again until version ``old`` (whose folder is gone) is unloaded. Loads are
+    repeated: a server serving a staged mirror of the repository sees the folder gone only once
+    the mirror follows (``hps serve`` re-syncs it every 0.2 s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        control.load(model, versions=[new])
+        try:
+            control.wait_gone(model, [old], timeout=2.0)
+            return
+        except ServingError:
+            if time.monotonic() > deadline:
+                raise
 
 
 def _timed(fn: Callable[..., object], *args: Any, **kwargs: Any) -> float:
