@@ -10,6 +10,9 @@ it, once for the others (:class:`Kernels`)::
     kernels.by_vec[vec]["dc_query"]  # vec from vector_shape(dims, *buffer pointers)
     kernels.no_vec["dc_dump"]        # templated on the key type only, or extern "C"
 
+``hps_check_rows`` (kernels/row_formats.cuh, templated on VEC and NV only) is in both
+cache families: the check pass a write of a cache with a compact table runs first.
+
 :func:`source` is the text handed to NVRTC: the ``.cu`` file with each of
 :data:`HEADERS` it includes (``kernels/common.cuh``, ``kernels/row_formats.cuh``) pasted
 over its ``#include`` line. CuPy caches compiled code (in memory and on disk) by source
@@ -79,16 +82,17 @@ class Family:
 
     source: str
     row_kernels: tuple[str, ...] = ()  # <K, VEC, NV>: stage rows in registers
+    shape_kernels: tuple[str, ...] = ()  # <VEC, NV>: stage rows, keys unread
     vec_kernels: tuple[str, ...] = ()  # <VEC>
     key_kernels: tuple[str, ...] = ()  # <K>
     plain_kernels: tuple[str, ...] = ()  # extern "C"
 
 
 FAMILIES: dict[str, Family] = {
-    "dynamic": Family("dynamic_cache.cu", row_kernels=("dc_query", "dc_write"),
+    "dynamic": Family("dynamic_cache.cu", row_kernels=("dc_query", "dc_write"), shape_kernels=("hps_check_rows",),
                       key_kernels=("dc_dump", "dc_sets"), plain_kernels=("dc_clear", "dc_sizes")),
     "static": Family("static_table.cu", row_kernels=("st_query", "st_write", "st_count_new"),
-                     key_kernels=("st_dump",), plain_kernels=("st_clear",)),
+                     shape_kernels=("hps_check_rows",), key_kernels=("st_dump",), plain_kernels=("st_clear",)),
     "rows": Family("rows.cu", vec_kernels=("copy_rows",)),
 }
 
@@ -98,7 +102,7 @@ class Kernels(Generic[_T]):
     """The kernels of one family for one cache, by name: their C++ name expressions
     (:func:`kernel_names`) or the compiled ``cupy.RawKernel`` (:func:`load`)."""
 
-    by_vec: dict[int, dict[str, _T]]  # VEC -> name -> kernel: row_kernels and vec_kernels
+    by_vec: dict[int, dict[str, _T]]  # VEC -> name -> kernel: row_, shape_ and vec_kernels
     no_vec: dict[str, _T]  # name -> kernel: key_kernels and plain_kernels (no vector width)
 
     def expressions(self) -> set[_T]:
@@ -173,6 +177,7 @@ def kernel_names(family: str, key_dtype: Any, shapes: dict[int, int]) -> Kernels
     k = _KEY_CTYPES[np.dtype(key_dtype)]
     by_vec = {
         vec: {name: f"{name}<{k}, {vec}, {nv}>" for name in fam.row_kernels}
+        | {name: f"{name}<{vec}, {nv}>" for name in fam.shape_kernels}
         | {name: f"{name}<{vec}>" for name in fam.vec_kernels}
         for vec, nv in shapes.items()
     }

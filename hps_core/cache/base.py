@@ -45,12 +45,16 @@ never a mix of two writes, never another key's vector. ``clear`` is safe beside 
 the dynamic caches; on static tables it must not overlap other calls (see docs/cache.md).
 
 A row its table's format cannot store (a NaN or infinity in a compact format, a float16
-value beyond ±65504, an int8 row whose range overflows float32) is never written: the CPU
-twins, and the GPU caches given host arrays, refuse the batch before writing anything; the
-GPU kernels skip such a row without touching its set or slot and the calls that wait for
-their kernel (update, a static replace: before writing) raise RowValueError naming it,
-while a dynamic GPU replace of device arrays skips it silently (a miss, served by the next
-tier). The tiers refuse such rows first, so the lookup never hands one over.
+value beyond ±65504, an int8 row whose range overflows float32) is never written, and the
+batch holding it is refused whole: ``replace`` and ``update`` raise RowValueError naming the
+first such position before writing any row of the batch (every slot and row of the cache is
+left as it was, an already cached key keeps its old row), on every implementation and
+whether the arrays are on the host or the device. The CPU twins, and the GPU caches given
+host arrays, check on the host; on device arrays the GPU caches run a check pass over the
+batch on the device first (kernels/row_formats.cuh, the writers' own check) and read its
+verdict back, unless every table is fp32 (fp32 stores any row, NaN and infinities
+included, as HugeCTR does). The tiers refuse such rows first, so the lookup never hands one
+over.
 
 Errors (all from :mod:`hps_core.errors`)::
 
@@ -144,13 +148,14 @@ class EmbeddingCache(Protocol):
 
         keys: (n,). values: (n, dim) float32. A dynamic cache evicts per policy when a set
         is full; a static table raises CacheFullError (writing nothing) if the new keys do
-        not fit.
+        not fit. A row the format cannot store: RowValueError, writing nothing.
         """
         ...
 
     def update(self, keys: Array, values: Array, stream: Any = None) -> int:
         """Overwrite the keys already cached; never inserts. Returns the number of batch
-        positions whose key was cached (a duplicated key counts once per occurrence)."""
+        positions whose key was cached (a duplicated key counts once per occurrence). A row
+        the format cannot store: RowValueError, writing nothing."""
         ...
 
     def dump(self, start_set: int, end_set: int, stream: Any = None) -> Array:
@@ -217,13 +222,14 @@ class MultiTableCache(Protocol):
     def replace_tables(self, table_ids: Array, keys: Array, values: Array, offsets: Array,
                        stream: Any = None) -> None:
         """Insert or overwrite each key's row (read from ``values`` at ``offsets``); dynamic
-        tables evict, a static table without room raises CacheFullError (nothing written)."""
+        tables evict, a static table without room raises CacheFullError, a row its table's
+        format cannot store RowValueError (either way nothing written)."""
         ...
 
     def update_tables(self, table_ids: Array, keys: Array, values: Array, offsets: Array,
                       stream: Any = None) -> int:
         """Overwrite the keys already cached; never inserts. Returns the batch positions whose
-        key was cached."""
+        key was cached. A row its table's format cannot store: RowValueError, nothing written."""
         ...
 
     def dump_sets(self, start_set: int, end_set: int, stream: Any = None) -> tuple[Array, Array]:
@@ -514,12 +520,13 @@ def _first_unstorable_row(table_ids: Any, values: Any, offsets: Any, dims: Any, 
     return -1
 
 
-def check_storable(table_ids: Any, values: Any, offsets: Any, dims: Any, row_formats: Sequence[RowFormat],
+def check_storable(table_ids: Any, values: Any, offsets: Any, dims: Any, codes: Any, row_formats: Sequence[RowFormat],
                    what: str, outcome: str = "nothing of the batch was cached") -> None:
     """Refuse a write (host arrays, bounds already checked) holding a row its table's format
     cannot store: RowValueError naming the first and the reason, as
-    :func:`~hps_core.row_formats.pack` does; ``outcome`` says what became of the batch."""
-    codes = format_codes(row_formats)
+    :func:`~hps_core.row_formats.pack` does; ``outcome`` says what became of the batch.
+    ``codes`` are the cache's per-table format codes (:attr:`CacheLayout.codes`, worked out
+    once: this runs on every write, the lookup's miss fill included)."""
     if not codes.any():
         return  # float32 tables store any row
     bad = _first_unstorable_row(table_ids, values, offsets, dims, codes)

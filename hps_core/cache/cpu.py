@@ -357,7 +357,7 @@ class _CpuCacheBase:
         check_table_rows(np, ids, keys, buf, offs, name)
         check_rows_fit(ids, offs, self.dims, buf.shape[0], f"cache {name}")
         if name == "values":
-            check_storable(ids, buf, offs, self.dims, self.row_formats, f"cache {name}")
+            check_storable(ids, buf, offs, self.dims, self._codes, self.row_formats, f"cache {name}")
         return ids, keys, buf, offs
 
 

@@ -33,9 +33,11 @@ Kernel launches and host synchronisation per call (device arrays; each count rea
 preceded by a memset of the call's status words)::
 
     query_tables     1 launch, 1 sync: a 12-byte read-back (miss count, error words)
-    replace_tables   dynamic: 1 launch, no sync; static: 2 launches (count the new keys
-                     per table, write), 2 syncs, under a host lock
-    update_tables    1 launch, 1 sync (the found count)
+    replace_tables   dynamic: 1 launch, no sync (+1 launch, 1 sync: the check pass, when a
+                     table is not fp32); static: 2 launches (count the new keys per table
+                     and check the rows, write), 2 syncs, under a host lock
+    update_tables    1 launch, 1 sync (the found count); +1 launch, 1 sync (the check pass)
+                     when a table is not fp32
     copy_rows        1 launch, no sync
     dump_sets        1 launch, 1 sync (the key count)
     sizes            dynamic: 1 launch, 1 sync; static: none (a host counter)
@@ -50,11 +52,14 @@ they skip such rows silently (host arrays were checked before the launch).
 Row formats: each table's rows are packed in its format (hps_core.row_formats) in one
 byte-addressed value store; the write kernels quantise the caller's float32 rows
 (kernels/row_formats.cuh, the bit-exact twin of row_formats.encode_row) and the query
-kernels dequantise into ``out``. A row its format cannot store is skipped by the kernels
-without touching its set or slot and flagged in a second error word: an update raises
-RowValueError naming it after writing the batch's other rows, a static replace's counting
-pass refuses the batch before writing anything, a dynamic replace skips it silently (host
-rows are checked on the host first, as the CPU twins check them).
+kernels dequantise into ``out``. A batch holding a row its format cannot store is refused
+whole, RowValueError naming the first such position, before any row is written, as the CPU
+twins refuse it: host rows are checked on the host; device rows by a check pass
+(``hps_check_rows``: the writers' own HpsStagedRow::stage, storing nothing) read back before
+the write's launch, or by a static replace's counting pass, which checks them anyway. A
+cache whose tables are all fp32 skips the check pass (fp32 stores any row), so its writes
+cost what they did. The write kernels still skip such a row without touching its set or
+slot, should one reach them.
 
 Nothing is allocated per call on the request path but the results (and the device copies
 of host arguments), and nothing scales with the capacity: kernels are compiled when the
@@ -234,6 +239,7 @@ class _GpuMultiCache:
         self.capacities, self.num_sets, self.set_base = layout.capacities, layout.num_sets, layout.set_base
         self.total_sets, self.value_base = layout.total_sets, layout.value_base
         self._codes, self._strides = layout.codes, layout.strides
+        self._compact = bool(layout.codes.any())  # a table not fp32: device writes run the check pass
         cp = self._cp
         with cp.cuda.Device(self.device), translate_cupy(self.device, what):
             self._codes_d = cp.asarray(self._codes)
@@ -357,8 +363,34 @@ class _GpuMultiCache:
         if self._on_host(ids, offs):
             check_rows_fit(ids, offs, self.dims, buf.shape[0], f"cache {name}")
             if name == "values" and self._on_host(buf):
-                check_storable(ids, buf, offs, self.dims, self.row_formats, f"cache {name}")
+                check_storable(ids, buf, offs, self.dims, self._codes, self.row_formats, f"cache {name}")
         return cp.asarray(ids), cp.asarray(keys), cp.asarray(buf), cp.asarray(offs)
+
+    def _write_args(self, table_ids: Any, keys: Any, values: Any, offsets: Any,
+                    stream: Any) -> tuple[Any, Any, Any, Any]:
+        """:meth:`_rows_args` of a write that has no counting pass (an update, a dynamic
+        replace), then its check pass: a batch holding a row its table's format cannot store
+        is refused whole (RowValueError), before anything is written, as the CPU twins refuse
+        it. Host rows were checked on the host; a cache of fp32 tables needs no check."""
+        checked = self._on_host(table_ids, offsets, values)  # then _rows_args checks them
+        ids, keys, values, offs = self._rows_args(table_ids, keys, values, offsets, "values")
+        if self._compact and not checked and keys.shape[0]:
+            self._check_rows(ids, values, offs, stream)
+        return ids, keys, values, offs
+
+    def _check_rows(self, ids: Any, values: Any, offs: Any, stream: Any) -> None:
+        """The check pass (kernels/row_formats.cuh, hps_check_rows): one launch over the batch,
+        one 12-byte read-back; RowValueError naming the first row its table's format cannot
+        store. Rows that do not fit ``values`` are left to the write, which reports them."""
+        n = ids.shape[0]
+        vec, _ = _kernels.vector_shape(self.dims, values.data.ptr)
+        with self._workspace() as ws:
+            ws.reset(_STATUS, stream)
+            args = (ids, np.int64(n), values, offs, np.int64(values.shape[0]), ws.status, self._dims_d,
+                    self._codes_d, np.int32(self.tables))
+            self._launch(self._kernels.by_vec[vec]["hps_check_rows"], n, args, stream)
+            flagged = int(ws.read(_STATUS, stream)[2])
+        self._check_storable_flag(flagged, ids, values, offs, "nothing of the batch was cached")
 
     def _check_flag(self, flagged: int, ids: Any, offsets: Any, size: int, what: str) -> None:
         """Raise RequestError for a row a kernel flagged (``flagged`` = 1 + its position)."""
@@ -375,9 +407,11 @@ class _GpuMultiCache:
         (``flagged`` = 1 + its position); ``outcome`` says what became of the batch."""
         if not flagged:
             return
-        # The kernel reports one position; the host check names the first, as on the CPU.
-        check_storable(to_host(ids), to_host(values), to_host(offsets), self.dims, self.row_formats, "cache values",
-                       outcome)
+        # The kernel reports one position; the host checks name the first, as on the CPU, in
+        # the CPU twin's order: a row that does not fit (RequestError), then one not storable.
+        ids_h, values_h, offsets_h = to_host(ids), to_host(values), to_host(offsets)
+        check_rows_fit(ids_h, offsets_h, self.dims, values_h.shape[0], "cache values")
+        check_storable(ids_h, values_h, offsets_h, self.dims, self._codes, self.row_formats, "cache values", outcome)
         position = flagged - 1
         raise RowValueError(f"cache values: position {position} (table {int(ids[position])}) holds a row its "
                             f"table's row format cannot store; {outcome}", position=position)
@@ -399,18 +433,18 @@ class _GpuMultiCache:
 
 
     def update_tables(self, table_ids: Any, keys: Any, values: Any, offsets: Any, stream: Any = None) -> int:
-        """Overwrite the cached keys (one launch); returns how many were cached (one read-back)."""
+        """Overwrite the cached keys (one launch, after the check pass when a table is not
+        fp32); returns how many were cached (one read-back). A batch holding a row its table's
+        format cannot store raises RowValueError, nothing written."""
         with self._writers(), self._on(stream) as s:
-            ids, keys, values, offs = self._rows_args(table_ids, keys, values, offsets, "values")
+            ids, keys, values, offs = self._write_args(table_ids, keys, values, offsets, s)
             if keys.shape[0] == 0:
                 return 0
             with self._workspace() as ws:
                 ws.reset(_STATUS, s)
                 self._write(ids, keys, values, offs, ws.status, insert=False, stream=s)
-                found, flagged, unstorable = ws.read(_STATUS, s)
+                found, flagged, _ = ws.read(_STATUS, s)  # the write finds no row the check passed unstorable
             self._check_flag(int(flagged), ids, offs, values.shape[0], "cache values")
-            self._check_storable_flag(int(unstorable), ids, values, offs,
-                                      "that row was left as it was, the batch's other rows were written")
             return int(found)
 
     def _writers(self) -> Any:
@@ -457,9 +491,11 @@ class GpuDynamicCache(_GpuMultiCache):
 
     def replace_tables(self, table_ids: Any, keys: Any, values: Any, offsets: Any, stream: Any = None) -> None:
         """Insert or overwrite each key's row, evicting per policy from a full set. One
-        launch; returns without waiting for it."""
+        launch; returns without waiting for it. A cache with a table not fp32 first runs the
+        check pass on device rows and waits for its verdict: a batch holding a row its
+        table's format cannot store raises RowValueError, nothing written."""
         with self._on(stream) as s:
-            ids, keys, values, offs = self._rows_args(table_ids, keys, values, offsets, "values")
+            ids, keys, values, offs = self._write_args(table_ids, keys, values, offsets, s)
             self._write(ids, keys, values, offs, _NO_STATUS, insert=True, stream=s)
 
     def dump_sets(self, start_set: int, end_set: int, stream: Any = None) -> tuple[Any, Any]:

@@ -47,8 +47,10 @@
 // Row formats (row_formats.cuh): a writer encodes before it takes the set lock. It reads
 // the caller's float32 row into registers, reduces the header across the warp (int8's min
 // and max, fp8's max |x|), and skips a row its format cannot store without touching the set
-// (status[2] names it when the call waits). The format is per table, so every branch on it
-// is warp-uniform. A query decodes into the caller's float32 `out`.
+// (status[2] names it when the call waits). A cache with a compact table runs the check pass
+// (hps_check_rows, row_formats.cuh) first, so a batch holding such a row is refused whole
+// before dc_write runs. The format is per table, so every branch on it is warp-uniform. A
+// query decodes into the caller's float32 `out`.
 //
 // LRU/LFU metadata written by readers (slot_ts store, slot_freq atomicAdd) is advisory: a
 // race with a writer can only misjudge a victim, never a value.
@@ -164,7 +166,8 @@ __global__ void dc_query(const long long* __restrict__ table_ids, const K* __res
 // update (insert == 0): overwrite keys already cached, insert nothing.
 // status[0] counts the positions whose key was cached, status[1] flags a row that does not
 // fit `src`, status[2] one its table's format cannot store (skipped before the set is
-// touched); status is null for a replace (it does not wait for its kernel).
+// touched; the check pass the host runs first has refused any batch holding one); status is
+// null for a replace (it does not wait for its kernel).
 template <typename K, int VEC, int NV>
 __global__ void dc_write(const long long* __restrict__ table_ids, const K* __restrict__ keys, long long n,
                          const float* __restrict__ src, const long long* __restrict__ src_offsets,

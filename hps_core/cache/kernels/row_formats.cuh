@@ -15,7 +15,7 @@
 // min(lo, v) is `v < lo ? v : lo`, so of equal values (+0 and -0) the first index wins; the
 // warp reductions carry that index, which makes them independent of the lanes' order.
 //
-// Include after common.cuh (its warp helpers). The scalar half (conversions, per-element
+// Include after common.cuh (its warp, grid and row-width helpers). The scalar half (conversions, per-element
 // encode and decode, the row statistics and their merge) builds as host C++ when the includer
 // defines HPS_ROW_FORMATS_HOST and the CUDA intrinsics it uses; the warp half is left out then.
 #ifndef HPS_ROW_FORMATS_CUH
@@ -294,8 +294,9 @@ __device__ __forceinline__ HpsHeader hps_row_header(int code, int dim, int lane,
 }
 
 // Record that row i of the call cannot be stored in its table's format: status[2] becomes
-// 1 + its position (first reporter wins; the host raises RowValueError naming it). `status`
-// is null for calls that do not wait for their kernel: they skip the row silently.
+// 1 + its position (first reporter wins; the host raises RowValueError naming the first).
+// `status` is null for a write that does not wait for its kernel (a dynamic replace): its
+// check pass, hps_check_rows, has already refused any batch holding such a row.
 __device__ __forceinline__ void hps_flag_unstorable(unsigned* status, long long i, int lane) {
   if (status != nullptr && lane == 0) atomicCAS(status + 2, 0u, static_cast<unsigned>(i + 1));
 }
@@ -357,6 +358,28 @@ struct HpsStagedRow {
     hps_row_encode<VEC, NV>(row, code, dim, lane, buf, h);
   }
 };
+
+// The check pass of a write (gpu.py runs it before the write's launch when a table of the
+// cache is not fp32): stage() of every row of the call, storing nothing, so status[2] names
+// a row its table's format cannot store and the host refuses the batch whole before any row
+// is written, as the CPU twins do. The writers' own check, not a copy of it. A row that
+// does not fit `src` is skipped unflagged (the write reports it as it always does); fp32
+// rows are not read (float32 stores any row). One warp per row.
+template <int VEC, int NV>
+__global__ void hps_check_rows(const long long* __restrict__ table_ids, long long n, const float* __restrict__ src,
+                               const long long* __restrict__ src_offsets, long long src_size, unsigned* status,
+                               const long long* dims, const long long* codes, int tables) {
+  const int lane = hps_lane();
+  const long long nwarps = hps_num_warps();
+  for (long long i = hps_warp_id(); i < n; i += nwarps) {
+    const long long t = table_ids[i];
+    const long long o = src_offsets[i];
+    const int dim = hps_row_width(t, o, tables, dims, src_size);
+    if (dim < 0 || codes[t] == HPS_FP32) continue;
+    HpsStagedRow<VEC, NV> row;
+    row.stage(src + o, o % VEC == 0, codes[t], dim, lane, status, i);
+  }
+}
 
 template <int VEC, int BYTES, int NV>
 __device__ __forceinline__ void hps_row_load_groups(const unsigned char* payload, int dim, int lane,

@@ -34,8 +34,9 @@
 //
 // Row formats (row_formats.cuh), as in dynamic_cache.cu: readers copy the packed row and
 // decode an accepted copy; writers encode in registers first and skip a row its format
-// cannot store before claiming anything. A replace's counting pass (st_count_new) checks
-// that too, so the host refuses such a batch before a byte is written.
+// cannot store before claiming anything. A replace's counting pass (st_count_new), and an
+// update's check pass (hps_check_rows) when a table is not fp32, check that first, so the
+// host refuses such a batch before a byte is written.
 #include "common.cuh"
 #include "row_formats.cuh"
 
@@ -178,7 +179,8 @@ __device__ __forceinline__ void st_write_row(long long g, unsigned char* row, co
 // status[0] counts the positions whose key was already stored; status[1] flags a row that
 // does not fit `src`, or a new key that found its table without a free row (which the host's
 // room check rules out; the slot is then marked dead rather than written past the table);
-// status[2] a row its format cannot store (skipped before anything is claimed).
+// status[2] a row its format cannot store (skipped before anything is claimed; the pass the
+// host runs first has refused any batch holding one).
 template <typename K, int VEC, int NV>
 __global__ void st_write(const long long* __restrict__ table_ids, const K* __restrict__ keys, long long n,
                          const float* __restrict__ src, const long long* __restrict__ src_offsets,

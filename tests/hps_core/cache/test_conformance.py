@@ -225,18 +225,21 @@ def test_dynamic_eviction_and_dump_by_set(impl: Impl, row_format: RowFormat) -> 
 
 @pytest.mark.parametrize("row_format", [RowFormat.FP16, RowFormat.FP8, RowFormat.INT8], ids=str)
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("arrays", ["host", "cache"])
 def test_a_row_the_format_cannot_store_is_refused_before_writing(impl: Impl, row_format: RowFormat,
-                                                                 bad: float) -> None:
-    """Host arrays: the whole batch is refused with RowValueError naming the row, on both
-    twins (a GPU cache checks host rows on the host, as the CPU twin does)."""
+                                                                 bad: float, arrays: str) -> None:
+    """The whole batch is refused with RowValueError naming the row, before anything is
+    written, on both twins: host arrays (a GPU cache checks them on the host, as the CPU
+    twin does) and arrays in the cache's memory (a GPU cache's check pass on the device)."""
     cache = impl.make(64, 4, row_format=row_format)
     keys = np.arange(5, dtype=np.int64)
     vals = np.ones((5, 4), np.float32)
     cache.replace(impl.put(keys[:2]), impl.put(vals[:2]))
     vals[3, 2] = bad
+    put = impl.put if arrays == "cache" else np.asarray
     for write in (cache.replace, cache.update):
         with pytest.raises(RowValueError, match=f"position 3 .*{row_format}") as info:
-            write(keys, vals + 1)
+            write(put(keys), put(vals + 1))
         assert info.value.position == 3
     assert cache.size() == 2
     out, hit = impl.query(cache, keys)

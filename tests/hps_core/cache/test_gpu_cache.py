@@ -393,7 +393,8 @@ def count_launches_and_syncs(cache: Any, monkeypatch: pytest.MonkeyPatch) -> dic
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["dynamic", "static"])
 def test_launches_and_syncs_per_call(cp: Any, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """One launch per call whatever the table count; query_tables syncs once."""
+    """One launch per call whatever the table count; query_tables syncs once. fp32 tables:
+    no check pass before a write (fp32 stores any row)."""
     cache = make(kind, [1024] * 3, DIMS)
     rng = np.random.default_rng(2)
     ids, keys = batch(rng, [300, 200, 100], 10_000)
@@ -513,11 +514,13 @@ def test_device_and_cpu_encodings_agree_bit_for_bit(cp: Any, kind: str, fmt: Row
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
 @pytest.mark.parametrize("fmt", [FP16, FP8, INT8], ids=str)
-def test_device_rows_a_format_cannot_store_are_never_written(cp: Any, fmt: RowFormat) -> None:
-    """Device arrays reach the kernels unchecked: a dynamic replace skips the row (a miss, no
-    slot taken), an update skips it and raises RowValueError naming it after writing the
-    others, a static replace refuses the batch before writing anything."""
+def test_device_rows_a_format_cannot_store_are_never_written(cp: Any, kind: str, fmt: RowFormat) -> None:
+    """Device arrays reach the kernels unchecked: the check pass (a replace of a static
+    table: its counting pass) refuses a batch holding a row its format cannot store before
+    anything is written, replace and update alike, the CPU twin's contract; a key already
+    cached keeps its old row. The fp32 table of the same cache stores an infinity as given."""
     dims = [4, 4]
     formats = [fmt, FP32]
     ids = np.array([0, 0, 1, 0], np.int64)
@@ -526,50 +529,65 @@ def test_device_rows_a_format_cannot_store_are_never_written(cp: Any, fmt: RowFo
     vals = np.ones(16, np.float32)
     vals[offs[1] + 2] = np.nan  # key 2 of the compact table
     vals[offs[2]] = np.inf  # table 1 is fp32: stored as given
-    args = [cp.asarray(a) for a in (ids, keys, vals, offs)]
+    dev = lambda *arrays: [cp.asarray(a) for a in arrays]  # noqa: E731
 
-    dynamic = make("dynamic", [64, 64], dims, row_formats=formats)
-    dynamic.replace_tables(*args)
-    np.testing.assert_array_equal(dynamic.sizes(), [2, 1])
-    assert pairs(*dynamic.dump_sets(0, dynamic.total_sets)) == [(0, 1), (0, 4), (1, 3)]
+    cache = make(kind, [64, 64], dims, row_formats=formats)
+    refused = f"position 1 \\(table 0\\).*{fmt}.*nothing of the batch was cached"
+    with pytest.raises(RowValueError, match=refused) as info:
+        cache.replace_tables(*dev(ids, keys, vals, offs))
+    assert info.value.position == 1
+    np.testing.assert_array_equal(cache.sizes(), [0, 0])
+    assert pairs(*cache.dump_sets(0, cache.total_sets)) == []
+
     fixed = vals.copy()
     fixed[offs[1] + 2] = 5.0
-    dynamic.replace_tables(*[cp.asarray(a) for a in (ids, keys, fixed, offs)])  # key 2 cached now
+    cache.replace_tables(*dev(ids, keys, fixed, offs))
+    bad = vals * 2
+    bad[offs[3] + 1] = np.nan  # a second unstorable row: the first one is named
     with pytest.raises(RowValueError, match=f"position 1 \\(table 0\\).*{fmt}") as info:
-        dynamic.update_tables(*[cp.asarray(a) for a in (ids, keys, vals * 2, offs)])
+        cache.update_tables(*dev(ids, keys, bad, offs))
     assert info.value.position == 1
+    with pytest.raises(RowValueError, match="position 1"):
+        cache.replace_tables(*dev(ids, keys, bad, offs))  # over cached keys: the same
+    np.testing.assert_array_equal(cache.sizes(), [3, 1])
     out = cp.full(16, -7.0, cp.float32)
-    assert dynamic.query_tables(*args[:2], out, args[3]).size == 0
+    assert cache.query_tables(*dev(ids, keys), out, cp.asarray(offs)).size == 0
     got = host(out).reshape(4, 4)
     stored = lambda row: unpack(fmt, pack(fmt, row[None, :]), 4)[0]  # noqa: E731
-    np.testing.assert_array_equal(bits(got[1]), bits(stored(fixed[4:8])))  # left as it was
-    np.testing.assert_array_equal(bits(got[0]), bits(stored(vals[0:4] * 2)))  # the others written
-    np.testing.assert_array_equal(bits(got[2]), bits(vals[8:12] * 2))
-
-    static = make("static", [64, 64], dims, row_formats=formats)
-    with pytest.raises(RowValueError, match="position 1 .*nothing of the batch was cached"):
-        static.replace_tables(*args)
-    np.testing.assert_array_equal(static.sizes(), [0, 0])
-    assert pairs(*static.dump_sets(0, 2)) == []
+    for i in (0, 1, 3):  # every row as it was before the refused writes
+        np.testing.assert_array_equal(bits(got[i]), bits(stored(fixed[4 * i : 4 * i + 4])), err_msg=f"row {i}")
+    np.testing.assert_array_equal(bits(got[2]), bits(fixed[8:12]))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["dynamic", "static"])
 def test_a_format_mix_costs_the_same_launches(cp: Any, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tables of four formats are still one launch per call: the format is data, not a kernel."""
+    """Tables of several formats are still one launch per call: the format is data, not a
+    kernel. A cache with a compact table checks a write of device rows first (one more
+    launch and sync; a static replace's counting pass checks them anyway); host rows are
+    checked on the host, and a cache of fp32 tables skips the check
+    (test_launches_and_syncs_per_call)."""
     formats = (INT8, FP8, FP16)
     cache = make(kind, [1024] * 3, DIMS, row_formats=formats)
     rng = np.random.default_rng(4)
     ids, keys = batch(rng, [300, 200, 100], 10_000)
     offs, total = row_offsets(ids, DIMS)
     args = [cp.asarray(a) for a in (ids, keys)]
-    vals, out = cp.asarray(rng.standard_normal(total).astype(np.float32)), cp.zeros(total, cp.float32)
+    host_vals = rng.standard_normal(total).astype(np.float32)
+    vals, out = cp.asarray(host_vals), cp.zeros(total, cp.float32)
     counts = count_launches_and_syncs(cache, monkeypatch)
-    cache.replace_tables(*args, vals, cp.asarray(offs))
-    assert (counts["launches"], counts["syncs"]) == ((1, 0) if kind == "dynamic" else (2, 2))
-    counts.update(launches=0, syncs=0)
-    cache.query_tables(*args, out, cp.asarray(offs))
-    assert (counts["launches"], counts["syncs"]) == (1, 1)
+
+    def cost(call: Any, *call_args: Any) -> tuple[int, int]:
+        counts.update(launches=0, syncs=0)
+        call(*call_args)
+        return counts["launches"], counts["syncs"]
+
+    assert cost(cache.replace_tables, *args, vals, cp.asarray(offs)) == ((2, 1) if kind == "dynamic" else (2, 2))
+    assert cost(cache.query_tables, *args, out, cp.asarray(offs)) == (1, 1)
+    assert cost(cache.update_tables, *args, vals, cp.asarray(offs)) == (2, 2)
+    assert cost(cache.update_tables, ids, keys, host_vals, offs) == (1, 1)  # checked on the host
+    if kind == "dynamic":
+        assert cost(cache.replace_tables, ids, keys, host_vals, offs) == (1, 0)
 
 
 @pytest.mark.gpu

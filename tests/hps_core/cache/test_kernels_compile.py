@@ -94,8 +94,8 @@ def test_every_loader_instantiation_compiles(family: str, tmp_path: Path) -> Non
     assert ptx.count(".entry") >= len(names), "an instantiation is missing from the PTX"
     fam, shapes = _kernels.FAMILIES[family], len({(vec, nv) for *_, vec, nv in _kernels.all_variants()})
     key_types = 2
-    assert len(names) == (len(fam.row_kernels) * key_types * shapes + len(fam.vec_kernels) * 3
-                          + len(fam.key_kernels) * 2 + len(fam.plain_kernels))
+    assert len(names) == (len(fam.row_kernels) * key_types * shapes + len(fam.shape_kernels) * shapes
+                          + len(fam.vec_kernels) * 3 + len(fam.key_kernels) * 2 + len(fam.plain_kernels))
     if INCLUDES[family] == _kernels.HEADERS:
         check_format_arithmetic(ptx)
 

@@ -333,6 +333,45 @@ def test_a_row_its_table_cannot_store_refuses_the_batch(impl: Impl, formats: tup
         assert hit.all() and np.isnan(got[0][0])
 
 
+@pytest.mark.parametrize("formats", [(INT8, FP16, FP8), (FP8, FP32, INT8), (FP16,) * 3],
+                         ids=["int8-fp16-fp8", "fp8-fp32-int8", "fp16"])
+@pytest.mark.parametrize("write", ["replace", "update"])
+def test_a_batch_in_the_caches_memory_with_an_unstorable_row_changes_nothing(
+        impl: Impl, formats: tuple[RowFormat, ...], write: str) -> None:
+    """Arrays in the cache's own memory (device arrays on a GPU, where the check pass runs
+    before the write): a batch holding a row its table's format cannot store is refused
+    whole, with the CPU twin's RowValueError naming the first such position, before any row
+    is written: every cached key keeps its old row, no key is inserted, no table changes."""
+    ids = np.array([0, 1, 2, 2, 1, 0], np.int64)
+    keys = np.array([1, 2, 3, 4, 5, 6], np.int64)
+    old = rows_for(ids[:3], keys[:3])
+
+    def prepared(on: Impl) -> MultiTableCache:  # keys 1, 2, 3 cached, one per table
+        cache = on.make(row_formats=formats)
+        on.replace(cache, ids[:3], keys[:3], old)
+        return cache
+
+    new = rows_for(ids, keys, version=0.5)
+    compact = [i for i, t in enumerate(ids.tolist()) if formats[t] is not FP32]
+    first, later = compact[0], compact[-1]
+    new[later][0] = np.nan
+    new[first][-1] = np.inf  # two unstorable rows: the first is named
+    cache = prepared(impl)
+    held, sizes = impl.held(cache), np.asarray(cache.sizes()).tolist()
+    with pytest.raises(RowValueError, match=f"position {first} \\(table {ids[first]}\\)") as info:
+        getattr(impl, write)(cache, ids, keys, new)
+    assert info.value.position == first
+    twin = Impl("cpu", impl.kind, np)
+    with pytest.raises(RowValueError) as on_twin:
+        getattr(twin, write)(prepared(twin), ids, keys, new)
+    assert str(info.value) == str(on_twin.value)
+    assert impl.held(cache) == held and np.asarray(cache.sizes()).tolist() == sizes == [1, 1, 1]
+    got, hit = impl.query(cache, ids, keys)
+    np.testing.assert_array_equal(hit, [True] * 3 + [False] * 3)
+    assert_rows_equal(got[:3], stored_rows(ids[:3], old, formats))
+    assert all((g == -7.0).all() for g in got[3:])
+
+
 @pytest.mark.parametrize("formats", FORMAT_MIXES)
 @pytest.mark.parametrize("key_dtype", [np.int64, np.uint32])
 def test_random_operations_across_tables(impl: Impl, formats: tuple[RowFormat, ...], key_dtype: Any) -> None:
