@@ -80,8 +80,10 @@ class UnknownTableError(RequestError, KeyError):
 
 class RowValueError(RequestError):
     """A row its table's row format cannot store (hps_core.row_formats): a NaN or infinity in
-    a compact format, a float16 value beyond ±65504. Nothing of the batch was stored.
-    ``position``: the index of the first such row in the batch."""
+    a compact format, a float16 value beyond ±65504, an int8 row whose range (max - min)
+    overflows float32. The batch is refused whole: nothing of the refused batch was stored
+    (a loader's earlier batches stay stored). ``position``: the index of the first such row
+    in the batch."""
 
     def __init__(self, message: str, position: int = -1) -> None:
         super().__init__(message)

@@ -15,7 +15,18 @@ Per table (from ``--config``'s models, or every table of ``--rocksdb``'s databas
 - the hash map lives in each serving process, so inspect reports what a start-up load of
   ``initial_cache_rate`` would take there: ``rows × volatile_bytes_per_row``, the map's own
   steady-state estimate for the table's width, format and overflow settings (header, packed
-  row and slots: :func:`hps_core.db.hash_map.estimate_bytes_per_row`).
+  row and slots: :func:`hps_core.db.hash_map.estimate_bytes_per_row`);
+- Redis (``volatile_db.type: redis_cluster``, or ``--redis``), shared, so asked: its rows
+  (``HLEN``), the format it stores the table in (``redis_format``, from its metadata; a
+  mismatch with the config's is listed like RocksDB's), and ``MEMORY USAGE`` of the table's
+  hashes, in total and per row (``redis_bytes_per_row``: packed row, key and Redis's own
+  overhead; sampled by Redis, so an estimate). A Redis that cannot be reached is named in
+  the report, the rest of it still given;
+- the embedding cache of a model that asks for one (``gpucache``): ``cache_bytes_per_row``,
+  the bytes a row takes in its value store (:func:`hps_core.cache.base.row_stride`: the
+  packed row, fp8 and int8 rounded up to 4 bytes). Slot metadata (keys, versions, LRU
+  stamps: 24.125 bytes a slot in the dynamic GPU cache) is not counted; docs/cache.md,
+  "Memory per row".
 
 Output (:func:`format_report`): a plain aligned table; ``hps inspect`` (``hps_core/cli/inspect.py``)
 prints it, or the report as JSON with ``--json``.
@@ -27,8 +38,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from hps_core.config import ParameterServerConfig, TableConfig
-from hps_core.errors import FormatError
+from hps_core.config import ParameterServerConfig, TableConfig, gpu_cache_requested
+from hps_core.errors import FormatError, TierError
 from hps_core.formats import detect_format, sparse_model_rows
 
 __all__ = ["format_report", "inspect_tiers"]
@@ -46,7 +57,15 @@ _COLUMNS = (
     ("volatile_rows", "volatile rows"),
     ("volatile_bytes_per_row", "volatile row~"),
     ("volatile_bytes", "volatile mem~"),
+    ("redis_rows", "redis rows"),
+    ("redis_format", "redis format"),
+    ("redis_bytes_per_row", "redis row~"),
+    ("redis_bytes", "redis mem~"),
+    ("cache_bytes_per_row", "cache row"),
 )
+#: columns the text table leaves out when no table has a value in them
+_OPTIONAL = ("volatile_rows", "volatile_bytes_per_row", "volatile_bytes", "redis_rows", "redis_format",
+             "redis_bytes_per_row", "redis_bytes", "cache_bytes_per_row")
 
 
 def _file_rows(table: TableConfig) -> int | None:
@@ -104,23 +123,63 @@ def _volatile(config: ParameterServerConfig, table: TableConfig, file_rows: int 
     return out
 
 
-def _tables(config: ParameterServerConfig, db: Any) -> list[TableConfig]:
+def _open_redis(config: ParameterServerConfig) -> tuple[Any, dict[str, Any] | None]:
+    """The shared volatile tier (Any: the report reads count and memory_bytes) and the
+    report's ``redis`` section; (None, None) when the volatile tier is not Redis. A Redis
+    that cannot be reached gives (None, its section naming the error)."""
+    from hps_core.db import open_volatile_db
+
+    settings = config.volatile_db
+    if not settings.type.shared:
+        return None, None
+    section: dict[str, Any] = {"address": settings.redis.address, "error": None}
+    try:
+        return open_volatile_db(settings), section
+    except TierError as exc:
+        section["error"] = str(exc)
+        return None, section
+
+
+def _redis(tier: Any, name: str, section: dict[str, Any]) -> dict[str, Any]:
+    """Redis's rows, stored format and memory for table ``name`` (None each where unknown)."""
+    out: dict[str, Any] = {"redis_rows": None, "redis_format": None, "redis_bytes_per_row": None,
+                           "redis_bytes": None}
+    if tier is None or section["error"]:
+        return out
+    try:
+        if name not in tier.table_names():
+            return out
+        rows, nbytes = tier.count(name), tier.memory_bytes(name)
+        out.update(redis_rows=rows, redis_format=tier.row_format(name).value, redis_bytes=nbytes,
+                   redis_bytes_per_row=round(nbytes / rows) if rows else None)
+    except TierError as exc:  # a node failed mid-way: the report says so, the rest stands
+        section["error"] = str(exc)
+    return out
+
+
+def _tables(config: ParameterServerConfig, *tiers: Any) -> list[TableConfig]:
     tables = [t for m in config.models for t in m.tables]
-    if tables or db is None:
+    if tables:
         return tables
-    return [  # --rocksdb alone: every table the database holds, in the format it stores
-        TableConfig(name=n.split(".", 2)[-1], dim=db.dim(n), default_value=0.0,
-                    max_keys_per_sample=1, sparse_file="", qualified_name=n, row_format=db.row_format(n))
-        for n in db.table_names()
-    ]
+    found: dict[str, TableConfig] = {}
+    for tier in tiers:  # --rocksdb / --redis alone: every table they hold, in the format stored
+        for n in tier.table_names() if tier is not None else ():
+            found.setdefault(n, TableConfig(name=n.split(".", 2)[-1], dim=tier.dim(n), default_value=0.0,
+                                            max_keys_per_sample=1, sparse_file="", qualified_name=n,
+                                            row_format=tier.row_format(n)))
+    return [found[n] for n in sorted(found)]
 
 
 def inspect_tiers(config: ParameterServerConfig) -> dict[str, Any]:
     """The report as data: ``{"rocksdb": {...}, "volatile": {...}, "tables": [row, ...]}``."""
+    from hps_core.cache.base import row_stride
+
     db = _open_rocksdb(config)
+    redis, redis_section = _open_redis(config)
+    cached = {t.qualified_name for m in config.models if gpu_cache_requested(m) for t in m.tables}
     try:
         rows = []
-        for table in _tables(config, db):
+        for table in _tables(config, db, redis):
             name = table.qualified_name
             file_rows = _file_rows(table)
             row: dict[str, Any] = {"table": name, "dim": table.dim, "format": table.row_format.value,
@@ -131,6 +190,9 @@ def inspect_tiers(config: ParameterServerConfig) -> dict[str, Any]:
                 row.update(rocksdb_rows=db.estimate_rows(name), rocksdb_format=db.row_format(name).value,
                            rocksdb_bytes=db.disk_bytes(name), load=_load_state(db, table, name))
             row.update(_volatile(config, table, file_rows))
+            if redis_section is not None:
+                row.update(_redis(redis, name, redis_section))
+            row["cache_bytes_per_row"] = row_stride(table.row_format, table.dim) if name in cached else None
             rows.append(row)
         settings = config.persistent_db
         return {
@@ -139,11 +201,14 @@ def inspect_tiers(config: ParameterServerConfig) -> dict[str, Any]:
                         "dir_bytes": _dir_bytes(settings.path) if db is not None else None},
             "volatile": {"type": config.volatile_db.type,
                          "initial_cache_rate": config.volatile_db.initial_cache_rate},
+            "redis": redis_section,
             "tables": rows,
         }
     finally:
         if db is not None:
             db.close()
+        if redis is not None:
+            redis.close()
 
 
 def _dir_bytes(path: str) -> int:
@@ -163,14 +228,16 @@ def _human(n: Any) -> str:
 
 def format_report(report: dict[str, Any]) -> str:
     """The report as a plain aligned table with a header and a footer line per tier."""
-    cells = [[label for _, label in _COLUMNS]]
+    columns = [(key, label) for key, label in _COLUMNS
+               if key not in _OPTIONAL or any(row.get(key) is not None for row in report["tables"])]
+    cells = [[label for _, label in columns]]
     for row in report["tables"]:
         line = []
-        for key, _ in _COLUMNS:
-            value = row[key]
+        for key, _ in columns:
+            value = row.get(key)
             line.append(_human(value) if "bytes" in key else "-" if value is None else str(value))
         cells.append(line)
-    widths = [max(len(r[i]) for r in cells) for i in range(len(_COLUMNS))]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in cells]
     rdb, vol = report["rocksdb"], report["volatile"]
@@ -180,11 +247,21 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"rocksdb: {where}" + (f", {_human(rdb['dir_bytes'])} on disk" if rdb["dir_bytes"] else ""))
     lines.append(f"volatile: {vol['type']}, initial_cache_rate {vol['initial_cache_rate']:g} "
                  "(hash map: per serving process; ~ = estimate)")
+    redis = report.get("redis")
+    if redis is not None:
+        lines.append(f"redis: {redis['address']}" + (f", unreachable or failed: {redis['error']}" if redis["error"] else ""))
     lines.append("row size: one packed row in the table's format; volatile row~: the hash map's bytes per row, "
                  "overhead included")
+    if any(key == "redis_bytes_per_row" for key, _ in columns):
+        lines.append("redis row~: Redis's MEMORY USAGE of the table's hashes per row (key, packed row, overhead)")
+    if any(key == "cache_bytes_per_row" for key, _ in columns):
+        lines.append("cache row: one row in the embedding cache's value store (slot metadata not counted: "
+                     "+24.125 B a slot in the dynamic GPU cache, docs/cache.md)")
     for row in report["tables"]:
-        if row["rocksdb_format"] not in (None, row["format"]):
-            lines.append(f"format mismatch: {row['table']} is {row['rocksdb_format']} in rocksdb but "
-                         f"{row['format']} in the config: a server refuses to load it; serve it as "
-                         f"{row['rocksdb_format']}, or drop it and load it again")
+        for tier in ("rocksdb", "redis"):
+            stored = row.get(f"{tier}_format")
+            if stored not in (None, row["format"]):
+                lines.append(f"format mismatch: {row['table']} is {stored} in {tier} but "
+                             f"{row['format']} in the config: a server refuses to load it; serve it as "
+                             f"{stored}, or drop it and load it again")
     return "\n".join(lines)

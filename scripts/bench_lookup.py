@@ -307,16 +307,17 @@ class Device:
                 "cuda_driver": cupy.cuda.runtime.driverGetVersion()}
 
 
-def make_cache(args: argparse.Namespace, rows: list[int], dim: int) -> MultiTableCache | None:
-    """The session's multi-table dynamic cache for tables of ``rows`` rows (None: no cache).
-    Capacity ``--cache-headroom`` x rows per table: at the default 4 the whole table stays
-    resident (a set of 32 slots overflows with negligible probability), so warmed requests are
-    all-hit."""
+def make_cache(args: argparse.Namespace, model: ModelConfig, rows: list[int]) -> MultiTableCache | None:
+    """The session's multi-table dynamic cache for ``model``'s tables, of ``rows`` rows each
+    (None: no cache), in their widths and row formats, as the server builds it. Capacity
+    ``--cache-headroom`` x rows per table: at the default 4 the whole table stays resident (a
+    set of 32 slots overflows with negligible probability), so warmed requests are all-hit."""
     if args.cache == "none":
         return None
     device: str | int = 0 if args.cache == "gpu" else "cpu"
     return make_multi_table_cache("dynamic", device=device, capacities=[args.cache_headroom * r for r in rows],
-                                  dims=[dim] * len(rows))
+                                  dims=[t.dim for t in model.tables],
+                                  row_formats=[t.row_format for t in model.tables])
 
 
 def warm_cache(cache: MultiTableCache | None, device: Device, keys: list[np.ndarray],
@@ -544,7 +545,7 @@ def bench_inprocess(args: argparse.Namespace, tables: Tables, rng: np.random.Gen
                     on_row: Callable[[Row], None] | None = None) -> list[Row]:
     model = model_config("bench26", tables.n, tables.dim, max(args.samples))
     slices = [tables.dense[t * tables.rows : (t + 1) * tables.rows] for t in range(tables.n)]
-    cache = make_cache(args, [tables.rows] * tables.n, tables.dim)
+    cache = make_cache(args, model, [tables.rows] * tables.n)
     results = []
     with session_over(model, list(tables.key_maps), slices, args.num_partitions, cache) as session:
         resident = warm_cache(cache, device, list(tables.key_maps), slices)
@@ -626,8 +627,8 @@ def bench_tables(args: argparse.Namespace, tables: Tables, rng: np.random.Genera
     many = model_config("bench_many", n, tables.dim, max_b)
     one = model_config("bench_one", 1, tables.dim, max_b, keys_per_sample=n)
     slices = [tables.dense[t * tables.rows : (t + 1) * tables.rows] for t in range(n)]
-    many_cache = make_cache(args, [tables.rows] * n, tables.dim)
-    one_cache = make_cache(args, [n * tables.rows], tables.dim)
+    many_cache = make_cache(args, many, [tables.rows] * n)
+    one_cache = make_cache(args, one, [n * tables.rows])
     results = []
     with session_over(many, list(tables.key_maps), slices, args.num_partitions, many_cache) as s_many, \
             session_over(one, [tables.key_maps.ravel()], [tables.dense], args.num_partitions, one_cache) as s_one:

@@ -21,21 +21,23 @@ def add_inspect(subparsers: SubParsers) -> None:
         help="show the tables of the tiers: rows, width, format, memory and disk",
         description=("Report, per table, its row format and bytes per packed row, the rows of its "
                      "sparse file, RocksDB's row estimate, stored format, disk size and load state, "
-                     "and the memory the hash map would take."),
+                     "the memory the hash map would take, Redis's rows, stored format and memory "
+                     "per row, and the bytes a row takes in the embedding cache."),
     )
     parser.add_argument("--config", metavar="HPS_JSON", help="HugeCTR HPS JSON")
     parser.add_argument("--rocksdb", metavar="DIR", help="RocksDB folder (instead of, or overriding, the config's)")
+    parser.add_argument("--redis", metavar="HOST:PORT[,...]", help="Redis (cluster) (instead of, or overriding, the config's)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(func=run_inspect)
 
 
 def run_inspect(args: argparse.Namespace) -> int:
     """``hps inspect``: print the report."""
-    if not args.config and not args.rocksdb:
-        raise ConfigError("give --config HPS_JSON or --rocksdb DIR")
-    config = cli_config(args.config, rocksdb=args.rocksdb)
+    if not args.config and not args.rocksdb and not args.redis:
+        raise ConfigError("give --config HPS_JSON, or --rocksdb DIR / --redis HOST:PORT")
+    config = cli_config(args.config, rocksdb=args.rocksdb, redis=args.redis)
     if not args.config:
-        config = dataclasses.replace(config, source=args.rocksdb)
+        config = dataclasses.replace(config, source=args.rocksdb or args.redis)
     report = inspect_tiers(config)
     print(json.dumps(report, indent=2) if args.json else format_report(report), flush=True)
     return 0

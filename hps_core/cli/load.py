@@ -37,9 +37,10 @@ def add_load(subparsers: SubParsers) -> None:
     parser.add_argument("--npy", metavar="PATH", help="load this .npz file or keys.npy/vectors.npy folder instead of the config's tables")
     parser.add_argument("--table", metavar="NAME", help="with --npy: table name, e.g. hps_et.dlrm.cat0")
     parser.add_argument("--dim", type=int, metavar="D", help="with --npy: vector width")
-    parser.add_argument("--format", choices=FORMAT_NAMES, default=TableConfig.row_format.value,
-                        help="with --npy: the row format the table is stored in (default: %(default)s); "
-                             "config tables take embedding_format_per_table / fp8_quant")
+    parser.add_argument("--format", choices=FORMAT_NAMES, default=None,
+                        help="with --npy: the row format the table is stored in (default: the format "
+                             "--config declares for --table, else fp32); config tables take "
+                             "embedding_format_per_table / fp8_quant")
     parser.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, metavar="N",
                         help="rows per step (one SST file each; default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -64,7 +65,7 @@ def cli_config(path: str | None, *, rocksdb: str | None = None, redis: str | Non
     return config
 
 
-def _npy_table(args: argparse.Namespace) -> TableConfig:
+def _npy_table(args: argparse.Namespace, config: ParameterServerConfig) -> TableConfig:
     if not args.table or args.dim is None:
         raise ConfigError("--npy needs --table NAME (e.g. hps_et.dlrm.cat0) and --dim D")
     if not args.table.startswith("hps_et.") or args.table.count(".") < 2:
@@ -72,15 +73,35 @@ def _npy_table(args: argparse.Namespace) -> TableConfig:
     path = str(Path(args.npy).absolute())
     return TableConfig(name=args.table.split(".", 2)[2], dim=args.dim, default_value=0.0,
                        max_keys_per_sample=1, sparse_file=path, qualified_name=args.table,
-                       row_format=RowFormat(args.format))
+                       row_format=_npy_format(args, config))
+
+
+def _npy_format(args: argparse.Namespace, config: ParameterServerConfig) -> RowFormat:
+    """``--format``; a table ``--config`` declares takes the config's format (a server would
+    refuse it stored in another), and a ``--format`` saying otherwise is refused."""
+    declared = [t for m in config.models for t in m.tables if t.qualified_name == args.table]
+    if not declared:
+        return RowFormat(args.format) if args.format else TableConfig.row_format
+    fmt = declared[0].row_format
+    if args.format and args.format != fmt.value:
+        raise ConfigError(
+            f"--format {args.format}: {config.source} declares {args.table} as {fmt} "
+            "(embedding_format_per_table / fp8_quant), and a server with that config refuses the "
+            f"table stored as {args.format}. Fix: leave out --format (the table is loaded as {fmt}), "
+            "or change the config's format"
+        )
+    return fmt
 
 
 def run_load(args: argparse.Namespace) -> int:
     """``hps load``: print one line per table and tier, rows written."""
     config = cli_config(args.config, rocksdb=args.rocksdb, redis=args.redis)
     if args.npy:
-        tables = [_npy_table(args)]
+        tables = [_npy_table(args, config)]
     else:
+        if args.format:
+            raise ConfigError(f"--format {args.format} is for --npy tables; a config's tables are loaded in "
+                              "the format it declares (embedding_format_per_table / fp8_quant)")
         if not args.config:
             raise ConfigError("give --config HPS_JSON (or --npy PATH --table NAME --dim D)")
         names = [t for t in (args.tables or "").split(",") if t]

@@ -67,6 +67,8 @@ def test_load_then_inspect(config: Path) -> None:
     assert rows["hps_et.dlrm.cat0"]["volatile_rows"] == 1_500
     assert rows["hps_et.dlrm.cat0"]["volatile_bytes"] > 1_500 * DIM * 4
     assert data["rocksdb"]["exists"] and data["rocksdb"]["dir_bytes"] > 0
+    assert data["redis"] is None and "redis_rows" not in rows["hps_et.dlrm.cat0"]
+    assert rows["hps_et.dlrm.cat0"]["cache_bytes_per_row"] == 4 * DIM  # gpucache: its value store's stride
 
     text = hps("inspect", "--config", str(config))
     assert text.returncode == 0, text.stderr
@@ -141,6 +143,75 @@ def test_load_and_inspect_compact_formats(config: Path, tmp_path: Path) -> None:
         assert db.row_format("hps_et.other.t") is RowFormat.FP8
     finally:
         db.close()
+
+
+def test_load_format_is_the_configs_for_npy_tables(config: Path, tmp_path: Path) -> None:
+    """``--format`` is for ``--npy`` only; an --npy table the config declares is loaded in the
+    config's format, and a --format saying otherwise is refused naming both."""
+    doc = json.loads(config.read_text())
+    doc["models"][0]["embedding_format_per_table"] = ["int8", "fp16"]
+    config.write_text(json.dumps(doc))
+    alone = hps("load", "--config", str(config), "--format", "fp8")
+    assert alone.returncode == 1 and "Traceback" not in alone.stderr
+    assert "--format fp8 is for --npy tables" in alone.stderr, alone.stderr
+    npy = ("load", "--config", str(config), "--npy", str(tmp_path / "dlrm" / "cat1"), "--table", "hps_et.dlrm.cat1",
+           "--dim", str(DIM))
+    differing = hps(*npy, "--format", "int8")
+    assert differing.returncode == 1 and "Traceback" not in differing.stderr
+    assert f"--format int8: {config} declares hps_et.dlrm.cat1 as fp16" in differing.stderr, differing.stderr
+    assert not (config.parent / "rocksdb").exists()  # refused before any tier was opened
+    for extra in ((), ("--format", "fp16")):
+        loaded = hps(*npy, *extra)
+        assert loaded.returncode == 0, loaded.stderr
+    db = RocksDBPersistentDB(PersistentDBConfig(path=str(config.parent / "rocksdb"), read_only=True))
+    try:
+        assert db.row_format("hps_et.dlrm.cat1") is RowFormat.FP16
+    finally:
+        db.close()
+
+
+@pytest.mark.redis
+def test_inspect_shows_redis_and_cache_formats_and_bytes_per_row(config: Path, tmp_path: Path) -> None:
+    """Per tier the format and bytes per row: Redis's stored format (a mismatch with the
+    config's named) and its memory per row, and the cache's row stride for a model with one."""
+    from hps_core.cache.base import row_stride
+    from tests.redis_servers import RedisProcesses
+
+    doc = json.loads(config.read_text())
+    doc["models"][0]["embedding_format_per_table"] = ["int8", "fp16"]
+    config.write_text(json.dumps(doc))
+    with RedisProcesses.single(tmp_path / "redis") as server:
+        loaded = hps("load", "--config", str(config), "--redis", server.address, "--tier", "volatile")
+        assert loaded.returncode == 0, loaded.stderr  # initial_cache_rate 0.5: half of each table
+        report = hps("inspect", "--config", str(config), "--redis", server.address, "--json")
+        assert report.returncode == 0, report.stderr
+        data = json.loads(report.stdout)
+        assert data["redis"] == {"address": server.address, "error": None}
+        rows = {r["table"]: r for r in data["tables"]}
+        for table, fmt, n in (("hps_et.dlrm.cat0", RowFormat.INT8, 1_500), ("hps_et.dlrm.cat1", RowFormat.FP16, 600)):
+            row = rows[table]
+            assert (row["redis_rows"], row["redis_format"]) == (n, fmt.value)
+            assert fmt.row_bytes(DIM) + 8 <= row["redis_bytes_per_row"] == round(row["redis_bytes"] / n)
+            assert row["cache_bytes_per_row"] == row_stride(fmt, DIM)
+        assert rows["hps_et.dlrm.cat0"]["cache_bytes_per_row"] == 12  # 8 + 4 bytes: already a multiple of 4
+
+        doc["models"][0]["embedding_format_per_table"] = "fp16"  # cat0 is stored as int8 in Redis
+        doc["models"][0]["gpucache"] = False
+        config.write_text(json.dumps(doc))
+        text = hps("inspect", "--config", str(config), "--redis", server.address)
+        assert text.returncode == 0, text.stderr
+        lines = text.stdout.splitlines()
+        assert "redis format" in lines[0] and "redis row~" in lines[0] and "cache row" not in lines[0]
+        assert len({len(line) for line in lines[:3]}) == 1  # aligned columns
+        assert ("format mismatch: hps_et.dlrm.cat0 is int8 in redis but fp16 in the config: a server refuses to "
+                "load it") in text.stdout
+        alone = hps("inspect", "--redis", server.address, "--json")
+        assert alone.returncode == 0, alone.stderr
+        assert [(r["table"], r["format"], r["redis_format"]) for r in json.loads(alone.stdout)["tables"]] == [
+            ("hps_et.dlrm.cat0", "int8", "int8"), ("hps_et.dlrm.cat1", "fp16", "fp16")]
+    gone = hps("inspect", "--config", str(config), "--redis", server.address, "--json")
+    assert gone.returncode == 0, gone.stderr
+    assert json.loads(gone.stdout)["redis"]["error"]  # unreachable: said, the rest reported
 
 
 def test_errors_are_one_line_with_a_fix(config: Path) -> None:
