@@ -54,7 +54,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from hps_core.config import ModelConfig, ParameterServerConfig, TierType, load_config, parse_config
-from hps_core.errors import ConfigError, FormatError, ServingError, TierBusyError
+from hps_core.errors import ConfigError, FormatError, HPSError, ServingError, TierBusyError
 from hps_core.formats import read_sparse_model
 from hps_core.formats.hugectr import check_unique_keys
 from hps_core.loader import DEFAULT_CHUNK_ROWS, fingerprint, load_config_tables
@@ -207,9 +207,10 @@ def version_folders(model_dir: Path) -> list[int]:
 
 
 def next_version(target: PublishTarget) -> int:
-    """One above every version of the target's models: in the repository, being written or retired."""
-    folders = [folder for m in target.models for folder in
-               (target.model_dir(m), target.work / "staging" / m, target.work / "retired" / m)]
+    """One above every version of the target's models: in the repository, being written, retired
+    or failed (a number is never used twice: its tables may still be in the tiers)."""
+    folders = [folder for m in target.models for folder in (target.model_dir(m), target.work / "staging" / m,
+                                                            target.work / "retired" / m, target.work / "failed" / m)]
     return 1 + max((v for folder in folders for v in version_folders(folder)), default=0)
 
 
@@ -649,7 +650,7 @@ def publish_model(
         resumed = find_resumable_version(target, export)
         version = resumed if resumed is not None else next_version(target)
         state_file = target.state_file(version)
-        state = _read_json(state_file) or {
+        state = (_read_json(state_file) if resumed is not None else {}) or {
             "version": version, "fingerprint": export.fingerprint, "export": str(export.folder), "phase": "validated",
             "previous": current, "previous_model": serving_model.model, "previous_json": str(serving_json)}
         previous, old_model = int(state["previous"]), str(state["previous_model"])
@@ -684,10 +685,13 @@ def publish_model(
                 for model, seconds in zip(target.models, pool.map(lambda m: _timed(control.load, m, versions=[version]),
                                                                    target.models)):
                     report.model_load_s[model] = seconds
-        except ServingError:
+        except ServingError as exc:
             _take_back(target, control, version, previous)
             reached("failed")
-            raise
+            with contextlib.suppress(HPSError):  # its rows are of no use: the next attempt is another version
+                drop_tables(new_config, new_config.models[0].model)
+            raise ServingError(f"version {version} did not load, so it was taken out again and version {previous} "
+                               f"serves on (its folders are in {target.work / 'failed'}): {exc}") from exc
         reached("installed")
     log_line(f"version {version} READY: " + ", ".join(f"{m} in {t:.2f} s" for m, t in report.model_load_s.items()))
     with report.phase("switch"):
@@ -746,7 +750,7 @@ def _take_back(target: PublishTarget, control: ModelControl, version: int, previ
             folder.rename(dest)
     for model in target.models:
         with contextlib.suppress(ServingError):
-            control.load(model, versions=[previous])
+            _unload_version(control, model, version, previous, timeout=60.0)
 
 
 def _switch(control: ModelControl, target: PublishTarget, version: int, previous: int) -> None:
