@@ -34,6 +34,7 @@ from hps_core.rows import check_rows_fit
 
 __all__ = [
     "BulkLoad",
+    "DropTable",
     "EmbeddingTier",
     "MarkerState",
     "PartitionMarkers",
@@ -203,6 +204,26 @@ class BulkLoad(Protocol):
     def bulk_load(self, table: str, keys: Keys, values: Vectors) -> int:
         """Upsert the rows, all or none; a key repeated in the batch keeps its last row.
         keys: (n,) int64. values: (n, dim) float32, C-contiguous. Returns rows written."""
+        ...
+
+
+@runtime_checkable
+class DropTable(Protocol):
+    """Optional tier capability: remove a table, its rows and its metadata, for good.
+
+    What removes an unloaded model version's tables (``hps_et.<model>_v<N>.<table>``) from a
+    tier other processes share (docs/deployment.md, "Model versions and runtime loading"). After
+    it the table is unknown to this handle and to any process that opens the tier afterwards, and
+    ``create_table`` starts it again empty, in any width and format. A partial failure leaves the
+    table listed, so the drop can be repeated. Processes that still serve the table must be
+    stopped first: what they see of it afterwards is undefined (a handle with the table cached
+    reads misses, or rows it had opened).
+    """
+
+    def drop_table(self, table: str) -> int:
+        """Delete ``table``: every row, its width, format and load bookkeeping. Returns the
+        rows dropped (RocksDB: its estimate). Unknown table: ``UnknownTableError``; a handle that
+        cannot write (read-only RocksDB): ``TierError``."""
         ...
 
 

@@ -815,7 +815,7 @@ class HashMapVolatileDB:
         return sum(part.n_rows for part in t.partitions)
 
     def drop_table(self, table: str) -> int:
-        """Delete ``table`` and its rows; returns the rows dropped."""
+        """Delete ``table`` and its rows; returns the rows dropped (the ``DropTable`` capability)."""
         with self._tables_lock:
             t = self._table(table)
             # its directory entries stay (indices are positions) but hold empty arrays

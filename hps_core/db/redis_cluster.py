@@ -145,6 +145,8 @@ _CREATE_TABLE = "if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then " 
                 "redis.call('HSET', KEYS[2], ARGV[1], ARGV[3]) redis.call('HSET', KEYS[3], ARGV[1], ARGV[4]) end " \
                 + _READ_TABLE
 _META_KEYS = (layout.META_KEY, layout.PARTITIONS_KEY, layout.FORMATS_KEY)
+# A table's entries in the three metadata hashes, removed together (drop_table).
+_DROP_META = "for _, key in ipairs(KEYS) do redis.call('HDEL', key, ARGV[1]) end return 1"
 # Delete a lock only if it still holds our token (it may have expired and been taken).
 _RELEASE_LOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
@@ -467,6 +469,27 @@ class _RedisTier:
         commands = [_Command(info.slots[p], ("HLEN", info.hkeys[p]), 0) for p in range(self._num_partitions)]
         replies = self._run(f"count {table!r}", commands, strict=True)
         return int(sum(int(r) for r in replies))
+
+    def drop_table(self, table: str) -> int:
+        """Delete ``table``'s partition hashes, load markers and refill locks, then its entries
+        in the metadata hashes (one script); returns the rows dropped (``DropTable``). Strict:
+        a node that fails raises TierError, and the table stays listed until a drop succeeds."""
+        self._check_open()
+        table = check_table_name(table)
+        info = self._table(table)
+        parts = range(self._num_partitions)
+        counted = self._run(f"count {table!r}", [_Command(info.slots[p], ("HLEN", info.hkeys[p]), 0) for p in parts],
+                            strict=True)
+        deletes = [
+            _Command(info.slots[p], ("DEL", info.hkeys[p], layout.marker_hkey(table, p), layout.lock_hkey(table, p)), 0)
+            for p in parts
+        ]
+        self._run(f"drop {table!r}", deletes, strict=True)
+        meta = self._meta()
+        self._call(f"drop table {table!r}", lambda: meta.eval(_DROP_META, 3, *_META_KEYS, table))
+        self._tables.pop(table, None)
+        self._groups.clear()
+        return int(sum(int(r) for r in counted))
 
     def memory_bytes(self, table: str) -> int:
         """Redis's estimate of the memory the table's hashes use (``MEMORY USAGE``, sampled)."""

@@ -521,6 +521,34 @@ class RocksDBPersistentDB:
             self._db = self._open(self._num_threads)
         self._load_tables()
 
+    def drop_table(self, table: str) -> int:
+        """Drop ``table``'s column family and its metadata keys (``hps.<kind>.<table>``: dim,
+        format, load marker) in the default family; returns RocksDB's estimate of the rows it
+        held (``DropTable``). Files a read-only handle of another process still has open stay
+        readable to it until it closes them (POSIX unlink)."""
+        rows = self.estimate_rows(table)
+        self._check_writable(table, "drop table")
+        with self._lock, self._translate("drop table", table):
+            self._check_open()
+            cf = self._cfs.pop(table, None)
+            self._handles.pop(table, None)
+            self._groups.clear()  # they hold views of the dropped family
+            if cf is not None:
+                cf.close()
+            if self._has_family(table):
+                self._db.drop_column_family(table)
+            meta = WriteBatch(raw_mode=True)  # dim, format and marker go together, after the rows
+            keys: Any = self._db.keys(from_key=_META_PREFIX)  # raw mode: bytes
+            for name in keys:
+                if not name.startswith(_META_PREFIX):
+                    break
+                if name[len(_META_PREFIX):].partition(b".")[2] == table.encode():
+                    meta.delete(name)
+            self._db.write(meta, self._write_opts)
+            del self._dims[table], self._formats[table]
+            self._unformatted.discard(table)
+        return rows
+
     def get_meta(self, name: str) -> bytes | None:
         """The bookkeeping value stored under ``hps.<name>`` in the default column family."""
         self._check_open()

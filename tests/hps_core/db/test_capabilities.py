@@ -31,19 +31,20 @@ from hps_core.db import (
     open_persistent_db,
     open_volatile_db,
 )
-from hps_core.db.base import BulkLoad, PartitionMarkers, Refreshable, SharedTier, TableMetadata
-from hps_core.errors import TierError
+from hps_core.db.base import BulkLoad, DropTable, PartitionMarkers, Refreshable, SharedTier, TableMetadata
+from hps_core.errors import TierError, UnknownTableError
+from hps_core.row_formats import RowFormat
 from tests.hps_core.db.conftest import IMPLEMENTATIONS, TierFactory
 
 Encode = Callable[[np.ndarray, int], np.ndarray]
 T = "hps_et.model.table"
 
-CAPABILITIES: tuple[type[Any], ...] = (BulkLoad, TableMetadata, Refreshable, SharedTier, PartitionMarkers)
+CAPABILITIES: tuple[type[Any], ...] = (BulkLoad, TableMetadata, Refreshable, SharedTier, PartitionMarkers, DropTable)
 CLAIMS: dict[str, set[type[Any]]] = {
-    "hash_map": set(),
-    "rocks_db": {BulkLoad, TableMetadata, Refreshable},
-    "redis_cluster": {SharedTier, PartitionMarkers},
-    "redis_single": {SharedTier, PartitionMarkers},
+    "hash_map": {DropTable},
+    "rocks_db": {BulkLoad, TableMetadata, Refreshable, DropTable},
+    "redis_cluster": {SharedTier, PartitionMarkers, DropTable},
+    "redis_single": {SharedTier, PartitionMarkers, DropTable},
 }
 # the tier type behind each implementation the fixtures build
 TYPE_OF = {"hash_map": TierType.HASH_MAP, "rocks_db": TierType.ROCKS_DB,
@@ -200,3 +201,60 @@ def test_shared_tier_is_one_store_for_every_handle(make_tier: TierFactory, encod
         np.testing.assert_array_equal(out, encode(keys, 2))
     finally:
         second.close()
+
+
+# --------------------------------------------------------------------------- DropTable
+
+
+@pytest.mark.parametrize("kind", claiming(DropTable))
+def test_drop_table_removes_rows_and_metadata_and_leaves_the_others(
+    make_tier: TierFactory, encode: Encode, kind: str
+) -> None:
+    db = make_tier(kind)
+    kept = T + "_kept"
+    for table in (T, kept):
+        db.create_table(table, 4)
+        keys = np.arange(100, dtype=np.int64)
+        db.insert(table, keys, encode(keys, 4))
+    if isinstance(db, TableMetadata):
+        db.put_meta(f"load.{T}", b"marker")  # the loader's progress marker goes with the table
+        db.put_meta(f"load.{kept}", b"kept")
+    if isinstance(db, PartitionMarkers):
+        db.mark_loaded(T)
+    dropped = db.drop_table(T)
+    assert dropped == 100 or (kind == "rocks_db" and dropped > 0)  # RocksDB: its estimate
+    assert T not in db.table_names() and kept in db.table_names()
+    with pytest.raises(UnknownTableError):
+        db.dim(T)
+    with pytest.raises(UnknownTableError):
+        db.drop_table(T)
+    out = np.zeros((100, 4), np.float32)
+    assert db.fetch(kept, np.arange(100, dtype=np.int64), out).all()
+    np.testing.assert_array_equal(out, encode(np.arange(100), 4))
+    if isinstance(db, TableMetadata):
+        assert db.get_meta(f"load.{T}") is None and db.get_meta(f"load.{kept}") == b"kept"
+    # Gone for a handle opened afterwards too (another server sharing the tier).
+    if kind == "rocks_db":
+        db.close()
+        db = make_tier(kind)
+    elif isinstance(db, SharedTier):
+        db = type(db)(VolatileDBConfig(redis=RedisConfig(address=db.address), num_partitions=4))
+    assert T not in db.table_names()
+    # Created again: empty, in another width and format.
+    db.create_table(T, 8, RowFormat.INT8)
+    assert (db.count(T), db.dim(T), db.row_format(T)) == (0, 8, RowFormat.INT8)
+    if isinstance(db, PartitionMarkers):
+        assert db.check_markers([T]).missing == {T: [0, 1, 2, 3]}  # no marker survived
+    if kind in ("redis_cluster", "redis_single"):
+        db.close()
+
+
+@pytest.mark.parametrize("kind", [k for k in claiming(DropTable) if _kind(k) == "rocks_db"])
+def test_drop_table_refused_when_read_only(make_tier: TierFactory, kind: str) -> None:
+    writer = make_tier(kind)
+    writer.create_table(T, 2)
+    writer.close()
+    reader = make_tier(kind, read_only=True)
+    with pytest.raises(TierError, match="read-only"):
+        reader.drop_table(T)
+    assert T in reader.table_names()
