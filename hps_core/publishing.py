@@ -54,6 +54,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from hps_core.config import ModelConfig, ParameterServerConfig, TierType, load_config, parse_config
+from hps_core.db.base import DropTable, EmbeddingTier
 from hps_core.errors import ConfigError, FormatError, HPSError, ServingError, TierBusyError
 from hps_core.formats import read_sparse_model
 from hps_core.formats.hugectr import check_unique_keys
@@ -562,27 +563,28 @@ def at_low_priority(fn: Callable[[], T], nice: int) -> T:
 def drop_tables(config: ParameterServerConfig, model: str) -> dict[str, list[str]]:
     """Drop ``model``'s tables from ``config``'s persistent tier and shared volatile tier, where
     the tier can drop tables (``DropTable``); ``{tier: tables dropped}``."""
-    from hps_core.db import base as db_base
     from hps_core.db import open_persistent_db, open_volatile_db
 
-    capability = getattr(db_base, "DropTable", None)
     names = [t.qualified_name for t in config.model(model).tables]
     dropped: dict[str, list[str]] = {}
-    openers: list[tuple[str, Callable[[], Any]]] = []
+    openers: list[tuple[str, Callable[[], EmbeddingTier | None]]] = []
     if config.persistent_db.enabled and not config.persistent_db.read_only:
         openers.append(("persistent", lambda: _WRITE_LOCK_WAIT.call(lambda: open_persistent_db(config.persistent_db))))
     if config.volatile_db.enabled and config.volatile_db.type.shared:
         openers.append(("volatile", lambda: open_volatile_db(config.volatile_db)))
     for tier, opener in openers:
         db = opener()
+        if db is None:
+            continue
         try:
-            if capability is None or not isinstance(db, capability):
+            known = set(db.table_names())
+            dropper = db if isinstance(db, DropTable) else None
+            if dropper is None:
                 log.info("%s tier cannot drop tables: version tables %s stay", tier, names)
                 continue
-            known = set(db.table_names())
             dropped[tier] = [n for n in names if n in known]
             for name in dropped[tier]:
-                db.drop_table(name)
+                dropper.drop_table(name)
         finally:
             db.close()
     return dropped

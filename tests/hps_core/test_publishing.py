@@ -17,6 +17,7 @@ from hps_core.loader import read_marker
 from hps_core.publishing import (
     PublishTarget,
     bulk_load,
+    drop_tables,
     find_resumable_version,
     install_version,
     next_version,
@@ -155,3 +156,20 @@ def test_at_low_priority_runs_in_a_lowered_thread_and_passes_result_and_errors_b
 
     with pytest.raises(FormatError, match="broken"):
         at_low_priority(fail, 5)
+
+
+def test_drop_tables_removes_a_versions_tables_and_leaves_the_others(setup: tuple[PublishTarget, Path]) -> None:
+    target, folder = setup
+    written = write_version(target, _validate(target, folder), 2, serving_hps_json(target, 1))
+    config = version_config(target, written)
+    bulk_load(config, progress=False)
+    v1 = load_config(serving_hps_json(target, 1))
+    bulk_load(v1, progress=False)
+    names = [f"hps_et.hps_embedding_v2.t{i}" for i in range(TABLES)]
+    assert drop_tables(config, "hps_embedding_v2") == {"persistent": names}
+    assert drop_tables(config, "hps_embedding_v2") == {"persistent": []}  # again: nothing left to drop
+    db = RocksDBPersistentDB(v1.persistent_db)
+    try:
+        assert db.table_names() == [f"hps_et.hps_embedding.t{i}" for i in range(TABLES)]
+    finally:
+        db.close()
