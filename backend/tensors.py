@@ -84,6 +84,17 @@ def model_dir(args: dict[str, Any]) -> Path:
     return folder
 
 
+def version_file(args: dict[str, Any], name: str) -> Path | None:
+    """``<model folder>/<version>/<name>`` of the version being initialised, when that file
+    exists (a version published with its own files, docs/deployment.md "Model versions and
+    runtime loading"); None otherwise."""
+    version = str(args.get("model_version", "")).strip()
+    if not version:
+        return None
+    path = model_dir(args) / version / name
+    return path if path.is_file() else None
+
+
 def resolve_model_path(args: dict[str, Any], value: str) -> Path:
     """An absolute path for a path parameter; a relative one is relative to the model's folder."""
     path = Path(value).expanduser()

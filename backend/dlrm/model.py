@@ -16,7 +16,9 @@ Model configuration (config.pbtxt)::
     parameters { key: "torch_threads" value: { string_value: "1" } }       # optional
 
 ``dense_weights`` is the ``dense.pt`` written by ``save_dense`` (its ``dense.json`` must lie
-beside it); a relative path is taken relative to the model's folder in the repository.
+beside it); a relative path is taken relative to the model's folder in the repository. A
+version folder holding its own ``dense.pt`` (``<model folder>/<N>/dense.pt``, with its
+``dense.json``, as ``hps publish-model`` writes it) is served instead, for that version.
 
 ``NUMKEYS`` is what the ensemble sent to HPS (step 1); with it, a request whose keys are not
 one per table per sample is refused (INVALID_ARG naming NUMKEYS) instead of being scored with
@@ -39,7 +41,14 @@ import triton_python_backend_utils as pb_utils
 from backend.dlrm.io import Batch, split_batch, to_torch
 from backend.dlrm.network import DenseDLRM, load_dense, serving_forward
 from backend.responses import answer_requests, triton_log
-from backend.tensors import model_config, numpy_to_tensor, resolve_model_path, string_parameter, triton_error
+from backend.tensors import (
+    model_config,
+    numpy_to_tensor,
+    resolve_model_path,
+    string_parameter,
+    triton_error,
+    version_file,
+)
 from hps_core.errors import RequestError
 from hps_core.logs import RateLimitedLog
 
@@ -62,7 +71,7 @@ class TritonPythonModel:
         # interval. Made here: pb_utils.Logger does not exist yet when the stub imports us.
         self._failures = RateLimitedLog(triton_log(pb_utils.Logger))
         config = model_config(args)
-        weights = resolve_model_path(args, _parameter(config, "dense_weights"))
+        weights = version_file(args, "dense.pt") or resolve_model_path(args, _parameter(config, "dense_weights"))
         # Each instance is a separate process; Triton scales by running several of them, so one
         # intra-op thread each avoids N instances x all-cores threads fighting for the CPUs (small
         # batches gain nothing from more threads). Raise it with "torch_threads" for 1 instance.

@@ -79,14 +79,17 @@ class TritonMetrics:
             self._metric(sample).set(sample.value)
 
     def close(self) -> None:
-        """Stop the thread, then drop the Triton objects (metrics
-        before their families: pb_utils' rule)."""
+        """Stop the publishing thread. The Triton objects are NOT dropped here: they go with
+        the stub process after ``finalize``, and Triton removes the model's metrics when it
+        unloads the model. Dropping them in ``finalize`` (each a delete sent to Triton) left
+        Triton 2.51 with a corrupted heap once a model whose families share their names with
+        a model still loaded (every HPS model: the names are the same) was unloaded at runtime:
+        the next model load hung in ``malloc(): unsorted double linked list corrupted``
+        (docs/deployment.md, "Model versions and runtime loading")."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        self._metrics.clear()
-        self._families.clear()
 
     def _metric(self, sample: Sample) -> Any:
         metric = self._metrics.get(sample.key)

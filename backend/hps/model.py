@@ -11,11 +11,20 @@ and ``OUTPUT0`` stays on the GPU, handed to the next ensemble step through DLPac
 KIND_CPU instance the same model serves from the volatile and persistent databases.
 
 Where the HPS JSON comes from, first match wins:
-1. the model parameter ``hps_config`` (relative paths are relative to the model's folder);
-2. ``--backend-config=hps,ps=PATH`` given to ``hps serve`` (HugeCTR's way; ``hps serve``
+1. ``<model folder>/<version>/hps.json``: the version's own JSON (``hps publish-model`` writes
+   it for each version it publishes);
+2. the model parameter ``hps_config`` (relative paths are relative to the model's folder);
+3. ``--backend-config=hps,ps=PATH`` given to ``hps serve`` (HugeCTR's way; ``hps serve``
    hands it over in the environment variable ``HPS_BACKEND_CONFIG_PS``).
 The model's entry in that JSON is the one whose ``model`` equals the Triton model name, or
-the model parameter ``hps_model``.
+the model parameter ``hps_model``; from a version's own JSON, the entry ``<that name>_v<N>``
+when there is one (its tables are ``hps_et.<name>_v<N>.<table>`` in every tier, apart from
+version N-1's), else that name.
+
+``finalize`` releases everything the instance holds (the metrics thread, the update sources,
+refreshers and background insertions, the tiers' RocksDB handles and Redis connections, the
+caches), so that unloading a model or a version through Triton's repository API returns its
+memory and files (tests/hps_core/test_runtime_models.py).
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from backend.tensors import (
     resolve_model_path,
     string_parameter,
     triton_error,
+    version_file,
 )
 from hps_core.arrays import retain_freed_memory
 from hps_core.config import gpu_cache_requested, load_config
@@ -62,7 +72,8 @@ class TritonPythonModel:
             check_interface(config)  # HugeCTR's KEYS, NUMKEYS -> OUTPUT0, or a clear load error
         except HPSError as exc:
             raise pb_utils.TritonModelException(str(exc)) from exc
-        hps_config = string_parameter(config, "hps_config") or os.environ.get(_PS_ENV)
+        versioned = version_file(args, "hps.json")
+        hps_config = str(versioned) if versioned else string_parameter(config, "hps_config") or os.environ.get(_PS_ENV)
         if hps_config is None:
             raise pb_utils.TritonModelException(
                 f"model '{args['model_name']}': no HPS config; set the parameter hps_config in config.pbtxt "
@@ -71,6 +82,8 @@ class TritonPythonModel:
         name = string_parameter(config, "hps_model") or args["model_name"]
         try:
             ps_config = load_config(resolve_model_path(args, hps_config))
+            if versioned is not None:
+                name = version_model_name(ps_config, name, int(args["model_version"]))
             model = ps_config.model(name)
             device = self._cache_device(model, args)
             if device is not None:
@@ -84,7 +97,8 @@ class TritonPythonModel:
         self._metrics = TritonMetrics(pb_utils, self._collector(name, args), self._session, self._server.updates)
         self._metrics.start(float(string_parameter(config, "hps_metrics_interval_s") or DEFAULT_INTERVAL_S))
         self._logger.log_info(
-            f"hps: model '{name}' ready with {len(model.tables)} tables from {ps_config.source} "
+            f"hps: model '{name}' (version {args.get('model_version', '?')}) ready with {len(model.tables)} "
+            f"tables from {ps_config.source} "
             f"(numpy {np.__version__})"  # the stub's numpy decides its tensor I/O path
         )
 
@@ -137,6 +151,13 @@ class TritonPythonModel:
                 "the instance_group's gpus in config.pbtxt"
             )
         return device
+
+
+def version_model_name(config: Any, name: str, version: int) -> str:
+    """The entry of a version's own HPS JSON that version ``version`` of ``name`` serves:
+    ``<name>_v<version>`` when the JSON has one, else ``name``."""
+    versioned = f"{name}_v{version}"
+    return versioned if any(m.model == versioned for m in config.models) else name
 
 
 def _inputs(request: Any) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:

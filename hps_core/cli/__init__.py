@@ -1,6 +1,6 @@
 """The ``hps`` command line: the only argparse in ``hps_core``.
 
-One module per subcommand (``serve.py``, ``load.py``, ``inspect.py``, ``publish.py``), each with
+One module per subcommand (``serve.py``, ``load.py``, ``inspect.py``, ``publish.py``, ``models.py``), each with
 a registration function ``add_<name>(subparsers) -> None`` that adds its parser and sets
 ``func`` (a callable ``(args) -> int`` returning the exit code) with
 ``parser.set_defaults(func=...)``; the work itself is done by the library modules they call
@@ -35,6 +35,8 @@ SUBCOMMANDS: dict[str, str] = {
     "load": "hps_core.cli.load:add_load",
     "inspect": "hps_core.cli.inspect:add_inspect",
     "publish": "hps_core.cli.publish:add_publish",
+    "publish-model": "hps_core.cli.publish_model:add_publish_model",
+    "models": "hps_core.cli.models:add_models",
 }
 
 

@@ -111,3 +111,47 @@ def test_internal_failures_are_one_log_line_per_cause_and_finalize_writes_the_co
     instance.finalize()
     errors = [line for level, line in pb.Logger.records if level == "error"]
     assert len(errors) == 2 and errors[1].startswith(errors[0] + " (99 like this held back in the last "), errors
+
+
+def test_a_version_serves_its_own_hps_json_and_entry(hps_model: tuple[Any, Any], tmp_path: Path) -> None:
+    """Version N with ``<model folder>/N/hps.json`` serves that JSON's entry ``emb_vN`` (its own
+    tables), or its entry ``emb`` when it has no ``emb_vN``; a version without a folder of its
+    own serves the model-level hps_config (docs/deployment.md, "Model versions and runtime loading")."""
+    _, pb = hps_model
+    model_py = sys.modules["backend.hps.model"]
+    base = json.loads((tmp_path / "hps.json").read_text())
+    for version, entry, scale in ((2, "emb_v2", -1), (3, "emb", 2)):
+        folder = tmp_path / str(version)
+        files = []
+        for i, dim in enumerate(DIMS):
+            keys = np.arange(10, dtype=np.int64)
+            write_sparse_model(folder / f"t{i}", keys, _rows(keys, dim) * scale)
+            files.append(str(folder / f"t{i}"))
+        (folder / "hps.json").write_text(json.dumps({**base, "models": [{**base["models"][0], "model": entry,
+                                                                            "sparse_files": files}]}))
+    for version, scale in (("2", -1), ("3", 2), ("4", 1)):
+        instance = model_py.TritonPythonModel()
+        instance.initialize({**_args(tmp_path, HUGECTR), "model_version": version})
+        try:
+            [response] = instance.execute([_request(pb, [1, 2])])
+            np.testing.assert_array_equal(response.output_tensors[0].as_numpy(), _expected([1, 2]) * scale)
+        finally:
+            instance.finalize()
+    assert model_py.version_model_name(model_py.load_config(tmp_path / "2" / "hps.json"), "emb", 2) == "emb_v2"
+
+
+def test_version_file_is_the_versions_own_file_seen_through_a_staged_mirror(tmp_path: Path) -> None:
+    from backend.tensors import version_file
+    from hps_core.serving import SOURCE_MARKER
+
+    model = tmp_path / "repo" / "dlrm_dense"
+    (model / "2").mkdir(parents=True)
+    (model / "2" / "dense.pt").write_bytes(b"weights")
+    staged = tmp_path / "staged" / "dlrm_dense"
+    staged.mkdir(parents=True)
+    (staged / SOURCE_MARKER).write_text(f"{model}\n")  # hps serve's mirror names the original folder
+    for folder in (model, staged):
+        args = {"model_repository": str(folder), "model_version": "2"}
+        assert version_file(args, "dense.pt") == model / "2" / "dense.pt"
+        assert version_file({**args, "model_version": "1"}, "dense.pt") is None
+        assert version_file(args, "hps.json") is None
