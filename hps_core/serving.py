@@ -749,7 +749,8 @@ class TritonServer:
         """Bring the staged mirror of the repository (served without GPU) in step with the
         original (:func:`sync_model_repository`); nothing to do when the original is served."""
         served = self.served_repository
-        if served is not None and served != self.model_repository and self.model_repository.is_dir():
+        # not once stop() removed the staging folder: a sync would create it again
+        if served is not None and served != self.model_repository and served.is_dir() and self.model_repository.is_dir():
             sync_model_repository(self.model_repository, served)
 
     def wait(self, timeout: float | None = None) -> int:

@@ -53,8 +53,8 @@ def add_models(subparsers: SubParsers) -> None:
         "unload", help="unload a model, or some of its versions; wait until they are gone",
         description=("Unload every version of MODEL and wait until each ran its finalize. With "
                      "--version, unload only those: the model is loaded again with its served config "
-                     "and a version policy naming the other READY versions. The folders stay: "
-                     "the next load of MODEL after its folder changed serves them again; to retire "
+                     "and a version policy naming the other READY versions. The folders stay, and a "
+                     "later load of MODEL after a change on disk may serve them again; to retire "
                      "a version for good, move its folder out of the repository and load MODEL."),
     )
     unload.add_argument("model", metavar="MODEL")
