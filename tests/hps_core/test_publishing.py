@@ -173,3 +173,28 @@ def test_drop_tables_removes_a_versions_tables_and_leaves_the_others(setup: tupl
         assert db.table_names() == [f"hps_et.hps_embedding.t{i}" for i in range(TABLES)]
     finally:
         db.close()
+
+
+@pytest.mark.redis
+def test_a_shared_redis_is_bulk_loaded_ahead_and_the_version_dropped_from_it(tmp_path: Path) -> None:
+    from hps_core.config import RedisConfig, VolatileDBConfig
+    from hps_core.db import RedisVolatileDB
+    from tests.redis_servers import RedisProcesses
+
+    with RedisProcesses.single(tmp_path / "redis") as server:
+        volatile = {"type": "redis_cluster", "address": server.address, "num_partitions": 4, "initial_cache_rate": 1.0}
+        repository = build_repository(tmp_path, make_version(1, tables=TABLES, rows=ROWS, dim=DIM),
+                                      rocksdb=tmp_path / "rocksdb", volatile=volatile)
+        target = PublishTarget(repository=repository)
+        export = write_export(make_version(2, tables=TABLES, rows=ROWS, dim=DIM), tmp_path / "export_v2")
+        written = write_version(target, _validate(target, export), 2, serving_hps_json(target, 1))
+        config = version_config(target, written)
+        names = [f"hps_et.hps_embedding_v2.t{i}" for i in range(TABLES)]
+        assert bulk_load(config, progress=False) == {tier: dict.fromkeys(names, ROWS) for tier in ("persistent", "volatile")}
+        db = RedisVolatileDB(VolatileDBConfig(redis=RedisConfig(address=server.address), num_partitions=4))
+        try:
+            assert sorted(db.table_names()) == names and db.count(names[0]) == ROWS
+            assert drop_tables(config, "hps_embedding_v2") == {"persistent": names, "volatile": names}
+            assert db.table_names() == []
+        finally:
+            db.close()
