@@ -13,24 +13,29 @@ the dense weights (``dense.pt`` and its ``dense.json``, backend/dlrm/network.py'
    vectors are finite, the dense weights exist and their hyper-parameters match the tables
    (count and width), the table count is the serving version's (clients' ``NUMKEYS``). A
    broken export raises ConfigError/FormatError here, before anything is written.
-2. **write** (:func:`write_version`): ``<repo>/<hps model>/<N+1>/hps.json`` (the serving
-   version's tiers, the export's model entry renamed ``<model>_v<N+1>``, so its tables are
-   ``hps_et.<model>_v<N+1>.<table>`` in every tier), its sparse folders beside it (hard links
-   where the file system allows, else copies) and ``<repo>/<dense model>/<N+1>/dense.pt``;
-   written under a hidden name and renamed into place, with a ``publish.json`` recording
-   the export's fingerprint and how far the publication got.
+2. **write** (:func:`write_version`): the ensemble pinned to version N first (a step at
+   ``model_version: -1`` would follow each model's new version on its own); then, in the work
+   folder beside the repository (``<repo>.versions/staging/``: Triton would take a folder inside
+   the repository for a model), ``<hps model>/<N+1>/hps.json`` (the serving version's tiers, the
+   export's model entry renamed ``<model>_v<N+1>``, so its tables are
+   ``hps_et.<model>_v<N+1>.<table>`` in every tier), its sparse folders (hard links where the
+   file system allows, else copies) and ``<dense model>/<N+1>/dense.pt``.
 3. **bulk load** (:func:`bulk_load`): the new tables into the persistent tier (RocksDB, SST
    ingest, resumable through the loader's markers) and a shared volatile tier (Redis),
-   ahead of the switch, with a progress bar (hps_core/loader.py). An in-process hash map is
-   filled by each serving process when it loads the version.
-4. **load, switch, unload**: through the repository API (:mod:`hps_core.model_control`):
-   the new versions are loaded beside the old ones and awaited READY, the ensemble is
-   switched to them in one reload, the old versions are unloaded after a drain and their
-   tables dropped from the shared tiers.
+   ahead of the switch, with a progress bar (hps_core/loader.py), at a lower CPU priority
+   (:func:`at_low_priority`). An in-process hash map is filled by each serving process when
+   it loads the version.
+4. **load, switch, unload, drop**: the folders renamed into the repository
+   (:func:`install_version`), then through the repository API (:mod:`hps_core.model_control`):
+   the new versions are loaded beside the old ones and awaited READY (one that fails is taken
+   out again), the ensemble is switched to them in one reload, the old versions' folders are
+   moved out after a drain (:func:`retire_version`) and they unload, and their tables are
+   dropped from the shared tiers (:func:`drop_tables`).
 
-A publication killed at any point is resumed by running the same command again: the version
-folder of an unfinished publication of the same export is reused, the bulk load continues
-from its markers, and the Triton steps are idempotent.
+A publication killed at any point is resumed by running the same command again:
+``<repo>.versions/publish-<N+1>.json`` records the export's fingerprint and the phase reached;
+the written folders are kept, the bulk load continues from its markers, and the Triton steps
+are idempotent.
 """
 
 from __future__ import annotations
@@ -64,15 +69,24 @@ from hps_core.retry import RetryPolicy
 
 __all__ = [
     "PHASES",
+    "TO_SERVING",
     "Export",
     "PublishReport",
     "PublishTarget",
     "WrittenVersion",
+    "at_low_priority",
     "bulk_load",
+    "drop_tables",
     "find_resumable_version",
+    "hps_entry_base",
+    "install_version",
     "next_version",
+    "publish_model",
+    "retire_version",
     "serving_hps_json",
+    "serving_json_document",
     "validate_export",
+    "version_config",
     "version_entry_name",
     "version_folders",
     "write_version",
@@ -85,7 +99,6 @@ T = TypeVar("T")
 PHASES = ("validate", "write", "bulk_load", "load", "switch", "unload", "drop")
 #: The phases from the command to the new version serving (the rest is clean-up).
 TO_SERVING = PHASES[:5]
-STATE_FILE = "publish.json"  # in the new HPS version folder: export fingerprint and phase reached
 DENSE_WEIGHTS = "dense.pt"  # the dense model's weights in its version folder (and in an export)
 DENSE_FORMAT = "hps-demo-dlrm-dense/1"  # backend/dlrm/network.py's hyper-parameter file format
 SPARSE_FOLDER = "sparse"  # the version's sparse model folders: <version>/sparse/<table>/
