@@ -8,8 +8,8 @@ and readiness (``/v2/models/...``) need none. Every failure is a
 :class:`~hps_core.errors.ServingError` naming the server, the model, the version where there
 is one, and Triton's own message.
 
-What Triton 2.51 does with versions (measured, /work/notes/issue13_spec.md "Findings"), with
-``version_policy: { all {} }``:
+What Triton 2.51 does with versions (measured; docs/deployment.md, "What Triton 2.51 does on a
+load"), with ``version_policy: { all {} }``:
 
 * a new version folder, then :meth:`ModelControl.load`: only that version is created, the
   others keep serving (their stubs untouched), no request fails. The first load of a model
