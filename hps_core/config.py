@@ -57,6 +57,7 @@ __all__ = [
     "gpu_cache_requested",
     "load_config",
     "parse_config",
+    "version_model_name",
 ]
 
 _T = TypeVar("_T")
@@ -385,6 +386,15 @@ class ParameterServerConfig:
     def model_names(self) -> tuple[str, ...]:
         """Names of all configured models, in file order."""
         return tuple(m.model for m in self.models)
+
+
+def version_model_name(config: ParameterServerConfig, name: str, version: int) -> str:
+    """The entry of a version's own HPS JSON that version ``version`` of ``name`` serves:
+    ``<name>_v<version>`` when the JSON has one, else ``name``. The backend (which entry an
+    instance serves) and ``hps publish-model`` (which entry serves, whose tables to drop) both
+    pick it here."""
+    versioned = f"{name}_v{version}"
+    return versioned if any(m.model == versioned for m in config.models) else name
 
 
 def gpu_cache_requested(model: ModelConfig) -> bool:

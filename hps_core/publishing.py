@@ -10,8 +10,9 @@ the dense weights (``dense.pt`` and its ``dense.json``, backend/dlrm/network.py'
 
 1. **validate** (:func:`validate_export`): every sparse folder exists and holds ``rows × dim``
    floats for the JSON's dims, keys are unique (and fit uint32 without ``supportlonglong``),
-   vectors are finite, the dense weights exist and their hyper-parameters match the tables
-   (count and width), the table count is the serving version's (clients' ``NUMKEYS``). A
+   vectors are finite, the dense weights exist, their hyper-parameters match the tables
+   (count and width) and they load into the network those describe (:func:`check_dense_loads`,
+   in a child process: hps_core imports neither torch nor backend), the table count is the serving version's (clients' ``NUMKEYS``). A
    broken export raises ConfigError/FormatError here, before anything is written.
 2. **write** (:func:`write_version`): the ensemble pinned to version N first (a step at
    ``model_version: -1`` would follow each model's new version on its own); then, in the work
@@ -28,14 +29,18 @@ the dense weights (``dense.pt`` and its ``dense.json``, backend/dlrm/network.py'
 4. **load, switch, unload, drop**: the folders renamed into the repository
    (:func:`install_version`), then through the repository API (:mod:`hps_core.model_control`):
    the new versions are loaded beside the old ones and awaited READY (one that fails is taken
-   out again), the ensemble is switched to them in one reload, the old versions' folders are
+   out again, and its tables dropped once Triton confirmed it unloaded, else kept), the ensemble is switched to them in one reload, the old versions' folders are
    moved out after a drain (:func:`retire_version`) and they unload, and their tables are
-   dropped from the shared tiers (:func:`drop_tables`).
+   dropped from the shared tiers (:func:`drop_tables`; never a table whose name version 1 or
+   the new version also uses). Each ensemble override (the pin, the switch) that fails is
+   restored at once; when the restore fails too the error says the ensemble is unloaded and how
+   to load it again.
 
 A publication killed at any point is resumed by running the same command again:
 ``<repo>.versions/publish-<N+1>.json`` records the export's fingerprint and the phase reached;
 the written folders are kept, the bulk load continues from its markers, and the Triton steps
-are idempotent.
+are idempotent. Only a publication started over the version serving now (or already switched)
+is resumed; a failed one never is, and its number is not used again.
 """
 
 from __future__ import annotations
@@ -47,18 +52,20 @@ import logging
 import os
 import re
 import shutil
+import subprocess
+import sys
 import threading
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 
-from hps_core.config import ModelConfig, ParameterServerConfig, TierType, load_config, parse_config
+from hps_core.config import ModelConfig, ParameterServerConfig, TierType, load_config, parse_config, version_model_name
 from hps_core.db.base import DropTable, EmbeddingTier
 from hps_core.errors import ConfigError, FormatError, HPSError, ServingError, TierBusyError
 from hps_core.formats import read_sparse_model
@@ -74,7 +81,9 @@ __all__ = [
     "PublishReport",
     "PublishTarget",
     "WrittenVersion",
+    "DenseCheck",
     "at_low_priority",
+    "check_dense_loads",
     "bulk_load",
     "drop_tables",
     "find_resumable_version",
@@ -105,6 +114,9 @@ SPARSE_FOLDER = "sparse"  # the version's sparse model folders: <version>/sparse
 _HPS_CONFIG_PARAM = re.compile(r'key\s*:\s*"hps_config"\s*value\s*:\s*\{\s*string_value\s*:\s*"([^"]+)"')
 _HPS_MODEL_PARAM = re.compile(r'key\s*:\s*"hps_model"\s*value\s*:\s*\{\s*string_value\s*:\s*"([^"]+)"')
 #: Opening RocksDB's writer waits while a serving process holds the lock (it loads or applies updates).
+_STATE_FILE = re.compile(r"publish-(\d+)\.json")
+#: A check of an export's dense weights beyond their files (:func:`check_dense_loads`); raises FormatError.
+DenseCheck = Callable[[Path], None]
 _WRITE_LOCK_WAIT = RetryPolicy(retryable=(TierBusyError,), first_backoff_s=0.1, max_backoff_s=1.0, deadline_s=120.0)
 
 
@@ -225,7 +237,19 @@ def next_version(target: PublishTarget) -> int:
     or failed (a number is never used twice: its tables may still be in the tiers)."""
     folders = [folder for m in target.models for folder in (target.model_dir(m), target.work / "staging" / m,
                                                             target.work / "retired" / m, target.work / "failed" / m)]
-    return 1 + max((v for folder in folders for v in version_folders(folder)), default=0)
+    numbers = [v for folder in folders for v in version_folders(folder)] + list(_state_files(target))
+    return 1 + max(numbers, default=0)
+
+
+def _state_files(target: PublishTarget) -> dict[int, Path]:
+    """The publications' state files by version number (publish-10 above publish-9)."""
+    found = {}
+    if target.work.is_dir():
+        for path in target.work.iterdir():
+            match = _STATE_FILE.fullmatch(path.name)
+            if match:
+                found[int(match.group(1))] = path
+    return found
 
 
 def version_entry_name(base: str, version: int) -> str:
@@ -270,13 +294,15 @@ def validate_export(
     export_json: str | None = None,
     export_model: str | None = None,
     dense: bool = True,
+    dense_check: DenseCheck | None = None,
 ) -> Export:
     """Check everything of the export at ``folder`` that can be checked without serving it.
 
     ``serving``/``serving_model``: the config and model entry now served (the tiers the
     version will use; the table count clients send). ``export_json``: the JSON's name in the
     folder (default: ``hps.json``, else the only ``*.json`` other than ``dense.json``).
-    ``export_model``: its entry (default: the only one). ``dense``: dense weights required.
+    ``export_model``: its entry (default: the only one). ``dense``: dense weights required. ``dense_check``: run on the dense weights after
+    their files passed (default :func:`check_dense_loads`: loaded into the network).
     Raises ConfigError or FormatError naming the export, the file and the problem.
     """
     root = Path(folder).absolute()
@@ -302,6 +328,8 @@ def validate_export(
             "cannot change the table count: publish it as a new model instead")
     rows = tuple(_check_table(t.sparse_file, t.name, t.dim, serving.supportlonglong) for t in model.tables)
     weights = _check_dense(root, model) if dense else None
+    if weights is not None:
+        (dense_check or check_dense_loads)(weights)
     resolved = {**entry, "sparse_files": list(model.sparse_files)}
     return Export(folder=root, hps_json=path, entry=resolved, model=model, rows=rows,
                   dense_weights=weights, fingerprint=_export_fingerprint(path, model, weights))
@@ -389,6 +417,49 @@ def _check_dense(root: Path, model: ModelConfig) -> Path:
     return weights
 
 
+_DENSE_LOADER = """
+import sys
+try:
+    from backend.dlrm.network import load_dense
+except ImportError as exc:
+    print(exc)
+    sys.exit(3)
+try:
+    load_dense(sys.argv[1])
+except Exception as exc:
+    print(" ".join(f"{type(exc).__name__}: {exc}".split()))
+    sys.exit(1)
+"""
+
+
+def check_dense_loads(weights: Path, *, timeout: float = 300.0) -> None:
+    """Load ``weights`` into the dense network, as Triton's dense model will
+    (backend/dlrm/network.py's ``load_dense``: the network built from ``dense.json``, the
+    state_dict loaded strictly), so that a tensor of the wrong shape or name is refused before
+    anything changes; FormatError with the loader's message.
+
+    In a child Python process: hps_core imports neither torch nor backend (the layering rule of
+    tests/hps_core/test_package.py; backend imports hps_core, never the reverse). Where torch or
+    the backend package is not installed, the check is skipped with a log line (the files'
+    checks of :func:`validate_export` still ran)."""
+    env = dict(os.environ)
+    root = Path(__file__).resolve().parent.parent  # the checkout beside hps_core, where backend/ lives
+    if (root / "backend" / "dlrm" / "network.py").is_file():
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
+    try:
+        result = subprocess.run([sys.executable, "-c", _DENSE_LOADER, str(weights)], capture_output=True,
+                                text=True, timeout=timeout, env=env, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise FormatError(f"{weights}: the dense weights could not be loaded into the network ({exc})") from exc
+    message = (result.stdout.strip() or result.stderr.strip()).splitlines()[-1:] or [""]
+    if result.returncode == 3:
+        log.info("%s: not loaded into the dense network during validation (%s)", weights, message[0])
+        return
+    if result.returncode != 0:
+        raise FormatError(f"{weights}: the dense weights do not load into the network {weights.with_suffix('.json').name} "
+                          f"describes: {message[0] or result.stderr.strip()[-2000:]}")
+
+
 def _export_fingerprint(path: Path, model: ModelConfig, weights: Path | None) -> str:
     digest = hashlib.sha256(path.read_bytes())
     for folder in model.sparse_files:
@@ -415,12 +486,21 @@ def _write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
-def find_resumable_version(target: PublishTarget, export: Export) -> int | None:
-    """The version of an unfinished publication of ``export`` (same fingerprint), else None."""
-    for state_file in sorted(target.work.glob("publish-*.json"), reverse=True):
+def find_resumable_version(target: PublishTarget, export: Export, serving: int) -> int | None:
+    """The version of an unfinished publication of ``export`` (same fingerprint) that can be
+    continued while version ``serving`` serves, else None (a new version number).
+
+    Not a failed one (phase ``failed``: it was taken out again, its number is never used again)
+    nor a finished one; and only one that was started over the version serving now (its
+    ``previous``) or that already serves (it was switched, the clean-up was cut short): one
+    started over another version would switch the ensemble back to a version that no longer
+    serves. The newest such publication, by number."""
+    for number, state_file in sorted(_state_files(target).items(), reverse=True):
         state = _read_json(state_file)
-        if state.get("fingerprint") == export.fingerprint and state.get("phase") != "done":
-            return int(state["version"])
+        if state.get("fingerprint") != export.fingerprint or state.get("phase") in ("failed", "done"):
+            continue
+        if serving in (state.get("previous"), state.get("version")) and state.get("version") == number:
+            return number
     return None
 
 
@@ -573,12 +653,20 @@ def at_low_priority(fn: Callable[[], T], nice: int) -> T:
     return result[0]
 
 
-def drop_tables(config: ParameterServerConfig, model: str) -> dict[str, list[str]]:
+def drop_tables(config: ParameterServerConfig, model: str, *,
+                keep: Collection[str] = ()) -> dict[str, list[str]]:
     """Drop ``model``'s tables from ``config``'s persistent tier and shared volatile tier, where
-    the tier can drop tables (``DropTable``); ``{tier: tables dropped}``."""
+    the tier can drop tables (``DropTable``); ``{tier: tables dropped}``. Tables named in
+    ``keep`` (qualified names another version serves or will serve) are never dropped."""
     from hps_core.db import open_persistent_db, open_volatile_db
 
     names = [t.qualified_name for t in config.model(model).tables]
+    kept = [n for n in names if n in keep]
+    if kept:
+        log.warning("tables %s of model %r are not dropped: another version uses the same names", kept, model)
+        names = [n for n in names if n not in keep]
+    if not names:
+        return {}
     dropped: dict[str, list[str]] = {}
     openers: list[tuple[str, Callable[[], EmbeddingTier | None]]] = []
     if config.persistent_db.enabled and not config.persistent_db.read_only:
@@ -645,6 +733,7 @@ def publish_model(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     bulk_load_nice: int = 10,
     log_line: Callable[[str], None] = lambda line: None,
+    dense_check: DenseCheck | None = None,
 ) -> PublishReport:
     """Publish the export at ``export_folder`` as the next version of ``target`` on the server
     ``control`` talks to (the protocol of the module doc); returns the phase timings.
@@ -652,17 +741,19 @@ def publish_model(
     A broken export raises before anything changes; a new version that fails to load is taken
     out again (the old one never stopped serving) and raises ServingError with Triton's reason.
     ``bulk_load_nice``: how much lower the bulk load's CPU priority is than the command's
-    (:func:`at_low_priority`). ``log_line`` gets a line per step.
+    (:func:`at_low_priority`). ``log_line`` gets a line per step. ``dense_check``: see
+    :func:`validate_export`.
     """
     report = PublishReport()
     with report.phase("validate"):
         current = _serving_version(control, target)
         serving_json = serving_hps_json(target, current)
         serving = load_config(serving_json)
-        serving_model = serving.model(version_entry_name(hps_entry_base(target), current))
+        serving_model = serving.model(version_model_name(serving, hps_entry_base(target), current))
         export = validate_export(export_folder, serving=serving, serving_model=serving_model,
-                                 export_json=export_json, export_model=export_model, dense=target.dense_model is not None)
-        resumed = find_resumable_version(target, export)
+                                 export_json=export_json, export_model=export_model, dense=target.dense_model is not None,
+                                 dense_check=dense_check)
+        resumed = find_resumable_version(target, export, current)
         version = resumed if resumed is not None else next_version(target)
         state_file = target.state_file(version)
         state = (_read_json(state_file) if resumed is not None else {}) or {
@@ -683,7 +774,8 @@ def publish_model(
             config = control.config(target.ensemble)
             wanted = {m: previous for m in target.models}
             if any(_step_versions(config).get(m) != v for m, v in wanted.items()):
-                control.load(target.ensemble, config=_pinned(config, wanted))
+                _load_ensemble(control, target, _pinned(config, wanted), restore=config,
+                               what=f"pinning it to version {previous}")
                 log_line(f"ensemble '{target.ensemble}' pinned to version {previous}")
         written = write_version(target, export, version, serving_json)
     with report.phase("bulk_load"):
@@ -701,12 +793,21 @@ def publish_model(
                                                                    target.models)):
                     report.model_load_s[model] = seconds
         except ServingError as exc:
-            _take_back(target, control, version, previous)
+            gone = _take_back(target, control, version, previous)
             reached("failed")
-            with contextlib.suppress(HPSError):  # its rows are of no use: the next attempt is another version
-                drop_tables(new_config, new_config.models[0].model)
+            tables = f"its tables ({new_config.models[0].model}) "
+            if gone:  # its rows are of no use: the next attempt is another version
+                try:
+                    drop_tables(new_config, new_config.models[0].model, keep=_tables_in_use(target, serving))
+                    tables += "were dropped"
+                except HPSError as drop_error:
+                    tables += f"could not be dropped ({drop_error})"
+            else:  # an instance of it may still be reading them
+                tables += ("were kept in the tiers: Triton did not confirm that the version unloaded, so an "
+                           "instance may still read them; they are unused once `hps models list` shows it gone")
+                log.warning("version %d: %s", version, tables)
             raise ServingError(f"version {version} did not load, so it was taken out again and version {previous} "
-                               f"serves on (its folders are in {target.work / 'failed'}): {exc}") from exc
+                               f"serves on (its folders are in {target.work / 'failed'}; {tables}): {exc}") from exc
         reached("installed")
     log_line(f"version {version} READY: " + ", ".join(f"{m} in {t:.2f} s" for m, t in report.model_load_s.items()))
     with report.phase("switch"):
@@ -726,7 +827,8 @@ def publish_model(
             old_json = Path(state["previous_json"])
             if not old_json.is_file():  # a version folder's own JSON: retired with it
                 old_json = target.retired(target.hps_model, previous) / "hps.json"
-            report.dropped = drop_tables(load_config(old_json), old_model)
+            report.dropped = drop_tables(load_config(old_json), old_model,
+                                         keep=_tables_in_use(target, new_config, first=previous != 1))
     reached("done")
     return report
 
@@ -752,9 +854,24 @@ def _timed(fn: Callable[..., object], *args: Any, **kwargs: Any) -> float:
     return time.perf_counter() - start
 
 
-def _take_back(target: PublishTarget, control: ModelControl, version: int, previous: int) -> None:
+def _tables_in_use(target: PublishTarget, config: ParameterServerConfig, *, first: bool = True) -> set[str]:
+    """The qualified table names of ``config`` (the version that serves on) and, with ``first``
+    (the version being dropped is not version 1), of version 1's HPS JSON, every entry: tables
+    :func:`drop_tables` must keep (a version entry without its ``_v<N>`` name has version 1's)."""
+    names = {t.qualified_name for m in config.models for t in m.tables}
+    if first:
+        with contextlib.suppress(HPSError, OSError):
+            names |= {t.qualified_name for m in load_config(serving_hps_json(target, 1)).models for t in m.tables}
+    return names
+
+
+_TAKE_BACK_TIMEOUT_S = 60.0  # how long a failed version is awaited gone
+
+
+def _take_back(target: PublishTarget, control: ModelControl, version: int, previous: int) -> bool:
     """A new version failed to load: move its folders out and load again so that Triton drops
-    it; the ensemble is still pinned to ``previous``, which never stopped serving."""
+    it; the ensemble is still pinned to ``previous``, which never stopped serving. Whether
+    Triton confirmed every model's ``version`` gone (else an instance may still read its tables)."""
     for model in target.models:
         folder = target.model_dir(model) / str(version)
         if folder.is_dir():
@@ -763,9 +880,14 @@ def _take_back(target: PublishTarget, control: ModelControl, version: int, previ
                 shutil.rmtree(dest)
             dest.parent.mkdir(parents=True, exist_ok=True)
             folder.rename(dest)
+    gone = True
     for model in target.models:
-        with contextlib.suppress(ServingError):
-            _unload_version(control, model, version, previous, timeout=60.0)
+        try:
+            _unload_version(control, model, version, previous, timeout=_TAKE_BACK_TIMEOUT_S)
+        except ServingError as exc:
+            log.warning("version %d of %r: not confirmed unloaded (%s)", version, model, exc)
+            gone = False
+    return gone
 
 
 def _switch(control: ModelControl, target: PublishTarget, version: int, previous: int) -> None:
@@ -775,8 +897,32 @@ def _switch(control: ModelControl, target: PublishTarget, version: int, previous
     for model in target.models:
         control.wait_ready(model, [version])
     config = control.config(target.ensemble)
+    _load_ensemble(control, target, _pinned(config, {m: version for m in target.models}),
+                   restore=_pinned(config, {m: previous for m in target.models}),
+                   what=f"switching it to version {version}")
+
+
+def _load_ensemble(control: ModelControl, target: PublishTarget, config: dict[str, Any], *,
+                   restore: dict[str, Any], what: str) -> None:
+    """Load the ensemble with ``config`` (a config override); on a failure (Triton unloads a
+    model whose override failed: every request to it fails) load it with ``restore`` at once and
+    re-raise. When the restore fails too, one ServingError names both errors, says that the
+    ensemble is unloaded and how to bring it back (``restore`` is written beside the state files
+    for ``hps models load``)."""
+    assert target.ensemble is not None
     try:
-        control.load(target.ensemble, config=_pinned(config, {m: version for m in target.models}))
-    except ServingError:
-        control.load(target.ensemble, config=_pinned(config, {m: previous for m in target.models}))
+        control.load(target.ensemble, config=config)
+    except ServingError as exc:
+        try:
+            control.load(target.ensemble, config=restore)
+        except ServingError as restore_error:
+            saved = target.work / f"ensemble-{target.ensemble}-restore.json"
+            with contextlib.suppress(OSError):
+                _write_json(saved, restore)
+            raise ServingError(
+                f"ensemble '{target.ensemble}': {what} failed ({exc}), and restoring its previous config failed "
+                f"too ({restore_error}); the ensemble is UNLOADED: every request to it fails until it is loaded "
+                f"again. Bring it back by running the same hps publish-model command again, or with "
+                f"`hps models load {target.ensemble} --config {saved}` (with publish-model's --url and "
+                f"--api-token-file)") from exc
         raise

@@ -49,7 +49,7 @@ from backend.tensors import (
     version_file,
 )
 from hps_core.arrays import retain_freed_memory
-from hps_core.config import gpu_cache_requested, load_config
+from hps_core.config import gpu_cache_requested, load_config, version_model_name
 from hps_core.errors import HPSError, RequestError, TierError
 from hps_core.logs import RateLimitedLog
 from hps_core.metrics import MetricsCollector
@@ -151,13 +151,6 @@ class TritonPythonModel:
                 "the instance_group's gpus in config.pbtxt"
             )
         return device
-
-
-def version_model_name(config: Any, name: str, version: int) -> str:
-    """The entry of a version's own HPS JSON that version ``version`` of ``name`` serves:
-    ``<name>_v<version>`` when the JSON has one, else ``name``."""
-    versioned = f"{name}_v{version}"
-    return versioned if any(m.model == versioned for m in config.models) else name
 
 
 def _inputs(request: Any) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:

@@ -1,11 +1,14 @@
 """Model versions through a real Triton (issue 13): version 2 of a small DLRM published with
 ``hps publish-model`` to ``hps serve`` while a client thread sends requests continuously.
 
-One server: version 1 serves; two broken exports are refused before anything changes; one
-whose dense weights pass the checks but fail in Triton is loaded as version 2, fails and is
-taken back while version 1 serves on; then the next version (other sparse rows AND other dense
-weights than version 1's) is published — the command SIGKILLed once after its bulk load and run
-again, which resumes — switched in, version 1 unloaded.
+One server: version 1 serves; three broken exports are refused before anything changes (the
+third's dense weights do not fit the network its dense.json describes: validation loads them
+into it, as Triton's dense model would; before that check such an export was loaded as a
+version, failed in Triton and was taken back; nothing an export holds fails only in Triton
+any more, so the take-back path is covered by tests/hps_core/test_publishing.py); then version 2
+(other sparse rows AND other dense weights than version 1's) is published — the command
+SIGKILLed once after its bulk load and run again, which resumes — switched in, version 1
+unloaded.
 Every answer must be version 1's or version 2's expected scores, never one of the two mixes
 (embeddings of one version through the other's dense network: hps_demo/versions.py makes the
 four combinations distinguishable), none may fail, and after the switch only version 2 answers.
@@ -94,7 +97,7 @@ def test_publish_switches_versions_under_load_with_no_failed_or_mixed_answer(tmp
     document = json.loads((wrong_dims / "hps.json").read_text())
     document["models"][0]["embedding_vecsize_per_table"] = [DIM * 2] * TABLES
     (wrong_dims / "hps.json").write_text(json.dumps(document))
-    unloadable = write_export(v2, tmp_path / "export_unloadable")  # passes validation, fails in Triton
+    unloadable = write_export(v2, tmp_path / "export_unloadable")  # passes the file checks, not the load
     hparams = json.loads((unloadable / "dense.json").read_text())
     (unloadable / "dense.json").write_text(json.dumps({**hparams, "bottom": [32, 16]}))  # not dense.pt's shapes
     token = secrets.token_urlsafe(24)
@@ -105,31 +108,26 @@ def test_publish_switches_versions_under_load_with_no_failed_or_mixed_answer(tmp
         control = ModelControl(url, token)
         with LoadThread(url, requests) as load:
             time.sleep(1.0)
-            for broken, words in ((missing, "file 'emb_vector' is missing"), (wrong_dims, "expected")):
+            for broken, words in ((missing, "file 'emb_vector' is missing"), (wrong_dims, "expected"),
+                                  (unloadable, "do not load into the network")):
                 done = _publish(repository, broken, url, token)
                 assert done.returncode == 1, done.stdout + done.stderr
                 assert "hps publish-model: error:" in done.stderr and words in done.stderr, done.stderr
                 assert [_ready_versions(control, m) for m in MODELS] == [[1], [1]]
                 assert not (repository / "hps_embedding" / "2").exists()
-            done = _publish(repository, unloadable, url, token)  # version 2 fails to load: taken back
-            assert done.returncode == 1, done.stdout + done.stderr
-            assert "version 2 did not load, so it was taken out again and version 1 serves on" in done.stderr
-            assert "load of model 'dlrm_dense' failed" in done.stderr and "load_state_dict" in done.stderr
-            assert [_ready_versions(control, m) for m in MODELS] == [[1], [1]]
-            assert not (repository / "dlrm_dense" / "2").exists() and not (repository / "hps_embedding" / "2").exists()
             _publish_killed_after_bulk_load(repository, export, url, token)
             done = _publish(repository, export, url, token)  # the same command again: resumes
             assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-            assert "publishing version 3 (resumed)" in done.stdout and "bulk load: 0 rows written" in done.stdout
+            assert "publishing version 2 (resumed)" in done.stdout and "bulk load: 0 rows written" in done.stdout
             switched = time.monotonic()
             time.sleep(1.0)
         answers = load.answers
-        assert [_ready_versions(control, m) for m in MODELS] == [[3], [3]]  # 2 was the failed attempt
+        assert [_ready_versions(control, m) for m in MODELS] == [[2], [2]]
         assert not (repository / "hps_embedding" / "1").exists()
     print(done.stdout)
     db = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "rocksdb"), read_only=True))
-    try:  # version 1's tables dropped (and those of the attempt that failed); version 3's there
-        assert sorted(db.table_names()) == [f"hps_et.hps_embedding_v3.t{i}" for i in range(TABLES)]
+    try:  # version 1's tables dropped; version 2's there
+        assert sorted(db.table_names()) == [f"hps_et.hps_embedding_v2.t{i}" for i in range(TABLES)]
     finally:
         db.close()
     kinds = [classify(a, expected) for a in answers]

@@ -65,7 +65,7 @@ def test_an_export_is_written_as_the_next_version_with_its_own_table_names(setup
     assert serving_hps_json(target, 2) == written.hps_json
     assert written.dense_weights == target.repository / "dlrm_dense" / "2" / "dense.pt"
     assert written.dense_weights.is_file() and written.dense_weights.with_suffix(".json").is_file()
-    assert find_resumable_version(target, export) is None  # no publication state recorded
+    assert find_resumable_version(target, export, 1) is None  # no publication state recorded
 
 
 def test_bulk_load_fills_rocksdb_once_and_a_rerun_writes_nothing(setup: tuple[PublishTarget, Path]) -> None:
@@ -93,6 +93,7 @@ def test_bulk_load_fills_rocksdb_once_and_a_rerun_writes_nothing(setup: tuple[Pu
     ("wrong_dims", FormatError, "expected"),
     ("missing_dense", FormatError, "dense weights dense.pt missing"),
     ("dense_of_other_tables", FormatError, "do not belong to these sparse tables"),
+    ("dense_of_other_shapes", FormatError, "do not load into the network dense.json describes"),
     ("table_count", ConfigError, "cannot change the table count"),
     ("duplicate_keys", FormatError, "duplicate key"),
 ])
@@ -110,6 +111,9 @@ def test_a_broken_export_is_refused_naming_the_problem(setup: tuple[PublishTarge
     elif breakage == "dense_of_other_tables":
         write_export(make_version(2, tables=TABLES, rows=ROWS, dim=DIM + 2), folder / "other")
         shutil.copy(folder / "other" / "dense.json", folder / "dense.json")
+    elif breakage == "dense_of_other_shapes":  # what Triton's dense model would fail on
+        hparams = json.loads((folder / "dense.json").read_text())
+        (folder / "dense.json").write_text(json.dumps({**hparams, "bottom": [32, 16]}))
     elif breakage == "table_count":
         for key in ("sparse_files", "embedding_table_names", "embedding_vecsize_per_table",
                     "default_value_for_each_table", "maxnum_catfeature_query_per_table_per_sample"):
@@ -130,12 +134,171 @@ def test_an_unfinished_publication_of_the_same_export_is_resumed(setup: tuple[Pu
     export = _validate(target, folder)
     state = target.state_file(2)
     state.parent.mkdir(parents=True)
-    state.write_text(json.dumps({"version": 2, "fingerprint": export.fingerprint, "phase": "loaded"}))
-    assert find_resumable_version(target, export) == 2
-    state.write_text(json.dumps({"version": 2, "fingerprint": "another export", "phase": "loaded"}))
-    assert find_resumable_version(target, export) is None
-    state.write_text(json.dumps({"version": 2, "fingerprint": export.fingerprint, "phase": "done"}))
-    assert find_resumable_version(target, export) is None
+    state.write_text(json.dumps({"version": 2, "fingerprint": export.fingerprint, "phase": "loaded", "previous": 1}))
+    assert find_resumable_version(target, export, 1) == 2
+    assert find_resumable_version(target, export, 2) == 2  # switched already, clean-up cut short
+    state.write_text(json.dumps({"version": 2, "fingerprint": "another export", "phase": "loaded", "previous": 1}))
+    assert find_resumable_version(target, export, 1) is None
+    state.write_text(json.dumps({"version": 2, "fingerprint": export.fingerprint, "phase": "done", "previous": 1}))
+    assert find_resumable_version(target, export, 1) is None
+
+
+def test_a_failed_or_overtaken_publication_is_not_resumed_and_its_number_not_reused(
+        setup: tuple[PublishTarget, Path]) -> None:
+    """A failed attempt (taken back) is never "resumed": that would switch to a version that
+    failed; nor one started over a version that no longer serves (it would switch the ensemble
+    back down). State files are compared by number (publish-10 is newer than publish-9)."""
+    target, folder = setup
+    export = _validate(target, folder)
+    target.work.mkdir(parents=True)
+
+    def state(version: int, phase: str, previous: int) -> None:
+        target.state_file(version).write_text(json.dumps(
+            {"version": version, "fingerprint": export.fingerprint, "phase": phase, "previous": previous}))
+
+    state(2, "failed", 1)  # its folders may be gone from failed/: the state file alone holds the number
+    assert find_resumable_version(target, export, 1) is None
+    assert next_version(target) == 3
+    state(3, "loaded", 1)  # version 4 serves now: 3 was started over version 1
+    assert find_resumable_version(target, export, 4) is None
+    assert next_version(target) == 4
+    state(9, "installed", 8)
+    state(10, "loaded", 8)
+    assert find_resumable_version(target, export, 8) == 10  # by number, not by name
+    assert next_version(target) == 11
+
+
+class _StandInControl:
+    """A stand-in for ModelControl, for failure paths a real Triton cannot be made to exhibit on
+    demand: an ensemble override that fails and whose restore fails too, a version that fails to
+    load and whose unload Triton never confirms. It records the loads and fails the ones
+    ``fail`` names (``(model, "config")`` for a config override, ``(model, version)``)."""
+
+    def __init__(self, *, fail: set[tuple[str, object]] = frozenset(), gone: bool = True,  # type: ignore[assignment]
+                 restore_fails: bool = False) -> None:
+        self.base = "http://stand-in"
+        self.fail, self.gone, self.restore_fails = set(fail), gone, restore_fails
+        self.loads: list[tuple[str, object]] = []
+        self.ensemble_config = {"name": "dlrm", "ensemble_scheduling": {"step": [
+            {"model_name": "hps_embedding", "model_version": -1}, {"model_name": "dlrm_dense", "model_version": -1}]}}
+
+    def versions(self, name: str) -> dict[int, object]:
+        from hps_core.model_control import ModelVersionState
+        return {1: ModelVersionState(name=name, version=1, state="READY", reason="")}
+
+    def config(self, name: str, version: int | None = None) -> dict[str, object]:
+        return json.loads(json.dumps(self.ensemble_config))
+
+    def load(self, name: str, *, config: object = None, versions: tuple[int, ...] | list[int] = (),
+             timeout: float | None = None) -> None:
+        from hps_core.errors import ServingError
+        what: object = "config" if config is not None else (versions[0] if versions else None)
+        restoring = config is not None and any((name, "config") == (n, w) for n, w in self.loads)
+        self.loads.append((name, what))
+        if restoring and self.restore_fails:
+            raise ServingError(f"load of model '{name}' failed: restore refused")
+        if (name, what) in self.fail and not restoring:
+            raise ServingError(f"load of model '{name}' failed: override refused")
+
+    def wait_gone(self, name: str, versions: object = None, *, timeout: float = 600.0) -> None:
+        from hps_core.errors import ServingError
+        if not self.gone:
+            raise ServingError(f"model '{name}' version(s) {versions} still loaded")
+
+    def wait_ready(self, name: str, versions: object = None, *, timeout: float = 600.0) -> None:
+        pass
+
+
+def _publish(target: PublishTarget, folder: Path, control: _StandInControl) -> None:
+    from hps_core.publishing import publish_model
+    publish_model(target, folder, control, progress=False, drain_s=0.0,  # type: ignore[arg-type]
+                  dense_check=lambda weights: None)
+
+
+def test_a_failed_first_pin_is_restored_and_a_failed_restore_says_the_ensemble_is_unloaded(
+        setup: tuple[PublishTarget, Path]) -> None:
+    """Protocol logic with the stand-in control (a real Triton cannot be made to refuse an
+    override, then its restore, on demand)."""
+    from hps_core.errors import ServingError
+    target, folder = setup
+    control = _StandInControl(fail={("dlrm", "config")})
+    with pytest.raises(ServingError, match="override refused"):
+        _publish(target, folder, control)
+    assert control.loads == [("dlrm", "config"), ("dlrm", "config")]  # the pin, then the restore
+    assert not target.staged("hps_embedding", 2).exists()  # nothing written after the failed pin
+    control = _StandInControl(fail={("dlrm", "config")}, restore_fails=True)
+    with pytest.raises(ServingError) as raised:
+        _publish(target, folder, control)
+    message = str(raised.value)
+    assert "override refused" in message and "restore refused" in message and "UNLOADED" in message
+    saved = target.work / "ensemble-dlrm-restore.json"
+    assert f"hps models load dlrm --config {saved}" in message
+    assert json.loads(saved.read_text()) == control.ensemble_config  # the config it had
+
+
+def test_a_failed_switch_whose_restore_fails_raises_one_error_naming_both() -> None:
+    """_switch with the stand-in control (see :class:`_StandInControl`)."""
+    from hps_core.errors import ServingError
+    from hps_core.publishing import _switch
+
+    control = _StandInControl(fail={("dlrm", "config")}, restore_fails=True)
+    target = PublishTarget(repository=Path("/nonexistent/repository"), work_dir=Path("/nonexistent/work"))
+    with pytest.raises(ServingError) as raised:
+        _switch(control, target, 2, 1)  # type: ignore[arg-type]
+    message = str(raised.value)
+    assert "switching it to version 2 failed" in message and "override refused" in message
+    assert "restore refused" in message and "UNLOADED" in message and "publish-model command again" in message
+    assert "hps models load dlrm --config" in message
+    control = _StandInControl(fail={("dlrm", "config")})
+    with pytest.raises(ServingError, match="override refused"):
+        _switch(control, target, 2, 1)  # type: ignore[arg-type]
+    assert control.loads == [("dlrm", "config"), ("dlrm", "config")]
+
+
+@pytest.mark.parametrize("gone", [True, False])
+def test_a_failed_versions_tables_are_dropped_only_once_triton_confirmed_it_gone(
+        setup: tuple[PublishTarget, Path], monkeypatch: pytest.MonkeyPatch, gone: bool) -> None:
+    """Failure path with the stand-in control (a real Triton cannot be made to leave a failed
+    version's unload unconfirmed): version 2 fails to load; its tables, bulk-loaded into the
+    real RocksDB, are dropped only when every model's version 2 was confirmed gone."""
+    import hps_core.publishing as publishing
+    from hps_core.errors import ServingError
+
+    monkeypatch.setattr(publishing, "_TAKE_BACK_TIMEOUT_S", 0.0)
+    target, folder = setup
+    control = _StandInControl(fail={("dlrm_dense", 2)}, gone=gone)
+    with pytest.raises(ServingError, match="version 2 did not load") as raised:
+        _publish(target, folder, control)
+    assert ("were dropped" if gone else "were kept in the tiers") in str(raised.value)
+    assert json.loads(target.state_file(2).read_text())["phase"] == "failed"
+    assert (target.work / "failed" / "dlrm_dense" / "2").is_dir()
+    db = RocksDBPersistentDB(load_config(serving_hps_json(target, 1)).persistent_db)
+    try:
+        v2 = [f"hps_et.hps_embedding_v2.t{i}" for i in range(TABLES)]
+        assert (set(v2) <= set(db.table_names())) is not gone
+    finally:
+        db.close()
+    assert next_version(target) == 3
+
+
+def test_drop_tables_keeps_names_another_version_uses(setup: tuple[PublishTarget, Path]) -> None:
+    target, _ = setup
+    v1 = load_config(serving_hps_json(target, 1))
+    bulk_load(v1, progress=False)
+    names = [f"hps_et.hps_embedding.t{i}" for i in range(TABLES)]
+    assert drop_tables(v1, "hps_embedding", keep=set(names[1:])) == {"persistent": names[:1]}
+    assert drop_tables(v1, "hps_embedding", keep=set(names)) == {}
+
+
+def test_publishing_and_the_backend_pick_a_versions_entry_alike(setup: tuple[PublishTarget, Path]) -> None:
+    """One function (hps_core.config.version_model_name) for both: a version JSON without a
+    ``_v<N>`` entry serves (and would drop) version 1's names."""
+    from hps_core.config import version_model_name
+    target, _ = setup
+    v1 = load_config(serving_hps_json(target, 1))
+    assert version_model_name(v1, "hps_embedding", 3) == "hps_embedding"
+    backend_model = Path(__file__).resolve().parents[2] / "backend" / "hps" / "model.py"
+    assert "from hps_core.config import gpu_cache_requested, load_config, version_model_name" in backend_model.read_text()
 
 
 def test_at_low_priority_runs_in_a_lowered_thread_and_passes_result_and_errors_back() -> None:
