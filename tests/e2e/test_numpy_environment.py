@@ -16,5 +16,5 @@ pytestmark = pytest.mark.triton
 
 def test_stub_runs_the_test_environments_numpy(triton: object, client: object) -> None:
     log = triton.log_path.read_text(errors="replace")
-    assert "hps: model 'hps_embedding' ready" in log
+    assert "hps: model 'hps_embedding' (version 1) ready" in log
     assert f"(numpy {np.__version__})" in log
