@@ -669,7 +669,7 @@ def test_exported_names() -> None:
         "TableConfig", "UpdateSourceConfig", "VolatileDBConfig", "gpu_cache_requested",
         "NO_OVERFLOW_LIMIT", "OVERFLOW_POLICIES", "OverflowConfig", "RedisConfig", "TLSConfig",
         "TierType", "VOLATILE_TYPES", "PERSISTENT_TYPES",
-        "load_config", "parse_config",
+        "load_config", "parse_config", "version_model_name",
     }
     for name in config_module.__all__:
         assert hasattr(config_module, name)
