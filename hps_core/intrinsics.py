@@ -49,10 +49,12 @@ __all__ = [
     "atomic_add",
     "atomic_cas",
     "atomic_load",
+    "atomic_store",
     "atomic_tick",
     "prefetch",
     "read_acquire",
     "read_release",
+    "sched_yield",
     "write_acquire",
     "write_release",
 ]
@@ -119,6 +121,25 @@ def _atomic_load_typer(typingctx: Any, arr: Any, index: Any) -> Any:
 atomic_load: Any = intrinsic(_atomic_load_typer)
 
 
+def _atomic_store_typer(typingctx: Any, arr: Any, index: Any, value: Any) -> Any:
+    """``arr[index] = value`` stored atomically (sequentially consistent) into an int64 array:
+    the commit points of the host store's writers (hps_core/db/shared_hash_map.py), which
+    neither the compiler nor the CPU may move before the stores they publish."""
+    if not _int64_array(arr):
+        return None
+    sig = types.void(arr, types.intp, types.int64)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        ptr = _item_pointer(context, builder, signature.args[0], args[0], args[1])
+        builder.store_atomic(args[2], ptr, "seq_cst", 8)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+atomic_store: Any = intrinsic(_atomic_store_typer)
+
+
 @njit(nogil=True, cache=True)
 def atomic_tick(counter: Any, n: int) -> int:
     """Reserve ``n`` ticks of the logical clock ``counter[0]`` (int64); returns the first.
@@ -138,7 +159,7 @@ def _sched_yield_typer(typingctx: Any) -> Any:
     return sig, codegen
 
 
-_sched_yield: Any = intrinsic(_sched_yield_typer)
+sched_yield: Any = intrinsic(_sched_yield_typer)
 
 
 def _as_voidptr_typer(typingctx: Any, address: Any) -> Any:
@@ -190,7 +211,7 @@ def read_acquire(locks: Any, waiting: Any, i: int) -> None:
             held = atomic_load(locks, i)
             if held >= 0 and atomic_cas(locks, i, held, held + 1):
                 return
-        _sched_yield()
+        sched_yield()
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -203,7 +224,7 @@ def write_acquire(locks: Any, waiting: Any, i: int) -> None:
     """Take lock ``i`` exclusively; new readers stay out while this writer waits."""
     atomic_add(waiting, i, 1)
     while not atomic_cas(locks, i, 0, _WRITER):
-        _sched_yield()
+        sched_yield()
     atomic_add(waiting, i, -1)
 
 

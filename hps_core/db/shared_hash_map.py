@@ -1,0 +1,909 @@
+"""Host-level volatile tier: the hash map in shared memory, one copy per host (issue 18).
+
+:class:`SharedHashMapVolatileDB` keeps each table in one file under /dev/shm that every
+process serving it maps (:mod:`hps_core.db.shm_store` owns the file: layout, create-or-attach,
+users, removal). It is what HugeCTR's ``hash_map`` / ``parallel_hash_map`` configs get by
+default (``volatile_db.host_shared: false`` keeps a private
+:class:`~hps_core.db.hash_map.HashMapVolatileDB` in each process) and what
+``multi_process_hash_map`` always gets.
+
+Same hash map as the private one (``hash_map.py``: partitions, open addressing with
+``(key, row)`` slots, dense rows with the key in each row's header, packed row formats,
+HugeCTR's overflow policies), and the same lookup kernel body (``_find_group``), with three
+differences that make it safe between processes:
+
+- **Readers take no lock.** Each partition has a seqlock word: a writer makes it odd before it
+  changes the partition and even after. The lookup kernel reads a group's rows between two
+  reads of the word and reads the group again when they differ or were odd, so a row half
+  written by another process is never returned. Capacities are fixed for a file's life (growth
+  makes a new file), so whatever a reader sees mid-change is a valid index into mapped memory,
+  and probes stop at an empty slot because the load factor stays <= 1/2.
+- **One writer per table per host**, under ``flock`` (released by the kernel when its holder
+  dies). Every change is journaled in the file's header (``shm_store``) and committed by one
+  8-byte store: an append by the partition's ``n_rows``, an overwrite by copying the old row to
+  the undo area first, a removal by ``n_rows`` after the swap-remove's copy. :func:`recover`,
+  run by the next lock holder, restores the undo row or redoes the removal's copy, then rebuilds
+  the partition's slots from its rows (the keys are in the rows) and makes the seqlock even.
+  A writer SIGKILLed anywhere thus leaves the old or the new row, no lock held, no torn row:
+  ``tests/hps_core/db/test_shared_hash_map_torture.py`` kills writers at random points.
+- **Growth** (a partition out of rows) builds a file twice as large beside the old one, marks
+  the old one superseded and renames the new one over it; a process's next lookup of that
+  table sees the flag inside the kernel and remaps. Within a process, a lookup and a remap are
+  kept apart by a reader-writer spinlock, so a mapping is never unmapped under a kernel.
+
+Filling: the first process to open a table creates its file sized for the rows it will load,
+fills it from the sparse files in one kernel call per chunk (no journal, no seqlock: nobody
+can attach to a file still ``filling``), marks it complete and unlocks; others block on the
+lock and attach. ``hps_core.loader`` streams the files into it (:class:`HostSharedTables`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numba import njit
+from numba.np.numpy_support import carray
+
+from hps_core.arrays import Flat, Keys, Mask, Vectors
+from hps_core.config import VolatileDBConfig
+from hps_core.db import shm_store as shm
+from hps_core.db.base import (
+    TableGroups,
+    check_dim,
+    check_keys,
+    check_out,
+    check_row_format,
+    check_table_batch,
+    check_table_name,
+    check_values,
+    format_mismatch,
+    unknown_table,
+)
+from hps_core.db.hash_map import (
+    _EMPTY,
+    _KEY,
+    _NO_STAT,
+    _STAMP_STAT,
+    _STAT,
+    _check_overflow,
+    _COUNT_STAT,
+    _delete_slot,
+    _find_group,
+    _header_bytes,
+    _row_stride,
+    _slot_of,
+    _stat_of,
+)
+from hps_core.errors import ConfigError, TierError
+from hps_core.grouping import group_by
+from hps_core.hashing import mix64, partition, partition_array
+from hps_core.intrinsics import LockArray, as_voidptr, atomic_add, atomic_load, atomic_store, atomic_tick, sched_yield
+from hps_core.row_formats import RowFormat, pack
+from hps_core.rows import check_rows_fit
+
+__all__ = ["SharedHashMapVolatileDB", "recover"]
+
+log = logging.getLogger(__name__)
+
+# directory rows: where each table's regions are (columns: tables in the order attached)
+_D_HEADER, _D_PARTS, _D_SLOTS, _D_SLOT_COUNT, _D_ROWS, _D_ROW_CAP, _D_STRIDE = range(7)
+_DIRECTORY_ROWS = 7
+# what the lookup kernel returns, with an index
+_OK, _BAD_POSITION, _SUPERSEDED, _STUCK = 0, 1, 2, 3
+_SPIN_LIMIT = 20_000  # yields a reader waits for a partition's writer before it checks it is alive
+# journal ops (header word H_JOP)
+_J_NONE, _J_APPEND, _J_OVERWRITE, _J_REMOVE = 0, 1, 2, 3
+_MIN_ROWS_PER_PARTITION = 64
+_FILL_SLACK = 1.15  # rows per partition over the even share: hashing spreads keys unevenly
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@njit(nogil=True, cache=True)
+def _fetch(
+    keys: Keys, table_ids: Keys, offsets: Keys, out: Flat, found: Mask, entries: Keys, dims: Keys,
+    codes: Keys, num_partitions: int, directory: Any, stat: int, spin_limit: int,
+) -> tuple[int, int]:
+    """Every key's row into ``out[offsets[i]:]`` (dequantised), ``found[i]`` set; no lock taken.
+
+    Returns (_OK, 0); (_BAD_POSITION, i) for the first key whose table id or row does not fit
+    ``out`` (nothing read); (_SUPERSEDED, t) when table ``t``'s file was grown over (remap and
+    call again); (_STUCK, t * P + p) when partition p of table t stayed odd for ``spin_limit``
+    yields (its writer may have died: take the writer lock, which repairs it, and call again).
+    """
+    n = keys.shape[0]
+    tables = entries.shape[0]
+    hashes = np.empty(n, np.uint64)
+    bucket = np.empty(n, np.int64)
+    for i in range(n):
+        t = table_ids[i]
+        if t < 0 or t >= tables or offsets[i] < 0 or offsets[i] + dims[t] > out.shape[0]:
+            return _BAD_POSITION, i
+        h = mix64(keys[i])
+        hashes[i] = h
+        bucket[i] = partition(h, num_partitions) * tables + t
+    for t in range(tables):
+        header = carray(as_voidptr(directory[_D_HEADER, entries[t]]), (shm.HEADER_WORDS,), np.int64)
+        if atomic_load(header, shm.H_SUPERSEDED) != 0:
+            return _SUPERSEDED, t
+    order, starts = group_by(bucket, num_partitions * tables)
+    rows = np.empty(n, np.int64)
+    for p in range(num_partitions):
+        for t in range(tables):
+            lo, hi = starts[p * tables + t], starts[p * tables + t + 1]
+            if lo == hi:
+                continue
+            e = entries[t]
+            parts = carray(as_voidptr(directory[_D_PARTS, e]), (num_partitions * shm.PART_WORDS,), np.int64)
+            count, cap, stride = directory[_D_SLOT_COUNT, e], directory[_D_ROW_CAP, e], directory[_D_STRIDE, e]
+            slots = carray(as_voidptr(directory[_D_SLOTS, e] + p * count * 16), (count, 2), np.int64)
+            data = carray(as_voidptr(directory[_D_ROWS, e] + p * cap * stride), (cap * stride,), np.uint8)
+            clock = carray(as_voidptr(directory[_D_HEADER, e] + 8 * shm.H_CLOCK), (1,), np.int64)
+            spins = 0
+            while True:
+                before = atomic_load(parts, p * shm.PART_WORDS + shm.P_SEQ)
+                if before & 1 == 0:
+                    for j in range(lo, hi):
+                        found[order[j]] = False
+                    _find_group(keys, hashes, order, offsets, out, found, rows, lo, hi, dims[t], codes[t],
+                                slots, data, stride, clock, stat)
+                    if atomic_load(parts, p * shm.PART_WORDS + shm.P_SEQ) == before:
+                        break
+                spins += 1
+                if spins > spin_limit:
+                    return _STUCK, t * num_partitions + p
+                sched_yield()
+    return _OK, 0
+
+
+@njit(nogil=True, cache=True)
+def _fill(keys: Keys, start: int, packed: Any, slots: Any, meta: Any, rows: Any, parts: Any, stamp0: int,
+          stat: int) -> int:
+    """Store ``packed[i]`` under ``keys[i]`` for i >= ``start`` into a file nobody else maps yet
+    (no journal, no seqlock); returns -1, or the first i whose partition has no free row."""
+    num_partitions, count = slots.shape[0], slots.shape[1]
+    cap = rows.shape[1]
+    mask = np.uint64(count - 1)
+    header = _header_bytes(stat)
+    row_bytes = packed.shape[1]
+    for i in range(start, keys.shape[0]):
+        key = keys[i]
+        h = mix64(key)
+        p = partition(h, num_partitions)
+        s = h & mask
+        while slots[p, s, 1] != _EMPTY and slots[p, s, 0] != key:
+            s = (s + np.uint64(1)) & mask
+        row = slots[p, s, 1]
+        if row == _EMPTY:
+            row = parts[p * shm.PART_WORDS + shm.P_ROWS]
+            if row == cap:
+                return i
+            parts[p * shm.PART_WORDS + shm.P_ROWS] = row + 1
+            slots[p, s, 0] = key
+            slots[p, s, 1] = row
+            meta[p, row, _KEY] = key
+            if stat == _COUNT_STAT:
+                meta[p, row, _STAT] = 1
+        if stat == _STAMP_STAT:
+            meta[p, row, _STAT] = stamp0 + i
+        dst, src = rows[p, row, header:], packed[i]
+        for b in range(row_bytes):
+            dst[b] = src[b]
+    return -1
+
+
+@njit(nogil=True, cache=True)
+def _upsert(keys: Keys, positions: Any, packed: Any, header: Any, parts: Any, p: int, slots: Any,
+            meta: Any, rows: Any, undo: Any, stamp0: int, stat: int) -> None:
+    """Journaled upsert of ``packed[i]`` under ``keys[i]``, i in ``positions`` (all of
+    partition ``p``), by the holder of the writer lock; the caller made room for every key."""
+    mask = np.uint64(slots.shape[0] - 1)
+    hb = _header_bytes(stat)
+    row_bytes = packed.shape[1]
+    seq = p * shm.PART_WORDS + shm.P_SEQ
+    atomic_store(header, shm.H_JPART, p)
+    atomic_add(parts, seq, 1)  # odd: readers of p read again
+    n_rows = parts[p * shm.PART_WORDS + shm.P_ROWS]
+    for j in range(positions.shape[0]):
+        i = positions[j]
+        key = keys[i]
+        s = mix64(key) & mask
+        while slots[s, 1] != _EMPTY and slots[s, 0] != key:
+            s = (s + np.uint64(1)) & mask
+        row = slots[s, 1]
+        if row == _EMPTY:
+            row = n_rows
+            atomic_store(header, shm.H_JA, row)
+            atomic_store(header, shm.H_JOP, _J_APPEND)
+            meta[row, _KEY] = key
+            if stat == _COUNT_STAT:
+                meta[row, _STAT] = 1
+        else:
+            undo[:] = rows[row]
+            atomic_store(header, shm.H_JA, row)
+            atomic_store(header, shm.H_JOP, _J_OVERWRITE)
+        if stat == _STAMP_STAT:
+            meta[row, _STAT] = stamp0 + j
+        dst, src = rows[row, hb:], packed[i]
+        for b in range(row_bytes):
+            dst[b] = src[b]
+        if row == n_rows:
+            slots[s, 0] = key
+            slots[s, 1] = row
+            n_rows += 1
+            atomic_store(parts, p * shm.PART_WORDS + shm.P_ROWS, n_rows)  # the append's commit
+        atomic_store(header, shm.H_JOP, _J_NONE)  # the overwrite's commit
+    atomic_add(parts, seq, 1)
+
+
+@njit(nogil=True, cache=True)
+def _remove(keys: Keys, positions: Any, header: Any, parts: Any, p: int, slots: Any, meta: Any) -> int:
+    """Journaled removal of ``keys[i]``, i in ``positions`` (all of partition ``p``; absent keys
+    skipped): swap-remove, so rows stay dense. Returns the rows removed."""
+    mask = np.uint64(slots.shape[0] - 1)
+    words = meta.shape[1]
+    seq = p * shm.PART_WORDS + shm.P_SEQ
+    atomic_store(header, shm.H_JPART, p)
+    atomic_add(parts, seq, 1)
+    n_rows = parts[p * shm.PART_WORDS + shm.P_ROWS]
+    removed = 0
+    for j in range(positions.shape[0]):
+        s = _slot_of(slots, keys[positions[j]], mask)
+        if s < 0:
+            continue
+        row = slots[s, 1]
+        last = n_rows - 1
+        atomic_store(header, shm.H_JA, row)
+        atomic_store(header, shm.H_JB, last)
+        atomic_store(header, shm.H_JOP, _J_REMOVE)
+        _delete_slot(slots, s, mask)
+        if row != last:
+            for w in range(words):
+                meta[row, w] = meta[last, w]
+            slots[_slot_of(slots, meta[row, _KEY], mask), 1] = row
+        n_rows -= 1
+        atomic_store(parts, p * shm.PART_WORDS + shm.P_ROWS, n_rows)  # the removal's commit
+        atomic_store(header, shm.H_JOP, _J_NONE)
+        removed += 1
+    atomic_add(parts, seq, 1)
+    return removed
+
+
+@njit(nogil=True, cache=True)
+def _rebuild_slots(slots: Any, meta: Any, n_rows: int) -> None:
+    """Slots of one partition made again from its rows ``[0, n_rows)`` (each holds its key)."""
+    mask = np.uint64(slots.shape[0] - 1)
+    for s in range(slots.shape[0]):
+        slots[s, 1] = _EMPTY
+    for row in range(n_rows):
+        key = meta[row, _KEY]
+        s = mix64(key) & mask
+        while slots[s, 1] != _EMPTY and slots[s, 0] != key:
+            s = (s + np.uint64(1)) & mask
+        slots[s, 0] = key
+        slots[s, 1] = row
+
+
+@njit(nogil=True, cache=True)
+def recover(header: Any, parts: Any, slots: Any, meta: Any, rows: Any, undo: Any) -> int:
+    """Repair what a writer that died left: finish or undo the journaled change, rebuild the
+    slots of every partition whose seqlock is odd (or that the journal names) and make it even.
+    Idempotent: a recovery killed midway is done again whole by the next lock holder. Returns
+    the partitions repaired."""
+    op, jp = header[shm.H_JOP], header[shm.H_JPART]
+    repaired = 0
+    for p in range(slots.shape[0]):
+        seq = p * shm.PART_WORDS + shm.P_SEQ
+        named = op != _J_NONE and p == jp
+        odd = parts[seq] & 1 == 1
+        if not (named or odd):
+            continue
+        if not odd:
+            atomic_add(parts, seq, 1)
+        n_rows = parts[p * shm.PART_WORDS + shm.P_ROWS]
+        if named and op == _J_OVERWRITE:
+            rows[p, header[shm.H_JA]] = undo
+        elif named and op == _J_REMOVE:
+            row, last = header[shm.H_JA], header[shm.H_JB]
+            if n_rows == last + 1:  # not committed: finish it (the copy is idempotent)
+                if row != last:
+                    rows[p, row] = rows[p, last]
+                n_rows = last
+                atomic_store(parts, p * shm.PART_WORDS + shm.P_ROWS, n_rows)
+        _rebuild_slots(slots[p], meta[p], n_rows)
+        atomic_add(parts, seq, 1)
+        repaired += 1
+    atomic_store(header, shm.H_JOP, _J_NONE)
+    return repaired
+
+
+# --------------------------------------------------------------------------- the tier
+
+
+def _views(store: shm.StoreFile) -> Any:
+    """The int64 view of every row header, (P, R, stride // 8)."""
+    return store.rows.view(np.int64)
+
+
+class SharedHashMapVolatileDB:
+    """Volatile tier in host shared memory: every process that opens a table maps one copy.
+
+    Args:
+        config: the ``volatile_db`` section (defaults: ``VolatileDBConfig()``). Read here, as by
+            :class:`~hps_core.db.hash_map.HashMapVolatileDB`: ``num_partitions``,
+            ``max_get_batch_size`` / ``max_set_batch_size`` (keys written per seqlock hold),
+            ``overflow_*``; and ``shared_memory_name`` (the namespace; default: from
+            ``source``), ``shared_memory_size`` (most bytes the namespace may take in
+            /dev/shm) and ``shared_memory_auto_remove`` (remove a table's file when its last
+            user closes it and no keeper is alive).
+        source: the HPS JSON's path, which names the default namespace.
+        seed: seed of the ``evict_random`` victim choice.
+    """
+
+    def __init__(self, config: VolatileDBConfig | None = None, *, source: str = "",
+                 seed: int | None = None) -> None:
+        config = VolatileDBConfig() if config is None else config
+        for name, value in (("num_partitions", config.num_partitions),
+                            ("max_get_batch_size", config.get_batch_size),
+                            ("max_set_batch_size", config.set_batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"volatile_db.{name} must be a positive integer, got {value!r}")
+        self._overflow = _check_overflow(config.overflow)
+        self._num_partitions = config.num_partitions
+        self._max_set = min(config.set_batch_size, self._overflow.margin)
+        self._stat = _stat_of(self._overflow)
+        self._limit = config.shared_memory_size
+        self._auto_remove = config.shared_memory_auto_remove
+        self.namespace = shm.namespace_of(config, source)
+        self._dir = shm.namespace_dir(self.namespace)
+        self._rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(self._num_partitions)]
+        self._stores: dict[str, shm.StoreFile] = {}
+        self._index: dict[str, int] = {}  # table -> directory column
+        self._names: list[str] = []  # directory column -> table
+        self._directory = np.zeros((_DIRECTORY_ROWS, 16), np.int64)
+        self._handed_out = [self._directory]  # every directory array a kernel may hold
+        self._maps = LockArray(1)  # lookups (shared) vs. remapping (exclusive), in this process
+        self._groups: TableGroups[tuple[Keys, Keys, Keys]] = TableGroups(self._resolve)
+        self._tables_lock = threading.RLock()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return (f"SharedHashMapVolatileDB(namespace={self.namespace!r}, "
+                f"num_partitions={self._num_partitions}, tables={len(self._stores)})")
+
+    @property
+    def directory(self) -> Path:
+        """The namespace folder holding this tier's store files."""
+        return self._dir
+
+    # ---------------------------------------------------------------- contract
+
+    def create_table(self, table: str, dim: int, row_format: RowFormat = RowFormat.FP32) -> None:
+        self.open_table(table, dim, row_format)
+
+    def open_table(self, table: str, dim: int, row_format: RowFormat = RowFormat.FP32, *, rows: int = 0,
+                   source: str = "", fill: Callable[[Callable[[Keys, Vectors], None]], None] | None = None
+                   ) -> bool:
+        """Attach to ``table``'s store, or create it sized for ``rows`` and fill it.
+
+        ``fill(write)`` runs only in the process that creates the store, under its lock, while
+        the others wait; it calls ``write(keys, values)`` per chunk. ``source`` names what the
+        store is filled from (the loader passes the sparse files' fingerprint): a complete store
+        of another source, dim or format is rebuilt when no live process uses it, refused by
+        name when one does. Returns True when this call filled the store.
+        """
+        check_table_name(table)
+        dim = check_dim(table, dim)
+        row_format = check_row_format(table, row_format)
+        with self._tables_lock:
+            self._check_open()
+            known = self._stores.get(table)
+            if known is not None:
+                self._check_shape(known, table, dim, row_format)
+                return False
+            store, filled = self._create_or_attach(table, dim, row_format, rows, source, fill)
+            self._adopt(table, store)
+            return filled
+
+    def row_format(self, table: str) -> RowFormat:
+        return self._store(table).spec.row_format
+
+    def dim(self, table: str) -> int:
+        return self._store(table).spec.dim
+
+    def insert(self, table: str, keys: Keys, values: Vectors) -> None:
+        spec = self._store(table).spec
+        keys = check_keys(table, keys)
+        values = check_values(table, values, keys.shape[0], spec.dim)
+        if keys.shape[0] == 0:
+            return
+        packed = values.view(np.uint8) if spec.row_format is RowFormat.FP32 else pack(
+            spec.row_format, values, f"table {table!r}")
+        order, offsets = self._group(keys)
+        with self._writing(table) as current:
+            for p in range(self._num_partitions):
+                group = order[offsets[p] : offsets[p + 1]]
+                for start in range(0, group.shape[0], self._max_set):
+                    chunk = group[start : start + self._max_set]
+                    store = current()
+                    if store.parts[p * shm.PART_WORDS + shm.P_ROWS] + chunk.shape[0] > store.spec.rows_per_partition:
+                        store = self._grow(table, store, chunk.shape[0])
+                    stamp0 = atomic_tick(store.header[shm.H_CLOCK : shm.H_CLOCK + 1], chunk.shape[0])
+                    _upsert(keys, chunk, packed, store.header, store.parts, p, store.slots[p], _views(store)[p],
+                            store.rows[p], store.undo, stamp0, self._stat)
+                    if store.parts[p * shm.PART_WORDS + shm.P_ROWS] > self._overflow.margin:
+                        self._resolve_overflow(store, p)
+
+    def fetch(self, table: str, keys: Keys, out: Vectors) -> Mask:
+        dim = self._store(table).spec.dim
+        keys = check_keys(table, keys)
+        out = check_out(table, out, keys.shape[0], dim)
+        n = keys.shape[0]
+        return self.fetch_tables((table,), np.zeros(n, np.int64), keys, out.reshape(-1),
+                                 np.arange(0, n * dim, dim, dtype=np.int64))
+
+    def fetch_tables(self, tables: Sequence[str], table_ids: Keys, keys: Keys, out: Flat, offsets: Keys
+                     ) -> Mask:
+        entries, dims, codes = self._groups.get(tables)
+        table_ids, keys, out, offsets = check_table_batch(
+            "host store fetch_tables", dims, table_ids, keys, out, offsets, bounds=False)
+        found = np.zeros(keys.shape[0], np.bool_)
+        if not keys.shape[0]:
+            return found
+        while True:
+            with self._maps.read_locked(0):
+                self._check_open()
+                status, index = _fetch(keys, table_ids, offsets, out, found, entries, dims, codes,
+                                       self._num_partitions, self._directory, self._stat, _SPIN_LIMIT)
+            if status == _OK:
+                return found
+            if status == _BAD_POSITION:
+                check_rows_fit(table_ids, offsets, dims, out.shape[0], "host store fetch_tables")
+                raise TierError(f"host store fetch_tables: key {index} does not fit out")  # unreachable
+            if status == _SUPERSEDED:
+                self._remap(self._names[int(entries[index])])
+            else:  # a partition stayed odd: its writer may be dead; the writer lock repairs it
+                with self._writing(self._names[int(entries[index // self._num_partitions])]):
+                    pass
+
+    def count(self, table: str) -> int:
+        return self._store(table).n_rows()
+
+    def table_names(self) -> list[str]:
+        """The tables of this namespace: those attached here and every complete store file."""
+        self._check_open()
+        names = set(self._stores)
+        names.update(info.table for info in shm.list_stores(self.namespace) if info.complete)
+        return sorted(names)
+
+    def close(self) -> None:
+        with self._tables_lock:
+            if self._closed:
+                return
+            self._closed = True
+            with self._maps.write_locked(0):  # in-flight lookups finish first
+                stores, self._stores = self._stores, {}
+                for table in self._handed_out:
+                    table[:] = 0
+            for store in stores.values():
+                self._detach(store)
+            self._groups.clear()
+
+    # ---------------------------------------------------------------- extras
+
+    def remove(self, table: str, keys: Keys) -> int:
+        """Delete ``keys`` (n,) int64 from ``table``; returns the rows removed."""
+        self._store(table)
+        keys = check_keys(table, keys)
+        if keys.shape[0] == 0:
+            return 0
+        order, offsets = self._group(keys)
+        removed = 0
+        with self._writing(table) as current:
+            for p in range(self._num_partitions):
+                store = current()
+                group = np.ascontiguousarray(order[offsets[p] : offsets[p + 1]])
+                removed += _remove(keys, group, store.header, store.parts, p, store.slots[p], _views(store)[p])
+        return removed
+
+    def evict_table(self, table: str) -> int:
+        """Empty ``table`` (it stays defined); returns the rows dropped."""
+        with self._writing(table) as current:
+            store = current()
+            dropped = store.n_rows()
+            for p in range(self._num_partitions):
+                seq = p * shm.PART_WORDS + shm.P_SEQ
+                store.parts[seq] += 1
+                store.parts[p * shm.PART_WORDS + shm.P_ROWS] = 0
+                store.slots[p, :, 1] = _EMPTY
+                store.parts[seq] += 1
+        return dropped
+
+    def drop_table(self, table: str) -> int:
+        """Delete ``table``'s store file and rows for good (the ``DropTable`` capability)."""
+        with self._writing(table) as current:
+            store = current()
+            dropped = store.n_rows()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(store.path)
+        with self._tables_lock, self._maps.write_locked(0):
+            gone = self._stores.pop(table, None)
+            self._directory_set(self._index[table], None)
+            self._groups.clear()
+        if gone is not None:
+            gone.close()
+        return dropped
+
+    def memory_bytes(self, table: str | None = None) -> int:
+        """Bytes of shared memory the table's store file (or every attached one) takes."""
+        stores = [self._store(table)] if table is not None else list(self._stores.values())
+        return sum(s.spec.nbytes for s in stores)
+
+    def bytes_per_row(self, table: str) -> float:
+        store = self._store(table)
+        n = store.n_rows()
+        if n == 0:
+            return float(store.spec.stride + 2 * 16)
+        return store.spec.nbytes / n
+
+    def store_path(self, table: str) -> Path:
+        """The file holding ``table`` (for messages and ``hps inspect``)."""
+        return self._store(table).path
+
+    # ---------------------------------------------------------------- opening
+
+    def _spec(self, table: str, dim: int, row_format: RowFormat, rows: int) -> shm.StoreSpec:
+        if self._overflow.limited:
+            per_part = self._overflow.margin + self._max_set
+        else:
+            per_part = int(rows / self._num_partitions * _FILL_SLACK) + _MIN_ROWS_PER_PARTITION
+        return shm.StoreSpec(table, dim, row_format, self._stat, self._num_partitions, per_part,
+                             _row_stride(dim, row_format, self._stat))
+
+    def _create_or_attach(self, table: str, dim: int, row_format: RowFormat, rows: int, source: str,
+                          fill: Callable[[Callable[[Keys, Vectors], None]], None] | None
+                          ) -> tuple[shm.StoreFile, bool]:
+        shm.ensure_dir(self._dir)
+        shm.remove_stale_growth(self._dir)
+        path = self._dir / shm.file_name(table)
+        spec = self._spec(table, dim, row_format, rows)
+        while True:
+            fd = shm.open_fd(path, create=True)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                if not _is_at(fd, path):
+                    continue  # removed or replaced while we waited: open it again
+                if os.fstat(fd).st_size == 0:
+                    store = self._create(path, fd, spec, source)
+                    fd = -1  # the store owns it now
+                    try:
+                        filled = self._fill_new(table, store, fill)
+                    except BaseException:
+                        os.unlink(path)  # nobody attached: nothing half-filled stays behind
+                        self._stores_pending.pop(table, store).close()
+                        raise
+                    store = self._stores_pending.pop(table)
+                    store.header[shm.H_STATE] = shm.COMPLETE
+                    store.register()
+                    fcntl.flock(store.fd, fcntl.LOCK_UN)
+                    return store, filled
+                existing = self._attach(path, fd, table, dim, row_format, source, fill is not None)
+                if existing is None:
+                    continue  # removed to be built again
+                fd = -1
+                return existing, False
+            finally:
+                if fd >= 0:
+                    os.close(fd)  # closing also drops the flock
+
+    def _create(self, path: Path, fd: int, spec: shm.StoreSpec, source: str) -> shm.StoreFile:
+        try:
+            shm.reserve(fd, path, spec.nbytes, self._limit, shm.namespace_bytes(self._dir, but=path))
+        except BaseException:
+            os.unlink(path)
+            raise
+        store = shm.StoreFile(path, fd, spec)
+        shm.initialise(store, {"table": spec.table, "source": source, "namespace": self.namespace})
+        return store
+
+    _stores_pending: dict[str, shm.StoreFile]
+
+    def _fill_new(self, table: str, store: shm.StoreFile,
+                  fill: Callable[[Callable[[Keys, Vectors], None]], None] | None) -> bool:
+        """Run ``fill`` into a fresh store nobody else maps (growing it when a partition runs out)."""
+        self._stores_pending = {table: store}
+        if fill is None:
+            return False
+        spec = store.spec
+
+        def write(keys: Keys, values: Vectors) -> None:
+            keys = check_keys(table, keys)
+            values = check_values(table, values, keys.shape[0], spec.dim)
+            packed = values.view(np.uint8) if spec.row_format is RowFormat.FP32 else pack(
+                spec.row_format, values, f"table {table!r}")
+            start = 0
+            while True:
+                current = self._stores_pending[table]
+                stamp0 = atomic_tick(current.header[shm.H_CLOCK : shm.H_CLOCK + 1], keys.shape[0])
+                start = _fill(keys, start, packed, current.slots, _views(current), current.rows, current.parts,
+                              stamp0, self._stat)
+                if start < 0:
+                    return
+                self._stores_pending[table] = self._grow(table, current, keys.shape[0] - start, filling=True)
+
+        fill(write)
+        return True
+
+    def _attach(self, path: Path, fd: int, table: str, dim: int, row_format: RowFormat, source: str,
+                check_source: bool) -> shm.StoreFile | None:
+        """Judge the complete-or-not file at ``path`` (its flock held): attach, or None when it
+        was removed to be rebuilt; refuses a store others use that does not fit."""
+        size = os.fstat(fd).st_size
+        header = np.fromfile(path, np.int64, shm.HEADER_WORDS) if size >= shm.HEADER_WORDS * 8 else None
+        spec = None if header is None else shm.spec_of(header, table)
+        if spec is not None and size < spec.nbytes:
+            spec = None  # truncated
+        wanted = self._spec(table, dim, row_format, 0)
+        problem = ""
+        if spec is None:
+            problem = "it is not a store of this version"
+        elif int(header[shm.H_STATE]) != shm.COMPLETE:  # type: ignore[index]
+            problem = "its filler died before it was complete"
+        else:
+            shape = (spec.dim, spec.row_format, spec.stat, spec.partitions)
+            if shape != (wanted.dim, wanted.row_format, wanted.stat, wanted.partitions):
+                problem = (f"it holds dim {spec.dim}, {spec.row_format}, access stat {spec.stat}, "
+                           f"{spec.partitions} partitions; this server wants dim {dim}, {row_format}, "
+                           f"access stat {wanted.stat}, {wanted.partitions} partitions")
+            elif check_source and shm._read_meta(header).get("source") != source:
+                problem = "it was filled from other sparse files (or another share of them)"
+        if problem:
+            store = shm.StoreFile(path, fd, spec) if spec is not None else None
+            users = store.users() if store is not None else []
+            others = [pid for pid, _ in users if pid != os.getpid()]
+            if store is not None:
+                store.fd = -1  # the caller closes fd
+                store.close()
+            if others:
+                raise ConfigError(
+                    f"host store {path} cannot be used for table {table!r}: {problem}; processes "
+                    f"{', '.join(map(str, others))} still use it: stop them (or give this server its own "
+                    "volatile_db.shared_memory_name)"
+                )
+            log.warning("host store %s: %s; removing it and building it again", path, problem)
+            os.unlink(path)
+            return None
+        assert spec is not None
+        store = shm.StoreFile(path, fd, spec)
+        self._repair(store)
+        if int(store.header[shm.H_SUPERSEDED]):  # a grower died before its rename: this file stays
+            store.header[shm.H_SUPERSEDED] = 0
+        store.register()
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return store
+
+    # ---------------------------------------------------------------- writing
+
+    @contextlib.contextmanager
+    def _writing(self, table: str) -> Iterator[Callable[[], shm.StoreFile]]:
+        """Hold ``table``'s writer lock on its current file (repaired first when a writer died);
+        yields a function returning the current store (growth replaces it)."""
+        while True:
+            store = self._store(table)
+            store.acquire()
+            if store.closed or not store.is_current():
+                store.release()
+                if not store.closed:
+                    self._remap(table)
+                continue
+            break
+        try:
+            self._repair(store)
+            yield lambda: self._store(table)
+        finally:
+            self._store_or_none(table, store).release()
+
+    def _repair(self, store: shm.StoreFile) -> None:
+        """Finish what a dead writer left (caller holds the lock)."""
+        odd = bool((store.parts[shm.P_SEQ :: shm.PART_WORDS] & 1).any())
+        if int(store.header[shm.H_JOP]) != _J_NONE or odd:
+            repaired = recover(store.header, store.parts, store.slots, _views(store), store.rows, store.undo)
+            store.header[shm.H_RECOVERIES] += 1
+            log.warning("host store %s: repaired %d partition(s) a writer that died left", store.path, repaired)
+
+    def _resolve_overflow(self, store: shm.StoreFile, p: int) -> None:
+        n = int(store.parts[p * shm.PART_WORDS + shm.P_ROWS])
+        overflow = self._overflow
+        k = n - int(overflow.margin * overflow.resolution_target)
+        meta = _views(store)[p]
+        if k >= n:
+            victims = np.arange(n)
+        elif overflow.policy == "evict_random":
+            victims = self._rngs[p].choice(n, size=k, replace=False)
+        else:
+            victims = np.argpartition(meta[:n, _STAT], k - 1)[:k]
+        victim_keys = np.ascontiguousarray(meta[victims, _KEY])
+        _remove(victim_keys, np.arange(victim_keys.shape[0], dtype=np.int64), store.header, store.parts, p,
+                store.slots[p], meta)
+
+    def _grow(self, table: str, old: shm.StoreFile, extra: int, *, filling: bool = False) -> shm.StoreFile:
+        """Replace ``old`` (its lock held) by a file with room for ``extra`` more rows in any
+        partition; returns the new store, locked. The old file is marked superseded before the
+        rename, so every process remaps; a grower that dies leaves the old file in place."""
+        spec = old.spec
+        needed = int(old.parts[shm.P_ROWS :: shm.PART_WORDS].max()) + extra
+        bigger = spec.grown(max(2 * spec.rows_per_partition, needed))
+        tmp = shm.growth_path(old.path)
+        fd = shm.open_fd(tmp, create=True)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            shm.reserve(fd, tmp, bigger.nbytes, self._limit, shm.namespace_bytes(self._dir, but=old.path))
+            new = shm.StoreFile(old.path, fd, bigger)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        shm.initialise(new, old.metadata())
+        new.header[shm.H_CLOCK : shm.H_META_LEN] = old.header[shm.H_CLOCK : shm.H_META_LEN]
+        new.header[shm.H_USERS :] = old.header[shm.H_USERS : shm.HEADER_WORDS]
+        new.header[shm.H_STATE] = old.header[shm.H_STATE]
+        new.header[shm.H_SUPERSEDED] = 0
+        new.header[shm.H_JOP] = _J_NONE
+        new_meta = _views(new)
+        for p in range(spec.partitions):
+            n = int(old.parts[p * shm.PART_WORDS + shm.P_ROWS])
+            new.rows[p, :n] = old.rows[p, :n]
+            new.parts[p * shm.PART_WORDS + shm.P_ROWS] = n
+            _rebuild_slots(new.slots[p], new_meta[p], n)
+        if not filling:
+            old.header[shm.H_SUPERSEDED] = 1
+        os.rename(tmp, old.path)
+        if filling:
+            old.close()
+            return new
+        new.hold()  # the new store's thread lock; its flock is already ours
+        with self._tables_lock, self._maps.write_locked(0):
+            self._stores[table] = new
+            self._directory_set(self._index[table], new)
+            old.release()
+            old.close()
+        log.info("host store %s grew to %d rows per partition (%d bytes)", new.path, bigger.rows_per_partition,
+                 bigger.nbytes)
+        return new
+
+    # ---------------------------------------------------------------- bookkeeping
+
+    def _remap(self, table: str) -> None:
+        """Map the file now at ``table``'s path in place of this process's superseded one."""
+        with self._tables_lock:
+            old = self._stores.get(table)
+            if old is None or old.closed:
+                return
+            if old.is_current():
+                # marked superseded but not replaced: a grower is working (wait for its lock)
+                # or died before its rename (then the flag is cleared and this file stays)
+                with old.locked():
+                    if old.is_current() and int(old.header[shm.H_SUPERSEDED]):
+                        old.header[shm.H_SUPERSEDED] = 0
+                if old.is_current():
+                    return
+            fd = shm.open_fd(old.path, create=False)
+            header = np.fromfile(old.path, np.int64, shm.HEADER_WORDS)
+            spec = shm.spec_of(header, table)
+            if spec is None:
+                os.close(fd)
+                raise TierError(f"host store {old.path}: the file that replaced this table's store is not a store")
+            new = shm.StoreFile(old.path, fd, spec)
+            with self._maps.write_locked(0):
+                self._stores[table] = new
+                self._directory_set(self._index[table], new)
+                old.close()
+            self._groups.clear()
+
+    def _adopt(self, table: str, store: shm.StoreFile) -> None:
+        """Make ``store`` the one lookups use for ``table``. Caller holds _tables_lock."""
+        with self._maps.write_locked(0):
+            self._stores[table] = store
+            if table not in self._index:
+                self._index[table] = len(self._names)
+                self._names.append(table)
+            self._directory_set(self._index[table], store)
+        self._groups.clear()
+
+    def _directory_set(self, column: int, store: shm.StoreFile | None) -> None:
+        """Point ``column`` at ``store``'s regions (zeros for none) in every directory array a
+        kernel may hold. Caller holds the mapping lock exclusively."""
+        if column >= self._directory.shape[1]:
+            bigger = np.zeros((_DIRECTORY_ROWS, 2 * column + 1), np.int64)
+            bigger[:, : self._directory.shape[1]] = self._directory
+            self._directory = bigger
+            self._handed_out.append(bigger)
+        values = [0] * _DIRECTORY_ROWS
+        if store is not None:
+            spec = store.spec
+            values[_D_HEADER] = store.address
+            values[_D_PARTS] = int(store.parts.ctypes.data)
+            values[_D_SLOTS] = int(store.slots.ctypes.data)
+            values[_D_SLOT_COUNT] = spec.slots_per_partition
+            values[_D_ROWS] = int(store.rows.ctypes.data)
+            values[_D_ROW_CAP] = spec.rows_per_partition
+            values[_D_STRIDE] = spec.stride
+        for table in self._handed_out:
+            if column < table.shape[1]:
+                table[:, column] = values
+
+    def _detach(self, store: shm.StoreFile) -> None:
+        """Leave ``store``: drop this process from its users and remove the file when nobody
+        else uses it, no keeper is alive and auto-removal is on."""
+        try:
+            with store.locked():
+                users = store.deregister()
+                if not users and self._auto_remove and not store.keeper_alive() and store.is_current():
+                    os.unlink(store.path)
+                    with contextlib.suppress(OSError):
+                        self._dir.rmdir()
+        except OSError as exc:
+            log.warning("host store %s: could not leave it cleanly: %s", store.path, exc)
+        finally:
+            store.close()
+
+    def _resolve(self, names: tuple[str, ...]) -> tuple[Keys, Keys, Keys]:
+        stores = [self._store(name) for name in names]
+        return (
+            np.array([self._index[name] for name in names], np.int64),
+            np.array([s.spec.dim for s in stores], np.int64),
+            np.array([s.spec.row_format.code for s in stores], np.int64),
+        )
+
+    def _group(self, keys: Keys) -> tuple[Any, Any]:
+        if self._num_partitions == 1:
+            return np.arange(keys.shape[0], dtype=np.int64), np.array([0, keys.shape[0]], np.int64)
+        return group_by(partition_array(keys, self._num_partitions), self._num_partitions)
+
+    def _check_shape(self, store: shm.StoreFile, table: str, dim: int, row_format: RowFormat) -> None:
+        if store.spec.dim != dim:
+            raise ConfigError(f"table {table!r} already exists with dim {store.spec.dim}, not {dim}")
+        if store.spec.row_format is not row_format:
+            raise format_mismatch(table, "the host store", store.spec.row_format, row_format)
+
+    def _store(self, table: str) -> shm.StoreFile:
+        self._check_open()
+        store = self._stores.get(table)
+        if store is not None:
+            return store
+        with self._tables_lock:  # a complete store another process made: attach to it
+            self._check_open()
+            store = self._stores.get(table)
+            if store is None:
+                path = self._dir / shm.file_name(table)
+                info = next((i for i in shm.list_stores(self.namespace) if i.table == table and i.complete), None)
+                if info is None or not path.exists():
+                    raise unknown_table(table, self._stores)
+                self.open_table(table, info.dim, RowFormat(info.row_format))
+                store = self._stores[table]
+            return store
+
+    def _store_or_none(self, table: str, fallback: shm.StoreFile) -> shm.StoreFile:
+        return self._stores.get(table, fallback)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TierError("the host-store volatile tier is closed")
+
+
+def _is_at(fd: int, path: Path) -> bool:
+    """Whether the open file ``fd`` is still the one at ``path``."""
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
