@@ -89,7 +89,8 @@ class TierType(StrEnum):
 
     @property
     def in_process(self) -> bool:
-        """A tier inside each serving process (filled at start-up, never shared)."""
+        """A hash map: in host shared memory (``volatile_db.host_shared``, the default) or
+        private to each serving process; either way on this host, not on a server."""
         return self in (TierType.HASH_MAP, TierType.PARALLEL_HASH_MAP)
 
     @property
@@ -98,12 +99,17 @@ class TierType(StrEnum):
         return self is TierType.REDIS_CLUSTER
 
 
+#: HugeCTR's ``multi_process_hash_map``: here the host-shared hash map every hash map is by
+#: default, so a parallel_hash_map that cannot be made private (``host_shared: false``).
+MULTI_PROCESS_ALIASES = ("multi_process_hash_map", "multi_process_hashmap", "multi_process_hash",
+                         "multi_process_map")
+
 #: HugeCTR's aliases of each tier type, per role (the roles' accepted types).
 _TIER_ALIASES: Mapping[TierType, tuple[str, ...]] = {
     TierType.DISABLED: ("disabled", "disable", "none"),
     TierType.HASH_MAP: ("hash_map", "hashmap", "hash", "map"),
     TierType.PARALLEL_HASH_MAP: ("parallel_hash_map", "parallel_hashmap", "parallel_hash",
-                                 "parallel_map"),
+                                 "parallel_map", *MULTI_PROCESS_ALIASES),
     TierType.REDIS_CLUSTER: ("redis_cluster", "redis"),
     TierType.ROCKS_DB: ("rocks_db", "rocksdb", "rocks"),
 }
@@ -132,14 +138,9 @@ _HASH_MAP_ALGORITHMS = {"phm": ("phm",), "stl": ("stl",)}
 
 # Values HugeCTR knows but this server does not implement: value -> fix.
 _UNSUPPORTED_VOLATILE = {
-    name: "use 'parallel_hash_map' (per process) or 'redis_cluster' (shared between processes)"
-    for name in ("multi_process_hash_map", "multi_process_hashmap", "multi_process_hash",
-                 "multi_process_map")
+    name: "RocksDB is a persistent database: move it to 'persistent_db'"
+    for name in _TIER_ALIASES[TierType.ROCKS_DB]
 }
-_UNSUPPORTED_VOLATILE.update(
-    {name: "RocksDB is a persistent database: move it to 'persistent_db'"
-     for name in _TIER_ALIASES[TierType.ROCKS_DB]}
-)
 _UNSUPPORTED_PERSISTENT = {
     name: "hash maps and Redis are volatile databases: move them to 'volatile_db'"
     for kind in VOLATILE_TYPES if kind not in PERSISTENT_TYPES
@@ -219,9 +220,10 @@ class VolatileDBConfig(_DatabaseConfig):
     redis: RedisConfig = field(default_factory=RedisConfig)  # address, user_name, password, ...
     overflow: OverflowConfig = field(default_factory=OverflowConfig)  # overflow_*
     allocation_rate: int = 256 * 1024 * 1024  # hash map: bytes per allocation (inactive)
-    shared_memory_size: int = 16 * 1024**3  # multi_process_hash_map only (inactive)
-    shared_memory_name: str = "hctr_mp_hash_map_database"  # multi_process_hash_map (inactive)
-    shared_memory_auto_remove: bool = True  # multi_process_hash_map only (inactive)
+    host_shared: bool = True  # hash map: one copy per host in /dev/shm (false: one per process)
+    shared_memory_size: int = 16 * 1024**3  # host store: most bytes its namespace takes in /dev/shm
+    shared_memory_name: str = ""  # host store namespace; "" = derived from the HPS JSON's path
+    shared_memory_auto_remove: bool = True  # host store: removed when its last user exits
     initial_cache_rate: float = 1.0  # fraction of each table loaded at start-up
     cache_missed_embeddings: bool = False  # copy rows found in the persistent tier up here
     refresh_time_after_fetch: bool = False  # legacy (HugeCTR ≤ 23.04), inactive
@@ -413,8 +415,7 @@ def gpu_cache_requested(model: ModelConfig) -> bool:
 INACTIVE_FIELDS: Mapping[str, tuple[str, ...]] = {
     "": ("fuse_embedding_table",),
     "volatile_db": (
-        "allocation_rate", "shared_memory_size", "shared_memory_name",
-        "shared_memory_auto_remove", "refresh_time_after_fetch", "algorithm",
+        "allocation_rate", "refresh_time_after_fetch", "algorithm",
     ),
     "persistent_db": (),
     "update_source": ("max_receive_buffer_size",),
@@ -627,12 +628,27 @@ def _parse_batch_sizes(r: _Reader) -> dict[str, Any]:
     return {"max_batch_size": batch, "max_get_batch_size": get, "max_set_batch_size": put}
 
 
+def _parse_namespace(r: _Reader, default: str) -> str:
+    """``shared_memory_name``: it names a folder under /dev/shm, so a plain name."""
+    name = r.read_str("shared_memory_name", default)
+    if name and (not re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", name) or name.startswith(".")):
+        r.fail("shared_memory_name", f"{name!r} cannot name a folder under /dev/shm",
+               "use 1-100 letters, digits, '_', '.' or '-', not starting with '.'")
+    return name
+
+
 def _parse_volatile(obj: Any, source: str) -> VolatileDBConfig:
     r = _Reader(obj, "volatile_db", source)
     d, dr, dt, do = (_field_defaults(c) for c in (VolatileDBConfig, RedisConfig, TLSConfig, OverflowConfig))
     # HugeCTR quirk kept: the section present without "type" means disabled.
+    multi_process = r.read_str("type", "") in MULTI_PROCESS_ALIASES
+    host_shared = r.read_bool("host_shared", d["host_shared"])
+    if multi_process and not host_shared:
+        r.fail("host_shared", "false contradicts type 'multi_process_hash_map' (a host-shared map)",
+               "use type 'parallel_hash_map' for a private map in each process")
     cfg = VolatileDBConfig(
         type=TierType(r.read_enum("type", TierType.DISABLED, _VOLATILE_TYPES, _UNSUPPORTED_VOLATILE)),
+        host_shared=host_shared,
         num_partitions=r.read_int("num_partitions", d["num_partitions"], minimum=1),
         redis=RedisConfig(
             address=r.read_str("address", dr["address"], non_empty=True),
@@ -657,7 +673,7 @@ def _parse_volatile(obj: Any, source: str) -> VolatileDBConfig:
         ),
         allocation_rate=r.read_int("allocation_rate", d["allocation_rate"], minimum=1),
         shared_memory_size=r.read_int("shared_memory_size", d["shared_memory_size"], minimum=1),
-        shared_memory_name=r.read_str("shared_memory_name", d["shared_memory_name"]),
+        shared_memory_name=_parse_namespace(r, d["shared_memory_name"]),
         shared_memory_auto_remove=r.read_bool("shared_memory_auto_remove",
                                               d["shared_memory_auto_remove"]),
         initialize_after_startup=r.read_bool("initialize_after_startup",

@@ -55,9 +55,9 @@ from tqdm import tqdm
 
 from hps_core.arrays import Keys, Vectors
 from hps_core.config import ParameterServerConfig, TableConfig
-from hps_core.db.base import BulkLoad, PartitionMarkers, TableMetadata
+from hps_core.db.base import BulkLoad, HostSharedTables, PartitionMarkers, TableMetadata
 from hps_core.errors import ConfigError, RowValueError
-from hps_core.formats import SparseTable, detect_format, read_table, sparse_model_rows
+from hps_core.formats import detect_format, read_table, sparse_model_rows, stream_table
 from hps_core.row_formats import first_unstorable
 
 __all__ = [
@@ -194,6 +194,8 @@ def load_table(
         raise ConfigError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
     name = table.qualified_name
     total = _rows_to_load(_row_count(table), rows, fraction, name)
+    if isinstance(db, HostSharedTables):
+        return _fill_host_table(db, table, source, total, chunk_rows, progress)
     ensure_table(db, table, source)
     if total > 0 and isinstance(db, PartitionMarkers):
         db.mark_loaded(name)  # before the rows: a node lost after this loses them with its rows
@@ -208,8 +210,31 @@ def load_table(
                 return 0
             start = marker.rows
             log.info("%s: resuming at row %d of %d", name, start, total)
-    rows_of = read_table(table.sparse_file, table.dim)
-    return _copy_rows(db, table, rows_of, start, total, chunk_rows, fp if markers else None, progress)
+    return _copy_rows(db, table, start, total, chunk_rows, fp if markers else None, progress)
+
+
+def _fill_host_table(db: HostSharedTables, table: TableConfig, source: str, total: int, chunk_rows: int,
+                     progress: bool) -> int:
+    """Fill a host-store table once per host: the first process streams the file in while the
+    others wait, then attach (a complete store of the same file and share is reused as it is)."""
+    name = table.qualified_name
+    identity = f"{fingerprint(table.sparse_file)}:{total}"
+    written = 0
+
+    def fill(write: Any) -> None:
+        nonlocal written
+        written = _copy_rows(db, table, 0, total, chunk_rows, None, progress,
+                             write=lambda _name, keys, values: write(keys, values))
+
+    try:
+        db.open_table(name, table.dim, table.row_format, rows=total, source=identity, fill=fill)
+    except ConfigError as exc:
+        if not source:
+            raise
+        raise ConfigError(f"{source}: {exc}") from exc
+    if not written:
+        log.info("%s: attached to the host store (%d rows)", name, total)
+    return written
 
 
 def _row_count(table: TableConfig) -> int:
@@ -232,24 +257,25 @@ def _rows_to_load(n: int, rows: int | None, fraction: float, name: str) -> int:
 def _copy_rows(
     db: Any,
     table: TableConfig,
-    source: SparseTable,
     start: int,
     total: int,
     chunk_rows: int,
     fp: str | None,
     progress: bool,
+    *,
+    write: Any = None,
 ) -> int:
-    """Write rows ``[start, total)`` chunk by chunk, recording progress after each chunk."""
-    write = db.bulk_load if isinstance(db, BulkLoad) else db.insert
+    """Stream rows ``[start, total)`` of the table file into ``db`` chunk by chunk (``write``,
+    else the tier's bulk load or insert), recording progress after each chunk."""
+    if write is None:
+        write = db.bulk_load if isinstance(db, BulkLoad) else db.insert
     name = table.qualified_name
     show = progress and sys.stderr.isatty()
     written = 0
     with tqdm(total=total, initial=start, unit="rows", unit_scale=True, desc=name,
               disable=not show, leave=True) as bar:
-        for lo in range(start, total, chunk_rows):
-            hi = min(lo + chunk_rows, total)
-            keys = np.ascontiguousarray(source.keys[lo:hi], dtype=np.int64)
-            vectors = np.ascontiguousarray(source.vectors[lo:hi], dtype=np.float32)
+        for lo, keys, vectors in stream_table(table.sparse_file, table.dim, start, total, chunk_rows):
+            hi = lo + keys.shape[0]
             try:
                 write(name, keys, vectors)
             except RowValueError as exc:
@@ -340,13 +366,15 @@ def load_config_tables(
             db.close()  # type: ignore[union-attr]
     if tier in ("volatile", "both"):
         settings_v = config.volatile_db
-        if not settings_v.type.shared:
+        if not settings_v.type.shared and (not settings_v.host_shared or settings_v.shared_memory_auto_remove):
+            where = ("in host shared memory, filled by the first serving process and removed with the last"
+                     if settings_v.host_shared else "inside each serving process and is filled at start-up")
             raise ConfigError(
-                f"{config.source}: volatile_db.type is {settings_v.type!r}: the hash map lives "
-                "inside each serving process and is filled at start-up, so there is nothing to "
-                "load ahead; use --tier persistent, or a shared tier (--redis HOST:PORT)"
+                f"{config.source}: volatile_db.type is {settings_v.type!r}: the hash map lives {where}, "
+                "so there is nothing to load ahead; use --tier persistent, a shared tier (--redis "
+                "HOST:PORT), or a host store that outlives its users (shared_memory_auto_remove: false)"
             )
-        vdb = open_volatile_db(settings_v)
+        vdb = open_volatile_db(settings_v, config.source)
         try:
             report["volatile"] = {
                 t.qualified_name: load_table(vdb, t, source=config.source, progress=progress,

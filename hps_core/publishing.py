@@ -672,7 +672,7 @@ def drop_tables(config: ParameterServerConfig, model: str, *,
     if config.persistent_db.enabled and not config.persistent_db.read_only:
         openers.append(("persistent", lambda: _WRITE_LOCK_WAIT.call(lambda: open_persistent_db(config.persistent_db))))
     if config.volatile_db.enabled and config.volatile_db.type.shared:
-        openers.append(("volatile", lambda: open_volatile_db(config.volatile_db)))
+        openers.append(("volatile", lambda: open_volatile_db(config.volatile_db, config.source)))
     for tier, opener in openers:
         db = opener()
         if db is None:

@@ -96,7 +96,7 @@ class HierarchicalParameterServer:
         self._catch_up: Callable[[], None] | None = None  # a secondary's catch-up with its writer
         names = [m.model for m in config.models] if models is None else list(models)
         self._models = {name: config.model(name) for name in names}
-        self.volatile: EmbeddingTier | None = open_volatile_db(config.volatile_db)
+        self.volatile: EmbeddingTier | None = open_volatile_db(config.volatile_db, config.source)
         self.persistent: EmbeddingTier | None = None
         try:
             self.persistent = self._open_persistent()

@@ -1,6 +1,7 @@
 """Storage tiers behind one batched contract (:class:`EmbeddingTier`).
 
-Roles: :class:`VolatileDB` (in memory: :class:`HashMapVolatileDB`, :class:`RedisClusterVolatileDB`,
+Roles: :class:`VolatileDB` (in memory: :class:`SharedHashMapVolatileDB` in host shared memory,
+:class:`HashMapVolatileDB` private to a process, :class:`RedisClusterVolatileDB`,
 :class:`RedisVolatileDB`)
 and :class:`PersistentDB` (on disk: :class:`RocksDBPersistentDB`). The factories pick the
 implementation from the HPS JSON's ``volatile_db.type`` / ``persistent_db.type``.
@@ -21,6 +22,7 @@ from hps_core.db.base import EmbeddingTier, PersistentDB, VolatileDB
 from hps_core.db.hash_map import HashMapVolatileDB
 from hps_core.db.redis_cluster import RedisClusterVolatileDB, RedisVolatileDB, open_redis_db
 from hps_core.db.rocksdb import RocksDBPersistentDB
+from hps_core.db.shared_hash_map import SharedHashMapVolatileDB
 from hps_core.errors import ConfigError
 
 __all__ = [
@@ -30,20 +32,23 @@ __all__ = [
     "RedisClusterVolatileDB",
     "RedisVolatileDB",
     "RocksDBPersistentDB",
+    "SharedHashMapVolatileDB",
     "VolatileDB",
     "open_persistent_db",
     "open_volatile_db",
 ]
 
-def open_volatile_db(cfg: VolatileDBConfig) -> VolatileDB | None:
+def open_volatile_db(cfg: VolatileDBConfig, source: str = "") -> VolatileDB | None:
     """The volatile tier ``cfg.type`` names, or None when disabled.
 
     ``hash_map`` and ``parallel_hash_map`` are one implementation here: HugeCTR's
-    distinction (one partition vs. several) is ``num_partitions``.
+    distinction (one partition vs. several) is ``num_partitions``. Its rows live in host shared
+    memory (one copy per host, in the namespace ``source``, the HPS JSON's path, names) unless
+    ``host_shared`` is false.
     """
     match cfg.type:
         case TierType.HASH_MAP | TierType.PARALLEL_HASH_MAP:
-            return HashMapVolatileDB(cfg)
+            return SharedHashMapVolatileDB(cfg, source=source) if cfg.host_shared else HashMapVolatileDB(cfg)
         case TierType.REDIS_CLUSTER:
             # several addresses or a cluster node → RedisClusterVolatileDB; one server not in
             # cluster mode → RedisVolatileDB (see hps_core/db/redis_cluster.py, open_redis_db)

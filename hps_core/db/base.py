@@ -36,6 +36,7 @@ __all__ = [
     "BulkLoad",
     "DropTable",
     "EmbeddingTier",
+    "HostSharedTables",
     "MarkerState",
     "PartitionMarkers",
     "PersistentDB",
@@ -204,6 +205,21 @@ class BulkLoad(Protocol):
     def bulk_load(self, table: str, keys: Keys, values: Vectors) -> int:
         """Upsert the rows, all or none; a key repeated in the batch keeps its last row.
         keys: (n,) int64. values: (n, dim) float32, C-contiguous. Returns rows written."""
+        ...
+
+
+@runtime_checkable
+class HostSharedTables(Protocol):
+    """Optional tier capability: tables every process on the host maps (the host store,
+    ``hps_core/db/shared_hash_map.py``). A table is filled once per host, by the first process
+    that opens it, while the others wait and then attach; the loader fills through this."""
+
+    def open_table(self, table: str, dim: int, row_format: RowFormat = RowFormat.FP32, *, rows: int = 0,
+                   source: str = "", fill: Callable[[Callable[[Keys, Vectors], None]], None] | None = None
+                   ) -> bool:
+        """Attach to ``table``, or create it with room for ``rows`` and run ``fill(write)``
+        (``write(keys, values)`` per chunk) before anyone attaches. ``source`` identifies what
+        fills it (a complete table of another source is not reused). True when filled here."""
         ...
 
 

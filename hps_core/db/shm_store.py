@@ -115,14 +115,8 @@ def shm_root() -> Path:
 
 def namespace_of(cfg: VolatileDBConfig, source: str) -> str:
     """The store namespace of a volatile_db section read from ``source`` (see the module doc)."""
-    if cfg.shared_memory_name:
-        name = cfg.shared_memory_name
-        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", name) or name.startswith("."):
-            raise ConfigError(
-                f"volatile_db.shared_memory_name {name!r}: use 1-100 letters, digits, '_', '.' or "
-                "'-' (it names a folder under /dev/shm), not starting with '.'"
-            )
-        return name
+    if cfg.shared_memory_name:  # checked where the config is read
+        return cfg.shared_memory_name
     if source:
         return "cfg-" + hashlib.sha256(os.path.realpath(source).encode()).hexdigest()[:16]
     return f"pid{os.getpid()}"

@@ -7,11 +7,18 @@ the fix.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import numpy.typing as npt
+
 from hps_core.formats.hugectr import (
     SparseTable,
     iter_sparse_model_chunks,
     read_sparse_model,
     sparse_model_rows,
+    stream_sparse_model,
     write_sparse_model,
 )
 from hps_core.formats.tables import (
@@ -32,7 +39,24 @@ __all__ = [
     "read_sparse_model",
     "read_table",
     "sparse_model_rows",
+    "stream_sparse_model",
+    "stream_table",
     "write_npy_pair",
     "write_npz",
     "write_sparse_model",
 ]
+
+
+def stream_table(path: str | os.PathLike[str], dim: int, start: int, stop: int, chunk_rows: int
+                 ) -> Iterator[tuple[int, npt.NDArray[np.int64], npt.NDArray[np.float32]]]:
+    """Rows ``[start, stop)`` of any table file as ``(first row, keys, vectors)`` chunks, keys
+    int64 and vectors float32 C-contiguous; a HugeCTR folder is read with plain reads into
+    reused buffers (:func:`stream_sparse_model`), a NumPy file through its memory map."""
+    if detect_format(path) == "hugectr":
+        yield from stream_sparse_model(path, dim, start, stop, chunk_rows)
+        return
+    table = read_table(path, dim)
+    for lo in range(start, min(stop, len(table)), chunk_rows):
+        hi = min(lo + chunk_rows, stop, len(table))
+        yield (lo, np.ascontiguousarray(table.keys[lo:hi], dtype=np.int64),
+               np.ascontiguousarray(table.vectors[lo:hi], dtype=np.float32))

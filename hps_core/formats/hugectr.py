@@ -43,6 +43,7 @@ __all__ = [
     "iter_sparse_model_chunks",
     "read_sparse_model",
     "sparse_model_rows",
+    "stream_sparse_model",
     "write_sparse_model",
 ]
 
@@ -231,6 +232,40 @@ def iter_sparse_model_chunks(folder: str | os.PathLike[str], dim: int | None,
     for start in range(0, len(table), int(chunk_rows)):
         stop = start + int(chunk_rows)
         yield SparseTable(keys=table.keys[start:stop], vectors=table.vectors[start:stop])
+
+
+def stream_sparse_model(folder: str | os.PathLike[str], dim: int, start: int, stop: int,
+                        chunk_rows: int) -> Iterator[tuple[int, npt.NDArray[np.int64], npt.NDArray[np.float32]]]:
+    """Rows ``[start, stop)`` of a sparse model folder as ``(first row, keys, vectors)`` chunks of
+    at most ``chunk_rows`` rows, read with plain reads into two buffers reused for every chunk
+    (valid until the next one): a load's memory is two chunks whatever the table's size, where
+    slicing a memory map leaves every page read counted in the process's resident set."""
+    n, width = sparse_model_rows(folder, dim)
+    stop = min(stop, n)
+    if start >= stop:
+        return
+    key_file, vec_file = _files(folder)
+    rows = min(int(chunk_rows), stop - start)
+    keys = np.empty(rows, KEY_DTYPE)
+    vectors = np.empty((rows, width), VECTOR_DTYPE)
+    with open(key_file, "rb", buffering=0) as kf, open(vec_file, "rb", buffering=0) as vf:
+        kf.seek(start * KEY_DTYPE.itemsize)
+        vf.seek(start * width * VECTOR_DTYPE.itemsize)
+        for lo in range(start, stop, rows):
+            count = min(rows, stop - lo)
+            _read_exactly(kf, keys[:count], key_file)
+            _read_exactly(vf, vectors[:count], vec_file)
+            yield lo, keys[:count], vectors[:count]
+
+
+def _read_exactly(fh: Any, into: npt.NDArray[Any], path: Path) -> None:
+    view = memoryview(into).cast("B")
+    got = 0
+    while got < view.nbytes:
+        read = fh.readinto(view[got:])
+        if not read:
+            raise FormatError(f"{path}: the file ended early (truncated while being read?)")
+        got += read
 
 
 def write_sparse_model(folder: str | os.PathLike[str], keys: Any, vectors: Any) -> None:

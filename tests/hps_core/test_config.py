@@ -448,9 +448,25 @@ def test_documentation_database_examples_load() -> None:
     assert cfg.update_source.enabled
 
 
+def test_host_store_fields() -> None:
+    # HugeCTR's multi_process_hash_map fields drive the host store; a hash map is host-shared
+    # unless host_shared says otherwise, and multi_process_hash_map cannot be made private.
+    default = _parse(MINIMAL | {"volatile_db": {"type": "hash_map"}}).volatile_db
+    assert default.host_shared and default.shared_memory_name == "" and default.shared_memory_auto_remove
+    cfg = _parse(MINIMAL | {"volatile_db": {
+        "type": "multi_process_hash_map", "shared_memory_name": "hctr_mp_hash_map_database",
+        "shared_memory_size": 1 << 30, "shared_memory_auto_remove": False}}).volatile_db
+    assert cfg.type == "parallel_hash_map" and cfg.host_shared
+    assert (cfg.shared_memory_name, cfg.shared_memory_size, cfg.shared_memory_auto_remove) == (
+        "hctr_mp_hash_map_database", 1 << 30, False)
+    assert not _parse(MINIMAL | {"volatile_db": {"type": "parallel_hash_map", "host_shared": False}}
+                      ).volatile_db.host_shared
+    with pytest.raises(ConfigError, match="volatile_db.host_shared.*parallel_hash_map"):
+        _parse(MINIMAL | {"volatile_db": {"type": "multi_process_hash_map", "host_shared": False}})
+
+
 def test_every_inactive_field_is_accepted() -> None:
-    values = {"fuse_embedding_table": True, "allocation_rate": 1, "shared_memory_size": 1,
-              "shared_memory_name": "x", "shared_memory_auto_remove": False,
+    values = {"fuse_embedding_table": True, "allocation_rate": 1,
               "refresh_time_after_fetch": True, "algorithm": "stl",
               "max_receive_buffer_size": 2000, "dense_file": "d", "network_file": "n.json",
               "non_trainable_params_file": "p", "num_of_worker_buffer_in_pool": 2,
@@ -546,7 +562,7 @@ ERROR_CASES = [
     ("supportlonglong", "yes", "supportlonglong", "true or false"),
     ("surprise", 1, "surprise", "not supported by this server"),
     ("volatile_db", [], "volatile_db", "JSON object"),
-    ("volatile_db.type", "multi_process_hash_map", "volatile_db.type", "not supported"),
+    ("volatile_db.shared_memory_name", "../etc", "volatile_db.shared_memory_name", "folder under /dev/shm"),
     ("volatile_db.type", "rocks_db", "volatile_db.type", "persistent_db"),
     ("volatile_db.type", "memcached", "volatile_db.type", "unknown value"),
     ("volatile_db.type", 1, "volatile_db.type", "string"),

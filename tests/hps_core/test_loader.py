@@ -203,7 +203,7 @@ def test_load_config_tables_and_selection(tmp_path: Path) -> None:
     assert report == {"persistent": {"hps_et.m.cat0": 1_000, "hps_et.m.cat1": 500}}
     again = load_config_tables(config, select_tables(config), tier="persistent")
     assert again == {"persistent": {"hps_et.m.cat0": 0, "hps_et.m.cat1": 0}}
-    with pytest.raises(ConfigError, match="inside each serving process"):
+    with pytest.raises(ConfigError, match="in host shared memory, filled by the first serving process"):
         load_config_tables(config, select_tables(config), tier="volatile")
 
 

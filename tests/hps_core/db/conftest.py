@@ -4,7 +4,8 @@
 a real database in ``tmp_path`` (never a stand-in). ``make_tier`` builds one by name with
 keyword overrides, for tests that need specific settings.
 
-The Redis tiers (``redis_cluster``: a 3-node cluster, ``redis_single``: one server) run
+The host store (``host_store``) runs in the real /dev/shm, in a namespace of its own per tier
+that its close removes. The Redis tiers (``redis_cluster``: a 3-node cluster, ``redis_single``: one server) run
 against real ``redis-server`` processes started once per session (``redis_servers``, see
 tests/redis_servers.py) and emptied with FLUSHALL before each tier is built; their
 parameters are marked ``redis`` and skipped when redis-server is not installed.
@@ -12,6 +13,7 @@ parameters are marked ``redis`` and skipped when redis-server is not installed.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,11 +28,13 @@ from hps_core.db import (
     RedisClusterVolatileDB,
     RedisVolatileDB,
     RocksDBPersistentDB,
+    SharedHashMapVolatileDB,
 )
 from tests.redis_servers import RedisProcesses
 
 IMPLEMENTATIONS = (
     "hash_map",
+    "host_store",
     "rocks_db",
     pytest.param("redis_cluster", marks=pytest.mark.redis),
     pytest.param("redis_single", marks=pytest.mark.redis),
@@ -101,6 +105,10 @@ def make_tier(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[TierFa
         """``fields``: fields of the tier's config section (``num_partitions=8``, ...)."""
         if kind == "hash_map":
             db: Any = HashMapVolatileDB(VolatileDBConfig(**{"num_partitions": 4, **fields}))
+        elif kind == "host_store":  # in the real /dev/shm, a namespace of its own per tier
+            name = f"test-{uuid.uuid4().hex[:12]}"
+            db = SharedHashMapVolatileDB(VolatileDBConfig(**{"num_partitions": 4, "shared_memory_name": name,
+                                                             **fields}))
         elif kind == "rocks_db":
             db = RocksDBPersistentDB(PersistentDBConfig(**{"path": str(tmp_path / "rocksdb"), **fields}))
         elif kind in REDIS_KINDS:

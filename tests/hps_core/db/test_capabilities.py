@@ -26,12 +26,21 @@ from hps_core.config import (
 )
 from hps_core.db import (
     HashMapVolatileDB,
+    SharedHashMapVolatileDB,
     RedisClusterVolatileDB,
     RocksDBPersistentDB,
     open_persistent_db,
     open_volatile_db,
 )
-from hps_core.db.base import BulkLoad, DropTable, PartitionMarkers, Refreshable, SharedTier, TableMetadata
+from hps_core.db.base import (
+    BulkLoad,
+    DropTable,
+    HostSharedTables,
+    PartitionMarkers,
+    Refreshable,
+    SharedTier,
+    TableMetadata,
+)
 from hps_core.errors import TierError, UnknownTableError
 from hps_core.row_formats import RowFormat
 from tests.hps_core.db.conftest import IMPLEMENTATIONS, TierFactory
@@ -39,15 +48,17 @@ from tests.hps_core.db.conftest import IMPLEMENTATIONS, TierFactory
 Encode = Callable[[np.ndarray, int], np.ndarray]
 T = "hps_et.model.table"
 
-CAPABILITIES: tuple[type[Any], ...] = (BulkLoad, TableMetadata, Refreshable, SharedTier, PartitionMarkers, DropTable)
+CAPABILITIES: tuple[type[Any], ...] = (BulkLoad, TableMetadata, Refreshable, SharedTier, PartitionMarkers, DropTable,
+                                       HostSharedTables)
 CLAIMS: dict[str, set[type[Any]]] = {
     "hash_map": {DropTable},
+    "host_store": {DropTable, HostSharedTables},
     "rocks_db": {BulkLoad, TableMetadata, Refreshable, DropTable},
     "redis_cluster": {SharedTier, PartitionMarkers, DropTable},
     "redis_single": {SharedTier, PartitionMarkers, DropTable},
 }
 # the tier type behind each implementation the fixtures build
-TYPE_OF = {"hash_map": TierType.HASH_MAP, "rocks_db": TierType.ROCKS_DB,
+TYPE_OF = {"hash_map": TierType.HASH_MAP, "host_store": TierType.PARALLEL_HASH_MAP, "rocks_db": TierType.ROCKS_DB,
            "redis_cluster": TierType.REDIS_CLUSTER, "redis_single": TierType.REDIS_CLUSTER}
 
 
@@ -72,7 +83,7 @@ def test_claims_cover_every_implementation() -> None:
 def test_factories_build_every_tier_type(kind: TierType, tmp_path: Path,
                                          request: pytest.FixtureRequest) -> None:
     """Every member of TierType, in each role that accepts it, is built by the factory."""
-    expected = {TierType.HASH_MAP: HashMapVolatileDB, TierType.PARALLEL_HASH_MAP: HashMapVolatileDB,
+    expected = {TierType.HASH_MAP: SharedHashMapVolatileDB, TierType.PARALLEL_HASH_MAP: SharedHashMapVolatileDB,
                 TierType.REDIS_CLUSTER: RedisClusterVolatileDB, TierType.ROCKS_DB: RocksDBPersistentDB}
     roles = 0
     if kind in VOLATILE_TYPES:
@@ -80,6 +91,10 @@ def test_factories_build_every_tier_type(kind: TierType, tmp_path: Path,
         address = request.getfixturevalue("redis_for")("redis_cluster").address if kind.shared else "127.0.0.1:7000"
         db: Any = open_volatile_db(VolatileDBConfig(type=kind, redis=RedisConfig(address=address)))
         assert db is None if kind is TierType.DISABLED else type(db) is expected[kind]
+        if kind.in_process:  # host_shared: false keeps the private map of each process
+            private = open_volatile_db(VolatileDBConfig(type=kind, host_shared=False))
+            assert type(private) is HashMapVolatileDB
+            private.close()  # type: ignore[union-attr]
     if kind in PERSISTENT_TYPES:
         roles += 1
         db = open_persistent_db(PersistentDBConfig(type=kind, path=str(tmp_path / "db")))

@@ -34,6 +34,7 @@ def test_exported_names() -> None:
         "RedisClusterVolatileDB",
         "RedisVolatileDB",
         "RocksDBPersistentDB",
+        "SharedHashMapVolatileDB",
         "VolatileDB",
         "open_persistent_db",
         "open_volatile_db",

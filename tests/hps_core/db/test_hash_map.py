@@ -171,7 +171,7 @@ def test_config_defaults_never_evict() -> None:
 
 @pytest.mark.parametrize("kind", ["hash_map", "parallel_hash_map"])
 def test_open_volatile_db(kind: str) -> None:
-    db = open_volatile_db(VolatileDBConfig(type=TierType(kind), num_partitions=2))
+    db = open_volatile_db(VolatileDBConfig(type=TierType(kind), num_partitions=2, host_shared=False))
     assert isinstance(db, HashMapVolatileDB)
 
 
