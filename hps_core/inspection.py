@@ -12,10 +12,15 @@ Per table (from ``--config``'s models, or every table of ``--rocksdb``'s databas
   a server would refuse to load it), SST + memtable bytes, and the loader's progress marker
   (``complete``, ``partial``, ``stale`` when the file changed since, ``none``). The database
   is opened read-only, so inspect runs beside a writer or a server;
-- the hash map lives in each serving process, so inspect reports what a start-up load of
-  ``initial_cache_rate`` would take there: ``rows × volatile_bytes_per_row``, the map's own
-  steady-state estimate for the table's width, format and overflow settings (header, packed
-  row and slots: :func:`hps_core.db.hash_map.estimate_bytes_per_row`);
+- the hash map: in the host store (``host_shared``, the default) a table that a server filled
+  is a file in /dev/shm, so inspect reports its real rows and bytes, and lists the namespace's
+  store files (``host_stores``: rows, format, bytes, the model version, the attached processes,
+  the keeper, repairs of dead writers; :func:`host_stores` lists every namespace on the host for
+  ``hps inspect --stores``). A table no server filled yet, and a private map (``host_shared:
+  false``, inside each serving process), get what a start-up load of ``initial_cache_rate``
+  would take: ``rows × volatile_bytes_per_row``, the map's own steady-state estimate for the
+  table's width, format and overflow settings (header, packed row and slots:
+  :func:`hps_core.db.hash_map.estimate_bytes_per_row`);
 - Redis (``volatile_db.type: redis_cluster``, or ``--redis``), shared, so asked: its rows
   (``HLEN``), the format it stores the table in (``redis_format``, from its metadata; a
   mismatch with the config's is listed like RocksDB's), and ``MEMORY USAGE`` of the table's
@@ -42,7 +47,7 @@ from hps_core.config import ParameterServerConfig, TableConfig, gpu_cache_reques
 from hps_core.errors import FormatError, TierError
 from hps_core.formats import detect_format, sparse_model_rows
 
-__all__ = ["format_report", "inspect_tiers"]
+__all__ = ["format_host_stores", "format_report", "host_stores", "inspect_tiers"]
 
 _COLUMNS = (
     ("table", "table"),
@@ -123,6 +128,41 @@ def _volatile(config: ParameterServerConfig, table: TableConfig, file_rows: int 
     return out
 
 
+def host_stores(config: ParameterServerConfig | None = None) -> list[dict[str, Any]]:
+    """The host store files of ``config``'s namespace (every namespace on this host when None;
+    none when its volatile tier is not a host-shared hash map), as report rows."""
+    from hps_core.db.shm_store import list_stores, namespace_of
+
+    if config is None:
+        infos = list_stores()
+    elif config.volatile_db.type.in_process and config.volatile_db.host_shared:
+        infos = list_stores(namespace_of(config.volatile_db, config.source))
+    else:
+        return []
+    return [{**dataclasses.asdict(info), "version": info.version} for info in infos]
+
+
+def format_host_stores(stores: list[dict[str, Any]]) -> str:
+    """The host stores as an aligned table (one line saying there are none otherwise)."""
+    if not stores:
+        return "host stores: none in " + _shm_root()
+    cells = [["host store", "version", "dim", "format", "rows", "bytes", "state", "users (pids)", "keeper",
+              "repairs"]]
+    for st in stores:
+        cells.append([st["path"], st["version"], str(st["dim"]), st["row_format"], str(st["rows"]),
+                      _human(st["bytes"]), "complete" if st["complete"] else "filling",
+                      ",".join(map(str, st["users"])) or "-", str(st["keeper"] or "-"), str(st["recoveries"])])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in cells)
+
+
+def _shm_root() -> str:
+    from hps_core.db.shm_store import shm_root
+
+    return str(shm_root())
+
+
 def _open_redis(config: ParameterServerConfig) -> tuple[Any, dict[str, Any] | None]:
     """The shared volatile tier (Any: the report reads count and memory_bytes) and the
     report's ``redis`` section; (None, None) when the volatile tier is not Redis. A Redis
@@ -177,6 +217,8 @@ def inspect_tiers(config: ParameterServerConfig) -> dict[str, Any]:
     db = _open_rocksdb(config)
     redis, redis_section = _open_redis(config)
     cached = {t.qualified_name for m in config.models if gpu_cache_requested(m) for t in m.tables}
+    stores = host_stores(config)
+    stored = {st["table"]: st for st in stores if st["complete"]}
     try:
         rows = []
         for table in _tables(config, db, redis):
@@ -190,6 +232,9 @@ def inspect_tiers(config: ParameterServerConfig) -> dict[str, Any]:
                 row.update(rocksdb_rows=db.estimate_rows(name), rocksdb_format=db.row_format(name).value,
                            rocksdb_bytes=db.disk_bytes(name), load=_load_state(db, table, name))
             row.update(_volatile(config, table, file_rows))
+            if name in stored:  # filled by a server: what the host store really holds
+                row.update(volatile_rows=stored[name]["rows"], volatile_bytes=stored[name]["bytes"],
+                           volatile_bytes_per_row=round(stored[name]["bytes"] / max(1, stored[name]["rows"])))
             if redis_section is not None:
                 row.update(_redis(redis, name, redis_section))
             row["cache_bytes_per_row"] = row_stride(table.row_format, table.dim) if name in cached else None
@@ -202,6 +247,7 @@ def inspect_tiers(config: ParameterServerConfig) -> dict[str, Any]:
             "volatile": {"type": config.volatile_db.type,
                          "initial_cache_rate": config.volatile_db.initial_cache_rate},
             "redis": redis_section,
+            "host_stores": stores,
             "tables": rows,
         }
     finally:
@@ -246,7 +292,7 @@ def format_report(report: dict[str, Any]) -> str:
         where += " (no database yet)"
     lines.append(f"rocksdb: {where}" + (f", {_human(rdb['dir_bytes'])} on disk" if rdb["dir_bytes"] else ""))
     lines.append(f"volatile: {vol['type']}, initial_cache_rate {vol['initial_cache_rate']:g} "
-                 "(hash map: per serving process; ~ = estimate)")
+                 "(hash map: the host store's files where a server filled them, else estimates; ~ = estimate)")
     redis = report.get("redis")
     if redis is not None:
         lines.append(f"redis: {redis['address']}" + (f", unreachable or failed: {redis['error']}" if redis["error"] else ""))
@@ -257,6 +303,8 @@ def format_report(report: dict[str, Any]) -> str:
     if any(key == "cache_bytes_per_row" for key, _ in columns):
         lines.append("cache row: one row in the embedding cache's value store (slot metadata not counted: "
                      "+24.125 B a slot in the dynamic GPU cache, docs/cache.md)")
+    if report.get("host_stores"):
+        lines.append(format_host_stores(report["host_stores"]))
     for row in report["tables"]:
         for tier in ("rocksdb", "redis"):
             stored = row.get(f"{tier}_format")

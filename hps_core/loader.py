@@ -370,7 +370,7 @@ def load_config_tables(
             where = ("in host shared memory, filled by the first serving process and removed with the last"
                      if settings_v.host_shared else "inside each serving process and is filled at start-up")
             raise ConfigError(
-                f"{config.source}: volatile_db.type is {settings_v.type!r}: the hash map lives {where}, "
+                f"{config.source}: volatile_db.type is '{settings_v.type}': the hash map lives {where}, "
                 "so there is nothing to load ahead; use --tier persistent, a shared tier (--redis "
                 "HOST:PORT), or a host store that outlives its users (shared_memory_auto_remove: false)"
             )

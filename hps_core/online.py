@@ -2,21 +2,25 @@
 
 HugeCTR runs one Kafka consumer per database layer. Here:
 
-- **volatile layer** → this process's volatile DB. An in-process hash map belongs to one
-  process, so each process consumes every update (its own consumer group, suffixed with the
+- **volatile layer** → the volatile DB. A private hash map (``host_shared: false``) belongs to
+  one process, so each process consumes every update (its own consumer group, suffixed with the
   process id; a new process starts from the earliest offset, which replays what its freshly
-  loaded hash map lacks). A Redis Cluster is shared, so one group per host applies each
-  update once (HugeCTR's naming).
+  loaded hash map lacks). The host store is one per host, so the processes attached to it share
+  one group, which applies each update once per host: the group is named after the stores'
+  generation (:meth:`~hps_core.db.base.HostSharedTables.generation`), so a store built anew
+  replays the stream from the earliest offset and a reused one resumes where its group
+  committed. A Redis Cluster is shared between hosts, so one group applies each update once
+  (HugeCTR's naming).
 - **persistent layer** → RocksDB, one group per host (only one process may write): the
   writer is opened per batch, under RocksDB's write lock, and closed after. Serving handles
   are RocksDB *secondary* instances that catch up every ``catch_up_s`` seconds.
 - **caches follow**: every update batch overwrites the rows that the caches hold
   (``LookupSession.apply_update``: cached keys only, nothing inserted or flushed; the session
   also keeps rows fetched before an update out of the cache), so a cached row is never
-  staler than the stream. With an in-process hash map the volatile
-  layer's own consumer (per process) feeds the caches after each apply; otherwise (a shared
-  Redis Cluster, or no volatile DB) the caches get a consumer group per process that only
-  refreshes them, since a shared group hands each update to one process only.
+  staler than the stream. With a private hash map the volatile
+  layer's own consumer (per process) feeds the caches after each apply; otherwise (the host
+  store, a shared Redis Cluster, or no volatile DB) the caches get a consumer group per process
+  that only refreshes them, since a shared group hands each update to one process only.
 - **row formats**: updates are float32 rows (HugeCTR's wire format) whatever a table's row
   format; each tier and cache packs them in the table's format (``TableConfig.row_format``,
   handed to the appliers with the widths), so a row served after an update reads the same as
@@ -41,7 +45,7 @@ import numpy as np
 
 from hps_core.arrays import Keys, Vectors
 from hps_core.config import ParameterServerConfig
-from hps_core.db.base import EmbeddingTier, Refreshable, SharedTier
+from hps_core.db.base import EmbeddingTier, HostSharedTables, Refreshable, SharedTier
 from hps_core.logs import RateLimitedLog
 from hps_core.lookup import LookupSession
 from hps_core.updates import TierUpdateApplier, UpdateSource
@@ -76,14 +80,21 @@ class OnlineUpdates:
             t.qualified_name: (s, t.name) for s in sessions.values() for t in s.model.tables if t.name in s.caches
         }
         self.sources: dict[str, UpdateSource] = {}
-        in_process = volatile is not None and not isinstance(volatile, SharedTier)
+        host_store = isinstance(volatile, HostSharedTables)
+        in_process = volatile is not None and not isinstance(volatile, SharedTier) and not host_store
         if volatile is not None:
+            if in_process:
+                instance: str | None = _instance_id()
+            elif isinstance(volatile, HostSharedTables):
+                instance = volatile.generation(sorted(dims))
+            else:
+                instance = None
             self.sources["volatile"] = UpdateSource.for_layer(
                 config,
                 "volatile",
                 TierUpdateApplier(volatile, dims, on_applied=self._refresh_caches if in_process else None,
                                   row_formats=formats),
-                instance=_instance_id() if in_process else None,
+                instance=instance,
                 consumer_config=consumer_config,
             )
         if self._cache_of and not in_process:

@@ -9,7 +9,7 @@ import json
 from hps_core.cli import SubParsers
 from hps_core.cli.load import cli_config
 from hps_core.errors import ConfigError
-from hps_core.inspection import format_report, inspect_tiers
+from hps_core.inspection import format_host_stores, format_report, host_stores, inspect_tiers
 
 __all__ = ["add_inspect", "run_inspect"]
 
@@ -27,14 +27,21 @@ def add_inspect(subparsers: SubParsers) -> None:
     parser.add_argument("--config", metavar="HPS_JSON", help="HugeCTR HPS JSON")
     parser.add_argument("--rocksdb", metavar="DIR", help="RocksDB folder (instead of, or overriding, the config's)")
     parser.add_argument("--redis", metavar="HOST:PORT[,...]", help="Redis (cluster) (instead of, or overriding, the config's)")
+    parser.add_argument("--stores", action="store_true",
+                        help="list every host store file on this host (/dev/shm/hps.*): table, model version, rows, "
+                             "format, bytes, attached processes, keeper")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(func=run_inspect)
 
 
 def run_inspect(args: argparse.Namespace) -> int:
     """``hps inspect``: print the report."""
+    if args.stores and not (args.config or args.rocksdb or args.redis):
+        stores = host_stores()
+        print(json.dumps(stores, indent=2) if args.json else format_host_stores(stores), flush=True)
+        return 0
     if not args.config and not args.rocksdb and not args.redis:
-        raise ConfigError("give --config HPS_JSON, or --rocksdb DIR / --redis HOST:PORT")
+        raise ConfigError("give --config HPS_JSON, or --rocksdb DIR / --redis HOST:PORT, or --stores")
     config = cli_config(args.config, rocksdb=args.rocksdb, redis=args.redis)
     if not args.config:
         config = dataclasses.replace(config, source=args.rocksdb or args.redis)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -114,7 +115,8 @@ def run_serve(args: argparse.Namespace) -> int:
                            hang_s=args.hang_timeout)
     metrics = ServeMetrics()
     stop_requested = threading.Event()
-    with _stop_on_signals(stop_requested), _metrics_endpoint(metrics, args.host, args.serve_metrics_port) as endpoint:
+    with _stop_on_signals(stop_requested), _metrics_endpoint(metrics, args.host, args.serve_metrics_port) as endpoint, \
+            _keeping_host_stores():
         supervisor = Supervisor(server, policy, metrics, on_ready=lambda s: _print_ready(s, endpoint))
         code = supervisor.run(stop_requested)
     if code not in (0, None):
@@ -123,6 +125,23 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"hps serve: tritonserver exited with code {code} (exit timeout expired?)", file=sys.stderr)
     print("hps serve: stopped", flush=True)
     return 0
+
+
+@contextlib.contextmanager
+def _keeping_host_stores() -> Iterator[None]:
+    """Keep the host stores Triton's models create for as long as ``hps serve`` runs, so a stub
+    crash or a Triton restart re-attaches instead of reloading (the stubs inherit the keeper's
+    pid through the environment), and remove them once Triton is gone, so nothing stays in
+    /dev/shm after a stop."""
+    from hps_core.db.shm_store import KEEPER_ENV, remove_kept_stores
+
+    os.environ[KEEPER_ENV] = str(os.getpid())
+    try:
+        yield
+    finally:
+        removed = remove_kept_stores(os.getpid())
+        if removed:
+            print(f"hps serve: removed {len(removed)} host store file(s) from /dev/shm", flush=True)
 
 
 def _server_defaults() -> dict[str, Any]:

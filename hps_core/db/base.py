@@ -222,6 +222,12 @@ class HostSharedTables(Protocol):
         fills it (a complete table of another source is not reused). True when filled here."""
         ...
 
+    def generation(self, tables: Sequence[str]) -> str:
+        """An identity of ``tables``' stores, the same in every process attached to them, that
+        changes whenever one of them is built anew (so an update consumer group named after it
+        replays the stream into a fresh store, and resumes over a reused one)."""
+        ...
+
 
 @runtime_checkable
 class DropTable(Protocol):

@@ -17,7 +17,8 @@ Layout (all offsets 64-byte aligned; int64 words unless said)::
     header   4 KiB   magic, layout, state (filling | complete), dim, format code, access stat,
                      partitions P, slots per partition S, rows per partition R, row stride,
                      logical clock, superseded flag, the write journal (op, partition, a, b),
-                     keeper (pid, start), recoveries, users[128] (pid, start), JSON metadata
+                     keeper (pid, start), recoveries, created (ns; kept by growth: the
+                     store's identity), users[128] (pid, start), JSON metadata
     parts    P x 64  per partition: seq (a seqlock: odd while a writer changes it), n_rows
     undo     stride  the row an overwrite is replacing (the journal's OVERWRITE restores it)
     slots    P x S x (key, row)    open addressing, row -1 = empty, load <= 1/2
@@ -60,6 +61,7 @@ import os
 import re
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,13 +94,13 @@ _MAGIC = 0x45524F5453535048  # b"HPSSTORE" little-endian
 _LAYOUT = 1
 _HEADER_BYTES = 4096
 _META_OFFSET = 2560  # JSON metadata: table, namespace, source fingerprint, created
-_MAX_USERS = 128
+MAX_USERS = 128
 _ALIGN = 64
 
 # header words
 H_MAGIC, H_LAYOUT, H_STATE, H_DIM, H_CODE, H_STAT, H_PARTS, H_SLOTS, H_ROWS, H_STRIDE = range(10)
 H_CLOCK, H_SUPERSEDED, H_JOP, H_JPART, H_JA, H_JB = range(10, 16)
-H_KEEPER, H_KEEPER_START, H_RECOVERIES, H_META_LEN = range(16, 20)
+H_KEEPER, H_KEEPER_START, H_RECOVERIES, H_META_LEN, H_CREATED = range(16, 21)
 H_USERS = 64  # users: (pid, start) pairs from here
 HEADER_WORDS = _HEADER_BYTES // 8
 # per-partition words (8 per partition: one cache line each)
@@ -295,16 +297,16 @@ class StoreFile:
     # -- users (caller holds the lock) ------------------------------------------------------
     def users(self) -> list[tuple[int, int]]:
         """Live attached processes as (pid, start)."""
-        pairs = self.header[H_USERS : H_USERS + 2 * _MAX_USERS].reshape(-1, 2)
+        pairs = self.header[H_USERS : H_USERS + 2 * MAX_USERS].reshape(-1, 2)
         return [(int(p), int(s)) for p, s in pairs if p > 0 and _alive(int(p), int(s))]
 
     def register(self) -> None:
         """Take a user slot for this handle (a process with two handles holds two)."""
         pid, start = _self()
-        pairs = self.header[H_USERS : H_USERS + 2 * _MAX_USERS].reshape(-1, 2)
+        pairs = self.header[H_USERS : H_USERS + 2 * MAX_USERS].reshape(-1, 2)
         free = next((i for i, (p, s) in enumerate(pairs) if p <= 0 or not _alive(int(p), int(s))), -1)
         if free < 0:
-            raise TierError(f"{self.path}: {_MAX_USERS} live handles already use this store")
+            raise TierError(f"{self.path}: {MAX_USERS} live handles already use this store")
         pairs[free] = (pid, start)
         keeper = keeper_from_env()
         if keeper[0] and not _alive(int(self.header[H_KEEPER]), int(self.header[H_KEEPER_START])):
@@ -313,7 +315,7 @@ class StoreFile:
     def deregister(self) -> list[tuple[int, int]]:
         """Give back one slot of this process (and those of dead ones); returns the live users left."""
         pid, start = _self()
-        pairs = self.header[H_USERS : H_USERS + 2 * _MAX_USERS].reshape(-1, 2)
+        pairs = self.header[H_USERS : H_USERS + 2 * MAX_USERS].reshape(-1, 2)
         mine = True
         for i, (p, s) in enumerate(pairs):
             if p <= 0:
@@ -469,6 +471,7 @@ def initialise(store: StoreFile, meta: dict[str, Any]) -> None:
     h[H_LAYOUT], h[H_STATE], h[H_DIM], h[H_CODE] = _LAYOUT, FILLING, spec.dim, spec.row_format.code
     h[H_STAT], h[H_PARTS], h[H_SLOTS] = spec.stat, spec.partitions, spec.slots_per_partition
     h[H_ROWS], h[H_STRIDE] = spec.rows_per_partition, spec.stride
+    h[H_CREATED] = time.time_ns()
     _write_meta(h, meta)
     store.parts[:] = 0
     store.slots[:, :, 1] = -1
@@ -537,7 +540,7 @@ def _info(path: Path) -> StoreInfo | None:
             parts = np.frombuffer(mm, np.int64, spec.partitions * PART_WORDS, _HEADER_BYTES).copy()
     finally:
         os.close(fd)
-    pairs = header[H_USERS : H_USERS + 2 * _MAX_USERS].reshape(-1, 2)
+    pairs = header[H_USERS : H_USERS + 2 * MAX_USERS].reshape(-1, 2)
     users = tuple(int(p) for p, s in pairs if p > 0 and _alive(int(p), int(s)))
     keeper = int(header[H_KEEPER]) if _alive(int(header[H_KEEPER]), int(header[H_KEEPER_START])) else 0
     return StoreInfo(
@@ -593,7 +596,7 @@ def _remove_if_unused(path: Path, keeper_pid: int) -> bool:
             return True
         with mmap.mmap(fd, _HEADER_BYTES, mmap.MAP_SHARED, mmap.PROT_READ) as mm:
             header = np.frombuffer(mm, np.int64, HEADER_WORDS).copy()
-        pairs = header[H_USERS : H_USERS + 2 * _MAX_USERS].reshape(-1, 2)
+        pairs = header[H_USERS : H_USERS + 2 * MAX_USERS].reshape(-1, 2)
         live = [int(p) for p, s in pairs if p > 0 and _alive(int(p), int(s))]
         if int(header[H_KEEPER]) != keeper_pid or live:
             return False

@@ -259,7 +259,7 @@ def stream_sparse_model(folder: str | os.PathLike[str], dim: int, start: int, st
 
 
 def _read_exactly(fh: Any, into: npt.NDArray[Any], path: Path) -> None:
-    view = memoryview(into).cast("B")
+    view = into.data.cast("B")  # into is C-contiguous: a slice of leading rows
     got = 0
     while got < view.nbytes:
         read = fh.readinto(view[got:])

@@ -217,7 +217,7 @@ def test_inspect_shows_redis_and_cache_formats_and_bytes_per_row(config: Path, t
 def test_errors_are_one_line_with_a_fix(config: Path) -> None:
     result = hps("load", "--config", str(config), "--tier", "volatile")
     assert result.returncode == 1
-    assert "inside each serving process" in result.stderr and "Traceback" not in result.stderr
+    assert "in host shared memory" in result.stderr and "Traceback" not in result.stderr
     result = hps("load", "--npy", "x", "--rocksdb", "y")
     assert result.returncode == 1 and "--table" in result.stderr
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 
 from hps_core.cli.serve import _api_token
+from hps_core.config import load_config
+from hps_core.db.shm_store import list_stores, namespace_dir, namespace_of
 from hps_core.errors import ConfigError, ServingError
 from hps_core.serving import (
     API_TOKEN_ENV,
@@ -28,6 +30,7 @@ from hps_core.serving import (
     GRPC_API_TOKEN_HEADER,
     TritonServer,
     exit_cause,
+    group_processes,
 )
 from hps_core.supervisor import MetricsEndpoint, RestartPolicy, ServeMetrics
 from tests.hps_serve import (
@@ -267,3 +270,32 @@ def test_stop_after_a_crash_kills_the_surviving_stubs(repository: Repository) ->
         assert any("Signal (11) received" in line for line in report.errors)
         # The stubs are still alive here, reparented (PLATFORM.md); stop() must kill them.
     assert leftovers(dead) == NOTHING_LEFT
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_host_store_outlives_a_triton_restart_and_the_clean_stop_removes_it(repository: Repository) -> None:
+    """The hash map of ``hps_multi`` is a host store kept by ``hps serve``: a Triton killed
+    with SIGKILL leaves the store's files, the next Triton attaches to them (same files, not
+    filled again), and ``hps serve``'s stop removes them: nothing stays in /dev/shm."""
+    config = load_config(repository.hps_json)
+    namespace = namespace_of(config.volatile_db, config.source)
+    tables = sorted(t.qualified_name for t in config.model("hps_multi").tables)
+    with ServeProcess(repository) as serve:
+        first = serve.wait_ready()
+        assert serving(first)
+        stores = {s.table: s for s in list_stores(namespace)}
+        assert sorted(stores) == tables
+        assert all(s.complete and s.keeper == serve.process.pid and s.users for s in stores.values())
+        inodes = {s.path: os.stat(s.path).st_ino for s in stores.values()}
+        dead = trace(first)
+        os.kill(first.pid, signal.SIGKILL)
+        second = serve.wait_ready(2)
+        assert wait_until(lambda: serving(second), RECOVERY_S)
+        assert leftovers(dead) == NOTHING_LEFT
+        assert {s.path: os.stat(s.path).st_ino for s in list_stores(namespace)} == inodes  # attached, not rebuilt
+        assert all(s.users and set(s.users).isdisjoint(group_processes(dead.pgid)) for s in list_stores(namespace))
+        assert serve.stop() == 0
+    assert f"removed {len(tables)} host store file(s)" in serve.output
+    assert not namespace_dir(namespace).exists()
