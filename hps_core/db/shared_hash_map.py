@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
 import threading
@@ -555,6 +556,13 @@ class SharedHashMapVolatileDB:
             return float(store.spec.stride + 2 * 16)
         return store.spec.nbytes / n
 
+    def generation(self, tables: Sequence[str]) -> str:
+        """An identity of ``tables``' stores that changes whenever one of them is built anew
+        (not when it grows): the processes attached to the same stores share it, which is what
+        makes their update consumer group one per host (``hps_core/online.py``)."""
+        created = ",".join(f"{t}@{int(self._store(t).header[shm.H_CREATED])}" for t in sorted(tables))
+        return f"{self.namespace}-{hashlib.sha256(created.encode()).hexdigest()[:12]}"
+
     def store_path(self, table: str) -> Path:
         """The file holding ``table`` (for messages and ``hps inspect``)."""
         return self._store(table).path
@@ -754,8 +762,9 @@ class SharedHashMapVolatileDB:
                 os.unlink(tmp)
             raise
         shm.initialise(new, old.metadata())
-        new.header[shm.H_CLOCK : shm.H_META_LEN] = old.header[shm.H_CLOCK : shm.H_META_LEN]
-        new.header[shm.H_USERS :] = old.header[shm.H_USERS : shm.HEADER_WORDS]
+        # clock, keeper, repairs, creation time and users carry over; the journal is clean
+        users_end = shm.H_USERS + 2 * shm.MAX_USERS
+        new.header[shm.H_CLOCK : users_end] = old.header[shm.H_CLOCK : users_end]
         new.header[shm.H_STATE] = old.header[shm.H_STATE]
         new.header[shm.H_SUPERSEDED] = 0
         new.header[shm.H_JOP] = _J_NONE
