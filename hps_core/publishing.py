@@ -24,14 +24,14 @@ the dense weights (``dense.pt`` and its ``dense.json``, backend/dlrm/network.py'
 3. **bulk load** (:func:`bulk_load`): the new tables into the persistent tier (RocksDB, SST
    ingest, resumable through the loader's markers) and a shared volatile tier (Redis),
    ahead of the switch, with a progress bar (hps_core/loader.py), at a lower CPU priority
-   (:func:`at_low_priority`). An in-process hash map is filled by each serving process when
-   it loads the version.
+   (:func:`at_low_priority`). A hash map (the host store) is filled by the first serving
+   process that loads the version, once per host.
 4. **load, switch, unload, drop**: the folders renamed into the repository
    (:func:`install_version`), then through the repository API (:mod:`hps_core.model_control`):
    the new versions are loaded beside the old ones and awaited READY (one that fails is taken
    out again, and its tables dropped once Triton confirmed it unloaded, else kept), the ensemble is switched to them in one reload, the old versions' folders are
    moved out after a drain (:func:`retire_version`) and they unload, and their tables are
-   dropped from the shared tiers (:func:`drop_tables`; never a table whose name version 1 or
+   dropped from the shared tiers and the host store (:func:`drop_tables`; never a table whose name version 1 or
    the new version also uses). Each ensemble override (the pin, the switch) that fails is
    restored at once; when the restore fails too the error says the ensemble is unloaded and how
    to load it again.
@@ -655,8 +655,9 @@ def at_low_priority(fn: Callable[[], T], nice: int) -> T:
 
 def drop_tables(config: ParameterServerConfig, model: str, *,
                 keep: Collection[str] = ()) -> dict[str, list[str]]:
-    """Drop ``model``'s tables from ``config``'s persistent tier and shared volatile tier, where
-    the tier can drop tables (``DropTable``); ``{tier: tables dropped}``. Tables named in
+    """Drop ``model``'s tables from ``config``'s persistent tier and shared volatile tier (Redis,
+    or the host store's files), where the tier can drop tables (``DropTable``); ``{tier: tables
+    dropped}``. Tables named in
     ``keep`` (qualified names another version serves or will serve) are never dropped."""
     from hps_core.db import open_persistent_db, open_volatile_db
 
@@ -671,8 +672,10 @@ def drop_tables(config: ParameterServerConfig, model: str, *,
     openers: list[tuple[str, Callable[[], EmbeddingTier | None]]] = []
     if config.persistent_db.enabled and not config.persistent_db.read_only:
         openers.append(("persistent", lambda: _WRITE_LOCK_WAIT.call(lambda: open_persistent_db(config.persistent_db))))
-    if config.volatile_db.enabled and config.volatile_db.type.shared:
-        openers.append(("volatile", lambda: open_volatile_db(config.volatile_db, config.source)))
+    volatile = config.volatile_db
+    if volatile.enabled and (volatile.type.shared or (volatile.type.in_process and volatile.host_shared)):
+        # Redis, or the host store (whose files hps serve would otherwise keep until it stops)
+        openers.append(("volatile", lambda: open_volatile_db(volatile, config.source)))
     for tier, opener in openers:
         db = opener()
         if db is None:

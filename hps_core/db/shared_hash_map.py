@@ -497,6 +497,8 @@ class SharedHashMapVolatileDB:
                     table[:] = 0
             for store in stores.values():
                 self._detach(store)
+            with contextlib.suppress(OSError):
+                self._dir.rmdir()  # only when no file is left in it
             self._groups.clear()
 
     # ---------------------------------------------------------------- extras
@@ -859,8 +861,6 @@ class SharedHashMapVolatileDB:
                 users = store.deregister()
                 if not users and self._auto_remove and not store.keeper_alive() and store.is_current():
                     os.unlink(store.path)
-                    with contextlib.suppress(OSError):
-                        self._dir.rmdir()
         except OSError as exc:
             log.warning("host store %s: could not leave it cleanly: %s", store.path, exc)
         finally:

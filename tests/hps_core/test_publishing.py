@@ -4,6 +4,7 @@ bulk-loaded into a real RocksDB (resumable), and broken exports refused before a
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -11,9 +12,10 @@ import numpy as np
 import pytest
 
 from hps_core.config import load_config
-from hps_core.db import RocksDBPersistentDB
+from hps_core.db import RocksDBPersistentDB, open_volatile_db
+from hps_core.db.shm_store import KEEPER_ENV, list_stores, namespace_of
 from hps_core.errors import ConfigError, FormatError
-from hps_core.loader import read_marker
+from hps_core.loader import load_table, read_marker
 from hps_core.publishing import (
     PublishTarget,
     bulk_load,
@@ -286,7 +288,7 @@ def test_drop_tables_keeps_names_another_version_uses(setup: tuple[PublishTarget
     v1 = load_config(serving_hps_json(target, 1))
     bulk_load(v1, progress=False)
     names = [f"hps_et.hps_embedding.t{i}" for i in range(TABLES)]
-    assert drop_tables(v1, "hps_embedding", keep=set(names[1:])) == {"persistent": names[:1]}
+    assert drop_tables(v1, "hps_embedding", keep=set(names[1:])) == {"persistent": names[:1], "volatile": []}
     assert drop_tables(v1, "hps_embedding", keep=set(names)) == {}
 
 
@@ -321,7 +323,8 @@ def test_at_low_priority_runs_in_a_lowered_thread_and_passes_result_and_errors_b
         at_low_priority(fail, 5)
 
 
-def test_drop_tables_removes_a_versions_tables_and_leaves_the_others(setup: tuple[PublishTarget, Path]) -> None:
+def test_drop_tables_removes_a_versions_tables_and_leaves_the_others(setup: tuple[PublishTarget, Path],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     target, folder = setup
     written = write_version(target, _validate(target, folder), 2, serving_hps_json(target, 1))
     config = version_config(target, written)
@@ -329,8 +332,18 @@ def test_drop_tables_removes_a_versions_tables_and_leaves_the_others(setup: tupl
     v1 = load_config(serving_hps_json(target, 1))
     bulk_load(v1, progress=False)
     names = [f"hps_et.hps_embedding_v2.t{i}" for i in range(TABLES)]
-    assert drop_tables(config, "hps_embedding_v2") == {"persistent": names}
-    assert drop_tables(config, "hps_embedding_v2") == {"persistent": []}  # again: nothing left to drop
+    # the version served under hps serve: its host store files outlive its stubs (a live keeper)
+    monkeypatch.setenv(KEEPER_ENV, str(os.getpid()))
+    served = open_volatile_db(config.volatile_db, config.source)
+    assert served is not None
+    for table in config.model("hps_embedding_v2").tables:
+        load_table(served, table)
+    served.close()
+    namespace = namespace_of(config.volatile_db, config.source)
+    assert sorted(s.table for s in list_stores(namespace)) == names
+    assert drop_tables(config, "hps_embedding_v2") == {"persistent": names, "volatile": names}
+    assert list_stores(namespace) == []  # retiring a version frees its host store
+    assert drop_tables(config, "hps_embedding_v2") == {"persistent": [], "volatile": []}  # nothing left to drop
     db = RocksDBPersistentDB(v1.persistent_db)
     try:
         assert db.table_names() == [f"hps_et.hps_embedding.t{i}" for i in range(TABLES)]
