@@ -796,18 +796,21 @@ class SharedHashMapVolatileDB:
 
     def _remap(self, table: str) -> None:
         """Map the file now at ``table``'s path in place of this process's superseded one."""
-        with self._tables_lock:
-            old = self._stores.get(table)
-            if old is None or old.closed:
+        old = self._stores.get(table)
+        if old is None or old.closed:
+            return
+        if old.is_current():
+            # Marked superseded but not replaced yet: a grower is at work (wait for its lock;
+            # not under _tables_lock, which a grower in this process takes to swap) or died
+            # before its rename (then the flag is cleared and this file stays).
+            with old.locked():
+                if not old.closed and old.is_current() and int(old.header[shm.H_SUPERSEDED]):
+                    old.header[shm.H_SUPERSEDED] = 0
+            if old.closed or old.is_current():
                 return
-            if old.is_current():
-                # marked superseded but not replaced: a grower is working (wait for its lock)
-                # or died before its rename (then the flag is cleared and this file stays)
-                with old.locked():
-                    if old.is_current() and int(old.header[shm.H_SUPERSEDED]):
-                        old.header[shm.H_SUPERSEDED] = 0
-                if old.is_current():
-                    return
+        with self._tables_lock:
+            if self._stores.get(table) is not old or old.closed:
+                return  # swapped meanwhile
             fd = shm.open_fd(old.path, create=False)
             header = np.fromfile(old.path, np.int64, shm.HEADER_WORDS)
             spec = shm.spec_of(header, table)
