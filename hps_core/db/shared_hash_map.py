@@ -477,7 +477,7 @@ class SharedHashMapVolatileDB:
                     pass
 
     def count(self, table: str) -> int:
-        return self._store(table).n_rows()
+        return self._current(table).n_rows()
 
     def table_names(self) -> list[str]:
         """The tables of this namespace: those attached here and every complete store file."""
@@ -497,6 +497,7 @@ class SharedHashMapVolatileDB:
                     table[:] = 0
             for store in stores.values():
                 self._detach(store)
+            shm.remove_stale_growth(self._dir)  # larger files growers that died were building
             with contextlib.suppress(OSError):
                 self._dir.rmdir()  # only when no file is left in it
             self._groups.clear()
@@ -548,11 +549,11 @@ class SharedHashMapVolatileDB:
 
     def memory_bytes(self, table: str | None = None) -> int:
         """Bytes of shared memory the table's store file (or every attached one) takes."""
-        stores = [self._store(table)] if table is not None else list(self._stores.values())
+        stores = [self._current(t) for t in ([table] if table is not None else list(self._stores))]
         return sum(s.spec.nbytes for s in stores)
 
     def bytes_per_row(self, table: str) -> float:
-        store = self._store(table)
+        store = self._current(table)
         n = store.n_rows()
         if n == 0:
             return float(store.spec.stride + 2 * 16)
@@ -811,13 +812,7 @@ class SharedHashMapVolatileDB:
         with self._tables_lock:
             if self._stores.get(table) is not old or old.closed:
                 return  # swapped meanwhile
-            fd = shm.open_fd(old.path, create=False)
-            header = np.fromfile(old.path, np.int64, shm.HEADER_WORDS)
-            spec = shm.spec_of(header, table)
-            if spec is None:
-                os.close(fd)
-                raise TierError(f"host store {old.path}: the file that replaced this table's store is not a store")
-            new = shm.StoreFile(old.path, fd, spec)
+            new = _open_current(old)
             with self._maps.write_locked(0):
                 self._stores[table] = new
                 self._directory_set(self._index[table], new)
@@ -858,13 +853,24 @@ class SharedHashMapVolatileDB:
 
     def _detach(self, store: shm.StoreFile) -> None:
         """Leave ``store``: drop this process from its users and remove the file when nobody
-        else uses it, no keeper is alive and auto-removal is on."""
+        else uses it, no keeper is alive and auto-removal is on. A store another process grew
+        since this one last looked is left in the file now at its path (its slot went there)."""
         try:
-            with store.locked():
+            while True:
+                store.acquire()
+                if store.is_current() or not store.path.exists():
+                    break
+                store.release()
+                current = _open_current(store)
+                store.close()
+                store = current
+            try:
                 users = store.deregister()
                 if not users and self._auto_remove and not store.keeper_alive() and store.is_current():
                     os.unlink(store.path)
-        except OSError as exc:
+            finally:
+                store.release()
+        except (OSError, TierError) as exc:
             log.warning("host store %s: could not leave it cleanly: %s", store.path, exc)
         finally:
             store.close()
@@ -905,12 +911,32 @@ class SharedHashMapVolatileDB:
                 store = self._stores[table]
             return store
 
+    def _current(self, table: str) -> shm.StoreFile:
+        """``table``'s store, remapped first when another process grew it since this one last
+        looked (a lookup notices that in its kernel; counts and sizes are read here)."""
+        store = self._store(table)
+        if int(store.header[shm.H_SUPERSEDED]):
+            self._remap(table)
+            store = self._store(table)
+        return store
+
     def _store_or_none(self, table: str, fallback: shm.StoreFile) -> shm.StoreFile:
         return self._stores.get(table, fallback)
 
     def _check_open(self) -> None:
         if self._closed:
             raise TierError("the host-store volatile tier is closed")
+
+
+def _open_current(old: shm.StoreFile) -> shm.StoreFile:
+    """The store file now at ``old``'s path (which replaced ``old``), mapped."""
+    fd = shm.open_fd(old.path, create=False)
+    header = np.fromfile(old.path, np.int64, shm.HEADER_WORDS)
+    spec = shm.spec_of(header, old.spec.table)
+    if spec is None:
+        os.close(fd)
+        raise TierError(f"host store {old.path}: the file that replaced this table's store is not a store")
+    return shm.StoreFile(old.path, fd, spec)
 
 
 def _is_at(fd: int, path: Path) -> bool:
