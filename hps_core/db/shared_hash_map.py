@@ -43,9 +43,11 @@ import contextlib
 import fcntl
 import hashlib
 import logging
+import math
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,7 @@ from hps_core.db.base import (
     unknown_table,
 )
 from hps_core.db.hash_map import (
+    _AHEAD,
     _EMPTY,
     _KEY,
     _NO_STAT,
@@ -86,7 +89,16 @@ from hps_core.db.hash_map import (
 from hps_core.errors import ConfigError, TierError
 from hps_core.grouping import group_by
 from hps_core.hashing import mix64, partition, partition_array
-from hps_core.intrinsics import LockArray, as_voidptr, atomic_add, atomic_load, atomic_store, atomic_tick, sched_yield
+from hps_core.intrinsics import (
+    LockArray,
+    as_voidptr,
+    atomic_add,
+    atomic_load,
+    atomic_store,
+    atomic_tick,
+    prefetch,
+    sched_yield,
+)
 from hps_core.row_formats import RowFormat, pack
 from hps_core.rows import check_rows_fit
 
@@ -103,7 +115,6 @@ _SPIN_LIMIT = 20_000  # yields a reader waits for a partition's writer before it
 # journal ops (header word H_JOP)
 _J_NONE, _J_APPEND, _J_OVERWRITE, _J_REMOVE = 0, 1, 2, 3
 _MIN_ROWS_PER_PARTITION = 64
-_FILL_SLACK = 1.15  # rows per partition over the even share: hashing spreads keys unevenly
 
 
 # --------------------------------------------------------------------------- kernels
@@ -167,39 +178,64 @@ def _fetch(
 
 
 @njit(nogil=True, cache=True)
-def _fill(keys: Keys, start: int, packed: Any, slots: Any, meta: Any, rows: Any, parts: Any, stamp0: int,
-          stat: int) -> int:
-    """Store ``packed[i]`` under ``keys[i]`` for i >= ``start`` into a file nobody else maps yet
-    (no journal, no seqlock); returns -1, or the first i whose partition has no free row."""
-    num_partitions, count = slots.shape[0], slots.shape[1]
-    cap = rows.shape[1]
-    mask = np.uint64(count - 1)
+def _fill(keys: Keys, order: Any, lo: int, hi: int, packed: Any, slots: Any, meta: Any, rows: Any, parts: Any,
+          p: int, stamp0: int, stat: int) -> int:
+    """Store ``packed[i]`` under ``keys[i]`` for i in ``order[lo:hi]`` (all of partition ``p``,
+    whose slots, row headers and rows are given) into a file nobody else maps yet: no journal,
+    no seqlock, and one thread per partition. Returns -1, or the first j whose key found no
+    free row."""
+    mask = np.uint64(slots.shape[0] - 1)
+    cap = rows.shape[0]
     header = _header_bytes(stat)
     row_bytes = packed.shape[1]
-    for i in range(start, keys.shape[0]):
+    n_rows = parts[p * shm.PART_WORDS + shm.P_ROWS]
+    flat = slots.reshape(-1)
+    for j in range(lo, hi):
+        if j + _AHEAD < hi:  # the slot of a key further on: its cache miss overlaps this key's work
+            prefetch(flat, 2 * np.int64(mix64(keys[order[j + _AHEAD]]) & mask), True)
+        i = order[j]
         key = keys[i]
-        h = mix64(key)
-        p = partition(h, num_partitions)
-        s = h & mask
-        while slots[p, s, 1] != _EMPTY and slots[p, s, 0] != key:
+        s = mix64(key) & mask
+        while slots[s, 1] != _EMPTY and slots[s, 0] != key:
             s = (s + np.uint64(1)) & mask
-        row = slots[p, s, 1]
+        row = slots[s, 1]
         if row == _EMPTY:
-            row = parts[p * shm.PART_WORDS + shm.P_ROWS]
-            if row == cap:
-                return i
-            parts[p * shm.PART_WORDS + shm.P_ROWS] = row + 1
-            slots[p, s, 0] = key
-            slots[p, s, 1] = row
-            meta[p, row, _KEY] = key
+            if n_rows == cap:
+                parts[p * shm.PART_WORDS + shm.P_ROWS] = n_rows
+                return j
+            row = n_rows
+            n_rows += 1
+            slots[s, 0] = key
+            slots[s, 1] = row
+            meta[row, _KEY] = key
             if stat == _COUNT_STAT:
-                meta[p, row, _STAT] = 1
+                meta[row, _STAT] = 1
         if stat == _STAMP_STAT:
-            meta[p, row, _STAT] = stamp0 + i
-        dst, src = rows[p, row, header:], packed[i]
+            meta[row, _STAT] = stamp0 + i
+        dst, src = rows[row, header:], packed[i]
         for b in range(row_bytes):
             dst[b] = src[b]
+    parts[p * shm.PART_WORDS + shm.P_ROWS] = n_rows
     return -1
+
+
+@njit(nogil=True, cache=True)
+def _clear_slots(slots: Any) -> None:
+    """Mark every slot of one partition empty (a fresh file's slots; one thread per partition)."""
+    for s in range(slots.shape[0]):
+        slots[s, 1] = _EMPTY
+
+
+@njit(nogil=True, cache=True)
+def _count_new(keys: Keys, positions: Any, slots: Any) -> int:
+    """How many of ``keys[positions]`` partition ``slots`` does not hold (by the writer-lock
+    holder, so the slots are stable); a key repeated in the batch counts each time."""
+    mask = np.uint64(slots.shape[0] - 1)
+    fresh = 0
+    for j in range(positions.shape[0]):
+        if _slot_of(slots, keys[positions[j]], mask) < 0:
+            fresh += 1
+    return fresh
 
 
 @njit(nogil=True, cache=True)
@@ -436,8 +472,11 @@ class SharedHashMapVolatileDB:
                 for start in range(0, group.shape[0], self._max_set):
                     chunk = group[start : start + self._max_set]
                     store = current()
-                    if store.parts[p * shm.PART_WORDS + shm.P_ROWS] + chunk.shape[0] > store.spec.rows_per_partition:
-                        store = self._grow(table, store, chunk.shape[0])
+                    room = store.spec.rows_per_partition - store.parts[p * shm.PART_WORDS + shm.P_ROWS]
+                    if chunk.shape[0] > room:  # overwrites need no room: count the new keys first
+                        fresh = _count_new(keys, chunk, store.slots[p])
+                        if fresh > room:
+                            store = self._grow(table, store, fresh)
                     stamp0 = atomic_tick(store.header[shm.H_CLOCK : shm.H_CLOCK + 1], chunk.shape[0])
                     _upsert(keys, chunk, packed, store.header, store.parts, p, store.slots[p], _views(store)[p],
                             store.rows[p], store.undo, stamp0, self._stat)
@@ -576,7 +615,10 @@ class SharedHashMapVolatileDB:
         if self._overflow.limited:
             per_part = self._overflow.margin + self._max_set
         else:
-            per_part = int(rows / self._num_partitions * _FILL_SLACK) + _MIN_ROWS_PER_PARTITION
+            # a partition's share of n keys is binomial: n/P +- sqrt(n/P); 4 sigma of room (a
+            # partition past it grows), where a fixed fraction would waste memory on large tables
+            share = rows / self._num_partitions
+            per_part = int(share + 4 * math.sqrt(share)) + _MIN_ROWS_PER_PARTITION
         return shm.StoreSpec(table, dim, row_format, self._stat, self._num_partitions, per_part,
                              _row_stride(dim, row_format, self._stat))
 
@@ -617,13 +659,27 @@ class SharedHashMapVolatileDB:
                     os.close(fd)  # closing also drops the flock
 
     def _create(self, path: Path, fd: int, spec: shm.StoreSpec, source: str) -> shm.StoreFile:
+        """A fresh store at ``path`` (its ``fd`` locked by the caller): sized, its memory taken
+        and its slots emptied by one thread per partition, its header written."""
+        store = None
         try:
             shm.reserve(fd, path, spec.nbytes, self._limit, shm.namespace_bytes(self._dir, but=path))
+            store = shm.StoreFile(path, fd, spec)
+
+            def prepare(p: int) -> None:
+                assert store is not None
+                store.populate(p)
+                _clear_slots(store.slots[p])
+
+            with _partition_pool(spec.partitions) as run:
+                run(prepare, range(spec.partitions))
+            shm.initialise(store, {"table": spec.table, "source": source, "namespace": self.namespace})
         except BaseException:
             os.unlink(path)
+            if store is not None:
+                store.fd = -1  # the caller closes fd
+                store.close()
             raise
-        store = shm.StoreFile(path, fd, spec)
-        shm.initialise(store, {"table": spec.table, "source": source, "namespace": self.namespace})
         return store
 
     _stores_pending: dict[str, shm.StoreFile]
@@ -635,24 +691,37 @@ class SharedHashMapVolatileDB:
         if fill is None:
             return False
         spec = store.spec
+        with _partition_pool(spec.partitions) as run:
 
-        def write(keys: Keys, values: Vectors) -> None:
-            keys = check_keys(table, keys)
-            values = check_values(table, values, keys.shape[0], spec.dim)
-            packed = values.view(np.uint8) if spec.row_format is RowFormat.FP32 else pack(
-                spec.row_format, values, f"table {table!r}")
-            start = 0
-            while True:
-                current = self._stores_pending[table]
-                stamp0 = atomic_tick(current.header[shm.H_CLOCK : shm.H_CLOCK + 1], keys.shape[0])
-                start = _fill(keys, start, packed, current.slots, _views(current), current.rows, current.parts,
-                              stamp0, self._stat)
-                if start < 0:
-                    return
-                self._stores_pending[table] = self._grow(table, current, keys.shape[0] - start, filling=True)
+            def write(keys: Keys, values: Vectors) -> None:
+                keys = check_keys(table, keys)
+                values = check_values(table, values, keys.shape[0], spec.dim)
+                packed = values.view(np.uint8) if spec.row_format is RowFormat.FP32 else pack(
+                    spec.row_format, values, f"table {table!r}")
+                self._fill_chunk(table, keys, packed, run)
 
-        fill(write)
+            fill(write)
         return True
+
+    def _fill_chunk(self, table: str, keys: Keys, packed: Any, run: Callable[..., list[Any]]) -> None:
+        """One chunk of a fill: each partition's keys by one thread of ``run``; a partition out
+        of rows grows the file (all partitions) and carries on where it stopped."""
+        order, starts = self._group(keys)
+        pending = {p: int(starts[p]) for p in range(self._num_partitions) if starts[p] < starts[p + 1]}
+        stamp0 = atomic_tick(self._stores_pending[table].header[shm.H_CLOCK : shm.H_CLOCK + 1], keys.shape[0])
+        while pending:
+            store = self._stores_pending[table]
+            meta = _views(store)
+
+            def one(p: int) -> tuple[int, int]:
+                return p, _fill(keys, order, pending[p], starts[p + 1], packed, store.slots[p], meta[p],
+                                store.rows[p], store.parts, p, stamp0, self._stat)
+
+            stopped = {p: j for p, j in run(one, list(pending)) if j >= 0}
+            if stopped:
+                extra = max(int(starts[p + 1]) - j for p, j in stopped.items())
+                self._stores_pending[table] = self._grow(table, store, extra, filling=True)
+            pending = stopped
 
     def _attach(self, path: Path, fd: int, table: str, dim: int, row_format: RowFormat, source: str,
                 check_source: bool) -> shm.StoreFile | None:
@@ -680,7 +749,7 @@ class SharedHashMapVolatileDB:
         if problem:
             store = shm.StoreFile(path, fd, spec) if spec is not None else None
             users = store.users() if store is not None else []
-            others = [pid for pid, _ in users if pid != os.getpid()]
+            others = [pid for pid, _ in users]  # this process's other handles count too
             if store is not None:
                 store.fd = -1  # the caller closes fd
                 store.close()
@@ -755,12 +824,18 @@ class SharedHashMapVolatileDB:
         bigger = spec.grown(max(2 * spec.rows_per_partition, needed))
         tmp = shm.growth_path(old.path)
         fd = shm.open_fd(tmp, create=True)
+        new = None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            shm.reserve(fd, tmp, bigger.nbytes, self._limit, shm.namespace_bytes(self._dir, but=old.path))
+            shm.reserve(fd, tmp, bigger.nbytes, self._limit, shm.namespace_bytes(self._dir, but=tmp))
             new = shm.StoreFile(old.path, fd, bigger)
+            with _partition_pool(spec.partitions) as run:
+                run(new.populate, range(spec.partitions))
         except BaseException:
-            os.close(fd)
+            if new is not None:
+                new.close()  # closes fd too
+            else:
+                os.close(fd)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
@@ -929,14 +1004,29 @@ class SharedHashMapVolatileDB:
 
 
 def _open_current(old: shm.StoreFile) -> shm.StoreFile:
-    """The store file now at ``old``'s path (which replaced ``old``), mapped."""
+    """The store file now at ``old``'s path (which replaced ``old``), mapped; one of another
+    shape (a store rebuilt for another dim or format) is refused: this handle serves the old."""
     fd = shm.open_fd(old.path, create=False)
     header = np.fromfile(old.path, np.int64, shm.HEADER_WORDS)
     spec = shm.spec_of(header, old.spec.table)
-    if spec is None:
+    if spec is None or spec.grown(0) != old.spec.grown(0):
         os.close(fd)
-        raise TierError(f"host store {old.path}: the file that replaced this table's store is not a store")
+        what = "is not a store" if spec is None else f"holds dim {spec.dim}, {spec.row_format}, not dim {old.spec.dim}, {old.spec.row_format}"
+        raise TierError(f"host store {old.path}: the file that replaced this table's store {what}; "
+                        "restart this process to serve it")
     return shm.StoreFile(old.path, fd, spec)
+
+
+@contextlib.contextmanager
+def _partition_pool(partitions: int) -> Iterator[Callable[..., list[Any]]]:
+    """``run(fn, items)``: ``fn`` over ``items`` on one thread per core (the kernels release the
+    GIL and each touches one partition's memory), or in this thread on one core."""
+    workers = min(partitions, os.cpu_count() or 1)
+    if workers <= 1:
+        yield lambda fn, items: [fn(i) for i in items]
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="hps-host-store-fill") as pool:
+        yield lambda fn, items: list(pool.map(fn, items))
 
 
 def _is_at(fd: int, path: Path) -> bool:

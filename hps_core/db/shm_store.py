@@ -108,6 +108,7 @@ P_SEQ, P_ROWS = 0, 1
 PART_WORDS = 8
 
 FILLING, COMPLETE = 1, 2
+_MADV_POPULATE_WRITE = 23  # linux/mman.h; Python 3.11's mmap module does not name it
 
 
 def shm_root() -> Path:
@@ -232,6 +233,10 @@ class StoreFile:
     def __init__(self, path: Path, fd: int, spec: StoreSpec) -> None:
         self.path, self.fd, self.spec = path, fd, spec
         self._mm = mmap.mmap(fd, spec.nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        with contextlib.suppress(OSError):
+            # huge pages where the host allows them for shared memory (transparent_hugepage/
+            # shmem_enabled "advise", or a tmpfs mounted huge=): fewer TLB misses per lookup
+            self._mm.madvise(mmap.MADV_HUGEPAGE)
         buf = memoryview(self._mm)
         parts, undo, slots, rows, _ = spec.offsets()
         p, s, r = spec.partitions, spec.slots_per_partition, spec.rows_per_partition
@@ -256,6 +261,32 @@ class StoreFile:
             return os.stat(self.path).st_ino == self.inode
         except FileNotFoundError:
             return False
+
+    def populate(self, partition: int) -> None:
+        """Take the memory of one partition's slots and rows (and, for partition 0, of the
+        header) from the tmpfs and map it now, in one call per region (``MADV_POPULATE_WRITE``,
+        Linux 5.14+; ``posix_fallocate`` where unknown), so a full /dev/shm fails here, naming
+        the bytes needed, instead of a SIGBUS at the first write to a page it cannot give.
+        One thread per partition: much faster than one page fault per 4 KiB during a fill."""
+        spec = self.spec
+        _, _, slots, rows, _ = spec.offsets()
+        slot_bytes, row_bytes = spec.slots_per_partition * 16, spec.rows_per_partition * spec.stride
+        regions = [(slots + partition * slot_bytes, slot_bytes), (rows + partition * row_bytes, row_bytes)]
+        if partition == 0:
+            regions.append((0, slots))
+        for start, length in regions:
+            first = start // mmap.PAGESIZE * mmap.PAGESIZE
+            try:
+                try:
+                    self._mm.madvise(_MADV_POPULATE_WRITE, first, start + length - first)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:  # EINVAL: a kernel without it
+                        raise
+                    os.posix_fallocate(self.fd, first, start + length - first)
+            except OSError as exc:
+                if exc.errno not in _FULL:
+                    raise TierError(f"{self.path}: cannot map the host store ({exc.strerror})") from exc
+                raise shm_full(self.path, spec.nbytes) from exc
 
     def n_rows(self) -> int:
         return int(self.parts[P_ROWS::PART_WORDS].sum())
@@ -420,27 +451,36 @@ def ensure_dir(directory: Path) -> None:
 
 
 def reserve(fd: int, path: Path, nbytes: int, limit: int, namespace_bytes: int) -> None:
-    """Size ``fd`` to ``nbytes``, taking the memory from tmpfs now (so a full /dev/shm fails
-    here, with the bytes needed, instead of a SIGBUS at the first write to a missing page)."""
+    """Size ``fd`` to ``nbytes`` after checking ``volatile_db.shared_memory_size`` and the free
+    space of the tmpfs (the pages are taken by :meth:`StoreFile.populate`, one thread per
+    partition, which fails as clearly should another process take the space meanwhile)."""
     if namespace_bytes + nbytes > limit:
         raise TierError(
             f"{path}: the host store needs {nbytes:,} more bytes, but its namespace already holds "
             f"{namespace_bytes:,} of volatile_db.shared_memory_size = {limit:,}: raise "
             "shared_memory_size in the HPS JSON"
         )
+    if _free_bytes(path.parent) < nbytes:
+        raise shm_full(path, nbytes, namespace_bytes)
     try:
-        os.posix_fallocate(fd, 0, nbytes)
+        os.ftruncate(fd, nbytes)
     except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+        if exc.errno not in _FULL:
             raise TierError(f"{path}: cannot size the host store ({exc.strerror})") from exc
-        free = _free_bytes(path.parent)
-        os.ftruncate(fd, 0)
-        raise TierError(
-            f"{path}: /dev/shm is too small for this table: it needs {nbytes:,} bytes and "
-            f"{free:,} are free; give the container more shared memory (docker run "
-            f"--shm-size={_suggest(nbytes + namespace_bytes)}), or set volatile_db.host_shared "
-            "to false to keep a private map in each process"
-        ) from exc
+        raise shm_full(path, nbytes, namespace_bytes) from exc
+
+
+_FULL = (errno.ENOSPC, errno.ENOMEM, errno.EFBIG, errno.EFAULT)  # EFAULT: a fault on a full tmpfs
+
+
+def shm_full(path: Path, nbytes: int, namespace_bytes: int = 0) -> TierError:
+    """The error of a table that does not fit the tmpfs: the bytes needed and free, the fix."""
+    return TierError(
+        f"{path}: /dev/shm is too small for this table: it needs {nbytes:,} bytes and "
+        f"{_free_bytes(path.parent):,} are free; give the container more shared memory (docker run "
+        f"--shm-size={_suggest(nbytes + namespace_bytes)}), or set volatile_db.host_shared "
+        "to false to keep a private map in each process"
+    )
 
 
 def _free_bytes(path: Path) -> int:
@@ -465,7 +505,8 @@ def namespace_bytes(directory: Path, but: Path | None = None) -> int:
 
 
 def initialise(store: StoreFile, meta: dict[str, Any]) -> None:
-    """Write a fresh file's header (state ``filling``) and empty every slot."""
+    """Write a fresh file's header (state ``filling``) and zero its partitions' counters; the
+    caller empties the slots (one thread per partition: a table's slots are large)."""
     spec, h = store.spec, store.header
     h[:] = 0
     h[H_LAYOUT], h[H_STATE], h[H_DIM], h[H_CODE] = _LAYOUT, FILLING, spec.dim, spec.row_format.code
@@ -474,7 +515,6 @@ def initialise(store: StoreFile, meta: dict[str, Any]) -> None:
     h[H_CREATED] = time.time_ns()
     _write_meta(h, meta)
     store.parts[:] = 0
-    store.slots[:, :, 1] = -1
     h[H_MAGIC] = _MAGIC  # last: a half-written header is not a store
 
 

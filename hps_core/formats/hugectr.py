@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -237,25 +238,37 @@ def iter_sparse_model_chunks(folder: str | os.PathLike[str], dim: int | None,
 def stream_sparse_model(folder: str | os.PathLike[str], dim: int, start: int, stop: int,
                         chunk_rows: int) -> Iterator[tuple[int, npt.NDArray[np.int64], npt.NDArray[np.float32]]]:
     """Rows ``[start, stop)`` of a sparse model folder as ``(first row, keys, vectors)`` chunks of
-    at most ``chunk_rows`` rows, read with plain reads into two buffers reused for every chunk
-    (valid until the next one): a load's memory is two chunks whatever the table's size, where
-    slicing a memory map leaves every page read counted in the process's resident set."""
+    at most ``chunk_rows`` rows, read with plain reads into two pairs of buffers that take turns
+    (a chunk is valid until the next but one is asked for): a load's memory is two chunks
+    whatever the table's size, where slicing a memory map leaves every page read counted in the
+    process's resident set. The next chunk is read by a thread while the caller writes this one
+    (reads release the GIL)."""
     n, width = sparse_model_rows(folder, dim)
     stop = min(stop, n)
     if start >= stop:
         return
     key_file, vec_file = _files(folder)
     rows = min(int(chunk_rows), stop - start)
-    keys = np.empty(rows, KEY_DTYPE)
-    vectors = np.empty((rows, width), VECTOR_DTYPE)
-    with open(key_file, "rb", buffering=0) as kf, open(vec_file, "rb", buffering=0) as vf:
+    buffers = [(np.empty(rows, KEY_DTYPE), np.empty((rows, width), VECTOR_DTYPE)) for _ in range(2)]
+    firsts = list(range(start, stop, rows))
+    with open(key_file, "rb", buffering=0) as kf, open(vec_file, "rb", buffering=0) as vf, \
+            ThreadPoolExecutor(1, thread_name_prefix="hps-read") as reader:
         kf.seek(start * KEY_DTYPE.itemsize)
         vf.seek(start * width * VECTOR_DTYPE.itemsize)
-        for lo in range(start, stop, rows):
-            count = min(rows, stop - lo)
+
+        def read(k: int) -> tuple[int, npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+            count = min(rows, stop - firsts[k])
+            keys, vectors = buffers[k % 2]
             _read_exactly(kf, keys[:count], key_file)
             _read_exactly(vf, vectors[:count], vec_file)
-            yield lo, keys[:count], vectors[:count]
+            return firsts[k], keys[:count], vectors[:count]
+
+        ahead = reader.submit(read, 0)
+        for k in range(len(firsts)):
+            chunk = ahead.result()
+            if k + 1 < len(firsts):
+                ahead = reader.submit(read, k + 1)
+            yield chunk
 
 
 def _read_exactly(fh: Any, into: npt.NDArray[Any], path: Path) -> None:

@@ -51,8 +51,8 @@ def test_quick_run_measures_every_part_checks_rows_and_cleans_up(tmp_path: Path)
     assert host["store_bytes"] == host["tier_bytes"] > 20_000 * 32 * 4  # the file holds every row
     assert host["peak_rss"] >= host["rss_before"] > 0 and private["peak_rss"] > 0
     parts = host["parts_s"]
-    assert set(parts) == {"stream_table", "_create", "_fill"} and parts["_fill"] > 0  # filled by the kernel
-    assert 0 < parts["stream_table"] + parts["_create"] + parts["_fill"] <= host["fill_s"]
+    assert set(parts) == {"stream_table", "_create", "_fill_chunk"} and parts["_fill_chunk"] > 0  # filled by the kernel
+    assert 0 < parts["stream_table"] + parts["_create"] + parts["_fill_chunk"] <= host["fill_s"]
 
     pss = {(r["kind"], r["processes"]): r for r in runs["pss"]}
     assert set(pss) == {(kind, n) for kind in ("bare", "private", "host") for n in (1, 2)}
