@@ -145,7 +145,7 @@ def host_stores(config: ParameterServerConfig | None = None) -> list[dict[str, A
 def format_host_stores(stores: list[dict[str, Any]]) -> str:
     """The host stores as an aligned table (one line saying there are none otherwise)."""
     if not stores:
-        return "host stores: none in " + _shm_root()
+        return f"host stores: none in {_shm_root()} (huge pages: {_huge_pages()})"
     cells = [["host store", "version", "dim", "format", "rows", "bytes", "state", "users (pids)", "keeper",
               "repairs"]]
     for st in stores:
@@ -153,8 +153,15 @@ def format_host_stores(stores: list[dict[str, Any]]) -> str:
                       _human(st["bytes"]), "complete" if st["complete"] else "filling",
                       ",".join(map(str, st["users"])) or "-", str(st["keeper"] or "-"), str(st["recoveries"])])
     widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
-    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                     for r in cells)
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in cells]
+    return "\n".join([*lines, f"host stores' huge pages: {_huge_pages()} (never: slower lookups, docs/deployment.md)"])
+
+
+def _huge_pages() -> str:
+    from hps_core.db.shm_store import huge_pages
+
+    return huge_pages()
 
 
 def _shm_root() -> str:
