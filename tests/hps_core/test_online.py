@@ -142,3 +142,39 @@ def test_every_servers_cache_follows_updates_to_a_shared_redis(tmp_path: Path, b
                 np.testing.assert_array_equal(_lookup(server, keys, "shared"), expected)
             applied = sum(s.updates.stats()["volatile"]["updates_applied"] for s in (first, second))
             assert applied == updated.size  # Redis is shared: the update was written once
+
+
+def test_the_host_store_applies_each_update_once_per_host_and_every_cache_follows(
+        tmp_path: Path, broker: KafkaBroker) -> None:
+    """Two servers of one HPS JSON share its host store (one copy of the hash map): their volatile
+    layer is one consumer group, so an update is written once, while each server's cache follows
+    through a group of its own."""
+    keys = np.arange(ROWS, dtype=np.int64)
+    updated = keys[::7]
+    path = _config(tmp_path, broker.bootstrap, model="per_host")
+    data = json.loads(path.read_text())
+    data["persistent_db"] = {"type": "disabled"}
+    path.write_text(json.dumps(data))
+    config = load_config(path)
+    with HierarchicalParameterServer(config, cache_device="cpu", update_consumer_config=FAST_GROUP) as first, \
+            HierarchicalParameterServer(config, cache_device="cpu", update_consumer_config=FAST_GROUP) as second:
+        assert first.volatile is not None and second.volatile is not None
+        assert first.volatile.store_path("hps_et.per_host.t") == second.volatile.store_path("hps_et.per_host.t")
+        groups = [s.updates.sources["volatile"].group_id for s in (first, second)]
+        assert groups[0] == groups[1] and groups[0].startswith("hps.volatile.")
+        assert first.updates.sources["cache"].group_id != second.updates.sources["cache"].group_id
+        for server in (first, second):
+            np.testing.assert_array_equal(_lookup(server, keys, "per_host"), _rows(keys, 0))  # fills each cache
+        time.sleep(3)  # let the consumer groups join before publishing
+        with UpdateSink(broker.bootstrap) as sink:
+            sink.publish("per_host", "t", updated, _rows(updated, 1))
+            sink.flush(30)
+        expected = _rows(keys, 0)
+        expected[updated] = _rows(updated, 1)
+        for server in (first, second):
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not np.array_equal(_lookup(server, keys, "per_host"), expected):
+                time.sleep(0.2)
+            np.testing.assert_array_equal(_lookup(server, keys, "per_host"), expected)
+        applied = sum(s.updates.stats()["volatile"]["updates_applied"] for s in (first, second))
+        assert applied == updated.size  # one copy per host: the update was written once
