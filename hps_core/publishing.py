@@ -654,11 +654,14 @@ def at_low_priority(fn: Callable[[], T], nice: int) -> T:
 
 
 def drop_tables(config: ParameterServerConfig, model: str, *,
-                keep: Collection[str] = ()) -> dict[str, list[str]]:
+                keep: Collection[str] = (), served_from: str | os.PathLike[str] | None = None
+                ) -> dict[str, list[str]]:
     """Drop ``model``'s tables from ``config``'s persistent tier and shared volatile tier (Redis,
     or the host store's files), where the tier can drop tables (``DropTable``); ``{tier: tables
     dropped}``. Tables named in
-    ``keep`` (qualified names another version serves or will serve) are never dropped."""
+    ``keep`` (qualified names another version serves or will serve) are never dropped.
+    ``served_from``: the path of the HPS JSON the servers read (default ``config.source``), which
+    names the host store's namespace: retiring a version moves its folder, and so its JSON."""
     from hps_core.db import open_persistent_db, open_volatile_db
 
     names = [t.qualified_name for t in config.model(model).tables]
@@ -674,8 +677,10 @@ def drop_tables(config: ParameterServerConfig, model: str, *,
         openers.append(("persistent", lambda: _WRITE_LOCK_WAIT.call(lambda: open_persistent_db(config.persistent_db))))
     volatile = config.volatile_db
     if volatile.enabled and (volatile.type.shared or (volatile.type.in_process and volatile.host_shared)):
-        # Redis, or the host store (whose files hps serve would otherwise keep until it stops)
-        openers.append(("volatile", lambda: open_volatile_db(volatile, config.source)))
+        # Redis, or the host store (whose files hps serve would otherwise keep until it stops),
+        # in the namespace of the JSON the servers read, wherever the folder went since
+        source = str(served_from) if served_from is not None else config.source
+        openers.append(("volatile", lambda: open_volatile_db(volatile, source)))
     for tier, opener in openers:
         db = opener()
         if db is None:
@@ -801,7 +806,8 @@ def publish_model(
             tables = f"its tables ({new_config.models[0].model}) "
             if gone:  # its rows are of no use: the next attempt is another version
                 try:
-                    drop_tables(new_config, new_config.models[0].model, keep=_tables_in_use(target, serving))
+                    drop_tables(new_config, new_config.models[0].model, keep=_tables_in_use(target, serving),
+                                served_from=target.model_dir(target.hps_model) / str(version) / "hps.json")
                     tables += "were dropped"
                 except HPSError as drop_error:
                     tables += f"could not be dropped ({drop_error})"
@@ -831,7 +837,8 @@ def publish_model(
             if not old_json.is_file():  # a version folder's own JSON: retired with it
                 old_json = target.retired(target.hps_model, previous) / "hps.json"
             report.dropped = drop_tables(load_config(old_json), old_model,
-                                         keep=_tables_in_use(target, new_config, first=previous != 1))
+                                         keep=_tables_in_use(target, new_config, first=previous != 1),
+                                         served_from=state["previous_json"])
     reached("done")
     return report
 

@@ -323,6 +323,14 @@ def test_at_low_priority_runs_in_a_lowered_thread_and_passes_result_and_errors_b
         at_low_priority(fail, 5)
 
 
+def _retired_copy(source: str) -> Path:
+    """A copy of a version's folder elsewhere (where retiring moves it); its hps.json."""
+    folder = Path(source).parent
+    dest = folder.parent / f"{folder.name}-retired"
+    shutil.copytree(folder, dest)
+    return dest / Path(source).name
+
+
 def test_drop_tables_removes_a_versions_tables_and_leaves_the_others(setup: tuple[PublishTarget, Path],
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     target, folder = setup
@@ -341,7 +349,11 @@ def test_drop_tables_removes_a_versions_tables_and_leaves_the_others(setup: tupl
     served.close()
     namespace = namespace_of(config.volatile_db, config.source)
     assert sorted(s.table for s in list_stores(namespace)) == names
-    assert drop_tables(config, "hps_embedding_v2") == {"persistent": names, "volatile": names}
+    # retiring moves the version's folder, and its JSON with it: the drop names where it was served from
+    moved = _retired_copy(config.source)
+    retired = load_config(moved)
+    assert drop_tables(retired, "hps_embedding_v2", served_from=config.source) == {"persistent": names,
+                                                                                   "volatile": names}
     assert list_stores(namespace) == []  # retiring a version frees its host store
     assert drop_tables(config, "hps_embedding_v2") == {"persistent": [], "volatile": []}  # nothing left to drop
     db = RocksDBPersistentDB(v1.persistent_db)
