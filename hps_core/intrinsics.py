@@ -51,6 +51,8 @@ __all__ = [
     "atomic_load",
     "atomic_store",
     "atomic_tick",
+    "fence_acquire",
+    "fence_release",
     "prefetch",
     "read_acquire",
     "read_release",
@@ -145,6 +147,28 @@ def atomic_tick(counter: Any, n: int) -> int:
     """Reserve ``n`` ticks of the logical clock ``counter[0]`` (int64); returns the first.
     Callable from Python as well as from kernels."""
     return atomic_add(counter, 0, n)  # type: ignore[no-any-return]
+
+
+def _fence_typer(ordering: str) -> Any:
+    def typer(typingctx: Any) -> Any:
+        sig = types.void()
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            builder.fence(ordering)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    typer.__name__ = typer.__qualname__ = f"fence_{ordering}"  # numba keys intrinsics by name
+    return typer
+
+
+#: Loads before it complete before loads and stores after it (a seqlock reader's second look
+#: at its sequence word must come after the data it checks; x86 keeps that order anyway).
+fence_acquire: Any = intrinsic(_fence_typer("acquire"))
+#: Loads and stores before it complete before stores after it (a seqlock writer's odd sequence
+#: word is seen before the data it changes).
+fence_release: Any = intrinsic(_fence_typer("release"))
 
 
 def _sched_yield_typer(typingctx: Any) -> Any:

@@ -96,6 +96,8 @@ from hps_core.intrinsics import (
     atomic_load,
     atomic_store,
     atomic_tick,
+    fence_acquire,
+    fence_release,
     prefetch,
     sched_yield,
 )
@@ -110,7 +112,7 @@ log = logging.getLogger(__name__)
 _D_HEADER, _D_PARTS, _D_SLOTS, _D_SLOT_COUNT, _D_ROWS, _D_ROW_CAP, _D_STRIDE = range(7)
 _DIRECTORY_ROWS = 7
 # what the lookup kernel returns, with an index
-_OK, _BAD_POSITION, _SUPERSEDED, _STUCK = 0, 1, 2, 3
+_OK, _BAD_POSITION, _SUPERSEDED, _STUCK, _GONE = 0, 1, 2, 3, 4
 _SPIN_LIMIT = 20_000  # yields a reader waits for a partition's writer before it checks it is alive
 # journal ops (header word H_JOP)
 _J_NONE, _J_APPEND, _J_OVERWRITE, _J_REMOVE = 0, 1, 2, 3
@@ -130,7 +132,8 @@ def _fetch(
     Returns (_OK, 0); (_BAD_POSITION, i) for the first key whose table id or row does not fit
     ``out`` (nothing read); (_SUPERSEDED, t) when table ``t``'s file was grown over (remap and
     call again); (_STUCK, t * P + p) when partition p of table t stayed odd for ``spin_limit``
-    yields (its writer may have died: take the writer lock, which repairs it, and call again).
+    yields (its writer may have died: take the writer lock, which repairs it, and call again);
+    (_GONE, t) when table ``t`` was dropped after the caller resolved it (nothing read).
     """
     n = keys.shape[0]
     tables = entries.shape[0]
@@ -144,6 +147,8 @@ def _fetch(
         hashes[i] = h
         bucket[i] = partition(h, num_partitions) * tables + t
     for t in range(tables):
+        if directory[_D_HEADER, entries[t]] == 0:  # dropped (or the tier closed) since resolved
+            return _GONE, t
         header = carray(as_voidptr(directory[_D_HEADER, entries[t]]), (shm.HEADER_WORDS,), np.int64)
         if atomic_load(header, shm.H_SUPERSEDED) != 0:
             return _SUPERSEDED, t
@@ -168,6 +173,7 @@ def _fetch(
                         found[order[j]] = False
                     _find_group(keys, hashes, order, offsets, out, found, rows, lo, hi, dims[t], codes[t],
                                 slots, data, stride, clock, stat)
+                    fence_acquire()  # the group's loads complete before the second look (weak CPUs)
                     if atomic_load(parts, p * shm.PART_WORDS + shm.P_SEQ) == before:
                         break
                 spins += 1
@@ -249,6 +255,7 @@ def _upsert(keys: Keys, positions: Any, packed: Any, header: Any, parts: Any, p:
     seq = p * shm.PART_WORDS + shm.P_SEQ
     atomic_store(header, shm.H_JPART, p)
     atomic_add(parts, seq, 1)  # odd: readers of p read again
+    fence_release()  # ... before any of the stores below is seen (weak CPUs)
     n_rows = parts[p * shm.PART_WORDS + shm.P_ROWS]
     for j in range(positions.shape[0]):
         i = positions[j]
@@ -291,6 +298,7 @@ def _remove(keys: Keys, positions: Any, header: Any, parts: Any, p: int, slots: 
     seq = p * shm.PART_WORDS + shm.P_SEQ
     atomic_store(header, shm.H_JPART, p)
     atomic_add(parts, seq, 1)
+    fence_release()
     n_rows = parts[p * shm.PART_WORDS + shm.P_ROWS]
     removed = 0
     for j in range(positions.shape[0]):
@@ -410,7 +418,8 @@ class SharedHashMapVolatileDB:
         self._handed_out = [self._directory]  # every directory array a kernel may hold
         self._maps = LockArray(1)  # lookups (shared) vs. remapping (exclusive), in this process
         self._groups: TableGroups[tuple[Keys, Keys, Keys]] = TableGroups(self._resolve)
-        self._tables_lock = threading.RLock()
+        self._tables_lock = threading.RLock()  # guards the dicts and swaps: held briefly, never across a wait
+        self._opening = threading.RLock()  # one open (a fill, or a wait for another process's) at a time
         self._closed = False
 
     def __repr__(self) -> str:
@@ -441,14 +450,24 @@ class SharedHashMapVolatileDB:
         check_table_name(table)
         dim = check_dim(table, dim)
         row_format = check_row_format(table, row_format)
-        with self._tables_lock:
+        return self._open(table, dim, row_format, rows, source, fill, create=True)
+
+    def _open(self, table: str, dim: int, row_format: RowFormat, rows: int, source: str,
+              fill: Callable[[Callable[[Keys, Vectors], None]], None] | None, *, create: bool) -> bool:
+        """``open_table``; with ``create`` false only a complete store already there is attached
+        (UnknownTableError otherwise): what a read of a table this handle never opened does."""
+        with self._opening:
             self._check_open()
             known = self._stores.get(table)
             if known is not None:
                 self._check_shape(known, table, dim, row_format)
                 return False
-            store, filled = self._create_or_attach(table, dim, row_format, rows, source, fill)
-            self._adopt(table, store)
+            store, filled = self._create_or_attach(table, dim, row_format, rows, source, fill, create=create)
+            with self._tables_lock:
+                if self._closed:  # closed meanwhile: leave what was just opened
+                    self._detach(store)
+                    self._check_open()
+                self._adopt(table, store)
             return filled
 
     def row_format(self, table: str) -> RowFormat:
@@ -509,6 +528,10 @@ class SharedHashMapVolatileDB:
             if status == _BAD_POSITION:
                 check_rows_fit(table_ids, offsets, dims, out.shape[0], "host store fetch_tables")
                 raise TierError(f"host store fetch_tables: key {index} does not fit out")  # unreachable
+            if status == _GONE:
+                self._check_open()
+                self._groups.clear()
+                raise unknown_table(self._names[int(entries[index])], self._stores)
             if status == _SUPERSEDED:
                 self._remap(self._names[int(entries[index])])
             else:  # a partition stayed odd: its writer may be dead; the writer lock repairs it
@@ -534,12 +557,14 @@ class SharedHashMapVolatileDB:
                 stores, self._stores = self._stores, {}
                 for table in self._handed_out:
                     table[:] = 0
-            for store in stores.values():
-                self._detach(store)
-            shm.remove_stale_growth(self._dir)  # larger files growers that died were building
-            with contextlib.suppress(OSError):
-                self._dir.rmdir()  # only when no file is left in it
             self._groups.clear()
+        # outside _tables_lock: a writer growing a table holds its store lock and then wants
+        # _tables_lock; leaving takes the store lock (the two deadlocked)
+        for store in stores.values():
+            self._detach(store)
+        shm.remove_stale_growth(self._dir)  # larger files growers that died were building
+        with contextlib.suppress(OSError):
+            self._dir.rmdir()  # only when no file is left in it
 
     # ---------------------------------------------------------------- extras
 
@@ -623,19 +648,26 @@ class SharedHashMapVolatileDB:
                              _row_stride(dim, row_format, self._stat))
 
     def _create_or_attach(self, table: str, dim: int, row_format: RowFormat, rows: int, source: str,
-                          fill: Callable[[Callable[[Keys, Vectors], None]], None] | None
+                          fill: Callable[[Callable[[Keys, Vectors], None]], None] | None, *, create: bool = True
                           ) -> tuple[shm.StoreFile, bool]:
         shm.ensure_dir(self._dir)
         shm.remove_stale_growth(self._dir)
         path = self._dir / shm.file_name(table)
         spec = self._spec(table, dim, row_format, rows)
         while True:
-            fd = shm.open_fd(path, create=True)
+            try:
+                fd = shm.open_fd(path, create=create)
+            except FileNotFoundError:
+                raise unknown_table(table, self._stores) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 if not _is_at(fd, path):
+                    if not create:
+                        raise unknown_table(table, self._stores)
                     continue  # removed or replaced while we waited: open it again
                 if os.fstat(fd).st_size == 0:
+                    if not create:  # another process is creating it: not a complete store yet
+                        raise unknown_table(table, self._stores)
                     store = self._create(path, fd, spec, source)
                     fd = -1  # the store owns it now
                     try:
@@ -975,17 +1007,12 @@ class SharedHashMapVolatileDB:
         store = self._stores.get(table)
         if store is not None:
             return store
-        with self._tables_lock:  # a complete store another process made: attach to it
-            self._check_open()
-            store = self._stores.get(table)
-            if store is None:
-                path = self._dir / shm.file_name(table)
-                info = next((i for i in shm.list_stores(self.namespace) if i.table == table and i.complete), None)
-                if info is None or not path.exists():
-                    raise unknown_table(table, self._stores)
-                self.open_table(table, info.dim, RowFormat(info.row_format))
-                store = self._stores[table]
-            return store
+        # a complete store another process made: attach to it, never create one
+        info = next((i for i in shm.list_stores(self.namespace) if i.table == table and i.complete), None)
+        if info is None:
+            raise unknown_table(table, self._stores)
+        self._open(table, info.dim, RowFormat(info.row_format), 0, "", None, create=False)
+        return self._stores[table]
 
     def _current(self, table: str) -> shm.StoreFile:
         """``table``'s store, remapped first when another process grew it since this one last
@@ -1005,17 +1032,27 @@ class SharedHashMapVolatileDB:
 
 
 def _open_current(old: shm.StoreFile) -> shm.StoreFile:
-    """The store file now at ``old``'s path (which replaced ``old``), mapped; one of another
-    shape (a store rebuilt for another dim or format) is refused: this handle serves the old."""
-    fd = shm.open_fd(old.path, create=False)
-    header = np.fromfile(old.path, np.int64, shm.HEADER_WORDS)
-    spec = shm.spec_of(header, old.spec.table)
-    if spec is None or spec.grown(0) != old.spec.grown(0):
+    """The file now at ``old``'s path, mapped, when it is ``old`` grown (same shape, same
+    creation time); a table dropped meanwhile is UnknownTableError, one rebuilt (another
+    creation time, dim or format) a TierError: this handle served the old one."""
+    table = old.spec.table
+    try:
+        fd = shm.open_fd(old.path, create=False)
+    except FileNotFoundError:
+        raise unknown_table(table, ()) from None
+    try:
+        header = np.frombuffer(os.pread(fd, shm.HEADER_WORDS * 8, 0), np.int64)
+        spec = shm.spec_of(header, table) if header.shape[0] == shm.HEADER_WORDS else None
+        same = (spec is not None and spec.grown(0) == old.spec.grown(0) and os.fstat(fd).st_size >= spec.nbytes
+                and int(header[shm.H_CREATED]) == int(old.header[shm.H_CREATED]))
+        if not same:
+            raise TierError(f"host store {old.path}: the table's store was replaced by another one (dropped and "
+                            "built again, or of another shape); restart this process to serve it")
+        assert spec is not None
+        return shm.StoreFile(old.path, fd, spec)
+    except BaseException:
         os.close(fd)
-        what = "is not a store" if spec is None else f"holds dim {spec.dim}, {spec.row_format}, not dim {old.spec.dim}, {old.spec.row_format}"
-        raise TierError(f"host store {old.path}: the file that replaced this table's store {what}; "
-                        "restart this process to serve it")
-    return shm.StoreFile(old.path, fd, spec)
+        raise
 
 
 _warned_pages: set[Path] = set()
@@ -1028,11 +1065,10 @@ def _warn_without_huge_pages(root: Path) -> None:
     _warned_pages.add(root)
     if shm.huge_pages(root) == "never":
         log.warning(
-            "host store in %s: this host gives shared memory no huge pages (transparent_hugepage/"
-            "shmem_enabled is never, the tmpfs has no huge= option), so lookups reach fewer rows per "
-            "TLB entry (measured 0.72-0.86x a private map's keys/s, 1.01-1.16x with huge pages): "
-            "set shmem_enabled to advise, or point %s at a tmpfs mounted with huge=within_size "
-            "(docs/deployment.md, \"The host store\")", root, shm.SHM_DIR_ENV)
+            "host store in %s: its tmpfs gives no huge pages (no huge= mount option), so lookups reach "
+            "fewer rows per TLB entry (measured 0.72-0.86x a private map's keys/s, 1.01-1.16x with huge "
+            "pages): remount it with huge=within_size (or huge=advise), or point %s at a tmpfs mounted "
+            "so (docs/deployment.md, \"Huge pages\")", root, shm.SHM_DIR_ENV)
 
 
 @contextlib.contextmanager

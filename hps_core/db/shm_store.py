@@ -128,26 +128,27 @@ def namespace_of(cfg: VolatileDBConfig, source: str) -> str:
 
 def huge_pages(root: Path | None = None) -> str:
     """Whether files under ``root`` (default :func:`shm_root`) can get transparent huge pages:
-    the ``huge=`` option of the tmpfs holding it, else the host's ``shmem_enabled`` policy
-    (``advise`` counts: every store asks with ``MADV_HUGEPAGE``). "never" costs lookups
-    their TLB reach: 0.72-0.86x a private map's keys/s, against 1.01-1.16x with huge pages
-    (docs/benchmarks.md)."""
-    root = shm_root() if root is None else root
-    best, option = "", ""
+    the ``huge=`` option of the tmpfs holding it (``advise`` counts: every store asks with
+    ``MADV_HUGEPAGE``), unless the host's ``shmem_enabled`` is ``force`` or ``deny``, the two
+    values that override a mount's option (the others govern only the kernel's internal shm
+    mount). "never" costs lookups their TLB reach: 0.72-0.86x a private map's keys/s, against
+    1.01-1.16x with huge pages (docs/benchmarks.md)."""
+    root = Path(os.path.realpath(shm_root() if root is None else root))
     with contextlib.suppress(OSError):
-        for line in Path("/proc/mounts").read_text().splitlines():
+        chosen = re.search(r"\[(\w+)\]", Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled").read_text())
+        if chosen and chosen.group(1) in ("force", "deny"):
+            return "shmem_enabled=force" if chosen.group(1) == "force" else "never"
+    mount, option = "", ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/mounts").read_text().splitlines():  # the last of stacked mounts wins
             fields = line.split()
-            if len(fields) > 3 and fields[2] == "tmpfs" and str(root).startswith(fields[1]) and len(fields[1]) > len(best):
-                best = fields[1]
-                option = next((o.split("=", 1)[1] for o in fields[3].split(",") if o.startswith("huge=")), "")
-    if option and option != "never":
-        return f"tmpfs huge={option}"
-    with contextlib.suppress(OSError):
-        policy = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled").read_text()
-        chosen = re.search(r"\[(\w+)\]", policy)
-        if chosen and chosen.group(1) in ("always", "within_size", "advise", "force"):
-            return f"shmem_enabled={chosen.group(1)}"
-    return "never"
+            if len(fields) < 4 or fields[2] != "tmpfs":
+                continue
+            at = Path(fields[1])
+            if (root == at or at in root.parents) and len(fields[1]) >= len(mount):
+                mount = fields[1]
+                option = next((o.split("=", 1)[1] for o in fields[3].split(",") if o.startswith("huge=")), "never")
+    return f"tmpfs huge={option}" if option and option != "never" else "never"
 
 
 def namespace_dir(namespace: str) -> Path:
@@ -260,7 +261,7 @@ class StoreFile:
         self._mm = mmap.mmap(fd, spec.nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         with contextlib.suppress(OSError):
             # huge pages where the host allows them for shared memory (transparent_hugepage/
-            # shmem_enabled "advise", or a tmpfs mounted huge=): fewer TLB misses per lookup
+            # huge pages where the tmpfs allows them (mounted huge=advise; huge_pages() tells): fewer TLB misses per lookup
             self._mm.madvise(mmap.MADV_HUGEPAGE)
         buf = memoryview(self._mm)
         parts, undo, slots, rows, _ = spec.offsets()
@@ -391,6 +392,10 @@ class StoreFile:
         if self.closed:
             return
         self.closed = True
+        with self._thread_lock:  # a thread inside acquire() or release() is done with the fd first
+            self._unmap()
+
+    def _unmap(self) -> None:
         del self.header, self.parts, self.undo, self.slots, self.rows
         with contextlib.suppress(BufferError):
             self._mm.close()  # a view still held elsewhere unmaps with its last reference
