@@ -260,7 +260,6 @@ class StoreFile:
         self.path, self.fd, self.spec = path, fd, spec
         self._mm = mmap.mmap(fd, spec.nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         with contextlib.suppress(OSError):
-            # huge pages where the host allows them for shared memory (transparent_hugepage/
             # huge pages where the tmpfs allows them (mounted huge=advise; huge_pages() tells): fewer TLB misses per lookup
             self._mm.madvise(mmap.MADV_HUGEPAGE)
         buf = memoryview(self._mm)
