@@ -186,7 +186,22 @@ def _recovery(work: Path, sparse: Path, mode: str, log: Any) -> float:
     return seconds
 
 
-def _throughput(work: Path, sparse: Path, count: int, mode: str, keys: int, log: Any) -> float:
+def _cpu_seconds(pids: list[int]) -> dict[int, float]:
+    """CPU seconds (user + system) each of ``pids`` used so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    used = {}
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        used[pid] = (int(fields[11]) + int(fields[12])) / tick
+    return used
+
+
+def _throughput(work: Path, sparse: Path, count: int, mode: str, keys: int, log: Any) -> tuple[float, dict[str, float]]:
+    """perf_analyzer's requests/s, and where the cores went meanwhile (share of the machine's
+    CPU time: tritonserver, its stubs, perf_analyzer)."""
     tool = find_perf_analyzer()
     data = work / f"perf_input_{keys}.json"
     rng = np.random.default_rng(5)
@@ -198,22 +213,32 @@ def _throughput(work: Path, sparse: Path, count: int, mode: str, keys: int, log:
         assert wait_until(lambda: _lookup_ok(ready.http, sparse), DEADLINE_S)
         cmd = [str(tool.path), "-m", MODEL, "-u", ready.grpc, "-i", "grpc", "--input-data", str(data),
                "--concurrency-range", "8", "-p", "4000", "-s", "25", "--max-trials", "5"]
+        server = _tree(ready.pid)
+        before, children, started = _cpu_seconds(server), os.times(), time.monotonic()
         done = subprocess.run(cmd, capture_output=True, text=True, env=tool.environment(),
                               timeout=DEADLINE_S)
+        wall, after, children_after = time.monotonic() - started, _cpu_seconds(server), os.times()
+        machine = wall * (os.cpu_count() or 1)
+        stubs = sum(after[p] - before.get(p, 0.0) for p in after if p != ready.pid)
+        cpu = {"tritonserver": (after.get(ready.pid, 0.0) - before.get(ready.pid, 0.0)) / machine,
+               "stubs": stubs / machine,
+               "perf_analyzer": (children_after.children_user + children_after.children_system
+                                 - children.children_user - children.children_system) / machine}
         found = re.findall(r"throughput: ([\d.]+) infer/sec", done.stdout)
         if not found:
             raise RuntimeError(f"perf_analyzer failed:\n{done.stdout}\n{done.stderr}")
         assert serve.stop() == 0
     rate = float(found[-1])
-    log(f"throughput: {mode}, {count} instance(s): {rate:.0f} requests/s of {keys} keys")
-    return rate
+    log(f"throughput: {mode}, {count} instance(s): {rate:.0f} requests/s of {keys} keys; CPU "
+        + ", ".join(f"{k} {v:.0%}" for k, v in cpu.items()))
+    return rate, cpu
 
 
 # --------------------------------------------------------------------------- report
 
 
 def _table(args: argparse.Namespace, memory: dict[str, dict[int, int]], recovery: dict[str, dict[int, float]],
-           throughput: dict[str, dict[int, float]]) -> str:
+           throughput: dict[str, dict[int, tuple[float, dict[str, float]]]]) -> str:
     lines = [f"`{' '.join(['scripts/bench_host_store_serve.py', *sys.argv[1:]])}` — {platform.node()}, "
              f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}; "
              "hps serve, real Triton 2.51, CPU instances, one dim-32 fp32 table", ""]
@@ -236,9 +261,12 @@ def _table(args: argparse.Namespace, memory: dict[str, dict[int, int]], recovery
         lines.append("")
     if throughput:
         lines += [f"perf_analyzer gRPC, concurrency 8, {args.keys} keys per request ({args.rows:,} rows; requests/s)", "",
-                  "| volatile tier | 1 instance | 2 instances | ratio |", "|---|---|---|---|"]
+                  "| volatile tier | 1 instance | 2 instances | ratio | machine's CPU, 1 instance: triton / stubs / "
+                  "perf_analyzer | 2 instances |", "|---|---|---|---|---|---|"]
         for mode, by_count in throughput.items():
-            lines.append(f"| {mode} | {by_count[1]:.0f} | {by_count[2]:.0f} | {by_count[2] / by_count[1]:.2f}x |")
+            (one, cpu1), (two, cpu2) = by_count[1], by_count[2]
+            share = lambda c: " / ".join(f"{c[k]:.0%}" for k in ("tritonserver", "stubs", "perf_analyzer"))  # noqa: E731
+            lines.append(f"| {mode} | {one:.0f} | {two:.0f} | {two / one:.2f}x | {share(cpu1)} | {share(cpu2)} |")
     return "\n".join(lines)
 
 
@@ -259,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             for mode in modes:
                 recovery[mode] = {args.small_rows: _recovery(work, small, mode, log),
                                   args.rows: _recovery(work, large, mode, log)}
-        throughput: dict[str, dict[int, float]] = {}
+        throughput: dict[str, dict[int, tuple[float, dict[str, float]]]] = {}
         if "throughput" not in skip:
             for mode in modes:
                 throughput[mode] = {c: _throughput(work, large, c, mode, args.keys, log) for c in (1, 2)}
