@@ -106,7 +106,7 @@ from hps_core.intrinsics import (
 from hps_core.row_formats import RowFormat, decode_row, pack
 from hps_core.rows import check_rows_fit
 
-__all__ = ["HashMapVolatileDB", "estimate_bytes_per_row"]
+__all__ = ["HashMapVolatileDB", "MapSettings", "estimate_bytes_per_row"]
 
 _MIN_SLOTS = 16
 _SLOT_BYTES = 16  # (key, row) as two int64
@@ -313,9 +313,7 @@ def _upsert(
     for j in range(positions.shape[0]):
         i = positions[j]
         key = keys[i]
-        s = mix64(key) & mask
-        while slots[s, 1] != _EMPTY and slots[s, 0] != key:
-            s = (s + np.uint64(1)) & mask
+        s = probe(slots, key, mask)
         row = slots[s, 1]
         if row == _EMPTY:
             row = n_rows
@@ -331,6 +329,16 @@ def _upsert(
         for b in range(row_bytes):
             dst[b] = src[b]
     return n_rows
+
+
+@njit(nogil=True, cache=True, inline="always")
+def probe(slots: Any, key: int, mask: Any) -> Any:
+    """The slot holding ``key``, or the empty slot where it goes (linear probing; the load
+    factor <= 1/2 guarantees one)."""
+    s = mix64(key) & mask
+    while slots[s, 1] != _EMPTY and slots[s, 0] != key:
+        s = (s + np.uint64(1)) & mask
+    return s
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -603,6 +611,30 @@ def _check_overflow(overflow: OverflowConfig) -> OverflowConfig:
     return OverflowConfig(margin=int(margin), policy=canonical, resolution_target=float(target))
 
 
+@dataclass(frozen=True)
+class MapSettings:
+    """A hash map's settings read from ``volatile_db`` and checked (errors name the HugeCTR
+    field): what the private map and the host store (shared_hash_map.py) both run by."""
+
+    num_partitions: int  # independently written partitions per table
+    max_get: int  # keys looked up per lock hold
+    max_set: int  # keys written per lock (or seqlock) hold: never above the overflow margin
+    overflow: OverflowConfig  # policy aliases resolved
+    stat: int  # the access stat rows keep (the one the overflow policy reads, if any)
+
+    @classmethod
+    def of(cls, config: VolatileDBConfig) -> MapSettings:
+        for name, value in (("num_partitions", config.num_partitions),
+                            ("max_get_batch_size", config.get_batch_size),
+                            ("max_set_batch_size", config.set_batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"volatile_db.{name} must be a positive integer, got {value!r}")
+        overflow = _check_overflow(config.overflow)
+        # a chunk never exceeds the margin, so a partition holds at most 2 x margin rows
+        return cls(config.num_partitions, config.get_batch_size, min(config.set_batch_size, overflow.margin),
+                   overflow, _stat_of(overflow))
+
+
 def _stat_of(overflow: OverflowConfig) -> int:
     """The access stat rows keep under checked ``overflow`` settings: the one its policy reads,
     none when nothing is ever evicted."""
@@ -634,26 +666,15 @@ class HashMapVolatileDB:
         initial_capacity: int = 0,
         seed: int | None = None,
     ) -> None:
-        config = VolatileDBConfig() if config is None else config
-        num_partitions = config.num_partitions
-        max_get_batch_size, max_set_batch_size = config.get_batch_size, config.set_batch_size
-        for name, value in (
-            ("num_partitions", num_partitions),
-            ("max_get_batch_size", max_get_batch_size),
-            ("max_set_batch_size", max_set_batch_size),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"volatile_db.{name} must be a positive integer, got {value!r}")
+        settings = MapSettings.of(VolatileDBConfig() if config is None else config)
         cap = initial_capacity
         if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
             raise ConfigError(f"initial_capacity must be a non-negative integer, got {cap!r}")
-        self._overflow = _check_overflow(config.overflow)
-        self._num_partitions = num_partitions
-        self._max_get = max_get_batch_size
-        # a chunk never exceeds the margin, so a partition holds at most 2 x margin rows
-        self._max_set = min(max_set_batch_size, self._overflow.margin)
-        # rows keep the access stat their eviction policy reads, if any
-        self._stat = _stat_of(self._overflow)
+        self._overflow = settings.overflow
+        self._num_partitions = num_partitions = settings.num_partitions
+        self._max_get = settings.max_get
+        self._max_set = settings.max_set
+        self._stat = settings.stat
         self._initial_capacity = initial_capacity
         self._seeds = np.random.SeedSequence(seed)
         self._locks = LockArray(num_partitions)

@@ -77,14 +77,14 @@ from hps_core.db.hash_map import (
     _NO_STAT,
     _STAMP_STAT,
     _STAT,
-    _check_overflow,
     _COUNT_STAT,
     _delete_slot,
     _find_group,
     _header_bytes,
     _row_stride,
     _slot_of,
-    _stat_of,
+    MapSettings,
+    probe,
 )
 from hps_core.errors import ConfigError, TierError
 from hps_core.grouping import group_by
@@ -201,9 +201,7 @@ def _fill(keys: Keys, order: Any, lo: int, hi: int, packed: Any, slots: Any, met
             prefetch(flat, 2 * np.int64(mix64(keys[order[j + _AHEAD]]) & mask), True)
         i = order[j]
         key = keys[i]
-        s = mix64(key) & mask
-        while slots[s, 1] != _EMPTY and slots[s, 0] != key:
-            s = (s + np.uint64(1)) & mask
+        s = probe(slots, key, mask)
         row = slots[s, 1]
         if row == _EMPTY:
             if n_rows == cap:
@@ -260,9 +258,7 @@ def _upsert(keys: Keys, positions: Any, packed: Any, header: Any, parts: Any, p:
     for j in range(positions.shape[0]):
         i = positions[j]
         key = keys[i]
-        s = mix64(key) & mask
-        while slots[s, 1] != _EMPTY and slots[s, 0] != key:
-            s = (s + np.uint64(1)) & mask
+        s = probe(slots, key, mask)
         row = slots[s, 1]
         if row == _EMPTY:
             row = n_rows
@@ -331,9 +327,7 @@ def _rebuild_slots(slots: Any, meta: Any, n_rows: int) -> None:
         slots[s, 1] = _EMPTY
     for row in range(n_rows):
         key = meta[row, _KEY]
-        s = mix64(key) & mask
-        while slots[s, 1] != _EMPTY and slots[s, 0] != key:
-            s = (s + np.uint64(1)) & mask
+        s = probe(slots, key, mask)
         slots[s, 0] = key
         slots[s, 1] = row
 
@@ -397,15 +391,11 @@ class SharedHashMapVolatileDB:
     def __init__(self, config: VolatileDBConfig | None = None, *, source: str = "",
                  seed: int | None = None) -> None:
         config = VolatileDBConfig() if config is None else config
-        for name, value in (("num_partitions", config.num_partitions),
-                            ("max_get_batch_size", config.get_batch_size),
-                            ("max_set_batch_size", config.set_batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"volatile_db.{name} must be a positive integer, got {value!r}")
-        self._overflow = _check_overflow(config.overflow)
-        self._num_partitions = config.num_partitions
-        self._max_set = min(config.set_batch_size, self._overflow.margin)
-        self._stat = _stat_of(self._overflow)
+        settings = MapSettings.of(config)
+        self._overflow = settings.overflow
+        self._num_partitions = settings.num_partitions
+        self._max_set = settings.max_set
+        self._stat = settings.stat
         self._limit = config.shared_memory_size
         self._auto_remove = config.shared_memory_auto_remove
         self.namespace = shm.namespace_of(config, source)
