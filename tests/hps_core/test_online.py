@@ -63,6 +63,25 @@ def _lookup(server: HierarchicalParameterServer, keys: np.ndarray, model: str = 
     return server.session(model).lookup(keys, np.array([keys.size], np.int32)).reshape(keys.size, DIM)
 
 
+def _publish_and_see_in_every_cache(servers: tuple[HierarchicalParameterServer, ...], broker: KafkaBroker,
+                                    model: str, keys: np.ndarray, updated: np.ndarray) -> None:
+    """Fill each server's cache, publish version 1 of ``updated``, wait until every server
+    answers it (each cache must have followed)."""
+    for server in servers:
+        np.testing.assert_array_equal(_lookup(server, keys, model), _rows(keys, 0))  # fills each cache
+    time.sleep(3)  # let the consumer groups join before publishing
+    with UpdateSink(broker.bootstrap) as sink:
+        sink.publish(model, "t", updated, _rows(updated, 1))
+        sink.flush(30)
+    expected = _rows(keys, 0)
+    expected[updated] = _rows(updated, 1)
+    for server in servers:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not np.array_equal(_lookup(server, keys, model), expected):
+            time.sleep(0.2)
+        np.testing.assert_array_equal(_lookup(server, keys, model), expected)
+
+
 def test_updates_reach_tiers_and_caches_while_serving(tmp_path: Path, broker: KafkaBroker) -> None:
     keys = np.arange(ROWS, dtype=np.int64)
     updated = keys[::3]
@@ -127,19 +146,7 @@ def test_every_servers_cache_follows_updates_to_a_shared_redis(tmp_path: Path, b
         config = load_config(path)
         with HierarchicalParameterServer(config, cache_device="cpu", update_consumer_config=FAST_GROUP) as first, \
                 HierarchicalParameterServer(config, cache_device="cpu", update_consumer_config=FAST_GROUP) as second:
-            for server in (first, second):
-                np.testing.assert_array_equal(_lookup(server, keys, "shared"), _rows(keys, 0))  # fills each cache
-            time.sleep(3)  # let the consumer groups join before publishing
-            with UpdateSink(broker.bootstrap) as sink:
-                sink.publish("shared", "t", updated, _rows(updated, 1))
-                sink.flush(30)
-            expected = _rows(keys, 0)
-            expected[updated] = _rows(updated, 1)
-            for server in (first, second):
-                deadline = time.monotonic() + 60
-                while time.monotonic() < deadline and not np.array_equal(_lookup(server, keys, "shared"), expected):
-                    time.sleep(0.2)
-                np.testing.assert_array_equal(_lookup(server, keys, "shared"), expected)
+            _publish_and_see_in_every_cache((first, second), broker, "shared", keys, updated)
             applied = sum(s.updates.stats()["volatile"]["updates_applied"] for s in (first, second))
             assert applied == updated.size  # Redis is shared: the update was written once
 
@@ -163,18 +170,6 @@ def test_the_host_store_applies_each_update_once_per_host_and_every_cache_follow
         groups = [s.updates.sources["volatile"].group_id for s in (first, second)]
         assert groups[0] == groups[1] and groups[0].startswith("hps.volatile.")
         assert first.updates.sources["cache"].group_id != second.updates.sources["cache"].group_id
-        for server in (first, second):
-            np.testing.assert_array_equal(_lookup(server, keys, "per_host"), _rows(keys, 0))  # fills each cache
-        time.sleep(3)  # let the consumer groups join before publishing
-        with UpdateSink(broker.bootstrap) as sink:
-            sink.publish("per_host", "t", updated, _rows(updated, 1))
-            sink.flush(30)
-        expected = _rows(keys, 0)
-        expected[updated] = _rows(updated, 1)
-        for server in (first, second):
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and not np.array_equal(_lookup(server, keys, "per_host"), expected):
-                time.sleep(0.2)
-            np.testing.assert_array_equal(_lookup(server, keys, "per_host"), expected)
+        _publish_and_see_in_every_cache((first, second), broker, "per_host", keys, updated)
         applied = sum(s.updates.stats()["volatile"]["updates_applied"] for s in (first, second))
         assert applied == updated.size  # one copy per host: the update was written once
