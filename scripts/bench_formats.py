@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import copy
 import ctypes
+import dataclasses
 import gc
 import json
 import os
@@ -265,9 +266,10 @@ def load_all(db: Any, model: ModelConfig) -> int:
 
 def measure_hash_map(config: ParameterServerConfig, model: ModelConfig) -> tuple[Row, Any]:
     """RSS growth of loading ``model``'s tables into a hash map; the loaded tier is returned
-    open (the lookups run on it)."""
+    open (the lookups run on it). The private map (``host_shared: false``): the four formats'
+    tiers are open at once under the same table names, which one host store would refuse."""
     before = settled_rss()
-    db = open_volatile_db(config.volatile_db)
+    db = open_volatile_db(dataclasses.replace(config.volatile_db, host_shared=False))
     rows = load_all(db, model)
     grown = settled_rss() - before
     return {"rows": rows, "bytes": grown, "allocated_bytes": db.memory_bytes()}, db
