@@ -380,7 +380,20 @@ def run_perf_analyzer(config: BenchConfig, model: BenchModel, server: TritonServ
     if done.returncode != 0 or not csv_path.is_file():
         message = (done.stdout[-800:] + done.stderr[-800:]).strip()
         return [{**base, **extra, "concurrency": c, "error": message} for c in run.concurrency]
-    return [{**base, **extra, **row} for row in _parse_csv(csv_path, run.batch)]
+    records = [{**base, **extra, **row} for row in _parse_csv(csv_path, run.batch)]
+    measured = {r["concurrency"] for r in records}
+    missing = [c for c in run.concurrency if c not in measured]
+    if missing and len(run.concurrency) > 1:
+        # perf_analyzer 2.51 can end a concurrency range with exit code 0 and no row for a
+        # level it could not settle (seen on a loaded 2-core machine): that level alone, once
+        # more, at the loose bound, rather than a point silently missing from the sweep
+        for c in missing:
+            single = dataclasses.replace(run, concurrency=(c,))
+            again = run_perf_analyzer(dataclasses.replace(config, stability_percentage=_LOOSE_STABILITY),
+                                      model, server, single, work)
+            records += again if again else [{**base, **extra, "concurrency": c,
+                                             "error": "perf_analyzer reported no measurement for this level"}]
+    return records
 
 
 def _shorten(args: list[str]) -> list[str]:
