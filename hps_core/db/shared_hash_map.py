@@ -386,6 +386,12 @@ class SharedHashMapVolatileDB:
             user closes it and no keeper is alive).
         source: the HPS JSON's path, which names the default namespace.
         seed: seed of the ``evict_random`` victim choice.
+
+    One departure from the contract's letter: a lookup that raced a writer of the same
+    partition reads the group again, and a key it found the first time but not the second
+    (removed meanwhile) keeps the bytes the first read wrote into ``out`` although it reports
+    a miss. The lookup writes every miss's row from the next tier or the default, so nothing
+    served is affected; a caller that relies on misses leaving ``out`` untouched must copy.
     """
 
     def __init__(self, config: VolatileDBConfig | None = None, *, source: str = "",
@@ -767,7 +773,7 @@ class SharedHashMapVolatileDB:
                 problem = (f"it holds dim {spec.dim}, {spec.row_format}, access stat {spec.stat}, "
                            f"{spec.partitions} partitions; this server wants dim {dim}, {row_format}, "
                            f"access stat {wanted.stat}, {wanted.partitions} partitions")
-            elif check_source and shm._read_meta(header).get("source") != source:
+            elif check_source and shm.read_meta(header).get("source") != source:
                 problem = "it was filled from other sparse files (or another share of them)"
         if problem:
             store = shm.StoreFile(path, fd, spec) if spec is not None else None

@@ -79,9 +79,11 @@ __all__ = [
     "StoreFile",
     "StoreInfo",
     "StoreSpec",
-    "list_stores",
     "huge_pages",
+    "list_stores",
     "namespace_dir",
+    "namespace_of",
+    "read_meta",
     "remove_kept_stores",
     "shm_root",
 ]
@@ -317,7 +319,7 @@ class StoreFile:
         return int(self.parts[P_ROWS::PART_WORDS].sum())
 
     def metadata(self) -> dict[str, Any]:
-        return _read_meta(self.header)
+        return read_meta(self.header)
 
     # -- locking ----------------------------------------------------------------------------
     def acquire(self) -> None:
@@ -405,7 +407,8 @@ class StoreFile:
 # --------------------------------------------------------------------------- creation
 
 
-def _read_meta(header: Any) -> dict[str, Any]:
+def read_meta(header: Any) -> dict[str, Any]:
+    """The JSON metadata a store's header carries (table, namespace, source); {} when unreadable."""
     length = int(header[H_META_LEN])
     if not 0 < length <= _HEADER_BYTES - _META_OFFSET:
         return {}
@@ -602,7 +605,7 @@ def _info(path: Path) -> StoreInfo | None:
             return None
         with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as mm:
             header = np.frombuffer(mm, np.int64, HEADER_WORDS).copy()
-            meta = _read_meta(header)
+            meta = read_meta(header)
             spec = spec_of(header, str(meta.get("table", path.name)))
             if spec is None:
                 return None
