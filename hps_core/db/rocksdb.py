@@ -296,7 +296,16 @@ class RocksDBPersistentDB:
                         self._unformatted.add(name)
 
     def _dim_from_first_value(self, name: str, fmt: RowFormat) -> int | None:
-        cf = self._db.get_column_family(name)
+        try:
+            cf = self._db.get_column_family(name)
+        except Exception as exc:
+            # Listed, but created by another process after this handle opened (its writer has
+            # not stamped the dim yet): not visible here until a refresh, like any later table.
+            # Two models loading into one database at once met this (a read-only open between
+            # a writer's create_cf and its metadata), and the second model failed to load.
+            if _is_rocksdb_error(exc) and "does not exist" in str(exc):
+                return None
+            raise
         try:
             for value in cf.values():
                 elements, rest = divmod(len(value) - fmt.header_bytes, fmt.element_bytes)

@@ -183,6 +183,23 @@ def test_read_only_beside_a_writer_in_another_process(tmp_path: Path, encode: En
     writer.close()
 
 
+def test_a_table_created_after_a_read_only_open_is_skipped_not_an_error(tmp_path: Path, encode: Encode) -> None:
+    """Two models loading into one database at once: a read-only handle that lists the tables
+    after another process's writer created one (its handle opened before) must not fail on it
+    (it did: "column name ... does not exist", and the second model did not load)."""
+    writer = loaded(tmp_path / "db", encode, dim=4, n=100)
+    reader = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "db"), read_only=True))
+    try:
+        writer.create_table("hps_et.other.t0", 8)
+        writer.insert("hps_et.other.t0", np.arange(3, dtype=np.int64), np.ones((3, 8), np.float32))
+        reader._load_tables()  # what an open does after listing the families; here after the create
+        assert reader.dim(T) == 4
+        check_all(reader, np.arange(100, dtype=np.int64), encode, 4)
+    finally:
+        reader.close()
+        writer.close()
+
+
 def test_read_only_refuses_writes_clearly(tmp_path: Path, encode: Encode) -> None:
     loaded(tmp_path / "db", encode).close()
     db = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "db"), read_only=True))
