@@ -57,6 +57,7 @@ __all__ = [
     "gpu_cache_requested",
     "load_config",
     "parse_config",
+    "entry_version",
     "version_model_name",
 ]
 
@@ -390,6 +391,9 @@ class ParameterServerConfig:
         return tuple(m.model for m in self.models)
 
 
+_VERSIONED_ENTRY = re.compile(r"(.+)_v(\d+)")  # <name>_v<N>: the entry version N >= 2 serves
+
+
 def version_model_name(config: ParameterServerConfig, name: str, version: int) -> str:
     """The entry of a version's own HPS JSON that version ``version`` of ``name`` serves:
     ``<name>_v<version>`` when the JSON has one, else ``name``. The backend (which entry an
@@ -397,6 +401,13 @@ def version_model_name(config: ParameterServerConfig, name: str, version: int) -
     pick it here."""
     versioned = f"{name}_v{version}"
     return versioned if any(m.model == versioned for m in config.models) else name
+
+
+def entry_version(entry: str) -> int:
+    """The model version a model entry serves: N for ``<name>_v<N>``, else 1 (the inverse of
+    :func:`version_model_name`'s naming)."""
+    match = _VERSIONED_ENTRY.fullmatch(entry)
+    return int(match.group(2)) if match else 1
 
 
 def gpu_cache_requested(model: ModelConfig) -> bool:

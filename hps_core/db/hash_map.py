@@ -492,18 +492,10 @@ class _Partition:
         Victims are picked with one vectorised selection over the dense rows and removed
         by the numba deletion kernel. Caller holds the lock.
         """
-        n = self.n_rows
-        if n <= overflow.margin:
+        if self.n_rows <= overflow.margin:
             return 0
-        k = n - int(overflow.margin * overflow.resolution_target)
-        if k >= n:
-            victims = np.arange(n)
-        elif overflow.policy == "evict_random":
-            victims = self.rng.choice(n, size=k, replace=False)
-        else:  # the tier keeps the stat its policy reads
-            victims = np.argpartition(self.meta[:n, _STAT], k - 1)[:k]
-        victim_keys = np.ascontiguousarray(self.meta[victims, _KEY])
-        return self.remove(victim_keys, np.arange(k, dtype=np.int64))
+        victim_keys = overflow_victims(self.meta, self.n_rows, overflow, self.rng)
+        return self.remove(victim_keys, np.arange(victim_keys.shape[0], dtype=np.int64))
 
     def nbytes(self) -> int:
         return int(self.slots.nbytes + self.values.nbytes)
@@ -633,6 +625,28 @@ class MapSettings:
         # a chunk never exceeds the margin, so a partition holds at most 2 x margin rows
         return cls(config.num_partitions, config.get_batch_size, min(config.set_batch_size, overflow.margin),
                    overflow, _stat_of(overflow))
+
+
+def overflow_victims(meta: Any, n: int, overflow: OverflowConfig, rng: np.random.Generator) -> Keys:
+    """The keys to evict from a partition of ``n`` dense rows (``meta``: their int64 headers)
+    to shrink it to ``margin * resolution_target`` rows: one vectorised selection of the stat
+    the policy reads (``evict_random``: a sample). Caller holds the partition's writer lock."""
+    k = n - int(overflow.margin * overflow.resolution_target)
+    if k >= n:
+        victims = np.arange(n)
+    elif overflow.policy == "evict_random":
+        victims = rng.choice(n, size=k, replace=False)
+    else:  # the tier keeps the stat its policy reads
+        victims = np.argpartition(meta[:n, _STAT], k - 1)[:k]
+    return np.ascontiguousarray(meta[victims, _KEY])
+
+
+def group_by_partition(keys: Keys, num_partitions: int) -> tuple[Any, Any]:
+    """Batch positions grouped by partition, in batch order inside a partition (which is what
+    makes "last duplicate wins" hold for inserts): ``order`` and ``starts`` of :func:`group_by`."""
+    if num_partitions == 1:  # nothing to group: skip a pass over the batch
+        return np.arange(keys.shape[0], dtype=np.int64), np.array([0, keys.shape[0]], np.int64)
+    return group_by(partition_array(keys, num_partitions), num_partitions)
 
 
 def _stat_of(overflow: OverflowConfig) -> int:
@@ -900,11 +914,7 @@ class HashMapVolatileDB:
         )
 
     def _group(self, keys: Keys) -> tuple[Any, Any]:
-        """Batch positions grouped by partition, in batch order inside a partition (which is
-        what makes "last duplicate wins" hold for inserts)."""
-        if self._num_partitions == 1:  # nothing to group: skip a pass over the batch
-            return np.arange(keys.shape[0], dtype=np.int64), np.array([0, keys.shape[0]], np.int64)
-        return group_by(partition_array(keys, self._num_partitions), self._num_partitions)
+        return group_by_partition(keys, self._num_partitions)
 
     def _table(self, table: str) -> _Table:
         self._check_open()

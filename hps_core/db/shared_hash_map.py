@@ -74,7 +74,6 @@ from hps_core.db.hash_map import (
     _AHEAD,
     _EMPTY,
     _KEY,
-    _NO_STAT,
     _STAMP_STAT,
     _STAT,
     _COUNT_STAT,
@@ -84,11 +83,13 @@ from hps_core.db.hash_map import (
     _row_stride,
     _slot_of,
     MapSettings,
+    group_by_partition,
+    overflow_victims,
     probe,
 )
 from hps_core.errors import ConfigError, TierError
 from hps_core.grouping import group_by
-from hps_core.hashing import mix64, partition, partition_array
+from hps_core.hashing import mix64, partition
 from hps_core.intrinsics import (
     LockArray,
     as_voidptr,
@@ -830,17 +831,9 @@ class SharedHashMapVolatileDB:
             log.warning("host store %s: repaired %d partition(s) a writer that died left", store.path, repaired)
 
     def _resolve_overflow(self, store: shm.StoreFile, p: int) -> None:
-        n = int(store.parts[p * shm.PART_WORDS + shm.P_ROWS])
-        overflow = self._overflow
-        k = n - int(overflow.margin * overflow.resolution_target)
         meta = _views(store)[p]
-        if k >= n:
-            victims = np.arange(n)
-        elif overflow.policy == "evict_random":
-            victims = self._rngs[p].choice(n, size=k, replace=False)
-        else:
-            victims = np.argpartition(meta[:n, _STAT], k - 1)[:k]
-        victim_keys = np.ascontiguousarray(meta[victims, _KEY])
+        victim_keys = overflow_victims(meta, int(store.parts[p * shm.PART_WORDS + shm.P_ROWS]), self._overflow,
+                                       self._rngs[p])
         _remove(victim_keys, np.arange(victim_keys.shape[0], dtype=np.int64), store.header, store.parts, p,
                 store.slots[p], meta)
 
@@ -988,9 +981,7 @@ class SharedHashMapVolatileDB:
         )
 
     def _group(self, keys: Keys) -> tuple[Any, Any]:
-        if self._num_partitions == 1:
-            return np.arange(keys.shape[0], dtype=np.int64), np.array([0, keys.shape[0]], np.int64)
-        return group_by(partition_array(keys, self._num_partitions), self._num_partitions)
+        return group_by_partition(keys, self._num_partitions)
 
     def _check_shape(self, store: shm.StoreFile, table: str, dim: int, row_format: RowFormat) -> None:
         if store.spec.dim != dim:

@@ -69,7 +69,7 @@ from typing import Any
 
 import numpy as np
 
-from hps_core.config import VolatileDBConfig
+from hps_core.config import VolatileDBConfig, entry_version
 from hps_core.errors import ConfigError, TierError
 from hps_core.row_formats import RowFormat
 
@@ -588,10 +588,8 @@ class StoreInfo:
 
     @property
     def version(self) -> str:
-        """The model version the table belongs to (``<model>_v<N>`` entries), or "1"."""
-        model = self.table.split(".")[1] if self.table.count(".") >= 2 else ""
-        match = re.fullmatch(r".+_v(\d+)", model)
-        return match.group(1) if match else "1"
+        """The model version the table belongs to (``hps_et.<model>_v<N>.<table>``), or "1"."""
+        return str(entry_version(self.table.split(".")[1]) if self.table.count(".") >= 2 else 1)
 
 
 def _info(path: Path) -> StoreInfo | None:

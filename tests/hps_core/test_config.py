@@ -685,7 +685,12 @@ def test_exported_names() -> None:
         "TableConfig", "UpdateSourceConfig", "VolatileDBConfig", "gpu_cache_requested",
         "NO_OVERFLOW_LIMIT", "OVERFLOW_POLICIES", "OverflowConfig", "RedisConfig", "TLSConfig",
         "TierType", "VOLATILE_TYPES", "PERSISTENT_TYPES",
-        "load_config", "parse_config", "version_model_name",
+        "load_config", "parse_config", "version_model_name", "entry_version",
     }
     for name in config_module.__all__:
         assert hasattr(config_module, name)
+
+
+def test_entry_version_reads_back_the_versioned_entry_name() -> None:
+    from hps_core.config import entry_version
+    assert [entry_version(e) for e in ("hps_embedding", "hps_embedding_v2", "m_v12", "m_vx", "_v3")] == [1, 2, 12, 1, 1]
