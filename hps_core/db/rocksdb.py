@@ -52,6 +52,13 @@ not copied): atomic (all rows or none), no write-ahead log, no memtable flushes 
 compaction stalls. Loader bookkeeping (``hps.load.<table>``) lives beside the dims in the
 default column family (:meth:`~RocksDBPersistentDB.get_meta`, ``put_meta``).
 
+Crash safety (a writer SIGKILLed at any point leaves a store that opens). RocksDB's MANIFEST is
+the commit point of a family created or dropped; the ``OPTIONS-*`` file rocksdict would open the
+families of is written after it, so every open names the families from the MANIFEST instead
+(``_manifest_families``, logged when the two disagree). :meth:`~RocksDBPersistentDB.drop_table`
+removes the load marker, then the family, then dim and format; a read-write open removes the
+metadata of a table whose family is gone and the SST files of a bulk load never ingested.
+
 rocksdict raises a bare ``Exception`` for every RocksDB status (IO error, lock held, read-only,
 missing column family) and ``DbClosedError`` for a closed handle; every call into it is
 wrapped and those, only, are re-raised as :class:`~hps_core.errors.TierError` naming the
@@ -63,7 +70,9 @@ a tier failure to retry.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
+import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -107,6 +116,8 @@ from hps_core.rows import row_sizes, unpack_stored
 
 __all__ = ["RocksDBPersistentDB"]
 
+log = logging.getLogger(__name__)
+
 
 _DIM_PREFIX = b"hps.dim."
 _FORMAT_PREFIX = b"hps.format."  # absent: fp32 (HugeCTR's tables, ours before formats)
@@ -115,6 +126,10 @@ _MIN_KEYS_PER_THREAD = 256  # ~2 ms of reads each: far above the ~50 us a thread
 _INGEST_DIR = ".hps_ingest"  # SST files being written, inside the DB folder (same file system)
 _sst_ids = itertools.count()
 _DEFAULT_CF = "default"
+_LOAD_PREFIX = b"hps.load."  # the loader's progress marker (hps_core/loader.py marker_name)
+_TABLE_META_KINDS = (_DIM_PREFIX, _FORMAT_PREFIX, _LOAD_PREFIX)  # keys named after a table
+_OPEN_ATTEMPTS = 5  # a reader re-lists the families this often when a writer drops one meanwhile
+_OPTIONS_FAMILY = re.compile(r'^\[CFOptions "(.*)"\]\s*$', re.MULTILINE)
 _BLOOM_BITS_PER_KEY = 10  # ~1% false positives: misses (frequent in a cascade) skip the disk
 
 _Piece = tuple[int, int, int]  # (table index, start, stop) of a multi-get, in the sorted batch
@@ -181,6 +196,45 @@ def _byte_order_last_wins(keys: Keys) -> Any:
     last = np.ones(order.shape[0], np.bool_)
     last[:-1] = ordered[1:] != ordered[:-1]  # keep the last of each run of equal keys
     return order[last]
+
+
+def _meta_keys(db: Rdict) -> list[bytes]:
+    """The keys of ``db``'s default family naming a table (dim, format, load marker)."""
+    found = []
+    keys: Any = db.keys(from_key=_META_PREFIX)  # raw mode: bytes, in order
+    for key in keys:
+        if not key.startswith(_META_PREFIX):
+            break
+        if key.startswith(_TABLE_META_KINDS):
+            found.append(key)
+    return found
+
+
+def _delete_keys(db: Rdict, keys: list[bytes], write_opts: WriteOptions) -> None:
+    """Delete ``keys`` of ``db``'s default family in one atomic batch. Caller translates."""
+    if keys:
+        batch = WriteBatch(raw_mode=True)
+        for key in keys:
+            batch.delete(key)
+        db.write(batch, write_opts)
+
+
+def _meta_table(key: bytes) -> str:
+    """The table a metadata key names: ``hps.<kind>.<table>`` → ``<table>``."""
+    return key[len(_META_PREFIX):].partition(b".")[2].decode(errors="replace")
+
+
+def _options_file_families(path: str) -> list[str] | None:
+    """The column families (default left out) named by the newest ``OPTIONS-<n>`` file in
+    ``path``, or None when there is none to read."""
+    files = sorted(Path(path).glob("OPTIONS-*"), key=lambda p: int(p.name[8:]) if p.name[8:].isdigit() else -1)
+    if not files:
+        return None
+    try:
+        text = files[-1].read_text(errors="replace")
+    except OSError:
+        return None
+    return [n for n in _OPTIONS_FAMILY.findall(text) if n != _DEFAULT_CF]
 
 
 class RocksDBPersistentDB:
@@ -258,7 +312,8 @@ class RocksDBPersistentDB:
     # ---------------------------------------------------------------- opening
 
     def _open(self, num_threads: int) -> Rdict:
-        if self._read_only and not Path(self._path, "CURRENT").exists():
+        exists = Path(self._path, "CURRENT").exists()
+        if self._read_only and not exists:
             raise TierError(
                 f"persistent_db.path {self._path!r} holds no RocksDB database; a read_only "
                 "open needs an existing one (load it with a writer first)"
@@ -271,13 +326,69 @@ class RocksDBPersistentDB:
             access = AccessType.read_only(error_if_log_file_exist=False)
         else:
             access = AccessType.read_write()
-        try:
-            # rocksdict opens every existing column family with these options
-            return Rdict(self._path, opts, access_type=access)
-        except Exception as exc:
-            if not _is_rocksdb_error(exc):
-                raise
-            raise translate_rocksdb(exc, self._path, "open") from exc
+        for attempt in range(_OPEN_ATTEMPTS):
+            try:
+                # The column families are named from the MANIFEST (see _manifest_families);
+                # each opens with these options, as every table is created with them.
+                families = self._manifest_families() if exists else None
+                db = Rdict(self._path, opts, column_families=families, access_type=access)
+                break
+            except Exception as exc:
+                if not _is_rocksdb_error(exc):
+                    raise
+                # A reader listed a family that a writer dropped before the open: list again.
+                if "column family not found" not in str(exc).lower() or attempt == _OPEN_ATTEMPTS - 1:
+                    raise translate_rocksdb(exc, self._path, "open") from exc
+        if not self._read_only:
+            self._repair_after_crash(db)
+        return db
+
+    def _manifest_families(self) -> dict[str, Options]:
+        """The column families RocksDB's MANIFEST holds (``list_cf``), each with our options.
+
+        rocksdict, given none, opens the families its latest ``OPTIONS-*`` file names. RocksDB
+        writes that file *after* the MANIFEST records a family created or dropped, so a process
+        killed in between (``hps publish-model`` dropping a retired version's tables, issue 19)
+        leaves an OPTIONS file naming a dropped family, and every later open failed with
+        ``Column family not found`` (or, after a create, ``Column families not opened``). The
+        MANIFEST is RocksDB's commit point: opened by its list, the store opens whatever the
+        moment of the kill, and a read-write open writes a fresh OPTIONS file."""
+        with self._translate("list tables", None):
+            names = [n for n in Rdict.list_cf(self._path) if n != _DEFAULT_CF]
+        stale = _options_file_families(self._path)
+        if stale is not None and set(stale) != set(names):
+            log.warning(
+                "RocksDB at %r: its OPTIONS file does not match the MANIFEST (a process was killed while "
+                "creating or dropping a table): families %s dropped, %s created; opened by the MANIFEST's list%s",
+                self._path, sorted(set(stale) - set(names)), sorted(set(names) - set(stale)),
+                "" if self._read_only else ", and the OPTIONS file is rewritten by this read-write open",
+            )
+        return {name: _options(1, create=True) for name in names}
+
+    def _repair_after_crash(self, db: Rdict) -> None:
+        """What a writer killed mid-step leaves, removed under the write lock (no other writer
+        is running): SST files of a bulk load that were written but not ingested, and the
+        metadata keys of a table whose column family is gone (a drop killed after
+        ``drop_column_family``: a stale load marker would let a later load of the same file
+        under the same name skip it as complete). Each repair is logged."""
+        ingest = Path(self._path, _INGEST_DIR)
+        leftovers = sorted(ingest.glob("*.sst")) if ingest.is_dir() else []
+        for sst in leftovers:
+            sst.unlink(missing_ok=True)
+        if leftovers:
+            log.warning("RocksDB at %r: removed %d SST files of an interrupted bulk load (%s)",
+                        self._path, len(leftovers), ", ".join(p.name for p in leftovers[:5]))
+        with self._translate("repair metadata", None):
+            families = set(Rdict.list_cf(self._path))
+            keys = _meta_keys(db)
+            # a table is gone when its dim is stamped but its family is not there; a marker
+            # alone is bookkeeping put_meta may hold before its table exists
+            gone = {_meta_table(k) for k in keys if k.startswith(_DIM_PREFIX)} - families
+            orphans = [key for key in keys if _meta_table(key) in gone]
+            _delete_keys(db, orphans, self._write_opts)
+        if orphans:
+            log.warning("RocksDB at %r: removed the metadata of tables whose column family is gone "
+                        "(a drop was interrupted): %s", self._path, sorted(gone))
 
     def _load_tables(self) -> None:
         """Learn existing tables, dims and formats: metadata first, else fp32 and the first
@@ -534,11 +645,18 @@ class RocksDBPersistentDB:
         """Drop ``table``'s column family and its metadata keys (``hps.<kind>.<table>``: dim,
         format, load marker) in the default family; returns RocksDB's estimate of the rows it
         held (``DropTable``). Files a read-only handle of another process still has open stay
-        readable to it until it closes them (POSIX unlink)."""
+        readable to it until it closes them (POSIX unlink).
+
+        Crash-safe by its order: the load marker goes first (a table without one is loaded
+        again, never skipped), then the column family, then dim and format (a kill between the
+        last two leaves keys without a family, which the next read-write open removes). Every
+        point leaves a store that opens, and dropping again finishes the job."""
         rows = self.estimate_rows(table)
         self._check_writable(table, "drop table")
         with self._lock, self._translate("drop table", table):
             self._check_open()
+            marker = [k for k in _meta_keys(self._db) if _meta_table(k) == table and k.startswith(_LOAD_PREFIX)]
+            _delete_keys(self._db, marker, self._write_opts)
             cf = self._cfs.pop(table, None)
             self._handles.pop(table, None)
             self._groups.clear()  # they hold views of the dropped family
@@ -546,14 +664,7 @@ class RocksDBPersistentDB:
                 cf.close()
             if self._has_family(table):
                 self._db.drop_column_family(table)
-            meta = WriteBatch(raw_mode=True)  # dim, format and marker go together, after the rows
-            keys: Any = self._db.keys(from_key=_META_PREFIX)  # raw mode: bytes
-            for name in keys:
-                if not name.startswith(_META_PREFIX):
-                    break
-                if name[len(_META_PREFIX):].partition(b".")[2] == table.encode():
-                    meta.delete(name)
-            self._db.write(meta, self._write_opts)
+            _delete_keys(self._db, [k for k in _meta_keys(self._db) if _meta_table(k) == table], self._write_opts)
             del self._dims[table], self._formats[table]
             self._unformatted.discard(table)
         return rows

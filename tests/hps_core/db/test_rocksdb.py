@@ -453,3 +453,110 @@ def test_filesystem_faults_of_rocksdict_are_tier_errors(tmp_path: Path) -> None:
     with pytest.raises(TierError, match=r"open.*db") as info:
         RocksDBPersistentDB(PersistentDBConfig(path=str(path)))
     assert isinstance(info.value.__cause__, OSError)
+
+
+# --------------------------------------------------------------------------- crash safety (issue 19)
+
+
+def _options_file(path: Path) -> Path:
+    return max(path.glob("OPTIONS-*"), key=lambda p: int(p.name[8:]))
+
+
+def _restore_options(path: Path, text: str) -> None:
+    """Put an OPTIONS file with ``text`` above the newest one: what RocksDB leaves when a process
+    is killed after the MANIFEST recorded a family created or dropped and before it wrote the
+    OPTIONS file that says so (a window inside ``drop_column_family`` that Python cannot stop in)."""
+    newest = int(_options_file(path).name[8:])
+    (path / f"OPTIONS-{newest + 1:06d}").write_text(text)
+
+
+def _raw_open(path: Path) -> Rdict:
+    return Rdict(str(path), Options(raw_mode=True))
+
+
+@pytest.mark.parametrize("change", ["drop", "create"])
+def test_a_store_left_between_manifest_and_options_file_opens_in_every_mode(
+        tmp_path: Path, encode: Encode, change: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 19: ``hps publish-model`` SIGKILLed while dropping a retired version's tables left
+    ``Column family not found: hps_et.hps_embedding.table21`` on every later open (rocksdict opens
+    the families of the newest OPTIONS file, written after the MANIFEST). The exact on-disk state
+    is made here, shown to break a plain rocksdict open, then opened read-only, as a secondary and
+    read-write (which repairs the OPTIONS file and the dropped table's metadata, logged)."""
+    path = tmp_path / "db"
+    db = loaded(path, encode)
+    db.create_table("hps_et.model.gone", 4)
+    db.close()
+    before = _options_file(path).read_text()
+    raw = _raw_open(path)
+    if change == "drop":  # the family went, its OPTIONS file and dim key stay
+        raw.drop_column_family("hps_et.model.gone")
+    else:
+        raw.create_column_family("hps_et.model.new", Options(raw_mode=True))
+    raw.close()
+    _restore_options(path, before)
+    with pytest.raises(Exception, match="Column famil"):  # the breakage, as reported
+        _raw_open(path)
+    keys = np.arange(1_000, dtype=np.int64)
+    tables = [T] if change == "drop" else ["hps_et.model.gone", T]  # a family without dim: not a table yet
+    for kwargs in ({"read_only": True}, {"secondary_path": tmp_path / "secondary"}):
+        reader = RocksDBPersistentDB(PersistentDBConfig(path=str(path), read_only=bool(kwargs.get("read_only"))),
+                                     secondary_path=kwargs.get("secondary_path"))  # type: ignore[arg-type]
+        assert reader.table_names() == tables
+        check_all(reader, keys, encode, 4)
+        reader.close()
+    with caplog.at_level("WARNING", logger="hps_core.db.rocksdb"):
+        writer = RocksDBPersistentDB(PersistentDBConfig(path=str(path)))
+    assert "does not match the MANIFEST" in caplog.text
+    if change == "drop":
+        assert "hps_et.model.gone" in caplog.text and writer.get_meta("dim.hps_et.model.gone") is None
+    check_all(writer, keys, encode, 4)
+    writer.close()
+    _raw_open(path).close()  # the read-write open wrote a fresh OPTIONS file
+
+
+def test_an_interrupted_drop_is_finished_by_dropping_again_and_never_skips_a_later_load(
+        tmp_path: Path, encode: Encode) -> None:
+    """drop_table deletes the load marker, then the family, then dim and format. The states a
+    kill can leave: (a) marker gone, table still there: it serves, and a second drop finishes;
+    (b) the old order's remains, the family gone with its dim, format and a complete marker
+    still stored: a read-write open removes them, so loading the same name again really loads."""
+    from hps_core.config import TableConfig
+    from hps_core.formats import write_sparse_model
+    from hps_core.loader import load_table, read_marker
+
+    path = tmp_path / "db"
+    keys = np.arange(1_000, dtype=np.int64)
+    db = loaded(path, encode)
+    db.put_meta(f"load.{T}", b'{"rows": 1000, "total": 1000, "fingerprint": "x"}')
+    db.delete_meta(f"load.{T}")  # (a): killed after the first step
+    db.close()
+    db = RocksDBPersistentDB(PersistentDBConfig(path=str(path)))
+    check_all(db, keys, encode, 4)
+    db.drop_table(T)
+    assert db.table_names() == []
+    sparse = tmp_path / "sparse"
+    write_sparse_model(sparse, keys, encode(keys, 4))
+    table = TableConfig(name="table", dim=4, default_value=0.0, max_keys_per_sample=1, sparse_file=str(sparse),
+                        qualified_name=T)
+    assert load_table(db, table) == 1_000
+    db.close()
+    raw = _raw_open(path)  # (b): the family dropped, nothing else (the old order, killed)
+    raw.drop_column_family(T)
+    raw.close()
+    db = RocksDBPersistentDB(PersistentDBConfig(path=str(path)))
+    assert db.table_names() == [] and read_marker(db, T) is None and db.get_meta(f"dim.{T}") is None
+    assert load_table(db, table) == 1_000  # not skipped as "already loaded"
+    check_all(db, keys, encode, 4)
+    db.close()
+
+
+def test_sst_files_of_a_killed_bulk_load_are_removed_by_the_next_writer(tmp_path: Path, encode: Encode) -> None:
+    path = tmp_path / "db"
+    loaded(path, encode).close()
+    leftover = path / ".hps_ingest" / f"{T}.99999.0.sst"
+    leftover.parent.mkdir(exist_ok=True)
+    leftover.write_bytes(b"half an SST file")
+    RocksDBPersistentDB(PersistentDBConfig(path=str(path), read_only=True)).close()
+    assert leftover.exists()  # a reader never touches a writer's files
+    RocksDBPersistentDB(PersistentDBConfig(path=str(path))).close()
+    assert not leftover.exists()
