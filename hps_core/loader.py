@@ -39,13 +39,14 @@ rows; it fails its caller (the server's start, ``hps load``), which loads again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,7 @@ from tqdm import tqdm
 from hps_core.arrays import Keys, Vectors
 from hps_core.config import ParameterServerConfig, TableConfig
 from hps_core.db.base import BulkLoad, HostSharedTables, PartitionMarkers, TableMetadata
-from hps_core.errors import ConfigError, RowValueError
+from hps_core.errors import ConfigError, HPSError, RowValueError, TierError
 from hps_core.formats import detect_format, read_table, sparse_model_rows, stream_table
 from hps_core.row_formats import first_unstorable
 
@@ -356,14 +357,12 @@ def load_config_tables(
         if settings.read_only:
             settings = dataclasses.replace(settings, read_only=False)  # the loader is the writer
         db = open_persistent_db(settings)
-        try:
+        with _closing(db, f"{config.source}: loading {_names(tables)} into RocksDB at {settings.path}"):
             report["persistent"] = {
                 t.qualified_name: load_table(db, t, source=config.source, progress=progress,
                                              chunk_rows=chunk_rows)
                 for t in tables
             }
-        finally:
-            db.close()  # type: ignore[union-attr]
     if tier in ("volatile", "both"):
         settings_v = config.volatile_db
         if not settings_v.type.shared and (not settings_v.host_shared or settings_v.shared_memory_auto_remove):
@@ -375,12 +374,35 @@ def load_config_tables(
                 "HOST:PORT), or a host store that outlives its users (shared_memory_auto_remove: false)"
             )
         vdb = open_volatile_db(settings_v, config.source)
-        try:
+        with _closing(vdb, f"{config.source}: loading {_names(tables)} into the volatile tier"):
             report["volatile"] = {
                 t.qualified_name: load_table(vdb, t, source=config.source, progress=progress,
                                              chunk_rows=chunk_rows, fraction=settings_v.initial_cache_rate)
                 for t in tables
             }
-        finally:
-            vdb.close()  # type: ignore[union-attr]
     return report
+
+
+def _names(tables: Sequence[TableConfig]) -> str:
+    names = [t.qualified_name for t in tables]
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+@contextlib.contextmanager
+def _closing(db: Any, what: str) -> Iterator[None]:
+    """Close ``db`` after the block. When the block failed, a close that fails too is logged,
+    not raised: the block's error names the table and the step (a full disk fails a table's
+    SST write, then the close's flush; the close's error, naming no table, used to replace
+    it). A close that fails alone is re-raised with ``what`` (the tables being loaded)."""
+    try:
+        yield
+    except BaseException:
+        try:
+            db.close()
+        except HPSError as exc:
+            log.warning("%s: closing the tier after the failure failed too: %s", what, exc)
+        raise
+    try:
+        db.close()
+    except TierError as exc:
+        raise TierError(f"{what}: {exc}") from exc

@@ -855,4 +855,7 @@ def translate_rocksdb(exc: BaseException, path: str, action: str, table: str | N
     message = f"RocksDB {action}{where} at {path!r} failed: {exc}"
     if action == "open" and "lock" in str(exc).lower():  # rocksdict's LOCK file is held
         return TierBusyError(f"{message}; another process holds its write lock: open with read_only: true to share it")
+    if "no space left" in str(exc).lower():
+        message += (f"; the file system of {path!r} is full: free space on it (or point persistent_db.path "
+                    "at a larger disk), then run the command again: a load resumes from its progress markers")
     return TierError(message)
