@@ -7,7 +7,7 @@ the stats of the server's update sources — into a flat list of :class:`Sample`
 ``pb_utils.MetricFamily`` so they appear at Triton's ``/metrics``; anything else (a test, an
 in-process server) can print them with :func:`render_text`.
 
-Families (every name starts with ``hps_``; labels ``model``, ``table``, ``tier``)::
+Families (every name starts with ``hps_``; labels ``model``, ``table``, ``tier``, ``reason``)::
 
     hps_lookup_keys_total{model,table}              counter  keys looked up (duplicates included)
     hps_lookup_unique_keys_total{model,table}       counter  keys after per-request de-duplication
@@ -28,7 +28,10 @@ Families (every name starts with ``hps_``; labels ``model``, ``table``, ``tier``
     hps_updates_applied_total{model,tier}           counter  (key, vector) pairs applied from Kafka, per layer
     hps_update_messages_total{model,tier}           counter  update messages applied
     hps_update_malformed_total{model,tier}          counter  update messages skipped as malformed
-    hps_update_rejected_total{model,tier}           counter  updates skipped because the tier refused them
+    hps_update_rejected_total{model,tier,reason}    counter  (key, vector) pairs refused, never applied nor
+                                                         retried; reason "non_finite": their message held
+                                                         NaN or infinity (refused whole), "tier": the tier
+                                                         refused their slice (a row its format cannot store)
     hps_update_source_up{model,tier}                gauge    1 while the layer's update source runs, 0 once
                                                          it stopped (stats()' stopped_by says why)
     hps_update_lag_messages{model,tier}             gauge    messages published but not yet consumed;
@@ -108,7 +111,9 @@ _FAMILY_LIST = (
     Family("hps_updates_applied_total", "counter", "Embedding updates applied from Kafka, per database layer"),
     Family("hps_update_messages_total", "counter", "Update messages applied, per database layer"),
     Family("hps_update_malformed_total", "counter", "Update messages skipped as malformed, per database layer"),
-    Family("hps_update_rejected_total", "counter", "Updates skipped because the tier refused them, per layer"),
+    Family("hps_update_rejected_total", "counter",
+           "Updates refused, never applied: reason non_finite (NaN or infinity in the message) or tier "
+           "(the tier could not store them), per layer"),
     Family("hps_update_source_up", "gauge", "1 while the layer's update source runs, 0 once it stopped"),
     Family("hps_update_lag_messages", "gauge",
            "Update messages published but not yet consumed, per layer; NaN while the source is stopped"),
@@ -278,11 +283,15 @@ class MetricsCollector:
             counters = _labels(model=self.model, tier=layer)
             gauges = _labels(model=self.model, tier=layer, **self._extra)
             running = bool(stats.get("running"))
+            # rejected_updates counts both reasons; rejected_non_finite is its non-finite share
+            rejected, non_finite = float(stats.get("rejected_updates", 0)), float(stats.get("rejected_non_finite", 0))
             out += [
                 Sample("hps_updates_applied_total", counters, float(stats.get("updates_applied", 0))),
                 Sample("hps_update_messages_total", counters, float(stats.get("messages", 0))),
                 Sample("hps_update_malformed_total", counters, float(stats.get("malformed", 0))),
-                Sample("hps_update_rejected_total", counters, float(stats.get("rejected_updates", 0))),
+                Sample("hps_update_rejected_total", _labels(model=self.model, tier=layer, reason="non_finite"), non_finite),
+                Sample("hps_update_rejected_total", _labels(model=self.model, tier=layer, reason="tier"),
+                       rejected - non_finite),
                 Sample("hps_update_source_up", gauges, 1.0 if running else 0.0),
                 # a stopped source's last values would read as caught up: unknown instead
                 Sample("hps_update_lag_messages", gauges, float(stats.get("lag_messages", 0)) if running else _UNKNOWN),

@@ -26,6 +26,9 @@ HugeCTR runs one Kafka consumer per database layer. Here:
   handed to the appliers with the widths), so a row served after an update reads the same as
   one loaded from a file. A row the format cannot store is refused and counted in
   ``rejected_updates`` (see hps_core/updates/applier.py), never retried.
+- **finite rows only**: every source (the caches' own group too) refuses a message holding a
+  NaN or an infinity whole before any tier or cache sees it, counted in ``rejected_updates``
+  and ``rejected_non_finite`` per layer (hps_core/updates/source.py), so no lookup serves one.
 
 Staleness (publish → applied) is measured by each source; :meth:`OnlineUpdates.stats`
 reports it per layer.

@@ -27,7 +27,9 @@ dequantisation as a separate multiply and add (the device code uses ``__fmul_rn`
 A row that cannot be stored is refused before anything is written, with
 :class:`~hps_core.errors.RowValueError` naming the row and the reason: NaN or infinity in any
 compact format, a float16 value beyond ±65504, an int8 row whose range overflows float32.
-float32 rows are stored as given (HugeCTR's behaviour).
+float32 rows are stored as given (HugeCTR's behaviour) by a tier; the paths that bring rows in
+refuse NaN and infinity in any format first, with :func:`non_finite_rows` (the one finite check:
+``publish-model``'s table check, the update source per message, the update sink at send time).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ __all__ = [
     "encode_rows",
     "first_unstorable",
     "format_codes",
+    "non_finite_rows",
     "pack",
     "unpack",
 ]
@@ -306,6 +309,23 @@ def _first_unstorable(values: Any, code: int) -> Any:
         if reason:
             return i, reason
     return -1, 0
+
+
+def non_finite_rows(values: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.intp]:
+    """Positions, ascending, of the rows of ``values`` ((n, dim) float, host) that hold a NaN or
+    an infinity; empty when every row is finite. The one finite check of rows coming in.
+
+    Vectorised: one sum of the whole array first (no temporary), since a sum is NaN or
+    infinite whenever an element is; only a non-finite sum (a bad row, or finite values whose
+    sum overflows) pays the exact per-element pass and its (n, dim) boolean temporary.
+    """
+    if values.ndim != 2:
+        raise RowValueError(f"rows must be a 2-D (n, dim) array, got shape {values.shape}")
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow or inf - inf is an answer here
+        total = values.sum()
+    if values.size == 0 or np.isfinite(total):
+        return np.empty(0, np.intp)
+    return np.flatnonzero(~np.isfinite(values).all(axis=1))
 
 
 def first_unstorable(fmt: RowFormat, values: npt.NDArray[np.float32]) -> tuple[int, str]:

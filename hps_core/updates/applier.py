@@ -24,7 +24,9 @@ format it was given with the widths (``row_formats``, from the same model tables
 update never creates an fp32 table the model serves as int8. A row the format cannot store (a
 NaN, an infinity, a float16 overflow) refuses the batch with a RowValueError naming the table
 and the key: a RequestError, so the source skips it into ``rejected_updates`` and logs it,
-rate-limited; it is never retried.
+rate-limited; it is never retried. (An UpdateSource refuses a message holding a NaN or an
+infinity whole before it reaches an applier, whatever the format; what is left to this guard
+is a float16 overflow, and callers that apply without a source.)
 
 RocksDB and its write lock. Serving processes open RocksDB read-only; only one process may
 hold the writer. Two ways to apply into it, both supported:

@@ -5,7 +5,10 @@
 XXH3 key group → partition), so all updates of one key go to one partition and are applied
 in publish order. Each partition's pairs are cut into messages of at most ``max_batch_size``
 pairs and ``send_buffer_size`` bytes. Grouping is one counting sort
-(``hps_core.grouping.group_by``); the only Python loop is per message.
+(``hps_core.grouping.group_by``); the only Python loop is per message. A call whose rows hold a
+NaN or an infinity raises :class:`~hps_core.errors.RowValueError` naming the first key, before
+anything is queued (:func:`~hps_core.row_formats.non_finite_rows`, the check every server
+applies to each message it receives and ``hps publish-model`` to a publication).
 
 Delivery is at least once, across broker restarts. The sink keeps every message it produced
 until the broker acknowledges it (and every message before it in its partition), in publish
@@ -59,10 +62,11 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic  # where it is defined (confluent_kafka.admin re-exports it)
 
-from hps_core.errors import ConfigError, UpdateError
+from hps_core.errors import ConfigError, RowValueError, UpdateError
 from hps_core.grouping import group_by
 from hps_core.logs import DEFAULT_LOG_INTERVAL_S, RateLimitedLog
 from hps_core.retry import RetryPolicy
+from hps_core.row_formats import non_finite_rows
 from hps_core.updates.wire import (
     DEFAULT_NUM_KEY_GROUPS,
     DEFAULT_SEND_BUFFER_SIZE,
@@ -287,7 +291,9 @@ class UpdateSink:
         """Queue updates of ``hps_et.<model>.<table>``; returns the number of messages.
 
         keys: (n,) integer (int64, or uint32-range with ``key_dtype=np.uint32``).
-        values: (n, dim) float32. Returns once queued (after waiting for room when
+        values: (n, dim) float32, finite: a row holding NaN or infinity raises RowValueError
+        naming its key, and nothing of the call is sent (the servers refuse such a message whole,
+        see hps_core/updates/source.py). Returns once queued (after waiting for room when
         ``max_pending_bytes`` are unacknowledged); call :meth:`flush` to wait for delivery.
         """
         return self.publish_topic(topic_name(model, table), keys, values)
@@ -295,6 +301,16 @@ class UpdateSink:
     def publish_topic(self, topic: str, keys: npt.ArrayLike, values: npt.ArrayLike) -> int:
         """:meth:`publish` to an already qualified topic name."""
         rows = pack(keys, values, self.key_dtype)
+        bad = non_finite_rows(rows["value"])  # as float32: a float64 beyond its range is an infinity too
+        if bad.shape[0]:
+            first = int(bad[0])
+            raise RowValueError(
+                f"publish to {topic}: {bad.shape[0]} of the {rows.shape[0]} rows hold NaN or infinity (the first: "
+                f"row {first}, key {int(rows['key'][first])}); nothing of this call was sent, since every server "
+                "refuses such a message whole; fix those embeddings (a diverged training step?) or leave their "
+                "keys out",
+                position=first,
+            )
         if rows.shape[0] == 0:
             return 0
         per_message = min(self.max_batch_size, (self.send_buffer_size - HEADER_SIZE) // rows.dtype.itemsize)

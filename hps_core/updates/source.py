@@ -44,6 +44,18 @@ Malformed messages (bad magic, wrong vector size, truncated, unknown table) are 
 logged and skipped; decoding happens before anything is applied, so a message is applied
 whole or not at all, and its offset is committed like any other.
 
+Non-finite rows: a message any row of which holds a NaN or an infinity is refused whole, right
+after decoding (:func:`~hps_core.row_formats.non_finite_rows`, the check ``hps publish-model``
+applies to a publication), so no tier and no cache ever sees it: its pairs are counted in
+``rejected_updates`` and, of them, ``rejected_non_finite`` (the metric
+``hps_update_rejected_total{reason="non_finite"}``), it is logged (one line per topic per
+``log_interval``, naming the first bad key) and its offset commits: it is never retried. Per
+message rather than per row because the message is the stream's unit of atomicity (a malformed
+message is skipped whole too; a publication is refused whole for one bad row), and a NaN in a
+trainer's output means that step diverged, so the finite rows published with it are suspect
+as well; the previous value of each key stays served. :class:`~hps_core.updates.UpdateSink`
+refuses such rows at send time, so only a foreign producer (HugeCTR's own sink) can send them.
+
 Broker outages: librdkafka reconnects by itself; the thread backs off ``failure_backoff_ms``
 and keeps polling, and recreates the consumer after a fatal Kafka error (``KafkaException`` or
 :class:`~hps_core.errors.UpdateError`, retried under a :class:`~hps_core.retry.RetryPolicy`
@@ -82,6 +94,7 @@ from hps_core.config import DEFAULT_UPDATE_FILTERS, ParameterServerConfig, Updat
 from hps_core.errors import ConfigError, DeviceError, HPSError, MalformedMessage, UpdateError
 from hps_core.logs import DEFAULT_LOG_INTERVAL_S, RateLimitedLog
 from hps_core.retry import RetryPolicy
+from hps_core.row_formats import non_finite_rows
 from hps_core.updates.applier import APPLY_RETRYABLE, UpdateApplier
 from hps_core.updates.sink import KafkaClientLog, kafka_brokers, kafka_error_of
 from hps_core.updates.wire import TOPIC_PREFIX, decode
@@ -117,7 +130,10 @@ class _Counters:
     unknown_table: int = 0
     filtered: int = 0  # messages of topics no update_filter matches
     apply_errors: int = 0  # failed apply attempts (APPLY_RETRYABLE: each retried)
-    rejected_updates: int = 0  # updates of slices the tier refused (an HPSError not retryable): skipped
+    # updates refused, never applied nor retried: those of non-finite messages, and those of
+    # slices the tier refused (an HPSError not retryable)
+    rejected_updates: int = 0
+    rejected_non_finite: int = 0  # of rejected_updates, those of messages holding NaN or infinity
     commits: int = 0
     commit_errors: int = 0
     broker_errors: int = 0  # consumer errors and error callbacks (outages, rebalances)
@@ -402,6 +418,15 @@ class UpdateSource:
             self._count(malformed=1)
             self._warn(f"malformed:{topic}", "update source %s: skipped message %s[%d]@%d: %s",
                        self.group_id, topic, partition, offset, exc)
+            return False
+        bad = non_finite_rows(values)
+        if bad.shape[0]:  # refused whole, before any tier or cache sees it (module docstring)
+            n = int(keys.shape[0])
+            self._count(rejected_updates=n, rejected_non_finite=n)
+            self._warn(f"non_finite:{topic}", "update source %s: refused message %s[%d]@%d: %d of its %d rows hold "
+                       "NaN or infinity (the first: key %d); none of its rows is applied, the keys keep their "
+                       "previous values; fix the producer (a diverged training step?)",
+                       self.group_id, topic, partition, offset, bad.shape[0], n, int(keys[bad[0]]))
             return False
         if keys.shape[0]:
             ts_type, ts = msg.timestamp()

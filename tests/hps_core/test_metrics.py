@@ -85,7 +85,7 @@ def test_slow_samples_are_rate_limited() -> None:
 
 def test_a_stopped_update_source_reads_as_down_not_as_caught_up() -> None:
     collector = MetricsCollector("m", [], extra_labels={"instance": "i0"})
-    stats = {"updates_applied": 5, "rejected_updates": 2, "lag_messages": 0, "running": True,
+    stats = {"updates_applied": 5, "rejected_updates": 3, "rejected_non_finite": 1, "lag_messages": 0, "running": True,
              "staleness_p50_s": 0.02, "staleness_p99_s": 0.05}
     gauges = GaugeChanges()
     up = collector.collect({}, {"volatile": stats}, force_slow=True)
@@ -93,7 +93,8 @@ def test_a_stopped_update_source_reads_as_down_not_as_caught_up() -> None:
     labels = {"model": "m", "tier": "volatile", "instance": "i0"}
     assert _value(up, "hps_update_source_up", **labels) == 1
     assert _value(up, "hps_update_lag_messages", **labels) == 0
-    assert _value(up, "hps_update_rejected_total", model="m", tier="volatile") == 2
+    assert _value(up, "hps_update_rejected_total", model="m", tier="volatile", reason="tier") == 2
+    assert _value(up, "hps_update_rejected_total", model="m", tier="volatile", reason="non_finite") == 1
     down = collector.collect({}, {"volatile": dict(stats, running=False, stopped_by="TypeError: a bug")},
                              force_slow=True)
     assert _value(down, "hps_update_source_up", **labels) == 0

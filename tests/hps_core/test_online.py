@@ -173,3 +173,76 @@ def test_the_host_store_applies_each_update_once_per_host_and_every_cache_follow
         _publish_and_see_in_every_cache((first, second), broker, "per_host", keys, updated)
         applied = sum(s.updates.stats()["volatile"]["updates_applied"] for s in (first, second))
         assert applied == updated.size  # one copy per host: the update was written once
+
+
+def test_non_finite_updates_are_never_served_and_are_counted_per_layer(tmp_path: Path, broker: KafkaBroker) -> None:
+    """The issue's case: a producer that checks nothing (HugeCTR's own sink; ours refuses) sends
+    25 rows with a NaN and 25 infinite rows, then a good message, on one partition. While lookups
+    run, no served value is ever NaN or infinite; once the good message is applied by both layers,
+    the 50 keys still answer their loaded rows from every tier (cache, host store, RocksDB), and each
+    layer (the caches' own consumer group too) counted the 50 in
+    hps_update_rejected_total{reason="non_finite"}."""
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from hps_core.metrics import MetricsCollector
+    from hps_core.updates import encode, topic_name
+
+    model = "nonfinite"
+    keys = np.arange(ROWS, dtype=np.int64)
+    nan_keys, inf_keys, good = keys[:25], keys[25:50], keys[100:110]
+    nan_rows = _rows(nan_keys, 1)
+    nan_rows[::5, 2] = np.nan  # five of the 25 rows; the other 20 are refused with them
+    inf_rows = _rows(inf_keys, 1)
+    inf_rows[:, 0] = np.inf
+    topic = topic_name(model, "t")
+    admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+    for future in admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)]).values():
+        future.result(30)  # one partition: the good message is consumed after the bad ones
+    config = load_config(_config(tmp_path, broker.bootstrap, model=model))
+    with HierarchicalParameterServer(config, cache_device="cpu", update_consumer_config=FAST_GROUP) as server:
+        np.testing.assert_array_equal(_lookup(server, keys, model), _rows(keys, 0))  # fills the cache
+        stop = threading.Event()
+        served_non_finite = [0]
+
+        def serve() -> None:
+            while not stop.is_set():
+                served_non_finite[0] += int((~np.isfinite(_lookup(server, keys, model))).sum())
+
+        reader = threading.Thread(target=serve)
+        reader.start()
+        producer = Producer({"bootstrap.servers": broker.bootstrap})
+        for batch, rows in ((nan_keys, nan_rows), (inf_keys, inf_rows), (good, _rows(good, 1))):
+            producer.produce(topic, value=encode(batch, rows), partition=0)
+        assert producer.flush(30) == 0
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not all(
+                s["updates_applied"] >= good.size for s in server.updates.stats().values()):
+            time.sleep(0.2)
+        stop.set()
+        reader.join()
+        expected = _rows(keys, 0)
+        expected[good] = _rows(good, 1)
+        np.testing.assert_array_equal(_lookup(server, keys, model), expected)
+        assert served_non_finite[0] == 0
+        stats = server.updates.stats()
+        assert set(stats) == {"volatile", "persistent", "cache"}  # the host store: the caches' own group
+        for layer in stats.values():
+            assert layer["updates_applied"] == good.size and layer["messages"] == 1
+            assert layer["rejected_non_finite"] == layer["rejected_updates"] == 50
+        samples = MetricsCollector(model, []).collect({}, stats, force_slow=True)
+        rejected = {(dict(s.labels)["tier"], dict(s.labels)["reason"]): s.value
+                    for s in samples if s.name == "hps_update_rejected_total"}
+        assert rejected == {(layer, reason): 50 if reason == "non_finite" else 0
+                            for layer in stats for reason in ("non_finite", "tier")}
+        assert server.volatile is not None
+        out = np.empty((50, DIM), np.float32)
+        assert server.volatile.fetch(f"hps_et.{model}.t", keys[:50], out).all()
+        np.testing.assert_array_equal(out, _rows(keys[:50], 0))
+    rocks = RocksDBPersistentDB(PersistentDBConfig(path=str(tmp_path / "rocksdb"), read_only=True))
+    try:
+        out = np.empty((60, DIM), np.float32)
+        assert rocks.fetch(f"hps_et.{model}.t", np.concatenate([keys[:50], good]), out).all()
+        np.testing.assert_array_equal(out, np.concatenate([_rows(keys[:50], 0), _rows(good, 1)]))
+    finally:
+        rocks.close()
