@@ -27,6 +27,13 @@ format cannot store (a NaN, an infinity, a float16 overflow) fails it with a Row
 naming the file, the table and the row's key; nothing of that chunk is stored, the chunks
 before it stay (and the progress marker says so).
 
+Duplicate keys. A load that writes rows first checks that the rows it loads repeat no key
+(:func:`_check_unique_rows`: the key file is read and sorted in bounded pieces, the rows are not
+read) and fails with a FormatError naming the file, the table, the count and a repeated key,
+before anything of the table is written: the rule of the writer and of ``publish-model``
+(hps_core/formats/hugectr.py says why). A load that finds its table complete (a marker of the
+same file) checks nothing: the load that completed it did.
+
 Into a tier with per-partition load markers (:class:`~hps_core.db.base.PartitionMarkers`:
 Redis) the markers of the table are written before its rows, so that a node which restarts
 empty during or after the load loses them with its rows and the refill monitor of a server
@@ -59,6 +66,7 @@ from hps_core.config import ParameterServerConfig, TableConfig
 from hps_core.db.base import BulkLoad, HostSharedTables, PartitionMarkers, TableMetadata
 from hps_core.errors import ConfigError, HPSError, RowValueError, TierError
 from hps_core.formats import detect_format, read_table, sparse_model_rows, stream_table
+from hps_core.formats.hugectr import check_unique_keys
 from hps_core.row_formats import first_unstorable
 
 __all__ = [
@@ -198,20 +206,33 @@ def load_table(
     if isinstance(db, HostSharedTables):
         return _fill_host_table(db, table, source, total, chunk_rows, progress)
     ensure_table(db, table, source)
-    if total > 0 and isinstance(db, PartitionMarkers):
-        db.mark_loaded(name)  # before the rows: a node lost after this loses them with its rows
     start, fp = 0, ""
     markers = _has_markers(db)
     if markers:
         fp = fingerprint(table.sparse_file)
         marker = read_marker(db, name)
         if marker is not None and marker.fingerprint == fp and marker.total == total:
-            if marker.complete:
+            if marker.complete:  # the load that wrote it checked the keys
                 log.info("%s: already loaded (%d rows)", name, total)
                 return 0
             start = marker.rows
             log.info("%s: resuming at row %d of %d", name, start, total)
+    _check_unique_rows(table, total)  # before any row (or partition marker) is written
+    if total > 0 and isinstance(db, PartitionMarkers):
+        db.mark_loaded(name)  # before the rows: a node lost after this loses them with its rows
     return _copy_rows(db, table, start, total, chunk_rows, fp if markers else None, progress)
+
+
+def _check_unique_rows(table: TableConfig, total: int) -> None:
+    """FormatError naming the file, the table, the count and a key when rows ``[0, total)``
+    of the table file repeat a key (:func:`~hps_core.formats.hugectr.check_unique_keys`, the
+    check ``publish-model`` and the writer apply). Only the rows a load reads are checked: a
+    tier loading a leading share never serves the rest. The key file is read, never the rows."""
+    if total < 2:
+        return
+    keys = read_table(table.sparse_file, table.dim).keys  # memory-mapped for a folder or .npy pair
+    share = "" if total == keys.shape[0] else f" (its first {total} rows, the share this tier loads)"
+    check_unique_keys(keys[:total], f"{table.sparse_file}: table {table.qualified_name!r}{share}")
 
 
 def _fill_host_table(db: HostSharedTables, table: TableConfig, source: str, total: int, chunk_rows: int,
@@ -224,6 +245,7 @@ def _fill_host_table(db: HostSharedTables, table: TableConfig, source: str, tota
 
     def fill(write: Any) -> None:
         nonlocal written
+        _check_unique_rows(table, total)  # a refusal here leaves no store behind
         written = _copy_rows(db, table, 0, total, chunk_rows, None, progress,
                              write=lambda _name, keys, values: write(keys, values))
 

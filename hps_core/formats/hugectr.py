@@ -16,10 +16,16 @@ Reads memory-map the files, so opening a terabyte table costs nothing until rows
 names in the same folder and are renamed into place (``emb_vector`` first, then ``key``), so a
 reader sees either the old or the new file, never a partial one.
 
-Duplicate keys: HugeCTR does not check; when it inserts a table into its tiers the last
-occurrence wins. Reading follows HugeCTR (no check, which would cost a sort of the whole
-table; pass ``check_unique=True`` to ask for it). Writing refuses duplicates, so every folder
-this project produces has unique keys.
+Duplicate keys: one rule everywhere, each key appears once in a table file. HugeCTR does not
+check (its tiers keep the last row of a key, its embedding cache warm-up the first of the leading
+rows), and here "last wins" would not hold either: a tier loading a leading share
+(``initial_cache_rate``) or a cache warmed from the first rows keeps another row than a tier
+loading the whole file, so one key would answer differently by tier. So the writer refuses
+duplicates, ``hps publish-model`` refuses a table with them, and every load that writes rows
+(``hps load``, a server's start: :func:`hps_core.loader.load_table`) refuses a file whose loaded
+rows repeat a key before writing any, all through :func:`check_unique_keys` (FormatError naming
+the file, the count and one repeated key). Plain reads do not check (a sort of the keys; pass
+``check_unique=True`` to ask for it).
 """
 
 from __future__ import annotations
@@ -128,15 +134,60 @@ def check_dim(dim: int | None, what: str) -> None:
         raise FormatError(f"{what}: dim must be a positive integer, got {dim!r}")
 
 
+#: Most keys check_unique_keys sorts at once (256 MiB of int64): its memory, whatever the table's size.
+UNIQUE_CHECK_KEYS = 1 << 25
+_SCAN_KEYS = 1 << 20  # keys read at a time from a (memory-mapped) key array
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: the top bits of key * this pick a group
+
+
 def check_unique_keys(keys: npt.NDArray[np.int64], what: str) -> None:
-    """FormatError naming a repeated key, if any (sorts a copy: O(n log n))."""
-    if keys.size < 2:
+    """FormatError naming the count of duplicates and the smallest repeated key, if ``keys``
+    ((n,) int64, host; a memory map is read in pieces of a million keys, never copied whole)
+    holds a key twice; ``what`` names the file and table in front of the message.
+
+    Cost, vectorised: a first piece tells whether the keys are strictly increasing (a written
+    table often is: then a pass over them says they are unique, nothing is sorted); otherwise
+    a sorted copy, of at most :data:`UNIQUE_CHECK_KEYS` keys at a time: more keys are split by
+    a hash of the key into 2^k groups of about that size (a repeated key falls in one group),
+    each found by one more read of the keys. The count is of rows whose key an earlier row has.
+    """
+    n = int(keys.shape[0])
+    if n < 2 or _strictly_increasing(keys):
         return
-    ordered = np.sort(keys)
-    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
-    if repeated.size:
-        raise FormatError(f"{what}: {repeated.size} duplicate key(s), e.g. {int(repeated[0])}; "
-                          "each key may appear once")
+    groups = 1 << max(0, (n - 1) // UNIQUE_CHECK_KEYS).bit_length()
+    duplicates, example = 0, None
+    for group in range(groups):
+        part = np.array(keys, dtype=np.int64) if groups == 1 else _hash_group(keys, group, groups)
+        part.sort()
+        repeated = part[1:][part[1:] == part[:-1]]
+        duplicates += int(repeated.shape[0])
+        if repeated.shape[0] and (example is None or int(repeated[0]) < example):
+            example = int(repeated[0])
+    if duplicates:
+        raise FormatError(f"{what}: {duplicates} duplicate key(s), e.g. {example}; each key may appear once "
+                          "in a table (a tier would keep one row of the key, another tier or the cache "
+                          "another): write the table again without the repeated rows")
+
+
+def _strictly_increasing(keys: npt.NDArray[np.int64]) -> bool:
+    """Whether ``keys`` are strictly increasing, read piece by piece (the first piece out of
+    order ends it: unordered keys cost one piece)."""
+    n = int(keys.shape[0])
+    for lo in range(0, n - 1, _SCAN_KEYS):
+        piece = np.asarray(keys[lo:min(lo + _SCAN_KEYS + 1, n)])  # one key of overlap with the next
+        if not (piece[1:] > piece[:-1]).all():
+            return False
+    return True
+
+
+def _hash_group(keys: npt.NDArray[np.int64], group: int, groups: int) -> npt.NDArray[np.int64]:
+    """A copy of the keys whose hash falls in ``group`` of ``groups`` (a power of two)."""
+    shift = np.uint64(64 - (groups.bit_length() - 1))
+    found = []
+    for lo in range(0, int(keys.shape[0]), _SCAN_KEYS):
+        piece = np.ascontiguousarray(keys[lo:lo + _SCAN_KEYS], dtype=np.int64)
+        found.append(piece[((piece.view(np.uint64) * _GOLDEN) >> shift) == np.uint64(group)])
+    return np.concatenate(found)
 
 
 def atomic_write(path: Path, write: Any) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from hps_core.config import (
     load_config,
 )
 from hps_core.db import HashMapVolatileDB, RocksDBPersistentDB
-from hps_core.errors import ConfigError, RowValueError
+from hps_core.errors import ConfigError, FormatError, RowValueError
 from hps_core.formats import write_npz, write_sparse_model
 from hps_core.loader import (
     LoadMarker,
@@ -312,3 +313,77 @@ def test_a_table_stored_in_another_format_fails_the_load_naming_both(tmp_path: P
     assert message.startswith(f"{path}: "), message
     assert "'hps_et.m.cat1'" in message and "int8" in message and "fp32" in message, message
     assert "embedding_format_per_table" in message, message
+
+
+# --------------------------------------------------------------------------- duplicate keys
+# One rule at every entry point (hps_core/formats/hugectr.py): a table file's keys are unique.
+# The writer and publish-model refuse duplicates (tests/hps_core/formats, test_publishing.py);
+# here every load that writes rows does, before writing any: load_table into each tier kind,
+# `hps load`, and a server's start (the serving path, in-process).
+
+
+def _duplicated_table(folder: Path, n: int = 3_000) -> tuple[np.ndarray, int]:
+    """A table file whose rows 2,500 and 2,900 repeat the keys of rows 10 and 20 (written raw:
+    the writer refuses it); its keys and the smallest repeated key."""
+    keys, vectors = make_table(folder, n)
+    keys[2_500], keys[2_900] = keys[10], keys[20]
+    keys.astype("<i8").tofile(folder / "key")
+    return keys, int(min(keys[10], keys[20]))
+
+
+def _open_host_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    from hps_core.db import shm_store as shm
+    from hps_core.db.shared_hash_map import SharedHashMapVolatileDB
+
+    root = tmp_path / "shm"
+    root.mkdir()
+    monkeypatch.setenv(shm.SHM_DIR_ENV, str(root))
+    monkeypatch.delenv(shm.KEEPER_ENV, raising=False)
+    return SharedHashMapVolatileDB(VolatileDBConfig(shared_memory_name="dups", num_partitions=2))
+
+
+@pytest.mark.parametrize("kind", ["rocksdb", "hash_map", "host_store"])
+def test_a_sparse_file_with_duplicate_keys_fails_the_load_before_writing_anything(
+        tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    keys, repeated = _duplicated_table(tmp_path / "cat0")
+    table = table_config(tmp_path / "cat0")
+    db = _open_host_store(tmp_path, monkeypatch) if kind == "host_store" else open_tier(kind, tmp_path)
+    try:
+        with pytest.raises(FormatError) as info:
+            load_table(db, table, chunk_rows=1_000)
+        assert str(info.value).startswith(
+            f"{tmp_path / 'cat0'}: table 'hps_et.m.cat0': 2 duplicate key(s), e.g. {repeated}; "
+            "each key may appear once"), info.value
+        if kind == "host_store":  # the store the refused fill created is gone
+            assert table.qualified_name not in db.table_names()
+            assert not list((tmp_path / "shm").rglob("*hps_et.m.cat0*"))
+        else:
+            assert not db.fetch(table.qualified_name, keys, np.zeros((len(keys), DIM), np.float32)).any()
+        if kind == "rocksdb":
+            assert read_marker(db, table.qualified_name) is None
+    finally:
+        db.close()
+
+
+def test_only_the_share_a_tier_loads_must_be_unique(tmp_path: Path) -> None:
+    """A tier loading the leading rows never serves the others: the check covers what it reads."""
+    keys, _ = _duplicated_table(tmp_path / "cat0")
+    table = table_config(tmp_path / "cat0")
+    db = HashMapVolatileDB(VolatileDBConfig(num_partitions=2))
+    assert load_table(db, table, rows=2_500) == 2_500  # rows 0..2,499: unique
+    with pytest.raises(FormatError, match=r"\(its first 2501 rows, the share this tier loads\): 1 duplicate"):
+        load_table(db, table, rows=2_501)
+
+
+def test_hps_load_and_a_servers_start_refuse_duplicate_keys_naming_the_file(tmp_path: Path) -> None:
+    from hps_core.server import HierarchicalParameterServer
+
+    path = write_config(tmp_path)
+    _, repeated = _duplicated_table(tmp_path / "m" / "cat1", n=3_000)
+    expected = f"{tmp_path / 'm' / 'cat1'}: table 'hps_et.m.cat1': 2 duplicate key(s), e.g. {repeated}"
+    hps = subprocess.run([str(REPO / ".venv" / "bin" / "hps"), "load", "--config", str(path), "--tier", "persistent"],
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert hps.returncode != 0 and expected in hps.stderr, hps.stderr
+    config = load_config(path)
+    with pytest.raises(FormatError, match=re.escape(expected)):
+        HierarchicalParameterServer(config, cache_device="cpu")

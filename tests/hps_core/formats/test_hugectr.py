@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import hps_core.formats as formats_module
+import hps_core.formats.hugectr as hugectr
 from hps_core.errors import FormatError
 from hps_core.formats import (
     SparseTable,
@@ -148,6 +149,39 @@ def test_duplicate_keys_tolerated_on_read_unless_asked(tmp_path: Path) -> None:
     assert len(read_sparse_model(folder, 2)) == 3  # as HugeCTR: no check
     with pytest.raises(FormatError, match="duplicate"):
         read_sparse_model(folder, 2, check_unique=True)
+
+
+@pytest.mark.parametrize("budget", [None, 1_000, 100])  # one sorted copy; 2^k hash groups of ~budget keys
+def test_the_unique_check_counts_and_names_the_same_whatever_its_memory_budget(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, budget: int | None) -> None:
+    """check_unique_keys over a memory-mapped key file, read in pieces of 64 keys: the sorted
+    copy of all keys, or groups by hash when they exceed the budget, find the same duplicates
+    (the count of rows repeating an earlier key; the smallest repeated key)."""
+    monkeypatch.setattr(hugectr, "_SCAN_KEYS", 64)
+    if budget is not None:
+        monkeypatch.setattr(hugectr, "UNIQUE_CHECK_KEYS", budget)
+    keys = np.random.default_rng(0).permutation(np.arange(5_000, dtype=np.int64) * 7 - 3_000)
+    write_sparse_model(tmp_path / "t", keys, np.zeros((keys.size, 1), np.float32))
+    hugectr.check_unique_keys(read_sparse_model(tmp_path / "t", 1).keys, "t")
+    keys[[100, 4_000, 4_999]] = keys[[7, 7, 3_333]]  # key of row 7 three times, of row 3,333 twice
+    keys.tofile(tmp_path / "t" / "key")
+    mapped = read_sparse_model(tmp_path / "t", 1).keys
+    assert isinstance(mapped, np.memmap)
+    with pytest.raises(FormatError, match=rf"^t: 3 duplicate key\(s\), e\.g\. {min(keys[7], keys[3_333])}; "):
+        hugectr.check_unique_keys(mapped, "t")
+
+
+def test_increasing_keys_are_unique_without_a_sort(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Strictly increasing keys (across the pieces' borders too) pass on one read; a repeat at
+    a border is still found."""
+    monkeypatch.setattr(hugectr, "_SCAN_KEYS", 64)
+    assert hugectr._strictly_increasing(np.arange(1_000, dtype=np.int64) * 3)
+    hugectr.check_unique_keys(np.arange(1_000, dtype=np.int64) * 3, "t")
+    keys = np.arange(1_000, dtype=np.int64)
+    keys[64] = keys[63]  # the first key of the second piece repeats the last of the first
+    assert not hugectr._strictly_increasing(keys)
+    with pytest.raises(FormatError, match=r"1 duplicate key\(s\), e\.g\. 63;"):
+        hugectr.check_unique_keys(keys, "t")
 
 
 # --------------------------------------------------------------------------------------------
