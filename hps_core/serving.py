@@ -549,6 +549,12 @@ class TritonServer:
         return self._shm_prefix
 
     @property
+    def control_token(self) -> str:
+        """The value of the token header this server's repository API takes (the API token, or
+        one made up for ``hps serve``'s own calls when clients get none)."""
+        return self._control_token
+
+    @property
     def control_mode(self) -> str:
         """Triton's ``--model-control-mode``: ``explicit`` unless ``extra_args`` says otherwise."""
         modes = [a.partition("=")[2] for a in self.extra_args if a.startswith("--model-control-mode=")]
@@ -691,6 +697,16 @@ class TritonServer:
     def is_live(self) -> bool:
         """Whether the server runs and its HTTP front end answers ``/v2/health/live``."""
         return self.is_running() and _http_ok(f"http://{self.urls['http']}/v2/health/live")
+
+    def metrics_text(self) -> str | None:
+        """Triton's Prometheus text now (None when it does not answer within a second)."""
+        if not self.is_running():
+            return None
+        try:
+            with _OPENER.open(self.metrics_url, timeout=1.0) as response:
+                return bytes(response.read()).decode(errors="replace")
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            return None
 
     def kill(self) -> None:
         """SIGKILL the server's whole process group now (a hung server); :meth:`stop` cleans up."""

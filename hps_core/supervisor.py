@@ -38,8 +38,10 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from hps_core.errors import ServingError
+from hps_core.errors import ConfigError, ServingError
+from hps_core.model_control import ModelControl
 from hps_core.serving import ServerExit, TritonServer
+from hps_core.stub_watch import HangWatch, StubDeath, StubWatch
 
 __all__ = ["MetricsEndpoint", "RestartPolicy", "ServeMetrics", "Supervisor", "adopt_orphans"]
 
@@ -47,6 +49,8 @@ log = logging.getLogger(__name__)
 
 _POLL_S = 0.2  # how often the server's process is checked: bounds the time to notice a death
 _LIVENESS_S = 2.0  # how often its HTTP front end is asked /v2/health/live (1 s timeout each)
+#: What :class:`RestartPolicy` does past its limit.
+ON_LIMIT = ("backoff", "exit")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,6 +64,16 @@ class RestartPolicy:
     # A running server whose /v2/health/live has not answered for this long is hung: killed and
     # restarted. Long enough for a stalled moment (a model loading, swap); 0 turns it off.
     hang_s: float = 60.0
+    # Past max_restarts: "backoff" keeps restarting, every backoff_max_s, with the alarm raised
+    # (a client that crashes Triton on purpose must not stop the service); "exit" gives up.
+    on_limit: str = "backoff"
+    # A model version with requests pending and no execution completing for this long has a hung
+    # stub: its stubs are killed and the model reloaded. 0 turns the check off.
+    stub_hang_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.on_limit not in ON_LIMIT:
+            raise ConfigError(f"on_limit {self.on_limit!r}: expected one of {', '.join(ON_LIMIT)}")
 
     def delay(self, recent: int) -> float:
         """Seconds to wait before a restart, given ``recent`` restarts already in the window."""
@@ -72,11 +86,21 @@ class ServeMetrics:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._restarts: Counter[str] = Counter()
+        self._stub_restarts: Counter[tuple[str, str]] = Counter()
         self._up = 0
+        self._limit_reached = 0
 
     def count_restart(self, cause: str) -> None:
         with self._lock:
             self._restarts[cause] += 1
+
+    def count_stub_restart(self, model: str, cause: str) -> None:
+        with self._lock:
+            self._stub_restarts[(model, cause)] += 1
+
+    def set_limit_reached(self, reached: bool) -> None:
+        with self._lock:
+            self._limit_reached = int(reached)
 
     def set_up(self, up: bool) -> None:
         with self._lock:
@@ -86,19 +110,36 @@ class ServeMetrics:
         with self._lock:
             return dict(self._restarts)
 
+    def stub_restarts(self) -> dict[tuple[str, str], int]:
+        with self._lock:
+            return dict(self._stub_restarts)
+
     def render(self) -> str:
         """Prometheus text exposition of both families."""
         with self._lock:
             restarts, up = sorted(self._restarts.items()), self._up
+            stubs, limit = sorted(self._stub_restarts.items()), self._limit_reached
         lines = [
             "# HELP hps_serve_restarts_total Triton restarts by hps serve, by the cause of the death",
             "# TYPE hps_serve_restarts_total counter",
             *(f'hps_serve_restarts_total{{cause="{cause}"}} {n}' for cause, n in restarts),
+            "# HELP hps_serve_stub_restarts_total Models reloaded by hps serve because a stub died or hung",
+            "# TYPE hps_serve_stub_restarts_total counter",
+            *(f'hps_serve_stub_restarts_total{{model="{_escape(model)}",cause="{cause}"}} {n}'
+              for (model, cause), n in stubs),
             "# HELP hps_serve_up 1 while Triton is serving, 0 while hps serve restarts it",
             "# TYPE hps_serve_up gauge",
             f"hps_serve_up {up}",
+            "# HELP hps_serve_restart_limit_reached Whether the last restart was past --max-restarts in the window (1) or not (0)",
+            "# TYPE hps_serve_restart_limit_reached gauge",
+            f"hps_serve_restart_limit_reached {limit}",
         ]
         return "\n".join(lines) + "\n"
+
+
+def _escape(value: str) -> str:
+    """A Prometheus label value (model names are free text in Triton)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 class MetricsEndpoint:
@@ -172,6 +213,10 @@ class Supervisor:
         self._restarts: deque[float] = deque()  # monotonic times of the restarts in the window
         self._live_at = self._checked_at = time.monotonic()  # last answer of /v2/health/live; last ask
         self._sync_warned_at = -float("inf")  # last warning of a failed repository sync
+        self._stubs: StubWatch | None = None  # the stubs of the server started last
+        self._hangs = HangWatch(policy.stub_hang_s)
+        self._hung: set[int] = set()  # stubs killed here because their model hung
+        self._scraped_at = -float("inf")  # last read of Triton's metrics for hangs
 
     def run(self, stop: threading.Event) -> int | None:
         """Serve until ``stop`` is set; returns Triton's exit code of the final, requested stop.
@@ -183,7 +228,7 @@ class Supervisor:
         self.server.start()
         self._serving()
         while not stop.wait(_POLL_S):
-            death = self._death()
+            death = self._death() or self._stub_faults()
             if death is None:
                 self._sync_repository()
             elif not self._recover(death, stop):
@@ -193,6 +238,10 @@ class Supervisor:
 
     def _serving(self) -> None:
         self._live_at = time.monotonic()
+        assert self.server.process is not None
+        self._stubs = StubWatch(self.server.process.pid)
+        self._stubs.dead()  # learn the stubs the start created
+        self._hangs.reset()
         self.metrics.set_up(True)
         self.on_ready(self.server)
 
@@ -226,6 +275,62 @@ class Supervisor:
         return ServerExit("unresponsive", None, (f"/v2/health/live unanswered for {now - self._live_at:.0f} s",
                                                  *errors))
 
+    def _stub_faults(self) -> ServerExit | None:
+        """Bring back the models whose stubs died (or hung: then they are killed first);
+        a death of the whole server when that is the only way (see :meth:`_reload_models`)."""
+        if self._stubs is None:
+            return None
+        deaths = self._stubs.dead()
+        if not deaths:
+            self._kill_hung()
+            return None
+        for death in deaths:
+            cause = "hung" if death.stub.pid in self._hung else death.cause
+            self._hung.discard(death.stub.pid)
+            log.warning("%s; reloading the model", death.describe() if cause == death.cause
+                        else death.describe() + " (killed here: its model hung)")
+            self.metrics.count_stub_restart(death.stub.model, cause)
+        return self._reload_models(deaths)
+
+    def _kill_hung(self) -> None:
+        """Kill the stubs of a model version that hangs (the next poll finds them dead and
+        reloads it): one stopped for ``stub_hang_s``, or, read from Triton's metrics every
+        ``_LIVENESS_S``, one with requests pending and no execution completing for as long."""
+        now = time.monotonic()
+        hang_s = self.policy.stub_hang_s
+        if hang_s <= 0 or self._stubs is None:
+            return
+        hung = {(stub.model, stub.version): "stopped" for stub in self._stubs.stopped(hang_s)}
+        if now - self._scraped_at >= _LIVENESS_S and (text := self.server.metrics_text()) is not None:
+            self._scraped_at = now
+            hung.update(dict.fromkeys(self._hangs.add(text, now), "requests pending and none executed"))
+        for (model, version), why in sorted(hung.items()):
+            killed = self._stubs.kill_model(model, version)
+            if killed:
+                self._hung.update(stub.pid for stub in killed)
+                self._hangs.reset()
+                log.warning("model '%s' version %d hangs (%s for %.0f s): killing its stubs %s", model, version,
+                            why, hang_s, sorted(stub.pid for stub in killed))
+
+    def _reload_models(self, deaths: list[StubDeath]) -> ServerExit | None:
+        """Unload and load again each model with a dead stub (Triton replaces no stub; a reload
+        creates every instance anew), then the ensembles that use it, with the config they had
+        (a publication pins an ensemble's steps by a config override). While it reloads, the
+        model is not ready. Without explicit model control, or when the reload fails, the
+        whole server is restarted instead: the death returned."""
+        described = tuple(death.describe() for death in deaths)
+        if self.server.control_mode != "explicit":
+            return ServerExit("stub_died", None, (*described, "model control is not explicit: restarting Triton"))
+        control = ModelControl(self.server.http_url, self.server.control_token, timeout=self.server.startup_timeout)
+        try:
+            for model in sorted({death.stub.model for death in deaths}):
+                _reload_model(control, model, timeout=self.server.startup_timeout)
+        except ServingError as exc:
+            if not self.server.is_running():
+                return None  # the server died meanwhile: the next poll sees why
+            return ServerExit("stub_reload_failed", None, (*described, *str(exc).splitlines()[:8]))
+        return None
+
     def _recover(self, death: ServerExit | None, stop: threading.Event) -> bool:
         """Bury the dead server and start another; False when ``stop`` came first."""
         self.server.stop()
@@ -244,15 +349,25 @@ class Supervisor:
         while self._restarts and now - self._restarts[0] > self.policy.window_s:
             self._restarts.popleft()
         errors = "".join(f"\n  {line}" for line in death.errors) or "\n  (no error lines in Triton's log)"
-        if len(self._restarts) >= self.policy.max_restarts:
+        over = len(self._restarts) >= self.policy.max_restarts
+        self.metrics.set_limit_reached(over)
+        if over and (self.policy.on_limit == "exit" or self.policy.max_restarts == 0):
             raise ServingError(
                 f"tritonserver died ({death.describe()}) after {len(self._restarts)} restarts within "
                 f"{self.policy.window_s:.0f} s: restart limit reached (--max-restarts "
                 f"{self.policy.max_restarts}), not restarting. Triton's last errors:{errors}"
             )
-        delay = self.policy.delay(len(self._restarts))
+        delay = self.policy.backoff_max_s if over else self.policy.delay(len(self._restarts))
         self._restarts.append(now)
         self.metrics.count_restart(death.cause)
+        if over:
+            log.error(
+                "ALARM: tritonserver died (%s), %d restarts within %.0f s: past the limit (--max-restarts %d); "
+                "restarting every %.0f s until the deaths stop (hps_serve_restart_limit_reached 1). Find the cause "
+                "in Triton's errors:%s", death.describe(), len(self._restarts), self.policy.window_s,
+                self.policy.max_restarts, delay, errors,
+            )
+            return delay
         log.warning(
             "tritonserver died (%s); restart %d of at most %d within %.0f s, in %.1f s. Triton's errors:%s",
             death.describe(), len(self._restarts), self.policy.max_restarts, self.policy.window_s, delay, errors,
@@ -266,3 +381,41 @@ class Supervisor:
         except ServingError as exc:  # start() has cleaned up after itself
             return ServerExit("start_failed", None, tuple(str(exc).splitlines()[:10]))
         return None
+
+
+def _reload_model(control: ModelControl, model: str, *, timeout: float) -> None:
+    """Unload ``model`` and load it again with the versions it served; then every ensemble that
+    served with it, as it was (Triton unloads an ensemble whose step goes and loads it again from
+    its last config when the step is back: checked, and loaded here when that did not happen)."""
+    versions = control.ready_versions(model)
+    ensembles = {name: control.config(name) for name in _ensembles_using(control, model)}
+    control.unload(model)
+    # Not wait_gone: a version whose stub died stays UNLOADING for good (measured on 2.51: its
+    # instance never finalizes), and a load creates the new instances all the same.
+    _wait_not_ready(control, model, timeout=timeout)
+    control.load(model, versions=versions, timeout=timeout)
+    for name, config in ensembles.items():
+        if not control.is_ready(name) or control.config(name) != config:
+            control.load(name, config=config, timeout=timeout)
+    log.warning("model '%s' reloaded (versions %s)%s", model, ", ".join(map(str, versions)) or "none",
+                f" with the ensembles {', '.join(sorted(ensembles))}" if ensembles else "")
+
+
+def _wait_not_ready(control: ModelControl, model: str, *, timeout: float) -> None:
+    """Until no version of ``model`` is READY (Triton took the unload)."""
+    deadline = time.monotonic() + timeout
+    while control.ready_versions(model):
+        if time.monotonic() > deadline:
+            raise ServingError(f"model '{model}' still READY {timeout:.0f} s after its unload was asked")
+        time.sleep(_POLL_S)
+
+
+def _ensembles_using(control: ModelControl, model: str) -> list[str]:
+    """The ready ensembles with a step on ``model``."""
+    using = []
+    for name in sorted({entry.name for entry in control.index(ready_only=True)}):
+        config = control.config(name)
+        steps = config.get("ensemble_scheduling", {}).get("step", []) if config.get("platform") == "ensemble" else []
+        if any(step.get("model_name") == model for step in steps):
+            using.append(name)
+    return using

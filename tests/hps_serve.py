@@ -292,6 +292,70 @@ def restarts(url: str, cause: str) -> int:
     return int(match.group(1)) if match else 0
 
 
+HPS_BODY = json.dumps({"inputs": [
+    {"name": "KEYS", "datatype": "INT64", "shape": [1, 7], "data": [1, 2, 3, 4, 5, 6, 7]},
+    {"name": "NUMKEYS", "datatype": "INT32", "shape": [1, 4], "data": [2, 1, 3, 1]},
+]})
+
+
+class Traffic:
+    """Sends the same lookup to ``hps_multi`` in a loop; counts answers equal to the first one,
+    different ones (wrong: must stay 0) and failures (with their ``time.monotonic()``), and
+    asks the model's readiness every 50 ms (the times it said no)."""
+
+    def __init__(self, ready: Ready) -> None:
+        self.ready = ready
+        status, self.reference = send(ready.http, "/v2/models/hps_multi/infer", HPS_BODY)
+        assert status == 200
+        self.right = self.wrong = 0
+        self.failures: list[float] = []
+        self.not_ready: list[float] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._requests), threading.Thread(target=self._readiness)]
+
+    @property
+    def failed(self) -> int:
+        return len(self.failures)
+
+    def _requests(self) -> None:
+        while not self._stop.is_set():
+            try:
+                status, body = send(self.ready.http, "/v2/models/hps_multi/infer", HPS_BODY)
+            except OSError:
+                status, body = 0, b""
+            if status != 200:
+                self.failures.append(time.monotonic())
+            elif body == self.reference:
+                self.right += 1
+            else:
+                self.wrong += 1
+
+    def _readiness(self) -> None:
+        while not self._stop.wait(0.05):
+            try:
+                status, _ = send(self.ready.http, "/v2/models/hps_multi/ready", method="GET")
+            except OSError:
+                status = 0
+            if status != 200:
+                self.not_ready.append(time.monotonic())
+
+    def answers_again(self) -> bool:
+        """Whether a right answer comes within the next 0.3 s."""
+        before = self.right
+        time.sleep(0.3)
+        return self.right > before
+
+    def __enter__(self) -> Traffic:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+
+
 # --------------------------------------------------------------------------- leftovers
 @dataclass(frozen=True)
 class Trace:

@@ -41,6 +41,7 @@ import triton_python_backend_utils as pb_utils
 from backend.dlrm.io import Batch, split_batch, to_torch
 from backend.dlrm.network import DenseDLRM, load_dense, serving_forward
 from backend.responses import answer_requests, triton_log
+from backend.stub_watchdog import start_watchdog
 from backend.tensors import (
     model_config,
     numpy_to_tensor,
@@ -49,7 +50,7 @@ from backend.tensors import (
     triton_error,
     version_file,
 )
-from hps_core.errors import RequestError
+from hps_core.errors import HPSError, RequestError
 from hps_core.logs import RateLimitedLog
 
 
@@ -85,6 +86,11 @@ class TritonPythonModel:
         )
         self.net: DenseDLRM = load_dense(weights, map_location=self.device)
         self._forward = serving_forward(self.net)
+        try:
+            self._watchdog = start_watchdog(string_parameter(config, "hps_on_dead_stub"), str(args["model_name"]),
+                                            self.log.log_error)
+        except HPSError as exc:
+            raise pb_utils.TritonModelException(str(exc)) from exc
         self.log.log_info(
             f"dlrm: loaded {weights} (n_dense={self.net.n_dense}, n_tables="
             f"{self.net.n_tables}, dim={self.net.dim}) on {self.device}"
@@ -136,6 +142,8 @@ class TritonPythonModel:
         )
 
     def finalize(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.close()
         self._failures.flush()  # the count of failures held back since their last line
         self.log.log_info("dlrm: finalize")
         self.net = None  # type: ignore[assignment]

@@ -39,6 +39,7 @@ import triton_python_backend_utils as pb_utils
 from backend.hps.interface import check_interface
 from backend.hps.metrics import DEFAULT_INTERVAL_S, TritonMetrics
 from backend.responses import answer_requests, triton_log
+from backend.stub_watchdog import start_watchdog
 from backend.tensors import (
     model_config,
     numpy_from_tensor,
@@ -94,6 +95,12 @@ class TritonPythonModel:
         except HPSError as exc:
             raise pb_utils.TritonModelException(str(exc)) from exc
         self._session = self._server.session(name)
+        try:
+            self._watchdog = start_watchdog(string_parameter(config, "hps_on_dead_stub"), args["model_name"],
+                                            self._logger.log_error)
+        except HPSError as exc:
+            self._server.close()
+            raise pb_utils.TritonModelException(str(exc)) from exc
         self._metrics = TritonMetrics(pb_utils, self._collector(name, args), self._session, self._server.updates)
         self._metrics.start(float(string_parameter(config, "hps_metrics_interval_s") or DEFAULT_INTERVAL_S))
         self._logger.log_info(
@@ -109,6 +116,8 @@ class TritonPythonModel:
         return answer_requests(requests, _inputs, self._session.lookup_requests, _response, self._error)
 
     def finalize(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.close()  # first: the unload is about to stop the siblings too
         self._metrics.close()  # stops the publishing thread (backend/hps/metrics.py)
         self._server.close()  # drains background cache insertions, stops refreshers
         self._failures.flush()  # the count of failures held back since their last line

@@ -33,7 +33,10 @@ def add_serve(subparsers: SubParsers) -> None:
             "stop the server (exit code 0). When Triton dies, its process group is killed, its "
             "/dev/shm regions and staging folder removed, and it is started again on the same "
             "ports after a backoff (1 s, doubling), each restart logged with its cause; past "
-            "--max-restarts within --restart-window, hps serve exits with code 1. Model control "
+            "--max-restarts within --restart-window it keeps restarting every --restart-backoff-max with an alarm "
+            "(or exits with code 1: --on-restart-limit exit). When a Python stub of a model dies "
+            "or hangs (Triton would answer INTERNAL for it forever), the model is unloaded, so it "
+            "is not ready, and loaded again, with the ensembles using it. Model control "
             "and shared-memory registration need the header 'hps-api-token: TOKEN' when a token "
             "is given ($HPS_API_TOKEN or --api-token-file); without one, model control is "
             "refused to every client."
@@ -50,6 +53,11 @@ def add_serve(subparsers: SubParsers) -> None:
                              "--http-host 127.0.0.1 exposes gRPC but keeps HTTP/JSON, which a crafted request "
                              "crashes in Triton 2.51, on this machine (hps serve itself needs HTTP)")
     parser.add_argument("--http-port", type=int, default=server["http_port"], metavar="N", help="HTTP port; 0 picks a free one (default: %(default)s)")
+    parser.add_argument("--no-http-guard", dest="http_guard", action="store_false",
+                        help="let clients reach Triton's HTTP endpoint directly. By default hps serve's HTTP guard "
+                             "(hps_core/http_guard.py) listens on --http-host/--http-port, forwards every request to "
+                             "Triton's HTTP on a free loopback port, and refuses (400) JSON inference requests whose "
+                             "declared shapes would crash Triton 2.51; it answers 503 while Triton restarts")
     parser.add_argument("--grpc-port", type=int, default=server["grpc_port"], metavar="N", help="gRPC port; 0 picks a free one (default: %(default)s)")
     parser.add_argument("--metrics-port", type=int, default=server["metrics_port"], metavar="N",
                         help="Triton's Prometheus metrics port; 0 picks a free one (default: %(default)s)")
@@ -61,13 +69,26 @@ def add_serve(subparsers: SubParsers) -> None:
                              "(header hps-api-token); default: $HPS_API_TOKEN if set. Triton gets it on its "
                              "command line, which local users can read (ps)")
     restarts = _restart_defaults()
+    from hps_core.supervisor import ON_LIMIT  # lazy, as _restart_defaults
     parser.add_argument("--max-restarts", type=int, default=restarts.max_restarts, metavar="N",
                         help="restarts allowed within --restart-window; 0 never restarts (default: %(default)s)")
     parser.add_argument("--restart-window", type=float, default=restarts.window_s, metavar="SECONDS",
                         help="the sliding window over which restarts are counted (default: %(default)s)")
     parser.add_argument("--restart-backoff", type=float, default=restarts.backoff_s, metavar="SECONDS",
                         help="wait before the first restart in the window, doubled for each later one, "
-                             f"at most {restarts.backoff_max_s:.0f} s (default: %(default)s)")
+                             "at most --restart-backoff-max (default: %(default)s)")
+    parser.add_argument("--restart-backoff-max", type=float, default=restarts.backoff_max_s, metavar="SECONDS",
+                        help="the longest wait before a restart, and the wait between restarts past "
+                             "--max-restarts (default: %(default)s)")
+    parser.add_argument("--on-restart-limit", choices=ON_LIMIT, default=restarts.on_limit,
+                        help="past --max-restarts within --restart-window: 'backoff' keeps restarting, every "
+                             "--restart-backoff-max, with an alarm (an ERROR line, the metric "
+                             "hps_serve_restart_limit_reached 1), so a client that crashes Triton on purpose cannot "
+                             "stop the service; 'exit' gives up with code 1 (default: %(default)s)")
+    parser.add_argument("--stub-hang-timeout", type=float, default=restarts.stub_hang_s, metavar="SECONDS",
+                        help="a model version with requests pending and no execution completing for this long has a "
+                             "hung Python stub: its stubs are killed and the model reloaded, as when a stub dies; "
+                             "0 turns the check off (default: %(default)s)")
     parser.add_argument("--hang-timeout", type=float, default=restarts.hang_s, metavar="SECONDS",
                         help="a running Triton whose /v2/health/live stays unanswered this long is killed and "
                              "restarted (cause 'unresponsive'); 0 turns the check off (default: %(default)s)")
@@ -98,8 +119,9 @@ def run_serve(args: argparse.Namespace) -> int:
     server = TritonServer(
         args.model_repository,
         host=args.host,
-        http_host=args.http_host,
-        http_port=args.http_port,
+        # With the guard, Triton's HTTP is on a free loopback port and the guard on the user's.
+        http_host="127.0.0.1" if args.http_guard else args.http_host,
+        http_port=0 if args.http_guard else args.http_port,
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
         backend_config=args.backend_config,
@@ -112,12 +134,13 @@ def run_serve(args: argparse.Namespace) -> int:
         api_token=_api_token(args.api_token_file),
     )
     policy = RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window, backoff_s=args.restart_backoff,
-                           hang_s=args.hang_timeout)
+                           backoff_max_s=args.restart_backoff_max, hang_s=args.hang_timeout,
+                           on_limit=args.on_restart_limit, stub_hang_s=args.stub_hang_timeout)
     metrics = ServeMetrics()
     stop_requested = threading.Event()
     with _stop_on_signals(stop_requested), _metrics_endpoint(metrics, args.host, args.serve_metrics_port) as endpoint, \
-            _keeping_host_stores():
-        supervisor = Supervisor(server, policy, metrics, on_ready=lambda s: _print_ready(s, endpoint))
+            _keeping_host_stores(), _http_guard(args, server) as guard:
+        supervisor = Supervisor(server, policy, metrics, on_ready=lambda s: _print_ready(s, endpoint, guard))
         code = supervisor.run(stop_requested)
     if code not in (0, None):
         # Still a clean stop on request: Triton returns 1 when its exit timeout expired
@@ -129,13 +152,18 @@ def run_serve(args: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def _keeping_host_stores() -> Iterator[None]:
-    """Keep the host stores Triton's models create for as long as ``hps serve`` runs, so a stub
+    """Tell the stubs they are supervised (backend/stub_watchdog.py), and keep the host stores
+    Triton's models create for as long as ``hps serve`` runs, so a stub
     crash or a Triton restart re-attaches instead of reloading (the stubs inherit the keeper's
     pid through the environment), and remove them once Triton is gone, so nothing stays in
     /dev/shm after a stop."""
     from hps_core.db.shm_store import KEEPER_ENV, remove_kept_stores
 
+    from hps_core.stub_watch import SUPERVISED_ENV
+
     os.environ[KEEPER_ENV] = str(os.getpid())
+    # The supervisor reloads a model whose stub died: the backends' own watchdog stays off.
+    os.environ[SUPERVISED_ENV] = str(os.getpid())
     try:
         yield
     finally:
@@ -182,15 +210,27 @@ def _parse_python_backends(entries: Sequence[str]) -> dict[str, Path]:
     return backends
 
 
-def _print_ready(server: Any, endpoint: Any) -> None:
+def _http_guard(args: argparse.Namespace, server: Any) -> contextlib.AbstractContextManager[Any]:
+    """The HTTP guard on the user's HTTP address, forwarding to wherever Triton's HTTP is now
+    (it outlives Triton's restarts); nothing with --no-http-guard."""
+    if not args.http_guard:
+        return contextlib.nullcontext()
+    from hps_core.http_guard import HttpGuard
+
+    return HttpGuard(args.http_host or args.host, args.http_port, lambda: server.urls["http"])
+
+
+def _print_ready(server: Any, endpoint: Any, guard: Any = None) -> None:
     urls = server.urls
     lines = [
         f"hps serve: Triton ready (pid {server.process.pid})",
-        f"  HTTP     {urls['http']}",
+        f"  HTTP     {guard.url if guard is not None else urls['http']}",
         f"  gRPC     {urls['grpc']}",
         f"  metrics  {server.metrics_url}",
         f"  log      {server.log_path}",
     ]
+    if guard is not None:
+        lines.append(f"  guarded  {urls['http']} (Triton's own HTTP, loopback: the HTTP guard forwards to it)")
     if endpoint is not None:
         lines.append(f"  restarts {endpoint.url}")
     if server.cpu_rewritten_models:

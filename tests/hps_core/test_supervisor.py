@@ -126,7 +126,8 @@ def _assert_recovered(serve: ServeProcess, first: Ready, dead: Trace, cause: str
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_crashing_json_request_restarts_triton_and_leaves_nothing(repository: Repository) -> None:
-    with ServeProcess(repository) as serve:
+    # Without the HTTP guard, which refuses the request (tests/hps_core/test_http_guard.py).
+    with ServeProcess(repository, "--no-http-guard") as serve:
         first = serve.wait_ready()
         assert serving(first)
         dead = trace(first)
@@ -165,7 +166,7 @@ def test_hung_triton_is_killed_and_restarted(repository: Repository) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_restart_limit_ends_hps_serve_with_a_clear_message(repository: Repository) -> None:
-    with ServeProcess(repository, "--max-restarts", "1") as serve:
+    with ServeProcess(repository, "--max-restarts", "1", "--on-restart-limit", "exit", "--no-http-guard") as serve:
         first = serve.wait_ready()
         traces = [trace(first)]
         send_crash(first.http)
