@@ -53,7 +53,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from hps_core.errors import RequestError
+from hps_core.errors import RequestError, ServingError
 
 __all__ = ["DEFAULT_MAX_INPUT_BYTES", "HttpGuard", "check_inference_header"]
 
@@ -387,8 +387,8 @@ class HttpGuard:
             self._listener.bind((host, port))
         except OSError as exc:
             self._listener.close()
-            raise OSError(exc.errno, f"HTTP guard: cannot listen on {host}:{port} ({exc.strerror}); "
-                                     f"pick a free --http-port") from exc
+            raise ServingError(f"HTTP guard: cannot listen on {host}:{port} ({exc.strerror}); "
+                               f"pick a free --http-port (0: any) or another --http-host") from exc
         self._listener.listen(512)
         self._closing = threading.Event()
         self._connections: set[socket.socket] = set()

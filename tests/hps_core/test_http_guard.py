@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from hps_core.errors import RequestError
+from hps_core.errors import RequestError, ServingError
 from hps_core.http_guard import DEFAULT_MAX_INPUT_BYTES, HttpGuard, check_inference_header
 from tests.hps_serve import (
     CRASH_BODY,
@@ -389,3 +389,8 @@ def _perf_analyzer_through(address: str, work: Path) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Throughput:" in result.stdout
     assert echo_ok(address)
+
+
+def test_a_taken_port_is_a_clear_error(guard: HttpGuard) -> None:
+    with pytest.raises(ServingError, match=rf"cannot listen on 127.0.0.1:{guard.port} .*pick a free --http-port"):
+        HttpGuard("127.0.0.1", guard.port, lambda: "127.0.0.1:1")
