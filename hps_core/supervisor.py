@@ -67,9 +67,10 @@ class RestartPolicy:
     # Past max_restarts: "backoff" keeps restarting, every backoff_max_s, with the alarm raised
     # (a client that crashes Triton on purpose must not stop the service); "exit" gives up.
     on_limit: str = "backoff"
-    # A model version with requests pending and no execution completing for this long has a hung
-    # stub: its stubs are killed and the model reloaded. 0 turns the check off.
-    stub_hang_s: float = 10.0
+    # A stub stopped this long, or a model version with requests pending and no execution
+    # completing for this long, hangs: its stubs are killed and the model reloaded. Generous: a
+    # model whose executions legitimately take this long would be killed. 0 turns the check off.
+    stub_hang_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.on_limit not in ON_LIMIT:
