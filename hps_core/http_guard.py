@@ -67,6 +67,10 @@ DEFAULT_MAX_INPUT_BYTES = 2**31
 DEFAULT_MAX_HEADER_BYTES = 256 * 2**20
 _MAX_HEAD_BYTES = 64 * 1024  # request line + headers; Triton's clients send a few hundred bytes
 _MAX_CONNECTIONS = 1024  # client connections served at once (a thread each)
+# A thread per connection makes idle connections the way to exhaust the guard: one kept open
+# between requests is closed after this long (nginx's keepalive_timeout is 75 s; HTTP clients
+# reconnect), and a request's head must be complete this long after its first byte came.
+_IDLE_S = 75.0
 _CHUNK = 256 * 1024  # most bytes read from or written to a socket at once while streaming
 _INT64_MAX = 2**63 - 1
 _LOG_EVERY_S = 10.0
@@ -200,12 +204,18 @@ class _Reader:
             raise _Closed("connection closed")
         self.buf += data
 
-    def until(self, delimiter: bytes, limit: int) -> bytes:
-        """Bytes up to and including ``delimiter``; :class:`_BadRequest` past ``limit``."""
+    def until(self, delimiter: bytes, limit: int, within_s: float | None = None) -> bytes:
+        """Bytes up to and including ``delimiter``; :class:`_BadRequest` past ``limit``,
+        :class:`_Closed` when they took more than ``within_s`` from the first byte."""
         start = 0
+        deadline = None
         while (end := self.buf.find(delimiter, start)) < 0:
             if len(self.buf) > limit:
                 raise _BadRequest(f"request head longer than {limit} bytes", 431)
+            if within_s is not None and self.buf:
+                deadline = deadline or time.monotonic() + within_s
+                if time.monotonic() > deadline:
+                    raise _Closed(f"request head not complete {within_s:.0f} s after its first byte")
             start = max(0, len(self.buf) - len(delimiter) + 1)
             self._fill()
         end += len(delimiter)
@@ -373,12 +383,14 @@ class HttpGuard:
         max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
         max_connections: int = _MAX_CONNECTIONS,
+        idle_s: float = _IDLE_S,
     ) -> None:
         self.upstream = upstream
         self.max_input_bytes = max_input_bytes
         self.max_header_bytes = max_header_bytes
         self._slots = threading.BoundedSemaphore(max_connections)
         self._max_connections = max_connections
+        self.idle_s = idle_s
         self._client_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._listener = socket.socket(family, socket.SOCK_STREAM)
@@ -477,6 +489,7 @@ class _Connection:
         self.guard = guard
         self.client = client
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client.settimeout(guard.idle_s)  # no byte for this long: the read raises, the connection ends
         self.reader = _Reader(client)
         self.up: socket.socket | None = None
         self.up_reader: _Reader | None = None
@@ -495,7 +508,7 @@ class _Connection:
     def run(self) -> None:
         while True:
             try:
-                request = _Message(self.reader.until(b"\r\n\r\n", _MAX_HEAD_BYTES))
+                request = _Message(self.reader.until(b"\r\n\r\n", _MAX_HEAD_BYTES, self.guard.idle_s))
             except _Closed:
                 return
             except _BadRequest as exc:
@@ -649,6 +662,9 @@ class _Connection:
             self.client.sendall(b"".join(pending))
         except (_Closed, _BadRequest, ValueError) as exc:
             raise _UpstreamBroken(str(exc), started) from None
+        except OSError:  # the client's side (reads from Triton raise _Closed): gone, or not reading
+            self._close_upstream()  # the rest of the answer is still in it
+            return False
         if kind == "until_close" or response.wants_close(status[0]):
             self._close_upstream()
             return False

@@ -11,6 +11,7 @@ tritonclient and perf_analyzer work through the guard; the guard outlives a Trit
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import http.client
@@ -21,6 +22,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -294,6 +296,23 @@ def test_malformed_framing_is_refused() -> None:
         raw.sendall(b"POST /v2/models/m/infer HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello")
         reply = raw.makefile("rb").read()
     assert reply.startswith(b"HTTP/1.1 400") and b"Content-Length given twice" in reply
+
+
+def test_idle_and_slow_connections_are_closed_so_they_cannot_hold_every_slot() -> None:
+    """A thread per connection: a client keeping connections idle, or sending a head a byte at a
+    time, would hold the slots for good; both are closed after ``idle_s``."""
+    with HttpGuard("127.0.0.1", 0, lambda: "127.0.0.1:1", idle_s=0.5) as running, \
+            socket.create_connection(running.url.rsplit(":", 1)) as idle, \
+            socket.create_connection(running.url.rsplit(":", 1)) as slow:
+        idle.settimeout(30)
+        slow.settimeout(30)
+        sent = 0
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            for sent in range(1, 300):  # a byte every 0.1 s: each read in time, the head never complete
+                slow.sendall(b"G")
+                time.sleep(0.1)
+        assert sent < 299  # the guard closed it (the send broke) long before the head could end
+        assert idle.recv(1) == b""  # closed by the guard, nothing answered
 
 
 # --------------------------------------------------------------------------- real Triton, through hps serve
