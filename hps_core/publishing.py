@@ -36,22 +36,48 @@ the dense weights (``dense.pt`` and its ``dense.json``, backend/dlrm/network.py'
    restored at once; when the restore fails too the error says the ensemble is unloaded and how
    to load it again.
 
+One publication at a time per repository (:func:`publication_lock`): an exclusive ``flock`` on
+``<repo>.versions/publish.lock``, which holds the holder's pid, host and start time; a second
+run refuses with them. The kernel releases the lock when its holder dies (SIGKILL included), so
+a dead holder's lock is taken over by the next run, never left to clear by hand.
+
+The ensemble's pin (to version N while N+1 loads, to N+1 at the switch) is written into its
+``config.pbtxt`` too, after Triton took it, so a Triton restarted at any point of a publication
+serves the version the running one served, never each model's newest folder on its own (a
+dense N+1 beside an HPS N, killed between the two renames of :func:`install_version`).
+
 A publication killed at any point is resumed by running the same command again:
 ``<repo>.versions/publish-<N+1>.json`` records the export's fingerprint and the phase reached;
 the written folders are kept, the bulk load continues from its markers, and the Triton steps
 are idempotent. Only a publication started over the version serving now (or already switched)
-is resumed; a failed one never is, and its number is not used again.
+is resumed; a failed one never is, and its number is not used again. The stores stay
+consistent at every point: a table is loaded (SST ingest, then its marker) before any version
+names it, and dropped only after no loaded version does; RocksDB's own steps are crash-safe
+(hps_core/db/rocksdb.py). tests/hps_core/test_publishing_crash.py kills the command at points in
+every phase, restarts ``hps serve`` on what is left and checks every served vector.
+
+Test-only hook: with ``HPS_PUBLISH_KILL_AT=<point>[#<n>]`` in its environment the command
+SIGKILLs itself the n-th time it reaches ``<point>``, one of ``validate.locked``,
+``validate.dense`` (the dense check's child running), ``validate.done``, ``write.pinned``,
+``write.done``, ``bulk_load.table`` (after each table), ``bulk_load.done``, ``load.install``
+(after each model's folder moved in), ``load.done``, ``switch.start``, ``switch.done``,
+``unload.retired``, ``unload.model`` (after each model), ``unload.done``, ``drop.table`` (after
+each table), ``drop.done``. ``HPS_PUBLISH_PAUSE_AT`` takes the same values and makes it wait
+for a line on stdin there instead. Unset, each point costs two environment lookups.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -82,6 +108,8 @@ __all__ = [
     "PublishTarget",
     "WrittenVersion",
     "DenseCheck",
+    "KILL_AT_ENV",
+    "PAUSE_AT_ENV",
     "at_low_priority",
     "check_dense_loads",
     "bulk_load",
@@ -90,6 +118,7 @@ __all__ = [
     "hps_entry_base",
     "install_version",
     "next_version",
+    "publication_lock",
     "publish_model",
     "retire_version",
     "serving_hps_json",
@@ -117,6 +146,12 @@ _HPS_MODEL_PARAM = re.compile(r'key\s*:\s*"hps_model"\s*value\s*:\s*\{\s*string_
 _STATE_FILE = re.compile(r"publish-(\d+)\.json")
 #: A check of an export's dense weights beyond their files (:func:`check_dense_loads`); raises FormatError.
 DenseCheck = Callable[[Path], None]
+#: Test-only: ``<point>`` or ``<point>#<n>`` makes publish-model SIGKILL itself the n-th time
+#: (default 1st) it reaches that point (:func:`_crash_point`; points are named in the module doc).
+KILL_AT_ENV = "HPS_PUBLISH_KILL_AT"
+#: Test-only: the same points, where publish-model pauses until a line arrives on its stdin.
+PAUSE_AT_ENV = "HPS_PUBLISH_PAUSE_AT"
+_LOCK_FILE = "publish.lock"  # in the work folder: one publication at a time per repository
 _WRITE_LOCK_WAIT = RetryPolicy(retryable=(TierBusyError,), first_backoff_s=0.1, max_backoff_s=1.0, deadline_s=120.0)
 
 
@@ -222,6 +257,73 @@ class PublishReport:
         out.append(f"  {'total':<10} {self.total_s:8.2f} s  with the old version unloaded" +
                    (" and its tables dropped" if "drop" in self.seconds else ""))
         return out
+
+
+# --------------------------------------------------------------------------- lock and crash points
+_crash_counts: dict[str, int] = {}
+
+
+def _crash_point(name: str) -> None:
+    """Test-only: the n-th time ``name`` is reached, SIGKILL this process (:data:`KILL_AT_ENV`),
+    as ``kill -9`` or the OOM killer would: nothing flushed, no ``finally`` run; or
+    (:data:`PAUSE_AT_ENV`) say so on stderr and wait for a line on stdin, holding what it holds
+    (the lock), so that a test can run a second publication beside it without a race."""
+    kill, pause = os.environ.get(KILL_AT_ENV, ""), os.environ.get(PAUSE_AT_ENV, "")
+    if not kill and not pause:
+        return
+    _crash_counts[name] = _crash_counts.get(name, 0) + 1
+    for action, wanted in (("killed", kill), ("paused", pause)):
+        point, _, nth = wanted.partition("#")
+        if point == name and _crash_counts[name] == int(nth or 1):
+            print(f"hps publish-model: {action} at {wanted}", file=sys.stderr, flush=True)
+            if action == "killed":
+                os.kill(os.getpid(), signal.SIGKILL)
+            sys.stdin.readline()
+
+
+@contextlib.contextmanager
+def publication_lock(target: PublishTarget) -> Iterator[None]:
+    """Hold the target's publication lock for the block: ``flock`` on ``<work>/publish.lock``,
+    whose content names the holder (pid, host, start time, repository).
+
+    ServingError naming the holder when another publication holds it. The kernel drops the
+    lock with its holder's last descriptor, so a killed holder's lock is free at once (its
+    stale content is replaced by the next holder's); the descriptor is close-on-exec, so no
+    child keeps it. The file itself stays: removing a flock'd file would let two runs lock two
+    different files of one name."""
+    path = target.work / _LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ServingError(
+                f"{target.repository}: another hps publish-model is publishing into this repository "
+                f"({_lock_holder(fd)}; lock {path}); one publication at a time: wait for it to end, or stop "
+                "it and run your command again (a killed publication holds no lock; the same command "
+                "resumes it)") from None
+        holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "repository": str(target.repository)}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # still ours: an empty file names no holder
+    finally:
+        os.close(fd)
+
+
+def _lock_holder(fd: int) -> str:
+    """Who holds the lock, from the file's content: pid, host, start time."""
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0) or b"null")
+    except (OSError, ValueError):
+        holder = None
+    if not isinstance(holder, dict):
+        return "its holder is starting and has not written its name yet"
+    return f"pid {holder.get('pid')} on host {holder.get('host')}, started {holder.get('started')}"
 
 
 # --------------------------------------------------------------------------- versions on disk
@@ -418,7 +520,11 @@ def _check_dense(root: Path, model: ModelConfig) -> Path:
 
 
 _DENSE_LOADER = """
-import sys
+import ctypes, os, sys
+if sys.platform.startswith("linux"):  # die with publish-model (PR_SET_PDEATHSIG = 1, SIGKILL = 9)
+    ctypes.CDLL(None).prctl(1, 9)
+    if os.getppid() != int(sys.argv[2]):  # it died before prctl took effect
+        sys.exit(4)
 try:
     from backend.dlrm.network import load_dense
 except ImportError as exc:
@@ -441,23 +547,32 @@ def check_dense_loads(weights: Path, *, timeout: float = 300.0) -> None:
     In a child Python process: hps_core imports neither torch nor backend (the layering rule of
     tests/hps_core/test_package.py; backend imports hps_core, never the reverse). Where torch or
     the backend package is not installed, the check is skipped with a log line (the files'
-    checks of :func:`validate_export` still ran)."""
+    checks of :func:`validate_export` still ran). The child asks the kernel to SIGKILL it when
+    its parent dies (``PR_SET_PDEATHSIG``), so a killed publish-model leaves no process behind
+    (issue 19: it kept loading torch for seconds after)."""
     env = dict(os.environ)
     root = Path(__file__).resolve().parent.parent  # the checkout beside hps_core, where backend/ lives
     if (root / "backend" / "dlrm" / "network.py").is_file():
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
+    command = [sys.executable, "-c", _DENSE_LOADER, str(weights), str(os.getpid())]
     try:
-        result = subprocess.run([sys.executable, "-c", _DENSE_LOADER, str(weights)], capture_output=True,
-                                text=True, timeout=timeout, env=env, check=False)
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as child:
+            _crash_point("validate.dense")
+            try:
+                stdout, stderr = child.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.communicate()
+                raise
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise FormatError(f"{weights}: the dense weights could not be loaded into the network ({exc})") from exc
-    message = (result.stdout.strip() or result.stderr.strip()).splitlines()[-1:] or [""]
-    if result.returncode == 3:
+    message = (stdout.strip() or stderr.strip()).splitlines()[-1:] or [""]
+    if child.returncode == 3:
         log.info("%s: not loaded into the dense network during validation (%s)", weights, message[0])
         return
-    if result.returncode != 0:
+    if child.returncode != 0:
         raise FormatError(f"{weights}: the dense weights do not load into the network {weights.with_suffix('.json').name} "
-                          f"describes: {message[0] or result.stderr.strip()[-2000:]}")
+                          f"describes: {message[0] or stderr.strip()[-2000:]}")
 
 
 def _export_fingerprint(path: Path, model: ModelConfig, weights: Path | None) -> str:
@@ -594,6 +709,7 @@ def install_version(target: PublishTarget, version: int) -> None:
         staged, final = target.staged(model, version), target.model_dir(model) / str(version)
         if staged.is_dir() and not final.exists():
             staged.rename(final)
+            _crash_point("load.install")
 
 
 def retire_version(target: PublishTarget, version: int) -> list[str]:
@@ -617,13 +733,16 @@ def bulk_load(config: ParameterServerConfig, *, progress: bool = True,
     """Load the tables of ``config``'s model into its persistent tier and a shared volatile
     tier (not an in-process hash map: each serving process fills its own); ``{tier: {table:
     rows written}}``. Resumable: rows already committed (RocksDB's markers) are not written again."""
-    tables = list(config.models[0].tables)
     report: dict[str, dict[str, int]] = {}
-    if config.persistent_db.enabled:
-        report.update(_WRITE_LOCK_WAIT.call(lambda: load_config_tables(
-            config, tables, tier="persistent", progress=progress, chunk_rows=chunk_rows)))
-    if config.volatile_db.enabled and config.volatile_db.type.shared:
-        report.update(load_config_tables(config, tables, tier="volatile", progress=progress, chunk_rows=chunk_rows))
+    for table in config.models[0].tables:  # one at a time: a kill (crash point) between two is a test case
+        if config.persistent_db.enabled:
+            done = _WRITE_LOCK_WAIT.call(lambda: load_config_tables(
+                config, [table], tier="persistent", progress=progress, chunk_rows=chunk_rows))
+            report.setdefault("persistent", {}).update(done["persistent"])
+        if config.volatile_db.enabled and config.volatile_db.type.shared:
+            done = load_config_tables(config, [table], tier="volatile", progress=progress, chunk_rows=chunk_rows)
+            report.setdefault("volatile", {}).update(done["volatile"])
+        _crash_point("bulk_load.table")
     return report
 
 
@@ -694,6 +813,7 @@ def drop_tables(config: ParameterServerConfig, model: str, *,
             dropped[tier] = [n for n in names if n in known]
             for name in dropped[tier]:
                 dropper.drop_table(name)
+                _crash_point("drop.table")
         finally:
             db.close()
     return dropped
@@ -752,6 +872,18 @@ def publish_model(
     (:func:`at_low_priority`). ``log_line`` gets a line per step. ``dense_check``: see
     :func:`validate_export`.
     """
+    with publication_lock(target):
+        _crash_point("validate.locked")
+        return _publish(target, export_folder, control, export_json=export_json, export_model=export_model,
+                        drain_s=drain_s, drop_old=drop_old, progress=progress, chunk_rows=chunk_rows,
+                        bulk_load_nice=bulk_load_nice, log_line=log_line, dense_check=dense_check)
+
+
+def _publish(target: PublishTarget, export_folder: str | os.PathLike[str], control: ModelControl, *,
+             export_json: str | None, export_model: str | None, drain_s: float, drop_old: bool, progress: bool,
+             chunk_rows: int, bulk_load_nice: int, log_line: Callable[[str], None],
+             dense_check: DenseCheck | None) -> PublishReport:
+    """:func:`publish_model` under the publication lock."""
     report = PublishReport()
     with report.phase("validate"):
         current = _serving_version(control, target)
@@ -769,6 +901,7 @@ def publish_model(
             "previous": current, "previous_model": serving_model.model, "previous_json": str(serving_json)}
         previous, old_model = int(state["previous"]), str(state["previous_model"])
         _write_json(state_file, state)
+        _crash_point("validate.done")
     report.version, report.previous, report.resumed = version, previous, resumed is not None
     log_line(f"export {export.folder}: {export.model.num_tables} tables, {sum(export.rows):,} rows; "
              f"version {previous} serving, publishing version {version}" + (" (resumed)" if resumed else ""))
@@ -785,12 +918,16 @@ def publish_model(
                 _load_ensemble(control, target, _pinned(config, wanted), restore=config,
                                what=f"pinning it to version {previous}")
                 log_line(f"ensemble '{target.ensemble}' pinned to version {previous}")
+            _pin_on_disk(target, wanted)  # also when Triton had it pinned already (an older run)
+            _crash_point("write.pinned")
         written = write_version(target, export, version, serving_json)
+        _crash_point("write.done")
     with report.phase("bulk_load"):
         new_config = version_config(target, written)
         report.rows_loaded = at_low_priority(lambda: bulk_load(new_config, progress=progress, chunk_rows=chunk_rows),
                                              bulk_load_nice)
         reached("loaded")
+        _crash_point("bulk_load.done")
     log_line(f"bulk load: {sum(sum(t.values()) for t in report.rows_loaded.values()):,} rows written "
              f"({', '.join(report.rows_loaded) or 'no shared tier'})")
     with report.phase("load"):
@@ -818,19 +955,25 @@ def publish_model(
             raise ServingError(f"version {version} did not load, so it was taken out again and version {previous} "
                                f"serves on (its folders are in {target.work / 'failed'}; {tables}): {exc}") from exc
         reached("installed")
+        _crash_point("load.done")
     log_line(f"version {version} READY: " + ", ".join(f"{m} in {t:.2f} s" for m, t in report.model_load_s.items()))
     with report.phase("switch"):
+        _crash_point("switch.start")
         if target.ensemble:
             _switch(control, target, version, previous)
             log_line(f"ensemble '{target.ensemble}' switched to version {version}")
         reached("switched")
+        _crash_point("switch.done")
     with report.phase("unload"):
         if previous != version:
             time.sleep(drain_s)  # requests the old ensemble config took are answered
             retire_version(target, previous)
+            _crash_point("unload.retired")
             for model in target.models:
                 _unload_version(control, model, previous, version)
+                _crash_point("unload.model")
         log_line(f"version {previous} unloaded")
+        _crash_point("unload.done")
     if drop_old and previous != version:
         with report.phase("drop"):
             old_json = Path(state["previous_json"])
@@ -839,6 +982,7 @@ def publish_model(
             report.dropped = drop_tables(load_config(old_json), old_model,
                                          keep=_tables_in_use(target, new_config, first=previous != 1),
                                          served_from=state["previous_json"])
+            _crash_point("drop.done")
     reached("done")
     return report
 
@@ -910,6 +1054,32 @@ def _switch(control: ModelControl, target: PublishTarget, version: int, previous
     _load_ensemble(control, target, _pinned(config, {m: version for m in target.models}),
                    restore=_pinned(config, {m: previous for m in target.models}),
                    what=f"switching it to version {version}")
+    _pin_on_disk(target, {m: version for m in target.models})
+
+
+_STEP_VERSION = r'(model_name\s*:\s*"{model}"\s*,?\s*model_version\s*:\s*)-?\d+'
+
+
+def _pin_on_disk(target: PublishTarget, versions: dict[str, int]) -> None:
+    """Write the ensemble's pin (``versions`` of its steps' models) into its ``config.pbtxt``,
+    after Triton took it as an override: a Triton restarted later (``hps serve`` after a crash)
+    reads the file and serves the version the running one served, where ``model_version: -1``
+    would take each model's newest folder on its own (mid-publication: a mix). A step written
+    in another order (version before name) is left as it is, with a warning."""
+    assert target.ensemble is not None
+    path = target.model_dir(target.ensemble) / "config.pbtxt"
+    if not path.is_file():
+        return
+    text = new = path.read_text()
+    for model, version in versions.items():
+        new, count = re.subn(_STEP_VERSION.format(model=re.escape(model)), rf"\g<1>{version}", new)
+        if not count:
+            log.warning("%s: no step 'model_name: \"%s\" model_version: N' to pin to version %d; a restarted "
+                        "Triton serves the version that file names", path, model, version)
+    if new != text:
+        partial = path.with_name(".config.pbtxt.partial")
+        partial.write_text(new)
+        partial.replace(path)
 
 
 def _load_ensemble(control: ModelControl, target: PublishTarget, config: dict[str, Any], *,
