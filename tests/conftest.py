@@ -8,9 +8,11 @@ Fixtures:
   :class:`hps_core.serving.TritonServer` (``backend_config=[...]``, ``python_backends={...}``).
   Use the server's ``http_url`` / ``grpc_url`` / ``metrics_url`` with tritonclient.
 
-Markers (declared in pyproject.toml): ``gpu`` tests are skipped without an NVIDIA GPU, and
-``redis`` tests without a ``redis-server`` binary; ``triton`` tests fail loudly when the Triton
-bundle is missing (run scripts/setup.sh), because hiding that would hide the end-to-end path.
+Markers (declared in pyproject.toml): ``gpu`` tests are skipped without an NVIDIA GPU, unless
+``HPS_EMULATED_GPU=1`` runs them on the emulated device (tests/cuda_emulator: the CUDA
+kernels compiled for the CPU behind a CuPy stand-in, installed here before any test module
+imports CuPy); ``redis`` tests are skipped without a ``redis-server`` binary; ``triton`` tests
+fail loudly when the Triton bundle is missing (run scripts/setup.sh), because hiding that would hide the end-to-end path.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ from typing import Any
 import pytest
 
 from hps_core.serving import TritonServer, free_port as _free_port, gpu_count
+from tests import cuda_emulator
+
+if cuda_emulator.enabled():
+    cuda_emulator.install()  # before collection imports any test module that imports cupy
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +64,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     no_redis = pytest.mark.skip(reason="needs redis-server on PATH (scripts/setup.sh installs it)")
     # get_closest_marker, not `in item.keywords`: keywords also hold folder names (tests/gpu/).
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
-    have_gpu = bool(gpu_items) and gpu_count() > 0  # nvidia-smi only when someone asks
+    have_gpu = bool(gpu_items) and (cuda_emulator.enabled() or gpu_count() > 0)  # nvidia-smi only when asked
     have_redis = shutil.which("redis-server") is not None
     for item in gpu_items:
         if not have_gpu:

@@ -39,6 +39,9 @@ __device__ __forceinline__ unsigned long long hps_key_bits(unsigned int k) {
 // ---------------------------------------------------------------- memory ordering (sm_70+)
 // Seqlock words are read and written with explicit PTX scopes: a plain load may be served
 // from a non-coherent L1 line and a plain store may be reordered with the payload.
+// HPS_EMULATOR: the CPU emulator of the tests (tests/cuda_emulator/cuda_shim.h) defines these
+// helpers as C++ atomics of the same orders; PTX does not compile for the host.
+#ifndef HPS_EMULATOR
 
 __device__ __forceinline__ unsigned hps_ld_acquire(const unsigned* p) {
   unsigned v;
@@ -72,6 +75,7 @@ __device__ __forceinline__ void hps_st_release(int* p, int v) {
 
 // Orders every earlier load/store of this thread before every later one, at GPU scope.
 __device__ __forceinline__ void hps_fence() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
+#endif  // HPS_EMULATOR
 
 // ---------------------------------------------------------------- vector I/O
 // VecIO<VEC>::load reads VEC consecutive floats of a caller's buffer at p (aligned to

@@ -1,0 +1,66 @@
+"""The emulated GPU: this project's CUDA kernels and its GPU cache run on the CPU, for tests.
+
+Two parts, test tooling only (nothing here is importable as ``cupy`` by a server):
+
+* ``cuda_shim.h`` + ``emu_runtime.h`` (C++): a CUDA execution model under which the unchanged
+  ``hps_core/cache/kernels`` sources compile with the system C++ compiler (``_build``): lanes
+  are fibers meeting at every warp intrinsic, blocks run on several host threads at once.
+* ``fake_cupy`` (Python): the part of CuPy that hps_core uses, launching those kernels, so
+  ``hps_core/cache/gpu.py`` runs unchanged.
+
+``HPS_EMULATED_GPU=1 pytest ...`` runs the ``gpu``-marked tests on it (tests/conftest.py calls
+:func:`install` before any test module imports CuPy). What it proves and what only a real
+GPU shows: docs/gpu_check.md, "The emulated GPU".
+
+Knobs (environment): HPS_EMU_THREADS host threads per launch (3), HPS_EMU_SEED another
+fiber interleaving per seed (0: FIFO), HPS_EMU_TIMEOUT seconds before a launch is a hang
+(120), HPS_EMU_DEVICES (2), HPS_EMU_SMS (2), HPS_EMU_CXX (g++), HPS_EMU_BUILD_DIR.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from types import ModuleType
+
+__all__ = ["ENV", "enabled", "install", "prebuild"]
+
+#: Set to 1 to run the gpu-marked tests on the emulated device.
+ENV = "HPS_EMULATED_GPU"
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "") not in ("", "0")
+
+
+def install() -> ModuleType:
+    """Make ``import cupy`` give the stand-in (for this process), after compiling the cache
+    kernels ahead; returns it. Refuses to replace a real CuPy already imported."""
+    from tests.cuda_emulator import fake_cupy
+
+    present = sys.modules.get("cupy")
+    if present is not None and present is not fake_cupy:
+        raise RuntimeError("a real CuPy is already imported: the emulated GPU would replace it")
+    sys.modules["cupy"] = fake_cupy
+    prebuild()
+    return fake_cupy
+
+
+def prebuild() -> None:
+    """Compile every kernel family with every instantiation the loader can ask for, in
+    parallel (about 25 s once; cached by source hash after), so no cache made in a test
+    waits for a compiler."""
+    from hps_core.cache import _kernels
+    from tests.cuda_emulator import _build, fake_cupy
+
+    def family(name: str) -> None:
+        exprs: set[str] = set()
+        for fam, kdt, vec, nv in _kernels.all_variants():
+            if fam == name:
+                exprs |= _kernels.kernel_names(fam, kdt, {vec: nv}).expressions()
+        code = _kernels.source(name)
+        fake_cupy.register_prebuilt(code, _build.load(code, sorted(exprs)))
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        list(pool.map(family, sorted(_kernels.FAMILIES)))

@@ -1,0 +1,345 @@
+// The CUDA execution model on the CPU, for this project's kernels (test tooling only; see
+// tests/cuda_emulator/__init__.py for what it proves and what it cannot).
+//
+// The .cu sources of hps_core/cache/kernels compile unchanged as host C++ after this header
+// (g++ -x c++ -include cuda_shim.h): it supplies the CUDA keywords, the thread/block/grid
+// built-ins, the warp intrinsics with their rendezvous semantics, atomics, bit and float
+// intrinsics and the vector types, and defines HPS_EMULATOR so that common.cuh takes its
+// memory-ordering helpers (inline PTX on a GPU) from here, as C++ atomics of the same order.
+//
+// Execution model. A launch runs its blocks on a few host threads at once (HPS_EMU_THREADS),
+// so warps of different blocks race for real. Inside a block, every CUDA thread is a fiber
+// (its own stack, switched by a few instructions of assembly) on that block's host thread.
+// A fiber runs until it reaches a warp-synchronous intrinsic (__ballot_sync, __shfl_sync,
+// __shfl_xor_sync, __all_sync, __any_sync, __syncwarp), __syncthreads, __nanosleep or (every
+// few calls) an atomic or ordered memory access; there it waits for the other lanes of its
+// mask, or lets another fiber run. An intrinsic returns only when every lane of its mask has
+// reached the same intrinsic with the same mask, exactly as on sm_70+; lanes that disagree
+// (another intrinsic, another mask, a lane left out of its own mask, a mask naming a lane that
+// exited, a shuffle from a lane outside the mask), a block whose fibers all wait for each
+// other, and a launch that runs past HPS_EMU_TIMEOUT seconds (a lock never released) are
+// faults: the launch stops and the Python side raises KernelFault with the lanes' states.
+// A misaligned vector access (float4, uint2, ... at an address not a multiple of its size) is
+// a fault too, as the GPU's "misaligned address"; scalar accesses are checked by the
+// compiler's alignment instrumentation (-fsanitize=alignment, reported through the handler
+// at the end of this file).
+//
+// __shared__ variables are per block: a block's fibers all run on one host thread and a host
+// thread runs one block at a time, so `static thread_local` storage is the block's.
+#ifndef HPS_CUDA_SHIM_H
+#define HPS_CUDA_SHIM_H
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+
+#include <atomic>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#define HPS_EMULATOR 1
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static thread_local
+#define warpSize 32
+
+// ---------------------------------------------------------------- vector types
+// Copying one through a pointer checks that pointer's alignment (the GPU faults on a
+// misaligned vector access; x86 would not): the user-declared copy constructor and
+// assignment receive the address the kernel dereferenced.
+namespace hps_emu {
+[[noreturn]] inline void fault(const char* fmt, ...);
+template <typename V>
+inline void check_aligned(const V* p, const char* type) {
+  if (reinterpret_cast<uintptr_t>(p) % alignof(V) != 0) {
+    fault("misaligned address: %s access at %p (needs %zu-byte alignment)", type, static_cast<const void*>(p),
+          alignof(V));
+  }
+}
+}  // namespace hps_emu
+
+#define HPS_EMU_VECTOR_TYPE(NAME, T, ALIGN, ...)                                       \
+  struct alignas(ALIGN) NAME {                                                         \
+    T __VA_ARGS__;                                                                     \
+    NAME() = default;                                                                  \
+    NAME(const NAME& o) {                                                              \
+      hps_emu::check_aligned(&o, #NAME);                                               \
+      memcpy(static_cast<void*>(this), static_cast<const void*>(&o), sizeof(NAME));    \
+    }                                                                                  \
+    NAME& operator=(const NAME& o) {                                                   \
+      hps_emu::check_aligned(this, #NAME);                                             \
+      memcpy(static_cast<void*>(this), static_cast<const void*>(&o), sizeof(NAME));    \
+      return *this;                                                                    \
+    }                                                                                  \
+  };
+
+HPS_EMU_VECTOR_TYPE(float2, float, 8, x, y)
+HPS_EMU_VECTOR_TYPE(float4, float, 16, x, y, z, w)
+HPS_EMU_VECTOR_TYPE(uint2, unsigned, 8, x, y)
+HPS_EMU_VECTOR_TYPE(uint4, unsigned, 16, x, y, z, w)
+#undef HPS_EMU_VECTOR_TYPE
+
+inline float2 make_float2(float x, float y) { float2 v; v.x = x; v.y = y; return v; }
+inline float4 make_float4(float x, float y, float z, float w) { float4 v; v.x = x; v.y = y; v.z = z; v.w = w; return v; }
+inline uint2 make_uint2(unsigned x, unsigned y) { uint2 v; v.x = x; v.y = y; return v; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) {
+  uint4 v; v.x = x; v.y = y; v.z = z; v.w = w; return v;
+}
+
+struct uint3 { unsigned x, y, z; };
+struct dim3 { unsigned x, y, z; };
+
+// ---------------------------------------------------------------- runtime state
+namespace hps_emu {
+
+enum State { RUNNABLE, WAIT_WARP, WAIT_BLOCK, DONE };
+enum Op { OP_SYNCWARP, OP_BALLOT, OP_ALL, OP_ANY, OP_SHFL, OP_SHFL_XOR };
+inline const char* op_name(int op) {
+  static const char* names[] = {"__syncwarp", "__ballot_sync", "__all_sync", "__any_sync", "__shfl_sync",
+                                "__shfl_xor_sync"};
+  return names[op];
+}
+
+struct Fiber {
+  void* sp = nullptr;  // saved stack pointer while switched out
+  int state = RUNNABLE;
+  uint3 tid{};
+  int lane = 0, warp = 0;
+  unsigned yields = 0;  // ordered accesses since the last switch (see maybe_yield)
+  // the warp intrinsic this lane waits in
+  int op = 0;
+  unsigned mask = 0;
+  uint64_t value = 0;
+  int arg = 0;
+  uint64_t result = 0;
+};
+
+struct Warp {
+  unsigned arrived = 0;  // lanes waiting in a warp intrinsic
+  unsigned exited = 0;   // lanes whose thread returned
+  unsigned present = 0;  // lanes that exist (a block of 48 threads has a half warp)
+};
+
+struct Block;
+inline thread_local Fiber* cur = nullptr;
+inline thread_local Block* blk = nullptr;
+
+inline void switch_to_scheduler();  // the fiber waits (its state says for what) or yields
+inline void make_ready(Fiber* f);
+
+struct Block {
+  uint3 block_idx{};
+  dim3 block_dim{}, grid_dim{};
+  Fiber* fibers = nullptr;
+  int nthreads = 0;
+  Warp* warps = nullptr;
+  std::string error;
+};
+
+// Rendezvous of the lanes of `mask` at intrinsic `op`: returns this lane's result once all
+// of them arrived (the last one to arrive computes every lane's result).
+inline uint64_t warp_sync(int op, unsigned mask, uint64_t value, int arg) {
+  Fiber* f = cur;
+  Warp& w = blk->warps[f->warp];
+  if (!((mask >> f->lane) & 1u)) {
+    fault("lane %d of warp %d calls %s with mask 0x%08x, which leaves the calling lane out", f->lane, f->warp,
+          op_name(op), mask);
+  }
+  if (mask & ~w.present) {
+    fault("lane %d of warp %d calls %s with mask 0x%08x naming lanes that do not exist (0x%08x)", f->lane, f->warp,
+          op_name(op), mask, w.present);
+  }
+  if (mask & w.exited) {
+    fault("lane %d of warp %d calls %s with mask 0x%08x, but lanes 0x%08x of that mask have exited", f->lane,
+          f->warp, op_name(op), mask, mask & w.exited);
+  }
+  f->op = op;
+  f->mask = mask;
+  f->value = value;
+  f->arg = arg;
+  w.arrived |= 1u << f->lane;
+  if ((w.arrived & mask) != mask) {
+    f->state = WAIT_WARP;
+    switch_to_scheduler();
+    return f->result;
+  }
+  Fiber* lanes = blk->fibers + f->warp * 32;
+  unsigned ballot = 0;
+  bool all = true, any = false;
+  for (int l = 0; l < 32; ++l) {
+    if (!((mask >> l) & 1u)) continue;
+    const Fiber& o = lanes[l];
+    if (o.op != op || o.mask != mask) {
+      fault("warp %d: lane %d is in %s(mask 0x%08x) while lane %d is in %s(mask 0x%08x): lanes of one mask must "
+            "meet at the same intrinsic",
+            f->warp, f->lane, op_name(op), mask, l, op_name(o.op), o.mask);
+    }
+    if (o.value) { ballot |= 1u << l; any = true; } else { all = false; }
+  }
+  for (int l = 0; l < 32; ++l) {
+    if (!((mask >> l) & 1u)) continue;
+    Fiber& o = lanes[l];
+    switch (op) {
+      case OP_SYNCWARP: o.result = 0; break;
+      case OP_BALLOT: o.result = ballot; break;
+      case OP_ALL: o.result = all; break;
+      case OP_ANY: o.result = any; break;
+      case OP_SHFL:
+      case OP_SHFL_XOR: {
+        // width 32 only (the kernels' only width): the source lane, within the warp
+        const int src = op == OP_SHFL ? (o.arg & 31) : (l ^ (o.arg & 31));
+        if (!((mask >> src) & 1u)) {
+          fault("warp %d: lane %d reads lane %d with %s(mask 0x%08x), a lane outside the mask (undefined value)",
+                f->warp, l, src, op_name(op), mask);
+        }
+        o.result = lanes[src].value;
+        break;
+      }
+    }
+    if (&o != f) {
+      o.state = RUNNABLE;
+      make_ready(&o);
+    }
+  }
+  w.arrived &= ~mask;
+  return f->result;
+}
+
+// Gives other fibers of the block a turn every few ordered accesses, so warps of one block
+// interleave between their intrinsics too, and a lane spinning on a lock held by another warp
+// of its own block cannot starve it.
+inline void maybe_yield() {
+  Fiber* f = cur;
+  if (++f->yields >= 8) {
+    f->yields = 0;
+    switch_to_scheduler();
+  }
+}
+
+template <typename T>
+inline uint64_t to_bits(T v) {
+  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value, "warp intrinsics move at most 8 bytes");
+  uint64_t b = 0;
+  memcpy(&b, &v, sizeof(T));
+  return b;
+}
+template <typename T>
+inline T from_bits(uint64_t b) {
+  T v;
+  memcpy(&v, &b, sizeof(T));
+  return v;
+}
+
+}  // namespace hps_emu
+
+#define threadIdx (::hps_emu::cur->tid)
+#define blockIdx (::hps_emu::blk->block_idx)
+#define blockDim (::hps_emu::blk->block_dim)
+#define gridDim (::hps_emu::blk->grid_dim)
+
+// ---------------------------------------------------------------- warp intrinsics
+inline unsigned __ballot_sync(unsigned mask, int pred) {
+  return static_cast<unsigned>(hps_emu::warp_sync(hps_emu::OP_BALLOT, mask, pred != 0, 0));
+}
+inline int __all_sync(unsigned mask, int pred) {
+  return static_cast<int>(hps_emu::warp_sync(hps_emu::OP_ALL, mask, pred != 0, 0));
+}
+inline int __any_sync(unsigned mask, int pred) {
+  return static_cast<int>(hps_emu::warp_sync(hps_emu::OP_ANY, mask, pred != 0, 0));
+}
+inline void __syncwarp(unsigned mask = 0xffffffffu) { hps_emu::warp_sync(hps_emu::OP_SYNCWARP, mask, 0, 0); }
+template <typename T>
+inline T __shfl_sync(unsigned mask, T var, int src_lane, int width = 32) {
+  if (width != 32) hps_emu::fault("__shfl_sync: only width 32 is emulated, got %d", width);
+  return hps_emu::from_bits<T>(hps_emu::warp_sync(hps_emu::OP_SHFL, mask, hps_emu::to_bits(var), src_lane));
+}
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = 32) {
+  if (width != 32) hps_emu::fault("__shfl_xor_sync: only width 32 is emulated, got %d", width);
+  return hps_emu::from_bits<T>(hps_emu::warp_sync(hps_emu::OP_SHFL_XOR, mask, hps_emu::to_bits(var), lane_mask));
+}
+// The lanes of the warp that have not exited: the emulator never splits a converged warp.
+inline unsigned __activemask() {
+  const hps_emu::Warp& w = hps_emu::blk->warps[hps_emu::cur->warp];
+  return w.present & ~w.exited;
+}
+void __syncthreads();
+inline void __nanosleep(unsigned) { hps_emu::switch_to_scheduler(); }
+
+// ---------------------------------------------------------------- atomics (device scope, relaxed: CUDA's atomicX)
+#define HPS_EMU_ATOMIC(T)                                                                                  \
+  inline T atomicAdd(T* p, T v) { hps_emu::maybe_yield(); return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); } \
+  inline T atomicSub(T* p, T v) { hps_emu::maybe_yield(); return __atomic_fetch_sub(p, v, __ATOMIC_RELAXED); } \
+  inline T atomicExch(T* p, T v) { hps_emu::maybe_yield(); return __atomic_exchange_n(p, v, __ATOMIC_RELAXED); } \
+  inline T atomicCAS(T* p, T expected, T desired) {                                                        \
+    hps_emu::maybe_yield();                                                                                \
+    __atomic_compare_exchange_n(p, &expected, desired, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);         \
+    return expected;                                                                                       \
+  }                                                                                                        \
+  inline T atomicMax(T* p, T v) {                                                                          \
+    hps_emu::maybe_yield();                                                                                \
+    T old = __atomic_load_n(p, __ATOMIC_RELAXED);                                                          \
+    while (old < v && !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) { \
+    }                                                                                                      \
+    return old;                                                                                            \
+  }                                                                                                        \
+  inline T atomicMin(T* p, T v) {                                                                          \
+    hps_emu::maybe_yield();                                                                                \
+    T old = __atomic_load_n(p, __ATOMIC_RELAXED);                                                          \
+    while (old > v && !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) { \
+    }                                                                                                      \
+    return old;                                                                                            \
+  }
+HPS_EMU_ATOMIC(int)
+HPS_EMU_ATOMIC(unsigned)
+HPS_EMU_ATOMIC(unsigned long long)
+#undef HPS_EMU_ATOMIC
+
+// ---------------------------------------------------------------- common.cuh's ordered accesses
+// The PTX of common.cuh (ld.acquire.gpu, ld.relaxed.gpu, st.relaxed.gpu, st.release.gpu,
+// fence.acq_rel.gpu) as C++ atomics of the same order; common.cuh leaves them out under
+// HPS_EMULATOR. x86 is stronger than the GPU (TSO), so these prove the algorithm under the
+// orders it asks for, not that the GPU's weaker hardware honours them.
+inline unsigned hps_ld_acquire(const unsigned* p) { hps_emu::maybe_yield(); return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+inline unsigned hps_ld_relaxed(const unsigned* p) { hps_emu::maybe_yield(); return __atomic_load_n(p, __ATOMIC_RELAXED); }
+inline int hps_ld_acquire(const int* p) { hps_emu::maybe_yield(); return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+inline void hps_st_relaxed(unsigned* p, unsigned v) { hps_emu::maybe_yield(); __atomic_store_n(p, v, __ATOMIC_RELAXED); }
+inline void hps_st_release(unsigned* p, unsigned v) { hps_emu::maybe_yield(); __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+inline void hps_st_release(int* p, int v) { hps_emu::maybe_yield(); __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+inline void hps_fence() { __atomic_thread_fence(__ATOMIC_ACQ_REL); }
+
+// ---------------------------------------------------------------- bits and floats
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
+inline int __ffsll(long long x) { return __builtin_ffsll(x); }
+inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigned>(x)); }
+inline int __clzll(long long x) { return x == 0 ? 64 : __builtin_clzll(static_cast<unsigned long long>(x)); }
+inline unsigned __brev(unsigned x) {
+  unsigned r = 0;
+  for (int i = 0; i < 32; ++i) r |= ((x >> i) & 1u) << (31 - i);
+  return r;
+}
+inline unsigned __float_as_uint(float x) { unsigned u; memcpy(&u, &x, 4); return u; }
+inline float __uint_as_float(unsigned u) { float x; memcpy(&x, &u, 4); return x; }
+inline int __float_as_int(float x) { int u; memcpy(&u, &x, 4); return u; }
+inline float __int_as_float(int u) { float x; memcpy(&x, &u, 4); return x; }
+// Each rounded alone, round to nearest even: the library builds with -ffp-contract=off, so
+// no product is fused into an FMA (as __fmul_rn/__fadd_rn promise on the GPU).
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+
+#endif  // HPS_CUDA_SHIM_H
