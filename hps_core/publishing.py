@@ -99,6 +99,7 @@ from hps_core.formats.hugectr import check_unique_keys
 from hps_core.loader import DEFAULT_CHUNK_ROWS, fingerprint, load_config_tables
 from hps_core.model_control import ModelControl
 from hps_core.retry import RetryPolicy
+from hps_core.row_formats import non_finite_rows
 
 __all__ = [
     "PHASES",
@@ -481,9 +482,9 @@ def _check_table(folder: str, name: str, dim: int, long_keys: bool) -> int:
     step = 1 << 18
     for lo in range(0, len(table), step):
         chunk = np.asarray(table.vectors[lo:lo + step])
-        bad = ~np.isfinite(chunk).all(axis=1)
-        if bad.any():
-            row = lo + int(np.argmax(bad))
+        bad = non_finite_rows(chunk)
+        if bad.shape[0]:
+            row = lo + int(bad[0])
             raise FormatError(f"{what}: the row of key {int(table.keys[row])} (row {row}) holds NaN or infinity")
     return len(table)
 

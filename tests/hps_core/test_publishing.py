@@ -98,6 +98,7 @@ def test_bulk_load_fills_rocksdb_once_and_a_rerun_writes_nothing(setup: tuple[Pu
     ("dense_of_other_shapes", FormatError, "do not load into the network dense.json describes"),
     ("table_count", ConfigError, "cannot change the table count"),
     ("duplicate_keys", FormatError, "duplicate key"),
+    ("non_finite_row", FormatError, r"the row of key \d+ \(row 3\) holds NaN or infinity"),
 ])
 def test_a_broken_export_is_refused_naming_the_problem(setup: tuple[PublishTarget, Path], breakage: str,
                                                       error: type[Exception], words: str) -> None:
@@ -124,6 +125,10 @@ def test_a_broken_export_is_refused_naming_the_problem(setup: tuple[PublishTarge
         keys = np.fromfile(folder / "sparse" / "t0" / "key", dtype=np.int64)
         keys[1] = keys[0]
         keys.tofile(folder / "sparse" / "t0" / "key")
+    elif breakage == "non_finite_row":
+        vectors = np.fromfile(folder / "sparse" / "t0" / "emb_vector", dtype=np.float32).reshape(-1, DIM)
+        vectors[3, 1] = np.inf
+        vectors.tofile(folder / "sparse" / "t0" / "emb_vector")
     (folder / "hps.json").write_text(json.dumps(document))
     before = sorted(p.relative_to(target.repository) for p in target.repository.rglob("*"))
     with pytest.raises(error, match=words):
