@@ -38,6 +38,9 @@ STUB_EXECUTABLE = "triton_python_backend_stub"
 #: Set by ``hps serve`` in Triton's environment: it watches the stubs itself, so the backends'
 #: watchdog (backend/stub_watchdog.py) stays off.
 SUPERVISED_ENV = "HPS_SERVE_WATCHES_STUBS"
+# A stub is learned within this long of its start (a few file reads per Triton thread); one that
+# dies sooner is a failed load, which Triton reports itself.
+_RESCAN_S = 1.0
 _STUB_ARGS = 9  # stub, model.py, shm region, shm sizes ×2, parent pid, backend dir, ipc size, instance name
 _METRIC_LINE = re.compile(r'^(nv_inference_pending_request_count|nv_inference_exec_count)\{([^}]*)\} (\S+)$', re.M)
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
@@ -96,13 +99,16 @@ def _children(pid: int) -> list[int]:
     return sorted(found)
 
 
-def _state_and_exit(pid: int) -> tuple[str, int] | None:
-    """``(state, exit status)`` of ``pid`` from /proc; the status is the wait(2) word (0 while it runs)."""
+def _state_and_exit(pid: int, parent: int) -> tuple[str, int] | None:
+    """``(state, exit status)`` of ``pid`` from /proc while it is a child of ``parent`` (None once
+    it is gone: reaped, and its number maybe reused); the status is the wait(2) word (0 while it runs)."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     fields = text[text.rindex(")") + 2:].split()  # comm may hold spaces and parentheses
+    if int(fields[1]) != parent:
+        return None
     # field 52 (exit_code) is the 50th after comm; older kernels lack it
     return fields[0], int(fields[49]) if len(fields) > 49 else 0
 
@@ -124,21 +130,26 @@ class StubWatch:
         self._alive: dict[int, Stub] = {}
         self._reported: set[int] = set()  # zombies stay until the server exits: report each once
         self._stopped_since: dict[int, float] = {}  # stubs seen stopped (SIGSTOP, a tracer), since when
+        self._scanned_at = -float("inf")  # last listing of the server's children
 
     def stubs(self) -> list[Stub]:
         """The stubs alive at the last :meth:`dead`."""
         return list(self._alive.values())
 
     def dead(self) -> list[StubDeath]:
-        """Stubs that died since the last call (and learn the new ones)."""
+        """Stubs that died since the last call; the server's children are listed again (to learn
+        new stubs) at most every ``_RESCAN_S``: Triton has a hundred threads to list them from,
+        while a known stub's state is one file."""
+        now = time.monotonic()
+        if now - self._scanned_at >= _RESCAN_S:
+            self._scanned_at = now
+            for pid in set(_children(self.server_pid)) - self._alive.keys() - self._reported:
+                stub = stub_of(pid)
+                if stub is not None:
+                    self._alive[pid] = stub
         deaths = []
-        children = set(_children(self.server_pid))
-        for pid in children - self._alive.keys() - self._reported:
-            stub = stub_of(pid)
-            if stub is not None:
-                self._alive[pid] = stub
         for pid, stub in list(self._alive.items()):
-            status = _state_and_exit(pid) if pid in children else None
+            status = _state_and_exit(pid, self.server_pid)
             if status is None:  # reaped by Triton: it stopped the stub itself
                 del self._alive[pid]
             elif status[0] == "Z":
@@ -148,7 +159,7 @@ class StubWatch:
             if status is None or status[0] not in "Tt":
                 self._stopped_since.pop(pid, None)
             else:
-                self._stopped_since.setdefault(pid, time.monotonic())
+                self._stopped_since.setdefault(pid, now)
         return deaths
 
     def stopped(self, for_s: float) -> list[Stub]:
