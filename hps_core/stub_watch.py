@@ -7,9 +7,9 @@ measured, every request to the model answers ``INTERNAL Stub process '<instance>
 healthy`` for as long as one waits, while liveness, readiness and the model's readiness all
 answer 200. Two facts make a death visible from outside:
 
-* Triton reaps a stub it stops itself (an unload, a failed load), but not one that died on
-  its own: that one stays a zombie child of ``tritonserver`` until the server exits, with the
-  signal or exit code that ended it in ``/proc/<pid>/stat``;
+* Triton reaps a stub it stops itself (an unload, a failed load) within milliseconds, but not
+  one that died on its own: that one stays a zombie child of ``tritonserver`` until the server
+  exits, with the signal or exit code that ended it in ``/proc/<pid>/stat``;
 * a stub's command line names its model folder (``<repository>/<model>/<version>/model.py``)
   and its instance (``<model>_<group>_<index>``), read while it lives.
 
@@ -41,6 +41,10 @@ SUPERVISED_ENV = "HPS_SERVE_WATCHES_STUBS"
 # A stub is learned within this long of its start (a few file reads per Triton thread); one that
 # dies sooner is a failed load, which Triton reports itself.
 _RESCAN_S = 1.0
+# A stub Triton stops is a zombie for the moment before Triton's waitpid (seen in 19 of 30
+# unloads polling every 0.5 ms; longer on a busy machine); one that died on its own stays a
+# zombie for good. Generous: it delays the report of a real death by as much.
+_CONFIRM_S = 1.0
 _STUB_ARGS = 9  # stub, model.py, shm region, shm sizes ×2, parent pid, backend dir, ipc size, instance name
 _METRIC_LINE = re.compile(r'^(nv_inference_pending_request_count|nv_inference_exec_count)\{([^}]*)\} (\S+)$', re.M)
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
@@ -131,6 +135,7 @@ class StubWatch:
         self._reported: set[int] = set()  # zombies stay until the server exits: report each once
         self._stopped_since: dict[int, float] = {}  # stubs seen stopped (SIGSTOP, a tracer), since when
         self._scanned_at = -float("inf")  # last listing of the server's children
+        self._zombie_since: dict[int, float] = {}  # stubs seen dead, not yet confirmed (see dead())
 
     def stubs(self) -> list[Stub]:
         """The stubs alive at the last :meth:`dead`."""
@@ -150,16 +155,19 @@ class StubWatch:
         deaths = []
         for pid, stub in list(self._alive.items()):
             status = _state_and_exit(pid, self.server_pid)
+            state = status[0] if status else ""
             if status is None:  # reaped by Triton: it stopped the stub itself
                 del self._alive[pid]
-            elif status[0] == "Z":
+            elif state == "Z" and now - self._zombie_since.setdefault(pid, now) >= _CONFIRM_S:
                 del self._alive[pid]
                 self._reported.add(pid)
                 deaths.append(StubDeath(stub, _cause(status[1])))
-            if status is None or status[0] not in "Tt":
-                self._stopped_since.pop(pid, None)
-            else:
+            if state != "Z" or pid in self._reported:
+                self._zombie_since.pop(pid, None)
+            if state in ("T", "t"):
                 self._stopped_since.setdefault(pid, now)
+            else:
+                self._stopped_since.pop(pid, None)
         return deaths
 
     def stopped(self, for_s: float) -> list[Stub]:

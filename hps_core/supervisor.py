@@ -1,4 +1,5 @@
-"""Keep one Triton server serving: restart it when it dies, count why, give up past a limit.
+"""Keep one Triton server serving: restart it when it dies, reload a model whose stub died,
+count why, and raise an alarm when deaths come too fast.
 
 ``hps serve`` runs a :class:`Supervisor` around a :class:`~hps_core.serving.TritonServer`.
 While it serves, a staged mirror of the repository (no GPU) is kept in step with the original
@@ -15,15 +16,24 @@ SIGKILLed, cause ``unresponsive``), the supervisor
    :class:`RestartPolicy`'s backoff;
 4. starts a new server on the same ports.
 
-A server that dies more than ``max_restarts`` times within ``window_s`` is not started again:
-:meth:`Supervisor.run` raises :class:`~hps_core.errors.ServingError`, with nothing left behind.
+A server that dies more than ``max_restarts`` times within ``window_s`` is restarted every
+``backoff_max_s`` from then on, with an ERROR line and ``hps_serve_restart_limit_reached 1``
+(a client able to crash Triton must not be able to stop the service); with
+``on_limit="exit"`` :meth:`Supervisor.run` raises :class:`~hps_core.errors.ServingError`
+instead, with nothing left behind.
+
+A Python stub that dies (or hangs: then it is killed) while Triton lives is seen by a
+:class:`~hps_core.stub_watch.StubWatch`; Triton would never replace it, so its model is
+unloaded and loaded again (:func:`_reload_model`), or Triton restarted when that fails.
 
 The counts are served as Prometheus text by :class:`MetricsEndpoint` on a port of its own:
 Triton's ``/metrics`` port belongs to the process that just died, and its counters restart
 with it. Families::
 
-    hps_serve_restarts_total{cause}  counter  Triton restarts, by the cause of the death
-    hps_serve_up                     gauge    1 while Triton is serving, 0 while it is restarted
+    hps_serve_restarts_total{cause}             counter  Triton restarts, by the cause of the death
+    hps_serve_stub_restarts_total{model,cause}  counter  models reloaded for a dead or hung stub
+    hps_serve_up                                gauge    1 while Triton is serving, 0 while it is restarted
+    hps_serve_restart_limit_reached             gauge    1 when the last restart was past max_restarts
 """
 
 from __future__ import annotations
@@ -57,7 +67,7 @@ ON_LIMIT = ("backoff", "exit")
 class RestartPolicy:
     """When to restart a dead server, and when to stop trying."""
 
-    max_restarts: int = 5  # restarts allowed within window_s; one more death ends `hps serve`
+    max_restarts: int = 5  # restarts at the doubling backoff within window_s; past them, on_limit decides
     window_s: float = 600.0  # the sliding window over which restarts are counted
     backoff_s: float = 1.0  # wait before the first restart of a window; doubles for each later one
     backoff_max_s: float = 30.0  # the longest wait
@@ -385,9 +395,12 @@ class Supervisor:
 
 
 def _reload_model(control: ModelControl, model: str, *, timeout: float) -> None:
-    """Unload ``model`` and load it again with the versions it served; then every ensemble that
-    served with it, as it was (Triton unloads an ensemble whose step goes and loads it again from
-    its last config when the step is back: checked, and loaded here when that did not happen)."""
+    """Unload ``model`` and load it again (Triton loads every version folder there is; those it
+    served must come back); then every ensemble that served with it: Triton unloads an
+    ensemble whose step goes and loads it again when the step is back, and one that did not
+    come back is loaded here with the config it had. One that is back is left as it is, since a
+    publication may have switched it meanwhile (hps serve takes no publication lock: a
+    reload must not wait for a bulk load; the publication's own checks see a reload)."""
     versions = control.ready_versions(model)
     ensembles = {name: control.config(name) for name in _ensembles_using(control, model)}
     control.unload(model)
@@ -396,7 +409,7 @@ def _reload_model(control: ModelControl, model: str, *, timeout: float) -> None:
     _wait_not_ready(control, model, timeout=timeout)
     control.load(model, versions=versions, timeout=timeout)
     for name, config in ensembles.items():
-        if not control.is_ready(name) or control.config(name) != config:
+        if not control.is_ready(name):
             control.load(name, config=config, timeout=timeout)
     log.warning("model '%s' reloaded (versions %s)%s", model, ", ".join(map(str, versions)) or "none",
                 f" with the ensembles {', '.join(sorted(ensembles))}" if ensembles else "")

@@ -101,6 +101,8 @@ def _check_served(url: str, token: str, expected: DLRMVersion, rocksdb: Path, se
     shown when not)."""
     try:
         _check_answers(url, token, expected)
+        # the unloads a publication does are never taken for a dead stub (hps_core/stub_watch.py)
+        assert "reloading the model" not in serve.output
     except Exception:
         print(serve.output[-6000:])
         raise

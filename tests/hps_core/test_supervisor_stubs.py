@@ -10,12 +10,15 @@ from __future__ import annotations
 import os
 import re
 import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from backend.stub_watchdog import start_watchdog
 from hps_core.errors import ConfigError
+from hps_core.model_control import ModelControl
 from hps_core.serving import TritonServer
 from hps_core.stub_watch import SUPERVISED_ENV, StubWatch, hung_versions
 from tests.hps_serve import (
@@ -160,3 +163,37 @@ def test_without_hps_serve_a_dead_stub_stops_triton(repository: Repository, monk
         server.wait(RECOVERY_S)  # it exits by itself
         log = server.log_tail(400)
     assert "died: SIGKILL. Triton never replaces it" in log and "stopping Triton (SIGTERM)" in log
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_stubs_triton_stops_itself_are_never_taken_for_dead(repository: Repository,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each unload leaves its stub a zombie for the moment before Triton reaps it: a watcher
+    looking every millisecond must not call that a death (nor the backends' watchdog, which
+    would stop this server)."""
+    monkeypatch.delenv(SUPERVISED_ENV, raising=False)
+    server = TritonServer(repository.path, http_port=0, grpc_port=0, metrics_port=0,
+                          backend_config=[f"hps,ps={repository.hps_json}"], exit_timeout=3)
+    with server:
+        assert server.process is not None
+        watch, deaths, stop = StubWatch(server.process.pid), [], threading.Event()
+
+        def look() -> None:
+            while not stop.wait(0.001):
+                deaths.extend(watch.dead())
+
+        looking = threading.Thread(target=look)
+        looking.start()
+        control = ModelControl(server.http_url, server.control_token)
+        try:
+            for _ in range(8):
+                time.sleep(1.2)  # the watcher learns the new stub (it lists children every second)
+                control.unload("echo")
+                control.wait_gone("echo", timeout=RECOVERY_S)
+                control.load("echo", versions=[1], timeout=RECOVERY_S)
+        finally:
+            stop.set()
+            looking.join()
+        assert deaths == [] and server.is_running() and echo_ok(server.http_url)
