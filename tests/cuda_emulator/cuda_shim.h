@@ -216,15 +216,34 @@ inline uint64_t warp_sync(int op, unsigned mask, uint64_t value, int arg) {
   return f->result;
 }
 
-// Gives other fibers of the block a turn every few ordered accesses, so warps of one block
-// interleave between their intrinsics too, and a lane spinning on a lock held by another warp
-// of its own block cannot starve it.
-inline void maybe_yield() {
-  Fiber* f = cur;
-  if (++f->yields >= 8) {
-    f->yields = 0;
-    switch_to_scheduler();
+// Gives other fibers of the block a turn every few ordered accesses (atomics, common.cuh's
+// acquire/release/relaxed accesses), so warps of one block interleave between their intrinsics
+// too, and a lane spinning on a lock held by another warp of its own block cannot starve it.
+// Every HPS_EMU_PREEMPT-th such turn (default 4; 0: never) also yields the host thread, so
+// other blocks and other launches run inside this warp's window between two ordered accesses,
+// as they would on a GPU; without it a window is a few nanoseconds of one host thread's time.
+// Loads yield before they read, stores and read-modify-writes after they wrote (what they
+// publish is seen while the lane is paused); a release store, the publication of a seqlock or
+// a slot, always yields.
+inline unsigned preempt_every() {
+  static const unsigned every = [] {
+    const char* v = getenv("HPS_EMU_PREEMPT");
+    return v && *v ? static_cast<unsigned>(strtoul(v, nullptr, 10)) : 4u;
+  }();
+  return every;
+}
+inline thread_local unsigned turns = 0;
+inline void yield_now() {
+  cur->yields = 0;
+  const unsigned every = preempt_every();
+  if (every && ++turns >= every) {
+    turns = 0;
+    std::this_thread::yield();
   }
+  switch_to_scheduler();
+}
+inline void maybe_yield() {
+  if (++cur->yields >= 8) yield_now();
 }
 
 template <typename T>
@@ -279,12 +298,12 @@ inline void __nanosleep(unsigned) { hps_emu::switch_to_scheduler(); }
 
 // ---------------------------------------------------------------- atomics (device scope, relaxed: CUDA's atomicX)
 #define HPS_EMU_ATOMIC(T)                                                                                  \
-  inline T atomicAdd(T* p, T v) { hps_emu::maybe_yield(); return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); } \
-  inline T atomicSub(T* p, T v) { hps_emu::maybe_yield(); return __atomic_fetch_sub(p, v, __ATOMIC_RELAXED); } \
-  inline T atomicExch(T* p, T v) { hps_emu::maybe_yield(); return __atomic_exchange_n(p, v, __ATOMIC_RELAXED); } \
+  inline T atomicAdd(T* p, T v) { const T r = __atomic_fetch_add(p, v, __ATOMIC_RELAXED); hps_emu::maybe_yield(); return r; } \
+  inline T atomicSub(T* p, T v) { const T r = __atomic_fetch_sub(p, v, __ATOMIC_RELAXED); hps_emu::maybe_yield(); return r; } \
+  inline T atomicExch(T* p, T v) { const T r = __atomic_exchange_n(p, v, __ATOMIC_RELAXED); hps_emu::maybe_yield(); return r; } \
   inline T atomicCAS(T* p, T expected, T desired) {                                                        \
-    hps_emu::maybe_yield();                                                                                \
     __atomic_compare_exchange_n(p, &expected, desired, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);         \
+    hps_emu::maybe_yield();                                                                                \
     return expected;                                                                                       \
   }                                                                                                        \
   inline T atomicMax(T* p, T v) {                                                                          \
@@ -314,9 +333,9 @@ HPS_EMU_ATOMIC(unsigned long long)
 inline unsigned hps_ld_acquire(const unsigned* p) { hps_emu::maybe_yield(); return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 inline unsigned hps_ld_relaxed(const unsigned* p) { hps_emu::maybe_yield(); return __atomic_load_n(p, __ATOMIC_RELAXED); }
 inline int hps_ld_acquire(const int* p) { hps_emu::maybe_yield(); return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
-inline void hps_st_relaxed(unsigned* p, unsigned v) { hps_emu::maybe_yield(); __atomic_store_n(p, v, __ATOMIC_RELAXED); }
-inline void hps_st_release(unsigned* p, unsigned v) { hps_emu::maybe_yield(); __atomic_store_n(p, v, __ATOMIC_RELEASE); }
-inline void hps_st_release(int* p, int v) { hps_emu::maybe_yield(); __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+inline void hps_st_relaxed(unsigned* p, unsigned v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); hps_emu::maybe_yield(); }
+inline void hps_st_release(unsigned* p, unsigned v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); hps_emu::yield_now(); }
+inline void hps_st_release(int* p, int v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); hps_emu::yield_now(); }
 inline void hps_fence() { __atomic_thread_fence(__ATOMIC_ACQ_REL); }
 
 // ---------------------------------------------------------------- bits and floats

@@ -89,21 +89,46 @@ struct Worker {
   uint64_t rng = 0;
   unsigned long long switches = 0;
 
-  ~Worker() {
-    if (stacks) munmap(stacks, stack_count * stack_size);
+  ~Worker() { release_stacks(); }
+
+  // Stacks are mapped once per process and reused by later launches (a fresh mapping and 256
+  // guard pages per block and launch cost more system time than the kernels themselves).
+  static std::mutex& arenas_lock() {
+    static std::mutex m;
+    return m;
+  }
+  static std::vector<std::pair<char*, size_t>>& free_arenas() {
+    static std::vector<std::pair<char*, size_t>> arenas;
+    return arenas;
+  }
+
+  void release_stacks() {
+    if (stacks == nullptr) return;
+    std::lock_guard<std::mutex> g(arenas_lock());
+    free_arenas().emplace_back(stacks, stack_count);
+    stacks = nullptr;
+    stack_count = 0;
   }
 
   void reserve_stacks(size_t count) {
     if (count <= stack_count) return;
-    if (stacks) munmap(stacks, stack_count * stack_size);
+    release_stacks();
     stack_size = env_size("HPS_EMU_STACK_KIB", 64) * 1024;
+    {
+      std::lock_guard<std::mutex> g(arenas_lock());
+      auto& arenas = free_arenas();
+      for (size_t i = 0; i < arenas.size(); ++i) {
+        if (arenas[i].second >= count) {
+          stacks = arenas[i].first;
+          stack_count = arenas[i].second;
+          arenas.erase(arenas.begin() + static_cast<long>(i));
+          return;
+        }
+      }
+    }
     void* p = mmap(nullptr, count * stack_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
                    -1, 0);
-    if (p == MAP_FAILED) {
-      stacks = nullptr;
-      stack_count = 0;
-      return;
-    }
+    if (p == MAP_FAILED) return;
     stacks = static_cast<char*>(p);
     stack_count = count;
     for (size_t i = 0; i < count; ++i) mprotect(stacks + i * stack_size, 4096, PROT_NONE);  // overflow guard
