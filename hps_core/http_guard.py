@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import socket
 import threading
 import time
@@ -63,8 +64,14 @@ log = logging.getLogger(__name__)
 #: above what an HPS or DLRM request carries (1,024 samples x 26 keys x 8 bytes is 208 KiB) and
 #: far below what crashes (Triton's JSON parser allocates the declared size: 4 GiB took 15 s).
 DEFAULT_MAX_INPUT_BYTES = 2**31
-#: Largest JSON inference header the guard reads into memory (a JSON-only request is all header).
-DEFAULT_MAX_HEADER_BYTES = 256 * 2**20
+#: Largest JSON inference header the guard reads (a JSON-only request is all header). Parsed,
+#: JSON numbers cost ~25x their text in Python objects (64 MiB of floats took 1.6 GiB and 2.3 s):
+#: 8 MiB holds a batch of 4,096 DLRM samples as JSON; real traffic sends binary tensors.
+DEFAULT_MAX_HEADER_BYTES = 8 * 2**20
+#: Headers above this size are parsed at most two at a time (the others wait), so a few clients
+#: sending the largest ones cannot take hps serve's memory.
+_LARGE_HEADER_BYTES = 2**20
+_LARGE_PARSES = threading.BoundedSemaphore(2)
 _MAX_HEAD_BYTES = 64 * 1024  # request line + headers; Triton's clients send a few hundred bytes
 _MAX_CONNECTIONS = 1024  # client connections served at once (a thread each)
 # A thread per connection makes idle connections the way to exhaust the guard: one kept open
@@ -113,7 +120,10 @@ def check_inference_header(header: bytes, *, max_input_bytes: int = DEFAULT_MAX_
     """Raise :class:`RequestError` when the JSON inference header ``header`` declares an input
     Triton 2.51's HTTP front end must not see (the rules are in the module docstring)."""
     try:
-        request = json.loads(header, object_pairs_hook=_unique_keys)
+        with _LARGE_PARSES if len(header) > _LARGE_HEADER_BYTES else contextlib.nullcontext():
+            request = json.loads(header, object_pairs_hook=_unique_keys)
+    except RecursionError:  # arrays nested deeper than Python's stack: no tensor is
+        raise RequestError("the inference header nests JSON arrays or objects too deeply; send flat data") from None
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
         if isinstance(exc, RequestError):
             raise
@@ -286,6 +296,8 @@ class _Message:
         return b"close" in connection
 
 
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+
 # Headers whose duplicates Triton's server and ours could read differently (request smuggling).
 _SINGLE_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"inference-header-content-length",
                              b"content-encoding"})
@@ -303,6 +315,7 @@ class _Body:
         self.raw: list[bytes] = []
         self.keep = keep  # whether payload is collected in `decoded` (only while inspecting)
         self.decoded = bytearray()
+        self.broken = False  # its framing failed: where the next message begins is unknown
 
     def _read_piece(self) -> bytes:
         """The next raw piece of the body (empty once done), its payload added to ``decoded``
@@ -326,10 +339,12 @@ class _Body:
         if self.left == 0:
             line = self.reader.until(b"\r\n", 4096)
             size_text = line.split(b";", 1)[0].strip()
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise _BadRequest(f"malformed chunk size {size_text[:40]!r}") from None
+            # Hex digits only: int(.., 16) also takes "-5" (a negative size spun this loop
+            # forever), "+5", "0x10" and "1_0", which Triton's parser would read otherwise.
+            if not _CHUNK_SIZE.fullmatch(size_text):
+                self.broken = True
+                raise _BadRequest(f"malformed chunk size {size_text[:40]!r}")
+            size = int(size_text, 16)
             if size == 0:
                 trailers = line
                 while (trailer := self.reader.until(b"\r\n", _MAX_HEAD_BYTES)) != b"\r\n":
@@ -346,9 +361,14 @@ class _Body:
             self.decoded += data[: len(data) - crlf]
         return data
 
-    def payload(self, n: int) -> bytes:
-        """The first ``n`` payload bytes (fewer when the body is shorter), reading as needed."""
+    def payload(self, n: int, within_s: float) -> bytes:
+        """The first ``n`` payload bytes (fewer when the body is shorter), reading as needed;
+        :class:`_Closed` when they take longer than ``within_s`` (a client sending a byte a
+        minute would hold its connection's thread for good)."""
+        deadline = time.monotonic() + within_s
         while len(self.decoded) < n and not self.done:
+            if time.monotonic() > deadline:
+                raise _Closed(f"the inference header not complete {within_s:.0f} s after it began")
             self.raw.append(self._read_piece())
         return bytes(self.decoded[:n])
 
@@ -539,9 +559,14 @@ class _Connection:
             if not body.done and b"/infer" in urllib.parse.unquote_to_bytes(target):
                 self._inspect(request, body)
         except _BadRequest as exc:
-            # The rest of the body is read (and dropped) so that the next request is framed right.
-            with contextlib.suppress(_Closed, _BadRequest):
-                body.drain()
+            # The rest of the body is read (and dropped) so that the next request is framed
+            # right; a body that cannot be (a malformed chunk) ends the connection.
+            try:
+                if not body.broken:
+                    body.drain()
+            except (_Closed, _BadRequest):
+                pass
+            close = close or body.broken or not body.done
             if exc.status == 400:
                 self.guard.note_refusal(f"{method.decode(errors='replace')} {target[:200].decode(errors='replace')}: {exc}")
             return _answer(self.client, exc.status, str(exc), close=close)
@@ -564,9 +589,9 @@ class _Connection:
             wanted = limit + 1
         encoding = request.headers.get(b"content-encoding", b"identity").lower()
         if encoding == b"identity":
-            header = body.payload(wanted)
+            header = body.payload(wanted, self.guard.idle_s)
         elif encoding in (b"gzip", b"deflate"):
-            header = _decompress(body.payload(limit + 1), wanted)
+            header = _decompress(body.payload(limit + 1, self.guard.idle_s), wanted)
         else:
             raise _BadRequest(f"Content-Encoding {encoding!r} is not supported; send gzip, deflate or none")
         if header_length is None and len(header) > limit:

@@ -109,6 +109,8 @@ def test_what_triton_could_read_differently_is_refused() -> None:
         check_inference_header(b'{"inputs": [')
     check_inference_header(b'{"outputs": []}')  # no inputs: Triton answers that itself
     check_inference_header(b"[1, 2]")
+    with pytest.raises(RequestError, match="nests JSON arrays or objects too deeply"):
+        check_inference_header(b"[" * 100_000)  # a RecursionError in json.loads: a 400, not a traceback
 
 
 # --------------------------------------------------------------------------- framing, against a stdlib upstream
@@ -290,12 +292,21 @@ def test_unreachable_upstream_is_503_and_the_guard_follows_it_back() -> None:
             server.server_close()
 
 
-def test_malformed_framing_is_refused() -> None:
+@pytest.mark.parametrize("request_bytes, words", [
+    (b"POST /v2/models/m/infer HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
+     b"Content-Length given twice"),
+    # int(..., 16) takes these; a negative size once spun the connection's thread forever
+    (b"POST /v2/models/m/infer HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nabcdefgh", b"malformed chunk size"),
+    (b"POST /v2/models/m/infer HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0x10\r\nabcdefgh", b"malformed chunk size"),
+    (b"POST /v2/models/m/infer HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1_0\r\nabcdefgh", b"malformed chunk size"),
+])
+def test_malformed_framing_is_refused(request_bytes: bytes, words: bytes) -> None:
     with HttpGuard("127.0.0.1", 0, lambda: "127.0.0.1:1") as running, \
             socket.create_connection(running.url.rsplit(":", 1)) as raw:
-        raw.sendall(b"POST /v2/models/m/infer HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello")
+        raw.settimeout(30)
+        raw.sendall(request_bytes)
         reply = raw.makefile("rb").read()
-    assert reply.startswith(b"HTTP/1.1 400") and b"Content-Length given twice" in reply
+    assert reply.startswith(b"HTTP/1.1 400") and words in reply, reply
 
 
 def test_idle_and_slow_connections_are_closed_so_they_cannot_hold_every_slot() -> None:
@@ -306,13 +317,24 @@ def test_idle_and_slow_connections_are_closed_so_they_cannot_hold_every_slot() -
             socket.create_connection(running.url.rsplit(":", 1)) as slow:
         idle.settimeout(30)
         slow.settimeout(30)
-        sent = 0
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            for sent in range(1, 300):  # a byte every 0.1 s: each read in time, the head never complete
-                slow.sendall(b"G")
-                time.sleep(0.1)
-        assert sent < 299  # the guard closed it (the send broke) long before the head could end
+        assert _trickled(slow, b"") < 299  # the head never completes: closed long before
         assert idle.recv(1) == b""  # closed by the guard, nothing answered
+    with HttpGuard("127.0.0.1", 0, lambda: "127.0.0.1:1", idle_s=0.5) as running, \
+            socket.create_connection(running.url.rsplit(":", 1)) as slow_body:
+        slow_body.settimeout(30)
+        head = b"POST /v2/models/m/infer HTTP/1.1\r\nContent-Length: 100000\r\n\r\n"
+        assert _trickled(slow_body, head) < 299  # nor does the JSON header the guard must read
+
+
+def _trickled(sock: socket.socket, first: bytes) -> int:
+    """Send ``first``, then a byte every 0.1 s until the peer closes (at most 299); how many went."""
+    sent = 0
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        sock.sendall(first)
+        for sent in range(1, 300):  # each read in time for the idle timeout, the whole never
+            sock.sendall(b"G")
+            time.sleep(0.1)
+    return sent
 
 
 # --------------------------------------------------------------------------- real Triton, through hps serve
