@@ -12,6 +12,7 @@ import re
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ from tests.hps_serve import (
     Traffic,
     build_repository,
     echo_ok,
+    infer_body,
     scrape,
     send,
     send_crash,
@@ -124,6 +126,25 @@ def test_stopped_stub_is_killed_and_its_model_reloaded(repository: Repository) -
         assert wait_until(lambda: _stub_restarts(ready, "echo", "hung") == 1, RECOVERY_S), serve.output
         assert wait_until(lambda: echo_ok(ready.http), RECOVERY_S)
         assert "hangs (stopped for 2 s): killing its stubs" in serve.output
+        assert serve.stop() == 0
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_model_stuck_in_an_execution_with_requests_waiting_is_reloaded(repository: Repository) -> None:
+    """The hang Triton's metrics show: echo's one instance sleeps in execute (a request of -600000
+    holds it 600 s), the next requests queue, no execution completes for --stub-hang-timeout."""
+    with ServeProcess(repository, "--stub-hang-timeout", "3") as serve, ThreadPoolExecutor(4) as pool:
+        ready = serve.wait_ready()
+        stuck = [pool.submit(send, ready.http, "/v2/models/echo/infer", infer_body([-600_000, 1]))]
+        time.sleep(0.5)  # the first one holds the instance; these wait behind it
+        stuck += [pool.submit(send, ready.http, "/v2/models/echo/infer", infer_body([1, 2])) for _ in range(2)]
+        assert wait_until(lambda: _stub_restarts(ready, "echo", "hung") == 1, RECOVERY_S), serve.output
+        assert "hangs (requests pending and none executed for 3 s)" in serve.output
+        assert wait_until(lambda: echo_ok(ready.http), RECOVERY_S)
+        for future in stuck:
+            future.exception(timeout=RECOVERY_S)  # each ended, answered or failed, none hangs
         assert serve.stop() == 0
 
 
