@@ -53,7 +53,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -359,12 +359,14 @@ def load_config_tables(
     tier: str = "persistent",
     progress: bool = False,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    after_table: Callable[[str], None] | None = None,
 ) -> dict[str, dict[str, int]]:
     """Load ``tables`` into the config's tiers; returns ``{tier: {table: rows written}}``.
 
     The persistent tier takes whole tables; the volatile tier the first
     ``initial_cache_rate`` share of each (HugeCTR's start-up rule). The in-process hash map
     is refused: it lives in each serving process, so there is nothing to load ahead.
+    ``after_table(qualified name)`` is called as each table is done, in each tier.
     """
     from hps_core.db import open_persistent_db, open_volatile_db
 
@@ -380,11 +382,7 @@ def load_config_tables(
             settings = dataclasses.replace(settings, read_only=False)  # the loader is the writer
         db = open_persistent_db(settings)
         with _closing(db, f"{config.source}: loading {_names(tables)} into RocksDB at {settings.path}"):
-            report["persistent"] = {
-                t.qualified_name: load_table(db, t, source=config.source, progress=progress,
-                                             chunk_rows=chunk_rows)
-                for t in tables
-            }
+            report["persistent"] = _load_each(db, tables, config.source, progress, chunk_rows, after_table)
     if tier in ("volatile", "both"):
         settings_v = config.volatile_db
         if not settings_v.type.shared and (not settings_v.host_shared or settings_v.shared_memory_auto_remove):
@@ -397,12 +395,21 @@ def load_config_tables(
             )
         vdb = open_volatile_db(settings_v, config.source)
         with _closing(vdb, f"{config.source}: loading {_names(tables)} into the volatile tier"):
-            report["volatile"] = {
-                t.qualified_name: load_table(vdb, t, source=config.source, progress=progress,
-                                             chunk_rows=chunk_rows, fraction=settings_v.initial_cache_rate)
-                for t in tables
-            }
+            report["volatile"] = _load_each(vdb, tables, config.source, progress, chunk_rows, after_table,
+                                            fraction=settings_v.initial_cache_rate)
     return report
+
+
+def _load_each(db: Any, tables: Sequence[TableConfig], source: str, progress: bool, chunk_rows: int,
+               after_table: Callable[[str], None] | None, fraction: float = 1.0) -> dict[str, int]:
+    """:func:`load_table` of each table into ``db``, in order; ``{table: rows written}``."""
+    written = {}
+    for table in tables:
+        written[table.qualified_name] = load_table(db, table, source=source, progress=progress,
+                                                   chunk_rows=chunk_rows, fraction=fraction)
+        if after_table is not None:
+            after_table(table.qualified_name)
+    return written
 
 
 def _names(tables: Sequence[TableConfig]) -> str:

@@ -735,15 +735,16 @@ def bulk_load(config: ParameterServerConfig, *, progress: bool = True,
     tier (not an in-process hash map: each serving process fills its own); ``{tier: {table:
     rows written}}``. Resumable: rows already committed (RocksDB's markers) are not written again."""
     report: dict[str, dict[str, int]] = {}
-    for table in config.models[0].tables:  # one at a time: a kill (crash point) between two is a test case
-        if config.persistent_db.enabled:
-            done = _WRITE_LOCK_WAIT.call(lambda: load_config_tables(
-                config, [table], tier="persistent", progress=progress, chunk_rows=chunk_rows))
-            report.setdefault("persistent", {}).update(done["persistent"])
-        if config.volatile_db.enabled and config.volatile_db.type.shared:
-            done = load_config_tables(config, [table], tier="volatile", progress=progress, chunk_rows=chunk_rows)
-            report.setdefault("volatile", {}).update(done["volatile"])
-        _crash_point("bulk_load.table")
+    tables = config.models[0].tables
+    # One open of each tier for all tables; the crash point after each table makes a kill
+    # between two tables a test case.
+    if config.persistent_db.enabled:
+        report.update(_WRITE_LOCK_WAIT.call(lambda: load_config_tables(
+            config, tables, tier="persistent", progress=progress, chunk_rows=chunk_rows,
+            after_table=lambda _: _crash_point("bulk_load.table"))))
+    if config.volatile_db.enabled and config.volatile_db.type.shared:
+        report.update(load_config_tables(config, tables, tier="volatile", progress=progress, chunk_rows=chunk_rows,
+                                         after_table=lambda _: _crash_point("bulk_load.table")))
     return report
 
 
