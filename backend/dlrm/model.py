@@ -87,8 +87,8 @@ class TritonPythonModel:
         self.net: DenseDLRM = load_dense(weights, map_location=self.device)
         self._forward = serving_forward(self.net)
         try:
-            self._watchdog = start_watchdog(string_parameter(config, "hps_on_dead_stub"), str(args["model_name"]),
-                                            self.log.log_error)
+            self._watchdog = start_watchdog(string_parameter(config, "hps_on_dead_stub"),
+                                            str(args.get("model_name") or config.get("name")), self.log.log_error)
         except HPSError as exc:
             raise pb_utils.TritonModelException(str(exc)) from exc
         self.log.log_info(
