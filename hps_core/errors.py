@@ -31,9 +31,11 @@ against the classes below)::
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import numpy as np
-import numpy.typing as npt
+if TYPE_CHECKING:  # annotations only: the error classes load without numpy
+    import numpy as np
+    import numpy.typing as npt
 
 __all__ = [
     "CacheFullError",
