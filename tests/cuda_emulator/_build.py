@@ -33,6 +33,15 @@ COMPILER = os.environ.get("HPS_EMU_CXX", "g++")
 FLAGS = ("-std=c++17", "-O2", "-g", "-fPIC", "-pthread", "-ffp-contract=off", "-fno-strict-aliasing",
          "-fvisibility=hidden", "-fsanitize=alignment", "-Wno-attributes")
 HEADERS = ("cuda_shim.h", "emu_runtime.h")
+#: HPS_EMU_SANITIZER=address or thread: every module built with that sanitizer (a process
+#: that loads one must have its runtime LD_PRELOADed: see test_sanitizers.py). The flags are
+#: part of the cache key, so these libraries sit beside the plain ones.
+SANITIZER = os.environ.get("HPS_EMU_SANITIZER", "")
+_SANITIZE_FLAGS = {"": (), "address": ("-fsanitize=address", "-fno-omit-frame-pointer"),
+                   "thread": ("-fsanitize=thread",)}
+if SANITIZER not in _SANITIZE_FLAGS:
+    raise RuntimeError(f"HPS_EMU_SANITIZER={SANITIZER!r}: expected address or thread")
+FLAGS += _SANITIZE_FLAGS[SANITIZER]
 
 
 class BuildError(RuntimeError):
@@ -78,7 +87,7 @@ def build(code: str, expressions: Sequence[str], extra_flags: Sequence[str] = ()
         source, obj, lib = Path(tmp) / "module.cpp", Path(tmp) / "module.o", Path(tmp) / "module.so"
         source.write_text(translation_unit(code, expressions))
         steps = ([COMPILER, *FLAGS, *extra_flags, f"-I{HERE}", "-c", str(source), "-o", str(obj)],
-                 [COMPILER, "-shared", "-pthread", *extra_flags, str(obj), "-o", str(lib)])
+                 [COMPILER, "-shared", "-pthread", *_SANITIZE_FLAGS[SANITIZER], *extra_flags, str(obj), "-o", str(lib)])
         for cmd in steps:
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:

@@ -26,6 +26,15 @@
 //
 // __shared__ variables are per block: a block's fibers all run on one host thread and a host
 // thread runs one block at a time, so `static thread_local` storage is the block's.
+//
+// Sanitizers (tests/cuda_emulator/test_sanitizers.py): built with -fsanitize=address or
+// -fsanitize=thread, every fiber switch is announced to the tool (ASan: the stack being
+// switched to; TSan: each CUDA thread is a TSan fiber, switched without synchronisation), so
+// the tools see CUDA threads, not host threads. For TSan, happens-before between CUDA threads
+// comes only from what CUDA orders: the lanes of a mask at a warp intrinsic (each lane's past
+// reaches every lane of the mask), atomics and common.cuh's acquire/release accesses, and a
+// launch's end before the host reads its results. The emulator's own bookkeeping (fiber
+// states, the ready queue, the rendezvous slots) is hidden from TSan: it is not the kernels'.
 #ifndef HPS_CUDA_SHIM_H
 #define HPS_CUDA_SHIM_H
 
@@ -38,6 +47,7 @@
 #include <time.h>
 
 #include <atomic>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -46,6 +56,31 @@
 #include <vector>
 
 #define HPS_EMULATOR 1
+
+#if defined(__SANITIZE_ADDRESS__)
+#define HPS_EMU_ASAN 1
+extern "C" {
+void __sanitizer_start_switch_fiber(void** fake_stack_save, const void* bottom, size_t size);
+void __sanitizer_finish_switch_fiber(void* fake_stack_save, const void** bottom_old, size_t* size_old);
+void __asan_unpoison_memory_region(void const volatile* addr, size_t size);
+}
+#endif
+#if defined(__SANITIZE_THREAD__)
+#define HPS_EMU_TSAN 1
+extern "C" {
+void* __tsan_get_current_fiber(void);
+void* __tsan_create_fiber(unsigned flags);
+void __tsan_destroy_fiber(void* fiber);
+void __tsan_switch_to_fiber(void* fiber, unsigned flags);
+void __tsan_acquire(void* addr);
+void __tsan_release(void* addr);
+void AnnotateIgnoreReadsBegin(const char* file, int line);
+void AnnotateIgnoreReadsEnd(const char* file, int line);
+void AnnotateIgnoreWritesBegin(const char* file, int line);
+void AnnotateIgnoreWritesEnd(const char* file, int line);
+void AnnotateNewMemory(const char* file, int line, const volatile void* mem, size_t size);
+}
+#endif
 
 #define __global__
 #define __device__
@@ -67,6 +102,27 @@ inline void check_aligned(const V* p, const char* type) {
           alignof(V));
   }
 }
+
+// The emulator's own bookkeeping, done on a fiber (a lane's rendezvous slot, the ready queue,
+// the yield counters): TSan ignores its reads and writes, which are no access of the kernel's
+// (the scheduler's host thread ignores all of its own). RAII: a fiber switched out inside
+// one resumes inside it (TSan keeps the ignore state per fiber).
+#ifdef HPS_EMU_TSAN
+struct Internal {
+  Internal() { AnnotateIgnoreReadsBegin(__FILE__, __LINE__); AnnotateIgnoreWritesBegin(__FILE__, __LINE__); }
+  ~Internal() { AnnotateIgnoreReadsEnd(__FILE__, __LINE__); AnnotateIgnoreWritesEnd(__FILE__, __LINE__); }
+  Internal(const Internal&) = delete;
+  Internal& operator=(const Internal&) = delete;
+};
+inline void tsan_release(void* p) { __tsan_release(p); }
+inline void tsan_acquire(void* p) { __tsan_acquire(p); }
+#else
+struct Internal {
+  Internal() {}  // user-provided: no unused-variable warning where it is only a scope
+};
+inline void tsan_release(void*) {}
+inline void tsan_acquire(void*) {}
+#endif
 }  // namespace hps_emu
 
 #define HPS_EMU_VECTOR_TYPE(NAME, T, ALIGN, ...)                                       \
@@ -123,9 +179,20 @@ struct Fiber {
   uint64_t value = 0;
   int arg = 0;
   uint64_t result = 0;
+  void* tsan = nullptr;       // this CUDA thread as a TSan fiber
+  void* asan_fake = nullptr;  // ASan's fake stack while switched out
+  char* stack_lo = nullptr;   // its usable stack, for ASan
+  size_t stack_len = 0;
 };
 
 struct Warp {
+  // TSan sync objects (their addresses): each lane releases into `arrive` as it reaches an
+  // intrinsic, the last one acquires it and releases into `leave`, which the others acquire
+  // as they return: the lanes' pasts meet, as a warp's at bar.warp.sync. (Two objects, so
+  // a lane that returned and ran ahead to the next intrinsic does not hand what it did
+  // since to the lanes still returning from this one; every intrinsic of the kernels names
+  // the full warp.)
+  char arrive = 0, leave = 0;
   unsigned arrived = 0;  // lanes waiting in a warp intrinsic
   unsigned exited = 0;   // lanes whose thread returned
   unsigned present = 0;  // lanes that exist (a block of 48 threads has a half warp)
@@ -150,6 +217,7 @@ struct Block {
 // Rendezvous of the lanes of `mask` at intrinsic `op`: returns this lane's result once all
 // of them arrived (the last one to arrive computes every lane's result).
 inline uint64_t warp_sync(int op, unsigned mask, uint64_t value, int arg) {
+  Internal quiet;
   Fiber* f = cur;
   Warp& w = blk->warps[f->warp];
   if (!((mask >> f->lane) & 1u)) {
@@ -168,12 +236,16 @@ inline uint64_t warp_sync(int op, unsigned mask, uint64_t value, int arg) {
   f->mask = mask;
   f->value = value;
   f->arg = arg;
+  tsan_release(&w.arrive);
   w.arrived |= 1u << f->lane;
   if ((w.arrived & mask) != mask) {
     f->state = WAIT_WARP;
     switch_to_scheduler();
+    tsan_acquire(&w.leave);
     return f->result;
   }
+  tsan_acquire(&w.arrive);
+  tsan_release(&w.leave);
   Fiber* lanes = blk->fibers + f->warp * 32;
   unsigned ballot = 0;
   bool all = true, any = false;
@@ -234,6 +306,7 @@ inline unsigned preempt_every() {
 }
 inline thread_local unsigned turns = 0;
 inline void yield_now() {
+  Internal quiet;
   cur->yields = 0;
   const unsigned every = preempt_every();
   if (every && ++turns >= every) {
@@ -242,7 +315,23 @@ inline void yield_now() {
   }
   switch_to_scheduler();
 }
+// HPS_EMU_STALL_EVERY=n, HPS_EMU_STALL_US=u: every n-th acquire load of a host thread stops
+// that host thread for u microseconds right after it read, the lane holding what it read (a
+// reader with its seqlock version, a prober with a slot's row number) while the other host
+// threads' launches run: the window between a version check and what it guards, widened to
+// a whole write (test_gpu_cache.py's seqlock test; the lanes of one warp otherwise run one
+// after another, so a copy torn by a write never lines up across them). Read per launch.
+inline thread_local unsigned stall_every = 0, stall_us = 0, stall_count = 0;
+inline void stall_after_acquire() {
+  if (stall_every == 0) return;
+  Internal quiet;
+  if (++stall_count < stall_every) return;
+  stall_count = 0;
+  const timespec ts{0, static_cast<long>(stall_us) * 1000};
+  nanosleep(&ts, nullptr);
+}
 inline void maybe_yield() {
+  Internal quiet;
   if (++cur->yields >= 8) yield_now();
 }
 
@@ -290,6 +379,7 @@ inline T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = 32) {
 }
 // The lanes of the warp that have not exited: the emulator never splits a converged warp.
 inline unsigned __activemask() {
+  hps_emu::Internal quiet;
   const hps_emu::Warp& w = hps_emu::blk->warps[hps_emu::cur->warp];
   return w.present & ~w.exited;
 }
@@ -297,26 +387,37 @@ void __syncthreads();
 inline void __nanosleep(unsigned) { hps_emu::switch_to_scheduler(); }
 
 // ---------------------------------------------------------------- atomics (device scope, relaxed: CUDA's atomicX)
+// Under TSan they are acquire-release instead: TSan does not model fences, and the kernels
+// pair relaxed atomics with common.cuh's fences (the set locks: atomicCAS then fence; fence
+// then atomicExch), which is how CUDA code orders them. Stronger atomics give TSan those
+// orders without a fence model; a missing fence is what only a real GPU shows (gpu_check.md).
+#ifdef HPS_EMU_TSAN
+#define HPS_EMU_RMW __ATOMIC_ACQ_REL
+#define HPS_EMU_RMW_FAIL __ATOMIC_ACQUIRE
+#else
+#define HPS_EMU_RMW __ATOMIC_RELAXED
+#define HPS_EMU_RMW_FAIL __ATOMIC_RELAXED
+#endif
 #define HPS_EMU_ATOMIC(T)                                                                                  \
-  inline T atomicAdd(T* p, T v) { const T r = __atomic_fetch_add(p, v, __ATOMIC_RELAXED); hps_emu::maybe_yield(); return r; } \
-  inline T atomicSub(T* p, T v) { const T r = __atomic_fetch_sub(p, v, __ATOMIC_RELAXED); hps_emu::maybe_yield(); return r; } \
-  inline T atomicExch(T* p, T v) { const T r = __atomic_exchange_n(p, v, __ATOMIC_RELAXED); hps_emu::maybe_yield(); return r; } \
+  inline T atomicAdd(T* p, T v) { const T r = __atomic_fetch_add(p, v, HPS_EMU_RMW); hps_emu::maybe_yield(); return r; } \
+  inline T atomicSub(T* p, T v) { const T r = __atomic_fetch_sub(p, v, HPS_EMU_RMW); hps_emu::maybe_yield(); return r; } \
+  inline T atomicExch(T* p, T v) { const T r = __atomic_exchange_n(p, v, HPS_EMU_RMW); hps_emu::maybe_yield(); return r; } \
   inline T atomicCAS(T* p, T expected, T desired) {                                                        \
-    __atomic_compare_exchange_n(p, &expected, desired, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);         \
+    __atomic_compare_exchange_n(p, &expected, desired, false, HPS_EMU_RMW, HPS_EMU_RMW_FAIL);         \
     hps_emu::maybe_yield();                                                                                \
     return expected;                                                                                       \
   }                                                                                                        \
   inline T atomicMax(T* p, T v) {                                                                          \
     hps_emu::maybe_yield();                                                                                \
-    T old = __atomic_load_n(p, __ATOMIC_RELAXED);                                                          \
-    while (old < v && !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) { \
+    T old = __atomic_load_n(p, HPS_EMU_RMW_FAIL);                                                          \
+    while (old < v && !__atomic_compare_exchange_n(p, &old, v, true, HPS_EMU_RMW, HPS_EMU_RMW_FAIL)) { \
     }                                                                                                      \
     return old;                                                                                            \
   }                                                                                                        \
   inline T atomicMin(T* p, T v) {                                                                          \
     hps_emu::maybe_yield();                                                                                \
-    T old = __atomic_load_n(p, __ATOMIC_RELAXED);                                                          \
-    while (old > v && !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) { \
+    T old = __atomic_load_n(p, HPS_EMU_RMW_FAIL);                                                          \
+    while (old > v && !__atomic_compare_exchange_n(p, &old, v, true, HPS_EMU_RMW, HPS_EMU_RMW_FAIL)) { \
     }                                                                                                      \
     return old;                                                                                            \
   }
@@ -330,13 +431,62 @@ HPS_EMU_ATOMIC(unsigned long long)
 // fence.acq_rel.gpu) as C++ atomics of the same order; common.cuh leaves them out under
 // HPS_EMULATOR. x86 is stronger than the GPU (TSO), so these prove the algorithm under the
 // orders it asks for, not that the GPU's weaker hardware honours them.
-inline unsigned hps_ld_acquire(const unsigned* p) { hps_emu::maybe_yield(); return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+inline unsigned hps_ld_acquire(const unsigned* p) {
+  hps_emu::maybe_yield();
+  const unsigned v = __atomic_load_n(p, __ATOMIC_ACQUIRE);
+  hps_emu::stall_after_acquire();
+  return v;
+}
 inline unsigned hps_ld_relaxed(const unsigned* p) { hps_emu::maybe_yield(); return __atomic_load_n(p, __ATOMIC_RELAXED); }
-inline int hps_ld_acquire(const int* p) { hps_emu::maybe_yield(); return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+inline int hps_ld_acquire(const int* p) {
+  hps_emu::maybe_yield();
+  const int v = __atomic_load_n(p, __ATOMIC_ACQUIRE);
+  hps_emu::stall_after_acquire();
+  return v;
+}
 inline void hps_st_relaxed(unsigned* p, unsigned v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); hps_emu::maybe_yield(); }
 inline void hps_st_release(unsigned* p, unsigned v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); hps_emu::yield_now(); }
 inline void hps_st_release(int* p, int v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); hps_emu::yield_now(); }
 inline void hps_fence() { __atomic_thread_fence(__ATOMIC_ACQ_REL); }
+
+// Accesses that race by design (common.cuh, "accesses that race by design"): plain or
+// volatile on the GPU, relaxed C++ atomics here, which is what a seqlock's payload and
+// advisory metadata are in the C++ memory model, so TSan knows these races are meant and
+// still reports every other one. A vector type moves as relaxed 32-bit words (no 16-byte
+// atomic on the host), after the alignment check its plain copy does.
+template <typename T>
+inline T hps_racy_ld(const T* p) {
+  T v;
+  if constexpr (std::is_class_v<T>) {
+    hps_emu::check_aligned(p, "vector");
+    unsigned w[sizeof(T) / 4];
+    const unsigned* words = reinterpret_cast<const unsigned*>(p);
+    for (size_t i = 0; i < sizeof(T) / 4; ++i) w[i] = __atomic_load_n(words + i, __ATOMIC_RELAXED);
+    memcpy(static_cast<void*>(&v), w, sizeof(T));
+  } else {
+    hps_emu::check_aligned(p, "scalar");
+    __atomic_load(p, &v, __ATOMIC_RELAXED);
+  }
+  return v;
+}
+template <typename T>
+inline void hps_racy_st(T* p, const T& v) {
+  if constexpr (std::is_class_v<T>) {
+    hps_emu::check_aligned(p, "vector");
+    unsigned w[sizeof(T) / 4];
+    memcpy(w, static_cast<const void*>(&v), sizeof(T));
+    unsigned* words = reinterpret_cast<unsigned*>(p);
+    for (size_t i = 0; i < sizeof(T) / 4; ++i) __atomic_store_n(words + i, w[i], __ATOMIC_RELAXED);
+  } else {
+    hps_emu::check_aligned(p, "scalar");
+    T c = v;
+    __atomic_store(p, &c, __ATOMIC_RELAXED);
+  }
+}
+template <typename T>
+inline T hps_volatile_ld(const T* p) {
+  return hps_racy_ld(p);
+}
 
 // ---------------------------------------------------------------- bits and floats
 inline int __popc(unsigned x) { return __builtin_popcount(x); }

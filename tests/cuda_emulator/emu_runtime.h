@@ -60,6 +60,8 @@ struct Launch {
   double deadline = 0;
   std::mutex error_lock;
   std::string error;
+  unsigned stall_every = 0, stall_us = 0;  // HPS_EMU_STALL_* (cuda_shim.h, stall_after_acquire)
+  char done = 0;  // TSan: each CUDA thread releases here as it exits, the host acquires at the end
 };
 
 inline double now() {
@@ -88,6 +90,14 @@ struct Worker {
   size_t ready_head = 0;
   uint64_t rng = 0;
   unsigned long long switches = 0;
+  // Sanitizers: the scheduler's own context (TSan fiber; ASan stack bounds and fake stack),
+  // and one TSan fiber per CUDA thread index, kept for the blocks this worker runs (so the
+  // stack of thread i is always touched by the same TSan fiber).
+  void* tsan_sched = nullptr;
+  std::vector<void*> tsan_fibers;
+  const void* sched_bottom = nullptr;
+  size_t sched_size = 0;
+  void* sched_fake = nullptr;
 
   ~Worker() { release_stacks(); }
 
@@ -122,6 +132,7 @@ struct Worker {
           stacks = arenas[i].first;
           stack_count = arenas[i].second;
           arenas.erase(arenas.begin() + static_cast<long>(i));
+          forget_stacks();
           return;
         }
       }
@@ -132,6 +143,17 @@ struct Worker {
     stacks = static_cast<char*>(p);
     stack_count = count;
     for (size_t i = 0; i < count; ++i) mprotect(stacks + i * stack_size, 4096, PROT_NONE);  // overflow guard
+  }
+
+  // TSan: stacks another launch's fibers used are new memory to this one's. Their accesses
+  // are not ordered before ours (that order would hide races between the two launches), so
+  // what TSan remembers of them goes.
+  void forget_stacks() {
+#ifdef HPS_EMU_TSAN
+    for (size_t i = 0; i < stack_count; ++i) {
+      AnnotateNewMemory(__FILE__, __LINE__, stacks + i * stack_size + 4096, stack_size - 4096);
+    }
+#endif
   }
 
   Fiber* pop_ready() {
@@ -159,33 +181,67 @@ inline thread_local Worker* worker = nullptr;
 
 inline void make_ready(Fiber* f) { worker->ready.push_back(f); }
 
+// The sanitizers' side of a switch from fiber f to the scheduler (for good when `exiting`)
+// and back.
+inline void leave_fiber(Fiber* f, bool exiting) {
+#ifdef HPS_EMU_ASAN
+  __sanitizer_start_switch_fiber(exiting ? nullptr : &f->asan_fake, worker->sched_bottom, worker->sched_size);
+#endif
+#ifdef HPS_EMU_TSAN
+  // read before the release: an exiting fiber touches nothing after it (the host thread
+  // that acquires it may free its thread-local storage next)
+  void* sched = worker->tsan_sched;
+  if (exiting) tsan_release(&worker->launch->done);
+  __tsan_switch_to_fiber(sched, 1 /* __tsan_switch_to_fiber_no_sync */);
+#endif
+  (void)f;
+  (void)exiting;
+}
+inline void resumed_fiber(Fiber* f) {
+#ifdef HPS_EMU_ASAN
+  __sanitizer_finish_switch_fiber(f->asan_fake, nullptr, nullptr);
+#endif
+  (void)f;
+}
+
 inline void switch_to_scheduler() {
+  Internal quiet;
   Fiber* f = cur;
   if (f->state == RUNNABLE) make_ready(f);  // a yield: runnable again at once
   f->yields = 0;
+  leave_fiber(f, false);
   hps_emu_switch_stack(&f->sp, worker->scheduler_sp);
+  resumed_fiber(f);
 }
 
 extern "C" void hps_emu_fiber_main(Fiber* f) {
+#ifdef HPS_EMU_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, &worker->sched_bottom, &worker->sched_size);
+#endif
   const Launch* l = worker->launch;
   l->invoke(l->args);
-  Warp& w = blk->warps[f->warp];
-  w.exited |= 1u << f->lane;
-  if (w.arrived & ~w.exited) {
-    for (int i = 0; i < 32; ++i) {
-      const Fiber& o = blk->fibers[f->warp * 32 + i];
-      if (((w.arrived >> i) & 1u) && ((o.mask >> f->lane) & 1u)) {
-        fault("lane %d of warp %d returned while lane %d waits for it in %s(mask 0x%08x)", f->lane, f->warp, i,
-              op_name(o.op), o.mask);
+  {
+    Internal quiet;  // ends before the fiber leaves: its TSan fiber runs the next block's thread
+    Warp& w = blk->warps[f->warp];
+    w.exited |= 1u << f->lane;
+    if (w.arrived & ~w.exited) {
+      for (int i = 0; i < 32; ++i) {
+        const Fiber& o = blk->fibers[f->warp * 32 + i];
+        if (((w.arrived >> i) & 1u) && ((o.mask >> f->lane) & 1u)) {
+          fault("lane %d of warp %d returned while lane %d waits for it in %s(mask 0x%08x)", f->lane, f->warp, i,
+                op_name(o.op), o.mask);
+        }
       }
     }
+    f->state = DONE;
   }
-  f->state = DONE;
+  leave_fiber(f, true);
   hps_emu_switch_stack(&f->sp, worker->scheduler_sp);
   __builtin_unreachable();
 }
 
 [[noreturn]] inline void vfault(const char* fmt, va_list ap) {
+  Internal quiet;
   char buf[1024];
   vsnprintf(buf, sizeof buf, fmt, ap);
   Worker* w = worker;
@@ -200,6 +256,7 @@ extern "C" void hps_emu_fiber_main(Fiber* f) {
   b.error = std::string(where) + buf;
   cur->state = DONE;
   // Never resumed: the scheduler abandons the block's fibers (kernel code holds no resources).
+  leave_fiber(cur, true);
   hps_emu_switch_stack(&cur->sp, w->scheduler_sp);
   __builtin_unreachable();
 }
@@ -254,8 +311,20 @@ inline bool Worker::run_block(long long b) {
   block.nthreads = n;
   ready.clear();
   ready_head = 0;
+#ifdef HPS_EMU_TSAN
+  while (tsan_fibers.size() < static_cast<size_t>(n)) tsan_fibers.push_back(__tsan_create_fiber(0));
+#endif
   for (int i = 0; i < n; ++i) {
     Fiber& f = fibers[i];
+    f.stack_lo = stacks + i * stack_size + 4096;
+    f.stack_len = stack_size - 4096;
+#ifdef HPS_EMU_ASAN
+    // redzones of frames a previous fiber left on this stack (it never returns from them)
+    __asan_unpoison_memory_region(f.stack_lo, f.stack_len);
+#endif
+#ifdef HPS_EMU_TSAN
+    f.tsan = tsan_fibers[i];
+#endif
     f.tid = uint3{static_cast<unsigned>(i % bd.x), static_cast<unsigned>((i / bd.x) % bd.y),
                   static_cast<unsigned>(i / (bd.x * bd.y))};
     f.warp = i / 32;
@@ -301,7 +370,16 @@ inline bool Worker::run_block(long long b) {
       break;
     }
     cur = f;
+#ifdef HPS_EMU_ASAN
+    __sanitizer_start_switch_fiber(&sched_fake, f->stack_lo, f->stack_len);
+#endif
+#ifdef HPS_EMU_TSAN
+    __tsan_switch_to_fiber(f->tsan, 1 /* __tsan_switch_to_fiber_no_sync */);
+#endif
     hps_emu_switch_stack(&scheduler_sp, f->sp);
+#ifdef HPS_EMU_ASAN
+    __sanitizer_finish_switch_fiber(sched_fake, nullptr, nullptr);
+#endif
     cur = nullptr;
     if (!block.error.empty()) break;
     if (f->state == DONE) --live;
@@ -311,9 +389,16 @@ inline bool Worker::run_block(long long b) {
 }
 
 inline void run_blocks(Launch* l) {
+  Internal quiet;  // the scheduler runs no kernel code: all of its accesses are bookkeeping
   Worker w;
   w.launch = l;
   w.rng = env_size("HPS_EMU_SEED", 0);
+#ifdef HPS_EMU_TSAN
+  w.tsan_sched = __tsan_get_current_fiber();
+#endif
+  stall_every = l->stall_every;
+  stall_us = l->stall_us;
+  stall_count = 0;
   worker = &w;
   const long long total = static_cast<long long>(l->grid.x) * l->grid.y * l->grid.z;
   for (;;) {
@@ -328,17 +413,28 @@ inline void run_blocks(Launch* l) {
       break;
     }
   }
+  // Stacks go back first, so the next launch to take them is not ordered after these fibers.
+  w.release_stacks();
+  tsan_acquire(&l->done);  // what the CUDA threads did happens before the launch returns
+#ifdef HPS_EMU_TSAN
+  for (void* f : w.tsan_fibers) __tsan_destroy_fiber(f);
+#endif
   worker = nullptr;
 }
 
 inline int launch(Invoker invoke, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                   void** args, char* error, int error_size) {
-  Launch l;
+  // On the heap: TSan keeps `done`'s clock until the memory is freed, and a later launch's
+  // Launch at the same stack address would inherit it.
+  std::unique_ptr<Launch> owned(new Launch);
+  Launch& l = *owned;
   l.invoke = invoke;
   l.args = args;
   l.grid = dim3{gx, gy, gz};
   l.block = dim3{bx, by, bz};
   l.deadline = now() + static_cast<double>(env_size("HPS_EMU_TIMEOUT", 120));
+  l.stall_every = static_cast<unsigned>(env_size("HPS_EMU_STALL_EVERY", 0));
+  l.stall_us = static_cast<unsigned>(env_size("HPS_EMU_STALL_US", 100));
   const long long blocks = static_cast<long long>(gx) * gy * gz;
   const long long threads = static_cast<long long>(bx) * by * bz;
   if (blocks <= 0 || threads <= 0 || threads > 1024) {
@@ -416,6 +512,7 @@ Entry entry(const char* name) {
 }  // namespace hps_emu
 
 void __syncthreads() {
+  hps_emu::Internal quiet;
   hps_emu::cur->state = hps_emu::WAIT_BLOCK;
   hps_emu::switch_to_scheduler();
 }

@@ -77,6 +77,29 @@ __device__ __forceinline__ void hps_st_release(int* p, int v) {
 __device__ __forceinline__ void hps_fence() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
 #endif  // HPS_EMULATOR
 
+// ---------------------------------------------------------------- accesses that race by design
+// A reader's copy of a seqlocked key or packed row (kept only if the version did not move),
+// the writer's stores it races with, and the LRU/LFU metadata readers write without a lock
+// (advisory: a race can misjudge a victim, never a value). Plain (or volatile: read fresh,
+// past L1) on the GPU, where an aligned word is never torn and the seqlock rejects a copy a
+// write overlapped. Named so the CPU emulator can map them to relaxed C++ atomics, which is
+// what they are in a seqlock under the C++ memory model: its ThreadSanitizer build then
+// reports every race but these (tests/cuda_emulator/cuda_shim.h).
+#ifndef HPS_EMULATOR
+template <typename T>
+__device__ __forceinline__ T hps_racy_ld(const T* p) {
+  return *p;
+}
+template <typename T>
+__device__ __forceinline__ void hps_racy_st(T* p, const T& v) {
+  *p = v;
+}
+template <typename T>
+__device__ __forceinline__ T hps_volatile_ld(const T* p) {
+  return *reinterpret_cast<const volatile T*>(p);
+}
+#endif  // HPS_EMULATOR
+
 // ---------------------------------------------------------------- vector I/O
 // VecIO<VEC>::load reads VEC consecutive floats of a caller's buffer at p (aligned to
 // the whole group); store writes them back. One 16-byte (float4) or 8-byte (float2)

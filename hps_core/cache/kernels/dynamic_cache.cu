@@ -53,7 +53,10 @@
 // query decodes into the caller's float32 `out`.
 //
 // LRU/LFU metadata written by readers (slot_ts store, slot_freq atomicAdd) is advisory: a
-// race with a writer can only misjudge a victim, never a value.
+// race with a writer can only misjudge a victim, never a value. The keys and packed rows
+// readers copy, the writers' stores to them, and that metadata are common.cuh's hps_racy_*
+// accesses (races by design, spelled so the emulator's ThreadSanitizer build can tell them
+// from the others).
 #include "common.cuh"
 #include "row_formats.cuh"
 
@@ -66,7 +69,7 @@
 
 // One more access to a slot (LFU), saturating at HPS_FREQ_MAX.
 __device__ __forceinline__ void hps_count_access(unsigned* freq) {
-  if (*reinterpret_cast<volatile unsigned*>(freq) < HPS_FREQ_MAX) atomicAdd(freq, 1u);
+  if (hps_volatile_ld(freq) < HPS_FREQ_MAX) atomicAdd(freq, 1u);
 }
 
 __device__ __forceinline__ void hps_set_lock(int* lock, int lane) {
@@ -134,12 +137,12 @@ __global__ void dc_query(const long long* __restrict__ table_ids, const K* __res
     long long slot = -1;
     for (int attempt = 0; attempt < HPS_MAX_READ_TRIES; ++attempt) {
       const unsigned v_l = hps_ld_acquire(slot_ver + base + lane);
-      const K k_l = slot_keys[base + lane];
+      const K k_l = hps_racy_ld(slot_keys + base + lane);
       const unsigned match = __ballot_sync(HPS_FULL_MASK, (v_l & HPS_OCC) && k_l == key);
       if (match == 0) break;  // not cached (a slot being filled with it counts as not yet)
       const long long s = base + (__ffs(match) - 1);
       const unsigned v1 = hps_ld_acquire(slot_ver + s);
-      const K k = slot_keys[s];
+      const K k = hps_racy_ld(slot_keys + s);
       hps_row_copy_packed<VEC, NV>(values + value_base[t] + (s - first_slot) * strides[t], code, dim, lane, packed, h);
       hps_fence();
       const unsigned v2 = hps_ld_relaxed(slot_ver + s);
@@ -153,7 +156,7 @@ __global__ void dc_query(const long long* __restrict__ table_ids, const K* __res
     if (slot >= 0) {
       hps_row_decode<VEC, NV>(out + o, code, dim, lane, packed, h, o % VEC == 0);
       if (lane == 0) {
-        slot_ts[slot] = clock;
+        hps_racy_st(slot_ts + slot, clock);
         hps_count_access(slot_freq + slot);
       }
     } else if (lane == 0) {
@@ -203,8 +206,8 @@ __global__ void dc_write(const long long* __restrict__ table_ids, const K* __res
         way = __ffs(empty) - 1;
       } else {
         // Readers update ts/freq without the lock: volatile loads see their latest values.
-        const unsigned long long ts = *(volatile unsigned long long*)(slot_ts + base + lane);
-        const unsigned long long fr = *(volatile unsigned*)(slot_freq + base + lane);
+        const unsigned long long ts = hps_volatile_ld(slot_ts + base + lane);
+        const unsigned long long fr = hps_volatile_ld(slot_freq + base + lane);
         way = lfu ? hps_warp_argmin(fr, ts, lane) : hps_warp_argmin(ts, 0ull, lane);
       }
     }
@@ -219,8 +222,8 @@ __global__ void dc_write(const long long* __restrict__ table_ids, const K* __res
       hps_fence();
       row.store(values + value_base[t] + (s - set_base[t] * HPS_WARP) * strides[t], dim, lane);
       if (lane == 0) {
-        slot_keys[s] = key;
-        slot_ts[s] = clock;
+        hps_racy_st(slot_keys + s, key);
+        hps_racy_st(slot_ts + s, clock);
         if (match) {
           hps_count_access(slot_freq + s);
         } else {
@@ -281,8 +284,8 @@ extern "C" __global__ void dc_clear(unsigned* slot_ver, unsigned long long* slot
     const long long s = set * HPS_WARP + lane;
     hps_set_lock(set_locks + set, lane);
     const unsigned v = hps_ld_relaxed(slot_ver + s);
-    slot_ts[s] = 0ull;
-    slot_freq[s] = 0u;
+    hps_racy_st(slot_ts + s, 0ull);
+    hps_racy_st(slot_freq + s, 0u);
     hps_st_release(slot_ver + s, (v + HPS_SEQ_STEP) & ~(HPS_BUSY | HPS_OCC));
     hps_set_unlock(set_locks + set, lane);
   }

@@ -195,32 +195,32 @@ HPS_FN float hps_decode(int code, unsigned q, const HpsHeader& h) {
 template <int TOTAL>
 __device__ __forceinline__ void hps_load_words(const unsigned char* p, unsigned (&w)[(TOTAL + 3) / 4]) {
   if constexpr (TOTAL == 16) {
-    const uint4 t = *reinterpret_cast<const uint4*>(p);
+    const uint4 t = hps_racy_ld(reinterpret_cast<const uint4*>(p));
     w[0] = t.x; w[1] = t.y; w[2] = t.z; w[3] = t.w;
   } else if constexpr (TOTAL == 8) {
-    const uint2 t = *reinterpret_cast<const uint2*>(p);
+    const uint2 t = hps_racy_ld(reinterpret_cast<const uint2*>(p));
     w[0] = t.x; w[1] = t.y;
   } else if constexpr (TOTAL == 4) {
-    w[0] = *reinterpret_cast<const unsigned*>(p);
+    w[0] = hps_racy_ld(reinterpret_cast<const unsigned*>(p));
   } else if constexpr (TOTAL == 2) {
-    w[0] = *reinterpret_cast<const unsigned short*>(p);
+    w[0] = hps_racy_ld(reinterpret_cast<const unsigned short*>(p));
   } else {
-    w[0] = *p;
+    w[0] = hps_racy_ld(p);
   }
 }
 
 template <int TOTAL>
 __device__ __forceinline__ void hps_store_words(unsigned char* p, const unsigned (&w)[(TOTAL + 3) / 4]) {
   if constexpr (TOTAL == 16) {
-    *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+    hps_racy_st(reinterpret_cast<uint4*>(p), make_uint4(w[0], w[1], w[2], w[3]));
   } else if constexpr (TOTAL == 8) {
-    *reinterpret_cast<uint2*>(p) = make_uint2(w[0], w[1]);
+    hps_racy_st(reinterpret_cast<uint2*>(p), make_uint2(w[0], w[1]));
   } else if constexpr (TOTAL == 4) {
-    *reinterpret_cast<unsigned*>(p) = w[0];
+    hps_racy_st(reinterpret_cast<unsigned*>(p), w[0]);
   } else if constexpr (TOTAL == 2) {
-    *reinterpret_cast<unsigned short*>(p) = static_cast<unsigned short>(w[0]);
+    hps_racy_st(reinterpret_cast<unsigned short*>(p), static_cast<unsigned short>(w[0]));
   } else {
-    *p = static_cast<unsigned char>(w[0]);
+    hps_racy_st(p, static_cast<unsigned char>(w[0]));
   }
 }
 
@@ -326,8 +326,8 @@ __device__ __forceinline__ void hps_row_encode(unsigned char* row, int code, int
     hps_row_encode_groups<VEC, 2, NV>(row, code, dim, lane, buf, h);
   } else {
     if (lane == 0) {
-      reinterpret_cast<float*>(row)[0] = h.scale;
-      if (code == HPS_INT8) reinterpret_cast<float*>(row)[1] = h.bias;
+      hps_racy_st(reinterpret_cast<float*>(row), h.scale);
+      if (code == HPS_INT8) hps_racy_st(reinterpret_cast<float*>(row) + 1, h.bias);
     }
     hps_row_encode_groups<VEC, 1, NV>(row + hps_header_bytes(code), code, dim, lane, buf, h);
   }
@@ -401,8 +401,8 @@ __device__ __forceinline__ void hps_row_copy_packed(const unsigned char* row, in
   } else if (code == HPS_FP16) {
     hps_row_load_groups<VEC, 2, NV>(row, dim, lane, q);
   } else {
-    h.scale = reinterpret_cast<const float*>(row)[0];
-    if (code == HPS_INT8) h.bias = reinterpret_cast<const float*>(row)[1];
+    h.scale = hps_racy_ld(reinterpret_cast<const float*>(row));
+    if (code == HPS_INT8) h.bias = hps_racy_ld(reinterpret_cast<const float*>(row) + 1);
     hps_row_load_groups<VEC, 1, NV>(row + hps_header_bytes(code), dim, lane, q);
   }
 }

@@ -53,7 +53,7 @@ __device__ __forceinline__ int st_probe(const K key, long long region, unsigned 
   for (unsigned long long w = 0; w <= mask; w += HPS_WARP) {
     const long long s = region + static_cast<long long>((start + w + lane) & mask);
     const int r = hps_ld_acquire(slot_rows + s);
-    const K k = slot_keys[s];
+    const K k = hps_racy_ld(slot_keys + s);  // used only where r >= 0 was published after it
     const unsigned match = __ballot_sync(HPS_FULL_MASK, r >= 0 && k == key);
     if (match) return __shfl_sync(HPS_FULL_MASK, r, __ffs(match) - 1);
     if (__ballot_sync(HPS_FULL_MASK, r == HPS_SLOT_EMPTY)) return -1;
@@ -88,7 +88,7 @@ __global__ void st_query(const long long* __restrict__ table_ids, const K* __res
       if (row < 0) break;
       const long long g = row_base[t] + row;
       const unsigned v1 = hps_ld_acquire(row_ver + g);
-      const K rk = row_keys[g];
+      const K rk = hps_racy_ld(row_keys + g);
       hps_row_copy_packed<VEC, NV>(values + value_base[t] + static_cast<long long>(row) * strides[t], code, dim, lane,
                                    packed, h);
       hps_fence();
@@ -169,7 +169,7 @@ __device__ __forceinline__ void st_write_row(long long g, unsigned char* row, co
   __syncwarp();
   hps_fence();
   staged.store(row, dim, lane);
-  if (lane == 0) row_keys[g] = key;
+  if (lane == 0) hps_racy_st(row_keys + g, key);
   hps_fence();
   __syncwarp();
   if (lane == 0) hps_st_release(row_ver + g, v + 2u);
@@ -209,7 +209,7 @@ __global__ void st_write(const long long* __restrict__ table_ids, const K* __res
     while (w <= mask) {
       const long long s = region + static_cast<long long>((start + w + lane) & mask);
       const int r = hps_ld_acquire(slot_rows + s);
-      const K k = slot_keys[s];
+      const K k = hps_racy_ld(slot_keys + s);
       const unsigned match = __ballot_sync(HPS_FULL_MASK, r >= 0 && k == key);
       const unsigned empty = __ballot_sync(HPS_FULL_MASK, r == HPS_SLOT_EMPTY);
       const unsigned busy = __ballot_sync(HPS_FULL_MASK, r == HPS_SLOT_CLAIMED);
@@ -251,7 +251,7 @@ __global__ void st_write(const long long* __restrict__ table_ids, const K* __res
         hps_flag_row(status, i, lane);
         continue;
       }
-      if (lane == 0) slot_keys[claimed_slot] = key;
+      if (lane == 0) hps_racy_st(slot_keys + claimed_slot, key);
       st_write_row<K, VEC, NV>(row_base[t] + new_row,
                                values + value_base[t] + static_cast<long long>(new_row) * strides[t], key, staged,
                                dim, row_keys, row_ver, lane);
@@ -291,8 +291,10 @@ extern "C" __global__ void st_clear(int* slot_rows, unsigned* row_ver, unsigned*
     const bool more_slots = start_slot + j < end_slot;
     const bool more_rows = start_row + j < end_row;
     if (!more_slots && !more_rows) break;
-    if (more_slots) slot_rows[start_slot + j] = HPS_SLOT_EMPTY;
-    if (more_rows) row_ver[start_row + j] += 2u;
+    // Queries may run meanwhile (only writes and clears are serialised): a reader sees a slot
+    // or version before or after (aligned words), and a row whose version moved it rejects.
+    if (more_slots) hps_racy_st(slot_rows + start_slot + j, HPS_SLOT_EMPTY);
+    if (more_rows) hps_racy_st(row_ver + start_row + j, hps_racy_ld(row_ver + start_row + j) + 2u);
     if (start_table + j < end_table) row_count[start_table + j] = 0u;
   }
 }
