@@ -10,6 +10,7 @@ import pytest
 
 from hps_core.cache import WAYS, CpuEmbeddingCache, CpuStaticEmbeddingTable
 from hps_core.cache.cpu import FREQ_MAX, sets_of
+from tests.hps_core.cache.threads import run_writers_and_readers
 from tests.hps_core.test_hashing import reference
 
 DIM = 16
@@ -61,15 +62,7 @@ def test_threads_never_see_wrong_or_torn_vectors(cls: Any) -> None:
         errors.append(bad)
         assert hits > 0
 
-    writers = [threading.Thread(target=writer, args=(s,)) for s in (1, 2)]
-    readers = [threading.Thread(target=reader, args=(s,)) for s in (3, 4)]
-    for t in writers + readers:
-        t.start()
-    for t in readers:
-        t.join()
-    stop.set()
-    for t in writers:
-        t.join()
+    run_writers_and_readers(writer, reader, stop)
     assert errors == [0, 0]
     assert cache.size() <= cache.capacity
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import sys
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ from hps_core.row_formats import RowFormat, pack, unpack
 from hps_core.rows import copy_rows, row_offsets
 from tests.hps_core.cache.test_multi_table import FORMAT_MIXES, FP8, FP16, FP32, INT8
 from tests.hps_core.cache.test_row_formats_cuh import edge_rows
+from tests.hps_core.cache.threads import run_writers_and_readers
 from tests import cuda_emulator
 
 DIMS = np.array([8, 3, 16], np.int64)  # gcd 1: VEC 1
@@ -107,6 +109,23 @@ def batch(rng: np.random.Generator, per_table: list[int], universe: int) -> tupl
 def bits(arr: Any) -> np.ndarray:
     """A float32 array's bits on the host (tells -0.0 from 0.0, compares NaNs)."""
     return np.ascontiguousarray(host(arr), np.float32).view(np.uint32)
+
+
+def query_rows(cp: Any, cache: Any, ids: np.ndarray, keys: np.ndarray, dims: np.ndarray,
+               stream: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One query_tables call on ``stream`` into a zeroed ``out``: (out on the host, which keys
+    hit, the rows' offsets in it)."""
+    offs, total = row_offsets(ids, dims)
+    with stream:
+        out = cp.zeros(total, cp.float32)
+    missing = cache.query_tables(cp.asarray(ids), cp.asarray(keys), out, cp.asarray(offs), stream=stream)
+    hit = np.ones(len(keys), bool)
+    hit[missing.get(stream=stream)] = False
+    return out.get(stream=stream), hit, offs
+
+    stop.set()
+    for t in writers:
+        t.join()
 
 
 @pytest.mark.gpu
@@ -251,29 +270,73 @@ def test_streams_and_threads_never_see_wrong_or_torn_vectors(cp: Any, kind: str,
         for _ in range(rounds):
             ids = rng.integers(0, 3, read_batch).astype(np.int64)
             keys = rng.integers(0, universe, read_batch).astype(np.int64)
-            offs, total = row_offsets(ids, DIMS)
-            with stream:
-                out = cp.zeros(total, cp.float32)
-            missing = cache.query_tables(cp.asarray(ids), cp.asarray(keys), out, cp.asarray(offs), stream=stream)
-            flat, hit = out.get(stream=stream), np.ones(len(keys), bool)
-            hit[missing.get(stream=stream)] = False
+            flat, hit, offs = query_rows(cp, cache, ids, keys, DIMS, stream)
             found += int(hit.sum())
             wrong += expected.wrong(ids, keys, flat, offs, hit)
         bad.append(wrong)
         hits.append(found)
 
-    writers = [threading.Thread(target=writer, args=(s,)) for s in (1, 2)]
-    readers = [threading.Thread(target=reader, args=(s,)) for s in (3, 4)]
-    for t in writers + readers:
-        t.start()
-    for t in readers:
-        t.join()
-    stop.set()
-    for t in writers:
-        t.join()
+    run_writers_and_readers(writer, reader, stop)
     assert bad == [0, 0]
     assert all(h > 0 for h in hits)
     assert (cache.sizes() <= cache.capacities).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_readers_paused_inside_their_seqlock_window_never_accept_a_torn_row(cp: Any, kind: str,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two writers keep rewriting the same 8 rows (every element of a write the same value,
+    naming its key) while two readers query them: every hit must be one whole write of its
+    key. On the emulated device every 16th acquire load stops its host thread for 200 us
+    right after it read (HPS_EMU_STALL_*): a reader's lane then holds the row's version
+    while a whole write lands, so lanes of one warp copy one row across a write. Only the
+    reader's re-check of the version (v1 == v2) rejects that copy: without it this test
+    sees torn rows, which the streams test above never did (docs/gpu_check.md, mutations)."""
+    monkeypatch.setenv("HPS_EMU_STALL_EVERY", "16")
+    monkeypatch.setenv("HPS_EMU_STALL_US", "200")
+    dims = np.array([64, 128], np.int64)  # rows spread over 16 and 32 lanes (VEC 4)
+    ids = np.repeat([0, 1], 4).astype(np.int64)
+    keys = np.tile(np.arange(4), 2).astype(np.int64)
+    offs, total = row_offsets(ids, dims)
+    cache = make(kind, [64, 64], dims)
+
+    def rows(step: int) -> Any:
+        flat = np.empty(total, np.float32)
+        for i, (t, k) in enumerate(zip(ids.tolist(), keys.tolist())):
+            flat[offs[i]: offs[i] + dims[t]] = k * 4096 + step % 4096  # exact in float32
+        return cp.asarray(flat)
+
+    args = [cp.asarray(a) for a in (ids, keys)]
+    cache.replace_tables(args[0], args[1], rows(0), cp.asarray(offs))
+    stop = threading.Event()
+    torn: list[int] = []
+    hits: list[int] = []
+
+    def writer(first: int) -> None:
+        stream = cp.cuda.Stream(non_blocking=True)
+        for step in itertools.count(first, 2):
+            if stop.is_set():
+                return
+            cache.replace_tables(args[0], args[1], rows(step), cp.asarray(offs), stream=stream)
+            stream.synchronize()
+            time.sleep(0.005)  # rows stand still now and then, so readers get clean copies too
+
+    def reader(_seed: int) -> None:
+        stream = cp.cuda.Stream(non_blocking=True)
+        bad = found = 0
+        for _ in range(30):
+            flat, hit, _offs = query_rows(cp, cache, ids, keys, dims, stream)
+            for i in np.flatnonzero(hit).tolist():
+                row = flat[offs[i]: offs[i] + dims[ids[i]]]
+                found += 1
+                bad += not ((row == row[0]).all() and int(row[0]) // 4096 == keys[i])
+        torn.append(bad)
+        hits.append(found)
+
+    run_writers_and_readers(writer, reader, stop)
+    assert torn == [0, 0]
+    assert all(h > 0 for h in hits)
 
 
 @pytest.mark.gpu
