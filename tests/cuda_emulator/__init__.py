@@ -14,7 +14,9 @@ GPU shows: docs/gpu_check.md, "The emulated GPU".
 
 Knobs (environment): HPS_EMU_THREADS host threads per launch (3), HPS_EMU_SEED another
 fiber interleaving per seed (0: FIFO), HPS_EMU_TIMEOUT seconds before a launch is a hang
-(120), HPS_EMU_DEVICES (2), HPS_EMU_SMS (2), HPS_EMU_CXX (g++), HPS_EMU_BUILD_DIR.
+(120), HPS_EMU_DEVICES (2), HPS_EMU_SMS (2), HPS_EMU_CXX (g++), HPS_EMU_BUILD_DIR,
+HPS_EMU_PREEMPT (4), HPS_EMU_STALL_EVERY / HPS_EMU_STALL_US (0 / 100: every n-th acquire load
+stops its host thread that long), HPS_EMU_SANITIZER (address or thread: test_sanitizers.py).
 """
 
 from __future__ import annotations
