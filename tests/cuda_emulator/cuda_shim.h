@@ -212,6 +212,7 @@ struct Block {
   int nthreads = 0;
   Warp* warps = nullptr;
   std::string error;
+  char barrier = 0;  // TSan: __syncthreads, as Warp::arrive (every thread arrives before any leaves)
 };
 
 // Rendezvous of the lanes of `mask` at intrinsic `op`: returns this lane's result once all

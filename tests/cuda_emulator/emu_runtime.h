@@ -513,8 +513,10 @@ Entry entry(const char* name) {
 
 void __syncthreads() {
   hps_emu::Internal quiet;
+  hps_emu::tsan_release(&hps_emu::blk->barrier);
   hps_emu::cur->state = hps_emu::WAIT_BLOCK;
   hps_emu::switch_to_scheduler();
+  hps_emu::tsan_acquire(&hps_emu::blk->barrier);
 }
 
 // -fsanitize=alignment reports here (no sanitizer runtime is linked): a misaligned scalar

@@ -12,8 +12,9 @@ table and key. Exits 0 when every check held; the sanitizer's reports go to stde
 nothing is loaded), so the test's sanitizer builds overlap.
 
 ``canary`` runs small kernels whose reports are known (two warps of a block and two blocks
-racing on a word, lanes ordered by __syncwarp, a write before its allocation), each after a
-line naming it on stderr, so the test can tell the tools still see through the fibers.
+racing on a word, lanes ordered by __syncwarp and warps by __syncthreads, a write before its
+allocation), each after a line naming it on stderr, so the test can tell the tools still see
+through the fibers.
 """
 
 from __future__ import annotations
@@ -103,18 +104,23 @@ extern "C" __global__ void lanes_synced(int* p) {
   __syncwarp();
   if (threadIdx.x == 1) *p += 1;
 }
+extern "C" __global__ void block_synced(int* p) {
+  if (threadIdx.x == 0) *p = 1;
+  __syncthreads();
+  if (threadIdx.x == 40) *p += 1;
+}
 extern "C" __global__ void warps_race(int* p) {
   if ((threadIdx.x & 31) == 0) *p += 1;
 }
 extern "C" __global__ void blocks_race(int* p) {
-  if (threadIdx.x == 0) *p += 1;
-}
+  if (threadIdx.x == blockIdx.x) *p += 1;  // another thread index per block: a race even when
+}                                          // one host thread runs both blocks (it reuses fibers)
 extern "C" __global__ void write_at(float* out, long long i) {
   if (threadIdx.x == 0) out[i] = 1.0f;
 }
 """
 #: kernel, grid, block; what each should make the tools say (test_sanitizers.py)
-CANARIES = [("lanes_synced", 1, 32), ("warps_race", 1, 64), ("blocks_race", 4, 32)]
+CANARIES = [("lanes_synced", 1, 32), ("block_synced", 1, 64), ("warps_race", 1, 64), ("blocks_race", 4, 32)]
 
 
 def canary() -> int:

@@ -6,8 +6,8 @@ LD_PRELOADed, which an uninstrumented interpreter needs: this pytest process nev
 instrumented library. Per tool:
 
 * the canaries: the tool still sees through the emulator's fibers (two warps of one block
-  and two blocks racing on a word are data races, lanes ordered by __syncwarp are not; a
-  write before its allocation is a heap-buffer-overflow);
+  and two blocks racing on a word are data races, lanes ordered by __syncwarp and warps by
+  __syncthreads are not; a write before its allocation is a heap-buffer-overflow);
 * a dynamic cache (LRU, fp32/fp16/int8 tables, constant eviction) and a static table
   (fp16/fp8/fp32) hammered by two writer threads (replace, update; sizes, dump and clear of
   a table now and then) and two reader threads at once: no report at all, and every hit
@@ -98,6 +98,7 @@ def test_the_tools_see_through_the_fibers(sanitizer: str) -> None:
     proc = run(sanitizer, "canary")
     seen = segments(proc.stderr)
     assert not REPORT.search(seen.get("lanes_synced", "missing")), proc.stderr[-5000:]
+    assert not REPORT.search(seen.get("block_synced", "missing")), proc.stderr[-5000:]
     if sanitizer == "thread":
         assert "WARNING: ThreadSanitizer: data race" in seen.get("warps_race", ""), proc.stderr[-5000:]
         assert "WARNING: ThreadSanitizer: data race" in seen.get("blocks_race", ""), proc.stderr[-5000:]
