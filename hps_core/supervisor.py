@@ -296,11 +296,10 @@ class Supervisor:
             self._kill_hung()
             return None
         for death in deaths:
-            cause = "hung" if death.stub.pid in self._hung else death.cause
+            killed_here = death.stub.pid in self._hung
             self._hung.discard(death.stub.pid)
-            log.warning("%s; reloading the model", death.describe() if cause == death.cause
-                        else death.describe() + " (killed here: its model hung)")
-            self.metrics.count_stub_restart(death.stub.model, cause)
+            log.warning("%s%s; reloading the model", death.describe(), " (killed here: its model hung)" * killed_here)
+            self.metrics.count_stub_restart(death.stub.model, "hung" if killed_here else death.cause)
         return self._reload_models(deaths)
 
     def _kill_hung(self) -> None:
@@ -325,10 +324,10 @@ class Supervisor:
 
     def _reload_models(self, deaths: list[StubDeath]) -> ServerExit | None:
         """Unload and load again each model with a dead stub (Triton replaces no stub; a reload
-        creates every instance anew), then the ensembles that use it, with the config they had
-        (a publication pins an ensemble's steps by a config override). While it reloads, the
-        model is not ready. Without explicit model control, or when the reload fails, the
-        whole server is restarted instead: the death returned."""
+        creates every instance anew), and the ensembles using it that did not come back
+        (:func:`_reload_model`). While it reloads, the model is not ready. Without explicit
+        model control, or when the reload fails, the whole server is restarted instead: the
+        death returned."""
         described = tuple(death.describe() for death in deaths)
         if self.server.control_mode != "explicit":
             return ServerExit("stub_died", None, (*described, "model control is not explicit: restarting Triton"))

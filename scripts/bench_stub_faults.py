@@ -34,10 +34,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hps_core.stub_watch import StubWatch  # noqa: E402 - after the sys.path entry above
-from tests.hps_serve import (  # noqa: E402
+from tests.hps_serve import (  # noqa: E402 - after the sys.path entry above
     CRASH_BODY,
-    Ready,
     Repository,
     ServeProcess,
     Traffic,
@@ -45,16 +43,11 @@ from tests.hps_serve import (  # noqa: E402
     scrape,
     send,
     serving,
+    stub_pid,
     wait_until,
 )
 
 _DEADLINE_S = 300.0  # a round that has not recovered by then is reported as such
-
-
-def _stub_pid(ready: Ready, instance: str) -> int:
-    watch = StubWatch(ready.pid)
-    watch.dead()
-    return next(stub.pid for stub in watch.stubs() if stub.instance == instance)
 
 
 def _round(traffic: Traffic, fault: float) -> dict[str, float]:
@@ -87,7 +80,7 @@ def _stub_rounds(repository: Repository, kind: str, rounds: int) -> list[dict[st
             with Traffic(ready) as traffic:
                 wait_until(lambda: traffic.right > 20, _DEADLINE_S)
                 fault = time.monotonic()
-                os.kill(_stub_pid(ready, "hps_multi_0_0"), signal.SIGKILL if kind == "stub_kill" else signal.SIGSTOP)
+                os.kill(stub_pid(ready, "hps_multi_0_0"), signal.SIGKILL if kind == "stub_kill" else signal.SIGSTOP)
                 rows.append(_round(traffic, fault))
         serve.stop()
     return rows

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from hps_core.serving import group_processes
+from hps_core.stub_watch import StubWatch
 from tests.e2e.models import HUGECTR_STYLE_CONFIG, MULTI_DEFAULTS, MULTI_DIMS, MULTI_ROWS, _model_entry, _random_table
 
 FINALIZE_DIR_ENV = "HPS_TEST_FINALIZE_DIR"
@@ -284,6 +285,22 @@ def scrape(url: str) -> str:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(url, timeout=10) as response:
         return str(response.read().decode())
+
+
+def stub_pid(ready: Ready, instance: str) -> int:
+    """The pid of the stub running ``instance`` (e.g. ``echo_0_0``) under the Triton of ``ready``."""
+    watch = StubWatch(ready.pid)
+    watch.dead()
+    pids = [stub.pid for stub in watch.stubs() if stub.instance == instance]
+    assert len(pids) == 1, watch.stubs()
+    return pids[0]
+
+
+def stub_restarts(url: str, model: str, cause: str) -> int:
+    """``hps_serve_stub_restarts_total{model=...,cause=...}`` from ``hps serve``'s own endpoint (0 when absent)."""
+    pattern = rf'^hps_serve_stub_restarts_total\{{model="{model}",cause="{cause}"\}} (\d+)$'
+    match = re.search(pattern, scrape(url), re.MULTILINE)
+    return int(match.group(1)) if match else 0
 
 
 def restarts(url: str, cause: str) -> int:

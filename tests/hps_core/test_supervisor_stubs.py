@@ -34,6 +34,8 @@ from tests.hps_serve import (
     send,
     send_crash,
     serving,
+    stub_pid,
+    stub_restarts,
     wait_until,
 )
 
@@ -79,20 +81,9 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Repository:
     return build_repository(tmp_path_factory.mktemp("stubs"))
 
 
-def _stub_pid(ready: Ready, instance: str) -> int:
-    """The pid of the stub running ``instance`` under the Triton of ``ready``."""
-    watch = StubWatch(ready.pid)
-    watch.dead()
-    pids = [stub.pid for stub in watch.stubs() if stub.instance == instance]
-    assert len(pids) == 1, watch.stubs()
-    return pids[0]
-
-
 def _stub_restarts(ready: Ready, model: str, cause: str) -> int:
     assert ready.restarts_url is not None
-    pattern = rf'^hps_serve_stub_restarts_total\{{model="{model}",cause="{cause}"\}} (\d+)$'
-    match = re.search(pattern, scrape(ready.restarts_url), re.MULTILINE)
-    return int(match.group(1)) if match else 0
+    return stub_restarts(ready.restarts_url, model, cause)
 
 
 @pytest.mark.triton
@@ -103,9 +94,9 @@ def test_killed_stub_under_load_is_replaced_without_a_wrong_answer(repository: R
         ready = serve.wait_ready()
         with Traffic(ready) as traffic:
             assert wait_until(lambda: traffic.right > 10, RECOVERY_S)
-            os.kill(_stub_pid(ready, "hps_multi_0_0"), signal.SIGKILL)
+            os.kill(stub_pid(ready, "hps_multi_0_0"), signal.SIGKILL)
             assert wait_until(lambda: traffic.failed > 0, RECOVERY_S)  # it was down...
-            assert wait_until(lambda: traffic.answers_again(), RECOVERY_S)  # ...and is back
+            assert wait_until(traffic.answers_again, RECOVERY_S)  # ...and is back
         assert traffic.wrong == 0
         assert traffic.not_ready  # while it reloaded, its readiness said so
         assert _stub_restarts(ready, "hps_multi", "SIGKILL") == 1
@@ -122,7 +113,7 @@ def test_stopped_stub_is_killed_and_its_model_reloaded(repository: Repository) -
     health check; hps serve kills it after --stub-hang-timeout and reloads the model."""
     with ServeProcess(repository, "--stub-hang-timeout", "2") as serve:
         ready = serve.wait_ready()
-        os.kill(_stub_pid(ready, "echo_0_0"), signal.SIGSTOP)
+        os.kill(stub_pid(ready, "echo_0_0"), signal.SIGSTOP)
         assert wait_until(lambda: _stub_restarts(ready, "echo", "hung") == 1, RECOVERY_S), serve.output
         assert wait_until(lambda: echo_ok(ready.http), RECOVERY_S)
         assert "hangs (stopped for 2 s): killing its stubs" in serve.output
@@ -180,7 +171,7 @@ def test_without_hps_serve_a_dead_stub_stops_triton(repository: Repository, monk
     with server:
         assert server.process is not None
         ready = Ready(server.process.pid, server.http_url, server.grpc_url, None, None)
-        os.kill(_stub_pid(ready, "echo_0_0"), signal.SIGKILL)
+        os.kill(stub_pid(ready, "echo_0_0"), signal.SIGKILL)
         server.wait(RECOVERY_S)  # it exits by itself
         log = server.log_tail(400)
     assert "died: SIGKILL. Triton never replaces it" in log and "stopping Triton (SIGTERM)" in log
