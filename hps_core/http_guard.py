@@ -55,6 +55,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from hps_core.errors import RequestError, ServingError
+from hps_core.logs import RateLimitedLog
 
 __all__ = ["DEFAULT_MAX_INPUT_BYTES", "HttpGuard", "check_inference_header"]
 
@@ -427,8 +428,7 @@ class HttpGuard:
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._accept, name="hps-http-guard", daemon=True)
         self.refused = 0  # requests answered 400 by the rules
-        self._logged_at = -float("inf")  # last refusal logged: a flood of them must not flood the log
-        self._unlogged = 0
+        self._refusals = RateLimitedLog(log, _LOG_EVERY_S)  # a flood of them must not flood the log
 
     @property
     def port(self) -> int:
@@ -459,18 +459,13 @@ class HttpGuard:
                 sock.shutdown(socket.SHUT_RDWR)
         if self._thread.is_alive():
             self._thread.join(5)
+        self._refusals.flush()  # the count of refusals held back since the last line
 
     def note_refusal(self, what: str) -> None:
         """Count a refused request; log it, at most one line per :data:`_LOG_EVERY_S`."""
         with self._lock:
             self.refused += 1
-            now = time.monotonic()
-            if now - self._logged_at < _LOG_EVERY_S:
-                self._unlogged += 1
-                return
-            self._logged_at, unlogged, self._unlogged = now, self._unlogged, 0
-        more = f" ({unlogged} more refused since the last line)" if unlogged else ""
-        log.warning("HTTP guard refused %s%s", what, more)
+        self._refusals.warning("refused", f"HTTP guard refused {what}")
 
     def _accept(self) -> None:
         while not self._closing.is_set():
