@@ -298,6 +298,7 @@ class ModelConfig:
     max_batch_size: int = 64  # max samples per request
     gpucache: bool = True  # use the GPU embedding cache
     gpucacheper: float = 0.2  # GPU cache capacity as a fraction of each table's rows
+    gpu_cache_shared: bool = True  # this server's: one GPU cache per GPU shared by the instances (CUDA IPC)
     hit_rate_threshold: float = 0.9  # below: insert misses synchronously; above: in background
     embedding_cache_type: str = "dynamic"  # dynamic | static | uvm | stochastic
     use_static_table: bool = False  # HugeCTR alias: true forces embedding_cache_type "static"
@@ -821,6 +822,7 @@ def _parse_model(obj: Any, index: int, source: str, base_dir: Path) -> ModelConf
         max_batch_size=r.read_int("max_batch_size", d["max_batch_size"], minimum=1),
         gpucache=r.read_bool("gpucache", d["gpucache"]),
         gpucacheper=r.read_float("gpucacheper", d["gpucacheper"], lo=0.0, hi=1.0),
+        gpu_cache_shared=r.read_bool("gpu_cache_shared", d["gpu_cache_shared"]),
         hit_rate_threshold=r.read_float("hit_rate_threshold", d["hit_rate_threshold"], lo=0.0),
         embedding_cache_type="static" if use_static_table else cache_type,
         use_static_table=use_static_table,
