@@ -34,7 +34,7 @@ import logging
 import math
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -48,9 +48,11 @@ from hps_core.errors import TierBusyError, UnknownTableError
 from hps_core.formats import read_sparse_model, sparse_model_rows
 from hps_core.loader import ensure_table, load_table
 from hps_core.lookup import LookupSession
-from hps_core.online import OnlineUpdates
 from hps_core.refresh import CacheRefresher
 from hps_core.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from hps_core.online import OnlineUpdates
 
 __all__ = ["HierarchicalParameterServer"]
 
@@ -229,6 +231,8 @@ class HierarchicalParameterServer:
     def _start_updates(self) -> None:
         if not self.config.update_source.enabled:
             return
+        from hps_core.online import OnlineUpdates  # Kafka's client: only a server that follows a stream loads it
+
         settings = self.config.persistent_db
         writer = None
         if self.persistent is not None and not settings.read_only:
