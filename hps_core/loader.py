@@ -67,7 +67,7 @@ from hps_core.db.base import BulkLoad, HostSharedTables, PartitionMarkers, Table
 from hps_core.errors import ConfigError, HPSError, RowValueError, TierError
 from hps_core.formats import detect_format, read_table, sparse_model_rows, stream_table
 from hps_core.formats.hugectr import check_unique_keys
-from hps_core.row_formats import first_unstorable
+from hps_core.row_codecs import first_unstorable
 
 __all__ = [
     "DEFAULT_CHUNK_ROWS",

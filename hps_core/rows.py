@@ -27,7 +27,8 @@ import numpy.typing as npt
 from numba import njit
 
 from hps_core.errors import RequestError
-from hps_core.row_formats import RowFormat, decode_rows
+from hps_core.row_formats import RowFormat
+from hps_core.row_codecs import decode_rows
 
 __all__ = ["check_rows_fit", "copy_rows", "fill_rows", "join_rows", "row_offsets", "row_sizes", "unpack_stored"]
 

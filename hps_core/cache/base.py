@@ -77,7 +77,8 @@ from numba import njit
 
 from hps_core.arrays import array_module, device_context
 from hps_core.errors import CacheFullError, ConfigError, RequestError, RowValueError
-from hps_core.row_formats import RowFormat, first_unstorable, format_codes, unstorable_reason
+from hps_core.row_formats import RowFormat, format_codes
+from hps_core.row_codecs import first_unstorable, unstorable_reason
 
 __all__ = [
     "AccessClock",

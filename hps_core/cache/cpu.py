@@ -68,7 +68,8 @@ from hps_core.grouping import first_of_pairs, group_by
 from hps_core.hashing import mix64
 from hps_core.rows import check_rows_fit, copy_rows
 from hps_core.intrinsics import LockArray, read_acquire, read_release, write_acquire, write_release
-from hps_core.row_formats import RowFormat, decode_row, encode_row
+from hps_core.row_formats import RowFormat
+from hps_core.row_codecs import decode_row, encode_row
 
 __all__ = [
     "CpuDynamicCache",

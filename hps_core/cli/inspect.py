@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import json
 
-from hps_core.cli import SubParsers
 from hps_core.cli.load import cli_config
 from hps_core.errors import ConfigError
 from hps_core.inspection import format_host_stores, format_report, host_stores, inspect_tiers
@@ -14,16 +13,12 @@ from hps_core.inspection import format_host_stores, format_report, host_stores, 
 __all__ = ["add_inspect", "run_inspect"]
 
 
-def add_inspect(subparsers: SubParsers) -> None:
-    """Register ``hps inspect``."""
-    parser = subparsers.add_parser(
-        "inspect",
-        help="show the tables of the tiers: rows, width, format, memory and disk",
-        description=("Report, per table, its row format and bytes per packed row, the rows of its "
+def add_inspect(parser: argparse.ArgumentParser) -> None:
+    """Set up ``hps inspect``."""
+    parser.description = ("Report, per table, its row format and bytes per packed row, the rows of its "
                      "sparse file, RocksDB's row estimate, stored format, disk size and load state, "
                      "the memory the hash map would take, Redis's rows, stored format and memory "
-                     "per row, and the bytes a row takes in the embedding cache."),
-    )
+                     "per row, and the bytes a row takes in the embedding cache.")
     parser.add_argument("--config", metavar="HPS_JSON", help="HugeCTR HPS JSON")
     parser.add_argument("--rocksdb", metavar="DIR", help="RocksDB folder (instead of, or overriding, the config's)")
     parser.add_argument("--redis", metavar="HOST:PORT[,...]", help="Redis (cluster) (instead of, or overriding, the config's)")

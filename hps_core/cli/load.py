@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from hps_core.cli import SubParsers
 from hps_core.config import ParameterServerConfig, TableConfig, TierType, VolatileDBConfig, load_config
 from hps_core.errors import ConfigError
 from hps_core.loader import DEFAULT_CHUNK_ROWS, TIERS, load_config_tables, select_tables
@@ -15,19 +14,15 @@ from hps_core.row_formats import FORMAT_NAMES, RowFormat
 __all__ = ["add_load", "cli_config", "run_load"]
 
 
-def add_load(subparsers: SubParsers) -> None:
-    """Register ``hps load``."""
-    parser = subparsers.add_parser(
-        "load",
-        help="load sparse model folders or .npy/.npz tables into RocksDB and/or Redis",
-        description=(
+def add_load(parser: argparse.ArgumentParser) -> None:
+    """Set up ``hps load``."""
+    parser.description = (
             "Load the embedding tables of an HPS JSON (HugeCTR sparse model folders) or one "
             ".npy/.npz table into the chosen tiers, each in its row format (fp32, fp16, fp8, "
             "int8: quantised from the file's float32 rows). Resumable: a load that is killed and run "
             "again ends with the same content; a rerun of a finished load writes nothing. "
             "Servers may keep serving from read-only or secondary handles meanwhile."
-        ),
-    )
+        )
     parser.add_argument("--config", metavar="HPS_JSON", help="HugeCTR HPS JSON naming the tiers and models")
     parser.add_argument("--model", action="append", metavar="NAME", help="load only this model (repeatable)")
     parser.add_argument("--tables", metavar="T1,T2", help="load only these tables (plain or hps_et.<model>.<table>)")

@@ -7,26 +7,22 @@ import json
 from pathlib import Path
 from typing import Any
 
-from hps_core.cli import SubParsers, keyword_defaults
+from hps_core.cli import keyword_defaults
 from hps_core.errors import ConfigError, ServingError
 
 __all__ = ["add_models", "run_models"]
 
 
-def add_models(subparsers: SubParsers) -> None:
-    """Register ``hps models`` and its actions ``list``, ``load``, ``unload``."""
-    parser = subparsers.add_parser(
-        "models",
-        help="list, load or unload models of a running hps serve (Triton's repository API)",
-        description=(
+def add_models(parser: argparse.ArgumentParser) -> None:
+    """Set up ``hps models`` and its actions ``list``, ``load``, ``unload``."""
+    parser.description = (
             "Add or remove models and model versions at runtime, through the explicit model control "
             "of the Triton that hps serve runs. The repository API needs the token hps serve was "
             "started with (header hps-api-token): --api-token-file FILE, else $HPS_API_TOKEN. A new "
             "model is a folder written into the served repository; a new version is a folder "
             "<model>/<N>/ beside the served ones (version_policy all): 'load' then serves it without "
             "touching the others. See docs/deployment.md, 'Model versions and runtime loading'."
-        ),
-    )
+        )
     control, server = _control_defaults(), _server_defaults()
     parser.add_argument("--url", default=f"{server['host']}:{server['http_port']}", metavar="HOST:PORT",
                         help="hps serve's HTTP endpoint (default: %(default)s)")

@@ -4,25 +4,21 @@ from __future__ import annotations
 
 import argparse
 
-from hps_core.cli import SubParsers, keyword_defaults
+from hps_core.cli import keyword_defaults
 
 __all__ = ["add_publish", "run_publish"]
 
 _PUBLISH_CHUNK_ROWS = 1 << 20  # rows packed at a time: bounds memory for large tables
 
 
-def add_publish(subparsers: SubParsers) -> None:
-    """Register ``hps publish``."""
-    parser = subparsers.add_parser(
-        "publish",
-        help="send a table's embeddings to Kafka as online updates (HugeCTR's message format)",
-        description=(
+def add_publish(parser: argparse.ArgumentParser) -> None:
+    """Set up ``hps publish``."""
+    parser.description = (
             "Publish every row of a table to the Kafka topic hps_et.MODEL.TABLE in HugeCTR's update "
             "format, partitioned by key, for serving HPS instances (or HugeCTR's) to apply. "
             "Waits until the broker acknowledged every message, re-sending what it did not take "
             "(at least once, also across a broker restart); reports the re-sends."
-        ),
-    )
+        )
     parser.add_argument("--brokers", required=True, metavar="HOST:PORT",
                         help="Kafka bootstrap servers, host:port[;host:port...]")
     parser.add_argument("--model", required=True, help="model name (the topic's middle part)")

@@ -6,28 +6,24 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hps_core.cli import SubParsers, keyword_defaults
+from hps_core.cli import keyword_defaults
 from hps_core.model_control import ModelControl, api_token
 from hps_core.publishing import PublishTarget, publish_model
 
 __all__ = ["add_publish_model", "run_publish_model"]
 
 
-def add_publish_model(subparsers: SubParsers) -> None:
-    """Register ``hps publish-model``."""
+def add_publish_model(parser: argparse.ArgumentParser) -> None:
+    """Set up ``hps publish-model``."""
     target = keyword_defaults(PublishTarget)
     publish = keyword_defaults(publish_model)
-    parser = subparsers.add_parser(
-        "publish-model",
-        help="publish a HugeCTR-style export as the next version of a served model, without downtime",
-        description=(
+    parser.description = (
             "Validate an export (HPS JSON, sparse model folders, dense weights), write it as version N+1 "
             "of the repository, bulk-load its tables into the persistent and shared volatile tiers, load "
             "it beside version N in the running server (hps serve), switch the ensemble to it in one "
             "reload, unload version N and drop its tables. A broken export is refused before anything "
             "changes. Resumable: after a kill, the same command continues. Prints the time of each phase."
-        ),
-    )
+        )
     parser.add_argument("export", metavar="EXPORT_DIR", help="the export folder (hps.json, sparse folders, dense.pt)")
     parser.add_argument("--model-repository", required=True, metavar="DIR", help="the repository hps serve serves")
     parser.add_argument("--url", default="127.0.0.1:8000", metavar="HOST:PORT", help="the server's HTTP endpoint (default: %(default)s)")

@@ -13,18 +13,15 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from hps_core.cli import SubParsers, keyword_defaults
+from hps_core.cli import keyword_defaults
 from hps_core.errors import ConfigError
 
 __all__ = ["add_serve", "run_serve"]
 
 
-def add_serve(subparsers: SubParsers) -> None:
-    """Register ``hps serve``."""
-    parser = subparsers.add_parser(
-        "serve",
-        help="run Triton Inference Server on a model repository (HPS and DLRM backends staged), restarting it if it dies",
-        description=(
+def add_serve(parser: argparse.ArgumentParser) -> None:
+    """Set up ``hps serve``."""
+    parser.description = (
             "Start the Triton Inference Server bundled by scripts/setup.sh (or $HPS_TRITON_HOME) "
             "on MODEL_REPOSITORY, with the Python-based backends 'hps' and 'dlrm' available. "
             "Without a GPU, models asking for KIND_GPU instances are served on CPU (a warning "
@@ -40,8 +37,7 @@ def add_serve(subparsers: SubParsers) -> None:
             "and shared-memory registration need the header 'hps-api-token: TOKEN' when a token "
             "is given ($HPS_API_TOKEN or --api-token-file); without one, model control is "
             "refused to every client."
-        ),
-    )
+        )
     parser.add_argument("--model-repository", required=True, metavar="DIR",
                         help="Triton model repository (one folder per model with a config.pbtxt)")
     server = _server_defaults()

@@ -103,7 +103,8 @@ from hps_core.intrinsics import (
     read_acquire,
     read_release,
 )
-from hps_core.row_formats import RowFormat, decode_row, pack
+from hps_core.row_formats import RowFormat
+from hps_core.row_codecs import decode_row, pack
 from hps_core.rows import check_rows_fit
 
 __all__ = ["HashMapVolatileDB", "MapSettings", "estimate_bytes_per_row"]

@@ -115,7 +115,8 @@ from hps_core.db.base import (
 from hps_core.errors import ConfigError, PartialTierError, RequestError, StoredWidthError, TierError
 from hps_core.config import RedisConfig, TLSConfig, VolatileDBConfig
 from hps_core.logs import RateLimitedLog
-from hps_core.row_formats import RowFormat, format_codes, pack
+from hps_core.row_formats import RowFormat, format_codes
+from hps_core.row_codecs import pack
 from hps_core.rows import row_sizes
 
 __all__ = ["RedisClusterVolatileDB", "RedisVolatileDB", "open_redis_db", "parse_addresses"]

@@ -111,7 +111,8 @@ from hps_core.db.base import (
 from hps_core.config import PersistentDBConfig
 from hps_core.errors import ConfigError, RequestError, StoredWidthError, TierBusyError, TierError
 from hps_core.grouping import group_by
-from hps_core.row_formats import RowFormat, format_codes, pack
+from hps_core.row_formats import RowFormat, format_codes
+from hps_core.row_codecs import pack
 from hps_core.rows import row_sizes, unpack_stored
 
 __all__ = ["RocksDBPersistentDB"]

@@ -102,7 +102,8 @@ from hps_core.intrinsics import (
     prefetch,
     sched_yield,
 )
-from hps_core.row_formats import RowFormat, pack
+from hps_core.row_formats import RowFormat
+from hps_core.row_codecs import pack
 from hps_core.rows import check_rows_fit
 
 __all__ = ["SharedHashMapVolatileDB", "recover"]

@@ -24,7 +24,8 @@ import pytest
 
 from hps_core.errors import ServingError
 from hps_core.formats import write_sparse_model
-from hps_core.row_formats import RowFormat, pack, unpack
+from hps_core.row_formats import RowFormat
+from hps_core.row_codecs import pack, unpack
 from hps_core.serving import TritonServer
 from hps_demo.client import infer, make_client
 from tests.e2e.models import HUGECTR_STYLE_CONFIG, REPO_ROOT, Table

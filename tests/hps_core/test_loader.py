@@ -36,7 +36,8 @@ from hps_core.loader import (
     read_marker,
     select_tables,
 )
-from hps_core.row_formats import RowFormat, pack, unpack
+from hps_core.row_formats import RowFormat
+from hps_core.row_codecs import pack, unpack
 
 REPO = Path(__file__).resolve().parents[2]
 DIM = 8

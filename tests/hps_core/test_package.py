@@ -1,15 +1,20 @@
-"""The library's public surface, and the layering rule: hps_core imports no Triton, no torch."""
+"""The library's public surface, the layering rule (hps_core imports no Triton, no torch), and what
+importing a part of it costs: only what that part uses."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import hps_core
+from hps_core.cli import SUBCOMMANDS, build_parser
 from hps_core.formats import write_sparse_model
 
 
@@ -71,3 +76,31 @@ print(",".join(m for m in heavy if m in sys.modules))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ""
+
+
+_COMPILERS_AND_CLIENTS = ("numba", "redis", "rocksdict", "confluent_kafka")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["serve", "--help"], ["models", "--help"], ["-v", "models", "list", "--help"]])
+def test_the_cli_imports_only_the_subcommand_it_runs(argv: list[str]) -> None:
+    """`hps --help` and the subcommands that need no compiler or client load none (the CLI's
+    help took half a second when every subcommand's module was imported to build the parser)."""
+    code = f"""
+import contextlib, sys
+from hps_core.cli import main
+with contextlib.redirect_stdout(None), contextlib.suppress(SystemExit):
+    main({argv!r})
+print(",".join(m for m in sys.modules if m.split(".")[0] in {_COMPILERS_AND_CLIENTS!r}))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ""
+
+
+@pytest.mark.parametrize("command", list(SUBCOMMANDS))
+def test_every_subcommand_still_sets_up_its_parser(command: str) -> None:
+    parser = build_parser([command])
+    with pytest.raises(SystemExit) as exit_info, contextlib.redirect_stdout(io.StringIO()) as out:
+        parser.parse_args([command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: hps {command}" in out.getvalue() and "--" in out.getvalue()

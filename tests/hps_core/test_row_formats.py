@@ -10,18 +10,8 @@ import pytest
 from numba import njit
 
 from hps_core.errors import ConfigError, RowValueError
-from hps_core.row_formats import (
-    E4M3_TO_F32,
-    FORMAT_NAMES,
-    RowFormat,
-    decode_rows,
-    encode_rows,
-    f32_to_e4m3,
-    first_unstorable,
-    format_codes,
-    pack,
-    unpack,
-)
+from hps_core.row_formats import E4M3_TO_F32, FORMAT_NAMES, RowFormat, format_codes
+from hps_core.row_codecs import decode_rows, encode_rows, f32_to_e4m3, first_unstorable, pack, unpack
 
 EPS = float(np.finfo(np.float32).eps)
 DIMS = (1, 2, 3, 16, 128)

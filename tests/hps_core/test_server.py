@@ -17,7 +17,8 @@ from hps_core.db import RocksDBPersistentDB
 from hps_core.errors import ConfigError, UnknownTableError
 from hps_core.formats import write_sparse_model
 from hps_core.logs import RateLimitedLog
-from hps_core.row_formats import RowFormat, pack, unpack
+from hps_core.row_formats import RowFormat
+from hps_core.row_codecs import pack, unpack
 from hps_core.server import HierarchicalParameterServer
 
 

@@ -1,8 +1,8 @@
-// Row formats on the device: the GPU caches' twin of hps_core/row_formats.py, which the CPU
+// Row formats on the device: the GPU caches' twin of hps_core/row_codecs.py, which the CPU
 // twins call (encode_row, decode_row). The two MUST change together, line for line: the
 // caches promise the same bytes in the store and the same float32 out of a query on both
 // (tests/hps_core/cache/test_gpu_cache.py compares them on a GPU; test_row_formats_cuh.py
-// compiles the scalar half below as host C++ and compares it with row_formats.py anywhere).
+// compiles the scalar half below as host C++ and compares it with row_codecs.py anywhere).
 //
 // Packed row of a dim-wide table, little-endian (row_formats.py has the table):
 //   fp32  f32[dim]                          fp16  f16 bits[dim]

@@ -20,7 +20,8 @@ import pytest
 
 from hps_core.cache import WAYS, EmbeddingCache, make_cache
 from hps_core.errors import CacheFullError, ConfigError, RequestError, RowValueError
-from hps_core.row_formats import RowFormat, pack, unpack
+from hps_core.row_formats import RowFormat
+from hps_core.row_codecs import pack, unpack
 
 IMPLS = [
     pytest.param(("cpu", "dynamic"), id="cpu-dynamic"),

@@ -21,7 +21,8 @@ from hps_core.cache import gpu
 from hps_core.cache._kernels import MAX_GPU_DIM, vector_shape, vector_shapes
 from hps_core.cache.cpu import FREQ_MAX
 from hps_core.errors import CacheFullError, ConfigError, RequestError, RowValueError
-from hps_core.row_formats import RowFormat, pack, unpack
+from hps_core.row_formats import RowFormat
+from hps_core.row_codecs import pack, unpack
 from hps_core.rows import copy_rows, row_offsets
 from tests.hps_core.cache.test_multi_table import FORMAT_MIXES, FP8, FP16, FP32, INT8
 from tests.hps_core.cache.test_row_formats_cuh import edge_rows

@@ -21,7 +21,8 @@ from hps_core.cache import MultiTableCache, TableView, make_multi_table_cache
 from hps_core.cache.base import WAYS, capacity_for_bytes, row_stride
 from hps_core.cache.cpu import CpuDynamicCache
 from hps_core.errors import CacheFullError, ConfigError, RequestError, RowValueError
-from hps_core.row_formats import RowFormat, pack, unpack
+from hps_core.row_formats import RowFormat
+from hps_core.row_codecs import pack, unpack
 from hps_core.rows import row_offsets
 
 IMPLS = [

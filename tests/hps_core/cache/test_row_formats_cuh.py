@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 from hps_core.cache import _kernels
-from hps_core.row_formats import RowFormat, first_unstorable, pack, unpack
+from hps_core.row_formats import RowFormat
+from hps_core.row_codecs import first_unstorable, pack, unpack
 
 CXX = shutil.which("g++") or shutil.which("c++")
 needs_cxx = pytest.mark.skipif(CXX is None, reason="no host C++ compiler to build the header's scalar half")

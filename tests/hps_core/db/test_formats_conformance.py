@@ -16,7 +16,8 @@ import pytest
 from hps_core.config import RedisConfig, VolatileDBConfig
 from hps_core.db import EmbeddingTier, RedisClusterVolatileDB
 from hps_core.errors import ConfigError, RowValueError
-from hps_core.row_formats import RowFormat, pack, unpack
+from hps_core.row_formats import RowFormat
+from hps_core.row_codecs import pack, unpack
 
 T = "hps_et.model.table"
 FORMATS = tuple(RowFormat)

@@ -13,7 +13,8 @@ from hps_core.config import OverflowConfig, TierType, VolatileDBConfig
 from hps_core.db import HashMapVolatileDB, VolatileDB, open_volatile_db
 from hps_core.db.hash_map import _NO_STAT, estimate_bytes_per_row
 from hps_core.errors import ConfigError, RowValueError, TierError, UnknownTableError
-from hps_core.row_formats import RowFormat, pack, unpack
+from hps_core.row_formats import RowFormat
+from hps_core.row_codecs import pack, unpack
 
 Encode = Callable[[np.ndarray, int], np.ndarray]
 T = "hps_et.model.table"

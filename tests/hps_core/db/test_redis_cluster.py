@@ -22,7 +22,8 @@ from hps_core.config import RedisConfig, TierType, TLSConfig, VolatileDBConfig
 from hps_core.db import RedisClusterVolatileDB, RedisVolatileDB, open_volatile_db
 from hps_core.db import _redis_layout as layout
 from hps_core.errors import ConfigError, PartialTierError, TierError
-from hps_core.row_formats import RowFormat, pack, unpack
+from hps_core.row_formats import RowFormat
+from hps_core.row_codecs import pack, unpack
 from tests.redis_servers import RedisProcesses
 
 pytestmark = pytest.mark.redis

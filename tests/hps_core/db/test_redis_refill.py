@@ -26,7 +26,8 @@ from hps_core.db.base import PartitionMarkers
 from hps_core.db.redis_refill import RefillMonitor, RefillSource
 from hps_core.errors import ConfigError, PartialTierError, TierError
 from hps_core.formats import write_sparse_model
-from hps_core.row_formats import RowFormat, pack, unpack
+from hps_core.row_formats import RowFormat
+from hps_core.row_codecs import pack, unpack
 from tests.redis_servers import RedisProcesses
 
 pytestmark = pytest.mark.redis

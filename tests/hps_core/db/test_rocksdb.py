@@ -16,7 +16,8 @@ from rocksdict import AccessType, Options, Rdict
 from hps_core.config import PersistentDBConfig, TierType
 from hps_core.db import PersistentDB, RocksDBPersistentDB, open_persistent_db
 from hps_core.errors import ConfigError, StoredWidthError, TierBusyError, TierError
-from hps_core.row_formats import RowFormat, pack, unpack
+from hps_core.row_formats import RowFormat
+from hps_core.row_codecs import pack, unpack
 
 Encode = Callable[[np.ndarray, int], np.ndarray]
 T = "hps_et.model.table"

@@ -29,7 +29,8 @@ from hps_core.db import HashMapVolatileDB
 from hps_core.errors import ConfigError, DeviceError, DeviceMemoryError, MalformedMessage, RequestError, TierBusyError, TierError
 from hps_core.formats import write_sparse_model
 from hps_core.server import HierarchicalParameterServer
-from hps_core.row_formats import RowFormat, pack, unpack
+from hps_core.row_formats import RowFormat
+from hps_core.row_codecs import pack, unpack
 from hps_core.updates import TierUpdateApplier, UpdateSink, UpdateSource, topic_name
 from hps_core.updates.source import APPLY_RETRYABLE
 from tests.kafka_broker import KafkaBroker, broker_or_skip

@@ -29,7 +29,8 @@ from hps_core.errors import (
     TierBusyError,
     UpdateError,
 )
-from hps_core.row_formats import RowFormat, pack, unpack
+from hps_core.row_formats import RowFormat
+from hps_core.row_codecs import pack, unpack
 from hps_core.updates import MalformedMessage, TierUpdateApplier, decode, encode, parse_topic, topic_name
 from hps_core.updates.source import consumer_group_id
 from hps_core.updates.wire import MAGIC, key_groups, partitions_for_keys, xxh3_64
