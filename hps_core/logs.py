@@ -29,6 +29,8 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from hps_core.errors import ConfigError
+
 __all__ = ["DEFAULT_LOG_INTERVAL_S", "LogSink", "RateLimitedLog", "cause_of"]
 
 #: A callable a RateLimitedLog writes to instead of a Logger: ``sink(level, line)``, with
@@ -64,7 +66,7 @@ class RateLimitedLog:
     def __init__(self, logger: logging.Logger | LogSink, interval: float = DEFAULT_LOG_INTERVAL_S,
                  *, clock: Callable[[], float] = time.monotonic) -> None:
         if interval < 0:
-            raise ValueError(f"interval must be >= 0 seconds, got {interval}")
+            raise ConfigError(f"log interval must be >= 0 seconds, got {interval}")
         self._logger = logger
         self._interval = float(interval)
         self._clock = clock

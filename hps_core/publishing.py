@@ -93,12 +93,12 @@ import numpy as np
 
 from hps_core.config import ModelConfig, ParameterServerConfig, TierType, load_config, parse_config, version_model_name
 from hps_core.db.base import DropTable, EmbeddingTier
-from hps_core.errors import ConfigError, FormatError, HPSError, ServingError, TierBusyError
+from hps_core.errors import ConfigError, FormatError, HPSError, ServingError
 from hps_core.formats import read_sparse_model
 from hps_core.formats.hugectr import check_unique_keys
 from hps_core.loader import DEFAULT_CHUNK_ROWS, fingerprint, load_config_tables
 from hps_core.model_control import ModelControl
-from hps_core.retry import RetryPolicy
+from hps_core.retry import WRITE_LOCK_WAIT
 from hps_core.row_formats import non_finite_rows
 
 __all__ = [
@@ -153,7 +153,6 @@ KILL_AT_ENV = "HPS_PUBLISH_KILL_AT"
 #: Test-only: the same points, where publish-model pauses until a line arrives on its stdin.
 PAUSE_AT_ENV = "HPS_PUBLISH_PAUSE_AT"
 _LOCK_FILE = "publish.lock"  # in the work folder: one publication at a time per repository
-_WRITE_LOCK_WAIT = RetryPolicy(retryable=(TierBusyError,), first_backoff_s=0.1, max_backoff_s=1.0, deadline_s=120.0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -739,7 +738,7 @@ def bulk_load(config: ParameterServerConfig, *, progress: bool = True,
     # One open of each tier for all tables; the crash point after each table makes a kill
     # between two tables a test case.
     if config.persistent_db.enabled:
-        report.update(_WRITE_LOCK_WAIT.call(lambda: load_config_tables(
+        report.update(WRITE_LOCK_WAIT.call(lambda: load_config_tables(
             config, tables, tier="persistent", progress=progress, chunk_rows=chunk_rows,
             after_table=lambda _: _crash_point("bulk_load.table"))))
     if config.volatile_db.enabled and config.volatile_db.type.shared:
@@ -795,7 +794,7 @@ def drop_tables(config: ParameterServerConfig, model: str, *,
     dropped: dict[str, list[str]] = {}
     openers: list[tuple[str, Callable[[], EmbeddingTier | None]]] = []
     if config.persistent_db.enabled and not config.persistent_db.read_only:
-        openers.append(("persistent", lambda: _WRITE_LOCK_WAIT.call(lambda: open_persistent_db(config.persistent_db))))
+        openers.append(("persistent", lambda: WRITE_LOCK_WAIT.call(lambda: open_persistent_db(config.persistent_db))))
     volatile = config.volatile_db
     if volatile.enabled and (volatile.type.shared or (volatile.type.in_process and volatile.host_shared)):
         # Redis, or the host store (whose files hps serve would otherwise keep until it stops),

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hps_core.arrays import device_context, to_host
+from hps_core.errors import ConfigError
 from hps_core.logs import RateLimitedLog
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ class CacheRefresher:
 
     def __init__(self, session: LookupSession, *, percentage: float, interval: float, delay: float = 0.0) -> None:
         if not 0.0 < percentage <= 1.0:
-            raise ValueError(f"cache_refresh_percentage_per_iteration must be in (0, 1], got {percentage}")
+            raise ConfigError(f"cache_refresh_percentage_per_iteration must be in (0, 1], got {percentage}")
         self._session = session
         self._percentage = percentage
         self._interval = interval

@@ -4,10 +4,18 @@ One :class:`RetryPolicy` per loop that retries, stated where the loop lives::
 
     loop                                     retryable               backoff                        limit
     TierUpdateApplier.opening: open writer   TierBusyError           busy_backoff_ms, constant      busy_retries
-    server: open the RocksDB writer to load  TierBusyError           0.2 s, constant                600 s
+    WRITE_LOCK_WAIT: the RocksDB writer of   TierBusyError           0.1 s doubling to 1 s,         600 s
+      a server's startup load, of a                                  jittered
+      publication's bulk load and drop
     UpdateSource: apply a batch              TierError,              failure_backoff_ms, constant   until stopped
                                              DeviceMemoryError
-    UpdateSink: re-send rounds               UpdateError             0.1 s doubling to 2 s          max_idle_rounds idle rounds
+    UpdateSink: re-send rounds               UpdateError             0.1 s doubling to 2 s,         max_idle_rounds idle rounds
+                                                                     jittered
+
+A policy whose failures come to many processes at once (several servers starting on one
+RocksDB, every producer after a broker restart) sets ``jitter``: each pause is shortened by a
+random share, so the processes that failed together do not all retry together (redis-py's
+default backoff jitters for the same reason).
 
 (The update source's set is ``hps_core.updates.applier.APPLY_RETRYABLE``, re-exported as
 ``hps_core.updates.source.APPLY_RETRYABLE``, where the source says what becomes of the other
@@ -27,14 +35,15 @@ source retries like any TierError, until it is stopped.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from hps_core.errors import ConfigError
+from hps_core.errors import ConfigError, TierBusyError
 
-__all__ = ["RetryPolicy"]
+__all__ = ["WRITE_LOCK_WAIT", "RetryPolicy"]
 
 T = TypeVar("T")
 
@@ -53,6 +62,7 @@ class RetryPolicy:
     max_backoff_s: float = 2.0  # ... up to this
     max_attempts: int | None = None  # attempts in all (the first included); None: no count limit
     deadline_s: float | None = None  # no new attempt this long after the first; None: no time limit
+    jitter: float = 0.0  # each pause shortened by a random share up to this (0.5: between half and all of it)
 
     def __post_init__(self) -> None:
         if not self.retryable:
@@ -61,12 +71,18 @@ class RetryPolicy:
             raise ConfigError("RetryPolicy.retryable names every error: a bug would be retried; name the errors")
         if self.first_backoff_s < 0 or self.factor < 1 or self.max_backoff_s < self.first_backoff_s:
             raise ConfigError(f"RetryPolicy backoff must satisfy 0 <= first <= max and factor >= 1: {self}")
+        if not 0.0 <= self.jitter < 1.0:
+            raise ConfigError(f"RetryPolicy.jitter must be in [0, 1), got {self.jitter}")
         if self.max_attempts is not None and self.max_attempts < 1:
             raise ConfigError(f"RetryPolicy.max_attempts must be >= 1 or None, got {self.max_attempts}")
 
     def delay(self, failures: int) -> float:
-        """Seconds to wait after ``failures`` (>= 1) failed attempts in a row."""
+        """Seconds to wait after ``failures`` (>= 1) failed attempts in a row, before jitter."""
         return min(self.first_backoff_s * self.factor ** max(failures - 1, 0), self.max_backoff_s)
+
+    def pause(self, failures: int) -> float:
+        """The pause actually taken: :meth:`delay` shortened by a random share up to ``jitter``."""
+        return self.delay(failures) * (1.0 - self.jitter * random.random())
 
     def exhausted(self, failures: int, elapsed_s: float = 0.0) -> bool:
         """True when ``failures`` attempts, or ``elapsed_s`` seconds since the first, use up the policy."""
@@ -99,5 +115,14 @@ class RetryPolicy:
                     raise
                 if on_retry is not None:
                     on_retry(failures, exc)
-                if sleep(self.delay(failures)) is True:
+                if sleep(self.pause(failures)) is True:
                     raise
+
+
+#: Waiting out another process's RocksDB write lock (RocksDB lets one process at a time write):
+#: a server opening the writer to load its tables at startup, a publication's bulk load and its
+#: drop of a retired version. A loader may be filling large tables meanwhile, hence the long
+#: deadline; several servers started together wait on the same lock, hence the jitter. The online
+#: updates' writer, opened per applied batch, is not under it (the applier's busy policy is).
+WRITE_LOCK_WAIT = RetryPolicy(retryable=(TierBusyError,), first_backoff_s=0.1, factor=2.0, max_backoff_s=1.0,
+                              deadline_s=600.0, jitter=0.5)

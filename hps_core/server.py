@@ -44,12 +44,12 @@ from hps_core.config import ModelConfig, ParameterServerConfig, PersistentDBConf
 from hps_core.db import open_persistent_db, open_volatile_db
 from hps_core.db.base import EmbeddingTier, PartitionMarkers, Refreshable
 from hps_core.db.redis_refill import DEFAULT_INTERVAL_S, RefillMonitor, RefillSource
-from hps_core.errors import TierBusyError, UnknownTableError
+from hps_core.errors import UnknownTableError
 from hps_core.formats import read_sparse_model, sparse_model_rows
 from hps_core.loader import ensure_table, load_table
 from hps_core.lookup import LookupSession
 from hps_core.refresh import CacheRefresher
-from hps_core.retry import RetryPolicy
+from hps_core.retry import WRITE_LOCK_WAIT
 
 if TYPE_CHECKING:
     from hps_core.online import OnlineUpdates
@@ -59,12 +59,6 @@ __all__ = ["HierarchicalParameterServer"]
 log = logging.getLogger(__name__)
 
 _LOAD_CHUNK_ROWS = 1 << 18  # bounds the memory a load needs, whatever the table size
-#: Opening the RocksDB writer to load the tables at startup waits out another process's write
-#: lock (a loader may be filling large tables); any other failure is raised at once. The writer
-#: of the online updates, opened per applied batch, is not wrapped in it: the applier's busy
-#: policy and the update source's apply retries govern that wait (hps_core.retry).
-_WRITE_LOCK_WAIT = RetryPolicy(retryable=(TierBusyError,), first_backoff_s=0.2, factor=1.0, max_backoff_s=0.2,
-                               deadline_s=600.0)
 
 
 class HierarchicalParameterServer:
@@ -199,7 +193,7 @@ class HierarchicalParameterServer:
         if not settings.enabled:
             return None
         if not settings.read_only:
-            writer = _WRITE_LOCK_WAIT.call(lambda: _open_writer(settings))
+            writer = WRITE_LOCK_WAIT.call(lambda: _open_writer(settings))
             try:
                 for table in self._tables():
                     load_table(writer, table, source=self.config.source)

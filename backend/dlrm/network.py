@@ -26,7 +26,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hps_core.errors import FormatError
+
 __all__ = [
+    "DEFAULT_BOTTOM",
+    "DEFAULT_DIM",
+    "DEFAULT_N_DENSE",
+    "DEFAULT_TOP",
     "DenseDLRM",
     "hparams_path",
     "load_dense",
@@ -36,6 +42,10 @@ __all__ = [
 ]
 
 _FORMAT = "hps-demo-dlrm-dense/1"
+#: The demo DLRM's dense architecture unless told otherwise (hps_demo's trainer uses them too):
+#: 13 dense features (Criteo's), dim-16 embeddings, bottom MLP 64-32, top MLP 128-64.
+DEFAULT_N_DENSE, DEFAULT_DIM = 13, 16
+DEFAULT_BOTTOM, DEFAULT_TOP = (64, 32), (128, 64)
 
 
 def _mlp(sizes: Sequence[int]) -> nn.Sequential:
@@ -54,11 +64,11 @@ class DenseDLRM(nn.Module):
     def __init__(
         self,
         *,
-        n_dense: int = 13,
+        n_dense: int = DEFAULT_N_DENSE,
         n_tables: int = 26,
-        dim: int = 16,
-        bottom: Sequence[int] = (64, 32),
-        top: Sequence[int] = (128, 64),
+        dim: int = DEFAULT_DIM,
+        bottom: Sequence[int] = DEFAULT_BOTTOM,
+        top: Sequence[int] = DEFAULT_TOP,
     ) -> None:
         super().__init__()
         self.n_dense, self.n_tables, self.dim = int(n_dense), int(n_tables), int(dim)
@@ -125,7 +135,7 @@ def load_dense(path: str | Path, *, map_location: str | torch.device = "cpu") ->
             f"{meta_path}: hyper-parameters of {path} missing; write both with save_dense()"
         ) from None
     if meta.get("format") != _FORMAT:
-        raise ValueError(f"{meta_path}: format is {meta.get('format')!r}, expected {_FORMAT!r}")
+        raise FormatError(f"{meta_path}: format is {meta.get('format')!r}, expected {_FORMAT!r}")
     net = DenseDLRM(
         n_dense=meta["n_dense"],
         n_tables=meta["n_tables"],

@@ -64,7 +64,7 @@ import numpy as np
 from hps_core.db import _redis_layout as layout
 from hps_core.arrays import Keys, Vectors
 from hps_core.db.base import EmbeddingTier, PartitionMarkers
-from hps_core.errors import HPSError, TierError
+from hps_core.errors import ConfigError, HPSError, TierError
 from hps_core.formats import read_table
 from hps_core.logs import RateLimitedLog
 from hps_core.row_formats import RowFormat
@@ -112,7 +112,7 @@ class RefillMonitor:
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
     ) -> None:
         if interval_s <= 0:
-            raise ValueError(f"interval_s must be > 0 seconds, got {interval_s}")
+            raise ConfigError(f"refill interval_s must be > 0 seconds, got {interval_s}")
         self._tier = tier
         self._sources = {s.table: s for s in sources}
         self._persistent = persistent

@@ -234,11 +234,12 @@ class UpdateSink:
         self.max_pending_bytes = max_pending_bytes
         self.block_timeout = block_timeout
         self.max_idle_rounds = max_idle_rounds
-        # Re-send rounds: 0.1 s before the first, doubling up to 2 s, reset by any progress;
+        # Re-send rounds: 0.1 s before the first, doubling up to 2 s (jittered: every producer of
+        # a restarted broker comes back at once), reset by any progress;
         # the flush gives up after max_idle_rounds rounds in a row that settled nothing. A
         # round's own UpdateError (broker still away) is logged and left to the next round.
         self._resend_policy = RetryPolicy(retryable=(UpdateError,), first_backoff_s=0.1, factor=2.0,
-                                          max_backoff_s=2.0, max_attempts=max_idle_rounds)
+                                          max_backoff_s=2.0, max_attempts=max_idle_rounds, jitter=0.5)
         self._log = RateLimitedLog(log, log_interval)
         self._conf: dict[str, Any] = {
             "bootstrap.servers": self._bootstrap,
@@ -461,7 +462,7 @@ class UpdateSink:
                 progress, idle = settled, 0
             elif self._resend_policy.exhausted(idle):
                 return "idle"
-            pause = self._resend_policy.delay(idle + 1)
+            pause = self._resend_policy.pause(idle + 1)
             time.sleep(pause if remaining is None else min(pause, remaining))
             if deadline is not None and time.monotonic() >= deadline:
                 return "deadline"

@@ -108,3 +108,20 @@ def test_delay_and_exhausted_are_data() -> None:
 def test_refuses_a_policy_that_would_retry_bugs_or_never_wait(kwargs: dict) -> None:  # type: ignore[type-arg]
     with pytest.raises(ConfigError):
         RetryPolicy(**kwargs)
+
+
+def test_jitter_shortens_each_pause_by_a_random_share_so_processes_that_failed_together_spread_out() -> None:
+    policy = RetryPolicy(retryable=(TierError,), first_backoff_s=0.4, factor=1.0, max_backoff_s=0.4, jitter=0.5)
+    pauses = [policy.pause(1) for _ in range(200)]
+    assert all(0.2 <= p <= 0.4 for p in pauses)
+    assert max(pauses) - min(pauses) > 0.1  # spread, not one value
+    assert policy.delay(1) == 0.4  # the nominal delay stays data
+    exact = RetryPolicy(retryable=(TierError,), first_backoff_s=0.4, factor=1.0, max_backoff_s=0.4)
+    assert {exact.pause(1) for _ in range(20)} == {0.4}
+
+
+@pytest.mark.parametrize("jitter", [-0.1, 1.0, 2.0])
+def test_refuses_a_jitter_outside_zero_to_one(jitter: float) -> None:
+    with pytest.raises(ConfigError, match="jitter"):
+        RetryPolicy(retryable=(TierError,), jitter=jitter)
+
