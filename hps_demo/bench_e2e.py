@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from hps_core.formats import write_sparse_model
 from hps_core.serving import TritonServer, gpu_count, rewrite_instance_groups_to_cpu
@@ -102,7 +103,7 @@ class BenchModel:
     root: Path
     repositories: dict[str, Path]  # "gpu" | "cpu" → model repository
     rocksdb: Path
-    key_maps: tuple[np.ndarray, ...]  # per table: rank → key (hot rows first)
+    key_maps: tuple[npt.NDArray[np.int64], ...]  # per table: rank → key (hot rows first)
     inputs: dict[tuple[str, int], Path] = field(default_factory=dict)  # (model, batch) → JSON
 
 
@@ -195,7 +196,8 @@ def with_queue_delay(config_text: str, delay_us: int | None) -> str:
 
 
 # --------------------------------------------------------------------------- requests
-def request_inputs(config: BenchConfig, key_maps: Sequence[np.ndarray], batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def request_inputs(config: BenchConfig, key_maps: Sequence[npt.NDArray[np.integer[Any]]], batch: int,
+                   rng: np.random.Generator) -> dict[str, npt.NDArray[np.generic]]:
     """One ensemble request of ``batch`` samples: KEYS (T·B,) table-major, NUMKEYS (T,), DENSE (B·13,)."""
     keys = np.concatenate([m[power_law_ranks(rng, config.rows, batch, config.alpha)] for m in key_maps])
     return {
@@ -205,7 +207,7 @@ def request_inputs(config: BenchConfig, key_maps: Sequence[np.ndarray], batch: i
     }
 
 
-def _tensor_entry(array: np.ndarray) -> dict[str, Any]:
+def _tensor_entry(array: npt.NDArray[np.generic]) -> dict[str, Any]:
     if array.size > _B64_ABOVE:  # a JSON list of millions of numbers is slow to write and to parse
         return {"b64": base64.b64encode(np.ascontiguousarray(array).tobytes()).decode(), "shape": [array.size]}
     return {"content": array.tolist(), "shape": [array.size]}
@@ -233,12 +235,13 @@ def output_bytes(config: BenchConfig, model: str, batch: int) -> int:
 
 # --------------------------------------------------------------------------- metrics
 _SERIES = re.compile(r"^(\w+)\{([^}]*)\} (\S+)$", re.MULTILINE)
+Scrape = dict[tuple[str, frozenset[tuple[str, str]]], float]  # (name, labels) → value
 
 
-def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+def scrape(url: str) -> Scrape:
     """The hps_ and nv_inference_ series of Triton's ``/metrics``."""
     text = _get(url)
-    out = {}
+    out: Scrape = {}
     for name, labels, value in _SERIES.findall(text):
         if name.startswith(("hps_", "nv_inference_")):
             out[(name, frozenset(re.findall(r'(\w+)="([^"]*)"', labels)))] = float(value)
@@ -258,12 +261,12 @@ def _get(url: str, attempts: int = 50) -> str:
     raise AssertionError("unreachable")
 
 
-def _total(series: dict, name: str, **labels: str) -> float:
+def _total(series: Scrape, name: str, **labels: str) -> float:
     wanted = set(labels.items())
     return sum(v for (n, ls), v in series.items() if n == name and wanted <= ls)
 
 
-def hit_rates(before: dict, after: dict) -> dict[str, float | None]:
+def hit_rates(before: Scrape, after: Scrape) -> dict[str, float | None]:
     """Share of unique keys answered per tier between two scrapes, and the default share."""
     def delta(name: str, **labels: str) -> float:
         return _total(after, name, model="hps_embedding", **labels) - _total(before, name, model="hps_embedding", **labels)
@@ -277,7 +280,7 @@ def hit_rates(before: dict, after: dict) -> dict[str, float | None]:
     return out
 
 
-def failures(before: dict, after: dict, model: str) -> float:
+def failures(before: Scrape, after: Scrape, model: str) -> float:
     return _total(after, "nv_inference_request_failure", model=model) - _total(
         before, "nv_inference_request_failure", model=model)
 
@@ -333,7 +336,10 @@ def _parse_csv(path: Path, batch: int) -> list[dict[str, Any]]:
             if not row.get("Concurrency"):
                 continue
             rps = float(row["Inferences/Second"])
-            us = lambda key: float(row.get(key) or 0.0)  # noqa: E731
+
+            def us(key: str) -> float:
+                return float(row.get(key) or 0.0)
+
             rows.append({
                 "concurrency": int(row["Concurrency"]),
                 "throughput_rps": rps,
@@ -501,7 +507,8 @@ def _records(result: dict[str, Any], path: str) -> list[dict[str, Any]]:
     return [r for r in got if "error" not in r] if isinstance(got, list) else []
 
 
-def _index(records: Iterable[dict[str, Any]], sweep_name: str) -> dict[tuple, dict[str, Any]]:
+def _index(records: Iterable[dict[str, Any]], sweep_name: str) -> dict[tuple[str, str, str, int, int], dict[str, Any]]:
+    """Records by (model, protocol, shared memory, batch, concurrency)."""
     return {(r["model"], r["protocol"], r["shared_memory"], r["batch"], r["concurrency"]): r
             for r in records if r["sweep"] == sweep_name}
 
@@ -570,7 +577,8 @@ def plot_results(result: dict[str, Any], folder: Path) -> list[Path]:
     paths = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for path in ("gpu", "cpu"):
-        series: dict[tuple, list] = {}
+        # (model, protocol, shared memory or batch) → (batch or concurrency, value) points
+        series: dict[tuple[str, str, str | int], list[tuple[int, float]]] = {}
         for r in _records(result, path):
             if r["sweep"] == "batch":
                 series.setdefault((r["model"], r["protocol"], r["shared_memory"]), []).append((r["batch"], r["p50_ms"]))

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 __all__ = [
     "DLRMRequest",
@@ -33,29 +34,32 @@ __all__ = [
 class DLRMRequest:
     """The inputs of one ensemble request, each shaped (1, n)."""
 
-    keys: np.ndarray  # (1, T*B) int64
-    numkeys: np.ndarray  # (1, T) int32
-    dense: np.ndarray  # (1, B*13) float32
+    keys: npt.NDArray[np.int64]  # (1, T*B)
+    numkeys: npt.NDArray[np.int32]  # (1, T)
+    dense: npt.NDArray[np.float32]  # (1, B*13)
 
-    def as_dict(self) -> dict[str, np.ndarray]:
+    def as_dict(self) -> dict[str, npt.NDArray[np.generic]]:
         return {"KEYS": self.keys, "NUMKEYS": self.numkeys, "DENSE": self.dense}
 
 
-def hps_request(keys: np.ndarray) -> dict[str, np.ndarray]:
-    """KEYS/NUMKEYS for a (B, T) int64 key matrix, one key per table and sample."""
+def _hps_inputs(keys: npt.NDArray[np.integer[Any]]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int32]]:
+    """KEYS (1, T*B) table-major and NUMKEYS (1, T) for a (B, T) key matrix."""
     b, t = keys.shape
-    return {
-        "KEYS": np.ascontiguousarray(keys.T).reshape(1, b * t).astype(np.int64),
-        "NUMKEYS": np.full((1, t), b, dtype=np.int32),
-    }
+    return np.ascontiguousarray(keys.T).reshape(1, b * t).astype(np.int64), np.full((1, t), b, dtype=np.int32)
 
 
-def dlrm_request(keys: np.ndarray, dense: np.ndarray) -> DLRMRequest:
+def hps_request(keys: npt.NDArray[np.integer[Any]]) -> dict[str, npt.NDArray[np.generic]]:
+    """KEYS/NUMKEYS for a (B, T) int64 key matrix, one key per table and sample."""
+    flat, numkeys = _hps_inputs(keys)
+    return {"KEYS": flat, "NUMKEYS": numkeys}
+
+
+def dlrm_request(keys: npt.NDArray[np.integer[Any]], dense: npt.NDArray[np.floating[Any]]) -> DLRMRequest:
     """The ensemble request for samples given as (B, T) keys and (B, 13) dense features."""
-    hps = hps_request(keys)
+    flat, numkeys = _hps_inputs(keys)
     return DLRMRequest(
-        keys=hps["KEYS"],
-        numkeys=hps["NUMKEYS"],
+        keys=flat,
+        numkeys=numkeys,
         dense=np.ascontiguousarray(dense, dtype=np.float32).reshape(1, -1),
     )
 
@@ -79,7 +83,8 @@ def _client_module(client: Any) -> Any:
     return module
 
 
-def infer(client: Any, model: str, inputs: dict[str, np.ndarray], output: str, *, datatypes: dict[str, str] | None = None) -> np.ndarray:
+def infer(client: Any, model: str, inputs: Mapping[str, npt.NDArray[np.generic]], output: str, *,
+          datatypes: Mapping[str, str] | None = None) -> npt.NDArray[np.generic]:
     """Send one request and return ``output`` as an ndarray; errors raise the client's exception."""
     module = _client_module(client)
     datatypes = datatypes or {}
@@ -89,13 +94,15 @@ def infer(client: Any, model: str, inputs: dict[str, np.ndarray], output: str, *
         tensor.set_data_from_numpy(array)
         tensors.append(tensor)
     result = client.infer(model, tensors, outputs=[module.InferRequestedOutput(output)])
-    return result.as_numpy(output)
+    answer: npt.NDArray[np.generic] = result.as_numpy(output)  # tritonclient is untyped: Any
+    return answer
 
 
-def _datatype(array: np.ndarray) -> str:
+def _datatype(array: npt.NDArray[np.generic]) -> str:
     from tritonclient.utils import np_to_triton_dtype
 
-    return np_to_triton_dtype(array.dtype)
+    name: str = np_to_triton_dtype(array.dtype)  # tritonclient is untyped: Any
+    return name
 
 
 @dataclass(frozen=True)
@@ -126,7 +133,7 @@ def measure_latency(send: Callable[[], object], count: int, *, warmup: int = 5) 
 
 def write_perf_analyzer_data(path: Path, requests: list[DLRMRequest]) -> Path:
     """perf_analyzer ``--input-data`` JSON with real samples (shapes without the batch dim)."""
-    def entry(array: np.ndarray) -> dict[str, Any]:
+    def entry(array: npt.NDArray[np.generic]) -> dict[str, Any]:
         return {"content": array.ravel().tolist(), "shape": [int(array.shape[-1])]}
 
     data = [{name: entry(array) for name, array in r.as_dict().items()} for r in requests]

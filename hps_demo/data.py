@@ -28,8 +28,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from hps_core.hashing import mix64_array
 
@@ -69,12 +71,12 @@ class Dataset:
     click_prob: float32[n]         the hidden model's probability (its AUC is the ceiling)
     """
 
-    dense: np.ndarray
-    keys: np.ndarray
-    rows: np.ndarray
-    label: np.ndarray
-    key_maps: tuple[np.ndarray, ...]
-    click_prob: np.ndarray
+    dense: npt.NDArray[np.float32]
+    keys: npt.NDArray[np.int64]
+    rows: npt.NDArray[np.int64]
+    label: npt.NDArray[np.float32]
+    key_maps: tuple[npt.NDArray[np.int64], ...]
+    click_prob: npt.NDArray[np.float32]
 
     def __len__(self) -> int:
         return int(self.label.shape[0])
@@ -91,7 +93,7 @@ class Dataset:
     def rows_per_table(self) -> tuple[int, ...]:
         return tuple(int(m.shape[0]) for m in self.key_maps)
 
-    def subset(self, index: np.ndarray) -> Dataset:
+    def subset(self, index: npt.NDArray[np.integer[Any]] | npt.NDArray[np.bool_]) -> Dataset:
         """The samples at ``index`` (any numpy index), sharing the key maps."""
         return Dataset(
             dense=self.dense[index],
@@ -103,7 +105,7 @@ class Dataset:
         )
 
 
-def make_key_map(n_rows: int, table: int, seed: int) -> np.ndarray:
+def make_key_map(n_rows: int, table: int, seed: int) -> npt.NDArray[np.int64]:
     """Distinct non-negative int64 ids for the rows of one table (row -> id).
 
     ``splitmix64``'s finaliser (:func:`hps_core.hashing.mix64_array`) is a bijection, so
@@ -121,7 +123,7 @@ def make_key_map(n_rows: int, table: int, seed: int) -> np.ndarray:
 
 def power_law_ranks(
     rng: np.random.Generator, n_rows: int, n_samples: int, alpha: float
-) -> np.ndarray:
+) -> npt.NDArray[np.int64]:
     """``n_samples`` ranks in ``[0, n_rows)`` with ``P(k) ∝ (k + 1) ** -alpha`` (inverse CDF)."""
     if n_rows <= 0:
         raise ValueError(f"a table needs at least one row, got {n_rows}")
@@ -144,21 +146,22 @@ def _normalise_rows(rows_per_table: int | Sequence[int], n_tables: int) -> tuple
     return sizes
 
 
-def _make_dense(rng: np.random.Generator, n: int, n_dense: int) -> np.ndarray:
+def _make_dense(rng: np.random.Generator, n: int, n_dense: int) -> npt.NDArray[np.float32]:
     """Criteo-like dense features: log1p of heavy-tailed counts, some of them zero."""
     scale = rng.uniform(0.5, 3.0, size=n_dense)
     counts = np.floor(rng.lognormal(mean=scale, sigma=1.0, size=(n, n_dense)))
     counts *= rng.random((n, n_dense)) > 0.2  # about 20% zeros, as in Criteo's counters
-    return np.log1p(counts).astype(np.float32)
+    dense: npt.NDArray[np.float32] = np.log1p(counts).astype(np.float32)  # NumPy's ufuncs return Any
+    return dense
 
 
 def _hidden_logit(
-    rng: np.random.Generator, dense: np.ndarray, rows: np.ndarray, sizes: tuple[int, ...]
-) -> np.ndarray:
+    rng: np.random.Generator, dense: npt.NDArray[np.float32], rows: npt.NDArray[np.int64], sizes: tuple[int, ...]
+) -> npt.NDArray[np.float64]:
     """The hidden model behind the labels (its parameters are drawn from ``rng``)."""
     z = (dense - dense.mean(axis=0)) / (dense.std(axis=0) + 1e-6)
     w = rng.normal(0.0, 1.0, size=dense.shape[1]) / np.sqrt(dense.shape[1])
-    logit = -1.2 + 0.8 * (z @ w)
+    logit: npt.NDArray[np.float64] = -1.2 + 0.8 * (z @ w)  # NumPy types z (mean, std) as Any
     if z.shape[1] >= 2:
         logit += 0.5 * z[:, 0] * z[:, 1]  # a pairwise interaction, as DLRM models
     for t in _SIGNAL_TABLES:
@@ -214,7 +217,7 @@ def train_test_split(
     return dataset.subset(np.sort(order[n_test:])), dataset.subset(np.sort(order[:n_test]))
 
 
-def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+def auc(labels: npt.ArrayLike, scores: npt.ArrayLike) -> float:
     """Area under the ROC curve (Mann-Whitney U from average ranks; ties count one half)."""
     y = np.asarray(labels).ravel() > 0.5
     s = np.asarray(scores, dtype=np.float64).ravel()

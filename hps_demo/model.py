@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from torch import nn
 
-from backend.dlrm.network import DenseDLRM
+from backend.dlrm.network import DEFAULT_BOTTOM, DEFAULT_DIM, DEFAULT_N_DENSE, DEFAULT_TOP, DenseDLRM
 
 __all__ = ["DLRM"]
 
@@ -33,10 +34,10 @@ class DLRM(nn.Module):
         self,
         rows_per_table: Sequence[int],
         *,
-        n_dense: int = 13,
-        dim: int = 16,
-        bottom: Sequence[int] = (64, 32),
-        top: Sequence[int] = (128, 64),
+        n_dense: int = DEFAULT_N_DENSE,
+        dim: int = DEFAULT_DIM,
+        bottom: Sequence[int] = DEFAULT_BOTTOM,
+        top: Sequence[int] = DEFAULT_TOP,
     ) -> None:
         super().__init__()
         sizes = torch.tensor([int(r) for r in rows_per_table], dtype=torch.int64)
@@ -55,7 +56,8 @@ class DLRM(nn.Module):
         flat = rows + self.offsets
         if self.training:
             self.seen[flat.reshape(-1)] = True
-        return self.embedding(flat)
+        emb: torch.Tensor = self.embedding(flat)  # Module calls are Any
+        return emb
 
     def logits(self, dense: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return self.dense.logits(dense, self.lookup(rows))
@@ -63,7 +65,7 @@ class DLRM(nn.Module):
     def forward(self, dense: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.logits(dense, rows))
 
-    def table(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+    def table(self, j: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
         """Table ``j`` as (weights float32[rows_j, dim], seen bool[rows_j]) numpy copies."""
         start = int(self.offsets[j])
         stop = start + self.rows_per_table[j]

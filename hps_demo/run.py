@@ -24,11 +24,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from hps_core.config import ModelConfig, load_config
 from hps_core.serving import TritonServer
 from hps_demo.client import dlrm_request, infer, make_client, measure_latency, write_perf_analyzer_data
-from hps_demo.data import DEMO_ROWS_PER_TABLE, auc, make_dataset, train_test_split
+from hps_demo.data import DEMO_ROWS_PER_TABLE, Dataset, auc, make_dataset, train_test_split
+from hps_demo.model import DLRM
 from hps_demo.tools import find_perf_analyzer
 from hps_demo.train import export_model, score, train_dlrm
 
@@ -68,7 +70,8 @@ def _section(title: str) -> None:
     print(f"\n== {title}", flush=True)
 
 
-def _train_and_export(args: argparse.Namespace, model: ModelConfig, dense_weights: Path, rocksdb: Path):
+def _train_and_export(args: argparse.Namespace, model: ModelConfig, dense_weights: Path,
+                      rocksdb: Path) -> tuple[DLRM, Dataset]:
     tables = model.tables
     rows = [max(100, int(r * args.rows_scale)) for r in DEMO_ROWS_PER_TABLE[: len(tables)]]
     _section(f"data: {args.samples:,} samples, {len(tables)} tables ({sum(rows):,} rows), alpha {args.alpha}")
@@ -89,8 +92,8 @@ def _train_and_export(args: argparse.Namespace, model: ModelConfig, dense_weight
     return net, test
 
 
-def _query(server: TritonServer, test, batch: int) -> dict[str, np.ndarray]:
-    served = {}
+def _query(server: TritonServer, test: Dataset, batch: int) -> dict[str, npt.NDArray[np.float32]]:
+    served: dict[str, npt.NDArray[np.float32]] = {}  # the ensemble's SCORE is TYPE_FP32
     for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
         client = make_client(protocol, url)
         scores = [
@@ -101,7 +104,7 @@ def _query(server: TritonServer, test, batch: int) -> dict[str, np.ndarray]:
     return served
 
 
-def _latency(server: TritonServer, test, batch: int, count: int) -> None:
+def _latency(server: TritonServer, test: Dataset, batch: int, count: int) -> None:
     request = dlrm_request(test.keys[:batch], test.dense[:batch]).as_dict()
     for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
         client = make_client(protocol, url)
@@ -109,7 +112,7 @@ def _latency(server: TritonServer, test, batch: int, count: int) -> None:
         print(f"{protocol:>4}: {summary} (batch {batch} samples per request)")
 
 
-def _perf_analyzer(server: TritonServer, test, batch: int, seconds: float, work: Path) -> None:
+def _perf_analyzer(server: TritonServer, test: Dataset, batch: int, seconds: float, work: Path) -> None:
     requests = [dlrm_request(test.keys[i : i + batch], test.dense[i : i + batch]) for i in range(0, 16 * batch, batch)]
     data = write_perf_analyzer_data(work / "perf_input.json", requests)
     perf_analyzer = find_perf_analyzer()

@@ -22,8 +22,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from torch import nn
 
@@ -73,7 +75,7 @@ def _tensors(ds: Dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def score(
     model: DLRM, dataset: Dataset, *, batch_size: int = 8192, unseen_default: float | None = None
-) -> np.ndarray:
+) -> npt.NDArray[np.float32]:
     """Click probabilities for every sample of ``dataset`` (eval mode, no gradients).
 
     With ``unseen_default``, rows that training never looked up get that value in every
@@ -115,7 +117,8 @@ def train_dlrm(
     """
     torch.manual_seed(seed)
     model = DLRM(dataset.rows_per_table, n_dense=dataset.n_dense, dim=dim, bottom=bottom, top=top)
-    sparse_opt = torch.optim.SparseAdam(list(model.embedding.parameters()), lr=lr)
+    # Optimizer, not SparseAdam: SparseAdam.step has no annotations, Optimizer.step has
+    sparse_opt: torch.optim.Optimizer = torch.optim.SparseAdam(list(model.embedding.parameters()), lr=lr)
     dense_opt = torch.optim.Adam(model.dense.parameters(), lr=lr)
     loss_fn = nn.BCEWithLogitsLoss()
     dense, rows, label = _tensors(dataset)
@@ -146,7 +149,7 @@ def train_dlrm(
 
 def export_model(
     model: DLRM,
-    key_maps: Sequence[np.ndarray],
+    key_maps: Sequence[npt.NDArray[np.integer[Any]]],
     *,
     sparse_files: Sequence[str | Path],
     dense_weights: str | Path,

@@ -21,12 +21,13 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from backend.dlrm.network import DenseDLRM, predict, save_dense
@@ -56,8 +57,8 @@ class DLRMVersion:
     """One version: keys (shared by all versions), its rows and its dense network."""
 
     version: int
-    keys: tuple[np.ndarray, ...]  # per table: (rows,) int64
-    vectors: tuple[np.ndarray, ...]  # per table: (rows, dim) float32
+    keys: tuple[npt.NDArray[np.int64], ...]  # per table: (rows,)
+    vectors: tuple[npt.NDArray[np.float32], ...]  # per table: (rows, dim)
     dense: DenseDLRM
 
     @property
@@ -103,24 +104,26 @@ def write_export(model: DLRMVersion, folder: Path, *, name: str = "hps_embedding
     return folder
 
 
-def request_keys(model: DLRMVersion, batch: int, rng: np.random.Generator) -> np.ndarray:
+def request_keys(model: DLRMVersion, batch: int, rng: np.random.Generator) -> npt.NDArray[np.int64]:
     """(batch, T) keys, one present key per table and sample."""
     return np.stack([k[rng.integers(0, k.size, size=batch)] for k in model.keys], axis=1)
 
 
-def _embeddings(model: DLRMVersion, keys: np.ndarray) -> np.ndarray:
+def _embeddings(model: DLRMVersion, keys: npt.NDArray[np.integer[Any]]) -> npt.NDArray[np.float32]:
     """(B, T, dim): each key's row in ``model`` (every key must be present)."""
     rows = [v[np.searchsorted(k, keys[:, t])] for t, (k, v) in enumerate(zip(model.keys, model.vectors))]
     return np.stack(rows, axis=1)
 
 
-def mixed_scores(sparse: DLRMVersion, dense: DLRMVersion, keys: np.ndarray, features: np.ndarray) -> np.ndarray:
+def mixed_scores(sparse: DLRMVersion, dense: DLRMVersion, keys: npt.NDArray[np.integer[Any]],
+                 features: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float32]:
     """(B,) scores of ``sparse``'s embeddings through ``dense``'s network."""
     emb = torch.from_numpy(_embeddings(sparse, keys))
     return predict(dense.dense, torch.from_numpy(np.asarray(features, dtype=np.float32)), emb).numpy()
 
 
-def expected_scores(model: DLRMVersion, keys: np.ndarray, features: np.ndarray) -> np.ndarray:
+def expected_scores(model: DLRMVersion, keys: npt.NDArray[np.integer[Any]],
+                    features: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float32]:
     """(B,) what the served ensemble answers for version ``model``."""
     return mixed_scores(model, model, keys, features)
 
@@ -159,7 +162,7 @@ class Answer:
     index: int  # which of the thread's requests
     sent: float  # time.monotonic() when sent
     seconds: float  # latency
-    scores: np.ndarray | None  # (B,) SCORE, None when it failed
+    scores: npt.NDArray[np.generic] | None  # (B,) SCORE, None when it failed
     error: str = ""
 
 
@@ -167,7 +170,7 @@ class LoadThread:
     """A client thread sending ``requests`` (inputs dicts) round-robin to ``model`` over HTTP
     until stopped, one at a time; every answer is kept (:attr:`answers`)."""
 
-    def __init__(self, url: str, requests: list[dict[str, np.ndarray]], *, model: str = "dlrm",
+    def __init__(self, url: str, requests: Sequence[Mapping[str, npt.NDArray[np.generic]]], *, model: str = "dlrm",
                  protocol: str = "http") -> None:
         import threading
 
@@ -204,7 +207,7 @@ class LoadThread:
         return self.answers
 
 
-def classify(answer: Answer, expected: dict[str, list[np.ndarray]], *, atol: float = 1e-5) -> str:
+def classify(answer: Answer, expected: Mapping[str, Sequence[npt.NDArray[np.floating[Any]]]], *, atol: float = 1e-5) -> str:
     """The name of the combination whose scores ``answer`` matches (``expected``: name → one
     (B,) array per request), ``"failed"``, or ``"unknown"`` when it matches none."""
     if answer.scores is None:
@@ -215,8 +218,10 @@ def classify(answer: Answer, expected: dict[str, list[np.ndarray]], *, atol: flo
     return "unknown"
 
 
-def version_combinations(old: DLRMVersion, new: DLRMVersion, requests: list[tuple[np.ndarray, np.ndarray]]
-                         ) -> dict[str, list[np.ndarray]]:
+def version_combinations(
+    old: DLRMVersion, new: DLRMVersion,
+    requests: Sequence[tuple[npt.NDArray[np.integer[Any]], npt.NDArray[np.floating[Any]]]],
+) -> dict[str, list[npt.NDArray[np.float32]]]:
     """Expected scores per request of the four combinations of sparse rows and dense weights:
     ``v<old>``, ``v<new>`` and the two mixes (``sparse v<a> + dense v<b>``)."""
     combos = {f"v{old.version}": (old, old), f"v{new.version}": (new, new),
@@ -225,7 +230,7 @@ def version_combinations(old: DLRMVersion, new: DLRMVersion, requests: list[tupl
     return {name: [mixed_scores(s, d, keys, dense) for keys, dense in requests] for name, (s, d) in combos.items()}
 
 
-def distinguishable(combinations: dict[str, list[np.ndarray]], *, margin: float = 1e-4) -> bool:
+def distinguishable(combinations: Mapping[str, Sequence[npt.NDArray[np.floating[Any]]]], *, margin: float = 1e-4) -> bool:
     """Whether every pair of combinations differs by more than ``margin`` in some sample of every request."""
     names = list(combinations)
     return all(

@@ -1,6 +1,6 @@
-"""The code type-checks: ``mypy --strict`` over hps_core and the backends, plain mypy over the
-demo, each with pyproject's [tool.mypy] settings (its overrides name the untyped third-party
-packages)."""
+"""The code type-checks: ``mypy --strict`` over hps_core and the backends, and over the demo
+(hps_demo), each with pyproject's [tool.mypy] settings (its overrides name the untyped
+third-party packages)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 @pytest.mark.parametrize("args", [
     pytest.param(["--strict", "hps_core", "backend"], id="strict-hps_core-backend"),
-    pytest.param(["hps_demo"], id="hps_demo"),
+    pytest.param(["--strict", "hps_demo"], id="strict-hps_demo"),
 ])
 def test_mypy_reports_no_errors(args: list[str]) -> None:
     done = subprocess.run([sys.executable, "-m", "mypy", *args],
