@@ -87,6 +87,7 @@ class HierarchicalParameterServer:
         self._update_consumer_config = update_consumer_config
         self._sessions: dict[str, LookupSession] = {}
         self._refreshers: list[CacheRefresher] = []
+        self._gpu_caches: list[Any] = []  # GpuDynamicCache | GpuStaticCache: closed last (a shared one gives back its slot)
         self.updates: OnlineUpdates | None = None
         self._secondary_dir: tempfile.TemporaryDirectory[str] | None = None
         self._catch_up: Callable[[], None] | None = None  # a secondary's catch-up with its writer
@@ -132,6 +133,9 @@ class HierarchicalParameterServer:
             refresher.stop()
         for session in self._sessions.values():
             session.close()
+        for cache in self._gpu_caches:
+            cache.close()
+        self._gpu_caches = []
         for db in (self.volatile, self.persistent):
             if db is not None:
                 db.close()
@@ -168,21 +172,30 @@ class HierarchicalParameterServer:
         return session
 
     def _make_cache(self, model: ModelConfig) -> MultiTableCache | None:
-        """One cache structure for all the model's tables, sized from their sparse files."""
+        """One cache structure for all the model's tables, sized from their sparse files: the
+        GPU's shared cache of the model (``gpu_cache_shared``, the default: every process that
+        serves it on this GPU maps one, named in the host store's namespace), else a private one."""
         if self._cache_device is None or not gpu_cache_requested(model):
             return None
-        from hps_core.cache import make_multi_table_cache  # the GPU module imports cupy lazily
+        from hps_core.cache import SharedName, make_multi_table_cache  # the GPU module imports cupy lazily
+        from hps_core.db.shm_store import namespace_of
 
         static = model.embedding_cache_type == "static"
         rows = [sparse_model_rows(table.sparse_file, table.dim)[0] for table in model.tables]
-        return make_multi_table_cache(
+        shared = (SharedName(namespace_of(self.config.volatile_db, self.config.source), model.model)
+                  if model.gpu_cache_shared else None)
+        cache = make_multi_table_cache(
             "static" if static else "dynamic",
             device=self._cache_device,
             capacities=[r if static else max(1, math.ceil(r * model.gpucacheper)) for r in rows],
             dims=[table.dim for table in model.tables],
             row_formats=[table.row_format for table in model.tables],
             key_dtype=np.int64 if self.config.supportlonglong else np.uint32,
+            shared=shared,
         )
+        if self._cache_device != "cpu":
+            self._gpu_caches.append(cache)
+        return cache
 
     def _tables(self) -> list[TableConfig]:
         return [table for model in self._models.values() for table in model.tables]

@@ -32,6 +32,7 @@ from hps_core.cache.base import (
     capacity_for_bytes,
 )
 from hps_core.cache.cpu import CpuDynamicCache, CpuEmbeddingCache, CpuStaticCache, CpuStaticEmbeddingTable
+from hps_core.cache.shared_gpu import SharedName
 from hps_core.errors import ConfigError
 from hps_core.row_formats import RowFormat
 
@@ -46,6 +47,7 @@ __all__ = [
     "GpuEmbeddingCache",
     "GpuStaticCache",
     "MultiTableCache",
+    "SharedName",
     "StaticEmbeddingTable",
     "TableView",
     "capacity_for_bytes",
@@ -75,6 +77,7 @@ def make_multi_table_cache(
     policy: str = "lru",
     row_formats: Sequence[RowFormat] | None = None,
     key_dtype: Any = np.int64,
+    shared: SharedName | None = None,
 ) -> MultiTableCache:
     """The caches of several tables in one structure: ``kind`` (``"dynamic"`` | ``"static"``,
     HugeCTR's ``embedding_cache_type``) on ``device`` (``"cpu"`` or a CUDA ordinal), table t
@@ -83,7 +86,9 @@ def make_multi_table_cache(
     ``policy`` (``"lru"`` | ``"lfu"``) applies to dynamic caches; ``row_formats`` one
     :class:`~hps_core.row_formats.RowFormat` per table (None: all fp32; fp16 stores a row in
     half the bytes, int8 in about a quarter); ``key_dtype`` int64 or uint32 (HugeCTR
-    ``supportlonglong: false``). Raises ConfigError for anything else.
+    ``supportlonglong: false``). ``shared`` (GPU caches only) names the GPU's shared cache
+    to map (created by the first process that asks; :mod:`hps_core.cache.shared_gpu`), None
+    for a private one. Raises ConfigError for anything else.
     """
     if kind not in ("dynamic", "static"):
         raise ConfigError(f"embedding cache type must be 'dynamic' or 'static', got {kind!r}")
@@ -96,7 +101,7 @@ def make_multi_table_cache(
     from hps_core.cache.gpu import GpuDynamicCache, GpuStaticCache
 
     gpu_cls = GpuDynamicCache if kind == "dynamic" else GpuStaticCache
-    return gpu_cls(capacities, dims, device=int(device), **kwargs)
+    return gpu_cls(capacities, dims, device=int(device), shared=shared, **kwargs)
 
 
 def make_cache(

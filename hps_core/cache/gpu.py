@@ -78,6 +78,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -86,6 +87,7 @@ import numpy.typing as npt
 
 from hps_core.arrays import to_host
 from hps_core.cache import _kernels
+from hps_core.cache.shared_gpu import Field, HostClock, Region, SharedName, local_region, shared_region
 from hps_core.cache.base import (
     WAYS,
     AccessClock,
@@ -116,6 +118,9 @@ _MAX_BATCH = 2**31 - 1
 #: A null device pointer as a kernel argument (8 zero bytes; every CuPy version passes a
 #: NumPy scalar by value): the status of a call that does not read one back.
 _NO_STATUS = np.uint64(0)
+#: A static repair's wait between emptying the slots and releasing a dead writer's row
+#: (GpuStaticCache._repair): far longer than any query kernel.
+_REPAIR_GRACE_S = 0.1
 
 
 def _cupy() -> Any:
@@ -201,7 +206,7 @@ class _GpuMultiCache:
     total_sets: int
 
     def __init__(self, kind: str, capacities: Sequence[int], dims: Sequence[int], device: int, policy: str,
-                 row_formats: Sequence[RowFormat] | None, key_dtype: Any) -> None:
+                 row_formats: Sequence[RowFormat] | None, key_dtype: Any, shared: SharedName | None) -> None:
         caps, self.dims, self.row_formats, self.key_dtype = check_multi_cache_args(
             kind, capacities, dims, policy, row_formats, key_dtype
         )
@@ -216,6 +221,8 @@ class _GpuMultiCache:
         self.policy = policy
         self.tables = int(self.dims.shape[0])
         self._requested = caps
+        self._shared = shared
+        self._region: Region | None = None
         self._pool: list[_Workspace] = []
         self._pool_lock = threading.Lock()
         with cp.cuda.Device(self.device), translate_cupy(self.device, "setting up the cache's kernels"):
@@ -235,17 +242,71 @@ class _GpuMultiCache:
 
     def _store(self, layout: CacheLayout, what: str) -> None:
         """Take the layout's per-table attributes (as the CPU twin does) and allocate the
-        byte-addressed value store and the per-table arrays every row kernel reads."""
+        per-table arrays every row kernel reads (the value store is the region's)."""
         self.capacities, self.num_sets, self.set_base = layout.capacities, layout.num_sets, layout.set_base
         self.total_sets, self.value_base = layout.total_sets, layout.value_base
         self._codes, self._strides = layout.codes, layout.strides
         self._compact = bool(layout.codes.any())  # a table not fp32: device writes run the check pass
+        self._value_bytes = layout.value_bytes
         cp = self._cp
         with cp.cuda.Device(self.device), translate_cupy(self.device, what):
             self._codes_d = cp.asarray(self._codes)
             self._strides_d = cp.asarray(self._strides)
             self._value_base_d = cp.asarray(self.value_base)
-            self._values = cp.zeros(layout.value_bytes, cp.uint8)
+
+    def _open_region(self, fields: Sequence[Field], what: str) -> dict[str, Any]:
+        """The state every process of a shared cache shares, and a private cache keeps alone:
+        ``fields`` (after the value store) as views of one device allocation
+        (hps_core.cache.shared_gpu), made here or mapped from the GPU's shared cache;
+        returns the arrays by name."""
+        cp = self._cp
+        fields = [Field("values", np.uint8, self._value_bytes), *fields]
+        exclusive = self.kind == "static"  # static writers are one at a time (see GpuStaticCache)
+        with cp.cuda.Device(self.device), translate_cupy(self.device, what):
+            if self._shared is None:
+                self._region = local_region(cp, fields, self.tables, exclusive=exclusive)
+            else:
+                shape = {"kind": self.kind, "capacities": self._requested.tolist(), "dims": self.dims.tolist(),
+                         "row_formats": [str(f) for f in self.row_formats], "key_dtype": str(self.key_dtype),
+                         "policy": self.policy}
+                self._region = shared_region(cp, fields, self.tables, device=self.device, name=self._shared,
+                                             shape=shape)
+        self._region.repair = self._repair
+        arrays = self._region.arrays
+        self._values = arrays["values"]
+        return arrays
+
+    @property
+    def shared(self) -> bool:
+        """Whether this cache is the GPU's shared one (every process serving the model maps it)."""
+        return self._region is not None and self._region.shared
+
+    def close(self) -> None:
+        """Let go of the cache's device state: a private cache frees it; a shared one gives
+        back this process's user slot (the last user removes it, unless ``hps serve`` keeps
+        it). No call may run on the cache meanwhile or after."""
+        if self._region is not None:
+            with self._cp.cuda.Device(self.device):
+                self._stream.synchronize()
+                self._region.close()
+            self._region = None
+
+    def _repair(self) -> None:
+        """Undo what a writer that died inside its kernels left (a shared cache; the caller
+        holds the writer lock, so no live writer runs): see shared_gpu's module doc."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def _writing(self, stream: Any) -> Iterator[Any]:
+        """A write's device and stream (yielded) under the writers' lock; a shared cache's
+        writer waits for its kernels before it lets go (so a writer that dies holding the
+        lock died inside them, and the next one repairs)."""
+        with self._writers(), self._on(stream) as s:
+            try:
+                yield s
+            finally:
+                if self.shared:
+                    s.synchronize()
 
     # -- the two calls both kinds implement alike
 
@@ -436,7 +497,7 @@ class _GpuMultiCache:
         """Overwrite the cached keys (one launch, after the check pass when a table is not
         fp32); returns how many were cached (one read-back). A batch holding a row its table's
         format cannot store raises RowValueError, nothing written."""
-        with self._writers(), self._on(stream) as s:
+        with self._writing(stream) as s:
             ids, keys, values, offs = self._write_args(table_ids, keys, values, offsets, s)
             if keys.shape[0] == 0:
                 return 0
@@ -448,9 +509,12 @@ class _GpuMultiCache:
             return int(found)
 
     def _writers(self) -> Any:
-        """What a write holds besides the kernels' own locks: nothing (dynamic caches lock
-        sets on the device); static tables serialise their writers on the host."""
-        return contextlib.nullcontext()
+        """What a write holds besides the kernels' own locks: the region's writer lock (a
+        private dynamic cache's is nothing: it locks sets on the device; static tables
+        serialise their writers on the host; a shared cache's writers are one at a time per
+        host, shared_gpu)."""
+        assert self._region is not None
+        return self._region.locked()
 
     def _write(self, ids: Any, keys: Any, values: Any, offs: Any, status: Any, *, insert: bool, stream: Any) -> None:
         raise NotImplementedError
@@ -474,34 +538,40 @@ class GpuDynamicCache(_GpuMultiCache):
 
     def __init__(self, capacities: Sequence[int], dims: Sequence[int], *, device: int = 0, policy: str = "lru",
                  row_formats: Sequence[RowFormat] | None = None, key_dtype: Any = np.int64,
-                 clock_start: int = 1) -> None:
-        super().__init__("dynamic", capacities, dims, device, policy, row_formats, key_dtype)
+                 clock_start: int = 1, shared: SharedName | None = None) -> None:
+        super().__init__("dynamic", capacities, dims, device, policy, row_formats, key_dtype, shared)
         self._store(CacheLayout.dynamic(self._requested, self.dims, self.row_formats), "allocating a dynamic cache")
-        self._clock = AccessClock(clock_start)  # 64-bit stamps on the device too (dynamic_cache.cu)
+        # 64-bit stamps on the device too (dynamic_cache.cu); a shared cache's come from the
+        # host's monotonic clock, so stamps of different processes compare
+        self._clock: AccessClock | HostClock = AccessClock(clock_start) if shared is None else HostClock()
         cp = self._cp
         slots = self.total_sets * WAYS
         with cp.cuda.Device(self.device), translate_cupy(self.device, f"allocating a dynamic cache of {slots} slots"):
             self._set_base_d = cp.asarray(self.set_base)
             self._num_sets_d = cp.asarray(self.num_sets.astype(np.uint64))
-            self._slot_keys = cp.zeros(slots, self.key_dtype)
-            self._slot_ver = cp.zeros(slots, cp.uint32)
-            self._slot_ts = cp.zeros(slots, cp.uint64)
-            self._slot_freq = cp.zeros(slots, cp.uint32)  # saturating LFU counts (dynamic_cache.cu)
-            self._set_locks = cp.zeros(self.total_sets, cp.int32)
+        arrays = self._open_region([
+            Field("slot_keys", self.key_dtype, slots),
+            Field("slot_ver", np.uint32, slots),
+            Field("slot_ts", np.uint64, slots),
+            Field("slot_freq", np.uint32, slots),  # saturating LFU counts (dynamic_cache.cu)
+            Field("set_locks", np.int32, self.total_sets),
+        ], f"allocating a dynamic cache of {slots} slots")
+        self._slot_keys, self._slot_ver, self._slot_ts = arrays["slot_keys"], arrays["slot_ver"], arrays["slot_ts"]
+        self._slot_freq, self._set_locks = arrays["slot_freq"], arrays["set_locks"]
 
     def replace_tables(self, table_ids: Any, keys: Any, values: Any, offsets: Any, stream: Any = None) -> None:
         """Insert or overwrite each key's row, evicting per policy from a full set. One
         launch; returns without waiting for it. A cache with a table not fp32 first runs the
         check pass on device rows and waits for its verdict: a batch holding a row its
         table's format cannot store raises RowValueError, nothing written."""
-        with self._on(stream) as s:
+        with self._writing(stream) as s:
             ids, keys, values, offs = self._write_args(table_ids, keys, values, offsets, s)
             self._write(ids, keys, values, offs, _NO_STATUS, insert=True, stream=s)
 
     def dump_sets(self, start_set: int, end_set: int, stream: Any = None) -> tuple[Any, Any]:
         cp = self._cp
         lo, hi = max(0, int(start_set)), min(self.total_sets, int(end_set))
-        with self._on(stream) as s:
+        with self._writing(stream) as s:  # it takes set locks
             if lo >= hi:
                 return cp.empty(0, np.int64), cp.empty(0, self.key_dtype)
             keys = cp.empty((hi - lo) * WAYS, self.key_dtype)
@@ -529,9 +599,20 @@ class GpuDynamicCache(_GpuMultiCache):
         """Empty every set (of one table, or of all), under each set's lock: safe beside
         queries. Returns without waiting; later calls on the same stream see it done."""
         lo, hi = (0, self.total_sets) if table is None else self._set_range(table)
-        with self._on(stream) as s:
-            args = (self._slot_ver, self._slot_ts, self._slot_freq, self._set_locks, np.int64(lo), np.int64(hi))
-            self._launch(self._kernels.no_vec["dc_clear"], hi - lo, args, s)
+        with self._writing(stream) as s:
+            self._clear_sets(lo, hi, s)
+
+    def _clear_sets(self, lo: int, hi: int, stream: Any) -> None:
+        args = (self._slot_ver, self._slot_ts, self._slot_freq, self._set_locks, np.int64(lo), np.int64(hi))
+        self._launch(self._kernels.no_vec["dc_clear"], hi - lo, args, stream)
+
+    def _repair(self) -> None:
+        """Release every set lock (the dead writer's; no live writer holds one) and empty the
+        cache with dc_clear, which also drops the busy mark of a slot it was writing."""
+        with self._on(None) as s:
+            self._cp.cuda.runtime.memsetAsync(self._set_locks.data.ptr, 0, self._set_locks.nbytes, s.ptr)
+            self._clear_sets(0, self.total_sets, s)
+            s.synchronize()
 
     def sizes(self, stream: Any = None) -> npt.NDArray[np.int64]:
         with self._on(stream) as s, self._workspace() as ws:
@@ -580,8 +661,9 @@ class GpuStaticCache(_GpuMultiCache):
 
     def __init__(self, capacities: Sequence[int], dims: Sequence[int], *, device: int = 0,
                  policy: str = "lru",  # accepted for a uniform factory; nothing is ever evicted
-                 row_formats: Sequence[RowFormat] | None = None, key_dtype: Any = np.int64) -> None:
-        super().__init__("static", capacities, dims, device, policy, row_formats, key_dtype)
+                 row_formats: Sequence[RowFormat] | None = None, key_dtype: Any = np.int64,
+                 shared: SharedName | None = None) -> None:
+        super().__init__("static", capacities, dims, device, policy, row_formats, key_dtype, shared)
         big = np.flatnonzero(self._requested >= 2**31)
         if big.size:
             raise ConfigError(f"static GPU tables index rows with int32: table {int(big[0])} has capacity "
@@ -590,8 +672,6 @@ class GpuStaticCache(_GpuMultiCache):
         self._store(layout, "allocating a static cache")
         self._slot_base = layout.slot_base
         slots = np.diff(layout.slot_base)
-        self._n_rows = np.zeros(self.tables, np.int64)  # rows per table, kept by the writers
-        self._lock = threading.Lock()
         cp = self._cp
         with cp.cuda.Device(self.device), translate_cupy(self.device, "allocating a static cache"):
             self._slot_base_d = cp.asarray(self._slot_base)
@@ -599,21 +679,28 @@ class GpuStaticCache(_GpuMultiCache):
             self._row_base = layout.row_base
             self._row_base_d = cp.asarray(self._row_base[:-1])
             self._capacities_d = cp.asarray(self.capacities)
-            self._slot_keys = cp.zeros(int(slots.sum()), self.key_dtype)
-            self._slot_rows = cp.full(int(slots.sum()), -1, cp.int32)
-            self._row_keys = cp.zeros(int(self.capacities.sum()), self.key_dtype)
-            self._row_ver = cp.zeros(int(self.capacities.sum()), cp.uint32)
-            self._row_count = cp.zeros(self.tables, cp.uint32)
-            # de-duplication scratch of replace (st_count_new), grown geometrically
+            # de-duplication scratch of replace (st_count_new), grown geometrically: per process
             self._scratch_tables = cp.empty(0, cp.int32)
             self._scratch_keys = cp.empty(0, self.key_dtype)
+        rows = int(self.capacities.sum())
+        arrays = self._open_region([
+            Field("slot_keys", self.key_dtype, int(slots.sum())),
+            Field("slot_rows", np.int32, int(slots.sum()), 0xFF),  # all -1: empty
+            Field("row_keys", self.key_dtype, rows),
+            Field("row_ver", np.uint32, rows),
+            Field("row_count", np.uint32, self.tables),
+        ], "allocating a static cache")
+        self._slot_keys, self._slot_rows, self._row_keys = arrays["slot_keys"], arrays["slot_rows"], arrays["row_keys"]
+        self._row_ver, self._row_count = arrays["row_ver"], arrays["row_count"]
+        assert self._region is not None
+        self._n_rows = self._region.rows  # rows per table, kept by the writers (shared: in the metadata file)
 
     def replace_tables(self, table_ids: Any, keys: Any, values: Any, offsets: Any, stream: Any = None) -> None:
         """Upsert each key's row. Counts each table's new keys first and raises
         CacheFullError (writing nothing) if one does not fit; RequestError, also before
         writing, for a row that does not fit ``values``, RowValueError for one its table's
         format cannot store."""
-        with self._lock, self._on(stream) as s:
+        with self._writing(stream) as s:
             ids, keys, values, offs = self._rows_args(table_ids, keys, values, offsets, "values")
             n = keys.shape[0]
             if n == 0:
@@ -641,7 +728,7 @@ class GpuStaticCache(_GpuMultiCache):
         """(table_ids, keys) of tables [start_set, end_set) (a static table is one set)."""
         cp = self._cp
         lo, hi = max(0, int(start_set)), min(self.tables, int(end_set))
-        with self._lock, self._on(stream) as s:
+        with self._writing(stream) as s:
             held = int(self._n_rows[lo:hi].sum()) if lo < hi else 0
             if held == 0:
                 return cp.empty(0, np.int64), cp.empty(0, self.key_dtype)
@@ -668,14 +755,29 @@ class GpuStaticCache(_GpuMultiCache):
         if table is not None and not 0 <= table < self.tables:
             raise RequestError(f"table {table} is outside the cache's {self.tables} tables")
         lo, hi = (0, self.tables) if table is None else (table, table + 1)
+        with self._writing(stream) as s:
+            self._clear_tables(lo, hi, s)
+
+    def _clear_tables(self, lo: int, hi: int, stream: Any) -> None:
         row_base = self._row_base
-        with self._lock, self._on(stream) as s:
-            first, last = int(self._slot_base[lo]), int(self._slot_base[hi])
-            args = (self._slot_rows, self._row_ver, self._row_count, np.int64(first), np.int64(last),
-                    np.int64(row_base[lo]), np.int64(row_base[hi]), np.int32(lo), np.int32(hi))
-            self._launch(self._kernels.no_vec["st_clear"], -(-(last - first) // 32), args, s)
+        first, last = int(self._slot_base[lo]), int(self._slot_base[hi])
+        args = (self._slot_rows, self._row_ver, self._row_count, np.int64(first), np.int64(last),
+                np.int64(row_base[lo]), np.int64(row_base[hi]), np.int32(lo), np.int32(hi))
+        self._launch(self._kernels.no_vec["st_clear"], -(-(last - first) // 32), args, stream)
+        stream.synchronize()
+        self._n_rows[lo:hi] = 0
+
+    def _repair(self) -> None:
+        """Empty every table with st_clear (a slot the dead writer had claimed becomes empty,
+        every row gets a new version), wait :data:`_REPAIR_GRACE_S` for queries that probed a
+        slot before the clear to finish, then make even the version of a row it was writing
+        (odd: no writer could take it) — its contents may be torn, but no slot leads to it."""
+        with self._on(None) as s:
+            self._clear_tables(0, self.tables, s)
+            time.sleep(_REPAIR_GRACE_S)
+            ver = self._row_ver
+            ver += ver & 1
             s.synchronize()
-            self._n_rows[lo:hi] = 0
 
     def sizes(self, stream: Any = None) -> npt.NDArray[np.int64]:
         return self._n_rows.copy()
@@ -699,9 +801,6 @@ class GpuStaticCache(_GpuMultiCache):
     def _check_room(self, new: npt.NDArray[np.int64]) -> None:
         """Refuse the whole batch, before writing anything, if a table's new keys do not fit."""
         check_room(self._n_rows, self.capacities, new)
-
-    def _writers(self) -> Any:
-        return self._lock
 
     def _write(self, ids: Any, keys: Any, values: Any, offs: Any, status: Any, *, insert: bool, stream: Any) -> None:
         n = keys.shape[0]

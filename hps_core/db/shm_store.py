@@ -79,13 +79,20 @@ __all__ = [
     "StoreFile",
     "StoreInfo",
     "StoreSpec",
+    "alive",
+    "deregister_user",
     "huge_pages",
+    "keeper_from_env",
     "list_stores",
+    "live_users",
     "namespace_dir",
     "namespace_of",
+    "process_start",
     "read_meta",
+    "register_user",
     "remove_kept_stores",
     "shm_root",
+    "this_process",
 ]
 
 SHM_DIR_ENV = "HPS_SHM_DIR"  # where namespaces live (default /dev/shm)
@@ -179,14 +186,16 @@ def process_start(pid: int) -> int | None:
     return int(fields[19])
 
 
-def _alive(pid: int, start: int) -> bool:
+def alive(pid: int, start: int) -> bool:
+    """Whether the process (pid, start) still runs (a reused pid has another start)."""
     return pid > 0 and process_start(pid) == start
+
 
 
 _starts: dict[int, int] = {}
 
 
-def _self() -> tuple[int, int]:
+def this_process() -> tuple[int, int]:
     """This process as (pid, start); looked up again after a fork."""
     pid = os.getpid()
     if pid not in _starts:
@@ -202,6 +211,52 @@ def keeper_from_env() -> tuple[int, int]:
     pid = int(raw)
     start = process_start(pid)
     return (pid, start) if start is not None else (0, 0)
+
+
+# --------------------------------------------------------------------------- users
+# A header (int64 words, mapped shared) holds the keeper (pid, start) at H_KEEPER and
+# MAX_USERS (pid, start) user pairs from H_USERS; the host store's files and the shared GPU
+# caches' metadata files (hps_core.cache.shared_gpu) both use these words, so
+# remove_kept_stores judges either alike. The caller holds the file's lock.
+
+
+def _pairs(header: Any) -> Any:
+    return header[H_USERS : H_USERS + 2 * MAX_USERS].reshape(-1, 2)
+
+
+def live_users(header: Any) -> list[tuple[int, int]]:
+    """Live attached processes as (pid, start)."""
+    return [(int(p), int(s)) for p, s in _pairs(header) if p > 0 and alive(int(p), int(s))]
+
+
+def register_user(header: Any, path: Path) -> None:
+    """Take a user slot for this process (a process with two handles holds two), and record
+    the live keeper ``HPS_STORE_KEEPER`` names when the recorded one is gone."""
+    pid, start = this_process()
+    pairs = _pairs(header)
+    free = next((i for i, (p, s) in enumerate(pairs) if p <= 0 or not alive(int(p), int(s))), -1)
+    if free < 0:
+        raise TierError(f"{path}: {MAX_USERS} live handles already use this store")
+    pairs[free] = (pid, start)
+    keeper = keeper_from_env()
+    if keeper[0] and not alive(int(header[H_KEEPER]), int(header[H_KEEPER_START])):
+        header[H_KEEPER], header[H_KEEPER_START] = keeper
+
+
+def deregister_user(header: Any) -> list[tuple[int, int]]:
+    """Give back one slot of this process (and those of dead ones); returns the live users left."""
+    pid, start = this_process()
+    mine = True
+    pairs = _pairs(header)
+    for i, (p, s) in enumerate(pairs):
+        if p <= 0:
+            continue
+        if mine and p == pid and s == start:
+            pairs[i] = (0, 0)
+            mine = False
+        elif not alive(int(p), int(s)):
+            pairs[i] = (0, 0)
+    return live_users(header)
 
 
 # --------------------------------------------------------------------------- layout
@@ -355,38 +410,18 @@ class StoreFile:
     # -- users (caller holds the lock) ------------------------------------------------------
     def users(self) -> list[tuple[int, int]]:
         """Live attached processes as (pid, start)."""
-        pairs = self.header[H_USERS : H_USERS + 2 * MAX_USERS].reshape(-1, 2)
-        return [(int(p), int(s)) for p, s in pairs if p > 0 and _alive(int(p), int(s))]
+        return live_users(self.header)
 
     def register(self) -> None:
         """Take a user slot for this handle (a process with two handles holds two)."""
-        pid, start = _self()
-        pairs = self.header[H_USERS : H_USERS + 2 * MAX_USERS].reshape(-1, 2)
-        free = next((i for i, (p, s) in enumerate(pairs) if p <= 0 or not _alive(int(p), int(s))), -1)
-        if free < 0:
-            raise TierError(f"{self.path}: {MAX_USERS} live handles already use this store")
-        pairs[free] = (pid, start)
-        keeper = keeper_from_env()
-        if keeper[0] and not _alive(int(self.header[H_KEEPER]), int(self.header[H_KEEPER_START])):
-            self.header[H_KEEPER], self.header[H_KEEPER_START] = keeper
+        register_user(self.header, self.path)
 
     def deregister(self) -> list[tuple[int, int]]:
         """Give back one slot of this process (and those of dead ones); returns the live users left."""
-        pid, start = _self()
-        pairs = self.header[H_USERS : H_USERS + 2 * MAX_USERS].reshape(-1, 2)
-        mine = True
-        for i, (p, s) in enumerate(pairs):
-            if p <= 0:
-                continue
-            if mine and p == pid and s == start:
-                pairs[i] = (0, 0)
-                mine = False
-            elif not _alive(int(p), int(s)):
-                pairs[i] = (0, 0)
-        return self.users()
+        return deregister_user(self.header)
 
     def keeper_alive(self) -> bool:
-        return _alive(int(self.header[H_KEEPER]), int(self.header[H_KEEPER_START]))
+        return alive(int(self.header[H_KEEPER]), int(self.header[H_KEEPER_START]))
 
     def close(self) -> None:
         """Drop the views and the mapping (callers make sure no kernel uses them any more)."""
@@ -611,8 +646,8 @@ def _info(path: Path) -> StoreInfo | None:
     finally:
         os.close(fd)
     pairs = header[H_USERS : H_USERS + 2 * MAX_USERS].reshape(-1, 2)
-    users = tuple(int(p) for p, s in pairs if p > 0 and _alive(int(p), int(s)))
-    keeper = int(header[H_KEEPER]) if _alive(int(header[H_KEEPER]), int(header[H_KEEPER_START])) else 0
+    users = tuple(int(p) for p, s in pairs if p > 0 and alive(int(p), int(s)))
+    keeper = int(header[H_KEEPER]) if alive(int(header[H_KEEPER]), int(header[H_KEEPER_START])) else 0
     return StoreInfo(
         path=str(path), namespace=path.parent.name[len(_DIR_PREFIX):], table=spec.table, dim=spec.dim,
         row_format=spec.row_format.value, rows=int(parts[P_ROWS::PART_WORDS].sum()), bytes=size,
@@ -667,7 +702,7 @@ def _remove_if_unused(path: Path, keeper_pid: int) -> bool:
         with mmap.mmap(fd, _HEADER_BYTES, mmap.MAP_SHARED, mmap.PROT_READ) as mm:
             header = np.frombuffer(mm, np.int64, HEADER_WORDS).copy()
         pairs = header[H_USERS : H_USERS + 2 * MAX_USERS].reshape(-1, 2)
-        live = [int(p) for p, s in pairs if p > 0 and _alive(int(p), int(s))]
+        live = [int(p) for p, s in pairs if p > 0 and alive(int(p), int(s))]
         if int(header[H_KEEPER]) != keeper_pid or live:
             return False
         with contextlib.suppress(FileNotFoundError):

@@ -12,6 +12,13 @@ Two parts, test tooling only (nothing here is importable as ``cupy`` by a server
 :func:`install` before any test module imports CuPy). What it proves and what only a real
 GPU shows: docs/gpu_check.md, "The emulated GPU".
 
+Child processes: :func:`install` puts ``site/`` first on ``PYTHONPATH``; its
+``sitecustomize.py`` installs the stand-in in every Python process started from then on while
+``HPS_EMULATED_GPU`` is set (the shared GPU cache's keeper, ``multiprocessing`` spawn workers,
+``subprocess`` users), so processes that share one emulated allocation through the emulated
+CUDA IPC (``fake_cupy``: a memfd mapped through the exporter's ``/proc/<pid>/fd``) all run the
+emulated CuPy, and no library module imports anything from ``tests/``.
+
 Knobs (environment): HPS_EMU_THREADS host threads per launch (3), HPS_EMU_SEED another
 fiber interleaving per seed (0: FIFO), HPS_EMU_TIMEOUT seconds before a launch is a hang
 (120), HPS_EMU_DEVICES (2), HPS_EMU_SMS (2), HPS_EMU_CXX (g++), HPS_EMU_BUILD_DIR,
@@ -45,6 +52,10 @@ def install() -> ModuleType:
     if present is not None and present is not fake_cupy:
         raise RuntimeError("a real CuPy is already imported: the emulated GPU would replace it")
     sys.modules["cupy"] = fake_cupy
+    site = os.path.join(os.path.dirname(os.path.abspath(__file__)), "site")
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if site not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([site, *[p for p in paths if p]])
     prebuild()
     return fake_cupy
 

@@ -23,10 +23,13 @@ Devices: ``HPS_EMU_DEVICES`` (default 2, so "array on another device" paths run)
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import itertools
+import mmap
 import os
+import struct
 import threading
 import types
 import weakref
@@ -206,10 +209,93 @@ def _allocation_of(ptr: int, nbytes: int) -> _Allocation | None:
     return None
 
 
-class MemoryPointer:
+class _Mapped(_Allocation):
+    """A device allocation another process can map: ``nbytes`` in a memfd (so
+    :func:`_ipc_get_mem_handle` can name it), 256 guard bytes on both sides. Made by
+    :class:`Memory` in the exporting process, and by :func:`_ipc_open_mem_handle` in one that
+    maps the same memfd (which it opens through the exporter's ``/proc/<pid>/fd``: gone when
+    the exporter is, as CUDA refuses a handle whose exporter freed it or exited)."""
+
+    def __init__(self, nbytes: int, device: int, fd: int = -1) -> None:  # noqa: super().__init__ allocates
+        self.nbytes = nbytes
+        self.device = device
+        size = nbytes + 2 * _ALIGN
+        self.owned = fd < 0
+        self.fd = os.memfd_create("hps-emu-device", os.MFD_CLOEXEC) if fd < 0 else fd
+        if self.owned:
+            os.ftruncate(self.fd, size)
+        self._mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.raw = np.frombuffer(self._mm, np.uint8)
+        self.start = _ALIGN
+        if self.owned:
+            self.raw[: self.start] = _GUARD_BYTE
+            self.raw[self.start + nbytes :] = _GUARD_BYTE
+        self.ptr = self.raw.ctypes.data + self.start
+        _live[self.ptr] = self
+        _mapped[self.ptr] = self
+
+    def release(self) -> None:
+        """Unmap (and close the memfd): the pointer is no longer a device allocation."""
+        _live.pop(self.ptr, None)
+        _mapped.pop(self.ptr, None)
+        del self.raw
+        with contextlib.suppress(BufferError):
+            self._mm.close()  # an array still viewing it keeps the mapping until it goes
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+#: Exportable allocations alive in this process, by pointer (kept until freed or closed).
+_mapped: dict[int, _Mapped] = {}
+
+
+class BaseMemory:
+    """What a :class:`MemoryPointer` points into: ``ptr``, ``size``, ``device_id``."""
+
+    ptr: int
+    size: int
+    device_id: int
+
+
+class Memory(BaseMemory):
+    """``cupy.cuda.Memory(size)``: one device allocation of its own (cudaMalloc, not the
+    pool), freed when this object goes."""
+
+    def __init__(self, size: int) -> None:
+        self.size = int(size)
+        self.device_id = _current_device()
+        self._alloc = _Mapped(max(1, self.size), self.device_id)
+        self.ptr = self._alloc.ptr
+
+    def __del__(self) -> None:
+        alloc = getattr(self, "_alloc", None)
+        if alloc is not None and alloc.ptr in _mapped:
+            alloc.release()
+
+
+class UnownedMemory(BaseMemory):
+    """``cupy.cuda.UnownedMemory(ptr, size, owner, device_id=None)``: memory allocated
+    elsewhere (an IPC mapping); ``owner`` is kept alive with it."""
+
+    def __init__(self, ptr: int, size: int, owner: Any, device_id: int | None = None) -> None:
+        if _allocation_of(ptr, size) is None:
+            raise CUDARuntimeError(_INVALID_VALUE, f"cudaErrorInvalidValue: [{ptr:#x}, +{size}) is not device memory")
+        self.ptr, self.size, self.owner = ptr, size, owner
+        self.device_id = _allocation_of(ptr, size).device if device_id is None else device_id  # type: ignore[union-attr]
+
+
+class _Raw(BaseMemory):
     def __init__(self, ptr: int, device_id: int) -> None:
-        self.ptr = ptr
-        self.device_id = device_id
+        self.ptr, self.size, self.device_id = ptr, 0, device_id
+
+
+class MemoryPointer:
+    """``cupy.cuda.MemoryPointer(mem, offset)``: ``mem.ptr + offset`` on ``mem``'s device."""
+
+    def __init__(self, mem: BaseMemory, offset: int) -> None:
+        self.mem = mem
+        self.ptr = mem.ptr + int(offset)
+        self.device_id = mem.device_id
 
 
 def _alloc_pinned_memory(nbytes: int) -> bytearray:
@@ -245,11 +331,21 @@ class ndarray:  # noqa: N801 - CuPy's name
 
     def __init__(self, shape: Any, dtype: Any = float, memptr: Any = None, strides: Any = None,
                  order: str = "C") -> None:
-        if memptr is not None or strides is not None or order != "C":
-            raise NotImplementedError("the emulated cupy.ndarray() takes shape and dtype only")
+        if strides is not None or order != "C":
+            raise NotImplementedError("the emulated cupy.ndarray() takes shape, dtype and memptr only")
         dt = np.dtype(dtype)
         shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
-        alloc = _Allocation(int(np.prod(shape, dtype=np.int64)) * dt.itemsize, _current_device())
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        if memptr is not None:  # a view of memory allocated elsewhere (cupy.cuda.Memory, an IPC mapping)
+            alloc = _allocation_of(memptr.ptr, nbytes)
+            if alloc is None:
+                raise CUDARuntimeError(_INVALID_VALUE, f"cudaErrorInvalidValue: memptr [{memptr.ptr:#x}, +{nbytes}) "
+                                                       "is not inside one device allocation")
+            self._a = np.ndarray(shape, dt, buffer=alloc.raw.data, offset=alloc.start + memptr.ptr - alloc.ptr)
+            self._alloc = alloc
+            self._memptr = memptr  # keeps the memory (and its owner) alive, as CuPy's does
+            return
+        alloc = _Allocation(nbytes, _current_device())
         self._a = alloc.array(shape, dt)
         self._alloc = alloc
 
@@ -284,7 +380,7 @@ class ndarray:  # noqa: N801 - CuPy's name
 
     @property
     def data(self) -> MemoryPointer:
-        return MemoryPointer(self._a.ctypes.data if self._a.size else self._alloc.ptr, self._alloc.device)
+        return MemoryPointer(_Raw(self._a.ctypes.data if self._a.size else self._alloc.ptr, self._alloc.device), 0)
 
     @property
     def device(self) -> Device:
@@ -516,6 +612,67 @@ def _memcpy_async(dst: int, src: int, nbytes: int, kind: int, stream: int) -> No
 
 _H2H, _H2D, _D2H, _D2D = 0, 1, 2, 3
 
+#: CUDA's cudaIpcMemHandle_t is 64 opaque bytes; the emulator's hold (magic, exporter pid,
+#: memfd number in the exporter, bytes, device).
+_IPC_HANDLE = struct.Struct("<8sqqqq24x")
+_IPC_MAGIC = b"HPSEMU01"
+_INVALID_HANDLE = 400  # cudaErrorInvalidResourceHandle
+_MAP_FAILED = 205  # cudaErrorMapBufferObjectFailed
+_opened: dict[int, tuple[_Mapped, int]] = {}  # pointer -> (mapping, times opened)
+_ipc_lock = threading.Lock()
+
+
+def _ipc_get_mem_handle(dev_ptr: int) -> bytes:
+    """The handle naming the whole allocation that starts at ``dev_ptr`` (CUDA names the
+    base of a cudaMalloc allocation; a pointer inside one is refused here)."""
+    alloc = _mapped.get(dev_ptr)
+    if alloc is None or not alloc.owned:
+        raise CUDARuntimeError(_INVALID_VALUE, f"cudaErrorInvalidValue: {dev_ptr:#x} is not the start of a device "
+                                               "allocation of this process (cupy.cuda.Memory)")
+    return _IPC_HANDLE.pack(_IPC_MAGIC, os.getpid(), alloc.fd, alloc.nbytes, alloc.device)
+
+
+def _ipc_open_mem_handle(handle: bytes, flags: int = 1) -> int:
+    """Map the allocation ``handle`` names; opening it twice in one process gives the same
+    pointer (counted, as CUDA's). Fails when its exporter is gone."""
+    if len(handle) != _IPC_HANDLE.size:
+        raise CUDARuntimeError(_INVALID_VALUE, f"cudaErrorInvalidValue: an IPC handle has {_IPC_HANDLE.size} bytes")
+    magic, pid, fd, nbytes, device = _IPC_HANDLE.unpack(handle)
+    if magic != _IPC_MAGIC:
+        raise CUDARuntimeError(_INVALID_HANDLE, "cudaErrorInvalidResourceHandle: not an IPC memory handle")
+    if pid == os.getpid():
+        raise CUDARuntimeError(_INVALID_VALUE, "cudaErrorInvalidValue: an IPC handle cannot be opened by its exporter")
+    with _ipc_lock:
+        for ptr, (alloc, count) in _opened.items():
+            if (alloc.exporter, alloc.exporter_fd) == (pid, fd):
+                _opened[ptr] = (alloc, count + 1)
+                return ptr
+        try:
+            mine = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise CUDARuntimeError(_MAP_FAILED, f"cudaErrorMapBufferObjectFailed: the exporter (pid {pid}) of this "
+                                                f"IPC handle is gone ({exc.strerror})") from exc
+        if os.fstat(mine).st_size != nbytes + 2 * _ALIGN:
+            os.close(mine)
+            raise CUDARuntimeError(_MAP_FAILED, "cudaErrorMapBufferObjectFailed: the exporter freed that allocation")
+        alloc = _Mapped(nbytes, device, mine)
+        alloc.exporter, alloc.exporter_fd = pid, fd
+        _opened[alloc.ptr] = (alloc, 1)
+        return alloc.ptr
+
+
+def _ipc_close_mem_handle(dev_ptr: int) -> None:
+    with _ipc_lock:
+        entry = _opened.get(dev_ptr)
+        if entry is None:
+            raise CUDARuntimeError(_INVALID_VALUE, f"cudaErrorInvalidValue: {dev_ptr:#x} is no IPC mapping")
+        alloc, count = entry
+        if count > 1:
+            _opened[dev_ptr] = (alloc, count - 1)
+            return
+        del _opened[dev_ptr]
+    alloc.release()
+
 runtime = types.SimpleNamespace(
     CUDARuntimeError=CUDARuntimeError,
     getDeviceCount=_get_device_count,
@@ -527,9 +684,14 @@ runtime = types.SimpleNamespace(
     memcpyHostToDevice=_H2D,
     memcpyDeviceToHost=_D2H,
     memcpyDeviceToDevice=_D2D,
+    ipcGetMemHandle=_ipc_get_mem_handle,
+    ipcOpenMemHandle=_ipc_open_mem_handle,
+    ipcCloseMemHandle=_ipc_close_mem_handle,
+    cudaIpcMemLazyEnablePeerAccess=1,
 )
 driver = types.SimpleNamespace(CUDADriverError=CUDADriverError)
-memory = types.SimpleNamespace(OutOfMemoryError=OutOfMemoryError, MemoryPointer=MemoryPointer)
+memory = types.SimpleNamespace(OutOfMemoryError=OutOfMemoryError, MemoryPointer=MemoryPointer, Memory=Memory,
+                               UnownedMemory=UnownedMemory, BaseMemory=BaseMemory)
 compiler = types.SimpleNamespace(CompileException=CompileException)
 
 
@@ -652,4 +814,6 @@ cuda = types.SimpleNamespace(
     compiler=compiler,
     alloc_pinned_memory=_alloc_pinned_memory,
     MemoryPointer=MemoryPointer,
+    Memory=Memory,
+    UnownedMemory=UnownedMemory,
 )

@@ -1,0 +1,459 @@
+"""A GPU cache's device state as one allocation: private to a process, or one per GPU shared
+by every process that serves the model there (CUDA IPC), with the host store's lifetime rules.
+
+:class:`Region` is the state a GPU cache's kernels share between calls (values, slots, locks,
+row counters), carved as aligned views out of ONE device allocation (CUDA IPC names a whole
+``cudaMalloc`` allocation, and CuPy's pool sub-allocates, so the shared arrays cannot come from
+the pool). :func:`local_region` allocates it in this process; :func:`shared_region` maps the one
+of its GPU, creating it first if needed. Both carve and fill the arrays with the same code; the
+cache classes (gpu.py) do not know which they got, except that writers of a shared region
+wait for their kernels before they let go of the writer lock (below).
+
+Where: a metadata file ``<shm root>/hps.<namespace>/gpu<ordinal>.<name>`` beside the host
+store's files (same namespace: ``volatile_db.shared_memory_name`` or the JSON's path), holding
+the IPC handle, the shape of the cache (JSON), the users and the static tables' row counts.
+
+Ownership and lifetime (the host store's rules, hps_core.db.shm_store):
+
+- **The exporter outlives the users.** Memory exported through CUDA IPC is freed when the
+  exporting process frees it or exits, so no user process exports it: the first user spawns a
+  *GPU keeper* (``python -m hps_core.cache.gpu_keeper <file>``, its own session) that allocates
+  the region, writes its handle into the file and then only watches. Users map it with
+  ``ipcOpenMemHandle`` and unmap it with ``ipcCloseMemHandle`` on close.
+- **Create and attach** under ``flock(LOCK_EX)`` on the metadata file: the first process writes
+  the shape (state ``creating``), starts the keeper, waits for its handle, fills the arrays
+  with their initial values, registers and sets ``ready``; the others block on the lock, find
+  it ready and attach. A file found ``creating``, or whose keeper is dead, or whose handle no
+  longer opens, is stale: removed and built again. A file of another shape (kind, capacities,
+  dims, formats, key dtype, policy, device) is refused by name while a live process uses it,
+  rebuilt when none does.
+- **Users** hold a slot (pid, start time: a reused pid is not mistaken for a live user) in the
+  same words as the host store's files; a process that dies is reaped by whoever looks next.
+  The last user to close removes the file unless ``hps serve`` keeps it (``HPS_STORE_KEEPER``,
+  recorded as the host store records it). The keeper exits, freeing the GPU memory, when the
+  file is gone or replaced, or when no live user and no live ``hps serve`` remain; so under
+  ``hps serve`` the cache outlives stub crashes and Triton restarts, and ``hps serve``'s clean
+  stop (``remove_kept_stores``, which judges these files by the same words) removes the file
+  and the keeper follows within :data:`POLL_S`.
+- **Writers** (inserts, updates, dumps and clears: every call that takes a set lock or writes
+  a row) of a shared region are one at a time per host: a thread lock plus ``flock(LOCK_EX)``
+  on the metadata file, held until their kernels are done. The holder writes itself (pid,
+  start) into the file before its kernels start and clears it after they end. Readers
+  (queries, sizes) take no lock, as in a private cache (the kernels' seqlocks).
+- **A writer killed inside its kernels** (on a GPU its context is torn down mid-kernel): it may
+  leave a set lock held, a slot or row marked busy, a slot claimed. The kernel drops its
+  ``flock``; the next writer finds the dead writer's mark and repairs before anything else
+  (:meth:`SharedRegion.locked`, the cache's ``_repair``): every set lock is released (no live
+  writer holds one, they are serialised) and the cache is emptied with the kernels' own clear,
+  which readers tolerate. A kill costs the cache's contents, never a stuck lock or a torn row.
+  Until a writer comes, readers are not blocked by what the dead writer left: a busy slot or
+  row reads as a miss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import mmap
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from hps_core.db import shm_store as shm
+from hps_core.errors import ConfigError, DeviceError, TierError
+
+__all__ = ["Field", "HostClock", "Region", "SharedName", "local_region", "shared_region", "POLL_S"]
+
+#: How often a GPU keeper looks at its users (seconds).
+POLL_S = 0.2
+#: How long a creator waits for its keeper's handle (the keeper imports CuPy and allocates).
+KEEPER_START_S = 60.0
+_ALIGN = 256  # CuPy's allocations are 256-byte aligned; the kernels' float4 loads need 16
+_MAGIC = 0x5550474853504800  # "\0HPSHGPU" little-endian
+_LAYOUT = 1
+_FILE_BYTES = 32768
+_META_OFFSET = 16384
+MAX_TABLES = 1024
+
+# words of the metadata file (int64); H_KEEPER(16, 17) and the users (from 64) are the host
+# store's, so shm_store.remove_kept_stores judges these files as it judges its own
+W_MAGIC, W_LAYOUT, W_STATE, W_GKEEPER, W_GKEEPER_START, W_BYTES, W_DEVICE = range(7)
+W_WRITER, W_WRITER_START, W_REPAIRS, W_CREATOR, W_CREATOR_START, W_META_LEN, W_HANDLE_LEN = range(7, 14)
+W_HANDLE = 24  # 64 bytes: words 24..31
+W_ROWS = 512  # static tables' row counts, MAX_TABLES words
+CREATING, READY = 1, 2
+
+
+@dataclass(frozen=True)
+class Field:
+    """One array of a region: ``count`` elements of ``dtype``, every byte ``fill`` at creation."""
+
+    name: str
+    dtype: Any
+    count: int
+    fill: int = 0
+
+
+@dataclass(frozen=True)
+class SharedName:
+    """Which shared cache: the host store's ``namespace`` and a ``name`` (the model's)."""
+
+    namespace: str
+    name: str
+
+
+def _layout(fields: Sequence[Field]) -> tuple[dict[str, int], int]:
+    offsets, at = {}, 0
+    for f in fields:
+        offsets[f.name] = at
+        at += -(-max(1, f.count * np.dtype(f.dtype).itemsize) // _ALIGN) * _ALIGN
+    return offsets, max(at, _ALIGN)
+
+
+class HostClock:
+    """LRU stamps every process on the host agrees on: ``CLOCK_MONOTONIC`` nanoseconds (one
+    clock for the whole host, increasing), made strictly increasing within this process. The
+    private caches keep :class:`~hps_core.cache.base.AccessClock` (one tick per call)."""
+
+    def __init__(self) -> None:
+        self._last = 0
+        self._lock = threading.Lock()
+
+    def tick(self) -> int:
+        with self._lock:
+            self._last = max(time.monotonic_ns(), self._last + 1)
+            return self._last
+
+
+class Region:
+    """A cache's device arrays (``arrays[name]``, CuPy views of one allocation), the static
+    tables' row counters (``rows``, host int64 (T,)) and the writers' lock (:meth:`locked`).
+    Private: a thread lock when ``exclusive`` (static tables), none otherwise (dynamic caches
+    lock sets on the device)."""
+
+    shared = False
+    path: Path | None = None
+
+    def __init__(self, cp: Any, mem: Any, fields: Sequence[Field], tables: int, exclusive: bool) -> None:
+        offsets, _ = _layout(fields)
+        self._cp = cp
+        self._mem = mem
+        self.arrays = {f.name: cp.ndarray((f.count,), f.dtype, memptr=cp.cuda.MemoryPointer(mem, offsets[f.name]))
+                       for f in fields}
+        self.rows: npt.NDArray[np.int64] = np.zeros(tables, np.int64)
+        self._thread_lock: Any = threading.Lock() if exclusive else contextlib.nullcontext()
+        self.repair: Callable[[], None] | None = None  # set by the cache: what a dead writer's mark calls for
+
+    def fill(self, fields: Sequence[Field]) -> None:
+        """Every array to its initial bytes (on the legacy default stream; waits for it)."""
+        runtime = self._cp.cuda.runtime
+        for f in fields:
+            a = self.arrays[f.name]
+            if f.count:
+                runtime.memsetAsync(a.data.ptr, f.fill, a.nbytes, 0)
+        runtime.deviceSynchronize()
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        with self._thread_lock:
+            yield
+
+    def close(self) -> None:
+        self.arrays = {}
+        self._mem = None
+
+
+def local_region(cp: Any, fields: Sequence[Field], tables: int, *, exclusive: bool) -> Region:
+    """A region allocated in this process (on the current device), filled."""
+    _, nbytes = _layout(fields)
+    region = Region(cp, cp.cuda.Memory(nbytes), fields, tables, exclusive)
+    region.fill(fields)
+    return region
+
+
+# --------------------------------------------------------------------------- shared
+
+
+def gpu_path(name: SharedName, device: int) -> Path:
+    return shm.namespace_dir(name.namespace) / shm.file_name(f"gpu{device}.{name.name}")
+
+
+class _MetaFile:
+    """The mapped metadata file: ``words`` int64[4096] (header, users, row counts)."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path, self.fd = path, fd
+        if os.fstat(fd).st_size < _FILE_BYTES:
+            os.ftruncate(fd, _FILE_BYTES)
+        self._mm = mmap.mmap(fd, _FILE_BYTES, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.words = np.frombuffer(self._mm, np.int64, _FILE_BYTES // 8)
+        self.inode = os.fstat(fd).st_ino
+
+    def meta(self) -> dict[str, Any]:
+        n = int(self.words[W_META_LEN])
+        if not 0 < n <= _FILE_BYTES - _META_OFFSET:
+            return {}
+        with contextlib.suppress(ValueError):
+            got = json.loads(bytes(self._mm[_META_OFFSET : _META_OFFSET + n]))
+            return got if isinstance(got, dict) else {}
+        return {}
+
+    def write_meta(self, meta: dict[str, Any]) -> None:
+        raw = json.dumps(meta, sort_keys=True).encode()
+        if len(raw) > _FILE_BYTES - _META_OFFSET:
+            raise TierError(f"{self.path}: shared GPU cache metadata too long ({len(raw)} bytes)")
+        self._mm[_META_OFFSET : _META_OFFSET + len(raw)] = raw
+        self.words[W_META_LEN] = len(raw)
+
+    def handle(self) -> bytes:
+        n = int(self.words[W_HANDLE_LEN])
+        return bytes(self._mm[W_HANDLE * 8 : W_HANDLE * 8 + n]) if 0 < n <= 64 else b""
+
+    def set_handle(self, handle: bytes) -> None:
+        self._mm[W_HANDLE * 8 : W_HANDLE * 8 + len(handle)] = handle
+        self.words[W_HANDLE_LEN] = len(handle)
+
+    def keeper_alive(self) -> bool:
+        return shm.alive(int(self.words[W_GKEEPER]), int(self.words[W_GKEEPER_START]))
+
+    def is_current(self) -> bool:
+        try:
+            return os.stat(self.path).st_ino == self.inode
+        except FileNotFoundError:
+            return False
+
+    def close(self) -> None:
+        del self.words
+        with contextlib.suppress(BufferError):
+            self._mm.close()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+@contextlib.contextmanager
+def _flocked(fd: int) -> Iterator[None]:
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+class SharedRegion(Region):
+    """A region mapped from its GPU keeper (see the module doc); :meth:`locked` is the
+    host-wide writer lock, which repairs after a writer that died holding it."""
+
+    shared = True
+
+    def __init__(self, cp: Any, ptr: int, nbytes: int, device: int, fields: Sequence[Field], tables: int,
+                 meta: _MetaFile) -> None:
+        self._ptr = ptr
+        self._file = meta
+        self.path = meta.path
+        super().__init__(cp, cp.cuda.UnownedMemory(ptr, nbytes, self, device), fields, tables, True)
+        self.rows = meta.words[W_ROWS : W_ROWS + tables]
+        self._closed = False
+
+    @property
+    def repairs(self) -> int:
+        """Writers found dead inside a write, and repaired after, since the cache was made."""
+        return int(self._file.words[W_REPAIRS])
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        words = self._file.words
+        with self._thread_lock, _flocked(self._file.fd):
+            if words[W_WRITER]:  # its holder died inside a write: nobody else is writing now
+                if self.repair is not None:
+                    self.repair()
+                words[W_REPAIRS] += 1
+            words[W_WRITER], words[W_WRITER_START] = shm.this_process()
+            try:
+                yield
+            finally:
+                words[W_WRITER] = words[W_WRITER_START] = 0
+
+    def close(self) -> None:
+        """Unmap, give back this process's user slot, and remove the file when it was the last
+        user and no ``hps serve`` keeps it (the keeper then exits)."""
+        if self._closed:
+            return
+        self._closed = True
+        super().close()
+        with contextlib.suppress(Exception):
+            self._cp.cuda.runtime.ipcCloseMemHandle(self._ptr)
+        meta = self._file
+        with contextlib.suppress(OSError), _flocked(meta.fd):
+            left = shm.deregister_user(meta.words)
+            kept = shm.alive(int(meta.words[shm.H_KEEPER]), int(meta.words[shm.H_KEEPER_START]))
+            if not left and not kept and meta.is_current():
+                _unlink(meta.path)
+        meta.close()
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    with contextlib.suppress(OSError):
+        path.parent.rmdir()  # only when empty
+
+
+def _python() -> str:
+    """The interpreter for the keeper: this one, unless it is not a Python (an embedding
+    process such as Triton's stub may report its own binary); ``HPS_PYTHON`` overrides."""
+    chosen = os.environ.get("HPS_PYTHON") or sys.executable
+    if chosen and os.path.basename(chosen).startswith("python"):
+        return chosen
+    return shutil.which("python3") or "python3"
+
+
+def _spawn_keeper(path: Path) -> None:
+    subprocess.Popen(  # noqa: S603 - our own module
+        [_python(), "-m", "hps_core.cache.gpu_keeper", str(path)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True, close_fds=True,
+    )
+
+
+def shared_region(cp: Any, fields: Sequence[Field], tables: int, *, device: int, name: SharedName,
+                  shape: dict[str, Any]) -> SharedRegion:
+    """Map the shared region ``name`` of GPU ``device`` (create it if absent or stale); its
+    arrays must be ``fields`` and its cache of ``shape`` (compared by every key), else it is
+    refused while in use (ConfigError naming the file and the differences) or rebuilt."""
+    if tables > MAX_TABLES:
+        raise ConfigError(f"a shared GPU cache holds at most {MAX_TABLES} tables, got {tables}")
+    _, nbytes = _layout(fields)
+    directory = shm.namespace_dir(name.namespace)
+    path = gpu_path(name, device)
+    want = {**shape, "device": device, "bytes": nbytes, "fields": [[f.name, np.dtype(f.dtype).str, f.count]
+                                                                     for f in fields]}
+    for _ in range(8):  # a file replaced or removed between open and lock is opened again
+        shm.ensure_dir(directory)
+        try:
+            fd = shm.open_fd(path, create=True)
+        except FileNotFoundError:  # the last user of another cache removed the folder meanwhile
+            continue
+        meta = _MetaFile(path, fd)
+        try:
+            with _flocked(meta.fd):
+                region = _attach_or_create(cp, meta, fields, tables, device, nbytes, want) if meta.is_current() else None
+        except BaseException:
+            meta.close()
+            raise
+        if region is not None:
+            return region
+        meta.close()
+    raise TierError(f"{path}: the shared GPU cache file kept being replaced")
+
+
+def _attach_or_create(cp: Any, meta: _MetaFile, fields: Sequence[Field], tables: int, device: int, nbytes: int,
+                      want: dict[str, Any]) -> SharedRegion | None:
+    """Under the file's lock: attach to a ready region of this shape, build it in a new file,
+    or remove a stale one and return None (the caller opens the path again)."""
+    w = meta.words
+    if w[W_MAGIC] == 0 and w[W_GKEEPER] == 0:
+        return _create(cp, meta, fields, tables, device, nbytes, want)  # a new file
+    if w[W_MAGIC] == _MAGIC and w[W_STATE] == READY and meta.keeper_alive():
+        have = meta.meta()
+        if have == want:
+            try:
+                ptr = cp.cuda.runtime.ipcOpenMemHandle(meta.handle(), 1)  # cudaIpcMemLazyEnablePeerAccess
+            except cp.cuda.runtime.CUDARuntimeError:
+                ptr = None  # the keeper is exiting: stale
+            if ptr is not None:
+                region = SharedRegion(cp, ptr, nbytes, device, fields, tables, meta)
+                shm.register_user(w, meta.path)
+                return region
+        elif shm.live_users(w):
+            diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+            raise ConfigError(
+                f"{meta.path}: a shared GPU cache of another shape is in use by pids "
+                f"{[p for p, _ in shm.live_users(w)]} ({', '.join(diff)} differ: {[have.get(k) for k in diff]} there, "
+                f"{[want.get(k) for k in diff]} here); stop them, or set gpu_cache_shared to false for this model"
+            )
+    # stale (creating, keeper dead, handle gone) or of another shape nobody uses: a new file, so
+    # a keeper still alive for this one sees it replaced and exits
+    _unlink(meta.path)
+    return None
+
+
+def _create(cp: Any, meta: _MetaFile, fields: Sequence[Field], tables: int, device: int, nbytes: int,
+            want: dict[str, Any]) -> SharedRegion:
+    """Build the region of a new file (the caller holds its lock): the keeper allocates and
+    exports, this process fills, registers and marks it ready."""
+    w = meta.words
+    w[W_LAYOUT], w[W_STATE], w[W_BYTES], w[W_DEVICE] = _LAYOUT, CREATING, nbytes, device
+    w[W_CREATOR], w[W_CREATOR_START] = shm.this_process()
+    meta.write_meta(want)
+    w[W_MAGIC] = _MAGIC
+    _spawn_keeper(meta.path)
+    deadline = time.monotonic() + KEEPER_START_S
+    while not meta.handle():
+        if time.monotonic() > deadline:
+            raise DeviceError(f"{meta.path}: the GPU keeper did not export the cache within {KEEPER_START_S:.0f} s")
+        if w[W_STATE] != CREATING:  # the keeper could not allocate: it says why in the metadata
+            raise DeviceError(f"{meta.path}: the GPU keeper failed: {meta.meta().get('error', 'unknown error')}")
+        time.sleep(0.01)
+    ptr = cp.cuda.runtime.ipcOpenMemHandle(meta.handle(), 1)
+    region = SharedRegion(cp, ptr, nbytes, device, fields, tables, meta)
+    region.fill(fields)
+    cp.cuda.runtime.deviceSynchronize()
+    shm.register_user(w, meta.path)
+    w[W_STATE] = READY
+    return region
+
+
+def keep(path: Path) -> int:
+    """The GPU keeper's life (``python -m hps_core.cache.gpu_keeper``): allocate the region the
+    file describes on its device, export it, then watch; exit (freeing it, removing the file
+    when it is still the one at the path) when the file is gone or replaced, or when no live
+    user and no live ``hps serve`` remain. Returns the exit status."""
+    import cupy as cp  # the keeper is a GPU process by definition
+
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return 1
+    meta = _MetaFile(path, fd)
+    w = meta.words
+    w[W_GKEEPER], w[W_GKEEPER_START] = shm.this_process()
+    device, nbytes = int(w[W_DEVICE]), int(w[W_BYTES])
+    try:
+        with cp.cuda.Device(device):
+            mem = cp.cuda.Memory(nbytes)
+            handle = cp.cuda.runtime.ipcGetMemHandle(mem.ptr)
+    except Exception as exc:  # noqa: BLE001 - reported to the creator through the file
+        meta.write_meta({**meta.meta(), "error": f"{type(exc).__name__}: {exc}"})
+        w[W_STATE] = 0
+        return 1
+    meta.set_handle(handle)
+    while True:
+        time.sleep(POLL_S)
+        if not meta.is_current():
+            break
+        with _flocked(meta.fd):
+            if not meta.is_current():
+                break
+            state = int(w[W_STATE])
+            creator = shm.alive(int(w[W_CREATOR]), int(w[W_CREATOR_START]))
+            if state == CREATING and creator:
+                continue
+            users = shm.live_users(w)
+            kept = shm.alive(int(w[shm.H_KEEPER]), int(w[shm.H_KEEPER_START]))
+            if not users and not kept:
+                _unlink(path)
+                break
+    del mem
+    meta.close()
+    return 0

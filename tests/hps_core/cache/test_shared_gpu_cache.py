@@ -1,0 +1,368 @@
+"""One GPU cache per GPU shared by processes through CUDA IPC (hps_core.cache.shared_gpu):
+attach, one allocation and one keeper for N processes, concurrent query and insert from two
+processes (rows never torn), a process SIGKILLed under load (the others go on, a writer that
+died inside a write is repaired, nothing is left once the last user closes), stale files and
+caches of another shape, and the server's path.
+
+Real processes (``subprocess``, the interpreter running the tests): on the emulated GPU
+(HPS_EMULATED_GPU=1) the children get the emulated CuPy through tests/cuda_emulator/site; on a
+real GPU (scripts/gpu_check.sh) they use CuPy and CUDA IPC. Every process a test starts is
+stopped by its pid, and every test checks that no file and no keeper is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from hps_core.cache import SharedName, make_multi_table_cache
+from hps_core.cache import shared_gpu
+from hps_core.config import load_config
+from hps_core.db import shm_store
+from hps_core.errors import ConfigError
+from hps_core.formats import write_sparse_model
+from hps_core.server import HierarchicalParameterServer
+
+pytestmark = pytest.mark.gpu
+
+ROOT = Path(__file__).resolve().parents[3]
+DIM = 8
+KEYS = 512  # keys each test writes (static capacity fits them all)
+
+# A user process: maps the shared cache, then runs its mode, prints one JSON line.
+WORKER = r"""
+import json, os, sys, time
+import numpy as np
+from hps_core.cache import SharedName, make_multi_table_cache
+namespace, kind, mode, seconds, seed = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), int(sys.argv[5])
+cache = make_multi_table_cache(kind, device=0, capacities=[%(keys)d], dims=[%(dim)d],
+                               shared=SharedName(namespace, "m"))
+import cupy as cp
+dim, nkeys = %(dim)d, %(keys)d
+print(json.dumps({"ready": os.getpid()}), flush=True)
+
+def rows(keys, version):  # every float of a row encodes (key, version): a torn row is not uniform
+    return np.repeat((keys * 1000 + version).astype(np.float32), dim)
+
+def query(keys):
+    out = cp.zeros(keys.shape[0] * dim, cp.float32)
+    offs = np.arange(keys.shape[0], dtype=np.int64) * dim
+    miss = cp.asnumpy(cache.query_tables(np.zeros(keys.shape[0], np.int64), keys, out, offs))
+    got = cp.asnumpy(out).reshape(-1, dim)
+    hit = np.ones(keys.shape[0], bool)
+    hit[miss] = False
+    return got, hit
+
+rng = np.random.default_rng(seed)
+stats = {"queries": 0, "inserts": 0, "hits": 0, "bad": 0}
+if mode == "hold":
+    sys.stdin.readline()
+else:
+    end = time.monotonic() + seconds
+    version = 0
+    while time.monotonic() < end:
+        version = version %% 999 + 1
+        keys = rng.choice(nkeys, 64, replace=False).astype(np.int64)
+        cache.replace_tables(np.zeros(64, np.int64), keys, rows(keys, version), np.arange(64, dtype=np.int64) * dim)
+        stats["inserts"] += 1
+        if mode == "write":  # inserts only: a kill lands inside a write more often
+            continue
+        keys = rng.choice(nkeys, 128, replace=False).astype(np.int64)
+        got, hit = query(keys)
+        h = got[hit]
+        stats["hits"] += int(hit.sum())
+        stats["queries"] += 1
+        ok = (h == h[:, :1]).all(axis=1) & (np.floor(h[:, 0] / 1000) == keys[hit])
+        stats["bad"] += int((~ok).sum())
+stats["repairs"] = cache._region.repairs
+print(json.dumps(stats), flush=True)
+cache.close()
+""" % {"keys": KEYS, "dim": DIM}
+
+
+def _start(namespace: str, kind: str, mode: str, seconds: float = 0.0, seed: int = 0) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-c", WORKER, namespace, kind, mode, str(seconds), str(seed)],
+                            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    line = proc.stdout.readline() if proc.stdout else ""
+    if '"ready"' not in line:
+        proc.kill()
+        raise AssertionError(f"worker did not start: {line!r} {proc.communicate()[1][-3000:]}")
+    return proc
+
+
+def _finish(proc: subprocess.Popen[str], timeout: float = 60.0) -> dict[str, Any]:
+    try:
+        out, err = proc.communicate("\n", timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise AssertionError(f"worker {proc.pid} hung") from None
+    assert proc.returncode == 0, err[-3000:]
+    return dict(json.loads(out.strip().splitlines()[-1]))
+
+
+def _keepers(path: Path) -> list[int]:
+    """Pids of the GPU keepers of ``path`` (from /proc, by their command line)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"hps_core.cache.gpu_keeper" in cmd and str(path).encode() in cmd:
+                found.append(int(entry))
+    return found
+
+
+def _words(path: Path) -> np.ndarray:
+    return np.frombuffer(path.read_bytes()[: 4096 * 8], np.int64)
+
+
+def _gone(path: Path, timeout: float = 5.0) -> bool:
+    """Whether the file, its folder and its keepers are gone (waiting up to ``timeout``)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if not path.parent.exists() and not _keepers(path):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture()
+def namespace() -> Iterator[str]:
+    """A namespace of this test's own; afterwards nothing of it may be left (a keeper left
+    is stopped by its pid, and the test fails)."""
+    name = f"test-gpu-{uuid.uuid4().hex[:10]}"
+    yield name
+    directory = shm_store.namespace_dir(name)
+    left = [p for f in (directory.glob("gpu*") if directory.exists() else []) for p in _keepers(f)]
+    ok = _gone(directory / "gpu0.m")
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    if directory.exists():
+        for f in directory.iterdir():
+            f.unlink()
+        directory.rmdir()
+    assert ok, f"left behind: {directory} keepers {left}"
+
+
+def _rows(keys: np.ndarray, version: int) -> np.ndarray:
+    return np.repeat((keys * 1000 + version).astype(np.float32), DIM)
+
+
+def _query(cache: Any, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    import cupy as cp
+
+    out = cp.zeros(keys.shape[0] * DIM, cp.float32)
+    miss = cache.query_tables(np.zeros(keys.shape[0], np.int64), keys, out, np.arange(keys.shape[0]) * DIM)
+    hit = np.ones(keys.shape[0], bool)
+    hit[cp.asnumpy(miss)] = False
+    return cp.asnumpy(out).reshape(-1, DIM), hit
+
+
+def _open(namespace: str, kind: str = "dynamic", **kwargs: Any) -> Any:
+    args: dict[str, Any] = dict(device=0, capacities=[KEYS], dims=[DIM])
+    args.update(kwargs)
+    return make_multi_table_cache(kind, shared=SharedName(namespace, "m"), **args)
+
+
+def _insert(cache: Any, keys: np.ndarray, version: int) -> None:
+    cache.replace_tables(np.zeros(keys.shape[0], np.int64), keys, _rows(keys, version),
+                         np.arange(keys.shape[0], dtype=np.int64) * DIM)
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_processes_attach_to_one_allocation_and_one_keeper(namespace: str, kind: str) -> None:
+    cache = _open(namespace, kind)
+    path = cache._region.path
+    keys = np.arange(100, dtype=np.int64)
+    _insert(cache, keys, 7)
+    workers = [_start(namespace, kind, "hold") for _ in range(3)]
+    try:
+        assert [p.name for p in path.parent.iterdir()] == ["gpu0.m"]  # one cache, one file
+        keepers = _keepers(path)
+        assert len(keepers) == 1
+        words = _words(path)
+        assert int(words[shared_gpu.W_GKEEPER]) == keepers[0]
+        assert sorted(p for p, _ in shm_store.live_users(words.copy())) == sorted([os.getpid(), *(w.pid for w in workers)])
+        if kind == "static":
+            assert cache.sizes().tolist() == [100]  # the row count is the file's, every process sees it
+    finally:
+        stats = [_finish(w) for w in workers]
+    assert all(s["bad"] == 0 for s in stats)
+    got, hit = _query(cache, keys)  # what this process inserted, read here after the others left
+    assert hit.all()
+    np.testing.assert_array_equal(got.ravel(), _rows(keys, 7))
+    second = _open(namespace, kind)  # a second handle in one process maps the same memory
+    got2, hit2 = _query(second, keys)
+    assert hit2.all() and np.array_equal(got2, got)
+    second.close()
+    cache.close()
+    assert _gone(path)
+
+
+def test_a_second_process_reads_what_the_first_inserted(namespace: str) -> None:
+    cache = _open(namespace)
+    keys = np.arange(KEYS, dtype=np.int64)
+    _insert(cache, keys, 3)
+    code = (
+        "import sys, numpy as np, cupy as cp\n"
+        "from hps_core.cache import SharedName, make_multi_table_cache\n"
+        f"c = make_multi_table_cache('dynamic', device=0, capacities=[{KEYS}], dims=[{DIM}], "
+        "shared=SharedName(sys.argv[1], 'm'))\n"
+        f"k = np.arange({KEYS}, dtype=np.int64); out = cp.zeros(k.shape[0] * {DIM}, cp.float32)\n"
+        f"miss = c.query_tables(np.zeros(k.shape[0], np.int64), k, out, k * {DIM})\n"
+        "sys.stdout.buffer.write(np.int64(miss.shape[0]).tobytes() + cp.asnumpy(out).tobytes()); c.close()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, namespace], cwd=ROOT, capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    misses = np.frombuffer(done.stdout[:8], np.int64)[0]
+    cached = int(cache.sizes()[0])
+    assert misses == KEYS - cached  # every row the first process holds, the second reads
+    got = np.frombuffer(done.stdout[8:], np.float32).reshape(-1, DIM)
+    mine, hit = _query(cache, keys)
+    np.testing.assert_array_equal(got[hit], mine[hit])  # bit for bit the same rows
+    np.testing.assert_array_equal(mine[hit].ravel(), _rows(keys[hit], 3))
+    cache.close()
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_two_processes_query_and_insert_at_once(namespace: str, kind: str) -> None:
+    cache = _open(namespace, kind)  # this process holds it while the two run
+    workers = [_start(namespace, kind, "run", seconds=4.0, seed=s) for s in (1, 2)]
+    stats = [_finish(w) for w in workers]
+    for s in stats:
+        assert s["bad"] == 0, stats  # no torn row, no row of another key, ever
+        assert s["queries"] > 5 and s["inserts"] > 5 and s["hits"] > 0, stats
+    keys = np.arange(KEYS, dtype=np.int64)
+    got, hit = _query(cache, keys)
+    h = got[hit]
+    assert ((h == h[:, :1]).all(axis=1) & (np.floor(h[:, 0] / 1000) == keys[hit])).all()
+    _insert(cache, keys[:64], 999)
+    got, hit = _query(cache, keys[:64])
+    assert hit.all()
+    np.testing.assert_array_equal(got.ravel(), _rows(keys[:64], 999))
+    path = cache._region.path
+    cache.close()
+    assert _gone(path)
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_a_killed_process_does_not_hurt_the_others(namespace: str, kind: str) -> None:
+    """SIGKILL users under load (inside a write kernel, often): the survivor goes on (no
+    stuck lock), reads no torn row, its dead peers' slots are reaped, and once the last user
+    closes the file and the keeper are gone."""
+    survivor = _start(namespace, kind, "run", seconds=8.0, seed=1)
+    path = shm_store.namespace_dir(namespace) / "gpu0.m"
+    for round_ in range(4):
+        victim = _start(namespace, kind, "write", seconds=30.0, seed=10 + round_)
+        time.sleep(0.4 + 0.3 * round_)
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.communicate()
+    stats = _finish(survivor)
+    assert stats["bad"] == 0 and stats["inserts"] > 5, stats
+    print(f"{kind}: 4 kills, {stats['repairs']} inside a write (repaired)", stats)
+    assert _gone(path)  # the survivor was the last live user: it removed the file, the keeper left
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_a_writer_dead_inside_a_write_is_repaired(namespace: str, kind: str) -> None:
+    """What a writer killed inside its kernel leaves (its mark in the file, a lock or a claim
+    held on the device) is repaired by the next writer: it does not hang, and the cache is
+    emptied rather than left with a torn row."""
+    cache = _open(namespace, kind)
+    keys = np.arange(64, dtype=np.int64)
+    _insert(cache, keys, 1)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    words = cache._region._file.words
+    words[shared_gpu.W_WRITER], words[shared_gpu.W_WRITER_START] = int(dead.stdout), 12345
+    if kind == "dynamic":
+        cache._set_locks[cache.sets_of(np.zeros(1, np.int64), keys[:1])] = 1  # the lock it held
+        cache._slot_ver[:] = cache._slot_ver | 1  # and slots it was writing (busy: reads miss)
+        assert not _query(cache, keys)[1].any()
+    else:
+        cache._row_ver[:3] = cache._row_ver[:3] | 1  # rows it was writing
+        cache._slot_rows[:2] = -2  # slots it had claimed
+    _insert(cache, keys[:8], 2)  # would spin forever on the held lock without the repair
+    assert cache._region.repairs == 1
+    got, hit = _query(cache, keys)
+    assert hit[:8].all() and not hit[8:].any()  # emptied, then the new rows
+    np.testing.assert_array_equal(got[:8].ravel(), _rows(keys[:8], 2))
+    _insert(cache, keys, 3)  # every row usable again
+    got, hit = _query(cache, keys)
+    assert hit.all() if kind == "static" else hit.sum() == int(cache.sizes()[0])
+    np.testing.assert_array_equal(got[hit].ravel(), _rows(keys[hit], 3))
+    cache.close()
+
+
+def test_another_shape_is_refused_while_in_use_and_rebuilt_when_not(namespace: str) -> None:
+    cache = _open(namespace)
+    with pytest.raises(ConfigError, match=r"gpu0\.m.*another shape.*dims"):
+        _open(namespace, dims=[DIM * 2])
+    with pytest.raises(ConfigError, match="another shape.*kind"):
+        _open(namespace, "static")
+    cache.close()
+    other = _open(namespace, dims=[DIM * 2])  # nobody uses the old one: a new cache
+    assert other.dims.tolist() == [DIM * 2]
+    other.close()
+
+
+def test_a_file_left_by_dead_processes_is_rebuilt(namespace: str) -> None:
+    holder = _start(namespace, "dynamic", "hold")
+    path = shm_store.namespace_dir(namespace) / "gpu0.m"
+    keeper = _keepers(path)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.communicate()
+    for pid in keeper:
+        os.kill(pid, signal.SIGKILL)  # a host crash's leftovers: the file without its processes
+    time.sleep(0.2)
+    assert path.exists()
+    cache = _open(namespace)
+    assert _keepers(path) and _keepers(path) != keeper
+    keys = np.arange(16, dtype=np.int64)
+    _insert(cache, keys, 5)
+    got, hit = _query(cache, keys)
+    assert hit.all()
+    np.testing.assert_array_equal(got.ravel(), _rows(keys, 5))
+    cache.close()
+
+
+def test_servers_of_one_model_share_one_cache(tmp_path: Path, namespace: str) -> None:
+    keys = np.arange(200, dtype=np.int64)
+    write_sparse_model(tmp_path / "t.model", keys, _rows(keys, 1).reshape(-1, DIM))
+    doc = {
+        "volatile_db": {"type": "hash_map", "shared_memory_name": namespace},
+        "persistent_db": {"type": "disabled"},
+        "models": [{
+            "model": "m", "sparse_files": ["t.model"], "embedding_table_names": ["t"],
+            "embedding_vecsize_per_table": [DIM], "maxnum_catfeature_query_per_table_per_sample": [100],
+            "gpucacheper": 0.5,
+        }],
+    }
+    (tmp_path / "hps.json").write_text(json.dumps(doc))
+    path = shm_store.namespace_dir(namespace) / "gpu0.m"
+    with HierarchicalParameterServer(load_config(tmp_path / "hps.json"), cache_device=0) as one, \
+            HierarchicalParameterServer(load_config(tmp_path / "hps.json"), cache_device=0) as two:
+        a, b = one.session("m").caches["t"], two.session("m").caches["t"]
+        assert a.multi.shared and b.multi.shared
+        assert len(_keepers(path)) == 1
+        assert a.size() == b.size() > 0  # the warm-up of the first is the second's
+    assert _gone(path)
+    doc["models"][0]["gpu_cache_shared"] = False  # type: ignore[index]
+    (tmp_path / "hps.json").write_text(json.dumps(doc))
+    with HierarchicalParameterServer(load_config(tmp_path / "hps.json"), cache_device=0) as private:
+        assert not private.session("m").caches["t"].multi.shared
+        assert not path.exists()
