@@ -6,7 +6,8 @@
 #                 scripts/pack_gpu_check.sh) installed into /tmp, imports, a CuPy kernel launch,
 #                 the carried Triton bundle (.gpu_pack/triton.tar.xz) unpacked
 #   pytest_gpu    pytest -m gpu over every test file that marks GPU tests (caches, conformance,
-#                 multi-table structure, LookupSession with a GPU cache)
+#                 multi-table structure, LookupSession with a GPU cache, the GPU cache shared by
+#                 processes through CUDA IPC: test_shared_gpu_cache.py)
 #   bench_cache   scripts/bench_cache.py --device gpu, sized down: all-hit query vs the float4
 #                 gather at batches 1,024 to 1,048,576, dims 32 and 128, one-table and 26-table caches
 #   bench_lookup  scripts/bench_lookup.py --device gpu: the lookup on the GPU cache vs the device

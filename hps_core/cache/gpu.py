@@ -43,6 +43,13 @@ preceded by a memset of the call's status words)::
     sizes            dynamic: 1 launch, 1 sync; static: none (a host counter)
     clear            1 launch; dynamic: no sync; static: 1 sync, under the host lock
 
+Shared caches (``shared=``, hps_core.cache.shared_gpu): the state between calls is one
+device allocation (a :class:`~hps_core.cache.shared_gpu.Region`, private or mapped from the
+GPU's shared cache through CUDA IPC, by the same code); every write (replace, update, dump,
+clear) of a shared cache holds the host-wide writer lock and waits for its kernels (one more
+sync for a dynamic replace), and the first writer after one that died inside its kernels
+repairs (``_repair``: the cache is emptied, every lock released).
+
 Kernels never touch memory outside the caller's buffers: a row whose table id or offset
 does not fit is skipped and its position flagged in the call's error word, which the calls
 that read a count back turn into RequestError (rows that fit were still served). A dynamic

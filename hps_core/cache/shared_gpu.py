@@ -79,6 +79,8 @@ __all__ = ["Field", "HostClock", "Region", "SharedName", "local_region", "shared
 POLL_S = 0.2
 #: How long a creator waits for its keeper's handle (the keeper imports CuPy and allocates).
 KEEPER_START_S = 60.0
+#: How long the writer that repairs waits for a dead writer's process to be gone.
+DEAD_WRITER_WAIT_S = 10.0
 _ALIGN = 256  # CuPy's allocations are 256-byte aligned; the kernels' float4 loads need 16
 _MAGIC = 0x5550474853504800  # "\0HPSHGPU" little-endian
 _LAYOUT = 1
@@ -275,6 +277,7 @@ class SharedRegion(Region):
         words = self._file.words
         with self._thread_lock, _flocked(self._file.fd):
             if words[W_WRITER]:  # its holder died inside a write: nobody else is writing now
+                _wait_gone(int(words[W_WRITER]), int(words[W_WRITER_START]))
                 if self.repair is not None:
                     self.repair()
                 words[W_REPAIRS] += 1
@@ -300,6 +303,16 @@ class SharedRegion(Region):
             if not left and not kept and meta.is_current():
                 _unlink(meta.path)
         meta.close()
+
+
+def _wait_gone(pid: int, start: int, timeout: float = DEAD_WRITER_WAIT_S) -> None:
+    """Wait until the dead writer has finished dying. Its ``flock`` goes when the kernel
+    closes its descriptors, which may come before the one of its GPU context; a process that
+    is gone or a zombie has closed them all, so its kernels no longer run. Bounded: a
+    process stuck in exit for longer is repaired beside (see docs/cache.md)."""
+    end = time.monotonic() + timeout
+    while shm.alive(pid, start) and time.monotonic() < end:
+        time.sleep(0.01)
 
 
 def _unlink(path: Path) -> None:

@@ -366,3 +366,34 @@ def test_servers_of_one_model_share_one_cache(tmp_path: Path, namespace: str) ->
     with HierarchicalParameterServer(load_config(tmp_path / "hps.json"), cache_device=0) as private:
         assert not private.session("m").caches["t"].multi.shared
         assert not path.exists()
+
+
+def test_hps_serve_keeps_the_cache_past_its_users_and_its_clean_stop_removes_it(
+        namespace: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under ``hps serve`` (HPS_STORE_KEEPER) the cache outlives its last user (a Triton
+    restart re-attaches to the rows), and the clean stop's remove_kept_stores removes it (the
+    keeper follows); with no user left, hps serve's death alone lets the keeper go too."""
+    serve = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        monkeypatch.setenv(shm_store.KEEPER_ENV, str(serve.pid))
+        cache = _open(namespace)
+        path = cache._region.path
+        keys = np.arange(32, dtype=np.int64)
+        _insert(cache, keys, 4)
+        cache.close()
+        time.sleep(3 * shared_gpu.POLL_S)
+        assert path.exists() and len(_keepers(path)) == 1  # kept, with its rows
+        again = _open(namespace)
+        got, hit = _query(again, keys)
+        assert hit.all()
+        np.testing.assert_array_equal(got.ravel(), _rows(keys, 4))
+        assert shm_store.remove_kept_stores(serve.pid) == []  # in use: not removed
+        again.close()
+        assert shm_store.remove_kept_stores(serve.pid) == [str(path)]  # the clean stop
+        assert _gone(path)
+        _open(namespace).close()  # kept again; then hps serve dies without a clean stop
+        assert path.exists()
+    finally:
+        serve.kill()
+        serve.communicate()
+    assert _gone(path)
