@@ -40,13 +40,13 @@ import itertools
 import logging
 import os
 import socket
-import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 from hps_core.arrays import Keys, Vectors
+from hps_core.background import RepeatInBackground
 from hps_core.config import ParameterServerConfig
 from hps_core.db.base import EmbeddingTier, HostSharedTables, Refreshable, SharedTier
 from hps_core.logs import RateLimitedLog
@@ -120,8 +120,7 @@ class OnlineUpdates:
                 TierUpdateApplier.opening(persistent_writer, dims, on_applied=hook, row_formats=formats),
                 consumer_config=consumer_config,
             )
-        self._stop = threading.Event()
-        self._catch_up: threading.Thread | None = None
+        self._catch_up: RepeatInBackground | None = None
         # The catch-up loop fails the same way every second while RocksDB is unreadable.
         self._failures = RateLimitedLog(log)
 
@@ -129,15 +128,17 @@ class OnlineUpdates:
         for source in self.sources.values():
             source.start()
         if isinstance(self._reader, Refreshable):
-            self._catch_up = threading.Thread(target=self._run_catch_up, name="hps-rocksdb-catch-up", daemon=True)
+            self._catch_up = RepeatInBackground(
+                self._reader.refresh, name="hps-rocksdb-catch-up", interval_s=self._catch_up_s,
+                # serving goes on with the last state it saw
+                on_error=lambda exc: self._failures.failure("persistent DB catch-up failed", exc))
             self._catch_up.start()
 
     def stop(self) -> None:
-        self._stop.set()
         for source in self.sources.values():
             source.stop()
         if self._catch_up is not None:
-            self._catch_up.join()
+            self._catch_up.stop()
         self._failures.flush()  # each source's stop flushes its own
 
     def stats(self) -> dict[str, dict[str, Any]]:
@@ -149,15 +150,6 @@ class OnlineUpdates:
         if cached is not None:
             session, name = cached
             session.apply_update(name, keys, values)
-
-    def _run_catch_up(self) -> None:
-        reader = self._reader
-        assert isinstance(reader, Refreshable)
-        while not self._stop.wait(self._catch_up_s):
-            try:
-                reader.refresh()
-            except Exception as exc:  # noqa: BLE001 - serving goes on with the last state it saw
-                self._failures.failure("persistent DB catch-up failed", exc)
 
 
 _servers_in_process = itertools.count()

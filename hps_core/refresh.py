@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from hps_core.arrays import device_context, to_host
+from hps_core.background import RepeatInBackground
 from hps_core.errors import ConfigError
 from hps_core.logs import RateLimitedLog
 
@@ -44,8 +44,7 @@ class CacheRefresher:
         self._interval = interval
         self._delay = delay
         self._cursor = 0  # next global set of the cache to refresh
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop: RepeatInBackground | None = None
         # A tier that is down fails every refresh step the same way: one line per cause per interval.
         self._failures = RateLimitedLog(log)
 
@@ -71,22 +70,13 @@ class CacheRefresher:
         """Run :meth:`step` every ``interval`` seconds after ``delay``, until :meth:`stop`."""
         if self._interval <= 0 or self._session.cache is None:
             return  # HugeCTR: refresh_interval 0 means never
-        self._thread = threading.Thread(target=self._run, name="hps-cache-refresh", daemon=True)
-        self._thread.start()
+        self._loop = RepeatInBackground(self.step, name="hps-cache-refresh", interval_s=self._interval,
+                                        first_delay_s=self._delay,
+                                        on_error=lambda exc: self._failures.failure("cache refresh step failed", exc))
+        self._loop.start()
 
     def stop(self) -> None:
         """Stop the thread; log how many failures were held back."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        if self._loop is not None:
+            self._loop.stop()
         self._failures.flush()
-
-    def _run(self) -> None:
-        if self._stop.wait(self._delay):
-            return
-        while not self._stop.is_set():
-            try:
-                self.step()
-            except Exception as exc:  # noqa: BLE001 - a failed refresh must not end the refresher
-                self._failures.failure("cache refresh step failed", exc)
-            self._stop.wait(self._interval)

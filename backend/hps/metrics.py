@@ -23,9 +23,9 @@ backend's ``model.py`` as a top-level module, so this file is found by path, not
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
+from hps_core.background import RepeatInBackground
 from hps_core.metrics import FAMILIES, CounterDeltas, GaugeChanges, Labels, MetricsCollector, Sample
 
 __all__ = ["DEFAULT_INTERVAL_S", "TritonMetrics"]
@@ -50,22 +50,17 @@ class TritonMetrics:
         self._gauges = GaugeChanges()
         self._families: dict[str, Any] = {}
         self._metrics: dict[tuple[str, Labels], Any] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop: RepeatInBackground | None = None
 
     def start(self, interval_s: float) -> None:
         """Publish now, then every ``interval_s`` seconds from a daemon thread (0: only now)."""
         self.update(force_slow=True)  # the series exist (at zero) before the first request
         if interval_s > 0:
-            self._thread = threading.Thread(target=self._run, args=(interval_s,), name="hps-metrics", daemon=True)
-            self._thread.start()
-
-    def _run(self, interval_s: float) -> None:
-        while not self._stop.wait(interval_s):
-            try:
-                self.update()
-            except Exception as exc:  # noqa: BLE001 - metrics must never take the model down
-                self._pb.Logger.log_warn(f"hps: publishing metrics failed: {exc}")
+            # metrics must never take the model down: a failed publication is logged, the loop goes on
+            self._loop = RepeatInBackground(
+                self.update, name="hps-metrics", interval_s=interval_s,
+                on_error=lambda exc: self._pb.Logger.log_warn(f"hps: publishing metrics failed: {exc}"))
+            self._loop.start()
 
     def update(self, *, force_slow: bool = False) -> None:
         """Collect and publish what changed since the last call (after each ``execute``)."""
@@ -86,10 +81,9 @@ class TritonMetrics:
         a model still loaded (every HPS model: the names are the same) was unloaded at runtime:
         the next model load hung in ``malloc(): unsorted double linked list corrupted``
         (docs/deployment.md, "Model versions and runtime loading")."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        if self._loop is not None:
+            self._loop.stop()
+            self._loop = None
 
     def _metric(self, sample: Sample) -> Any:
         metric = self._metrics.get(sample.key)

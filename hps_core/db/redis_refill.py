@@ -63,6 +63,7 @@ import numpy as np
 
 from hps_core.db import _redis_layout as layout
 from hps_core.arrays import Keys, Vectors
+from hps_core.background import RepeatInBackground
 from hps_core.db.base import EmbeddingTier, PartitionMarkers
 from hps_core.errors import ConfigError, HPSError, TierError
 from hps_core.formats import read_table
@@ -123,36 +124,28 @@ class RefillMonitor:
         self._token = tier.new_token()
         self._lost = {name: 0 for name in self._sources}
         self._lost_lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop: RepeatInBackground | None = None
         self.refills = 0  # partitions this process refilled
         self.rows_refilled = 0
         self.last_refill_s: float | None = None  # seconds from detection to markers rewritten
 
     def start(self) -> None:
-        if self._thread is None and self._sources:
-            self._thread = threading.Thread(target=self._run, name="hps-redis-refill", daemon=True)
-            self._thread.start()
+        if self._loop is None and self._sources:
+            self._loop = RepeatInBackground(self.check_once, name="hps-redis-refill", interval_s=self._interval_s,
+                                            on_error=lambda exc: _log.failure("volatile refill", exc))
+            self._loop.start()
 
     def stop(self) -> None:
         """Stop probing; a refill in progress finishes its current chunk first."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        if self._loop is not None:
+            self._loop.stop()
+            self._loop = None
 
     def lost_partitions(self) -> dict[str, int]:
         """Per table: partitions found without their rows at the last probe and not refilled
         (by this process) since; 0 when all are in place."""
         with self._lost_lock:
             return dict(self._lost)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval_s):
-            try:
-                self.check_once()
-            except Exception as exc:  # noqa: BLE001 - the monitor must outlive any failure
-                _log.failure("volatile refill", exc)
 
     def check_once(self) -> dict[str, int]:
         """One probe, and a refill of every lost partition this process can claim; returns
@@ -235,7 +228,7 @@ class RefillMonitor:
             self._catch_up_persistent(source.table)
         written = 0
         for lo in range(0, total, self._chunk_rows):
-            if self._stop.is_set():
+            if self._loop is not None and self._loop.stopping.is_set():
                 return -1
             hi = min(lo + self._chunk_rows, total)
             keys = np.asarray(table.keys[lo:hi], dtype=np.int64)
