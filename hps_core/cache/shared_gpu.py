@@ -325,18 +325,31 @@ def _unlink(path: Path) -> None:
 def _python() -> str:
     """The interpreter for the keeper: this one, unless it is not a Python (an embedding
     process such as Triton's stub may report its own binary); ``HPS_PYTHON`` overrides."""
-    chosen = os.environ.get("HPS_PYTHON") or sys.executable
-    if chosen and os.path.basename(chosen).startswith("python"):
-        return chosen
+    if os.environ.get("HPS_PYTHON"):
+        return os.environ["HPS_PYTHON"]
+    if sys.executable and os.path.basename(sys.executable).startswith("python"):
+        return sys.executable
     return shutil.which("python3") or "python3"
 
 
 def _spawn_keeper(path: Path) -> None:
-    subprocess.Popen(  # noqa: S603 - our own module
-        [_python(), "-m", "hps_core.cache.gpu_keeper", str(path)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True, close_fds=True,
-    )
+    """Start the keeper of ``path``, detached: ``gpu_keeper`` forks the keeper off and exits
+    at once (so it is no child of this process, never its zombie), in a session of its own,
+    with this process's ``hps_core`` first on its path. DeviceError when it cannot start."""
+    env = dict(os.environ)
+    package_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join([package_root, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
+    try:
+        done = subprocess.run(  # noqa: S603 - our own module
+            [_python(), "-m", "hps_core.cache.gpu_keeper", str(path)], env=env,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            start_new_session=True, close_fds=True, timeout=KEEPER_START_S,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise DeviceError(f"{path}: cannot start the GPU keeper ({exc}); set HPS_PYTHON to the server's Python") from exc
+    if done.returncode != 0:
+        raise DeviceError(f"{path}: the GPU keeper did not start (exit status {done.returncode}): "
+                          f"{done.stderr.decode(errors='replace').strip()[-2000:]}")
 
 
 def shared_region(cp: Any, fields: Sequence[Field], tables: int, *, device: int, name: SharedName,
@@ -410,19 +423,24 @@ def _create(cp: Any, meta: _MetaFile, fields: Sequence[Field], tables: int, devi
     w[W_CREATOR], w[W_CREATOR_START] = shm.this_process()
     meta.write_meta(want)
     w[W_MAGIC] = _MAGIC
-    _spawn_keeper(meta.path)
-    deadline = time.monotonic() + KEEPER_START_S
-    while not meta.handle():
-        if time.monotonic() > deadline:
-            raise DeviceError(f"{meta.path}: the GPU keeper did not export the cache within {KEEPER_START_S:.0f} s")
-        if w[W_STATE] != CREATING:  # the keeper could not allocate: it says why in the metadata
-            raise DeviceError(f"{meta.path}: the GPU keeper failed: {meta.meta().get('error', 'unknown error')}")
-        time.sleep(0.01)
-    ptr = cp.cuda.runtime.ipcOpenMemHandle(meta.handle(), 1)
-    region = SharedRegion(cp, ptr, nbytes, device, fields, tables, meta)
-    region.fill(fields)
-    cp.cuda.runtime.deviceSynchronize()
-    shm.register_user(w, meta.path)
+    try:
+        _spawn_keeper(meta.path)
+        deadline = time.monotonic() + KEEPER_START_S
+        while not meta.handle():
+            if time.monotonic() > deadline:
+                raise DeviceError(f"{meta.path}: the GPU keeper did not export the cache within {KEEPER_START_S:.0f} s")
+            if w[W_STATE] != CREATING:  # the keeper could not allocate: it says why in the metadata
+                raise DeviceError(f"{meta.path}: the GPU keeper failed: {meta.meta().get('error', 'unknown error')}")
+            if w[W_GKEEPER] and not meta.keeper_alive():
+                raise DeviceError(f"{meta.path}: the GPU keeper (pid {int(w[W_GKEEPER])}) died before exporting the cache")
+            time.sleep(0.01)
+        ptr = cp.cuda.runtime.ipcOpenMemHandle(meta.handle(), 1)
+        region = SharedRegion(cp, ptr, nbytes, device, fields, tables, meta)
+        region.fill(fields)
+        shm.register_user(w, meta.path)
+    except BaseException:
+        _unlink(meta.path)  # a half-made cache: its keeper sees the file gone and exits
+        raise
     w[W_STATE] = READY
     return region
 

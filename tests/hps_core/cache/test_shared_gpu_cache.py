@@ -30,7 +30,7 @@ from hps_core.cache import SharedName, make_multi_table_cache
 from hps_core.cache import shared_gpu
 from hps_core.config import load_config
 from hps_core.db import shm_store
-from hps_core.errors import ConfigError
+from hps_core.errors import ConfigError, DeviceError
 from hps_core.formats import write_sparse_model
 from hps_core.server import HierarchicalParameterServer
 
@@ -397,3 +397,13 @@ def test_hps_serve_keeps_the_cache_past_its_users_and_its_clean_stop_removes_it(
         serve.kill()
         serve.communicate()
     assert _gone(path)
+
+
+def test_a_keeper_that_cannot_start_fails_the_open_and_leaves_nothing(
+        namespace: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HPS_PYTHON", "false")
+    with pytest.raises(DeviceError, match="GPU keeper did not start"):
+        _open(namespace)
+    assert not shm_store.namespace_dir(namespace).exists()
+    monkeypatch.delenv("HPS_PYTHON")
+    _open(namespace).close()  # and the next open builds it
