@@ -73,7 +73,8 @@ import numpy.typing as npt
 from hps_core.db import shm_store as shm
 from hps_core.errors import ConfigError, DeviceError, TierError
 
-__all__ = ["Field", "HostClock", "Region", "SharedName", "local_region", "shared_region", "POLL_S"]
+__all__ = ["Field", "GpuCacheInfo", "HostClock", "Region", "SharedName", "list_caches", "local_region",
+           "shared_region", "POLL_S"]
 
 #: How often a GPU keeper looks at its users (seconds).
 POLL_S = 0.2
@@ -430,7 +431,8 @@ def _create(cp: Any, meta: _MetaFile, fields: Sequence[Field], tables: int, devi
             if time.monotonic() > deadline:
                 raise DeviceError(f"{meta.path}: the GPU keeper did not export the cache within {KEEPER_START_S:.0f} s")
             if w[W_STATE] != CREATING:  # the keeper could not allocate: it says why in the metadata
-                raise DeviceError(f"{meta.path}: the GPU keeper failed: {meta.meta().get('error', 'unknown error')}")
+                raise DeviceError(f"{meta.path}: the GPU keeper failed: {meta.meta().get('error', 'unknown error')} "
+                                  "(set gpu_cache_shared to false for a private cache per process)")
             if w[W_GKEEPER] and not meta.keeper_alive():
                 raise DeviceError(f"{meta.path}: the GPU keeper (pid {int(w[W_GKEEPER])}) died before exporting the cache")
             time.sleep(0.01)
@@ -488,3 +490,51 @@ def keep(path: Path) -> int:
     del mem
     meta.close()
     return 0
+
+
+# --------------------------------------------------------------------------- listing
+
+
+@dataclass(frozen=True)
+class GpuCacheInfo:
+    """What a listing shows of one shared GPU cache (read without its lock)."""
+
+    path: str
+    namespace: str
+    name: str  # the model (its version included)
+    device: int
+    kind: str
+    bytes: int  # device bytes of the region
+    ready: bool
+    users: tuple[int, ...]  # live attached pids
+    keeper: int  # pid of the live GPU keeper, 0 when none
+    kept_by: int  # pid of the live hps serve that keeps it, 0 when none
+    repairs: int  # writers found dead inside a write, and repaired after
+
+
+def list_caches(namespace: str | None = None) -> list[GpuCacheInfo]:
+    """Every shared GPU cache on this host (or of one namespace)."""
+    root = shm.shm_root()
+    dirs = [shm.namespace_dir(namespace)] if namespace else sorted(root.glob("hps.*"))
+    found = []
+    for directory in dirs:
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError, PermissionError):
+            for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+                if not entry.name.startswith("gpu") or not entry.is_file(follow_symlinks=False):
+                    continue
+                with contextlib.suppress(OSError, ValueError):
+                    raw = Path(entry.path).read_bytes()
+                    w = np.frombuffer(raw[:_META_OFFSET], np.int64).copy()
+                    if len(raw) < _FILE_BYTES or w[W_MAGIC] != _MAGIC:
+                        continue
+                    meta = json.loads(raw[_META_OFFSET : _META_OFFSET + int(w[W_META_LEN])])
+                    keeper = int(w[W_GKEEPER]) if shm.alive(int(w[W_GKEEPER]), int(w[W_GKEEPER_START])) else 0
+                    kept = int(w[shm.H_KEEPER]) if shm.alive(int(w[shm.H_KEEPER]), int(w[shm.H_KEEPER_START])) else 0
+                    found.append(GpuCacheInfo(
+                        path=entry.path, namespace=directory.name[len("hps."):],
+                        name=entry.name.split(".", 1)[1], device=int(w[W_DEVICE]), kind=str(meta.get("kind", "")),
+                        bytes=int(w[W_BYTES]), ready=int(w[W_STATE]) == READY,
+                        users=tuple(p for p, _ in shm.live_users(w)), keeper=keeper, kept_by=kept,
+                        repairs=int(w[W_REPAIRS]),
+                    ))
+    return found

@@ -200,6 +200,10 @@ def test_processes_attach_to_one_allocation_and_one_keeper(namespace: str, kind:
         assert sorted(p for p, _ in shm_store.live_users(words.copy())) == sorted([os.getpid(), *(w.pid for w in workers)])
         if kind == "static":
             assert cache.sizes().tolist() == [100]  # the row count is the file's, every process sees it
+        (info,) = shared_gpu.list_caches(namespace)
+        assert (info.name, info.device, info.kind, info.ready, info.keeper) == ("m", 0, kind, True, keepers[0])
+        assert sorted(info.users) == sorted([os.getpid(), *(w.pid for w in workers)])
+        assert shm_store.list_stores(namespace) == []  # not a host store: hps inspect's listing skips it
     finally:
         stats = [_finish(w) for w in workers]
     assert all(s["bad"] == 0 for s in stats)
