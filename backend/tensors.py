@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from hps_core.serving import SOURCE_MARKER
+from hps_core.repository import original_folder, served_file
 
 __all__ = [
     "model_config",
@@ -25,6 +25,7 @@ __all__ = [
     "numpy_from_tensor",
     "numpy_to_tensor",
     "resolve_model_path",
+    "served_path",
     "string_parameter",
     "triton_error",
 ]
@@ -77,22 +78,16 @@ def model_dir(args: dict[str, Any]) -> Path:
     without GPU) and leaves the original folder in ``.hps_source``, so that paths relative to
     the model's folder keep pointing where the user meant.
     """
-    folder = Path(args["model_repository"])
-    marker = folder / SOURCE_MARKER
-    if marker.is_file():
-        return Path(marker.read_text().strip())
-    return folder
+    return original_folder(Path(args["model_repository"]))
 
 
-def version_file(args: dict[str, Any], name: str) -> Path | None:
-    """``<model folder>/<version>/<name>`` of the version being initialised, when that file
-    exists (a version published with its own files, docs/deployment.md "Model versions and
-    runtime loading"); None otherwise."""
-    version = str(args.get("model_version", "")).strip()
-    if not version:
-        return None
-    path = model_dir(args) / version / name
-    return path if path.is_file() else None
+def served_path(args: dict[str, Any], name: str, parameter: str | None, default: str | None = None) -> Path | None:
+    """The file ``name`` that serves the version being initialised, by the repository's one rule
+    (:func:`hps_core.repository.served_file`): the version folder's own (a version published
+    with its own files, docs/deployment.md "Model versions and runtime loading"), else the
+    path ``parameter`` (else ``default``) names, relative to the model's folder; None when
+    neither is given."""
+    return served_file(Path(args["model_repository"]), args.get("model_version"), name, parameter, default)
 
 
 def resolve_model_path(args: dict[str, Any], value: str) -> Path:

@@ -98,6 +98,7 @@ from hps_core.formats import read_sparse_model
 from hps_core.formats.hugectr import check_unique_keys
 from hps_core.loader import DEFAULT_CHUNK_ROWS, fingerprint, load_config_tables
 from hps_core.model_control import ModelControl
+from hps_core.repository import DENSE_WEIGHTS, HPS_JSON, pbtxt_string_parameter, served_file
 from hps_core.retry import WRITE_LOCK_WAIT
 from hps_core.row_formats import non_finite_rows
 
@@ -138,11 +139,8 @@ T = TypeVar("T")
 PHASES = ("validate", "write", "bulk_load", "load", "switch", "unload", "drop")
 #: The phases from the command to the new version serving (the rest is clean-up).
 TO_SERVING = PHASES[:5]
-DENSE_WEIGHTS = "dense.pt"  # the dense model's weights in its version folder (and in an export)
 DENSE_FORMAT = "hps-demo-dlrm-dense/1"  # backend/dlrm/network.py's hyper-parameter file format
 SPARSE_FOLDER = "sparse"  # the version's sparse model folders: <version>/sparse/<table>/
-_HPS_CONFIG_PARAM = re.compile(r'key\s*:\s*"hps_config"\s*value\s*:\s*\{\s*string_value\s*:\s*"([^"]+)"')
-_HPS_MODEL_PARAM = re.compile(r'key\s*:\s*"hps_model"\s*value\s*:\s*\{\s*string_value\s*:\s*"([^"]+)"')
 #: Opening RocksDB's writer waits while a serving process holds the lock (it loads or applies updates).
 _STATE_FILE = re.compile(r"publish-(\d+)\.json")
 #: A check of an export's dense weights beyond their files (:func:`check_dense_loads`); raises FormatError.
@@ -362,27 +360,23 @@ def version_entry_name(base: str, version: int) -> str:
 def hps_entry_base(target: PublishTarget) -> str:
     """The HPS model name the backend serves: the ``hps_model`` parameter, else the Triton name."""
     config = target.model_dir(target.hps_model) / "config.pbtxt"
-    match = _HPS_MODEL_PARAM.search(config.read_text()) if config.is_file() else None
-    return match.group(1) if match else target.hps_model
+    name = pbtxt_string_parameter(config.read_text(), "hps_model") if config.is_file() else None
+    return name or target.hps_model
 
 
 def serving_hps_json(target: PublishTarget, version: int) -> Path:
-    """The HPS JSON version ``version`` of the HPS model serves: ``<version>/hps.json``, else the
-    model's ``hps_config`` parameter (relative to its folder), else ``target.hps_config``."""
+    """The HPS JSON version ``version`` of the HPS model serves, as the backend picks it
+    (:func:`hps_core.repository.served_file`): ``<version>/hps.json``, else the model's
+    ``hps_config`` parameter (relative to its folder), else ``target.hps_config``."""
     model_dir = target.model_dir(target.hps_model)
-    own = model_dir / str(version) / "hps.json"
-    if own.is_file():
-        return own
     config = model_dir / "config.pbtxt"
     if not config.is_file():
         raise ConfigError(f"{config}: not found; is {target.repository} the model repository and "
                           f"{target.hps_model!r} its HPS model?")
-    match = _HPS_CONFIG_PARAM.search(config.read_text())
-    if match:
-        path = Path(match.group(1))
-        return path if path.is_absolute() else model_dir / path
-    if target.hps_config is not None:
-        return target.hps_config
+    path = served_file(model_dir, version, HPS_JSON, pbtxt_string_parameter(config.read_text(), "hps_config"),
+                       target.hps_config)
+    if path is not None:
+        return path
     raise ConfigError(f"{config}: no hps_config parameter and no {version}/hps.json; give the HPS JSON "
                       "the server was started with (--hps-config, as hps serve's --backend-config hps,ps=...)")
 
@@ -443,8 +437,8 @@ def _export_json(root: Path, name: str | None) -> Path:
         if not path.is_file():
             raise ConfigError(f"export {root}: {name} not found")
         return path
-    if (root / "hps.json").is_file():
-        return root / "hps.json"
+    if (root / HPS_JSON).is_file():
+        return root / HPS_JSON
     found = sorted(p for p in root.glob("*.json") if p.name != Path(DENSE_WEIGHTS).with_suffix(".json").name)
     if len(found) != 1:
         listed = ", ".join(p.name for p in found) or "none"
@@ -628,13 +622,13 @@ def write_version(target: PublishTarget, export: Export, version: int, serving_j
     entry = dict(export.entry)
     entry["model"] = version_entry_name(hps_entry_base(target), version)
     names = [t.name for t in export.model.tables]
-    if not (hps_staged / "hps.json").is_file() and not (hps_final / "hps.json").is_file():
+    if not (hps_staged / HPS_JSON).is_file() and not (hps_final / HPS_JSON).is_file():
         base = serving_json_document(serving_json)
         with _fresh_folder(hps_staged) as tmp:
             for name, source in zip(names, export.model.sparse_files):
                 _link_or_copy_tree(Path(source), tmp / SPARSE_FOLDER / name)
             final = {**entry, "sparse_files": [str(hps_final / SPARSE_FOLDER / n) for n in names]}
-            _write_json(tmp / "hps.json", {**base, "models": [final]})
+            _write_json(tmp / HPS_JSON, {**base, "models": [final]})
     dense_final = target.model_dir(target.dense_model) / str(version) / DENSE_WEIGHTS if target.dense_model else None
     if target.dense_model and export.dense_weights is not None and dense_final is not None:
         dense_staged = target.staged(target.dense_model, version)
@@ -642,7 +636,7 @@ def write_version(target: PublishTarget, export: Export, version: int, serving_j
             with _fresh_folder(dense_staged) as tmp:
                 _link_or_copy(export.dense_weights, tmp / DENSE_WEIGHTS)
                 _link_or_copy(export.dense_weights.with_suffix(".json"), tmp / Path(DENSE_WEIGHTS).with_suffix(".json"))
-    return WrittenVersion(version=version, hps_json=hps_final / "hps.json", dense_weights=dense_final)
+    return WrittenVersion(version=version, hps_json=hps_final / HPS_JSON, dense_weights=dense_final)
 
 
 def version_config(target: PublishTarget, written: WrittenVersion) -> ParameterServerConfig:
@@ -652,10 +646,10 @@ def version_config(target: PublishTarget, written: WrittenVersion) -> ParameterS
     staged = target.staged(target.hps_model, written.version)
     if written.hps_json.is_file():
         return load_config(written.hps_json)
-    document = json.loads((staged / "hps.json").read_text())
+    document = json.loads((staged / HPS_JSON).read_text())
     entry = document["models"][0]
     entry["sparse_files"] = [str(staged / SPARSE_FOLDER / Path(f).name) for f in entry["sparse_files"]]
-    return parse_config(document, str(staged / "hps.json"))
+    return parse_config(document, str(staged / HPS_JSON))
 
 
 def serving_json_document(path: Path) -> dict[str, Any]:
@@ -945,7 +939,7 @@ def _publish(target: PublishTarget, export_folder: str | os.PathLike[str], contr
             if gone:  # its rows are of no use: the next attempt is another version
                 try:
                     drop_tables(new_config, new_config.models[0].model, keep=_tables_in_use(target, serving),
-                                served_from=target.model_dir(target.hps_model) / str(version) / "hps.json")
+                                served_from=target.model_dir(target.hps_model) / str(version) / HPS_JSON)
                     tables += "were dropped"
                 except HPSError as drop_error:
                     tables += f"could not be dropped ({drop_error})"
@@ -979,7 +973,7 @@ def _publish(target: PublishTarget, export_folder: str | os.PathLike[str], contr
         with report.phase("drop"):
             old_json = Path(state["previous_json"])
             if not old_json.is_file():  # a version folder's own JSON: retired with it
-                old_json = target.retired(target.hps_model, previous) / "hps.json"
+                old_json = target.retired(target.hps_model, previous) / HPS_JSON
             report.dropped = drop_tables(load_config(old_json), old_model,
                                          keep=_tables_in_use(target, new_config, first=previous != 1),
                                          served_from=state["previous_json"])

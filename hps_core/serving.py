@@ -62,6 +62,16 @@ from pathlib import Path
 from types import TracebackType
 
 from hps_core.errors import HPSError, ServingError
+from hps_core.repository import (
+    HPS_JSON,
+    hps_models,
+    link_to,
+    pbtxt_string_parameter,
+    served_file,
+    stage_model_repository,
+    sync_model_repository,
+    version_numbers,
+)
 
 __all__ = [
     "API_TOKEN_ENV",
@@ -77,11 +87,9 @@ __all__ = [
     "gpu_count",
     "group_processes",
     "kill_group",
-    "rewrite_instance_groups_to_cpu",
+    "remove_orphaned_staging",
     "server_environment",
     "stage_backend_directory",
-    "stage_model_repository",
-    "sync_model_repository",
 ]
 
 log = logging.getLogger(__name__)
@@ -205,11 +213,6 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 # --------------------------------------------------------------------------- staging
-def _link(target: Path, link: Path) -> None:
-    link.parent.mkdir(parents=True, exist_ok=True)
-    link.symlink_to(target.resolve())
-
-
 def stage_backend_directory(
     bundle: TritonBundle, dest: Path, python_backends: Mapping[str, Path]
 ) -> Path:
@@ -223,113 +226,15 @@ def stage_backend_directory(
     # A copy, not a symlink: for a Python-based backend, Triton resolves the library's real
     # path and refuses one outside the backend folder ("... escapes backend directory").
     shutil.copy2(bundle.python_backend / "libtriton_python.so", python_dir / "libtriton_python.so")
-    _link(bundle.python_backend / "triton_python_backend_utils.py", python_dir / "triton_python_backend_utils.py")
-    _link(bundle.stub, python_dir / "triton_python_backend_stub")
+    link_to(bundle.python_backend / "triton_python_backend_utils.py", python_dir / "triton_python_backend_utils.py")
+    link_to(bundle.stub, python_dir / "triton_python_backend_stub")
     for name, model_py in python_backends.items():
         if name == "python":
             raise ServingError(f"a Python-based backend may not be named 'python' ({model_py})")
-        _link(Path(model_py), dest / name / "model.py")
+        link_to(Path(model_py), dest / name / "model.py")
     return dest
 
 
-SOURCE_MARKER = ".hps_source"  # in a staged model folder: the original folder's path
-_KIND_GPU = re.compile(r"\bkind\s*:\s*KIND_GPU\b")
-# `gpus: [0, 1]` with an optional trailing comma (both separators are legal in pbtxt).
-_GPUS = re.compile(r"\bgpus\s*:\s*\[[^\]]*\]\s*,?")
-
-
-def rewrite_instance_groups_to_cpu(config_text: str) -> tuple[str, bool]:
-    """Turn ``kind: KIND_GPU`` instance groups into ``KIND_CPU`` and drop their ``gpus`` lists.
-
-    Returns the new text and whether anything changed.
-    """
-    if not _KIND_GPU.search(config_text):
-        return config_text, False
-    text = _KIND_GPU.sub("kind: KIND_CPU", config_text)
-    return _GPUS.sub("", text), True
-
-
-def stage_model_repository(repository: Path, dest: Path) -> tuple[Path, list[str]]:
-    """Return a repository Triton can serve without GPU, and the models that were rewritten.
-
-    When no config asks for KIND_GPU the original repository is returned untouched. Otherwise
-    ``dest`` mirrors it (:func:`sync_model_repository`): model folders are real folders holding
-    a rewritten copy of config.pbtxt, everything else is a symlink, so relative paths
-    (``../hps.json``, version folders, weights) resolve as they do in the original.
-    """
-    rewritten = sorted(
-        config.parent.name for config in repository.glob("*/config.pbtxt")
-        if rewrite_instance_groups_to_cpu(config.read_text())[1]
-    )
-    if not rewritten:
-        return repository, []
-    sync_model_repository(repository, dest)
-    return dest, rewritten
-
-
-def sync_model_repository(repository: Path, dest: Path) -> None:
-    """Make the mirror ``dest`` follow ``repository`` now: models and version folders added
-    since the last call are linked, removed ones unlinked, changed configs rewritten again.
-
-    Idempotent and cheap (a listing per model folder): ``hps serve`` calls it at every poll,
-    so a version folder written beside the served ones, or a new model, is seen by Triton's
-    next load (docs/deployment.md, "Model versions and runtime loading"). Only links, the
-    marker and the rewritten configs of ``dest`` are touched; a config is replaced atomically.
-    """
-    dest.mkdir(parents=True, exist_ok=True)
-    wanted = set()
-    for entry in sorted(repository.iterdir()):
-        wanted.add(entry.name)
-        target = dest / entry.name
-        is_model = entry.is_dir() and (entry / "config.pbtxt").is_file()
-        if is_model and target.is_symlink():
-            target.unlink()  # a folder linked before its config.pbtxt was written
-        elif not is_model and target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)  # a mirrored model whose config.pbtxt went away
-        if is_model:
-            _mirror_model_dir(entry, target)
-        elif not target.is_symlink():
-            _link(entry, target)
-    for stale in list(dest.iterdir()):
-        if stale.name not in wanted:
-            _remove_entry(stale)
-
-
-def _mirror_model_dir(model_dir: Path, dest: Path) -> None:
-    dest.mkdir(exist_ok=True)
-    # Paths that leave the repository (``../../data``) would resolve from the staged copy;
-    # the backends read this marker and resolve them from the original folder instead.
-    marker = dest / SOURCE_MARKER
-    if not marker.is_file():
-        marker.write_text(f"{model_dir.resolve()}\n")
-    config = dest / "config.pbtxt"
-    text = rewrite_instance_groups_to_cpu((model_dir / "config.pbtxt").read_text())[0]
-    if not config.is_file() or config.read_text() != text:
-        partial = dest / ".config.pbtxt.partial"
-        partial.write_text(text)
-        partial.replace(config)
-    names = {"config.pbtxt", SOURCE_MARKER}
-    for entry in model_dir.iterdir():
-        if entry.name in names:
-            continue
-        names.add(entry.name)
-        if not (dest / entry.name).is_symlink():
-            _link(entry, dest / entry.name)
-    for stale in list(dest.iterdir()):
-        if stale.name not in names:
-            _remove_entry(stale)
-
-
-def _remove_entry(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-
-
-_HPS_BACKEND = re.compile(r'\bbackend\s*:\s*"hps"')
-_HPS_CONFIG_PARAM = re.compile(r'key\s*:\s*"hps_config"\s*value\s*:\s*\{\s*string_value\s*:\s*"([^"]+)"')
 _POOL_REQUESTS_IN_FLIGHT = 4  # a request's KEYS and OUTPUT0, for a few requests at once
 
 
@@ -358,14 +263,51 @@ def cuda_pool_bytes(repository: Path, backend_config: Sequence[str] = ()) -> int
 
 
 def _hps_config_paths(repository: Path, backend_config: Sequence[str]) -> list[Path]:
-    paths = [Path(entry.split("=", 1)[1]) for entry in backend_config if entry.startswith("hps,ps=")]
-    for config in sorted(repository.glob("*/config.pbtxt")):
-        text = config.read_text()
-        match = _HPS_CONFIG_PARAM.search(text)
-        if _HPS_BACKEND.search(text) and match:
-            path = Path(match.group(1))
-            paths.append(path if path.is_absolute() else config.parent / path)
-    return [p for p in paths if p.is_file()]
+    """The HPS JSON of every version of every HPS model of ``repository``, as the backend
+    picks it (:func:`hps_core.repository.served_file`)."""
+    defaults = [entry.split("=", 1)[1] for entry in backend_config if entry.startswith("hps,ps=")]
+    paths = []
+    for folder, text in hps_models(repository):
+        parameter = pbtxt_string_parameter(text, "hps_config")
+        versions: list[int | None] = [*version_numbers(folder)] or [None]
+        for version in versions:
+            path = served_file(folder, version, HPS_JSON, parameter, defaults[-1] if defaults else None)
+            if path is not None and path.is_file() and path not in paths:
+                paths.append(path)
+    return paths
+
+
+_STAGING_PREFIX = "hps-triton-"  # a started server's staging folder, in the temp folder
+_STAGING_OWNER = ".owner"  # in it: "<pid> <start time>" of the process that staged it
+
+
+def _claim_staging(folder: Path) -> None:
+    from hps_core.db.shm_store import this_process  # (pid, start): a reused pid is not its owner
+
+    pid, start = this_process()
+    (folder / _STAGING_OWNER).write_text(f"{pid} {start}\n")
+
+
+def remove_orphaned_staging(root: Path | None = None) -> list[Path]:
+    """Remove the staging folders (``hps-triton-*`` under ``root``, default the temp folder)
+    whose owner process is gone: a ``TritonServer`` killed with SIGKILL (``hps serve`` included)
+    cannot remove its own, and every start would leave another behind. Folders of live owners,
+    and those naming no owner, are left alone. Returns the folders removed."""
+    from hps_core.db.shm_store import alive
+
+    removed = []
+    for folder in sorted(Path(root or tempfile.gettempdir()).glob(f"{_STAGING_PREFIX}*")):
+        try:
+            pid, start = (int(field) for field in (folder / _STAGING_OWNER).read_text().split())
+        except (OSError, ValueError):
+            continue
+        if not alive(pid, start):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    if removed:
+        log.info("removed %d staging folder(s) of servers that are gone: %s", len(removed),
+                 ", ".join(str(f) for f in removed))
+    return removed
 
 
 def server_environment(bundle: TritonBundle, base: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -580,7 +522,9 @@ class TritonServer:
         if not self.model_repository.is_dir():
             raise ServingError(f"model repository {self.model_repository} does not exist or is not a folder")
         bundle = find_bundle(self.triton_home)
-        self.staging = Path(tempfile.mkdtemp(prefix="hps-triton-"))
+        remove_orphaned_staging()
+        self.staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX))
+        _claim_staging(self.staging)
         # A new prefix per start: regions a dead predecessor left can never be taken for ours.
         self._shm_prefix = f"hps_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
         try:

@@ -44,7 +44,8 @@ import numpy as np
 import numpy.typing as npt
 
 from hps_core.formats import write_sparse_model
-from hps_core.serving import TritonServer, gpu_count, rewrite_instance_groups_to_cpu
+from hps_core.repository import rewrite_instance_groups_to_cpu
+from hps_core.serving import TritonServer, gpu_count
 from hps_demo.data import power_law_ranks
 from hps_demo.tools import find_perf_analyzer
 

@@ -32,7 +32,7 @@ import torch
 
 from backend.dlrm.network import DenseDLRM, predict, save_dense
 from hps_core.formats import write_sparse_model
-from hps_core.serving import rewrite_instance_groups_to_cpu
+from hps_core.repository import rewrite_instance_groups_to_cpu
 
 __all__ = [
     "Answer",

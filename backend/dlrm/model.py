@@ -46,12 +46,13 @@ from backend.tensors import (
     model_config,
     numpy_to_tensor,
     resolve_model_path,
+    served_path,
     string_parameter,
     triton_error,
-    version_file,
 )
 from hps_core.errors import HPSError, RequestError
 from hps_core.logs import RateLimitedLog
+from hps_core.repository import DENSE_WEIGHTS
 
 
 def _parameter(config: dict[str, Any], name: str, default: str | None = None) -> str:
@@ -72,7 +73,9 @@ class TritonPythonModel:
         # interval. Made here: pb_utils.Logger does not exist yet when the stub imports us.
         self._failures = RateLimitedLog(triton_log(pb_utils.Logger))
         config = model_config(args)
-        weights = version_file(args, "dense.pt") or resolve_model_path(args, _parameter(config, "dense_weights"))
+        # the version's own weights, else the dense_weights parameter (required then: _parameter says so)
+        weights = (served_path(args, DENSE_WEIGHTS, string_parameter(config, "dense_weights"))
+                   or resolve_model_path(args, _parameter(config, "dense_weights")))
         # Each instance is a separate process; Triton scales by running several of them, so one
         # intra-op thread each avoids N instances x all-cores threads fighting for the CPUs (small
         # batches gain nothing from more threads). Raise it with "torch_threads" for 1 instance.

@@ -44,16 +44,17 @@ from backend.tensors import (
     model_config,
     numpy_from_tensor,
     numpy_to_tensor,
-    resolve_model_path,
+    model_dir,
+    served_path,
     string_parameter,
     triton_error,
-    version_file,
 )
 from hps_core.arrays import retain_freed_memory
 from hps_core.config import gpu_cache_requested, load_config, version_model_name
 from hps_core.errors import HPSError, RequestError, TierError
 from hps_core.logs import RateLimitedLog
 from hps_core.metrics import MetricsCollector
+from hps_core.repository import HPS_JSON
 from hps_core.server import HierarchicalParameterServer
 
 _PS_ENV = "HPS_BACKEND_CONFIG_PS"
@@ -73,8 +74,7 @@ class TritonPythonModel:
             check_interface(config)  # HugeCTR's KEYS, NUMKEYS -> OUTPUT0, or a clear load error
         except HPSError as exc:
             raise pb_utils.TritonModelException(str(exc)) from exc
-        versioned = version_file(args, "hps.json")
-        hps_config = str(versioned) if versioned else string_parameter(config, "hps_config") or os.environ.get(_PS_ENV)
+        hps_config = served_path(args, HPS_JSON, string_parameter(config, "hps_config"), os.environ.get(_PS_ENV))
         if hps_config is None:
             raise pb_utils.TritonModelException(
                 f"model '{args['model_name']}': no HPS config; set the parameter hps_config in config.pbtxt "
@@ -82,8 +82,8 @@ class TritonPythonModel:
             )
         name = string_parameter(config, "hps_model") or args["model_name"]
         try:
-            ps_config = load_config(resolve_model_path(args, hps_config))
-            if versioned is not None:
+            ps_config = load_config(hps_config)
+            if hps_config.parent == model_dir(args) / str(args["model_version"]):  # the version's own JSON
                 name = version_model_name(ps_config, name, int(args["model_version"]))
             model = ps_config.model(name)
             device = self._cache_device(model, args)

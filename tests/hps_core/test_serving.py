@@ -1,4 +1,4 @@
-"""Tests of hps_core.serving and ``hps serve``: staging helpers (fast) and a real Triton (marked).
+"""Tests of hps_core.serving and ``hps serve``: the launcher's helpers (fast) and a real Triton (marked).
 
 The end-to-end test serves a tiny repository: ``add1`` (``backend: "python"``, KIND_CPU) and
 ``plus_gpu`` (a Python-based backend ``plus`` staged with ``--python-backend``, asking for
@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,11 +28,7 @@ from hps_core.serving import (
     TritonServer,
     find_bundle,
     gpu_count,
-    rewrite_instance_groups_to_cpu,
-    SOURCE_MARKER,
     stage_backend_directory,
-    stage_model_repository,
-    sync_model_repository,
 )
 
 ADD_ONE_MODEL = '''
@@ -92,71 +87,6 @@ def tiny_repo(tmp_path: Path) -> tuple[Path, Path]:
 
 
 # --------------------------------------------------------------------------- fast unit tests
-@pytest.mark.parametrize(
-    "text",
-    [
-        "instance_group [{ kind: KIND_GPU, gpus: [0, 1] }]",
-        "instance_group [\n  {\n    count: 2\n    kind: KIND_GPU\n    gpus: [ 0 ]\n  }\n]",
-        "instance_group [{ gpus: [0] kind:KIND_GPU }]",
-    ],
-)
-def test_rewrite_gpu_instance_groups(text: str) -> None:
-    new, changed = rewrite_instance_groups_to_cpu(text)
-    assert changed
-    assert "KIND_CPU" in new and "KIND_GPU" not in new and "gpus" not in new
-
-
-def test_rewrite_leaves_cpu_configs_alone() -> None:
-    text = 'backend: "python"\ninstance_group [{ kind: KIND_CPU }]'
-    assert rewrite_instance_groups_to_cpu(text) == (text, False)
-
-
-def test_stage_model_repository_keeps_relative_paths(tmp_path: Path) -> None:
-    repo = tmp_path / "repo"
-    _write_model(repo, "gpu_model", "python", "KIND_GPU", "# model")
-    _write_model(repo, "cpu_model", "python", "KIND_CPU", "# model")
-    (repo / "hps.json").write_text("{}")
-    staged, rewritten = stage_model_repository(repo, tmp_path / "staged")
-    assert rewritten == ["gpu_model"]
-    assert "KIND_CPU" in (staged / "gpu_model" / "config.pbtxt").read_text()
-    assert (staged / "gpu_model" / "1" / "model.py").read_text() == "# model"
-    assert (staged / "gpu_model" / ".." / "hps.json").read_text() == "{}"
-    assert (staged / "gpu_model" / SOURCE_MARKER).read_text().strip() == str((repo / "gpu_model").resolve())
-    assert (staged / "cpu_model" / "config.pbtxt").read_text() == (repo / "cpu_model" / "config.pbtxt").read_text()
-    # The original is untouched.
-    assert "KIND_GPU" in (repo / "gpu_model" / "config.pbtxt").read_text()
-
-
-def test_sync_model_repository_follows_versions_and_models_added_and_removed(tmp_path: Path) -> None:
-    repo = tmp_path / "repo"
-    _write_model(repo, "gpu_model", "python", "KIND_GPU", "# v1")
-    staged, _ = stage_model_repository(repo, tmp_path / "staged")
-    (repo / "gpu_model" / "2").mkdir()
-    (repo / "gpu_model" / "2" / "model.py").write_text("# v2")
-    _write_model(repo, "new_model", "python", "KIND_GPU", "# new")
-    sync_model_repository(repo, staged)
-    assert (staged / "gpu_model" / "2" / "model.py").read_text() == "# v2"
-    assert "KIND_CPU" in (staged / "new_model" / "config.pbtxt").read_text()
-    assert (staged / "new_model" / "1" / "model.py").read_text() == "# new"
-    # A version folder and a model removed from the original go from the mirror too.
-    shutil.rmtree(repo / "gpu_model" / "1")
-    shutil.rmtree(repo / "new_model")
-    config = (repo / "gpu_model" / "config.pbtxt")
-    config.write_text(config.read_text() + "\n# changed\n")
-    sync_model_repository(repo, staged)
-    assert sorted(p.name for p in (staged / "gpu_model").iterdir()) == [SOURCE_MARKER, "2", "config.pbtxt"]
-    assert not (staged / "new_model").exists()
-    assert "# changed" in (staged / "gpu_model" / "config.pbtxt").read_text()
-    assert "KIND_GPU" not in (staged / "gpu_model" / "config.pbtxt").read_text()
-
-
-def test_stage_model_repository_without_gpu_models_returns_original(tmp_path: Path) -> None:
-    repo = tmp_path / "repo"
-    _write_model(repo, "cpu_model", "python", "KIND_CPU", "# model")
-    assert stage_model_repository(repo, tmp_path / "staged") == (repo, [])
-    assert not (tmp_path / "staged").exists()
-
-
 def test_stage_backend_directory_layout(tmp_path: Path, tiny_repo: tuple[Path, Path]) -> None:
     _, plus = tiny_repo
     bundle = find_bundle()
@@ -349,6 +279,25 @@ def test_cuda_pool_is_sized_for_the_largest_hps_request(tmp_path: Path) -> None:
     assert cuda_pool_bytes(tmp_path / "repo") == DEFAULT_CUDA_POOL_BYTES
 
 
+def test_cuda_pool_is_sized_from_the_json_each_version_serves(tmp_path: Path) -> None:
+    """A published version's own <N>/hps.json is what the backend serves for N (issue 22: the
+    pool sizing read only the hps_config parameter's JSON), so it sizes the pool too."""
+    from hps_core.serving import DEFAULT_CUDA_POOL_BYTES, cuda_pool_bytes
+
+    model = tmp_path / "repo" / "emb"
+    (model / "1").mkdir(parents=True)
+    (model / "2").mkdir()
+    (model / "config.pbtxt").write_text(
+        'name: "emb"\nbackend: "hps"\nparameters: { key: "hps_config" value: { string_value: "../hps.json" } }\n')
+    small = {"model": "emb", "sparse_files": ["a"], "embedding_vecsize_per_table": [8],
+             "maxnum_catfeature_query_per_table_per_sample": [1], "max_batch_size": 16}
+    (tmp_path / "repo" / "hps.json").write_text(json.dumps({"models": [small]}))
+    assert cuda_pool_bytes(tmp_path / "repo") == DEFAULT_CUDA_POOL_BYTES
+    big = {**small, "model": "emb_v2", "embedding_vecsize_per_table": [256], "max_batch_size": 1 << 20}
+    (model / "2" / "hps.json").write_text(json.dumps({"models": [big]}))
+    assert cuda_pool_bytes(tmp_path / "repo") == 4 * (8 * (1 << 20) + 4 * (1 << 20) * 256)
+
+
 def test_command_line_binds_http_apart_and_guards_model_control(tmp_path: Path) -> None:
     def command(**kwargs: object) -> list[str]:
         server = TritonServer(tmp_path, **kwargs)  # type: ignore[arg-type]
@@ -367,3 +316,24 @@ def test_command_line_binds_http_apart_and_guards_model_control(tmp_path: Path) 
     # A control mode of the caller's replaces explicit control.
     cmd = command(extra_args=["--model-control-mode=none"])
     assert "--load-model=*" not in cmd and cmd.count("--model-control-mode=none") == 1
+
+
+def test_a_start_removes_staging_folders_whose_server_is_gone(tmp_path: Path) -> None:
+    """A SIGKILLed hps serve (or TritonServer) cannot remove its staging folder; the next start
+    removes those whose owner is gone, never a live server's, nor a folder naming no owner."""
+    from hps_core.db.shm_store import process_start, this_process
+    from hps_core.serving import remove_orphaned_staging
+
+    dead = subprocess.Popen(["sleep", "30"])
+    dead_start = process_start(dead.pid)
+    dead.kill()
+    dead.wait()
+    folders = {name: tmp_path / f"hps-triton-{name}" for name in ("dead", "live", "unowned")}
+    for folder in folders.values():
+        (folder / "backends").mkdir(parents=True)
+    (folders["dead"] / ".owner").write_text(f"{dead.pid} {dead_start}\n")
+    pid, start = this_process()
+    (folders["live"] / ".owner").write_text(f"{pid} {start}\n")
+    (tmp_path / "other").mkdir()
+    assert remove_orphaned_staging(tmp_path) == [folders["dead"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hps-triton-live", "hps-triton-unowned", "other"]

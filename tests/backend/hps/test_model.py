@@ -140,9 +140,9 @@ def test_a_version_serves_its_own_hps_json_and_entry(hps_model: tuple[Any, Any],
     assert model_py.version_model_name(model_py.load_config(tmp_path / "2" / "hps.json"), "emb", 2) == "emb_v2"
 
 
-def test_version_file_is_the_versions_own_file_seen_through_a_staged_mirror(tmp_path: Path) -> None:
-    from backend.tensors import version_file
-    from hps_core.serving import SOURCE_MARKER
+def test_the_served_file_is_the_versions_own_file_seen_through_a_staged_mirror(tmp_path: Path) -> None:
+    from backend.tensors import served_path
+    from hps_core.repository import SOURCE_MARKER
 
     model = tmp_path / "repo" / "dlrm_dense"
     (model / "2").mkdir(parents=True)
@@ -152,6 +152,7 @@ def test_version_file_is_the_versions_own_file_seen_through_a_staged_mirror(tmp_
     (staged / SOURCE_MARKER).write_text(f"{model}\n")  # hps serve's mirror names the original folder
     for folder in (model, staged):
         args = {"model_repository": str(folder), "model_version": "2"}
-        assert version_file(args, "dense.pt") == model / "2" / "dense.pt"
-        assert version_file({**args, "model_version": "1"}, "dense.pt") is None
-        assert version_file(args, "hps.json") is None
+        assert served_path(args, "dense.pt", "w.pt") == model / "2" / "dense.pt"
+        assert served_path({**args, "model_version": "1"}, "dense.pt", "w.pt") == model / "w.pt"  # the parameter's
+        assert served_path({**args, "model_version": "1"}, "dense.pt", None) is None
+        assert served_path(args, "hps.json", None, "../hps.json") == tmp_path / "repo" / "hps.json"  # the default's
