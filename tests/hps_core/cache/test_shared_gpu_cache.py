@@ -148,8 +148,8 @@ def namespace() -> Iterator[str]:
     name = f"test-gpu-{uuid.uuid4().hex[:10]}"
     yield name
     directory = shm_store.namespace_dir(name)
-    left = [p for f in (directory.glob("gpu*") if directory.exists() else []) for p in _keepers(f)]
     ok = _gone(directory / "gpu0.m")
+    left = _keepers(directory / "gpu0.m")  # found by command line now, so a pid is never a reused one
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     if directory.exists():
