@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from hps_core.config import ParameterServerConfig, TableConfig, gpu_cache_requested
+from hps_core.db.base import DiskUsage, EmbeddingTier, MemoryUsage, PersistentDB, VolatileDB
 from hps_core.errors import FormatError, TierError
 from hps_core.formats import detect_format, sparse_model_rows
 
@@ -82,9 +83,8 @@ def _file_rows(table: TableConfig) -> int | None:
     return None
 
 
-def _open_rocksdb(config: ParameterServerConfig) -> Any:
-    """The persistent tier, read-only, through the factory (Any: the report also reads
-    RocksDB's estimate_rows and disk_bytes); None when disabled or not created yet."""
+def _open_rocksdb(config: ParameterServerConfig) -> PersistentDB | None:
+    """The persistent tier, read-only, through the factory; None when disabled or not created yet."""
     from hps_core.db import open_persistent_db
 
     settings = config.persistent_db
@@ -93,7 +93,7 @@ def _open_rocksdb(config: ParameterServerConfig) -> Any:
     return open_persistent_db(dataclasses.replace(settings, read_only=True, num_threads=1))
 
 
-def _load_state(db: Any, table: TableConfig, name: str) -> str:
+def _load_state(db: EmbeddingTier, table: TableConfig, name: str) -> str:
     from hps_core.loader import fingerprint, read_marker
 
     marker = read_marker(db, name)
@@ -170,9 +170,8 @@ def _shm_root() -> str:
     return str(shm_root())
 
 
-def _open_redis(config: ParameterServerConfig) -> tuple[Any, dict[str, Any] | None]:
-    """The shared volatile tier (Any: the report reads count and memory_bytes) and the
-    report's ``redis`` section; (None, None) when the volatile tier is not Redis. A Redis
+def _open_redis(config: ParameterServerConfig) -> tuple[VolatileDB | None, dict[str, Any] | None]:
+    """The shared volatile tier and the report's ``redis`` section; (None, None) when the volatile tier is not Redis. A Redis
     that cannot be reached gives (None, its section naming the error)."""
     from hps_core.db import open_volatile_db
 
@@ -187,7 +186,7 @@ def _open_redis(config: ParameterServerConfig) -> tuple[Any, dict[str, Any] | No
         return None, section
 
 
-def _redis(tier: Any, name: str, section: dict[str, Any]) -> dict[str, Any]:
+def _redis(tier: VolatileDB | None, name: str, section: dict[str, Any]) -> dict[str, Any]:
     """Redis's rows, stored format and memory for table ``name`` (None each where unknown)."""
     out: dict[str, Any] = {"redis_rows": None, "redis_format": None, "redis_bytes_per_row": None,
                            "redis_bytes": None}
@@ -196,21 +195,24 @@ def _redis(tier: Any, name: str, section: dict[str, Any]) -> dict[str, Any]:
     try:
         if name not in tier.table_names():
             return out
-        rows, nbytes = tier.count(name), tier.memory_bytes(name)
+        rows = tier.count(name)
+        nbytes = tier.memory_bytes(name) if isinstance(tier, MemoryUsage) else None
         out.update(redis_rows=rows, redis_format=tier.row_format(name).value, redis_bytes=nbytes,
-                   redis_bytes_per_row=round(nbytes / rows) if rows else None)
+                   redis_bytes_per_row=round(nbytes / rows) if rows and nbytes is not None else None)
     except TierError as exc:  # a node failed mid-way: the report says so, the rest stands
         section["error"] = str(exc)
     return out
 
 
-def _tables(config: ParameterServerConfig, *tiers: Any) -> list[TableConfig]:
+def _tables(config: ParameterServerConfig, *tiers: EmbeddingTier | None) -> list[TableConfig]:
     tables = [t for m in config.models for t in m.tables]
     if tables:
         return tables
     found: dict[str, TableConfig] = {}
     for tier in tiers:  # --rocksdb / --redis alone: every table they hold, in the format stored
-        for n in tier.table_names() if tier is not None else ():
+        if tier is None:
+            continue
+        for n in tier.table_names():
             found.setdefault(n, TableConfig(name=n.split(".", 2)[-1], dim=tier.dim(n), default_value=0.0,
                                             max_keys_per_sample=1, sparse_file="", qualified_name=n,
                                             row_format=tier.row_format(n)))
@@ -236,8 +238,10 @@ def inspect_tiers(config: ParameterServerConfig) -> dict[str, Any]:
                                    "rocksdb_rows": None, "rocksdb_format": None, "rocksdb_bytes": None,
                                    "load": None}
             if db is not None and name in db.table_names():
-                row.update(rocksdb_rows=db.estimate_rows(name), rocksdb_format=db.row_format(name).value,
-                           rocksdb_bytes=db.disk_bytes(name), load=_load_state(db, table, name))
+                rows_on_disk, bytes_on_disk = ((db.estimate_rows(name), db.disk_bytes(name))
+                                               if isinstance(db, DiskUsage) else (db.count(name), None))
+                row.update(rocksdb_rows=rows_on_disk, rocksdb_format=db.row_format(name).value,
+                           rocksdb_bytes=bytes_on_disk, load=_load_state(db, table, name))
             row.update(_volatile(config, table, file_rows))
             if name in stored:  # filled by a server: what the host store really holds
                 row.update(volatile_rows=stored[name]["rows"], volatile_bytes=stored[name]["bytes"],

@@ -56,14 +56,13 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 from hps_core.arrays import Keys, Vectors
 from hps_core.config import ParameterServerConfig, TableConfig
-from hps_core.db.base import BulkLoad, HostSharedTables, PartitionMarkers, TableMetadata
+from hps_core.db.base import BulkLoad, EmbeddingTier, HostSharedTables, PartitionMarkers, TableMetadata
 from hps_core.errors import ConfigError, HPSError, RowValueError, TierError
 from hps_core.formats import detect_format, read_table, sparse_model_rows, stream_table
 from hps_core.formats.hugectr import check_unique_keys
@@ -153,7 +152,7 @@ def marker_name(table: str) -> str:
     return f"load.{table}"
 
 
-def read_marker(db: Any, table: str) -> LoadMarker | None:
+def read_marker(db: EmbeddingTier, table: str) -> LoadMarker | None:
     """The progress marker of ``table`` in ``db``, or None (none, or a tier without markers)."""
     if not isinstance(db, TableMetadata):
         return None
@@ -161,14 +160,10 @@ def read_marker(db: Any, table: str) -> LoadMarker | None:
     return None if raw is None else LoadMarker.decode(raw)
 
 
-def _has_markers(db: Any) -> bool:
-    return isinstance(db, TableMetadata) and not db.read_only
-
-
 # --------------------------------------------------------------------------- one table
 
 
-def ensure_table(db: Any, table: TableConfig, source: str = "") -> None:
+def ensure_table(db: EmbeddingTier, table: TableConfig, source: str = "") -> None:
     """Create ``table`` in ``db`` with its width and row format (idempotent). A width or format
     the tier already stores differently is the tier's ConfigError, naming the table and both
     formats, re-raised with ``source`` (the config file) in front when given."""
@@ -181,7 +176,7 @@ def ensure_table(db: Any, table: TableConfig, source: str = "") -> None:
 
 
 def load_table(
-    db: Any,
+    db: EmbeddingTier,
     table: TableConfig,
     *,
     source: str = "",
@@ -207,8 +202,8 @@ def load_table(
         return _fill_host_table(db, table, source, total, chunk_rows, progress)
     ensure_table(db, table, source)
     start, fp = 0, ""
-    markers = _has_markers(db)
-    if markers:
+    meta = db if isinstance(db, TableMetadata) and not db.read_only else None
+    if meta is not None:
         fp = fingerprint(table.sparse_file)
         marker = read_marker(db, name)
         if marker is not None and marker.fingerprint == fp and marker.total == total:
@@ -220,7 +215,9 @@ def load_table(
     _check_unique_rows(table, total)  # before any row (or partition marker) is written
     if total > 0 and isinstance(db, PartitionMarkers):
         db.mark_loaded(name)  # before the rows: a node lost after this loses them with its rows
-    return _copy_rows(db, table, start, total, chunk_rows, fp if markers else None, progress)
+    write = db.bulk_load if isinstance(db, BulkLoad) else db.insert
+    return _copy_rows(write, table, start, total, chunk_rows, progress,
+                      markers=None if meta is None else (meta, fp))
 
 
 def _check_unique_rows(table: TableConfig, total: int) -> None:
@@ -243,11 +240,10 @@ def _fill_host_table(db: HostSharedTables, table: TableConfig, source: str, tota
     identity = f"{fingerprint(table.sparse_file)}:{total}"
     written = 0
 
-    def fill(write: Any) -> None:
+    def fill(write: Callable[[Keys, Vectors], None]) -> None:
         nonlocal written
         _check_unique_rows(table, total)  # a refusal here leaves no store behind
-        written = _copy_rows(db, table, 0, total, chunk_rows, None, progress,
-                             write=lambda _name, keys, values: write(keys, values))
+        written = _copy_rows(lambda _name, keys, values: write(keys, values), table, 0, total, chunk_rows, progress)
 
     try:
         db.open_table(name, table.dim, table.row_format, rows=total, source=identity, fill=fill)
@@ -278,20 +274,18 @@ def _rows_to_load(n: int, rows: int | None, fraction: float, name: str) -> int:
 
 
 def _copy_rows(
-    db: Any,
+    write: Callable[[str, Keys, Vectors], object],
     table: TableConfig,
     start: int,
     total: int,
     chunk_rows: int,
-    fp: str | None,
     progress: bool,
     *,
-    write: Any = None,
+    markers: tuple[TableMetadata, str] | None = None,
 ) -> int:
-    """Stream rows ``[start, total)`` of the table file into ``db`` chunk by chunk (``write``,
-    else the tier's bulk load or insert), recording progress after each chunk."""
-    if write is None:
-        write = db.bulk_load if isinstance(db, BulkLoad) else db.insert
+    """Stream rows ``[start, total)`` of the table file through ``write(table, keys, values)``
+    chunk by chunk; with ``markers`` (the tier, the file's fingerprint) the progress is
+    recorded in the tier after each chunk."""
     name = table.qualified_name
     show = progress and sys.stderr.isatty()
     written = 0
@@ -303,12 +297,12 @@ def _copy_rows(
                 write(name, keys, vectors)
             except RowValueError as exc:
                 raise _unstorable(table, keys, vectors, lo, exc) from exc
-            if fp is not None:
-                db.put_meta(marker_name(name), LoadMarker(hi, total, fp).encode())
+            if markers is not None:
+                markers[0].put_meta(marker_name(name), LoadMarker(hi, total, markers[1]).encode())
             written += hi - lo
             bar.update(hi - lo)
-    if fp is not None and total == start == 0:
-        db.put_meta(marker_name(name), LoadMarker(0, 0, fp).encode())
+    if markers is not None and total == start == 0:
+        markers[0].put_meta(marker_name(name), LoadMarker(0, 0, markers[1]).encode())
     return written
 
 
@@ -381,6 +375,7 @@ def load_config_tables(
         if settings.read_only:
             settings = dataclasses.replace(settings, read_only=False)  # the loader is the writer
         db = open_persistent_db(settings)
+        assert db is not None  # enabled, checked above
         with _closing(db, f"{config.source}: loading {_names(tables)} into RocksDB at {settings.path}"):
             report["persistent"] = _load_each(db, tables, config.source, progress, chunk_rows, after_table)
     if tier in ("volatile", "both"):
@@ -394,13 +389,16 @@ def load_config_tables(
                 "HOST:PORT), or a host store that outlives its users (shared_memory_auto_remove: false)"
             )
         vdb = open_volatile_db(settings_v, config.source)
+        if vdb is None:
+            raise ConfigError(f"{config.source}: volatile_db is disabled; set volatile_db.type (or load with "
+                              "--tier persistent)")
         with _closing(vdb, f"{config.source}: loading {_names(tables)} into the volatile tier"):
             report["volatile"] = _load_each(vdb, tables, config.source, progress, chunk_rows, after_table,
                                             fraction=settings_v.initial_cache_rate)
     return report
 
 
-def _load_each(db: Any, tables: Sequence[TableConfig], source: str, progress: bool, chunk_rows: int,
+def _load_each(db: EmbeddingTier, tables: Sequence[TableConfig], source: str, progress: bool, chunk_rows: int,
                after_table: Callable[[str], None] | None, fraction: float = 1.0) -> dict[str, int]:
     """:func:`load_table` of each table into ``db``, in order; ``{table: rows written}``."""
     written = {}
@@ -418,7 +416,7 @@ def _names(tables: Sequence[TableConfig]) -> str:
 
 
 @contextlib.contextmanager
-def _closing(db: Any, what: str) -> Iterator[None]:
+def _closing(db: EmbeddingTier, what: str) -> Iterator[None]:
     """Close ``db`` after the block. When the block failed, a close that fails too is logged,
     not raised: the block's error names the table and the step (a full disk fails a table's
     SST write, then the close's flush; the close's error, naming no table, used to replace

@@ -34,10 +34,12 @@ from hps_core.rows import check_rows_fit
 
 __all__ = [
     "BulkLoad",
+    "DiskUsage",
     "DropTable",
     "EmbeddingTier",
     "HostSharedTables",
     "MarkerState",
+    "MemoryUsage",
     "PartitionMarkers",
     "PersistentDB",
     "Refreshable",
@@ -246,6 +248,28 @@ class DropTable(Protocol):
         """Delete ``table``: every row, its width, format and load bookkeeping. Returns the
         rows dropped (RocksDB: its estimate). Unknown table: ``UnknownTableError``; a handle that
         cannot write (read-only RocksDB): ``TierError``."""
+        ...
+
+
+@runtime_checkable
+class DiskUsage(Protocol):
+    """Optional tier capability: what a table takes on disk, cheaply (``hps inspect``)."""
+
+    def estimate_rows(self, table: str) -> int:
+        """About how many rows ``table`` holds (the store's own estimate, not a count)."""
+        ...
+
+    def disk_bytes(self, table: str) -> int:
+        """Bytes of ``table`` on disk."""
+        ...
+
+
+@runtime_checkable
+class MemoryUsage(Protocol):
+    """Optional tier capability: the memory a table's rows take (``hps inspect``)."""
+
+    def memory_bytes(self, table: str) -> int:
+        """Bytes of memory ``table`` uses in the tier."""
         ...
 
 

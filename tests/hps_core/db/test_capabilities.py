@@ -34,8 +34,10 @@ from hps_core.db import (
 )
 from hps_core.db.base import (
     BulkLoad,
+    DiskUsage,
     DropTable,
     HostSharedTables,
+    MemoryUsage,
     PartitionMarkers,
     Refreshable,
     SharedTier,
@@ -49,13 +51,13 @@ Encode = Callable[[np.ndarray, int], np.ndarray]
 T = "hps_et.model.table"
 
 CAPABILITIES: tuple[type[Any], ...] = (BulkLoad, TableMetadata, Refreshable, SharedTier, PartitionMarkers, DropTable,
-                                       HostSharedTables)
+                                       HostSharedTables, DiskUsage, MemoryUsage)
 CLAIMS: dict[str, set[type[Any]]] = {
-    "hash_map": {DropTable},
-    "host_store": {DropTable, HostSharedTables},
-    "rocks_db": {BulkLoad, TableMetadata, Refreshable, DropTable},
-    "redis_cluster": {SharedTier, PartitionMarkers, DropTable},
-    "redis_single": {SharedTier, PartitionMarkers, DropTable},
+    "hash_map": {DropTable, MemoryUsage},
+    "host_store": {DropTable, HostSharedTables, MemoryUsage},
+    "rocks_db": {BulkLoad, TableMetadata, Refreshable, DropTable, DiskUsage},
+    "redis_cluster": {SharedTier, PartitionMarkers, DropTable, MemoryUsage},
+    "redis_single": {SharedTier, PartitionMarkers, DropTable, MemoryUsage},
 }
 # the tier type behind each implementation the fixtures build
 TYPE_OF = {"hash_map": TierType.HASH_MAP, "host_store": TierType.PARALLEL_HASH_MAP, "rocks_db": TierType.ROCKS_DB,
@@ -148,6 +150,29 @@ def test_bulk_load(make_tier: TierFactory, encode: Encode, kind: str) -> None:
     np.testing.assert_array_equal(out[1:], encode(np.array([5, 9, -4]), 3))
     assert db.bulk_load(T, keys[:0], values[:0]) == 0  # empty: nothing written
     assert db.count(T) == 4
+
+
+# --------------------------------------------------------------------------- DiskUsage, MemoryUsage
+
+
+@pytest.mark.parametrize("kind", claiming(MemoryUsage))
+def test_memory_bytes_grow_with_the_rows_a_table_holds(make_tier: TierFactory, encode: Encode, kind: str) -> None:
+    db = make_tier(kind)
+    db.create_table(T, 8)
+    db.insert(T, np.arange(10, dtype=np.int64), encode(np.arange(10), 8))
+    few = db.memory_bytes(T)
+    db.insert(T, np.arange(10, 4000, dtype=np.int64), encode(np.arange(10, 4000), 8))
+    assert 0 < few < db.memory_bytes(T)
+
+
+@pytest.mark.parametrize("kind", claiming(DiskUsage))
+def test_disk_usage_estimates_a_tables_rows_and_bytes(make_tier: TierFactory, encode: Encode, kind: str) -> None:
+    db = make_tier(kind)
+    db.create_table(T, 8)
+    db.insert(T, np.arange(5000, dtype=np.int64), encode(np.arange(5000), 8))
+    db.close()  # the estimates come from what was flushed
+    db = make_tier(kind)
+    assert db.estimate_rows(T) > 0 and db.disk_bytes(T) > 0
 
 
 # --------------------------------------------------------------------------- TableMetadata
