@@ -58,6 +58,7 @@ __all__ = [
     "load_config",
     "parse_config",
     "entry_version",
+    "version_entry_name",
     "version_model_name",
 ]
 
@@ -395,12 +396,18 @@ class ParameterServerConfig:
 _VERSIONED_ENTRY = re.compile(r"(.+)_v(\d+)")  # <name>_v<N>: the entry version N >= 2 serves
 
 
+def version_entry_name(base: str, version: int) -> str:
+    """The HPS JSON entry ``hps publish-model`` writes for ``version`` of the model ``base``:
+    HugeCTR's name for version 1, ``<base>_v<N>`` after (:func:`entry_version` reads it back)."""
+    return base if version <= 1 else f"{base}_v{version}"
+
+
 def version_model_name(config: ParameterServerConfig, name: str, version: int) -> str:
     """The entry of a version's own HPS JSON that version ``version`` of ``name`` serves:
     ``<name>_v<version>`` when the JSON has one, else ``name``. The backend (which entry an
     instance serves) and ``hps publish-model`` (which entry serves, whose tables to drop) both
     pick it here."""
-    versioned = f"{name}_v{version}"
+    versioned = f"{name}_v{version}"  # even for version 1: a JSON may name its entry so
     return versioned if any(m.model == versioned for m in config.models) else name
 
 

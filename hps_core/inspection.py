@@ -152,10 +152,35 @@ def format_host_stores(stores: list[dict[str, Any]]) -> str:
         cells.append([st["path"], st["version"], str(st["dim"]), st["row_format"], str(st["rows"]),
                       _human(st["bytes"]), "complete" if st["complete"] else "filling",
                       ",".join(map(str, st["users"])) or "-", str(st["keeper"] or "-"), str(st["recoveries"])])
+    return "\n".join([_aligned(cells),
+                      f"host stores' huge pages: {_huge_pages()} (never: slower lookups, docs/deployment.md)"])
+
+
+def gpu_caches() -> list[dict[str, Any]]:
+    """The shared GPU caches on this host (one per model and GPU), as report rows."""
+    from hps_core.cache.shared_gpu import list_caches
+
+    return [dataclasses.asdict(info) for info in list_caches()]
+
+
+def format_gpu_caches(caches: list[dict[str, Any]]) -> str:
+    """The shared GPU caches as an aligned table (one line saying there are none otherwise)."""
+    if not caches:
+        return "shared GPU caches: none"
+    cells = [["shared GPU cache", "GPU", "kind", "bytes", "state", "users (pids)", "GPU keeper", "kept by",
+              "repairs"]]
+    for c in caches:
+        cells.append([c["path"], str(c["device"]), c["kind"], _human(c["bytes"]), "ready" if c["ready"] else "creating",
+                      ",".join(map(str, c["users"])) or "-", str(c["keeper"] or "-"), str(c["kept_by"] or "-"),
+                      str(c["repairs"])])
+    return _aligned(cells)
+
+
+def _aligned(cells: list[list[str]]) -> str:
+    """Rows of cells, the first column left-aligned and the others right-aligned."""
     widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in cells]
-    return "\n".join([*lines, f"host stores' huge pages: {_huge_pages()} (never: slower lookups, docs/deployment.md)"])
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in cells)
 
 
 def _huge_pages() -> str:

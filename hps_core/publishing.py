@@ -91,7 +91,15 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from hps_core.config import ModelConfig, ParameterServerConfig, TierType, load_config, parse_config, version_model_name
+from hps_core.config import (
+    ModelConfig,
+    ParameterServerConfig,
+    TierType,
+    load_config,
+    parse_config,
+    version_entry_name,
+    version_model_name,
+)
 from hps_core.db.base import DropTable, EmbeddingTier
 from hps_core.errors import ConfigError, FormatError, HPSError, ServingError
 from hps_core.formats import read_sparse_model
@@ -350,11 +358,6 @@ def _state_files(target: PublishTarget) -> dict[int, Path]:
             if match:
                 found[int(match.group(1))] = path
     return found
-
-
-def version_entry_name(base: str, version: int) -> str:
-    """The HPS JSON entry of ``version``: HugeCTR's name for version 1, ``<base>_v<N>`` after."""
-    return base if version <= 1 else f"{base}_v{version}"
 
 
 def hps_entry_base(target: PublishTarget) -> str:

@@ -704,7 +704,8 @@ class SharedHashMapVolatileDB:
 
             with _partition_pool(spec.partitions) as run:
                 run(prepare, range(spec.partitions))
-            shm.initialise(store, {"table": spec.table, "source": source, "namespace": self.namespace})
+            shm.initialise(store, {"table": spec.table, "source": source, "namespace": self.namespace,
+                                   "auto_remove": self._auto_remove})
         except BaseException:
             os.unlink(path)
             if store is not None:

@@ -62,7 +62,7 @@ import re
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,8 @@ __all__ = [
     "read_meta",
     "register_user",
     "remove_kept_stores",
+    "remove_orphaned_stores",
+    "remove_unused_tables",
     "shm_root",
     "this_process",
 ]
@@ -674,6 +676,33 @@ def list_stores(namespace: str | None = None) -> list[StoreInfo]:
 def remove_kept_stores(keeper_pid: int) -> list[str]:
     """Remove the stores ``keeper_pid`` kept and nobody uses any more (``hps serve``'s clean
     stop, after Triton is gone), and namespace folders left empty; returns the paths removed."""
+    return _remove_unused(lambda header: int(header[H_KEEPER]) == keeper_pid, wait=True)
+
+
+def remove_orphaned_stores() -> list[str]:
+    """Remove the stores (and shared GPU caches' files) on this host that no live process uses
+    and no live keeper keeps: left by servers that all died without a keeper (Triton started
+    directly, every stub killed) in namespaces nobody may start again. A host store created
+    with ``shared_memory_auto_remove: false`` is kept on purpose and never removed here.
+    ``hps serve`` runs it at start-up, ``hps inspect --stores --remove-orphans`` on demand.
+    Returns the paths removed."""
+
+    def orphaned(header: Any) -> bool:
+        on_purpose = header[H_MAGIC] == _MAGIC and read_meta(header).get("auto_remove") is False
+        return not on_purpose and not alive(int(header[H_KEEPER]), int(header[H_KEEPER_START]))
+
+    return _remove_unused(orphaned, wait=False)
+
+
+def remove_unused_tables(retired: Callable[[str], bool]) -> list[str]:
+    """Remove the host stores of the tables ``retired(table)`` names that no live process uses,
+    whoever keeps them (``hps models unload`` of a model or its versions: their stubs are gone,
+    and nothing would remove their stores before ``hps serve`` stops). Returns the paths removed."""
+    return _remove_unused(lambda header: header[H_MAGIC] == _MAGIC and retired(str(read_meta(header).get("table"))),
+                          wait=False)
+
+
+def _remove_unused(removable: Callable[[Any], bool], *, wait: bool) -> list[str]:
     removed = []
     for directory in sorted(shm_root().glob(f"{_DIR_PREFIX}*")):
         with contextlib.suppress(FileNotFoundError, PermissionError):
@@ -681,7 +710,7 @@ def remove_kept_stores(keeper_pid: int) -> list[str]:
                 path = Path(entry.path)
                 if _TMP_MARK in entry.name or not entry.is_file(follow_symlinks=False):
                     continue
-                if _remove_if_unused(path, keeper_pid):
+                if _remove_if_unused(path, removable, wait):
                     removed.append(str(path))
         remove_stale_growth(directory)
         with contextlib.suppress(OSError):
@@ -689,21 +718,24 @@ def remove_kept_stores(keeper_pid: int) -> list[str]:
     return removed
 
 
-def _remove_if_unused(path: Path, keeper_pid: int) -> bool:
+def _remove_if_unused(path: Path, removable: Callable[[Any], bool], wait: bool) -> bool:
+    """Remove ``path`` when no live process uses it and ``removable(header)``. Without ``wait``
+    a locked file (being filled or written, so in use) is left alone at once."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except OSError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            return False
         if os.fstat(fd).st_size < _HEADER_BYTES:
             os.unlink(path)
             return True
         with mmap.mmap(fd, _HEADER_BYTES, mmap.MAP_SHARED, mmap.PROT_READ) as mm:
             header = np.frombuffer(mm, np.int64, HEADER_WORDS).copy()
-        pairs = header[H_USERS : H_USERS + 2 * MAX_USERS].reshape(-1, 2)
-        live = [int(p) for p, s in pairs if p > 0 and alive(int(p), int(s))]
-        if int(header[H_KEEPER]) != keeper_pid or live:
+        if live_users(header) or not removable(header):
             return False
         with contextlib.suppress(FileNotFoundError):
             if os.stat(path).st_ino == os.fstat(fd).st_ino:

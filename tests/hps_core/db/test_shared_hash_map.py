@@ -483,6 +483,29 @@ def test_a_complete_store_left_by_a_dead_process_is_reused(shm_root: Path, peer:
     db.close()
 
 
+def test_orphaned_stores_are_swept_but_not_those_in_use_kept_or_kept_on_purpose(
+    shm_root: Path, peer: Callable[..., Peer], keeper: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Servers that all die without a keeper (Triton started directly) leave their stores; the
+    sweep (hps serve's start, hps inspect --stores --remove-orphans) removes exactly those."""
+    orphan, on_purpose, used = (peer(shared_memory_name=n, shared_memory_auto_remove=n != "purpose")
+                                for n in ("orphan", "purpose", "used"))
+    for p in (orphan, on_purpose, used):
+        p(p_open, T, 4)
+    paths = {name: Path(p(p_store, T)[0]) for name, p in (("orphan", orphan), ("purpose", on_purpose), ("used", used))}
+    orphan.kill()  # died without closing: no user, no keeper
+    on_purpose.kill()  # auto_remove false: kept on purpose, e.g. filled ahead by hps load
+    monkeypatch.setenv(shm.KEEPER_ENV, str(keeper.pid))
+    db = SharedHashMapVolatileDB(config(shared_memory_name="kept"))  # kept by a live hps serve
+    db.open_table(T, 4)
+    paths["kept"] = db.store_path(T)
+    db.close()
+    assert all(path.exists() for path in paths.values())
+    assert shm.remove_orphaned_stores() == [str(paths["orphan"])]
+    assert not paths["orphan"].exists() and not paths["orphan"].parent.exists()
+    assert all(paths[name].exists() for name in ("purpose", "used", "kept"))
+
+
 @pytest.mark.parametrize("dim, fmt", [(8, "fp32"), (4, "fp16")], ids=["dim", "format"])
 def test_a_store_of_another_shape_is_rebuilt_when_unused(
     shm_root: Path, peer: Callable[..., Peer], caplog: pytest.LogCaptureFixture, dim: int, fmt: str
