@@ -62,6 +62,7 @@ import re
 import stat
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -332,6 +333,7 @@ class StoreFile:
         self.inode = os.fstat(fd).st_ino
         self._thread_lock = threading.Lock()
         self.closed = False  # set by close(); a thread that waited on the lock then retries
+        _open_stores.add(self)
 
     # -- identity ---------------------------------------------------------------------------
     @property
@@ -439,6 +441,31 @@ class StoreFile:
             self._mm.close()  # a view still held elsewhere unmaps with its last reference
         with contextlib.suppress(OSError):
             os.close(self.fd)
+
+
+_open_stores: weakref.WeakSet[StoreFile] = weakref.WeakSet()
+
+
+def _own_descriptors_after_fork() -> None:
+    """In a forked child: a descriptor and a thread lock of its own for every open store.
+
+    A child inherits its parent's open file descriptions, and a ``flock`` belongs to the
+    description: a child writer would find the lock its parent holds already "held" and write
+    beside it. Reopening the same file (``/proc/self/fd``, so the same inode even if the path
+    was replaced) gives the child its own description, so the two exclude each other again; the
+    thread lock may have been held by a parent thread that does not exist in the child. The
+    child takes no user slot: its parent's counts for it (the parent must outlive it, or the
+    child opens the tier itself)."""
+    for store in list(_open_stores):
+        if store.closed:
+            continue
+        fd = os.open(f"/proc/self/fd/{store.fd}", os.O_RDWR | os.O_CLOEXEC)
+        os.dup2(fd, store.fd, inheritable=False)
+        os.close(fd)
+        store._thread_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_own_descriptors_after_fork)
 
 
 # --------------------------------------------------------------------------- creation

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import fcntl
 import os
 import resource
 import shutil
@@ -480,6 +481,30 @@ def test_a_complete_store_left_by_a_dead_process_is_reused(shm_root: Path, peer:
     assert shm.list_stores(NS)[0].users == (os.getpid(),)
     assert attach_s < 10.0, f"attaching took {attach_s:.2f} s (filling took {fill_s:.2f} s)"  # liveness only
     print(f"\nfilled {rows} rows in {fill_s:.3f} s, attached in {attach_s:.4f} s")
+    db.close()
+
+
+def test_a_forked_child_does_not_share_its_parents_writer_lock(shm_root: Path) -> None:
+    """flock belongs to the open file description a fork shares: without a description of its
+    own, a child would take the lock its parent holds and write beside it."""
+    db = SharedHashMapVolatileDB(config())
+    db.open_table(T, 4)
+    store = db._store(T)
+    store.acquire()  # the parent writes
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: its try must fail while the parent holds the lock
+            try:
+                fcntl.flock(store.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os._exit(1)
+            except BlockingIOError:
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "the child took the lock its parent holds"
+    finally:
+        store.release()
+    keys = np.arange(10, dtype=np.int64)
+    db.insert(T, keys, vectors(keys, 4))  # the parent's own lock still works
     db.close()
 
 
