@@ -668,13 +668,7 @@ class SharedHashMapVolatileDB:
                         raise unknown_table(table, self._stores)
                     store = self._create(path, fd, spec, source)
                     fd = -1  # the store owns it now
-                    try:
-                        filled = self._fill_new(table, store, fill)
-                    except BaseException:
-                        os.unlink(path)  # nobody attached: nothing half-filled stays behind
-                        self._stores_pending.pop(table, store).close()
-                        raise
-                    store = self._stores_pending.pop(table)
+                    store, filled = self._fill_new(table, store, fill)
                     store.header[shm.H_STATE] = shm.COMPLETE
                     store.register()
                     fcntl.flock(store.fd, fcntl.LOCK_UN)
@@ -714,35 +708,41 @@ class SharedHashMapVolatileDB:
             raise
         return store
 
-    _stores_pending: dict[str, shm.StoreFile]
-
     def _fill_new(self, table: str, store: shm.StoreFile,
-                  fill: Callable[[Callable[[Keys, Vectors], None]], None] | None) -> bool:
-        """Run ``fill`` into a fresh store nobody else maps (growing it when a partition runs out)."""
-        self._stores_pending = {table: store}
+                  fill: Callable[[Callable[[Keys, Vectors], None]], None] | None) -> tuple[shm.StoreFile, bool]:
+        """Run ``fill`` into a fresh store nobody else maps (its flock held), growing it when a
+        partition runs out; returns the store filled (a growth replaces it) and whether ``fill``
+        ran. A fill that fails removes the file: nobody attached, nothing half-filled stays."""
         if fill is None:
-            return False
+            return store, False
         spec = store.spec
-        with _partition_pool(spec.partitions) as run:
+        current = [store]  # the store being filled: a growth inside write() replaces it
+        try:
+            with _partition_pool(spec.partitions) as run:
 
-            def write(keys: Keys, values: Vectors) -> None:
-                keys = check_keys(table, keys)
-                values = check_values(table, values, keys.shape[0], spec.dim)
-                packed = values.view(np.uint8) if spec.row_format is RowFormat.FP32 else pack(
-                    spec.row_format, values, f"table {table!r}")
-                self._fill_chunk(table, keys, packed, run)
+                def write(keys: Keys, values: Vectors) -> None:
+                    keys = check_keys(table, keys)
+                    values = check_values(table, values, keys.shape[0], spec.dim)
+                    packed = values.view(np.uint8) if spec.row_format is RowFormat.FP32 else pack(
+                        spec.row_format, values, f"table {table!r}")
+                    current[0] = self._fill_chunk(current[0], keys, packed, run)
 
-            fill(write)
-        return True
+                fill(write)
+        except BaseException:
+            os.unlink(current[0].path)
+            current[0].close()
+            raise
+        return current[0], True
 
-    def _fill_chunk(self, table: str, keys: Keys, packed: Any, run: Callable[..., list[Any]]) -> None:
-        """One chunk of a fill: each partition's keys by one thread of ``run``; a partition out
-        of rows grows the file (all partitions) and carries on where it stopped."""
+    def _fill_chunk(self, store: shm.StoreFile, keys: Keys, packed: Any, run: Callable[..., list[Any]]
+                    ) -> shm.StoreFile:
+        """One chunk of a fill into ``store``: each partition's keys by one thread of ``run``; a
+        partition out of rows grows the file (all partitions) and carries on where it stopped.
+        Returns the store filled (the grown one after a growth)."""
         order, starts = self._group(keys)
         pending = {p: int(starts[p]) for p in range(self._num_partitions) if starts[p] < starts[p + 1]}
-        stamp0 = atomic_tick(self._stores_pending[table].header[shm.H_CLOCK : shm.H_CLOCK + 1], keys.shape[0])
+        stamp0 = atomic_tick(store.header[shm.H_CLOCK : shm.H_CLOCK + 1], keys.shape[0])
         while pending:
-            store = self._stores_pending[table]
             meta = _views(store)
 
             def one(p: int) -> tuple[int, int]:
@@ -752,8 +752,9 @@ class SharedHashMapVolatileDB:
             stopped = {p: j for p, j in run(one, list(pending)) if j >= 0}
             if stopped:
                 extra = max(int(starts[p + 1]) - j for p, j in stopped.items())
-                self._stores_pending[table] = self._grow(table, store, extra, filling=True)
+                store = self._grow(store.spec.table, store, extra, filling=True)
             pending = stopped
+        return store
 
     def _attach(self, path: Path, fd: int, table: str, dim: int, row_format: RowFormat, source: str,
                 check_source: bool) -> shm.StoreFile | None:
