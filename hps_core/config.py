@@ -39,6 +39,8 @@ from hps_core.errors import ConfigError, UnknownTableError
 from hps_core.row_formats import FORMAT_NAMES, RowFormat
 
 __all__ = [
+    "CacheKind",
+    "CachePolicy",
     "INACTIVE_FIELDS",
     "NO_OVERFLOW_LIMIT",
     "OVERFLOW_POLICIES",
@@ -101,6 +103,42 @@ class TierType(StrEnum):
         return self is TierType.REDIS_CLUSTER
 
 
+class CacheKind(StrEnum):
+    """An embedding cache's kind, HugeCTR's ``embedding_cache_type``: the one list. HugeCTR's
+    ``uvm`` and ``stochastic`` are read as ``dynamic`` (this server implements those two)."""
+
+    DYNAMIC = "dynamic"  # set-associative (32 ways), evicting by its CachePolicy
+    STATIC = "static"  # whole tables resident, never evicting
+
+    @classmethod
+    def parse(cls, value: object, where: str) -> CacheKind:
+        """The kind called ``value``; ConfigError naming ``where`` otherwise."""
+        return _parse_member(cls, value, where)
+
+
+class CachePolicy(StrEnum):
+    """How a dynamic cache picks the slot to evict from a full set: the one list."""
+
+    LRU = "lru"  # least recently used
+    LFU = "lfu"  # least frequently used (saturating counts)
+
+    @classmethod
+    def parse(cls, value: object, where: str) -> CachePolicy:
+        """The policy called ``value``; ConfigError naming ``where`` otherwise."""
+        return _parse_member(cls, value, where)
+
+
+_E = TypeVar("_E", bound=StrEnum)
+
+
+def _parse_member(enum_type: type[_E], value: object, where: str) -> _E:
+    if isinstance(value, str):
+        for member in enum_type:
+            if value == member:
+                return member
+    raise ConfigError(f"{where} must be one of {', '.join(repr(m.value) for m in enum_type)}, got {value!r}")
+
+
 #: HugeCTR's ``multi_process_hash_map``: here the host-shared hash map every hash map is by
 #: default, so a parallel_hash_map that cannot be made private (``host_shared: false``).
 MULTI_PROCESS_ALIASES = ("multi_process_hash_map", "multi_process_hashmap", "multi_process_hash",
@@ -131,10 +169,8 @@ OVERFLOW_POLICIES: Mapping[str, tuple[str, ...]] = {
     "evict_oldest": ("evict_oldest", "oldest"),
 }
 _EMBEDDING_CACHE_TYPES = {
-    "dynamic": ("dynamic",),
-    "static": ("static",),
-    "uvm": ("uvm",),
-    "stochastic": ("stochastic",),
+    CacheKind.DYNAMIC.value: ("dynamic", "uvm", "stochastic"),
+    CacheKind.STATIC.value: ("static",),
 }
 _HASH_MAP_ALGORITHMS = {"phm": ("phm",), "stl": ("stl",)}
 
@@ -301,7 +337,7 @@ class ModelConfig:
     gpucacheper: float = 0.2  # GPU cache capacity as a fraction of each table's rows
     gpu_cache_shared: bool = True  # this server's: one GPU cache per GPU shared by the instances (CUDA IPC)
     hit_rate_threshold: float = 0.9  # below: insert misses synchronously; above: in background
-    embedding_cache_type: str = "dynamic"  # dynamic | static | uvm | stochastic
+    embedding_cache_type: CacheKind = CacheKind.DYNAMIC  # HugeCTR's uvm and stochastic: dynamic
     use_static_table: bool = False  # HugeCTR alias: true forces embedding_cache_type "static"
     cache_refresh_percentage_per_iteration: float = 0.0  # cache share refreshed per refresh step
     refresh_delay: float = 0.0  # seconds after start-up before the first cache refresh
@@ -427,7 +463,7 @@ def gpu_cache_requested(model: ModelConfig) -> bool:
     """
     if not model.gpucache:
         return False
-    return model.gpucacheper > 0.0 or model.embedding_cache_type == "static"
+    return model.gpucacheper > 0.0 or model.embedding_cache_type is CacheKind.STATIC
 
 
 # Fields parsed for compatibility that change nothing in this server, per section.
@@ -831,7 +867,7 @@ def _parse_model(obj: Any, index: int, source: str, base_dir: Path) -> ModelConf
         gpucacheper=r.read_float("gpucacheper", d["gpucacheper"], lo=0.0, hi=1.0),
         gpu_cache_shared=r.read_bool("gpu_cache_shared", d["gpu_cache_shared"]),
         hit_rate_threshold=r.read_float("hit_rate_threshold", d["hit_rate_threshold"], lo=0.0),
-        embedding_cache_type="static" if use_static_table else cache_type,
+        embedding_cache_type=CacheKind.STATIC if use_static_table else CacheKind(cache_type),
         use_static_table=use_static_table,
         cache_refresh_percentage_per_iteration=r.read_float(
             "cache_refresh_percentage_per_iteration", 0.0, lo=0.0, hi=1.0),

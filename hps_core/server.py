@@ -40,7 +40,14 @@ import numpy as np
 
 from hps_core.arrays import array_module
 from hps_core.cache.base import MultiTableCache
-from hps_core.config import ModelConfig, ParameterServerConfig, PersistentDBConfig, TableConfig, gpu_cache_requested
+from hps_core.config import (
+    CacheKind,
+    ModelConfig,
+    ParameterServerConfig,
+    PersistentDBConfig,
+    TableConfig,
+    gpu_cache_requested,
+)
 from hps_core.db import open_persistent_db, open_volatile_db
 from hps_core.db.base import EmbeddingTier, PartitionMarkers, Refreshable
 from hps_core.db.redis_refill import DEFAULT_INTERVAL_S, RefillMonitor, RefillSource
@@ -180,12 +187,12 @@ class HierarchicalParameterServer:
         from hps_core.cache import SharedName, make_multi_table_cache  # the GPU module imports cupy lazily
         from hps_core.db.shm_store import namespace_of
 
-        static = model.embedding_cache_type == "static"
+        static = model.embedding_cache_type is CacheKind.STATIC
         rows = [sparse_model_rows(table.sparse_file, table.dim)[0] for table in model.tables]
         shared = (SharedName(namespace_of(self.config.volatile_db, self.config.source), model.model)
                   if model.gpu_cache_shared else None)
         cache = make_multi_table_cache(
-            "static" if static else "dynamic",
+            model.embedding_cache_type,
             device=self._cache_device,
             capacities=[r if static else max(1, math.ceil(r * model.gpucacheper)) for r in rows],
             dims=[table.dim for table in model.tables],

@@ -33,6 +33,7 @@ from hps_core.cache.base import (
 )
 from hps_core.cache.cpu import CpuDynamicCache, CpuEmbeddingCache, CpuStaticCache, CpuStaticEmbeddingTable
 from hps_core.cache.shared_gpu import SharedName
+from hps_core.config import CacheKind, CachePolicy
 from hps_core.errors import ConfigError
 from hps_core.row_formats import RowFormat
 
@@ -69,48 +70,47 @@ def __getattr__(name: str) -> Any:
 
 
 def make_multi_table_cache(
-    kind: str,
+    kind: CacheKind | str,
     *,
     device: str | int,
     capacities: Sequence[int],
     dims: Sequence[int],
-    policy: str = "lru",
+    policy: CachePolicy | str = CachePolicy.LRU,
     row_formats: Sequence[RowFormat] | None = None,
     key_dtype: Any = np.int64,
     shared: SharedName | None = None,
 ) -> MultiTableCache:
-    """The caches of several tables in one structure: ``kind`` (``"dynamic"`` | ``"static"``,
-    HugeCTR's ``embedding_cache_type``) on ``device`` (``"cpu"`` or a CUDA ordinal), table t
+    """The caches of several tables in one structure: ``kind`` (:class:`~hps_core.config.CacheKind`
+    or its name, HugeCTR's ``embedding_cache_type``) on ``device`` (``"cpu"`` or a CUDA ordinal), table t
     holding ``capacities[t]`` rows of ``dims[t]`` floats stored as ``row_formats[t]``.
 
-    ``policy`` (``"lru"`` | ``"lfu"``) applies to dynamic caches; ``row_formats`` one
+    ``policy`` (:class:`~hps_core.config.CachePolicy` or its name) applies to dynamic caches; ``row_formats`` one
     :class:`~hps_core.row_formats.RowFormat` per table (None: all fp32; fp16 stores a row in
     half the bytes, int8 in about a quarter); ``key_dtype`` int64 or uint32 (HugeCTR
     ``supportlonglong: false``). ``shared`` (GPU caches only) names the GPU's shared cache
     to map (created by the first process that asks; :mod:`hps_core.cache.shared_gpu`), None
     for a private one. Raises ConfigError for anything else.
     """
-    if kind not in ("dynamic", "static"):
-        raise ConfigError(f"embedding cache type must be 'dynamic' or 'static', got {kind!r}")
+    kind = CacheKind.parse(kind, "embedding cache type")
     kwargs: dict[str, Any] = dict(policy=policy, row_formats=row_formats, key_dtype=key_dtype)
     if device == "cpu":
-        cpu_cls = CpuDynamicCache if kind == "dynamic" else CpuStaticCache
+        cpu_cls = CpuDynamicCache if kind is CacheKind.DYNAMIC else CpuStaticCache
         return cpu_cls(capacities, dims, **kwargs)
     if isinstance(device, bool) or not isinstance(device, (int, np.integer)):
         raise ConfigError(f"cache device must be 'cpu' or a CUDA ordinal, got {device!r}")
     from hps_core.cache.gpu import GpuDynamicCache, GpuStaticCache
 
-    gpu_cls = GpuDynamicCache if kind == "dynamic" else GpuStaticCache
+    gpu_cls = GpuDynamicCache if kind is CacheKind.DYNAMIC else GpuStaticCache
     return gpu_cls(capacities, dims, device=int(device), shared=shared, **kwargs)
 
 
 def make_cache(
-    kind: str,
+    kind: CacheKind | str,
     *,
     device: str | int,
     capacity: int,
     dim: int,
-    policy: str = "lru",
+    policy: CachePolicy | str = CachePolicy.LRU,
     row_format: RowFormat = RowFormat.FP32,
     key_dtype: Any = np.int64,
 ) -> EmbeddingCache:

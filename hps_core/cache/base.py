@@ -76,6 +76,7 @@ import numpy as np
 from numba import njit
 
 from hps_core.arrays import array_module, device_context
+from hps_core.config import CacheKind, CachePolicy
 from hps_core.errors import CacheFullError, ConfigError, RequestError, RowValueError
 from hps_core.row_formats import RowFormat, format_codes
 from hps_core.row_codecs import first_unstorable, unstorable_reason
@@ -87,7 +88,6 @@ __all__ = [
     "MultiTableCache",
     "TableView",
     "KEY_DTYPES",
-    "POLICIES",
     "TABLE_ALIGN",
     "WAYS",
     "capacity_for_bytes",
@@ -103,7 +103,6 @@ __all__ = [
 
 #: Slots per set of a dynamic cache: one warp's lanes probe one set in one step.
 WAYS = 32
-POLICIES = ("lru", "lfu")
 KEY_DTYPES = (np.dtype(np.int64), np.dtype(np.uint32))
 
 Array = Any  # numpy.ndarray on CPU caches, cupy.ndarray on GPU caches
@@ -120,7 +119,7 @@ class EmbeddingCache(Protocol):
     round the request up to whole sets), ``row_format`` (how rows are stored:
     :class:`~hps_core.row_formats.RowFormat`; inputs and outputs are float32 whatever it
     is), ``key_dtype`` (int64 or uint32), ``num_sets`` (dynamic; 1 for static tables),
-    ``kind`` (``"dynamic"``/``"static"``) and ``device`` (``"cpu"`` or a CUDA ordinal).
+    ``kind`` (:class:`~hps_core.config.CacheKind`) and ``device`` (``"cpu"`` or a CUDA ordinal).
     """
 
     dim: int
@@ -128,7 +127,7 @@ class EmbeddingCache(Protocol):
     row_format: RowFormat
     key_dtype: np.dtype[np.integer[Any]]  # int64 or uint32
     num_sets: int
-    kind: str
+    kind: CacheKind
 
     @property
     def device(self) -> str | int:  # read-only here, so a twin may narrow it to "cpu"
@@ -201,10 +200,10 @@ class MultiTableCache(Protocol):
     guarantees). GPU calls take ``stream`` last.
     """
 
-    kind: str
+    kind: CacheKind
     row_formats: tuple[RowFormat, ...]
     key_dtype: np.dtype[np.integer[Any]]  # int64 or uint32
-    policy: str
+    policy: CachePolicy
     dims: Any
     capacities: Any
     num_sets: Any
@@ -356,15 +355,14 @@ def capacity_for_bytes(nbytes: int, dim: int, row_format: RowFormat | str = RowF
 
 
 def check_cache_args(
-    kind: str, capacity: object, dim: object, policy: str, row_format: object, key_dtype: Any
+    kind: CacheKind | str, capacity: object, dim: object, policy: CachePolicy | str, row_format: object,
+    key_dtype: Any
 ) -> tuple[int, int, RowFormat, np.dtype[Any]]:
     """Validate constructor arguments common to every cache; returns normalised
     ``(capacity, dim, row_format, key_dtype)`` or raises ConfigError naming the argument.
     ``row_format`` is a :class:`RowFormat` or its name (``"int8"``)."""
-    if kind not in ("dynamic", "static"):
-        raise ConfigError(f"cache kind must be 'dynamic' or 'static', got {kind!r}")
-    if policy not in POLICIES:
-        raise ConfigError(f"cache policy must be one of {POLICIES}, got {policy!r}")
+    CacheKind.parse(kind, "cache kind")
+    CachePolicy.parse(policy, "cache policy")
     try:
         kdt = np.dtype(key_dtype)
     except TypeError as exc:
@@ -490,7 +488,7 @@ def check_room(held: Any, capacities: Any, new: Any) -> None:
 
 
 def check_multi_cache_args(
-    kind: str, capacities: Sequence[object], dims: Sequence[object], policy: str,
+    kind: CacheKind | str, capacities: Sequence[object], dims: Sequence[object], policy: CachePolicy | str,
     row_formats: Sequence[object] | None, key_dtype: Any
 ) -> tuple[Any, Any, tuple[RowFormat, ...], np.dtype[Any]]:
     """:func:`check_cache_args` for every table: returns ``(capacities (T,) int64, dims (T,)

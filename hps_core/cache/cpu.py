@@ -63,6 +63,7 @@ from hps_core.cache.base import (
     check_table_rows,
     normalize_keys,
 )
+from hps_core.config import CacheKind, CachePolicy
 from hps_core.errors import RequestError
 from hps_core.grouping import first_of_pairs, group_by
 from hps_core.hashing import mix64
@@ -320,15 +321,15 @@ class _CpuCacheBase:
     """Argument checks and the packed value store shared by both CPU multi-table caches."""
 
     device = "cpu"
-    kind = ""
+    kind: CacheKind
     capacities: npt.NDArray[np.int64]  # (T,) rows per table, set by each kind
 
-    def __init__(self, kind: str, capacities: Sequence[int], dims: Sequence[int], policy: str,
+    def __init__(self, kind: CacheKind, capacities: Sequence[int], dims: Sequence[int], policy: CachePolicy | str,
                  row_formats: Sequence[RowFormat] | None, key_dtype: Any) -> None:
         caps, self.dims, self.row_formats, self.key_dtype = check_multi_cache_args(
             kind, capacities, dims, policy, row_formats, key_dtype
         )
-        self.policy = policy
+        self.policy = CachePolicy(policy)
         self.tables = int(self.dims.shape[0])
         self._requested = caps
 
@@ -372,12 +373,12 @@ class CpuDynamicCache(_CpuCacheBase):
     :data:`WAYS` slots, stored as ``row_formats[t]`` (None: all fp32).
     """
 
-    kind = "dynamic"
+    kind = CacheKind.DYNAMIC
 
-    def __init__(self, capacities: Sequence[int], dims: Sequence[int], *, policy: str = "lru",
+    def __init__(self, capacities: Sequence[int], dims: Sequence[int], *, policy: CachePolicy | str = CachePolicy.LRU,
                  row_formats: Sequence[RowFormat] | None = None, key_dtype: Any = np.int64,
                  num_stripes: int | None = None, clock_start: int = 1) -> None:
-        super().__init__("dynamic", capacities, dims, policy, row_formats, key_dtype)
+        super().__init__(CacheKind.DYNAMIC, capacities, dims, policy, row_formats, key_dtype)
         self._store(CacheLayout.dynamic(self._requested, self.dims, self.row_formats))
         stripes = num_stripes or min(DEFAULT_STRIPES, max(2, 4 * (os.cpu_count() or 1)))
         self.num_stripes = max(1, min(int(stripes), self.total_sets))
@@ -435,7 +436,7 @@ class CpuDynamicCache(_CpuCacheBase):
         return int(_dynamic_write(
             keys, ids, values, offs, self.set_base, self.num_sets, self.dims, self._codes, self._strides,
             self.value_base, self._keys, self._used, self._ts, self._freq, self._values, self._clock.tick(),
-            self.policy == "lfu", insert, self._locks.locks, self._locks.waiting,
+            self.policy is CachePolicy.LFU, insert, self._locks.locks, self._locks.waiting,
         ))
 
 
@@ -446,11 +447,11 @@ class CpuStaticCache(_CpuCacheBase):
     """Whole tables resident: per table an open-addressing region key -> row; the twin of
     GpuStaticCache. A replace whose new keys do not fit a table raises CacheFullError."""
 
-    kind = "static"
+    kind = CacheKind.STATIC
 
-    def __init__(self, capacities: Sequence[int], dims: Sequence[int], *, policy: str = "lru",
+    def __init__(self, capacities: Sequence[int], dims: Sequence[int], *, policy: CachePolicy | str = CachePolicy.LRU,
                  row_formats: Sequence[RowFormat] | None = None, key_dtype: Any = np.int64) -> None:
-        super().__init__("static", capacities, dims, policy, row_formats, key_dtype)
+        super().__init__(CacheKind.STATIC, capacities, dims, policy, row_formats, key_dtype)
         layout = CacheLayout.static(self._requested, self.dims, self.row_formats)
         self._store(layout)
         self._slot_base = layout.slot_base
@@ -522,7 +523,7 @@ class CpuStaticCache(_CpuCacheBase):
 class CpuEmbeddingCache(TableView):
     """A one-table dynamic CPU cache: :class:`CpuDynamicCache` behind the single-table contract."""
 
-    def __init__(self, capacity: int, dim: int, *, policy: str = "lru", row_format: RowFormat = RowFormat.FP32,
+    def __init__(self, capacity: int, dim: int, *, policy: CachePolicy | str = CachePolicy.LRU, row_format: RowFormat = RowFormat.FP32,
                  key_dtype: Any = np.int64, num_stripes: int | None = None) -> None:
         super().__init__(CpuDynamicCache([capacity], [dim], policy=policy, row_formats=[row_format],
                                          key_dtype=key_dtype, num_stripes=num_stripes), 0)
@@ -531,7 +532,7 @@ class CpuEmbeddingCache(TableView):
 class CpuStaticEmbeddingTable(TableView):
     """A one-table static CPU table: :class:`CpuStaticCache` behind the single-table contract."""
 
-    def __init__(self, capacity: int, dim: int, *, policy: str = "lru", row_format: RowFormat = RowFormat.FP32,
+    def __init__(self, capacity: int, dim: int, *, policy: CachePolicy | str = CachePolicy.LRU, row_format: RowFormat = RowFormat.FP32,
                  key_dtype: Any = np.int64) -> None:
         super().__init__(CpuStaticCache([capacity], [dim], policy=policy, row_formats=[row_format],
                                         key_dtype=key_dtype), 0)

@@ -106,6 +106,7 @@ from hps_core.cache.base import (
     check_table_rows,
     normalize_keys,
 )
+from hps_core.config import CacheKind, CachePolicy
 from hps_core.errors import ConfigError, DeviceError, DeviceMemoryError, RequestError, RowValueError
 from hps_core.row_formats import RowFormat
 from hps_core.rows import check_rows_fit
@@ -202,7 +203,7 @@ class _Workspace:
 class _GpuMultiCache:
     """Device placement, argument conversion, workspaces and launches shared by both kinds."""
 
-    kind = ""
+    kind: CacheKind
     _family = ""  # kernels/<family>.cu, see _kernels.FAMILIES
     _query_kernel = ""
     # per table, set by each kind as its CPU twin sets them
@@ -212,7 +213,8 @@ class _GpuMultiCache:
     value_base: Any
     total_sets: int
 
-    def __init__(self, kind: str, capacities: Sequence[int], dims: Sequence[int], device: int, policy: str,
+    def __init__(self, kind: CacheKind, capacities: Sequence[int], dims: Sequence[int], device: int,
+                 policy: CachePolicy | str,
                  row_formats: Sequence[RowFormat] | None, key_dtype: Any, shared: SharedName | None) -> None:
         caps, self.dims, self.row_formats, self.key_dtype = check_multi_cache_args(
             kind, capacities, dims, policy, row_formats, key_dtype
@@ -225,7 +227,7 @@ class _GpuMultiCache:
             raise ConfigError(f"GPU cache device {device} does not exist ({cp.cuda.runtime.getDeviceCount()} GPUs)")
         self._cp = cp
         self.device = int(device)
-        self.policy = policy
+        self.policy = CachePolicy(policy)
         self.tables = int(self.dims.shape[0])
         self._requested = caps
         self._shared = shared
@@ -268,7 +270,7 @@ class _GpuMultiCache:
         returns the arrays by name."""
         cp = self._cp
         fields = [Field("values", np.uint8, self._value_bytes), *fields]
-        exclusive = self.kind == "static"  # static writers are one at a time (see GpuStaticCache)
+        exclusive = self.kind is CacheKind.STATIC  # static writers are one at a time (see GpuStaticCache)
         with cp.cuda.Device(self.device), translate_cupy(self.device, what):
             if self._shared is None:
                 self._region = local_region(cp, fields, self.tables, exclusive=exclusive)
@@ -539,14 +541,14 @@ class GpuDynamicCache(_GpuMultiCache):
     set_base[t] * WAYS) * strides[t]`` of the value store (CacheLayout).
     """
 
-    kind = "dynamic"
+    kind = CacheKind.DYNAMIC
     _family = "dynamic"
     _query_kernel = "dc_query"
 
-    def __init__(self, capacities: Sequence[int], dims: Sequence[int], *, device: int = 0, policy: str = "lru",
+    def __init__(self, capacities: Sequence[int], dims: Sequence[int], *, device: int = 0, policy: CachePolicy | str = CachePolicy.LRU,
                  row_formats: Sequence[RowFormat] | None = None, key_dtype: Any = np.int64,
                  clock_start: int = 1, shared: SharedName | None = None) -> None:
-        super().__init__("dynamic", capacities, dims, device, policy, row_formats, key_dtype, shared)
+        super().__init__(CacheKind.DYNAMIC, capacities, dims, device, policy, row_formats, key_dtype, shared)
         self._store(CacheLayout.dynamic(self._requested, self.dims, self.row_formats), "allocating a dynamic cache")
         # 64-bit stamps on the device too (dynamic_cache.cu); a shared cache's come from the
         # host's monotonic clock, so stamps of different processes compare
@@ -646,7 +648,7 @@ class GpuDynamicCache(_GpuMultiCache):
         args = (ids, keys, np.int64(n), values, offs, np.int64(values.shape[0]), status, self._dims_d, self._codes_d,
                 self._strides_d, self._set_base_d, self._num_sets_d, self._value_base_d, np.int32(self.tables),
                 self._slot_keys, self._slot_ver, self._slot_ts, self._slot_freq, self._set_locks, self._values,
-                np.uint64(self._clock.tick()), np.int32(self.policy == "lfu"), np.int32(insert))
+                np.uint64(self._clock.tick()), np.int32(self.policy is CachePolicy.LFU), np.int32(insert))
         self._launch(self._kernels.by_vec[vec]["dc_write"], n, args, stream)
 
 
@@ -662,15 +664,15 @@ class GpuStaticCache(_GpuMultiCache):
     kernels; queries and dumps take no lock and never wait for writers.
     """
 
-    kind = "static"
+    kind = CacheKind.STATIC
     _family = "static"
     _query_kernel = "st_query"
 
     def __init__(self, capacities: Sequence[int], dims: Sequence[int], *, device: int = 0,
-                 policy: str = "lru",  # accepted for a uniform factory; nothing is ever evicted
+                 policy: CachePolicy | str = CachePolicy.LRU,  # accepted for a uniform factory; nothing is ever evicted
                  row_formats: Sequence[RowFormat] | None = None, key_dtype: Any = np.int64,
                  shared: SharedName | None = None) -> None:
-        super().__init__("static", capacities, dims, device, policy, row_formats, key_dtype, shared)
+        super().__init__(CacheKind.STATIC, capacities, dims, device, policy, row_formats, key_dtype, shared)
         big = np.flatnonzero(self._requested >= 2**31)
         if big.size:
             raise ConfigError(f"static GPU tables index rows with int32: table {int(big[0])} has capacity "
@@ -825,7 +827,7 @@ class GpuStaticCache(_GpuMultiCache):
 class GpuEmbeddingCache(TableView):
     """A one-table dynamic GPU cache: :class:`GpuDynamicCache` behind the single-table contract."""
 
-    def __init__(self, capacity: int, dim: int, *, device: int = 0, policy: str = "lru",
+    def __init__(self, capacity: int, dim: int, *, device: int = 0, policy: CachePolicy | str = CachePolicy.LRU,
                  row_format: RowFormat = RowFormat.FP32, key_dtype: Any = np.int64) -> None:
         super().__init__(GpuDynamicCache([capacity], [dim], device=device, policy=policy, row_formats=[row_format],
                                          key_dtype=key_dtype), 0)
@@ -834,7 +836,7 @@ class GpuEmbeddingCache(TableView):
 class StaticEmbeddingTable(TableView):
     """A one-table static GPU table: :class:`GpuStaticCache` behind the single-table contract."""
 
-    def __init__(self, capacity: int, dim: int, *, device: int = 0, policy: str = "lru",
+    def __init__(self, capacity: int, dim: int, *, device: int = 0, policy: CachePolicy | str = CachePolicy.LRU,
                  row_format: RowFormat = RowFormat.FP32, key_dtype: Any = np.int64) -> None:
         super().__init__(GpuStaticCache([capacity], [dim], device=device, policy=policy, row_formats=[row_format],
                                         key_dtype=key_dtype), 0)

@@ -685,7 +685,8 @@ def test_exported_names() -> None:
         "TableConfig", "UpdateSourceConfig", "VolatileDBConfig", "gpu_cache_requested",
         "NO_OVERFLOW_LIMIT", "OVERFLOW_POLICIES", "OverflowConfig", "RedisConfig", "TLSConfig",
         "TierType", "VOLATILE_TYPES", "PERSISTENT_TYPES",
-        "load_config", "parse_config", "version_model_name", "entry_version",
+        "load_config", "parse_config", "version_model_name", "entry_version", "version_entry_name",
+        "CacheKind", "CachePolicy",
     }
     for name in config_module.__all__:
         assert hasattr(config_module, name)
