@@ -100,7 +100,9 @@ from hps_core.config import (
     version_entry_name,
     version_model_name,
 )
+from hps_core.cache import remove_unused_gpu_caches
 from hps_core.db.base import DropTable, EmbeddingTier
+from hps_core.db.shm_store import namespace_of
 from hps_core.errors import ConfigError, FormatError, HPSError, ServingError
 from hps_core.formats import read_sparse_model
 from hps_core.formats.hugectr import check_unique_keys
@@ -774,8 +776,8 @@ def drop_tables(config: ParameterServerConfig, model: str, *,
                 keep: Collection[str] = (), served_from: str | os.PathLike[str] | None = None
                 ) -> dict[str, list[str]]:
     """Drop ``model``'s tables from ``config``'s persistent tier and shared volatile tier (Redis,
-    or the host store's files), where the tier can drop tables (``DropTable``); ``{tier: tables
-    dropped}``. Tables named in
+    or the host store's files), where the tier can drop tables (``DropTable``), and remove its
+    unused shared GPU caches; ``{tier: tables dropped, "gpu_cache": cache files removed}``. Tables named in
     ``keep`` (qualified names another version serves or will serve) are never dropped.
     ``served_from``: the path of the HPS JSON the servers read (default ``config.source``), which
     names the host store's namespace: retiring a version moves its folder, and so its JSON."""
@@ -798,6 +800,12 @@ def drop_tables(config: ParameterServerConfig, model: str, *,
         # in the namespace of the JSON the servers read, wherever the folder went since
         source = str(served_from) if served_from is not None else config.source
         openers.append(("volatile", lambda: open_volatile_db(volatile, source)))
+    # the version's shared GPU caches, in the namespace its servers named them in (hps serve,
+    # their keeper, would keep them until it stops)
+    served = str(served_from) if served_from is not None else config.source
+    caches = remove_unused_gpu_caches(lambda entry: entry == model, namespace_of(volatile, served))
+    if caches:
+        dropped["gpu_cache"] = caches
     for tier, opener in openers:
         db = opener()
         if db is None:

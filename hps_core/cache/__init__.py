@@ -19,7 +19,8 @@ import CuPy only when constructed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,7 @@ __all__ = [
     "capacity_for_bytes",
     "make_cache",
     "make_multi_table_cache",
+    "remove_unused_gpu_caches",
 ]
 
 _GPU_CLASSES = ("GpuDynamicCache", "GpuStaticCache", "GpuEmbeddingCache", "StaticEmbeddingTable")
@@ -118,3 +120,15 @@ def make_cache(
     multi = make_multi_table_cache(kind, device=device, capacities=[capacity], dims=[dim], policy=policy,
                                    row_formats=[row_format], key_dtype=key_dtype)
     return TableView(multi, 0)
+
+
+def remove_unused_gpu_caches(retired: Callable[[str], bool], namespace: str | None = None) -> list[str]:
+    """Remove the shared GPU caches on this host (of ``namespace``, else every one) of the models
+    ``retired(model entry)`` names that no live process uses: a retired version's (``hps models
+    unload``, ``publish-model``'s drop), which ``hps serve`` would otherwise keep until it stops.
+    Their keepers see the file gone and free the GPU memory. Returns the paths removed."""
+    from hps_core.cache.shared_gpu import list_caches
+    from hps_core.db.shm_store import remove_if_unused
+
+    return [info.path for info in list_caches(namespace) if retired(info.name) and remove_if_unused(Path(info.path))]
+

@@ -65,5 +65,6 @@ def run_publish_model(args: argparse.Namespace) -> int:
     for line in report.lines():
         print(line)
     if report.dropped:
-        print("hps publish-model: dropped " + "; ".join(f"{tier}: {len(t)} tables" for tier, t in report.dropped.items()))
+        print("hps publish-model: dropped " + "; ".join(
+            f"{tier}: {len(t)} {'caches' if tier == 'gpu_cache' else 'tables'}" for tier, t in report.dropped.items()))
     return 0

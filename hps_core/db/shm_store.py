@@ -91,6 +91,7 @@ __all__ = [
     "process_start",
     "read_meta",
     "register_user",
+    "remove_if_unused",
     "remove_kept_stores",
     "remove_orphaned_stores",
     "remove_unused_tables",
@@ -727,6 +728,17 @@ def remove_unused_tables(retired: Callable[[str], bool]) -> list[str]:
     and nothing would remove their stores before ``hps serve`` stops). Returns the paths removed."""
     return _remove_unused(lambda header: header[H_MAGIC] == _MAGIC and retired(str(read_meta(header).get("table"))),
                           wait=False)
+
+
+def remove_if_unused(path: Path) -> bool:
+    """Remove one file of this module's layout of users (a host store, a shared GPU cache's
+    metadata file) when no live process uses it, whoever keeps it (a retired version), and its
+    namespace folder when left empty; False when it is in use (or locked: being written)."""
+    if not _remove_if_unused(path, lambda header: True, wait=False):
+        return False
+    with contextlib.suppress(OSError):
+        path.parent.rmdir()  # only when empty
+    return True
 
 
 def _remove_unused(removable: Callable[[Any], bool], *, wait: bool) -> list[str]:
