@@ -107,7 +107,7 @@ from hps_core.cache.base import (
     normalize_keys,
 )
 from hps_core.config import CacheKind, CachePolicy
-from hps_core.errors import ConfigError, DeviceError, DeviceMemoryError, RequestError, RowValueError
+from hps_core.errors import CacheFullError, ConfigError, DeviceError, DeviceMemoryError, RequestError, RowValueError
 from hps_core.row_formats import RowFormat
 from hps_core.rows import check_rows_fit
 
@@ -309,13 +309,26 @@ class _GpuMultiCache:
     def _writing(self, stream: Any) -> Iterator[Any]:
         """A write's device and stream (yielded) under the writers' lock; a shared cache's
         writer waits for its kernels before it lets go (so a writer that dies holding the
-        lock died inside them, and the next one repairs)."""
+        lock died inside them, and the next one repairs). A shared write that fails where its
+        kernels may not have finished (its sync raises, or anything but a refused request,
+        a full cache or an allocation) tells the region, so the next writer repairs at once."""
+        region = self._region
+        assert region is not None
         with self._writers(), self._on(stream) as s:
             try:
                 yield s
+            except (RequestError, CacheFullError, DeviceMemoryError):
+                raise
+            except BaseException:
+                region.write_failed()
+                raise
             finally:
                 if self.shared:
-                    s.synchronize()
+                    try:
+                        s.synchronize()
+                    except BaseException:
+                        region.write_failed()
+                        raise
 
     # -- the two calls both kinds implement alike
 

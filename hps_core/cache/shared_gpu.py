@@ -23,15 +23,18 @@ Ownership and lifetime (the host store's rules, hps_core.db.shm_store):
 - **Create and attach** under ``flock(LOCK_EX)`` on the metadata file: the first process writes
   the shape (state ``creating``), starts the keeper, waits for its handle, fills the arrays
   with their initial values, registers and sets ``ready``; the others block on the lock, find
-  it ready and attach. A file found ``creating``, or whose keeper is dead, or whose handle no
-  longer opens, is stale: removed and built again. A file of another shape (kind, capacities,
+  it ready and attach. A file found ``creating``, or whose keeper is dead, is stale: removed
+  and built again. A handle that does not open is stale only when its keeper is dead or no
+  live process uses it; otherwise the newcomer raises DeviceError (file, users, CUDA error)
+  and leaves the file to its users. A file of another shape (kind, capacities,
   dims, formats, key dtype, policy, device) is refused by name while a live process uses it,
   rebuilt when none does.
 - **Users** hold a slot (pid, start time: a reused pid is not mistaken for a live user) in the
   same words as the host store's files; a process that dies is reaped by whoever looks next.
   The last user to close removes the file unless ``hps serve`` keeps it (``HPS_STORE_KEEPER``,
-  recorded as the host store records it). The keeper exits, freeing the GPU memory, when the
-  file is gone or replaced, or when no live user and no live ``hps serve`` remain; so under
+  recorded as the host store records it). The keeper exits, freeing the GPU memory, when no
+  live user remains and either its file is gone or replaced or no live ``hps serve`` keeps
+  it: never under a live user, whose mapping would then point at freed memory; so under
   ``hps serve`` the cache outlives stub crashes and Triton restarts, and ``hps serve``'s clean
   stop (``remove_kept_stores``, which judges these files by the same words) removes the file
   and the keeper follows within :data:`POLL_S`.
@@ -39,13 +42,20 @@ Ownership and lifetime (the host store's rules, hps_core.db.shm_store):
   a row) of a shared region are one at a time per host: a thread lock plus ``flock(LOCK_EX)``
   on the metadata file, held until their kernels are done. The holder writes itself (pid,
   start) into the file before its kernels start and clears it after they end. Readers
-  (queries, sizes) take no lock, as in a private cache (the kernels' seqlocks).
+  (queries, sizes) take no lock, as in a private cache (the kernels' seqlocks). A process
+  forked after the open gets a descriptor and a thread lock of its own (a ``flock`` belongs
+  to the open file description a fork shares), and its close leaves the parent's mapping,
+  user slot and lock alone.
 - **A writer killed inside its kernels** (on a GPU its context is torn down mid-kernel): it may
   leave a set lock held, a slot or row marked busy, a slot claimed. The kernel drops its
   ``flock``; the next writer finds the dead writer's mark and repairs before anything else
   (:meth:`SharedRegion.locked`, the cache's ``_repair``): every set lock is released (no live
   writer holds one, they are serialised) and the cache is emptied with the kernels' own clear,
   which readers tolerate. A kill costs the cache's contents, never a stuck lock or a torn row.
+  A write that fails in a live process where its kernels may not have finished (its sync
+  raises: the context died mid-kernel) sets a dirty word, and the next writer repairs at
+  once. A marked writer still alive after :data:`DEAD_WRITER_WAIT_S` is not repaired beside:
+  the writer raises DeviceError naming it.
   Until a writer comes, readers are not blocked by what the dead writer left: a busy slot or
   row reads as a miss.
 """
@@ -62,6 +72,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +104,7 @@ MAX_TABLES = 1024
 # store's, so shm_store.remove_kept_stores judges these files as it judges its own
 W_MAGIC, W_LAYOUT, W_STATE, W_GKEEPER, W_GKEEPER_START, W_BYTES, W_DEVICE = range(7)
 W_WRITER, W_WRITER_START, W_REPAIRS, W_CREATOR, W_CREATOR_START, W_META_LEN, W_HANDLE_LEN = range(7, 14)
+W_DIRTY = 14  # a write failed in a live process (its sync raised): the next writer repairs at once
 W_HANDLE = 24  # 64 bytes: words 24..31
 W_ROWS = 512  # static tables' row counts, MAX_TABLES words
 CREATING, READY = 1, 2
@@ -172,6 +184,10 @@ class Region:
         with self._thread_lock:
             yield
 
+    def write_failed(self) -> None:
+        """A write failed where its kernels may not have finished: nothing to do in a private
+        region (its process is the only user; see SharedRegion)."""
+
     def close(self) -> None:
         self.arrays = {}
         self._mem = None
@@ -202,6 +218,10 @@ class _MetaFile:
         self._mm = mmap.mmap(fd, _FILE_BYTES, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.words = np.frombuffer(self._mm, np.int64, _FILE_BYTES // 8)
         self.inode = os.fstat(fd).st_ino
+        self.pid = os.getpid()  # the process that opened it (a forked child's close leaves its state alone)
+        self.thread_lock = threading.Lock()  # writers of this process (a fresh one in a forked child)
+        self.closed = False
+        _open_files.add(self)
 
     def meta(self) -> dict[str, Any]:
         n = int(self.words[W_META_LEN])
@@ -236,12 +256,38 @@ class _MetaFile:
         except FileNotFoundError:
             return False
 
+    def reopen_in_child(self) -> None:
+        """A description of this process's own for the same inode (through /proc, so a
+        replaced path does not matter), under the same descriptor number; a fresh thread lock."""
+        own = os.open(f"/proc/self/fd/{self.fd}", os.O_RDWR | os.O_CLOEXEC)
+        os.dup2(own, self.fd, inheritable=False)
+        os.close(own)
+        self.thread_lock = threading.Lock()
+
     def close(self) -> None:
+        self.closed = True
         del self.words
         with contextlib.suppress(BufferError):
             self._mm.close()
         with contextlib.suppress(OSError):
             os.close(self.fd)
+
+
+_open_files: weakref.WeakSet[_MetaFile] = weakref.WeakSet()
+
+
+def _own_descriptors_after_fork() -> None:
+    """In a forked child: a descriptor and a thread lock of its own for every open metadata
+    file (as hps_core.db.shm_store does for the host stores). The child inherits its parent's
+    open file description, and a ``flock`` belongs to the description: without this, the
+    child's writer lock would be the parent's (taken "again" beside a parent writer, released
+    under it by the child's unlock or close). The child takes no user slot and maps nothing
+    (CUDA does not survive a fork): its close only drops its own descriptor and mapping."""
+    for meta in [m for m in _open_files if not m.closed]:
+        meta.reopen_in_child()
+
+
+os.register_at_fork(after_in_child=_own_descriptors_after_fork)
 
 
 @contextlib.contextmanager
@@ -275,29 +321,48 @@ class SharedRegion(Region):
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        words = self._file.words
-        with self._thread_lock, _flocked(self._file.fd):
-            if words[W_WRITER]:  # its holder died inside a write: nobody else is writing now
-                _wait_gone(int(words[W_WRITER]), int(words[W_WRITER_START]))
+        meta = self._file
+        words = meta.words
+        with meta.thread_lock, _flocked(meta.fd):
+            if words[W_DIRTY] or words[W_WRITER]:  # a write failed, or its writer died inside it
+                pid, start = int(words[W_WRITER]), int(words[W_WRITER_START])
+                if pid and not words[W_DIRTY] and not _wait_gone(pid, start):
+                    raise DeviceError(
+                        f"{meta.path}: the writer mark names pid {pid}, which does not hold the writer lock "
+                        f"yet is still alive after {DEAD_WRITER_WAIT_S:.0f} s; not repaired beside a live writer "
+                        "(stop that process)")
                 if self.repair is not None:
                     self.repair()
                 words[W_REPAIRS] += 1
+                words[W_DIRTY] = 0
             words[W_WRITER], words[W_WRITER_START] = shm.this_process()
             try:
                 yield
             finally:
-                words[W_WRITER] = words[W_WRITER_START] = 0
+                words[W_WRITER] = words[W_WRITER_START] = 0  # a failed write sets W_DIRTY (write_failed)
+
+    def write_failed(self) -> None:
+        """A write of this process failed after its kernels may have started (its sync raised:
+        the context died mid-kernel, a set lock may be left held): the next writer, of any
+        process, repairs at once (the caller holds the writer lock). A failed write is its own
+        proof; nobody waits for this live process to die."""
+        self._file.words[W_DIRTY] = 1
 
     def close(self) -> None:
         """Unmap, give back this process's user slot, and remove the file when it was the last
-        user and no ``hps serve`` keeps it (the keeper then exits)."""
+        user and no ``hps serve`` keeps it (the keeper then exits). In a process forked after
+        the open, only the child's own descriptor and mapping go: the mapping and the user slot
+        are the parent's."""
         if self._closed:
             return
         self._closed = True
         super().close()
+        meta = self._file
+        if meta.pid != os.getpid():
+            meta.close()
+            return
         with contextlib.suppress(Exception):
             self._cp.cuda.runtime.ipcCloseMemHandle(self._ptr)
-        meta = self._file
         with contextlib.suppress(OSError), _flocked(meta.fd):
             left = shm.deregister_user(meta.words)
             kept = shm.alive(int(meta.words[shm.H_KEEPER]), int(meta.words[shm.H_KEEPER_START]))
@@ -306,14 +371,18 @@ class SharedRegion(Region):
         meta.close()
 
 
-def _wait_gone(pid: int, start: int, timeout: float = DEAD_WRITER_WAIT_S) -> None:
-    """Wait until the dead writer has finished dying. Its ``flock`` goes when the kernel
-    closes its descriptors, which may come before the one of its GPU context; a process that
-    is gone or a zombie has closed them all, so its kernels no longer run. Bounded: a
-    process stuck in exit for longer is repaired beside (see docs/cache.md)."""
-    end = time.monotonic() + timeout
-    while shm.alive(pid, start) and time.monotonic() < end:
+def _wait_gone(pid: int, start: int, timeout: float | None = None) -> bool:
+    """Wait until the dead writer has finished dying; whether it has. Its ``flock`` goes when
+    the kernel closes its descriptors, which may come before the one of its GPU context; a
+    process that is gone or a zombie has closed them all, so its kernels no longer run.
+    Bounded: a marked writer still alive after ``timeout`` is not repaired beside (the caller
+    raises)."""
+    end = time.monotonic() + (DEAD_WRITER_WAIT_S if timeout is None else timeout)
+    while shm.alive(pid, start):
+        if time.monotonic() >= end:
+            return False
         time.sleep(0.01)
+    return True
 
 
 def _unlink(path: Path) -> None:
@@ -396,8 +465,14 @@ def _attach_or_create(cp: Any, meta: _MetaFile, fields: Sequence[Field], tables:
         if have == want:
             try:
                 ptr = cp.cuda.runtime.ipcOpenMemHandle(meta.handle(), 1)  # cudaIpcMemLazyEnablePeerAccess
-            except cp.cuda.runtime.CUDARuntimeError:
-                ptr = None  # the keeper is exiting: stale
+            except cp.cuda.runtime.CUDARuntimeError as exc:
+                ptr = None  # stale only when its keeper is gone or nobody uses it
+                users = [p for p, _ in shm.live_users(w)]
+                if meta.keeper_alive() and users:
+                    raise DeviceError(
+                        f"{meta.path}: cannot map the shared GPU cache that pids {users} use (keeper pid "
+                        f"{int(w[W_GKEEPER])}): {exc}; the file is left to them (set gpu_cache_shared to false "
+                        "for a private cache per process)") from exc
             if ptr is not None:
                 region = SharedRegion(cp, ptr, nbytes, device, fields, tables, meta)
                 shm.register_user(w, meta.path)
@@ -473,16 +548,16 @@ def keep(path: Path) -> int:
     meta.set_handle(handle)
     while True:
         time.sleep(POLL_S)
-        if not meta.is_current():
-            break
         with _flocked(meta.fd):
-            if not meta.is_current():
+            users = shm.live_users(w)
+            if not meta.is_current():  # replaced or removed: nobody attaches any more, but the
+                if users:              # processes still listed map this memory; free it after them
+                    continue
                 break
             state = int(w[W_STATE])
             creator = shm.alive(int(w[W_CREATOR]), int(w[W_CREATOR_START]))
             if state == CREATING and creator:
                 continue
-            users = shm.live_users(w)
             kept = shm.alive(int(w[shm.H_KEEPER]), int(w[shm.H_KEEPER_START]))
             if not users and not kept:
                 _unlink(path)

@@ -190,6 +190,12 @@ class _Allocation:
         self.ptr = base + self.start
         _live[self.ptr] = self
 
+    def freed(self) -> bool:
+        """Whether the memory behind this allocation was freed by its exporter (an IPC mapping
+        whose exporter released it: on a GPU, any access is then undefined, usually
+        cudaErrorIllegalAddress)."""
+        return False
+
     def guards_intact(self) -> bool:
         return bool((self.raw[: self.start] == _GUARD_BYTE).all() and
                     (self.raw[self.start + self.nbytes :] == _GUARD_BYTE).all())
@@ -234,8 +240,16 @@ class _Mapped(_Allocation):
         _live[self.ptr] = self
         _mapped[self.ptr] = self
 
+    def freed(self) -> bool:
+        return not self.owned and hasattr(self, "raw") and bytes(self.raw[: len(_FREED)]) == _FREED
+
     def release(self) -> None:
-        """Unmap (and close the memfd): the pointer is no longer a device allocation."""
+        """Unmap (and close the memfd): the pointer is no longer a device allocation. The
+        exporter's release poisons the memory first (a mark in its leading guard bytes, which
+        every importer maps): an importer still using it fails its next launch or copy with
+        cudaErrorIllegalAddress, where a GPU would read or write freed memory."""
+        if self.owned and hasattr(self, "raw"):
+            self.raw[: len(_FREED)] = np.frombuffer(_FREED, np.uint8)
         _live.pop(self.ptr, None)
         _mapped.pop(self.ptr, None)
         del self.raw
@@ -243,6 +257,16 @@ class _Mapped(_Allocation):
             self._mm.close()  # an array still viewing it keeps the mapping until it goes
         with contextlib.suppress(OSError):
             os.close(self.fd)
+
+
+_FREED = b"HPSFREED"  # written over an exported allocation's leading guard bytes when it is freed
+_ILLEGAL_ADDRESS = 700  # cudaErrorIllegalAddress
+
+
+def _check_not_freed(alloc: _Allocation | None, what: str) -> None:
+    if alloc is not None and alloc.freed():
+        raise CUDARuntimeError(_ILLEGAL_ADDRESS, f"cudaErrorIllegalAddress: {what} is IPC-mapped memory its exporter "
+                                                 "freed (an illegal memory access on a GPU)")
 
 
 #: Exportable allocations alive in this process, by pointer (kept until freed or closed).
@@ -388,12 +412,14 @@ class ndarray:  # noqa: N801 - CuPy's name
 
     # -- host transfers
     def get(self, stream: Any = None, order: str = "C", out: Any = None) -> np.ndarray:
+        _check_not_freed(self._alloc, "get() of an array")
         if out is not None:
             out[...] = self._a
             return out  # type: ignore[no-any-return]
         return np.array(self._a, order=order)
 
     def set(self, arr: np.ndarray, stream: Any = None) -> None:
+        _check_not_freed(self._alloc, "set() of an array")
         self._a[...] = arr
 
     def tolist(self) -> Any:
@@ -589,7 +615,9 @@ def _get_device_count() -> int:
 
 
 def _check_device_range(ptr: int, nbytes: int, what: str) -> None:
-    if nbytes and _allocation_of(ptr, nbytes) is None:
+    alloc = _allocation_of(ptr, nbytes) if nbytes else None
+    _check_not_freed(alloc, f"{what} [{ptr:#x}, +{nbytes})")
+    if nbytes and alloc is None:
         raise CUDARuntimeError(_INVALID_VALUE, f"cudaErrorInvalidValue: {what} [{ptr:#x}, +{nbytes}) is not inside "
                                                "one device allocation")
 
@@ -760,6 +788,9 @@ class RawKernel:
         if len(args) != len(self.params):
             raise KernelFault(f"{self.name}: {len(args)} arguments for {len(self.params)} parameters")
         arg_bytes = [_arg_bytes(i, p, a, device) for i, (p, a) in enumerate(zip(self.params, args))]
+        for i, a in enumerate(args):
+            if isinstance(a, ndarray):
+                _check_not_freed(a._alloc, f"{self.name}: argument {i}")
         g = (tuple(grid) + (1, 1))[:3]
         b = (tuple(block) + (1, 1))[:3]
         self._library.launch(self.name, g, b, arg_bytes)

@@ -12,6 +12,7 @@ stopped by its pid, and every test checks that no file and no keeper is left beh
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -66,8 +67,14 @@ def query(keys):
 
 rng = np.random.default_rng(seed)
 stats = {"queries": 0, "inserts": 0, "hits": 0, "bad": 0}
-if mode == "hold":
+if mode.startswith("hold"):
     sys.stdin.readline()
+    if mode == "hold-use":  # then use the device memory (freed under it, the launches fail)
+        keys = np.arange(64, dtype=np.int64)
+        cache.replace_tables(np.zeros(64, np.int64), keys, rows(keys, 9), np.arange(64, dtype=np.int64) * dim)
+        got, hit = query(keys)
+        stats["hits"] = int(hit.sum())
+        stats["bad"] = int((got[hit] != rows(keys, 9).reshape(-1, dim)[hit]).any(axis=1).sum())
 else:
     end = time.monotonic() + seconds
     version = 0
@@ -411,3 +418,146 @@ def test_a_keeper_that_cannot_start_fails_the_open_and_leaves_nothing(
     assert not shm_store.namespace_dir(namespace).exists()
     monkeypatch.delenv("HPS_PYTHON")
     _open(namespace).close()  # and the next open builds it
+
+
+def _inject_open_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    import cupy as cp
+
+    def fail(handle: bytes, flags: int = 1) -> int:
+        raise cp.cuda.runtime.CUDARuntimeError(999, "cudaErrorInjected: the test refuses this handle")
+
+    monkeypatch.setattr(cp.cuda.runtime, "ipcOpenMemHandle", fail)
+
+
+def test_a_handle_that_does_not_open_while_in_use_is_refused_and_left_alone(
+        namespace: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A handle that fails to open in a newcomer while live users map it is not a stale file:
+    the newcomer raises (naming the file, the users and the CUDA error), the file and its
+    keeper stay, and the users go on using the memory (freed under them, their launches fail)."""
+    holder = _start(namespace, "dynamic", "hold-use")
+    path = shm_store.namespace_dir(namespace) / "gpu0.m"
+    keeper = _keepers(path)
+    _inject_open_failure(monkeypatch)
+    with pytest.raises(DeviceError, match=rf"gpu0\.m.*\[{holder.pid}\].*cudaErrorInjected"):
+        _open(namespace)
+    monkeypatch.undo()
+    assert path.exists() and _keepers(path) == keeper
+    time.sleep(3 * shared_gpu.POLL_S)
+    stats = _finish(holder)
+    assert stats["hits"] == 64 and stats["bad"] == 0, stats
+
+
+def test_the_keeper_outlives_the_users_of_a_removed_file(namespace: str) -> None:
+    """The keeper never frees the memory while a listed user lives, even when its file was
+    removed or replaced (a later open builds a new cache beside); it leaves after the last."""
+    holder = _start(namespace, "dynamic", "hold-use")
+    path = shm_store.namespace_dir(namespace) / "gpu0.m"
+    keeper = _keepers(path)
+    path.unlink()
+    other = _open(namespace)  # a new file and keeper; the old users keep the old memory
+    assert _keepers(path) != keeper and set(keeper) <= set(_keepers(path))
+    time.sleep(3 * shared_gpu.POLL_S)
+    assert set(keeper) <= set(_keepers(path))
+    stats = _finish(holder)
+    assert stats["hits"] == 64 and stats["bad"] == 0, stats
+    end = time.monotonic() + 5
+    while set(keeper) & set(_keepers(path)) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert not set(keeper) & set(_keepers(path))  # its last user gone, the old keeper left
+    other.close()
+
+
+def test_a_write_whose_sync_fails_is_repaired_by_the_next_writer(
+        namespace: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write whose sync raises (its context died mid-kernel, a set lock left held) leaves
+    its failure in the file: another process's next insert repairs at once instead of
+    spinning on the lock (with the host-wide writer lock held)."""
+    import cupy as cp
+
+    cache = _open(namespace)
+    keys = np.arange(64, dtype=np.int64)
+    _insert(cache, keys, 1)
+
+    def dying(self: Any) -> None:
+        cache._set_locks[:] = 1  # what a kernel killed mid-way leaves
+        raise cp.cuda.runtime.CUDARuntimeError(700, "cudaErrorIllegalAddress: injected")
+
+    monkeypatch.setattr(cp.cuda.Stream, "synchronize", dying)
+    with pytest.raises(Exception, match="injected"):
+        _insert(cache, keys, 2)
+    monkeypatch.undo()
+    code = (
+        "import sys, numpy as np\n"
+        "from hps_core.cache import SharedName, make_multi_table_cache\n"
+        f"c = make_multi_table_cache('dynamic', device=0, capacities=[{KEYS}], dims=[{DIM}], "
+        "shared=SharedName(sys.argv[1], 'm'))\n"
+        f"k = np.arange(64, dtype=np.int64)\n"
+        f"c.replace_tables(np.zeros(64, np.int64), k, np.ones(64 * {DIM}, np.float32), k * {DIM})\n"
+        "print(c._region.repairs); c.close()\n"
+    )
+    try:
+        done = subprocess.run([sys.executable, "-c", code, namespace], cwd=ROOT, capture_output=True, text=True,
+                              timeout=30)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the next writer spun on the lock the failed write left") from None
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert int(done.stdout.split()[-1]) >= 1
+    got, hit = _query(cache, keys)
+    assert hit.sum() == int(cache.sizes()[0]) > 0
+    cache.close()
+
+
+def test_a_marked_writer_still_alive_is_not_repaired_beside(
+        namespace: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = _open(namespace)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        monkeypatch.setattr(shared_gpu, "DEAD_WRITER_WAIT_S", 0.3)
+        words = cache._region._file.words
+        words[shared_gpu.W_WRITER] = sleeper.pid
+        words[shared_gpu.W_WRITER_START] = shm_store.process_start(sleeper.pid)
+        with pytest.raises(DeviceError, match=rf"pid {sleeper.pid}.*still alive"):
+            _insert(cache, np.arange(8, dtype=np.int64), 1)
+        assert cache._region.repairs == 0
+    finally:
+        sleeper.kill()
+        sleeper.communicate()
+    _insert(cache, np.arange(8, dtype=np.int64), 1)  # gone now: repaired
+    assert cache._region.repairs == 1
+    cache.close()
+
+
+def test_a_forked_child_has_a_writer_lock_of_its_own_and_its_close_leaves_the_parent_alone(
+        namespace: str) -> None:
+    cache = _open(namespace)
+    region = cache._region
+    path = region.path
+    with region.locked():  # the parent is writing
+        pid = os.fork()
+        if pid == 0:  # the child: the writer lock is not its own; closing leaves the parent's state
+            code = 3
+            try:
+                try:
+                    fcntl.flock(region._file.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    code = 1
+                except BlockingIOError:
+                    code = 0
+                cache.close()
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0  # 1: the child took the lock its parent holds
+        fd = os.open(path, os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):  # the parent still holds it
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+    assert path.exists()
+    assert os.getpid() in [p for p, _ in shm_store.live_users(_words(path).copy())]
+    keys = np.arange(16, dtype=np.int64)
+    _insert(cache, keys, 6)
+    got, hit = _query(cache, keys)
+    assert hit.all()
+    np.testing.assert_array_equal(got.ravel(), _rows(keys, 6))
+    cache.close()
