@@ -42,10 +42,12 @@ import contextlib
 import ctypes
 import http.server
 import logging
+import os
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from pathlib import Path
 from dataclasses import dataclass
 
 from hps_core.errors import ConfigError, ServingError
@@ -53,12 +55,13 @@ from hps_core.model_control import ModelControl
 from hps_core.serving import ServerExit, TritonServer
 from hps_core.stub_watch import HangWatch, StubDeath, StubWatch
 
-__all__ = ["MetricsEndpoint", "RestartPolicy", "ServeMetrics", "Supervisor", "adopt_orphans"]
+__all__ = ["MetricsEndpoint", "RestartPolicy", "ServeMetrics", "Supervisor", "adopt_orphans", "reap_adopted"]
 
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.2  # how often the server's process is checked: bounds the time to notice a death
 _LIVENESS_S = 2.0  # how often its HTTP front end is asked /v2/health/live (1 s timeout each)
+_REAP_S = 2.0  # how often zombies this subreaper adopted are reaped
 #: What :class:`RestartPolicy` does past its limit.
 ON_LIMIT = ("backoff", "exit")
 
@@ -204,6 +207,26 @@ def adopt_orphans() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
 
 
+def reap_adopted(keep: Collection[int] = ()) -> list[int]:
+    """Reap the zombie children of this process but those in ``keep`` (Triton, whose exit its
+    ``Popen`` reads); returns their pids. As a subreaper, ``hps serve`` adopts processes that
+    exit while it runs (a shared GPU cache's keeper, detached from the stub that started it, or
+    a stub of a dead Triton): unreaped, each stays a zombie until ``hps serve`` exits."""
+    me, reaped = os.getpid(), []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) in keep:
+            continue
+        try:
+            state, parent = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, ValueError):
+            continue
+        if state == "Z" and int(parent) == me:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(int(entry.name), os.WNOHANG)
+                reaped.append(int(entry.name))
+    return reaped
+
+
 class Supervisor:
     """Runs ``server`` until ``stop`` is set, restarting it under ``policy`` when it dies.
 
@@ -224,6 +247,7 @@ class Supervisor:
         self._restarts: deque[float] = deque()  # monotonic times of the restarts in the window
         self._live_at = self._checked_at = time.monotonic()  # last answer of /v2/health/live; last ask
         self._sync_warned_at = -float("inf")  # last warning of a failed repository sync
+        self._reaped_at = 0.0  # last reap of adopted zombies (reap_adopted)
         self._stubs: StubWatch | None = None  # the stubs of the server started last
         self._hangs = HangWatch(policy.stub_hang_s)
         self._hung: set[int] = set()  # stubs killed here because their model hung
@@ -242,6 +266,7 @@ class Supervisor:
             death = self._death() or self._stub_faults()
             if death is None:
                 self._sync_repository()
+                self._reap()
             elif not self._recover(death, stop):
                 break
         self.metrics.set_up(False)
@@ -255,6 +280,13 @@ class Supervisor:
         self._hangs.reset()
         self.metrics.set_up(True)
         self.on_ready(self.server)
+
+    def _reap(self) -> None:
+        now = time.monotonic()
+        if now - self._reaped_at >= _REAP_S:
+            self._reaped_at = now
+            triton = self.server.process
+            reap_adopted(keep=() if triton is None else (triton.pid,))
 
     def _sync_repository(self) -> None:
         """Keep a staged mirror in step with the repository, so that a version folder or a model

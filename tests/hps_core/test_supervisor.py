@@ -9,11 +9,14 @@ leaves behind when it dies: live processes of its group, stubs, /dev/shm regions
 from __future__ import annotations
 
 import http.client
+import json
 import ipaddress
 import os
 import secrets
 import signal
 import socket
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -300,3 +303,42 @@ def test_host_store_outlives_a_triton_restart_and_the_clean_stop_removes_it(repo
         assert serve.stop() == 0
     assert f"removed {len(tables)} host store file(s)" in serve.output
     assert not namespace_dir(namespace).exists()
+
+
+def test_a_process_adopted_by_hps_serve_is_reaped_when_it_exits() -> None:
+    """hps serve is a subreaper: a shared GPU cache's keeper (detached from the stub that started
+    it) becomes its child, and one that exits while hps serve runs must not stay a zombie; Triton
+    itself (in ``keep``) is left to its Popen."""
+    script = """
+import json, os, subprocess, sys, time
+from pathlib import Path
+from hps_core.supervisor import adopt_orphans, reap_adopted
+adopt_orphans()
+triton = subprocess.Popen(["true"])
+# a detached grandchild, as gpu_keeper forks off: its parent exits, so it is adopted by us
+subprocess.run(["sh", "-c", "(sleep 0.3; exit 0) & exit 0"], check=True)
+def zombies():
+    me = str(os.getpid())
+    found = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                state, parent = (p / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+            except OSError:
+                continue
+            if state == "Z" and parent == me:
+                found.append(int(p.name))
+    return sorted(found)
+end = time.monotonic() + 20
+while len(zombies()) < 2 and time.monotonic() < end:
+    time.sleep(0.05)
+before = zombies()
+reaped = reap_adopted(keep=(triton.pid,))
+print(json.dumps([before, reaped, zombies(), triton.wait(), triton.pid]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    before, reaped, after, triton_code, triton_pid = json.loads(done.stdout)
+    assert len(before) == 2 and triton_pid in before  # Triton and the adopted keeper, both zombies
+    assert reaped == [pid for pid in before if pid != triton_pid]
+    assert after == [triton_pid] and triton_code == 0  # Triton's status was left to its Popen
