@@ -291,9 +291,11 @@ def _copy_rows(
     written = 0
     with tqdm(total=total, initial=start, unit="rows", unit_scale=True, desc=name,
               disable=not show, leave=True) as bar:
-        for lo, keys, vectors in stream_table(table.sparse_file, table.dim, start, total, chunk_rows):
+        for lo, keys, vectors, bad in stream_table(table.sparse_file, table.dim, start, total, chunk_rows):
             hi = lo + keys.shape[0]
             try:
+                if bad >= 0:  # no format stores it as a value to serve, fp32 included
+                    raise RowValueError(f"row {bad} holds a NaN or an infinity", position=bad)
                 write(name, keys, vectors)
             except RowValueError as exc:
                 raise _unstorable(table, keys, vectors, lo, exc) from exc

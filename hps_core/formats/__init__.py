@@ -11,10 +11,11 @@ import os
 from collections.abc import Iterator
 
 import numpy as np
-import numpy.typing as npt
 
 from hps_core.formats.hugectr import (
+    Chunk,
     SparseTable,
+    first_non_finite,
     iter_sparse_model_chunks,
     read_sparse_model,
     sparse_model_rows,
@@ -31,6 +32,7 @@ from hps_core.formats.tables import (
 )
 
 __all__ = [
+    "Chunk",
     "SparseTable",
     "detect_format",
     "iter_sparse_model_chunks",
@@ -48,9 +50,9 @@ __all__ = [
 
 
 def stream_table(path: str | os.PathLike[str], dim: int, start: int, stop: int, chunk_rows: int
-                 ) -> Iterator[tuple[int, npt.NDArray[np.int64], npt.NDArray[np.float32]]]:
-    """Rows ``[start, stop)`` of any table file as ``(first row, keys, vectors)`` chunks, keys
-    int64 and vectors float32 C-contiguous; a HugeCTR folder is read with plain reads into
+                 ) -> Iterator[Chunk]:
+    """Rows ``[start, stop)`` of any table file as :data:`~hps_core.formats.hugectr.Chunk` s (each
+    with its first non-finite row, or -1); a HugeCTR folder is read with plain reads into
     reused buffers (:func:`stream_sparse_model`), a NumPy file through its memory map."""
     if detect_format(path) == "hugectr":
         yield from stream_sparse_model(path, dim, start, stop, chunk_rows)
@@ -58,5 +60,5 @@ def stream_table(path: str | os.PathLike[str], dim: int, start: int, stop: int, 
     table = read_table(path, dim)
     for lo in range(start, min(stop, len(table)), chunk_rows):
         hi = min(lo + chunk_rows, stop, len(table))
-        yield (lo, np.ascontiguousarray(table.keys[lo:hi], dtype=np.int64),
-               np.ascontiguousarray(table.vectors[lo:hi], dtype=np.float32))
+        vectors = np.ascontiguousarray(table.vectors[lo:hi], dtype=np.float32)
+        yield lo, np.ascontiguousarray(table.keys[lo:hi], dtype=np.int64), vectors, first_non_finite(vectors)

@@ -42,11 +42,14 @@ import numpy as np
 import numpy.typing as npt
 
 from hps_core.errors import FormatError
+from hps_core.row_formats import non_finite_rows
 
 __all__ = [
     "EMB_VECTOR_FILE",
     "KEY_FILE",
+    "Chunk",
     "SparseTable",
+    "first_non_finite",
     "iter_sparse_model_chunks",
     "read_sparse_model",
     "sparse_model_rows",
@@ -286,14 +289,20 @@ def iter_sparse_model_chunks(folder: str | os.PathLike[str], dim: int | None,
         yield SparseTable(keys=table.keys[start:stop], vectors=table.vectors[start:stop])
 
 
+#: One chunk of a table streamed in: (its first row in the file, keys int64 (n,), vectors
+#: float32 (n, dim) C-contiguous, the index in the chunk of its first row holding a NaN or an
+#: infinity or -1): every load checks rows coming in (row_formats.non_finite_rows).
+Chunk = tuple[int, npt.NDArray[np.int64], npt.NDArray[np.float32], int]
+
+
 def stream_sparse_model(folder: str | os.PathLike[str], dim: int, start: int, stop: int,
-                        chunk_rows: int) -> Iterator[tuple[int, npt.NDArray[np.int64], npt.NDArray[np.float32]]]:
-    """Rows ``[start, stop)`` of a sparse model folder as ``(first row, keys, vectors)`` chunks of
-    at most ``chunk_rows`` rows, read with plain reads into two pairs of buffers that take turns
-    (a chunk is valid until the next but one is asked for): a load's memory is two chunks
-    whatever the table's size, where slicing a memory map leaves every page read counted in the
-    process's resident set. The next chunk is read by a thread while the caller writes this one
-    (reads release the GIL)."""
+                        chunk_rows: int) -> Iterator[Chunk]:
+    """Rows ``[start, stop)`` of a sparse model folder as :data:`Chunk` s of at most
+    ``chunk_rows`` rows, read with plain reads into two pairs of buffers that take turns (a
+    chunk is valid until the next but one is asked for): a load's memory is two chunks whatever
+    the table's size, where slicing a memory map leaves every page read counted in the
+    process's resident set. The next chunk is read, and checked for non-finite rows, by a
+    thread while the caller writes this one (reads and NumPy's sums release the GIL)."""
     n, width = sparse_model_rows(folder, dim)
     stop = min(stop, n)
     if start >= stop:
@@ -307,12 +316,12 @@ def stream_sparse_model(folder: str | os.PathLike[str], dim: int, start: int, st
         kf.seek(start * KEY_DTYPE.itemsize)
         vf.seek(start * width * VECTOR_DTYPE.itemsize)
 
-        def read(k: int) -> tuple[int, npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        def read(k: int) -> Chunk:
             count = min(rows, stop - firsts[k])
             keys, vectors = buffers[k % 2]
             _read_exactly(kf, keys[:count], key_file)
             _read_exactly(vf, vectors[:count], vec_file)
-            return firsts[k], keys[:count], vectors[:count]
+            return firsts[k], keys[:count], vectors[:count], first_non_finite(vectors[:count])
 
         ahead = reader.submit(read, 0)
         for k in range(len(firsts)):
@@ -320,6 +329,12 @@ def stream_sparse_model(folder: str | os.PathLike[str], dim: int, start: int, st
             if k + 1 < len(firsts):
                 ahead = reader.submit(read, k + 1)
             yield chunk
+
+
+def first_non_finite(vectors: npt.NDArray[np.float32]) -> int:
+    """The index of the first row of ``vectors`` holding a NaN or an infinity, -1 when none."""
+    bad = non_finite_rows(vectors)
+    return int(bad[0]) if bad.size else -1
 
 
 def _read_exactly(fh: Any, into: npt.NDArray[Any], path: Path) -> None:

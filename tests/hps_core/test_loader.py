@@ -274,19 +274,21 @@ def test_a_table_is_loaded_in_its_row_format(tmp_path: Path, kind: str, fmt: Row
         db.close()
 
 
+@pytest.mark.parametrize("fmt", [RowFormat.INT8, RowFormat.FP32])  # fp32 tiers store any float: the load checks
 @pytest.mark.parametrize("kind", ["rocksdb", "hash_map"])
-def test_a_nan_in_a_sparse_file_fails_the_load_naming_file_table_and_key(tmp_path: Path, kind: str) -> None:
+def test_a_nan_in_a_sparse_file_fails_the_load_naming_file_table_and_key(tmp_path: Path, kind: str,
+                                                                          fmt: RowFormat) -> None:
     keys, vectors = make_table(tmp_path / "cat0", 3_000)
     bad = 2_345  # in the third chunk of 1,000
     vectors[bad, 3] = np.nan
     write_sparse_model(tmp_path / "cat0", keys, vectors)
-    table = dataclasses.replace(table_config(tmp_path / "cat0"), row_format=RowFormat.INT8)
+    table = dataclasses.replace(table_config(tmp_path / "cat0"), row_format=fmt)
     db = open_tier(kind, tmp_path)
     try:
         with pytest.raises(RowValueError) as info:
             load_table(db, table, chunk_rows=1_000)
         message = str(info.value)
-        assert message.startswith(f"{tmp_path / 'cat0'}: table 'hps_et.m.cat0' (int8): "), message
+        assert message.startswith(f"{tmp_path / 'cat0'}: table 'hps_et.m.cat0' ({fmt}): "), message
         assert f"the row of key {keys[bad]} (row {bad} of the file)" in message, message
         assert "NaN" in message, message
         assert info.value.position == bad

@@ -282,7 +282,7 @@ def test_sparse_table_checks_its_arrays() -> None:
 
 def test_exported_names() -> None:
     assert set(formats_module.__all__) == {
-        "SparseTable", "detect_format", "iter_sparse_model_chunks", "read_npy_pair", "read_npz",
+        "Chunk", "SparseTable", "detect_format", "iter_sparse_model_chunks", "read_npy_pair", "read_npz",
         "read_sparse_model", "read_table", "sparse_model_rows", "stream_sparse_model", "stream_table",
         "write_npy_pair", "write_npz", "write_sparse_model",
     }
@@ -294,10 +294,15 @@ def test_stream_reads_rows_in_two_reused_buffers(tmp_path: Path) -> None:
     keys = np.arange(1_000, dtype=np.int64) * 3 - 500
     vectors = np.random.default_rng(1).random((1_000, 7), dtype=np.float32)
     write_sparse_model(tmp_path / "t", keys, vectors)
-    chunks = [(lo, k.copy(), v.copy(), k.ctypes.data) for lo, k, v in
+    chunks = [(lo, k.copy(), v.copy(), k.ctypes.data, bad) for lo, k, v, bad in
               formats_module.stream_sparse_model(tmp_path / "t", 7, 10, 990, 256)]
+    assert {c[4] for c in chunks} == {-1}  # every row finite
     assert [c[0] for c in chunks] == [10, 266, 522, 778]
     assert len({c[3] for c in chunks}) == 2  # two buffers taking turns, whatever the table's size
     np.testing.assert_array_equal(np.concatenate([c[1] for c in chunks]), keys[10:990])
     np.testing.assert_array_equal(np.concatenate([c[2] for c in chunks]), vectors[10:990])
     assert list(formats_module.stream_sparse_model(tmp_path / "t", 7, 5, 5, 256)) == []
+    vectors[600, 2], vectors[700, 0] = np.inf, np.nan
+    write_sparse_model(tmp_path / "t", keys, vectors)
+    firsts = [(lo, bad) for lo, _, _, bad in formats_module.stream_sparse_model(tmp_path / "t", 7, 10, 990, 256)]
+    assert firsts == [(10, -1), (266, -1), (522, 600 - 522), (778, -1)]  # each chunk's first non-finite row
