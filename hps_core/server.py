@@ -30,6 +30,7 @@ a read-only handle. With ``persistent_db.read_only: true`` it never writes: some
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import tempfile
@@ -53,7 +54,7 @@ from hps_core.db.base import EmbeddingTier, PartitionMarkers, Refreshable
 from hps_core.db.redis_refill import DEFAULT_INTERVAL_S, RefillMonitor, RefillSource
 from hps_core.errors import UnknownTableError
 from hps_core.formats import read_sparse_model, sparse_model_rows
-from hps_core.loader import ensure_table, load_table
+from hps_core.loader import ensure_table, fingerprint, load_table
 from hps_core.lookup import LookupSession
 from hps_core.refresh import CacheRefresher
 from hps_core.retry import WRITE_LOCK_WAIT
@@ -189,7 +190,8 @@ class HierarchicalParameterServer:
 
         static = model.embedding_cache_type is CacheKind.STATIC
         rows = [sparse_model_rows(table.sparse_file, table.dim)[0] for table in model.tables]
-        shared = (SharedName(namespace_of(self.config.volatile_db, self.config.source), model.model)
+        shared = (SharedName(namespace_of(self.config.volatile_db, self.config.source), model.model,
+                             source=_sources_fingerprint(model))
                   if model.gpu_cache_shared else None)
         cache = make_multi_table_cache(
             model.embedding_cache_type,
@@ -285,6 +287,16 @@ def _open_writer(settings: PersistentDBConfig) -> EmbeddingTier:
     writer = open_persistent_db(settings)
     assert writer is not None
     return writer
+
+
+def _sources_fingerprint(model: ModelConfig) -> str:
+    """The identity of what a model's shared GPU cache holds: one digest of the fingerprint
+    (hps_core.loader.fingerprint: size, mtime, first and last bytes) of each table's sparse
+    file, in table order."""
+    digest = hashlib.sha256()
+    for table in model.tables:
+        digest.update(f"{table.name}={fingerprint(table.sparse_file)};".encode())
+    return digest.hexdigest()[:32]
 
 
 def _warm_up(session: LookupSession) -> None:

@@ -277,7 +277,7 @@ class _GpuMultiCache:
             else:
                 shape = {"kind": self.kind, "capacities": self._requested.tolist(), "dims": self.dims.tolist(),
                          "row_formats": [str(f) for f in self.row_formats], "key_dtype": str(self.key_dtype),
-                         "policy": self.policy}
+                         "policy": self.policy, "source": self._shared.source}
                 self._region = shared_region(cp, fields, self.tables, device=self.device, name=self._shared,
                                              shape=shape)
         self._region.repair = self._repair

@@ -122,10 +122,14 @@ class Field:
 
 @dataclass(frozen=True)
 class SharedName:
-    """Which shared cache: the host store's ``namespace`` and a ``name`` (the model's)."""
+    """Which shared cache: the host store's ``namespace`` and a ``name`` (the model's), and
+    the ``source`` its rows come from (a fingerprint of the model's sparse files, part of the
+    cache's identity: a cache made from other files is refused while in use, rebuilt when not,
+    so a restart after the files changed never re-attaches old rows)."""
 
     namespace: str
     name: str
+    source: str = ""
 
 
 def _layout(fields: Sequence[Field]) -> tuple[dict[str, int], int]:
@@ -479,6 +483,11 @@ def _attach_or_create(cp: Any, meta: _MetaFile, fields: Sequence[Field], tables:
                 return region
         elif shm.live_users(w):
             diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+            if diff == ["source"]:
+                raise ConfigError(
+                    f"{meta.path}: the shared GPU cache in use by pids {[p for p, _ in shm.live_users(w)]} was "
+                    "made from other sparse files (their fingerprint differs); stop them, or set "
+                    "gpu_cache_shared to false for this model")
             raise ConfigError(
                 f"{meta.path}: a shared GPU cache of another shape is in use by pids "
                 f"{[p for p, _ in shm.live_users(w)]} ({', '.join(diff)} differ: {[have.get(k) for k in diff]} there, "

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from hps_core.arrays import to_host
 from hps_core.cache import SharedName, make_multi_table_cache
 from hps_core.cache import shared_gpu
 from hps_core.config import load_config
@@ -561,3 +562,60 @@ def test_a_forked_child_has_a_writer_lock_of_its_own_and_its_close_leaves_the_pa
     assert hit.all()
     np.testing.assert_array_equal(got.ravel(), _rows(keys, 6))
     cache.close()
+
+
+def test_a_cache_made_from_other_sparse_files_is_refused_in_use_and_rebuilt_when_not(namespace: str) -> None:
+    cache = make_multi_table_cache("dynamic", device=0, capacities=[KEYS], dims=[DIM],
+                                   shared=SharedName(namespace, "m", source="one"))
+    _insert(cache, np.arange(16, dtype=np.int64), 1)
+    with pytest.raises(ConfigError, match=r"gpu0\.m.*made from other sparse files"):
+        make_multi_table_cache("dynamic", device=0, capacities=[KEYS], dims=[DIM],
+                               shared=SharedName(namespace, "m", source="two"))
+    cache.close()
+    other = make_multi_table_cache("dynamic", device=0, capacities=[KEYS], dims=[DIM],
+                                   shared=SharedName(namespace, "m", source="two"))
+    assert int(other.sizes()[0]) == 0  # rebuilt: none of the old rows
+    other.close()
+
+
+def test_a_restart_under_hps_serve_after_the_sparse_files_changed_serves_the_new_rows(
+        tmp_path: Path, namespace: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """hps serve keeps the GPU cache past its users; a server started after the model's sparse
+    files changed must not re-attach the cache of the old files."""
+    keys = np.arange(200, dtype=np.int64)
+    write_sparse_model(tmp_path / "t.model", keys, _rows(keys, 1).reshape(-1, DIM))
+    doc = {
+        "volatile_db": {"type": "hash_map", "shared_memory_name": namespace},
+        "persistent_db": {"type": "disabled"},
+        "models": [{
+            "model": "m", "sparse_files": ["t.model"], "embedding_table_names": ["t"],
+            "embedding_vecsize_per_table": [DIM], "maxnum_catfeature_query_per_table_per_sample": [200],
+            "gpucacheper": 1.0, "init_ec": False,  # the cache holds what lookups put in it
+        }],
+    }
+    (tmp_path / "hps.json").write_text(json.dumps(doc))
+    path = shm_store.namespace_dir(namespace) / "gpu0.m"
+    serve = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        monkeypatch.setenv(shm_store.KEEPER_ENV, str(serve.pid))
+        with HierarchicalParameterServer(load_config(tmp_path / "hps.json"), cache_device=0) as one:
+            one.session("m").lookup(keys, np.array([200], np.int32))  # misses are cached
+            got, hit = _query(one.session("m").caches["t"].multi, keys)
+            assert hit.sum() > 0
+            np.testing.assert_array_equal(got[hit].ravel(), _rows(keys[hit], 1))
+        assert path.exists()  # kept
+        time.sleep(0.05)  # a new mtime for the fingerprint even on a coarse clock
+        write_sparse_model(tmp_path / "t.model", keys, _rows(keys, 2).reshape(-1, DIM))
+        with HierarchicalParameterServer(load_config(tmp_path / "hps.json"), cache_device=0) as two:
+            lookup = to_host(two.session("m").lookup(keys, np.array([200], np.int32))).reshape(-1, DIM)
+            multi = two.session("m").caches["t"].multi
+            got, hit = _query(multi, keys)
+            assert hit.sum() > 0
+            np.testing.assert_array_equal(got[hit].ravel(), _rows(keys[hit], 2))  # never an old row
+            served = np.abs(lookup).sum(axis=1) > 0  # rows the host store holds (others: the default)
+            np.testing.assert_array_equal(lookup[served].ravel(), _rows(keys[served], 2))
+        assert str(path) in shm_store.remove_kept_stores(serve.pid)
+    finally:
+        serve.kill()
+        serve.communicate()
+    assert _gone(path)
