@@ -44,7 +44,7 @@ KEYS = 512  # keys each test writes (static capacity fits them all)
 
 # A user process: maps the shared cache, then runs its mode, prints one JSON line.
 WORKER = r"""
-import json, os, sys, time
+import json, os, select, sys, time
 import numpy as np
 from hps_core.cache import SharedName, make_multi_table_cache
 namespace, kind, mode, seconds, seed = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), int(sys.argv[5])
@@ -80,6 +80,8 @@ else:
     end = time.monotonic() + seconds
     version = 0
     while time.monotonic() < end:
+        if mode == "serve" and select.select([sys.stdin], [], [], 0)[0]:  # run until told to stop
+            break
         version = version %% 999 + 1
         keys = rng.choice(nkeys, 64, replace=False).astype(np.int64)
         cache.replace_tables(np.zeros(64, np.int64), keys, rows(keys, version), np.arange(64, dtype=np.int64) * dim)
@@ -277,16 +279,19 @@ def test_a_killed_process_does_not_hurt_the_others(namespace: str, kind: str) ->
     """SIGKILL users under load (inside a write kernel, often): the survivor goes on (no
     stuck lock), reads no torn row, its dead peers' slots are reaped, and once the last user
     closes the file and the keeper are gone."""
-    survivor = _start(namespace, kind, "run", seconds=8.0, seed=1)
+    survivor = _start(namespace, kind, "serve", seconds=60.0, seed=1)
     path = shm_store.namespace_dir(namespace) / "gpu0.m"
-    for round_ in range(4):
-        victim = _start(namespace, kind, "write", seconds=30.0, seed=10 + round_)
-        time.sleep(0.4 + 0.3 * round_)
+    kills = 0
+    while kills < 4 or (_words(path)[shared_gpu.W_REPAIRS] == 0 and kills < 40):  # until one lands inside a write
+        victim = _start(namespace, kind, "write", seconds=30.0, seed=10 + kills)
+        time.sleep(0.2 + 0.05 * (kills % 7))
         os.kill(victim.pid, signal.SIGKILL)
         victim.communicate()
+        kills += 1
+        time.sleep(0.1)  # the survivor's next write repairs
     stats = _finish(survivor)
     assert stats["bad"] == 0 and stats["inserts"] > 5, stats
-    print(f"{kind}: 4 kills, {stats['repairs']} inside a write (repaired)", stats)
+    assert stats["repairs"] >= 1, f"{kills} kills, none inside a write"
     assert _gone(path)  # the survivor was the last live user: it removed the file, the keeper left
 
 
@@ -352,19 +357,24 @@ def test_a_file_left_by_dead_processes_is_rebuilt(namespace: str) -> None:
     cache.close()
 
 
-def test_servers_of_one_model_share_one_cache(tmp_path: Path, namespace: str) -> None:
-    keys = np.arange(200, dtype=np.int64)
+def _server_config(tmp_path: Path, namespace: str, keys: np.ndarray, **model: Any) -> dict[str, Any]:
+    """hps.json in ``tmp_path`` for model "m", table "t" of ``keys`` (rows of version 1),
+    with the host store in ``namespace``; returns the document."""
     write_sparse_model(tmp_path / "t.model", keys, _rows(keys, 1).reshape(-1, DIM))
-    doc = {
+    doc: dict[str, Any] = {
         "volatile_db": {"type": "hash_map", "shared_memory_name": namespace},
         "persistent_db": {"type": "disabled"},
-        "models": [{
-            "model": "m", "sparse_files": ["t.model"], "embedding_table_names": ["t"],
-            "embedding_vecsize_per_table": [DIM], "maxnum_catfeature_query_per_table_per_sample": [100],
-            "gpucacheper": 0.5,
-        }],
+        "models": [{"model": "m", "sparse_files": ["t.model"], "embedding_table_names": ["t"],
+                    "embedding_vecsize_per_table": [DIM], **model}],
     }
     (tmp_path / "hps.json").write_text(json.dumps(doc))
+    return doc
+
+
+def test_servers_of_one_model_share_one_cache(tmp_path: Path, namespace: str) -> None:
+    keys = np.arange(200, dtype=np.int64)
+    doc = _server_config(tmp_path, namespace, keys, maxnum_catfeature_query_per_table_per_sample=[100],
+                         gpucacheper=0.5)
     path = shm_store.namespace_dir(namespace) / "gpu0.m"
     with HierarchicalParameterServer(load_config(tmp_path / "hps.json"), cache_device=0) as one, \
             HierarchicalParameterServer(load_config(tmp_path / "hps.json"), cache_device=0) as two:
@@ -583,17 +593,8 @@ def test_a_restart_under_hps_serve_after_the_sparse_files_changed_serves_the_new
     """hps serve keeps the GPU cache past its users; a server started after the model's sparse
     files changed must not re-attach the cache of the old files."""
     keys = np.arange(200, dtype=np.int64)
-    write_sparse_model(tmp_path / "t.model", keys, _rows(keys, 1).reshape(-1, DIM))
-    doc = {
-        "volatile_db": {"type": "hash_map", "shared_memory_name": namespace},
-        "persistent_db": {"type": "disabled"},
-        "models": [{
-            "model": "m", "sparse_files": ["t.model"], "embedding_table_names": ["t"],
-            "embedding_vecsize_per_table": [DIM], "maxnum_catfeature_query_per_table_per_sample": [200],
-            "gpucacheper": 1.0, "init_ec": False,  # the cache holds what lookups put in it
-        }],
-    }
-    (tmp_path / "hps.json").write_text(json.dumps(doc))
+    _server_config(tmp_path, namespace, keys, maxnum_catfeature_query_per_table_per_sample=[200],
+                   gpucacheper=1.0, init_ec=False)  # the cache holds what lookups put in it
     path = shm_store.namespace_dir(namespace) / "gpu0.m"
     serve = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     try:
