@@ -29,12 +29,10 @@ import csv
 import dataclasses
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +44,7 @@ import numpy.typing as npt
 from hps_core.formats import write_sparse_model
 from hps_core.repository import rewrite_instance_groups_to_cpu
 from hps_core.serving import TritonServer, gpu_count
+from hps_demo.bench.harness import Scrape, machine_with_gpus, metric_total, scrape
 from hps_demo.data import power_law_ranks
 from hps_demo.tools import find_perf_analyzer
 
@@ -56,7 +55,6 @@ COMMITTED_REPOSITORY = REPO_ROOT / "model_repository"
 PENDING = "pending (no GPU)"
 N_DENSE = 13
 _DENSE_WEIGHTS_PARAM = "../../work/demo/dense.pt"  # the committed path the builder replaces
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 _LOOSE_STABILITY = 100  # percent: the retry's bound when the first measurement was unstable
 _B64_ABOVE = 4096  # elements: larger tensors go to perf_analyzer as base64, not JSON lists
 
@@ -235,42 +233,11 @@ def output_bytes(config: BenchConfig, model: str, batch: int) -> int:
 
 
 # --------------------------------------------------------------------------- metrics
-_SERIES = re.compile(r"^(\w+)\{([^}]*)\} (\S+)$", re.MULTILINE)
-Scrape = dict[tuple[str, frozenset[tuple[str, str]]], float]  # (name, labels) → value
-
-
-def scrape(url: str) -> Scrape:
-    """The hps_ and nv_inference_ series of Triton's ``/metrics``."""
-    text = _get(url)
-    out: Scrape = {}
-    for name, labels, value in _SERIES.findall(text):
-        if name.startswith(("hps_", "nv_inference_")):
-            out[(name, frozenset(re.findall(r'(\w+)="([^"]*)"', labels)))] = float(value)
-    return out
-
-
-def _get(url: str, attempts: int = 50) -> str:
-    # The metrics endpoint can open a moment after the server reports ready.
-    for attempt in range(attempts):
-        try:
-            with _OPENER.open(url, timeout=10) as response:
-                return str(response.read().decode())
-        except (ConnectionError, OSError):
-            if attempt == attempts - 1:
-                raise
-            time.sleep(0.1)
-    raise AssertionError("unreachable")
-
-
-def _total(series: Scrape, name: str, **labels: str) -> float:
-    wanted = set(labels.items())
-    return sum(v for (n, ls), v in series.items() if n == name and wanted <= ls)
-
-
 def hit_rates(before: Scrape, after: Scrape) -> dict[str, float | None]:
     """Share of unique keys answered per tier between two scrapes, and the default share."""
     def delta(name: str, **labels: str) -> float:
-        return _total(after, name, model="hps_embedding", **labels) - _total(before, name, model="hps_embedding", **labels)
+        return (metric_total(after, name, model="hps_embedding", **labels)
+                - metric_total(before, name, model="hps_embedding", **labels))
 
     unique = delta("hps_lookup_unique_keys_total")
     out: dict[str, float | None] = {"keys": delta("hps_lookup_keys_total"), "unique_keys": unique}
@@ -282,7 +249,7 @@ def hit_rates(before: Scrape, after: Scrape) -> dict[str, float | None]:
 
 
 def failures(before: Scrape, after: Scrape, model: str) -> float:
-    return _total(after, "nv_inference_request_failure", model=model) - _total(
+    return metric_total(after, "nv_inference_request_failure", model=model) - metric_total(
         before, "nv_inference_request_failure", model=model)
 
 
@@ -454,31 +421,6 @@ def _one_line(r: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------- the run
-def machine() -> dict[str, Any]:
-    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
-                            "cpus": os.cpu_count(), "gpus": gpu_count()}
-    with _suppress():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    with _suppress():
-        info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    if info["gpus"]:
-        with _suppress():
-            info["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                                         capture_output=True, text=True, timeout=20).stdout.strip()
-    return info
-
-
-class _suppress:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> bool:
-        return exc[0] is not None and issubclass(exc[0], Exception)  # type: ignore[arg-type]
-
-
 def run_benchmark(config: BenchConfig, out: Path, *, command: str, log: Any = print) -> dict[str, Any]:
     """Build, serve and sweep the CPU path (and the GPU path first when a GPU is here)."""
     started = time.monotonic()
@@ -488,7 +430,7 @@ def run_benchmark(config: BenchConfig, out: Path, *, command: str, log: Any = pr
     work.mkdir(exist_ok=True)
     have_gpu = gpu_count() > 0
     result: dict[str, Any] = {
-        "command": command, "machine": machine(), "config": dataclasses.asdict(config),
+        "command": command, "machine": machine_with_gpus(), "config": dataclasses.asdict(config),
         "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "paths": {},
     }
     if have_gpu:

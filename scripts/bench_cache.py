@@ -42,9 +42,9 @@ from numba import njit
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, when not installed
 
 from hps_core.cache import make_cache, make_multi_table_cache  # noqa: E402
+from hps_demo.bench.tables import GATHER_CU  # noqa: E402
 
 BATCHES = [1024, 4096, 16384, 65536, 262144, 1048576]
-_GATHER_SRC = (Path(__file__).resolve().parent / "kernels" / "gather.cu").read_text()  # the device gather ceiling
 
 
 # --------------------------------------------------------------------------- timing
@@ -70,7 +70,7 @@ class Backend:
             import cupy
 
             self.xp, self.device = cupy, 0
-            self._gather = cupy.RawKernel(_GATHER_SRC, "gather")
+            self._gather = cupy.RawKernel(GATHER_CU.read_text(), "gather")  # the device gather ceiling
         else:
             self.xp, self.device = np, "cpu"
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from hps_demo.bench.harness import command_line  # noqa: E402
 from hps_demo.bench_e2e import BenchConfig, plot_results, run_benchmark, update_docs  # noqa: E402
 
 
@@ -79,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = config_from(args)
     out = args.out or REPO / "work" / ("bench_e2e_smoke" if config.smoke else "bench_e2e")
-    command = "scripts/bench_e2e.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    result = run_benchmark(config, out, command=command.strip())
+    result = run_benchmark(config, out, command=command_line("scripts/bench_e2e.py", argv))
     (out / "bench_e2e.json").write_text(json.dumps(result, indent=2) + "\n")
     plots = plot_results(result, out / "plots")
     print(f"wrote {out / 'bench_e2e.json'} and {len(plots)} plots in {out / 'plots'} ({result['seconds']:.0f} s)")

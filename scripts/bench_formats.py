@@ -47,11 +47,10 @@ import gc
 import json
 import os
 import re
-import shlex
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,25 +69,27 @@ from hps_core.loader import load_table  # noqa: E402
 from hps_core.lookup import LookupSession  # noqa: E402
 from hps_core.row_formats import FORMAT_NAMES, RowFormat  # noqa: E402
 from hps_core.serving import TritonServer  # noqa: E402
-from hps_demo.bench_e2e import machine  # noqa: E402
-from hps_demo.client import dlrm_request, hps_request, infer, make_client  # noqa: E402
-from hps_demo.data import DEMO_ROWS_PER_TABLE, Dataset, auc, make_dataset, train_test_split  # noqa: E402
-from hps_demo.train import export_model, score, train_dlrm  # noqa: E402
-from scripts.bench_lookup import (  # noqa: E402
+from hps_demo.bench.harness import (  # noqa: E402
+    Row,
+    command_line,
+    interleaved,
+    machine_with_gpus,
+    markdown,
+    rotating,
+    write_report,
+)
+from hps_demo.bench.tables import (  # noqa: E402
     Device,
     cache_hits,
     draw_rows,
     hit_rate_of,
-    interleaved,
     make_request,
     make_tables,
-    markdown,
-    rotating,
     warm_cache,
 )
-from scripts.bench_updates import write_report  # noqa: E402
-
-Row = dict[str, Any]
+from hps_demo.client import dlrm_request, hps_request, infer, make_client  # noqa: E402
+from hps_demo.data import DEMO_ROWS_PER_TABLE, Dataset, auc, make_dataset, train_test_split  # noqa: E402
+from hps_demo.train import export_model, score, train_dlrm  # noqa: E402
 COMMITTED = ROOT / "model_repository"
 HPS_MODEL = "hps_embedding"
 ENSEMBLE = "dlrm"
@@ -557,8 +558,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
     words = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    command = " ".join(["scripts/bench_formats.py", *map(shlex.quote, words)])
-    info = machine()
+    command = command_line("scripts/bench_formats.py", words)
+    info = machine_with_gpus()
     print(f"machine: {info.get('cpu', 'unknown CPU')}, {info['cpus']} CPUs, {info.get('memory_gib')} GiB, "
           f"{info['gpus']} GPU(s); {info['platform']}, Python {info['python']}")
     print(f"command: {command}", flush=True)

@@ -35,7 +35,7 @@ pss     Memory with N processes (``--procs`` 1 2 4): N plain Python processes (n
         hps_core and warmed the kernels. PSS = sum of ``Pss`` in /proc/PID/smaps_rollup over the
         N processes, read while all of them are alive; ratio = PSS(N) / PSS(1) of the same kind.
 lookup  keys/s of ``fetch_tables`` of the private map and the host store in one process, side by
-        side (interleaved rounds, medians, ``bench_lookup.interleaved``): ``--lookup-tables``
+        side (interleaved rounds, medians, ``harness.interleaved``): ``--lookup-tables``
         tables x ``--lookup-rows`` rows (a request's keys table-major, uniform rows) and one table
         holding the same rows; batches ``--batches`` (1,024 and 16,384 keys); answers of both
         checked equal to the stored rows. Ratio host / private.
@@ -63,7 +63,6 @@ import contextlib
 import json
 import os
 import select
-import shlex
 import shutil
 import subprocess
 import sys
@@ -89,10 +88,8 @@ from hps_core.db import shm_store as shm  # noqa: E402
 from hps_core.formats import sparse_model_rows, stream_table, write_sparse_model  # noqa: E402
 from hps_core.formats.hugectr import EMB_VECTOR_FILE, KEY_FILE  # noqa: E402
 from hps_core.row_formats import RowFormat  # noqa: E402
-from scripts.bench_lookup import interleaved, machine, markdown  # noqa: E402
-from scripts.bench_updates import write_report  # noqa: E402
+from hps_demo.bench.harness import Row, command_line, interleaved, machine, markdown, write_report  # noqa: E402
 
-Row = dict[str, Any]
 SCRIPT = Path(__file__).resolve()
 PREFIX = "HPSBENCH "  # a worker's messages on its stdout
 TABLE = "hps_et.bench.t"
@@ -752,8 +749,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--worker":
         return worker_main(json.loads(sys.argv[2]))
     args = parse_args(argv)
-    words = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    command = " ".join([".venv/bin/python scripts/bench_host_store.py", *map(shlex.quote, words)])
+    command = command_line(".venv/bin/python scripts/bench_host_store.py", argv)
     info = machine()
     print(f"machine: {info['cpu']}, {info['cpus']} CPUs, {info['platform']}, numpy {info['numpy']}")
     print(f"command: {command}", flush=True)

@@ -56,15 +56,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shlex
 import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,13 +77,11 @@ from hps_core.config import ModelConfig, VolatileDBConfig, parse_config  # noqa:
 from hps_core.db import HashMapVolatileDB  # noqa: E402
 from hps_core.formats import write_sparse_model  # noqa: E402
 from hps_core.lookup import LookupSession  # noqa: E402
-from hps_demo.data import make_key_map, power_law_ranks  # noqa: E402
+from hps_demo.bench.harness import Row, command_line, interleaved, machine, markdown, percentiles_ms, rotating  # noqa: E402
+from hps_demo.bench.tables import Device, Tables, cache_hits, draw_rows, hit_rate_of  # noqa: E402
+from hps_demo.bench.tables import make_request, make_tables, warm_cache  # noqa: E402
 
-Row = dict[str, Any]
 LOAD_CHUNK = 65_536
-WARM_CHUNK = 262_144  # rows per replace_tables call when the cache is warmed
-#: The device plain-gather ceiling (scripts/bench_cache.py measures the cache query against it too).
-GATHER_SRC = (Path(__file__).resolve().parent / "kernels" / "gather.cu").read_text()
 TRITON_MAX_BATCH = 1024  # config.pbtxt max_batch_size: clients send KEYS [1, n], as tests/e2e does
 
 ZEROS_MODEL_PY = '''\
@@ -129,68 +124,7 @@ parameters: {{ key: "{key}" value: {{ string_value: "{value}" }} }}
 """
 
 
-# --------------------------------------------------------------------------- data
-
-
-@dataclass
-class Tables:
-    """``n`` tables of ``rows`` rows each, held twice: in a hash map and as one dense array.
-
-    key_maps: (n, rows) int64, row -> key of each table (opaque ids, distinct across tables)
-    dense:    (n * rows, dim) float32, row r of table t at ``t * rows + r``
-    """
-
-    key_maps: np.ndarray
-    dense: np.ndarray
-
-    @property
-    def n(self) -> int:
-        return int(self.key_maps.shape[0])
-
-    @property
-    def rows(self) -> int:
-        return int(self.key_maps.shape[1])
-
-    @property
-    def dim(self) -> int:
-        return int(self.dense.shape[1])
-
-
-def make_tables(n: int, rows: int, dim: int, seed: int) -> Tables:
-    rng = np.random.default_rng(seed)
-    key_maps = np.stack([make_key_map(rows, t, seed) for t in range(n)])
-    if np.unique(key_maps).size != key_maps.size:  # one-table mode puts all keys in one table
-        raise RuntimeError("key collision between tables; pick another --seed")
-    return Tables(key_maps, rng.standard_normal((n * rows, dim), dtype=np.float32))
-
-
-def draw_rows(rng: np.random.Generator, tables: Tables, samples: int, dist: str, alpha: float) -> np.ndarray:
-    """(n, samples) int64 row of each table's key per sample: power law with hot rows
-    scattered by a per-table permutation, or uniform."""
-    out = np.empty((tables.n, samples), dtype=np.int64)
-    for t in range(tables.n):
-        if dist == "uniform":
-            out[t] = rng.integers(0, tables.rows, samples)
-        else:
-            out[t] = rng.permutation(tables.rows)[power_law_ranks(rng, tables.rows, samples, alpha)]
-    return out
-
-
-@dataclass(frozen=True)
-class Request:
-    """One HugeCTR request and where its rows sit in the dense array."""
-
-    keys: np.ndarray  # (n * samples,) int64, table-major
-    numkeys: np.ndarray  # (n,) int32
-    dense_index: np.ndarray  # (n * samples,) int64 rows of Tables.dense, same order
-    per_table: list[np.ndarray]  # n arrays (samples,) int64: rows within each table
-
-
-def make_request(tables: Tables, rows: np.ndarray) -> Request:
-    n, samples = rows.shape
-    keys = np.take_along_axis(tables.key_maps, rows, axis=1).ravel()
-    dense_index = (rows + (np.arange(n, dtype=np.int64) * tables.rows)[:, None]).ravel()
-    return Request(keys, np.full(n, samples, dtype=np.int32), dense_index, list(rows))
+# --------------------------------------------------------------------------- sessions
 
 
 def model_config(name: str, n_tables: int, dim: int, max_batch: int, keys_per_sample: int = 1) -> ModelConfig:
@@ -234,79 +168,6 @@ def session_over(model: ModelConfig, keys: list[np.ndarray], values: list[np.nda
 # --------------------------------------------------------------------------- device and cache
 
 
-class Device:
-    """Where the session's answers and the plain-gather ceiling live: the host (numpy) or GPU 0
-    (CuPy). ``sync()`` waits for the device's work, so host timers bracket finished work."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.xp: Any = np
-        if name == "gpu":
-            try:
-                import cupy
-            except ImportError as exc:
-                raise SystemExit(f"--device gpu needs CuPy and a GPU ({exc}); use --device cpu (--cache cpu "
-                                 "runs the cached path on the CPU twin)") from exc
-            self.xp = cupy
-            with cupy.cuda.Device(0):
-                self._kernel = cupy.RawKernel(GATHER_SRC, "gather")
-
-    @property
-    def gpu(self) -> bool:
-        return self.name == "gpu"
-
-    def put(self, array: np.ndarray) -> Any:
-        """``array`` in the device's memory (the array itself on the host)."""
-        return self.xp.asarray(array) if self.gpu else array
-
-    def host(self, array: Any) -> np.ndarray:
-        return array.get() if self.gpu else np.asarray(array)
-
-    def empty(self, shape: tuple[int, ...]) -> Any:
-        return self.xp.empty(shape, dtype=np.float32)
-
-    def sync(self) -> None:
-        if self.gpu:
-            self.xp.cuda.Device(0).synchronize()
-
-    def gather(self, table: Any, index: Any, out: Any) -> None:
-        """``out[i] = table[index[i]]``: numpy ``take`` (clip: no buffered ``out``) on the host,
-        one float4 gather kernel on the GPU (``cupy.take`` for rows not 16-byte aligned)."""
-        if not self.gpu:
-            np.take(table, index, axis=0, out=out, mode="clip")
-            return
-        n, dim = int(index.shape[0]), int(table.shape[1])
-        if n == 0:
-            return
-        if dim % 4 or table.data.ptr % 16 or out.data.ptr % 16:
-            self.xp.take(table, index, axis=0, out=out)
-            return
-        blocks = min(-(-n // 8), 65535)  # 8 warps (rows) per block of 256 threads, grid-stride
-        self._kernel((blocks,), (256,), (table, index, out, np.int64(n), np.int32(dim)))
-
-    def synced(self, fn: Callable[[], Any]) -> Callable[[], Any]:
-        """``fn`` followed by a device synchronize (what a timed candidate runs)."""
-        if not self.gpu:
-            return fn
-
-        def run() -> Any:
-            result = fn()
-            self.sync()
-            return result
-
-        return run
-
-    def describe(self) -> dict[str, Any]:
-        if not self.gpu:
-            return {"device": "cpu"}
-        cupy = self.xp
-        props = cupy.cuda.runtime.getDeviceProperties(0)
-        name = props["name"]
-        return {"device": "gpu", "gpu": name.decode() if isinstance(name, bytes) else str(name),
-                "cupy": cupy.__version__, "cuda_runtime": cupy.cuda.runtime.runtimeGetVersion(),
-                "cuda_driver": cupy.cuda.runtime.driverGetVersion()}
-
-
 def make_cache(args: argparse.Namespace, model: ModelConfig, rows: list[int]) -> MultiTableCache | None:
     """The session's multi-table dynamic cache for ``model``'s tables, of ``rows`` rows each
     (None: no cache), in their widths and row formats, as the server builds it. Capacity
@@ -318,41 +179,6 @@ def make_cache(args: argparse.Namespace, model: ModelConfig, rows: list[int]) ->
     return make_multi_table_cache("dynamic", device=device, capacities=[args.cache_headroom * r for r in rows],
                                   dims=[t.dim for t in model.tables],
                                   row_formats=[t.row_format for t in model.tables])
-
-
-def warm_cache(cache: MultiTableCache | None, device: Device, keys: list[np.ndarray],
-               values: list[np.ndarray]) -> float | None:
-    """Insert every row of every table (``keys[t]`` (rows,), ``values[t]`` (rows, dim)) into
-    ``cache``; returns the share of the rows resident afterwards (None without a cache)."""
-    if cache is None:
-        return None
-    xp = device.xp if cache.device != "cpu" else np
-    for t, (k, v) in enumerate(zip(keys, values)):
-        dim = int(v.shape[1])
-        for s in range(0, k.size, WARM_CHUNK):
-            kk = np.ascontiguousarray(k[s : s + WARM_CHUNK], dtype=np.int64)
-            ids = np.full(kk.size, t, np.int64)
-            offsets = np.arange(kk.size, dtype=np.int64) * dim
-            flat = np.ascontiguousarray(v[s : s + WARM_CHUNK], dtype=np.float32).reshape(-1)
-            cache.replace_tables(xp.asarray(ids), xp.asarray(kk), xp.asarray(flat), xp.asarray(offsets))
-    device.sync()
-    held = np.asarray(cache.sizes(), np.int64)
-    return float(held.sum() / sum(k.size for k in keys))
-
-
-def cache_hits(session: LookupSession) -> tuple[float, float]:
-    """(cache hits, unique keys) over all tables so far."""
-    counters = session.counters().values()
-    return sum(c["cache_hits"] for c in counters), sum(c["unique_keys"] for c in counters)
-
-
-def hit_rate_of(session: LookupSession, before: tuple[float, float]) -> float | None:
-    """Cache hit rate of the unique keys looked up since ``before`` (None without a cache)."""
-    if session.cache is None:
-        return None
-    hits, unique = cache_hits(session)
-    asked = unique - before[1]
-    return float((hits - before[0]) / asked) if asked else None
 
 
 @contextmanager
@@ -483,54 +309,12 @@ def profile_gpu_calls(device: Device, calls: list[Callable[[], Any]]) -> Row:
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
-# --------------------------------------------------------------------------- timing
-
-
-def interleaved(candidates: dict[str, Callable[[], Any]], min_seconds: float, min_reps: int,
-                max_seconds: float) -> dict[str, Row]:
-    """Median seconds of each candidate, run in rounds A, B, C, A, B, C, ... after one warm-up
-    each, until every candidate has ``min_reps`` samples and ``min_seconds`` of timed work (or
-    the rounds took ``max_seconds`` and every candidate has at least 3 samples)."""
-    for fn in candidates.values():
-        fn()
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
-    started = time.perf_counter()
-    while True:
-        for name, fn in candidates.items():
-            t0 = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - t0)
-        reps = len(samples[next(iter(samples))])
-        enough = reps >= min_reps and all(sum(s) >= min_seconds for s in samples.values())
-        if enough or (reps >= 3 and time.perf_counter() - started >= max_seconds):
-            break
-    return {name: {"median_s": float(np.median(s)), "reps": len(s)} for name, s in samples.items()}
-
-
-def percentiles_ms(seconds: list[float]) -> dict[str, float]:
-    ms = np.asarray(seconds) * 1e3
-    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
-            "mean_ms": float(ms.mean()), "requests": int(ms.size)}
-
-
 # --------------------------------------------------------------------------- inprocess
 
 
 def lookup_of(session: LookupSession, keys: np.ndarray, numkeys: np.ndarray) -> Callable[[], Any]:
     """A candidate: ``session.lookup(keys, numkeys)``."""
     return lambda: session.lookup(keys, numkeys)
-
-
-def rotating(calls: list[Callable[[], Any]]) -> Callable[[], Any]:
-    """One callable that runs ``calls`` in turn, one per call (the request sets of a size)."""
-    turn = [0]
-
-    def run() -> Any:
-        call = calls[turn[0] % len(calls)]
-        turn[0] += 1
-        return call()
-
-    return run
 
 
 def cache_row(session: LookupSession, resident: float | None, hits_before: tuple[float, float],
@@ -783,11 +567,6 @@ def served_size(args: argparse.Namespace, module: Any, client: Any, tables: Tabl
 # --------------------------------------------------------------------------- report
 
 
-def markdown(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
-    return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)])
-
-
 def _num(value: Any, fmt: str = "g") -> str:
     return "n/a" if value is None else format(value, fmt)
 
@@ -895,17 +674,6 @@ def plot(results: dict[str, list[Row]], path: Path, baseline: dict[str, list[Row
     return True
 
 
-def machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name")) or cpu
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu or "unknown", "cpus": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "numpy": np.__version__}
-
-
 def describe_device(device: Device) -> dict[str, Any]:
     try:
         return device.describe()
@@ -988,8 +756,7 @@ def main(argv: list[str] | None = None) -> int:
     # request's allocations do not fault pages in (hps_core/arrays.py). The gather ceiling
     # allocates nothing, so this only removes a cost the server does not pay either.
     retain_freed_memory()
-    words = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    command = " ".join(["scripts/bench_lookup.py", *map(shlex.quote, words)])
+    command = command_line("scripts/bench_lookup.py", argv)
     info = machine()
     device = Device(args.device)
     info.update(describe_device(device))

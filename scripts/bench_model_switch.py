@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
-import shlex
 import sys
 import tempfile
 import time
@@ -45,7 +44,7 @@ sys.path.insert(0, str(REPO))
 from hps_core.model_control import ModelControl  # noqa: E402
 from hps_core.publishing import PHASES, TO_SERVING, PublishReport, PublishTarget, publish_model  # noqa: E402
 from hps_core.serving import TritonServer  # noqa: E402
-from hps_demo.bench_e2e import machine  # noqa: E402
+from hps_demo.bench.harness import command_line, machine_with_gpus  # noqa: E402
 from hps_demo.client import dlrm_request  # noqa: E402
 from hps_demo.data import DEMO_ROWS_PER_TABLE  # noqa: E402
 from hps_demo.versions import (  # noqa: E402
@@ -231,9 +230,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    words = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    command = " ".join([".venv/bin/python scripts/bench_model_switch.py", *map(shlex.quote, words)])
-    info = machine()
+    command = command_line(".venv/bin/python scripts/bench_model_switch.py", argv)
+    info = machine_with_gpus()
     print(f"machine: {info.get('cpu', 'unknown CPU')}, {info['cpus']} CPUs, {info['gpus']} GPU(s)\ncommand: {command}",
           flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-model-switch-") as tmp:

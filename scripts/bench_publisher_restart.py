@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from hps_core.errors import UpdateError  # noqa: E402
 from hps_core.updates import UpdateSink, topic_name  # noqa: E402
-from scripts.bench_updates import write_report  # noqa: E402
+from hps_demo.bench.harness import write_report  # noqa: E402
 from tests.kafka_broker import KafkaBroker, TopicReader  # noqa: E402
 
 

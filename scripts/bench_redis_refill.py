@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 from hps_core.config import load_config  # noqa: E402
 from hps_core.formats import write_sparse_model  # noqa: E402
 from hps_core.server import HierarchicalParameterServer  # noqa: E402
-from scripts.bench_updates import write_report  # noqa: E402
+from hps_demo.bench.harness import write_report  # noqa: E402
 from tests.redis_servers import RedisProcesses  # noqa: E402
 
 

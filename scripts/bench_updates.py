@@ -23,9 +23,6 @@ Writes ``<out>/bench_updates_<time>.json`` (default ``work/bench_updates/``).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import tempfile
 import threading
@@ -45,6 +42,7 @@ from hps_core.config import PersistentDBConfig, UpdateSourceConfig  # noqa: E402
 from hps_core.db import HashMapVolatileDB, RocksDBPersistentDB  # noqa: E402
 from hps_core.db.base import EmbeddingTier  # noqa: E402
 from hps_core.updates import TierUpdateApplier, UpdateSink, UpdateSource, topic_name  # noqa: E402
+from hps_demo.bench.harness import tail_percentiles_ms, write_report  # noqa: E402
 
 Fetch = Callable[[np.ndarray], np.ndarray]  # keys (n,) int64 → vectors (n, dim) float32
 
@@ -81,13 +79,6 @@ def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.01)
-
-
-def _percentiles(samples: list[float]) -> dict[str, float]:
-    arr = np.asarray(samples, dtype=np.float64) * 1000.0
-    p50, p90, p99 = np.percentile(arr, [50, 90, 99])
-    return {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99), "max_ms": float(arr.max()),
-            "samples": int(arr.size)}
 
 
 # --------------------------------------------------------------------------- measurements
@@ -163,7 +154,7 @@ def measure_publish_to_visible(brokers: str, model: str, table: str, dim: int, f
     finally:
         if own_sink:
             sink.close()
-    return {"probes": probes, "keys_per_probe": keys_per_probe, **_percentiles(latencies)}
+    return {"probes": probes, "keys_per_probe": keys_per_probe, **tail_percentiles_ms(latencies)}
 
 
 def measure_tier(brokers: str, name: str, db: EmbeddingTier, *, updates: int, dim: int, probes: int,
@@ -240,20 +231,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"publish→visible p50 {lat['p50_ms']:.1f} ms p99 {lat['p99_ms']:.1f} ms", flush=True)
     write_report("bench_updates", argv, args.out, consumer_config=consumer_config, results=results)
     return 0
-
-
-def write_report(benchmark: str, argv: list[str] | None, out: str, **fields: Any) -> Path:
-    """Write ``<out>/<benchmark>_<time>.json``: the machine, the command line and ``fields``."""
-    report = {"benchmark": benchmark, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
-              "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-              **fields}
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{benchmark}_{time.strftime('%Y%m%d_%H%M%S')}.json"
-    path.write_text(json.dumps(report, indent=2))
-    print(f"wrote {path}")
-    return path
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from hps_core.background import RepeatInBackground  # noqa: E402
 from hps_core.formats import write_sparse_model  # noqa: E402
 from hps_core.serving import TritonServer  # noqa: E402
 from hps_core.updates import UpdateSink  # noqa: E402
-from hps_demo.bench_e2e import _total, scrape  # noqa: E402
+from hps_demo.bench.harness import metric_total, scrape  # noqa: E402
 from hps_demo.client import hps_request, infer, make_client, write_perf_analyzer_data  # noqa: E402
 from hps_demo.tools import find_perf_analyzer  # noqa: E402
 
@@ -129,7 +129,7 @@ def _publisher(brokers: str, args: argparse.Namespace, stop: threading.Event, se
 
 def _applied(url: str) -> dict[str, float]:
     series = scrape(url)
-    return {tier: _total(series, "hps_updates_applied_total", model=MODEL, tier=tier) for tier in ("volatile", "persistent")}
+    return {tier: metric_total(series, "hps_updates_applied_total", model=MODEL, tier=tier) for tier in ("volatile", "persistent")}
 
 
 def main(argv: list[str] | None = None) -> int:
