@@ -17,7 +17,8 @@ Ownership and lifetime (the host store's rules, hps_core.db.shm_store):
 
 - **The exporter outlives the users.** Memory exported through CUDA IPC is freed when the
   exporting process frees it or exits, so no user process exports it: the first user spawns a
-  *GPU keeper* (``python -m hps_core.cache.gpu_keeper <file>``, its own session) that allocates
+  *GPU keeper* (``python -m hps_core.cache.gpu_keeper <file> <fd>``, its own session, given
+  the file open on a descriptor so it never adopts another file at the path) that allocates
   the region, writes its handle into the file and then only watches. Users map it with
   ``ipcOpenMemHandle`` and unmap it with ``ipcCloseMemHandle`` on close.
 - **Create and attach** under ``flock(LOCK_EX)`` on the metadata file: the first process writes
@@ -406,18 +407,21 @@ def _python() -> str:
     return shutil.which("python3") or "python3"
 
 
-def _spawn_keeper(path: Path) -> None:
-    """Start the keeper of ``path``, detached: ``gpu_keeper`` forks the keeper off and exits
+def _spawn_keeper(meta: _MetaFile) -> None:
+    """Start the keeper of ``meta``, detached: ``gpu_keeper`` forks the keeper off and exits
     at once (so it is no child of this process, never its zombie), in a session of its own,
-    with this process's ``hps_core`` first on its path. DeviceError when it cannot start."""
+    with this process's ``hps_core`` first on its path. The keeper gets the file by
+    descriptor, not by path (it reopens it as a description of its own): a slow keeper never
+    adopts another file that replaced this one. DeviceError when it cannot start."""
+    path = meta.path
     env = dict(os.environ)
     package_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join([package_root, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
     try:
         done = subprocess.run(  # noqa: S603 - our own module
-            [_python(), "-m", "hps_core.cache.gpu_keeper", str(path)], env=env,
+            [_python(), "-m", "hps_core.cache.gpu_keeper", str(path), str(meta.fd)], env=env,
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            start_new_session=True, close_fds=True, timeout=KEEPER_START_S,
+            start_new_session=True, close_fds=True, pass_fds=(meta.fd,), timeout=KEEPER_START_S,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise DeviceError(f"{path}: cannot start the GPU keeper ({exc}); set HPS_PYTHON to the server's Python") from exc
@@ -509,7 +513,7 @@ def _create(cp: Any, meta: _MetaFile, fields: Sequence[Field], tables: int, devi
     meta.write_meta(want)
     w[W_MAGIC] = _MAGIC
     try:
-        _spawn_keeper(meta.path)
+        _spawn_keeper(meta)
         deadline = time.monotonic() + KEEPER_START_S
         while not meta.handle():
             if time.monotonic() > deadline:
@@ -531,27 +535,31 @@ def _create(cp: Any, meta: _MetaFile, fields: Sequence[Field], tables: int, devi
     return region
 
 
-def keep(path: Path) -> int:
-    """The GPU keeper's life (``python -m hps_core.cache.gpu_keeper``): allocate the region the
-    file describes on its device, export it, then watch; exit (freeing it, removing the file
-    when it is still the one at the path) when the file is gone or replaced, or when no live
-    user and no live ``hps serve`` remain. Returns the exit status."""
-    import cupy as cp  # the keeper is a GPU process by definition
-
+def keep(path: Path, fd: int) -> int:
+    """The GPU keeper's life (``python -m hps_core.cache.gpu_keeper``): adopt the file open on
+    ``fd`` (the creator's, passed down: reopened as a description of its own, so its locks are
+    its own), write its pid, allocate the region the file describes on its device, export it,
+    then watch; exit (freeing it, removing the file when it is still the one at the path) when
+    no live user remains and the file is gone or replaced or no live ``hps serve`` keeps it.
+    An error before the export (CuPy does not import, the allocation fails) is written into
+    the file at once, for the creator to raise. Returns the exit status."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        own = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
     except OSError:
         return 1
-    meta = _MetaFile(path, fd)
+    os.close(fd)
+    meta = _MetaFile(path, own)
     w = meta.words
     w[W_GKEEPER], w[W_GKEEPER_START] = shm.this_process()
     device, nbytes = int(w[W_DEVICE]), int(w[W_BYTES])
     try:
+        import cupy as cp  # the keeper is a GPU process by definition
+
         with cp.cuda.Device(device):
             mem = cp.cuda.Memory(nbytes)
             handle = cp.cuda.runtime.ipcGetMemHandle(mem.ptr)
-    except Exception as exc:  # noqa: BLE001 - reported to the creator through the file
-        meta.write_meta({**meta.meta(), "error": f"{type(exc).__name__}: {exc}"})
+    except BaseException as exc:  # noqa: BLE001 - reported to the creator through the file
+        meta.write_meta({**meta.meta(), "error": f"{type(exc).__name__}: {exc}"[:2000]})
         w[W_STATE] = 0
         return 1
     meta.set_handle(handle)

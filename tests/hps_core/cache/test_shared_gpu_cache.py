@@ -620,3 +620,41 @@ def test_a_restart_under_hps_serve_after_the_sparse_files_changed_serves_the_new
         serve.kill()
         serve.communicate()
     assert _gone(path)
+
+
+def test_a_keeper_that_cannot_import_cupy_fails_the_open_at_once_with_its_error(
+        tmp_path: Path, namespace: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "cupy").mkdir()
+    (tmp_path / "cupy" / "__init__.py").write_text("raise ImportError('injected: no CuPy for the keeper')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.delenv("HPS_EMULATED_GPU", raising=False)  # the keeper does not get the emulated CuPy
+    start = time.monotonic()
+    with pytest.raises(DeviceError, match="GPU keeper failed: ImportError: injected: no CuPy"):
+        _open(namespace)
+    assert time.monotonic() - start < 10  # not the 60 s wait for a handle
+    monkeypatch.undo()
+    assert not shm_store.namespace_dir(namespace).exists()
+
+
+def test_a_slow_keeper_adopts_its_own_file_not_the_one_now_at_the_path(namespace: str) -> None:
+    """The keeper gets the file by descriptor: a file that replaced it at the path meanwhile
+    is left alone (opened by path, the keeper wrote its pid and handle into the other one)."""
+    directory = shm_store.namespace_dir(namespace)
+    shm_store.ensure_dir(directory)
+    path = directory / "gpu0.m"
+    meta = shared_gpu._MetaFile(path, shm_store.open_fd(path, create=True))
+    w = meta.words
+    w[shared_gpu.W_STATE], w[shared_gpu.W_BYTES], w[shared_gpu.W_DEVICE] = shared_gpu.CREATING, 4096, 0
+    w[shared_gpu.W_CREATOR], w[shared_gpu.W_CREATOR_START] = shm_store.this_process()
+    w[shared_gpu.W_MAGIC] = 1
+    os.unlink(path)
+    path.write_bytes(bytes(32768))  # another file at the path before the keeper opens it
+    shared_gpu._spawn_keeper(meta)
+    end = time.monotonic() + 30
+    while not meta.handle() and time.monotonic() < end:
+        time.sleep(0.02)
+    assert meta.handle() and int(w[shared_gpu.W_GKEEPER]) > 0  # it wrote into its own file
+    assert not any(path.read_bytes())  # and left the other one untouched
+    path.unlink()
+    meta.close()  # no user, its file replaced: the keeper leaves
+    directory.rmdir()
