@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from hps_core.formats import write_sparse_model  # noqa: E402
+from hps_demo.bench.harness import command_line  # noqa: E402
 from hps_demo.client import hps_request  # noqa: E402
 from hps_demo.tools import find_perf_analyzer  # noqa: E402
 from tests.hps_serve import Repository, ServeProcess, wait_until  # noqa: E402
@@ -239,7 +240,7 @@ def _throughput(work: Path, sparse: Path, count: int, mode: str, keys: int, log:
 
 def _table(args: argparse.Namespace, memory: dict[str, dict[int, int]], recovery: dict[str, dict[int, float]],
            throughput: dict[str, dict[int, tuple[float, dict[str, float]]]]) -> str:
-    lines = [f"`{' '.join(['scripts/bench_host_store_serve.py', *sys.argv[1:]])}` — {platform.node()}, "
+    lines = [f"`{command_line('scripts/bench_host_store_serve.py', None)}` — {platform.node()}, "
              f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}; "
              "hps serve, real Triton 2.51, CPU instances, one dim-32 fp32 table", ""]
     if memory:

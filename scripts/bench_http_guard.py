@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 from hps_core.config import load_config  # noqa: E402 - after the sys.path entry above
 from hps_core.http_guard import HttpGuard  # noqa: E402
 from hps_core.serving import TritonServer  # noqa: E402
+from hps_demo.bench.harness import command_line  # noqa: E402
 from hps_demo.client import dlrm_request, write_perf_analyzer_data  # noqa: E402
 from hps_demo.tools import find_perf_analyzer  # noqa: E402
 
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     repository = args.model_repository.resolve()
     request = _request(repository, args.batch)
-    command = "$ .venv/bin/python scripts/bench_http_guard.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "$ " + command_line(".venv/bin/python scripts/bench_http_guard.py", argv)
     with TritonServer(repository, http_port=0, grpc_port=0, metrics_port=0) as server, \
             HttpGuard("127.0.0.1", 0, lambda: server.http_url) as guard:
         urls = {"direct": server.http_url, "guard": guard.url}

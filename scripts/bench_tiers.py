@@ -50,6 +50,7 @@ from hps_core.db import (  # noqa: E402
     RocksDBPersistentDB,
 )
 from hps_core.db import _redis_layout as layout  # noqa: E402
+from hps_demo.bench.harness import command_line  # noqa: E402
 
 TABLE = "hps_et.bench.t0"
 NUM_PARTITIONS = 8
@@ -327,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"rows={args.rows:,} dim={args.dim} ({args.dim * 4}-byte values), {os.cpu_count()} CPUs")
     print(text)
     report = {
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line(Path(sys.argv[0]).name, argv),
         "rows": args.rows, "dim": args.dim, "cpus": os.cpu_count(), "machine": platform.platform(),
         "results": rows,
     }

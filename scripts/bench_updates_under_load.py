@@ -46,7 +46,7 @@ from hps_core.background import RepeatInBackground  # noqa: E402
 from hps_core.formats import write_sparse_model  # noqa: E402
 from hps_core.serving import TritonServer  # noqa: E402
 from hps_core.updates import UpdateSink  # noqa: E402
-from hps_demo.bench.harness import metric_total, scrape  # noqa: E402
+from hps_demo.bench.harness import command_line, metric_total, scrape  # noqa: E402
 from hps_demo.client import hps_request, infer, make_client, write_perf_analyzer_data  # noqa: E402
 from hps_demo.tools import find_perf_analyzer  # noqa: E402
 
@@ -189,7 +189,7 @@ def _measure(args: argparse.Namespace, brokers: str, server: TritonServer, root:
     elapsed = t1 - t0
     result = {
         "benchmark": "bench_updates_under_load", "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "command": " ".join(["scripts/bench_updates_under_load.py", *sys.argv[1:]]),
+        "command": command_line("scripts/bench_updates_under_load.py", None),
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "published_updates_per_s": (sent1 - sent0) / elapsed,

@@ -184,7 +184,7 @@ def write_report(benchmark: str, argv: list[str] | None, out: str, **fields: Any
     """Write ``<out>/<benchmark>_<time>.json``: the machine, the command line and ``fields``."""
     report = {"benchmark": benchmark, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
-              "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+              "command": command_line(Path(sys.argv[0]).name, argv),
               **fields}
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
