@@ -16,14 +16,17 @@ count — writing rows of different widths into one flat buffer (the layout of
 Input checks live here, in one place, so every implementation rejects the same inputs
 with the same :class:`~hps_core.errors.RequestError` before it writes anything: a batch is
 either stored whole or refused whole, never half-written because of a malformed argument.
+:class:`TierBase`, the base class of every tier, runs them in the public methods and hands
+the tier's own ``_insert``, ``_fetch``, ... arguments already checked.
 """
 
 from __future__ import annotations
 
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar, runtime_checkable
+from typing import ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -46,6 +49,7 @@ __all__ = [
     "SharedTier",
     "TableMetadata",
     "TableGroups",
+    "TierBase",
     "VolatileDB",
     "check_dim",
     "check_keys",
@@ -493,3 +497,151 @@ class TableGroups(Generic[Resolved]):
     def clear(self) -> None:
         with self._lock:
             self._known.clear()
+
+
+# --------------------------------------------------------------------------- the base class
+
+
+Group = TypeVar("Group")
+
+
+class TierBase(ABC, Generic[Group]):
+    """The public contract of :class:`EmbeddingTier`, validated once: every tier derives from
+    it and implements ``_create_table``, ``_insert``, ``_fetch`` and ``_fetch_tables``, which
+    receive arguments already checked (keys contiguous int64, uint32 widened; values and
+    ``out`` of the table's width) and do no checking of their own.
+
+    A tier provides two hooks: :meth:`_check_open` (TierError once closed) and
+    :meth:`_dim_of` (the table's width; TierError when closed, UnknownTableError when it does
+    not hold the table), and :meth:`_tables_of` for ``fetch_tables`` (the widths of a tuple of
+    tables and what the tier resolved for it, :class:`TableGroups`).
+
+    Class attributes say how a tier checks, which differs on purpose:
+
+    ``_label``
+        names the tier in ``fetch_tables``' errors (``"<label> fetch_tables: ..."``).
+    ``_kernel_bounds``
+        True where ``_fetch_tables``' kernel checks table ids and row bounds itself before it
+        writes anything (the hash maps), so they are not checked twice.
+    ``_strict_names``
+        True for a tier that uses a table's name verbatim in commands it sends (Redis): every
+        call checks that the tier is open and that the name is a non-empty str first, and a
+        batch's keys before the table is looked up (the lookup may be a round trip to the
+        metadata node, which a malformed batch then does not cost). The other tiers look a name
+        up in their own dict first, so a name they do not hold is an UnknownTableError.
+    """
+
+    _label: ClassVar[str]
+    _kernel_bounds: ClassVar[bool] = False
+    _strict_names: ClassVar[bool] = False
+
+    # ---------------------------------------------------------------- the contract, checked here
+
+    def create_table(self, table: str, dim: int, row_format: RowFormat = RowFormat.FP32) -> None:
+        self._create_table(*self._table_shape(table, dim, row_format))
+
+    def insert(self, table: str, keys: Keys, values: Vectors) -> None:
+        self._insert(*self._rows_in(table, keys, values))
+
+    def fetch(self, table: str, keys: Keys, out: Vectors) -> Mask:
+        table, keys, dim = self._table_keys(table, keys)
+        return self._fetch(table, keys, check_out(table, out, keys.shape[0], dim))
+
+    def fetch_tables(
+        self, tables: Sequence[str], table_ids: Keys, keys: Keys, out: Flat, offsets: Keys
+    ) -> Mask:
+        if self._strict_names:
+            self._check_open()
+        dims, group = self._tables_of(tables)
+        ids, keys, out, offsets = check_table_batch(
+            f"{self._label} fetch_tables", dims, table_ids, keys, out, offsets, bounds=not self._kernel_bounds
+        )
+        return self._fetch_tables(group, ids, keys, out, offsets)
+
+    @abstractmethod
+    def row_format(self, table: str) -> RowFormat: ...
+
+    @abstractmethod
+    def count(self, table: str) -> int: ...
+
+    @abstractmethod
+    def table_names(self) -> list[str]: ...
+
+    @abstractmethod
+    def dim(self, table: str) -> int: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    # ---------------------------------------------------------------- what each tier implements
+
+    @abstractmethod
+    def _check_open(self) -> None:
+        """Raise TierError when the tier is closed."""
+
+    @abstractmethod
+    def _dim_of(self, table: str) -> int:
+        """``table``'s width: TierError when closed, UnknownTableError when not held."""
+
+    @abstractmethod
+    def _tables_of(self, tables: Sequence[str]) -> tuple[Keys, Group]:
+        """The widths ``(T,) int64`` of ``tables`` and what the tier resolved for them
+        (UnknownTableError for a table it does not hold)."""
+
+    @abstractmethod
+    def _create_table(self, table: str, dim: int, row_format: RowFormat) -> None:
+        """``create_table`` with a checked name, width and format."""
+
+    @abstractmethod
+    def _insert(self, table: str, keys: Keys, values: Vectors) -> None:
+        """``insert`` of checked keys (n,) int64 and values (n, dim) float32, C-contiguous."""
+
+    @abstractmethod
+    def _fetch(self, table: str, keys: Keys, out: Vectors) -> Mask:
+        """``fetch`` of checked keys into a checked ``out`` (n, dim) float32."""
+
+    @abstractmethod
+    def _fetch_tables(self, group: Group, table_ids: Keys, keys: Keys, out: Flat, offsets: Keys) -> Mask:
+        """``fetch_tables`` with checked arrays, ``group`` from :meth:`_tables_of`."""
+
+    # ---------------------------------------------------------------- checks for the tiers' extras
+
+    def _checked_name(self, table: object) -> str:
+        """The name of a table a call names, for a tier with ``_strict_names``: closed first,
+        then the name."""
+        self._check_open()
+        return check_table_name(table)
+
+    def _table_shape(self, table: str, dim: object, row_format: object) -> tuple[str, int, RowFormat]:
+        """The arguments of ``create_table`` (and of an ``open_table``), checked."""
+        if self._strict_names:
+            self._check_open()
+        table = check_table_name(table)
+        return table, check_dim(table, dim), check_row_format(table, row_format)
+
+    def _rows_in(self, table: str, keys: Keys, values: Vectors) -> tuple[str, Keys, Vectors]:
+        """The arguments of a write of rows (``insert`` and a tier's other writes), checked."""
+        table, keys, dim = self._table_keys(table, keys)
+        return table, keys, check_values(table, values, keys.shape[0], dim)
+
+    def _table_keys(self, table: str, keys: Keys) -> tuple[str, Keys, int]:
+        """A batch's table and keys, checked in the tier's order (``_strict_names``), and the
+        table's width."""
+        if self._strict_names:
+            table = self._checked_name(table)
+            keys = check_keys(table, keys)
+            return table, keys, self._dim_of(table)
+        dim = self._dim_of(table)
+        return table, check_keys(table, keys), dim
+
+    def _keys_in(self, table: str, keys: Keys) -> Keys:
+        """The keys of a call naming ``table`` and keys only (``remove``), checked after the
+        table is looked up."""
+        self._dim_of(table)
+        return check_keys(table, keys)
+
+    @staticmethod
+    def _batch_in(table: str, keys: Keys, values: Vectors, dim: int) -> tuple[Keys, Vectors]:
+        """A chunk of rows for a table not held yet (a fill), its width given: checked."""
+        keys = check_keys(table, keys)
+        return keys, check_values(table, values, keys.shape[0], dim)

@@ -78,18 +78,7 @@ from numba import njit
 from numba.np.numpy_support import carray  # where numba defines it (``numba.carray`` re-exports)
 
 from hps_core.arrays import Flat, Keys, Mask, Vectors
-from hps_core.db.base import (
-    TableGroups,
-    check_dim,
-    check_keys,
-    check_out,
-    check_row_format,
-    check_table_batch,
-    check_table_name,
-    check_values,
-    format_mismatch,
-    unknown_table,
-)
+from hps_core.db.base import TableGroups, TierBase, format_mismatch, unknown_table
 from hps_core.config import OVERFLOW_POLICIES, OverflowConfig, VolatileDBConfig
 from hps_core.errors import ConfigError, TierError
 from hps_core.grouping import group_by
@@ -656,7 +645,7 @@ def _stat_of(overflow: OverflowConfig) -> int:
     return _STAT_OF_POLICY[overflow.policy] if overflow.limited else _NO_STAT
 
 
-class HashMapVolatileDB:
+class HashMapVolatileDB(TierBase[tuple[Keys, Keys, Keys]]):
     """Volatile tier in this process's memory (HugeCTR ``hash_map`` / ``parallel_hash_map``).
 
     Args:
@@ -672,7 +661,13 @@ class HashMapVolatileDB:
         initial_capacity: rows per table to allocate for up front (avoids early rehashes
             when the table size is known, e.g. when loading a sparse model).
         seed: seed of the ``evict_random`` victim choice (per partition).
+
+    Arguments are checked by :class:`~hps_core.db.base.TierBase`; table ids and row bounds of
+    ``fetch_tables`` by the lookup kernel's first pass, before it reads anything.
     """
+
+    _label = "hash map"
+    _kernel_bounds = True
 
     def __init__(
         self,
@@ -720,10 +715,7 @@ class HashMapVolatileDB:
 
     # ---------------------------------------------------------------- contract
 
-    def create_table(self, table: str, dim: int, row_format: RowFormat = RowFormat.FP32) -> None:
-        check_table_name(table)
-        dim = check_dim(table, dim)
-        row_format = check_row_format(table, row_format)
+    def _create_table(self, table: str, dim: int, row_format: RowFormat) -> None:
         with self._tables_lock:
             self._check_open()
             existing = self._tables.get(table)
@@ -745,10 +737,8 @@ class HashMapVolatileDB:
     def row_format(self, table: str) -> RowFormat:
         return self._table(table).row_format
 
-    def insert(self, table: str, keys: Keys, values: Vectors) -> None:
+    def _insert(self, table: str, keys: Keys, values: Vectors) -> None:
         t = self._table(table)
-        keys = check_keys(table, keys)
-        values = check_values(table, values, keys.shape[0], t.dim)
         if keys.shape[0] == 0:
             return
         # every row packed (or the batch refused) before any is written; fp32 rows are their bytes
@@ -772,23 +762,21 @@ class HashMapVolatileDB:
                     if part.n_rows > overflow.margin:
                         part.resolve_overflow(overflow)
 
-    def fetch(self, table: str, keys: Keys, out: Vectors) -> Mask:
-        dim = self._table(table).dim
-        keys = check_keys(table, keys)
-        out = check_out(table, out, keys.shape[0], dim)
-        n = keys.shape[0]
+    def _fetch(self, table: str, keys: Keys, out: Vectors) -> Mask:
+        n, dim = out.shape
         return self.fetch_tables(
             (table,), np.zeros(n, np.int64), keys, out.reshape(-1), np.arange(0, n * dim, dim, dtype=np.int64)
         )
 
-    def fetch_tables(
-        self, tables: Sequence[str], table_ids: Keys, keys: Keys, out: Flat, offsets: Keys
+    def _tables_of(self, tables: Sequence[str]) -> tuple[Keys, tuple[Keys, Keys, Keys]]:
+        group = self._groups.get(tables)
+        return group[1], group
+
+    def _fetch_tables(
+        self, group: tuple[Keys, Keys, Keys], table_ids: Keys, keys: Keys, out: Flat, offsets: Keys
     ) -> Mask:
-        entries, dims, codes = self._groups.get(tables)
+        entries, dims, codes = group
         # bounds are checked by the kernel's first pass, before it reads anything
-        table_ids, keys, out, offsets = check_table_batch(
-            "hash map fetch_tables", dims, table_ids, keys, out, offsets, bounds=False
-        )
         found = np.zeros(keys.shape[0], np.bool_)
         if keys.shape[0]:
             status = _find_tables(
@@ -830,7 +818,7 @@ class HashMapVolatileDB:
         Returns the number of rows removed (HugeCTR's ``evict(table, keys)``).
         """
         t = self._table(table)
-        keys = check_keys(table, keys)
+        keys = self._keys_in(table, keys)
         if keys.shape[0] == 0:
             return 0
         order, offsets = self._group(keys)
@@ -887,6 +875,9 @@ class HashMapVolatileDB:
     def _check_open(self) -> None:
         if self._closed:
             raise TierError("the hash-map volatile tier is closed")
+
+    def _dim_of(self, table: str) -> int:
+        return self._table(table).dim
 
     def _new_table(self, dim: int, row_format: RowFormat, index: int) -> _Table:
         per_part = -(-self._initial_capacity // self._num_partitions)

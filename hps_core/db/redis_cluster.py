@@ -99,20 +99,8 @@ from redis.retry import Retry
 
 from hps_core.db import _redis_layout as layout
 from hps_core.arrays import Flat, Keys, Mask, Vectors
-from hps_core.db.base import (
-    MarkerState,
-    TableGroups,
-    check_dim,
-    check_keys,
-    check_out,
-    check_row_format,
-    check_table_batch,
-    check_table_name,
-    check_values,
-    format_mismatch,
-    unknown_table,
-)
-from hps_core.errors import ConfigError, PartialTierError, RequestError, StoredWidthError, TierError
+from hps_core.db.base import MarkerState, TableGroups, TierBase, check_table_name, format_mismatch, unknown_table
+from hps_core.errors import ConfigError, PartialTierError, StoredWidthError, TierError
 from hps_core.config import RedisConfig, TLSConfig, VolatileDBConfig
 from hps_core.logs import RateLimitedLog
 from hps_core.row_formats import RowFormat, format_codes
@@ -266,10 +254,18 @@ def _short(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- the tiers
 
 
-class _RedisTier:
-    """The layout, batching and failure handling shared by both Redis tiers."""
+class _RedisTier(TierBase[_Tables]):
+    """The layout, batching and failure handling shared by both Redis tiers.
+
+    Arguments are checked by :class:`~hps_core.db.base.TierBase` with ``_strict_names``: a
+    table's name goes verbatim into the commands, so every call checks that the tier is open
+    and the name first, and a batch's keys before the table is looked up (a lookup of a table
+    not described here yet is a round trip to the metadata node).
+    """
 
     _kind = "Redis"
+    _label = _kind
+    _strict_names = True
 
     def __init__(
         self,
@@ -338,11 +334,7 @@ class _RedisTier:
 
     # ---------------------------------------------------------------- contract
 
-    def create_table(self, table: str, dim: int, row_format: RowFormat = RowFormat.FP32) -> None:
-        self._check_open()
-        table = check_table_name(table)
-        dim = check_dim(table, dim)
-        row_format = check_row_format(table, row_format)
+    def _create_table(self, table: str, dim: int, row_format: RowFormat) -> None:
         if row_format is not RowFormat.FP32:
             self._refuse_unformatted_rows(table, dim, row_format)
         meta = self._meta()
@@ -363,25 +355,21 @@ class _RedisTier:
         self._tables[table] = self._describe(table, dim, row_format)
 
     def row_format(self, table: str) -> RowFormat:
-        self._check_open()
-        return self._table(check_table_name(table)).row_format
+        return self._table(self._checked_name(table)).row_format
 
-    def insert(self, table: str, keys: Keys, values: Vectors) -> None:
+    def _insert(self, table: str, keys: Keys, values: Vectors) -> None:
         self._write(table, keys, values, ("HSET",), "insert into")
 
     def insert_missing(self, table: str, keys: Keys, values: Vectors) -> None:
         """As :meth:`insert`, but a key already stored keeps its row (HSETNX, one command per
         chunk): what a refill writes, so that rows written since a node came back (the update
         stream, ``cache_missed_embeddings``) are not overwritten by older ones."""
-        self._write(table, keys, values, ("EVAL", _HSETNX_MANY, 1), "refill")
+        self._write(*self._rows_in(table, keys, values), ("EVAL", _HSETNX_MANY, 1), "refill")
 
     def _write(self, table: str, keys: Keys, values: Vectors, verb: tuple[Any, ...], what: str) -> None:
-        """One ``verb hash field value ...`` command per chunk of a partition; strict."""
-        self._check_open()
-        table = check_table_name(table)
-        keys = check_keys(table, keys)
+        """One ``verb hash field value ...`` command per chunk of a partition, of checked
+        arguments; strict."""
         info = self._table(table)
-        values = check_values(table, values, len(keys), info.dim)
         if len(keys) == 0:
             return
         packed = pack(info.row_format, values, f"{what} {table!r}")  # refuses before any write
@@ -393,29 +381,21 @@ class _RedisTier:
         ]
         self._run(f"{what} {table!r}", commands, strict=True)
 
-    def fetch(self, table: str, keys: Keys, out: Vectors) -> Mask:
+    def _fetch(self, table: str, keys: Keys, out: Vectors) -> Mask:
         """The one-table case of :meth:`fetch_tables` (one read path for both)."""
-        self._check_open()
-        table = check_table_name(table)
-        keys = check_keys(table, keys)
         tables = self._groups.get((table,))
-        dim = int(tables.dims[0])
-        out = check_out(table, out, len(keys), dim)
-        n = len(keys)
+        n, dim = out.shape
         offsets = np.arange(0, n * dim, dim, dtype=np.int64)
         return self._fetch_rows(f"fetch from {table!r}", tables, np.zeros(n, np.int64), keys, out.reshape(-1), offsets)
 
-    def fetch_tables(
-        self, tables: Sequence[str], table_ids: Keys, keys: Keys, out: Flat, offsets: Keys
-    ) -> Mask:
+    def _tables_of(self, tables: Sequence[str]) -> tuple[Keys, _Tables]:
+        resolved = self._groups.get(tables)
+        return resolved.dims, resolved
+
+    def _fetch_tables(self, group: _Tables, table_ids: Keys, keys: Keys, out: Flat, offsets: Keys) -> Mask:
         """Keys of several tables in ONE round of pipelines: one pipeline per node for the
         whole batch, whatever the table count. Arrays as in the contract (base.py)."""
-        self._check_open()
-        resolved = self._groups.get(tables)
-        ids, keys, out, offsets = check_table_batch(
-            f"{self._kind} fetch_tables", resolved.dims, table_ids, keys, out, offsets
-        )
-        return self._fetch_rows(f"fetch from {len(resolved.names)} tables", resolved, ids, keys, out, offsets)
+        return self._fetch_rows(f"fetch from {len(group.names)} tables", group, table_ids, keys, out, offsets)
 
     def _fetch_rows(self, what: str, tables: _Tables, ids: Keys, keys: Keys, out: Flat, offsets: Keys) -> Mask:
         """Checked arrays in, rows written into ``out``: group by (table, partition), one
@@ -465,8 +445,7 @@ class _RedisTier:
         )
 
     def count(self, table: str) -> int:
-        self._check_open()
-        info = self._table(check_table_name(table))
+        info = self._table(self._checked_name(table))
         commands = [_Command(info.slots[p], ("HLEN", info.hkeys[p]), 0) for p in range(self._num_partitions)]
         replies = self._run(f"count {table!r}", commands, strict=True)
         return int(sum(int(r) for r in replies))
@@ -475,8 +454,7 @@ class _RedisTier:
         """Delete ``table``'s partition hashes, load markers and refill locks, then its entries
         in the metadata hashes (one script); returns the rows dropped (``DropTable``). Strict:
         a node that fails raises TierError, and the table stays listed until a drop succeeds."""
-        self._check_open()
-        table = check_table_name(table)
+        table = self._checked_name(table)
         info = self._table(table)
         parts = range(self._num_partitions)
         counted = self._run(f"count {table!r}", [_Command(info.slots[p], ("HLEN", info.hkeys[p]), 0) for p in parts],
@@ -494,8 +472,7 @@ class _RedisTier:
 
     def memory_bytes(self, table: str) -> int:
         """Redis's estimate of the memory the table's hashes use (``MEMORY USAGE``, sampled)."""
-        self._check_open()
-        info = self._table(check_table_name(table))
+        info = self._table(self._checked_name(table))
         commands = [
             _Command(info.slots[p], ("MEMORY", "USAGE", info.hkeys[p]), 0) for p in range(self._num_partitions)
         ]
@@ -512,8 +489,7 @@ class _RedisTier:
         """Write the load marker of ``partitions`` of ``table`` (all by default): their rows
         are in. A marker lives in its partition's slot, so a node that loses its data loses
         the markers of its partitions with it (see :meth:`check_markers`). Strict."""
-        self._check_open()
-        table = check_table_name(table)
+        table = self._checked_name(table)
         info = self._table(table)
         parts = range(self._num_partitions) if partitions is None else partitions
         commands = [_Command(info.slots[p], ("SET", layout.marker_hkey(table, p), b"1"), 0) for p in parts]
@@ -524,7 +500,7 @@ class _RedisTier:
         node for every marker and the metadata hash. A node that does not answer is not a
         loss (yet): its markers count as ``unknown``. Cheap enough to run every second."""
         self._check_open()
-        infos = [(t, self._table(check_table_name(t))) for t in tables]
+        infos = [(t, self._table(self._checked_name(t))) for t in tables]
         commands = [
             _Command(info.slots[p], ("EXISTS", layout.marker_hkey(t, p)), 0)
             for t, info in infos
@@ -545,8 +521,7 @@ class _RedisTier:
         """Take the refill lock of each of ``partitions`` (``SET NX PX``, expiring after
         ``lock_s``) and return those taken whose marker is still missing; the locks of the
         others are released at once. Several processes share one Redis: one refills."""
-        self._check_open()
-        info = self._table(check_table_name(table))
+        info = self._table(self._checked_name(table))
         ms = max(1, int(lock_s * 1000))
         commands = [
             command
@@ -586,8 +561,7 @@ class _RedisTier:
         return sorted(n.decode() if isinstance(n, bytes) else str(n) for n in names)
 
     def dim(self, table: str) -> int:
-        self._check_open()
-        return self._table(check_table_name(table)).dim
+        return self._table(self._checked_name(table)).dim
 
     def close(self) -> None:
         if self._closed:
@@ -616,6 +590,9 @@ class _RedisTier:
     def _check_open(self) -> None:
         if self._closed:
             raise TierError(f"{self._kind} tier is closed")
+
+    def _dim_of(self, table: str) -> int:
+        return self._table(table).dim
 
     def _describe(self, table: str, dim: int, row_format: RowFormat) -> _Table:
         hkeys = [layout.value_hkey(table, p) for p in range(self._num_partitions)]
@@ -887,6 +864,7 @@ class RedisClusterVolatileDB(_RedisTier):
     """
 
     _kind = "Redis Cluster"
+    _label = _kind
 
     def _connect(self, address: str, client_kwargs: dict[str, Any]) -> None:
         # redis-py ships py.typed but leaves ClusterNode and the nodes manager unannotated
@@ -961,6 +939,7 @@ class RedisVolatileDB(_RedisTier):
     """
 
     _kind = "Redis"
+    _label = _kind
 
     def _connect(self, address: str, client_kwargs: dict[str, Any]) -> None:
         servers = parse_addresses(address)

@@ -96,20 +96,9 @@ from rocksdict import (
 )
 
 from hps_core.arrays import Flat, Keys, Mask, Vectors
-from hps_core.db.base import (
-    TableGroups,
-    check_dim,
-    check_keys,
-    check_out,
-    check_row_format,
-    check_table_batch,
-    check_table_name,
-    check_values,
-    format_mismatch,
-    unknown_table,
-)
+from hps_core.db.base import TableGroups, TierBase, format_mismatch, unknown_table
 from hps_core.config import PersistentDBConfig
-from hps_core.errors import ConfigError, RequestError, StoredWidthError, TierBusyError, TierError
+from hps_core.errors import ConfigError, StoredWidthError, TierBusyError, TierError
 from hps_core.grouping import group_by
 from hps_core.row_formats import RowFormat, format_codes
 from hps_core.row_codecs import pack
@@ -238,7 +227,7 @@ def _options_file_families(path: str) -> list[str] | None:
     return [n for n in _OPTIONS_FAMILY.findall(text) if n != _DEFAULT_CF]
 
 
-class RocksDBPersistentDB:
+class RocksDBPersistentDB(TierBase[_Group]):
     """Persistent tier in a RocksDB directory (HugeCTR ``rocks_db``).
 
     Args:
@@ -252,7 +241,11 @@ class RocksDBPersistentDB:
             writes since the last flush (re-loadable from the sparse files).
         secondary_path: open as a RocksDB secondary instance keeping its state in this
             folder; :meth:`refresh` then catches up with the writer. Implies read-only.
+
+    Arguments are checked by :class:`~hps_core.db.base.TierBase` (``bulk_load``'s too).
     """
+
+    _label = "RocksDB"
 
     def __init__(
         self,
@@ -428,10 +421,7 @@ class RocksDBPersistentDB:
 
     # ---------------------------------------------------------------- contract
 
-    def create_table(self, table: str, dim: int, row_format: RowFormat = RowFormat.FP32) -> None:
-        check_table_name(table)
-        dim = check_dim(table, dim)
-        row_format = check_row_format(table, row_format)
+    def _create_table(self, table: str, dim: int, row_format: RowFormat) -> None:
         with self._lock:
             self._check_open()
             known = self._dims.get(table)
@@ -470,10 +460,7 @@ class RocksDBPersistentDB:
         self.dim(table)
         return self._formats[table]
 
-    def insert(self, table: str, keys: Keys, values: Vectors) -> None:
-        dim = self.dim(table)
-        keys = check_keys(table, keys)
-        values = check_values(table, values, keys.shape[0], dim)
+    def _insert(self, table: str, keys: Keys, values: Vectors) -> None:
         if self._read_only:
             raise TierError(
                 f"cannot insert into {table!r}: RocksDB at {self._path!r} is open read-only"
@@ -494,24 +481,21 @@ class RocksDBPersistentDB:
                     batch.put(k, v)
                 self._db.write(batch, self._write_opts)
 
-    def fetch(self, table: str, keys: Keys, out: Vectors) -> Mask:
+    def _fetch(self, table: str, keys: Keys, out: Vectors) -> Mask:
         """The one-table case of :meth:`fetch_tables` (one read path for both)."""
-        dim = self.dim(table)
-        keys = check_keys(table, keys)
-        n = keys.shape[0]
-        out = check_out(table, out, n, dim)
+        n, dim = out.shape
         offsets = np.arange(0, n * dim, dim, dtype=np.int64)
         return self._fetch_rows(self._group((table,)), np.zeros(n, np.int64), keys, out.reshape(-1), offsets)
 
-    def fetch_tables(
-        self, tables: Sequence[str], table_ids: Keys, keys: Keys, out: Flat, offsets: Keys
-    ) -> Mask:
+    def _tables_of(self, tables: Sequence[str]) -> tuple[Keys, _Group]:
+        group = self._group(tables)
+        return group.dims, group
+
+    def _fetch_tables(self, group: _Group, table_ids: Keys, keys: Keys, out: Flat, offsets: Keys) -> Mask:
         """Keys of several tables in one call: one multi-get per column family (chunked by
         ``max_get_batch_size``), all of them spread over the read pool together. Arrays as
         in the contract (base.py)."""
-        group = self._group(tables)
-        ids, keys, out, offsets = check_table_batch("RocksDB fetch_tables", group.dims, table_ids, keys, out, offsets)
-        return self._fetch_rows(group, ids, keys, out, offsets)
+        return self._fetch_rows(group, table_ids, keys, out, offsets)
 
     def _fetch_rows(self, group: _Group, ids: Keys, keys: Keys, out: Flat, offsets: Keys) -> Mask:
         """Checked arrays in, found rows written into ``out`` at ``offsets``."""
@@ -597,9 +581,7 @@ class RocksDBPersistentDB:
         their byte encoding (RocksDB's comparator) and, for a key repeated in the batch, the
         last occurrence wins, as in :meth:`insert`. Either every row lands or none does.
         """
-        dim = self.dim(table)
-        keys = check_keys(table, keys)
-        values = check_values(table, values, keys.shape[0], dim)
+        table, keys, values = self._rows_in(table, keys, values)
         self._check_writable(table, "bulk-load into")
         if keys.shape[0] == 0:
             return 0
@@ -800,6 +782,9 @@ class RocksDBPersistentDB:
     def _check_open(self) -> None:
         if self._closed:
             raise TierError(f"RocksDB at {self._path!r} is closed")
+
+    def _dim_of(self, table: str) -> int:
+        return self.dim(table)
 
     def _has_family(self, table: str) -> bool:
         with self._translate("list tables", table):

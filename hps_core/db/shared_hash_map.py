@@ -58,18 +58,7 @@ from numba.np.numpy_support import carray
 from hps_core.arrays import Flat, Keys, Mask, Vectors
 from hps_core.config import VolatileDBConfig
 from hps_core.db import shm_store as shm
-from hps_core.db.base import (
-    TableGroups,
-    check_dim,
-    check_keys,
-    check_out,
-    check_row_format,
-    check_table_batch,
-    check_table_name,
-    check_values,
-    format_mismatch,
-    unknown_table,
-)
+from hps_core.db.base import TableGroups, TierBase, format_mismatch, unknown_table
 from hps_core.db.hash_map import (
     _AHEAD,
     _EMPTY,
@@ -375,7 +364,7 @@ def _views(store: shm.StoreFile) -> Any:
     return store.rows.view(np.int64)
 
 
-class SharedHashMapVolatileDB:
+class SharedHashMapVolatileDB(TierBase[tuple[Keys, Keys, Keys]]):
     """Volatile tier in host shared memory: every process that opens a table maps one copy.
 
     Args:
@@ -394,7 +383,13 @@ class SharedHashMapVolatileDB:
     (removed meanwhile) keeps the bytes the first read wrote into ``out`` although it reports
     a miss. The lookup writes every miss's row from the next tier or the default, so nothing
     served is affected; a caller that relies on misses leaving ``out`` untouched must copy.
+
+    Arguments are checked by :class:`~hps_core.db.base.TierBase` (``open_table``'s too);
+    table ids and row bounds of ``fetch_tables`` by the lookup kernel, before it writes.
     """
+
+    _label = "host store"
+    _kernel_bounds = True
 
     def __init__(self, config: VolatileDBConfig | None = None, *, source: str = "",
                  seed: int | None = None) -> None:
@@ -431,8 +426,8 @@ class SharedHashMapVolatileDB:
 
     # ---------------------------------------------------------------- contract
 
-    def create_table(self, table: str, dim: int, row_format: RowFormat = RowFormat.FP32) -> None:
-        self.open_table(table, dim, row_format)
+    def _create_table(self, table: str, dim: int, row_format: RowFormat) -> None:
+        self._open(table, dim, row_format, 0, "", None, create=True)
 
     def open_table(self, table: str, dim: int, row_format: RowFormat = RowFormat.FP32, *, rows: int = 0,
                    source: str = "", fill: Callable[[Callable[[Keys, Vectors], None]], None] | None = None
@@ -445,9 +440,7 @@ class SharedHashMapVolatileDB:
         of another source, dim or format is rebuilt when no live process uses it, refused by
         name when one does. Returns True when this call filled the store.
         """
-        check_table_name(table)
-        dim = check_dim(table, dim)
-        row_format = check_row_format(table, row_format)
+        table, dim, row_format = self._table_shape(table, dim, row_format)
         return self._open(table, dim, row_format, rows, source, fill, create=True)
 
     def _open(self, table: str, dim: int, row_format: RowFormat, rows: int, source: str,
@@ -474,10 +467,8 @@ class SharedHashMapVolatileDB:
     def dim(self, table: str) -> int:
         return self._store(table).spec.dim
 
-    def insert(self, table: str, keys: Keys, values: Vectors) -> None:
+    def _insert(self, table: str, keys: Keys, values: Vectors) -> None:
         spec = self._store(table).spec
-        keys = check_keys(table, keys)
-        values = check_values(table, values, keys.shape[0], spec.dim)
         if keys.shape[0] == 0:
             return
         packed = values.view(np.uint8) if spec.row_format is RowFormat.FP32 else pack(
@@ -500,19 +491,18 @@ class SharedHashMapVolatileDB:
                     if store.parts[p * shm.PART_WORDS + shm.P_ROWS] > self._overflow.margin:
                         self._resolve_overflow(store, p)
 
-    def fetch(self, table: str, keys: Keys, out: Vectors) -> Mask:
-        dim = self._store(table).spec.dim
-        keys = check_keys(table, keys)
-        out = check_out(table, out, keys.shape[0], dim)
-        n = keys.shape[0]
+    def _fetch(self, table: str, keys: Keys, out: Vectors) -> Mask:
+        n, dim = out.shape
         return self.fetch_tables((table,), np.zeros(n, np.int64), keys, out.reshape(-1),
                                  np.arange(0, n * dim, dim, dtype=np.int64))
 
-    def fetch_tables(self, tables: Sequence[str], table_ids: Keys, keys: Keys, out: Flat, offsets: Keys
-                     ) -> Mask:
-        entries, dims, codes = self._groups.get(tables)
-        table_ids, keys, out, offsets = check_table_batch(
-            "host store fetch_tables", dims, table_ids, keys, out, offsets, bounds=False)
+    def _tables_of(self, tables: Sequence[str]) -> tuple[Keys, tuple[Keys, Keys, Keys]]:
+        group = self._groups.get(tables)
+        return group[1], group
+
+    def _fetch_tables(self, group: tuple[Keys, Keys, Keys], table_ids: Keys, keys: Keys, out: Flat,
+                      offsets: Keys) -> Mask:
+        entries, dims, codes = group
         found = np.zeros(keys.shape[0], np.bool_)
         if not keys.shape[0]:
             return found
@@ -568,8 +558,7 @@ class SharedHashMapVolatileDB:
 
     def remove(self, table: str, keys: Keys) -> int:
         """Delete ``keys`` (n,) int64 from ``table``; returns the rows removed."""
-        self._store(table)
-        keys = check_keys(table, keys)
+        keys = self._keys_in(table, keys)
         if keys.shape[0] == 0:
             return 0
         order, offsets = self._group(keys)
@@ -721,8 +710,7 @@ class SharedHashMapVolatileDB:
             with _partition_pool(spec.partitions) as run:
 
                 def write(keys: Keys, values: Vectors) -> None:
-                    keys = check_keys(table, keys)
-                    values = check_values(table, values, keys.shape[0], spec.dim)
+                    keys, values = self._batch_in(table, keys, values, spec.dim)
                     packed = values.view(np.uint8) if spec.row_format is RowFormat.FP32 else pack(
                         spec.row_format, values, f"table {table!r}")
                     current[0] = self._fill_chunk(current[0], keys, packed, run)
@@ -1019,6 +1007,9 @@ class SharedHashMapVolatileDB:
     def _check_open(self) -> None:
         if self._closed:
             raise TierError("the host-store volatile tier is closed")
+
+    def _dim_of(self, table: str) -> int:
+        return self._store(table).spec.dim
 
 
 def _open_current(old: shm.StoreFile) -> shm.StoreFile:
