@@ -144,8 +144,8 @@ def parsed(doc: dict[str, Any], where: str) -> tuple[ParameterServerConfig, Mode
 
 
 def synthetic_set(args: argparse.Namespace, dim: int, folder: Path) -> TableSet:
-    """``--synthetic-tables`` tables of ``--synthetic-rows`` normal rows (scripts/bench_lookup.py's
-    tables), written as sparse folders, and power-law requests over them."""
+    """``--synthetic-tables`` tables of ``--synthetic-rows`` normal rows (the lookup
+    benchmarks' tables, hps_demo/bench/tables.py), written as sparse folders, and power-law requests over them."""
     tables = make_tables(args.synthetic_tables, args.synthetic_rows, dim, args.seed)
     files = []
     for t in range(tables.n):

@@ -165,7 +165,7 @@ def session_over(model: ModelConfig, keys: list[np.ndarray], values: list[np.nda
         db.close()
 
 
-# --------------------------------------------------------------------------- device and cache
+# --------------------------------------------------------------------------- cache and GPU call counts
 
 
 def make_cache(args: argparse.Namespace, model: ModelConfig, rows: list[int]) -> MultiTableCache | None:
