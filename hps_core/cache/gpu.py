@@ -94,7 +94,7 @@ import numpy.typing as npt
 
 from hps_core.arrays import to_host
 from hps_core.cache import _kernels
-from hps_core.cache.shared_gpu import Field, HostClock, Region, SharedName, local_region, shared_region
+from hps_core.cache.shared_gpu import INSERT_WAIT_S, Field, HostClock, Region, SharedName, local_region, shared_region
 from hps_core.cache.base import (
     WAYS,
     AccessClock,
@@ -306,29 +306,36 @@ class _GpuMultiCache:
         raise NotImplementedError
 
     @contextlib.contextmanager
-    def _writing(self, stream: Any) -> Iterator[Any]:
+    def _writing(self, stream: Any, *, best_effort: bool = False) -> Iterator[Any]:
         """A write's device and stream (yielded) under the writers' lock; a shared cache's
         writer waits for its kernels before it lets go (so a writer that dies holding the
         lock died inside them, and the next one repairs). A shared write that fails where its
         kernels may not have finished (its sync raises, or anything but a refused request,
-        a full cache or an allocation) tells the region, so the next writer repairs at once."""
+        a full cache or an allocation) tells the region, so the next writer repairs at once.
+        ``best_effort`` (an insert: a cache fill) waits for a shared cache's lock at most
+        shared_gpu.INSERT_WAIT_S and then yields None: the caller writes nothing (counted in
+        :attr:`skipped_inserts`); updates and clears wait."""
         region = self._region
         assert region is not None
-        with self._writers(), self._on(stream) as s:
-            try:
-                yield s
-            except (RequestError, CacheFullError, DeviceMemoryError):
-                raise
-            except BaseException:
-                region.write_failed()
-                raise
-            finally:
-                if self.shared:
-                    try:
-                        s.synchronize()
-                    except BaseException:
-                        region.write_failed()
-                        raise
+        with self._writers(INSERT_WAIT_S if best_effort else None) as held:
+            if not held:
+                yield None
+                return
+            with self._on(stream) as s:
+                try:
+                    yield s
+                except (RequestError, CacheFullError, DeviceMemoryError):
+                    raise
+                except BaseException:
+                    region.write_failed()
+                    raise
+                finally:
+                    if self.shared:
+                        try:
+                            s.synchronize()
+                        except BaseException:
+                            region.write_failed()
+                            raise
 
     # -- the two calls both kinds implement alike
 
@@ -530,13 +537,20 @@ class _GpuMultiCache:
             self._check_flag(int(flagged), ids, offs, values.shape[0], "cache values")
             return int(found)
 
-    def _writers(self) -> Any:
+    @property
+    def skipped_inserts(self) -> int:
+        """Inserts of a shared cache skipped (written nothing) because its writer lock stayed
+        busy longer than shared_gpu.INSERT_WAIT_S, by every process on the host (approximate);
+        always 0 for a private cache."""
+        return getattr(self._region, "skipped_inserts", 0)
+
+    def _writers(self, wait_s: float | None = None) -> Any:
         """What a write holds besides the kernels' own locks: the region's writer lock (a
         private dynamic cache's is nothing: it locks sets on the device; static tables
         serialise their writers on the host; a shared cache's writers are one at a time per
         host, shared_gpu)."""
         assert self._region is not None
-        return self._region.locked()
+        return self._region.locked(wait_s)
 
     def _write(self, ids: Any, keys: Any, values: Any, offs: Any, status: Any, *, insert: bool, stream: Any) -> None:
         raise NotImplementedError
@@ -585,8 +599,12 @@ class GpuDynamicCache(_GpuMultiCache):
         """Insert or overwrite each key's row, evicting per policy from a full set. One
         launch; returns without waiting for it. A cache with a table not fp32 first runs the
         check pass on device rows and waits for its verdict: a batch holding a row its
-        table's format cannot store raises RowValueError, nothing written."""
-        with self._writing(stream) as s:
+        table's format cannot store raises RowValueError, nothing written. A shared cache's
+        insert is best effort: skipped (counted in skipped_inserts) when its writer lock stays
+        busy past shared_gpu.INSERT_WAIT_S."""
+        with self._writing(stream, best_effort=True) as s:
+            if s is None:
+                return
             ids, keys, values, offs = self._write_args(table_ids, keys, values, offsets, s)
             self._write(ids, keys, values, offs, _NO_STATUS, insert=True, stream=s)
 
@@ -721,8 +739,11 @@ class GpuStaticCache(_GpuMultiCache):
         """Upsert each key's row. Counts each table's new keys first and raises
         CacheFullError (writing nothing) if one does not fit; RequestError, also before
         writing, for a row that does not fit ``values``, RowValueError for one its table's
-        format cannot store."""
-        with self._writing(stream) as s:
+        format cannot store. A shared cache's insert is best effort: skipped (counted in
+        skipped_inserts) when its writer lock stays busy past shared_gpu.INSERT_WAIT_S."""
+        with self._writing(stream, best_effort=True) as s:
+            if s is None:
+                return
             ids, keys, values, offs = self._rows_args(table_ids, keys, values, offsets, "values")
             n = keys.shape[0]
             if n == 0:

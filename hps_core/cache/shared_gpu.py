@@ -94,6 +94,9 @@ POLL_S = 0.2
 KEEPER_START_S = 60.0
 #: How long the writer that repairs waits for a dead writer's process to be gone.
 DEAD_WRITER_WAIT_S = 10.0
+#: How long an insert (best effort: a cache fill) waits for a shared cache's writer lock before
+#: it is skipped and counted; updates and clears wait as long as it takes.
+INSERT_WAIT_S = 0.05
 _ALIGN = 256  # CuPy's allocations are 256-byte aligned; the kernels' float4 loads need 16
 _MAGIC = 0x5550474853504800  # "\0HPSHGPU" little-endian
 _LAYOUT = 1
@@ -106,6 +109,7 @@ MAX_TABLES = 1024
 W_MAGIC, W_LAYOUT, W_STATE, W_GKEEPER, W_GKEEPER_START, W_BYTES, W_DEVICE = range(7)
 W_WRITER, W_WRITER_START, W_REPAIRS, W_CREATOR, W_CREATOR_START, W_META_LEN, W_HANDLE_LEN = range(7, 14)
 W_DIRTY = 14  # a write failed in a live process (its sync raised): the next writer repairs at once
+W_SKIPPED = 15  # inserts skipped because the writer lock stayed busy past INSERT_WAIT_S (approximate)
 W_HANDLE = 24  # 64 bytes: words 24..31
 W_ROWS = 512  # static tables' row counts, MAX_TABLES words
 CREATING, READY = 1, 2
@@ -185,9 +189,11 @@ class Region:
         runtime.deviceSynchronize()
 
     @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self, wait_s: float | None = None) -> Iterator[bool]:
+        """The writers' lock, held while the block runs; yields whether it was taken (a
+        private region's always is; a shared one's waits at most ``wait_s`` when given)."""
         with self._thread_lock:
-            yield
+            yield True
 
     def write_failed(self) -> None:
         """A write failed where its kernels may not have finished: nothing to do in a private
@@ -295,6 +301,14 @@ def _own_descriptors_after_fork() -> None:
 os.register_at_fork(after_in_child=_own_descriptors_after_fork)
 
 
+def _try_flock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def _flocked(fd: int) -> Iterator[None]:
     fcntl.flock(fd, fcntl.LOCK_EX)
@@ -324,27 +338,65 @@ class SharedRegion(Region):
         """Writers found dead inside a write, and repaired after, since the cache was made."""
         return int(self._file.words[W_REPAIRS])
 
+    @property
+    def skipped_inserts(self) -> int:
+        """Inserts skipped, by every process, because the writer lock stayed busy."""
+        return int(self._file.words[W_SKIPPED])
+
     @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self, wait_s: float | None = None) -> Iterator[bool]:
+        """The host-wide writer lock (repairing first after a failed or dead writer); yields
+        True once held. With ``wait_s`` (a best-effort insert), a lock still busy after that
+        long yields False instead, counted in :attr:`skipped_inserts`, and nothing is held."""
+        meta = self._file
+        if wait_s is None:
+            with meta.thread_lock, _flocked(meta.fd), self._marked():
+                yield True
+            return
+        deadline = time.monotonic() + wait_s
+        if not meta.thread_lock.acquire(timeout=wait_s):
+            meta.words[W_SKIPPED] += 1
+            yield False
+            return
+        try:
+            while not _try_flock(meta.fd):
+                if time.monotonic() >= deadline:
+                    meta.words[W_SKIPPED] += 1
+                    break
+                time.sleep(0.002)
+            else:
+                try:
+                    with self._marked():
+                        yield True
+                finally:
+                    fcntl.flock(meta.fd, fcntl.LOCK_UN)
+                return
+        finally:
+            meta.thread_lock.release()
+        yield False
+
+    @contextlib.contextmanager
+    def _marked(self) -> Iterator[None]:
+        """Under the writer lock: repair what a failed or dead writer left, then mark this
+        process the writer while the block runs."""
         meta = self._file
         words = meta.words
-        with meta.thread_lock, _flocked(meta.fd):
-            if words[W_DIRTY] or words[W_WRITER]:  # a write failed, or its writer died inside it
-                pid, start = int(words[W_WRITER]), int(words[W_WRITER_START])
-                if pid and not words[W_DIRTY] and not _wait_gone(pid, start):
-                    raise DeviceError(
-                        f"{meta.path}: the writer mark names pid {pid}, which does not hold the writer lock "
-                        f"yet is still alive after {DEAD_WRITER_WAIT_S:.0f} s; not repaired beside a live writer "
-                        "(stop that process)")
-                if self.repair is not None:
-                    self.repair()
-                words[W_REPAIRS] += 1
-                words[W_DIRTY] = 0
-            words[W_WRITER], words[W_WRITER_START] = shm.this_process()
-            try:
-                yield
-            finally:
-                words[W_WRITER] = words[W_WRITER_START] = 0  # a failed write sets W_DIRTY (write_failed)
+        if words[W_DIRTY] or words[W_WRITER]:  # a write failed, or its writer died inside it
+            pid, start = int(words[W_WRITER]), int(words[W_WRITER_START])
+            if pid and not words[W_DIRTY] and not _wait_gone(pid, start):
+                raise DeviceError(
+                    f"{meta.path}: the writer mark names pid {pid}, which does not hold the writer lock "
+                    f"yet is still alive after {DEAD_WRITER_WAIT_S:.0f} s; not repaired beside a live writer "
+                    "(stop that process)")
+            if self.repair is not None:
+                self.repair()
+            words[W_REPAIRS] += 1
+            words[W_DIRTY] = 0
+        words[W_WRITER], words[W_WRITER_START] = shm.this_process()
+        try:
+            yield
+        finally:
+            words[W_WRITER] = words[W_WRITER_START] = 0  # a failed write sets W_DIRTY (write_failed)
 
     def write_failed(self) -> None:
         """A write of this process failed after its kernels may have started (its sync raised:
@@ -602,6 +654,7 @@ class GpuCacheInfo:
     keeper: int  # pid of the live GPU keeper, 0 when none
     kept_by: int  # pid of the live hps serve that keeps it, 0 when none
     repairs: int  # writers found dead inside a write, and repaired after
+    skipped_inserts: int = 0  # inserts skipped because the writer lock stayed busy (approximate)
 
 
 def list_caches(namespace: str | None = None) -> list[GpuCacheInfo]:
@@ -628,5 +681,6 @@ def list_caches(namespace: str | None = None) -> list[GpuCacheInfo]:
                         bytes=int(w[W_BYTES]), ready=int(w[W_STATE]) == READY,
                         users=tuple(p for p, _ in shm.live_users(w)), keeper=keeper, kept_by=kept,
                         repairs=int(w[W_REPAIRS]),
+                        skipped_inserts=int(w[W_SKIPPED]),
                     ))
     return found

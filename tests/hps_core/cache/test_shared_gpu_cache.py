@@ -658,3 +658,38 @@ def test_a_slow_keeper_adopts_its_own_file_not_the_one_now_at_the_path(namespace
     path.unlink()
     meta.close()  # no user, its file replaced: the keeper leaves
     directory.rmdir()
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_an_insert_skips_a_busy_writer_lock_and_an_update_waits(namespace: str, kind: str) -> None:
+    """Inserts (cache fills of missed rows) wait for the host-wide writer lock at most
+    INSERT_WAIT_S, then write nothing and count it; updates and clears wait (skipping them
+    would serve stale rows)."""
+    import threading
+
+    cache = _open(namespace, kind)
+    keys = np.arange(32, dtype=np.int64)
+    _insert(cache, keys, 1)
+    fd = os.open(cache._region.path, os.O_RDWR)  # another writer holds the lock
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        inserting = threading.Thread(target=_insert, args=(cache, np.arange(32, 64, dtype=np.int64), 2), daemon=True)
+        inserting.start()
+        inserting.join(5)
+        assert not inserting.is_alive(), "the insert waited for the busy lock"
+        assert cache.skipped_inserts == 1
+        updating = threading.Thread(target=cache.update_tables, daemon=True,
+                                    args=(np.zeros(32, np.int64), keys, _rows(keys, 3), np.arange(32) * DIM))
+        updating.start()
+        updating.join(0.5)
+        assert updating.is_alive()  # the update waits for the lock
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    updating.join(10)
+    assert not updating.is_alive()
+    got, hit = _query(cache, np.arange(64, dtype=np.int64))
+    assert not hit[32:].any()  # the skipped insert wrote nothing
+    assert hit[:32].all() if kind == "static" else hit[:32].sum() == int(cache.sizes()[0])
+    np.testing.assert_array_equal(got[:32][hit[:32]].ravel(), _rows(keys[hit[:32]], 3))
+    cache.close()
