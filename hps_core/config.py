@@ -463,7 +463,8 @@ def gpu_cache_requested(model: ModelConfig) -> bool:
     """
     if not model.gpucache:
         return False
-    return model.gpucacheper > 0.0 or model.embedding_cache_type is CacheKind.STATIC
+    # ==, not is: a ModelConfig built in code may hold the name
+    return model.gpucacheper > 0.0 or model.embedding_cache_type == CacheKind.STATIC
 
 
 # Fields parsed for compatibility that change nothing in this server, per section.

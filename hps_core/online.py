@@ -127,7 +127,7 @@ class OnlineUpdates:
     def start(self) -> None:
         for source in self.sources.values():
             source.start()
-        if isinstance(self._reader, Refreshable):
+        if isinstance(self._reader, Refreshable) and self._catch_up is None:
             self._catch_up = RepeatInBackground(
                 self._reader.refresh, name="hps-rocksdb-catch-up", interval_s=self._catch_up_s,
                 # serving goes on with the last state it saw
@@ -139,6 +139,7 @@ class OnlineUpdates:
             source.stop()
         if self._catch_up is not None:
             self._catch_up.stop()
+            self._catch_up = None
         self._failures.flush()  # each source's stop flushes its own
 
     def stats(self) -> dict[str, dict[str, Any]]:

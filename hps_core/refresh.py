@@ -68,8 +68,8 @@ class CacheRefresher:
 
     def start(self) -> None:
         """Run :meth:`step` every ``interval`` seconds after ``delay``, until :meth:`stop`."""
-        if self._interval <= 0 or self._session.cache is None:
-            return  # HugeCTR: refresh_interval 0 means never
+        if self._interval <= 0 or self._session.cache is None or self._loop is not None:
+            return  # HugeCTR: refresh_interval 0 means never; started already
         self._loop = RepeatInBackground(self.step, name="hps-cache-refresh", interval_s=self._interval,
                                         first_delay_s=self._delay,
                                         on_error=lambda exc: self._failures.failure("cache refresh step failed", exc))
@@ -79,4 +79,5 @@ class CacheRefresher:
         """Stop the thread; log how many failures were held back."""
         if self._loop is not None:
             self._loop.stop()
+            self._loop = None
         self._failures.flush()

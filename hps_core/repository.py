@@ -38,6 +38,7 @@ from pathlib import Path
 __all__ = [
     "DENSE_WEIGHTS",
     "HPS_JSON",
+    "PS_ENV",
     "SOURCE_MARKER",
     "hps_models",
     "link_to",
@@ -53,6 +54,10 @@ __all__ = [
 HPS_JSON = "hps.json"  # an HPS model's tables and tiers, in a version folder (and in an export)
 DENSE_WEIGHTS = "dense.pt"  # the dense model's weights in its version folder (and in an export)
 SOURCE_MARKER = ".hps_source"  # in a staged model folder: the original folder's path
+#: HugeCTR's ``--backend-config=hps,ps=PATH`` as ``hps serve`` hands it to the HPS backend's
+#: stubs (serving.backend_config_environment, the path made absolute): the HPS JSON of a model
+#: whose config.pbtxt names none.
+PS_ENV = "HPS_BACKEND_CONFIG_PS"
 
 _HPS_BACKEND = re.compile(r'\bbackend\s*:\s*"hps"')
 _KIND_GPU = re.compile(r"\bkind\s*:\s*KIND_GPU\b")

@@ -188,7 +188,7 @@ class HierarchicalParameterServer:
         from hps_core.cache import SharedName, make_multi_table_cache  # the GPU module imports cupy lazily
         from hps_core.db.shm_store import namespace_of
 
-        static = model.embedding_cache_type is CacheKind.STATIC
+        static = model.embedding_cache_type == CacheKind.STATIC
         rows = [sparse_model_rows(table.sparse_file, table.dim)[0] for table in model.tables]
         shared = (SharedName(namespace_of(self.config.volatile_db, self.config.source), model.model,
                              source=_sources_fingerprint(model))

@@ -64,6 +64,7 @@ from types import TracebackType
 from hps_core.errors import HPSError, ServingError
 from hps_core.repository import (
     HPS_JSON,
+    PS_ENV,
     hps_models,
     link_to,
     pbtxt_string_parameter,
@@ -265,13 +266,13 @@ def cuda_pool_bytes(repository: Path, backend_config: Sequence[str] = ()) -> int
 def _hps_config_paths(repository: Path, backend_config: Sequence[str]) -> list[Path]:
     """The HPS JSON of every version of every HPS model of ``repository``, as the backend
     picks it (:func:`hps_core.repository.served_file`)."""
-    defaults = [entry.split("=", 1)[1] for entry in backend_config if entry.startswith("hps,ps=")]
+    default = backend_config_environment(backend_config).get(PS_ENV)  # as the stubs get it: absolute
     paths = []
     for folder, text in hps_models(repository):
         parameter = pbtxt_string_parameter(text, "hps_config")
         versions: list[int | None] = [*version_numbers(folder)] or [None]
         for version in versions:
-            path = served_file(folder, version, HPS_JSON, parameter, defaults[-1] if defaults else None)
+            path = served_file(folder, version, HPS_JSON, parameter, default)
             if path is not None and path.is_file() and path not in paths:
                 paths.append(path)
     return paths

@@ -55,7 +55,7 @@ class TritonMetrics:
     def start(self, interval_s: float) -> None:
         """Publish now, then every ``interval_s`` seconds from a daemon thread (0: only now)."""
         self.update(force_slow=True)  # the series exist (at zero) before the first request
-        if interval_s > 0:
+        if interval_s > 0 and self._loop is None:
             # metrics must never take the model down: a failed publication is logged, the loop goes on
             self._loop = RepeatInBackground(
                 self.update, name="hps-metrics", interval_s=interval_s,

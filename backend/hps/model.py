@@ -54,10 +54,9 @@ from hps_core.config import gpu_cache_requested, load_config, version_model_name
 from hps_core.errors import HPSError, RequestError, TierError
 from hps_core.logs import RateLimitedLog
 from hps_core.metrics import MetricsCollector
-from hps_core.repository import HPS_JSON
+from hps_core.repository import HPS_JSON, PS_ENV
 from hps_core.server import HierarchicalParameterServer
 
-_PS_ENV = "HPS_BACKEND_CONFIG_PS"
 
 
 class TritonPythonModel:
@@ -74,7 +73,7 @@ class TritonPythonModel:
             check_interface(config)  # HugeCTR's KEYS, NUMKEYS -> OUTPUT0, or a clear load error
         except HPSError as exc:
             raise pb_utils.TritonModelException(str(exc)) from exc
-        hps_config = served_path(args, HPS_JSON, string_parameter(config, "hps_config"), os.environ.get(_PS_ENV))
+        hps_config = served_path(args, HPS_JSON, string_parameter(config, "hps_config"), os.environ.get(PS_ENV))
         if hps_config is None:
             raise pb_utils.TritonModelException(
                 f"model '{args['model_name']}': no HPS config; set the parameter hps_config in config.pbtxt "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +80,6 @@ def run_models(args: argparse.Namespace) -> int:
         control.load(args.model, config=config, versions=args.version, timeout=args.timeout)
         print(f"hps models: {args.model} loaded; READY versions: {_versions(control.ready_versions(args.model))}")
         return 0
-    hps_model = _hps_model_name(control, args.model)  # read before the unload: Triton forgets the config
     if args.version:
         _unload_versions(control, args.model, args.version, args.timeout)
     else:
@@ -89,62 +87,7 @@ def run_models(args: argparse.Namespace) -> int:
         control.wait_gone(args.model, timeout=args.timeout)
     print(f"hps models: {args.model} unloaded {_versions(args.version) if args.version else 'all versions'}; "
           f"READY versions: {_versions(control.ready_versions(args.model))}")
-    if hps_model is not None:
-        stores, caches = _remove_retired_stores(hps_model, args.version or None)
-        if stores:
-            print(f"hps models: removed {len(stores)} host store file(s) of the unloaded version(s) from /dev/shm")
-        if caches:
-            print(f"hps models: removed {len(caches)} shared GPU cache(s) of the unloaded version(s)")
     return 0
-
-
-def _hps_model_name(control: Any, model: str) -> str | None:
-    """The model's entry name in its HPS JSON (the ``hps_model`` parameter, else its name) when
-    it is an HPS model Triton knows; None otherwise."""
-    try:
-        config = control.config(model)
-    except ServingError:
-        return None  # the unload itself reports an unknown model
-    if config.get("backend") != "hps":
-        return None
-    name = config.get("parameters", {}).get("hps_model", {}).get("string_value", "").strip()
-    return str(name or model)
-
-
-def _remove_retired_stores(hps_model: str, versions: list[int] | None, settle_s: float = 1.0,
-                           limit_s: float = 15.0) -> tuple[list[str], list[str]]:
-    """Remove the host stores and shared GPU caches of the unloaded versions (all of the
-    model's when ``versions`` is None) that nobody uses any more: under ``hps serve`` nothing
-    else would before it stops. Returns the paths removed: (host stores, GPU caches).
-
-    Triton reports a version unloaded before its stubs have always exited, so this waits until
-    the stores' users stopped changing for ``settle_s`` (at most ``limit_s``): a stub still
-    leaving is waited for, while a store another version still serves (same tables) is kept.
-    Only this host's stores are seen (``hps models`` may talk to a remote server: then none)."""
-    from hps_core.cache import remove_unused_gpu_caches
-    from hps_core.cache.shared_gpu import list_caches
-    from hps_core.config import entry_version, version_entry_name
-    from hps_core.db.shm_store import list_stores, remove_unused_tables
-
-    def retired_entry(entry: str) -> bool:
-        version = entry_version(entry)
-        return (versions is None or version in versions) and version_entry_name(hps_model, version) == entry
-
-    def retired(table: str) -> bool:  # hps_et.<entry>.<table>
-        parts = table.split(".", 2)
-        return len(parts) == 3 and retired_entry(parts[1])
-
-    users = None
-    settled_at = start = time.monotonic()
-    while time.monotonic() - start < limit_s:
-        now = tuple(sorted([pid for info in list_stores() if retired(info.table) for pid in info.users]
-                           + [pid for info in list_caches() if retired_entry(info.name) for pid in info.users]))
-        if now != users:
-            users, settled_at = now, time.monotonic()
-        elif not users or time.monotonic() - settled_at >= settle_s:
-            break
-        time.sleep(0.1)
-    return remove_unused_tables(retired), remove_unused_gpu_caches(retired_entry)
 
 
 def _unload_versions(control: Any, model: str, versions: list[int], timeout: float) -> None:

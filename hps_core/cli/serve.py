@@ -153,14 +153,10 @@ def _keeping_host_stores() -> Iterator[None]:
     crash or a Triton restart re-attaches instead of reloading (the stubs inherit the keeper's
     pid through the environment), and remove them once Triton is gone, so nothing stays in
     /dev/shm after a stop."""
-    from hps_core.db.shm_store import KEEPER_ENV, remove_kept_stores, remove_orphaned_stores
+    from hps_core.db.shm_store import KEEPER_ENV, remove_kept_stores
 
     from hps_core.stub_watch import SUPERVISED_ENV
 
-    orphans = remove_orphaned_stores()
-    if orphans:
-        print(f"hps serve: removed {len(orphans)} orphaned host store file(s) from /dev/shm (no live user or "
-              "keeper)", flush=True)
     os.environ[KEEPER_ENV] = str(os.getpid())
     # The supervisor reloads a model whose stub died: the backends' own watchdog stays off.
     os.environ[SUPERVISED_ENV] = str(os.getpid())

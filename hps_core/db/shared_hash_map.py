@@ -46,6 +46,7 @@ import logging
 import math
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -364,6 +365,17 @@ def _views(store: shm.StoreFile) -> Any:
     return store.rows.view(np.int64)
 
 
+_open_tiers: weakref.WeakSet[SharedHashMapVolatileDB] = weakref.WeakSet()
+
+
+def _reset_locks_after_fork() -> None:
+    for tier in list(_open_tiers):
+        tier._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_reset_locks_after_fork)
+
+
 class SharedHashMapVolatileDB(TierBase[tuple[Keys, Keys, Keys]]):
     """Volatile tier in host shared memory: every process that opens a table maps one copy.
 
@@ -414,6 +426,17 @@ class SharedHashMapVolatileDB(TierBase[tuple[Keys, Keys, Keys]]):
         self._tables_lock = threading.RLock()  # guards the dicts and swaps: held briefly, never across a wait
         self._opening = threading.RLock()  # one open (a fill, or a wait for another process's) at a time
         self._closed = False
+        _open_tiers.add(self)
+
+    def _after_fork_in_child(self) -> None:
+        """This process's locks as a forked child finds them: held, maybe, by threads of the
+        parent that do not exist here. Every lookup and remap of the child would wait on them
+        for ever; nothing runs in the child yet, so they start free (shm_store gives each store
+        a file description of its own beside this)."""
+        self._maps.locks[:] = 0
+        self._maps.waiting[:] = 0
+        self._tables_lock = threading.RLock()
+        self._opening = threading.RLock()
 
     def __repr__(self) -> str:
         return (f"SharedHashMapVolatileDB(namespace={self.namespace!r}, "

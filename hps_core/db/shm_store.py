@@ -94,7 +94,6 @@ __all__ = [
     "remove_if_unused",
     "remove_kept_stores",
     "remove_orphaned_stores",
-    "remove_unused_tables",
     "shm_root",
     "this_process",
 ]
@@ -460,10 +459,14 @@ def _own_descriptors_after_fork() -> None:
     for store in list(_open_stores):
         if store.closed:
             continue
-        fd = os.open(f"/proc/self/fd/{store.fd}", os.O_RDWR | os.O_CLOEXEC)
+        store._thread_lock = threading.Lock()
+        try:
+            fd = os.open(f"/proc/self/fd/{store.fd}", os.O_RDWR | os.O_CLOEXEC)
+        except OSError:  # no /proc, no descriptor left: the child must not write beside its parent
+            store.closed = True  # its writers take the thread lock alone, then find the store closed
+            continue
         os.dup2(fd, store.fd, inheritable=False)
         os.close(fd)
-        store._thread_lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_own_descriptors_after_fork)
@@ -710,24 +713,21 @@ def remove_kept_stores(keeper_pid: int) -> list[str]:
 def remove_orphaned_stores() -> list[str]:
     """Remove the stores (and shared GPU caches' files) on this host that no live process uses
     and no live keeper keeps: left by servers that all died without a keeper (Triton started
-    directly, every stub killed) in namespaces nobody may start again. A host store created
-    with ``shared_memory_auto_remove: false`` is kept on purpose and never removed here.
-    ``hps serve`` runs it at start-up, ``hps inspect --stores --remove-orphans`` on demand.
-    Returns the paths removed."""
+    directly, every stub killed) in namespaces nobody will start again. Only on an operator's
+    word (``hps inspect --stores --remove-orphans``), never at a server's start: such a store is
+    also what the next start of a crashed server re-attaches to. A host store is an orphan only
+    when it says it is removed with its last user (``shared_memory_auto_remove: true``, recorded
+    since that field was kept in the file; one made with ``false``, or by an earlier version,
+    is kept). Processes are judged by pid in this PID namespace: do not run it where another
+    container shares /dev/shm. Returns the paths removed."""
 
     def orphaned(header: Any) -> bool:
-        on_purpose = header[H_MAGIC] == _MAGIC and read_meta(header).get("auto_remove") is False
-        return not on_purpose and not alive(int(header[H_KEEPER]), int(header[H_KEEPER_START]))
+        is_host_store = header[H_MAGIC] == _MAGIC
+        if is_host_store and read_meta(header).get("auto_remove") is not True:
+            return False
+        return not alive(int(header[H_KEEPER]), int(header[H_KEEPER_START]))
 
     return _remove_unused(orphaned, wait=False)
-
-
-def remove_unused_tables(retired: Callable[[str], bool]) -> list[str]:
-    """Remove the host stores of the tables ``retired(table)`` names that no live process uses,
-    whoever keeps them (``hps models unload`` of a model or its versions: their stubs are gone,
-    and nothing would remove their stores before ``hps serve`` stops). Returns the paths removed."""
-    return _remove_unused(lambda header: header[H_MAGIC] == _MAGIC and retired(str(read_meta(header).get("table"))),
-                          wait=False)
 
 
 def remove_if_unused(path: Path) -> bool:

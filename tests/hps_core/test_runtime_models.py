@@ -34,7 +34,6 @@ import numpy as np
 import pytest
 
 from hps_core.cli import main
-from hps_core.db.shm_store import list_stores
 from hps_core.serving import API_TOKEN_ENV, group_processes
 from tests.e2e.models import HUGECTR_STYLE_CONFIG, MULTI_DEFAULTS, MULTI_DIMS, MULTI_ROWS, _model_entry, _random_table
 from tests.hps_serve import Ready, Repository, ServeProcess, build_repository, echo_ok, hps_ok, send, trace, wait_until
@@ -213,18 +212,6 @@ def test_versions_added_and_removed_at_runtime(repository: Repository, serve: tu
     assert "hps_multi loaded; READY versions: 1, 2" in capsys.readouterr().out
     np.testing.assert_allclose(lookup(ready.http, "hps_multi", 2), expected2, rtol=1e-6)
     assert lookup(ready.http, "hps_multi", 1) == version1 and version1 != lookup(ready.http, "hps_multi", 2)
-
-    # Unloading version 2 removes its host stores at once (hps serve, their keeper, would keep
-    # them until it stops); version 1's stay, and it answers as before.
-    def stores(entry: str) -> list[Path]:
-        return [Path(s.path) for s in list_stores() if s.table.startswith(f"hps_et.{entry}.")]
-
-    version2_stores, version1_stores = stores("hps_multi_v2"), stores("hps_multi")
-    assert len(version2_stores) == len(tables) and version1_stores
-    assert hps_models(ready, "unload", "hps_multi", "--version", "2") == 0
-    assert f"removed {len(tables)} host store file(s) of the unloaded version(s)" in capsys.readouterr().out
-    assert not any(p.exists() for p in version2_stores) and all(p.exists() for p in version1_stores)
-    assert lookup(ready.http, "hps_multi", 1) == version1
 
 
 def _stub_by_version(pgid: int, model: str) -> dict[str, int]:

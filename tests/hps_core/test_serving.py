@@ -337,3 +337,21 @@ def test_a_start_removes_staging_folders_whose_server_is_gone(tmp_path: Path) ->
     (tmp_path / "other").mkdir()
     assert remove_orphaned_staging(tmp_path) == [folders["dead"]]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hps-triton-live", "hps-triton-unowned", "other"]
+
+
+def test_cuda_pool_reads_a_relative_backend_config_json_as_the_stubs_do(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--backend-config hps,ps=conf/hps.json`` is relative to where hps serve runs (the stubs get
+    it made absolute), not to the model's folder."""
+    from hps_core.serving import DEFAULT_CUDA_POOL_BYTES, cuda_pool_bytes
+
+    model = tmp_path / "repo" / "emb"
+    (model / "1").mkdir(parents=True)
+    (model / "config.pbtxt").write_text('name: "emb"\nbackend: "hps"\n')  # no hps_config: the ps= one
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "hps.json").write_text(json.dumps({"models": [{
+        "model": "emb", "sparse_files": ["a"], "embedding_vecsize_per_table": [256],
+        "maxnum_catfeature_query_per_table_per_sample": [1], "max_batch_size": 1 << 20}]}))
+    monkeypatch.chdir(tmp_path)
+    assert cuda_pool_bytes(tmp_path / "repo", ["hps,ps=conf/hps.json"]) == 4 * (8 * (1 << 20) + 4 * (1 << 20) * 256)
+    assert cuda_pool_bytes(tmp_path / "repo") == DEFAULT_CUDA_POOL_BYTES

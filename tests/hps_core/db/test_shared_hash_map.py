@@ -14,7 +14,9 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import fcntl
+import mmap
 import os
+import threading
 import resource
 import shutil
 import signal
@@ -508,6 +510,36 @@ def test_a_forked_child_does_not_share_its_parents_writer_lock(shm_root: Path) -
     db.close()
 
 
+def test_a_child_forked_during_a_lookup_is_not_left_waiting_on_its_parents_locks(shm_root: Path) -> None:
+    """A thread of the parent inside a lookup holds this process's map lock at the fork; the
+    child (which has no such thread) must still grow and remap its store."""
+    db = SharedHashMapVolatileDB(config())
+    db.open_table(T, 4)
+    inside, leave = threading.Event(), threading.Event()
+
+    def lookup_in_progress() -> None:
+        with db._maps.read_locked(0):
+            inside.set()
+            leave.wait(30)
+
+    reader = threading.Thread(target=lookup_in_progress)
+    reader.start()
+    try:
+        assert inside.wait(30)
+        pid = os.fork()
+        if pid == 0:  # the child: enough rows to grow the store, which remaps under the map lock
+            signal.alarm(30)
+            keys = np.arange(20_000, dtype=np.int64)
+            db.insert(T, keys, vectors(keys, 4))
+            os._exit(0 if db.count(T) == 20_000 else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "the forked child hung on (or failed past) its parent's lock"
+    finally:
+        leave.set()
+        reader.join()
+    db.close()
+
+
 def test_orphaned_stores_are_swept_but_not_those_in_use_kept_or_kept_on_purpose(
     shm_root: Path, peer: Callable[..., Peer], keeper: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -525,10 +557,20 @@ def test_orphaned_stores_are_swept_but_not_those_in_use_kept_or_kept_on_purpose(
     db.open_table(T, 4)
     paths["kept"] = db.store_path(T)
     db.close()
+    older = peer(shared_memory_name="older")  # a store of an earlier version: no auto_remove recorded
+    older(p_open, T, 4)
+    paths["older"] = Path(older(p_store, T)[0])
+    older.kill()
+    with open(paths["older"], "r+b") as f, mmap.mmap(f.fileno(), shm.HEADER_WORDS * 8) as mm:
+        header = np.frombuffer(mm, np.int64, shm.HEADER_WORDS)
+        meta = shm.read_meta(header)
+        del meta["auto_remove"]
+        shm._write_meta(header, meta)
+        del header
     assert all(path.exists() for path in paths.values())
     assert shm.remove_orphaned_stores() == [str(paths["orphan"])]
     assert not paths["orphan"].exists() and not paths["orphan"].parent.exists()
-    assert all(paths[name].exists() for name in ("purpose", "used", "kept"))
+    assert all(paths[name].exists() for name in ("purpose", "used", "kept", "older"))
 
 
 @pytest.mark.parametrize("dim, fmt", [(8, "fp32"), (4, "fp16")], ids=["dim", "format"])
