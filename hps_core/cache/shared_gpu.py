@@ -9,7 +9,7 @@ of its GPU, creating it first if needed. Both carve and fill the arrays with the
 cache classes (gpu.py) do not know which they got, except that writers of a shared region
 wait for their kernels before they let go of the writer lock (below).
 
-Where: a metadata file ``<shm root>/hps.<namespace>/gpu<ordinal>.<name>`` beside the host
+Where: a metadata file ``<shm root>/hps.<namespace>/gpu-<PCI bus id>.<name>`` beside the host
 store's files (same namespace: ``volatile_db.shared_memory_name`` or the JSON's path), holding
 the IPC handle, the shape of the cache (JSON), the users and the static tables' row counts.
 
@@ -215,8 +215,21 @@ def local_region(cp: Any, fields: Sequence[Field], tables: int, *, exclusive: bo
 # --------------------------------------------------------------------------- shared
 
 
-def gpu_path(name: SharedName, device: int) -> Path:
-    return shm.namespace_dir(name.namespace) / shm.file_name(f"gpu{device}.{name.name}")
+def gpu_path(name: SharedName, bus_id: str) -> Path:
+    """The metadata file of cache ``name`` on the GPU of PCI bus id ``bus_id`` (the physical
+    GPU: two processes that see it under different CUDA ordinals share it, and the same ordinal
+    under different ``CUDA_VISIBLE_DEVICES`` names different caches)."""
+    return shm.namespace_dir(name.namespace) / shm.file_name(f"gpu-{_bus_part(bus_id)}.{name.name}")
+
+
+def _bus_part(bus_id: str) -> str:
+    """``0000:3B:00.0`` -> ``0000-3b-00-0`` (no dot: the model name follows the first one)."""
+    return bus_id.strip().lower().replace(":", "-").replace(".", "-")
+
+
+def pci_bus_id(cp: Any, device: int) -> str:
+    """The PCI bus id of CUDA device ``device`` of this process (``domain:bus:device.function``)."""
+    return str(cp.cuda.runtime.deviceGetPCIBusId(device))
 
 
 class _MetaFile:
@@ -491,8 +504,9 @@ def shared_region(cp: Any, fields: Sequence[Field], tables: int, *, device: int,
         raise ConfigError(f"a shared GPU cache holds at most {MAX_TABLES} tables, got {tables}")
     _, nbytes = _layout(fields)
     directory = shm.namespace_dir(name.namespace)
-    path = gpu_path(name, device)
-    want = {**shape, "device": device, "bytes": nbytes, "fields": [[f.name, np.dtype(f.dtype).str, f.count]
+    bus_id = pci_bus_id(cp, device)
+    path = gpu_path(name, bus_id)
+    want = {**shape, "device": bus_id.lower(), "bytes": nbytes, "fields": [[f.name, np.dtype(f.dtype).str, f.count]
                                                                      for f in fields]}
     for _ in range(8):  # a file replaced or removed between open and lock is opened again
         shm.ensure_dir(directory)
@@ -655,6 +669,7 @@ class GpuCacheInfo:
     kept_by: int  # pid of the live hps serve that keeps it, 0 when none
     repairs: int  # writers found dead inside a write, and repaired after
     skipped_inserts: int = 0  # inserts skipped because the writer lock stayed busy (approximate)
+    pci_bus_id: str = ""  # the physical GPU (device is its CUDA ordinal in the creating process)
 
 
 def list_caches(namespace: str | None = None) -> list[GpuCacheInfo]:
@@ -681,6 +696,6 @@ def list_caches(namespace: str | None = None) -> list[GpuCacheInfo]:
                         bytes=int(w[W_BYTES]), ready=int(w[W_STATE]) == READY,
                         users=tuple(p for p, _ in shm.live_users(w)), keeper=keeper, kept_by=kept,
                         repairs=int(w[W_REPAIRS]),
-                        skipped_inserts=int(w[W_SKIPPED]),
+                        skipped_inserts=int(w[W_SKIPPED]), pci_bus_id=str(meta.get("device", "")),
                     ))
     return found

@@ -614,6 +614,15 @@ def _get_device_count() -> int:
     return _DEVICES
 
 
+def _device_get_pci_bus_id(device: int) -> str:
+    """``cudaDeviceGetPCIBusId``: a distinct bus id per emulated device (CUDA's format,
+    upper-case hex). ``HPS_EMU_BUS_OFFSET`` shifts them, as CUDA_VISIBLE_DEVICES would show a
+    process another physical GPU under the same ordinal."""
+    if not 0 <= device < _DEVICES:
+        raise CUDARuntimeError(101, f"cudaErrorInvalidDevice: device {device} (emulating {_DEVICES})")
+    return f"0000:{0x41 + device + int(os.environ.get('HPS_EMU_BUS_OFFSET', '0')):02X}:00.0"
+
+
 def _check_device_range(ptr: int, nbytes: int, what: str) -> None:
     alloc = _allocation_of(ptr, nbytes) if nbytes else None
     _check_not_freed(alloc, f"{what} [{ptr:#x}, +{nbytes})")
@@ -704,6 +713,7 @@ def _ipc_close_mem_handle(dev_ptr: int) -> None:
 runtime = types.SimpleNamespace(
     CUDARuntimeError=CUDARuntimeError,
     getDeviceCount=_get_device_count,
+    deviceGetPCIBusId=_device_get_pci_bus_id,
     getDevice=_current_device,
     deviceSynchronize=lambda: None,
     memsetAsync=_memset_async,

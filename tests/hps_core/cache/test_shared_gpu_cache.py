@@ -101,10 +101,11 @@ cache.close()
 """ % {"keys": KEYS, "dim": DIM}
 
 
-def _start(namespace: str, kind: str, mode: str, seconds: float = 0.0, seed: int = 0) -> subprocess.Popen[str]:
+def _start(namespace: str, kind: str, mode: str, seconds: float = 0.0, seed: int = 0,
+           env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     proc = subprocess.Popen([sys.executable, "-c", WORKER, namespace, kind, mode, str(seconds), str(seed)],
                             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, env={**os.environ, **(env or {})})
     line = proc.stdout.readline() if proc.stdout else ""
     if '"ready"' not in line:
         proc.kill()
@@ -123,8 +124,16 @@ def _finish(proc: subprocess.Popen[str], timeout: float = 60.0) -> dict[str, Any
     return dict(json.loads(out.strip().splitlines()[-1]))
 
 
+def _path(namespace: str) -> Path:
+    """The metadata file of cache "m" of ``namespace`` on device 0 (named by its PCI bus id)."""
+    import cupy as cp
+
+    return shared_gpu.gpu_path(SharedName(namespace, "m"), shared_gpu.pci_bus_id(cp, 0))
+
+
 def _keepers(path: Path) -> list[int]:
-    """Pids of the GPU keepers of ``path`` (from /proc, by their command line)."""
+    """Pids of the GPU keepers of ``path``, or of every file in ``path`` when it is a
+    namespace's folder (from /proc, by their command line)."""
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -132,7 +141,8 @@ def _keepers(path: Path) -> list[int]:
                 cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"hps_core.cache.gpu_keeper" in cmd and str(path).encode() in cmd:
+            mine = str(path).encode()
+            if b"hps_core.cache.gpu_keeper" in cmd and any(a == mine or a.startswith(mine + b"/") for a in cmd):
                 found.append(int(entry))
     return found
 
@@ -142,10 +152,12 @@ def _words(path: Path) -> np.ndarray:
 
 
 def _gone(path: Path, timeout: float = 5.0) -> bool:
-    """Whether the file, its folder and its keepers are gone (waiting up to ``timeout``)."""
+    """Whether the file, its folder and its keepers are gone (waiting up to ``timeout``);
+    ``path`` a namespace's folder: the folder and the keepers of every file in it."""
+    folder = path if path.name.startswith("hps.") else path.parent
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if not path.parent.exists() and not _keepers(path):
+        if not folder.exists() and not _keepers(path):
             return True
         time.sleep(0.05)
     return False
@@ -158,8 +170,8 @@ def namespace() -> Iterator[str]:
     name = f"test-gpu-{uuid.uuid4().hex[:10]}"
     yield name
     directory = shm_store.namespace_dir(name)
-    ok = _gone(directory / "gpu0.m")
-    left = _keepers(directory / "gpu0.m")  # found by command line now, so a pid is never a reused one
+    ok = _gone(directory)
+    left = _keepers(directory)  # found by command line now, so a pid is never a reused one
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     if directory.exists():
@@ -202,7 +214,7 @@ def test_processes_attach_to_one_allocation_and_one_keeper(namespace: str, kind:
     _insert(cache, keys, 7)
     workers = [_start(namespace, kind, "hold") for _ in range(3)]
     try:
-        assert [p.name for p in path.parent.iterdir()] == ["gpu0.m"]  # one cache, one file
+        assert [p.name for p in path.parent.iterdir()] == [path.name]  # one cache, one file
         keepers = _keepers(path)
         assert len(keepers) == 1
         words = _words(path)
@@ -280,7 +292,7 @@ def test_a_killed_process_does_not_hurt_the_others(namespace: str, kind: str) ->
     stuck lock), reads no torn row, its dead peers' slots are reaped, and once the last user
     closes the file and the keeper are gone."""
     survivor = _start(namespace, kind, "serve", seconds=60.0, seed=1)
-    path = shm_store.namespace_dir(namespace) / "gpu0.m"
+    path = _path(namespace)
     kills = 0
     while kills < 4 or (_words(path)[shared_gpu.W_REPAIRS] == 0 and kills < 40):  # until one lands inside a write
         victim = _start(namespace, kind, "write", seconds=30.0, seed=10 + kills)
@@ -327,7 +339,7 @@ def test_a_writer_dead_inside_a_write_is_repaired(namespace: str, kind: str) -> 
 
 def test_another_shape_is_refused_while_in_use_and_rebuilt_when_not(namespace: str) -> None:
     cache = _open(namespace)
-    with pytest.raises(ConfigError, match=r"gpu0\.m.*another shape.*dims"):
+    with pytest.raises(ConfigError, match=r"gpu-[0-9a-f-]+\.m.*another shape.*dims"):
         _open(namespace, dims=[DIM * 2])
     with pytest.raises(ConfigError, match="another shape.*kind"):
         _open(namespace, "static")
@@ -339,7 +351,7 @@ def test_another_shape_is_refused_while_in_use_and_rebuilt_when_not(namespace: s
 
 def test_a_file_left_by_dead_processes_is_rebuilt(namespace: str) -> None:
     holder = _start(namespace, "dynamic", "hold")
-    path = shm_store.namespace_dir(namespace) / "gpu0.m"
+    path = _path(namespace)
     keeper = _keepers(path)
     os.kill(holder.pid, signal.SIGKILL)
     holder.communicate()
@@ -375,7 +387,7 @@ def test_servers_of_one_model_share_one_cache(tmp_path: Path, namespace: str) ->
     keys = np.arange(200, dtype=np.int64)
     doc = _server_config(tmp_path, namespace, keys, maxnum_catfeature_query_per_table_per_sample=[100],
                          gpucacheper=0.5)
-    path = shm_store.namespace_dir(namespace) / "gpu0.m"
+    path = _path(namespace)
     with HierarchicalParameterServer(load_config(tmp_path / "hps.json"), cache_device=0) as one, \
             HierarchicalParameterServer(load_config(tmp_path / "hps.json"), cache_device=0) as two:
         a, b = one.session("m").caches["t"], two.session("m").caches["t"]
@@ -446,10 +458,10 @@ def test_a_handle_that_does_not_open_while_in_use_is_refused_and_left_alone(
     the newcomer raises (naming the file, the users and the CUDA error), the file and its
     keeper stay, and the users go on using the memory (freed under them, their launches fail)."""
     holder = _start(namespace, "dynamic", "hold-use")
-    path = shm_store.namespace_dir(namespace) / "gpu0.m"
+    path = _path(namespace)
     keeper = _keepers(path)
     _inject_open_failure(monkeypatch)
-    with pytest.raises(DeviceError, match=rf"gpu0\.m.*\[{holder.pid}\].*cudaErrorInjected"):
+    with pytest.raises(DeviceError, match=rf"gpu-[0-9a-f-]+\.m.*\[{holder.pid}\].*cudaErrorInjected"):
         _open(namespace)
     monkeypatch.undo()
     assert path.exists() and _keepers(path) == keeper
@@ -462,7 +474,7 @@ def test_the_keeper_outlives_the_users_of_a_removed_file(namespace: str) -> None
     """The keeper never frees the memory while a listed user lives, even when its file was
     removed or replaced (a later open builds a new cache beside); it leaves after the last."""
     holder = _start(namespace, "dynamic", "hold-use")
-    path = shm_store.namespace_dir(namespace) / "gpu0.m"
+    path = _path(namespace)
     keeper = _keepers(path)
     path.unlink()
     other = _open(namespace)  # a new file and keeper; the old users keep the old memory
@@ -578,7 +590,7 @@ def test_a_cache_made_from_other_sparse_files_is_refused_in_use_and_rebuilt_when
     cache = make_multi_table_cache("dynamic", device=0, capacities=[KEYS], dims=[DIM],
                                    shared=SharedName(namespace, "m", source="one"))
     _insert(cache, np.arange(16, dtype=np.int64), 1)
-    with pytest.raises(ConfigError, match=r"gpu0\.m.*made from other sparse files"):
+    with pytest.raises(ConfigError, match=r"gpu-[0-9a-f-]+\.m.*made from other sparse files"):
         make_multi_table_cache("dynamic", device=0, capacities=[KEYS], dims=[DIM],
                                shared=SharedName(namespace, "m", source="two"))
     cache.close()
@@ -595,7 +607,7 @@ def test_a_restart_under_hps_serve_after_the_sparse_files_changed_serves_the_new
     keys = np.arange(200, dtype=np.int64)
     _server_config(tmp_path, namespace, keys, maxnum_catfeature_query_per_table_per_sample=[200],
                    gpucacheper=1.0, init_ec=False)  # the cache holds what lookups put in it
-    path = shm_store.namespace_dir(namespace) / "gpu0.m"
+    path = _path(namespace)
     serve = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     try:
         monkeypatch.setenv(shm_store.KEEPER_ENV, str(serve.pid))
@@ -641,7 +653,7 @@ def test_a_slow_keeper_adopts_its_own_file_not_the_one_now_at_the_path(namespace
     is left alone (opened by path, the keeper wrote its pid and handle into the other one)."""
     directory = shm_store.namespace_dir(namespace)
     shm_store.ensure_dir(directory)
-    path = directory / "gpu0.m"
+    path = _path(namespace)
     meta = shared_gpu._MetaFile(path, shm_store.open_fd(path, create=True))
     w = meta.words
     w[shared_gpu.W_STATE], w[shared_gpu.W_BYTES], w[shared_gpu.W_DEVICE] = shared_gpu.CREATING, 4096, 0
@@ -692,4 +704,23 @@ def test_an_insert_skips_a_busy_writer_lock_and_an_update_waits(namespace: str, 
     assert not hit[32:].any()  # the skipped insert wrote nothing
     assert hit[:32].all() if kind == "static" else hit[:32].sum() == int(cache.sizes()[0])
     np.testing.assert_array_equal(got[:32][hit[:32]].ravel(), _rows(keys[hit[:32]], 3))
+    cache.close()
+
+
+@pytest.mark.skipif(not os.environ.get("HPS_EMULATED_GPU"), reason="needs two emulated GPUs behind one ordinal")
+def test_caches_are_keyed_by_the_physical_gpu_not_the_cuda_ordinal(namespace: str) -> None:
+    """Two processes whose device 0 is another physical GPU (CUDA_VISIBLE_DEVICES=0 and =1;
+    the emulator shifts its bus ids) get a cache each; the same GPU, one."""
+    cache = _open(namespace)
+    other = _start(namespace, "dynamic", "hold", env={"HPS_EMU_BUS_OFFSET": "1"})
+    same = _start(namespace, "dynamic", "hold")
+    try:
+        files = sorted(p.name for p in shm_store.namespace_dir(namespace).iterdir())
+        assert len(files) == 2 and _path(namespace).name in files, files
+        assert len(_keepers(shm_store.namespace_dir(namespace))) == 2
+        infos = {i.pci_bus_id: sorted(i.users) for i in shared_gpu.list_caches(namespace)}
+        assert infos == {"0000:41:00.0": sorted([os.getpid(), same.pid]), "0000:42:00.0": [other.pid]}
+    finally:
+        for proc in (other, same):
+            _finish(proc)
     cache.close()
