@@ -421,9 +421,13 @@ class TritonServer:
         stop_timeout: float | None = None,
         die_with_parent: bool = True,
         api_token: str | None = None,
+        reserved_ports: Sequence[int] = (),
     ) -> None:
         self.model_repository = Path(model_repository).absolute()
         self.ports = {"http": http_port, "grpc": grpc_port, "metrics": metrics_port}
+        # ports the caller will bind itself (hps serve's HTTP guard, its metrics): a free port
+        # picked for an endpoint left at 0 is none of them, nor another endpoint's
+        self.reserved_ports = frozenset(reserved_ports)
         # Per endpoint: HTTP may stay on loopback while gRPC is exposed (docs/deployment.md).
         self.hosts = {"http": http_host or host, "grpc": host, "metrics": host}
         self.backend_config = list(backend_config)
@@ -558,9 +562,19 @@ class TritonServer:
                     ", ".join(self.cpu_rewritten_models),
                 )
         self.served_repository = repository
-        for kind, port in self.ports.items():
-            self.ports[kind] = port or free_port(self._client_host(kind))
+        self._assign_ports()
         return self._command(bundle, backend_dir, repository, gpus)
+
+    def _assign_ports(self) -> None:
+        """A free port for each endpoint left at 0 (kept across restarts): never one named for
+        another endpoint or reserved by the caller, which may not be bound yet (a port free
+        now was once picked for Triton's HTTP while the test's own metrics port was unbound)."""
+        taken = {p for p in self.ports.values() if p} | self.reserved_ports
+        for kind, port in self.ports.items():
+            while not port or (port in taken and not self.ports[kind]):
+                port = free_port(self._client_host(kind))
+            taken.add(port)
+            self.ports[kind] = port
 
     def _command(self, bundle: TritonBundle, backend_dir: Path, repository: Path, gpus: int) -> list[str]:
         cmd = [

@@ -128,6 +128,8 @@ def run_serve(args: argparse.Namespace) -> int:
         startup_timeout=args.startup_timeout,
         python_backends=backends,
         api_token=_api_token(args.api_token_file),
+        # the guard's and hps serve's own ports, which a port picked for Triton must not take
+        reserved_ports=(args.http_port, args.serve_metrics_port),
     )
     policy = RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window, backoff_s=args.restart_backoff,
                            backoff_max_s=args.restart_backoff_max, hang_s=args.hang_timeout,

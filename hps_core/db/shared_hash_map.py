@@ -668,7 +668,12 @@ class SharedHashMapVolatileDB(TierBase[tuple[Keys, Keys, Keys]]):
             try:
                 fd = shm.open_fd(path, create=create)
             except FileNotFoundError:
-                raise unknown_table(table, self._stores) from None
+                if not create:
+                    raise unknown_table(table, self._stores) from None
+                # the namespace folder, empty a moment ago, was removed by another process's
+                # sweep (hps serve's stop removes empty namespace folders): make it again
+                shm.ensure_dir(self._dir)
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 if not _is_at(fd, path):

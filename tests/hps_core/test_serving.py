@@ -355,3 +355,18 @@ def test_cuda_pool_reads_a_relative_backend_config_json_as_the_stubs_do(tmp_path
     monkeypatch.chdir(tmp_path)
     assert cuda_pool_bytes(tmp_path / "repo", ["hps,ps=conf/hps.json"]) == 4 * (8 * (1 << 20) + 4 * (1 << 20) * 256)
     assert cuda_pool_bytes(tmp_path / "repo") == DEFAULT_CUDA_POOL_BYTES
+
+
+def test_a_port_picked_for_triton_is_none_named_for_another_endpoint_or_reserved(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A free port is only free until someone binds it: hps serve picked Triton's internal HTTP
+    port equal to the metrics port it was given (not bound yet), and Triton refused to start."""
+    import hps_core.serving as serving
+
+    offered = iter([9102, 9101, 9103, 9104])  # the metrics port, a reserved one, then free ones
+    monkeypatch.setattr(serving, "free_port", lambda host="127.0.0.1": next(offered))
+    server = TritonServer(tmp_path, http_port=0, grpc_port=9100, metrics_port=9102, reserved_ports=(9101,))
+    server._assign_ports()
+    assert server.ports == {"http": 9103, "grpc": 9100, "metrics": 9102}
+    server._assign_ports()  # a restart keeps the ports it has
+    assert server.ports["http"] == 9103

@@ -540,6 +540,29 @@ def test_a_child_forked_during_a_lookup_is_not_left_waiting_on_its_parents_locks
     db.close()
 
 
+def test_a_namespace_folder_removed_under_a_creator_is_made_again(shm_root: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process's sweep (hps serve's stop removes empty namespace folders) may remove the
+    folder between its creation and the store's: the creator makes it again, not "no such table"."""
+    db = SharedHashMapVolatileDB(config())
+    real_open = shm.open_fd
+    swept = []
+
+    def open_after_a_sweep(path: Path, create: bool) -> int:
+        if not swept:
+            swept.append(path.parent)
+            path.parent.rmdir()  # empty: as the other process's sweep finds it
+        return real_open(path, create)
+
+    monkeypatch.setattr(shm, "open_fd", open_after_a_sweep)
+    db.open_table(T, 4)
+    assert swept and db.store_path(T).exists()
+    keys = np.arange(10, dtype=np.int64)
+    db.insert(T, keys, vectors(keys, 4))
+    assert db.count(T) == 10
+    db.close()
+
+
 def test_orphaned_stores_are_swept_but_not_those_in_use_kept_or_kept_on_purpose(
     shm_root: Path, peer: Callable[..., Peer], keeper: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
