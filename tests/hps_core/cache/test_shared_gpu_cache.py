@@ -206,6 +206,14 @@ def _insert(cache: Any, keys: np.ndarray, version: int) -> None:
                          np.arange(keys.shape[0], dtype=np.int64) * DIM)
 
 
+def _assert_round_trip(cache: Any, keys: np.ndarray, version: int) -> None:
+    """Insert ``keys``' rows of ``version``, then every one reads back bit-exact."""
+    _insert(cache, keys, version)
+    got, hit = _query(cache, keys)
+    assert hit.all()
+    np.testing.assert_array_equal(got.ravel(), _rows(keys, version))
+
+
 @pytest.mark.parametrize("kind", ["dynamic", "static"])
 def test_processes_attach_to_one_allocation_and_one_keeper(namespace: str, kind: str) -> None:
     cache = _open(namespace, kind)
@@ -362,10 +370,7 @@ def test_a_file_left_by_dead_processes_is_rebuilt(namespace: str) -> None:
     cache = _open(namespace)
     assert _keepers(path) and _keepers(path) != keeper
     keys = np.arange(16, dtype=np.int64)
-    _insert(cache, keys, 5)
-    got, hit = _query(cache, keys)
-    assert hit.all()
-    np.testing.assert_array_equal(got.ravel(), _rows(keys, 5))
+    _assert_round_trip(cache, keys, 5)
     cache.close()
 
 
@@ -579,10 +584,7 @@ def test_a_forked_child_has_a_writer_lock_of_its_own_and_its_close_leaves_the_pa
     assert path.exists()
     assert os.getpid() in [p for p, _ in shm_store.live_users(_words(path).copy())]
     keys = np.arange(16, dtype=np.int64)
-    _insert(cache, keys, 6)
-    got, hit = _query(cache, keys)
-    assert hit.all()
-    np.testing.assert_array_equal(got.ravel(), _rows(keys, 6))
+    _assert_round_trip(cache, keys, 6)
     cache.close()
 
 
